@@ -3,6 +3,18 @@ from pathlib import Path
 
 import pytest
 
+# Triton decides at decoration time whether a kernel is interpreted, so the switch must be set before
+# any ppalli.kernels module is imported: on a machine without CUDA every Triton kernel runs in the
+# interpreter (small shapes only).
+try:
+    import torch
+
+    HAS_CUDA = torch.cuda.is_available()
+except ImportError:  # torch missing: every test that needs it fails on import anyway
+    HAS_CUDA = False
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
@@ -14,12 +26,7 @@ def shared_data() -> Path:
 
 
 def pytest_collection_modifyitems(config, items):
-    try:
-        import torch
-
-        has_cuda = torch.cuda.is_available()
-    except ImportError:
-        has_cuda = False
+    has_cuda = HAS_CUDA
     skip_gpu = pytest.mark.skip(reason="needs CUDA")
     for item in items:
         path = str(item.fspath)
