@@ -1,0 +1,146 @@
+"""Helpers shared by the Triton kernels: the optional triton import, launch settings, device checks.
+
+Triton is an optional dependency (`pip install ppalli[fast]`). Every kernel module imports `triton`, `tl`
+and `jit` from here, so `import ppalli.kernels.x` works without triton and the first launch raises one
+clear error instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from types import SimpleNamespace
+
+import torch
+
+from ppalli.errors import PpalliError
+
+try:
+    import triton
+    import triton.language as tl
+
+    _TRITON_IMPORT_ERROR: ImportError | None = None
+except ImportError as exc:  # the fast path is optional; the reference path needs no triton
+    triton = None
+    # Kernel signatures and constants use `tl.constexpr`; this stand-in lets the modules be defined.
+    tl = SimpleNamespace(constexpr=lambda value=None: value)
+    _TRITON_IMPORT_ERROR = exc
+
+# The widest row a one-pass kernel holds in registers: 64 KiB of fp32 per program, Liger's MAX_FUSED_SIZE.
+MAX_FUSED_SIZE = 65536 // 4
+
+# Elementwise kernels (SwiGLU, GeGLU): 1024 elements and 4 warps a program, 8 per thread, the usual
+# bandwidth-bound setting of the Triton tutorials; benchmarks/bench_kernels.py checks it on the H100.
+ELEMENTWISE_BLOCK = 1024
+
+
+class _MissingKernel:
+    """Takes the place of a `@triton.jit` kernel when triton is missing; launching it raises."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __getitem__(self, grid):
+        require_triton()
+
+
+def jit(fn):
+    """`triton.jit` when triton is installed, else a placeholder that raises a clear error on launch."""
+    if triton is None:
+        return _MissingKernel(fn.__name__)
+    return triton.jit(fn)
+
+
+def is_triton_available() -> bool:
+    return triton is not None
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (tests without CUDA set TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def require_triton() -> None:
+    if triton is None:
+        raise PpalliError(
+            f"the fused kernels need triton, which failed to import ({_TRITON_IMPORT_ERROR}); "
+            "install it with `pip install ppalli[fast]` or turn the fast path off (fast_path: false)"
+        )
+
+
+def check_tensors(*tensors: torch.Tensor) -> None:
+    """Triton launches need triton, CUDA tensors (or CPU tensors under the interpreter) on one device."""
+    require_triton()
+    devices = {t.device for t in tensors}
+    if len(devices) != 1:
+        raise PpalliError(f"the fused kernels need all tensors on one device, got {sorted(map(str, devices))}")
+    device = devices.pop()
+    if device.type != "cuda" and not (device.type == "cpu" and interpreting()):
+        raise PpalliError(
+            f"the fused kernels run on CUDA tensors, got a {device.type} tensor; "
+            "turn the fast path off (fast_path: false) or set TRITON_INTERPRET=1 for a slow CPU check"
+        )
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+def row_block(n_cols: int) -> int:
+    """The block that covers one row of `n_cols` in a single pass; rows wider than MAX_FUSED_SIZE are refused."""
+    block = next_power_of_2(n_cols)
+    if block > MAX_FUSED_SIZE:
+        raise PpalliError(f"a row of {n_cols} elements is wider than the fused kernels hold ({MAX_FUSED_SIZE})")
+    return block
+
+
+def num_warps_for(block: int) -> int:
+    """Warps for a program that reduces `block` elements: Liger's thresholds (~8 to 32 elements per thread)."""
+    if block >= 32768:
+        return 32
+    if block >= 8192:
+        return 16
+    if block >= 2048:
+        return 8
+    return 4
+
+
+@functools.lru_cache(maxsize=8)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def program_count(device: torch.device) -> int:
+    """Persistent programs for kernels that loop over rows: one per SM; a few under the interpreter."""
+    if device.type != "cuda":
+        return 4
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def flat_same_shape(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Same-shape tensors as flat contiguous (n,) views, for kernels that index them elementwise."""
+    shape = tensors[0].shape
+    if any(t.shape != shape for t in tensors):
+        raise PpalliError(f"the kernel needs tensors of one shape, got {[tuple(t.shape) for t in tensors]}")
+    check_tensors(*tensors)
+    return [t.contiguous().view(-1) for t in tensors]
+
+
+def contiguous_rows(x: torch.Tensor) -> torch.Tensor:
+    """`x` as a (rows, last dim) matrix with unit stride along the row, copying only when needed."""
+    x2d = x.reshape(-1, x.shape[-1])
+    return x2d if x2d.stride(-1) == 1 else x2d.contiguous()
+
+
+@jit
+def tanh(x):
+    """fp32 tanh from exp: libdevice's tanh has no CPU-interpreter version. e = exp(-2|x|) never overflows;
+    the absolute error stays near fp32 epsilon (relative error grows only for |x| below ~1e-4)."""
+    neg = x < 0
+    e = tl.exp(2.0 * tl.where(neg, x, -x))  # exp(-2|x|); tl.abs fails in the interpreter inside a device call
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(neg, -t, t)

@@ -1,0 +1,76 @@
+"""Fused GeGLU: h = gelu_tanh(gate) * up, the Gemma MLP's activation (hidden_activation gelu_pytorch_tanh).
+
+gelu_tanh(g) = 0.5 * g * (1 + t),  t = tanh(k * (g + 0.044715 * g^3)),  k = sqrt(2 / pi); its derivative
+    0.5 * (1 + t) + 0.5 * g * (1 - t^2) * k * (1 + 3 * 0.044715 * g^2).
+fp32 inside; the backward recomputes t from the saved gate. `inplace=True` on the backward launcher
+writes dgate over gate and dup over up, as in swiglu.py, for the LoRA MLP block's hand-written backward.
+"""
+
+import torch
+
+from ppalli.errors import PpalliError
+from ppalli.kernels._utils import ELEMENTWISE_BLOCK, cdiv, flat_same_shape, jit, tanh, tl
+
+SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
+GELU_COEF = tl.constexpr(0.044715)
+
+
+@jit
+def _geglu_fwd_kernel(H, GATE, UP, n, BLOCK: tl.constexpr):  # all flat (n,)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    g = tl.load(GATE + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(UP + offs, mask=mask, other=0.0).to(tl.float32)
+    t = tanh(SQRT_2_OVER_PI * (g + GELU_COEF * g * g * g))
+    tl.store(H + offs, (0.5 * g * (1.0 + t) * u).to(H.dtype.element_ty), mask=mask)
+
+
+@jit
+def _geglu_bwd_kernel(DGATE, DUP, DH, GATE, UP, n, BLOCK: tl.constexpr):  # all flat (n,)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    dh = tl.load(DH + offs, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(GATE + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(UP + offs, mask=mask, other=0.0).to(tl.float32)
+    t = tanh(SQRT_2_OVER_PI * (g + GELU_COEF * g * g * g))
+    gelu = 0.5 * g * (1.0 + t)
+    dgelu = 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_COEF * g * g)
+    tl.store(DUP + offs, (dh * gelu).to(DUP.dtype.element_ty), mask=mask)
+    tl.store(DGATE + offs, (dh * u * dgelu).to(DGATE.dtype.element_ty), mask=mask)
+
+
+def geglu_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """gate, up (..., I) -> h = gelu_tanh(gate) * up (..., I) in gate's dtype."""
+    g, u = flat_same_shape(gate, up)
+    h = torch.empty_like(g)
+    grid = (cdiv(g.numel(), ELEMENTWISE_BLOCK),)
+    _geglu_fwd_kernel[grid](h, g, u, g.numel(), BLOCK=ELEMENTWISE_BLOCK, num_warps=4)
+    return h.view(gate.shape)
+
+
+def geglu_bwd(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, *, inplace: bool = False):
+    """dh, gate, up (..., I) -> (dgate, dup) (..., I); inplace=True overwrites gate and up (must be contiguous)."""
+    if inplace and not (gate.is_contiguous() and up.is_contiguous()):
+        raise PpalliError("geglu_bwd(inplace=True) needs contiguous gate and up: it writes the gradients into them")
+    d, g, u = flat_same_shape(dh, gate, up)
+    dgate, dup = (g, u) if inplace else (torch.empty_like(g), torch.empty_like(u))
+    grid = (cdiv(g.numel(), ELEMENTWISE_BLOCK),)
+    _geglu_bwd_kernel[grid](dgate, dup, d, g, u, g.numel(), BLOCK=ELEMENTWISE_BLOCK, num_warps=4)
+    return dgate.view(gate.shape), dup.view(up.shape)
+
+
+class GeGLUFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate, up):
+        ctx.save_for_backward(gate, up)
+        return geglu_fwd(gate, up)
+
+    @staticmethod
+    def backward(ctx, dh):
+        gate, up = ctx.saved_tensors
+        return geglu_bwd(dh, gate, up)  # not in place: autograd may still hold gate and up elsewhere
+
+
+def geglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """gelu_tanh(gate) * up with a fused backward; gate, up (..., I)."""
+    return GeGLUFunction.apply(gate, up)

@@ -1,0 +1,112 @@
+"""Fused rotary position embedding in HF's rotate_half convention.
+
+out = x * cos + rotate_half(x) * sin with rotate_half(x) = cat(-x2, x1), so per half of the head dim:
+    out1 = x1 * cos1 - x2 * sin1,   out2 = x2 * cos2 + x1 * sin2.
+The backward is the transpose of that linear map (dx1 = g1 * cos1 + g2 * sin2, dx2 = g2 * cos2 - g1 * sin1),
+which for HF's cos/sin (both halves equal) is rope with -sin. cos/sin come per token (B, T, D), so packed
+sequences with restarting position_ids work; a batch of 1 broadcasts over B (HF builds position_ids (1, T)).
+
+Out of place on purpose: q and k before rope are dead once rotated (nothing else saves them), so the new
+tensor costs a transient allocation only, while writing in place would trip autograd's version check
+whenever another op did save them. The outputs use (B, T, H, D) memory seen as (B, H, T, D), the layout
+the q/k projections produce and the attention kernels read without a copy.
+"""
+
+import torch
+
+from ppalli.errors import PpalliError
+from ppalli.kernels._utils import check_tensors, jit, next_power_of_2, tl
+
+
+@jit
+def _rope_fwd_kernel(
+    OUT, X, COS, SIN,  # OUT, X: (B, H, T, D) any strides with unit stride on D; COS, SIN: (B or 1, T, D)
+    o_sb, o_sh, o_st, x_sb, x_sh, x_st, c_sb, c_st, n_t, n_heads, half,
+    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BACKWARD: tl.constexpr,
+):
+    pid = tl.program_id(0)  # one program per token (b, t) and block of heads
+    b = (pid // n_t).to(tl.int64)
+    t = (pid % n_t).to(tl.int64)
+    heads = (tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)).to(tl.int64)
+    d = tl.arange(0, BLOCK_D)
+    d_mask = d < half
+    cs = b * c_sb + t * c_st + d  # (BLOCK_D,)
+    cos1 = tl.load(COS + cs, mask=d_mask, other=0.0).to(tl.float32)
+    cos2 = tl.load(COS + cs + half, mask=d_mask, other=0.0).to(tl.float32)
+    sin1 = tl.load(SIN + cs, mask=d_mask, other=0.0).to(tl.float32)
+    sin2 = tl.load(SIN + cs + half, mask=d_mask, other=0.0).to(tl.float32)
+    mask = (heads < n_heads)[:, None] & d_mask[None, :]  # (BLOCK_H, BLOCK_D)
+    xs = b * x_sb + t * x_st + heads[:, None] * x_sh + d[None, :]
+    x1 = tl.load(X + xs, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(X + xs + half, mask=mask, other=0.0).to(tl.float32)
+    if BACKWARD:
+        o1 = x1 * cos1[None, :] + x2 * sin2[None, :]
+        o2 = x2 * cos2[None, :] - x1 * sin1[None, :]
+    else:
+        o1 = x1 * cos1[None, :] - x2 * sin1[None, :]
+        o2 = x2 * cos2[None, :] + x1 * sin2[None, :]
+    offs_out = b * o_sb + t * o_st + heads[:, None] * o_sh + d[None, :]
+    tl.store(OUT + offs_out, o1.to(OUT.dtype.element_ty), mask=mask)
+    tl.store(OUT + offs_out + half, o2.to(OUT.dtype.element_ty), mask=mask)
+
+
+def _rope_one(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool) -> torch.Tensor:
+    """x (B, H, T, D), cos/sin (B, T, D) with unit last stride -> rotated x in (B, T, H, D) memory."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    n_b, n_h, n_t, n_d = x.shape
+    out = torch.empty((n_b, n_t, n_h, n_d), dtype=x.dtype, device=x.device).transpose(1, 2)  # (B, H, T, D)
+    block_d = next_power_of_2(n_d // 2)
+    # A program rotates up to 4096 pairs (32 heads of D=128): 4 fp32 tiles of 32 elements per thread.
+    block_h = min(next_power_of_2(n_h), max(1, 4096 // block_d))
+    grid = (n_b * n_t, (n_h + block_h - 1) // block_h)
+    # q and k go through two launches of one kernel rather than one launch with two sets of strides:
+    # cos/sin are read twice, about 1/H of the q traffic, for a kernel half as long.
+    _rope_fwd_kernel[grid](
+        out, x, cos, sin,
+        out.stride(0), out.stride(1), out.stride(2), x.stride(0), x.stride(1), x.stride(2),
+        cos.stride(0), cos.stride(1), n_t, n_h, n_d // 2,
+        BLOCK_H=block_h, BLOCK_D=block_d, BACKWARD=backward, num_warps=4,
+    )
+    return out
+
+
+def _prepare_cos_sin(q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """cos/sin (B or 1, T, D) or (T, D) -> (B, T, D) views (stride 0 over a broadcast batch), unit last stride."""
+    n_b, _, n_t, n_d = q.shape
+    if q.shape[-1] % 2:
+        raise PpalliError(f"rope needs an even head dim, got {n_d}")
+    if cos.dim() == 2:
+        cos, sin = cos.unsqueeze(0), sin.unsqueeze(0)
+    if cos.shape[1:] != (n_t, n_d) or sin.shape != cos.shape or cos.shape[0] not in (1, n_b):
+        raise PpalliError(f"rope needs cos/sin of shape ({n_b}, {n_t}, {n_d}), got {tuple(cos.shape)}")
+    cos, sin = (c if c.stride(-1) == 1 else c.contiguous() for c in (cos, sin))
+    return cos.expand(n_b, n_t, n_d), sin.expand(n_b, n_t, n_d)
+
+
+def rope_fwd(q, k, cos, sin, backward: bool = False):
+    """q (B, Hq, T, D), k (B, Hk, T, D), cos/sin (B, T, D) -> rotated (q, k); backward=True applies the transpose."""
+    check_tensors(q, k, cos, sin)
+    if k.shape[0] != q.shape[0] or k.shape[2:] != q.shape[2:]:
+        raise PpalliError(f"rope needs q and k to share B, T and D, got {tuple(q.shape)} and {tuple(k.shape)}")
+    cos, sin = _prepare_cos_sin(q, cos, sin)
+    return _rope_one(q, cos, sin, backward), _rope_one(k, cos, sin, backward)
+
+
+class RoPEFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, cos, sin):
+        q_out, k_out = rope_fwd(q, k, cos, sin)
+        ctx.save_for_backward(cos, sin)
+        return q_out, k_out
+
+    @staticmethod
+    def backward(ctx, dq_out, dk_out):
+        cos, sin = ctx.saved_tensors
+        dq, dk = rope_fwd(dq_out, dk_out, cos, sin, backward=True)
+        return dq, dk, None, None  # cos/sin come from a no-grad buffer in HF (inv_freq): no gradient
+
+
+def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """Rotate q (B, Hq, T, D) and k (B, Hk, T, D) by HF's cos/sin (B, T, D); returns (q_out, k_out)."""
+    return RoPEFunction.apply(q, k, cos, sin)

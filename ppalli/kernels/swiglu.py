@@ -1,0 +1,73 @@
+"""Fused SwiGLU: h = silu(gate) * up, the Llama MLP's activation, fp32 inside.
+
+The backward recomputes silu from the saved gate rather than saving it:
+    dup = dh * silu(gate),   dgate = dh * up * s * (1 + gate * (1 - s)),   s = sigmoid(gate).
+The launchers serve the LoRA MLP block's hand-written backward; `inplace=True` writes dgate over gate and
+dup over up, which that block no longer needs, so its backward allocates nothing here (Unsloth's trick).
+"""
+
+import torch
+
+from ppalli.errors import PpalliError
+from ppalli.kernels._utils import ELEMENTWISE_BLOCK, cdiv, flat_same_shape, jit, tl
+
+
+@jit
+def _swiglu_fwd_kernel(H, GATE, UP, n, BLOCK: tl.constexpr):  # all flat (n,)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    g = tl.load(GATE + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(UP + offs, mask=mask, other=0.0).to(tl.float32)
+    h = g * tl.sigmoid(g) * u
+    tl.store(H + offs, h.to(H.dtype.element_ty), mask=mask)
+
+
+@jit
+def _swiglu_bwd_kernel(DGATE, DUP, DH, GATE, UP, n, BLOCK: tl.constexpr):  # all flat (n,)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    dh = tl.load(DH + offs, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(GATE + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(UP + offs, mask=mask, other=0.0).to(tl.float32)
+    s = tl.sigmoid(g)
+    silu = g * s
+    dgate = dh * u * s * (1.0 + g * (1.0 - s))
+    tl.store(DUP + offs, (dh * silu).to(DUP.dtype.element_ty), mask=mask)
+    tl.store(DGATE + offs, dgate.to(DGATE.dtype.element_ty), mask=mask)
+
+
+def swiglu_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """gate, up (..., I) -> h = silu(gate) * up (..., I) in gate's dtype."""
+    g, u = flat_same_shape(gate, up)
+    h = torch.empty_like(g)
+    grid = (cdiv(g.numel(), ELEMENTWISE_BLOCK),)
+    _swiglu_fwd_kernel[grid](h, g, u, g.numel(), BLOCK=ELEMENTWISE_BLOCK, num_warps=4)
+    return h.view(gate.shape)
+
+
+def swiglu_bwd(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, *, inplace: bool = False):
+    """dh, gate, up (..., I) -> (dgate, dup) (..., I); inplace=True overwrites gate and up (must be contiguous)."""
+    if inplace and not (gate.is_contiguous() and up.is_contiguous()):
+        raise PpalliError("swiglu_bwd(inplace=True) needs contiguous gate and up: it writes the gradients into them")
+    d, g, u = flat_same_shape(dh, gate, up)
+    dgate, dup = (g, u) if inplace else (torch.empty_like(g), torch.empty_like(u))
+    grid = (cdiv(g.numel(), ELEMENTWISE_BLOCK),)
+    _swiglu_bwd_kernel[grid](dgate, dup, d, g, u, g.numel(), BLOCK=ELEMENTWISE_BLOCK, num_warps=4)
+    return dgate.view(gate.shape), dup.view(up.shape)
+
+
+class SwiGLUFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate, up):
+        ctx.save_for_backward(gate, up)
+        return swiglu_fwd(gate, up)
+
+    @staticmethod
+    def backward(ctx, dh):
+        gate, up = ctx.saved_tensors
+        return swiglu_bwd(dh, gate, up)  # not in place: autograd may still hold gate and up elsewhere
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up with a fused backward; gate, up (..., I)."""
+    return SwiGLUFunction.apply(gate, up)
