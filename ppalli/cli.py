@@ -1,0 +1,227 @@
+"""The `ppalli` command: one verb each. Errors meant for the user print as one line, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from ppalli.errors import PpalliError
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", help="YAML config (default: the embedded demo)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.lr=1e-4 (repeatable)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="ppalli", description="Fast, lean, self-planning LoRA/QLoRA fine-tuning.")
+    ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = ap.add_subparsers(dest="verb", required=True)
+
+    p = sub.add_parser("train", help="fine-tune (no config: the embedded demo)")
+    _add_config_args(p)
+    p.add_argument("--resume", nargs="?", const="", default=None, metavar="RUN_DIR",
+                   help="continue a run from its last checkpoint (default: the newest run)")
+    p.add_argument("--help-config", action="store_true", help="list every config key with its doc")
+
+    p = sub.add_parser("plan", help="what-if plan: memory, speed and choices, for this or another GPU")
+    _add_config_args(p)
+    p.add_argument("--gpu", help="a card name, e.g. 'RTX 3060 12GB', T4, A100-80GB, H100")
+    p.add_argument("--gpu-memory", help="GPU memory, e.g. 12GiB")
+    p.add_argument("--capability", help="compute capability, e.g. 7.5")
+
+    sub.add_parser("doctor", help="check this machine: GPU, versions, optional packages, known-bad combinations")
+
+    p = sub.add_parser("data", help="data tools")
+    dsub = p.add_subparsers(dest="data_verb", required=True)
+    pv = dsub.add_parser("preview", help="rendered samples with trained tokens highlighted, lengths, packing")
+    _add_config_args(pv)
+    pv.add_argument("--n", type=int, default=3, help="samples to show")
+    pv.add_argument("--json", action="store_true", help="machine-readable output")
+
+    for verb, helptext in (("chat", "chat with a trained run (streaming; sampling on)"),
+                           ("generate", "answer prompts with a trained run")):
+        p = sub.add_parser(verb, help=helptext)
+        p.add_argument("run_dir", help="a run directory written by `ppalli train`")
+        p.add_argument("--temperature", type=float, default=0.7)
+        p.add_argument("--top-p", type=float, default=0.9)
+        p.add_argument("--max-new-tokens", type=int, default=256)
+        p.add_argument("--greedy", action="store_true", help="always pick the likeliest token (no sampling)")
+        p.add_argument("--seed", type=int, default=None)
+        if verb == "generate":
+            p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+            p.add_argument("--file", help="a text file with one prompt per line")
+            p.add_argument("--out", help="write answers as JSONL here (default: print)")
+
+    p = sub.add_parser("export", help="merge the adapter into 16-bit weights and save safetensors")
+    p.add_argument("run_dir")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    return ap
+
+
+def _load_config(args):
+    from ppalli import config as C
+
+    return C.load(args.config, args.overrides)
+
+
+def cmd_train(args) -> int:
+    from ppalli import config as C
+    from ppalli.train.recipe import train
+
+    if args.help_config:
+        for key, tp, doc in C.describe():
+            print(f"{key:32s} {tp:28s} {doc}")
+        return 0
+    resume = None
+    if args.resume is not None:
+        resume = Path(args.resume) if args.resume else _newest_run()
+        if args.config is None and (resume / "config.yaml").is_file():
+            args.config = str(resume / "config.yaml")
+    cfg = _load_config(args)
+    result = train(cfg, resume=resume)
+    print(f"\nadapter: {result.adapter_dir}\nreport:  {result.report}")
+    if result.sample:
+        print(f"sample:  Q: {result.sample['prompt']}\n         A: {result.sample['output']}")
+    print(f"chat:    ppalli chat {result.run_dir}")
+    return 0
+
+
+def _newest_run() -> Path:
+    runs = sorted((p for p in Path("runs").glob("*/checkpoints") if any(p.iterdir())),
+                  key=lambda p: p.stat().st_mtime)
+    if not runs:
+        raise PpalliError("--resume: no run with checkpoints under runs/; give the run folder: --resume RUN_DIR")
+    return runs[-1].parent
+
+
+def cmd_plan(args) -> int:
+    from ppalli.models.load import read_model_config
+    from ppalli.plan.memory import ModelSpec
+    from ppalli.plan.whatif import format_plan, whatif
+    from ppalli.train.recipe import resolve_demo
+
+    cfg = resolve_demo(_load_config(args), Path.home() / ".cache" / "ppalli" / "demo")
+    spec = ModelSpec.from_config(read_model_config(cfg.model.name_or_path, revision=cfg.model.revision,
+                                                   trust_remote_code=cfg.model.trust_remote_code))
+    memory = _parse_gib(args.gpu_memory) if args.gpu_memory else None
+    cap = tuple(int(x) for x in args.capability.split(".")) if args.capability else None
+    print(format_plan(whatif(cfg, spec, gpu=args.gpu, gpu_memory_gib=memory, capability=cap)))
+    return 0
+
+
+def _parse_gib(text: str) -> float:
+    t = text.strip().lower().replace(" ", "")
+    for suffix, scale in (("gib", 1.0), ("gb", 1e9 / 2**30), ("g", 1.0), ("mib", 1 / 1024)):
+        if t.endswith(suffix):
+            t, mult = t[: -len(suffix)], scale
+            break
+    else:
+        mult = 1.0
+    try:
+        return float(t) * mult
+    except ValueError:
+        raise PpalliError(f"--gpu-memory {text!r}: expected a size like 12GiB or 24GB") from None
+
+
+def cmd_doctor(args) -> int:
+    from ppalli.doctor import doctor_report
+    from ppalli.env import probe
+
+    rows = doctor_report(probe())
+    width = max(len(r[0]) for r in rows)
+    bad = 0
+    for check, value, status in rows:
+        bad += status.startswith("bad")
+        print(f"{check:{width}s}  {value}  [{status}]")
+    return 1 if bad else 0
+
+
+def cmd_data(args) -> int:
+    from ppalli.data.pipeline import format_preview, preview
+    from ppalli.models.tokenizer import load_tokenizer
+    from ppalli.train.recipe import resolve_demo
+
+    cfg = resolve_demo(_load_config(args), Path.home() / ".cache" / "ppalli" / "demo")
+    tok = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path, revision=cfg.model.revision,
+                         trust_remote_code=cfg.model.trust_remote_code)
+    result = preview(cfg.data, tok, args.n)
+    if args.json:
+        print(json.dumps(result, ensure_ascii=False, indent=1))
+    else:
+        from rich.console import Console
+
+        Console().print(format_preview(result))
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from ppalli.infer.chat import chat_loop
+    from ppalli.models.load import load_run
+
+    run = load_run(args.run_dir)
+    print(f"ppalli chat: {args.run_dir}  (sampling {'off' if args.greedy else 'on'}; /reset, /exit)")
+    chat_loop(run.model, run.tokenizer, run.render_prompt, temperature=args.temperature, top_p=args.top_p,
+              max_new_tokens=args.max_new_tokens, greedy=args.greedy)
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from ppalli.infer.chat import generate_batch, read_prompts
+    from ppalli.models.load import load_run
+
+    prompts = list(args.prompt) + (read_prompts(args.file) if args.file else [])
+    if not prompts:
+        raise PpalliError("generate: give --prompt TEXT or --file PROMPTS.txt")
+    run = load_run(args.run_dir)
+    out = args.out or "-"
+    generate_batch(run.model, run.tokenizer, run.render_prompt, prompts, out, temperature=args.temperature,
+                   top_p=args.top_p, max_new_tokens=args.max_new_tokens, greedy=args.greedy, seed=args.seed)
+    return 0
+
+
+def cmd_export(args) -> int:
+    import torch
+
+    from ppalli.export.merge import merge_adapter
+    from ppalli.models.load import load_run
+
+    run = load_run(args.run_dir)
+    out = merge_adapter(run.model, out_dir=args.out, dtype=getattr(torch, args.dtype), tokenizer=run.tokenizer)
+    print(f"merged model: {out}")
+    return 0
+
+
+VERBS = {"train": cmd_train, "plan": cmd_plan, "doctor": cmd_doctor, "data": cmd_data, "chat": cmd_chat,
+         "generate": cmd_generate, "export": cmd_export}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    for noisy in ("httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return VERBS[args.verb](args)
+    except PpalliError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except RuntimeError as e:
+        from ppalli.train.oom import explain_cuda_error, is_oom
+
+        if "CUDA" in str(e) or "CUBLAS" in str(e) or is_oom(e):
+            print(f"error: {explain_cuda_error(e)}", file=sys.stderr)
+            return 3
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

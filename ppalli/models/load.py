@@ -1,0 +1,182 @@
+"""Load a causal LM and its tokenizer; attach a PEFT LoRA adapter.
+
+Three ways in: a hub id (hub on the user's machine), a local model folder, or a bare config.json (random
+weights; tests and benchmarks build models this way because speed and memory do not depend on weight
+values). Weights are read from safetensors by transformers; nothing is executed unless the user turns
+`trust_remote_code` on, which is announced.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ppalli.errors import ModelError
+
+log = logging.getLogger("ppalli")
+
+_WEIGHT_GLOBS = ("*.safetensors", "*.bin", "*.pt", "*.gguf")
+
+
+def is_config_only(path: Path) -> bool:
+    """A config.json file, or a folder with config.json and no weight files: build random weights."""
+    if path.is_file():
+        return path.suffix == ".json"
+    if not (path / "config.json").is_file():
+        return False
+    return not any(next(path.glob(g), None) for g in _WEIGHT_GLOBS)
+
+
+def read_model_config(name_or_path: str, *, revision: str | None = None, trust_remote_code: bool = False):
+    """The transformers config of a model, read without loading weights (the planner needs it first)."""
+    from transformers import AutoConfig
+
+    path = Path(name_or_path)
+    src = path.parent if path.is_file() else name_or_path
+    try:
+        if path.is_file():
+            data = json.loads(path.read_text(encoding="utf-8"))
+            model_type = data.pop("model_type", None)
+            if model_type is None:
+                raise ModelError(f"{path}: no 'model_type' key; is this a Hugging Face config.json?")
+            return AutoConfig.for_model(model_type, **data)
+        return AutoConfig.from_pretrained(src, revision=revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelError(_load_hint(name_or_path, e)) from None
+
+
+def _load_hint(name: str, e: Exception) -> str:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if not Path(name).exists() and "/" not in name:
+        return f"model '{name}' not found: give a local folder, a config.json, or a hub id like org/name ({first})"
+    return f"cannot load model config from '{name}': {first}"
+
+
+def load_model(
+    name_or_path: str,
+    *,
+    dtype: torch.dtype,
+    device: str | torch.device,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    attn_implementation: str = "sdpa",
+    quantization: str = "none",
+    double_quant: bool = True,
+    seed: int = 0,
+):
+    """Load (or build from config) a causal LM on `device` in `dtype`, frozen, ready for LoRA."""
+    from transformers import AutoModelForCausalLM
+
+    if trust_remote_code:
+        log.warning("trust_remote_code is ON: the model repository's own Python code will run")
+    path = Path(name_or_path)
+    kwargs = dict(dtype=dtype, attn_implementation=attn_implementation)
+    if quantization in ("nf4", "fp4"):
+        from ppalli.models.quant import bnb_config
+
+        kwargs["quantization_config"] = bnb_config(quantization, double_quant, dtype)
+    if path.exists() and is_config_only(path):
+        config = read_model_config(name_or_path, trust_remote_code=trust_remote_code)
+        config._attn_implementation = attn_implementation
+        torch.manual_seed(seed)  # random weights are part of the run: same seed, same model
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+        if quantization in ("nf4", "fp4"):
+            from ppalli.models.quant import quantize_model_4bit
+
+            model = quantize_model_4bit(model, quant_type=quantization, double_quant=double_quant,
+                                        compute_dtype=dtype)
+    else:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                name_or_path, revision=revision, trust_remote_code=trust_remote_code,
+                device_map={"": torch.device(device)} if str(device) != "cpu" else None, **kwargs)
+        except (OSError, ValueError) as e:
+            raise ModelError(_load_hint(name_or_path, e)) from None
+    model.requires_grad_(False)
+    model.config.use_cache = False  # training never reads the KV cache; generation turns it back on
+    return model
+
+
+def lora_targets(model, targets: list[str] | str) -> list[str] | str:
+    """'all-linear' -> PEFT's own rule (every Linear but the output head); a list is checked against the model."""
+    if targets == "all-linear":
+        return "all-linear"
+    if isinstance(targets, str):
+        targets = [targets]
+    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    names |= {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if type(m).__name__ == "Linear4bit"}
+    missing = [t for t in targets if t not in names]
+    if missing:
+        raise ModelError(f"lora.targets: {missing} not found in the model; its linear layers are "
+                         f"{sorted(names)}")
+    return list(targets)
+
+
+def attach_lora(model, *, r: int, alpha: float, dropout: float, targets, use_dora: bool = False,
+                use_rslora: bool = False, seed: int = 0):
+    """Wrap the model with a fresh PEFT LoRA adapter (seeded init, so runs repeat)."""
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=lora_targets(model, targets),
+                     use_dora=use_dora, use_rslora=use_rslora, bias="none", task_type="CAUSAL_LM")
+    if getattr(model, "is_loaded_in_4bit", False) or _has_4bit(model):
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(model, cfg)
+    return peft_model
+
+
+def _has_4bit(model) -> bool:
+    return any(type(m).__name__ == "Linear4bit" for m in model.modules())
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameters; 4-bit weights count as their element count, not bytes."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = 0
+    for p in model.parameters():
+        n = p.numel()
+        if p.dtype == torch.uint8 and hasattr(p, "quant_state"):
+            n *= 2  # two 4-bit weights per byte
+        total += n
+    return trainable, total
+
+
+@dataclass
+class LoadedRun:
+    model: object  # PeftModel in eval mode, KV cache on
+    tokenizer: object
+    render_prompt: Callable[[list[dict]], str]
+    config: object
+
+
+def load_run(run_dir: str | Path, *, device: str | None = None) -> LoadedRun:
+    """A trained run ready to generate: base model + the run's PEFT adapter + its tokenizer and template."""
+    from peft import PeftModel
+
+    from ppalli import config as C
+    from ppalli.data.templates import render_prompt, resolve_template
+    from ppalli.models.tokenizer import load_tokenizer
+
+    run = Path(run_dir)
+    if not (run / "adapter" / "adapter_config.json").is_file():
+        raise ModelError(f"{run}: no adapter/ here; give a run folder written by `ppalli train`")
+    cfg = C.load(run / "config.yaml")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else (
+        torch.float16 if device == "cuda" else torch.float32)
+    base = load_model(cfg.model.name_or_path, dtype=dtype, device=device, revision=cfg.model.revision,
+                      trust_remote_code=cfg.model.trust_remote_code, seed=cfg.train.seed)
+    model = PeftModel.from_pretrained(base, str(run / "adapter")).eval()
+    model.config.use_cache = True
+    tokenizer = load_tokenizer(run / "tokenizer")
+    template = resolve_template(cfg.data.template, tokenizer)
+    return LoadedRun(model, tokenizer, lambda messages: render_prompt(template, messages), cfg)

@@ -1,0 +1,193 @@
+"""The training loop: deterministic data order, exact accumulation, OOM step-down, hooks for the rest.
+
+One optimizer step takes `batch_size` samples (the effective batch, fixed by the config), splits them
+into micro-batches of the plan's size, and scales every micro-batch's loss sum by the normalizer of the
+WHOLE step (trained tokens for SFT, pairs for ORPO/DPO). So 1 x 8 and 8 x 1 give the same update, and a
+step redone after an out-of-memory error on a smaller micro-batch gives the same update too.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ppalli.errors import OutOfMemory
+from ppalli.train.oom import explain_cuda_error, is_oom, step_down
+
+
+@dataclass
+class LoopSettings:
+    total_steps: int
+    batch_size: int  # samples per optimizer step, kept by every plan
+    max_grad_norm: float
+    eval_every: int
+    save_every: int
+    log_every: int
+    seed: int
+    scaler: torch.amp.GradScaler | None = None  # fp16 only: loss scaling keeps small gradients representable
+
+
+@dataclass
+class LoopState:
+    step: int = 0  # optimizer steps done
+    events: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Hooks:
+    """What the recipe plugs in; the loop itself never touches files or the console."""
+
+    collate: Callable[[list[dict], bool], dict]  # (samples, packed) -> batch on the device
+    on_step: Callable[[LoopState, dict], None] = lambda state, m: None
+    on_eval: Callable[[LoopState, float], None] = lambda state, loss: None
+    save: Callable[[LoopState], None] = lambda state: None
+    replan: Callable[[object], None] = lambda plan: None  # apply a stepped-down plan to the model
+
+
+def step_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:
+    """Sample indices of optimizer step `step`: epochs of seeded permutations laid end to end.
+
+    A pure function of (step, seed), so a resumed run reads exactly the samples it would have read.
+    """
+    out = []
+    for pos in range(step * batch_size, (step + 1) * batch_size):
+        epoch, i = divmod(pos, n)
+        out.append(int(_permutation(n, seed + epoch)[i]))
+    return out
+
+
+_PERM_CACHE: dict[tuple[int, int], torch.Tensor] = {}
+
+
+def _permutation(n: int, seed: int) -> torch.Tensor:
+    key = (n, seed)
+    if key not in _PERM_CACHE:
+        if len(_PERM_CACHE) > 4:
+            _PERM_CACHE.clear()
+        _PERM_CACHE[key] = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return _PERM_CACHE[key]
+
+
+def total_steps(n_samples: int, batch_size: int, epochs: float, max_steps: int | None) -> int:
+    if max_steps:
+        return max_steps
+    return max(1, math.ceil(n_samples * epochs / batch_size))
+
+
+def micro_batches(samples: Sequence[dict], micro: int) -> list[list[dict]]:
+    return [list(samples[i:i + micro]) for i in range(0, len(samples), micro)]
+
+
+def accumulate(model, objective, samples: list[dict], plan, collate, scaler=None) -> dict:
+    """Forward and backward over the micro-batches of one step; returns the step's loss and counts."""
+    batches = [collate(mb, plan.packing) for mb in micro_batches(samples, plan.micro_batch_size)]
+    norm = sum(objective.normalizer(b) for b in batches)
+    loss_total, tokens = 0.0, 0
+    for batch in batches:
+        loss_sum, info = objective(model, batch)
+        loss = loss_sum / max(norm, 1)
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        loss_total += float(loss_sum.detach())
+        tokens += int(batch["input_ids"].numel() if "input_ids" in batch else 0)
+    return {"loss": loss_total / max(norm, 1), "norm": norm, "tokens": tokens}
+
+
+def run_step(model, optimizer, scheduler, objective, samples, plan, settings, state, hooks):
+    """One optimizer step, redone on the next plan down after an out-of-memory error."""
+    while True:
+        try:
+            out = accumulate(model, objective, samples, plan, hooks.collate, settings.scaler)
+            break
+        except (RuntimeError, torch.OutOfMemoryError) as e:
+            if not is_oom(e):
+                raise
+            optimizer.zero_grad(set_to_none=True)  # undo the half-done step: nothing was applied yet
+            _free_cuda()
+            lower = step_down(plan)
+            if lower is None:
+                raise OutOfMemory(explain_cuda_error(e) + " (no smaller plan left: lower data.max_seq_len "
+                                  "or use plan.quantization=nf4)") from None
+            msg = (f"step {state.step + 1}: out of memory at micro-batch {plan.micro_batch_size}, "
+                   f"checkpointing {plan.checkpointing}; redoing it at micro-batch {lower.micro_batch_size}, "
+                   f"checkpointing {lower.checkpointing}")
+            state.events.append(msg)
+            hooks.replan(lower)
+            plan = lower
+    scaler = settings.scaler
+    if scaler is not None:
+        scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+    grad_norm = _clip(model, settings.max_grad_norm)
+    if scaler is not None:
+        scaler.step(optimizer)  # skips the step when an inf/nan gradient showed up, then lowers the scale
+        scaler.update()
+    else:
+        optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    out["grad_norm"] = grad_norm
+    return out, plan
+
+
+def _clip(model, max_norm: float) -> float:
+    params = [p for p in model.parameters() if p.grad is not None]
+    if not params:
+        return 0.0
+    if max_norm > 0:
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
+
+
+def _free_cuda() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+@torch.no_grad()
+def evaluate(model, objective, samples: list[dict], plan, collate) -> float:
+    """Loss over the eval samples, normalized exactly like training (sum / count of the whole set)."""
+    if not samples:
+        return float("nan")
+    was_training = model.training
+    model.eval()
+    total, norm = 0.0, 0
+    for mb in micro_batches(samples, plan.micro_batch_size):
+        batch = collate(mb, plan.packing)
+        loss_sum, _ = objective(model, batch)
+        total += float(loss_sum)
+        norm += objective.normalizer(batch)
+    model.train(was_training)
+    return total / max(norm, 1)
+
+
+def train_loop(model, optimizer, scheduler, objective, train: list[dict], eval_samples: list[dict], plan,
+               settings: LoopSettings, state: LoopState, hooks: Hooks):
+    """Run optimizer steps from `state.step` to `settings.total_steps`. Returns the final plan.
+
+    Ctrl-C saves a checkpoint at the last finished step before leaving, so `--resume` loses nothing.
+    """
+    model.train()
+    try:
+        while state.step < settings.total_steps:
+            t0 = time.perf_counter()
+            samples = [train[i] for i in step_indices(state.step, settings.batch_size, len(train), settings.seed)]
+            out, plan = run_step(model, optimizer, scheduler, objective, samples, plan, settings, state, hooks)
+            state.step += 1
+            out["seconds"] = time.perf_counter() - t0
+            out["lr"] = scheduler.get_last_lr()[0]
+            out["micro_batch_size"] = plan.micro_batch_size
+            hooks.on_step(state, out)
+            if settings.eval_every and state.step % settings.eval_every == 0 and state.step < settings.total_steps:
+                hooks.on_eval(state, evaluate(model, objective, eval_samples, plan, hooks.collate))
+            if settings.save_every and state.step % settings.save_every == 0:
+                hooks.save(state)
+    except KeyboardInterrupt:
+        if state.step > 0:
+            state.events.append(f"interrupted after step {state.step}: checkpoint saved; resume with --resume")
+            hooks.save(state)
+        raise
+    return plan

@@ -1,0 +1,128 @@
+"""Training objectives. Each returns a loss SUM and the count it is normalized by.
+
+The loop divides every micro-batch's sum by the count of the whole accumulated batch, so the update is
+the same whatever the micro-batch split (STYLE.md point 10: loss math lives in one tested place;
+torchtune's per-micro-batch means drifted from it).
+
+- SFT: sum of token cross-entropies over trained tokens; count = trained tokens.
+- ORPO (Hong et al. 2024): SFT on the chosen response + lambda * -log sigmoid(log odds ratio);
+  count = chosen trained tokens for the NLL part, pairs for the odds part (folded per pair, see below).
+- DPO (Rafailov et al. 2023), reference-free variant against the base model with the adapter off.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+IGNORE = -100
+
+
+def trained_tokens(labels: torch.Tensor) -> int:
+    """Tokens that carry a loss under the HF shift: labels[..., 1:] != -100."""
+    return int((labels[..., 1:] != IGNORE).sum())
+
+
+def model_inputs(batch: dict) -> dict:
+    keys = ("input_ids", "attention_mask", "position_ids")
+    return {k: batch[k] for k in keys if k in batch}
+
+
+def reference_lm_loss(model, batch: dict) -> tuple[torch.Tensor, int]:
+    """Plain HF forward, full logits, fp32 cross-entropy: the reference path every fast path must match."""
+    logits = model(**model_inputs(batch)).logits  # (B, T, V)
+    labels = batch["labels"][:, 1:]
+    logits = logits[:, :-1].float()
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                           ignore_index=IGNORE, reduction="sum")
+    return loss, trained_tokens(batch["labels"])
+
+
+def sequence_logps(model, input_ids, labels, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence (sum of trained-token log-probs, trained-token count), each (B,)."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
+    tgt = labels[:, 1:]
+    mask = tgt != IGNORE
+    logp = torch.gather(logits.log_softmax(-1), 2, tgt.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (logp * mask).sum(-1), mask.sum(-1)
+
+
+class SFT:
+    name = "sft"
+
+    def __init__(self, lm_loss: Callable = reference_lm_loss):
+        self.lm_loss = lm_loss
+
+    def normalizer(self, batch: dict) -> int:
+        return trained_tokens(batch["labels"])
+
+    def __call__(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
+        loss_sum, n = self.lm_loss(model, batch)
+        return loss_sum, {"tokens": n}
+
+
+def _pair_logps(model, batch):
+    """Chosen and rejected sequences through the model in one forward (B chosen then B rejected rows)."""
+    ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])
+    labels = torch.cat([batch["chosen_labels"], batch["rejected_labels"]])
+    mask = torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
+    logp, n = sequence_logps(model, ids, labels, mask)
+    b = batch["chosen_input_ids"].shape[0]
+    return logp[:b], logp[b:], n[:b], n[b:]
+
+
+class ORPO:
+    """Per pair: NLL(chosen) / n_chosen + lam * -log sigmoid(log odds(chosen) - log odds(rejected)).
+
+    The loop divides by the number of pairs of the accumulated batch, so each pair weighs the same.
+    """
+
+    name = "orpo"
+
+    def __init__(self, lam: float = 0.1):
+        self.lam = lam
+
+    def normalizer(self, batch: dict) -> int:
+        return int(batch["chosen_input_ids"].shape[0])
+
+    def __call__(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
+        lp_c, lp_r, n_c, n_r = _pair_logps(model, batch)
+        mean_c, mean_r = lp_c / n_c.clamp(min=1), lp_r / n_r.clamp(min=1)
+        # log odds = log p - log(1 - p) with p the mean per-token probability (the paper's definition)
+        log_odds = (mean_c - torch.log1p(-mean_c.exp().clamp(max=1 - 1e-6))) - (
+            mean_r - torch.log1p(-mean_r.exp().clamp(max=1 - 1e-6)))
+        ratio = -F.logsigmoid(log_odds)
+        loss = (-mean_c + self.lam * ratio).sum()
+        return loss, {"pairs": len(lp_c), "reward_margin": float((mean_c - mean_r).mean())}
+
+
+class DPO:
+    """-log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))); the reference is the base (adapter off)."""
+
+    name = "dpo"
+
+    def __init__(self, beta: float = 0.1):
+        self.beta = beta
+
+    def normalizer(self, batch: dict) -> int:
+        return int(batch["chosen_input_ids"].shape[0])
+
+    def __call__(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
+        lp_c, lp_r, _, _ = _pair_logps(model, batch)
+        with torch.no_grad(), model.disable_adapter():
+            ref_c, ref_r, _, _ = _pair_logps(model, batch)
+        margin = (lp_c - ref_c) - (lp_r - ref_r)
+        loss = -F.logsigmoid(self.beta * margin).sum()
+        return loss, {"pairs": len(lp_c), "reward_margin": float(margin.mean())}
+
+
+def make_objective(name: str, *, beta: float, lm_loss: Callable = reference_lm_loss):
+    if name == "sft":
+        return SFT(lm_loss)
+    if name == "orpo":
+        return ORPO(beta)
+    if name == "dpo":
+        return DPO(beta)
+    raise ValueError(f"unknown objective {name!r}")

@@ -1,0 +1,337 @@
+"""`ppalli train`, top to bottom: config -> env -> plan -> model -> data -> loop -> run directory.
+
+Each stage gets plain values from the one before (DESIGN.md, "The flow"); this file is the only place
+that reads the config tree and hands its values out.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass, replace
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from ppalli import config as C
+from ppalli.errors import ConfigError, PpalliError
+from ppalli.train import checkpoint as ckpt
+from ppalli.train.loop import Hooks, LoopSettings, LoopState, total_steps, train_loop
+from ppalli.train.metrics import MetricsLog
+from ppalli.train.progress import Progress
+
+log = logging.getLogger("ppalli")
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    adapter_dir: Path
+    report: Path
+    sample: dict | None
+    final_loss: float
+    eval_loss: float | None
+    model: object = None  # the trained PeftModel (fast path reverted), for callers that go on using it
+
+
+# --------------------------------------------------------------------------- setup stages
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_demo(cfg: C.Config, cache_dir: Path) -> C.Config:
+    """'demo' model or data -> the embedded tiny model and self-written data, with the demo's own settings."""
+    if cfg.model.name_or_path != "demo" and cfg.data.path != "demo":
+        return cfg
+    from ppalli.demo.model import DEMO_TRAIN, prepare_demo
+
+    demo = prepare_demo(cache_dir)
+    model, data, train = cfg.model, cfg.data, cfg.train
+    if cfg.model.name_or_path == "demo":
+        model = replace(model, name_or_path=str(demo["model_dir"]), tokenizer=str(demo["tokenizer_dir"]))
+        defaults = C.TrainConfig()
+        # the demo's measured settings, unless the user changed them
+        train = replace(train, **{k: v for k, v in DEMO_TRAIN.items() if getattr(train, k) == getattr(defaults, k)})
+        data = replace(data, template="chatml" if data.template == "auto" else data.template)
+    if cfg.data.path == "demo" and not cfg.data.sources:
+        data = replace(data, path=str(demo["data_path"]))
+    return replace(cfg, model=model, data=data, train=train)
+
+
+def make_run_dir(cfg: C.Config) -> Path:
+    name = cfg.name or f"{Path(cfg.model.name_or_path.rstrip('/')).name}-{datetime.now():%Y%m%d-%H%M%S}"
+    run_dir = Path(cfg.output_dir.format(name=name))
+    if (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
+        raise ConfigError(f"{run_dir} already holds checkpoints: add --resume to continue it, or set "
+                          f"another name (--set name=...)")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def device_and_dtype(plan) -> tuple[torch.device, torch.dtype]:
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[plan.precision]
+    return torch.device(plan.device), dtype
+
+
+def build_plan(cfg: C.Config, model_config, env):
+    from ppalli.plan.memory import ModelSpec
+    from ppalli.plan.planner import make_plan
+
+    return make_plan(env, cfg, ModelSpec.from_config(model_config))
+
+
+def build_model(cfg: C.Config, plan, device, dtype):
+    from ppalli.models.load import attach_lora, load_model
+
+    model = load_model(cfg.model.name_or_path, dtype=dtype, device=device, revision=cfg.model.revision,
+                       trust_remote_code=cfg.model.trust_remote_code, attn_implementation=_hf_attention(plan),
+                       quantization=plan.quantization, double_quant=cfg.plan.double_quant, seed=cfg.train.seed)
+    lc = cfg.lora
+    return attach_lora(model, r=lc.r, alpha=lc.alpha, dropout=lc.dropout, targets=lc.targets,
+                       use_dora=lc.use_dora, use_rslora=lc.use_rslora, seed=cfg.train.seed)
+
+
+def _hf_attention(plan) -> str:
+    return plan.attention if plan.attention in ("sdpa", "eager", "flash_attention_2", "flash_attention_3",
+                                                "flex_attention") else "sdpa"
+
+
+def build_loss(model, plan, tokenizer_log):
+    """The LM loss function: the fused fast path where the plan says so, else the reference."""
+    from ppalli.train.objectives import reference_lm_loss
+
+    if not plan.fast_path:
+        return reference_lm_loss, None
+    from ppalli.models.fast import apply_fast_path, fast_causal_lm_loss
+
+    handle = apply_fast_path(model, attention_backend=plan.attention, log=tokenizer_log)
+
+    def fast_lm_loss(m, batch):
+        return fast_causal_lm_loss(m, batch["input_ids"], batch["labels"], position_ids=batch.get("position_ids"),
+                                   cu_seqlens=batch.get("cu_seqlens"), max_seqlen=batch.get("max_seqlen"),
+                                   attention_mask=batch.get("attention_mask"))
+
+    return fast_lm_loss, handle
+
+
+def make_collate(tokenizer, device, objective: str):
+    from ppalli.data.collate import pack_collate, pad_collate, preference_collate
+
+    pad_id = tokenizer.pad_token_id
+
+    def collate(samples: list[dict], packed: bool) -> dict:
+        if objective != "sft":
+            batch = preference_collate(samples, pad_id)
+        elif packed:
+            batch = pack_collate(samples)
+        else:
+            batch = pad_collate(samples, pad_id)
+        batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) and k != "cu_seqlens_cpu" else v
+                 for k, v in batch.items()}
+        batch["n_samples"] = len(samples)
+        return batch
+
+    return collate
+
+
+# --------------------------------------------------------------------------- samples before / after
+
+
+def sample_prompts(cfg: C.Config, eval_rows: list[dict], n: int = 3) -> list[list[dict]]:
+    """Prompt messages for the report's before/after answers: the config's, else the first eval rows'."""
+    if cfg.logging.sample_prompts:
+        return [[{"role": "user", "content": p}] for p in cfg.logging.sample_prompts]
+    return [r["prompt_messages"] for r in eval_rows[:n] if r.get("prompt_messages")]
+
+
+def answer_samples(model, tokenizer, template, prompts, max_new_tokens: int) -> list[dict]:
+    from ppalli.data.templates import render_prompt
+    from ppalli.infer.generate import generate
+
+    out = []
+    model.eval()
+    model.config.use_cache = True
+    for messages in prompts:
+        text = render_prompt(template, messages)
+        ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]], device=model.device)
+        new = generate(model, tokenizer, ids, max_new_tokens=max_new_tokens, greedy=True)
+        out.append({"prompt": messages[-1]["content"], "output": tokenizer.decode(new, skip_special_tokens=True)})
+    model.config.use_cache = False
+    model.train()
+    return out
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def train(cfg: C.Config, *, resume: Path | None = None, print_fn=print, cache_dir: Path | None = None) -> RunResult:
+    from ppalli.data.pipeline import prepare
+    from ppalli.data.templates import resolve_template
+    from ppalli.env import probe
+    from ppalli.models.load import read_model_config
+    from ppalli.models.tokenizer import load_tokenizer
+    from ppalli.train.objectives import make_objective
+    from ppalli.train.optim import make_optimizer
+    from ppalli.train.recompute import apply_recompute
+    from ppalli.train.schedule import make_scheduler, warmup_steps
+
+    cache_dir = cache_dir or Path.home() / ".cache" / "ppalli"
+    run_dir = resume or make_run_dir(cfg)
+    cfg = resolve_demo(cfg, cache_dir / "demo")
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), allow_unicode=True, sort_keys=False),
+                                         encoding="utf-8")
+
+    # 1. environment and plan, before any weight is loaded
+    env = probe()
+    (run_dir / "env.json").write_text(json.dumps(env.to_dict(), indent=1), encoding="utf-8")
+    model_config = read_model_config(cfg.model.name_or_path, revision=cfg.model.revision,
+                                     trust_remote_code=cfg.model.trust_remote_code)
+    plan = build_plan(cfg, model_config, env)
+    for line in plan.explain():
+        print_fn(line)
+    device, dtype = device_and_dtype(plan)
+
+    # 2. tokenizer and data
+    seed_everything(cfg.train.seed)
+    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path, revision=cfg.model.revision,
+                               trust_remote_code=cfg.model.trust_remote_code)
+    prepared = prepare(cfg.data, tokenizer, seed=cfg.train.seed, objective=cfg.train.objective)
+    print_fn(prepared.stats.summary() if hasattr(prepared.stats, "summary") else str(prepared.stats))
+    template = resolve_template(cfg.data.template, tokenizer)
+
+    # 3. model, adapter, fast path, recompute
+    model = build_model(cfg, plan, device, dtype)
+    lm_loss, fast_handle = build_loss(model, plan, print_fn)
+    apply_recompute(model, plan.checkpointing)
+    objective = make_objective(cfg.train.objective, beta=cfg.train.beta, lm_loss=lm_loss)
+
+    # 4. optimizer, schedule, state (fresh or resumed)
+    t = cfg.train
+    steps = total_steps(len(prepared.train), t.batch_size, t.epochs, t.max_steps)
+    optimizer = make_optimizer(model.parameters(), name=t.optimizer, lr=t.lr, weight_decay=t.weight_decay,
+                               betas=tuple(t.betas), device=device)
+    scheduler = make_scheduler(optimizer, total=steps,
+                               warmup=warmup_steps(steps, ratio=t.warmup_ratio, steps=t.warmup_steps),
+                               kind=t.schedule)
+    state = LoopState()
+    ckpt_root = run_dir / "checkpoints"
+    if resume is not None:
+        state.step, extra = _resume(ckpt_root, model, optimizer, scheduler, print_fn)
+        state.events = extra.get("events", [])
+    prompts = sample_prompts(cfg, prepared.eval_rows if hasattr(prepared, "eval_rows") else [])
+    samples_before = (answer_samples(model, tokenizer, template, prompts, cfg.logging.sample_max_new_tokens)
+                      if resume is None else _load_json(run_dir / "samples_before.json"))
+    (run_dir / "samples_before.json").write_text(json.dumps(samples_before, ensure_ascii=False), encoding="utf-8")
+    (run_dir / "plan.json").write_text(json.dumps(plan.to_dict(), indent=1, ensure_ascii=False), encoding="utf-8")
+
+    # 5. the loop
+    metrics = MetricsLog(run_dir, resume_step=state.step if resume is not None else None,
+                         tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb,
+                         wandb_project=cfg.logging.wandb_project, config=cfg.to_dict())
+    progress = Progress(steps, state.step, cfg.logging.progress, print_fn)
+    scaler = torch.amp.GradScaler("cuda") if plan.precision == "fp16" and device.type == "cuda" else None
+    settings = LoopSettings(total_steps=steps, batch_size=t.batch_size, max_grad_norm=t.max_grad_norm,
+                            eval_every=t.eval_every, save_every=t.save_every, log_every=t.log_every,
+                            seed=t.seed, scaler=scaler)
+    current = {"plan": plan}
+    hooks = _hooks(model, optimizer, scheduler, tokenizer, device, cfg, ckpt_root, metrics, progress, current)
+    t0 = time.perf_counter()
+    try:
+        plan = train_loop(model, optimizer, scheduler, objective, prepared.train, prepared.eval, plan, settings,
+                          state, hooks)
+    finally:
+        progress.close()
+    train_seconds = time.perf_counter() - t0
+
+    # 6. final eval, adapter, samples, report
+    from ppalli.train.loop import evaluate
+
+    eval_loss = evaluate(model, objective, prepared.eval, plan, hooks.collate) if prepared.eval else None
+    if eval_loss is not None:
+        metrics.write({"step": state.step, "eval_loss": eval_loss})
+    metrics.close()
+    if fast_handle is not None:
+        fast_handle.revert()  # the saved adapter and the samples go through the plain PEFT model
+    adapter_dir = run_dir / "adapter"
+    model.save_pretrained(adapter_dir, safe_serialization=True)
+    tokenizer.save_pretrained(run_dir / "tokenizer")
+    if cfg.train.save_every == 0 or state.step % cfg.train.save_every:
+        hooks.save(state)
+    samples_after = answer_samples(model, tokenizer, template, prompts, cfg.logging.sample_max_new_tokens)
+    (run_dir / "samples.json").write_text(json.dumps({"before": samples_before, "after": samples_after},
+                                                     ensure_ascii=False, indent=1), encoding="utf-8")
+    report = _write_report(run_dir, cfg, plan, state, steps, train_seconds, eval_loss, samples_before,
+                           samples_after, prepared)
+    return RunResult(run_dir, adapter_dir, report, samples_after[0] if samples_after else None,
+                     _last_loss(run_dir), eval_loss, model)
+
+
+def _hooks(model, optimizer, scheduler, tokenizer, device, cfg, ckpt_root, metrics, progress, current) -> Hooks:
+    from ppalli.train.recompute import apply_recompute
+
+    def on_step(state, out):
+        if state.step % cfg.train.log_every and state.step != 1:
+            return
+        peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
+        row = {"step": state.step, "loss": out["loss"], "lr": out["lr"], "grad_norm": out["grad_norm"],
+               "tokens_per_s": out["tokens"] / out["seconds"], "s_per_it": out["seconds"],
+               "trained_tokens": out["norm"], "peak_gib": round(peak, 3), "micro_batch_size": out["micro_batch_size"]}
+        metrics.write(row)
+        progress.update(row)
+
+    def on_eval(state, loss):
+        metrics.write({"step": state.step, "eval_loss": loss})
+        progress.message(f"step {state.step}: eval loss {loss:.4f}")
+
+    def save(state):
+        ckpt.save_checkpoint(ckpt_root, state.step, model=model, optimizer=optimizer, scheduler=scheduler,
+                             extra={"events": state.events, "plan": current["plan"].to_dict()},
+                             keep=cfg.train.save_total_limit)
+
+    def replan(plan):
+        if plan.checkpointing != current["plan"].checkpointing:
+            apply_recompute(model, plan.checkpointing)
+        current["plan"] = plan
+        progress.message(f"out of memory: stepped down to micro-batch {plan.micro_batch_size}, "
+                         f"checkpointing {plan.checkpointing}")
+
+    return Hooks(collate=make_collate(tokenizer, device, cfg.train.objective), on_step=on_step, on_eval=on_eval,
+                 save=save, replan=replan)
+
+
+def _resume(ckpt_root: Path, model, optimizer, scheduler, print_fn) -> tuple[int, dict]:
+    found = ckpt.list_checkpoints(ckpt_root)
+    if not found:
+        raise PpalliError(f"--resume: no complete checkpoint in {ckpt_root}; start the run without --resume")
+    step, extra = ckpt.load_checkpoint(found[-1], model=model, optimizer=optimizer, scheduler=scheduler)
+    print_fn(f"resumed from {found[-1]} (step {step})")
+    return step, extra
+
+
+def _load_json(path: Path):
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else []
+
+
+def _last_loss(run_dir: Path) -> float:
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines() if x]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    return losses[-1] if losses else float("nan")
+
+
+def _write_report(run_dir, cfg, plan, state, steps, seconds, eval_loss, before, after, prepared) -> Path:
+    from ppalli.report import write_report
+
+    summary = {"model": cfg.model.name_or_path, "data": cfg.data.path, "steps": state.step,
+               "train_seconds": seconds, "eval_loss": eval_loss, "train_samples": len(prepared.train),
+               "eval_samples": len(prepared.eval)}
+    return write_report(run_dir, plan_lines=plan.explain(), summary=summary, samples_before=before,
+                        samples_after=after, events=state.events)
