@@ -1,0 +1,129 @@
+"""Talking to a fine-tuned model: an interactive chat (`ppalli chat`) and a prompt file (`ppalli generate`).
+
+The prompt text comes from the caller's `render_prompt(messages) -> str` (the run's template), so chat
+renders turns exactly as training did.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+
+from ppalli.errors import DataError
+from ppalli.infer.generate import generate
+
+Messages = list[dict[str, str]]
+RenderPrompt = Callable[[Messages], str]
+
+HELP = "Type a message. /reset clears the history, /exit quits."
+
+
+def _encode(tokenizer, text: str, add_special_tokens: bool) -> list[int]:
+    return tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+
+
+def _context_budget(model, max_new_tokens: int) -> int | None:
+    """Prompt tokens that leave room for the answer inside the model's positions; None when unknown."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return None if limit is None else max(limit - max_new_tokens, 1)
+
+
+def fit_history(tokenizer, render_prompt: RenderPrompt, messages: Messages, budget: int | None,
+                add_special_tokens: bool = False) -> tuple[list[int], int]:
+    """Prompt ids for `messages`, dropping the oldest turns (in place) until they fit `budget` tokens.
+
+    Returns (ids, turns dropped). A single message longer than the budget keeps its last tokens.
+    """
+    dropped = 0
+    while True:
+        ids = _encode(tokenizer, render_prompt(messages), add_special_tokens)
+        if budget is None or len(ids) <= budget:
+            return ids, dropped
+        if len(messages) <= 1:
+            return ids[-budget:], dropped
+        del messages[:2 if len(messages) > 2 else 1]  # a user turn and its answer go together
+        dropped += 1
+
+
+def _answer(model, tokenizer, render_prompt: RenderPrompt, messages: Messages, print_fn: Callable,
+            gen_kwargs: dict, add_special_tokens: bool) -> str:
+    budget = _context_budget(model, gen_kwargs["max_new_tokens"])
+    ids, dropped = fit_history(tokenizer, render_prompt, messages, budget, add_special_tokens)
+    if dropped:
+        print_fn(f"(dropped the {dropped} oldest turn(s) to fit the model's {budget}-token context)")
+    new = generate(model, tokenizer, torch.tensor([ids]),
+                   on_token=lambda text: print_fn(text, end="", flush=True), **gen_kwargs)
+    print_fn("")
+    return tokenizer.decode(new, skip_special_tokens=True)
+
+
+def chat_loop(model, tokenizer, render_prompt: RenderPrompt, *, temperature: float = 0.7, top_p: float = 0.9,
+              max_new_tokens: int = 256, greedy: bool = False, stop_ids: Iterable[int] | None = None,
+              add_special_tokens: bool = False, input_fn: Callable[[str], str] = input,
+              print_fn: Callable[..., None] = print) -> Messages:
+    """Read messages, stream answers, keep the history; returns it when the user leaves.
+
+    `add_special_tokens` must match how training tokenized rendered text (BOS or not).
+    """
+    gen_kwargs = dict(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, greedy=greedy,
+                      stop_ids=stop_ids)
+    messages: Messages = []
+    print_fn(HELP)
+    while True:
+        try:
+            line = input_fn(">>> ").strip()
+        except (EOFError, KeyboardInterrupt):  # Ctrl-D / Ctrl-C leave like /exit
+            print_fn("")
+            return messages
+        if line == "/exit":
+            return messages
+        if line == "/reset":
+            messages.clear()
+            print_fn("(history cleared)")
+        elif line.startswith("/"):
+            print_fn(f"unknown command {line.split()[0]}. {HELP}")
+        elif line:
+            messages.append({"role": "user", "content": line})
+            reply = _answer(model, tokenizer, render_prompt, messages, print_fn, gen_kwargs, add_special_tokens)
+            messages.append({"role": "assistant", "content": reply})
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """One prompt per line (UTF-8, blank lines skipped)."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"prompt file not found: {p} (give a text file with one prompt per line)")
+    prompts = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise DataError(f"{p}: no prompts (one prompt per line)")
+    return prompts
+
+
+def generate_batch(model, tokenizer, render_prompt: RenderPrompt, prompts: Iterable[str], out_path: str | Path, *,
+                   temperature: float = 0.7, top_p: float = 0.9, max_new_tokens: int = 256, greedy: bool = False,
+                   stop_ids: Iterable[int] | None = None, seed: int | None = None,
+                   add_special_tokens: bool = False) -> Path:
+    """Answer each prompt; write JSONL rows {prompt, output, new_tokens, seconds} as they finish.
+
+    With a seed, prompt i samples with seed + i, so any one answer can be reproduced alone.
+    """
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    budget = _context_budget(model, max_new_tokens)
+    with out.open("w", encoding="utf-8") as f:
+        for i, prompt in enumerate(prompts):
+            ids, _ = fit_history(tokenizer, render_prompt, [{"role": "user", "content": prompt}], budget,
+                                 add_special_tokens)
+            start = time.perf_counter()
+            new = generate(model, tokenizer, torch.tensor([ids]), temperature=temperature, top_p=top_p,
+                           max_new_tokens=max_new_tokens, greedy=greedy, stop_ids=stop_ids,
+                           seed=None if seed is None else seed + i)
+            row = {"prompt": prompt, "output": tokenizer.decode(new, skip_special_tokens=True),
+                   "new_tokens": len(new), "seconds": round(time.perf_counter() - start, 3)}
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.flush()  # a long batch that is stopped keeps the answers it has
+    return out

@@ -1,0 +1,182 @@
+"""Token-by-token generation on the KV cache: sampling by default, every stop token, streamed text.
+
+Users' two complaints after fine-tuning are a model that never stops and one that always says the same
+thing. So the loop stops on the tokenizer's EOS, every EOS id of the generation config and the
+template's end-of-turn ids, and samples unless greedy decoding is asked for.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+_BROKEN = "\ufffd"  # what a decoder writes for an incomplete UTF-8 sequence, e.g. half a Hangul syllable
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.7
+    top_p: float = 0.9
+    top_k: int = 0
+    greedy: bool = False
+    repetition_penalty: float = 1.0
+
+
+class TextStream:
+    """Turns token ids into text pieces as they come, never emitting a broken character.
+
+    A byte-level token may hold half of a Hangul syllable; its text is held back until the syllable is
+    complete. Each window is decoded with one earlier token as context and only the new tail is emitted,
+    so SentencePiece's leading-space rule gives the same spaces as decoding everything at once (the
+    offsets scheme of HF text-generation-inference).
+    """
+
+    def __init__(self, tokenizer, on_text: Callable[[str], None]):
+        self.tokenizer, self.on_text = tokenizer, on_text
+        self.ids: list[int] = []
+        self.prefix_offset = 0  # start of the context window
+        self.read_offset = 0  # everything before this has been emitted
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _pending(self) -> str:
+        prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
+        return self._decode(self.ids[self.prefix_offset:])[len(prefix):]
+
+    def push(self, token_id: int) -> None:
+        self.ids.append(token_id)
+        new = self._pending()
+        if new and not new.endswith(_BROKEN):
+            self.on_text(new)
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+
+    def flush(self) -> None:
+        """Emit whatever is held back, broken or not: generation is over and nothing will complete it."""
+        new = self._pending()
+        if new:
+            self.on_text(new)
+        self.prefix_offset = self.read_offset = len(self.ids)
+
+
+class _Decoder:
+    """One forward step on a growing KV cache; returns the last position's logits as float32 (V,)."""
+
+    def __init__(self, model):
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT wraps the model
+        params = inspect.signature(base.forward).parameters
+        # later transformers 5 releases renamed `past_key_values` to `cache` (the old name warns until 5.40)
+        cache_name = "cache" if "cache" in params else "past_key_values"
+        self.kwargs = {cache_name: DynamicCache(config=getattr(base, "config", None)), "use_cache": True}
+        if "logits_to_keep" in params:
+            self.kwargs["logits_to_keep"] = 1  # the prompt's other positions would cost (T, V) logits
+        self.model = model
+
+    def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, **self.kwargs).logits[0, -1].float()
+
+
+def stop_token_ids(model, tokenizer, extra: Iterable[int] | None = None) -> set[int]:
+    """The tokenizer's EOS, the generation config's EOS ids (one or a list) and `extra` (end-of-turn ids)."""
+    config = getattr(model, "generation_config", None)
+    ids: set[int] = set(extra or ())
+    for source in (tokenizer.eos_token_id, getattr(config, "eos_token_id", None)):
+        if isinstance(source, int):
+            ids.add(source)
+        elif source is not None:
+            ids.update(source)
+    return ids
+
+
+def _penalize(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL's repetition penalty as HF applies it: seen tokens' logits move toward zero by `penalty`."""
+    if penalty == 1.0:
+        return logits
+    scores = logits.gather(0, seen)
+    scores = torch.where(scores < 0, scores * penalty, scores / penalty)
+    return logits.scatter(0, seen, scores)
+
+
+def _top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
+    if k <= 0 or k >= logits.numel():
+        return logits
+    kth = torch.topk(logits, k).values[-1]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def _top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus filter: keep the fewest most likely tokens whose mass reaches p (the top one always stays)."""
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = logits.sort(descending=True)
+    probs = sorted_logits.softmax(-1)
+    drop_sorted = probs.cumsum(-1) - probs > p  # mass before this token already reaches p
+    drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def pick_token(logits: torch.Tensor, seen: torch.Tensor, s: Sampling, generator: torch.Generator | None) -> int:
+    """Next token from (V,) logits; `seen` (n,) holds prompt and generated ids for the repetition penalty."""
+    logits = _penalize(logits, seen, s.repetition_penalty)
+    if s.greedy or s.temperature <= 0:  # temperature 0 means "no randomness", not a division by zero
+        return int(logits.argmax())
+    logits = _top_p(_top_k(logits / s.temperature, s.top_k), s.top_p)
+    return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.inference_mode()
+def generate(model, tokenizer, input_ids: torch.Tensor, *, max_new_tokens: int = 256, temperature: float = 0.7,
+             top_p: float = 0.9, top_k: int = 0, greedy: bool = False, repetition_penalty: float = 1.0,
+             stop_ids: Iterable[int] | None = None, seed: int | None = None,
+             on_token: Callable[[str], None] | None = None) -> list[int]:
+    """Generate after `input_ids` (1, T); returns the new token ids without the stop token.
+
+    `on_token` receives text pieces as they are decoded (whole characters only); their concatenation
+    equals ``tokenizer.decode(result, skip_special_tokens=True)``. The model runs in eval mode and gets
+    its previous mode back.
+    """
+    device = _device(model)
+    sampling = Sampling(temperature, top_p, top_k, greedy, repetition_penalty)
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    stops = stop_token_ids(model, tokenizer, stop_ids)
+    stream = TextStream(tokenizer, on_token) if on_token else None
+    was_training = model.training
+    model.eval()
+    try:
+        out = _decode_loop(_Decoder(model), input_ids.to(device), max_new_tokens, sampling, generator, stops, stream)
+    finally:
+        model.train(was_training)
+    if stream:
+        stream.flush()
+    return out
+
+
+def _decode_loop(step: _Decoder, input_ids: torch.Tensor, max_new_tokens: int, sampling: Sampling,
+                 generator: torch.Generator | None, stops: set[int], stream: TextStream | None) -> list[int]:
+    prompt_len = input_ids.shape[1]
+    seen = torch.empty(prompt_len + max(max_new_tokens, 0), dtype=torch.long, device=input_ids.device)  # (n,)
+    seen[:prompt_len] = input_ids[0]
+    out: list[int] = []
+    if max_new_tokens <= 0:
+        return out
+    logits = step(input_ids)  # prefill: the whole prompt in one forward
+    while True:
+        token = pick_token(logits, seen[:prompt_len + len(out)], sampling, generator)
+        if token in stops:
+            break
+        seen[prompt_len + len(out)] = token
+        out.append(token)
+        if stream:
+            stream.push(token)
+        if len(out) >= max_new_tokens:
+            break
+        logits = step(seen[prompt_len + len(out) - 1:prompt_len + len(out)].unsqueeze(0))  # (1, 1)
+    return out

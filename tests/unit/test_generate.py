@@ -1,0 +1,188 @@
+"""Generation: the own decode loop matches HF greedy decoding, stops, samples reproducibly, streams whole
+characters; the chat loop and the prompt-file batch built on it."""
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+from tokenizers import pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from ppalli.demo.tokenizer import IM_END, build_demo_tokenizer
+from ppalli.errors import DataError
+from ppalli.infer.chat import chat_loop, fit_history, generate_batch, read_prompts
+from ppalli.infer.generate import TextStream, generate
+
+PROMPT = "한국의 수도는 어디인가요?"
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    return build_demo_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture
+def model(tok):
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture
+def prompt_ids(tok):
+    return torch.tensor([tok(PROMPT, add_special_tokens=False)["input_ids"]])
+
+
+def _strip_eos(ids: list[int], eos: int) -> list[int]:
+    return ids[:ids.index(eos)] if eos in ids else ids
+
+
+@pytest.mark.parametrize("penalty", [1.0, 1.3])
+def test_greedy_matches_hf_generate(model, tok, prompt_ids, penalty):
+    ours = generate(model, tok, prompt_ids, max_new_tokens=30, greedy=True, repetition_penalty=penalty)
+    hf = model.generate(prompt_ids, max_new_tokens=30, do_sample=False, repetition_penalty=penalty)
+    want = _strip_eos(hf[0, prompt_ids.shape[1]:].tolist(), tok.eos_token_id)  # ours never returns the stop
+    assert ours == want and len(ours) > 5
+
+
+def test_stops_at_stop_ids_and_generation_config_eos(model, tok, prompt_ids):
+    free = generate(model, tok, prompt_ids, max_new_tokens=20, greedy=True)
+    assert len(free) == 20
+    stop = free[5]  # greedy surely emits it again, at its first index
+    expected = free[:free.index(stop)]
+    assert generate(model, tok, prompt_ids, max_new_tokens=20, greedy=True, stop_ids=[stop]) == expected
+    model.generation_config.eos_token_id = [tok.eos_token_id, stop]
+    assert generate(model, tok, prompt_ids, max_new_tokens=20, greedy=True) == expected
+
+
+def test_sampling_is_on_by_default_and_seeded(model, tok, prompt_ids):
+    greedy = generate(model, tok, prompt_ids, max_new_tokens=12, greedy=True)
+    first = generate(model, tok, prompt_ids, max_new_tokens=12, seed=1)
+    assert generate(model, tok, prompt_ids, max_new_tokens=12, seed=1) == first
+    samples = [generate(model, tok, prompt_ids, max_new_tokens=12, seed=s) for s in range(4)]
+    assert any(s != greedy for s in samples)
+    assert len({tuple(s) for s in samples}) > 1
+
+
+def test_narrowest_filters_reduce_to_greedy(model, tok, prompt_ids):
+    greedy = generate(model, tok, prompt_ids, max_new_tokens=12, greedy=True)
+    top_k = generate(model, tok, prompt_ids, max_new_tokens=12, top_k=1, top_p=1.0, temperature=1.5, seed=0)
+    top_p = generate(model, tok, prompt_ids, max_new_tokens=12, top_p=1e-6, temperature=1.5, seed=0)
+    assert top_k == greedy and top_p == greedy
+
+
+def test_max_new_tokens_and_training_mode(model, tok, prompt_ids):
+    model.train()
+    assert generate(model, tok, prompt_ids, max_new_tokens=0) == []
+    assert len(generate(model, tok, prompt_ids, max_new_tokens=7, greedy=True)) == 7
+    assert model.training  # the caller's mode comes back
+
+
+def test_stream_concatenation_equals_final_decode(model, tok, prompt_ids):
+    pieces = []
+    # temperature 1 over a random model: many byte tokens that split characters
+    out = generate(model, tok, prompt_ids, max_new_tokens=60, temperature=1.0, top_p=1.0, seed=3,
+                   on_token=pieces.append)
+    assert "".join(pieces) == tok.decode(out, skip_special_tokens=True)
+    assert len(pieces) > 10
+
+
+class ScriptedModel(torch.nn.Module):
+    """Emits a fixed token sequence: each step's logits put all mass on the next scripted id."""
+
+    def __init__(self, script: list[int], vocab_size: int):
+        super().__init__()
+        self.script, self.vocab_size, self.calls = script, vocab_size, 0
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # gives generate() a device
+
+    def forward(self, input_ids, cache=None, use_cache=None, logits_to_keep=0):
+        logits = torch.zeros(1, input_ids.shape[1], self.vocab_size)
+        logits[0, -1, self.script[self.calls]] = 100.0
+        self.calls += 1
+        return SimpleNamespace(logits=logits)
+
+
+def _byte_tokens(tok, text: str) -> list[int]:
+    """One token per UTF-8 byte: every Hangul syllable spans three tokens."""
+    mapped = "".join(piece for piece, _ in pre_tokenizers.ByteLevel(add_prefix_space=False).pre_tokenize_str(text))
+    return tok.convert_tokens_to_ids(list(mapped))
+
+
+def test_korean_stream_never_emits_broken_characters(tok):
+    text = "한국의 수도는 서울입니다."
+    script = _byte_tokens(tok, text) + [tok.eos_token_id]
+    assert tok.decode(script[:1]) == "\ufffd"  # the test's premise: a lone byte is half a syllable
+    pieces = []
+    out = generate(ScriptedModel(script, len(tok)), tok, torch.tensor([[0]]), greedy=True, on_token=pieces.append)
+    assert out == script[:-1]
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)
+    assert 1 < len(pieces) < len(out)  # streamed, and bytes were held back until syllables completed
+
+
+def test_text_stream_flushes_truly_broken_bytes(tok):
+    pieces = []
+    stream = TextStream(tok, pieces.append)
+    for token in _byte_tokens(tok, "가나")[:-1]:  # the last syllable never completes
+        stream.push(token)
+    assert pieces == ["가"]
+    stream.flush()
+    assert "".join(pieces) == tok.decode(_byte_tokens(tok, "가나")[:-1])
+
+
+def _render(tok):
+    return lambda messages: tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def test_chat_loop_keeps_history_resets_and_exits(model, tok):
+    seen, printed = [], []
+    render = _render(tok)
+    inputs = iter(["안녕하세요", "두 번째", "/help", "/reset", "hi", "/exit", "never read"])
+    history = chat_loop(model, tok, lambda m: seen.append(len(m)) or render(m), temperature=0.7, top_p=0.9,
+                        max_new_tokens=4, greedy=True, input_fn=lambda _: next(inputs),
+                        print_fn=lambda *a, **k: printed.append("".join(map(str, a))))
+    assert seen == [1, 3, 1]  # the second turn saw the first turn and its answer; /reset emptied it
+    assert [m["role"] for m in history] == ["user", "assistant"] and history[0]["content"] == "hi"
+    assert "(history cleared)" in printed and any("unknown command /help" in p for p in printed)
+    assert next(inputs) == "never read"
+
+
+def test_chat_loop_leaves_on_end_of_input(model, tok):
+    def eof(_):
+        raise EOFError
+
+    assert chat_loop(model, tok, _render(tok), input_fn=eof, print_fn=lambda *a, **k: None) == []
+
+
+def test_fit_history_drops_oldest_turns(tok):
+    render = _render(tok)
+    messages = [{"role": r, "content": f"turn {i} " * 10} for i, r in enumerate(["user", "assistant"] * 3)]
+    messages.append({"role": "user", "content": "last"})
+    budget = len(tok(render(messages[-3:]), add_special_tokens=False)["input_ids"])
+    ids, dropped = fit_history(tok, render, messages, budget)
+    assert dropped == 2 and len(messages) == 3 and messages[-1]["content"] == "last"
+    assert len(ids) <= budget
+
+
+def test_generate_batch_writes_jsonl(model, tok, tmp_path):
+    prompts_file = tmp_path / "prompts.txt"
+    prompts_file.write_text(f"{PROMPT}\n\nWhat is 2 plus 3?\n", encoding="utf-8")
+    prompts = read_prompts(prompts_file)
+    assert prompts == [PROMPT, "What is 2 plus 3?"]
+    out = generate_batch(model, tok, _render(tok), prompts, tmp_path / "out" / "answers.jsonl", max_new_tokens=6,
+                         greedy=True, stop_ids=[tok.convert_tokens_to_ids(IM_END)])
+    rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert [r["prompt"] for r in rows] == prompts  # Korean kept as is, not \u-escaped
+    assert PROMPT in out.read_text(encoding="utf-8")
+    rendered = _render(tok)([{"role": "user", "content": PROMPT}])
+    ids = torch.tensor([tok(rendered, add_special_tokens=False)["input_ids"]])
+    direct = generate(model, tok, ids, max_new_tokens=6, greedy=True, stop_ids=[tok.convert_tokens_to_ids(IM_END)])
+    assert rows[0]["output"] == tok.decode(direct, skip_special_tokens=True) and rows[0]["new_tokens"] == len(direct)
+
+
+def test_read_prompts_names_the_missing_file(tmp_path):
+    with pytest.raises(DataError, match="prompts.txt"):
+        read_prompts(tmp_path / "prompts.txt")
