@@ -1,0 +1,482 @@
+"""Environment + config + model spec -> Plan: every choice with a one-line reason.
+
+Pinned config values are kept and labelled "pinned in config"; a pin that cannot work on this machine is an
+error that says why and what to set instead. Memory choices take the least recompute that fits the budget
+(none < selective < full < offload), then the largest micro-batch that divides the effective batch;
+4-bit weights only when no 16-bit plan fits (or when pinned).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from ppalli.config import Config
+from ppalli.env import GPU, Environment
+from ppalli.errors import ConfigError, PpalliError
+from ppalli.plan.gpus import find_card
+from ppalli.plan.memory import (
+    CHECKPOINTING,
+    GIB,
+    MemoryEstimate,
+    ModelSpec,
+    estimate_peak_bytes,
+    lora_param_count,
+)
+from ppalli.plan.speed import est_tokens_per_s
+
+# model_type values with a family spec in ppalli/models/families (the fast path itself falls back per layer)
+FAST_FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3", "exaone", "exaone4")
+MARGIN_SHARE, MARGIN_MIN_GIB = 0.05, 0.5  # kept free on the GPU: other processes, display, driver growth
+RAM_SHARE = {"cpu": 0.8, "mps": 0.65}  # macOS lets the GPU wire roughly 2/3 of unified memory
+PAIRED_OBJECTIVES = ("orpo", "dpo")  # a sample is a chosen and a rejected sequence
+CHOICES = ("device", "precision", "attention", "quantization", "checkpointing", "micro_batch_size", "packing",
+           "fast_path", "compile")
+PINNED = "pinned in config"
+
+
+@dataclass(frozen=True)
+class Plan:
+    device: str
+    precision: str
+    attention: str
+    quantization: str
+    checkpointing: str
+    micro_batch_size: int
+    grad_accum: int
+    packing: bool
+    fast_path: bool
+    compile: bool
+    reasons: dict[str, str] = field(default_factory=dict)
+    pinned: tuple[str, ...] = ()
+    double_quant: bool = True
+    predicted_peak_gib: float | None = None
+    budget_gib: float | None = None
+    est_tokens_per_s: float | None = None
+    gpu: str | None = None
+
+    @property
+    def batch_size(self) -> int:
+        return self.micro_batch_size * self.grad_accum
+
+    def to_dict(self) -> dict:
+        return dict(dataclasses.asdict(self), pinned=list(self.pinned))
+
+    def explain(self) -> list[str]:
+        """One line per choice, then memory and speed: 'checkpointing: none - activations of every layer fit'."""
+        lines = [f"{name}: {_show(name, self)} - {self.reasons.get(name, '')}" for name in CHOICES]
+        return lines + [f"{k}: {self.reasons[k]}" for k in ("memory", "speed") if k in self.reasons]
+
+
+def _show(name: str, plan: Plan) -> str:
+    if name == "micro_batch_size":
+        return f"{plan.micro_batch_size} x {plan.grad_accum} accumulation"
+    value = getattr(plan, name)
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if name == "quantization" and value != "none":
+        return f"{value}{' + double quant' if plan.double_quant else ''}"
+    return str(value)
+
+
+@dataclass
+class _Ctx:
+    """What the choices so far decided, passed to the memory search."""
+
+    env: Environment
+    cfg: Config
+    spec: ModelSpec
+    device: str
+    gpu: GPU | None
+    precision: str = "fp32"
+    attention: str = "sdpa"
+    fast_path: bool = False
+    packing: bool = False
+    pinned: list[str] = field(default_factory=list)
+    reasons: dict[str, str] = field(default_factory=dict)
+
+    def pin(self, name: str, key: str, value: Any) -> str:
+        self.pinned.append(name)
+        return f"{PINNED} ({key}={value})"
+
+
+# --------------------------------------------------------------------------- one choice each
+
+
+def _device(env: Environment, want: str, gpu_index: int) -> tuple[str, GPU | None, str]:
+    if want in ("auto", "cuda") and env.gpus:
+        gpu = env.gpu(gpu_index)
+        if gpu is None:
+            raise PpalliError(f"GPU index {gpu_index} does not exist: {len(env.gpus)} visible "
+                              f"({', '.join(g.name for g in env.gpus)})")
+        return "cuda", gpu, f"{gpu.name}, {gpu.total_memory_gib:.1f} GiB, compute capability {gpu.capability_str}"
+    if want == "cuda":
+        raise PpalliError(f"plan.device=cuda but no CUDA GPU is visible (torch {env.torch}, CUDA build "
+                          f"{env.cuda}): install a CUDA build of torch, check CUDA_VISIBLE_DEVICES, or set "
+                          "plan.device=cpu")
+    if want == "mps" or (want == "auto" and env.mps):
+        if not env.mps:
+            raise PpalliError("plan.device=mps but MPS is not available (macOS 12.3+ on Apple silicon)")
+        return "mps", None, "Apple GPU (MPS)"
+    return "cpu", None, "no GPU visible: training on the CPU is slow; fine for the demo and tiny models"
+
+
+_DTYPE_PINS = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+
+
+def _pinned_precision(cfg: Config) -> tuple[str, str] | None:
+    """(precision, where it was pinned) or None; plan.precision and model.dtype must agree."""
+    plan_pin = None if cfg.plan.precision == "auto" else cfg.plan.precision
+    model_pin = _DTYPE_PINS.get(cfg.model.dtype)
+    if plan_pin and model_pin and plan_pin != model_pin:
+        raise ConfigError(f"plan.precision={plan_pin} and model.dtype={cfg.model.dtype} disagree: set one of them "
+                          "(or both the same)")
+    if plan_pin:
+        return plan_pin, "plan.precision"
+    return (model_pin, "model.dtype") if model_pin else None
+
+
+def _precision(ctx: _Ctx) -> str:
+    gpu, pin = ctx.gpu, _pinned_precision(ctx.cfg)
+    if pin and pin[0] == "bf16" and gpu is not None and not gpu.bf16:
+        raise PpalliError(f"{pin[1]} pins bf16 but {gpu.name} (compute capability {gpu.capability_str}) has no "
+                          "bf16 (it needs 8.0+; loading in bf16 there fails with CUBLAS_STATUS_NOT_SUPPORTED): "
+                          f"set {pin[1]} to auto or fp16/float16")
+    if pin:
+        ctx.reasons["precision"] = ctx.pin("precision", pin[1], ctx.cfg.plan.precision if pin[1] == "plan.precision"
+                                           else ctx.cfg.model.dtype)
+        return pin[0]
+    if ctx.device != "cuda":
+        ctx.reasons["precision"] = f"fp32 on {ctx.device}: its bf16/fp16 matmuls are slow or missing; safe default"
+        return "fp32"
+    if gpu.bf16:
+        ctx.reasons["precision"] = f"compute capability {gpu.capability_str} has bf16: fp32's range, no loss scaling"
+        return "bf16"
+    ctx.reasons["precision"] = (f"compute capability {gpu.capability_str} has no bf16 (needs 8.0+): fp16 with "
+                                "dynamic loss scaling")
+    return "fp16"
+
+
+def _attention_problem(name: str, ctx: _Ctx) -> str | None:
+    """Why a pinned attention backend cannot run here, or None."""
+    cc = ctx.gpu.capability if ctx.gpu else None
+    if name == "flash_attention_2":
+        if cc is None or cc < (8, 0):
+            return "FlashAttention 2 needs a CUDA GPU of compute capability 8.0+"
+        if not ctx.env.has("flash_attn"):
+            return "flash-attn is not installed (pip install flash-attn --no-build-isolation)"
+    if name == "flash_attention_3":
+        if cc is None or cc[0] != 9:
+            return "FlashAttention 3 needs a Hopper GPU (compute capability 9.x)"
+        if not ctx.env.has("flash_attn_3"):
+            return "flash-attn 3 is not installed (build it from flash-attention's hopper/ folder)"
+    return None
+
+
+def _attention(ctx: _Ctx) -> str:
+    want = ctx.cfg.plan.attention
+    if want != "auto":
+        problem = _attention_problem(want, ctx)
+        if problem:
+            raise PpalliError(f"plan.attention={want}: {problem}; or set plan.attention=auto")
+        ctx.reasons["attention"] = ctx.pin("attention", "plan.attention", want)
+        return want
+    name, why = _auto_attention(ctx)
+    ctx.reasons["attention"] = why
+    return name
+
+
+def _auto_attention(ctx: _Ctx) -> tuple[str, str]:
+    cc = ctx.gpu.capability if ctx.gpu else None
+    if cc is None:
+        return "sdpa", f"PyTorch SDPA: the fused attention available on {ctx.device}"
+    if cc[0] == 9 and ctx.env.has("flash_attn_3"):
+        return "flash_attention_3", "FlashAttention 3 is installed and this is a Hopper GPU"
+    if cc[0] == 9:
+        return "sdpa", ("SDPA: on Hopper its cuDNN kernel ran 1.6x its flash (FA2) kernel on 8B shapes "
+                        "(BENCHMARKS.md); flash-attn 3 is not installed")
+    if cc >= (8, 0) and ctx.env.has("flash_attn"):
+        return "flash_attention_2", "FlashAttention 2 is installed (capability 8.x): varlen kernels, no masks"
+    if cc >= (8, 0):
+        return "sdpa", "SDPA picks its flash or memory-efficient kernel; flash-attn is not installed"
+    return "sdpa", f"SDPA: FlashAttention needs compute capability 8.0+, this GPU is {ctx.gpu.capability_str}"
+
+
+def _fast_path_blockers(ctx: _Ctx) -> list[str]:
+    lora, spec = ctx.cfg.lora, ctx.spec
+    checks = [
+        (ctx.device == "cuda", "no CUDA GPU (the Triton kernels run on CUDA)"),
+        (ctx.env.has("triton"), "triton is not installed (pip install triton)"),
+        (spec.family in FAST_FAMILIES, f"no fused kernels for family {spec.family!r} "
+                                       f"(covered: {', '.join(FAST_FAMILIES)})"),
+        (spec.n_experts == 1, "mixture-of-experts layers run on the reference path"),
+        (lora.dropout == 0, f"lora.dropout={lora.dropout} (the fused LoRA kernels have no dropout; set 0)"),
+        (not lora.use_dora, "DoRA (lora.use_dora) runs on the reference path"),
+        (ctx.attention != "eager", "eager attention was pinned"),
+    ]
+    return [why for ok, why in checks if not ok]
+
+
+def _fast_path(ctx: _Ctx) -> bool:
+    want, blockers = ctx.cfg.plan.fast_path, _fast_path_blockers(ctx)
+    if want == "on" and blockers:
+        raise PpalliError(f"plan.fast_path=on but {'; '.join(blockers)}: fix that or set plan.fast_path=auto")
+    if want != "auto":
+        ctx.reasons["fast_path"] = ctx.pin("fast_path", "plan.fast_path", want)
+        return want == "on"
+    if blockers:
+        ctx.reasons["fast_path"] = "reference PyTorch path: " + "; ".join(blockers)
+        return False
+    ctx.reasons["fast_path"] = (f"fused Triton kernels for {ctx.spec.family} (RMSNorm, RoPE, SwiGLU, LoRA blocks, "
+                                "chunked loss): less memory, more speed")
+    return True
+
+
+def _packing(ctx: _Ctx) -> bool:
+    want = ctx.cfg.data.packing
+    if want != "auto":
+        ctx.reasons["packing"] = ctx.pin("packing", "data.packing", want)
+        return want == "on"
+    if ctx.cfg.train.objective in PAIRED_OBJECTIVES:
+        ctx.reasons["packing"] = f"{ctx.cfg.train.objective}: batches are chosen/rejected pairs, not packed"
+        return False
+    ctx.reasons["packing"] = "SFT: padding-free packing, no compute spent on padding, same per-sample losses"
+    return True
+
+
+def _compile(ctx: _Ctx) -> bool:
+    want = ctx.cfg.plan.compile
+    if want != "auto":
+        ctx.reasons["compile"] = ctx.pin("compile", "plan.compile", want)
+        return want == "on"
+    ctx.reasons["compile"] = ("off by default: compiling costs minutes and packed batches vary in shape; "
+                              "set plan.compile=on to try it on long runs")
+    return False
+
+
+def _budget(ctx: _Ctx) -> float | None:
+    """GiB the plan may use: plan.memory_budget_gib, else the GPU less a margin, else a share of RAM."""
+    pinned, gpu = ctx.cfg.plan.memory_budget_gib, ctx.gpu
+    whole = gpu.total_memory_gib if gpu else (ctx.env.ram_bytes or 0) / GIB * RAM_SHARE.get(ctx.device, 0.8)
+    if pinned is not None:
+        ctx.reasons["budget"] = f"{PINNED} (plan.memory_budget_gib={pinned:g})"
+        return min(pinned, whole) if whole else pinned
+    if gpu is not None:
+        margin = max(MARGIN_MIN_GIB, MARGIN_SHARE * whole)
+        ctx.reasons["budget"] = f"{whole:.1f} GiB on the GPU less {margin:.1f} GiB kept free"
+        return whole - margin
+    if not whole:
+        ctx.reasons["budget"] = "RAM size unknown: memory is not checked"
+        return None
+    ctx.reasons["budget"] = f"{RAM_SHARE.get(ctx.device, 0.8):.0%} of {ctx.env.ram_bytes / GIB:.0f} GiB RAM"
+    return whole
+
+
+# --------------------------------------------------------------------------- memory choices
+
+
+def _estimate(ctx: _Ctx, quant: str, checkpointing: str, micro: int, seq_len: int | None = None) -> MemoryEstimate:
+    cfg = ctx.cfg
+    seqs = micro * (2 if cfg.train.objective in PAIRED_OBJECTIVES else 1)
+    seq_len = seq_len or cfg.data.max_seq_len
+    if ctx.packing:  # one row of all the micro-batch's tokens: a mask, when there is one, spans the row
+        seq_len, seqs = seq_len * seqs, 1
+    return estimate_peak_bytes(
+        ctx.spec, lora_r=cfg.lora.r, lora_targets=cfg.lora.targets, quant=quant, double_quant=cfg.plan.double_quant,
+        dtype_bytes=4 if ctx.precision == "fp32" else 2, seq_len=seq_len, micro_batch=seqs,
+        checkpointing=checkpointing, optimizer=cfg.train.optimizer, fused_ce=ctx.fast_path, fast_path=ctx.fast_path,
+        lora_dropout=cfg.lora.dropout, attention="eager" if ctx.attention == "eager" else "sdpa",
+        attn_mask=_has_mask(ctx), logits_held=False, device=ctx.device)  # train/objectives.py drops them
+
+
+def _has_mask(ctx: _Ctx) -> bool:
+    """Whether SDPA gets a dense mask. HF's reference layers build one for padded or packed batches
+    (transformers 5.24 masking_utils); the fused layers pass a packed row's boundaries to varlen kernels,
+    which need compute capability 8.0+, and build a mask below that or for padding (models/attention.py)."""
+    if ctx.attention in ("flash_attention_2", "flash_attention_3", "flex_attention"):
+        return False
+    if ctx.fast_path:
+        return not ctx.packing or ctx.gpu is None or ctx.gpu.capability < (8, 0)
+    return True
+
+
+def _quant_options(ctx: _Ctx, pinned_ok: bool = True) -> list[str]:
+    if pinned_ok and ctx.cfg.plan.quantization != "auto":
+        return [ctx.cfg.plan.quantization]
+    return ["none", "nf4"] if ctx.device == "cuda" and ctx.env.has("bitsandbytes") else ["none"]
+
+
+def _options(ctx: _Ctx) -> tuple[list[str], list[str], list[int]]:
+    plan, train = ctx.cfg.plan, ctx.cfg.train
+    ckpts = list(CHECKPOINTING) if plan.checkpointing == "auto" else [plan.checkpointing]
+    micros = [train.micro_batch_size] if train.micro_batch_size else _divisors(train.batch_size)
+    return _quant_options(ctx), ckpts, micros
+
+
+def _divisors(n: int) -> list[int]:
+    """Micro-batch sizes that keep the effective batch exact, largest first."""
+    return [m for m in range(n, 0, -1) if n % m == 0]
+
+
+def _fits(est: MemoryEstimate, budget: float | None) -> bool:
+    return budget is None or est.peak_gib <= budget
+
+
+def _search(ctx: _Ctx, budget: float | None) -> tuple[str, str, int, MemoryEstimate] | None:
+    """16-bit before 4-bit, then the least recompute, then the largest micro-batch that fits."""
+    quants, ckpts, micros = _options(ctx)
+    for quant in quants:
+        for ckpt in ckpts:
+            for micro in micros:
+                est = _estimate(ctx, quant, ckpt, micro)
+                if _fits(est, budget):
+                    return quant, ckpt, micro, est
+    return None
+
+
+def _memory_reasons(ctx: _Ctx, quant: str, ckpt: str, micro: int, budget: float | None) -> None:
+    cfg, r = ctx.cfg, ctx.reasons
+    _, ckpts, micros = _options(ctx)
+    over = f" > {budget:.1f} GiB" if budget is not None else ""
+    if cfg.plan.quantization != "auto":
+        r["quantization"] = ctx.pin("quantization", "plan.quantization", cfg.plan.quantization)
+    elif quant == "none":
+        r["quantization"] = "16-bit weights fit" + ("" if ctx.device == "cuda" else " (4-bit is used only on CUDA)")
+    else:
+        need = _estimate(ctx, "none", ckpts[-1], micros[-1]).peak_gib
+        r["quantization"] = f"no 16-bit plan fits (the lightest needs {need:.1f} GiB{over}): 4-bit weights (QLoRA)"
+    if cfg.plan.checkpointing != "auto":
+        r["checkpointing"] = ctx.pin("checkpointing", "plan.checkpointing", ckpt)
+    elif ckpt == "none":
+        r["checkpointing"] = "every layer's activations fit: no recompute"
+    else:
+        lighter = CHECKPOINTING[CHECKPOINTING.index(ckpt) - 1]
+        need = _estimate(ctx, quant, lighter, micros[-1]).peak_gib
+        r["checkpointing"] = (f"least recompute that fits: {lighter} needs {need:.1f} GiB{over} at "
+                              f"micro-batch {micros[-1]}")
+    r["micro_batch_size"] = _micro_reason(ctx, quant, ckpt, micro, over)
+
+
+def _micro_reason(ctx: _Ctx, quant: str, ckpt: str, micro: int, over: str) -> str:
+    batch = ctx.cfg.train.batch_size
+    if ctx.cfg.train.micro_batch_size:
+        return ctx.pin("micro_batch_size", "train.micro_batch_size", micro) + f", keeps train.batch_size {batch}"
+    if micro == batch:
+        return f"the whole batch of {batch} fits in one pass"
+    bigger = _divisors(batch)[_divisors(batch).index(micro) - 1]
+    need = _estimate(ctx, quant, ckpt, bigger).peak_gib
+    return f"keeps train.batch_size {batch}; micro-batch {bigger} needs {need:.1f} GiB{over}"
+
+
+def _usage_reason(est: MemoryEstimate, budget: float | None, budget_why: str) -> str:
+    parts = est.breakdown_gib()
+    detail = ", ".join(f"{k} {v:.1f}" for k, v in parts.items() if k != "peak" and v >= 0.05)
+    of = f" of {budget:.1f} GiB ({budget_why})" if budget is not None else f" ({budget_why})"
+    return f"predicted peak {est.peak_gib:.1f} GiB{of}; {detail}"
+
+
+def _speed(ctx: _Ctx, ckpt: str) -> float | None:
+    if ctx.gpu is None:
+        ctx.reasons["speed"] = f"no speed guess on {ctx.device}"
+        return None
+    card = find_card(ctx.gpu.name, ctx.gpu.total_memory_gib)
+    if card is None:
+        ctx.reasons["speed"] = f"no speed guess: {ctx.gpu.name} is not in ppalli/plan/gpus.py"
+        return None
+    n_lora = lora_param_count(ctx.spec, ctx.cfg.lora.r, ctx.cfg.lora.targets)
+    tps = est_tokens_per_s(ctx.spec, seq_len=ctx.cfg.data.max_seq_len, n_lora=n_lora, tflops=card.tflops,
+                           fast_path=ctx.fast_path, checkpointing=ckpt)
+    path = "fused" if ctx.fast_path else "reference"
+    ctx.reasons["speed"] = (f"~{tps:,.0f} tokens/s, a rough guess from {card.name}'s {card.tflops:g} TFLOP/s and "
+                            f"the {path} path's measured efficiency")
+    return tps
+
+
+# --------------------------------------------------------------------------- when nothing fits
+
+
+def _lightest_fit(ctx: _Ctx, budget: float, seq_len: int | None = None,
+                  keep_pins: bool = True) -> tuple[str, str] | None:
+    """(quantization, checkpointing) of the first plan at the smallest micro-batch that fits."""
+    quants, ckpts, micros = _options(ctx)
+    if not keep_pins:
+        quants, ckpts, micros = _quant_options(ctx, pinned_ok=False), CHECKPOINTING, [1]
+    for quant in quants:
+        for ckpt in ckpts:
+            if _fits(_estimate(ctx, quant, ckpt, micros[-1], seq_len), budget):
+                return quant, ckpt
+    return None
+
+
+def _weights_word(quant: str) -> str:
+    return "16-bit" if quant == "none" else quant
+
+
+def _shorter_seq(ctx: _Ctx, budget: float) -> str | None:
+    seq = ctx.cfg.data.max_seq_len // 2
+    while seq >= 128:
+        found = _lightest_fit(ctx, budget, seq)
+        if found:
+            return f"data.max_seq_len={seq} ({_weights_word(found[0])} weights, {found[1]} checkpointing)"
+        seq //= 2
+    return None
+
+
+def _fit_ideas(ctx: _Ctx, budget: float, weights_gib: float) -> list[str]:
+    cfg = ctx.cfg
+    pins = [key for key, pinned in (("plan.quantization", cfg.plan.quantization != "auto"),
+                                    ("plan.checkpointing", cfg.plan.checkpointing != "auto"),
+                                    ("train.micro_batch_size", cfg.train.micro_batch_size is not None)) if pinned]
+    ideas = []
+    unpinned = _lightest_fit(ctx, budget, keep_pins=False) if pins else None
+    if unpinned:
+        ideas.append(f"{_weights_word(unpinned[0])} weights with {unpinned[1]} checkpointing at micro-batch 1 "
+                     f"(unpin {', '.join(pins)})")
+    if cfg.plan.memory_budget_gib is not None and ctx.gpu is not None:
+        ideas.append(f"a larger plan.memory_budget_gib (the GPU has {ctx.gpu.total_memory_gib:.1f} GiB)")
+    if ctx.device == "cuda" and not ctx.env.has("bitsandbytes"):
+        ideas.append("4-bit weights (QLoRA) once bitsandbytes is installed (pip install bitsandbytes)")
+    shorter = _shorter_seq(ctx, budget)
+    smaller = f"a smaller model (these weights alone take {weights_gib:.1f} GiB)"
+    return ideas + ([shorter] if shorter else []) + [smaller]
+
+
+def _no_fit(ctx: _Ctx, budget: float) -> PpalliError:
+    quants, ckpts, _ = _options(ctx)
+    micro = ctx.cfg.train.micro_batch_size or 1
+    est = _estimate(ctx, quants[-1], ckpts[-1], micro)
+    ideas = _fit_ideas(ctx, budget, est.weights / GIB)
+    where = ctx.gpu.name if ctx.gpu else ctx.device
+    return PpalliError(
+        f"nothing fits the {budget:.1f} GiB budget on {where}: the lightest plan tried ({_weights_word(quants[-1])} "
+        f"weights, {ckpts[-1]} checkpointing, micro-batch {micro}, max_seq_len {ctx.cfg.data.max_seq_len}) needs "
+        f"{est.peak_gib:.1f} GiB; what would fit: {'; '.join(ideas)}")
+
+
+# --------------------------------------------------------------------------- the plan
+
+
+def make_plan(env: Environment, cfg: Config, spec: ModelSpec, *, gpu_index: int = 0) -> Plan:
+    """Decide every choice for training `spec` as `cfg` asks on `env`; raises PpalliError when nothing fits."""
+    device, gpu, device_why = _device(env, cfg.plan.device, gpu_index)
+    ctx = _Ctx(env=env, cfg=cfg, spec=spec, device=device, gpu=gpu)
+    ctx.reasons["device"] = ctx.pin("device", "plan.device", device) if cfg.plan.device != "auto" else device_why
+    ctx.precision = _precision(ctx)
+    ctx.attention = _attention(ctx)
+    ctx.fast_path = _fast_path(ctx)
+    ctx.packing, compile_ = _packing(ctx), _compile(ctx)
+    budget = _budget(ctx)
+    found = _search(ctx, budget)
+    if found is None:
+        raise _no_fit(ctx, budget)  # _search fails only under a budget
+    quant, ckpt, micro, est = found
+    _memory_reasons(ctx, quant, ckpt, micro, budget)
+    ctx.reasons["memory"] = _usage_reason(est, budget, ctx.reasons.pop("budget"))
+    tps = _speed(ctx, ckpt)
+    return Plan(device=device, precision=ctx.precision, attention=ctx.attention, quantization=quant,
+                checkpointing=ckpt, micro_batch_size=micro, grad_accum=cfg.train.batch_size // micro,
+                packing=ctx.packing, fast_path=ctx.fast_path, compile=compile_, reasons=dict(ctx.reasons),
+                pinned=tuple(ctx.pinned), double_quant=cfg.plan.double_quant,
+                predicted_peak_gib=round(est.peak_gib, 2), budget_gib=None if budget is None else round(budget, 2),
+                est_tokens_per_s=None if tps is None else round(tps), gpu=gpu.name if gpu else None)

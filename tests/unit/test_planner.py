@@ -1,0 +1,279 @@
+import json
+
+import pytest
+
+from ppalli.config import from_dict
+from ppalli.env import Environment
+from ppalli.errors import PpalliError
+from ppalli.plan.gpus import CARDS, lookup_gpu
+from ppalli.plan.memory import ModelSpec
+from ppalli.plan.planner import CHOICES, make_plan
+from ppalli.plan.whatif import ASSUMED_PACKAGES, format_plan, whatif, whatif_env
+
+LLAMA_31_8B = {"model_type": "llama", "hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32,
+               "num_key_value_heads": 8, "intermediate_size": 14336, "vocab_size": 128256,
+               "tie_word_embeddings": False}
+NO_TRITON = {"transformers": "5.24.0", "peft": "0.21.2", "bitsandbytes": "0.50.2"}  # the reference path
+PATHS = [None, NO_TRITON]  # fused path (standard install) and reference path
+
+
+@pytest.fixture(scope="module")
+def spec_8b():
+    return ModelSpec.from_config(LLAMA_31_8B)
+
+
+@pytest.fixture(scope="module")
+def spec_1b(shared_data):
+    path = shared_data / "tokenizer_llama3" / "config_llama-3.2-1b.json"
+    return ModelSpec.from_config(json.loads(path.read_text()))
+
+
+def cfg(**sections):
+    base = {"data": {"max_seq_len": 2048}, "train": {"batch_size": 4}}
+    for section, values in sections.items():
+        base[section] = {**base.get(section, {}), **values}
+    return from_dict(base)
+
+
+def one_line(err: pytest.ExceptionInfo) -> str:
+    text = str(err.value)
+    assert "\n" not in text and text
+    return text
+
+
+# ----------------------------------------------------------------- the acceptance cases
+
+
+@pytest.mark.parametrize("packages", PATHS)
+def test_8b_on_a_12gb_card_at_2048_picks_nf4_and_fits(spec_8b, packages):
+    plan = whatif(cfg(), spec_8b, gpu="rtx 3060", packages=packages)
+    assert plan.quantization == "nf4"
+    assert plan.predicted_peak_gib <= plan.budget_gib < 12
+    assert "16-bit" in plan.reasons["quantization"]
+
+
+@pytest.mark.parametrize("packages", PATHS)
+def test_8b_on_an_80gb_card_4x2048_needs_no_checkpointing(spec_8b, packages):
+    plan = whatif(cfg(), spec_8b, gpu="h100", packages=packages)
+    assert plan.checkpointing == "none" and plan.quantization == "none"
+    assert plan.micro_batch_size * plan.grad_accum == 4
+    assert plan.predicted_peak_gib <= plan.budget_gib
+
+
+def test_fused_path_fits_the_whole_batch_where_the_reference_path_splits_it(spec_8b):
+    fused = whatif(cfg(), spec_8b, gpu="h100")
+    reference = whatif(cfg(), spec_8b, gpu="h100", packages=NO_TRITON)
+    assert fused.fast_path and fused.micro_batch_size == 4
+    assert not reference.fast_path and reference.micro_batch_size == 2  # HF measured 58.4 GiB at 2x2048
+    assert "micro-batch 4 needs" in reference.reasons["micro_batch_size"]
+
+
+@pytest.mark.parametrize("card", [c for c in CARDS if c.capability < (8, 0)], ids=lambda c: c.name)
+def test_never_bf16_below_capability_8(card, spec_1b):
+    plan = whatif(cfg(), spec_1b, gpu=card.name)
+    assert plan.precision == "fp16"
+    assert "no bf16" in plan.reasons["precision"]
+
+
+@pytest.mark.parametrize("capability,precision", [((7, 0), "fp16"), ((7, 5), "fp16"), ((5, 2), "fp16"),
+                                                   ((8, 0), "bf16"), ((8, 6), "bf16"), ((9, 0), "bf16")])
+def test_precision_follows_capability(capability, precision, spec_1b):
+    assert whatif(cfg(), spec_1b, gpu_memory_gib=40, capability=capability).precision == precision
+
+
+def test_bf16_pinned_on_a_t4_is_an_error_that_says_what_to_do(spec_1b):
+    for pins in ({"plan": {"precision": "bf16"}}, {"model": {"dtype": "bfloat16"}}):
+        with pytest.raises(PpalliError) as err:
+            whatif(cfg(**pins), spec_1b, gpu="t4")
+        text = one_line(err)
+        assert "8.0" in text and "fp16" in text and "CUBLAS_STATUS_NOT_SUPPORTED" in text
+
+
+def test_cpu_plan(spec_1b):
+    plan = make_plan(Environment(ram_bytes=64 * 2**30, packages=dict(ASSUMED_PACKAGES)), cfg(), spec_1b)
+    assert (plan.device, plan.precision, plan.attention, plan.quantization) == ("cpu", "fp32", "sdpa", "none")
+    assert not plan.fast_path and "CUDA" in plan.reasons["fast_path"]
+    assert plan.est_tokens_per_s is None and plan.gpu is None
+
+
+# ----------------------------------------------------------------- pins
+
+
+def test_pinned_values_are_kept_and_labelled(spec_1b):
+    pins = {"plan": {"checkpointing": "full", "attention": "eager", "compile": "on", "fast_path": "off",
+                     "quantization": "nf4"},
+            "train": {"micro_batch_size": 2}, "data": {"packing": "off"}}
+    plan = whatif(cfg(**pins), spec_1b, gpu="4090")
+    assert (plan.checkpointing, plan.attention, plan.compile, plan.fast_path, plan.quantization) == \
+           ("full", "eager", True, False, "nf4")
+    assert (plan.micro_batch_size, plan.grad_accum, plan.packing) == (2, 2, False)
+    for name in ("checkpointing", "attention", "compile", "fast_path", "quantization", "micro_batch_size", "packing"):
+        assert name in plan.pinned
+        assert plan.reasons[name].startswith("pinned in config"), name
+    assert "precision" not in plan.pinned and "pinned" not in plan.reasons["precision"]
+
+
+def test_a_pin_that_cannot_fit_says_what_would(spec_8b):
+    with pytest.raises(PpalliError) as err:
+        whatif(cfg(plan={"quantization": "none"}), spec_8b, gpu="rtx 3060")
+    text = one_line(err)
+    assert "nf4 weights" in text and "unpin" in text and "smaller model" in text
+
+
+def test_nothing_fits_lists_shorter_sequences(spec_8b):
+    with pytest.raises(PpalliError) as err:
+        whatif(cfg(data={"max_seq_len": 65536}), spec_8b, gpu="rtx 3060", packages=NO_TRITON)
+    assert "data.max_seq_len=" in one_line(err)
+
+
+def test_a_model_too_big_for_the_card_says_so(spec_8b):
+    with pytest.raises(PpalliError) as err:
+        whatif(cfg(), spec_8b, gpu="4060", gpu_memory_gib=4)
+    assert "smaller model" in one_line(err)
+
+
+def test_fast_path_pinned_on_with_dropout_is_an_error(spec_1b):
+    with pytest.raises(PpalliError) as err:
+        whatif(cfg(plan={"fast_path": "on"}, lora={"dropout": 0.1}), spec_1b, gpu="h100")
+    assert "lora.dropout=0.1" in one_line(err)
+
+
+@pytest.mark.parametrize("pin,gpu,packages", [("flash_attention_2", "t4", {"flash_attn": "2.7.4"}),
+                                               ("flash_attention_2", "a100 80gb", {}),
+                                               ("flash_attention_3", "4090", {"flash_attn_3": "3.0.0"})])
+def test_attention_pins_that_cannot_run_are_errors(pin, gpu, packages, spec_1b):
+    with pytest.raises(PpalliError) as err:
+        whatif(cfg(plan={"attention": pin}), spec_1b, gpu=gpu, packages={**ASSUMED_PACKAGES, **packages})
+    assert "plan.attention=auto" in one_line(err)
+
+
+# ----------------------------------------------------------------- automatic choices
+
+
+@pytest.mark.parametrize("gpu,packages,attention", [
+    ("h100", {}, "sdpa"),  # cuDNN SDPA beats FA2 on Hopper
+    ("h100", {"flash_attn": "2.7.4"}, "sdpa"),
+    ("h100", {"flash_attn_3": "3.0.0"}, "flash_attention_3"),
+    ("a100 80gb", {"flash_attn": "2.7.4"}, "flash_attention_2"),
+    ("a100 80gb", {}, "sdpa"),
+    ("t4", {"flash_attn": "2.7.4"}, "sdpa"),
+])
+def test_one_attention_backend_with_a_reason(gpu, packages, attention, spec_1b):
+    plan = whatif(cfg(), spec_1b, gpu=gpu, packages={**ASSUMED_PACKAGES, **packages})
+    assert plan.attention == attention and plan.reasons["attention"]
+
+
+@pytest.mark.parametrize("change,why", [
+    ({"lora": {"dropout": 0.05}}, "lora.dropout"),
+    ({"lora": {"use_dora": True}}, "DoRA"),
+    ({"plan": {"attention": "eager"}}, "eager"),
+])
+def test_fast_path_off_with_the_reason(change, why, spec_1b):
+    plan = whatif(cfg(**change), spec_1b, gpu="h100")
+    assert not plan.fast_path and why in plan.reasons["fast_path"]
+
+
+def test_fast_path_needs_triton_and_a_known_family(spec_1b):
+    assert "triton" in whatif(cfg(), spec_1b, gpu="h100", packages=NO_TRITON).reasons["fast_path"]
+    falcon = ModelSpec(**{**spec_1b.__dict__, "family": "falcon"})
+    plan = whatif(cfg(), falcon, gpu="h100")
+    assert not plan.fast_path and "falcon" in plan.reasons["fast_path"]
+    assert whatif(cfg(), spec_1b, gpu="h100").fast_path
+
+
+def test_packing_on_for_sft_off_for_pairs_and_compile_off(spec_1b):
+    sft = whatif(cfg(), spec_1b, gpu="h100")
+    dpo = whatif(cfg(train={"objective": "dpo"}), spec_1b, gpu="h100")
+    assert sft.packing and not dpo.packing and "pairs" in dpo.reasons["packing"]
+    assert not sft.compile and sft.reasons["compile"].startswith("off by default")
+
+
+def test_pairs_count_twice_in_memory(spec_8b):
+    sft = whatif(cfg(plan={"checkpointing": "none"}, train={"micro_batch_size": 1}), spec_8b, gpu="h100")
+    orpo = whatif(cfg(plan={"checkpointing": "none"}, train={"micro_batch_size": 1, "objective": "orpo"}),
+                  spec_8b, gpu="h100")
+    assert orpo.predicted_peak_gib > sft.predicted_peak_gib + 5
+
+
+@pytest.mark.parametrize("batch", [1, 6, 8, 12, 16])
+def test_micro_batch_divides_the_batch_exactly(batch, spec_8b):
+    for gpu in ("rtx 3060", "4090", "h100"):
+        plan = whatif(cfg(train={"batch_size": batch}), spec_8b, gpu=gpu)
+        assert plan.micro_batch_size * plan.grad_accum == batch
+
+
+def test_memory_budget_pin_caps_the_plan(spec_8b):
+    free = whatif(cfg(), spec_8b, gpu="h100")
+    capped = whatif(cfg(plan={"memory_budget_gib": 24}), spec_8b, gpu="h100")
+    assert capped.budget_gib == 24 and capped.predicted_peak_gib <= 24
+    assert capped.checkpointing != "none" and free.checkpointing == "none"
+    assert "memory_budget_gib" in capped.reasons["memory"]
+
+
+def test_every_choice_has_a_one_line_reason_and_the_plan_serializes(spec_1b):
+    plan = whatif(cfg(), spec_1b, gpu="l4")
+    for name in CHOICES:
+        assert plan.reasons[name] and "\n" not in plan.reasons[name], name
+    assert json.loads(json.dumps(plan.to_dict()))["micro_batch_size"] == plan.micro_batch_size
+    lines = plan.explain()
+    assert len(lines) == len(CHOICES) + 2 and lines[0].startswith("device: cuda - L4")
+    assert plan.est_tokens_per_s > 0
+
+
+def test_gpu_index_out_of_range(spec_1b):
+    env = whatif_env("h100")
+    with pytest.raises(PpalliError, match="GPU index 1"):
+        make_plan(env, cfg(), spec_1b, gpu_index=1)
+    with pytest.raises(PpalliError, match="no CUDA GPU"):
+        make_plan(Environment(), cfg(plan={"device": "cuda"}), spec_1b)
+
+
+# ----------------------------------------------------------------- the card table and what-if
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("4090", "RTX 4090"), ("rtx 3060", "RTX 3060 12GB"), ("RTX3060", "RTX 3060 12GB"), ("h100", "H100 80GB SXM"),
+    ("NVIDIA H100 80GB HBM3", "H100 80GB SXM"), ("NVIDIA H100 PCIe", "H100 PCIe"), ("Tesla T4", "Tesla T4"),
+    ("NVIDIA A100-SXM4-80GB", "A100 80GB"), ("NVIDIA A100-PCIE-40GB", "A100 40GB"),
+    ("Quadro M6000", "Quadro M6000 12GB"), ("Tesla V100-SXM2-32GB", "V100 32GB"),
+    ("NVIDIA GeForce RTX 4060 Ti", "RTX 4060 Ti 16GB"), ("NVIDIA A10G", "A10G"),
+    ("h200", "H200"), ("NVIDIA L4", "L4"),
+])
+def test_lookup_by_loose_name(name, expected):
+    assert lookup_gpu(name).name == expected
+
+
+def test_lookup_errors_name_the_choices():
+    with pytest.raises(PpalliError) as err:
+        lookup_gpu("a100")
+    assert "A100 40GB" in one_line(err) and "A100 80GB" in str(err.value)
+    assert lookup_gpu("a100", memory_gib=80).name == "A100 80GB"
+    with pytest.raises(PpalliError) as err:
+        lookup_gpu("voodoo 5")
+    assert "RTX 4090" in one_line(err) and "H100" in str(err.value)
+
+
+def test_whatif_with_a_custom_gpu(spec_1b):
+    plan = whatif(cfg(), spec_1b, gpu_memory_gib=16, capability=(7, 5))
+    assert plan.gpu == "GPU with 16 GiB" and plan.precision == "fp16" and plan.est_tokens_per_s is None
+    with pytest.raises(PpalliError, match="capability"):
+        whatif(cfg(), spec_1b, gpu_memory_gib=16)
+
+
+def test_format_plan_is_a_plain_table(spec_8b):
+    text = format_plan(whatif(cfg(), spec_8b, gpu="rtx 3060"))
+    rows = text.splitlines()
+    assert rows[0].split() == ["choice", "value", "reason"]
+    assert any(r.startswith("quantization") and "nf4" in r for r in rows)
+    assert "predicted peak" in text and "tokens/s" in text
+    assert "\x1b" not in text and max(len(r) for r in rows) <= 110
+
+
+def test_reference_path_pays_for_the_packed_rows_mask(spec_1b):
+    # HF builds a (T, T) block-diagonal mask for a packed row and SDPA keeps it, made additive, in every layer
+    packed = whatif(cfg(train={"micro_batch_size": 4, "batch_size": 8}), spec_1b, gpu="h100", packages=NO_TRITON)
+    padded = whatif(cfg(train={"micro_batch_size": 4, "batch_size": 8}, data={"packing": "off"}), spec_1b,
+                    gpu="h100", packages=NO_TRITON)
+    # 16 layers x bf16 x (one 8192^2 row mask - four 2048^2 padding masks); the plan adds 4% allocator slack
+    mask_gib = 16 * 2 * ((4 * 2048) ** 2 - 4 * 2048**2) / 2**30
+    assert packed.predicted_peak_gib - padded.predicted_peak_gib == pytest.approx(1.04 * mask_gib, rel=0.02)
