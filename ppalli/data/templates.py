@@ -1,0 +1,252 @@
+"""Chat templates: built-ins, the model's own, or a Jinja string; rendering into trained / untrained segments.
+
+Every template is Jinja source rendered in an immutable sandbox: a template can format text but cannot call
+methods that change data, reach Python internals or touch files, so a chat_template from a downloaded model or
+a config is data, never code.
+
+How a response is located (the same for built-ins, model templates and custom strings): render the turns
+before assistant turn i with the generation prompt (`pre`), and the turns up to and including it (`post`); the
+response is post[len(pre):], and the trained part runs to the end of the last stop string in it (EOS or the
+template's end-of-turn token), so trailing separators such as chatml's "\\n" stay untrained. This needs a
+template that renders a conversation as an extension of its shorter prefixes; one that rewrites earlier turns
+is refused with a DataError that suggests a built-in.
+
+EOS always ends a trained response: when a template's response carries no stop string, EOS is appended to it
+(and a warning says the template drops it), so a fine-tuned model learns to stop.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from ppalli.data.sources import RowError
+from ppalli.errors import DataError
+from ppalli.models.tokenizer import LLAMA3_CHAT_TEMPLATE
+
+log = logging.getLogger("ppalli.data")
+
+ALPACA = (
+    "{{ bos_token }}"
+    "{% if messages and messages[0].role == 'system' %}{{ messages[0].content }}"
+    "{% else %}{{ default_system }}{% endif %}"
+    "{% for m in messages if m.role != 'system' %}"
+    "{% if m.role == 'user' %}{{ '\\n\\n' + instruction_header + '\\n' + m.content }}"
+    "{% else %}{{ '\\n\\n' + response_header + '\\n' + m.content + eos_token }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '\\n\\n' + response_header + '\\n' }}{% endif %}"
+)
+
+CHATML = (
+    "{% for m in messages %}{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+# Gemma has no system role: a system message is put in front of the next user turn, as Google's template does.
+GEMMA = (
+    "{{ bos_token }}{% set ns = namespace(system='') %}"
+    "{% for m in messages %}"
+    "{% if m.role == 'system' %}{% set ns.system = m.content + '\\n\\n' %}"
+    "{% elif m.role == 'user' %}{{ '<start_of_turn>user\\n' + ns.system + m.content + '<end_of_turn>\\n' }}"
+    "{% set ns.system = '' %}"
+    "{% else %}{{ '<start_of_turn>model\\n' + m.content + '<end_of_turn>\\n' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}"
+)
+
+# EXAONE 3.x: an (empty) system block always comes first; user turns end with a newline, others [|endofturn|].
+EXAONE = (
+    "{% for m in messages %}"
+    "{% if loop.first and m.role != 'system' %}{{ '[|system|][|endofturn|]\\n' }}{% endif %}"
+    "{{ '[|' + m.role + '|]' + m.content }}"
+    "{% if m.role == 'user' %}{{ '\\n' }}{% else %}{{ '[|endofturn|]\\n' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '[|assistant|]' }}{% endif %}"
+)
+
+ALPACA_EN = {
+    "default_system": "Below is an instruction that describes a task. "
+                      "Write a response that appropriately completes the request.",
+    "instruction_header": "### Instruction:",
+    "response_header": "### Response:",
+}
+# KoAlpaca-style headers; the preamble is the natural Korean of the Alpaca one.
+ALPACA_KO = {
+    "default_system": "아래는 작업을 설명하는 지시문입니다. 요청을 적절히 완료하는 응답을 작성하세요.",
+    "instruction_header": "### 질문:",
+    "response_header": "### 답변:",
+}
+
+# name -> (source, extra variables, the end-of-turn token the template closes responses with, or None for EOS)
+BUILTIN: dict[str, tuple[str, dict[str, str], str | None]] = {
+    "alpaca_en": (ALPACA, ALPACA_EN, None),
+    "alpaca_ko": (ALPACA, ALPACA_KO, None),
+    "chatml": (CHATML, {}, "<|im_end|>"),
+    "llama3": (LLAMA3_CHAT_TEMPLATE, {}, "<|eot_id|>"),
+    "gemma": (GEMMA, {}, "<end_of_turn>"),
+    "exaone": (EXAONE, {}, "[|endofturn|]"),
+}
+
+# End-of-turn tokens of common families; each one the tokenizer has as a single token also ends a response.
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<end_of_turn>", "[|endofturn|]", "<|end|>",
+               "<|endoftext|>", "</s>")
+
+_PROBE = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+
+
+class _TemplateRaised(Exception):
+    """raise_exception() called from inside a template (model templates use it to reject conversations)."""
+
+
+def _raise_exception(message: str) -> None:
+    raise _TemplateRaised(message)
+
+
+@functools.lru_cache(maxsize=32)
+def _compile(source: str):
+    """Compile once per process (Template objects hold only strings, so they pickle to worker processes)."""
+    from jinja2 import TemplateSyntaxError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    # trim_blocks / lstrip_blocks and loopcontrols: the settings HF renders chat templates with, so a model's
+    # own template gives the same text here as in transformers.
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = lambda value, indent=None: json.dumps(value, ensure_ascii=False, indent=indent)
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    try:
+        return env.from_string(source)
+    except TemplateSyntaxError as e:
+        raise DataError(f"data.template: not valid Jinja (line {e.lineno}: {e.message}); fix it or use a built-in: "
+                        f"{', '.join(BUILTIN)}") from None
+
+
+@dataclass(frozen=True)
+class Template:
+    name: str
+    source: str
+    eos: str
+    stops: tuple[str, ...]  # strings that end a trained response: EOS and end-of-turn tokens of the vocabulary
+    variables: tuple[tuple[str, str], ...] = field(default=())
+    appends_eos: bool = False  # the template's responses carry no stop string: EOS is appended
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+        return _compile(self.source).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                            **dict(self.variables))
+
+
+def resolve_template(spec: str, tokenizer) -> Template:  # noqa: ANN001 - any HF tokenizer
+    """The template data.template names: auto, a built-in name, or a Jinja string."""
+    eos = tokenizer.eos_token
+    if not eos:
+        raise DataError(f"tokenizer {tokenizer.name_or_path}: has no eos token, so responses cannot end; "
+                        "add one to the tokenizer before training")
+    specials = {k: getattr(tokenizer, k) or "" for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
+    name, source, extra, turn_end = _choose(spec, tokenizer)
+    stops = (eos,) + tuple(t for t in END_OF_TURN if t != eos and _is_token(tokenizer, t))
+    if turn_end is not None and turn_end not in stops:
+        log.warning("template %s: %s is not a token of this tokenizer, so it is learned as plain text and "
+                    "generation cannot stop on it; EOS is appended after every response", name, turn_end)
+    tpl = Template(name, source, eos, stops, tuple({**specials, **extra}.items()))
+    _compile(source)
+    appends = _probe_appends_eos(tpl)
+    if appends:
+        log.warning("template %s ends responses without EOS or an end-of-turn token; ppalli appends %s to every "
+                    "trained response so the model learns to stop", name, eos)
+    return Template(name, source, eos, stops, tpl.variables, appends)
+
+
+def _choose(spec: str, tokenizer) -> tuple[str, str, dict, str | None]:  # noqa: ANN001
+    if spec == "auto":
+        own = tokenizer.chat_template
+        if isinstance(own, dict):  # named templates: the default one is the chat format
+            own = own.get("default")
+        if isinstance(own, str) and own.strip():
+            return "model", own, {}, None
+        log.info("template: the tokenizer has no chat template; using alpaca_en")
+        spec = "alpaca_en"
+    if spec in BUILTIN:
+        source, extra, turn_end = BUILTIN[spec]
+        return spec, source, extra, turn_end
+    if "{{" in spec or "{%" in spec:
+        return "custom", spec, {}, None
+    raise DataError(f"data.template: unknown template '{spec}'; use auto, {', '.join(BUILTIN)}, or a Jinja string")
+
+
+def _is_token(tokenizer, token: str) -> bool:  # noqa: ANN001
+    """An added (special) token: a vocabulary may also hold the same characters as ordinary text ("</s>" in
+    Qwen's), which a model emits inside prose and must not stop on."""
+    return token in tokenizer.get_added_vocab() or token in tokenizer.all_special_tokens
+
+
+def _probe_appends_eos(tpl: Template) -> bool:
+    """Render a two-turn probe: checks the template works incrementally and whether it drops EOS."""
+    pre, post = _render_pair(tpl, _PROBE, 1, "data.template")
+    return _answer_end(post, len(pre), tpl.stops) is None
+
+
+def _render(tpl: Template, messages: list[dict], where: str, add_generation_prompt: bool = False) -> str:
+    try:
+        return tpl.render(messages, add_generation_prompt)
+    except _TemplateRaised as e:
+        raise RowError(f"{where}: template {tpl.name} refused the conversation ({e}); fix the row or pick "
+                       "another data.template") from None
+    except Exception as e:  # noqa: BLE001 - a template is user data: whatever fails inside it is its error
+        raise RowError(f"{where}: template {tpl.name} failed ({type(e).__name__}: {e}); fix the template or pick "
+                       f"a built-in one: {', '.join(BUILTIN)}") from None
+
+
+def _render_pair(tpl: Template, messages: list[dict], i: int, where: str) -> tuple[str, str]:
+    pre = _render(tpl, messages[:i], where, add_generation_prompt=True)
+    post = _render(tpl, messages[: i + 1], where)
+    if not post.startswith(pre):
+        raise RowError(f"{where}: template {tpl.name} does not render turn {i + 1} as an extension of the turns "
+                       f"before it, so the response cannot be located; use a built-in data.template "
+                       f"({', '.join(BUILTIN)})")
+    return pre, post
+
+
+def _answer_end(text: str, start: int, stops: tuple[str, ...]) -> int | None:
+    """End of the last stop string in text[start:], or None when the response has none."""
+    ends = [text.rfind(s, start) + len(s) for s in stops if text.rfind(s, start) >= 0]
+    return max(ends) if ends else None
+
+
+def render_segments(tpl: Template, messages: list[dict], train: str, where: str) -> list[tuple[str, bool]]:
+    """The conversation as (text, trained) segments whose concatenation is the text to tokenize.
+
+    train: 'responses' (every assistant turn), 'last' (only the final assistant turn: preference answers) or
+    'all' (every character, responses still closed by a stop string).
+    """
+    full = _render(tpl, messages, where)
+    targets = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if train == "last":
+        targets = targets[-1:]
+    segments, cursor = [], 0
+    for i in targets:
+        pre, post = _render_pair(tpl, messages, i, where)
+        if not full.startswith(post) or len(pre) < cursor:
+            raise RowError(f"{where}: template {tpl.name} renders the whole conversation differently from its "
+                           f"turns, so responses cannot be located; use a built-in data.template "
+                           f"({', '.join(BUILTIN)})")
+        segments.append((full[cursor:len(pre)], False))
+        end = _answer_end(post, len(pre), tpl.stops)
+        if end is None:
+            segments.append((post[len(pre):] + tpl.eos, True))
+            end = len(post)
+        else:
+            segments.append((post[len(pre):end], True))
+        cursor = end
+    segments.append((full[cursor:], False))
+    if train == "all":
+        segments = [(text, True) for text, _ in segments]
+    return [s for s in segments if s[0]]
+
+
+def text_segments(tpl: Template, text: str) -> list[tuple[str, bool]]:
+    """Raw text (continued pretraining): BOS, then the text and EOS, all trained; no chat template."""
+    bos = dict(tpl.variables).get("bos_token", "")
+    return [s for s in ((bos, False), (text + tpl.eos, True)) if s[0]]
