@@ -250,3 +250,14 @@ def text_segments(tpl: Template, text: str) -> list[tuple[str, bool]]:
     """Raw text (continued pretraining): BOS, then the text and EOS, all trained; no chat template."""
     bos = dict(tpl.variables).get("bos_token", "")
     return [s for s in ((bos, False), (text + tpl.eos, True)) if s[0]]
+
+
+def render_prompt(tpl: Template, messages: list[dict]) -> str:
+    """The text a model continues to answer `messages` (generation prompt on), as training rendered it."""
+    return _render(tpl, messages, "prompt", add_generation_prompt=True)
+
+
+def stop_token_ids(tpl: Template, tokenizer) -> list[int]:  # noqa: ANN001 - any HF tokenizer
+    """Token ids of the template's stop strings (EOS and end-of-turn tokens): generation ends on any."""
+    ids = [tokenizer.convert_tokens_to_ids(s) for s in tpl.stops]
+    return [i for i in ids if isinstance(i, int) and i != tokenizer.unk_token_id]

@@ -146,27 +146,38 @@ def make_collate(tokenizer, device, objective: str):
 # --------------------------------------------------------------------------- samples before / after
 
 
-def sample_prompts(cfg: C.Config, eval_rows: list[dict], n: int = 3) -> list[list[dict]]:
-    """Prompt messages for the report's before/after answers: the config's, else the first eval rows'."""
-    if cfg.logging.sample_prompts:
-        return [[{"role": "user", "content": p}] for p in cfg.logging.sample_prompts]
-    return [r["prompt_messages"] for r in eval_rows[:n] if r.get("prompt_messages")]
+def sample_prompts(cfg: C.Config, template, tokenizer, samples: list[dict], n: int = 3) -> list[dict]:
+    """Prompts for the report's before/after answers: the config's, else the prompt part of the first samples.
 
-
-def answer_samples(model, tokenizer, template, prompts, max_new_tokens: int) -> list[dict]:
+    A sample's prompt is its tokens before the first trained label: exactly what training conditioned on.
+    """
     from ppalli.data.templates import render_prompt
+
+    if cfg.logging.sample_prompts:
+        out = []
+        for p in cfg.logging.sample_prompts:
+            text = render_prompt(template, [{"role": "user", "content": p}])
+            out.append({"prompt": p, "ids": tokenizer(text, add_special_tokens=False)["input_ids"]})
+        return out
+    out = []
+    for s in samples[:n]:
+        if "labels" not in s:
+            continue
+        first = next((i for i, lab in enumerate(s["labels"]) if lab != -100), len(s["labels"]))
+        ids = s["input_ids"][:first]
+        out.append({"prompt": tokenizer.decode(ids, skip_special_tokens=True).strip(), "ids": ids})
+    return out
+
+
+def answer_samples(model, tokenizer, prompts: list[dict], stop_ids: list[int], max_new_tokens: int) -> list[dict]:
+    """Greedy answers (labelled so in the report): before/after comparisons should not depend on sampling luck."""
     from ppalli.infer.generate import generate
 
     out = []
-    model.eval()
-    model.config.use_cache = True
-    for messages in prompts:
-        text = render_prompt(template, messages)
-        ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]], device=model.device)
-        new = generate(model, tokenizer, ids, max_new_tokens=max_new_tokens, greedy=True)
-        out.append({"prompt": messages[-1]["content"], "output": tokenizer.decode(new, skip_special_tokens=True)})
-    model.config.use_cache = False
-    model.train()
+    for p in prompts:
+        ids = torch.tensor([p["ids"]], device=model.device)
+        new = generate(model, tokenizer, ids, max_new_tokens=max_new_tokens, greedy=True, stop_ids=stop_ids)
+        out.append({"prompt": p["prompt"], "output": tokenizer.decode(new, skip_special_tokens=True).strip()})
     return out
 
 
@@ -175,7 +186,7 @@ def answer_samples(model, tokenizer, template, prompts, max_new_tokens: int) -> 
 
 def train(cfg: C.Config, *, resume: Path | None = None, print_fn=print, cache_dir: Path | None = None) -> RunResult:
     from ppalli.data.pipeline import prepare
-    from ppalli.data.templates import resolve_template
+    from ppalli.data.templates import resolve_template, stop_token_ids
     from ppalli.env import probe
     from ppalli.models.load import read_model_config
     from ppalli.models.tokenizer import load_tokenizer
@@ -205,8 +216,8 @@ def train(cfg: C.Config, *, resume: Path | None = None, print_fn=print, cache_di
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path, revision=cfg.model.revision,
                                trust_remote_code=cfg.model.trust_remote_code)
     prepared = prepare(cfg.data, tokenizer, seed=cfg.train.seed, objective=cfg.train.objective)
-    print_fn(prepared.stats.summary() if hasattr(prepared.stats, "summary") else str(prepared.stats))
     template = resolve_template(cfg.data.template, tokenizer)
+    stop_ids = stop_token_ids(template, tokenizer)
 
     # 3. model, adapter, fast path, recompute
     model = build_model(cfg, plan, device, dtype)
@@ -227,8 +238,9 @@ def train(cfg: C.Config, *, resume: Path | None = None, print_fn=print, cache_di
     if resume is not None:
         state.step, extra = _resume(ckpt_root, model, optimizer, scheduler, print_fn)
         state.events = extra.get("events", [])
-    prompts = sample_prompts(cfg, prepared.eval_rows if hasattr(prepared, "eval_rows") else [])
-    samples_before = (answer_samples(model, tokenizer, template, prompts, cfg.logging.sample_max_new_tokens)
+    prompts = sample_prompts(cfg, template, tokenizer, prepared.eval or prepared.train)
+    n_new = cfg.logging.sample_max_new_tokens
+    samples_before = (answer_samples(model, tokenizer, prompts, stop_ids, n_new)
                       if resume is None else _load_json(run_dir / "samples_before.json"))
     (run_dir / "samples_before.json").write_text(json.dumps(samples_before, ensure_ascii=False), encoding="utf-8")
     (run_dir / "plan.json").write_text(json.dumps(plan.to_dict(), indent=1, ensure_ascii=False), encoding="utf-8")
@@ -266,7 +278,7 @@ def train(cfg: C.Config, *, resume: Path | None = None, print_fn=print, cache_di
     tokenizer.save_pretrained(run_dir / "tokenizer")
     if cfg.train.save_every == 0 or state.step % cfg.train.save_every:
         hooks.save(state)
-    samples_after = answer_samples(model, tokenizer, template, prompts, cfg.logging.sample_max_new_tokens)
+    samples_after = answer_samples(model, tokenizer, prompts, stop_ids, n_new)
     (run_dir / "samples.json").write_text(json.dumps({"before": samples_before, "after": samples_after},
                                                      ensure_ascii=False, indent=1), encoding="utf-8")
     report = _write_report(run_dir, cfg, plan, state, steps, train_seconds, eval_loss, samples_before,
@@ -331,7 +343,8 @@ def _write_report(run_dir, cfg, plan, state, steps, seconds, eval_loss, before, 
     from ppalli.report import write_report
 
     summary = {"model": cfg.model.name_or_path, "data": cfg.data.path, "steps": state.step,
-               "train_seconds": seconds, "eval_loss": eval_loss, "train_samples": len(prepared.train),
-               "eval_samples": len(prepared.eval)}
+               "time_s": seconds, "final_eval_loss": eval_loss, "train_samples": len(prepared.train),
+               "eval_samples": len(prepared.eval), "truncated": prepared.stats.get("truncated"),
+               "template": prepared.template}
     return write_report(run_dir, plan_lines=plan.explain(), summary=summary, samples_before=before,
                         samples_after=after, events=state.events)

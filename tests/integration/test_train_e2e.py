@@ -16,10 +16,10 @@ def read_metrics(run_dir):
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_loss_falls_by_half_on_memorizable_subset(make_cfg, quiet, arch):
-    cfg = make_cfg(arch, train__max_steps=40, train__lr=1e-2, lora__r=16)
+    cfg = make_cfg(arch, train__max_steps=60, train__lr=1e-2, lora__r=16)
     result = recipe.train(cfg, print_fn=quiet)
     losses = [r["loss"] for r in read_metrics(result.run_dir)]
-    assert len(losses) == 40
+    assert len(losses) == 60
     assert losses[-1] <= 0.5 * losses[0], f"{arch}: loss {losses[0]:.3f} -> {losses[-1]:.3f}"
     assert (result.run_dir / "report.md").is_file() and (result.run_dir / "loss.png").stat().st_size > 0
     assert (result.adapter_dir / "adapter_model.safetensors").is_file()

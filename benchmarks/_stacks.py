@@ -1,0 +1,349 @@
+"""One stack in one process: build it, train --warmup + --steps steps on random tokens, print one result line.
+
+    python benchmarks/_stacks.py '<json payload>'      (spawned by benchmarks/peers.py, one per run)
+
+Roles: "run" builds one stack (ppalli, unsloth, liger, hf) and times it; "prepare" saves the random model
+(safetensors, plus a stand-in tokenizer) to the folder Unsloth and HF + bitsandbytes load from. Whatever
+happens, the last stdout line starting with peers.RESULT_PREFIX is the result (errors included); everything
+else the stacks print goes to the log peers.py keeps.
+
+Every stack trains the same thing: LoRA r=16 alpha=16 dropout 0 on q,k,v,o,gate,up,down, fused AdamW lr 2e-4
+on the adapter, the same seeded random tokens (inputs = labels, HF's shift inside the loss), loss = the mean
+over the batch's tokens. Random weights come from one seed and one construction (`from_config` on the GPU),
+so ppalli, HF and Liger start from the same weights, and Unsloth loads them from the folder.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+import statistics
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # ppalli from the checkout
+from peers import LORA, LR, RESULT_PREFIX, TARGETS, gpu_slug, ppalli_config  # noqa: E402
+
+GIB = 2**30
+DTYPE = torch.bfloat16
+
+
+@dataclass
+class Built:
+    model: torch.nn.Module
+    loss_fn: Callable  # (input_ids, labels, trained tokens of the whole batch) -> the loss to backward
+    setting: str
+    micro: int  # sequences per forward; the step accumulates batch / micro of them
+    extra: dict = field(default_factory=dict)
+
+
+def log(*parts) -> None:
+    print(*parts, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- models
+
+
+def random_model(spec: dict, device: str):
+    """The random-weight HF model of spec's config, built on `device` in bf16, as ppalli's load_model builds
+    it (seed, then from_config under the device): the same weights for every stack of one seed."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = dict(spec["model_config"])
+    config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    config._attn_implementation = "sdpa"  # no flash-attn on the H100 machine (BENCHMARKS.md)
+    torch.manual_seed(spec["seed"])
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(config, dtype=DTYPE)
+
+
+def write_tokenizer(folder: Path) -> None:
+    """A word-level stand-in (speed does not depend on the tokenizer): Unsloth needs one in the folder.
+    Its pad token differs from eos, so Unsloth's pad-token fix (unsloth_zoo patch_tokenizer) changes nothing."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>", "<pad>"]
+    vocab = {tok: i for i, tok in enumerate(specials + [f"t{i}" for i in range(252)])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>", model_max_length=131072)
+    fast.save_pretrained(folder)
+
+
+def prepare(spec: dict, out: dict) -> None:
+    """Save the random model to spec['folder'] (written aside, then renamed: a cut-short save never counts)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = random_model(spec, device)
+    folder = Path(spec["folder"])
+    part = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(part, ignore_errors=True)
+    t0 = time.perf_counter()
+    model.save_pretrained(part, max_shard_size="5GB")  # safetensors; 8B: 16 GB of bf16
+    write_tokenizer(part)
+    out["save_s"] = round(time.perf_counter() - t0, 1)
+    marker = {"model_config": spec["model_config"], "seed": spec["seed"]}
+    (part / "ppalli-peers.json").write_text(json.dumps(marker), encoding="utf-8")
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(part, folder)
+
+
+# --------------------------------------------------------------------------- the stacks
+
+
+def _plan_setting(plan, pins: dict) -> str:
+    forced = [k for k in ("checkpointing", "micro", "fast", "attention", "budget") if k in pins]
+    text = (f"plan: checkpointing {plan.checkpointing}, micro-batch {plan.micro_batch_size} x {plan.grad_accum}, "
+            f"fast path {'on' if plan.fast_path else 'off'}, attention {plan.attention}, "
+            f"weights {plan.quantization}, predicted peak {plan.predicted_peak_gib} GiB")
+    return text + (f" (forced: {pins['requested']})" if forced else "")
+
+
+def build_ppalli(spec: dict, device: str) -> Built:
+    """As ppalli's recipe builds a run (ppalli/train/recipe.py steps 1 and 3), fed random tokens."""
+    from ppalli import config as C
+    from ppalli.env import probe
+    from ppalli.train.recipe import build_loss, build_model, build_plan, device_and_dtype
+    from ppalli.train.recompute import apply_recompute
+
+    cfg = C.from_dict(ppalli_config(spec))
+    plan = build_plan(cfg, spec["model_config"], probe())
+    for line in plan.explain():
+        log(line)
+    model = build_model(cfg, plan, *device_and_dtype(plan))
+    lines: list[str] = []  # the fast path's log: the swaps, then any layer that fell back to HF's forward
+    lm_loss, _handle = build_loss(model, plan, lines.append)
+    apply_recompute(model, plan.checkpointing)
+    model.train()
+
+    def loss_fn(ids, labels, norm):
+        loss_sum, _ = lm_loss(model, {"input_ids": ids, "labels": labels})
+        return loss_sum / norm  # sum over trained tokens / those of the whole batch: exact under accumulation
+
+    return Built(model, loss_fn, _plan_setting(plan, spec["ppalli"]), plan.micro_batch_size,
+                 {"plan": plan.to_dict(), "fast_path_log": lines})
+
+
+def build_unsloth(spec: dict, device: str) -> Built:
+    from unsloth import FastLanguageModel  # first: Unsloth patches transformers and peft as it imports
+
+    gc = {"off": False, "on": True, "unsloth": "unsloth"}[spec["gc"]]
+    nf4 = spec["quant"] == "nf4"  # Unsloth's own bnb config: nf4, double quant, compute dtype = dtype
+    model, _ = FastLanguageModel.from_pretrained(
+        model_name=spec["folder"], max_seq_length=spec["seq"], dtype=DTYPE, load_in_4bit=nf4, load_in_16bit=not nf4,
+        use_gradient_checkpointing=gc, use_exact_model_name=True, fix_tokenizer=False, random_state=spec["seed"])
+    model = FastLanguageModel.get_peft_model(
+        model, r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"], target_modules=list(TARGETS),
+        bias="none", use_gradient_checkpointing=gc, random_state=spec["seed"])
+    FastLanguageModel.for_training(model)
+    setting = f"use_gradient_checkpointing={gc!r}" + (", load_in_4bit (nf4, double quant)" if nf4 else "")
+    return Built(model, lambda ids, labels, norm: model(input_ids=ids, labels=labels).loss, setting, spec["batch"])
+
+
+def _hf_base(spec: dict, device: str):
+    """16-bit: built on the GPU. nf4: loaded from the folder through bitsandbytes (nf4, double quant, bf16
+    compute), then PEFT's prepare_model_for_kbit_training, as HF's QLoRA recipe (and TRL) does."""
+    if spec["quant"] == "none":
+        return random_model(spec, device)
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=DTYPE)
+    model = AutoModelForCausalLM.from_pretrained(spec["folder"], quantization_config=bnb, dtype=DTYPE,
+                                                 device_map={"": 0 if device == "cuda" else "cpu"},
+                                                 attn_implementation="sdpa")
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)  # GC set below, non-reentrant
+
+
+def build_hf(spec: dict, device: str, liger: bool = False) -> Built:
+    if liger:  # class-level patches of modeling_llama: before the model exists
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+        apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=True)
+    from peft import LoraConfig, get_peft_model
+
+    model = _hf_base(spec, device)
+    model.requires_grad_(False)
+    model.config.use_cache = False
+    gc = spec["gc"] != "off"
+    if gc:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    torch.manual_seed(spec["seed"])
+    model = get_peft_model(model, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
+                                             target_modules=list(TARGETS), bias="none", task_type="CAUSAL_LM"))
+    model.train()
+    setting = ("Liger rope, rms_norm, swiglu, fused linear CE + PEFT" if liger else "PEFT") + (
+        f", gradient checkpointing {'on (non-reentrant)' if gc else 'off'}")
+    setting += ", bnb nf4 + double quant, prepare_model_for_kbit_training" if spec["quant"] == "nf4" else ""
+    return Built(model, lambda ids, labels, norm: model(input_ids=ids, labels=labels).loss, setting, spec["batch"])
+
+
+BUILDERS = {"ppalli": build_ppalli, "unsloth": build_unsloth, "hf": build_hf,
+            "liger": functools.partial(build_hf, liger=True)}
+
+
+# --------------------------------------------------------------------------- training and timing
+
+
+def make_batches(spec: dict, device: str, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """n seeded (input_ids, labels) pairs of (batch, seq) random tokens, the same for every stack."""
+    gen = torch.Generator().manual_seed(spec["seed"] + 1)
+    ids = torch.randint(0, spec["model_config"]["vocab_size"], (n, spec["batch"], spec["seq"]), generator=gen)
+    return [(ids[i].to(device), ids[i].to(device)) for i in range(n)]
+
+
+def train_step(built: Built, opt: torch.optim.Optimizer, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """One optimizer step over the batch, in micro-batches of built.micro; returns the batch's loss (no sync)."""
+    norm = labels[:, 1:].numel()  # random labels: every shifted position trains
+    total = None
+    for i in range(0, ids.shape[0], built.micro):
+        loss = built.loss_fn(ids[i:i + built.micro], labels[i:i + built.micro], norm)
+        loss.backward()
+        total = loss.detach() if total is None else total + loss.detach()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return total
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed_steps(step: Callable, batches: list, device: str) -> tuple[list, list[float], float]:
+    """(losses, per-step ms, total seconds): CUDA events around each step, read after one final sync."""
+    _sync(device)
+    if device != "cuda":
+        stamps, losses = [time.perf_counter()], []
+        for b in batches:
+            losses.append(step(*b))
+            stamps.append(time.perf_counter())
+        return losses, [1e3 * (b - a) for a, b in zip(stamps, stamps[1:])], stamps[-1] - stamps[0]
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in batches]
+    losses = []
+    for (start, end), b in zip(events, batches):
+        start.record()
+        losses.append(step(*b))
+        end.record()
+    torch.cuda.synchronize()
+    ms = [s.elapsed_time(e) for s, e in events]
+    return losses, ms, events[0][0].elapsed_time(events[-1][1]) / 1e3
+
+
+def profile_steps(step: Callable, batches: list, device: str, path: Path, title: str) -> None:
+    """torch.profiler over 2 steps: key averages, top 25 by self device time, then by total device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for b in batches[:2]:
+            step(*b)
+        _sync(device)
+    avg = prof.key_averages()
+    key = "cuda_time_total" if device == "cuda" else "cpu_time_total"  # torch maps "cuda" to "device" keys
+    text = [f"{title}\n", f"top 25 by self_{key}:", avg.table(sort_by=f"self_{key}", row_limit=25), "",
+            f"top 25 by {key}:", avg.table(sort_by=key, row_limit=25)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(text) + "\n", encoding="utf-8")
+
+
+# --------------------------------------------------------------------------- one run
+
+
+def device_info(device: str) -> dict:
+    if device != "cuda":
+        return {"device": "cpu", "cuda": None, "torch": torch.__version__}
+    props = torch.cuda.get_device_properties(0)
+    return {"device": props.name, "cuda": torch.version.cuda, "torch": torch.__version__,
+            "total_gib": round(props.total_memory / GIB, 2)}
+
+
+def cap_memory(gib: float | None, device: str) -> None:
+    """T2: the caching allocator may hold at most `gib` (it raises OOM beyond it), in every stack's process."""
+    if gib and device == "cuda":
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, gib * GIB / total))
+
+
+def _reset_peak(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()  # build-time leftovers (16-bit weights before quantizing) leave the count
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peaks(device: str) -> dict:
+    if device != "cuda":
+        return {}
+    return {"peak_gib": round(torch.cuda.max_memory_allocated() / GIB, 3),
+            "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / GIB, 3)}
+
+
+def run(spec: dict, out: dict) -> None:
+    """Build, warm up, time, (profile); fills `out` as it goes, so a failure still reports what it had."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    out.update(device_info(device))
+    cap_memory(spec.get("mem_cap_gib"), device)
+    t0 = time.perf_counter()
+    built = BUILDERS[spec["stack"]](spec, device)
+    out.update(setting=built.setting, micro_batch=built.micro, build_s=round(time.perf_counter() - t0, 1),
+               **built.extra)
+    params = [p for p in built.model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=LR, fused=device == "cuda")
+    batches = make_batches(spec, device, spec["warmup"] + spec["steps"])
+    step = functools.partial(train_step, built, opt)
+    _reset_peak(device)
+    warm = [step(*b) for b in batches[:spec["warmup"]]]
+    losses, ms, seconds = timed_steps(step, batches[spec["warmup"]:], device)
+    out.update(_peaks(device))
+    losses = [round(float(x), 5) for x in warm + losses]
+    tokens = spec["steps"] * spec["batch"] * spec["seq"]
+    out.update(tokens_per_s=tokens / seconds, step_ms=round(statistics.median(ms), 2),
+               step_ms_all=[round(x, 2) for x in ms], losses=losses, loss_first=losses[0], loss_last=losses[-1])
+    if "fast_path_log" in out:
+        out["fast_path_log"] = _short_log(out["fast_path_log"])
+    if spec.get("profile"):
+        path = Path(spec["profile"].format(gpu=gpu_slug(out["device"])))
+        profile_steps(step, batches, device, path, f"{spec['case']} {spec['stack']}: {built.setting}")
+        out["profile"] = str(path)
+
+
+def _short_log(lines: list[str]) -> list[str]:
+    """The fast path's log without its one-line-per-layer swaps (the first kept as the example)."""
+    swaps = [x for x in lines if ".layers." in x]
+    return [x for x in lines if ".layers." not in x] + swaps[:1] + ([f"... {len(swaps)} layers swapped"] * bool(swaps))
+
+
+def _error_text(e: BaseException) -> str:
+    first = (str(e).strip().splitlines() or [""])[0]
+    return f"{type(e).__name__}: {first}"[:500]
+
+
+def main(payload: str) -> int:
+    spec = json.loads(payload)
+    out: dict = {"stack": spec.get("stack"), "role": spec["role"]}
+    try:
+        (prepare if spec["role"] == "prepare" else run)(spec, out)
+    except BaseException as e:  # noqa: BLE001 - OOM, import errors, a peer's assert: all go in the result line
+        traceback.print_exc()
+        out["error"] = _error_text(e)
+        if torch.cuda.is_available():
+            out.update(_peaks("cuda"))
+    print(RESULT_PREFIX + json.dumps(out), flush=True)
+    return 1 if "error" in out else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))

@@ -1,0 +1,192 @@
+"""benchmarks/peers.py's pure parts on the CPU: FLOPs, arguments, what runs, the results file and its table.
+
+The GPU side (benchmarks/_stacks.py) runs on the H100 machine only; nothing here imports torch or a peer.
+"""
+
+import argparse
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from ppalli import config as C
+
+_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "peers.py"
+_SPEC = importlib.util.spec_from_file_location("peers", _PATH)
+peers = importlib.util.module_from_spec(_SPEC)
+sys.modules.setdefault("peers", peers)  # dataclasses look their module up there
+_SPEC.loader.exec_module(peers)
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def test_flops_per_token_matches_benchmarks_md():
+    # BENCHMARKS.md: Llama-3.1-8B at s=2048 takes 33.5 GFLOP per token (4*N_matmul + 12*L*d*s + 6*N_lora)
+    assert peers.model_flops_per_token(peers.LLAMA_31_8B, 2048) == pytest.approx(33.5e9, rel=0.01)
+
+
+@pytest.mark.parametrize("model, tokens_per_s, share", [
+    ("8b", 15_328, 0.64),  # Unsloth, GC off, 4x2048
+    ("8b", 5_865, 0.25),  # HF + PEFT, GC on
+    ("1b", 73_615, 0.54),  # Unsloth, GC off, 8x2048
+    ("1b", 24_590, 0.18),  # HF + PEFT, GC on
+])
+def test_share_of_peak_reproduces_the_peer_table(model, tokens_per_s, share):
+    flops = peers.model_flops_per_token(peers.MODELS[model][1], 2048)
+    assert peers.share_of_peak(tokens_per_s, flops) == pytest.approx(share, abs=0.006)
+
+
+def test_gpu_slug_and_paths(tmp_path):
+    assert peers.gpu_slug("NVIDIA H100 80GB HBM3") == "h100-80gb-hbm3"
+    assert peers.gpu_slug("NVIDIA H200") == "h200"
+    json_path, md_path = peers.result_paths(tmp_path, "2026-11-24", "NVIDIA H100 80GB HBM3", "T1")
+    assert json_path == tmp_path / "2026-11-24-h100-80gb-hbm3-t1.json"
+    assert md_path.suffix == ".md" and md_path.stem == json_path.stem
+
+
+# --------------------------------------------------------------------------- arguments and runs
+
+
+def test_ppalli_setting_parsing():
+    assert peers.parse_ppalli_setting("auto") == {"requested": "auto"}
+    assert peers.parse_ppalli_setting("offload,micro=2,fast=off,budget=8.5") == {
+        "requested": "offload,micro=2,fast=off,budget=8.5", "checkpointing": "offload", "micro": 2,
+        "fast": "off", "budget": 8.5}
+    for bad in ("sometimes", "micro=0", "fast=maybe", "budget=-1"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            peers.parse_ppalli_setting(bad)
+
+
+def test_defaults_and_flags():
+    args = peers.parse_args(["--case", "T1"])
+    assert (args.steps, args.warmup, args.stacks, args.profile) == (8, 3, list(peers.STACKS), [])
+    assert args.ppalli_setting == [{"requested": "auto"}]
+    args = peers.parse_args(["--case", "T4", "--stacks", "ppalli,unsloth", "--profile", "--ppalli-setting",
+                             "full", "--ppalli-setting", "auto"])
+    assert args.stacks == ["ppalli", "unsloth"] and args.profile == ["ppalli"]
+    assert [s["requested"] for s in args.ppalli_setting] == ["full", "auto"]
+    with pytest.raises(SystemExit):
+        peers.parse_args(["--case", "T1", "--stacks", "ppalli,deepspeed"])
+    with pytest.raises(SystemExit):
+        peers.parse_args(["--case", "T9"])
+
+
+def _runs(argv):
+    return [(s.stack, s.gc) for s in peers.run_specs(peers.parse_args(argv))]
+
+
+def test_cases_hold_ppalli_and_their_peers():
+    assert _runs(["--case", "T1"]) == [("ppalli", "plan"), ("unsloth", "off"), ("unsloth", "unsloth"),
+                                       ("hf", "on"), ("liger", "on")]
+    assert _runs(["--case", "T4", "--stacks", "unsloth"]) == [("unsloth", "off"), ("unsloth", "unsloth")]
+    t2 = peers.run_specs(peers.parse_args(["--case", "T2"]))
+    assert [(s.stack, s.gc, s.mem_cap_gib) for s in t2] == [("ppalli", "plan", 24.0), ("unsloth", "unsloth", 24.0)]
+    t3 = peers.run_specs(peers.parse_args(["--case", "T3"]))
+    assert {s.quant for s in t3} == {"nf4"} and [s.needs_folder for s in t3] == [False, True, True]
+    t4 = peers.run_specs(peers.parse_args(["--case", "T4"]))[0]
+    assert (t4.model, t4.batch, t4.seq, t4.model_config["num_hidden_layers"]) == ("1b", 8, 2048, 16)
+
+
+def test_gc_override_and_custom():
+    # --gc replaces the case's modes (and dedupes); HF has no offloaded mode, so "unsloth" reads as on there
+    assert _runs(["--case", "T1", "--gc", "unsloth"]) == [("ppalli", "plan"), ("unsloth", "unsloth"), ("hf", "on"),
+                                                          ("liger", "on")]
+    assert _runs(["--case", "custom", "--stacks", "hf", "--gc", "off", "--batch", "2"]) == [("hf", "off")]
+    spec = peers.run_specs(peers.parse_args(["--case", "custom", "--model", "1b", "--batch", "2", "--seq", "512",
+                                             "--quant", "nf4", "--mem-cap-gib", "12"]))[0]
+    assert (spec.model, spec.batch, spec.seq, spec.quant, spec.mem_cap_gib) == ("1b", 2, 512, "nf4", 12.0)
+
+
+def test_ppalli_config_is_a_valid_config_with_the_pins():
+    spec = peers.run_specs(peers.parse_args(["--case", "T2", "--ppalli-setting", "offload,micro=2"]))[0]
+    spec.config_path = "/tmp/x/config.json"
+    cfg = C.from_dict(peers.ppalli_config({**spec.__dict__}))
+    assert (cfg.plan.checkpointing, cfg.train.micro_batch_size, cfg.plan.memory_budget_gib) == ("offload", 2, 24.0)
+    assert (cfg.train.batch_size, cfg.data.max_seq_len, cfg.data.packing, cfg.plan.quantization) == (
+        4, 2048, "off", "none")
+    assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, len(cfg.lora.targets)) == (16, 16, 0.0, 7)
+    auto = peers.run_specs(peers.parse_args(["--case", "T1"]))[0]
+    auto.config_path = "/tmp/x/config.json"
+    cfg = C.from_dict(peers.ppalli_config(auto.__dict__))
+    assert (cfg.plan.checkpointing, cfg.train.micro_batch_size, cfg.plan.memory_budget_gib) == ("auto", None, None)
+
+
+def test_place_files_names_profiles_per_stack(tmp_path):
+    specs = peers.run_specs(peers.parse_args(["--case", "T1", "--ppalli-setting", "auto", "--ppalli-setting",
+                                              "full"]))
+    peers.place_files(specs, tmp_path / "scratch", tmp_path, "2026-11-24", ["ppalli"])
+    assert [Path(s.profile).name for s in specs if s.profile] == [
+        "2026-11-24-{gpu}-t1-profile-ppalli-1.txt", "2026-11-24-{gpu}-t1-profile-ppalli-2.txt"]
+    assert specs[1].config_path.endswith("configs/llama-3.1-8b.json")
+    assert specs[2].folder.endswith("models/llama-3.1-8b-seed0")
+
+
+# --------------------------------------------------------------------------- results
+
+
+def test_child_output_parsing():
+    text = "Unsloth: patching...\nPEERS_RESULT {\"a\": 1}\nnoise\nPEERS_RESULT {\"tokens_per_s\": 2.0}\n"
+    assert peers.parse_child_output(text) == {"tokens_per_s": 2.0}
+    assert peers.parse_child_output("Traceback ...\nCUDA out of memory") is None
+
+
+def _t1_doc(ppalli_tps=18_000.0, ppalli_peak=44.0):
+    args = peers.parse_args(["--case", "T1"])
+    specs = {(s.stack, s.gc): s for s in peers.run_specs(args)}
+    flops = peers.model_flops_per_token(peers.LLAMA_31_8B, 2048)
+    child = {("ppalli", "plan"): {"tokens_per_s": ppalli_tps, "peak_gib": ppalli_peak, "loss_first": 11.77,
+                                  "loss_last": 11.70, "step_ms": 455.1, "setting": "plan: checkpointing none"},
+             ("unsloth", "off"): {"tokens_per_s": 15_328.0, "peak_gib": 45.9, "loss_first": 11.77, "loss_last": 11.7,
+                                  "step_ms": 534.4, "setting": "use_gradient_checkpointing=False"},
+             ("unsloth", "unsloth"): {"tokens_per_s": 10_700.0, "peak_gib": 17.8, "loss_first": 11.77,
+                                      "loss_last": 11.7, "step_ms": 765.6},
+             ("hf", "on"): {"error": "OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"},
+             ("liger", "on"): {"error": "timed out after 420 s (log x.log)"}}
+    runs = [peers.run_record(specs[k], child[k], flops) for k in child]
+    return peers.results_doc("T1", "NVIDIA H100 80GB HBM3", "2026-11-24", {"torch": "2.11.0", "unsloth": None},
+                             runs, flops)
+
+
+def test_results_json_has_benchmarks_md_fields():
+    doc = json.loads(json.dumps(_t1_doc()))  # JSON-clean
+    assert (doc["device"], doc["date"], doc["versions"]["torch"]) == ("NVIDIA H100 80GB HBM3", "2026-11-24", "2.11.0")
+    first = doc["runs"][0]
+    for key in ("case", "stack", "setting", "model", "batch", "seq", "tokens_per_s", "peak_gib", "loss_first",
+                "loss_last", "share_of_peak", "step_ms"):
+        assert key in first, key
+    assert (first["model"], first["batch"], first["seq"]) == ("llama-3.1-8b", 4, 2048)
+    assert first["share_of_peak"] == pytest.approx(18_000 * 33.49e9 / 798e12, rel=1e-3)
+    hf = doc["runs"][3]
+    assert hf["error"].startswith("OutOfMemoryError") and "tokens_per_s" not in hf
+    assert doc["runs"][2]["setting"] == "unsloth (gc=unsloth)"  # the subprocess named none: the run's label
+
+
+def test_markdown_ratios_and_target():
+    md = peers.markdown(_t1_doc())
+    rows = {line.split(" | ")[1]: line for line in md.splitlines() if line.startswith("| ")}
+    unsloth_off = next(line for line in md.splitlines() if "use_gradient_checkpointing=False" in line)
+    assert "15,328" in unsloth_off and "1.17x" in unsloth_off and "0.96x" in unsloth_off  # 18000/15328, 44/45.9
+    assert "failed: OutOfMemoryError" in md and "failed: timed out" in md
+    assert "1.00x" in rows["plan: checkpointing none"]
+    assert "Target T1: met - 1.17x Unsloth (use_gradient_checkpointing=False), target >= 1.17x; peak 44.0 GiB" in md
+    missed = peers.markdown(_t1_doc(ppalli_tps=16_000.0, ppalli_peak=61.0))
+    assert "Target T1: NOT met" in missed
+
+
+def test_target_needs_both_runs():
+    doc = _t1_doc()
+    doc["runs"] = [r for r in doc["runs"] if r["stack"] != "unsloth"]
+    assert "not read" in peers.target_line("T1", doc["runs"])
+    assert peers.target_line("custom", doc["runs"]) is None
+
+
+def test_write_results_and_append(tmp_path):
+    doc = _t1_doc()
+    json_path, md_path = peers.write_results(doc, tmp_path)
+    assert json.loads(json_path.read_text())["runs"] == doc["runs"] and md_path.read_text().startswith("# T1")
+    later = {**_t1_doc(), "device": "unknown", "runs": []}
+    peers.set_device(later, {"device": doc["device"], "cuda": "13.0"}, tmp_path, append=True)
+    assert later["runs"] == doc["runs"] and later["cuda"] == "13.0"
