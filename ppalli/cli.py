@@ -167,7 +167,7 @@ def cmd_chat(args) -> int:
     run = load_run(args.run_dir)
     print(f"ppalli chat: {args.run_dir}  (sampling {'off' if args.greedy else 'on'}; /reset, /exit)")
     chat_loop(run.model, run.tokenizer, run.render_prompt, temperature=args.temperature, top_p=args.top_p,
-              max_new_tokens=args.max_new_tokens, greedy=args.greedy)
+              max_new_tokens=args.max_new_tokens, greedy=args.greedy, stop_ids=run.stop_ids)
     return 0
 
 
@@ -181,7 +181,8 @@ def cmd_generate(args) -> int:
     run = load_run(args.run_dir)
     out = args.out or "-"
     generate_batch(run.model, run.tokenizer, run.render_prompt, prompts, out, temperature=args.temperature,
-                   top_p=args.top_p, max_new_tokens=args.max_new_tokens, greedy=args.greedy, seed=args.seed)
+                   top_p=args.top_p, max_new_tokens=args.max_new_tokens, greedy=args.greedy, seed=args.seed,
+                   stop_ids=run.stop_ids)
     return 0
 
 

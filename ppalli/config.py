@@ -80,7 +80,7 @@ class DataConfig:
     skip_bad_rows: bool = _f(False, "Skip rows with missing or wrong fields (reported) instead of stopping.")
     streaming: bool = _f(False, "Read the file lazily; memory stays flat as the file grows.")
     packing: Literal["auto", "on", "off"] = _f("auto", "Padding-free packing; auto lets the plan decide.")
-    num_proc: int = _f(0, "Tokenizer processes; 0 = all cores.")
+    num_proc: int = _f(0, "Tokenizer processes; 0 = one per core but one (the reader's).")
     cache_dir: str | None = _f(None, "Where tokenized data is cached by content hash; default ~/.cache/ppalli.")
 
 
@@ -134,6 +134,8 @@ class LoggingConfig:
     sample_prompts: list[str] = _f([], "Prompts answered before and after training in the report; default "
                                        "takes a few from the eval split.")
     sample_max_new_tokens: int = _f(64, "Tokens generated per sample answer.")
+    sample_source: Literal["eval", "train"] = _f("eval", "Where default sample prompts come from: held-out rows "
+                                                         "(generalization) or training rows (memorization).")
 
 
 @dataclass

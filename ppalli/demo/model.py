@@ -18,7 +18,7 @@ PAD_ID, EOS_ID, IM_END_ID = (SPECIAL_TOKENS.index(t) for t in (PAD, EOS, IM_END)
 # Training settings the demo needs on top of the config defaults. LoRA on a random base learns slowly at
 # the usual 2e-4; measured on 2 CPU threads (torch 2.13, fp32, batch 8, r=16 all-linear, cosine):
 # lr 2e-4 -> loss 8.1 to 6.9 in 80 steps; lr 5e-3 -> 8.3-8.5 to 1.1-1.2 in 100 steps, 26 ms a step.
-DEMO_TRAIN = {"lr": 5e-3, "max_steps": 100, "warmup_steps": 3}
+DEMO_TRAIN = {"lr": 5e-3, "max_steps": 200, "warmup_steps": 5}
 
 
 def demo_model_config(vocab_size: int) -> LlamaConfig:

@@ -6,7 +6,9 @@ renders turns exactly as training did.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -107,14 +109,16 @@ def generate_batch(model, tokenizer, render_prompt: RenderPrompt, prompts: Itera
                    temperature: float = 0.7, top_p: float = 0.9, max_new_tokens: int = 256, greedy: bool = False,
                    stop_ids: Iterable[int] | None = None, seed: int | None = None,
                    add_special_tokens: bool = False) -> Path:
-    """Answer each prompt; write JSONL rows {prompt, output, new_tokens, seconds} as they finish.
+    """Answer each prompt; write JSONL rows {prompt, output, new_tokens, seconds} as they finish ('-': stdout).
 
     With a seed, prompt i samples with seed + i, so any one answer can be reproduced alone.
     """
+    to_stdout = str(out_path) == "-"
     out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    if not to_stdout:
+        out.parent.mkdir(parents=True, exist_ok=True)
     budget = _context_budget(model, max_new_tokens)
-    with out.open("w", encoding="utf-8") as f:
+    with (contextlib.nullcontext(sys.stdout) if to_stdout else out.open("w", encoding="utf-8")) as f:
         for i, prompt in enumerate(prompts):
             ids, _ = fit_history(tokenizer, render_prompt, [{"role": "user", "content": prompt}], budget,
                                  add_special_tokens)

@@ -156,6 +156,7 @@ class LoadedRun:
     tokenizer: object
     render_prompt: Callable[[list[dict]], str]
     config: object
+    stop_ids: list[int]  # the template's EOS and end-of-turn tokens
 
 
 def load_run(run_dir: str | Path, *, device: str | None = None) -> LoadedRun:
@@ -163,7 +164,7 @@ def load_run(run_dir: str | Path, *, device: str | None = None) -> LoadedRun:
     from peft import PeftModel
 
     from ppalli import config as C
-    from ppalli.data.templates import render_prompt, resolve_template
+    from ppalli.data.templates import render_prompt, resolve_template, stop_token_ids
     from ppalli.models.tokenizer import load_tokenizer
 
     run = Path(run_dir)
@@ -179,4 +180,5 @@ def load_run(run_dir: str | Path, *, device: str | None = None) -> LoadedRun:
     model.config.use_cache = True
     tokenizer = load_tokenizer(run / "tokenizer")
     template = resolve_template(cfg.data.template, tokenizer)
-    return LoadedRun(model, tokenizer, lambda messages: render_prompt(template, messages), cfg)
+    return LoadedRun(model, tokenizer, lambda messages: render_prompt(template, messages), cfg,
+                     stop_token_ids(template, tokenizer))

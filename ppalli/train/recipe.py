@@ -62,6 +62,8 @@ def resolve_demo(cfg: C.Config, cache_dir: Path) -> C.Config:
         # the demo's measured settings, unless the user changed them
         train = replace(train, **{k: v for k, v in DEMO_TRAIN.items() if getattr(train, k) == getattr(defaults, k)})
         data = replace(data, template="chatml" if data.template == "auto" else data.template)
+        # the demo shows what it memorized: sample answers to training questions
+        cfg = replace(cfg, logging=replace(cfg.logging, sample_source="train"))
     if cfg.data.path == "demo" and not cfg.data.sources:
         data = replace(data, path=str(demo["data_path"]))
     return replace(cfg, model=model, data=data, train=train)
@@ -165,8 +167,17 @@ def sample_prompts(cfg: C.Config, template, tokenizer, samples: list[dict], n: i
             continue
         first = next((i for i, lab in enumerate(s["labels"]) if lab != -100), len(s["labels"]))
         ids = s["input_ids"][:first]
-        out.append({"prompt": tokenizer.decode(ids, skip_special_tokens=True).strip(), "ids": ids})
+        out.append({"prompt": _display_prompt(tokenizer.decode(ids, skip_special_tokens=True)), "ids": ids})
     return out
+
+
+_ROLE_LINES = {"system", "user", "assistant", "human", "gpt", "model"}
+
+
+def _display_prompt(text: str) -> str:
+    """The rendered prompt without the role-name lines chat templates leave once special tokens are dropped."""
+    lines = [ln for ln in text.strip().splitlines() if ln.strip().lower() not in _ROLE_LINES]
+    return "\n".join(lines).strip()
 
 
 def answer_samples(model, tokenizer, prompts: list[dict], stop_ids: list[int], max_new_tokens: int) -> list[dict]:
@@ -238,7 +249,8 @@ def train(cfg: C.Config, *, resume: Path | None = None, print_fn=print, cache_di
     if resume is not None:
         state.step, extra = _resume(ckpt_root, model, optimizer, scheduler, print_fn)
         state.events = extra.get("events", [])
-    prompts = sample_prompts(cfg, template, tokenizer, prepared.eval or prepared.train)
+    pool = prepared.train if cfg.logging.sample_source == "train" or not prepared.eval else prepared.eval
+    prompts = sample_prompts(cfg, template, tokenizer, pool)
     n_new = cfg.logging.sample_max_new_tokens
     samples_before = (answer_samples(model, tokenizer, prompts, stop_ids, n_new)
                       if resume is None else _load_json(run_dir / "samples_before.json"))
