@@ -84,13 +84,11 @@ def load_model(
         config = read_model_config(name_or_path, trust_remote_code=trust_remote_code)
         config._attn_implementation = attn_implementation
         torch.manual_seed(seed)  # random weights are part of the run: same seed, same model
-        with torch.device(device):
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
         if quantization in ("nf4", "fp4"):
-            from ppalli.models.quant import quantize_model_4bit
-
-            model = quantize_model_4bit(model, quant_type=quantization, double_quant=double_quant,
-                                        compute_dtype=dtype)
+            model = _build_quantized(config, device, dtype, quantization, double_quant, trust_remote_code)
+        else:
+            with torch.device(device):
+                model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     else:
         try:
             model = AutoModelForCausalLM.from_pretrained(
@@ -100,6 +98,23 @@ def load_model(
             raise ModelError(_load_hint(name_or_path, e)) from None
     model.requires_grad_(False)
     model.config.use_cache = False  # training never reads the KV cache; generation turns it back on
+    return model
+
+
+def _build_quantized(config, device, dtype, quant: str, double_quant: bool, trust_remote_code: bool):
+    """Random 16-bit weights built on the CPU, then moved and quantized one decoder layer at a time, so the
+    GPU never holds more than one 16-bit layer (an 8B model in 16-bit would not fit a 12 GiB budget)."""
+    from transformers import AutoModelForCausalLM
+
+    from ppalli.models.quant import quantize_model_4bit
+    from ppalli.train.recompute import decoder_layers
+
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    for layer in decoder_layers(model):
+        layer.to(device)
+        quantize_model_4bit(layer, quant_type=quant, double_quant=double_quant, compute_dtype=dtype)
+    model.to(device)
+    model.is_loaded_in_4bit = True  # PEFT reads it to pick its 4-bit LoRA layers
     return model
 
 

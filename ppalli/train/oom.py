@@ -91,21 +91,37 @@ def _smaller_micro(micro: int, batch: int) -> int:
 
 def step_down(plan: Plan) -> Plan | None:
     """The next plan down after an OOM, keeping the effective batch: halve the micro-batch (doubling
-    accumulation) down to 1, then more checkpointing (selective, full, then offload). Pinned choices are not
-    changed. None when nothing is left: the caller raises OutOfMemory with explain_cuda_error's advice."""
-    batch, micro = plan.batch_size, plan.micro_batch_size
-    if micro > 1 and "micro_batch_size" not in plan.pinned:
-        new = _smaller_micro(micro, batch)
-        why = f"stepped down after OOM at micro-batch {micro}: {new} x {batch // new} accumulation keeps batch {batch}"
-        return _with(plan, "micro_batch_size", why, micro_batch_size=new, grad_accum=batch // new)
-    level = CHECKPOINTING.index(plan.checkpointing)
-    if level + 1 < len(CHECKPOINTING) and "checkpointing" not in plan.pinned:
-        new = CHECKPOINTING[level + 1]
-        why = f"stepped down after OOM with {plan.checkpointing} checkpointing at micro-batch {micro}: {new}"
-        stepped = _with(plan, "checkpointing", why, checkpointing=new, est_tokens_per_s=None)
-        reasons = dict(stepped.reasons, speed="more recompute after the step-down: not re-estimated")
-        return dataclasses.replace(stepped, reasons=reasons)
+    accumulation) down to 1, then more checkpointing (selective, full, then offload). Choices the user pinned
+    move last, and only when nothing else is left: a run that can go on smaller beats one that dies. None when
+    nothing is left: the caller raises OutOfMemory with explain_cuda_error's advice."""
+    for allow_pinned in (False, True):
+        lower = _micro_down(plan, allow_pinned) or _recompute_up(plan, allow_pinned)
+        if lower is not None:
+            return lower
     return None
+
+
+def _micro_down(plan: Plan, allow_pinned: bool) -> Plan | None:
+    batch, micro = plan.batch_size, plan.micro_batch_size
+    if micro <= 1 or ("micro_batch_size" in plan.pinned and not allow_pinned):
+        return None
+    new = _smaller_micro(micro, batch)
+    pinned = " (pinned, but it did not fit)" if "micro_batch_size" in plan.pinned else ""
+    why = (f"stepped down after OOM at micro-batch {micro}{pinned}: {new} x {batch // new} accumulation keeps "
+           f"batch {batch}")
+    return _with(plan, "micro_batch_size", why, micro_batch_size=new, grad_accum=batch // new)
+
+
+def _recompute_up(plan: Plan, allow_pinned: bool) -> Plan | None:
+    level = CHECKPOINTING.index(plan.checkpointing)
+    if level + 1 >= len(CHECKPOINTING) or ("checkpointing" in plan.pinned and not allow_pinned):
+        return None
+    new = CHECKPOINTING[level + 1]
+    why = (f"stepped down after OOM with {plan.checkpointing} checkpointing at micro-batch "
+           f"{plan.micro_batch_size}: {new}")
+    stepped = _with(plan, "checkpointing", why, checkpointing=new, est_tokens_per_s=None)
+    reasons = dict(stepped.reasons, speed="more recompute after the step-down: not re-estimated")
+    return dataclasses.replace(stepped, reasons=reasons)
 
 
 def _with(plan: Plan, choice: str, why: str, **changes: object) -> Plan:

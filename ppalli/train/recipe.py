@@ -84,6 +84,17 @@ def device_and_dtype(plan) -> tuple[torch.device, torch.dtype]:
     return torch.device(plan.device), dtype
 
 
+def _cap_gpu_memory(budget_gib: float | None, device: torch.device, print_fn) -> None:
+    """Hold the run to plan.memory_budget_gib (the plan fits it; the cap makes a GPU shared with others safe)."""
+    if budget_gib is None or device.type != "cuda":
+        return
+    total = torch.cuda.get_device_properties(device).total_memory
+    fraction = min(1.0, budget_gib * 2**30 / total)
+    torch.cuda.set_per_process_memory_fraction(fraction, device)
+    print_fn(f"memory cap: {budget_gib:g} GiB ({fraction:.1%} of {total / 2**30:.1f} GiB), "
+             "torch.cuda.set_per_process_memory_fraction")
+
+
 def build_plan(cfg: C.Config, model_config, env):
     from ppalli.plan.memory import ModelSpec
     from ppalli.plan.planner import make_plan
@@ -107,12 +118,16 @@ def _hf_attention(plan) -> str:
                                                 "flex_attention") else "sdpa"
 
 
-def build_loss(model, plan, tokenizer_log):
-    """The LM loss function: the fused fast path where the plan says so, else the reference."""
+def _reference_loss():
     from ppalli.train.objectives import reference_lm_loss
 
+    return reference_lm_loss
+
+
+def build_loss(model, plan, tokenizer_log):
+    """The LM loss function: the fused fast path where the plan says so, else the reference."""
     if not plan.fast_path:
-        return reference_lm_loss, None
+        return _reference_loss(), None
     from ppalli.models.fast import apply_fast_path, fast_causal_lm_loss
 
     handle = apply_fast_path(model, attention_backend=plan.attention, log=tokenizer_log)
@@ -221,6 +236,7 @@ def train(cfg: C.Config, *, resume: Path | None = None, print_fn=print, cache_di
     for line in plan.explain():
         print_fn(line)
     device, dtype = device_and_dtype(plan)
+    _cap_gpu_memory(cfg.plan.memory_budget_gib, device, print_fn)
 
     # 2. tokenizer and data
     seed_everything(cfg.train.seed)

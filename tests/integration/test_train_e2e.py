@@ -85,3 +85,28 @@ def test_micro_batch_split_gives_the_same_update(make_cfg, quiet, packing):
     la = [r["loss"] for r in read_metrics(one.run_dir)]
     lb = [r["loss"] for r in read_metrics(eight.run_dir)]
     assert la == pytest.approx(lb, rel=1e-5)
+
+
+def test_injected_oom_steps_down_to_the_same_adapter(make_cfg, quiet, monkeypatch):
+    """Issue 4: an OOM at micro-batch 8 redoes the step at 4 x 2; the adapter equals a run planned at 4 x 2."""
+    from ppalli.train import objectives
+
+    planned = recipe.train(make_cfg(name="planned4", train__max_steps=3, train__micro_batch_size=4,
+                                    data__packing="off"), print_fn=quiet)
+
+    real = objectives.reference_lm_loss
+
+    def oom_at_eight(model, batch):
+        if batch["n_samples"] == 8:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+        return real(model, batch)
+
+    monkeypatch.setattr(recipe, "_reference_loss", lambda: oom_at_eight)
+    stepped = recipe.train(make_cfg(name="oom8", train__max_steps=3, data__packing="off"), print_fn=quiet)
+    report = (stepped.run_dir / "report.md").read_text()
+    assert "out of memory at micro-batch 8" in report
+    assert [r["micro_batch_size"] for r in read_metrics(stepped.run_dir)] == [4, 4, 4]
+    wa = load_file(str(planned.adapter_dir / "adapter_model.safetensors"))
+    wb = load_file(str(stepped.adapter_dir / "adapter_model.safetensors"))
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-7)

@@ -1,0 +1,174 @@
+"""LoRA linear layers with a hand-written backward, and the pieces the fused LoRA blocks share.
+
+A PEFT LoRA Linear computes y = x W^T + b + s (x A^T) B^T with W (out, in) and b frozen, A (r, in),
+B (out, r) trained and s = alpha / r (or alpha / sqrt(r)). Autograd through PEFT's modules keeps x once per
+consumer, runs the base GEMM and the two LoRA GEMMs as separate outputs and adds them in a fourth pass.
+Here the base GEMM writes y, the B-product is added into the same buffer by `addmm_` (no extra pass over
+y), and the backward keeps only x and the small x A^T (N, r):
+
+    dB = s dy^T (x A^T)        (out, r)
+    dA = (s dy B)^T x          (r, in)
+    dx = dy W + (s dy B) A     (N, in)
+
+The matmuls are cuBLAS (torch.mm / addmm); Unsloth's fast_lora does the same algebra. The base weight is
+read through `base_weight`, so a bitsandbytes 4-bit base layer is dequantized on the fly in the forward and
+again in the backward instead of keeping a 16-bit copy alive in between (QLoRA memory stays 4-bit).
+
+The LoRA factors are used in the activations' dtype: PEFT keeps adapters in fp32 beside a bf16 model
+(autocast_adapter_dtype) and computes the LoRA branch in fp32; here A and B are cast to bf16 for the
+GEMMs (r x in values, negligible copies) and their gradients are returned in the adapters' own dtype.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from ppalli.errors import PpalliError
+
+
+class LoRAParts(NamedTuple):
+    """What a fused block reads from one PEFT LoRA Linear (or a plain Linear, then a and b are None)."""
+
+    base: nn.Module  # the frozen base layer: nn.Linear, or bitsandbytes Linear4bit
+    a: torch.Tensor | None  # (r, in) lora_A weight
+    b: torch.Tensor | None  # (out, r) lora_B weight
+    scaling: float
+
+
+def _is_4bit(base: nn.Module) -> bool:
+    return getattr(getattr(base, "weight", None), "quant_state", None) is not None or type(base).__name__ in (
+        "Linear4bit", "LinearNF4", "LinearFP4")
+
+
+def base_weight(module: nn.Module, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The (out, in) base weight of a Linear, a bitsandbytes Linear4bit (dequantized) or a PEFT layer around one,
+    in `dtype` when given (a copy only when the dtype differs)."""
+    base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+    if _is_4bit(base):
+        from ppalli.kernels.nf4 import dequantize_weight  # bitsandbytes layouts only matter for QLoRA
+
+        return dequantize_weight(base, dtype)
+    w = base.weight
+    return w if dtype is None or w.dtype == dtype else w.to(dtype)
+
+
+def _base_bias(base: nn.Module, dtype: torch.dtype) -> torch.Tensor | None:
+    bias = getattr(base, "bias", None)
+    return None if bias is None else bias.to(dtype)
+
+
+def lora_problem(module: nn.Module, *, training_only_dropout: bool = True) -> str | None:
+    """Why this module cannot run in a fused LoRA block right now, or None when it can.
+
+    Checked per forward (a few attribute reads), since adapters can be disabled or merged at any time.
+    Dropout only acts in training mode; training_only_dropout=False counts any p > 0 (the planner's check,
+    made while the model may still be in eval mode).
+    """
+    if not hasattr(module, "lora_A"):
+        if isinstance(module, nn.Linear) or _is_4bit(module):
+            return None if module.bias is None or not module.bias.requires_grad else "trainable bias"
+        return f"{type(module).__name__} is not a Linear"
+    if module.merged:
+        return "adapter merged into the base weight"
+    base = module.get_base_layer()
+    if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
+        return "base layer trains (the fused blocks return no base-weight gradient)"
+    if module.disable_adapters:
+        return None
+    active = [a for a in module.active_adapters if a in module.lora_A]
+    if len(active) > 1:
+        return f"{len(active)} active adapters"
+    if not active:
+        return None
+    name = active[0]
+    if module.use_dora.get(name, False):
+        return "DoRA"
+    drop = module.lora_dropout[name]
+    if isinstance(drop, nn.Dropout) and drop.p > 0 and (drop.training or not training_only_dropout):
+        return f"lora dropout {drop.p}"
+    if getattr(module.lora_B[name], "bias", None) is not None:
+        return "LoRA bias"
+    return None
+
+
+def lora_parts(module: nn.Module) -> LoRAParts:
+    """The base layer, A, B and scaling of the one active adapter; a and b are None when no adapter applies."""
+    problem = lora_problem(module)
+    if problem is not None:
+        raise PpalliError(f"fused LoRA cannot run {type(module).__name__}: {problem}")
+    if not hasattr(module, "lora_A"):
+        return LoRAParts(module, None, None, 0.0)
+    base = module.get_base_layer()
+    active = [a for a in module.active_adapters if a in module.lora_A]
+    if module.disable_adapters or not active:
+        return LoRAParts(base, None, None, 0.0)
+    name = active[0]
+    return LoRAParts(base, module.lora_A[name].weight, module.lora_B[name].weight, float(module.scaling[name]))
+
+
+def cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
+def lora_fwd(x, base, a, b, s):
+    """x (N, in) -> (y (N, out), xa (N, r) or None): y = x W^T + bias, then y += s xa B^T in place."""
+    w = base_weight(base, x.dtype)  # (out, in)
+    bias = _base_bias(base, x.dtype)
+    y = torch.addmm(bias, x, w.t()) if bias is not None else torch.mm(x, w.t())
+    if a is None:
+        return y, None
+    xa = torch.mm(x, cast(a, x.dtype).t())  # (N, r)
+    y.addmm_(xa, cast(b, x.dtype).t(), alpha=s)
+    return y, xa
+
+
+def lora_bwd(dy, x, xa, a, b, s, need_a: bool, need_b: bool):
+    """dy (N, out), x (N, in), xa (N, r) -> (s dy B (N, r), dA (r, in) | None, dB (out, r) | None)."""
+    dxa = torch.mm(dy, cast(b, dy.dtype)).mul_(s)  # (N, r)
+    da = torch.mm(dxa.t(), x).to(a.dtype) if need_a else None  # (r, in)
+    db = torch.mm(dy.t(), xa).mul_(s).to(b.dtype) if need_b else None  # (out, r)
+    return dxa, da, db
+
+
+def add_input_grad(dx, dy, base, dxa, a):
+    """dx (N, in) += dy W + dxa A, allocating dx when it is None; returns dx."""
+    w = base_weight(base, dy.dtype)  # (out, in), dequantized again for 4-bit rather than kept from the forward
+    if dx is None:
+        dx = torch.mm(dy, w)
+    else:
+        dx.addmm_(dy, w)
+    if dxa is not None:
+        dx.addmm_(dxa, cast(a, dy.dtype))
+    return dx
+
+
+class LoRALinearFunction(torch.autograd.Function):
+    """y = x W^T + bias + s (x A^T) B^T; saves x and x A^T only."""
+
+    @staticmethod
+    def forward(ctx, x, base, a, b, s):
+        y, xa = lora_fwd(x, base, a, b, s)  # (N, out), (N, r)
+        ctx.save_for_backward(x, xa, a, b)
+        ctx.base, ctx.s = base, s
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, xa, a, b = ctx.saved_tensors
+        need_x, _, need_a, need_b, _ = ctx.needs_input_grad
+        dxa = da = db = None
+        if a is not None:
+            dxa, da, db = lora_bwd(dy, x, xa, a, b, ctx.s, need_a, need_b)
+        dx = add_input_grad(None, dy, ctx.base, dxa, a) if need_x else None
+        return dx, None, da, db, None
+
+
+def lora_linear(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    """x (..., in) through a PEFT LoRA Linear (or a plain Linear) -> (..., out), with the manual backward."""
+    p = lora_parts(module)
+    x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+    y = LoRALinearFunction.apply(x2, p.base, p.a, p.b, p.scaling)
+    return y.view(*x.shape[:-1], y.shape[-1])

@@ -1,0 +1,264 @@
+"""Attention for the fast decoder layers: one entry point, `attend`, with the backend chosen at run time.
+
+Backends (the names `resolve_backend` returns and `attend` takes):
+- "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "sdpa_math": torch SDPA with that kernel first, the others
+  after it as fallbacks (`sdpa_kernel(..., set_priority=True)`), so a case the first refuses still runs.
+  On an H100, causal GQA forward+backward (4x32 heads x 2048 x 128, 8 kv heads) took 1.41 ms on cuDNN and
+  2.29 ms on flash, and the memory-efficient kernel refused GQA (BENCHMARKS.md, 2026-11-23): an explicit
+  choice is worth 1.6x on attention over letting torch pick.
+- "sdpa": torch's own dispatch (CPU, MPS, or when the planner has no better choice).
+- "flash_attention_2" / "flash_attention_3": the flash-attn package (`flash_attn`, `flash_attn_interface`).
+- "eager": explicit scores; also the path for logit softcapping (Gemma-2) when flash-attn is absent,
+  since SDPA has no softcap.
+
+Packed batches (cu_seqlens from the collator) never attend across samples: flash-attn's varlen kernel
+when installed, else torch's `varlen_attn` (torch >= 2.11, CUDA, compute capability >= 8.0), else SDPA
+with a block-diagonal causal mask (CPU, older GPUs; O(T^2) mask memory, correct everywhere).
+
+Masks follow HF's sliding-window rule: key j is visible from query i when 0 <= i - j < window.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import inspect
+
+import torch
+import torch.nn.functional as F
+
+from ppalli.errors import PpalliError
+
+BACKENDS = ("sdpa", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "sdpa_math",
+            "flash_attention_2", "flash_attention_3", "eager")
+_FLASH_MODULES = {"flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}
+_HALF = (torch.float16, torch.bfloat16)
+
+
+# --------------------------------------------------------------------------- choosing a backend
+
+
+@functools.lru_cache(maxsize=4)
+def flash_attn_module(backend: str):
+    """The installed flash-attn module for "flash_attention_2" / "flash_attention_3", else None."""
+    try:
+        return importlib.import_module(_FLASH_MODULES[backend])
+    except ImportError:
+        return None
+
+
+def resolve_backend(requested: str, device: torch.device | str) -> tuple[str, str]:
+    """The planner's attention choice (config plan.attention, or a backend name) -> (backend, reason)."""
+    device = torch.device(device)
+    if requested in BACKENDS and requested not in _FLASH_MODULES and requested != "sdpa":
+        return requested, "pinned"
+    if device.type != "cuda":
+        return "sdpa", f"{device.type}: torch SDPA's own kernels"
+    if requested in _FLASH_MODULES:
+        if flash_attn_module(requested) is not None:
+            return requested, "pinned; flash-attn installed"
+        why = f"{requested} asked but {_FLASH_MODULES[requested]} is not installed; "
+    else:
+        why = "" if requested in ("auto", "sdpa") else f"{requested} has no fused-path kernel; "
+    major, _ = torch.cuda.get_device_capability(device)
+    if major >= 9 and torch.backends.cudnn.is_available():
+        return "sdpa_cudnn", why + "cuDNN SDPA: 1.6x flash on H100 GQA forward+backward (BENCHMARKS.md)"
+    if major >= 8:
+        return "sdpa_flash", why + "SDPA flash kernel (compute capability 8.x)"
+    return "sdpa_efficient", why + "SDPA memory-efficient kernel (no flash kernel below compute capability 8.0)"
+
+
+# --------------------------------------------------------------------------- masks
+
+
+def packed_mask(cu_seqlens: torch.Tensor, total: int, window: int | None = None) -> torch.Tensor:
+    """(1, 1, total, total) bool, True = may attend: causal inside each packed sample, nothing across samples."""
+    idx = torch.arange(total, device=cu_seqlens.device)
+    doc = torch.searchsorted(cu_seqlens[1:].to(idx.dtype), idx, right=True)  # (total,) sample of each token
+    mask = (doc[:, None] == doc[None, :]) & (idx[None, :] <= idx[:, None])
+    if window is not None:
+        mask &= (idx[:, None] - idx[None, :]) < window
+    return mask[None, None]
+
+
+def causal_mask(t: int, device, window: int | None = None, key_valid: torch.Tensor | None = None) -> torch.Tensor:
+    """(B or 1, 1, t, t) bool causal mask, with a sliding window and key padding (key_valid (B, t)) when given.
+
+    Every query keeps its own key, so a padding query never has an empty row (its softmax would be NaN and
+    its zero loss weight would not stop the NaN reaching the gradients).
+    """
+    i = torch.arange(t, device=device)
+    mask = i[None, :] <= i[:, None]
+    if window is not None:
+        mask &= (i[:, None] - i[None, :]) < window
+    mask = mask[None, None]
+    if key_valid is not None:
+        mask = (mask & key_valid.bool()[:, None, None, :]) | torch.eye(t, dtype=torch.bool, device=device)
+    return mask
+
+
+# --------------------------------------------------------------------------- kernels
+
+
+_SDPA_ORDER = {
+    "sdpa_cudnn": ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH"),
+    "sdpa_flash": ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION", "MATH"),
+    "sdpa_efficient": ("EFFICIENT_ATTENTION", "FLASH_ATTENTION", "CUDNN_ATTENTION", "MATH"),
+    "sdpa_math": ("MATH",),
+}
+
+
+def _repeat_kv(k: torch.Tensor, v: torch.Tensor, n_q_heads: int):
+    """k, v (B, Hk, T, D) -> (B, Hq, T, D) copies, for kernels without grouped-query support."""
+    groups = n_q_heads // k.shape[1]
+    return k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+
+
+def _sdpa(q, k, v, mask, scale, window, backend):
+    """q (B, Hq, T, D), k/v (B, Hk, T, D) -> (B, T, Hq, D)."""
+    if window is not None and mask is None and q.shape[2] > window:
+        mask = causal_mask(q.shape[2], q.device, window)
+    gqa = q.shape[1] != k.shape[1]
+    if gqa and backend == "sdpa_efficient":  # that kernel refuses enable_gqa (BENCHMARKS.md): expand instead
+        (k, v), gqa = _repeat_kv(k, v, q.shape[1]), False
+    kwargs = dict(attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=gqa)
+    if q.is_cuda and backend in _SDPA_ORDER:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        order = [getattr(SDPBackend, name) for name in _SDPA_ORDER[backend]]
+        with sdpa_kernel(order, set_priority=True):
+            out = F.scaled_dot_product_attention(q, k, v, **kwargs)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, **kwargs)
+    return out.transpose(1, 2)
+
+
+def _eager(q, k, v, mask, scale, window, softcap):
+    """Explicit scores in the input dtype, softcap c*tanh(s/c), softmax in fp32 (HF's eager order) -> (B, T, Hq, D)."""
+    if q.shape[1] != k.shape[1]:
+        k, v = _repeat_kv(k, v, q.shape[1])
+    scores = torch.matmul(q, k.transpose(-1, -2)) * (scale if scale is not None else q.shape[-1] ** -0.5)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    if mask is None:
+        mask = causal_mask(q.shape[2], q.device, window)
+    if mask.dtype == torch.bool:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    else:
+        scores = scores + mask  # HF's additive float mask
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(probs, v).transpose(1, 2)
+
+
+def _flash_kwargs(scale, window, softcap) -> dict:
+    kwargs = dict(softmax_scale=scale, causal=True, window_size=(window - 1, 0) if window else (-1, -1))
+    if softcap is not None:
+        kwargs["softcap"] = softcap
+    return kwargs
+
+
+def _flash(q, k, v, backend, scale, window, softcap, cu_seqlens, max_seqlen):
+    """flash-attn 2/3, padded or varlen; q (B, Hq, T, D) -> (B, T, Hq, D). Both take (B, T, H, D) and native GQA."""
+    fa = flash_attn_module(backend)
+    b, _, t, d = q.shape
+    q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # (B, T, H, D)
+    kwargs = _flash_kwargs(scale, window, softcap)
+    if cu_seqlens is None:
+        out = fa.flash_attn_func(q, k, v, **kwargs)
+    else:
+        q, k, v = (x.reshape(b * t, x.shape[2], d) for x in (q, k, v))  # (total, H, D)
+        out = fa.flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kwargs)
+    out = out[0] if isinstance(out, tuple) else out  # flash-attn 3 versions differ: out or (out, lse)
+    return out.reshape(b, t, -1, d)
+
+
+@functools.lru_cache(maxsize=1)
+def _torch_varlen():
+    """(varlen_attn, takes enable_gqa) when torch has the window_size form (2.11+), else None."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    params = inspect.signature(varlen_attn).parameters
+    return (varlen_attn, "enable_gqa" in params) if "window_size" in params else None
+
+
+def _can_torch_varlen(q: torch.Tensor) -> bool:
+    """torch's varlen kernel is flash attention: fp16/bf16 on compute capability 8.0+."""
+    return (q.is_cuda and q.dtype in _HALF and _torch_varlen() is not None
+            and torch.cuda.get_device_capability(q.device)[0] >= 8)
+
+
+def _can_flash_attn(q: torch.Tensor, backend: str) -> bool:
+    return backend in _FLASH_MODULES and q.is_cuda and q.dtype in _HALF and flash_attn_module(backend) is not None
+
+
+def _varlen_torch(q, k, v, scale, window, cu_seqlens, max_seqlen):
+    """torch.nn.attention.varlen.varlen_attn over packed tokens; q (B, Hq, T, D) -> (B, T, Hq, D)."""
+    varlen_attn, has_gqa = _torch_varlen()
+    b, hq, t, d = q.shape
+    gqa = {}
+    if k.shape[1] != hq:
+        if has_gqa:
+            gqa = {"enable_gqa": True}
+        else:  # torch 2.11 documents no enable_gqa: expand k, v to the query heads
+            k, v = _repeat_kv(k, v, hq)
+    q, k, v = (x.transpose(1, 2).reshape(b * t, x.shape[1], d) for x in (q, k, v))  # (total, H, D)
+    out = varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale=scale,
+                      window_size=(window - 1 if window else -1, 0), **gqa)  # (-1, 0) = causal
+    return out.reshape(b, t, hq, d)
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def _packed(q, k, v, backend, scale, window, softcap, cu_seqlens, max_seqlen):
+    """Packed tokens: the B*T tokens of q form the samples cu_seqlens delimits -> (B, T, Hq, D)."""
+    cu_seqlens = cu_seqlens.to(device=q.device, dtype=torch.int32)
+    if max_seqlen is None:
+        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())  # one device sync; collators pass it
+    if _can_flash_attn(q, backend):
+        return _flash(q, k, v, backend, scale, window, softcap, cu_seqlens, max_seqlen)
+    if softcap is None and backend != "eager" and _can_torch_varlen(q):
+        return _varlen_torch(q, k, v, scale, window, cu_seqlens, max_seqlen)
+    b, _, t, d = q.shape
+    q, k, v = (x.transpose(0, 1).reshape(1, x.shape[1], b * t, d) if b > 1 else x for x in (q, k, v))
+    mask = packed_mask(cu_seqlens, b * t, window)
+    if softcap is not None or backend == "eager":
+        out = _eager(q, k, v, mask, scale, window, softcap)
+    else:
+        out = _sdpa(q, k, v, mask, scale, window, backend)
+    return out.reshape(b, t, -1, d)
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    backend: str,
+    cu_seqlens: torch.Tensor | None = None,
+    max_seqlen: int | None = None,
+    attention_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Causal attention of q (B, Hq, T, D) over k, v (B, Hk, T, D) -> (B, T, Hq, D).
+
+    cu_seqlens (n+1,) int: packed samples over the B*T tokens (no attention across them); max_seqlen their
+    longest length. attention_mask: a (B, 1, T, T) mask as HF builds it (bool, True = attend, or additive
+    float), or a (B, T) key-padding mask; ignored when cu_seqlens is given. scale defaults to D^-0.5;
+    window is a sliding window (keys i - window < j <= i); softcap Gemma-2's attention logit softcapping.
+    """
+    if backend not in BACKENDS:
+        raise PpalliError(f"attention backend {backend!r} is not one of {', '.join(BACKENDS)}")
+    if cu_seqlens is not None:
+        return _packed(q, k, v, backend, scale, window, softcap, cu_seqlens, max_seqlen)
+    if attention_mask is not None and attention_mask.dim() == 2:
+        attention_mask = causal_mask(q.shape[2], q.device, window, key_valid=attention_mask)
+    if attention_mask is None and _can_flash_attn(q, backend):
+        return _flash(q, k, v, backend, scale, window, softcap, None, None)
+    if softcap is not None or backend == "eager":
+        return _eager(q, k, v, attention_mask, scale, window, softcap)
+    return _sdpa(q, k, v, attention_mask, scale, window, backend)

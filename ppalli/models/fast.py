@@ -1,0 +1,452 @@
+"""The fast path: fused decoder layers swapped into one model instance, logged and reversible.
+
+`apply_fast_path(model, ...)` replaces each decoder layer's `forward` on that layer object only (an instance
+attribute shadowing the class method; no class, module or function of transformers or peft is touched,
+and nothing happens at import time). The fused forward computes what the HF layer computes, with:
+RMSNorm kernel -> lora_qkv (one saved input for q, k, v) -> q/k-norm (Qwen3, Gemma-3, EXAONE-4) -> RoPE
+kernel -> `attend` (the planner's backend; varlen for packed batches) -> lora_linear (o) -> RMSNorm ->
+lora_mlp (SwiGLU/GeGLU with a recomputing backward). `handle.revert()` deletes the instance attributes,
+so the layers run their class's forward again, exactly as before.
+
+Activation recompute (ppalli.train.recompute) wraps the swapped forward: apply the fast path first, then
+recompute; undo in the reverse order. HF's own gradient checkpointing lives in the class forward from
+transformers 5.24 on, which the instance forward bypasses (in 5.17 it wraps __call__ and still applies).
+
+`fast_causal_lm_loss` runs the swapped decoder itself (embeddings, RoPE tables, layers, final norm) and
+fuses the lm_head with the cross entropy, so neither HF's (T, T) packed-sequence mask nor the (N, V)
+logits are ever built. The reference path computes the same sum from `model(...).logits` with
+F.cross_entropy(reduction="sum"); tests hold the two to each other.
+
+Cases the fused layer does not cover make it call the original forward (generation with a KV cache,
+attention weights requested, adapters merged or several active at once): logged once per reason.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ppalli.errors import PpalliError
+from ppalli.kernels._utils import interpreting, is_triton_available
+from ppalli.kernels.geglu import geglu
+from ppalli.kernels.linear_cross_entropy import linear_cross_entropy
+from ppalli.kernels.lora_linear import lora_linear, lora_problem
+from ppalli.kernels.lora_mlp import lora_mlp
+from ppalli.kernels.lora_qkv import lora_qkv
+from ppalli.kernels.rms_norm import rms_norm
+from ppalli.kernels.rope import apply_rope
+from ppalli.kernels.swiglu import swiglu
+from ppalli.models.attention import attend, resolve_backend
+from ppalli.models.families import FamilySpec, family_for_layer
+
+logger = logging.getLogger("ppalli")
+
+# HF config activation names -> the fused kernels' names. gelu_new is the same tanh approximation.
+ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh",
+               "gelu_new": "gelu_tanh"}
+_HF_MASKING = ("sdpa", "eager")  # HF implementations that hand layers a full (B, 1, T, T) mask for packed rows
+
+
+# --------------------------------------------------------------------------- the model's parts
+
+
+def causal_lm(model: nn.Module) -> nn.Module:
+    """The HF *ForCausalLM inside a PEFT model (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def backbone_of(model: nn.Module) -> nn.Module:
+    """The decoder stack (LlamaModel, ...) holding embed_tokens, layers, norm and rotary_emb."""
+    lm = causal_lm(model)
+    inner = getattr(lm, getattr(lm, "base_model_prefix", "model"), None)
+    return inner if inner is not None and hasattr(inner, "layers") else lm.model
+
+
+def activation(spec: FamilySpec, config) -> str | None:
+    """The fused MLP activation for this config ("silu" / "gelu_tanh"), or None when unsupported."""
+    name = next((getattr(config, k) for k in spec.act_keys if getattr(config, k, None)), None)
+    return ACTIVATIONS.get(name)
+
+
+def _norm_eps(norm: nn.Module) -> float:
+    eps = getattr(norm, "variance_epsilon", None)
+    return float(eps if eps is not None else norm.eps)
+
+
+def _layer_targets(layer: nn.Module, spec: FamilySpec) -> dict[str, nn.Module | None]:
+    attn, mlp = layer.self_attn, layer.mlp
+    names = {n: attn for n in (*spec.qkv, spec.o)} | {n: mlp for n in spec.mlp}
+    return {n: getattr(owner, n, None) for n, owner in names.items()}
+
+
+def cu_seqlens_from_position_ids(position_ids: torch.Tensor | None) -> torch.Tensor | None:
+    """(n+1,) int32 sample boundaries of a packed row (positions restart at 0), or None for one sample.
+
+    One device sync (nonzero); collators that pack pass cu_seqlens and skip this.
+    """
+    if position_ids is None or position_ids.dim() != 2 or position_ids.shape[0] != 1:
+        return None
+    pos = position_ids[0]
+    first = torch.zeros_like(pos, dtype=torch.bool)
+    first[0] = True
+    starts = torch.nonzero((pos == 0) | first).flatten()  # (n,)
+    if starts.numel() <= 1:
+        return None
+    end = torch.tensor([pos.numel()], device=pos.device, dtype=starts.dtype)
+    return torch.cat([starts, end]).to(torch.int32)
+
+
+# --------------------------------------------------------------------------- can it run?
+
+
+def _config_problem(model: nn.Module, lora_cfg) -> str | None:
+    if lora_cfg is not None:
+        if getattr(lora_cfg, "use_dora", False):
+            return "DoRA (use_dora) runs on the reference path"
+        dropout = getattr(lora_cfg, "dropout", getattr(lora_cfg, "lora_dropout", 0.0)) or 0.0
+        if dropout > 0:
+            return f"lora dropout {dropout} > 0 runs on the reference path"
+    if not is_triton_available():
+        return "triton is not installed (pip install ppalli[fast])"
+    param = next(model.parameters(), None)
+    if param is not None and param.device.type != "cuda" and not interpreting():
+        return f"the fused kernels need CUDA (model on {param.device.type}; TRITON_INTERPRET=1 runs them on CPU)"
+    return None
+
+
+def _family_problem(layers, config) -> tuple[FamilySpec | None, str | None]:
+    specs = {family_for_layer(layer) for layer in layers}
+    if len(specs) != 1 or None in specs:
+        kinds = sorted({type(layer).__name__ for layer in layers})
+        return None, f"no fast path for {', '.join(kinds)} (supported: llama, qwen2, qwen3, mistral, gemma 1-3, " \
+                     "phi3, exaone4)"
+    spec = specs.pop()
+    if (why := spec.problem(config)) is not None:
+        return spec, f"{spec.name}: {why}"
+    if activation(spec, config) is None:
+        act = next((getattr(config, k) for k in spec.act_keys if getattr(config, k, None)), None)
+        return spec, f"{spec.name}: activation {act!r} has no fused kernel"
+    if getattr(config, "attention_dropout", 0.0):
+        return spec, f"attention dropout {config.attention_dropout} > 0"
+    return spec, None
+
+
+def _lora_problem(layers, spec: FamilySpec, prefix: str) -> str | None:
+    for i, layer in enumerate(layers):
+        for name, module in _layer_targets(layer, spec).items():
+            where = f"{prefix}.layers.{i}.{name}"
+            if module is None:
+                return f"{where} not found"
+            if not hasattr(module, "lora_A"):
+                return f"LoRA missing on {where} (the fast path needs LoRA on {', '.join(spec.lora_targets())})"
+            if (why := lora_problem(module, training_only_dropout=False)) is not None:
+                return f"{where}: {why}"
+    return None
+
+
+def _head_problem(model: nn.Module) -> str | None:
+    head = causal_lm(model).get_output_embeddings()
+    if head is None:
+        return "no lm_head"
+    if hasattr(head, "lora_A"):
+        return "LoRA on lm_head runs on the reference path"
+    if getattr(head, "bias", None) is not None:
+        return "lm_head has a bias"
+    return None
+
+
+def supports(model: nn.Module, lora_cfg=None) -> tuple[bool, str]:
+    """Whether the fast path can run this (PEFT LoRA) model, and why not. lora_cfg: ppalli's or PEFT's LoraConfig
+    (dropout / lora_dropout, use_dora), optional: the adapters on the model are checked either way."""
+    if (why := _config_problem(model, lora_cfg)) is not None:
+        return False, why
+    try:
+        backbone = backbone_of(model)
+    except AttributeError:
+        return False, f"{type(causal_lm(model)).__name__} has no decoder stack with .layers"
+    layers = list(backbone.layers)
+    spec, why = _family_problem(layers, backbone.config)
+    if why is None:
+        why = _lora_problem(layers, spec, type(backbone).__name__) or _head_problem(model)
+    if why is not None:
+        return False, why
+    return True, f"{spec.name}: fused RMSNorm, LoRA q/k/v/o and MLP, RoPE, attention; fused lm_head + loss"
+
+
+# --------------------------------------------------------------------------- the fused layer
+
+
+class FusedDecoderLayer:
+    """The fused forward of one decoder layer; its bound `forward` is what the layer instance runs.
+
+    Not an nn.Module on purpose: it registers nothing, so state_dict, parameters and saving are unchanged.
+    """
+
+    def __init__(self, layer: nn.Module, spec: FamilySpec, config, backend: str, handle: FastPathHandle):
+        attn = layer.self_attn
+        self.layer, self.spec, self.config, self.backend, self.handle = layer, spec, config, backend, handle
+        self.act = activation(spec, config)
+        self.head_dim = attn.head_dim
+        self.n_heads = config.num_attention_heads
+        self.n_kv_heads = getattr(config, "num_key_value_heads", None) or self.n_heads
+        self.scale = attn.scaling
+        self.window = spec.window(layer, config)
+        self.softcap = getattr(attn, "attn_logit_softcapping", None)
+        self.rope = spec.uses_rope(layer)
+        self.original = layer.forward  # the class's forward (bound) or an instance attribute already there
+
+    def describe(self) -> str:
+        parts = ["rms_norm", "lora_qkv" if not self.spec.fused_qkv else "lora_linear (fused qkv)"]
+        parts += ["qk_norm"] * self.spec.qk_norm + ["rope" if self.rope else "no rope"]
+        parts += [f"attend[{self.backend}]"] + [f"window {self.window}"] * (self.window is not None)
+        parts += [f"softcap {self.softcap}"] * bool(self.softcap) + ["lora_linear (o)", f"lora_mlp[{self.act}]"]
+        return ", ".join(parts)
+
+    # ---- when not to run
+
+    def _fallback_reason(self, hidden: torch.Tensor, args: tuple, kwargs: dict) -> str | None:
+        if args:
+            return "positional arguments after hidden_states"
+        if kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None:
+            return "KV cache (generation)"
+        if kwargs.get("output_attentions"):
+            return "attention weights requested"
+        if kwargs.get("position_embeddings") is None:
+            return "no position embeddings passed"
+        if hidden.device.type != "cuda" and not interpreting():
+            return f"hidden states on {hidden.device.type}"
+        for name, module in _layer_targets(self.layer, self.spec).items():
+            if (why := lora_problem(module)) is not None:
+                return f"{name}: {why}"
+        return None
+
+    def _attention_inputs(self, kwargs: dict):
+        """(mask, cu_seqlens, max_seqlen) from what HF or fast_causal_lm_loss passes the layer."""
+        cu = kwargs.get("cu_seq_lens_q")
+        if cu is not None:
+            return None, cu, kwargs.get("max_length_q")
+        mask = kwargs.get("attention_mask")
+        mask = mask if isinstance(mask, torch.Tensor) else None  # flex's BlockMask: rebuilt below
+        if mask is None and not kwargs.get("ppalli_mask_exact"):
+            if getattr(self.config, "_attn_implementation", "sdpa") not in _HF_MASKING:
+                # flash/flex HF implementations pass no mask for packed rows: find the samples (one sync)
+                return None, cu_seqlens_from_position_ids(kwargs.get("position_ids")), None
+        return mask, None, None
+
+    # ---- the computation
+
+    def _norm(self, name: str | None, x: torch.Tensor) -> torch.Tensor:
+        if name is None:
+            return x
+        norm = getattr(self.layer, name)
+        return rms_norm(x, norm.weight, _norm_eps(norm), self.spec.norm_offset)
+
+    def _qkv(self, h: torch.Tensor):
+        """h (B, T, d) -> q (B, T, Hq*D), k, v (B, T, Hk*D)."""
+        attn = self.layer.self_attn
+        if self.spec.fused_qkv:  # Phi-3: one LoRA over [q | k | v]
+            qkv = lora_linear(h, getattr(attn, self.spec.qkv[0]))
+            q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+            return qkv.split([q_size, kv_size, kv_size], dim=-1)
+        return lora_qkv(h, *(getattr(attn, n) for n in self.spec.qkv))
+
+    def _attention(self, x, cos_sin, mask, cu, max_len) -> torch.Tensor:
+        """x (B, T, d) -> attention block output (B, T, d), before the residual add."""
+        attn, (b, t, _) = self.layer.self_attn, x.shape
+        q, k, v = (z.view(b, t, -1, self.head_dim) for z in self._qkv(self._norm(self.spec.pre_attn_norm, x)))
+        if self.spec.qk_norm:  # per head, over D
+            q = rms_norm(q, attn.q_norm.weight, _norm_eps(attn.q_norm), self.spec.norm_offset)
+            k = rms_norm(k, attn.k_norm.weight, _norm_eps(attn.k_norm), self.spec.norm_offset)
+        q, k, v = (z.transpose(1, 2) for z in (q, k, v))  # (B, H, T, D)
+        if self.rope:
+            q, k = apply_rope(q, k, *cos_sin)
+        o = attend(q, k, v, backend=self.backend, cu_seqlens=cu, max_seqlen=max_len, attention_mask=mask,
+                   scale=self.scale, window=self.window, softcap=self.softcap)  # (B, T, Hq, D)
+        o = lora_linear(o.reshape(b, t, -1), attn.o_proj)  # (B, T, d)
+        return self._norm(self.spec.post_attn_norm, o)
+
+    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, T, d) -> MLP block output (B, T, d), before the residual add."""
+        h, mlp = self._norm(self.spec.pre_mlp_norm, x), self.layer.mlp
+        if self.spec.fused_gate_up:  # Phi-3: one LoRA over [gate | up]; h is kept by the autograd activation
+            gate, up = lora_linear(h, getattr(mlp, self.spec.mlp[0])).chunk(2, dim=-1)
+            act = swiglu if self.act == "silu" else geglu
+            out = lora_linear(act(gate, up), getattr(mlp, self.spec.mlp[1]))
+        else:
+            out = lora_mlp(h, *(getattr(mlp, n) for n in self.spec.mlp), act=self.act)
+        return self._norm(self.spec.post_mlp_norm, out)
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """Drop-in for the HF layer's forward(hidden_states, attention_mask=, position_embeddings=, ...)."""
+        why = self._fallback_reason(hidden_states, args, kwargs)
+        if why is not None:
+            if kwargs.get("ppalli_mask_exact"):  # inside fast_causal_lm_loss the original would mis-mask packing
+                raise PpalliError(f"fast path cannot run {type(self.layer).__name__}: {why}")
+            self.handle.note_fallback(why)
+            return self.original(hidden_states, *args, **kwargs)
+        mask, cu, max_len = self._attention_inputs(kwargs)
+        x = hidden_states + self._attention(hidden_states, kwargs["position_embeddings"], mask, cu, max_len)
+        return x + self._mlp(x)
+
+
+# --------------------------------------------------------------------------- applying and reverting
+
+
+_NO_INSTANCE_FORWARD = object()
+
+
+def _swapped_directly(layer: nn.Module) -> bool:
+    """The layer's instance forward is the fused one itself, with nothing wrapped around it."""
+    return isinstance(getattr(layer.__dict__.get("forward"), "__self__", None), FusedDecoderLayer)
+
+
+@dataclass
+class FastPathHandle:
+    """What apply_fast_path did to one model instance; `revert()` undoes it."""
+
+    family: str
+    backend: str
+    backend_reason: str
+    log: Callable[[str], None]
+    swaps: list[tuple[nn.Module, object]] = field(default_factory=list)  # (layer, its previous forward attr)
+    fallbacks: set[str] = field(default_factory=set)
+
+    @property
+    def active(self) -> bool:
+        return bool(self.swaps)
+
+    def note_fallback(self, reason: str) -> None:
+        if reason not in self.fallbacks:  # once per reason: a generate() call would log it every token
+            self.fallbacks.add(reason)
+            self.log(f"fast path: a layer ran its original forward ({reason})")
+
+    def revert(self) -> None:
+        """Put back each layer's previous forward: the class method (instance attribute deleted) or the
+        instance attribute that was there before (e.g. an accelerate hook)."""
+        wrapped = [i for i, (layer, _) in enumerate(self.swaps) if not _swapped_directly(layer)]
+        if wrapped:
+            raise PpalliError(f"fast path: the forward of layer {wrapped[0]} was wrapped after the swap (e.g. "
+                              "activation recompute); remove that wrapper first, then revert")
+        for layer, previous in reversed(self.swaps):
+            if previous is _NO_INSTANCE_FORWARD:
+                layer.__dict__.pop("forward", None)
+            else:
+                layer.forward = previous
+        if self.swaps:
+            self.log(f"fast path: reverted {len(self.swaps)} layers to their original forward")
+        self.swaps.clear()
+
+
+def _fused_forward_of(layer: nn.Module):
+    """The fused forward a layer runs, also under wrappers applied after the swap (functools.wraps sets
+    __wrapped__, as ppalli.train.recompute's does), else None."""
+    fn = layer.__dict__.get("forward")
+    for _ in range(8):  # a few wrappers deep at most
+        if fn is None or isinstance(getattr(fn, "__self__", None), FusedDecoderLayer):
+            return fn
+        fn = getattr(fn, "__wrapped__", None)
+    return None
+
+
+def _is_swapped(layer: nn.Module) -> bool:
+    return _fused_forward_of(layer) is not None
+
+
+def apply_fast_path(model: nn.Module, *, attention_backend: str = "auto",
+                    log: Callable[[str], None] | None = None, lora_cfg=None) -> FastPathHandle:
+    """Swap each decoder layer's forward, on this instance only, for the fused one; returns the handle to revert.
+
+    attention_backend: the planner's choice ("auto", "sdpa", "flash_attention_2", ..., or an `attend` backend
+    name such as "sdpa_cudnn"). log: a callable taking one line (default: the "ppalli" logger at INFO).
+    Raises PpalliError with the reason when `supports` says no.
+    """
+    log = log or logger.info
+    ok, why = supports(model, lora_cfg)
+    if not ok:
+        raise PpalliError(f"fast path not applicable: {why}")
+    backbone = backbone_of(model)
+    if any(_is_swapped(layer) for layer in backbone.layers):
+        raise PpalliError("the fast path is already applied to this model; revert its handle first")
+    spec = family_for_layer(backbone.layers[0])
+    device = next(model.parameters()).device
+    backend, reason = resolve_backend(attention_backend, device)
+    handle = FastPathHandle(family=spec.name, backend=backend, backend_reason=reason, log=log)
+    log(f"fast path: {spec.name}, attention {backend} ({reason})")
+    if any(getattr(layer, "gradient_checkpointing", False) for layer in backbone.layers):
+        log("fast path: HF gradient checkpointing is on; transformers >= 5.24 checkpoints inside the class "
+            "forward, which the fused forward replaces: use ppalli.train.recompute (applied after this swap)")
+    prefix = type(backbone).__name__
+    for i, layer in enumerate(backbone.layers):
+        fused = FusedDecoderLayer(layer, spec, backbone.config, backend, handle)
+        handle.swaps.append((layer, layer.__dict__.get("forward", _NO_INSTANCE_FORWARD)))
+        layer.forward = fused.forward
+        log(f"fast path: {prefix}.layers.{i} ({type(layer).__name__}).forward -> fused ({fused.describe()})")
+    return handle
+
+
+# --------------------------------------------------------------------------- the loss
+
+
+def _padding_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """None when every row is right-padded (or not padded), else the (B, T) mask for the attention.
+
+    With right padding, causal attention lets no real token see a padding token (all keys j <= i of a real
+    query i are real), so the mask changes nothing the loss reads and the unmasked kernels run. One sync.
+    """
+    if attention_mask is None:
+        return None
+    m = attention_mask.bool()
+    return None if bool((m[:, 1:] <= m[:, :-1]).all()) else m
+
+
+def decoder_hidden_states(model, input_ids, position_ids=None, cu_seqlens=None, max_seqlen=None,
+                          attention_mask=None) -> torch.Tensor:
+    """The final-normed hidden states (B, T, d) of the swapped decoder: embeddings, RoPE tables, layers, norm."""
+    backbone = backbone_of(model)
+    if not all(_is_swapped(layer) for layer in backbone.layers):
+        raise PpalliError("fast_causal_lm_loss needs apply_fast_path(model) first (the HF layers would mix "
+                          "packed samples)")
+    spec = family_for_layer(backbone.layers[0])
+    b, t = input_ids.shape
+    if position_ids is None:
+        position_ids = torch.arange(t, device=input_ids.device)[None]  # (1, T), as HF builds it
+    elif cu_seqlens is None:
+        cu_seqlens = cu_seqlens_from_position_ids(position_ids)
+    packing = {}
+    if cu_seqlens is not None:
+        packing = dict(cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens, max_length_q=max_seqlen,
+                       max_length_k=max_seqlen)
+    mask = None if cu_seqlens is not None else _padding_mask(attention_mask)
+    hidden = backbone.embed_tokens(input_ids)  # (B, T, d); Gemma's sqrt(d) scale is inside the module
+    rope = spec.rope_tables(backbone, hidden, position_ids)
+    for i, layer in enumerate(backbone.layers):
+        hidden = layer(hidden, attention_mask=mask, position_ids=position_ids, position_embeddings=rope(i),
+                       ppalli_mask_exact=True, **packing)
+    norm = backbone.norm
+    return rms_norm(hidden, norm.weight, _norm_eps(norm), spec.norm_offset)
+
+
+def fast_causal_lm_loss(model, input_ids, labels, position_ids=None, cu_seqlens=None, max_seqlen=None,
+                        attention_mask=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of token losses fp32 (), count of trained tokens ()) of a causal LM batch on the fast path.
+
+    input_ids, labels (B, T); labels follow HF (position t predicts labels[t+1]; -100 = no loss); packed rows
+    pass position_ids (1, T) and cu_seqlens (n+1,) (and max_seqlen) from the collator. The lm_head and the
+    cross entropy are fused (chunked; no (N, V) logits); Gemma-2/3's final logit softcap is applied.
+    """
+    if (why := _head_problem(model)) is not None:
+        raise PpalliError(f"fast_causal_lm_loss: {why}")
+    lm = causal_lm(model)
+    hidden = decoder_hidden_states(model, input_ids, position_ids, cu_seqlens, max_seqlen, attention_mask)
+    weight = lm.get_output_embeddings().weight  # (V, d)
+    targets = F.pad(labels[:, 1:], (0, 1), value=-100)  # (B, T): row t's target is labels[t+1]
+    h = hidden.reshape(-1, hidden.shape[-1])  # (B*T, d)
+    h = h if h.dtype == weight.dtype else h.to(weight.dtype)  # a kbit-prepared fp32 head computes in fp32
+    softcap = getattr(lm.config, "final_logit_softcapping", None)
+    loss = linear_cross_entropy(h, weight, targets.reshape(-1), ignore_index=-100, softcap=softcap, reduction="sum")
+    return loss, (labels[:, 1:] != -100).sum()
