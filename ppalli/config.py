@@ -182,7 +182,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:  # noqa: C901 - one branch 
         raise ConfigError(f"{where}: expected null, got {value!r}")
     if origin is Literal:
         choices = typing.get_args(tp)
-        if value in choices:
+        if isinstance(value, bool) and ("on" in choices or "off" in choices):
+            value = "on" if value else "off"  # YAML 1.1 reads on/off as booleans; users mean the words
+        if value in choices and not isinstance(value, bool):
             return value
         close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""

@@ -108,6 +108,24 @@ _SDPA_ORDER = {
 }
 
 
+@functools.lru_cache(maxsize=1)
+def _has_set_priority() -> bool:
+    from torch.nn.attention import sdpa_kernel
+
+    return "set_priority" in inspect.signature(sdpa_kernel).parameters
+
+
+def _sdpa_backends(backend: str):
+    """sdpa_kernel with the backend's kernel first and the others as fallbacks, in that priority order
+    (set_priority, torch >= 2.6; without it torch's own order among the enabled kernels applies)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    order = [getattr(SDPBackend, name) for name in _SDPA_ORDER[backend]]
+    if _has_set_priority():
+        return sdpa_kernel(order, set_priority=True)
+    return sdpa_kernel(order[:1] + [SDPBackend.MATH])
+
+
 def _repeat_kv(k: torch.Tensor, v: torch.Tensor, n_q_heads: int):
     """k, v (B, Hk, T, D) -> (B, Hq, T, D) copies, for kernels without grouped-query support."""
     groups = n_q_heads // k.shape[1]
@@ -123,10 +141,7 @@ def _sdpa(q, k, v, mask, scale, window, backend):
         (k, v), gqa = _repeat_kv(k, v, q.shape[1]), False
     kwargs = dict(attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=gqa)
     if q.is_cuda and backend in _SDPA_ORDER:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        order = [getattr(SDPBackend, name) for name in _SDPA_ORDER[backend]]
-        with sdpa_kernel(order, set_priority=True):
+        with _sdpa_backends(backend):
             out = F.scaled_dot_product_attention(q, k, v, **kwargs)
     else:
         out = F.scaled_dot_product_attention(q, k, v, **kwargs)

@@ -9,7 +9,7 @@ lora_mlp (SwiGLU/GeGLU with a recomputing backward). `handle.revert()` deletes t
 so the layers run their class's forward again, exactly as before.
 
 Activation recompute (ppalli.train.recompute) wraps the swapped forward: apply the fast path first, then
-recompute; undo in the reverse order. HF's own gradient checkpointing lives in the class forward from
+recompute; revert() removes both. HF's own gradient checkpointing lives in the class forward from
 transformers 5.24 on, which the instance forward bypasses (in 5.17 it wraps __call__ and still applies).
 
 `fast_causal_lm_loss` runs the swapped decoder itself (embeddings, RoPE tables, layers, final norm) and
@@ -327,11 +327,12 @@ class FastPathHandle:
 
     def revert(self) -> None:
         """Put back each layer's previous forward: the class method (instance attribute deleted) or the
-        instance attribute that was there before (e.g. an accelerate hook)."""
-        wrapped = [i for i, (layer, _) in enumerate(self.swaps) if not _swapped_directly(layer)]
+        instance attribute that was there before (e.g. an accelerate hook). Wrappers applied on top of the
+        fused forward after the swap (activation recompute) go with it, logged."""
+        wrapped = sum(not _swapped_directly(layer) for layer, _ in self.swaps)
         if wrapped:
-            raise PpalliError(f"fast path: the forward of layer {wrapped[0]} was wrapped after the swap (e.g. "
-                              "activation recompute); remove that wrapper first, then revert")
+            self.log(f"fast path: {wrapped} layers had wrappers over the fused forward (e.g. recompute); "
+                     "reverting removes them too")
         for layer, previous in reversed(self.swaps):
             if previous is _NO_INSTANCE_FORWARD:
                 layer.__dict__.pop("forward", None)
@@ -419,6 +420,8 @@ def decoder_hidden_states(model, input_ids, position_ids=None, cu_seqlens=None, 
         cu_seqlens = cu_seqlens_from_position_ids(position_ids)
     packing = {}
     if cu_seqlens is not None:
+        if max_seqlen is None:  # once here rather than a device sync in every layer
+            max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
         packing = dict(cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens, max_length_q=max_seqlen,
                        max_length_k=max_seqlen)
     mask = None if cu_seqlens is not None else _padding_mask(attention_mask)

@@ -88,9 +88,10 @@ def _cap_gpu_memory(budget_gib: float | None, device: torch.device, print_fn) ->
     """Hold the run to plan.memory_budget_gib (the plan fits it; the cap makes a GPU shared with others safe)."""
     if budget_gib is None or device.type != "cuda":
         return
-    total = torch.cuda.get_device_properties(device).total_memory
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    total = torch.cuda.get_device_properties(index).total_memory
     fraction = min(1.0, budget_gib * 2**30 / total)
-    torch.cuda.set_per_process_memory_fraction(fraction, device)
+    torch.cuda.set_per_process_memory_fraction(fraction, index)
     print_fn(f"memory cap: {budget_gib:g} GiB ({fraction:.1%} of {total / 2**30:.1f} GiB), "
              "torch.cuda.set_per_process_memory_fraction")
 

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# `ppalli train` on the GPU machine (issue 2 item 4, issue 4 item 3): random-weight Llama architectures on
+# ko_chatbot_qa. Needs .gpu-data/ (copies of ../shared/data/{ko_chatbot_qa,tokenizer_llama3}) carried along.
+#   bash benchmarks/gpu_train_runs.sh OUT_DIR [which...]   which: ref1b fast1b cap12 cap24 (default: all)
+set -uo pipefail
+out=${1:?OUT_DIR}; shift
+which=${*:-ref1b fast1b cap12 cap24}
+data=(--set data.path=.gpu-data/ko_chatbot_qa/ChatbotData.csv --set model.tokenizer=.gpu-data/tokenizer_llama3
+      --set model.name_or_path=.gpu-data/tokenizer_llama3/config_llama-3.2-1b.json
+      --set logging.progress=plain --set output_dir=/tmp/ppalli-runs/{name})
+run() {  # name, then extra args
+  local name=$1; shift
+  local t0=$SECONDS
+  python3 -m ppalli.cli train configs/llama-3.2-1b-random-ko-chatbot.yaml "${data[@]}" --set name="$name" "$@" \
+    > "$out/$name.log" 2>&1
+  echo "$name: exit $? in $((SECONDS - t0)) s"
+  python3 benchmarks/collect_run.py "/tmp/ppalli-runs/$name" "$out/$name.json"
+}
+for w in $which; do
+  case $w in
+    ref1b) run ref-1b --set plan.fast_path=off ;;
+    fast1b) run fast-1b --set plan.fast_path=on ;;
+    cap12) run cap12-8b --set model.name_or_path=configs/models/llama-3.1-8b.json --set train.max_steps=30 \
+             --set plan.memory_budget_gib=12 ;;
+    cap24) run cap24-8b --set model.name_or_path=configs/models/llama-3.1-8b.json --set train.max_steps=30 \
+             --set plan.memory_budget_gib=24 ;;
+  esac
+done

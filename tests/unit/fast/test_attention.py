@@ -1,0 +1,160 @@
+"""`attend`: packed rows (cu_seqlens) equal each sample attended alone, on every path the CPU runs (the
+block-diagonal SDPA mask, the eager softcap path); sliding windows and padding follow HF's rules."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from fast_reference import assert_close
+
+from ppalli.errors import PpalliError
+from ppalli.models.attention import attend, causal_mask, packed_mask, resolve_backend
+
+LENGTHS = [5, 1, 9, 3]  # a one-token sample and uneven lengths: 18 tokens in one row
+
+
+def _qkv(total, hq=4, hk=2, d=8, seed=0, batch=1):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, h, total, d, generator=g) for h in (hq, hk, hk))
+
+
+def _alone(q, k, v, lengths, **kw):
+    """Each sample of a (1, H, T, D) row attended on its own -> (1, T, Hq, D)."""
+    outs, start = [], 0
+    for n in lengths:
+        s = slice(start, start + n)
+        outs.append(attend(q[:, :, s], k[:, :, s], v[:, :, s], **kw))
+        start += n
+    return torch.cat(outs, dim=1)
+
+
+def _reference(q, k, v, window=None, softcap=None):
+    """Causal attention written out (GQA by repeat, fp32 softmax) -> (B, T, Hq, D)."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    s = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+    t = q.shape[2]
+    i, j = torch.arange(t)[:, None], torch.arange(t)[None, :]
+    allowed = (j <= i) & ((i - j < window) if window else True)
+    return (s.masked_fill(~allowed, float("-inf")).softmax(-1) @ v).transpose(1, 2)
+
+
+def _cu(lengths):
+    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "sdpa_math", "eager"])
+@pytest.mark.parametrize("window", [None, 3], ids=["full", "window3"])
+def test_packed_row_equals_samples_attended_alone(backend, window):
+    q, k, v = _qkv(sum(LENGTHS))
+    kw = dict(backend=backend, window=window)
+    packed = attend(q, k, v, cu_seqlens=_cu(LENGTHS), max_seqlen=max(LENGTHS), **kw)
+    assert packed.shape == (1, sum(LENGTHS), 4, 8)
+    assert_close("packed vs alone", packed, _alone(q, k, v, LENGTHS, **kw), "block")
+
+
+def test_packing_actually_isolates_samples():
+    """The same row without cu_seqlens differs: the comparison above could not pass by accident."""
+    q, k, v = _qkv(sum(LENGTHS))
+    packed = attend(q, k, v, backend="sdpa", cu_seqlens=_cu(LENGTHS))
+    plain = attend(q, k, v, backend="sdpa")
+    assert (packed[:, LENGTHS[0]:] - plain[:, LENGTHS[0]:]).abs().max() > 1e-2
+    assert_close("first sample", packed[:, :LENGTHS[0]], plain[:, :LENGTHS[0]], "block")
+
+
+def test_softcapped_packed_row_equals_samples_alone():
+    q, k, v = _qkv(sum(LENGTHS))
+    q = q * 4  # logits well past the cap of 2, where softcapping changes the result
+    kw = dict(backend="sdpa", softcap=2.0)
+    packed = attend(q, k, v, cu_seqlens=_cu(LENGTHS), **kw)
+    assert_close("packed vs alone", packed, _alone(q, k, v, LENGTHS, **kw), "block")
+    assert_close("vs written out", packed[:, :5], _reference(q[:, :, :5], k[:, :, :5], v[:, :, :5], softcap=2.0),
+                 "block")
+
+
+def test_packed_batch_of_rows_flattens_tokens():
+    """cu_seqlens over B*T tokens (HF's flattened convention) with B = 2 rows of 9."""
+    q, k, v = _qkv(9, batch=2)
+    lengths = [4, 5, 2, 7]  # the third sample ends row 0, the fourth fills row 1
+    out = attend(q, k, v, backend="sdpa", cu_seqlens=_cu(lengths))
+    flat = [x.transpose(0, 1).reshape(1, x.shape[1], 18, 8) for x in (q, k, v)]
+    assert_close("batch vs flat", out.reshape(1, 18, 4, 8), _alone(*flat, lengths, backend="sdpa"), "block")
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "eager"])
+@pytest.mark.parametrize("window", [None, 4])
+def test_unpacked_matches_written_out_attention(backend, window):
+    q, k, v = _qkv(11, hq=6, hk=3, batch=2)
+    assert_close("attend", attend(q, k, v, backend=backend, window=window), _reference(q, k, v, window), "block")
+
+
+def test_padding_mask_keeps_real_tokens_exact_and_padding_finite():
+    q, k, v = _qkv(8, batch=2)
+    valid = torch.tensor([[1] * 8, [1] * 5 + [0] * 3])
+    out = attend(q, k, v, backend="sdpa", attention_mask=valid)
+    ref = _reference(q, k, v)
+    assert_close("row 0", out[0], ref[0], "block")
+    assert_close("row 1 real tokens", out[1, :5], ref[1, :5], "block")
+    assert torch.isfinite(out).all()  # padding queries keep their own key: no empty softmax row
+
+
+def test_left_padding_hides_padding_keys():
+    q, k, v = _qkv(6)
+    valid = torch.tensor([[0, 0, 1, 1, 1, 1]])
+    out = attend(q, k, v, backend="sdpa", attention_mask=valid)
+    assert_close("real tokens", out[:, 2:], _reference(q[:, :, 2:], k[:, :, 2:], v[:, :, 2:]), "block")
+
+
+def test_masks_follow_hf_sliding_window_rule():
+    """HF: key j visible from query i iff j <= i and j > i - window (masking_utils.sliding_window_overlay)."""
+    t, w = 7, 3
+    expected = torch.tensor([[j <= i and j > i - w for j in range(t)] for i in range(t)])
+    assert torch.equal(causal_mask(t, "cpu", w)[0, 0], expected)
+    cu = torch.tensor([0, 3, 7], dtype=torch.int32)
+    doc = torch.tensor([0, 0, 0, 1, 1, 1, 1])
+    assert torch.equal(packed_mask(cu, t, w)[0, 0], expected & (doc[:, None] == doc[None, :]))
+
+
+def test_hf_style_4d_masks_are_used_as_given():
+    q, k, v = _qkv(6)
+    keep = causal_mask(6, "cpu", 2)
+    additive = torch.zeros(1, 1, 6, 6).masked_fill(~keep, torch.finfo(torch.float32).min)
+    ref = _reference(q, k, v, window=2)
+    assert_close("bool mask", attend(q, k, v, backend="sdpa", attention_mask=keep), ref, "block")
+    assert_close("float mask", attend(q, k, v, backend="eager", attention_mask=additive), ref, "block")
+
+
+def test_scale_is_applied():
+    q, k, v = _qkv(5)
+    out = attend(q, k, v, backend="sdpa", scale=0.125)
+    ref = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), is_causal=True,
+                                         scale=0.125)
+    assert_close("scale", out, ref.transpose(1, 2), "block")
+
+
+def test_resolve_backend_on_cpu_and_pins():
+    assert resolve_backend("auto", "cpu")[0] == "sdpa"
+    assert resolve_backend("flash_attention_2", "cpu")[0] == "sdpa"
+    assert resolve_backend("sdpa_cudnn", "cpu") == ("sdpa_cudnn", "pinned")
+    assert resolve_backend("eager", "cpu") == ("eager", "pinned")
+
+
+def test_unknown_backend_is_refused():
+    q, k, v = _qkv(3)
+    with pytest.raises(PpalliError, match="not one of"):
+        attend(q, k, v, backend="xformers")
+
+
+def test_sdpa_backend_orders_name_real_kernels():
+    """Every CUDA order builds its sdpa_kernel context (the SDPBackend names exist in this torch); the math
+    order also runs on the CPU."""
+    from ppalli.models.attention import _SDPA_ORDER, _sdpa_backends
+
+    q, k, v = _qkv(4, hq=2, hk=2)
+    for backend in _SDPA_ORDER:
+        with _sdpa_backends(backend):
+            pass
+    with _sdpa_backends("sdpa_math"):
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert_close("math", out.transpose(1, 2), _reference(q, k, v), "block")
