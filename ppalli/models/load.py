@@ -110,10 +110,13 @@ def _build_quantized(config, device, dtype, quant: str, double_quant: bool, trus
     from ppalli.train.recompute import decoder_layers
 
     model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
-    for layer in decoder_layers(model):
+    layers = decoder_layers(model)
+    for layer in layers:
         layer.to(device)
-        quantize_model_4bit(layer, quant_type=quant, double_quant=double_quant, compute_dtype=dtype)
+        quantize_model_4bit(layer, quant_type=quant, double_quant=double_quant, compute_dtype=dtype, log_summary=False)
     model.to(device)
+    log.info("built random weights and quantized %d decoder layers to %s on %s, one layer at a time",
+             len(layers), quant, device)
     model.is_loaded_in_4bit = True  # PEFT reads it to pick its 4-bit LoRA layers
     return model
 

@@ -112,7 +112,8 @@ def _check_block_aligned(targets) -> None:
 
 
 def quantize_model_4bit(model: torch.nn.Module, *, quant_type: str = "nf4", double_quant: bool = True,
-                        compute_dtype: torch.dtype, skip_modules=("lm_head",)) -> torch.nn.Module:
+                        compute_dtype: torch.dtype, skip_modules=("lm_head",), log_summary: bool = True
+                        ) -> torch.nn.Module:
     """Swap the model's nn.Linear layers for bitsandbytes Linear4bit on the fly, in place; returns the model.
 
     Each layer is quantized on its own device (blocks of 64, NF4 or FP4, `double_quant` also quantizes
@@ -139,7 +140,8 @@ def quantize_model_4bit(model: torch.nn.Module, *, quant_type: str = "nf4", doub
         setattr(model.get_submodule(parent), child, new)
         log.debug("quantize_model_4bit: %s -> Linear4bit(%s)", name, quant_type)
     model.is_loaded_in_4bit = True  # what transformers' bnb loader sets; PEFT reads it to pick 4-bit LoRA layers
-    log.info("quantized %d Linear layers to %s on %s (double quant %s, compute %s): %.2f MiB -> %.2f MiB; "
+    report = log.info if log_summary else log.debug
+    report("quantized %d Linear layers to %s on %s (double quant %s, compute %s): %.2f MiB -> %.2f MiB; "
              "kept 16-bit: %s", len(targets), quant_type, ", ".join(sorted(map(str, devices))),
              "on" if double_quant else "off", str(compute_dtype).removeprefix("torch."), before / 2**20,
              after / 2**20, ", ".join(kept) or "none")

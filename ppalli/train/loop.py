@@ -28,6 +28,7 @@ class LoopSettings:
     save_every: int
     log_every: int
     seed: int
+    max_seq_len: int | None = None  # with packing, a micro-batch holds up to micro_batch_size * max_seq_len tokens
     scaler: torch.amp.GradScaler | None = None  # fp16 only: loss scaling keeps small gradients representable
 
 
@@ -78,13 +79,35 @@ def total_steps(n_samples: int, batch_size: int, epochs: float, max_steps: int |
     return max(1, math.ceil(n_samples * epochs / batch_size))
 
 
-def micro_batches(samples: Sequence[dict], micro: int) -> list[list[dict]]:
-    return [list(samples[i:i + micro]) for i in range(0, len(samples), micro)]
+def micro_batches(samples: Sequence[dict], micro: int, token_budget: int | None = None) -> list[list[dict]]:
+    """Split a step's samples: `micro` samples each, or, for packed batches, as many samples as fit
+    `token_budget` tokens (the plan sized memory for micro * max_seq_len tokens; short rows like chat Q/A
+    then share one pass instead of running many tiny ones: 8B QLoRA on ko_chatbot_qa, H200, 2026-11-25:
+    16 samples of ~35 tokens in 8 passes of 2 ran at 215 tokens/s)."""
+    if not token_budget:
+        return [list(samples[i:i + micro]) for i in range(0, len(samples), micro)]
+    groups, current, used = [], [], 0
+    for s in samples:
+        n = len(s["input_ids"])
+        if current and used + n > token_budget:
+            groups.append(current)
+            current, used = [], 0
+        current.append(s)
+        used += n
+    if current:
+        groups.append(current)
+    return groups
 
 
-def accumulate(model, objective, samples: list[dict], plan, collate, scaler=None) -> dict:
+def _split(samples, plan, settings) -> list[list[dict]]:
+    budget = plan.micro_batch_size * settings.max_seq_len if plan.packing and settings.max_seq_len else None
+    return micro_batches(samples, plan.micro_batch_size, budget)
+
+
+def accumulate(model, objective, samples: list[dict], plan, settings: LoopSettings, collate) -> dict:
     """Forward and backward over the micro-batches of one step; returns the step's loss and counts."""
-    batches = [collate(mb, plan.packing) for mb in micro_batches(samples, plan.micro_batch_size)]
+    scaler = settings.scaler
+    batches = [collate(mb, plan.packing) for mb in _split(samples, plan, settings)]
     norm = sum(objective.normalizer(b) for b in batches)
     loss_total, tokens = 0.0, 0
     for batch in batches:
@@ -100,7 +123,7 @@ def run_step(model, optimizer, scheduler, objective, samples, plan, settings, st
     """One optimizer step, redone on the next plan down after an out-of-memory error."""
     while True:
         try:
-            out = accumulate(model, objective, samples, plan, hooks.collate, settings.scaler)
+            out = accumulate(model, objective, samples, plan, settings, hooks.collate)
             break
         except (RuntimeError, torch.OutOfMemoryError) as e:
             if not is_oom(e):
@@ -148,14 +171,15 @@ def _free_cuda() -> None:
 
 
 @torch.no_grad()
-def evaluate(model, objective, samples: list[dict], plan, collate) -> float:
+def evaluate(model, objective, samples: list[dict], plan, collate, settings: LoopSettings | None = None) -> float:
     """Loss over the eval samples, normalized exactly like training (sum / count of the whole set)."""
     if not samples:
         return float("nan")
     was_training = model.training
     model.eval()
     total, norm = 0.0, 0
-    for mb in micro_batches(samples, plan.micro_batch_size):
+    groups = _split(samples, plan, settings) if settings else micro_batches(samples, plan.micro_batch_size)
+    for mb in groups:
         batch = collate(mb, plan.packing)
         loss_sum, _ = objective(model, batch)
         total += float(loss_sum)
@@ -180,9 +204,10 @@ def train_loop(model, optimizer, scheduler, objective, train: list[dict], eval_s
             out["seconds"] = time.perf_counter() - t0
             out["lr"] = scheduler.get_last_lr()[0]
             out["micro_batch_size"] = plan.micro_batch_size
+            out["passes"] = len(_split(samples, plan, settings))
             hooks.on_step(state, out)
             if settings.eval_every and state.step % settings.eval_every == 0 and state.step < settings.total_steps:
-                hooks.on_eval(state, evaluate(model, objective, eval_samples, plan, hooks.collate))
+                hooks.on_eval(state, evaluate(model, objective, eval_samples, plan, hooks.collate, settings))
             if settings.save_every and state.step % settings.save_every == 0:
                 hooks.save(state)
     except KeyboardInterrupt:

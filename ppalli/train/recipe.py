@@ -282,7 +282,7 @@ def train(cfg: C.Config, *, resume: Path | None = None, print_fn=print, cache_di
     scaler = torch.amp.GradScaler("cuda") if plan.precision == "fp16" and device.type == "cuda" else None
     settings = LoopSettings(total_steps=steps, batch_size=t.batch_size, max_grad_norm=t.max_grad_norm,
                             eval_every=t.eval_every, save_every=t.save_every, log_every=t.log_every,
-                            seed=t.seed, scaler=scaler)
+                            seed=t.seed, max_seq_len=cfg.data.max_seq_len, scaler=scaler)
     current = {"plan": plan}
     hooks = _hooks(model, optimizer, scheduler, tokenizer, device, cfg, ckpt_root, metrics, progress, current)
     t0 = time.perf_counter()
@@ -296,7 +296,7 @@ def train(cfg: C.Config, *, resume: Path | None = None, print_fn=print, cache_di
     # 6. final eval, adapter, samples, report
     from ppalli.train.loop import evaluate
 
-    eval_loss = evaluate(model, objective, prepared.eval, plan, hooks.collate) if prepared.eval else None
+    eval_loss = evaluate(model, objective, prepared.eval, plan, hooks.collate, settings) if prepared.eval else None
     if eval_loss is not None:
         metrics.write({"step": state.step, "eval_loss": eval_loss})
     metrics.close()
@@ -325,7 +325,8 @@ def _hooks(model, optimizer, scheduler, tokenizer, device, cfg, ckpt_root, metri
         peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
         row = {"step": state.step, "loss": out["loss"], "lr": out["lr"], "grad_norm": out["grad_norm"],
                "tokens_per_s": out["tokens"] / out["seconds"], "s_per_it": out["seconds"],
-               "trained_tokens": out["norm"], "peak_gib": round(peak, 3), "micro_batch_size": out["micro_batch_size"]}
+               "trained_tokens": out["norm"], "peak_gib": round(peak, 3), "micro_batch_size": out["micro_batch_size"],
+               "passes": out["passes"]}
         metrics.write(row)
         progress.update(row)
 
