@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `ppalli train` on the GPU machine (issue 2 item 4, issue 4 item 3): random-weight Llama architectures on
 # ko_chatbot_qa. Needs .gpu-data/ (copies of ../shared/data/{ko_chatbot_qa,tokenizer_llama3}) carried along.
-#   bash benchmarks/gpu_train_runs.sh OUT_DIR [which...]   which: ref1b fast1b cap12 cap24 (default: all)
+#   bash benchmarks/gpu_train_runs.sh OUT_DIR [which...]   which: ref1b fast1b ref1bq fast1bq cap12 cap24
 set -uo pipefail
 out=${1:?OUT_DIR}; shift
 which=${*:-ref1b fast1b cap12 cap24}
@@ -20,6 +20,8 @@ for w in $which; do
   case $w in
     ref1b) run ref-1b --set plan.fast_path=off ;;
     fast1b) run fast-1b --set plan.fast_path=on ;;
+    ref1bq) run ref-1b-nf4 --set plan.fast_path=off --set plan.quantization=nf4 ;;
+    fast1bq) run fast-1b-nf4 --set plan.fast_path=on --set plan.quantization=nf4 ;;
     cap12) run cap12-8b --set model.name_or_path=configs/models/llama-3.1-8b.json --set train.max_steps=30 \
              --set plan.memory_budget_gib=12 ;;
     cap24) run cap24-8b --set model.name_or_path=configs/models/llama-3.1-8b.json --set train.max_steps=30 \
