@@ -143,17 +143,12 @@ def attach_lora(model, *, r: int, alpha: float, dropout: float, targets, use_dor
 
     cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=lora_targets(model, targets),
                      use_dora=use_dora, use_rslora=use_rslora, bias="none", task_type="CAUSAL_LM")
-    if getattr(model, "is_loaded_in_4bit", False) or _has_4bit(model):
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    # No peft.prepare_model_for_kbit_training for 4-bit bases: it casts embeddings, norms and lm_head to fp32,
+    # which turns the whole residual stream fp32 (twice the saved activations; 8B nf4 4x2048 ran out of
+    # 80 GB on an H100, 2026-11-25). LoRA weights are leaves, so nothing upstream needs gradients either.
     torch.manual_seed(seed)
     peft_model = get_peft_model(model, cfg)
     return peft_model
-
-
-def _has_4bit(model) -> bool:
-    return any(type(m).__name__ == "Linear4bit" for m in model.modules())
 
 
 def count_parameters(model) -> tuple[int, int]:
