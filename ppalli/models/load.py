@@ -68,6 +68,7 @@ def load_model(
     quantization: str = "none",
     double_quant: bool = True,
     seed: int = 0,
+    memory_budget_gib: float | None = None,
 ):
     """Load (or build from config) a causal LM on `device` in `dtype`, frozen, ready for LoRA."""
     from transformers import AutoModelForCausalLM
@@ -85,7 +86,8 @@ def load_model(
         config._attn_implementation = attn_implementation
         torch.manual_seed(seed)  # random weights are part of the run: same seed, same model
         if quantization in ("nf4", "fp4"):
-            model = _build_quantized(config, device, dtype, quantization, double_quant, trust_remote_code)
+            model = _build_quantized(config, device, dtype, quantization, double_quant, trust_remote_code,
+                                     memory_budget_gib)
         else:
             with torch.device(device):
                 model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
@@ -101,23 +103,38 @@ def load_model(
     return model
 
 
-def _build_quantized(config, device, dtype, quant: str, double_quant: bool, trust_remote_code: bool):
-    """Random 16-bit weights built on the CPU, then moved and quantized one decoder layer at a time, so the
-    GPU never holds more than one 16-bit layer (an 8B model in 16-bit would not fit a 12 GiB budget)."""
+def _build_quantized(config, device, dtype, quant: str, double_quant: bool, trust_remote_code: bool,
+                     memory_budget_gib: float | None):
+    """Random 16-bit weights, then 4-bit one decoder layer at a time.
+
+    Built on the GPU when its 16-bit weights fit there (seconds), else on the CPU and moved layer by layer,
+    so the GPU never holds more than one 16-bit layer (an 8B model: 15 GiB in 16-bit, over a 12 GiB budget;
+    its CPU build took minutes on the H100 machine's 16 cores, 2026-11-25)."""
     from transformers import AutoModelForCausalLM
 
     from ppalli.models.quant import quantize_model_4bit
+    from ppalli.plan.memory import ModelSpec
     from ppalli.train.recompute import decoder_layers
 
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    build_on = "cpu"
+    if torch.device(device).type == "cuda":
+        need = ModelSpec.from_config(config).n_params * torch.finfo(dtype).bits // 8 * 1.1
+        room = torch.cuda.mem_get_info(torch.device(device))[0]
+        if memory_budget_gib is not None:
+            room = min(room, memory_budget_gib * 2**30)
+        build_on = device if need < room else "cpu"
+    with torch.device(build_on):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     layers = decoder_layers(model)
     for layer in layers:
         layer.to(device)
         quantize_model_4bit(layer, quant_type=quant, double_quant=double_quant, compute_dtype=dtype, log_summary=False)
     model.to(device)
-    log.info("built random weights and quantized %d decoder layers to %s on %s, one layer at a time",
-             len(layers), quant, device)
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
     model.is_loaded_in_4bit = True  # PEFT reads it to pick its 4-bit LoRA layers
+    log.info("built random weights on %s and quantized %d decoder layers to %s on %s, one layer at a time",
+             build_on, len(layers), quant, device)
     return model
 
 

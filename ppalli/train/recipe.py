@@ -108,7 +108,8 @@ def build_model(cfg: C.Config, plan, device, dtype):
 
     model = load_model(cfg.model.name_or_path, dtype=dtype, device=device, revision=cfg.model.revision,
                        trust_remote_code=cfg.model.trust_remote_code, attn_implementation=_hf_attention(plan),
-                       quantization=plan.quantization, double_quant=cfg.plan.double_quant, seed=cfg.train.seed)
+                       quantization=plan.quantization, double_quant=cfg.plan.double_quant, seed=cfg.train.seed,
+                       memory_budget_gib=cfg.plan.memory_budget_gib)
     lc = cfg.lora
     return attach_lora(model, r=lc.r, alpha=lc.alpha, dropout=lc.dropout, targets=lc.targets,
                        use_dora=lc.use_dora, use_rslora=lc.use_rslora, seed=cfg.train.seed)
