@@ -1,4 +1,3 @@
-import json
 
 import peft
 import pytest
@@ -20,22 +19,6 @@ from ppalli.plan.memory import (
     weight_bytes,
 )
 
-# meta-llama/Llama-3.1-8B config.json, the fields that size it
-LLAMA_31_8B = {"model_type": "llama", "hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32,
-               "num_key_value_heads": 8, "intermediate_size": 14336, "vocab_size": 128256,
-               "tie_word_embeddings": False}
-
-
-@pytest.fixture(scope="module")
-def spec_8b():
-    return ModelSpec.from_config(LLAMA_31_8B)
-
-
-@pytest.fixture(scope="module")
-def spec_1b(shared_data):
-    path = shared_data / "tokenizer_llama3" / "config_llama-3.2-1b.json"
-    return ModelSpec.from_config(json.loads(path.read_text()))
-
 
 def test_spec_counts_parameters_exactly(spec_8b, spec_1b):
     # the published counts: Llama-3.1-8B 8,030,261,248; Llama-3.2-1B 1,235,814,400 (tied embeddings)
@@ -44,8 +27,8 @@ def test_spec_counts_parameters_exactly(spec_8b, spec_1b):
     assert (spec_1b.head_dim, spec_1b.kv_dim) == (64, 512)
 
 
-def test_spec_from_transformers_config_equals_spec_from_dict(spec_8b):
-    cfg = LlamaConfig(**{k: v for k, v in LLAMA_31_8B.items() if k != "model_type"})
+def test_spec_from_transformers_config_equals_spec_from_dict(spec_8b, llama_31_8b):
+    cfg = LlamaConfig(**{k: v for k, v in llama_31_8b.items() if k != "model_type"})
     assert ModelSpec.from_config(cfg) == spec_8b
 
 

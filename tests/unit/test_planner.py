@@ -10,22 +10,8 @@ from ppalli.plan.memory import ModelSpec
 from ppalli.plan.planner import CHOICES, make_plan
 from ppalli.plan.whatif import ASSUMED_PACKAGES, format_plan, whatif, whatif_env
 
-LLAMA_31_8B = {"model_type": "llama", "hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32,
-               "num_key_value_heads": 8, "intermediate_size": 14336, "vocab_size": 128256,
-               "tie_word_embeddings": False}
 NO_TRITON = {"transformers": "5.24.0", "peft": "0.21.2", "bitsandbytes": "0.50.2"}  # the reference path
 PATHS = [None, NO_TRITON]  # fused path (standard install) and reference path
-
-
-@pytest.fixture(scope="module")
-def spec_8b():
-    return ModelSpec.from_config(LLAMA_31_8B)
-
-
-@pytest.fixture(scope="module")
-def spec_1b(shared_data):
-    path = shared_data / "tokenizer_llama3" / "config_llama-3.2-1b.json"
-    return ModelSpec.from_config(json.loads(path.read_text()))
 
 
 def cfg(**sections):
