@@ -143,7 +143,7 @@ def cmd_doctor(args) -> int:
 
 
 def cmd_data(args) -> int:
-    from ppalli.data.pipeline import format_preview, preview
+    from ppalli.data.preview import format_preview, preview
     from ppalli.models.tokenizer import load_tokenizer
     from ppalli.train.recipe import resolve_demo
 
