@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -27,6 +29,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", nargs="?", const="", default=None, metavar="RUN_DIR",
                    help="continue a run from its last checkpoint (default: the newest run)")
     p.add_argument("--help-config", action="store_true", help="list every config key with its doc")
+    p.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="data-parallel processes (one per GPU), launched through torchrun")
 
     p = sub.add_parser("plan", help="what-if plan: memory, speed and choices, for this or another GPU")
     _add_config_args(p)
@@ -78,6 +82,8 @@ def cmd_train(args) -> int:
         for key, tp, doc in C.describe():
             print(f"{key:32s} {tp:28s} {doc}")
         return 0
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return _torchrun(args.nproc, args.argv)
     resume = None
     if args.resume is not None:
         resume = Path(args.resume) if args.resume else _newest_run()
@@ -85,11 +91,28 @@ def cmd_train(args) -> int:
             args.config = str(resume / "config.yaml")
     cfg = _load_config(args)
     result = train(cfg, resume=resume)
+    if os.environ.get("RANK", "0") != "0":
+        return 0  # rank 0 reports the run
     print(f"\nadapter: {result.adapter_dir}\nreport:  {result.report}")
     if result.sample:
         print(f"sample:  Q: {result.sample['prompt']}\n         A: {result.sample['output']}")
     print(f"chat:    ppalli chat {result.run_dir}")
     return 0
+
+
+def _torchrun(nproc: int, argv: list[str]) -> int:
+    """Re-launch this very command under torchrun with N processes (rank 0 prints and writes the run)."""
+    rest, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            rest.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "ppalli.cli", *rest]
+    return subprocess.run(cmd, check=False).returncode
 
 
 def _newest_run() -> Path:
@@ -203,7 +226,9 @@ VERBS = {"train": cmd_train, "plan": cmd_plan, "doctor": cmd_doctor, "data": cmd
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
+    args.argv = argv
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

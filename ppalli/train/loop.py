@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ppalli.errors import OutOfMemory
+from ppalli.train.distributed import World, shard, sum_across, sum_gradients
 from ppalli.train.oom import explain_cuda_error, is_oom, step_down
 
 
@@ -30,6 +31,8 @@ class LoopSettings:
     seed: int
     max_seq_len: int | None = None  # with packing, a micro-batch holds up to micro_batch_size * max_seq_len tokens
     scaler: torch.amp.GradScaler | None = None  # fp16 only: loss scaling keeps small gradients representable
+    world: World = field(default_factory=World)  # data-parallel ranks (torchrun); a world of one by default
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # where collectives run
 
 
 @dataclass
@@ -105,10 +108,13 @@ def _split(samples, plan, settings) -> list[list[dict]]:
 
 
 def accumulate(model, objective, samples: list[dict], plan, settings: LoopSettings, collate) -> dict:
-    """Forward and backward over the micro-batches of one step; returns the step's loss and counts."""
-    scaler = settings.scaler
-    batches = [collate(mb, plan.packing) for mb in _split(samples, plan, settings)]
-    norm = sum(objective.normalizer(b) for b in batches)
+    """Forward and backward over this rank's micro-batches of one step; returns the step's loss and counts.
+
+    The normalizer is the whole step's (all ranks), so summing the ranks' gradients gives the exact update.
+    """
+    scaler, world = settings.scaler, settings.world
+    batches = [collate(mb, plan.packing) for mb in _split(shard(samples, world), plan, settings)]
+    norm = sum_across(sum(objective.normalizer(b) for b in batches), world, settings.device)
     loss_total, tokens = 0.0, 0
     for batch in batches:
         loss_sum, info = objective(model, batch)
@@ -116,7 +122,10 @@ def accumulate(model, objective, samples: list[dict], plan, settings: LoopSettin
         (scaler.scale(loss) if scaler is not None else loss).backward()
         loss_total += float(loss_sum.detach())
         tokens += int(batch["input_ids"].numel() if "input_ids" in batch else 0)
-    return {"loss": loss_total / max(norm, 1), "norm": norm, "tokens": tokens}
+    sum_gradients(model, world)
+    loss_total = sum_across(loss_total, world, settings.device)
+    tokens = int(sum_across(tokens, world, settings.device))
+    return {"loss": loss_total / max(norm, 1), "norm": int(norm), "tokens": tokens}
 
 
 def run_step(model, optimizer, scheduler, objective, samples, plan, settings, state, hooks):
@@ -126,8 +135,8 @@ def run_step(model, optimizer, scheduler, objective, samples, plan, settings, st
             out = accumulate(model, objective, samples, plan, settings, hooks.collate)
             break
         except (RuntimeError, torch.OutOfMemoryError) as e:
-            if not is_oom(e):
-                raise
+            if not is_oom(e) or settings.world.active:
+                raise  # ranks cannot step down alone: the others would wait in a collective forever
             optimizer.zero_grad(set_to_none=True)  # undo the half-done step: nothing was applied yet
             _free_cuda()
             lower = step_down(plan)
@@ -204,7 +213,7 @@ def train_loop(model, optimizer, scheduler, objective, train: list[dict], eval_s
             out["seconds"] = time.perf_counter() - t0
             out["lr"] = scheduler.get_last_lr()[0]
             out["micro_batch_size"] = plan.micro_batch_size
-            out["passes"] = len(_split(samples, plan, settings))
+            out["passes"] = len(_split(shard(samples, settings.world), plan, settings))  # this rank's
             hooks.on_step(state, out)
             if settings.eval_every and state.step % settings.eval_every == 0 and state.step < settings.total_steps:
                 hooks.on_eval(state, evaluate(model, objective, eval_samples, plan, hooks.collate, settings))

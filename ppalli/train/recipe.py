@@ -21,6 +21,7 @@ import yaml
 from ppalli import config as C
 from ppalli.errors import ConfigError, PpalliError
 from ppalli.train import checkpoint as ckpt
+from ppalli.train import distributed as dist
 from ppalli.train.loop import Hooks, LoopSettings, LoopState, total_steps, train_loop
 from ppalli.train.metrics import MetricsLog
 from ppalli.train.progress import Progress
@@ -223,15 +224,18 @@ def train(cfg: C.Config, *, resume: Path | None = None, print_fn=print, cache_di
     from ppalli.train.recompute import apply_recompute
     from ppalli.train.schedule import make_scheduler, warmup_steps
 
+    world = dist.init_from_env()
+    if not world.main:
+        print_fn = _silent  # the console and the run directory belong to rank 0
     cache_dir = cache_dir or Path.home() / ".cache" / "ppalli"
-    run_dir = resume or make_run_dir(cfg)
+    run_dir = Path(dist.broadcast_text(str(resume or (make_run_dir(cfg) if world.main else "")), world))
     cfg = resolve_demo(cfg, cache_dir / "demo")
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), allow_unicode=True, sort_keys=False),
-                                         encoding="utf-8")
+    write = _writer(run_dir, world)
+    write("config.yaml", yaml.safe_dump(cfg.to_dict(), allow_unicode=True, sort_keys=False))
 
     # 1. environment and plan, before any weight is loaded
     env = probe()
-    (run_dir / "env.json").write_text(json.dumps(env.to_dict(), indent=1), encoding="utf-8")
+    write("env.json", json.dumps(env.to_dict(), indent=1))
     model_config = read_model_config(cfg.model.name_or_path, revision=cfg.model.revision,
                                      trust_remote_code=cfg.model.trust_remote_code)
     plan = build_plan(cfg, model_config, env)
@@ -244,7 +248,11 @@ def train(cfg: C.Config, *, resume: Path | None = None, print_fn=print, cache_di
     seed_everything(cfg.train.seed)
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path, revision=cfg.model.revision,
                                trust_remote_code=cfg.model.trust_remote_code)
+    if not world.main:
+        dist.barrier(world)  # rank 0 tokenizes and fills the cache; the others read it
     prepared = prepare(cfg.data, tokenizer, seed=cfg.train.seed, objective=cfg.train.objective)
+    if world.main:
+        dist.barrier(world)
     template = resolve_template(cfg.data.template, tokenizer)
     stop_ids = stop_token_ids(template, tokenizer)
 
@@ -270,22 +278,26 @@ def train(cfg: C.Config, *, resume: Path | None = None, print_fn=print, cache_di
     pool = prepared.train if cfg.logging.sample_source == "train" or not prepared.eval else prepared.eval
     prompts = sample_prompts(cfg, template, tokenizer, pool)
     n_new = cfg.logging.sample_max_new_tokens
-    samples_before = (answer_samples(model, tokenizer, prompts, stop_ids, n_new)
-                      if resume is None else _load_json(run_dir / "samples_before.json"))
-    (run_dir / "samples_before.json").write_text(json.dumps(samples_before, ensure_ascii=False), encoding="utf-8")
-    (run_dir / "plan.json").write_text(json.dumps(plan.to_dict(), indent=1, ensure_ascii=False), encoding="utf-8")
+    if not world.main:
+        samples_before = []
+    elif resume is None:
+        samples_before = answer_samples(model, tokenizer, prompts, stop_ids, n_new)
+    else:
+        samples_before = _load_json(run_dir / "samples_before.json")
+    write("samples_before.json", json.dumps(samples_before, ensure_ascii=False))
+    write("plan.json", json.dumps(plan.to_dict(), indent=1, ensure_ascii=False))
 
     # 5. the loop
     metrics = MetricsLog(run_dir, resume_step=state.step if resume is not None else None,
                          tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb,
-                         wandb_project=cfg.logging.wandb_project, config=cfg.to_dict())
-    progress = Progress(steps, state.step, cfg.logging.progress, print_fn)
+                         wandb_project=cfg.logging.wandb_project, config=cfg.to_dict()) if world.main else _NullLog()
+    progress = Progress(steps, state.step, cfg.logging.progress if world.main else "none", print_fn)
     scaler = torch.amp.GradScaler("cuda") if plan.precision == "fp16" and device.type == "cuda" else None
     settings = LoopSettings(total_steps=steps, batch_size=t.batch_size, max_grad_norm=t.max_grad_norm,
                             eval_every=t.eval_every, save_every=t.save_every, log_every=t.log_every,
-                            seed=t.seed, max_seq_len=cfg.data.max_seq_len, scaler=scaler)
+                            seed=t.seed, max_seq_len=cfg.data.max_seq_len, scaler=scaler, world=world, device=device)
     current = {"plan": plan}
-    hooks = _hooks(model, optimizer, scheduler, tokenizer, device, cfg, ckpt_root, metrics, progress, current)
+    hooks = _hooks(model, optimizer, scheduler, tokenizer, device, cfg, ckpt_root, metrics, progress, current, world)
     t0 = time.perf_counter()
     try:
         plan = train_loop(model, optimizer, scheduler, objective, prepared.train, prepared.eval, plan, settings,
@@ -304,20 +316,47 @@ def train(cfg: C.Config, *, resume: Path | None = None, print_fn=print, cache_di
     if fast_handle is not None:
         fast_handle.revert()  # the saved adapter and the samples go through the plain PEFT model
     adapter_dir = run_dir / "adapter"
-    model.save_pretrained(adapter_dir, safe_serialization=True)
-    tokenizer.save_pretrained(run_dir / "tokenizer")
     if cfg.train.save_every == 0 or state.step % cfg.train.save_every:
         hooks.save(state)
+    if not world.main:
+        dist.finish(world)
+        return RunResult(run_dir, adapter_dir, run_dir / "report.md", None, float("nan"), eval_loss, model)
+    model.save_pretrained(adapter_dir, safe_serialization=True)
+    tokenizer.save_pretrained(run_dir / "tokenizer")
     samples_after = answer_samples(model, tokenizer, prompts, stop_ids, n_new)
     (run_dir / "samples.json").write_text(json.dumps({"before": samples_before, "after": samples_after},
                                                      ensure_ascii=False, indent=1), encoding="utf-8")
     report = _write_report(run_dir, cfg, plan, state, steps, train_seconds, eval_loss, samples_before,
                            samples_after, prepared)
+    dist.finish(world)
     return RunResult(run_dir, adapter_dir, report, samples_after[0] if samples_after else None,
                      _last_loss(run_dir), eval_loss, model)
 
 
-def _hooks(model, optimizer, scheduler, tokenizer, device, cfg, ckpt_root, metrics, progress, current) -> Hooks:
+def _silent(*args, **kwargs) -> None:
+    return None
+
+
+class _NullLog:
+    """The metrics log of ranks other than 0."""
+
+    def write(self, row: dict) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
+def _writer(run_dir: Path, world):
+    def write(name: str, text: str) -> None:
+        if world.main:
+            (run_dir / name).write_text(text, encoding="utf-8")
+
+    return write
+
+
+def _hooks(model, optimizer, scheduler, tokenizer, device, cfg, ckpt_root, metrics, progress, current,
+           world) -> Hooks:
     from ppalli.train.recompute import apply_recompute
 
     def on_step(state, out):
@@ -336,9 +375,13 @@ def _hooks(model, optimizer, scheduler, tokenizer, device, cfg, ckpt_root, metri
         progress.message(f"step {state.step}: eval loss {loss:.4f}")
 
     def save(state):
-        ckpt.save_checkpoint(ckpt_root, state.step, model=model, optimizer=optimizer, scheduler=scheduler,
-                             extra={"events": state.events, "plan": current["plan"].to_dict()},
-                             keep=cfg.train.save_total_limit)
+        # every rank holds the same adapter and optimizer state (gradients are summed), so rank 0's checkpoint
+        # resumes on any number of ranks
+        if world.main:
+            ckpt.save_checkpoint(ckpt_root, state.step, model=model, optimizer=optimizer, scheduler=scheduler,
+                                 extra={"events": state.events, "plan": current["plan"].to_dict()},
+                                 keep=cfg.train.save_total_limit)
+        dist.barrier(world)
 
     def replan(plan):
         if plan.checkpointing != current["plan"].checkpointing:
