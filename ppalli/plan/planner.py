@@ -66,7 +66,7 @@ class Plan:
     def explain(self) -> list[str]:
         """One line per choice, then memory and speed: 'checkpointing: none - activations of every layer fit'."""
         lines = [f"{name}: {_show(name, self)} - {self.reasons.get(name, '')}" for name in CHOICES]
-        return lines + [f"{k}: {self.reasons[k]}" for k in ("memory", "speed") if k in self.reasons]
+        return lines + [f"{k}: {self.reasons[k]}" for k in ("world", "memory", "speed") if k in self.reasons]
 
 
 def _show(name: str, plan: Plan) -> str:

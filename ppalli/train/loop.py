@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ppalli.data.collate import sample_len
 from ppalli.errors import OutOfMemory
 from ppalli.train.distributed import World, shard, sum_across, sum_gradients
 from ppalli.train.oom import explain_cuda_error, is_oom, step_down
@@ -91,7 +92,7 @@ def micro_batches(samples: Sequence[dict], micro: int, token_budget: int | None 
         return [list(samples[i:i + micro]) for i in range(0, len(samples), micro)]
     groups, current, used = [], [], 0
     for s in samples:
-        n = len(s["input_ids"])
+        n = sample_len(s)
         if current and used + n > token_budget:
             groups.append(current)
             current, used = [], 0

@@ -64,12 +64,9 @@ class SFT:
 
 
 def _pair_logps(model, batch):
-    """Chosen and rejected sequences through the model in one forward (B chosen then B rejected rows)."""
-    ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])
-    labels = torch.cat([batch["chosen_labels"], batch["rejected_labels"]])
-    mask = torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
-    logp, n = sequence_logps(model, ids, labels, mask)
-    b = batch["chosen_input_ids"].shape[0]
+    """Chosen and rejected answers in one forward: preference_collate stacks B chosen rows, then B rejected."""
+    logp, n = sequence_logps(model, batch["input_ids"], batch["labels"], batch["attention_mask"])
+    b = batch["num_pairs"]
     return logp[:b], logp[b:], n[:b], n[b:]
 
 
@@ -85,7 +82,7 @@ class ORPO:
         self.lam = lam
 
     def normalizer(self, batch: dict) -> int:
-        return int(batch["chosen_input_ids"].shape[0])
+        return int(batch["num_pairs"])
 
     def __call__(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
         lp_c, lp_r, n_c, n_r = _pair_logps(model, batch)
@@ -107,7 +104,7 @@ class DPO:
         self.beta = beta
 
     def normalizer(self, batch: dict) -> int:
-        return int(batch["chosen_input_ids"].shape[0])
+        return int(batch["num_pairs"])
 
     def __call__(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
         lp_c, lp_r, _, _ = _pair_logps(model, batch)

@@ -97,11 +97,27 @@ def _cap_gpu_memory(budget_gib: float | None, device: torch.device, print_fn) ->
              "torch.cuda.set_per_process_memory_fraction")
 
 
-def build_plan(cfg: C.Config, model_config, env):
+def build_plan(cfg: C.Config, model_config, env, world_size: int = 1):
+    """The plan for one rank: with N data-parallel ranks each holds batch_size / N samples of every step."""
+    import dataclasses
+
     from ppalli.plan.memory import ModelSpec
     from ppalli.plan.planner import make_plan
 
-    return make_plan(env, cfg, ModelSpec.from_config(model_config))
+    t = cfg.train
+    if world_size > 1:
+        if t.batch_size % world_size:
+            raise ConfigError(f"train.batch_size ({t.batch_size}) must be a multiple of the {world_size} "
+                              f"processes (--nproc), so every rank holds the same share of each step")
+        share = t.batch_size // world_size
+        micro = min(t.micro_batch_size, share) if t.micro_batch_size else None
+        cfg = replace(cfg, train=replace(t, batch_size=share, micro_batch_size=micro))
+    plan = make_plan(env, cfg, ModelSpec.from_config(model_config))
+    if world_size > 1:
+        why = (f"{world_size} data-parallel ranks: each runs {cfg.train.batch_size} of the {t.batch_size} samples "
+               f"of a step; adapter gradients are summed across ranks")
+        plan = dataclasses.replace(plan, reasons={**plan.reasons, "world": why})
+    return plan
 
 
 def build_model(cfg: C.Config, plan, device, dtype):
@@ -238,7 +254,7 @@ def train(cfg: C.Config, *, resume: Path | None = None, print_fn=print, cache_di
     write("env.json", json.dumps(env.to_dict(), indent=1))
     model_config = read_model_config(cfg.model.name_or_path, revision=cfg.model.revision,
                                      trust_remote_code=cfg.model.trust_remote_code)
-    plan = build_plan(cfg, model_config, env)
+    plan = build_plan(cfg, model_config, env, world.size)
     for line in plan.explain():
         print_fn(line)
     device, dtype = device_and_dtype(plan)
