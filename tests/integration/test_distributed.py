@@ -49,3 +49,31 @@ def test_two_gloo_ranks_equal_one_process_with_double_accumulation(tmp_path, sha
                                                                        rel=1e-5)
     # rank 0 alone wrote the run; its checkpoint resumes on any number of ranks
     assert (ddp_dir / "checkpoints" / "step-3").is_dir() and (ddp_dir / "report.md").is_file()
+
+
+def test_a_one_process_checkpoint_resumes_on_two_ranks(tmp_path, shared_data, monkeypatch):
+    """Checkpoints hold no per-rank state, so a run stopped on 1 process goes on with --nproc 2, exactly."""
+    data = dict(_cfg_dict(tmp_path, shared_data), name="cut")
+    data["train"] = dict(data["train"], max_steps=4, save_every=2)
+    full = recipe.train(C.from_dict(dict(data, name="full")), print_fn=lambda *a: None)
+
+    original = recipe.MetricsLog.write
+
+    def stop_after_step_2(self, row):
+        original(self, row)
+        if row.get("step") == 2 and "loss" in row:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(recipe.MetricsLog, "write", stop_after_step_2)
+    with pytest.raises(KeyboardInterrupt):
+        recipe.train(C.from_dict(data), print_fn=lambda *a: None)
+    monkeypatch.setattr(recipe.MetricsLog, "write", original)
+
+    cut = tmp_path / "runs" / "cut"
+    assert main(["train", "--resume", str(cut), "--nproc", "2"]) == 0
+    a = load_file(str(full.adapter_dir / "adapter_model.safetensors"))
+    b = load_file(str(cut / "adapter" / "adapter_model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6)
+    steps = [json.loads(x)["step"] for x in (cut / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert steps == [1, 2, 3, 4]
