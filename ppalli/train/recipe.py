@@ -159,6 +159,17 @@ def build_loss(model, plan, tokenizer_log):
     return fast_lm_loss, handle
 
 
+def _compile_layers(model, print_fn) -> None:
+    """Regional compile: each decoder layer on its own (one compiled graph reused by every layer, minutes not
+    tens of minutes), per instance like every other swap; dynamic shapes because packed batches vary."""
+    from ppalli.train.recompute import decoder_layers
+
+    layers = decoder_layers(model)
+    for layer in layers:
+        layer.compile(dynamic=True)
+    print_fn(f"compile: torch.compile on each of {len(layers)} decoder layers (dynamic shapes)")
+
+
 def make_collate(tokenizer, device, objective: str):
     from ppalli.data.collate import pack_collate, pad_collate, preference_collate
 
@@ -276,6 +287,8 @@ def train(cfg: C.Config, *, resume: Path | None = None, print_fn=print, cache_di
     model = build_model(cfg, plan, device, dtype)
     lm_loss, fast_handle = build_loss(model, plan, print_fn)
     apply_recompute(model, plan.checkpointing)
+    if plan.compile:
+        _compile_layers(model, print_fn)
     objective = make_objective(cfg.train.objective, beta=cfg.train.beta, lm_loss=lm_loss)
 
     # 4. optimizer, schedule, state (fresh or resumed)
