@@ -22,18 +22,11 @@ class MetricsLog:
         self._wandb = _wandb(wandb_project, run_dir, config) if wandb else None
 
     def _truncate_after(self, step: int) -> None:
-        """Drop lines of steps after the checkpoint being resumed: they will be run again."""
-        if not self.path.is_file():
-            return
-        keep = []
-        for line in self.path.read_text(encoding="utf-8").splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by a crash
-            if row.get("step", 0) <= step:
-                keep.append(line)
-        self.path.write_text("".join(k + "\n" for k in keep), encoding="utf-8")
+        """Drop rows of steps after the checkpoint being resumed: they will be run again."""
+        from ppalli.report import read_metrics
+
+        keep = [row for row in read_metrics(self.path) if row.get("step", 0) <= step]
+        self.path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in keep), encoding="utf-8")
 
     def write(self, row: dict) -> None:
         self._fh.write(json.dumps(row, ensure_ascii=False) + "\n")

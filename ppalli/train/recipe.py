@@ -22,7 +22,7 @@ from ppalli import config as C
 from ppalli.errors import ConfigError, PpalliError
 from ppalli.train import checkpoint as ckpt
 from ppalli.train import distributed as dist
-from ppalli.train.loop import Hooks, LoopSettings, LoopState, total_steps, train_loop
+from ppalli.train.loop import Hooks, LoopSettings, LoopState, evaluate, total_steps, train_loop
 from ppalli.train.metrics import MetricsLog
 from ppalli.train.progress import Progress
 
@@ -336,8 +336,6 @@ def train(cfg: C.Config, *, resume: Path | None = None, print_fn=print, cache_di
     train_seconds = time.perf_counter() - t0
 
     # 6. final eval, adapter, samples, report
-    from ppalli.train.loop import evaluate
-
     eval_loss = evaluate(model, objective, prepared.eval, plan, hooks.collate, settings) if prepared.eval else None
     if eval_loss is not None:
         metrics.write({"step": state.step, "eval_loss": eval_loss})
@@ -437,8 +435,9 @@ def _load_json(path: Path):
 
 
 def _last_loss(run_dir: Path) -> float:
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines() if x]
-    losses = [r["loss"] for r in rows if "loss" in r]
+    from ppalli.report import read_metrics
+
+    losses = [r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
     return losses[-1] if losses else float("nan")
 
 
