@@ -122,7 +122,7 @@ def build_ppalli(spec: dict, device: str) -> Built:
     model = build_model(cfg, plan, *device_and_dtype(plan))
     lines: list[str] = []  # the fast path's log: the swaps, then any layer that fell back to HF's forward
     lm_loss, _handle = build_loss(model, plan, lines.append)
-    apply_recompute(model, plan.checkpointing)
+    apply_recompute(model, plan.checkpointing, plan.recompute_layers)
     model.train()
 
     def loss_fn(ids, labels, norm):

@@ -55,6 +55,12 @@ def base_weight(module: nn.Module, dtype: torch.dtype | None = None) -> torch.Te
     return w if dtype is None or w.dtype == dtype else w.to(dtype)
 
 
+def out_features(module: nn.Module) -> int:
+    """Rows of the (out, in) base weight, read without dequantizing a 4-bit layer."""
+    base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+    return base.out_features
+
+
 def _base_bias(base: nn.Module, dtype: torch.dtype) -> torch.Tensor | None:
     bias = getattr(base, "bias", None)
     return None if bias is None else bias.to(dtype)

@@ -15,6 +15,8 @@ writes dg over g and du over u in place (the kernels' inplace=True), so the back
 and the transient h on top of the saved tensors.
 
 The GEMMs are cuBLAS; each LoRA B-product is added into its base GEMM's output buffer by addmm_.
+When a layer is recomputed for its backward (`_utils.recomputing`), y is thrown away: the down projection's
+base GEMM is skipped and only (h Ad^T), which the backward needs, is made.
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ import torch
 from torch import nn
 
 from ppalli.errors import PpalliError
+from ppalli.kernels._utils import is_recomputing
 from ppalli.kernels.geglu import geglu_bwd, geglu_fwd
-from ppalli.kernels.lora_linear import add_input_grad, lora_bwd, lora_fwd, lora_parts
+from ppalli.kernels.lora_linear import add_input_grad, cast, lora_bwd, lora_fwd, lora_parts, out_features
 from ppalli.kernels.swiglu import swiglu_bwd, swiglu_fwd
 
 ACTIVATIONS = {"silu": (swiglu_fwd, swiglu_bwd), "gelu_tanh": (geglu_fwd, geglu_bwd)}
@@ -39,7 +42,11 @@ class LoRAMLPFunction(torch.autograd.Function):
         gate, xag = lora_fwd(x, gb, ga, gB, gs)  # (N, I), (N, r)
         up, xau = lora_fwd(x, ub, ua, uB, us)  # (N, I), (N, r)
         h = act_fwd(gate, up)  # (N, I), freed when forward returns: the backward recomputes it
-        y, had = lora_fwd(h, db, da, dB, ds)  # (N, d), (N, r)
+        if is_recomputing():  # a recompute for backward keeps the saved tensors and drops y: skip the down GEMM
+            had = None if da is None else torch.mm(h, cast(da, h.dtype).t())  # (N, r)
+            y = h.new_empty(h.shape[0], out_features(db))  # (N, d), never read
+        else:
+            y, had = lora_fwd(h, db, da, dB, ds)  # (N, d), (N, r)
         ctx.save_for_backward(x, gate, up, xag, xau, had, ga, gB, ua, uB, da, dB)
         ctx.act, ctx.bases, ctx.scales = act, (gb, ub, db), (gs, us, ds)
         ctx.used = False

@@ -8,6 +8,7 @@ values). Weights are read from safetensors by transformers; nothing is executed 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import Callable
@@ -107,9 +108,10 @@ def _build_quantized(config, device, dtype, quant: str, double_quant: bool, trus
                      memory_budget_gib: float | None):
     """Random 16-bit weights, then 4-bit one decoder layer at a time.
 
-    Built on the GPU when its 16-bit weights fit there (seconds), else on the CPU and moved layer by layer,
-    so the GPU never holds more than one 16-bit layer (an 8B model: 15 GiB in 16-bit, over a 12 GiB budget;
-    its CPU build took minutes on the H100 machine's 16 cores, 2026-11-25)."""
+    Built on the GPU when its 16-bit weights fit there (seconds), else allocated on the CPU without
+    initializing (transformers' no_init_weights) and given random values layer by layer on the GPU, so the GPU
+    never holds more than one 16-bit layer (an 8B model: 15 GiB in 16-bit, over an 8-12 GiB budget). The
+    CPU's own random init of 8B took minutes on the H100 machine's 16 cores (2026-11-25)."""
     from transformers import AutoModelForCausalLM
 
     from ppalli.models.quant import quantize_model_4bit
@@ -123,19 +125,48 @@ def _build_quantized(config, device, dtype, quant: str, double_quant: bool, trus
         if memory_budget_gib is not None:
             room = min(room, memory_budget_gib * 2**30)
         build_on = device if need < room else "cpu"
-    with torch.device(build_on):
+    uninitialized = build_on == "cpu"  # random values come layer by layer on `device` below
+    with torch.device(build_on), _no_init(uninitialized):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    std = getattr(config, "initializer_range", 0.02)
     layers = decoder_layers(model)
     for layer in layers:
         layer.to(device)
+        if uninitialized:
+            _fill_random(layer, std)
         quantize_model_4bit(layer, quant_type=quant, double_quant=double_quant, compute_dtype=dtype, log_summary=False)
     model.to(device)
+    if uninitialized:
+        _fill_random(model, std, skip=layers)
     if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()
     model.is_loaded_in_4bit = True  # PEFT reads it to pick its 4-bit LoRA layers
     log.info("built random weights on %s and quantized %d decoder layers to %s on %s, one layer at a time",
              build_on, len(layers), quant, device)
     return model
+
+
+def _no_init(on: bool):
+    """transformers' no_init_weights (5.17 and 5.24: transformers.initialization) when `on`."""
+    if not on:
+        return contextlib.nullcontext()
+    from transformers.initialization import no_init_weights
+
+    return no_init_weights()
+
+
+@torch.no_grad()
+def _fill_random(module: torch.nn.Module, std: float, skip: torch.nn.Module | None = None) -> None:
+    """Normal(0, std) Linear and Embedding weights, zero biases (HF's init for these), for modules built
+    uninitialized; norms keep the ones their constructors set. Modules under `skip` are left alone."""
+    skipped = set() if skip is None else {id(m) for m in skip.modules()}
+    for m in module.modules():
+        if id(m) in skipped:
+            continue
+        if isinstance(m, (torch.nn.Linear, torch.nn.Embedding)) and m.weight.is_floating_point():
+            m.weight.normal_(0.0, std)
+            if getattr(m, "bias", None) is not None:
+                m.bias.zero_()
 
 
 def lora_targets(model, targets: list[str] | str) -> list[str] | str:

@@ -26,7 +26,7 @@ GIB = 2**30
 QUANTS = ("none", "nf4", "fp4")
 CHECKPOINTING = ("none", "selective", "full", "offload")  # least recompute first
 OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw_8bit": 2, "paged_adamw_8bit": 2, "sgd": 0}  # per adapter weight
-SELECTIVE_SHARE = 0.5  # "selective" checkpoints every other decoder layer (the recipe's definition)
+SELECTIVE_SHARE = 0.5  # "selective" without a layer count checkpoints every other decoder layer
 CUDA_CONTEXT_BYTES = int(0.5 * GIB)  # CUDA context + cuBLAS/cuDNN handles: what nvidia-smi shows beyond torch
 ALLOCATOR_SLACK = 0.04  # caching-allocator reserve above max_memory_allocated; bench_memory.py measures it
 DROPOUT_MASK_BYTES = 1  # CUDA's fused dropout keeps a bool mask (the CPU path keeps an fp32 one)
@@ -317,18 +317,19 @@ def loss_bytes(spec: ModelSpec, tokens: int, dtype_bytes: int, fused_ce: bool, l
     return tokens * spec.hidden * 4 + 2 * chunk * spec.vocab * 4
 
 
-def held_activation_bytes(per_layer: int, checkpoint_input: int, layers: int, checkpointing: str) -> tuple[int, int]:
+def held_activation_bytes(per_layer: int, checkpoint_input: int, layers: int, checkpointing: str,
+                          recompute_layers: int | None = None) -> tuple[int, int]:
     """(held from forward until backward, recomputed during one layer's backward), both in bytes.
-    none: every layer's saved set. selective: every other layer checkpointed (its input kept), the rest save
-    everything. full: each layer's input only (HF non-reentrant checkpointing). offload: inputs go to pinned
-    CPU memory; the GPU holds the one in use and the one being prefetched. Checkpointed runs rebuild one
-    layer's saved set during its backward."""
+    none: every layer's saved set. selective: `recompute_layers` layers (default half) checkpointed, each
+    keeping its input; the rest save everything. full: each layer's input only (HF non-reentrant
+    checkpointing). offload: inputs go to pinned CPU memory; the GPU holds the one in use and the one being
+    prefetched. Checkpointed runs rebuild one layer's saved set during its backward."""
     if checkpointing not in CHECKPOINTING:
         raise ConfigError(f"plan.checkpointing: {checkpointing!r} is not one of {', '.join(CHECKPOINTING)}")
     if checkpointing == "none":
         return layers * per_layer, 0
     if checkpointing == "selective":
-        ckpt = math.ceil(layers * SELECTIVE_SHARE)
+        ckpt = math.ceil(layers * SELECTIVE_SHARE) if recompute_layers is None else min(layers, recompute_layers)
         return (layers - ckpt) * per_layer + ckpt * checkpoint_input, per_layer
     kept = layers if checkpointing == "full" else min(layers, 2)
     return kept * checkpoint_input, per_layer
@@ -377,6 +378,7 @@ def overhead_bytes(allocated: int, device: str) -> int:
 def estimate_peak_bytes(spec: ModelSpec, *, lora_r: int = 16, lora_targets: Any = "all-linear",
                         quant: str = "none", double_quant: bool = True, dtype_bytes: int = 2,
                         seq_len: int = 2048, micro_batch: int = 1, checkpointing: str = "none",
+                        recompute_layers: int | None = None,
                         optimizer: str = "adamw", fused_ce: bool = False, fast_path: bool = False,
                         lora_dropout: float = 0.0, attention: str = "sdpa", attn_mask: bool = False,
                         fast_saved_per_token: int | None = None, logits_held: bool = True,
@@ -392,7 +394,8 @@ def estimate_peak_bytes(spec: ModelSpec, *, lora_r: int = 16, lora_targets: Any 
         per_token = reference_layer_bytes_per_token(spec, targets=targets, r=lora_r, dtype_bytes=dt,
                                                     lora_dropout=lora_dropout, seq_len=seq_len,
                                                     attention=attention, attn_mask=attn_mask)
-    held, rebuilt = held_activation_bytes(tokens * per_token, tokens * dt * spec.hidden, spec.layers, checkpointing)
+    held, rebuilt = held_activation_bytes(tokens * per_token, tokens * dt * spec.hidden, spec.layers, checkpointing,
+                                          recompute_layers)
     static = (weight_bytes(spec, quant, double_quant, dt),
               lora_state_bytes(lora_param_count(spec, lora_r, targets), optimizer))
     final_norm = tokens * final_norm_bytes_per_token(spec, dt, fast_path)

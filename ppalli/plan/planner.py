@@ -24,7 +24,7 @@ from ppalli.plan.memory import (
     estimate_peak_bytes,
     lora_param_count,
 )
-from ppalli.plan.speed import est_tokens_per_s
+from ppalli.plan.speed import est_tokens_per_s, flops_per_token, recompute_flops_per_token
 
 # model_type values with a family spec in ppalli/models/families (the fast path itself falls back per layer)
 FAST_FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3", "exaone", "exaone4")
@@ -55,6 +55,7 @@ class Plan:
     budget_gib: float | None = None
     est_tokens_per_s: float | None = None
     gpu: str | None = None
+    recompute_layers: int | None = None  # "selective": how many decoder layers recompute (None: half)
 
     @property
     def batch_size(self) -> int:
@@ -276,7 +277,8 @@ def _budget(ctx: _Ctx) -> float | None:
 # --------------------------------------------------------------------------- memory choices
 
 
-def _estimate(ctx: _Ctx, quant: str, checkpointing: str, micro: int, seq_len: int | None = None) -> MemoryEstimate:
+def _estimate(ctx: _Ctx, quant: str, checkpointing: str, micro: int, seq_len: int | None = None,
+              layers: int | None = None) -> MemoryEstimate:
     cfg = ctx.cfg
     seqs = micro * (2 if cfg.train.objective in PAIRED_OBJECTIVES else 1)
     seq_len = seq_len or cfg.data.max_seq_len
@@ -285,7 +287,8 @@ def _estimate(ctx: _Ctx, quant: str, checkpointing: str, micro: int, seq_len: in
     return estimate_peak_bytes(
         ctx.spec, lora_r=cfg.lora.r, lora_targets=cfg.lora.targets, quant=quant, double_quant=cfg.plan.double_quant,
         dtype_bytes=4 if ctx.precision == "fp32" else 2, seq_len=seq_len, micro_batch=seqs,
-        checkpointing=checkpointing, optimizer=cfg.train.optimizer, fused_ce=ctx.fast_path, fast_path=ctx.fast_path,
+        checkpointing=checkpointing, recompute_layers=layers, optimizer=cfg.train.optimizer, fused_ce=ctx.fast_path,
+        fast_path=ctx.fast_path,
         lora_dropout=cfg.lora.dropout, attention="eager" if ctx.attention == "eager" else "sdpa",
         attn_mask=_has_mask(ctx), logits_held=False, device=ctx.device)  # train/objectives.py drops them
 
@@ -323,19 +326,58 @@ def _fits(est: MemoryEstimate, budget: float | None) -> bool:
     return budget is None or est.peak_gib <= budget
 
 
-def _search(ctx: _Ctx, budget: float | None) -> tuple[str, str, int, MemoryEstimate] | None:
-    """16-bit before 4-bit, then the least recompute, then the largest micro-batch that fits."""
+def _search(ctx: _Ctx, budget: float | None) -> tuple[str, str, int, MemoryEstimate, int | None] | None:
+    """16-bit before 4-bit; then, of the (checkpointing, micro-batch) pairs that fit, the one with the least
+    estimated step time (`_step_cost`). For selective, the fewest recomputed layers that fit at each
+    micro-batch; full before offload when they tie (offload's copies overlap compute but are not free)."""
     quants, ckpts, micros = _options(ctx)
     for quant in quants:
+        fitting = []
         for ckpt in ckpts:
             for micro in micros:
-                est = _estimate(ctx, quant, ckpt, micro)
-                if _fits(est, budget):
-                    return quant, ckpt, micro, est
+                for layers in _layer_counts(ctx, ckpt):
+                    est = _estimate(ctx, quant, ckpt, micro, layers=layers)
+                    if _fits(est, budget):
+                        cost = _step_cost(ctx, quant, ckpt, micro, layers)
+                        fitting.append((cost, CHECKPOINTING.index(ckpt), -micro, (quant, ckpt, micro, est, layers)))
+                        break  # more recomputed layers only cost more
+        if fitting:
+            return min(fitting, key=lambda f: f[:3])[3]
     return None
 
 
-def _memory_reasons(ctx: _Ctx, quant: str, ckpt: str, micro: int, budget: float | None) -> None:
+def _layer_counts(ctx: _Ctx, ckpt: str) -> list[int | None]:
+    """selective tries 1 .. L-1 recomputed layers unless the user pinned it (then half, the old meaning)."""
+    if ckpt != "selective" or ctx.cfg.plan.checkpointing == "selective":
+        return [None]
+    return list(range(1, ctx.spec.layers))
+
+
+# FLOPs the GPU could have done in the time one byte of 4-bit dequantization traffic takes: H100 SXM,
+# 989 TFLOP/s at the ~60% a training step reaches over 3.35 TB/s at the ~80% the NF4 kernel reaches
+# (2,426-2,851 GB/s measured, benchmarks/results/2026-11-25-h100-nf4.json).
+DEQUANT_FLOPS_PER_BYTE = 989e12 * 0.6 / (3.35e12 * 0.8)
+DEQUANT_BYTES_PER_WEIGHT = 2.5  # read 0.5 byte of NF4 (+ scales), write 2 bytes of bf16
+
+
+def _step_cost(ctx: _Ctx, quant: str, ckpt: str, micro: int, layers: int | None) -> float:
+    """A step's work in FLOP-equivalents, to rank plans that fit: model + recompute FLOPs of its tokens, plus,
+    for 4-bit weights, dequantizing every layer's weights in each micro-batch's forward, backward and
+    recompute (a larger micro-batch dequantizes fewer times per step)."""
+    spec, seq = ctx.spec, ctx.cfg.data.max_seq_len
+    n_lora = lora_param_count(spec, ctx.cfg.lora.r, ctx.cfg.lora.targets)
+    recompute = recompute_flops_per_token(spec, seq, ckpt, layers)
+    cost = ctx.cfg.train.batch_size * seq * (flops_per_token(spec, seq, n_lora) + recompute)
+    if quant != "none":
+        share = recompute / max(recompute_flops_per_token(spec, seq, "full"), 1.0)
+        layer_weights = spec.matmul_params_per_token - spec.vocab * spec.hidden
+        passes = (ctx.cfg.train.batch_size // micro) * (2 + share)
+        cost += passes * layer_weights * DEQUANT_BYTES_PER_WEIGHT * DEQUANT_FLOPS_PER_BYTE
+    return cost
+
+
+def _memory_reasons(ctx: _Ctx, quant: str, ckpt: str, micro: int, budget: float | None,
+                    layers: int | None = None) -> None:
     cfg, r = ctx.cfg, ctx.reasons
     _, ckpts, micros = _options(ctx)
     over = f" > {budget:.1f} GiB" if budget is not None else ""
@@ -351,21 +393,38 @@ def _memory_reasons(ctx: _Ctx, quant: str, ckpt: str, micro: int, budget: float 
     elif ckpt == "none":
         r["checkpointing"] = "every layer's activations fit: no recompute"
     else:
-        lighter = CHECKPOINTING[CHECKPOINTING.index(ckpt) - 1]
-        need = _estimate(ctx, quant, lighter, micros[-1]).peak_gib
-        r["checkpointing"] = (f"least recompute that fits: {lighter} needs {need:.1f} GiB{over} at "
-                              f"micro-batch {micros[-1]}")
-    r["micro_batch_size"] = _micro_reason(ctx, quant, ckpt, micro, over)
+        r["checkpointing"] = _recompute_reason(ctx, quant, ckpt, micro, layers, budget)
+    r["micro_batch_size"] = _micro_reason(ctx, quant, ckpt, micro, over, layers)
 
 
-def _micro_reason(ctx: _Ctx, quant: str, ckpt: str, micro: int, over: str) -> str:
+def _recompute_reason(ctx: _Ctx, quant: str, ckpt: str, micro: int, layers: int | None,
+                      budget: float | None) -> str:
+    """Why this much recompute: what the next lighter choice would need."""
+    n, smallest = ctx.spec.layers, _options(ctx)[2][-1]
+    over = f" > {budget:.1f} GiB" if budget is not None else ""
+    if ckpt == "selective":
+        lighter, lighter_layers = ("none", None) if not layers or layers <= 1 else ("selective", layers - 1)
+        what = f"recompute {layers} of {n} decoder layers, the fewest that fit"
+    elif ckpt == "offload" and _fits(_estimate(ctx, quant, "full", smallest), budget):
+        need = _estimate(ctx, quant, "full", micro).peak_gib
+        return (f"layer inputs in pinned CPU memory (copied on a side stream, overlapping compute) allow "
+                f"micro-batch {micro}; keeping them on the GPU needs {need:.1f} GiB{over}")
+    else:
+        lighter, lighter_layers = ("selective", n - 1) if ckpt == "full" else ("full", None)
+        what = "least recompute that fits"
+    need = _estimate(ctx, quant, lighter, smallest, layers=lighter_layers).peak_gib
+    name = lighter if lighter_layers is None else f"{lighter} on {lighter_layers} layers"
+    return f"{what}: {name} needs {need:.1f} GiB{over} at micro-batch {smallest}"
+
+
+def _micro_reason(ctx: _Ctx, quant: str, ckpt: str, micro: int, over: str, layers: int | None = None) -> str:
     batch = ctx.cfg.train.batch_size
     if ctx.cfg.train.micro_batch_size:
         return ctx.pin("micro_batch_size", "train.micro_batch_size", micro) + f", keeps train.batch_size {batch}"
     if micro == batch:
         return f"the whole batch of {batch} fits in one pass"
     bigger = _divisors(batch)[_divisors(batch).index(micro) - 1]
-    need = _estimate(ctx, quant, ckpt, bigger).peak_gib
+    need = _estimate(ctx, quant, ckpt, bigger, layers=layers).peak_gib
     return f"keeps train.batch_size {batch}; micro-batch {bigger} needs {need:.1f} GiB{over}"
 
 
@@ -376,7 +435,7 @@ def _usage_reason(est: MemoryEstimate, budget: float | None, budget_why: str) ->
     return f"predicted peak {est.peak_gib:.1f} GiB{of}; {detail}"
 
 
-def _speed(ctx: _Ctx, ckpt: str) -> float | None:
+def _speed(ctx: _Ctx, ckpt: str, layers: int | None = None) -> float | None:
     if ctx.gpu is None:
         ctx.reasons["speed"] = f"no speed guess on {ctx.device}"
         return None
@@ -386,7 +445,7 @@ def _speed(ctx: _Ctx, ckpt: str) -> float | None:
         return None
     n_lora = lora_param_count(ctx.spec, ctx.cfg.lora.r, ctx.cfg.lora.targets)
     tps = est_tokens_per_s(ctx.spec, seq_len=ctx.cfg.data.max_seq_len, n_lora=n_lora, tflops=card.tflops,
-                           fast_path=ctx.fast_path, checkpointing=ckpt)
+                           fast_path=ctx.fast_path, checkpointing=ckpt, recompute_layers=layers)
     path = "fused" if ctx.fast_path else "reference"
     ctx.reasons["speed"] = (f"~{tps:,.0f} tokens/s, a rough guess from {card.name}'s {card.tflops:g} TFLOP/s and "
                             f"the {path} path's measured efficiency")
@@ -470,13 +529,14 @@ def make_plan(env: Environment, cfg: Config, spec: ModelSpec, *, gpu_index: int 
     found = _search(ctx, budget)
     if found is None:
         raise _no_fit(ctx, budget)  # _search fails only under a budget
-    quant, ckpt, micro, est = found
-    _memory_reasons(ctx, quant, ckpt, micro, budget)
+    quant, ckpt, micro, est, layers = found
+    _memory_reasons(ctx, quant, ckpt, micro, budget, layers)
     ctx.reasons["memory"] = _usage_reason(est, budget, ctx.reasons.pop("budget"))
-    tps = _speed(ctx, ckpt)
+    tps = _speed(ctx, ckpt, layers)
     return Plan(device=device, precision=ctx.precision, attention=ctx.attention, quantization=quant,
                 checkpointing=ckpt, micro_batch_size=micro, grad_accum=cfg.train.batch_size // micro,
                 packing=ctx.packing, fast_path=ctx.fast_path, compile=compile_, reasons=dict(ctx.reasons),
                 pinned=tuple(ctx.pinned), double_quant=cfg.plan.double_quant,
                 predicted_peak_gib=round(est.peak_gib, 2), budget_gib=None if budget is None else round(budget, 2),
-                est_tokens_per_s=None if tps is None else round(tps), gpu=gpu.name if gpu else None)
+                est_tokens_per_s=None if tps is None else round(tps), gpu=gpu.name if gpu else None,
+                recompute_layers=layers)

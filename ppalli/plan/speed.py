@@ -24,16 +24,21 @@ def flops_per_token(spec: ModelSpec, seq_len: int, n_lora: int) -> float:
     return 4 * spec.matmul_params_per_token + 12 * spec.layers * spec.hidden * seq_len + 6 * n_lora
 
 
-def recompute_flops_per_token(spec: ModelSpec, seq_len: int, checkpointing: str) -> float:
+def recompute_flops_per_token(spec: ModelSpec, seq_len: int, checkpointing: str,
+                              recompute_layers: int | None = None) -> float:
     """One more forward of the checkpointed decoder layers: their matmuls (2 N) and attention (4 L d s)."""
     layer_matmuls = spec.matmul_params_per_token - spec.vocab * spec.hidden
-    return RECOMPUTE_SHARE[checkpointing] * (2 * layer_matmuls + 4 * spec.layers * spec.hidden * seq_len)
+    share = RECOMPUTE_SHARE[checkpointing]
+    if checkpointing == "selective" and recompute_layers is not None:
+        share = min(recompute_layers, spec.layers) / spec.layers
+    return share * (2 * layer_matmuls + 4 * spec.layers * spec.hidden * seq_len)
 
 
 def est_tokens_per_s(spec: ModelSpec, *, seq_len: int, n_lora: int, tflops: float, fast_path: bool,
-                     checkpointing: str) -> float:
+                     checkpointing: str, recompute_layers: int | None = None) -> float:
     """Tokens/s ~ dense rate x efficiency / (model + recompute FLOPs per token). HF + PEFT 8B with full
     checkpointing, 4x2048 on an H100: predicts 5,500, measured 5,865."""
-    work = flops_per_token(spec, seq_len, n_lora) + recompute_flops_per_token(spec, seq_len, checkpointing)
+    work = (flops_per_token(spec, seq_len, n_lora)
+            + recompute_flops_per_token(spec, seq_len, checkpointing, recompute_layers))
     efficiency = FAST_EFFICIENCY if fast_path else REFERENCE_EFFICIENCY
     return tflops * 1e12 * efficiency / work

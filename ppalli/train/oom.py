@@ -119,7 +119,7 @@ def _recompute_up(plan: Plan, allow_pinned: bool) -> Plan | None:
     new = CHECKPOINTING[level + 1]
     why = (f"stepped down after OOM with {plan.checkpointing} checkpointing at micro-batch "
            f"{plan.micro_batch_size}: {new}")
-    stepped = _with(plan, "checkpointing", why, checkpointing=new, est_tokens_per_s=None)
+    stepped = _with(plan, "checkpointing", why, checkpointing=new, recompute_layers=None, est_tokens_per_s=None)
     reasons = dict(stepped.reasons, speed="more recompute after the step-down: not re-estimated")
     return dataclasses.replace(stepped, reasons=reasons)
 

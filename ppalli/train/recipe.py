@@ -286,7 +286,7 @@ def train(cfg: C.Config, *, resume: Path | None = None, print_fn=print, cache_di
     # 3. model, adapter, fast path, recompute
     model = build_model(cfg, plan, device, dtype)
     lm_loss, fast_handle = build_loss(model, plan, print_fn)
-    apply_recompute(model, plan.checkpointing)
+    apply_recompute(model, plan.checkpointing, plan.recompute_layers)
     if plan.compile:
         _compile_layers(model, print_fn)
     objective = make_objective(cfg.train.objective, beta=cfg.train.beta, lm_loss=lm_loss)
@@ -411,8 +411,9 @@ def _hooks(model, optimizer, scheduler, tokenizer, device, cfg, ckpt_root, metri
         dist.barrier(world)
 
     def replan(plan):
-        if plan.checkpointing != current["plan"].checkpointing:
-            apply_recompute(model, plan.checkpointing)
+        if (plan.checkpointing, plan.recompute_layers) != (current["plan"].checkpointing,
+                                                           current["plan"].recompute_layers):
+            apply_recompute(model, plan.checkpointing, plan.recompute_layers)
         current["plan"] = plan
         progress.message(f"out of memory: stepped down to micro-batch {plan.micro_batch_size}, "
                          f"checkpointing {plan.checkpointing}")

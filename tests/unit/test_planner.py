@@ -196,6 +196,28 @@ def test_memory_budget_pin_caps_the_plan(spec_8b):
     assert "memory_budget_gib" in capped.reasons["memory"]
 
 
+def test_a_tight_budget_recomputes_the_fewest_layers_that_fit(spec_8b):
+    """8B 4x2048 at 24 GiB: selective on a few layers, where the old every-other-layer rule recomputed 16."""
+    plan = whatif(cfg(plan={"memory_budget_gib": 24}), spec_8b, gpu="h100")
+    assert (plan.quantization, plan.checkpointing) == ("none", "selective")
+    assert 1 <= plan.recompute_layers < spec_8b.layers // 4
+    fewer = whatif(cfg(plan={"memory_budget_gib": 24}, train={"micro_batch_size": plan.micro_batch_size}),
+                   spec_8b, gpu="h100")
+    assert fewer.recompute_layers == plan.recompute_layers
+    assert f"recompute {plan.recompute_layers} of {spec_8b.layers}" in plan.reasons["checkpointing"]
+    assert f"selective on {plan.recompute_layers - 1} layers needs" in plan.reasons["checkpointing"]
+
+
+def test_4bit_prefers_one_large_micro_batch_with_offload(spec_8b):
+    """nf4 8B 4x2048 at 8.8 GiB: recomputing 27 of 32 layers at micro-batch 1 fits, but it dequantizes every
+    weight 4 times as often; offloaded layer inputs let the whole batch run in one pass."""
+    plan = whatif(cfg(plan={"memory_budget_gib": 8.8}), spec_8b, gpu="h100")
+    assert (plan.quantization, plan.checkpointing, plan.micro_batch_size) == ("nf4", "offload", 4)
+    assert "pinned CPU memory" in plan.reasons["checkpointing"]
+    pinned = whatif(cfg(plan={"memory_budget_gib": 8.8}, train={"micro_batch_size": 1}), spec_8b, gpu="h100")
+    assert pinned.checkpointing == "selective" and pinned.recompute_layers < spec_8b.layers
+
+
 def test_every_choice_has_a_one_line_reason_and_the_plan_serializes(spec_1b):
     plan = whatif(cfg(), spec_1b, gpu="l4")
     for name in CHOICES:

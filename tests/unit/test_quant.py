@@ -181,3 +181,25 @@ def test_keep_standard_layout_undoes_bnb_cpu_repacking(tmp_path):
     with torch.no_grad():
         model(ids())
     assert keep_standard_layout(model) == 0  # opted out: no layer repacked again
+
+
+def test_random_4bit_build_fills_uninitialized_weights_layer_by_layer(tmp_path):
+    """A config-only model in 4-bit is allocated without init and filled on its device: HF's normal(0, std)
+    for Linear and Embedding weights, norms at one, every decoder Linear quantized, finite logits."""
+    from ppalli.models.load import load_model
+
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=256, max_position_embeddings=64,
+                                   initializer_range=0.05)
+    cfg.save_pretrained(tmp_path)
+    model = load_model(str(tmp_path / "config.json"), dtype=torch.float32, device="cpu", quantization="nf4")
+    assert len(linear4bit_names(model)) == N_LINEAR
+    embed = model.get_input_embeddings().weight
+    assert abs(embed.std().item() - 0.05) < 0.005 and abs(embed.mean().item()) < 0.005
+    assert torch.equal(model.model.norm.weight, torch.ones_like(model.model.norm.weight))
+    w = dequantize_weight(model.model.layers[1].mlp.down_proj)
+    assert abs(w.std().item() - 0.05) < 0.01
+    again = load_model(str(tmp_path / "config.json"), dtype=torch.float32, device="cpu", quantization="nf4")
+    assert torch.equal(again.get_input_embeddings().weight, embed)  # seeded: same model each time
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=ids()).logits).all()
