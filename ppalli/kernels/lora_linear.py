@@ -119,15 +119,24 @@ def cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
-def lora_fwd(x, base, a, b, s):
-    """x (N, in) -> (y (N, out), xa (N, r) or None): y = x W^T + bias, then y += s xa B^T in place."""
+def base_mm(x, base):
+    """x (N, in) -> x W^T + bias (N, out), the frozen base layer's output."""
     w = base_weight(base, x.dtype)  # (out, in)
     bias = _base_bias(base, x.dtype)
-    y = torch.addmm(bias, x, w.t()) if bias is not None else torch.mm(x, w.t())
-    if a is None:
-        return y, None
-    xa = torch.mm(x, cast(a, x.dtype).t())  # (N, r)
-    y.addmm_(xa, cast(b, x.dtype).t(), alpha=s)
+    return torch.addmm(bias, x, w.t()) if bias is not None else torch.mm(x, w.t())
+
+
+def lora_a(x, a):
+    """x (N, in) -> x A^T (N, r), or None without an adapter."""
+    return None if a is None else torch.mm(x, cast(a, x.dtype).t())
+
+
+def lora_fwd(x, base, a, b, s):
+    """x (N, in) -> (y (N, out), xa (N, r) or None): y = x W^T + bias, then y += s xa B^T in place."""
+    y = base_mm(x, base)
+    xa = lora_a(x, a)  # (N, r)
+    if xa is not None:
+        y.addmm_(xa, cast(b, x.dtype).t(), alpha=s)
     return y, xa
 
 

@@ -5,18 +5,18 @@
     h = act(g) * u                       (N, I)   act = silu (SwiGLU) or gelu_tanh (GeGLU)
     y = h Wd^T + sd (h Ad^T) Bd^T        (N, d)
 
-Saved for the backward: x (N, d), g and u (N, I each) and the three (N, r) LoRA products. h is NOT saved;
-the backward recomputes it from g and u with one elementwise kernel. The trade, for Llama-3.1-8B
-(I = 14336) at N = 8192 tokens in bf16: keeping h costs N*I*2 = 235 MB per layer, 7.5 GB over 32 layers,
-while recomputing it reads g, u and writes h once, 0.7 GB of traffic, ~0.2 ms per layer at the H100's
-3.35 TB/s, against ~10 ms for the layer's forward+backward GEMMs (4 * N * 218M weights at ~700 TFLOP/s).
-Autograd through HF + PEFT keeps g, act(g), u, h and a copy of x per LoRA branch. The activation backward
-writes dg over g and du over u in place (the kernels' inplace=True), so the backward's peak adds only dh
-and the transient h on top of the saved tensors.
+Saved for the backward: x (N, d), the base outputs g0 = x Wg^T and u0 = x Wu^T (N, I each) and the three
+(N, r) LoRA products. The adapters' rank-r terms of g and u are never added into g0 and u0: the activation
+kernel (lora_glu.py) forms g and u tile by tile, in the forward and again in the backward, which saves 4
+passes over (N, I) per forward (~0.4 ms a layer for Llama-3.1-8B at N = 8192 on an H100). h is NOT saved
+either: keeping it costs N*I*2 = 235 MB per layer, 7.5 GB over 32 layers, while the backward's activation
+kernel writes it again only for down's dA. Autograd through HF + PEFT keeps g, act(g), u, h and a copy of x
+per LoRA branch. The activation backward writes dg over g0 and du over u0 in place, so the backward's peak
+adds only dh and the transient h on top of the saved tensors; down's rank-r input-gradient term
+(sd dy Bd) Ad is added inside that kernel too, instead of a read-modify-write pass over dh.
 
-The GEMMs are cuBLAS; each LoRA B-product is added into its base GEMM's output buffer by addmm_.
-When a layer is recomputed for its backward (`_utils.recomputing`), y is thrown away: the down projection's
-base GEMM is skipped and only (h Ad^T), which the backward needs, is made.
+The GEMMs are cuBLAS. When a layer is recomputed for its backward (`_utils.recomputing`), y is thrown away:
+the down projection's base GEMM is skipped and only (h Ad^T), which the backward needs, is made.
 """
 
 from __future__ import annotations
@@ -26,11 +26,8 @@ from torch import nn
 
 from ppalli.errors import PpalliError
 from ppalli.kernels._utils import is_recomputing
-from ppalli.kernels.geglu import geglu_bwd, geglu_fwd
-from ppalli.kernels.lora_linear import add_input_grad, cast, lora_bwd, lora_fwd, lora_parts, out_features
-from ppalli.kernels.swiglu import swiglu_bwd, swiglu_fwd
-
-ACTIVATIONS = {"silu": (swiglu_fwd, swiglu_bwd), "gelu_tanh": (geglu_fwd, geglu_bwd)}
+from ppalli.kernels.lora_glu import ACTS, lora_glu_bwd, lora_glu_fwd
+from ppalli.kernels.lora_linear import add_input_grad, base_mm, lora_a, lora_bwd, lora_fwd, lora_parts, out_features
 
 
 class LoRAMLPFunction(torch.autograd.Function):
@@ -38,39 +35,39 @@ class LoRAMLPFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, act, gb, ga, gB, gs, ub, ua, uB, us, db, da, dB, ds):
-        act_fwd, _ = ACTIVATIONS[act]
-        gate, xag = lora_fwd(x, gb, ga, gB, gs)  # (N, I), (N, r)
-        up, xau = lora_fwd(x, ub, ua, uB, us)  # (N, I), (N, r)
-        h = act_fwd(gate, up)  # (N, I), freed when forward returns: the backward recomputes it
+        gate0, xag = base_mm(x, gb), lora_a(x, ga)  # (N, I) without the adapter's term, (N, r)
+        up0, xau = base_mm(x, ub), lora_a(x, ua)
+        h = lora_glu_fwd(gate0, up0, xag, gB, gs, xau, uB, us, act)  # (N, I), freed when forward returns
         if is_recomputing():  # a recompute for backward keeps the saved tensors and drops y: skip the down GEMM
-            had = None if da is None else torch.mm(h, cast(da, h.dtype).t())  # (N, r)
+            had = lora_a(h, da)  # (N, r)
             y = h.new_empty(h.shape[0], out_features(db))  # (N, d), never read
         else:
             y, had = lora_fwd(h, db, da, dB, ds)  # (N, d), (N, r)
-        ctx.save_for_backward(x, gate, up, xag, xau, had, ga, gB, ua, uB, da, dB)
+        ctx.save_for_backward(x, gate0, up0, xag, xau, had, ga, gB, ua, uB, da, dB)
         ctx.act, ctx.bases, ctx.scales = act, (gb, ub, db), (gs, us, ds)
         ctx.used = False
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        if ctx.used:  # the first backward overwrote g and u with their gradients
+        if ctx.used:  # the first backward overwrote g0 and u0 with the gradients
             raise PpalliError("the fused LoRA MLP supports one backward per forward (no retain_graph=True)")
         ctx.used = True
-        x, gate, up, xag, xau, had, ga, gB, ua, uB, da, dB = ctx.saved_tensors
+        x, gate0, up0, xag, xau, had, ga, gB, ua, uB, da, dB = ctx.saved_tensors
         (gb, ub, db), (gs, us, ds) = ctx.bases, ctx.scales
         need = ctx.needs_input_grad
-        act_fwd, act_bwd = ACTIVATIONS[ctx.act]
 
-        # Down projection: needs h for dA_down only; h lives just long enough for that one GEMM.
+        # Down projection: dh = dy Wd + (sd dy Bd) Ad, the second term added inside the activation kernel.
         dxad = d_da = d_dB = None
         if da is not None:
-            h = act_fwd(gate, up)  # (N, I) recomputed
-            dxad, d_da, d_dB = lora_bwd(dy, h, had, da, dB, ds, need[11], need[12])
+            dxad, _, d_dB = lora_bwd(dy, None, had, da, dB, ds, False, need[12])  # (N, r), -, (d, r)
+        dh0 = add_input_grad(None, dy, db, None, None)  # (N, I)
+        want_h = da is not None and need[11]  # h only for dA_down = dxad^T h
+        dgate, dup, h = lora_glu_bwd(dh0, gate0, up0, xag, gB, gs, xau, uB, us, dxad, da, ctx.act, want_h)
+        del dh0
+        if want_h:
+            d_da = torch.mm(dxad.t(), h).to(da.dtype)  # (r, I)
             del h
-        dh = add_input_grad(None, dy, db, dxad, da)  # (N, I)
-        dgate, dup = act_bwd(dh, gate, up, inplace=True)  # written over gate and up
-        del dh
 
         dxag = g_da = g_dB = dxau = u_da = u_dB = None
         if ga is not None:
@@ -89,8 +86,8 @@ def lora_mlp(x: torch.Tensor, gate: nn.Module, up: nn.Module, down: nn.Module, a
 
     act: "silu" (Llama, Qwen, Mistral: SwiGLU) or "gelu_tanh" (Gemma: GeGLU).
     """
-    if act not in ACTIVATIONS:
-        raise PpalliError(f"lora_mlp act must be one of {sorted(ACTIVATIONS)}, got {act!r}")
+    if act not in ACTS:
+        raise PpalliError(f"lora_mlp act must be one of {sorted(ACTS)}, got {act!r}")
     g, u, d = lora_parts(gate), lora_parts(up), lora_parts(down)
     x2 = x.reshape(-1, x.shape[-1])  # (N, d)
     y = LoRAMLPFunction.apply(x2, act, *g, *u, *d)

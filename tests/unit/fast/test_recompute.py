@@ -44,14 +44,15 @@ def test_every_mode_gives_the_gradients_of_no_recompute(mode, layers):
 
 @pytest.mark.parametrize("mode", ["full", "offload"])
 def test_recompute_skips_the_down_projection(mode, monkeypatch):
-    """Forward: 3 base GEMMs per MLP (gate, up, down); the recompute makes gate and up only."""
+    """Forward: gate, up and down base GEMMs per MLP; the recompute makes gate and up only."""
     calls = []
-    real = lora_mlp.lora_fwd
-    monkeypatch.setattr(lora_mlp, "lora_fwd", lambda x, *a: calls.append(is_recomputing()) or real(x, *a))
+    base_mm, lora_fwd = lora_mlp.base_mm, lora_mlp.lora_fwd
+    monkeypatch.setattr(lora_mlp, "base_mm", lambda x, b: calls.append(("gate/up", is_recomputing())) or base_mm(x, b))
+    monkeypatch.setattr(lora_mlp, "lora_fwd", lambda x, *a: calls.append(("down", is_recomputing())) or lora_fwd(x, *a))
     _loss_and_grads(mode)
     layers = 2
-    assert calls.count(False) == 3 * layers
-    assert calls.count(True) == 2 * layers
+    assert calls.count(("gate/up", False)) == 2 * layers and calls.count(("gate/up", True)) == 2 * layers
+    assert calls.count(("down", False)) == layers and calls.count(("down", True)) == 0
 
 
 def test_offload_prefetches_the_layer_below(monkeypatch):
