@@ -131,6 +131,40 @@ def lora_a(x, a):
     return None if a is None else torch.mm(x, cast(a, x.dtype).t())
 
 
+def stacked_lora_a(x, factors):
+    """x (N, in) times the A factors of several adapters over one input, in one GEMM: [A_1; A_2; ...] is
+    (sum r, in), so x is read once instead of once per adapter (each rank-16 GEMM is bound by reading x).
+    -> a list of (N, r_i) column views of the (N, sum r) product, None where an adapter is absent."""
+    present = [a for a in factors if a is not None]
+    if not present:
+        return [None] * len(factors)
+    xa = torch.mm(x, torch.cat([cast(a, x.dtype) for a in present]).t())  # (N, sum r)
+    views, col = [], 0
+    for a in factors:
+        views.append(None if a is None else xa[:, col:col + a.shape[0]])
+        col += 0 if a is None else a.shape[0]
+    return views
+
+
+def stacked_lora_a_grads(dxas, x, factors, needs):
+    """dA_i = dxa_i^T x for adapters over one input x (N, in), in one GEMM; dxas (N, r_i) or None.
+    -> (list of dA_i in each A's dtype or None, the (N, sum r) stacked dxa, the (sum r, in) stacked A)."""
+    idx = [i for i, a in enumerate(factors) if a is not None]
+    if not idx:
+        return [None] * len(factors), None, None
+    dxa = torch.cat([dxas[i] for i in idx], dim=1)  # (N, sum r)
+    a_all = torch.cat([cast(factors[i], dxa.dtype) for i in idx])  # (sum r, in)
+    grads = [None] * len(factors)
+    if any(needs[i] for i in idx):
+        da = torch.mm(dxa.t(), x)  # (sum r, in)
+        row = 0
+        for i in idx:
+            r = factors[i].shape[0]
+            grads[i] = da[row:row + r].to(factors[i].dtype) if needs[i] else None
+            row += r
+    return grads, dxa, a_all
+
+
 def lora_fwd(x, base, a, b, s):
     """x (N, in) -> (y (N, out), xa (N, r) or None): y = x W^T + bias, then y += s xa B^T in place."""
     y = base_mm(x, base)

@@ -27,7 +27,17 @@ from torch import nn
 from ppalli.errors import PpalliError
 from ppalli.kernels._utils import is_recomputing
 from ppalli.kernels.lora_glu import ACTS, lora_glu_bwd, lora_glu_fwd
-from ppalli.kernels.lora_linear import add_input_grad, base_mm, lora_a, lora_bwd, lora_fwd, lora_parts, out_features
+from ppalli.kernels.lora_linear import (
+    add_input_grad,
+    base_mm,
+    lora_a,
+    lora_bwd,
+    lora_fwd,
+    lora_parts,
+    out_features,
+    stacked_lora_a,
+    stacked_lora_a_grads,
+)
 
 
 class LoRAMLPFunction(torch.autograd.Function):
@@ -35,8 +45,8 @@ class LoRAMLPFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, act, gb, ga, gB, gs, ub, ua, uB, us, db, da, dB, ds):
-        gate0, xag = base_mm(x, gb), lora_a(x, ga)  # (N, I) without the adapter's term, (N, r)
-        up0, xau = base_mm(x, ub), lora_a(x, ua)
+        gate0, up0 = base_mm(x, gb), base_mm(x, ub)  # (N, I) each, without the adapters' terms
+        xag, xau = stacked_lora_a(x, (ga, ua))  # (N, r) views of one GEMM: x read once
         h = lora_glu_fwd(gate0, up0, xag, gB, gs, xau, uB, us, act)  # (N, I), freed when forward returns
         if is_recomputing():  # a recompute for backward keeps the saved tensors and drops y: skip the down GEMM
             had = lora_a(h, da)  # (N, r)
@@ -69,15 +79,18 @@ class LoRAMLPFunction(torch.autograd.Function):
             d_da = torch.mm(dxad.t(), h).to(da.dtype)  # (r, I)
             del h
 
-        dxag = g_da = g_dB = dxau = u_da = u_dB = None
+        dxag = g_dB = dxau = u_dB = None
         if ga is not None:
-            dxag, g_da, g_dB = lora_bwd(dgate, x, xag, ga, gB, gs, need[3], need[4])
+            dxag, _, g_dB = lora_bwd(dgate, None, xag, ga, gB, gs, False, need[4])
         if ua is not None:
-            dxau, u_da, u_dB = lora_bwd(dup, x, xau, ua, uB, us, need[7], need[8])
+            dxau, _, u_dB = lora_bwd(dup, None, xau, ua, uB, us, False, need[8])
+        (g_da, u_da), dxa_all, a_all = stacked_lora_a_grads((dxag, dxau), x, (ga, ua), (need[3], need[7]))
         dx = None
         if need[0]:
-            dx = add_input_grad(None, dgate, gb, dxag, ga)  # (N, d)
-            dx = add_input_grad(dx, dup, ub, dxau, ua)
+            dx = add_input_grad(None, dgate, gb, None, None)  # (N, d)
+            dx = add_input_grad(dx, dup, ub, None, None)
+            if dxa_all is not None:
+                dx.addmm_(dxa_all, a_all)  # both rank-r terms in one GEMM
         return dx, None, None, g_da, g_dB, None, None, u_da, u_dB, None, None, d_da, d_dB, None
 
 
