@@ -24,7 +24,7 @@ from ppalli.plan.memory import (
     estimate_peak_bytes,
     lora_param_count,
 )
-from ppalli.plan.speed import est_tokens_per_s, flops_per_token, recompute_flops_per_token
+from ppalli.plan.speed import est_tokens_per_s, step_seconds
 
 # model_type values with a family spec in ppalli/models/families (the fast path itself falls back per layer)
 FAST_FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3", "exaone", "exaone4")
@@ -49,6 +49,7 @@ class Plan:
     fast_path: bool
     compile: bool
     reasons: dict[str, str] = field(default_factory=dict)
+    runner_up: tuple | None = None  # (seconds, checkpointing, micro-batch, layers) of the next-best plan that fit
     pinned: tuple[str, ...] = ()
     double_quant: bool = True
     predicted_peak_gib: float | None = None
@@ -328,8 +329,9 @@ def _fits(est: MemoryEstimate, budget: float | None) -> bool:
 
 def _search(ctx: _Ctx, budget: float | None) -> tuple[str, str, int, MemoryEstimate, int | None] | None:
     """16-bit before 4-bit; then, of the (checkpointing, micro-batch) pairs that fit, the one with the least
-    estimated step time (`_step_cost`). For selective, the fewest recomputed layers that fit at each
-    micro-batch; full before offload when they tie (offload's copies overlap compute but are not free)."""
+    estimated step time (`_step_cost`: GPU work, or the CPU's time to issue it when longer). For selective,
+    the fewest recomputed layers that fit at each micro-batch; full before offload when they tie (offload's
+    copies overlap compute but are not free)."""
     quants, ckpts, micros = _options(ctx)
     for quant in quants:
         fitting = []
@@ -342,7 +344,11 @@ def _search(ctx: _Ctx, budget: float | None) -> tuple[str, str, int, MemoryEstim
                         fitting.append((cost, CHECKPOINTING.index(ckpt), -micro, (quant, ckpt, micro, est, layers)))
                         break  # more recomputed layers only cost more
         if fitting:
-            return min(fitting, key=lambda f: f[:3])[3]
+            fitting.sort(key=lambda f: f[:3])
+            if len(fitting) > 1:
+                cost, _, _, (_, ckpt, micro, _, layers) = fitting[1]
+                ctx.runner_up = (cost, ckpt, micro, layers)
+            return fitting[0][3]
     return None
 
 
@@ -353,27 +359,13 @@ def _layer_counts(ctx: _Ctx, ckpt: str) -> list[int | None]:
     return list(range(1, ctx.spec.layers))
 
 
-# FLOPs the GPU could have done in the time one byte of 4-bit dequantization traffic takes: H100 SXM,
-# 989 TFLOP/s at the ~60% a training step reaches over 3.35 TB/s at the ~80% the NF4 kernel reaches
-# (2,426-2,851 GB/s measured, benchmarks/results/2026-11-25-h100-nf4.json).
-DEQUANT_FLOPS_PER_BYTE = 989e12 * 0.6 / (3.35e12 * 0.8)
-DEQUANT_BYTES_PER_WEIGHT = 2.5  # read 0.5 byte of NF4 (+ scales), write 2 bytes of bf16
-
-
 def _step_cost(ctx: _Ctx, quant: str, ckpt: str, micro: int, layers: int | None) -> float:
-    """A step's work in FLOP-equivalents, to rank plans that fit: model + recompute FLOPs of its tokens, plus,
-    for 4-bit weights, dequantizing every layer's weights in each micro-batch's forward, backward and
-    recompute (a larger micro-batch dequantizes fewer times per step)."""
-    spec, seq = ctx.spec, ctx.cfg.data.max_seq_len
-    n_lora = lora_param_count(spec, ctx.cfg.lora.r, ctx.cfg.lora.targets)
-    recompute = recompute_flops_per_token(spec, seq, ckpt, layers)
-    cost = ctx.cfg.train.batch_size * seq * (flops_per_token(spec, seq, n_lora) + recompute)
-    if quant != "none":
-        share = recompute / max(recompute_flops_per_token(spec, seq, "full"), 1.0)
-        layer_weights = spec.matmul_params_per_token - spec.vocab * spec.hidden
-        passes = (ctx.cfg.train.batch_size // micro) * (2 + share)
-        cost += passes * layer_weights * DEQUANT_BYTES_PER_WEIGHT * DEQUANT_FLOPS_PER_BYTE
-    return cost
+    """Estimated seconds of a step, to rank the plans that fit (plan/speed.py's step_seconds)."""
+    card = find_card(ctx.gpu.name, ctx.gpu.total_memory_gib) if ctx.gpu is not None else None
+    return step_seconds(ctx.spec, seq_len=ctx.cfg.data.max_seq_len, batch=ctx.cfg.train.batch_size, micro=micro,
+                        n_lora=lora_param_count(ctx.spec, ctx.cfg.lora.r, ctx.cfg.lora.targets),
+                        checkpointing=ckpt, recompute_layers=layers, quant=quant, fast_path=ctx.fast_path,
+                        tflops=card.tflops if card else None)
 
 
 def _memory_reasons(ctx: _Ctx, quant: str, ckpt: str, micro: int, budget: float | None,
@@ -404,7 +396,7 @@ def _recompute_reason(ctx: _Ctx, quant: str, ckpt: str, micro: int, layers: int 
     over = f" > {budget:.1f} GiB" if budget is not None else ""
     if ckpt == "selective":
         lighter, lighter_layers = ("none", None) if not layers or layers <= 1 else ("selective", layers - 1)
-        what = f"recompute {layers} of {n} decoder layers, the fewest that fit"
+        what, smallest = f"recompute {layers} of {n} decoder layers, the fewest that fit", micro
     elif ckpt == "offload" and _fits(_estimate(ctx, quant, "full", smallest), budget):
         need = _estimate(ctx, quant, "full", micro).peak_gib
         return (f"layer inputs in pinned CPU memory (copied on a side stream, overlapping compute) allow "
@@ -425,7 +417,14 @@ def _micro_reason(ctx: _Ctx, quant: str, ckpt: str, micro: int, over: str, layer
         return f"the whole batch of {batch} fits in one pass"
     bigger = _divisors(batch)[_divisors(batch).index(micro) - 1]
     need = _estimate(ctx, quant, ckpt, bigger, layers=layers).peak_gib
-    return f"keeps train.batch_size {batch}; micro-batch {bigger} needs {need:.1f} GiB{over}"
+    why = f"keeps train.batch_size {batch}; micro-batch {bigger} needs {need:.1f} GiB{over}"
+    if ctx.runner_up is not None:
+        cost, other, other_micro, other_layers = ctx.runner_up
+        this = _step_cost(ctx, quant, ckpt, micro, layers)
+        named = other if other_layers is None else f"{other} on {other_layers} layers"
+        why += (f"; ranked by estimated step time: this {this:.2f} s, next micro-batch {other_micro} with "
+                f"{named} {cost:.2f} s")
+    return why
 
 
 def _usage_reason(est: MemoryEstimate, budget: float | None, budget_why: str) -> str:

@@ -42,3 +42,35 @@ def est_tokens_per_s(spec: ModelSpec, *, seq_len: int, n_lora: int, tflops: floa
             + recompute_flops_per_token(spec, seq_len, checkpointing, recompute_layers))
     efficiency = FAST_EFFICIENCY if fast_path else REFERENCE_EFFICIENCY
     return tflops * 1e12 * efficiency / work
+
+
+# For ranking plans (planner._search), not for the printed guess.
+# HBM bytes/s per dense FLOP/s: the H100 SXM's 3.35 TB/s over 989 TFLOP/s; cards in gpus.py carry no
+# bandwidth, so it scales with their rate.
+BYTES_PER_FLOP = 3.35e12 / 989e12
+DEQUANT_BYTES_PER_WEIGHT = 2.5  # read 0.5 byte of NF4 (+ scales), write 2 bytes of bf16
+DEQUANT_BANDWIDTH_SHARE = 0.8  # the NF4 kernel's 2,426-2,851 GB/s on the H100 (results/2026-11-25-h100-nf4.json)
+# CPU time to issue one micro-batch through one decoder layer (forward, backward, the launches between):
+# on the H100 machine, Llama-3.1-8B at micro-batch 1 x 4 with 4 of 32 layers recomputed took a median
+# 870 ms a step against ~560 ms at micro-batch 2 x 2 with 20 recomputed (results/*-t2-run3-auto.json,
+# *-t2-micro2.json), so the small micro-batch was bound by issuing: 870 ms / (4 x 32) = 6.8 ms.
+HOST_SECONDS_PER_LAYER = 6.8e-3
+DEFAULT_TFLOPS = 989.0  # no card known (CPU runs, unknown GPUs): rank as on an H100
+
+
+def step_seconds(spec: ModelSpec, *, seq_len: int, batch: int, micro: int, n_lora: int, checkpointing: str,
+                 recompute_layers: int | None = None, quant: str = "none", fast_path: bool = True,
+                 tflops: float | None = None) -> float:
+    """A step's estimated seconds: the longer of its GPU time (model + recompute FLOPs; for 4-bit weights,
+    dequantizing every layer's weights in each micro-batch's forward, backward and recompute, so a larger
+    micro-batch dequantizes fewer times) and the CPU's time to issue its micro-batches layer by layer."""
+    rate = (tflops or DEFAULT_TFLOPS) * 1e12 * (FAST_EFFICIENCY if fast_path else REFERENCE_EFFICIENCY)
+    recompute = recompute_flops_per_token(spec, seq_len, checkpointing, recompute_layers)
+    gpu = batch * seq_len * (flops_per_token(spec, seq_len, n_lora) + recompute) / rate
+    steps = batch // micro
+    if quant != "none":
+        share = recompute / max(recompute_flops_per_token(spec, seq_len, "full"), 1.0)
+        layer_weights = spec.matmul_params_per_token - spec.vocab * spec.hidden
+        bandwidth = (tflops or DEFAULT_TFLOPS) * 1e12 * BYTES_PER_FLOP * DEQUANT_BANDWIDTH_SHARE
+        gpu += steps * (2 + share) * layer_weights * DEQUANT_BYTES_PER_WEIGHT / bandwidth
+    return max(gpu, steps * spec.layers * HOST_SECONDS_PER_LAYER)

@@ -197,15 +197,17 @@ def test_memory_budget_pin_caps_the_plan(spec_8b):
 
 
 def test_a_tight_budget_recomputes_the_fewest_layers_that_fit(spec_8b):
-    """8B 4x2048 at 24 GiB: selective on a few layers, where the old every-other-layer rule recomputed 16."""
+    """8B 4x2048 at 24 GiB: the fewest recomputed layers at each micro-batch, ranked by estimated step time.
+    Micro-batch 1 needs only 4 recomputed layers but 4 x 32 layer launches a step from the CPU (measured
+    CPU-bound on the H100 machine: 870 ms against 615 ms for micro-batch 2 with 20 layers)."""
     plan = whatif(cfg(plan={"memory_budget_gib": 24}), spec_8b, gpu="h100")
-    assert (plan.quantization, plan.checkpointing) == ("none", "selective")
-    assert 1 <= plan.recompute_layers < spec_8b.layers // 4
-    fewer = whatif(cfg(plan={"memory_budget_gib": 24}, train={"micro_batch_size": plan.micro_batch_size}),
-                   spec_8b, gpu="h100")
-    assert fewer.recompute_layers == plan.recompute_layers
+    assert (plan.quantization, plan.checkpointing, plan.micro_batch_size) == ("none", "selective", 2)
+    assert 1 <= plan.recompute_layers < spec_8b.layers
     assert f"recompute {plan.recompute_layers} of {spec_8b.layers}" in plan.reasons["checkpointing"]
     assert f"selective on {plan.recompute_layers - 1} layers needs" in plan.reasons["checkpointing"]
+    assert "ranked by estimated step time" in plan.reasons["micro_batch_size"]
+    one = whatif(cfg(plan={"memory_budget_gib": 24}, train={"micro_batch_size": 1}), spec_8b, gpu="h100")
+    assert one.checkpointing == "selective" and one.recompute_layers < plan.recompute_layers
 
 
 def test_4bit_prefers_one_large_micro_batch_with_offload(spec_8b):
