@@ -118,7 +118,9 @@ class PlanConfig:
         "auto", "4-bit base weights: auto uses them only when 16-bit weights do not fit.")
     double_quant: bool = _f(True, "Quantize the 4-bit scales too (saves ~0.4 bit per weight).")
     checkpointing: Literal["auto", "none", "selective", "full", "offload"] = _f(
-        "auto", "Activation recompute: auto picks the least that fits.")
+        "auto", "Activation recompute per decoder layer: none; selective (auto: the fewest layers that fit; "
+                "pinned: every other layer); full (every layer keeps only its input); offload (full, with the "
+                "inputs in pinned CPU memory). auto ranks the plans that fit by estimated step time.")
     fast_path: Literal["auto", "on", "off"] = _f("auto", "Fused kernels; 'off' forces the reference path.")
     compile: Literal["auto", "on", "off"] = _f("auto", "Regional torch.compile of decoder layers.")
     memory_budget_gib: float | None = _f(None, "Cap the GPU memory the plan may use.")

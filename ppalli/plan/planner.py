@@ -79,6 +79,8 @@ def _show(name: str, plan: Plan) -> str:
         return "on" if value else "off"
     if name == "quantization" and value != "none":
         return f"{value}{' + double quant' if plan.double_quant else ''}"
+    if name == "checkpointing" and value == "selective" and plan.recompute_layers:
+        return f"selective ({plan.recompute_layers} layers)"
     return str(value)
 
 
