@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# One device call for the targets of BENCHMARKS.md: the GPU tests first (a broken kernel stops the call
+# before any timing), then benchmarks/peers.py per case, ppalli beside the Unsloth runs its target reads.
+# Needs .peers/ carried (../shared/tools/peer-site.sh .peers). A call has 10 minutes: about 3 for the
+# tests, 2.5-4 per case (T1 with all its peers ~4; `--stacks ppalli,unsloth --gc off` halves it).
+#   bash benchmarks/gpu_targets.sh OUT_DIR [tests] [T1|T2|T3|T3-8.8|T4 ...]
+# T3-8.8 is T3 with ppalli planned to an 8.8 GiB budget (peak under Unsloth QLoRA's 8.06 GiB).
+set -uo pipefail
+out=${1:?OUT_DIR}; shift
+export PYTHONPATH=/tmp/peer-site${PYTHONPATH:+:$PYTHONPATH}
+[ -d /tmp/peer-site ] || tar xzf .peers/site.tgz -C /tmp
+[ $# -gt 0 ] || set -- tests T3-8.8 T2
+for what in "$@"; do
+  case $what in tests|T1|T2|T3|T3-8.8|T4) ;; *) echo "unknown: $what (tests, T1, T2, T3, T3-8.8, T4)" >&2; exit 2 ;; esac
+done
+for what in "$@"; do
+  t0=$SECONDS
+  case $what in
+    tests) python3 -m pytest -q -x tests/gpu tests/unit/kernels -p no:cacheprovider > "$out/gpu-tests.log" 2>&1
+           tail -1 "$out/gpu-tests.log" ;;
+    T1) python3 benchmarks/peers.py --case T1 --gc off --stacks ppalli,unsloth --out "$out" --timeout 200 ;;
+    T3-8.8) python3 benchmarks/peers.py --case T3 --ppalli-setting budget=8.8 --stacks ppalli,unsloth --out "$out" \
+              --timeout 200 ;;
+    T2|T3|T4) python3 benchmarks/peers.py --case "$what" --stacks ppalli,unsloth --out "$out" --timeout 200 ;;
+  esac 2>&1 | grep -E "^\[T|^Target|passed|failed|error" 
+  echo "$what: $((SECONDS - t0)) s"
+done
