@@ -110,3 +110,19 @@ def test_injected_oom_steps_down_to_the_same_adapter(make_cfg, quiet, monkeypatc
     wb = load_file(str(stepped.adapter_dir / "adapter_model.safetensors"))
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("mode", ["selective", "full", "offload"])
+def test_every_recompute_mode_trains_to_the_same_adapter(make_cfg, quiet, mode):
+    """`ppalli train` with each plan.checkpointing (reference path, 2 decoder layers): the recompute wrappers
+    sit on the recipe's model, and the losses and adapter equal a run without recompute."""
+    base = recipe.train(make_cfg(name="none", train__max_steps=3, plan__checkpointing="none"), print_fn=quiet)
+    run = recipe.train(make_cfg(name=mode, train__max_steps=3, plan__checkpointing=mode), print_fn=quiet)
+    plan = (run.run_dir / "plan.json").read_text()
+    assert f'"checkpointing": "{mode}"' in plan
+    assert [r["loss"] for r in read_metrics(run.run_dir)] == pytest.approx(
+        [r["loss"] for r in read_metrics(base.run_dir)], rel=1e-6)
+    wa = load_file(str(base.adapter_dir / "adapter_model.safetensors"))
+    wb = load_file(str(run.adapter_dir / "adapter_model.safetensors"))
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-6, atol=1e-8)
