@@ -1,0 +1,143 @@
+"""Compile every Triton kernel for CUDA GPUs on a machine without one (run by test_compile_cuda.py).
+
+Each launcher runs once on small CPU tensors, in bf16 and fp32, with every kernel swapped for a recorder
+that keeps the arguments instead of launching. Each recorded call then goes through triton.compile for
+Hopper (sm_90) and Ampere (sm_80) down to a cubin with Triton's bundled ptxas. This catches what the CPU
+interpreter cannot: layouts, tl.dot shapes, register allocation, ops missing on a target. Must start
+without TRITON_INTERPRET (triton.jit picks the interpreter at decoration time); it is set after the imports
+only so that ppalli's launchers accept CPU tensors. Prints one line per compile; exits 1 on any failure.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import traceback
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.runtime.jit import JITFunction
+
+from ppalli.kernels import geglu, linear_cross_entropy, lora_glu, nf4, rms_norm, rope, swiglu
+
+MODULES = (geglu, linear_cross_entropy, lora_glu, nf4, rms_norm, rope, swiglu)
+TARGETS = (GPUTarget("cuda", 90, 32), GPUTarget("cuda", 80, 32))
+DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32",
+          torch.int64: "i64", torch.uint8: "u8", torch.int8: "i8", torch.bool: "i1"}
+CALLS: list[tuple[str, JITFunction, tuple, dict]] = []
+
+
+class _Recorder:
+    def __init__(self, name: str, fn: JITFunction):
+        self.name, self.fn = name, fn
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: CALLS.append((self.name, self.fn, args, kwargs))
+
+
+def _record_all() -> None:
+    for module in MODULES:
+        for name, obj in list(vars(module).items()):
+            if isinstance(obj, JITFunction) and name.endswith("_kernel"):
+                setattr(module, name, _Recorder(f"{module.__name__.rsplit('.', 1)[-1]}.{name}", obj))
+
+
+def _launch_everything(dtype: torch.dtype) -> None:
+    """Every launcher the fused path calls, with shapes that take each kernel's branches."""
+    def t(*shape, dt=dtype):
+        return torch.randn(*shape).to(dt)
+
+    x, w = t(6, 64), t(64)
+    rms_norm.rms_norm_fwd(x, w, 1e-6)
+    rms_norm.rms_norm_bwd(t(6, 64), x, w, torch.ones(6), compute_dw=True)
+    rms_norm.rms_norm_bwd(t(6, 64), x, w, torch.ones(6), compute_dw=False)
+    q, k, cos, sin = t(1, 4, 6, 16), t(1, 2, 6, 16), t(1, 6, 16), t(1, 6, 16)  # (B, H, T, D), (B, T, D)
+    rope.rope_fwd(q, k, cos, sin)
+    rope.rope_fwd(q, k, cos, sin, backward=True)
+    for fwd, bwd in ((swiglu.swiglu_fwd, swiglu.swiglu_bwd), (geglu.geglu_fwd, geglu.geglu_bwd)):
+        fwd(t(6, 64), t(6, 64))
+        bwd(t(6, 64), t(6, 64), t(6, 64), inplace=True)
+    for act in lora_glu.ACTS:
+        g0, u0, xa, b, ad = t(70, 200), t(70, 200), t(70, 16), t(200, 16), t(16, 200)
+        lora_glu.lora_glu_fwd(g0, u0, xa, b, 0.5, xa, b, 0.5, act)
+        lora_glu.lora_glu_fwd(g0, u0, None, None, 0.5, xa, b, 0.5, act)
+        lora_glu.lora_glu_bwd(t(70, 200), g0, u0, xa, b, 0.5, xa, b, 0.5, xa, ad, act, want_h=True)
+        lora_glu.lora_glu_bwd(t(70, 200), g0, u0, xa, b, 0.5, None, None, 0.5, None, None, act)
+    hidden, weight = t(8, 64).requires_grad_(), t(300, 64).requires_grad_()
+    labels = torch.randint(0, 300, (8,))
+    for softcap in (None, 30.0):
+        try:
+            linear_cross_entropy.linear_cross_entropy_fwd(hidden, weight, labels, softcap=softcap)
+        except Exception:  # noqa: BLE001 - the launcher reads the (never computed) outputs afterwards
+            pass
+
+
+def _launch_nf4() -> None:
+    import bitsandbytes as bnb
+
+    for quant_type in ("nf4", "fp4"):
+        packed, state = bnb.functional.quantize_4bit(torch.randn(64, 128), quant_type=quant_type,
+                                                     compress_statistics=True)
+        for dtype in (torch.bfloat16, torch.float32):
+            try:
+                nf4.dequantize_nf4(packed, state, dtype)
+            except Exception:  # noqa: BLE001 - as above
+                pass
+
+
+def _signature(fn: JITFunction, args: tuple, kwargs: dict) -> tuple[dict, dict]:
+    sig, const = {}, {}
+    for i, p in enumerate(fn.params):
+        value = args[i] if i < len(args) else kwargs.get(p.name, p.default)
+        if p.is_constexpr or value is None:
+            sig[p.name], const[p.name] = "constexpr", value
+        elif isinstance(value, torch.Tensor):
+            sig[p.name] = "*" + DTYPES[value.dtype]
+        elif isinstance(value, bool):
+            sig[p.name] = "i1"
+        elif isinstance(value, int):
+            sig[p.name] = "i32" if -2**31 <= value < 2**31 else "i64"
+        elif isinstance(value, float):
+            sig[p.name] = "fp32"
+        else:
+            raise TypeError(f"{p.name}: no Triton type for {type(value).__name__}")
+    return sig, const
+
+
+def main() -> int:
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        print("start without TRITON_INTERPRET=1", file=sys.stderr)
+        return 2
+    _record_all()
+    os.environ["TRITON_INTERPRET"] = "1"  # only for ppalli's device checks; the kernels are JITFunctions
+    for dtype in (torch.bfloat16, torch.float32):
+        _launch_everything(dtype)
+    try:
+        _launch_nf4()
+    except ImportError:
+        print("skip nf4: bitsandbytes missing")
+    seen, failed = set(), 0
+    for name, fn, args, kwargs in CALLS:
+        sig, const = _signature(fn, args, kwargs)
+        key = (name, tuple(sorted(sig.items())), tuple(sorted((k, repr(v)) for k, v in const.items())))
+        if key in seen:
+            continue
+        seen.add(key)
+        options = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
+        for target in TARGETS:
+            t0 = time.perf_counter()
+            try:
+                triton.compile(ASTSource(fn, sig, const), target=target, options=options)
+                print(f"ok   sm_{target.arch} {name} {const} ({time.perf_counter() - t0:.1f} s)")
+            except Exception:  # noqa: BLE001 - report every failing kernel, not just the first
+                failed += 1
+                print(f"FAIL sm_{target.arch} {name} {sig} {const}\n{traceback.format_exc(limit=3)}")
+    print(f"{len(seen)} kernel signatures, {len(seen) * len(TARGETS) - failed} compiled, {failed} failed")
+    return 1 if failed or not seen else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
