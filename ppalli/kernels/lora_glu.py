@@ -59,6 +59,14 @@ def _act(g, ACT: tl.constexpr):
 
 
 @jit
+def _tile(N, M, BM: tl.constexpr, BN: tl.constexpr):
+    """This program's (BM, BN) tile of the (N, M) activation: row and column indices, offsets, bounds mask."""
+    rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    return rows, cols, rows[:, None] * M + cols[None, :], (rows[:, None] < N) & (cols[None, :] < M)
+
+
+@jit
 def _gate_up(G0, U0, XAG, BG, XAU, BU, rows, cols, offs, mask, N, M, R, sg, su,
              HAS_G: tl.constexpr, HAS_U: tl.constexpr, IEEE: tl.constexpr,
              BM: tl.constexpr, BN: tl.constexpr, RP: tl.constexpr):
@@ -75,10 +83,7 @@ def _gate_up(G0, U0, XAG, BG, XAU, BU, rows, cols, offs, mask, N, M, R, sg, su,
 def _lora_glu_fwd_kernel(H, G0, U0, XAG, BG, XAU, BU, N, M, R, sg, su,
                          ACT: tl.constexpr, HAS_G: tl.constexpr, HAS_U: tl.constexpr, IEEE: tl.constexpr,
                          BM: tl.constexpr, BN: tl.constexpr, RP: tl.constexpr):
-    rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
-    cols = tl.program_id(1) * BN + tl.arange(0, BN)
-    offs = rows[:, None] * M + cols[None, :]
-    mask = (rows[:, None] < N) & (cols[None, :] < M)
+    rows, cols, offs, mask = _tile(N, M, BM, BN)
     g, u = _gate_up(G0, U0, XAG, BG, XAU, BU, rows, cols, offs, mask, N, M, R, sg, su,
                     HAS_G, HAS_U, IEEE, BM, BN, RP)
     a, _ = _act(g, ACT)
@@ -90,10 +95,7 @@ def _lora_glu_bwd_kernel(DG, DU, H, DH0, XAD, AD, G0, U0, XAG, BG, XAU, BU, N, M
                          ACT: tl.constexpr, HAS_G: tl.constexpr, HAS_U: tl.constexpr, HAS_D: tl.constexpr,
                          WRITE_H: tl.constexpr, IEEE: tl.constexpr,
                          BM: tl.constexpr, BN: tl.constexpr, RP: tl.constexpr):
-    rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
-    cols = tl.program_id(1) * BN + tl.arange(0, BN)
-    offs = rows[:, None] * M + cols[None, :]
-    mask = (rows[:, None] < N) & (cols[None, :] < M)
+    rows, cols, offs, mask = _tile(N, M, BM, BN)
     g, u = _gate_up(G0, U0, XAG, BG, XAU, BU, rows, cols, offs, mask, N, M, R, sg, su,
                     HAS_G, HAS_U, IEEE, BM, BN, RP)
     dh = tl.load(DH0 + offs, mask=mask, other=0.0).to(tl.float32)
