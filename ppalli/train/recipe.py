@@ -123,9 +123,10 @@ def build_plan(cfg: C.Config, model_config, env, world_size: int = 1):
 
 def use_expandable_segments(device: torch.device) -> bool:
     """Let PyTorch's CUDA allocator grow segments in place instead of caching fixed-size blocks, unless the
-    user set PYTORCH_CUDA_ALLOC_CONF. Near a memory cap, fixed blocks fragment and each failed allocation
-    frees the whole cache and retries: Llama-3.1-8B at 22 of 24 GiB ran steps of 589 to 997 ms (H100,
-    2026-11-25, benchmarks/results/*-t2-run2.json). Applies to segments allocated from now on."""
+    user set PYTORCH_CUDA_ALLOC_CONF: the memory reserved stays at what is allocated, which is what a budget
+    or a cap counts. Llama-3.1-8B 4x2048 under a 24 GiB cap on an H100 (2026-11-25): reserved above
+    allocated went from 0.40 GiB (selective) and 1.90 GiB (offload) to 0.02 GiB (benchmarks/results/
+    *-t2-run2-settings.json against *-t2-micro2.json). Applies to segments allocated from now on."""
     if device.type != "cuda" or "PYTORCH_CUDA_ALLOC_CONF" in os.environ:
         return False
     setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None)  # torch >= 2.9; older: torch.cuda.memory
