@@ -50,10 +50,12 @@ def est_tokens_per_s(spec: ModelSpec, *, seq_len: int, n_lora: int, tflops: floa
 BYTES_PER_FLOP = 3.35e12 / 989e12
 DEQUANT_BYTES_PER_WEIGHT = 2.5  # read 0.5 byte of NF4 (+ scales), write 2 bytes of bf16
 DEQUANT_BANDWIDTH_SHARE = 0.8  # the NF4 kernel's 2,426-2,851 GB/s on the H100 (results/2026-11-25-h100-nf4.json)
-# CPU time to issue one micro-batch through one decoder layer (forward, backward, the launches between):
-# on the H100 machine, Llama-3.1-8B at micro-batch 1 x 4 with 4 of 32 layers recomputed took a median
-# 870 ms a step against ~560 ms at micro-batch 2 x 2 with 20 recomputed (results/*-t2-run3-auto.json,
-# *-t2-micro2.json), so the small micro-batch was bound by issuing: 870 ms / (4 x 32) = 6.8 ms.
+# Host time to run one micro-batch through one decoder layer (forward, backward, the launches between):
+# on the H100 machine, Llama-3.1-8B at micro-batch 1 x 4 with 4 of 32 layers recomputed ran steps of
+# 651-982 ms, median 870, against a median 617 ms at micro-batch 2 x 2 with 20 recomputed
+# (results/*-t2-run3-auto.json, *-t2-micro2.json): the fastest step near its GPU work, most far above it.
+# Read as bound by the host (the cause is not established; Python's garbage collector is the other
+# suspect): 870 ms / (4 x 32) = 6.8 ms.
 HOST_SECONDS_PER_LAYER = 6.8e-3
 DEFAULT_TFLOPS = 989.0  # no card known (CPU runs, unknown GPUs): rank as on an H100
 
