@@ -198,8 +198,8 @@ def test_memory_budget_pin_caps_the_plan(spec_8b):
 
 def test_a_tight_budget_recomputes_the_fewest_layers_that_fit(spec_8b):
     """8B 4x2048 at 24 GiB: the fewest recomputed layers at each micro-batch, ranked by estimated step time.
-    Micro-batch 1 needs only 4 recomputed layers but 4 x 32 layer launches a step from the CPU (measured
-    CPU-bound on the H100 machine: 870 ms against 615 ms for micro-batch 2 with 20 layers)."""
+    Micro-batch 1 needs only 4 recomputed layers but runs 4 x 32 layers a step from the host (measured on
+    the H100 machine: median 870 ms a step against 617 ms for micro-batch 2 with 20 layers)."""
     plan = whatif(cfg(plan={"memory_budget_gib": 24}), spec_8b, gpu="h100")
     assert (plan.quantization, plan.checkpointing, plan.micro_batch_size) == ("none", "selective", 2)
     assert 1 <= plan.recompute_layers < spec_8b.layers
