@@ -15,6 +15,7 @@ so ppalli, HF and Liger start from the same weights, and Unsloth loads them from
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -43,6 +44,7 @@ class Built:
     setting: str
     micro: int  # sequences per forward; the step accumulates batch / micro of them
     extra: dict = field(default_factory=dict)
+    loop: Callable = contextlib.nullcontext  # what the stack's own training loop runs its steps inside
 
 
 def log(*parts) -> None:
@@ -112,7 +114,7 @@ def build_ppalli(spec: dict, device: str) -> Built:
     """As ppalli's recipe builds a run (ppalli/train/recipe.py steps 1 and 3), fed random tokens."""
     from ppalli import config as C
     from ppalli.env import probe
-    from ppalli.train.recipe import build_loss, build_model, build_plan, device_and_dtype
+    from ppalli.train.recipe import build_loss, build_model, build_plan, device_and_dtype, frozen_gc
     from ppalli.train.recompute import apply_recompute
 
     cfg = C.from_dict(ppalli_config(spec))
@@ -130,7 +132,7 @@ def build_ppalli(spec: dict, device: str) -> Built:
         return loss_sum / norm  # sum over trained tokens / those of the whole batch: exact under accumulation
 
     return Built(model, loss_fn, _plan_setting(plan, spec["ppalli"]), plan.micro_batch_size,
-                 {"plan": plan.to_dict(), "fast_path_log": lines})
+                 {"plan": plan.to_dict(), "fast_path_log": lines}, loop=frozen_gc)
 
 
 def build_unsloth(spec: dict, device: str) -> Built:
@@ -305,8 +307,9 @@ def run(spec: dict, out: dict) -> None:
     batches = make_batches(spec, device, spec["warmup"] + spec["steps"])
     step = functools.partial(train_step, built, opt)
     _reset_peak(device)
-    warm = [step(*b) for b in batches[:spec["warmup"]]]
-    losses, ms, seconds = timed_steps(step, batches[spec["warmup"]:], device)
+    with built.loop():
+        warm = [step(*b) for b in batches[:spec["warmup"]]]
+        losses, ms, seconds = timed_steps(step, batches[spec["warmup"]:], device)
     out.update(_peaks(device))
     losses = [round(float(x), 5) for x in warm + losses]
     tokens = spec["steps"] * spec["batch"] * spec["seq"]

@@ -49,7 +49,6 @@ class Plan:
     fast_path: bool
     compile: bool
     reasons: dict[str, str] = field(default_factory=dict)
-    runner_up: tuple | None = None  # (seconds, checkpointing, micro-batch, layers) of the next-best plan that fit
     pinned: tuple[str, ...] = ()
     double_quant: bool = True
     predicted_peak_gib: float | None = None
@@ -99,6 +98,7 @@ class _Ctx:
     packing: bool = False
     pinned: list[str] = field(default_factory=list)
     reasons: dict[str, str] = field(default_factory=dict)
+    runner_up: tuple | None = None  # (seconds, checkpointing, micro-batch, layers) of the next-best plan that fit
 
     def pin(self, name: str, key: str, value: Any) -> str:
         self.pinned.append(name)
