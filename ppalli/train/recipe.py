@@ -144,8 +144,8 @@ def frozen_gc():
     Python's garbage collector's sight for the training loop, then back. A full collection scans them all:
     ~512,000 objects for a 32-layer LoRA model, 194 ms on this project's 2-core CPU machine, 0.0 ms once
     frozen (2026-11-25, a tiny 32-layer Llama: the count follows the layer count, not the width). Such a
-    collection stalls one step at random; the 8B runs on the H100 had one step in eight 250 ms slower than
-    the rest (benchmarks/results/*-t2-micro2.json)."""
+    collection stalls whichever step it falls in; it is the suspected cause of the one step in eight that ran
+    250 ms slower in the 8B runs on the H100 (benchmarks/results/*-t2-micro2.json), not yet re-measured."""
     gc.collect()
     gc.freeze()
     log.info("gc: %d objects set aside from collection for the loop", gc.get_freeze_count())
