@@ -166,3 +166,34 @@ def lora_glu_bwd(dh0: torch.Tensor, g0: torch.Tensor, up0: torch.Tensor, xag, bg
                                float(su), ACT=ACTS[act], HAS_G=xag is not g0, HAS_U=xau is not g0, HAS_D=has_d,
                                WRITE_H=want_h, **meta, num_warps=4)
     return g0, up0, (h if want_h else None)
+
+
+class LoRAGLUFunction(torch.autograd.Function):
+    """h = act(g0 + sg xag bg^T) * (u0 + su xau bu^T) with gradients for all six tensors. The LoRA MLP block
+    (lora_mlp.py) calls the launchers directly and owns a backward that writes over its saved g0 and u0;
+    this Function keeps its inputs intact (autograd may hold them elsewhere), so it copies them first."""
+
+    @staticmethod
+    def forward(ctx, g0, u0, xag, bg, sg, xau, bu, su, act):
+        ctx.save_for_backward(g0, u0, xag, bg, xau, bu)
+        ctx.sg, ctx.su, ctx.act = sg, su, act
+        return lora_glu_fwd(g0, u0, xag, bg, sg, xau, bu, su, act)
+
+    @staticmethod
+    def backward(ctx, dh):
+        g0, u0, xag, bg, xau, bu = ctx.saved_tensors
+        dg, du, _ = lora_glu_bwd(dh.contiguous(), g0.clone(), u0.clone(), xag, bg, ctx.sg, xau, bu, ctx.su,
+                                 act=ctx.act)
+        need = ctx.needs_input_grad
+        grads = [dg if need[0] else None, du if need[1] else None]
+        for d, xa, b, s in ((dg, xag, bg, ctx.sg), (du, xau, bu, ctx.su)):
+            dxa = torch.mm(d, b.to(d.dtype)).mul_(s).to(xa.dtype) if xa is not None else None  # (N, r)
+            db = torch.mm(d.t(), xa.to(d.dtype)).mul_(s).to(b.dtype) if b is not None else None  # (I, r)
+            grads += [dxa, db, None]
+        return grads[0], grads[1], grads[2], grads[3], None, grads[5], grads[6], None, None
+
+
+def lora_glu(g0: torch.Tensor, u0: torch.Tensor, xag=None, bg=None, sg: float = 1.0, xau=None, bu=None,
+             su: float = 1.0, act: str = "silu") -> torch.Tensor:
+    """act(g0 + sg xag bg^T) * (u0 + su xau bu^T), g0 and u0 (N, I), with a fused backward."""
+    return LoRAGLUFunction.apply(g0, u0, xag, bg, sg, xau, bu, su, act)

@@ -9,7 +9,7 @@ from reference import assert_close, geglu_ref, swiglu_ref
 
 pytest.importorskip("triton")
 from ppalli.errors import PpalliError  # noqa: E402
-from ppalli.kernels.lora_glu import lora_glu_bwd, lora_glu_fwd  # noqa: E402
+from ppalli.kernels.lora_glu import lora_glu, lora_glu_bwd, lora_glu_fwd  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPE = torch.float32
@@ -73,3 +73,22 @@ def test_bad_inputs_are_refused():
     with pytest.raises(PpalliError, match="share one rank"):
         lora_glu_fwd(t["g0"], t["u0"], t["xag"], t["bg"], 1.0, t["xag"][:, :2].contiguous(),
                      t["bu"][:, :2].contiguous(), 1.0)
+
+
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
+def test_autograd_function_gives_every_gradient(act):
+    """LoRAGLUFunction: gradients for g0, u0, both (N, r) products and both lora_B weights, inputs untouched."""
+    t = _inputs(70, 200, 8)
+    names = ("g0", "u0", "xag", "bg", "xau", "bu")
+    ours = {n: t[n].clone().requires_grad_() for n in names}
+    ref = {n: t[n].clone().requires_grad_() for n in names}
+    h = lora_glu(ours["g0"], ours["u0"], ours["xag"], ours["bg"], 0.5, ours["xau"], ours["bu"], 2.0, act)
+    g = ref["g0"] + 0.5 * ref["xag"] @ ref["bg"].t()
+    u = ref["u0"] + 2.0 * ref["xau"] @ ref["bu"].t()
+    h_ref = REFS[act](g, u)
+    assert_close("h", h, h_ref, DTYPE)
+    h.backward(t["dh0"])
+    h_ref.backward(t["dh0"])
+    for n in names:
+        torch.testing.assert_close(ours[n].grad, ref[n].grad, atol=5e-5, rtol=1e-5)  # as dgate above
+    assert torch.equal(ours["g0"].detach(), t["g0"]) and torch.equal(ours["u0"].detach(), t["u0"])
