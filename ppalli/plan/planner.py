@@ -436,7 +436,7 @@ def _usage_reason(est: MemoryEstimate, budget: float | None, budget_why: str) ->
     return f"predicted peak {est.peak_gib:.1f} GiB{of}; {detail}"
 
 
-def _speed(ctx: _Ctx, ckpt: str, layers: int | None = None) -> float | None:
+def _speed(ctx: _Ctx, quant: str, ckpt: str, micro: int, layers: int | None = None) -> float | None:
     if ctx.gpu is None:
         ctx.reasons["speed"] = f"no speed guess on {ctx.device}"
         return None
@@ -447,9 +447,13 @@ def _speed(ctx: _Ctx, ckpt: str, layers: int | None = None) -> float | None:
     n_lora = lora_param_count(ctx.spec, ctx.cfg.lora.r, ctx.cfg.lora.targets)
     tps = est_tokens_per_s(ctx.spec, seq_len=ctx.cfg.data.max_seq_len, n_lora=n_lora, tflops=card.tflops,
                            fast_path=ctx.fast_path, checkpointing=ckpt, recompute_layers=layers)
+    step_tps = ctx.cfg.train.batch_size * ctx.cfg.data.max_seq_len / _step_cost(ctx, quant, ckpt, micro, layers)
     path = "fused" if ctx.fast_path else "reference"
-    ctx.reasons["speed"] = (f"~{tps:,.0f} tokens/s, a rough guess from {card.name}'s {card.tflops:g} TFLOP/s and "
-                            f"the {path} path's measured efficiency")
+    why = f"from {card.name}'s {card.tflops:g} TFLOP/s and the {path} path's measured efficiency"
+    if step_tps < tps:  # 4-bit dequantization or the host's time per micro-batch sets the pace
+        tps, why = step_tps, why + (", counting 4-bit dequantization and" if quant != "none" else ", counting") + \
+            " the host's time per layer and micro-batch"
+    ctx.reasons["speed"] = f"~{tps:,.0f} tokens/s, a rough guess {why}"
     return tps
 
 
@@ -533,7 +537,7 @@ def make_plan(env: Environment, cfg: Config, spec: ModelSpec, *, gpu_index: int 
     quant, ckpt, micro, est, layers = found
     _memory_reasons(ctx, quant, ckpt, micro, budget, layers)
     ctx.reasons["memory"] = _usage_reason(est, budget, ctx.reasons.pop("budget"))
-    tps = _speed(ctx, ckpt, layers)
+    tps = _speed(ctx, quant, ckpt, micro, layers)
     return Plan(device=device, precision=ctx.precision, attention=ctx.attention, quantization=quant,
                 checkpointing=ckpt, micro_batch_size=micro, grad_accum=cfg.train.batch_size // micro,
                 packing=ctx.packing, fast_path=ctx.fast_path, compile=compile_, reasons=dict(ctx.reasons),
