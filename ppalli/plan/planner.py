@@ -24,7 +24,7 @@ from ppalli.plan.memory import (
     estimate_peak_bytes,
     lora_param_count,
 )
-from ppalli.plan.speed import est_tokens_per_s, step_seconds
+from ppalli.plan.speed import host_seconds, step_seconds
 
 # model_type values with a family spec in ppalli/models/families (the fast path itself falls back per layer)
 FAST_FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3", "exaone", "exaone4")
@@ -444,16 +444,15 @@ def _speed(ctx: _Ctx, quant: str, ckpt: str, micro: int, layers: int | None = No
     if card is None:
         ctx.reasons["speed"] = f"no speed guess: {ctx.gpu.name} is not in ppalli/plan/gpus.py"
         return None
-    n_lora = lora_param_count(ctx.spec, ctx.cfg.lora.r, ctx.cfg.lora.targets)
-    tps = est_tokens_per_s(ctx.spec, seq_len=ctx.cfg.data.max_seq_len, n_lora=n_lora, tflops=card.tflops,
-                           fast_path=ctx.fast_path, checkpointing=ckpt, recompute_layers=layers)
-    step_tps = ctx.cfg.train.batch_size * ctx.cfg.data.max_seq_len / _step_cost(ctx, quant, ckpt, micro, layers)
+    seconds = _step_cost(ctx, quant, ckpt, micro, layers)
+    tps = ctx.cfg.train.batch_size * ctx.cfg.data.max_seq_len / seconds
     path = "fused" if ctx.fast_path else "reference"
-    why = f"from {card.name}'s {card.tflops:g} TFLOP/s and the {path} path's measured efficiency"
-    if step_tps < tps:  # 4-bit dequantization or the host's time per micro-batch sets the pace
-        tps, why = step_tps, why + (", counting 4-bit dequantization and" if quant != "none" else ", counting") + \
-            " the host's time per layer and micro-batch"
-    ctx.reasons["speed"] = f"~{tps:,.0f} tokens/s, a rough guess {why}"
+    counted = ["4-bit dequantization"] if quant != "none" else []
+    if host_seconds(ctx.spec, batch=ctx.cfg.train.batch_size, micro=micro) >= seconds:
+        counted.append("the host's time per layer and micro-batch")
+    also = f", counting {' and '.join(counted)}" if counted else ""
+    ctx.reasons["speed"] = (f"~{tps:,.0f} tokens/s, a rough guess from {card.name}'s {card.tflops:g} TFLOP/s and "
+                            f"the {path} path's measured efficiency{also}")
     return tps
 
 

@@ -34,17 +34,7 @@ def recompute_flops_per_token(spec: ModelSpec, seq_len: int, checkpointing: str,
     return share * (2 * layer_matmuls + 4 * spec.layers * spec.hidden * seq_len)
 
 
-def est_tokens_per_s(spec: ModelSpec, *, seq_len: int, n_lora: int, tflops: float, fast_path: bool,
-                     checkpointing: str, recompute_layers: int | None = None) -> float:
-    """Tokens/s ~ dense rate x efficiency / (model + recompute FLOPs per token). HF + PEFT 8B with full
-    checkpointing, 4x2048 on an H100: predicts 5,500, measured 5,865."""
-    work = (flops_per_token(spec, seq_len, n_lora)
-            + recompute_flops_per_token(spec, seq_len, checkpointing, recompute_layers))
-    efficiency = FAST_EFFICIENCY if fast_path else REFERENCE_EFFICIENCY
-    return tflops * 1e12 * efficiency / work
-
-
-# For ranking plans (planner._search), not for the printed guess.
+# For the planner's step estimate (ranking the plans that fit, and the printed guess).
 # HBM bytes/s per dense FLOP/s: the H100 SXM's 3.35 TB/s over 989 TFLOP/s; cards in gpus.py carry no
 # bandwidth, so it scales with their rate.
 BYTES_PER_FLOP = 3.35e12 / 989e12
@@ -63,9 +53,10 @@ DEFAULT_TFLOPS = 989.0  # no card known (CPU runs, unknown GPUs): rank as on an 
 def step_seconds(spec: ModelSpec, *, seq_len: int, batch: int, micro: int, n_lora: int, checkpointing: str,
                  recompute_layers: int | None = None, quant: str = "none", fast_path: bool = True,
                  tflops: float | None = None) -> float:
-    """A step's estimated seconds: the longer of its GPU time (model + recompute FLOPs; for 4-bit weights,
-    dequantizing every layer's weights in each micro-batch's forward, backward and recompute, so a larger
-    micro-batch dequantizes fewer times) and the CPU's time to issue its micro-batches layer by layer."""
+    """A step's estimated seconds: the longer of its GPU time (model + recompute FLOPs at the path's measured
+    efficiency; for 4-bit weights, dequantizing every layer's weights in each micro-batch's forward, backward
+    and recompute, so a larger micro-batch dequantizes fewer times) and host_seconds. HF + PEFT 8B with full
+    checkpointing, 4x2048 on an H100: predicts 5,500 tokens/s, measured 5,865."""
     rate = (tflops or DEFAULT_TFLOPS) * 1e12 * (FAST_EFFICIENCY if fast_path else REFERENCE_EFFICIENCY)
     recompute = recompute_flops_per_token(spec, seq_len, checkpointing, recompute_layers)
     gpu = batch * seq_len * (flops_per_token(spec, seq_len, n_lora) + recompute) / rate
@@ -75,4 +66,9 @@ def step_seconds(spec: ModelSpec, *, seq_len: int, batch: int, micro: int, n_lor
         layer_weights = spec.matmul_params_per_token - spec.vocab * spec.hidden
         bandwidth = (tflops or DEFAULT_TFLOPS) * 1e12 * BYTES_PER_FLOP * DEQUANT_BANDWIDTH_SHARE
         gpu += steps * (2 + share) * layer_weights * DEQUANT_BYTES_PER_WEIGHT / bandwidth
-    return max(gpu, steps * spec.layers * HOST_SECONDS_PER_LAYER)
+    return max(gpu, host_seconds(spec, batch=batch, micro=micro))
+
+
+def host_seconds(spec: ModelSpec, *, batch: int, micro: int) -> float:
+    """The host's time to run a step's micro-batches through every decoder layer."""
+    return batch // micro * spec.layers * HOST_SECONDS_PER_LAYER
