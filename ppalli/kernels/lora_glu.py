@@ -30,12 +30,13 @@ BLOCK_M, BLOCK_N = 64, 128  # a (64, 128) tile of the (N, I) activation; r stays
 
 
 @jit
-def _rank_r(XA, B, rows, cols, N, M, R, s, B_ROWS_ARE_COLS: tl.constexpr, IEEE: tl.constexpr,
+def _rank_r(XA, xa_stride, B, rows, cols, N, M, R, s, B_ROWS_ARE_COLS: tl.constexpr, IEEE: tl.constexpr,
             BM: tl.constexpr, BN: tl.constexpr, RP: tl.constexpr):
-    """s * XA[rows] @ B^T[:, cols] as a (BM, BN) fp32 tile: XA (N, R); B (M, R) when B_ROWS_ARE_COLS (a
-    lora_B weight), else (R, M) (a lora_A weight); M is the intermediate size I."""
+    """s * XA[rows] @ B^T[:, cols] as a (BM, BN) fp32 tile: XA (N, R) with row stride xa_stride (a column
+    slice of the stacked x [Ag; Au]^T is read in place); B (M, R) when B_ROWS_ARE_COLS (a lora_B weight),
+    else (R, M) (a lora_A weight); M is the intermediate size I."""
     k = tl.arange(0, RP)
-    xa = tl.load(XA + rows[:, None] * R + k[None, :], mask=(rows[:, None] < N) & (k[None, :] < R), other=0.0)
+    xa = tl.load(XA + rows[:, None] * xa_stride + k[None, :], mask=(rows[:, None] < N) & (k[None, :] < R), other=0.0)
     if B_ROWS_ARE_COLS:
         bt = tl.load(B + cols[None, :] * R + k[:, None], mask=(cols[None, :] < M) & (k[:, None] < R), other=0.0)
     else:
@@ -67,40 +68,41 @@ def _tile(N, M, BM: tl.constexpr, BN: tl.constexpr):
 
 
 @jit
-def _gate_up(G0, U0, XAG, BG, XAU, BU, rows, cols, offs, mask, N, M, R, sg, su,
+def _gate_up(G0, U0, XAG, xag_stride, BG, XAU, xau_stride, BU, rows, cols, offs, mask, N, M, R, sg, su,
              HAS_G: tl.constexpr, HAS_U: tl.constexpr, IEEE: tl.constexpr,
              BM: tl.constexpr, BN: tl.constexpr, RP: tl.constexpr):
     g = tl.load(G0 + offs, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(U0 + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_G:
-        g += _rank_r(XAG, BG, rows, cols, N, M, R, sg, True, IEEE, BM, BN, RP)
+        g += _rank_r(XAG, xag_stride, BG, rows, cols, N, M, R, sg, True, IEEE, BM, BN, RP)
     if HAS_U:
-        u += _rank_r(XAU, BU, rows, cols, N, M, R, su, True, IEEE, BM, BN, RP)
+        u += _rank_r(XAU, xau_stride, BU, rows, cols, N, M, R, su, True, IEEE, BM, BN, RP)
     return g, u
 
 
 @jit
-def _lora_glu_fwd_kernel(H, G0, U0, XAG, BG, XAU, BU, N, M, R, sg, su,
+def _lora_glu_fwd_kernel(H, G0, U0, XAG, xag_stride, BG, XAU, xau_stride, BU, N, M, R, sg, su,
                          ACT: tl.constexpr, HAS_G: tl.constexpr, HAS_U: tl.constexpr, IEEE: tl.constexpr,
                          BM: tl.constexpr, BN: tl.constexpr, RP: tl.constexpr):
     rows, cols, offs, mask = _tile(N, M, BM, BN)
-    g, u = _gate_up(G0, U0, XAG, BG, XAU, BU, rows, cols, offs, mask, N, M, R, sg, su,
+    g, u = _gate_up(G0, U0, XAG, xag_stride, BG, XAU, xau_stride, BU, rows, cols, offs, mask, N, M, R, sg, su,
                     HAS_G, HAS_U, IEEE, BM, BN, RP)
     a, _ = _act(g, ACT)
     tl.store(H + offs, (a * u).to(H.dtype.element_ty), mask=mask)
 
 
 @jit
-def _lora_glu_bwd_kernel(DG, DU, H, DH0, XAD, AD, G0, U0, XAG, BG, XAU, BU, N, M, R, sg, su,
+def _lora_glu_bwd_kernel(DG, DU, H, DH0, XAD, AD, G0, U0, XAG, xag_stride, BG, XAU, xau_stride, BU, N, M, R, sg,
+                         su,
                          ACT: tl.constexpr, HAS_G: tl.constexpr, HAS_U: tl.constexpr, HAS_D: tl.constexpr,
                          WRITE_H: tl.constexpr, IEEE: tl.constexpr,
                          BM: tl.constexpr, BN: tl.constexpr, RP: tl.constexpr):
     rows, cols, offs, mask = _tile(N, M, BM, BN)
-    g, u = _gate_up(G0, U0, XAG, BG, XAU, BU, rows, cols, offs, mask, N, M, R, sg, su,
+    g, u = _gate_up(G0, U0, XAG, xag_stride, BG, XAU, xau_stride, BU, rows, cols, offs, mask, N, M, R, sg, su,
                     HAS_G, HAS_U, IEEE, BM, BN, RP)
     dh = tl.load(DH0 + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_D:  # XAD is already s_d * dy Bd
-        dh += _rank_r(XAD, AD, rows, cols, N, M, R, 1.0, False, IEEE, BM, BN, RP)
+        dh += _rank_r(XAD, R, AD, rows, cols, N, M, R, 1.0, False, IEEE, BM, BN, RP)
     a, da = _act(g, ACT)
     if WRITE_H:
         tl.store(H + offs, (a * u).to(H.dtype.element_ty), mask=mask)
@@ -109,12 +111,16 @@ def _lora_glu_bwd_kernel(DG, DU, H, DH0, XAD, AD, G0, U0, XAG, BG, XAU, BU, N, M
 
 
 def _factors(x: torch.Tensor, xa: torch.Tensor | None, b: torch.Tensor | None, rank: int):
-    """The rank-r operands as contiguous tensors in x's dtype (a dummy pointer when absent)."""
+    """(xa, its row stride, b) in x's dtype, xa's rows unit-stride (a column view of a stacked product is
+    used in place), b contiguous; a dummy pointer when absent."""
     if xa is None:
-        return x, x
+        return x, 0, x
     if xa.shape[-1] != rank or b.shape[-1] != rank:
         raise PpalliError(f"lora_glu: every adapter needs the same rank, got {xa.shape[-1]} and {rank}")
-    return xa.contiguous(), b.to(x.dtype).contiguous()
+    xa = xa.to(x.dtype)
+    if xa.stride(-1) != 1:
+        xa = xa.contiguous()
+    return xa, xa.stride(0), b.to(x.dtype).contiguous()
 
 
 def _launch_args(g0: torch.Tensor, up0: torch.Tensor, act: str, pairs) -> tuple:
@@ -139,11 +145,12 @@ def lora_glu_fwd(g0: torch.Tensor, up0: torch.Tensor, xag, bg, sg: float, xau, b
     """g0, up0 (N, I) base outputs; xag, xau (N, r) = x A^T or None; bg, bu (I, r) lora_B weights ->
     h = act(g0 + sg xag bg^T) * (up0 + su xau bu^T), (N, I) in g0's dtype."""
     n, i, rank, grid, meta = _launch_args(g0, up0, act, [(xag, bg), (xau, bu)])
-    xag, bg = _factors(g0, xag, bg, rank)
-    xau, bu = _factors(g0, xau, bu, rank)
+    xag, xag_stride, bg = _factors(g0, xag, bg, rank)
+    xau, xau_stride, bu = _factors(g0, xau, bu, rank)
     h = torch.empty_like(g0)
-    _lora_glu_fwd_kernel[grid](h, g0, up0, xag, bg, xau, bu, n, i, rank, float(sg), float(su), ACT=ACTS[act],
-                               HAS_G=xag is not g0, HAS_U=xau is not g0, **meta, num_warps=4)
+    _lora_glu_fwd_kernel[grid](h, g0, up0, xag, xag_stride, bg, xau, xau_stride, bu, n, i, rank, float(sg),
+                               float(su), ACT=ACTS[act], HAS_G=xag is not g0, HAS_U=xau is not g0, **meta,
+                               num_warps=4)
     return h
 
 
@@ -156,15 +163,15 @@ def lora_glu_bwd(dh0: torch.Tensor, g0: torch.Tensor, up0: torch.Tensor, xag, bg
     n, i, rank, grid, meta = _launch_args(g0, up0, act, [(xag, bg), (xau, bu), (dxad, ad)])
     if dh0.shape != g0.shape or not dh0.is_contiguous():
         raise PpalliError(f"lora_glu_bwd: dh0 must be contiguous {tuple(g0.shape)}, got {tuple(dh0.shape)}")
-    xag, bg = _factors(g0, xag, bg, rank)
-    xau, bu = _factors(g0, xau, bu, rank)
+    xag, xag_stride, bg = _factors(g0, xag, bg, rank)
+    xau, xau_stride, bu = _factors(g0, xau, bu, rank)
     has_d = dxad is not None
     dxad = dxad.to(g0.dtype).contiguous() if has_d else g0
     ad = ad.to(g0.dtype).contiguous() if has_d else g0
     h = torch.empty_like(g0) if want_h else g0
-    _lora_glu_bwd_kernel[grid](g0, up0, h, dh0, dxad, ad, g0, up0, xag, bg, xau, bu, n, i, rank, float(sg),
-                               float(su), ACT=ACTS[act], HAS_G=xag is not g0, HAS_U=xau is not g0, HAS_D=has_d,
-                               WRITE_H=want_h, **meta, num_warps=4)
+    _lora_glu_bwd_kernel[grid](g0, up0, h, dh0, dxad, ad, g0, up0, xag, xag_stride, bg, xau, xau_stride, bu, n, i,
+                               rank, float(sg), float(su), ACT=ACTS[act], HAS_G=xag is not g0, HAS_U=xau is not g0,
+                               HAS_D=has_d, WRITE_H=want_h, **meta, num_warps=4)
     return g0, up0, (h if want_h else None)
 
 

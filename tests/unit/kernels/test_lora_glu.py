@@ -58,6 +58,16 @@ def test_forward_and_backward_match_autograd(act, n, i, r, use):
     assert_close("h from backward", h2, h_ref, DTYPE)
 
 
+def test_column_views_of_a_stacked_product_are_read_in_place():
+    """xag and xau as column slices of one (N, 2r) tensor, as lora_mlp's stacked x [Ag; Au]^T gives them."""
+    t = _inputs(70, 200, 16)
+    stacked = torch.cat([t["xag"], t["xau"]], dim=1)
+    xag, xau = stacked[:, :16], stacked[:, 16:]
+    assert xag.stride(0) == 32
+    h = lora_glu_fwd(t["g0"], t["u0"], xag, t["bg"], 0.5, xau, t["bu"], 2.0)
+    assert_close("h", h, lora_glu_fwd(t["g0"], t["u0"], t["xag"], t["bg"], 0.5, t["xau"], t["bu"], 2.0), DTYPE)
+
+
 def test_backward_without_h_returns_none():
     t = _inputs(8, 16, 4)
     *_, h = lora_glu_bwd(t["dh0"], t["g0"], t["u0"], t["xag"], t["bg"], 1.0, None, None, 1.0)
