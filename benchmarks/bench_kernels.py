@@ -152,7 +152,7 @@ def bench_lora_glu(rank: int = 16, s: float = 2.0) -> dict:
     _, g, u = before_fwd()
     fwd = _median_ms(lambda: lora_glu_fwd(g0, u0, xag, bg, s, xau, bu, s))
     fwd_ref = _median_ms(before_fwd)
-    bwd = _median_ms(lambda: lora_glu_bwd(dh0, g0, u0, xag, bg, s, xau, bu, s, dxad, ad, want_h=True))
+    bwd = _median_ms(lambda: lora_glu_bwd(dh0, g0, u0, xag, bg, s, xau, bu, s, dxad, ad, sums=(True,) * 3))
     bwd_ref = _median_ms(lambda: before_bwd(g, u))  # in place: values drift over repeats, timing does not
     return {"op": f"lora_glu (r={rank})", "fwd_ms": fwd, "fwd_ref_ms": fwd_ref, "fwd_bwd_ms": fwd + bwd,
             "fwd_bwd_ref_ms": fwd_ref + bwd_ref}

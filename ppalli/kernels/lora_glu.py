@@ -9,43 +9,75 @@ the activation kernel computes its own (BM, r) x (r, BN) products with tl.dot an
     forward:   h  = act(g) * u                                       reads g0, u0; writes h
     backward:  dh = dh0 + (sd dy Bd) Ad    (down's LoRA input-gradient term, same trick)
                dg = dh * u * act'(g),  du = dh * act(g)              written over g0 and u0
-               h  again, only when down's dA = (sd dy Bd)^T h needs it
+               dBg = sg dg^T (x Ag^T), dBu = su du^T (x Au^T), dAd = (sd dy Bd)^T h     summed over rows
 
-so the block saves g0 and u0 (the same bytes as g and u) and the backward re-forms g and u in registers.
-fp32 inside; the rank-r products take bf16/fp16 inputs with fp32 accumulation, as cuBLAS's addmm does.
+The three weight gradients are sums over the N rows of products of tiles the backward already holds, so
+each program walks a column block down a run of rows and keeps its (BN, r) sums in registers; a run's sums
+go to a small fp32 buffer that one torch.sum folds. Done with cuBLAS they read dg, du and h (written only
+for this) from memory again: 4 passes of (N, I) a layer, ~1 GB for Llama-3.2-1B at 16384 tokens.
+The block saves g0 and u0 (the same bytes as g and u) and the backward re-forms g and u in registers.
+fp32 inside; the rank-r products take bf16/fp16 inputs with fp32 accumulation, as cuBLAS's GEMMs do, and
+the weight gradients are those of the rounded dg, du, h that cuBLAS would have read.
 act: 0 = silu (SwiGLU: Llama, Qwen, Mistral), 1 = gelu_tanh (GeGLU: Gemma).
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from ppalli.errors import PpalliError
-from ppalli.kernels._utils import cdiv, check_tensors, jit, next_power_of_2, tanh, tl
+from ppalli.kernels._utils import cdiv, check_tensors, jit, next_power_of_2, program_count, tanh, tl
 
 SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
 GELU_COEF = tl.constexpr(0.044715)
 ACTS = {"silu": 0, "gelu_tanh": 1}
-BLOCK_M, BLOCK_N = 64, 128  # a (64, 128) tile of the (N, I) activation; r stays whole in registers
+
+
+class Tiles(NamedTuple):
+    """A launch setting: (bm, bn) tile of the (N, I) activation, warps, and for the backward the programs
+    per SM that split the rows into runs (more runs: shorter tail, more partial sums to fold)."""
+
+    bm: int
+    bn: int
+    warps: int
+    runs_per_sm: int = 4
+
+
+# From benchmarks/bench_lora_glu.py on an H100 (2026-11-25, results/2026-11-25-h100-lora-glu-tiles.json), N x I
+# 8192 x 14336 and 16384 x 8192 in bf16. Forward: 32 x 128 runs at 2774-2798 GB/s (a copy: 2938-2951), 64 x 128
+# at 2324-2360. Backward: 32 x 64, 4 warps, 8 programs per SM: 0.557 and 0.627 ms (2107 and 2140 GB/s over
+# its 5 passes) with the three sums; 64 x 128 tiles with 4 warps spill registers and take 2.6-2.9 ms.
+FWD_TILES = Tiles(32, 128, 4)
+BWD_TILES = Tiles(32, 64, 4, 8)
 
 
 @jit
-def _rank_r(XA, xa_stride, B, rows, cols, N, M, R, s, B_ROWS_ARE_COLS: tl.constexpr, IEEE: tl.constexpr,
-            BM: tl.constexpr, BN: tl.constexpr, RP: tl.constexpr):
-    """s * XA[rows] @ B^T[:, cols] as a (BM, BN) fp32 tile: XA (N, R) with row stride xa_stride (a column
-    slice of the stacked x [Ag; Au]^T is read in place); B (M, R) when B_ROWS_ARE_COLS (a lora_B weight),
-    else (R, M) (a lora_A weight); M is the intermediate size I."""
-    k = tl.arange(0, RP)
-    xa = tl.load(XA + rows[:, None] * xa_stride + k[None, :], mask=(rows[:, None] < N) & (k[None, :] < R), other=0.0)
-    if B_ROWS_ARE_COLS:
-        bt = tl.load(B + cols[None, :] * R + k[:, None], mask=(cols[None, :] < M) & (k[:, None] < R), other=0.0)
-    else:
-        bt = tl.load(B + k[:, None] * M + cols[None, :], mask=(cols[None, :] < M) & (k[:, None] < R), other=0.0)
+def _dot(a, b, IEEE: tl.constexpr):
     if IEEE:
-        acc = tl.dot(xa, bt, input_precision="ieee")
-    else:
-        acc = tl.dot(xa, bt)
-    return acc * s
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@jit
+def _xa_tile(XA, xa_stride, rows, N, R, RP: tl.constexpr):
+    """Rows of an (N, R) rank-r product with row stride xa_stride (a column slice of the stacked x [Ag; Au]^T
+    is read in place) as a (BM, RP) tile in its own dtype, zero past N and R."""
+    k = tl.arange(0, RP)
+    return tl.load(XA + rows[:, None] * xa_stride + k[None, :], mask=(rows[:, None] < N) & (k[None, :] < R),
+                   other=0.0)
+
+
+@jit
+def _b_tile(B, cols, M, R, B_ROWS_ARE_COLS: tl.constexpr, RP: tl.constexpr):
+    """(RP, BN) tile of B^T: B is (M, R) when B_ROWS_ARE_COLS (a lora_B weight), else (R, M) (a lora_A
+    weight); M is the intermediate size I."""
+    k = tl.arange(0, RP)
+    mask = (cols[None, :] < M) & (k[:, None] < R)
+    if B_ROWS_ARE_COLS:
+        return tl.load(B + cols[None, :] * R + k[:, None], mask=mask, other=0.0)
+    return tl.load(B + k[:, None] * M + cols[None, :], mask=mask, other=0.0)
 
 
 @jit
@@ -60,23 +92,20 @@ def _act(g, ACT: tl.constexpr):
 
 
 @jit
-def _tile(N, M, BM: tl.constexpr, BN: tl.constexpr):
-    """This program's (BM, BN) tile of the (N, M) activation: row and column indices, offsets, bounds mask."""
-    rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
-    cols = tl.program_id(1) * BN + tl.arange(0, BN)
-    return rows, cols, rows[:, None] * M + cols[None, :], (rows[:, None] < N) & (cols[None, :] < M)
+def _offsets(rows, cols, N, M):
+    return rows[:, None] * M + cols[None, :], (rows[:, None] < N) & (cols[None, :] < M)
 
 
 @jit
-def _gate_up(G0, U0, XAG, xag_stride, BG, XAU, xau_stride, BU, rows, cols, offs, mask, N, M, R, sg, su,
-             HAS_G: tl.constexpr, HAS_U: tl.constexpr, IEEE: tl.constexpr,
-             BM: tl.constexpr, BN: tl.constexpr, RP: tl.constexpr):
+def _gate_up(G0, U0, xag, bg, xau, bu, offs, mask, sg, su, HAS_G: tl.constexpr, HAS_U: tl.constexpr,
+             IEEE: tl.constexpr):
+    """g and u of one tile in fp32: the base outputs plus the rank-r terms from the loaded factor tiles."""
     g = tl.load(G0 + offs, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(U0 + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_G:
-        g += _rank_r(XAG, xag_stride, BG, rows, cols, N, M, R, sg, True, IEEE, BM, BN, RP)
+        g += _dot(xag, bg, IEEE) * sg
     if HAS_U:
-        u += _rank_r(XAU, xau_stride, BU, rows, cols, N, M, R, su, True, IEEE, BM, BN, RP)
+        u += _dot(xau, bu, IEEE) * su
     return g, u
 
 
@@ -84,30 +113,69 @@ def _gate_up(G0, U0, XAG, xag_stride, BG, XAU, xau_stride, BU, rows, cols, offs,
 def _lora_glu_fwd_kernel(H, G0, U0, XAG, xag_stride, BG, XAU, xau_stride, BU, N, M, R, sg, su,
                          ACT: tl.constexpr, HAS_G: tl.constexpr, HAS_U: tl.constexpr, IEEE: tl.constexpr,
                          BM: tl.constexpr, BN: tl.constexpr, RP: tl.constexpr):
-    rows, cols, offs, mask = _tile(N, M, BM, BN)
-    g, u = _gate_up(G0, U0, XAG, xag_stride, BG, XAU, xau_stride, BU, rows, cols, offs, mask, N, M, R, sg, su,
-                    HAS_G, HAS_U, IEEE, BM, BN, RP)
+    rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    offs, mask = _offsets(rows, cols, N, M)
+    xag = _xa_tile(XAG, xag_stride, rows, N, R, RP) if HAS_G else None
+    xau = _xa_tile(XAU, xau_stride, rows, N, R, RP) if HAS_U else None
+    bg = _b_tile(BG, cols, M, R, True, RP) if HAS_G else None
+    bu = _b_tile(BU, cols, M, R, True, RP) if HAS_U else None
+    g, u = _gate_up(G0, U0, xag, bg, xau, bu, offs, mask, sg, su, HAS_G, HAS_U, IEEE)
     a, _ = _act(g, ACT)
     tl.store(H + offs, (a * u).to(H.dtype.element_ty), mask=mask)
 
 
 @jit
-def _lora_glu_bwd_kernel(DG, DU, H, DH0, XAD, AD, G0, U0, XAG, xag_stride, BG, XAU, xau_stride, BU, N, M, R, sg,
-                         su,
+def _store_sums(P, acc, run, cols, M, RP: tl.constexpr):
+    """This run's (BN, RP) fp32 sums into P[run, cols, :] of the (runs, M, RP) buffer."""
+    k = tl.arange(0, RP)
+    tl.store(P + (run * M + cols[:, None]) * RP + k[None, :], acc, mask=cols[:, None] < M)
+
+
+@jit
+def _lora_glu_bwd_kernel(DG, DU, DH0, G0, U0, XAG, xag_stride, BG, XAU, xau_stride, BU, XAD, AD,
+                         PBG, PBU, PAD, N, M, R, run_rows, sg, su,
                          ACT: tl.constexpr, HAS_G: tl.constexpr, HAS_U: tl.constexpr, HAS_D: tl.constexpr,
-                         WRITE_H: tl.constexpr, IEEE: tl.constexpr,
+                         SUM_BG: tl.constexpr, SUM_BU: tl.constexpr, SUM_AD: tl.constexpr, IEEE: tl.constexpr,
                          BM: tl.constexpr, BN: tl.constexpr, RP: tl.constexpr):
-    rows, cols, offs, mask = _tile(N, M, BM, BN)
-    g, u = _gate_up(G0, U0, XAG, xag_stride, BG, XAU, xau_stride, BU, rows, cols, offs, mask, N, M, R, sg, su,
-                    HAS_G, HAS_U, IEEE, BM, BN, RP)
-    dh = tl.load(DH0 + offs, mask=mask, other=0.0).to(tl.float32)
-    if HAS_D:  # XAD is already s_d * dy Bd
-        dh += _rank_r(XAD, R, AD, rows, cols, N, M, R, 1.0, False, IEEE, BM, BN, RP)
-    a, da = _act(g, ACT)
-    if WRITE_H:
-        tl.store(H + offs, (a * u).to(H.dtype.element_ty), mask=mask)
-    tl.store(DU + offs, (dh * a).to(DU.dtype.element_ty), mask=mask)  # DU may be U0: read above, same tile
-    tl.store(DG + offs, (dh * u * da).to(DG.dtype.element_ty), mask=mask)
+    # Program (run, c): columns c*BN.. of rows run*run_rows.. in (BM, BN) tiles; DG, DU may be G0, U0 (each
+    # tile is read before it is written, by the same program).
+    run = tl.program_id(0)
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    bg = _b_tile(BG, cols, M, R, True, RP) if HAS_G else None  # (RP, BN), loaded once for the whole run
+    bu = _b_tile(BU, cols, M, R, True, RP) if HAS_U else None
+    ad = _b_tile(AD, cols, M, R, False, RP) if HAS_D else None
+    sum_bg = tl.zeros((BN, RP), dtype=tl.float32)  # sum over rows of dg^T xag, then the same for du, h
+    sum_bu = tl.zeros((BN, RP), dtype=tl.float32)
+    sum_ad = tl.zeros((BN, RP), dtype=tl.float32)
+    start = run.to(tl.int64) * run_rows
+    for r0 in range(start, tl.minimum(start + run_rows, N), BM):
+        rows = r0 + tl.arange(0, BM)
+        offs, mask = _offsets(rows, cols, N, M)
+        xag = _xa_tile(XAG, xag_stride, rows, N, R, RP) if HAS_G else None
+        xau = _xa_tile(XAU, xau_stride, rows, N, R, RP) if HAS_U else None
+        g, u = _gate_up(G0, U0, xag, bg, xau, bu, offs, mask, sg, su, HAS_G, HAS_U, IEEE)
+        dh = tl.load(DH0 + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_D:  # XAD is already s_d * dy Bd, (N, R) contiguous
+            xad = _xa_tile(XAD, R, rows, N, R, RP)
+            dh += _dot(xad, ad, IEEE)
+        a, da = _act(g, ACT)
+        du = (dh * a).to(DU.dtype.element_ty)
+        dg = (dh * u * da).to(DG.dtype.element_ty)
+        tl.store(DU + offs, du, mask=mask)
+        tl.store(DG + offs, dg, mask=mask)
+        if SUM_BG:
+            sum_bg += _dot(tl.trans(dg), xag, IEEE)  # (BN, BM) @ (BM, RP)
+        if SUM_BU:
+            sum_bu += _dot(tl.trans(du), xau, IEEE)
+        if SUM_AD:
+            sum_ad += _dot(tl.trans((a * u).to(DG.dtype.element_ty)), xad, IEEE)
+    if SUM_BG:
+        _store_sums(PBG, sum_bg, run, cols, M, RP)
+    if SUM_BU:
+        _store_sums(PBU, sum_bu, run, cols, M, RP)
+    if SUM_AD:
+        _store_sums(PAD, sum_ad, run, cols, M, RP)
 
 
 def _factors(x: torch.Tensor, xa: torch.Tensor | None, b: torch.Tensor | None, rank: int):
@@ -134,45 +202,71 @@ def _launch_args(g0: torch.Tensor, up0: torch.Tensor, act: str, pairs) -> tuple:
     if ranks:
         raise PpalliError("lora_glu: the gate, up and down adapters must share one rank")
     check_tensors(g0, up0, *[t for pair in pairs for t in pair if t is not None])
-    n, i = g0.shape
-    grid = (cdiv(n, BLOCK_M), cdiv(i, BLOCK_N))
-    meta = dict(IEEE=g0.dtype == torch.float32, BM=BLOCK_M, BN=BLOCK_N, RP=max(16, next_power_of_2(rank)))
-    return n, i, rank, grid, meta
+    meta = dict(IEEE=g0.dtype == torch.float32, RP=max(16, next_power_of_2(rank)))
+    return *g0.shape, rank, meta
 
 
 def lora_glu_fwd(g0: torch.Tensor, up0: torch.Tensor, xag, bg, sg: float, xau, bu, su: float,
-                 act: str = "silu") -> torch.Tensor:
+                 act: str = "silu", tiles: Tiles = FWD_TILES) -> torch.Tensor:
     """g0, up0 (N, I) base outputs; xag, xau (N, r) = x A^T or None; bg, bu (I, r) lora_B weights ->
     h = act(g0 + sg xag bg^T) * (up0 + su xau bu^T), (N, I) in g0's dtype."""
-    n, i, rank, grid, meta = _launch_args(g0, up0, act, [(xag, bg), (xau, bu)])
+    n, i, rank, meta = _launch_args(g0, up0, act, [(xag, bg), (xau, bu)])
     xag, xag_stride, bg = _factors(g0, xag, bg, rank)
     xau, xau_stride, bu = _factors(g0, xau, bu, rank)
     h = torch.empty_like(g0)
+    grid = (cdiv(n, tiles.bm), cdiv(i, tiles.bn))
     _lora_glu_fwd_kernel[grid](h, g0, up0, xag, xag_stride, bg, xau, xau_stride, bu, n, i, rank, float(sg),
-                               float(su), ACT=ACTS[act], HAS_G=xag is not g0, HAS_U=xau is not g0, **meta,
-                               num_warps=4)
+                               float(su), ACT=ACTS[act], HAS_G=xag is not g0, HAS_U=xau is not g0,
+                               BM=tiles.bm, BN=tiles.bn, **meta, num_warps=tiles.warps)
     return h
 
 
+def _runs(n: int, n_col_blocks: int, tiles: Tiles, device: torch.device) -> tuple[int, int]:
+    """(rows per run, runs): about runs_per_sm programs per SM in all, each run a whole number of tiles."""
+    runs = min(cdiv(n, tiles.bm), max(1, cdiv(tiles.runs_per_sm * program_count(device), n_col_blocks)))
+    run_rows = cdiv(cdiv(n, tiles.bm), runs) * tiles.bm
+    return run_rows, cdiv(n, run_rows)
+
+
+class GLUGrads(NamedTuple):
+    """What lora_glu_bwd returns: dgate, dup (N, I), written over g0 and u0, and the adapters' weight
+    gradients that were asked for (else None): dbg, dbu (I, r) and dad (r, I), in fp32."""
+
+    dgate: torch.Tensor
+    dup: torch.Tensor
+    dbg: torch.Tensor | None
+    dbu: torch.Tensor | None
+    dad: torch.Tensor | None
+
+
 def lora_glu_bwd(dh0: torch.Tensor, g0: torch.Tensor, up0: torch.Tensor, xag, bg, sg: float, xau, bu, su: float,
-                 dxad=None, ad=None, act: str = "silu", want_h: bool = False):
-    """The backward of lora_glu_fwd, written over g0 and up0: -> (dgate, dup, h or None), each (N, I).
+                 dxad=None, ad=None, act: str = "silu", sums: tuple[bool, bool, bool] = (False, False, False),
+                 tiles: Tiles = BWD_TILES) -> GLUGrads:
+    """The backward of lora_glu_fwd, written over g0 and up0.
 
     dh0 (N, I) = dy Wd, the down projection's base input gradient; dxad (N, r) = sd dy Bd and ad (r, I), its
-    lora_A weight, add the adapter's term. h (the forward's output) comes back when want_h."""
-    n, i, rank, grid, meta = _launch_args(g0, up0, act, [(xag, bg), (xau, bu), (dxad, ad)])
+    lora_A weight, add the adapter's term. sums = which of dBg = sg dg^T xag, dBu = su du^T xau and
+    dAd = dxad^T h to form (each needs its adapter present)."""
+    n, i, rank, meta = _launch_args(g0, up0, act, [(xag, bg), (xau, bu), (dxad, ad)])
     if dh0.shape != g0.shape or not dh0.is_contiguous():
         raise PpalliError(f"lora_glu_bwd: dh0 must be contiguous {tuple(g0.shape)}, got {tuple(dh0.shape)}")
+    has = (xag is not None, xau is not None, dxad is not None)
+    if any(s and not h for s, h in zip(sums, has)):
+        raise PpalliError(f"lora_glu_bwd: weight-gradient sums {sums} asked for adapters that are absent {has}")
     xag, xag_stride, bg = _factors(g0, xag, bg, rank)
     xau, xau_stride, bu = _factors(g0, xau, bu, rank)
-    has_d = dxad is not None
-    dxad = dxad.to(g0.dtype).contiguous() if has_d else g0
-    ad = ad.to(g0.dtype).contiguous() if has_d else g0
-    h = torch.empty_like(g0) if want_h else g0
-    _lora_glu_bwd_kernel[grid](g0, up0, h, dh0, dxad, ad, g0, up0, xag, xag_stride, bg, xau, xau_stride, bu, n, i,
-                               rank, float(sg), float(su), ACT=ACTS[act], HAS_G=xag is not g0, HAS_U=xau is not g0,
-                               HAS_D=has_d, WRITE_H=want_h, **meta, num_warps=4)
-    return g0, up0, (h if want_h else None)
+    dxad = dxad.to(g0.dtype).contiguous() if has[2] else g0
+    ad = ad.to(g0.dtype).contiguous() if has[2] else g0
+    n_cols = cdiv(i, tiles.bn)
+    run_rows, runs = _runs(n, n_cols, tiles, g0.device)
+    partials = [torch.empty(runs, i, meta["RP"], dtype=torch.float32, device=g0.device) if s else g0 for s in sums]
+    _lora_glu_bwd_kernel[(runs, n_cols)](
+        g0, up0, dh0, g0, up0, xag, xag_stride, bg, xau, xau_stride, bu, dxad, ad, *partials, n, i, rank,
+        run_rows, float(sg), float(su), ACT=ACTS[act], HAS_G=has[0], HAS_U=has[1], HAS_D=has[2],
+        SUM_BG=sums[0], SUM_BU=sums[1], SUM_AD=sums[2], BM=tiles.bm, BN=tiles.bn, **meta, num_warps=tiles.warps)
+    dbg, dbu, dad = (p.sum(0)[:, :rank] if s else None for p, s in zip(partials, sums))  # (I, r) each
+    return GLUGrads(g0, up0, dbg.mul_(sg) if sums[0] else None, dbu.mul_(su) if sums[1] else None,
+                    dad.t() if sums[2] else None)
 
 
 class LoRAGLUFunction(torch.autograd.Function):
@@ -189,14 +283,14 @@ class LoRAGLUFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dh):
         g0, u0, xag, bg, xau, bu = ctx.saved_tensors
-        dg, du, _ = lora_glu_bwd(dh.contiguous(), g0.clone(), u0.clone(), xag, bg, ctx.sg, xau, bu, ctx.su,
-                                 act=ctx.act)
         need = ctx.needs_input_grad
+        sums = (xag is not None and need[3], xau is not None and need[6], False)
+        dg, du, dbg, dbu, _ = lora_glu_bwd(dh.contiguous(), g0.clone(), u0.clone(), xag, bg, ctx.sg, xau, bu,
+                                           ctx.su, act=ctx.act, sums=sums)
         grads = [dg if need[0] else None, du if need[1] else None]
-        for d, xa, b, s in ((dg, xag, bg, ctx.sg), (du, xau, bu, ctx.su)):
+        for d, xa, b, s, db in ((dg, xag, bg, ctx.sg, dbg), (du, xau, bu, ctx.su, dbu)):
             dxa = torch.mm(d, b.to(d.dtype)).mul_(s).to(xa.dtype) if xa is not None else None  # (N, r)
-            db = torch.mm(d.t(), xa.to(d.dtype)).mul_(s).to(b.dtype) if b is not None else None  # (I, r)
-            grads += [dxa, db, None]
+            grads += [dxa, db.to(b.dtype) if db is not None else None, None]
         return grads[0], grads[1], grads[2], grads[3], None, grads[5], grads[6], None, None
 
 

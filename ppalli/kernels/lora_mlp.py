@@ -9,11 +9,12 @@ Saved for the backward: x (N, d), the base outputs g0 = x Wg^T and u0 = x Wu^T (
 (N, r) LoRA products. The adapters' rank-r terms of g and u are never added into g0 and u0: the activation
 kernel (lora_glu.py) forms g and u tile by tile, in the forward and again in the backward, which saves 4
 passes over (N, I) per forward (~0.4 ms a layer for Llama-3.1-8B at N = 8192 on an H100). h is NOT saved
-either: keeping it costs N*I*2 = 235 MB per layer, 7.5 GB over 32 layers, while the backward's activation
-kernel writes it again only for down's dA. Autograd through HF + PEFT keeps g, act(g), u, h and a copy of x
-per LoRA branch. The activation backward writes dg over g0 and du over u0 in place, so the backward's peak
-adds only dh and the transient h on top of the saved tensors; down's rank-r input-gradient term
-(sd dy Bd) Ad is added inside that kernel too, instead of a read-modify-write pass over dh.
+either: keeping it costs N*I*2 = 235 MB per layer, 7.5 GB over 32 layers, and the backward never needs it
+whole: down's dA = (sd dy Bd)^T h is summed inside the activation backward, tile by tile, as are gate's and
+up's dB. Autograd through HF + PEFT keeps g, act(g), u, h and a copy of x per LoRA branch. The activation
+backward writes dg over g0 and du over u0 in place, so the backward's peak adds only dh on top of the saved
+tensors; down's rank-r input-gradient term (sd dy Bd) Ad is added inside that kernel too, instead of a
+read-modify-write pass over dh.
 
 The GEMMs are cuBLAS. When a layer is recomputed for its backward (`_utils.recomputing`), y is thrown away:
 the down projection's base GEMM is skipped and only (h Ad^T), which the backward needs, is made.
@@ -30,6 +31,7 @@ from ppalli.kernels.lora_glu import ACTS, lora_glu_bwd, lora_glu_fwd
 from ppalli.kernels.lora_linear import (
     add_input_grad,
     base_mm,
+    cast,
     lora_a,
     lora_bwd,
     lora_fwd,
@@ -68,22 +70,19 @@ class LoRAMLPFunction(torch.autograd.Function):
         need = ctx.needs_input_grad
 
         # Down projection: dh = dy Wd + (sd dy Bd) Ad, the second term added inside the activation kernel.
-        dxad = d_da = d_dB = None
+        dxad = d_dB = None
         if da is not None:
             dxad, _, d_dB = lora_bwd(dy, None, had, da, dB, ds, False, need[12])  # (N, r), -, (d, r)
         dh0 = add_input_grad(None, dy, db, None, None)  # (N, I)
-        want_h = da is not None and need[11]  # h only for dA_down = dxad^T h
-        dgate, dup, h = lora_glu_bwd(dh0, gate0, up0, xag, gB, gs, xau, uB, us, dxad, da, ctx.act, want_h)
+        # dBg, dBu and down's dA are summed inside the activation kernel, from the tiles it holds
+        sums = (ga is not None and need[4], ua is not None and need[8], da is not None and need[11])
+        dgate, dup, g_dB, u_dB, d_da = lora_glu_bwd(dh0, gate0, up0, xag, gB, gs, xau, uB, us, dxad, da, ctx.act,
+                                                    sums)
         del dh0
-        if want_h:
-            d_da = torch.mm(dxad.t(), h).to(da.dtype)  # (r, I)
-            del h
-
-        dxag = g_dB = dxau = u_dB = None
-        if ga is not None:
-            dxag, _, g_dB = lora_bwd(dgate, None, xag, ga, gB, gs, False, need[4])
-        if ua is not None:
-            dxau, _, u_dB = lora_bwd(dup, None, xau, ua, uB, us, False, need[8])
+        dxag = torch.mm(dgate, cast(gB, dgate.dtype)).mul_(gs) if ga is not None else None  # (N, r)
+        dxau = torch.mm(dup, cast(uB, dup.dtype)).mul_(us) if ua is not None else None
+        g_dB, u_dB, d_da = (cast(t, p.dtype) if t is not None else None for t, p in ((g_dB, gB), (u_dB, uB),
+                                                                                     (d_da, da)))
         (g_da, u_da), dxa_all, a_all = stacked_lora_a_grads((dxag, dxau), x, (ga, ua), (need[3], need[7]))
         dx = None
         if need[0]:
