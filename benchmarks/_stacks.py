@@ -257,8 +257,35 @@ def profile_steps(step: Callable, batches: list, device: str, path: Path, title:
     key = "cuda_time_total" if device == "cuda" else "cpu_time_total"  # torch maps "cuda" to "device" keys
     text = [f"{title}\n", f"top 25 by self_{key}:", avg.table(sort_by=f"self_{key}", row_limit=25), "",
             f"top 25 by {key}:", avg.table(sort_by=key, row_limit=25)]
+    if device == "cuda":
+        text += ["", _idle_report(prof.events())]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(text) + "\n", encoding="utf-8")
+
+
+def _idle_report(events, top: int = 15) -> str:
+    """Where the GPU sat idle inside the profiled steps: the union of kernel intervals against the window
+    from the first kernel to the last, and the largest gaps with the kernels on either side (a gap after a
+    small kernel usually means the host was behind)."""
+    from torch.autograd import DeviceType
+
+    spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in events
+                   if e.device_type == DeviceType.CUDA and e.time_range.end > e.time_range.start)
+    if not spans:
+        return "no device kernels recorded"
+    gaps, busy, end, before = [], 0.0, spans[0][0], spans[0][2]
+    for start, stop, name in spans:
+        if start > end:
+            gaps.append((start - end, before, name))
+        busy += max(0.0, stop - max(start, end))
+        if stop > end:
+            end, before = stop, name
+    window = end - spans[0][0]
+    lines = [f"device busy {busy / 1e3:.1f} ms of a {window / 1e3:.1f} ms window (idle {(window - busy) / 1e3:.1f} "
+             f"ms in {len(gaps)} gaps); largest gaps:"]
+    for us, a, b in sorted(gaps, reverse=True)[:top]:
+        lines.append(f"  {us / 1e3:7.3f} ms  after {a[:70]}  before {b[:70]}")
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- one run

@@ -100,9 +100,13 @@ def lora_problem(module: nn.Module, *, training_only_dropout: bool = True) -> st
     return None
 
 
-def lora_parts(module: nn.Module) -> LoRAParts:
-    """The base layer, A, B and scaling of the one active adapter; a and b are None when no adapter applies."""
-    problem = lora_problem(module)
+def lora_parts(module: nn.Module | LoRAParts, *, checked: bool = False) -> LoRAParts:
+    """The base layer, A, B and scaling of the one active adapter; a and b are None when no adapter applies.
+    A LoRAParts passes through (a fused layer reads its modules once a forward); checked=True skips the
+    lora_problem check the caller has just made (it costs ~8 us a module on the host)."""
+    if isinstance(module, LoRAParts):
+        return module
+    problem = None if checked else lora_problem(module)
     if problem is not None:
         raise PpalliError(f"fused LoRA cannot run {type(module).__name__}: {problem}")
     if not hasattr(module, "lora_A"):
@@ -134,35 +138,36 @@ def lora_a(x, a):
 def stacked_lora_a(x, factors):
     """x (N, in) times the A factors of several adapters over one input, in one GEMM: [A_1; A_2; ...] is
     (sum r, in), so x is read once instead of once per adapter (each rank-16 GEMM is bound by reading x).
-    -> a list of (N, r_i) column views of the (N, sum r) product, None where an adapter is absent."""
+    -> (a list of (N, r_i) column views of the (N, sum r) product, None where an adapter is absent;
+    the stacked (sum r, in) factor in x's dtype, which the backward reuses, or None)."""
     present = [a for a in factors if a is not None]
     if not present:
-        return [None] * len(factors)
-    xa = torch.mm(x, torch.cat([cast(a, x.dtype) for a in present]).t())  # (N, sum r)
+        return [None] * len(factors), None
+    a_stack = cast(torch.cat(present), x.dtype)  # stacked in the adapters' dtype, then one cast
+    xa = torch.mm(x, a_stack.t())  # (N, sum r)
     views, col = [], 0
     for a in factors:
         views.append(None if a is None else xa[:, col:col + a.shape[0]])
         col += 0 if a is None else a.shape[0]
-    return views
+    return views, a_stack
 
 
-def stacked_lora_a_grads(dxas, x, factors, needs):
-    """dA_i = dxa_i^T x for adapters over one input x (N, in), in one GEMM; dxas (N, r_i) or None.
-    -> (list of dA_i in each A's dtype or None, the (N, sum r) stacked dxa, the (sum r, in) stacked A)."""
-    idx = [i for i, a in enumerate(factors) if a is not None]
+def stacked_lora_a_grads(dxas, x, a_stack, ranks, needs, dtypes):
+    """dA_i = dxa_i^T x for adapters over one input x (N, in), in one GEMM; dxas (N, r_i) or None where
+    ranks[i] is None; a_stack (sum r, in) from stacked_lora_a.
+    -> (list of dA_i in dtypes[i] or None, the (N, sum r) stacked dxa or None)."""
+    idx = [i for i, r in enumerate(ranks) if r is not None]
     if not idx:
-        return [None] * len(factors), None, None
+        return [None] * len(ranks), None
     dxa = torch.cat([dxas[i] for i in idx], dim=1)  # (N, sum r)
-    a_all = torch.cat([cast(factors[i], dxa.dtype) for i in idx])  # (sum r, in)
-    grads = [None] * len(factors)
+    grads = [None] * len(ranks)
     if any(needs[i] for i in idx):
         da = torch.mm(dxa.t(), x)  # (sum r, in)
         row = 0
         for i in idx:
-            r = factors[i].shape[0]
-            grads[i] = da[row:row + r].to(factors[i].dtype) if needs[i] else None
-            row += r
-    return grads, dxa, a_all
+            grads[i] = cast(da[row:row + ranks[i]], dtypes[i]) if needs[i] else None
+            row += ranks[i]
+    return grads, dxa
 
 
 def lora_fwd(x, base, a, b, s):
@@ -175,10 +180,11 @@ def lora_fwd(x, base, a, b, s):
 
 
 def lora_bwd(dy, x, xa, a, b, s, need_a: bool, need_b: bool):
-    """dy (N, out), x (N, in), xa (N, r) -> (s dy B (N, r), dA (r, in) | None, dB (out, r) | None)."""
+    """dy (N, out), x (N, in), xa (N, r) -> (s dy B (N, r), dA (r, in) | None, dB (out, r) | None), all in
+    dy's dtype (the caller casts the weight gradients to the adapters' own dtype)."""
     dxa = torch.mm(dy, cast(b, dy.dtype)).mul_(s)  # (N, r)
-    da = torch.mm(dxa.t(), x).to(a.dtype) if need_a else None  # (r, in)
-    db = torch.mm(dy.t(), xa).mul_(s).to(b.dtype) if need_b else None  # (out, r)
+    da = torch.mm(dxa.t(), x) if need_a else None  # (r, in)
+    db = torch.mm(dy.t(), xa).mul_(s) if need_b else None  # (out, r)
     return dxa, da, db
 
 
@@ -194,11 +200,19 @@ def add_input_grad(dx, dy, base, dxa, a):
     return dx
 
 
+def factor_dtypes(*factors) -> tuple:
+    """The adapters' own dtypes (PEFT keeps them fp32 beside a bf16 model), for the weight gradients."""
+    return tuple(None if f is None else f.dtype for f in factors)
+
+
 class LoRALinearFunction(torch.autograd.Function):
-    """y = x W^T + bias + s (x A^T) B^T; saves x and x A^T only."""
+    """y = x W^T + bias + s (x A^T) B^T; saves x, x A^T and A, B in x's dtype (cast once a forward: the
+    backward reuses them rather than casting each fp32 factor again)."""
 
     @staticmethod
     def forward(ctx, x, base, a, b, s):
+        ctx.dtypes = factor_dtypes(a, b)
+        a, b = cast(a, x.dtype), cast(b, x.dtype)
         y, xa = lora_fwd(x, base, a, b, s)  # (N, out), (N, r)
         ctx.save_for_backward(x, xa, a, b)
         ctx.base, ctx.s = base, s
@@ -212,7 +226,7 @@ class LoRALinearFunction(torch.autograd.Function):
         if a is not None:
             dxa, da, db = lora_bwd(dy, x, xa, a, b, ctx.s, need_a, need_b)
         dx = add_input_grad(None, dy, ctx.base, dxa, a) if need_x else None
-        return dx, None, da, db, None
+        return dx, None, cast(da, ctx.dtypes[0]), cast(db, ctx.dtypes[1]), None
 
 
 def lora_linear(x: torch.Tensor, module: nn.Module) -> torch.Tensor:

@@ -32,6 +32,7 @@ from ppalli.kernels.lora_linear import (
     add_input_grad,
     base_mm,
     cast,
+    factor_dtypes,
     lora_a,
     lora_bwd,
     lora_fwd,
@@ -47,15 +48,18 @@ class LoRAMLPFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, act, gb, ga, gB, gs, ub, ua, uB, us, db, da, dB, ds):
+        ctx.ranks = [None if a is None else a.shape[0] for a in (ga, ua)]
+        ctx.dtypes = factor_dtypes(ga, gB, ua, uB, da, dB)
+        gB, uB, da, dB = (cast(t, x.dtype) for t in (gB, uB, da, dB))  # cast once; the backward reuses them
         gate0, up0 = base_mm(x, gb), base_mm(x, ub)  # (N, I) each, without the adapters' terms
-        xag, xau = stacked_lora_a(x, (ga, ua))  # (N, r) views of one GEMM: x read once
+        (xag, xau), a_stack = stacked_lora_a(x, (ga, ua))  # (N, r) views of one GEMM: x read once
         h = lora_glu_fwd(gate0, up0, xag, gB, gs, xau, uB, us, act)  # (N, I), freed when forward returns
         if is_recomputing():  # a recompute for backward keeps the saved tensors and drops y: skip the down GEMM
             had = lora_a(h, da)  # (N, r)
             y = h.new_empty(h.shape[0], out_features(db))  # (N, d), never read
         else:
             y, had = lora_fwd(h, db, da, dB, ds)  # (N, d), (N, r)
-        ctx.save_for_backward(x, gate0, up0, xag, xau, had, ga, gB, ua, uB, da, dB)
+        ctx.save_for_backward(x, gate0, up0, xag, xau, had, a_stack, gB, uB, da, dB)
         ctx.act, ctx.bases, ctx.scales = act, (gb, ub, db), (gs, us, ds)
         ctx.used = False
         return y
@@ -65,8 +69,9 @@ class LoRAMLPFunction(torch.autograd.Function):
         if ctx.used:  # the first backward overwrote g0 and u0 with the gradients
             raise PpalliError("the fused LoRA MLP supports one backward per forward (no retain_graph=True)")
         ctx.used = True
-        x, gate0, up0, xag, xau, had, ga, gB, ua, uB, da, dB = ctx.saved_tensors
+        x, gate0, up0, xag, xau, had, a_stack, gB, uB, da, dB = ctx.saved_tensors
         (gb, ub, db), (gs, us, ds) = ctx.bases, ctx.scales
+        (g_rank, u_rank), dtypes = ctx.ranks, ctx.dtypes
         need = ctx.needs_input_grad
 
         # Down projection: dh = dy Wd + (sd dy Bd) Ad, the second term added inside the activation kernel.
@@ -75,21 +80,22 @@ class LoRAMLPFunction(torch.autograd.Function):
             dxad, _, d_dB = lora_bwd(dy, None, had, da, dB, ds, False, need[12])  # (N, r), -, (d, r)
         dh0 = add_input_grad(None, dy, db, None, None)  # (N, I)
         # dBg, dBu and down's dA are summed inside the activation kernel, from the tiles it holds
-        sums = (ga is not None and need[4], ua is not None and need[8], da is not None and need[11])
+        sums = (g_rank is not None and need[4], u_rank is not None and need[8], da is not None and need[11])
         dgate, dup, g_dB, u_dB, d_da = lora_glu_bwd(dh0, gate0, up0, xag, gB, gs, xau, uB, us, dxad, da, ctx.act,
                                                     sums)
         del dh0
-        dxag = torch.mm(dgate, cast(gB, dgate.dtype)).mul_(gs) if ga is not None else None  # (N, r)
-        dxau = torch.mm(dup, cast(uB, dup.dtype)).mul_(us) if ua is not None else None
-        g_dB, u_dB, d_da = (cast(t, p.dtype) if t is not None else None for t, p in ((g_dB, gB), (u_dB, uB),
-                                                                                     (d_da, da)))
-        (g_da, u_da), dxa_all, a_all = stacked_lora_a_grads((dxag, dxau), x, (ga, ua), (need[3], need[7]))
+        dxag = torch.mm(dgate, gB).mul_(gs) if g_rank is not None else None  # (N, r)
+        dxau = torch.mm(dup, uB).mul_(us) if u_rank is not None else None
+        (g_da, u_da), dxa_all = stacked_lora_a_grads((dxag, dxau), x, a_stack, ctx.ranks, (need[3], need[7]),
+                                                     dtypes[0::2])
         dx = None
         if need[0]:
             dx = add_input_grad(None, dgate, gb, None, None)  # (N, d)
             dx = add_input_grad(dx, dup, ub, None, None)
             if dxa_all is not None:
-                dx.addmm_(dxa_all, a_all)  # both rank-r terms in one GEMM
+                dx.addmm_(dxa_all, a_stack)  # both rank-r terms in one GEMM
+        g_dB, u_dB, d_da, d_dB = (cast(t, dt) for t, dt in ((g_dB, dtypes[1]), (u_dB, dtypes[3]), (d_da, dtypes[4]),
+                                                            (d_dB, dtypes[5])))
         return dx, None, None, g_da, g_dB, None, None, u_da, u_dB, None, None, d_da, d_dB, None
 
 

@@ -23,6 +23,7 @@ from ppalli.kernels.lora_linear import (
     add_input_grad,
     base_mm,
     cast,
+    factor_dtypes,
     lora_bwd,
     lora_linear,
     lora_parts,
@@ -38,31 +39,34 @@ class LoRAQKVFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, qb, qa, qB, qs, kb, ka, kB, ks, vb, va, vB, vs):
-        xas = stacked_lora_a(x, (qa, ka, va))  # three (N, r) views of one GEMM: x read once
+        ctx.ranks = [None if a is None else a.shape[0] for a in (qa, ka, va)]
+        ctx.dtypes = factor_dtypes(qa, qB, ka, kB, va, vB)
+        xas, a_stack = stacked_lora_a(x, (qa, ka, va))  # three (N, r) views of one GEMM: x read once
+        bs = [cast(b, x.dtype) for b in (qB, kB, vB)]  # cast once; the backward reuses them
         outs = []
-        for base, xa, b, s in zip((qb, kb, vb), xas, (qB, kB, vB), (qs, ks, vs)):
+        for base, xa, b, s in zip((qb, kb, vb), xas, bs, (qs, ks, vs)):
             y = base_mm(x, base)  # (N, Hq*D) or (N, Hk*D)
             if xa is not None:
-                y.addmm_(xa, cast(b, x.dtype).t(), alpha=s)
+                y.addmm_(xa, b.t(), alpha=s)
             outs.append(y)
-        ctx.save_for_backward(x, *xas, qa, qB, ka, kB, va, vB)
+        ctx.save_for_backward(x, *xas, a_stack, *bs)
         ctx.bases, ctx.scales = (qb, kb, vb), (qs, ks, vs)
         return tuple(outs)
 
     @staticmethod
     def backward(ctx, dq, dk, dv):
         saved = ctx.saved_tensors  # unpacked once: non-reentrant checkpointing allows a single unpack
-        x, xas, factors = saved[0], saved[1:4], saved[4:]
-        a_list, b_list = factors[0::2], factors[1::2]
+        x, xas, a_stack, bs = saved[0], saved[1:4], saved[4], saved[5:]
         need = ctx.needs_input_grad
         grads, dxas = [None] * 13, []
         for i, dy in enumerate((dq, dk, dv)):
             dxa = db = None
-            if a_list[i] is not None:
-                dxa, _, db = lora_bwd(dy, None, xas[i], a_list[i], b_list[i], ctx.scales[i], False, need[4 * i + 3])
+            if ctx.ranks[i] is not None:
+                dxa, _, db = lora_bwd(dy, None, xas[i], None, bs[i], ctx.scales[i], False, need[4 * i + 3])
             dxas.append(dxa)
-            grads[4 * i + 3] = db
-        das, dxa_all, a_all = stacked_lora_a_grads(dxas, x, a_list, [need[4 * i + 2] for i in range(3)])
+            grads[4 * i + 3] = cast(db, ctx.dtypes[2 * i + 1])
+        das, dxa_all = stacked_lora_a_grads(dxas, x, a_stack, ctx.ranks, [need[4 * i + 2] for i in range(3)],
+                                            ctx.dtypes[0::2])
         for i in range(3):
             grads[4 * i + 2] = das[i]
         if need[0]:
@@ -70,7 +74,7 @@ class LoRAQKVFunction(torch.autograd.Function):
             for dy, base in zip((dq, dk, dv), ctx.bases):
                 dx = add_input_grad(dx, dy, base, None, None)  # (N, d), one buffer for all the GEMMs
             if dxa_all is not None:
-                dx.addmm_(dxa_all, a_all)  # the three rank-r terms in one GEMM
+                dx.addmm_(dxa_all, a_stack)  # the three rank-r terms in one GEMM
             grads[0] = dx
         return tuple(grads)
 

@@ -35,7 +35,7 @@ from ppalli.errors import PpalliError
 from ppalli.kernels._utils import interpreting, is_triton_available
 from ppalli.kernels.geglu import geglu
 from ppalli.kernels.linear_cross_entropy import linear_cross_entropy
-from ppalli.kernels.lora_linear import lora_linear, lora_problem
+from ppalli.kernels.lora_linear import LoRAParts, lora_linear, lora_parts, lora_problem
 from ppalli.kernels.lora_mlp import lora_mlp
 from ppalli.kernels.lora_qkv import lora_qkv
 from ppalli.kernels.rms_norm import rms_norm
@@ -220,10 +220,17 @@ class FusedDecoderLayer:
             return "no position embeddings passed"
         if hidden.device.type != "cuda" and not interpreting():
             return f"hidden states on {hidden.device.type}"
+        return None
+
+    def _read_parts(self) -> tuple[dict[str, LoRAParts] | None, str | None]:
+        """(the LoRA parts of each projection, None) or (None, why one cannot run fused): read once a forward,
+        as adapters can be disabled or merged at any time."""
+        parts = {}
         for name, module in _layer_targets(self.layer, self.spec).items():
             if (why := lora_problem(module)) is not None:
-                return f"{name}: {why}"
-        return None
+                return None, f"{name}: {why}"
+            parts[name] = lora_parts(module, checked=True)
+        return parts, None
 
     def _attention_inputs(self, kwargs: dict):
         """(mask, cu_seqlens, max_seqlen) from what HF or fast_causal_lm_loss passes the layer."""
@@ -246,19 +253,18 @@ class FusedDecoderLayer:
         norm = getattr(self.layer, name)
         return rms_norm(x, norm.weight, _norm_eps(norm), self.spec.norm_offset)
 
-    def _qkv(self, h: torch.Tensor):
+    def _qkv(self, h: torch.Tensor, parts: dict):
         """h (B, T, d) -> q (B, T, Hq*D), k, v (B, T, Hk*D)."""
-        attn = self.layer.self_attn
         if self.spec.fused_qkv:  # Phi-3: one LoRA over [q | k | v]
-            qkv = lora_linear(h, getattr(attn, self.spec.qkv[0]))
+            qkv = lora_linear(h, parts[self.spec.qkv[0]])
             q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
             return qkv.split([q_size, kv_size, kv_size], dim=-1)
-        return lora_qkv(h, *(getattr(attn, n) for n in self.spec.qkv))
+        return lora_qkv(h, *(parts[n] for n in self.spec.qkv))
 
-    def _attention(self, x, cos_sin, mask, cu, max_len) -> torch.Tensor:
+    def _attention(self, x, cos_sin, mask, cu, max_len, parts: dict) -> torch.Tensor:
         """x (B, T, d) -> attention block output (B, T, d), before the residual add."""
         attn, (b, t, _) = self.layer.self_attn, x.shape
-        q, k, v = (z.view(b, t, -1, self.head_dim) for z in self._qkv(self._norm(self.spec.pre_attn_norm, x)))
+        q, k, v = (z.view(b, t, -1, self.head_dim) for z in self._qkv(self._norm(self.spec.pre_attn_norm, x), parts))
         if self.spec.qk_norm:  # per head, over D
             q = rms_norm(q, attn.q_norm.weight, _norm_eps(attn.q_norm), self.spec.norm_offset)
             k = rms_norm(k, attn.k_norm.weight, _norm_eps(attn.k_norm), self.spec.norm_offset)
@@ -267,31 +273,33 @@ class FusedDecoderLayer:
             q, k = apply_rope(q, k, *cos_sin)
         o = attend(q, k, v, backend=self.backend, cu_seqlens=cu, max_seqlen=max_len, attention_mask=mask,
                    scale=self.scale, window=self.window, softcap=self.softcap)  # (B, T, Hq, D)
-        o = lora_linear(o.reshape(b, t, -1), attn.o_proj)  # (B, T, d)
+        o = lora_linear(o.reshape(b, t, -1), parts[self.spec.o])  # (B, T, d)
         return self._norm(self.spec.post_attn_norm, o)
 
-    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
+    def _mlp(self, x: torch.Tensor, parts: dict) -> torch.Tensor:
         """x (B, T, d) -> MLP block output (B, T, d), before the residual add."""
-        h, mlp = self._norm(self.spec.pre_mlp_norm, x), self.layer.mlp
+        h = self._norm(self.spec.pre_mlp_norm, x)
         if self.spec.fused_gate_up:  # Phi-3: one LoRA over [gate | up]; h is kept by the autograd activation
-            gate, up = lora_linear(h, getattr(mlp, self.spec.mlp[0])).chunk(2, dim=-1)
+            gate, up = lora_linear(h, parts[self.spec.mlp[0]]).chunk(2, dim=-1)
             act = swiglu if self.act == "silu" else geglu
-            out = lora_linear(act(gate, up), getattr(mlp, self.spec.mlp[1]))
+            out = lora_linear(act(gate, up), parts[self.spec.mlp[1]])
         else:
-            out = lora_mlp(h, *(getattr(mlp, n) for n in self.spec.mlp), act=self.act)
+            out = lora_mlp(h, *(parts[n] for n in self.spec.mlp), act=self.act)
         return self._norm(self.spec.post_mlp_norm, out)
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """Drop-in for the HF layer's forward(hidden_states, attention_mask=, position_embeddings=, ...)."""
-        why = self._fallback_reason(hidden_states, args, kwargs)
+        why, parts = self._fallback_reason(hidden_states, args, kwargs), None
+        if why is None:
+            parts, why = self._read_parts()
         if why is not None:
             if kwargs.get("ppalli_mask_exact"):  # inside fast_causal_lm_loss the original would mis-mask packing
                 raise PpalliError(f"fast path cannot run {type(self.layer).__name__}: {why}")
             self.handle.note_fallback(why)
             return self.original(hidden_states, *args, **kwargs)
         mask, cu, max_len = self._attention_inputs(kwargs)
-        x = hidden_states + self._attention(hidden_states, kwargs["position_embeddings"], mask, cu, max_len)
-        return x + self._mlp(x)
+        x = hidden_states + self._attention(hidden_states, kwargs["position_embeddings"], mask, cu, max_len, parts)
+        return x + self._mlp(x, parts)
 
 
 # --------------------------------------------------------------------------- applying and reverting
