@@ -229,6 +229,39 @@ class LoRALinearFunction(torch.autograd.Function):
         return dx, None, cast(da, ctx.dtypes[0]), cast(db, ctx.dtypes[1]), None
 
 
+class LoRASplitFunction(torch.autograd.Function):
+    """(y0, xa) = (x W^T + bias, x A^T): a LoRA Linear whose consumer adds s xa B^T itself (and so owns dB and
+    the rank-r input gradient dxa = s dy B, which it hands back as xa's gradient). Saves x and A."""
+
+    @staticmethod
+    def forward(ctx, x, base, a):
+        ctx.a_dtype = a.dtype
+        a = cast(a, x.dtype)
+        ctx.save_for_backward(x, a)
+        ctx.base = base
+        return base_mm(x, base), lora_a(x, a)  # (N, out), (N, r)
+
+    @staticmethod
+    def backward(ctx, dy0, dxa):
+        x, a = ctx.saved_tensors
+        need_x, _, need_a = ctx.needs_input_grad
+        if dxa is None:
+            dxa = x.new_zeros(x.shape[0], a.shape[0])
+        da = cast(torch.mm(dxa.t(), x), ctx.a_dtype) if need_a else None  # (r, in)
+        dx = None
+        if need_x:
+            dx = add_input_grad(None, dy0, ctx.base, dxa, a) if dy0 is not None else torch.mm(dxa, a)
+        return dx, None, da
+
+
+def lora_linear_split(x: torch.Tensor, parts: LoRAParts) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (..., in) through the base layer and lora_A of `parts` (an adapter must be present) ->
+    (y0 (N, out) = x W^T + bias, xa (N, r) = x A^T) over the flattened rows; the caller adds s xa B^T."""
+    if parts.a is None:
+        raise PpalliError("lora_linear_split needs an active adapter; use lora_linear without one")
+    return LoRASplitFunction.apply(x.reshape(-1, x.shape[-1]), parts.base, parts.a)
+
+
 def lora_linear(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
     """x (..., in) through a PEFT LoRA Linear (or a plain Linear) -> (..., out), with the manual backward."""
     p = lora_parts(module)

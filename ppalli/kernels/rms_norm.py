@@ -40,11 +40,12 @@ def _rms_norm_fwd_kernel(
 
 @jit
 def _rms_norm_bwd_kernel(
-    DX, DY, X, W, RSTD, DW_PARTIAL,  # DX, DY, X: (M, N); W: (N,); RSTD: (M,); DW_PARTIAL: (programs, N) fp32
-    stride_dx, stride_dy, stride_x, n_rows, n_cols, rows_per_program, offset,
-    BLOCK: tl.constexpr, COMPUTE_DW: tl.constexpr,
+    DX, DY, X, W, RSTD, DW_PARTIAL, DRES,  # DX, DY, X, DRES: (M, N); W: (N,); RSTD: (M,); DW_PARTIAL: (programs, N)
+    stride_dx, stride_dy, stride_x, stride_dres, n_rows, n_cols, rows_per_program, offset,
+    BLOCK: tl.constexpr, COMPUTE_DW: tl.constexpr, HAS_DRES: tl.constexpr,
 ):
-    # dx = rstd * (w*dy - x_hat * mean(w*dy * x_hat)),  dW = sum_rows dy * x_hat
+    # dx = rstd * (w*dy - x_hat * mean(w*dy * x_hat)) [+ dres],  dW = sum_rows dy * x_hat
+    # dres: the gradient x also gets from the residual stream, added here rather than by autograd after.
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -57,6 +58,7 @@ def _rms_norm_bwd_kernel(
     X += start * stride_x
     DY += start * stride_dy
     DX += start * stride_dx
+    DRES += start * stride_dres
     RSTD += start
     for _ in range(row_start, row_end):
         x = tl.load(X + cols, mask=mask, other=0.0).to(tl.float32)
@@ -65,12 +67,15 @@ def _rms_norm_bwd_kernel(
         x_hat = x * rstd
         wdy = w * dy
         dx = rstd * (wdy - x_hat * (tl.sum(wdy * x_hat, axis=0) / n_cols))
+        if HAS_DRES:
+            dx += tl.load(DRES + cols, mask=mask, other=0.0).to(tl.float32)
         tl.store(DX + cols, dx.to(DX.dtype.element_ty), mask=mask)
         if COMPUTE_DW:
             dw += dy * x_hat
         X += stride_x
         DY += stride_dy
         DX += stride_dx
+        DRES += stride_dres
         RSTD += 1
     if COMPUTE_DW:
         tl.store(DW_PARTIAL + pid * n_cols + cols, dw, mask=mask)
@@ -93,8 +98,9 @@ def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: floa
     return y.view(x.shape), x2d, rstd
 
 
-def rms_norm_bwd(dy, x2d, weight, rstd, offset: float = 0.0, compute_dw: bool = True):
-    """dy (..., N), x2d (M, N), rstd (M,) -> (dx (M, N) in x's dtype, dW (N,) in weight's dtype or None)."""
+def rms_norm_bwd(dy, x2d, weight, rstd, offset: float = 0.0, compute_dw: bool = True, dres=None):
+    """dy (..., N), x2d (M, N), rstd (M,) -> (dx (M, N) in x's dtype, dW (N,) in weight's dtype or None);
+    dres (M, N), unit stride along rows, is added to dx when given."""
     dy2d = contiguous_rows(dy)  # (M, N)
     n_rows, n_cols = x2d.shape
     dx = torch.empty_like(x2d, memory_format=torch.contiguous_format)
@@ -105,9 +111,10 @@ def rms_norm_bwd(dy, x2d, weight, rstd, offset: float = 0.0, compute_dw: bool = 
     dw_partial = torch.empty((programs, n_cols) if compute_dw else (1,), dtype=torch.float32, device=x2d.device)
     block = row_block(n_cols)
     _rms_norm_bwd_kernel[(programs,)](
-        dx, dy2d, x2d, weight, rstd, dw_partial,
-        dx.stride(0), dy2d.stride(0), x2d.stride(0), n_rows, n_cols, rows_per_program, offset,
-        BLOCK=block, COMPUTE_DW=compute_dw, num_warps=num_warps_for(block),
+        dx, dy2d, x2d, weight, rstd, dw_partial, dres if dres is not None else dx,
+        dx.stride(0), dy2d.stride(0), x2d.stride(0), dres.stride(0) if dres is not None else 0, n_rows, n_cols,
+        rows_per_program, offset, BLOCK=block, COMPUTE_DW=compute_dw, HAS_DRES=dres is not None,
+        num_warps=num_warps_for(block),
     )
     dw = dw_partial.sum(0).to(weight.dtype) if compute_dw else None
     return dx, dw

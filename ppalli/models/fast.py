@@ -35,7 +35,8 @@ from ppalli.errors import PpalliError
 from ppalli.kernels._utils import interpreting, is_triton_available
 from ppalli.kernels.geglu import geglu
 from ppalli.kernels.linear_cross_entropy import linear_cross_entropy
-from ppalli.kernels.lora_linear import LoRAParts, lora_linear, lora_parts, lora_problem
+from ppalli.kernels.lora_add_rms_norm import lora_add_rms_norm
+from ppalli.kernels.lora_linear import LoRAParts, lora_linear, lora_linear_split, lora_parts, lora_problem
 from ppalli.kernels.lora_mlp import lora_mlp
 from ppalli.kernels.lora_qkv import lora_qkv
 from ppalli.kernels.rms_norm import rms_norm
@@ -198,13 +199,17 @@ class FusedDecoderLayer:
         self.window = spec.window(layer, config)
         self.softcap = getattr(attn, "attn_logit_softcapping", None)
         self.rope = spec.uses_rope(layer)
+        # attention's residual add, o's LoRA term and the MLP's norm in one kernel (not under sandwich norms)
+        self.add_norm = spec.post_attn_norm is None and spec.pre_mlp_norm is not None
         self.original = layer.forward  # the class's forward (bound) or an instance attribute already there
 
     def describe(self) -> str:
         parts = ["rms_norm", "lora_qkv" if not self.spec.fused_qkv else "lora_linear (fused qkv)"]
         parts += ["qk_norm"] * self.spec.qk_norm + ["rope" if self.rope else "no rope"]
         parts += [f"attend[{self.backend}]"] + [f"window {self.window}"] * (self.window is not None)
-        parts += [f"softcap {self.softcap}"] * bool(self.softcap) + ["lora_linear (o)", f"lora_mlp[{self.act}]"]
+        parts += [f"softcap {self.softcap}"] * bool(self.softcap)
+        parts += ["lora_add_rms_norm (o, residual, norm)" if self.add_norm else "lora_linear (o)"]
+        parts += [f"lora_mlp[{self.act}]"]
         return ", ".join(parts)
 
     # ---- when not to run
@@ -261,8 +266,8 @@ class FusedDecoderLayer:
             return qkv.split([q_size, kv_size, kv_size], dim=-1)
         return lora_qkv(h, *(parts[n] for n in self.spec.qkv))
 
-    def _attention(self, x, cos_sin, mask, cu, max_len, parts: dict) -> torch.Tensor:
-        """x (B, T, d) -> attention block output (B, T, d), before the residual add."""
+    def _attend(self, x, cos_sin, mask, cu, max_len, parts: dict) -> torch.Tensor:
+        """x (B, T, d) -> the attention heads' output (B, T, Hq*D), before the o projection."""
         attn, (b, t, _) = self.layer.self_attn, x.shape
         q, k, v = (z.view(b, t, -1, self.head_dim) for z in self._qkv(self._norm(self.spec.pre_attn_norm, x), parts))
         if self.spec.qk_norm:  # per head, over D
@@ -273,12 +278,10 @@ class FusedDecoderLayer:
             q, k = apply_rope(q, k, *cos_sin)
         o = attend(q, k, v, backend=self.backend, cu_seqlens=cu, max_seqlen=max_len, attention_mask=mask,
                    scale=self.scale, window=self.window, softcap=self.softcap)  # (B, T, Hq, D)
-        o = lora_linear(o.reshape(b, t, -1), parts[self.spec.o])  # (B, T, d)
-        return self._norm(self.spec.post_attn_norm, o)
+        return o.reshape(b, t, -1)
 
-    def _mlp(self, x: torch.Tensor, parts: dict) -> torch.Tensor:
-        """x (B, T, d) -> MLP block output (B, T, d), before the residual add."""
-        h = self._norm(self.spec.pre_mlp_norm, x)
+    def _mlp(self, h: torch.Tensor, parts: dict) -> torch.Tensor:
+        """h (B, T, d), already normed -> MLP block output (B, T, d), before the residual add."""
         if self.spec.fused_gate_up:  # Phi-3: one LoRA over [gate | up]; h is kept by the autograd activation
             gate, up = lora_linear(h, parts[self.spec.mlp[0]]).chunk(2, dim=-1)
             act = swiglu if self.act == "silu" else geglu
@@ -286,6 +289,18 @@ class FusedDecoderLayer:
         else:
             out = lora_mlp(h, *(parts[n] for n in self.spec.mlp), act=self.act)
         return self._norm(self.spec.post_mlp_norm, out)
+
+    def _add_norm(self, hidden: torch.Tensor, o: torch.Tensor, parts: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, n): x = hidden + o projection of o (B, T, Hq*D), n = the MLP's RMSNorm of x, in one pass over
+        (N, d) with the o projection's LoRA term inside (lora_add_rms_norm.py). Layers whose attention output
+        is normed before the residual add (Gemma's sandwich norms) run the ops one by one."""
+        norm, op = getattr(self.layer, self.spec.pre_mlp_norm), parts[self.spec.o]
+        if op.a is None:
+            y0, xa = lora_linear(o, op), None
+        else:
+            y0, xa = lora_linear_split(o, op)  # (N, d), (N, r)
+        return lora_add_rms_norm(hidden, y0.view(hidden.shape), xa, op.b, op.scaling, norm.weight,
+                                 _norm_eps(norm), self.spec.norm_offset)
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """Drop-in for the HF layer's forward(hidden_states, attention_mask=, position_embeddings=, ...)."""
@@ -298,8 +313,14 @@ class FusedDecoderLayer:
             self.handle.note_fallback(why)
             return self.original(hidden_states, *args, **kwargs)
         mask, cu, max_len = self._attention_inputs(kwargs)
-        x = hidden_states + self._attention(hidden_states, kwargs["position_embeddings"], mask, cu, max_len, parts)
-        return x + self._mlp(x, parts)
+        o = self._attend(hidden_states, kwargs["position_embeddings"], mask, cu, max_len, parts)  # (B, T, Hq*D)
+        if self.add_norm:
+            x, h = self._add_norm(hidden_states, o, parts)
+        else:
+            o = self._norm(self.spec.post_attn_norm, lora_linear(o, parts[self.spec.o]))  # (B, T, d)
+            x = hidden_states + o
+            h = self._norm(self.spec.pre_mlp_norm, x)
+        return x + self._mlp(h, parts)
 
 
 # --------------------------------------------------------------------------- applying and reverting

@@ -21,9 +21,9 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
-from ppalli.kernels import geglu, linear_cross_entropy, lora_glu, nf4, rms_norm, rope, swiglu
+from ppalli.kernels import geglu, linear_cross_entropy, lora_add_rms_norm, lora_glu, nf4, rms_norm, rope, swiglu
 
-MODULES = (geglu, linear_cross_entropy, lora_glu, nf4, rms_norm, rope, swiglu)
+MODULES = (geglu, linear_cross_entropy, lora_add_rms_norm, lora_glu, nf4, rms_norm, rope, swiglu)
 TARGETS = (GPUTarget("cuda", 90, 32), GPUTarget("cuda", 80, 32))
 # Shared memory a block may use (cudaDevAttrMaxSharedMemoryPerBlockOptin): H100 227 KiB, A100 163 KiB. A
 # kernel over it compiles but fails at launch (a 64 x 128 fp32 lora_glu backward asked 242 KiB on an H100).
@@ -57,6 +57,9 @@ def _launch_everything(dtype: torch.dtype) -> None:
     rms_norm.rms_norm_fwd(x, w, 1e-6)
     rms_norm.rms_norm_bwd(t(6, 64), x, w, torch.ones(6), compute_dw=True)
     rms_norm.rms_norm_bwd(t(6, 64), x, w, torch.ones(6), compute_dw=False)
+    rms_norm.rms_norm_bwd(t(6, 64), x, w, torch.ones(6), compute_dw=False, dres=t(6, 64))
+    lora_add_rms_norm.lora_add_rms_norm_fwd(x, t(6, 64), t(6, 16), t(64, 16), 0.5, w, 1e-6)
+    lora_add_rms_norm.lora_add_rms_norm_fwd(x, t(6, 64), None, None, 0.5, w, 1e-6, 1.0)
     q, k, cos, sin = t(1, 4, 6, 16), t(1, 2, 6, 16), t(1, 6, 16), t(1, 6, 16)  # (B, H, T, D), (B, T, D)
     rope.rope_fwd(q, k, cos, sin)
     rope.rope_fwd(q, k, cos, sin, backward=True)
