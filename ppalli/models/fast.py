@@ -39,7 +39,7 @@ from ppalli.kernels.lora_add_rms_norm import lora_add_rms_norm
 from ppalli.kernels.lora_linear import LoRAParts, lora_linear, lora_linear_split, lora_parts, lora_problem
 from ppalli.kernels.lora_mlp import lora_mlp
 from ppalli.kernels.lora_qkv import lora_qkv
-from ppalli.kernels.rms_norm import rms_norm
+from ppalli.kernels.rms_norm import rms_norm, rms_norm_residual
 from ppalli.kernels.rope import apply_rope
 from ppalli.kernels.swiglu import swiglu
 from ppalli.models.attention import attend, resolve_backend
@@ -200,7 +200,7 @@ class FusedDecoderLayer:
         self.softcap = getattr(attn, "attn_logit_softcapping", None)
         self.rope = spec.uses_rope(layer)
         # attention's residual add, o's LoRA term and the MLP's norm in one kernel (not under sandwich norms)
-        self.add_norm = spec.post_attn_norm is None and spec.pre_mlp_norm is not None
+        self.add_norm = spec.post_attn_norm is None and None not in (spec.pre_attn_norm, spec.pre_mlp_norm)
         self.original = layer.forward  # the class's forward (bound) or an instance attribute already there
 
     def describe(self) -> str:
@@ -266,10 +266,10 @@ class FusedDecoderLayer:
             return qkv.split([q_size, kv_size, kv_size], dim=-1)
         return lora_qkv(h, *(parts[n] for n in self.spec.qkv))
 
-    def _attend(self, x, cos_sin, mask, cu, max_len, parts: dict) -> torch.Tensor:
-        """x (B, T, d) -> the attention heads' output (B, T, Hq*D), before the o projection."""
-        attn, (b, t, _) = self.layer.self_attn, x.shape
-        q, k, v = (z.view(b, t, -1, self.head_dim) for z in self._qkv(self._norm(self.spec.pre_attn_norm, x), parts))
+    def _attend(self, h, cos_sin, mask, cu, max_len, parts: dict) -> torch.Tensor:
+        """h (B, T, d), the normed input -> the attention heads' output (B, T, Hq*D), before the o projection."""
+        attn, (b, t, _) = self.layer.self_attn, h.shape
+        q, k, v = (z.view(b, t, -1, self.head_dim) for z in self._qkv(h, parts))
         if self.spec.qk_norm:  # per head, over D
             q = rms_norm(q, attn.q_norm.weight, _norm_eps(attn.q_norm), self.spec.norm_offset)
             k = rms_norm(k, attn.k_norm.weight, _norm_eps(attn.k_norm), self.spec.norm_offset)
@@ -313,10 +313,13 @@ class FusedDecoderLayer:
             self.handle.note_fallback(why)
             return self.original(hidden_states, *args, **kwargs)
         mask, cu, max_len = self._attention_inputs(kwargs)
-        o = self._attend(hidden_states, kwargs["position_embeddings"], mask, cu, max_len, parts)  # (B, T, Hq*D)
-        if self.add_norm:
-            x, h = self._add_norm(hidden_states, o, parts)
+        attend_args = (kwargs["position_embeddings"], mask, cu, max_len, parts)
+        if self.add_norm:  # the residual read through the norm's view: its gradient is added in the norm's backward
+            norm = getattr(self.layer, self.spec.pre_attn_norm)
+            res, h = rms_norm_residual(hidden_states, norm.weight, _norm_eps(norm), self.spec.norm_offset)
+            x, h = self._add_norm(res, self._attend(h, *attend_args), parts)
         else:
+            o = self._attend(self._norm(self.spec.pre_attn_norm, hidden_states), *attend_args)  # (B, T, Hq*D)
             o = self._norm(self.spec.post_attn_norm, lora_linear(o, parts[self.spec.o]))  # (B, T, d)
             x = hidden_states + o
             h = self._norm(self.spec.pre_mlp_norm, x)

@@ -70,3 +70,25 @@ def test_frozen_weight_skips_weight_gradient():
     rstd = torch.rsqrt(x.pow(2).mean(-1) + 1e-6)
     _, dw = rms_norm_bwd(torch.randn_like(x), x, weight, rstd, compute_dw=False)
     assert dw is None
+
+
+def test_residual_view_adds_the_residual_gradient_in_the_norm_backward():
+    """rms_norm_residual returns (a view of x, RMSNorm(x)); x's gradient is the residual path's plus the norm's."""
+    from ppalli.kernels.rms_norm import rms_norm_residual
+
+    x = torch.randn(7, 96, device=DEVICE, dtype=DTYPE, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    weight = torch.randn(96, device=DEVICE, dtype=DTYPE)
+    res, y = rms_norm_residual(x, weight, 1e-6, 1.0)
+    assert res.data_ptr() == x.data_ptr()
+    y_ref = rms_norm_ref(x_ref, weight, 1e-6, 1.0)
+    assert_close("y", y, y_ref, DTYPE)
+    g_res, g_y = torch.randn_like(res), torch.randn_like(y)
+    (res * g_res + y * g_y).sum().backward()
+    (x_ref * g_res + y_ref * g_y).sum().backward()
+    assert_close("dx", x.grad, x_ref.grad, DTYPE)
+    x.grad = None
+    rms_norm_residual(x, weight, 1e-6)[1].sum().backward()  # the view unused: the norm's gradient alone
+    x_ref.grad = None
+    rms_norm_ref(x_ref, weight, 1e-6).sum().backward()
+    assert_close("dx, no residual gradient", x.grad, x_ref.grad, DTYPE)
