@@ -82,6 +82,13 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def dot_upcast(dtype: torch.dtype) -> bool:
+    """Whether a kernel should multiply fp32 copies in tl.dot: Triton's CPU interpreter returns garbage for
+    bf16 operands (a 16 x 16 bf16 product off by 2e10 under triton 3.9, 2026-11-25), while fp32 is exact.
+    On a GPU the bf16 tensor-core dot runs as written."""
+    return interpreting() and dtype == torch.bfloat16
+
+
 def require_triton() -> None:
     if triton is None:
         raise PpalliError(

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from ppalli.errors import PpalliError
-from ppalli.kernels._utils import cdiv, check_tensors, contiguous_rows, jit, next_power_of_2, tl
+from ppalli.kernels._utils import cdiv, check_tensors, contiguous_rows, dot_upcast, jit, next_power_of_2, tl
 from ppalli.kernels.lora_linear import cast
 from ppalli.kernels.rms_norm import rms_norm_bwd
 
@@ -32,7 +32,7 @@ BLOCKS = (16, 256, 4)
 
 @jit
 def _lora_add_rms_norm_fwd_kernel(X, NRM, H, Y0, XA, xa_stride, B, W, RSTD, n_rows, d, R, s, eps, offset,
-                                  HAS_LORA: tl.constexpr, IEEE: tl.constexpr,
+                                  HAS_LORA: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
                                   BM: tl.constexpr, BD: tl.constexpr, RP: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
     row_ok = rows < n_rows
@@ -50,7 +50,9 @@ def _lora_add_rms_norm_fwd_kernel(X, NRM, H, Y0, XA, xa_stride, B, W, RSTD, n_ro
         if HAS_LORA:
             bt = tl.load(B + cols[None, :] * R + k[:, None], mask=(cols[None, :] < d) & (k[:, None] < R),
                          other=0.0)  # (RP, BD) of Bo^T, Bo (d, R)
-            if IEEE:
+            if UPCAST:  # the CPU interpreter with bf16 operands (_utils.dot_upcast)
+                v += tl.dot(xa.to(tl.float32), bt.to(tl.float32), input_precision="ieee") * s
+            elif IEEE:
                 v += tl.dot(xa, bt, input_precision="ieee") * s
             else:
                 v += tl.dot(xa, bt) * s
@@ -93,6 +95,7 @@ def lora_add_rms_norm_fwd(h, y0, xa, b, s: float, weight, eps: float, offset: fl
     _lora_add_rms_norm_fwd_kernel[(cdiv(n_rows, bm),)](
         x, n, h, y0, xa if has_lora else h, xa.stride(0) if has_lora else 0, b if has_lora else h, weight, rstd,
         n_rows, d, rank, float(s), float(eps), float(offset), HAS_LORA=has_lora, IEEE=h.dtype == torch.float32,
+        UPCAST=dot_upcast(h.dtype),
         BM=bm, BD=min(bd, next_power_of_2(d)), RP=max(16, next_power_of_2(rank)), num_warps=warps)
     return x, n, rstd
 

@@ -28,7 +28,7 @@ from typing import NamedTuple
 import torch
 
 from ppalli.errors import PpalliError
-from ppalli.kernels._utils import cdiv, check_tensors, jit, next_power_of_2, program_count, tanh, tl
+from ppalli.kernels._utils import cdiv, check_tensors, dot_upcast, jit, next_power_of_2, program_count, tanh, tl
 
 SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
 GELU_COEF = tl.constexpr(0.044715)
@@ -48,13 +48,17 @@ class Tiles(NamedTuple):
 # From benchmarks/bench_lora_glu.py on an H100 (2026-11-25, results/2026-11-25-h100-lora-glu-tiles.json), N x I
 # 8192 x 14336 and 16384 x 8192 in bf16. Forward: 32 x 128 runs at 2774-2798 GB/s (a copy: 2938-2951), 64 x 128
 # at 2324-2360. Backward: 32 x 64, 4 warps, 8 programs per SM: 0.557 and 0.627 ms (2107 and 2140 GB/s over
-# its 5 passes) with the three sums; 64 x 128 tiles with 4 warps spill registers and take 2.6-2.9 ms.
+# its 5 passes) with the three sums; 64 x 128 tiles with 4 warps spill registers and take 2.5-3.0 ms.
 FWD_TILES = Tiles(32, 128, 4)
 BWD_TILES = Tiles(32, 64, 4, 8)
 
 
 @jit
-def _dot(a, b, IEEE: tl.constexpr):
+def _dot(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """a @ b with fp32 accumulation; UPCAST (the CPU interpreter with bf16 operands, see _utils.dot_upcast)
+    multiplies fp32 copies."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     if IEEE:
         return tl.dot(a, b, input_precision="ieee")
     return tl.dot(a, b)
@@ -98,21 +102,21 @@ def _offsets(rows, cols, N, M):
 
 @jit
 def _gate_up(G0, U0, xag, bg, xau, bu, offs, mask, sg, su, HAS_G: tl.constexpr, HAS_U: tl.constexpr,
-             IEEE: tl.constexpr):
+             IEEE: tl.constexpr, UPCAST: tl.constexpr):
     """g and u of one tile in fp32: the base outputs plus the rank-r terms from the loaded factor tiles."""
     g = tl.load(G0 + offs, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(U0 + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_G:
-        g += _dot(xag, bg, IEEE) * sg
+        g += _dot(xag, bg, IEEE, UPCAST) * sg
     if HAS_U:
-        u += _dot(xau, bu, IEEE) * su
+        u += _dot(xau, bu, IEEE, UPCAST) * su
     return g, u
 
 
 @jit
 def _lora_glu_fwd_kernel(H, G0, U0, XAG, xag_stride, BG, XAU, xau_stride, BU, N, M, R, sg, su,
                          ACT: tl.constexpr, HAS_G: tl.constexpr, HAS_U: tl.constexpr, IEEE: tl.constexpr,
-                         BM: tl.constexpr, BN: tl.constexpr, RP: tl.constexpr):
+                         UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, RP: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
     cols = tl.program_id(1) * BN + tl.arange(0, BN)
     offs, mask = _offsets(rows, cols, N, M)
@@ -120,7 +124,7 @@ def _lora_glu_fwd_kernel(H, G0, U0, XAG, xag_stride, BG, XAU, xau_stride, BU, N,
     xau = _xa_tile(XAU, xau_stride, rows, N, R, RP) if HAS_U else None
     bg = _b_tile(BG, cols, M, R, True, RP) if HAS_G else None
     bu = _b_tile(BU, cols, M, R, True, RP) if HAS_U else None
-    g, u = _gate_up(G0, U0, xag, bg, xau, bu, offs, mask, sg, su, HAS_G, HAS_U, IEEE)
+    g, u = _gate_up(G0, U0, xag, bg, xau, bu, offs, mask, sg, su, HAS_G, HAS_U, IEEE, UPCAST)
     a, _ = _act(g, ACT)
     tl.store(H + offs, (a * u).to(H.dtype.element_ty), mask=mask)
 
@@ -137,7 +141,7 @@ def _lora_glu_bwd_kernel(DG, DU, DH0, G0, U0, XAG, xag_stride, BG, XAU, xau_stri
                          PBG, PBU, PAD, N, M, R, run_rows, sg, su,
                          ACT: tl.constexpr, HAS_G: tl.constexpr, HAS_U: tl.constexpr, HAS_D: tl.constexpr,
                          SUM_BG: tl.constexpr, SUM_BU: tl.constexpr, SUM_AD: tl.constexpr, IEEE: tl.constexpr,
-                         BM: tl.constexpr, BN: tl.constexpr, RP: tl.constexpr):
+                         UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, RP: tl.constexpr):
     # Program (run, c): columns c*BN.. of rows run*run_rows.. in (BM, BN) tiles; DG, DU may be G0, U0 (each
     # tile is read before it is written, by the same program).
     run = tl.program_id(0)
@@ -154,22 +158,22 @@ def _lora_glu_bwd_kernel(DG, DU, DH0, G0, U0, XAG, xag_stride, BG, XAU, xau_stri
         offs, mask = _offsets(rows, cols, N, M)
         xag = _xa_tile(XAG, xag_stride, rows, N, R, RP) if HAS_G else None
         xau = _xa_tile(XAU, xau_stride, rows, N, R, RP) if HAS_U else None
-        g, u = _gate_up(G0, U0, xag, bg, xau, bu, offs, mask, sg, su, HAS_G, HAS_U, IEEE)
+        g, u = _gate_up(G0, U0, xag, bg, xau, bu, offs, mask, sg, su, HAS_G, HAS_U, IEEE, UPCAST)
         dh = tl.load(DH0 + offs, mask=mask, other=0.0).to(tl.float32)
         if HAS_D:  # XAD is already s_d * dy Bd, (N, R) contiguous
             xad = _xa_tile(XAD, R, rows, N, R, RP)
-            dh += _dot(xad, ad, IEEE)
+            dh += _dot(xad, ad, IEEE, UPCAST)
         a, da = _act(g, ACT)
         du = (dh * a).to(DU.dtype.element_ty)
         dg = (dh * u * da).to(DG.dtype.element_ty)
         tl.store(DU + offs, du, mask=mask)
         tl.store(DG + offs, dg, mask=mask)
         if SUM_BG:
-            sum_bg += _dot(tl.trans(dg), xag, IEEE)  # (BN, BM) @ (BM, RP)
+            sum_bg += _dot(tl.trans(dg), xag, IEEE, UPCAST)  # (BN, BM) @ (BM, RP)
         if SUM_BU:
-            sum_bu += _dot(tl.trans(du), xau, IEEE)
+            sum_bu += _dot(tl.trans(du), xau, IEEE, UPCAST)
         if SUM_AD:
-            sum_ad += _dot(tl.trans((a * u).to(DG.dtype.element_ty)), xad, IEEE)
+            sum_ad += _dot(tl.trans((a * u).to(DG.dtype.element_ty)), xad, IEEE, UPCAST)
     if SUM_BG:
         _store_sums(PBG, sum_bg, run, cols, M, RP)
     if SUM_BU:
@@ -202,7 +206,7 @@ def _launch_args(g0: torch.Tensor, up0: torch.Tensor, act: str, pairs) -> tuple:
     if ranks:
         raise PpalliError("lora_glu: the gate, up and down adapters must share one rank")
     check_tensors(g0, up0, *[t for pair in pairs for t in pair if t is not None])
-    meta = dict(IEEE=g0.dtype == torch.float32, RP=max(16, next_power_of_2(rank)))
+    meta = dict(IEEE=g0.dtype == torch.float32, UPCAST=dot_upcast(g0.dtype), RP=max(16, next_power_of_2(rank)))
     return *g0.shape, rank, meta
 
 

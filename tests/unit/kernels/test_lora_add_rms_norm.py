@@ -48,3 +48,13 @@ def test_bad_shapes_are_refused():
         lora_add_rms_norm(t["h"], t["y0"], t["xa"], t["b"][:32], 1.0, t["w"], 1e-6)
     with pytest.raises(PpalliError, match="h and y0"):
         lora_add_rms_norm(t["h"], t["y0"][:, :32], None, None, 1.0, t["w"], 1e-6)
+
+
+def test_bf16_matches_fp32_within_rounding():
+    t = {k: v.detach() for k, v in _leaves(37, 300, 16).items()}
+    x32, n32 = lora_add_rms_norm(t["h"], t["y0"], t["xa"], t["b"], 0.5, t["w"], 1e-6)
+    c = {k: v.bfloat16() for k, v in t.items()}
+    x16, n16 = lora_add_rms_norm(c["h"], c["y0"], c["xa"], c["b"], 0.5, c["w"], 1e-6)
+    for name, ref, got in (("x", x32, x16), ("n", n32, n16)):
+        err = (got.float() - ref).abs().max() / ref.abs().max()
+        assert err < 2e-2, f"{name}: {err:.2e}"  # inputs rounded to bf16 once, as in the lora_glu test

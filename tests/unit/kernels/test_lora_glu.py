@@ -124,3 +124,21 @@ def test_autograd_function_gives_every_gradient(act):
     for n in names:
         torch.testing.assert_close(ours[n].grad, ref[n].grad, atol=5e-5, rtol=1e-5)  # as dgate above
     assert torch.equal(ours["g0"].detach(), t["g0"]) and torch.equal(ours["u0"].detach(), t["u0"])
+
+
+def test_bf16_matches_fp32_within_rounding():
+    """bf16 operands against the fp32 result: the rank-r products run through tl.dot in bf16 (on the CPU
+    interpreter, whose bf16 tl.dot is wrong, through fp32 copies: _utils.dot_upcast)."""
+    t = _inputs(40, 200, 16)
+    args = ("silu", (True, True, True))
+
+    def run(dtype):
+        c = {k: v.to(dtype) for k, v in t.items()}
+        h = lora_glu_fwd(c["g0"], c["u0"], c["xag"], c["bg"], 0.5, c["xau"], c["bu"], 2.0)
+        return (h, *lora_glu_bwd(c["dh0"], c["g0"].clone(), c["u0"].clone(), c["xag"], c["bg"], 0.5, c["xau"],
+                                 c["bu"], 2.0, c["dxad"], c["ad"], *args))
+
+    for name, ref, got in zip(("h", "dg", "du", "dBg", "dBu", "dAd"), run(torch.float32), run(torch.bfloat16)):
+        # bf16 inputs are rounded once (2**-8 relative) before every product: 2e-2 of the largest value
+        err = (got.float() - ref).abs().max() / ref.abs().max()
+        assert err < 2e-2, f"{name}: {err:.2e}"
