@@ -9,15 +9,14 @@ n in one pass and adds the residual gradient inside rms_norm's backward. Shapes:
 (rows, columns a step, warps) are swept; times are medians of triton.testing.do_bench, ms.
 """
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
-import triton.testing
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without `pip install -e .`
+from _sweep import main, median_ms  # noqa: E402
+
 from ppalli.kernels.lora_add_rms_norm import BLOCKS, lora_add_rms_norm_fwd  # noqa: E402
 from ppalli.kernels.rms_norm import rms_norm_bwd, rms_norm_fwd  # noqa: E402
 
@@ -25,9 +24,6 @@ SHAPES = {"8b": (8192, 4096), "1b": (16384, 2048)}
 SWEEP = [(16, 128, 4), (16, 256, 4), (16, 512, 4), (16, 256, 8), (16, 512, 8), (32, 256, 8)]
 RANK, S, EPS, DTYPE = 16, 2.0, 1e-5, torch.bfloat16
 
-
-def _ms(fn) -> float:
-    return triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median")
 
 
 def bench_shape(name: str, n: int, d: int) -> dict:
@@ -44,30 +40,23 @@ def bench_shape(name: str, n: int, d: int) -> dict:
 
     _, x2d, rstd = plain_fwd()
     row = {"shape": name, "n": n, "d": d,
-           "plain_fwd_ms": round(_ms(plain_fwd) - _ms(lambda: o.clone()), 4),  # without the stand-in copy
-           "plain_bwd_ms": round(_ms(lambda: rms_norm_bwd(dn, x2d, w, rstd, compute_dw=False)[0] + dx), 4),
-           "fused_bwd_ms": round(_ms(lambda: rms_norm_bwd(dn, x2d, w, rstd, compute_dw=False, dres=dx)), 4),
+           "plain_fwd_ms": round(median_ms(plain_fwd) - median_ms(lambda: o.clone()), 4),  # without the stand-in copy
+           "plain_bwd_ms": round(median_ms(lambda: rms_norm_bwd(dn, x2d, w, rstd, compute_dw=False)[0] + dx), 4),
+           "fused_bwd_ms": round(median_ms(lambda: rms_norm_bwd(dn, x2d, w, rstd, compute_dw=False, dres=dx)), 4),
            "fwd": []}
     for blocks in SWEEP:
-        ms = _ms(lambda blocks=blocks: lora_add_rms_norm_fwd(h, o, xa, b, S, w, EPS, blocks=blocks))
+        ms = median_ms(lambda blocks=blocks: lora_add_rms_norm_fwd(h, o, xa, b, S, w, EPS, blocks=blocks))
         row["fwd"].append({"blocks": list(blocks), "ms": round(ms, 4), "gbps": round(4 * n * d * 2 / ms / 1e6, 1)})
     row["default"] = list(BLOCKS)
     return row
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True, help="where to write the JSON results")
-    args = parser.parse_args()
-    rows = [bench_shape(name, *shape) for name, shape in SHAPES.items()]
-    for r in rows:
-        print(f"{r['shape']} (N {r['n']}, d {r['d']}): plain fwd {r['plain_fwd_ms']} ms, bwd {r['plain_bwd_ms']} "
-              f"-> fused bwd {r['fused_bwd_ms']} ms")
-        for x in sorted(r["fwd"], key=lambda x: x["ms"]):
-            print(f"  fused fwd {x['blocks']}: {x['ms']:.3f} ms, {x['gbps']} GB/s")
-    args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                                    "triton": triton.__version__, "rows": rows}, indent=1))
+def report(r: dict) -> None:
+    print(f"{r['shape']} (N {r['n']}, d {r['d']}): plain fwd {r['plain_fwd_ms']} ms, bwd {r['plain_bwd_ms']} "
+          f"-> fused bwd {r['fused_bwd_ms']} ms")
+    for x in sorted(r["fwd"], key=lambda x: x["ms"]):
+        print(f"  fused fwd {x['blocks']}: {x['ms']:.3f} ms, {x['gbps']} GB/s")
 
 
 if __name__ == "__main__":
-    main()
+    main(__doc__, SHAPES, bench_shape, report)

@@ -10,15 +10,14 @@ backward as it ran until the sums moved into the kernel: the activation backward
 three cuBLAS GEMMs reading dg, du and h again. Times: medians of triton.testing.do_bench, ms.
 """
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
-import triton.testing
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without `pip install -e .`
+from _sweep import main, median_ms  # noqa: E402
+
 from ppalli.kernels.lora_glu import BWD_TILES, FWD_TILES, Tiles, lora_glu_bwd, lora_glu_fwd  # noqa: E402
 
 SHAPES = {"8b": (8192, 14336), "1b": (16384, 8192)}
@@ -28,9 +27,6 @@ FWD = [Tiles(64, 128, 4), Tiles(64, 128, 8), Tiles(32, 128, 4), Tiles(128, 128, 
 BWD = [Tiles(bm, bn, w, runs) for bm, bn, w in ((64, 128, 4), (64, 128, 8), (32, 128, 4), (32, 128, 8),
                                                 (64, 64, 4), (32, 64, 4), (128, 64, 8)) for runs in (2, 4, 8)]
 
-
-def _ms(fn) -> float:
-    return triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median")
 
 
 def _gbps(passes: int, n: int, i: int, ms: float) -> float:
@@ -45,15 +41,15 @@ def bench_shape(name: str, n: int, i: int) -> dict:
     xag, xau, dxad = t(n, RANK), t(n, RANK), t(n, RANK)
     bg, bu, ad = t(i, RANK) * 0.1, t(i, RANK) * 0.1, t(RANK, i) * 0.1
     dst = torch.empty_like(g0)
-    copy_ms = _ms(lambda: dst.copy_(g0))
+    copy_ms = median_ms(lambda: dst.copy_(g0))
     out = {"shape": name, "n": n, "i": i, "copy_gbps": round(_gbps(2, n, i, copy_ms), 1), "fwd": [], "bwd": []}
     for tiles in FWD:
-        ms = _ms(lambda tiles=tiles: lora_glu_fwd(g0, u0, xag, bg, S, xau, bu, S, tiles=tiles))
+        ms = median_ms(lambda tiles=tiles: lora_glu_fwd(g0, u0, xag, bg, S, xau, bu, S, tiles=tiles))
         out["fwd"].append({"tiles": list(tiles), "ms": round(ms, 4), "gbps": round(_gbps(3, n, i, ms), 1)})
     # The backward writes over g0 and u0: values drift over repeats, the timing does not (no data-dependent work).
     sums = (True, True, True)
     for tiles in BWD:
-        ms = _ms(lambda tiles=tiles: lora_glu_bwd(dh0, g0, u0, xag, bg, S, xau, bu, S, dxad, ad, sums=sums,
+        ms = median_ms(lambda tiles=tiles: lora_glu_bwd(dh0, g0, u0, xag, bg, S, xau, bu, S, dxad, ad, sums=sums,
                                                     tiles=tiles))
         out["bwd"].append({"tiles": list(tiles), "ms": round(ms, 4), "gbps": round(_gbps(5, n, i, ms), 1)})
 
@@ -62,25 +58,18 @@ def bench_shape(name: str, n: int, i: int) -> dict:
         h = lora_glu_fwd(g0, u0, xag, bg, S, xau, bu, S)  # stands for the h the old backward wrote
         torch.mm(g0.t(), xag), torch.mm(u0.t(), xau), torch.mm(dxad.t(), h)
 
-    out["before_ms"] = round(_ms(before), 4)
+    out["before_ms"] = round(median_ms(before), 4)
     out["default_fwd"], out["default_bwd"] = list(FWD_TILES), list(BWD_TILES)
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True, help="where to write the JSON results")
-    args = parser.parse_args()
-    rows = [bench_shape(name, *shape) for name, shape in SHAPES.items()]
-    for r in rows:
-        print(f"{r['shape']} (N {r['n']}, I {r['i']}): copy {r['copy_gbps']} GB/s; old backward + 3 GEMMs "
-              f"{r['before_ms']} ms")
-        for kind in ("fwd", "bwd"):
-            for x in sorted(r[kind], key=lambda x: x["ms"]):
-                print(f"  {kind} tiles {x['tiles']}: {x['ms']:.3f} ms, {x['gbps']} GB/s")
-    args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                                    "triton": triton.__version__, "rows": rows}, indent=1))
+def report(r: dict) -> None:
+    print(f"{r['shape']} (N {r['n']}, I {r['i']}): copy {r['copy_gbps']} GB/s; old backward + 3 GEMMs "
+          f"{r['before_ms']} ms")
+    for kind in ("fwd", "bwd"):
+        for x in sorted(r[kind], key=lambda x: x["ms"]):
+            print(f"  {kind} tiles {x['tiles']}: {x['ms']:.3f} ms, {x['gbps']} GB/s")
 
 
 if __name__ == "__main__":
-    main()
+    main(__doc__, SHAPES, bench_shape, report)
