@@ -1,6 +1,6 @@
 """lora_add_rms_norm: x = h + y0 + s xa B^T, n = RMSNorm(x) * (offset + w) in one kernel, against autograd
 through the plain ops; the backward adds the residual gradient inside rms_norm's backward. Row counts not a
-multiple of the 16-row program, widths not a multiple of the 256-column step, and no LoRA term."""
+multiple of the 16-row program, widths not a multiple of the 256-column step (5 x 123), and no LoRA term."""
 
 import pytest
 import torch
@@ -23,7 +23,7 @@ def _leaves(m, d, r, seed=0):
     return dict(h=rnd(m, d), y0=rnd(m, d), xa=rnd(m, r), b=rnd(d, r, scale=0.3), w=rnd(d))
 
 
-@pytest.mark.parametrize("m,d,r", [(16, 256, 16), (37, 300, 8), (5, 64, 16)])
+@pytest.mark.parametrize("m,d,r", [(16, 256, 16), (37, 300, 8), (5, 123, 16)])
 @pytest.mark.parametrize("lora", [True, False])
 @pytest.mark.parametrize("offset", [0.0, 1.0])
 def test_matches_autograd_of_the_plain_ops(m, d, r, lora, offset):
@@ -39,7 +39,7 @@ def test_matches_autograd_of_the_plain_ops(m, d, r, lora, offset):
     (x * gx + n * gn).sum().backward()
     (x_ref * gx + n_ref * gn).sum().backward()
     for name in ("h", "y0", "w") + (("xa", "b") if lora else ()):
-        torch.testing.assert_close(ours[name].grad, ref[name].grad, atol=1e-4, rtol=1e-4, msg=name)
+        assert_close(f"d{name}", ours[name].grad, ref[name].grad, DTYPE)
 
 
 def test_bad_shapes_are_refused():
