@@ -3,7 +3,8 @@
 # before any timing), then benchmarks/peers.py per case, ppalli beside the Unsloth runs its target reads.
 # Needs .peers/ carried (../shared/tools/peer-site.sh .peers). A call has 10 minutes: about 3 for the
 # tests, 2.5-4 per case (T1 with all its peers ~4; `--stacks ppalli,unsloth --gc off` halves it).
-#   bash benchmarks/gpu_targets.sh OUT_DIR [tests] [T1|T2|T3|T3-8.8|T4 ...]
+#   bash benchmarks/gpu_targets.sh OUT_DIR [tests] [gemm] [T1|T2|T3|T3-8.8|T4 ...]
+# gemm: benchmarks/bench_gemm.py, the step's base GEMMs shape by shape (~1 min).
 # T3-8.8 is T3 with ppalli planned to an 8.8 GiB budget (peak under Unsloth QLoRA's 8.06 GiB).
 set -uo pipefail
 out=${1:?OUT_DIR}; shift
@@ -11,7 +12,7 @@ export PYTHONPATH=/tmp/peer-site${PYTHONPATH:+:$PYTHONPATH}
 [ -d /tmp/peer-site ] || tar xzf .peers/site.tgz -C /tmp
 [ $# -gt 0 ] || set -- tests T3-8.8 T2
 for what in "$@"; do
-  case $what in tests|T1|T2|T3|T3-8.8|T4) ;; *) echo "unknown: $what (tests, T1, T2, T3, T3-8.8, T4)" >&2; exit 2 ;; esac
+  case $what in tests|gemm|T1|T2|T3|T3-8.8|T4) ;; *) echo "unknown: $what (tests, gemm, T1, T2, T3, T3-8.8, T4)" >&2; exit 2 ;; esac
 done
 for what in "$@"; do
   t0=$SECONDS
@@ -19,6 +20,7 @@ for what in "$@"; do
     tests) python3 -m pytest -q -x tests/gpu tests/unit/kernels -k "not compiles_for" -p no:cacheprovider \
              > "$out/gpu-tests.log" 2>&1
            tail -1 "$out/gpu-tests.log" ;;
+    gemm) python3 benchmarks/bench_gemm.py --out "$out/gemm.json" > "$out/gemm.txt" 2>&1; tail -40 "$out/gemm.txt" ;;
     T1) python3 benchmarks/peers.py --case T1 --gc off --stacks ppalli,unsloth --out "$out" --timeout 200 ;;
     T3-8.8) python3 benchmarks/peers.py --case T3 --ppalli-setting budget=8.8 --stacks ppalli,unsloth --out "$out" \
               --timeout 200 ;;

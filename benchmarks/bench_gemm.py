@@ -1,0 +1,80 @@
+"""The base GEMMs of one LoRA training step, shape by shape, on one GPU: TFLOP/s of each as the fast path
+calls it, and of the alternatives a change would bring (stacked gate/up, stacked q/k/v, fused dgrad).
+
+    python benchmarks/bench_gemm.py --out benchmarks/results/gemm.json
+
+Shapes: Llama-3.1-8B at 4x2048 tokens (T1) and Llama-3.2-1B at 8x2048 (T4), bf16. The frozen weight W is
+(out, in) as nn.Linear stores it. As called: forward y = x W^T (torch.mm(x, W.t())); input gradient
+dx = dy W (torch.mm), or accumulated into dx (addmm_, beta = 1) when a block sums several; lm_head chunks of
+1024 rows. Alternatives: gate and up as one (2I, d) weight (forward N = 2I; dgrad one GEMM over K = 2I
+instead of a GEMM and an accumulating GEMM); q, k, v as one weight. Times are medians of
+triton.testing.do_bench; TFLOP/s = 2 M N K / time; the share is of the best rate measured in the same run.
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without `pip install -e .`
+from _sweep import main, median_ms  # noqa: E402
+
+# (tokens, hidden, q out, kv out, intermediate, vocab)
+MODELS = {"8b": (8192, 4096, 4096, 1024, 14336, 128256), "1b": (16384, 2048, 2048, 512, 8192, 128256)}
+DTYPE = torch.bfloat16
+
+
+def _rows(n, d, q, kv, inter, vocab, device="cuda"):
+    """(name, flops, fn) for each GEMM, with its operands allocated once."""
+    def t(*shape):
+        return torch.randn(*shape, device=device, dtype=DTYPE)
+
+    x, x_i = t(n, d), t(n, inter)
+    w = {"q": t(q, d), "kv": t(kv, d), "o": t(d, q), "gate": t(inter, d), "down": t(d, inter)}
+    w_gu, w_qkv = t(2 * inter, d), t(q + 2 * kv, d)
+    dy = {"q": t(n, q), "kv": t(n, kv), "gate": t(n, inter), "gu": t(n, 2 * inter), "qkv": t(n, q + 2 * kv),
+          "d": t(n, d)}
+    dx = t(n, d)
+    h, head, dz = t(1024, d), t(vocab, d), t(1024, vocab)
+    rows = [
+        ("fwd q  x Wq^T", 2 * n * d * q, lambda: torch.mm(x, w["q"].t())),
+        ("fwd k/v  x Wk^T", 2 * n * d * kv, lambda: torch.mm(x, w["kv"].t())),
+        ("fwd o  a Wo^T", 2 * n * q * d, lambda: torch.mm(dy["q"], w["o"].t())),
+        ("fwd gate/up  x Wg^T", 2 * n * d * inter, lambda: torch.mm(x, w["gate"].t())),
+        ("fwd down  h Wd^T", 2 * n * inter * d, lambda: torch.mm(x_i, w["down"].t())),
+        ("dgrad q  dq Wq", 2 * n * q * d, lambda: torch.mm(dy["q"], w["q"])),
+        ("dgrad k/v accumulate  dx += dk Wk", 2 * n * kv * d, lambda: dx.addmm_(dy["kv"], w["kv"])),
+        ("dgrad o  do Wo", 2 * n * d * q, lambda: torch.mm(dy["d"], w["o"])),
+        ("dgrad down  dy Wd", 2 * n * d * inter, lambda: torch.mm(dy["d"], w["down"])),
+        ("dgrad gate  dg Wg", 2 * n * inter * d, lambda: torch.mm(dy["gate"], w["gate"])),
+        ("dgrad up accumulate  dx += du Wu", 2 * n * inter * d, lambda: dx.addmm_(dy["gate"], w["gate"])),
+        ("lm_head chunk  h W^T", 2 * 1024 * d * vocab, lambda: torch.mm(h, head.t())),
+        ("lm_head chunk dgrad  dz W", 2 * 1024 * vocab * d, lambda: torch.mm(dz, head)),
+        ("alt: fwd gate+up stacked  x [Wg;Wu]^T", 4 * n * d * inter, lambda: torch.mm(x, w_gu.t())),
+        ("alt: dgrad gate+up stacked  [dg du] [Wg;Wu]", 4 * n * inter * d, lambda: torch.mm(dy["gu"], w_gu)),
+        ("alt: fwd q+k+v stacked", 2 * n * d * (q + 2 * kv), lambda: torch.mm(x, w_qkv.t())),
+        ("alt: dgrad q+k+v stacked", 2 * n * (q + 2 * kv) * d, lambda: torch.mm(dy["qkv"], w_qkv)),
+    ]
+    return rows
+
+
+def bench_shape(name: str, *shape) -> dict:
+    out = {"shape": name, "dims": dict(zip(("tokens", "hidden", "q", "kv", "intermediate", "vocab"), shape)),
+           "gemms": []}
+    for label, flops, fn in _rows(*shape):
+        ms = median_ms(fn)
+        out["gemms"].append({"gemm": label, "ms": round(ms, 4), "tflops": round(flops / ms / 1e9, 1)})
+    best = max(g["tflops"] for g in out["gemms"])
+    for g in out["gemms"]:
+        g["share_of_best"] = round(g["tflops"] / best, 3)
+    return out
+
+
+def report(r: dict) -> None:
+    print(f"{r['shape']}: {r['dims']}")
+    for g in r["gemms"]:
+        print(f"  {g['gemm']:<45} {g['ms']:8.3f} ms {g['tflops']:7.1f} TFLOP/s ({g['share_of_best']:.0%})")
+
+
+if __name__ == "__main__":
+    main(__doc__, MODELS, bench_shape, report)
