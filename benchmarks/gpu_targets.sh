@@ -25,6 +25,6 @@ for what in "$@"; do
     T3-8.8) python3 benchmarks/peers.py --case T3 --ppalli-setting budget=8.8 --stacks ppalli,unsloth --out "$out" \
               --timeout 200 ;;
     T2|T3|T4) python3 benchmarks/peers.py --case "$what" --stacks ppalli,unsloth --out "$out" --timeout 200 ;;
-  esac 2>&1 | grep -E "^\[T|^Target|passed|failed|error" 
+  esac 2>&1 | grep -E "^\[T|^Target|passed|failed|error|TFLOP" 
   echo "$what: $((SECONDS - t0)) s"
 done
