@@ -56,6 +56,24 @@ def is_recomputing() -> bool:
     return getattr(_RECOMPUTE, "on", False)
 
 
+@contextlib.contextmanager
+def recompute_stash(stash: dict | None):
+    """The dict a recompute wrapper keeps for one forward call of one layer, from its first pass through its
+    recompute (and dropped with that call's backward): a fused block keeps there what is small to hold and
+    costly to make again, and its recompute reads it back instead. Keyed per call, so a recompute never
+    reads another forward's values, whatever order the forwards and backwards run in."""
+    before = getattr(_RECOMPUTE, "stash", None)
+    _RECOMPUTE.stash = stash
+    try:
+        yield
+    finally:
+        _RECOMPUTE.stash = before
+
+
+def current_stash() -> dict | None:
+    return getattr(_RECOMPUTE, "stash", None)
+
+
 class _MissingKernel:
     """Takes the place of a `@triton.jit` kernel when triton is missing; launching it raises."""
 

@@ -17,7 +17,9 @@ tensors; down's rank-r input-gradient term (sd dy Bd) Ad is added inside that ke
 read-modify-write pass over dh.
 
 The GEMMs are cuBLAS. When a layer is recomputed for its backward (`_utils.recomputing`), y is thrown away:
-the down projection's base GEMM is skipped and only (h Ad^T), which the backward needs, is made.
+the down projection's base GEMM is skipped, and (h Ad^T), the one thing the backward needs from h, comes
+from the forward through the recompute wrapper's stash (`_utils.recompute_stash`, (N, r): 256 KB at
+N = 8192, r = 16), so the recompute runs no activation kernel at all (3 passes over (N, I) saved a layer).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import torch
 from torch import nn
 
 from ppalli.errors import PpalliError
-from ppalli.kernels._utils import is_recomputing
+from ppalli.kernels._utils import current_stash, is_recomputing
 from ppalli.kernels.lora_glu import ACTS, lora_glu_bwd, lora_glu_fwd
 from ppalli.kernels.lora_linear import (
     add_input_grad,
@@ -53,12 +55,19 @@ class LoRAMLPFunction(torch.autograd.Function):
         gB, uB, da, dB = (cast(t, x.dtype) for t in (gB, uB, da, dB))  # cast once; the backward reuses them
         gate0, up0 = base_mm(x, gb), base_mm(x, ub)  # (N, I) each, without the adapters' terms
         (xag, xau), a_stack = stacked_lora_a(x, (ga, ua))  # (N, r) views of one GEMM: x read once
-        h = lora_glu_fwd(gate0, up0, xag, gB, gs, xau, uB, us, act)  # (N, I), freed when forward returns
+        kept = current_stash()
+        kept = kept.setdefault("lora_mlp.had", []) if kept is not None and da is not None else None
         if is_recomputing():  # a recompute for backward keeps the saved tensors and drops y: skip the down GEMM
-            had = lora_a(h, da)  # (N, r)
-            y = h.new_empty(h.shape[0], out_features(db))  # (N, d), never read
+            if kept:  # h (N, I) only made h Ad^T: the forward kept that (N, r) product, so no activation either
+                had = kept.pop(0)
+            else:
+                had = lora_a(lora_glu_fwd(gate0, up0, xag, gB, gs, xau, uB, us, act), da)  # (N, r)
+            y = x.new_empty(x.shape[0], out_features(db))  # (N, d), never read
         else:
+            h = lora_glu_fwd(gate0, up0, xag, gB, gs, xau, uB, us, act)  # (N, I), freed when forward returns
             y, had = lora_fwd(h, db, da, dB, ds)  # (N, d), (N, r)
+            if kept is not None:  # inside a recompute wrapper: its recompute reads this back
+                kept.append(had.detach())
         ctx.save_for_backward(x, gate0, up0, xag, xau, had, a_stack, gB, uB, da, dB)
         ctx.act, ctx.bases, ctx.scales = act, (gb, ub, db), (gs, us, ds)
         ctx.used = False

@@ -13,7 +13,9 @@ gradient-checkpointing flags: transformers moved where those hooks live between 
   goes out while the layer computes, and the layer below's input comes back while this one's backward runs.
 
 Every recompute runs under `kernels._utils.recomputing()`: its outputs are thrown away, so the fused MLP
-skips the down projection's GEMM (only the tensors it saves are needed).
+skips the down projection's GEMM (only the tensors it saves are needed). Each wrapped call also carries a
+stash from its forward to its recompute (`recompute_stash`): the MLP keeps down's (N, r) x A^T there, so the
+recompute skips the activation kernel as well.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import logging
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from ppalli.kernels._utils import recomputing
+from ppalli.kernels._utils import recompute_stash, recomputing
 
 log = logging.getLogger("ppalli")
 
@@ -130,10 +132,11 @@ def _wrap(layer, forward, mode: str, chain: _Chain | None, first: bool):
             return forward(hidden_states, *args, **kwargs)
         is_tuple = []
         calls = [0]
+        stash = {}  # this call's, shared by its forward and its recompute (kernels._utils.recompute_stash)
 
         def fn(h):  # decoder layers return a tensor (transformers 5.x) or a 1-tuple (older code)
             calls[0] += 1
-            with recomputing(calls[0] > 1):  # the first call is the forward, a later one the recompute
+            with recomputing(calls[0] > 1), recompute_stash(stash):  # the first call is the forward
                 out = forward(h, *args, **kwargs)
             is_tuple.append(isinstance(out, tuple))
             return out[0] if isinstance(out, tuple) else out

@@ -1,6 +1,7 @@
 """ppalli.train.recompute over the fused layers: every mode gives the gradients of no recompute, the recompute
-skips the MLP's down projection (its output is thrown away), offload chains its layers so each backward
-prefetches the layer below, and selective recomputes exactly the layers it names."""
+skips the MLP's down projection (its output is thrown away) and its activation (h Ad^T comes from the
+forward's stash), offload chains its layers so each backward prefetches the layer below, and selective
+recomputes exactly the layers it names."""
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ from fast_reference import assert_close, grads_of, tiny_lora_model
 
 pytest.importorskip("triton")
 import ppalli.kernels.lora_mlp as lora_mlp  # noqa: E402
-from ppalli.kernels._utils import is_recomputing, recomputing  # noqa: E402
+from ppalli.kernels._utils import current_stash, is_recomputing, recompute_stash, recomputing  # noqa: E402
 from ppalli.models.fast import apply_fast_path, backbone_of, fast_causal_lm_loss  # noqa: E402
 from ppalli.train import recompute  # noqa: E402
 
@@ -53,6 +54,27 @@ def test_recompute_skips_the_down_projection(mode, monkeypatch):
     layers = 2
     assert calls.count(("gate/up", False)) == 2 * layers and calls.count(("gate/up", True)) == 2 * layers
     assert calls.count(("down", False)) == layers and calls.count(("down", True)) == 0
+
+
+@pytest.mark.parametrize("mode,layers", [("full", None), ("offload", None), ("selective", 1)])
+def test_recompute_reads_down_lora_product_from_the_forward(mode, layers, monkeypatch):
+    """The recompute takes h Ad^T from the stash its forward filled: no activation kernel runs again."""
+    calls = []
+    glu = lora_mlp.lora_glu_fwd
+    monkeypatch.setattr(lora_mlp, "lora_glu_fwd", lambda *a, **k: calls.append(is_recomputing()) or glu(*a, **k))
+    _loss_and_grads(mode, layers)
+    assert calls.count(False) == 2 and calls.count(True) == 0  # one forward per layer, none in the recompute
+
+
+def test_stash_is_scoped_per_call():
+    assert current_stash() is None
+    outer, inner = {}, {}
+    with recompute_stash(outer):
+        assert current_stash() is outer
+        with recompute_stash(inner):
+            assert current_stash() is inner
+        assert current_stash() is outer
+    assert current_stash() is None
 
 
 def test_offload_prefetches_the_layer_below(monkeypatch):
