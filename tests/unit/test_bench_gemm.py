@@ -1,0 +1,29 @@
+"""benchmarks/bench_gemm.py on the CPU with small shapes: each row's FLOP count is 2 M N K of the product it
+times (a wrong count would misstate every TFLOP/s the GPU run prints)."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+import bench_gemm  # noqa: E402
+
+
+def test_each_row_counts_the_flops_of_its_product(monkeypatch):
+    seen = []
+    mm, addmm_ = torch.mm, torch.Tensor.addmm_
+
+    def record(a, b):
+        seen.append(2 * a.shape[0] * a.shape[1] * b.shape[1])
+
+    monkeypatch.setattr(torch, "mm", lambda a, b: record(a, b) or mm(a, b))
+    monkeypatch.setattr(torch.Tensor, "addmm_", lambda self, a, b: record(a, b) or addmm_(self, a, b))
+    rows = bench_gemm._rows(24, 16, 16, 8, 40, 50, device="cpu")  # tokens, hidden, q, kv, intermediate, vocab
+    assert rows
+    for label, flops, fn in rows:
+        seen.clear()
+        fn()
+        assert seen == [flops], label
