@@ -21,7 +21,8 @@ def test_each_row_counts_the_flops_of_its_product(monkeypatch):
 
     monkeypatch.setattr(torch, "mm", lambda a, b: record(a, b) or mm(a, b))
     monkeypatch.setattr(torch.Tensor, "addmm_", lambda self, a, b: record(a, b) or addmm_(self, a, b))
-    rows = bench_gemm._rows(24, 16, 16, 8, 40, 50, device="cpu")  # tokens, hidden, q, kv, intermediate, vocab
+    # tokens, hidden, q, kv, intermediate, vocab: all distinct, so a swapped factor changes the count
+    rows = bench_gemm._rows(24, 16, 32, 8, 40, 50, device="cpu")
     assert rows
     for label, flops, fn in rows:
         seen.clear()
