@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # `ppalli train` on the GPU machine (issue 2 item 4, issue 4 item 3): random-weight Llama architectures on
 # ko_chatbot_qa. Needs .gpu-data/ (copies of ../shared/data/{ko_chatbot_qa,tokenizer_llama3}) carried along.
-#   bash benchmarks/gpu_train_runs.sh OUT_DIR [which...]   which: ref1b fast1b ref1bq fast1bq cap12 cap24
+#   bash benchmarks/gpu_train_runs.sh OUT_DIR [which...]   which: ref1b ref1b2 fast1b ref1bq fast1bq cap12 cap24
+# ref1b2 repeats ref1b: the reference path's own run-to-run spread, the floor for a fast-vs-reference tolerance.
 set -uo pipefail
 out=${1:?OUT_DIR}; shift
 which=${*:-ref1b fast1b cap12 cap24}
@@ -19,6 +20,7 @@ run() {  # name, then extra args
 for w in $which; do
   case $w in
     ref1b) run ref-1b --set plan.fast_path=off ;;
+    ref1b2) run ref-1b-2 --set plan.fast_path=off ;;
     fast1b) run fast-1b --set plan.fast_path=on ;;
     ref1bq) run ref-1b-nf4 --set plan.fast_path=off --set plan.quantization=nf4 ;;
     fast1bq) run fast-1b-nf4 --set plan.fast_path=on --set plan.quantization=nf4 ;;
