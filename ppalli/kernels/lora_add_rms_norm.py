@@ -23,7 +23,7 @@ import torch
 
 from ppalli.errors import PpalliError
 from ppalli.kernels._utils import cdiv, check_tensors, contiguous_rows, dot_upcast, jit, next_power_of_2, tl
-from ppalli.kernels.lora_linear import cast
+from ppalli.kernels.lora_linear import cast, lora_bwd
 from ppalli.kernels.rms_norm import rms_norm_bwd
 
 # (rows, columns a step, warps): 16 rows, the least M of tl.dot; benchmarks/bench_lora_add_rms_norm.py sweeps it
@@ -120,9 +120,9 @@ class LoRAAddRMSNormFunction(torch.autograd.Function):
         dres = contiguous_rows(dx) if dx is not None else None
         dxt, dw = rms_norm_bwd(dn, x, weight, rstd, ctx.offset, compute_dw=need[5], dres=dres)  # (M, d)
         dxa = db = None
-        if xa is not None:
-            dxa = torch.mm(dxt, b).mul_(ctx.s).to(xa.dtype) if need[2] else None  # (M, r)
-            db = torch.mm(dxt.t(), xa.to(dxt.dtype)).mul_(ctx.s).to(ctx.b_dtype) if need[3] else None  # (d, r)
+        if xa is not None:  # the o projection's LoRA term, as lora_linear's backward forms it
+            dxa, _, db = lora_bwd(dxt, None, xa.to(dxt.dtype), None, b, ctx.s, False, need[3])  # (M, r), (d, r)
+            dxa, db = (dxa.to(xa.dtype) if need[2] else None), cast(db, ctx.b_dtype)
         return dxt, dxt, dxa, db, None, dw, None, None
 
 

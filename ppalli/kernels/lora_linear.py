@@ -245,12 +245,12 @@ class LoRASplitFunction(torch.autograd.Function):
     def backward(ctx, dy0, dxa):
         x, a = ctx.saved_tensors
         need_x, _, need_a = ctx.needs_input_grad
-        if dxa is None:
-            dxa = x.new_zeros(x.shape[0], a.shape[0])
-        da = cast(torch.mm(dxa.t(), x), ctx.a_dtype) if need_a else None  # (r, in)
+        da = cast(torch.mm(dxa.t(), x), ctx.a_dtype) if need_a and dxa is not None else None  # (r, in)
         dx = None
-        if need_x:
-            dx = add_input_grad(None, dy0, ctx.base, dxa, a) if dy0 is not None else torch.mm(dxa, a)
+        if need_x and dy0 is not None:
+            dx = add_input_grad(None, dy0, ctx.base, dxa, a)  # (N, in); add_input_grad skips a None dxa
+        elif need_x and dxa is not None:
+            dx = torch.mm(dxa, a)
         return dx, None, da
 
 
