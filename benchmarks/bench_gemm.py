@@ -7,7 +7,8 @@ Shapes: Llama-3.1-8B at 4x2048 tokens (T1) and Llama-3.2-1B at 8x2048 (T4), bf16
 (out, in) as nn.Linear stores it. As called: forward y = x W^T (torch.mm(x, W.t())); input gradient
 dx = dy W (torch.mm), or accumulated into dx (addmm_, beta = 1) when a block sums several; lm_head chunks of
 1024 rows. Alternatives: gate and up as one (2I, d) weight (forward N = 2I; dgrad one GEMM over K = 2I
-instead of a GEMM and an accumulating GEMM); q, k, v as one weight. Times are medians of
+instead of a GEMM and an accumulating GEMM); q, k, v as one weight; lm_head chunks of 4096 rows; the
+residual add in down's GEMM epilogue (addmm) against a GEMM then an add. Times are medians of
 triton.testing.do_bench; TFLOP/s = 2 M N K / time; the share is of the best rate measured in the same run.
 """
 
@@ -36,6 +37,7 @@ def _rows(n, d, q, kv, inter, vocab, device="cuda"):
           "d": t(n, d)}
     dx = t(n, d)
     h, head, dz = t(1024, d), t(vocab, d), t(1024, vocab)
+    h4, dz4 = t(4096, d), t(4096, vocab)
     rows = [
         ("fwd q  x Wq^T", 2 * n * d * q, lambda: torch.mm(x, w["q"].t())),
         ("fwd k/v  x Wk^T", 2 * n * d * kv, lambda: torch.mm(x, w["kv"].t())),
@@ -53,6 +55,10 @@ def _rows(n, d, q, kv, inter, vocab, device="cuda"):
         ("alt: fwd gate+up stacked  x [Wg;Wu]^T", 4 * n * d * inter, lambda: torch.mm(x, w_gu.t())),
         ("alt: dgrad gate+up stacked  [dg du] [Wg;Wu]", 4 * n * inter * d, lambda: torch.mm(dy["gu"], w_gu)),
         ("alt: fwd q+k+v stacked", 2 * n * d * (q + 2 * kv), lambda: torch.mm(x, w_qkv.t())),
+        ("alt: lm_head chunk of 4096 rows  h W^T", 2 * 4096 * d * vocab, lambda: torch.mm(h4, head.t())),
+        ("alt: lm_head chunk of 4096 rows dgrad", 2 * 4096 * vocab * d, lambda: torch.mm(dz4, head)),
+        ("as now: fwd down, then residual add", 2 * n * inter * d, lambda: torch.add(dx, torch.mm(x_i, w["down"].t()))),
+        ("alt: fwd down + residual in the epilogue", 2 * n * inter * d, lambda: torch.addmm(dx, x_i, w["down"].t())),
         ("alt: dgrad q+k+v stacked", 2 * n * (q + 2 * kv) * d, lambda: torch.mm(dy["qkv"], w_qkv)),
     ]
     return rows

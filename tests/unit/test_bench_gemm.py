@@ -14,12 +14,13 @@ import bench_gemm  # noqa: E402
 
 def test_each_row_counts_the_flops_of_its_product(monkeypatch):
     seen = []
-    mm, addmm_ = torch.mm, torch.Tensor.addmm_
+    mm, addmm, addmm_ = torch.mm, torch.addmm, torch.Tensor.addmm_
 
     def record(a, b):
         seen.append(2 * a.shape[0] * a.shape[1] * b.shape[1])
 
     monkeypatch.setattr(torch, "mm", lambda a, b: record(a, b) or mm(a, b))
+    monkeypatch.setattr(torch, "addmm", lambda c, a, b: record(a, b) or addmm(c, a, b))
     monkeypatch.setattr(torch.Tensor, "addmm_", lambda self, a, b: record(a, b) or addmm_(self, a, b))
     # tokens, hidden, q, kv, intermediate, vocab: all distinct, so a swapped factor changes the count
     rows = bench_gemm._rows(24, 16, 32, 8, 40, 50, device="cpu")
