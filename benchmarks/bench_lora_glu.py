@@ -5,9 +5,11 @@
 Shapes: Llama-3.1-8B's MLP at 4x2048 tokens (N 8192, I 14336) and Llama-3.2-1B's at 8x2048 (N 16384,
 I 8192), bf16, rank 16, every adapter present. The kernels are bound by memory: the forward reads g0, u0 and
 writes h (3 passes of (N, I)); the backward reads dh0, g0, u0 and writes dg, du (5 passes) while it sums
-dBg, dBu and down's dA. GB/s counts those passes only, against a plain device copy's rate. "before" is the
-backward as it ran until the sums moved into the kernel: the activation backward writing h as well, then
-three cuBLAS GEMMs reading dg, du and h again. Times: medians of triton.testing.do_bench, ms.
+dBg, dBu and down's dA. fwd_had also sums down's h Ad^T (runs of columns per program, runs_per_sm
+swept), against the forward followed by cuBLAS's GEMM reading h back. GB/s counts those passes only,
+against a plain device copy's rate. "before" is the backward as it ran until the sums moved into the
+kernel: the activation backward writing h as well, then three cuBLAS GEMMs reading dg, du and h again.
+Times: medians of triton.testing.do_bench, ms.
 """
 
 import sys
@@ -18,12 +20,21 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without `pip install -e .`
 from _sweep import main, median_ms  # noqa: E402
 
-from ppalli.kernels.lora_glu import BWD_TILES, FWD_TILES, Tiles, lora_glu_bwd, lora_glu_fwd  # noqa: E402
+from ppalli.kernels.lora_glu import (  # noqa: E402
+    BWD_TILES,
+    FWD_HAD_TILES,
+    FWD_TILES,
+    Tiles,
+    lora_glu_bwd,
+    lora_glu_fwd,
+    lora_glu_fwd_had,
+)
 
 SHAPES = {"8b": (8192, 14336), "1b": (16384, 8192)}
 RANK, S, DTYPE = 16, 2.0, torch.bfloat16
 FWD = [Tiles(64, 128, 4), Tiles(64, 128, 8), Tiles(32, 128, 4), Tiles(128, 128, 8), Tiles(64, 256, 8),
        Tiles(32, 256, 4)]
+FWD_HAD = [Tiles(32, 128, 4, runs) for runs in (4, 8, 16, 32)] + [Tiles(64, 128, 8, 8), Tiles(32, 64, 4, 16)]
 BWD = [Tiles(bm, bn, w, runs) for bm, bn, w in ((64, 128, 4), (64, 128, 8), (32, 128, 4), (32, 128, 8),
                                                 (64, 64, 4), (32, 64, 4), (128, 64, 8)) for runs in (2, 4, 8)]
 
@@ -46,6 +57,12 @@ def bench_shape(name: str, n: int, i: int) -> dict:
     for tiles in FWD:
         ms = median_ms(lambda tiles=tiles: lora_glu_fwd(g0, u0, xag, bg, S, xau, bu, S, tiles=tiles))
         out["fwd"].append({"tiles": list(tiles), "ms": round(ms, 4), "gbps": round(_gbps(3, n, i, ms), 1)})
+    # With down's h Ad^T: the same 3 passes, against the forward then cuBLAS reading h back (a 4th pass)
+    out["fwd_had"] = []
+    for tiles in FWD_HAD:
+        ms = median_ms(lambda tiles=tiles: lora_glu_fwd_had(g0, u0, xag, bg, S, xau, bu, S, ad, tiles=tiles))
+        out["fwd_had"].append({"tiles": list(tiles), "ms": round(ms, 4), "gbps": round(_gbps(3, n, i, ms), 1)})
+    out["fwd_then_mm_ms"] = round(median_ms(lambda: torch.mm(lora_glu_fwd(g0, u0, xag, bg, S, xau, bu, S), ad.t())), 4)
     # The backward writes over g0 and u0: values drift over repeats, the timing does not (no data-dependent work).
     sums = (True, True, True)
     for tiles in BWD:
@@ -59,14 +76,15 @@ def bench_shape(name: str, n: int, i: int) -> dict:
         torch.mm(g0.t(), xag), torch.mm(u0.t(), xau), torch.mm(dxad.t(), h)
 
     out["before_ms"] = round(median_ms(before), 4)
-    out["default_fwd"], out["default_bwd"] = list(FWD_TILES), list(BWD_TILES)
+    out["default_fwd"], out["default_fwd_had"] = list(FWD_TILES), list(FWD_HAD_TILES)
+    out["default_bwd"] = list(BWD_TILES)
     return out
 
 
 def report(r: dict) -> None:
     print(f"{r['shape']} (N {r['n']}, I {r['i']}): copy {r['copy_gbps']} GB/s; old backward + 3 GEMMs "
-          f"{r['before_ms']} ms")
-    for kind in ("fwd", "bwd"):
+          f"{r['before_ms']} ms; forward then h Ad^T by cuBLAS {r['fwd_then_mm_ms']} ms")
+    for kind in ("fwd", "fwd_had", "bwd"):
         for x in sorted(r[kind], key=lambda x: x["ms"]):
             print(f"  {kind} tiles {x['tiles']}: {x['ms']:.3f} ms, {x['gbps']} GB/s")
 

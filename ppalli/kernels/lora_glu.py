@@ -50,6 +50,8 @@ class Tiles(NamedTuple):
 # at 2324-2360. Backward: 32 x 64, 4 warps, 8 programs per SM: 0.557 and 0.627 ms (2107 and 2140 GB/s over
 # its 5 passes) with the three sums; 64 x 128 tiles with 4 warps spill registers and take 2.5-3.0 ms.
 FWD_TILES = Tiles(32, 128, 4)
+# With down's h Ad^T summed in (lora_glu_fwd_had), programs walk runs of columns: runs_per_sm sets how many.
+FWD_HAD_TILES = Tiles(32, 128, 4, 16)
 BWD_TILES = Tiles(32, 64, 4, 8)
 
 
@@ -114,19 +116,34 @@ def _gate_up(G0, U0, xag, bg, xau, bu, offs, mask, sg, su, HAS_G: tl.constexpr, 
 
 
 @jit
-def _lora_glu_fwd_kernel(H, G0, U0, XAG, xag_stride, BG, XAU, xau_stride, BU, N, M, R, sg, su,
-                         ACT: tl.constexpr, HAS_G: tl.constexpr, HAS_U: tl.constexpr, IEEE: tl.constexpr,
-                         UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, RP: tl.constexpr):
+def _lora_glu_fwd_kernel(H, P, G0, U0, XAG, xag_stride, BG, XAU, xau_stride, BU, AD, N, M, R, run_cols, sg, su,
+                         ACT: tl.constexpr, HAS_G: tl.constexpr, HAS_U: tl.constexpr, HAS_AD: tl.constexpr,
+                         STORE_H: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, BM: tl.constexpr,
+                         BN: tl.constexpr, RP: tl.constexpr):
+    # Program (i, run): rows i*BM.. across the columns run*run_cols.. in (BM, BN) tiles (one tile when
+    # run_cols == BN). With AD (down's lora_A, (R, M)), the run's share of h Ad^T, (BM, RP) fp32, goes to
+    # P[run, rows, :] and one torch.sum over the runs finishes it.
     rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
-    cols = tl.program_id(1) * BN + tl.arange(0, BN)
-    offs, mask = _offsets(rows, cols, N, M)
-    xag = _xa_tile(XAG, xag_stride, rows, N, R, RP) if HAS_G else None
+    run = tl.program_id(1)
+    xag = _xa_tile(XAG, xag_stride, rows, N, R, RP) if HAS_G else None  # (BM, RP), loaded once for the run
     xau = _xa_tile(XAU, xau_stride, rows, N, R, RP) if HAS_U else None
-    bg = _b_tile(BG, cols, M, R, True, RP) if HAS_G else None
-    bu = _b_tile(BU, cols, M, R, True, RP) if HAS_U else None
-    g, u = _gate_up(G0, U0, xag, bg, xau, bu, offs, mask, sg, su, HAS_G, HAS_U, IEEE, UPCAST)
-    a, _ = _act(g, ACT)
-    tl.store(H + offs, (a * u).to(H.dtype.element_ty), mask=mask)
+    had = tl.zeros((BM, RP), dtype=tl.float32)
+    start = run * run_cols
+    for c0 in range(start, tl.minimum(start + run_cols, M), BN):
+        cols = c0 + tl.arange(0, BN)
+        offs, mask = _offsets(rows, cols, N, M)
+        bg = _b_tile(BG, cols, M, R, True, RP) if HAS_G else None
+        bu = _b_tile(BU, cols, M, R, True, RP) if HAS_U else None
+        g, u = _gate_up(G0, U0, xag, bg, xau, bu, offs, mask, sg, su, HAS_G, HAS_U, IEEE, UPCAST)
+        a, _ = _act(g, ACT)
+        h = (a * u).to(H.dtype.element_ty)  # rounded as stored: the product cuBLAS would read back
+        if STORE_H:
+            tl.store(H + offs, h, mask=mask)
+        if HAS_AD:
+            had += _dot(h, tl.trans(_b_tile(AD, cols, M, R, False, RP)), IEEE, UPCAST)  # (BM, BN) @ (BN, RP)
+    if HAS_AD:
+        k = tl.arange(0, RP)
+        tl.store(P + (run * N + rows[:, None]) * RP + k[None, :], had, mask=rows[:, None] < N)
 
 
 @jit
@@ -214,15 +231,38 @@ def lora_glu_fwd(g0: torch.Tensor, up0: torch.Tensor, xag, bg, sg: float, xau, b
                  act: str = "silu", tiles: Tiles = FWD_TILES) -> torch.Tensor:
     """g0, up0 (N, I) base outputs; xag, xau (N, r) = x A^T or None; bg, bu (I, r) lora_B weights ->
     h = act(g0 + sg xag bg^T) * (up0 + su xau bu^T), (N, I) in g0's dtype."""
-    n, i, rank, meta = _launch_args(g0, up0, act, [(xag, bg), (xau, bu)])
+    return _fwd(g0, up0, xag, bg, sg, xau, bu, su, None, act, True, tiles)[0]
+
+
+def lora_glu_fwd_had(g0: torch.Tensor, up0: torch.Tensor, xag, bg, sg: float, xau, bu, su: float, ad: torch.Tensor,
+                     act: str = "silu", store_h: bool = True, tiles: Tiles = FWD_HAD_TILES):
+    """lora_glu_fwd and, from the tiles it holds, h Ad^T for the down projection's lora_A ad (r, I) ->
+    (h (N, I), or None when not store_h, and had (N, r)), both in g0's dtype. cuBLAS would read h back
+    for that rank-r product: one more pass of (N, I), 235 MB a layer for Llama-3.1-8B at N = 8192."""
+    return _fwd(g0, up0, xag, bg, sg, xau, bu, su, ad, act, store_h, tiles)
+
+
+def _fwd(g0, up0, xag, bg, sg, xau, bu, su, ad, act, store_h, tiles):
+    has_ad = ad is not None
+    n, i, rank, meta = _launch_args(g0, up0, act, [(xag, bg), (xau, bu), (ad.t() if has_ad else None, ad)])
+    if has_ad and ad.shape != (rank, i):
+        raise PpalliError(f"lora_glu: down's lora_A must be ({rank}, {i}), got {tuple(ad.shape)}")
     xag, xag_stride, bg = _factors(g0, xag, bg, rank)
     xau, xau_stride, bu = _factors(g0, xau, bu, rank)
-    h = torch.empty_like(g0)
-    grid = (cdiv(n, tiles.bm), cdiv(i, tiles.bn))
-    _lora_glu_fwd_kernel[grid](h, g0, up0, xag, xag_stride, bg, xau, xau_stride, bu, n, i, rank, float(sg),
-                               float(su), ACT=ACTS[act], HAS_G=xag is not g0, HAS_U=xau is not g0,
-                               BM=tiles.bm, BN=tiles.bn, **meta, num_warps=tiles.warps)
-    return h
+    row_blocks, col_blocks = cdiv(n, tiles.bm), cdiv(i, tiles.bn)
+    runs = min(col_blocks, max(1, cdiv(tiles.runs_per_sm * program_count(g0.device), row_blocks))) if has_ad \
+        else col_blocks
+    run_cols = cdiv(col_blocks, runs) * tiles.bn
+    runs = cdiv(i, run_cols)
+    h = torch.empty_like(g0) if store_h else g0
+    part = torch.empty(runs, n, meta["RP"], dtype=torch.float32, device=g0.device) if has_ad else g0
+    _lora_glu_fwd_kernel[(row_blocks, runs)](
+        h, part, g0, up0, xag, xag_stride, bg, xau, xau_stride, bu, ad.to(g0.dtype).contiguous() if has_ad else g0,
+        n, i, rank, run_cols, float(sg), float(su), ACT=ACTS[act], HAS_G=xag is not g0,
+        HAS_U=xau is not g0, HAS_AD=has_ad, STORE_H=store_h, BM=tiles.bm, BN=tiles.bn, **meta,
+        num_warps=tiles.warps)
+    had = part.sum(0)[:, :rank].to(g0.dtype) if has_ad else None  # (N, r)
+    return (h if store_h else None), had
 
 
 def _runs(n: int, n_col_blocks: int, tiles: Tiles, device: torch.device) -> tuple[int, int]:

@@ -29,15 +29,13 @@ from torch import nn
 
 from ppalli.errors import PpalliError
 from ppalli.kernels._utils import current_stash, is_recomputing
-from ppalli.kernels.lora_glu import ACTS, lora_glu_bwd, lora_glu_fwd
+from ppalli.kernels.lora_glu import ACTS, lora_glu_bwd, lora_glu_fwd, lora_glu_fwd_had
 from ppalli.kernels.lora_linear import (
     add_input_grad,
     base_mm,
     cast,
     factor_dtypes,
-    lora_a,
     lora_bwd,
-    lora_fwd,
     lora_parts,
     out_features,
     stacked_lora_a,
@@ -57,15 +55,23 @@ class LoRAMLPFunction(torch.autograd.Function):
         (xag, xau), a_stack = stacked_lora_a(x, (ga, ua))  # (N, r) views of one GEMM: x read once
         kept = current_stash()
         kept = kept.setdefault("lora_mlp.had", []) if kept is not None and da is not None else None
+        glu = (gate0, up0, xag, gB, gs, xau, uB, us)
         if is_recomputing():  # a recompute for backward keeps the saved tensors and drops y: skip the down GEMM
             if kept:  # h (N, I) only made h Ad^T: the forward kept that (N, r) product, so no activation either
                 had = kept.pop(0)
+            elif da is not None:  # h Ad^T alone: the activation kernel sums it without writing h
+                had = lora_glu_fwd_had(*glu, da, act, store_h=False)[1]
             else:
-                had = lora_a(lora_glu_fwd(gate0, up0, xag, gB, gs, xau, uB, us, act), da)  # (N, r)
+                had = None
             y = x.new_empty(x.shape[0], out_features(db))  # (N, d), never read
         else:
-            h = lora_glu_fwd(gate0, up0, xag, gB, gs, xau, uB, us, act)  # (N, I), freed when forward returns
-            y, had = lora_fwd(h, db, da, dB, ds)  # (N, d), (N, r)
+            if da is None:
+                h, had = lora_glu_fwd(*glu, act), None  # (N, I), freed when forward returns
+            else:
+                h, had = lora_glu_fwd_had(*glu, da, act)  # (N, I), (N, r): h Ad^T summed from the kernel's tiles
+            y = base_mm(h, db)  # (N, d)
+            if had is not None:
+                y.addmm_(had, dB.t(), alpha=ds)
             if kept is not None:  # inside a recompute wrapper: its recompute reads this back
                 kept.append(had.detach())
         ctx.save_for_backward(x, gate0, up0, xag, xau, had, a_stack, gB, uB, da, dB)

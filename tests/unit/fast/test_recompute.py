@@ -47,9 +47,13 @@ def test_every_mode_gives_the_gradients_of_no_recompute(mode, layers):
 def test_recompute_skips_the_down_projection(mode, monkeypatch):
     """Forward: gate, up and down base GEMMs per MLP; the recompute makes gate and up only."""
     calls = []
-    base_mm, lora_fwd = lora_mlp.base_mm, lora_mlp.lora_fwd
-    monkeypatch.setattr(lora_mlp, "base_mm", lambda x, b: calls.append(("gate/up", is_recomputing())) or base_mm(x, b))
-    monkeypatch.setattr(lora_mlp, "lora_fwd", lambda x, *a: calls.append(("down", is_recomputing())) or lora_fwd(x, *a))
+    base_mm = lora_mlp.base_mm
+
+    def record(x, b):
+        calls.append(("down" if b.in_features > b.out_features else "gate/up", is_recomputing()))  # (64 -> 96 -> 64)
+        return base_mm(x, b)
+
+    monkeypatch.setattr(lora_mlp, "base_mm", record)
     _loss_and_grads(mode)
     layers = 2
     assert calls.count(("gate/up", False)) == 2 * layers and calls.count(("gate/up", True)) == 2 * layers
@@ -60,8 +64,8 @@ def test_recompute_skips_the_down_projection(mode, monkeypatch):
 def test_recompute_reads_down_lora_product_from_the_forward(mode, layers, monkeypatch):
     """The recompute takes h Ad^T from the stash its forward filled: no activation kernel runs again."""
     calls = []
-    glu = lora_mlp.lora_glu_fwd
-    monkeypatch.setattr(lora_mlp, "lora_glu_fwd", lambda *a, **k: calls.append(is_recomputing()) or glu(*a, **k))
+    glu = lora_mlp.lora_glu_fwd_had
+    monkeypatch.setattr(lora_mlp, "lora_glu_fwd_had", lambda *a, **k: calls.append(is_recomputing()) or glu(*a, **k))
     _loss_and_grads(mode, layers)
     assert calls.count(False) == 2 and calls.count(True) == 0  # one forward per layer, none in the recompute
 

@@ -70,6 +70,8 @@ def _launch_everything(dtype: torch.dtype) -> None:
         g0, u0, xa, b, ad = t(70, 200), t(70, 200), t(70, 16), t(200, 16), t(16, 200)
         lora_glu.lora_glu_fwd(g0, u0, xa, b, 0.5, xa, b, 0.5, act)
         lora_glu.lora_glu_fwd(g0, u0, None, None, 0.5, xa, b, 0.5, act)
+        lora_glu.lora_glu_fwd_had(g0, u0, xa, b, 0.5, xa, b, 0.5, ad, act)
+        lora_glu.lora_glu_fwd_had(g0, u0, xa, b, 0.5, xa, b, 0.5, ad, act, store_h=False)
         lora_glu.lora_glu_bwd(t(70, 200), g0, u0, xa, b, 0.5, xa, b, 0.5, xa, ad, act, (True, True, True))
         lora_glu.lora_glu_bwd(t(70, 200), g0, u0, xa, b, 0.5, None, None, 0.5, None, None, act)
     hidden, weight = t(8, 64).requires_grad_(), t(300, 64).requires_grad_()

@@ -9,7 +9,7 @@ from reference import assert_close, geglu_ref, swiglu_ref
 
 pytest.importorskip("triton")
 from ppalli.errors import PpalliError  # noqa: E402
-from ppalli.kernels.lora_glu import Tiles, lora_glu, lora_glu_bwd, lora_glu_fwd  # noqa: E402
+from ppalli.kernels.lora_glu import Tiles, lora_glu, lora_glu_bwd, lora_glu_fwd, lora_glu_fwd_had  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPE = torch.float32
@@ -50,6 +50,14 @@ def test_forward_and_backward_match_autograd(act, n, i, r, use):
     dxad, ad = (t["dxad"], t["ad"]) if use["d"] else (None, None)
     h = lora_glu_fwd(t["g0"], t["u0"], xag, bg, sg, xau, bu, su, act)
     assert_close("h", h, h_ref, DTYPE)
+    if use["d"]:  # down's h Ad^T from the forward's tiles; 8 programs per "SM": runs of 1-3 column tiles
+        for store in (True, False):
+            h2, had = lora_glu_fwd_had(t["g0"], t["u0"], xag, bg, sg, xau, bu, su, t["ad"], act, store_h=store,
+                                       tiles=Tiles(16, 32, 4, 8))
+            assert (h2 is None) != store
+            if store:
+                assert_close("h", h2, h_ref, DTYPE)
+            assert_close("had", had, h_ref @ t["ad"].t(), DTYPE)
     g0, u0 = t["g0"].clone(), t["u0"].clone()
     sums = (use["g"], use["u"], use["d"])
     # small tiles and 2 runs per "SM" (4 under the interpreter): several runs, each over several row tiles
@@ -103,6 +111,10 @@ def test_bad_inputs_are_refused():
     with pytest.raises(PpalliError, match="share one rank"):
         lora_glu_fwd(t["g0"], t["u0"], t["xag"], t["bg"], 1.0, t["xag"][:, :2].contiguous(),
                      t["bu"][:, :2].contiguous(), 1.0)
+    with pytest.raises(PpalliError, match="lora_A must be"):
+        lora_glu_fwd_had(t["g0"], t["u0"], t["xag"], t["bg"], 1.0, None, None, 1.0, t["ad"][:, :8].contiguous())
+    with pytest.raises(PpalliError, match="share one rank"):
+        lora_glu_fwd_had(t["g0"], t["u0"], t["xag"], t["bg"], 1.0, None, None, 1.0, t["ad"][:2].contiguous())
     with pytest.raises(PpalliError, match="adapters that are absent"):
         lora_glu_bwd(t["dh0"], t["g0"], t["u0"], t["xag"], t["bg"], 1.0, None, None, 1.0, sums=(True, True, False))
 
@@ -134,11 +146,12 @@ def test_bf16_matches_fp32_within_rounding():
 
     def run(dtype):
         c = {k: v.to(dtype) for k, v in t.items()}
-        h = lora_glu_fwd(c["g0"], c["u0"], c["xag"], c["bg"], 0.5, c["xau"], c["bu"], 2.0)
-        return (h, *lora_glu_bwd(c["dh0"], c["g0"].clone(), c["u0"].clone(), c["xag"], c["bg"], 0.5, c["xau"],
+        h, had = lora_glu_fwd_had(c["g0"], c["u0"], c["xag"], c["bg"], 0.5, c["xau"], c["bu"], 2.0, c["ad"])
+        return (h, had, *lora_glu_bwd(c["dh0"], c["g0"].clone(), c["u0"].clone(), c["xag"], c["bg"], 0.5, c["xau"],
                                  c["bu"], 2.0, c["dxad"], c["ad"], *args))
 
-    for name, ref, got in zip(("h", "dg", "du", "dBg", "dBu", "dAd"), run(torch.float32), run(torch.bfloat16)):
+    for name, ref, got in zip(("h", "had", "dg", "du", "dBg", "dBu", "dAd"), run(torch.float32),
+                              run(torch.bfloat16)):
         # bf16 inputs are rounded once (2**-8 relative) before every product: 2e-2 of the largest value
         err = (got.float() - ref).abs().max() / ref.abs().max()
         assert err < 2e-2, f"{name}: {err:.2e}"
