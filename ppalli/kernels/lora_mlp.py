@@ -29,6 +29,7 @@ from torch import nn
 
 from ppalli.errors import PpalliError
 from ppalli.kernels._utils import current_stash, is_recomputing
+from ppalli.kernels.lora_add_rms_norm import lora_add_fwd
 from ppalli.kernels.lora_glu import ACTS, lora_glu_bwd, lora_glu_fwd, lora_glu_fwd_had
 from ppalli.kernels.lora_linear import (
     add_input_grad,
@@ -47,7 +48,7 @@ class LoRAMLPFunction(torch.autograd.Function):
     """act(x Wg'^T) * (x Wu'^T) -> down projection, W' = W + s B A; the LoRA weights of all three train."""
 
     @staticmethod
-    def forward(ctx, x, act, gb, ga, gB, gs, ub, ua, uB, us, db, da, dB, ds):
+    def forward(ctx, x, act, gb, ga, gB, gs, ub, ua, uB, us, db, da, dB, ds, res):
         ctx.ranks = [None if a is None else a.shape[0] for a in (ga, ua)]
         ctx.dtypes = factor_dtypes(ga, gB, ua, uB, da, dB)
         gB, uB, da, dB = (cast(t, x.dtype) for t in (gB, uB, da, dB))  # cast once; the backward reuses them
@@ -70,7 +71,9 @@ class LoRAMLPFunction(torch.autograd.Function):
             else:
                 h, had = lora_glu_fwd_had(*glu, da, act)  # (N, I), (N, r): h Ad^T summed from the kernel's tiles
             y = base_mm(h, db)  # (N, d)
-            if had is not None:
+            if res is not None:  # res + y + sd had Bd^T written over y: one pass, not addmm_ and then an add
+                y = lora_add_fwd(res, y, had, dB, ds, out=y)
+            elif had is not None:
                 y.addmm_(had, dB.t(), alpha=ds)
             if kept is not None:  # inside a recompute wrapper: its recompute reads this back
                 kept.append(had.detach())
@@ -111,11 +114,14 @@ class LoRAMLPFunction(torch.autograd.Function):
                 dx.addmm_(dxa_all, a_stack)  # both rank-r terms in one GEMM
         g_dB, u_dB, d_da, d_dB = (cast(t, dt) for t, dt in ((g_dB, dtypes[1]), (u_dB, dtypes[3]), (d_da, dtypes[4]),
                                                             (d_dB, dtypes[5])))
-        return dx, None, None, g_da, g_dB, None, None, u_da, u_dB, None, None, d_da, d_dB, None
+        d_res = dy if need[14] else None  # the residual's gradient passes through
+        return dx, None, None, g_da, g_dB, None, None, u_da, u_dB, None, None, d_da, d_dB, None, d_res
 
 
-def lora_mlp(x: torch.Tensor, gate: nn.Module, up: nn.Module, down: nn.Module, act: str = "silu") -> torch.Tensor:
-    """x (..., d) through the gated MLP whose projections are PEFT LoRA Linears -> (..., d).
+def lora_mlp(x: torch.Tensor, gate: nn.Module, up: nn.Module, down: nn.Module, act: str = "silu",
+             residual: torch.Tensor | None = None) -> torch.Tensor:
+    """x (..., d) through the gated MLP whose projections are PEFT LoRA Linears -> (..., d), plus residual
+    (..., d) when given (added in the pass that adds down's LoRA term).
 
     act: "silu" (Llama, Qwen, Mistral: SwiGLU) or "gelu_tanh" (Gemma: GeGLU).
     """
@@ -123,5 +129,6 @@ def lora_mlp(x: torch.Tensor, gate: nn.Module, up: nn.Module, down: nn.Module, a
         raise PpalliError(f"lora_mlp act must be one of {sorted(ACTS)}, got {act!r}")
     g, u, d = lora_parts(gate), lora_parts(up), lora_parts(down)
     x2 = x.reshape(-1, x.shape[-1])  # (N, d)
-    y = LoRAMLPFunction.apply(x2, act, *g, *u, *d)
+    res = residual.reshape(x2.shape[0], -1) if residual is not None else None
+    y = LoRAMLPFunction.apply(x2, act, *g, *u, *d, res)
     return y.view(*x.shape[:-1], y.shape[-1])

@@ -280,15 +280,17 @@ class FusedDecoderLayer:
                    scale=self.scale, window=self.window, softcap=self.softcap)  # (B, T, Hq, D)
         return o.reshape(b, t, -1)
 
-    def _mlp(self, h: torch.Tensor, parts: dict) -> torch.Tensor:
-        """h (B, T, d), already normed -> MLP block output (B, T, d), before the residual add."""
+    def _mlp(self, h: torch.Tensor, parts: dict, residual: torch.Tensor) -> torch.Tensor:
+        """h (B, T, d), already normed -> residual + the MLP block's output (B, T, d)."""
         if self.spec.fused_gate_up:  # Phi-3: one LoRA over [gate | up]; h is kept by the autograd activation
             gate, up = lora_linear(h, parts[self.spec.mlp[0]]).chunk(2, dim=-1)
             act = swiglu if self.act == "silu" else geglu
             out = lora_linear(act(gate, up), parts[self.spec.mlp[1]])
+        elif self.spec.post_mlp_norm is None:  # the residual add joins the pass that adds down's LoRA term
+            return lora_mlp(h, *(parts[n] for n in self.spec.mlp), act=self.act, residual=residual)
         else:
             out = lora_mlp(h, *(parts[n] for n in self.spec.mlp), act=self.act)
-        return self._norm(self.spec.post_mlp_norm, out)
+        return residual + self._norm(self.spec.post_mlp_norm, out)
 
     def _add_norm(self, hidden: torch.Tensor, o: torch.Tensor, parts: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(x, n): x = hidden + o projection of o (B, T, Hq*D), n = the MLP's RMSNorm of x, in one pass over
@@ -323,7 +325,7 @@ class FusedDecoderLayer:
             o = self._norm(self.spec.post_attn_norm, lora_linear(o, parts[self.spec.o]))  # (B, T, d)
             x = hidden_states + o
             h = self._norm(self.spec.pre_mlp_norm, x)
-        return x + self._mlp(h, parts)
+        return self._mlp(h, parts, x)
 
 
 # --------------------------------------------------------------------------- applying and reverting

@@ -69,6 +69,21 @@ def test_forward_and_every_gradient_match_peft(shape, act):
     _compare(_model(d, i, r, act), act, (b, t, d))
 
 
+@pytest.mark.parametrize("shape", SHAPES, ids=["aligned", "odd"])
+def test_residual_is_added_and_gets_the_output_gradient(shape):
+    """lora_mlp(x, residual=r) = r + MLP(x), the add inside down's LoRA pass; r's gradient is dy itself."""
+    b, t, d, i, r = shape
+    model = _model(d, i, r, "silu")
+    m = model.base_model.model
+    torch.manual_seed(3)
+    x, res, dy = (torch.randn(b, t, d, device=DEVICE) for _ in range(3))
+    res = res.requires_grad_()
+    y = lora_mlp(x, m.gate_proj, m.up_proj, m.down_proj, residual=res)
+    assert_close("output", y, res.detach() + model(x), "block")
+    y.backward(dy)
+    assert torch.equal(res.grad, dy)
+
+
 def test_base_biases_are_added_and_stay_frozen():
     model = _model(37, 53, 3, "silu", bias=True)
     _compare(model, "silu", (2, 5, 37))

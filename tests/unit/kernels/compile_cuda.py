@@ -60,6 +60,7 @@ def _launch_everything(dtype: torch.dtype) -> None:
     rms_norm.rms_norm_bwd(t(6, 64), x, w, torch.ones(6), compute_dw=False, dres=t(6, 64))
     lora_add_rms_norm.lora_add_rms_norm_fwd(x, t(6, 64), t(6, 16), t(64, 16), 0.5, w, 1e-6)
     lora_add_rms_norm.lora_add_rms_norm_fwd(x, t(6, 64), None, None, 0.5, w, 1e-6, 1.0)
+    lora_add_rms_norm.lora_add_fwd(x, t(6, 64), t(6, 16), t(64, 16), 0.5)
     q, k, cos, sin = t(1, 4, 6, 16), t(1, 2, 6, 16), t(1, 6, 16), t(1, 6, 16)  # (B, H, T, D), (B, T, D)
     rope.rope_fwd(q, k, cos, sin)
     rope.rope_fwd(q, k, cos, sin, backward=True)

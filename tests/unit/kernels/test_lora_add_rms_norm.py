@@ -8,7 +8,7 @@ from reference import assert_close, rms_norm_ref
 
 pytest.importorskip("triton")
 from ppalli.errors import PpalliError  # noqa: E402
-from ppalli.kernels.lora_add_rms_norm import lora_add_rms_norm  # noqa: E402
+from ppalli.kernels.lora_add_rms_norm import lora_add_fwd, lora_add_rms_norm  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPE = torch.float32
@@ -40,6 +40,20 @@ def test_matches_autograd_of_the_plain_ops(m, d, r, lora, offset):
     (x_ref * gx + n_ref * gn).sum().backward()
     for name in ("h", "y0", "w") + (("xa", "b") if lora else ()):
         assert_close(f"d{name}", ours[name].grad, ref[name].grad, DTYPE)
+
+
+@pytest.mark.parametrize("m,d,r", [(37, 300, 8), (5, 123, 16)])
+@pytest.mark.parametrize("lora", [True, False])
+def test_lora_add_alone_writes_over_y0(m, d, r, lora):
+    """Without the norm (a down projection's residual add): x = h + y0 + s xa B^T, written into y0 in place."""
+    t = {k: v.detach() for k, v in _leaves(m, d, r).items()}
+    xa, b = (t["xa"], t["b"]) if lora else (None, None)
+    x_ref = t["h"] + t["y0"] + (0.5 * t["xa"] @ t["b"].t() if lora else 0)
+    assert_close("x", lora_add_fwd(t["h"], t["y0"], xa, b, 0.5), x_ref, DTYPE)
+    y0 = t["y0"].clone()
+    x = lora_add_fwd(t["h"], y0, xa, b, 0.5, out=y0)
+    assert x.data_ptr() == y0.data_ptr()
+    assert_close("x in place", x, x_ref, DTYPE)
 
 
 def test_bad_shapes_are_refused():
