@@ -50,8 +50,10 @@ class Tiles(NamedTuple):
 # at 2324-2360. Backward: 32 x 64, 4 warps, 8 programs per SM: 0.557 and 0.627 ms (2107 and 2140 GB/s over
 # its 5 passes) with the three sums; 64 x 128 tiles with 4 warps spill registers and take 2.5-3.0 ms.
 FWD_TILES = Tiles(32, 128, 4)
-# With down's h Ad^T summed in (lora_glu_fwd_had), programs walk runs of columns: runs_per_sm sets how many.
-FWD_HAD_TILES = Tiles(32, 128, 4, 16)
+# With down's h Ad^T summed in (lora_glu_fwd_had), programs walk runs of columns, runs_per_sm sets how many
+# (results/2026-11-25-h100-lora-glu-fwd-had.json): 32 x 64 tiles with 16 programs per SM took 0.348 and
+# 0.379 ms against 0.386 and 0.438 for the forward then cuBLAS's h Ad^T; 32 x 128 tiles lost (0.386-0.475).
+FWD_HAD_TILES = Tiles(32, 64, 4, 16)
 BWD_TILES = Tiles(32, 64, 4, 8)
 
 
