@@ -224,24 +224,43 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def timed_steps(step: Callable, batches: list, device: str) -> tuple[list, list[float], float]:
-    """(losses, per-step ms, total seconds): CUDA events around each step, read after one final sync."""
+# Allocator counters read after each timed step: a step that maps new memory (num_device_alloc) or frees
+# it to retry an allocation (num_alloc_retries, a device sync) stalls the host that launches its kernels.
+ALLOC_COUNTERS = ("num_device_alloc", "num_device_free", "num_alloc_retries", "num_sync_all_streams")
+
+
+def _alloc_counts() -> list[int]:
+    stats = torch.cuda.memory_stats()
+    return [stats.get(k, 0) for k in ALLOC_COUNTERS]
+
+
+def timed_steps(step: Callable, batches: list, device: str) -> tuple[list, list[float], float, dict]:
+    """(losses, per-step ms, total seconds, per-step host detail): CUDA events around each step, read after
+    one final sync. The detail: host_ms, the time the host took to launch each step (it runs ahead of the
+    device unless something syncs, so a long one points at a sync or a host stall), and on CUDA the change
+    of each ALLOC_COUNTERS entry over each step."""
     _sync(device)
+    stamps, losses = [time.perf_counter()], []
     if device != "cuda":
-        stamps, losses = [time.perf_counter()], []
         for b in batches:
             losses.append(step(*b))
             stamps.append(time.perf_counter())
-        return losses, [1e3 * (b - a) for a, b in zip(stamps, stamps[1:])], stamps[-1] - stamps[0]
+        ms = [1e3 * (b - a) for a, b in zip(stamps, stamps[1:])]
+        return losses, ms, stamps[-1] - stamps[0], {"host_ms": [round(x, 2) for x in ms]}
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in batches]
-    losses = []
+    counts = [_alloc_counts()]
+    stamps = [time.perf_counter()]
     for (start, end), b in zip(events, batches):
         start.record()
         losses.append(step(*b))
         end.record()
+        stamps.append(time.perf_counter())
+        counts.append(_alloc_counts())
     torch.cuda.synchronize()
     ms = [s.elapsed_time(e) for s, e in events]
-    return losses, ms, events[0][0].elapsed_time(events[-1][1]) / 1e3
+    detail = {"host_ms": [round(1e3 * (b - a), 2) for a, b in zip(stamps, stamps[1:])],
+              "alloc": {k: [c[i] - p[i] for p, c in zip(counts, counts[1:])] for i, k in enumerate(ALLOC_COUNTERS)}}
+    return losses, ms, events[0][0].elapsed_time(events[-1][1]) / 1e3, detail
 
 
 def profile_steps(step: Callable, batches: list, device: str, path: Path, title: str) -> None:
@@ -336,12 +355,13 @@ def run(spec: dict, out: dict) -> None:
     _reset_peak(device)
     with built.loop():
         warm = [step(*b) for b in batches[:spec["warmup"]]]
-        losses, ms, seconds = timed_steps(step, batches[spec["warmup"]:], device)
+        losses, ms, seconds, detail = timed_steps(step, batches[spec["warmup"]:], device)
     out.update(_peaks(device))
     losses = [round(float(x), 5) for x in warm + losses]
     tokens = spec["steps"] * spec["batch"] * spec["seq"]
     out.update(tokens_per_s=tokens / seconds, step_ms=round(statistics.median(ms), 2),
-               step_ms_all=[round(x, 2) for x in ms], losses=losses, loss_first=losses[0], loss_last=losses[-1])
+               step_ms_all=[round(x, 2) for x in ms], step_detail=detail, losses=losses, loss_first=losses[0],
+               loss_last=losses[-1])
     if "fast_path_log" in out:
         out["fast_path_log"] = _short_log(out["fast_path_log"])
     if spec.get("profile"):

@@ -321,8 +321,8 @@ def run_record(spec: RunSpec, child: dict, flops: float) -> dict:
         record.update(tokens_per_s=round(tps, 1), peak_gib=child.get("peak_gib"),
                       loss_first=child.get("loss_first"), loss_last=child.get("loss_last"),
                       share_of_peak=round(share_of_peak(tps, flops), 4), step_ms=child.get("step_ms"))
-    for key in ("error", "step_ms_all", "losses", "build_s", "wall_s", "micro_batch", "plan", "fast_path_log",
-                "peak_gib", "peak_reserved_gib", "profile"):
+    for key in ("error", "step_ms_all", "step_detail", "losses", "build_s", "wall_s", "micro_batch", "plan",
+                "fast_path_log", "peak_gib", "peak_reserved_gib", "profile"):
         if key in child and key not in record:
             record[key] = child[key]
     return record
