@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device call for the targets of BENCHMARKS.md: the GPU tests first (a broken kernel stops the call
 # before any timing), then benchmarks/peers.py per case, ppalli beside the Unsloth runs its target reads.
-# Needs .peers/ carried (../shared/tools/peer-site.sh .peers). A call has 10 minutes: about 3 for the
+# Needs .peers/ carried (../shared/tools/peer-site.sh .peers), and .gpu-data/ for the tests that read the
+# shared data (tests/gpu/test_convergence_gpu.py; skipped without it). A call has 10 minutes: about 3 for the
 # tests, 2.5-4 per case (T1 with all its peers ~4; `--stacks ppalli,unsloth --gc off` halves it).
 #   bash benchmarks/gpu_targets.sh OUT_DIR [tests] [gemm] [T1|T2|T3|T3-8.8|T4 ...]
 # gemm: benchmarks/bench_gemm.py, the step's base GEMMs shape by shape (~1 min).
