@@ -118,6 +118,14 @@ def _gate_up(G0, U0, xag, bg, xau, bu, offs, mask, sg, su, HAS_G: tl.constexpr, 
 
 
 @jit
+def _store_sums(P, acc, run, idx, M, RP: tl.constexpr):
+    """A run's fp32 sums, (B, RP) for the B indices idx of M, into P[run, idx, :] of a (runs, M, RP) buffer:
+    the backward's (BN, RP) weight-gradient sums over columns, the forward's (BM, RP) h Ad^T over rows."""
+    k = tl.arange(0, RP)
+    tl.store(P + (run * M + idx[:, None]) * RP + k[None, :], acc, mask=idx[:, None] < M)
+
+
+@jit
 def _lora_glu_fwd_kernel(H, P, G0, U0, XAG, xag_stride, BG, XAU, xau_stride, BU, AD, N, M, R, run_cols, sg, su,
                          ACT: tl.constexpr, HAS_G: tl.constexpr, HAS_U: tl.constexpr, HAS_AD: tl.constexpr,
                          STORE_H: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, BM: tl.constexpr,
@@ -144,15 +152,7 @@ def _lora_glu_fwd_kernel(H, P, G0, U0, XAG, xag_stride, BG, XAU, xau_stride, BU,
         if HAS_AD:
             had += _dot(h, tl.trans(_b_tile(AD, cols, M, R, False, RP)), IEEE, UPCAST)  # (BM, BN) @ (BN, RP)
     if HAS_AD:
-        k = tl.arange(0, RP)
-        tl.store(P + (run * N + rows[:, None]) * RP + k[None, :], had, mask=rows[:, None] < N)
-
-
-@jit
-def _store_sums(P, acc, run, cols, M, RP: tl.constexpr):
-    """This run's (BN, RP) fp32 sums into P[run, cols, :] of the (runs, M, RP) buffer."""
-    k = tl.arange(0, RP)
-    tl.store(P + (run * M + cols[:, None]) * RP + k[None, :], acc, mask=cols[:, None] < M)
+        _store_sums(P, had, run, rows, N, RP)
 
 
 @jit
