@@ -127,6 +127,8 @@ def lora_mlp(x: torch.Tensor, gate: nn.Module, up: nn.Module, down: nn.Module, a
     """
     if act not in ACTS:
         raise PpalliError(f"lora_mlp act must be one of {sorted(ACTS)}, got {act!r}")
+    if residual is not None and residual.dtype != x.dtype:  # the fused add writes x's dtype: promote outside
+        return residual + lora_mlp(x, gate, up, down, act)
     g, u, d = lora_parts(gate), lora_parts(up), lora_parts(down)
     x2 = x.reshape(-1, x.shape[-1])  # (N, d)
     res = residual.reshape(x2.shape[0], -1) if residual is not None else None

@@ -82,6 +82,10 @@ def test_residual_is_added_and_gets_the_output_gradient(shape):
     assert_close("output", y, res.detach() + model(x), "block")
     y.backward(dy)
     assert torch.equal(res.grad, dy)
+    wide = res.detach().double()  # a wider residual stream is added outside, in its own dtype
+    y = lora_mlp(x, m.gate_proj, m.up_proj, m.down_proj, residual=wide)
+    assert y.dtype == torch.float64
+    assert_close("wide output", y.float(), res.detach() + model(x), "block")
 
 
 def test_base_biases_are_added_and_stay_frozen():
