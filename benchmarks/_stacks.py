@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import json
 import os
 import shutil
@@ -234,32 +235,60 @@ def _alloc_counts() -> list[int]:
     return [stats.get(k, 0) for k in ALLOC_COUNTERS]
 
 
+class GCTimer:
+    """Python's garbage collections while it is active: per step, the ms spent collecting and the number of
+    full (generation 2) collections. A collection stalls the host that launches the step's kernels."""
+
+    def __init__(self):
+        self.ms, self.full, self._t0 = 0.0, 0, 0.0
+
+    def __call__(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._t0 = time.perf_counter()
+        else:
+            self.ms += 1e3 * (time.perf_counter() - self._t0)
+            self.full += info.get("generation") == 2
+
+    def take(self) -> tuple[float, int]:
+        out, self.ms, self.full = (round(self.ms, 2), self.full), 0.0, 0
+        return out
+
+    @contextlib.contextmanager
+    def active(self):
+        gc.callbacks.append(self)
+        try:
+            yield self
+        finally:
+            gc.callbacks.remove(self)
+
+
 def timed_steps(step: Callable, batches: list, device: str) -> tuple[list, list[float], float, dict]:
-    """(losses, per-step ms, total seconds, per-step host detail): CUDA events around each step, read after
-    one final sync. The detail: host_ms, the time the host took to launch each step (it runs ahead of the
-    device unless something syncs, so a long one points at a sync or a host stall), and on CUDA the change
-    of each ALLOC_COUNTERS entry over each step."""
+    """(losses, per-step ms, total seconds, per-step host detail): on CUDA, events around each step read after
+    one final sync; on the CPU, wall time. The detail, per step: host_ms, the time the host took to launch it
+    (it runs ahead of the device unless something syncs, so a long one points at a sync or a host stall),
+    gc_ms and gc_full (GCTimer), and on CUDA the change of each ALLOC_COUNTERS entry."""
+    cuda = device == "cuda"
     _sync(device)
-    stamps, losses = [time.perf_counter()], []
-    if device != "cuda":
-        for b in batches:
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in batches] \
+        if cuda else []
+    losses, stamps, counts, gcs = [], [time.perf_counter()], [_alloc_counts()] if cuda else [], []
+    with GCTimer().active() as timer:
+        for i, b in enumerate(batches):
+            if cuda:
+                events[i][0].record()
             losses.append(step(*b))
+            if cuda:
+                events[i][1].record()
+                counts.append(_alloc_counts())
             stamps.append(time.perf_counter())
-        ms = [1e3 * (b - a) for a, b in zip(stamps, stamps[1:])]
-        return losses, ms, stamps[-1] - stamps[0], {"host_ms": [round(x, 2) for x in ms]}
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in batches]
-    counts = [_alloc_counts()]
-    stamps = [time.perf_counter()]
-    for (start, end), b in zip(events, batches):
-        start.record()
-        losses.append(step(*b))
-        end.record()
-        stamps.append(time.perf_counter())
-        counts.append(_alloc_counts())
-    torch.cuda.synchronize()
+            gcs.append(timer.take())
+    _sync(device)
+    host = [1e3 * (b - a) for a, b in zip(stamps, stamps[1:])]
+    detail = {"host_ms": [round(x, 2) for x in host], "gc_ms": [g[0] for g in gcs], "gc_full": [g[1] for g in gcs]}
+    if not cuda:
+        return losses, host, stamps[-1] - stamps[0], detail
+    detail["alloc"] = {k: [c[i] - p[i] for p, c in zip(counts, counts[1:])] for i, k in enumerate(ALLOC_COUNTERS)}
     ms = [s.elapsed_time(e) for s, e in events]
-    detail = {"host_ms": [round(1e3 * (b - a), 2) for a, b in zip(stamps, stamps[1:])],
-              "alloc": {k: [c[i] - p[i] for p, c in zip(counts, counts[1:])] for i, k in enumerate(ALLOC_COUNTERS)}}
     return losses, ms, events[0][0].elapsed_time(events[-1][1]) / 1e3, detail
 
 
