@@ -29,6 +29,7 @@ import torch
 
 from ppalli.errors import PpalliError
 from ppalli.kernels._utils import cdiv, check_tensors, dot_upcast, jit, next_power_of_2, program_count, tanh, tl
+from ppalli.kernels.lora_linear import scaled_mm
 
 SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
 GELU_COEF = tl.constexpr(0.044715)
@@ -194,9 +195,9 @@ def _lora_glu_bwd_kernel(DG, DU, DH0, G0, U0, XAG, xag_stride, BG, XAU, xau_stri
         if SUM_AD:
             sum_ad += _dot(tl.trans((a * u).to(DG.dtype.element_ty)), xad, IEEE, UPCAST)
     if SUM_BG:
-        _store_sums(PBG, sum_bg, run, cols, M, RP)
+        _store_sums(PBG, sum_bg * sg, run, cols, M, RP)  # the scales here, not in a launch after the fold
     if SUM_BU:
-        _store_sums(PBU, sum_bu, run, cols, M, RP)
+        _store_sums(PBU, sum_bu * su, run, cols, M, RP)
     if SUM_AD:
         _store_sums(PAD, sum_ad, run, cols, M, RP)
 
@@ -311,8 +312,7 @@ def lora_glu_bwd(dh0: torch.Tensor, g0: torch.Tensor, up0: torch.Tensor, xag, bg
         run_rows, float(sg), float(su), ACT=ACTS[act], HAS_G=has[0], HAS_U=has[1], HAS_D=has[2],
         SUM_BG=sums[0], SUM_BU=sums[1], SUM_AD=sums[2], BM=tiles.bm, BN=tiles.bn, **meta, num_warps=tiles.warps)
     dbg, dbu, dad = (p.sum(0)[:, :rank] if s else None for p, s in zip(partials, sums))  # (I, r) each
-    return GLUGrads(g0, up0, dbg.mul_(sg) if sums[0] else None, dbu.mul_(su) if sums[1] else None,
-                    dad.t() if sums[2] else None)
+    return GLUGrads(g0, up0, dbg, dbu, dad.t() if sums[2] else None)
 
 
 class LoRAGLUFunction(torch.autograd.Function):
@@ -335,7 +335,7 @@ class LoRAGLUFunction(torch.autograd.Function):
                                            ctx.su, act=ctx.act, sums=sums)
         grads = [dg if need[0] else None, du if need[1] else None]
         for d, xa, b, s, db in ((dg, xag, bg, ctx.sg, dbg), (du, xau, bu, ctx.su, dbu)):
-            dxa = torch.mm(d, b.to(d.dtype)).mul_(s).to(xa.dtype) if xa is not None else None  # (N, r)
+            dxa = scaled_mm(d, b.to(d.dtype), s).to(xa.dtype) if xa is not None else None  # (N, r)
             grads += [dxa, db.to(b.dtype) if db is not None else None, None]
         return grads[0], grads[1], grads[2], grads[3], None, grads[5], grads[6], None, None
 

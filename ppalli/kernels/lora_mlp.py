@@ -39,6 +39,7 @@ from ppalli.kernels.lora_linear import (
     lora_bwd,
     lora_parts,
     out_features,
+    scaled_mm,
     stacked_lora_a,
     stacked_lora_a_grads,
 )
@@ -102,8 +103,8 @@ class LoRAMLPFunction(torch.autograd.Function):
         dgate, dup, g_dB, u_dB, d_da = lora_glu_bwd(dh0, gate0, up0, xag, gB, gs, xau, uB, us, dxad, da, ctx.act,
                                                     sums)
         del dh0
-        dxag = torch.mm(dgate, gB).mul_(gs) if g_rank is not None else None  # (N, r)
-        dxau = torch.mm(dup, uB).mul_(us) if u_rank is not None else None
+        dxag = scaled_mm(dgate, gB, gs) if g_rank is not None else None  # (N, r)
+        dxau = scaled_mm(dup, uB, us) if u_rank is not None else None
         (g_da, u_da), dxa_all = stacked_lora_a_grads((dxag, dxau), x, a_stack, ctx.ranks, (need[3], need[7]),
                                                      dtypes[0::2])
         dx = None
