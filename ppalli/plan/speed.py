@@ -2,21 +2,31 @@
 
 FLOPs per token for LoRA (DESIGN.md, recompute not counted): 4*N_matmul + 12*L*d*s + 6*N_lora; the base's
 weight gradients are never computed, so 4 (forward + input gradient) instead of 6. Recompute adds one more
-forward of the checkpointed layers.
+forward of the checkpointed layers (on the fused path, without the MLP's down projection).
 """
 
 from __future__ import annotations
 
+import math
+
 from ppalli.plan.memory import SELECTIVE_SHARE, ModelSpec
 
-# Share of a card's dense bf16 rate reached, measured on an H100 SXM (989 TFLOP/s dense) in BENCHMARKS.md,
-# counting model FLOPs only: HF + PEFT, Llama-3.1-8B, no checkpointing, 2x2048: 8,091 tok/s x 33.5 GFLOP
-# = 271 TFLOP/s = 27%. Unsloth's fused path without checkpointing, 4x2048: 15,328 x 33.5 = 513 = 52%;
-# ppalli's fused path is held to beat that (T1), so 52% is the cautious figure for it. Small models reach
-# less (Llama-3.2-1B HF: 18% of 798), so this overestimates them.
+# Share of a card's dense bf16 rate reached, counting model FLOPs only, on an H100 SXM (989 TFLOP/s dense).
+# HF + PEFT (BENCHMARKS.md), Llama-3.1-8B, no checkpointing, 2x2048: 8,091 tok/s x 33.5 GFLOP = 271 TFLOP/s
+# = 27%. ppalli's fused path, no checkpointing, on 2026-11-25 (benchmarks/results/*-t1-s4.json, *-t4-s4-final
+# .json): Llama-3.1-8B (hidden 4096) 4x2048, 17,147 tok/s x 33.49 GFLOP = 58%; Llama-3.2-1B (hidden 2048)
+# 8x2048, 87,695 x 5.82 GFLOP = 52%. Narrower layers do less work per launched op; between and beyond the two
+# widths the share follows log2(hidden), held within them.
 REFERENCE_EFFICIENCY = 0.27
-FAST_EFFICIENCY = 0.52
+FAST_EFFICIENCY = {2048: 0.52, 4096: 0.58}
 RECOMPUTE_SHARE = {"none": 0.0, "selective": SELECTIVE_SHARE, "full": 1.0, "offload": 1.0}
+
+
+def fast_efficiency(hidden: int) -> float:
+    """The fused path's measured share at this width (FAST_EFFICIENCY), log-linear between the widths measured."""
+    (w0, e0), (w1, e1) = sorted(FAST_EFFICIENCY.items())
+    t = min(max((math.log2(max(hidden, 1)) - math.log2(w0)) / (math.log2(w1) - math.log2(w0)), 0.0), 1.0)
+    return e0 + t * (e1 - e0)
 
 
 def flops_per_token(spec: ModelSpec, seq_len: int, n_lora: int) -> float:
@@ -24,10 +34,20 @@ def flops_per_token(spec: ModelSpec, seq_len: int, n_lora: int) -> float:
     return 4 * spec.matmul_params_per_token + 12 * spec.layers * spec.hidden * seq_len + 6 * n_lora
 
 
+def recomputed_weights(spec: ModelSpec, fast_path: bool = True) -> int:
+    """Weights a recompute of every layer multiplies through: all but the lm_head, less the MLP's down
+    projection on the fused path (its output is thrown away: kernels/lora_mlp.py)."""
+    weights = spec.matmul_params_per_token - spec.vocab * spec.hidden
+    if fast_path:
+        weights -= spec.layers * spec.experts_per_token * spec.intermediate * spec.hidden
+    return weights
+
+
 def recompute_flops_per_token(spec: ModelSpec, seq_len: int, checkpointing: str,
-                              recompute_layers: int | None = None) -> float:
-    """One more forward of the checkpointed decoder layers: their matmuls (2 N) and attention (4 L d s)."""
-    layer_matmuls = spec.matmul_params_per_token - spec.vocab * spec.hidden
+                              recompute_layers: int | None = None, fast_path: bool = True) -> float:
+    """One more forward of the checkpointed decoder layers: their matmuls (2 N, recomputed_weights) and
+    attention (4 L d s)."""
+    layer_matmuls = recomputed_weights(spec, fast_path)
     share = RECOMPUTE_SHARE[checkpointing]
     if checkpointing == "selective" and recompute_layers is not None:
         share = min(recompute_layers, spec.layers) / spec.layers
@@ -57,15 +77,16 @@ def step_seconds(spec: ModelSpec, *, seq_len: int, batch: int, micro: int, n_lor
     efficiency; for 4-bit weights, dequantizing every layer's weights in each micro-batch's forward, backward
     and recompute, so a larger micro-batch dequantizes fewer times) and host_seconds. HF + PEFT 8B with full
     checkpointing, 4x2048 on an H100: predicts 5,500 tokens/s, measured 5,865."""
-    rate = (tflops or DEFAULT_TFLOPS) * 1e12 * (FAST_EFFICIENCY if fast_path else REFERENCE_EFFICIENCY)
-    recompute = recompute_flops_per_token(spec, seq_len, checkpointing, recompute_layers)
+    rate = (tflops or DEFAULT_TFLOPS) * 1e12 * (fast_efficiency(spec.hidden) if fast_path else REFERENCE_EFFICIENCY)
+    recompute = recompute_flops_per_token(spec, seq_len, checkpointing, recompute_layers, fast_path)
     gpu = batch * seq_len * (flops_per_token(spec, seq_len, n_lora) + recompute) / rate
     steps = batch // micro
-    if quant != "none":
-        share = recompute / max(recompute_flops_per_token(spec, seq_len, "full"), 1.0)
+    if quant != "none":  # forward and backward dequantize every layer's weights, a recompute what it multiplies
+        share = recompute / max(recompute_flops_per_token(spec, seq_len, "full", fast_path=fast_path), 1.0)
         layer_weights = spec.matmul_params_per_token - spec.vocab * spec.hidden
+        dequantized = 2 * layer_weights + share * recomputed_weights(spec, fast_path)
         bandwidth = (tflops or DEFAULT_TFLOPS) * 1e12 * BYTES_PER_FLOP * DEQUANT_BANDWIDTH_SHARE
-        gpu += steps * (2 + share) * layer_weights * DEQUANT_BYTES_PER_WEIGHT / bandwidth
+        gpu += steps * dequantized * DEQUANT_BYTES_PER_WEIGHT / bandwidth
     return max(gpu, host_seconds(spec, batch=batch, micro=micro))
 
 
