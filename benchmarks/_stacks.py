@@ -292,19 +292,28 @@ def timed_steps(step: Callable, batches: list, device: str) -> tuple[list, list[
     return losses, ms, events[0][0].elapsed_time(events[-1][1]) / 1e3, detail
 
 
+PROFILED_STEPS = 4  # T4's slow step came every 3-5 steps (2026-11-25): two steps may miss it
+
+
 def profile_steps(step: Callable, batches: list, device: str, path: Path, title: str) -> None:
-    """torch.profiler over 2 steps: key averages, top 25 by self device time, then by total device time."""
+    """torch.profiler over PROFILED_STEPS steps: key averages, top 25 by self device time, then by total device
+    time, then the top 40 aten ops by self device time per input shape (which copies and elementwise passes
+    run, and on what), and on CUDA where the device sat idle."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-    with profile(activities=activities) as prof:
-        for b in batches[:2]:
+    with profile(activities=activities, record_shapes=True) as prof:
+        for b in batches[:PROFILED_STEPS]:
             step(*b)
         _sync(device)
     avg = prof.key_averages()
     key = "cuda_time_total" if device == "cuda" else "cpu_time_total"  # torch maps "cuda" to "device" keys
-    text = [f"{title}\n", f"top 25 by self_{key}:", avg.table(sort_by=f"self_{key}", row_limit=25), "",
-            f"top 25 by {key}:", avg.table(sort_by=key, row_limit=25)]
+    by_shape = prof.key_averages(group_by_input_shape=True)
+    text = [f"{title} ({PROFILED_STEPS} steps)\n",
+            f"top 25 by self_{key}:", avg.table(sort_by=f"self_{key}", row_limit=25), "",
+            f"top 25 by {key}:", avg.table(sort_by=key, row_limit=25), "",
+            f"aten ops by input shape, top 40 by self_{key}:",
+            by_shape.table(sort_by=f"self_{key}", row_limit=40, max_name_column_width=40, max_shapes_column_width=80)]
     if device == "cuda":
         text += ["", _idle_report(prof.events())]
     path.parent.mkdir(parents=True, exist_ok=True)
