@@ -44,8 +44,9 @@ def remap(rows):
 
 
 def lora_llama(vocab: int, dtype: torch.dtype, device: str = "cpu", hidden: int = 64, layers: int = 2,
-               heads: int = 4, kv_heads: int = 2, rank: int = 8):
-    """A random Llama (seed 0, frozen, in dtype) with PEFT LoRA on every projection (adapters fp32)."""
+               heads: int = 4, kv_heads: int = 2, rank: int = 8, quant: str | None = None):
+    """A random Llama (seed 0, frozen, in dtype) with PEFT LoRA on every projection (adapters fp32); quant
+    ("nf4", "fp4") swaps the decoder's Linears for bitsandbytes 4-bit ones first (ppalli's quantizer)."""
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -57,8 +58,29 @@ def lora_llama(vocab: int, dtype: torch.dtype, device: str = "cpu", hidden: int 
                          max_position_embeddings=2048, initializer_range=0.1, rms_norm_eps=1e-6, use_cache=False)
     config._attn_implementation = "sdpa"
     model = LlamaForCausalLM(config).to(device=device, dtype=dtype).requires_grad_(False)
+    if quant:
+        from ppalli.models.quant import quantize_model_4bit
+
+        quantize_model_4bit(model, quant_type=quant, compute_dtype=dtype, log_summary=False)
     lora = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=TARGETS)
     return get_peft_model(model, lora)
+
+
+def widened(model):
+    """A copy of a PEFT model that computes in fp32 on the same weights: 4-bit base layers become fp32
+    Linears of their dequantized weights (the 4-bit run's "truth"), everything else is upcast."""
+    from torch import nn
+
+    from ppalli.kernels.lora_linear import base_weight
+
+    wide = copy.deepcopy(model)
+    for module in list(wide.modules()):
+        base = getattr(module, "base_layer", None)
+        if base is not None and hasattr(base.weight, "quant_state"):
+            lin = nn.Linear(base.in_features, base.out_features, bias=False, device=base.weight.device)
+            lin.weight = nn.Parameter(base_weight(base, torch.float32).clone(), requires_grad=False)
+            module.base_layer = lin
+    return wide.float()
 
 
 def reference_step(model, rows):
