@@ -18,7 +18,7 @@ done
 for what in "$@"; do
   t0=$SECONDS
   case $what in
-    tests) python3 -m pytest -q tests/gpu tests/unit/kernels -k "not compiles_for" -p no:cacheprovider \
+    tests) python3 -m pytest -q -rP --durations=15 tests/gpu tests/unit/kernels -k "not compiles_for" -p no:cacheprovider \
              > "$out/gpu-tests.log" 2>&1
            tail -1 "$out/gpu-tests.log" ;;
     gemm) python3 benchmarks/bench_gemm.py --out "$out/gemm.json" > "$out/gemm.txt" 2>&1; tail -40 "$out/gemm.txt" ;;
