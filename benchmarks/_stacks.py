@@ -231,7 +231,7 @@ ALLOC_COUNTERS = ("num_device_alloc", "num_device_free", "num_alloc_retries", "n
 
 
 def _alloc_counts() -> list[int]:
-    stats = torch.cuda.memory_stats()
+    stats = torch.cuda.memory_stats_as_nested_dict()  # the counters are top-level; skips memory_stats' flattening
     return [stats.get(k, 0) for k in ALLOC_COUNTERS]
 
 
