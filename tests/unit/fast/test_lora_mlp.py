@@ -113,8 +113,12 @@ def test_disabled_adapter_computes_the_base_mlp():
     """Inside peft's disable_adapter() (a DPO reference pass) the block is the frozen base MLP."""
     model = _model(37, 53, 3, "silu")
     x = torch.randn(2, 5, 37, device=DEVICE)
+    res = torch.randn(2, 5, 37, device=DEVICE)
     with model.disable_adapter():
         assert_close("output", _fused(model, "silu")(x), model(x), "block")
+        m = model.base_model.model  # the residual joins the pass that would add down's LoRA term
+        y = lora_mlp(x, m.gate_proj, m.up_proj, m.down_proj, residual=res)
+        assert_close("output + residual", y, res + model(x), "block")
 
 
 def test_frozen_adapters_still_give_the_input_gradient():
