@@ -14,7 +14,9 @@ whole: down's dA = (sd dy Bd)^T h is summed inside the activation backward, tile
 up's dB. Autograd through HF + PEFT keeps g, act(g), u, h and a copy of x per LoRA branch. The activation
 backward writes dg over g0 and du over u0 in place, so the backward's peak adds only dh on top of the saved
 tensors; down's rank-r input-gradient term (sd dy Bd) Ad is added inside that kernel too, instead of a
-read-modify-write pass over dh.
+read-modify-write pass over dh. In the forward, the activation kernel also sums h Ad^T from its tiles
+(lora_glu_fwd_had), so nothing reads h back for down's rank-r product; with `residual`, down's rank-r term
+and the residual add are one pass over (N, d) (lora_add_fwd) instead of addmm_ and an add.
 
 The GEMMs are cuBLAS. When a layer is recomputed for its backward (`_utils.recomputing`), y is thrown away:
 the down projection's base GEMM is skipped, and (h Ad^T), the one thing the backward needs from h, comes
