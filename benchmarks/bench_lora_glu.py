@@ -34,9 +34,13 @@ SHAPES = {"8b": (8192, 14336), "1b": (16384, 8192)}
 RANK, S, DTYPE = 16, 2.0, torch.bfloat16
 FWD = [Tiles(64, 128, 4), Tiles(64, 128, 8), Tiles(32, 128, 4), Tiles(128, 128, 8), Tiles(64, 256, 8),
        Tiles(32, 256, 4)]
-FWD_HAD = [Tiles(32, 128, 4, runs) for runs in (4, 8, 16, 32)] + [Tiles(64, 128, 8, 8), Tiles(32, 64, 4, 16)]
-BWD = [Tiles(bm, bn, w, runs) for bm, bn, w in ((64, 128, 4), (64, 128, 8), (32, 128, 4), (32, 128, 8),
-                                                (64, 64, 4), (32, 64, 4), (128, 64, 8)) for runs in (2, 4, 8)]
+# The 2026-11-25 sweeps' best settings, each with 1-4 software-pipeline stages (all ran at Triton's default 3
+# before), and the runners-up at their default stages.
+FWD_HAD = [Tiles(32, 64, 4, 16, stages) for stages in (1, 2, 3, 4)] + [Tiles(32, 64, 4, 8), Tiles(32, 64, 8, 16),
+                                                                      Tiles(16, 64, 4, 16), Tiles(32, 128, 4, 16)]
+BWD = [Tiles(32, 64, 4, 8, stages) for stages in (1, 2, 3, 4)] + [Tiles(32, 64, 4, 4), Tiles(32, 64, 4, 16),
+                                                                  Tiles(32, 64, 8, 8), Tiles(16, 64, 4, 8),
+                                                                  Tiles(32, 32, 4, 8), Tiles(16, 128, 4, 8)]
 
 
 

@@ -37,13 +37,15 @@ ACTS = {"silu": 0, "gelu_tanh": 1}
 
 
 class Tiles(NamedTuple):
-    """A launch setting: (bm, bn) tile of the (N, I) activation, warps, and for the backward the programs
-    per SM that split the rows into runs (more runs: shorter tail, more partial sums to fold)."""
+    """A launch setting: (bm, bn) tile of the (N, I) activation, warps, the programs per SM that split the
+    rows (backward) or columns (fwd_had) into runs (more runs: shorter tail, more partial sums to fold), and
+    Triton's software-pipeline stages for the tile loop (3 is its default on CUDA)."""
 
     bm: int
     bn: int
     warps: int
     runs_per_sm: int = 4
+    stages: int = 3
 
 
 # From benchmarks/bench_lora_glu.py on an H100 (2026-11-25, results/2026-11-25-h100-lora-glu-tiles.json), N x I
@@ -55,7 +57,10 @@ FWD_TILES = Tiles(32, 128, 4)
 # (results/2026-11-25-h100-lora-glu-fwd-had.json): 32 x 64 tiles with 16 programs per SM took 0.348 and
 # 0.379 ms against 0.386 and 0.438 for the forward then cuBLAS's h Ad^T; 32 x 128 tiles lost (0.386-0.475).
 FWD_HAD_TILES = Tiles(32, 64, 4, 16)
-BWD_TILES = Tiles(32, 64, 4, 8)
+# Pipeline stages and 16-row tiles (results/2026-11-25-h100-lora-glu-stages.json): Triton's default 3 stages
+# stay best for both kernels (1 or 2: 12-40% slower); the backward on 16 x 64 tiles took 0.536 / 0.602 ms
+# against 0.554 / 0.615 for 32 x 64 (8B / 1B), the forward lost on them (0.59-0.68 against 0.35-0.39).
+BWD_TILES = Tiles(16, 64, 4, 8)
 
 
 @jit
@@ -263,7 +268,7 @@ def _fwd(g0, up0, xag, bg, sg, xau, bu, su, ad, act, store_h, tiles):
         h, part, g0, up0, xag, xag_stride, bg, xau, xau_stride, bu, ad.to(g0.dtype).contiguous() if has_ad else g0,
         n, i, rank, run_cols, float(sg), float(su), ACT=ACTS[act], HAS_G=xag is not g0,
         HAS_U=xau is not g0, HAS_AD=has_ad, STORE_H=store_h, BM=tiles.bm, BN=tiles.bn, **meta,
-        num_warps=tiles.warps)
+        num_warps=tiles.warps, num_stages=tiles.stages)
     had = part.sum(0)[:, :rank].to(g0.dtype) if has_ad else None  # (N, r)
     return (h if store_h else None), had
 
@@ -310,7 +315,8 @@ def lora_glu_bwd(dh0: torch.Tensor, g0: torch.Tensor, up0: torch.Tensor, xag, bg
     _lora_glu_bwd_kernel[(runs, n_cols)](
         g0, up0, dh0, g0, up0, xag, xag_stride, bg, xau, xau_stride, bu, dxad, ad, *partials, n, i, rank,
         run_rows, float(sg), float(su), ACT=ACTS[act], HAS_G=has[0], HAS_U=has[1], HAS_D=has[2],
-        SUM_BG=sums[0], SUM_BU=sums[1], SUM_AD=sums[2], BM=tiles.bm, BN=tiles.bn, **meta, num_warps=tiles.warps)
+        SUM_BG=sums[0], SUM_BU=sums[1], SUM_AD=sums[2], BM=tiles.bm, BN=tiles.bn, **meta, num_warps=tiles.warps,
+        num_stages=tiles.stages)
     dbg, dbu, dad = (p.sum(0)[:, :rank] if s else None for p, s in zip(partials, sums))  # (I, r) each
     return GLUGrads(g0, up0, dbg, dbu, dad.t() if sums[2] else None)
 
