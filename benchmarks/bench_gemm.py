@@ -7,9 +7,12 @@ Shapes: Llama-3.1-8B at 4x2048 tokens (T1) and Llama-3.2-1B at 8x2048 (T4), bf16
 (out, in) as nn.Linear stores it. As called: forward y = x W^T (torch.mm(x, W.t())); input gradient
 dx = dy W (torch.mm), or accumulated into dx (addmm_, beta = 1) when a block sums several; lm_head chunks of
 1024 rows. Alternatives: gate and up as one (2I, d) weight (forward N = 2I; dgrad one GEMM over K = 2I
-instead of a GEMM and an accumulating GEMM); q, k, v as one weight; lm_head chunks of 4096 rows; the
-residual add in down's GEMM epilogue (addmm) against a GEMM then an add. Times are medians of
-triton.testing.do_bench; TFLOP/s = 2 M N K / time; the share is of the best rate measured in the same run.
+instead of a GEMM and an accumulating GEMM); q, k, v as one weight; lm_head chunks of 4096 rows; the MLP
+GEMMs and lm_head transposed (W x^T: cuBLAS picks its kernel per layout) or against a weight stored
+transposed; the residual add in down's GEMM epilogue (addmm) against a GEMM then an add. Times are medians
+of triton.testing.do_bench; TFLOP/s = 2 M N K / time; the share is of the best rate measured in the same run.
+(2026-11-25, results/*-gemm-orientation.txt: no orientation or stored layout of the MLP GEMMs wins beyond
++-2%; the 8B lm_head dgrad transposed took 1.502 against 1.660 ms, the 1B one 0.783 against 0.669: left.)
 """
 
 import sys
@@ -38,6 +41,7 @@ def _rows(n, d, q, kv, inter, vocab, device="cuda"):
     dx = t(n, d)
     h, head, dz = t(1024, d), t(vocab, d), t(1024, vocab)
     h4, dz4 = t(4096, d), t(4096, vocab)
+    w_gate_t, w_down_t = w["gate"].t().contiguous(), w["down"].t().contiguous()  # (d, I), (I, d)
     rows = [
         ("fwd q  x Wq^T", 2 * n * d * q, lambda: torch.mm(x, w["q"].t())),
         ("fwd k/v  x Wk^T", 2 * n * d * kv, lambda: torch.mm(x, w["kv"].t())),
@@ -60,6 +64,19 @@ def _rows(n, d, q, kv, inter, vocab, device="cuda"):
         ("as now: fwd down, then residual add", 2 * n * inter * d, lambda: torch.add(dx, torch.mm(x_i, w["down"].t()))),
         ("alt: fwd down + residual in the epilogue", 2 * n * inter * d, lambda: torch.addmm(dx, x_i, w["down"].t())),
         ("alt: dgrad q+k+v stacked", 2 * n * (q + 2 * kv) * d, lambda: torch.mm(dy["qkv"], w_qkv)),
+        # The MLP GEMMs in the other orientation (the transposed product: cuBLAS picks its kernel per layout)
+        # and against a weight stored transposed.
+        ("alt: fwd gate transposed  Wg x^T", 2 * n * d * inter, lambda: torch.mm(w["gate"], x.t())),
+        ("alt: fwd gate, W^T stored  x (Wg^T)", 2 * n * d * inter, lambda: torch.mm(x, w_gate_t)),
+        ("alt: fwd down transposed  Wd h^T", 2 * n * inter * d, lambda: torch.mm(w["down"], x_i.t())),
+        ("alt: fwd down, W^T stored", 2 * n * inter * d, lambda: torch.mm(x_i, w_down_t)),
+        ("alt: dgrad gate transposed  Wg^T dg^T", 2 * n * inter * d, lambda: torch.mm(w["gate"].t(), dy["gate"].t())),
+        ("alt: dgrad gate, W^T stored", 2 * n * inter * d, lambda: torch.mm(dy["gate"], w_gate_t.t())),
+        ("alt: dgrad down transposed  Wd^T dy^T", 2 * n * d * inter, lambda: torch.mm(w["down"].t(), dy["d"].t())),
+        ("alt: dgrad down, W^T stored", 2 * n * d * inter, lambda: torch.mm(dy["d"], w_down_t.t())),
+        ("alt: fwd q transposed  Wq x^T", 2 * n * d * q, lambda: torch.mm(w["q"], x.t())),
+        ("alt: lm_head chunk transposed  W h^T", 2 * 1024 * d * vocab, lambda: torch.mm(head, h.t())),
+        ("alt: lm_head chunk dgrad transposed  W^T dz^T", 2 * 1024 * vocab * d, lambda: torch.mm(head.t(), dz.t())),
     ]
     return rows
 
