@@ -1,0 +1,95 @@
+"""Causal GQA attention, forward + backward, per SDPA kernel and torch's varlen kernel, on one GPU.
+
+    python benchmarks/bench_attention.py --out benchmarks/results/attention.json
+
+Shapes: Llama-3.1-8B's (4 x 32 heads x 2048 x 128, 8 kv heads: T1) and Llama-3.2-1B's (8 x 32 x 2048 x 64,
+8 kv heads: T4), bf16. BENCHMARKS.md measured only the first (cuDNN 1.41 ms, flash 2.29 ms), and the fast
+path picks cuDNN for both head sizes. Each row: SDPA with one kernel forced (GQA native, or k/v expanded to
+all heads first), and ppalli's attend over the batch packed into one row (torch's varlen_attn: what
+packed rows run). Times are medians of triton.testing.do_bench; TFLOP/s counts the causal half: forward
+2 * 2 * B H S^2 D / 2, the backward 2.5 times that.
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _sweep import main, median_ms  # noqa: E402
+
+SHAPES = {"8b": (4, 32, 8, 2048, 128), "1b": (8, 32, 8, 2048, 64)}  # batch, heads, kv heads, seq, head dim
+
+
+def _sdpa(kernel, expand: bool):
+    from torch.nn.attention import sdpa_kernel
+
+    def run(q, k, v):
+        if expand:
+            rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+        with sdpa_kernel([kernel]):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=not expand)
+    return run
+
+
+def _packed(q, k, v):
+    """ppalli's attend over the batch packed into one row of samples (cu_seqlens): torch's varlen_attn."""
+    from ppalli.models.attention import attend
+
+    b, _, s, _ = q.shape
+    cu = torch.arange(0, (b + 1) * s, s, device=q.device, dtype=torch.int32)
+    return attend(q, k, v, backend="sdpa_cudnn", cu_seqlens=cu, max_seqlen=s)
+
+
+def _time(fn, q, k, v, backward: bool) -> float:
+    if not backward:
+        return median_ms(lambda: fn(q, k, v))
+    out = fn(q, k, v)
+    grad = torch.randn_like(out)
+
+    def step():
+        for t in (q, k, v):
+            t.grad = None
+        fn(q, k, v).backward(grad)
+    return median_ms(step)
+
+
+def bench_shape(name: str, b: int, h: int, hkv: int, s: int, d: int) -> dict:
+    from torch.nn.attention import SDPBackend
+
+    def t(heads):
+        return torch.randn(b, heads, s, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+
+    q, k, v = t(h), t(hkv), t(hkv)
+    fwd_flop = 2 * 2 * b * h * s * s * d / 2
+    runs = {"cudnn": _sdpa(SDPBackend.CUDNN_ATTENTION, False), "flash": _sdpa(SDPBackend.FLASH_ATTENTION, False),
+            "cudnn, k/v expanded": _sdpa(SDPBackend.CUDNN_ATTENTION, True),
+            "flash, k/v expanded": _sdpa(SDPBackend.FLASH_ATTENTION, True),
+            "efficient, k/v expanded": _sdpa(SDPBackend.EFFICIENT_ATTENTION, True), "packed (varlen_attn)": _packed}
+    rows = []
+    for label, fn in runs.items():
+        try:
+            fwd, both = _time(fn, q, k, v, False), _time(fn, q, k, v, True)
+        except (RuntimeError, TypeError) as exc:  # a kernel that refuses the case says why
+            rows.append({"kernel": label, "error": str(exc).splitlines()[0][:160]})
+            continue
+        rows.append({"kernel": label, "fwd_ms": round(fwd, 4), "fwd_bwd_ms": round(both, 4),
+                     "fwd_tflops": round(fwd_flop / fwd / 1e9, 1),
+                     "fwd_bwd_tflops": round(3.5 * fwd_flop / both / 1e9, 1)})
+    return {"shape": name, "dims": dict(batch=b, heads=h, kv_heads=hkv, seq=s, head_dim=d), "rows": rows}
+
+
+def report(r: dict) -> None:
+    print(f"{r['shape']}: {r['dims']}")
+    for x in r["rows"]:
+        if "error" in x:
+            print(f"  {x['kernel']:<26} refused: {x['error']}")
+        else:
+            print(f"  {x['kernel']:<26} fwd {x['fwd_ms']:.3f} ms ({x['fwd_tflops']} TFLOP/s), fwd+bwd "
+                  f"{x['fwd_bwd_ms']:.3f} ms ({x['fwd_bwd_tflops']} TFLOP/s)")
+
+
+if __name__ == "__main__":
+    main(__doc__, SHAPES, bench_shape, report)
