@@ -9,7 +9,10 @@ is the QLoRA issue's 4-bit convergence (ppalli's dequantize kernel against bitsa
 bf16 runs each within e of the fp32 run are within 2e of each other, so this is what bounds a
 fast-vs-reference tolerance in bf16 (the 1B `ppalli train` runs differed by 3.9e-3 at worst on 2026-11-25,
 `benchmarks/results/*-train-fast-1b-s4.json`). On the CPU (tests/integration/test_fast_convergence.py) the
-fast path was 8.6e-4 from the fp32 run at worst, the reference 5.9e-3.
+fast path was 8.6e-4 from the fp32 run at worst, the reference 5.9e-3. On an H100 (2026-11-25, these 50
+steps, results/2026-11-25-h100-gpu-tests-s5-final.log): bf16 fast 2.67e-3 from the fp32 run at worst,
+reference 1.03e-2, fast against reference 8.4e-3; NF4 fast 2.41e-3, reference 1.30e-2, fast against
+reference 1.30e-2 (train_alike.BF16_RTOL is the stated per-step tolerance).
 """
 
 import pytest
@@ -17,6 +20,7 @@ import torch
 
 pytest.importorskip("triton")
 from train_alike import (  # noqa: E402
+    BF16_RTOL,
     both_paths,
     lora_llama,
     mean_relative,
@@ -50,3 +54,4 @@ def test_bf16_fast_path_is_no_further_from_fp32_than_the_reference(shared_data, 
               f"{ref_off[0]:.2e}, {ref_off[1]:.2e}; fast vs reference {worst_relative(fast, ref):.2e}\n{both}")
     print(detail)
     assert fast_off[0] <= ref_off[0] and fast_off[1] <= ref_off[1], detail
+    assert worst_relative(fast, ref) <= BF16_RTOL, detail  # the stated per-step tolerance (train_alike)
