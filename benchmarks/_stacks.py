@@ -23,6 +23,7 @@ import os
 import shutil
 import statistics
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable
@@ -262,17 +263,90 @@ class GCTimer:
             gc.callbacks.remove(self)
 
 
-def timed_steps(step: Callable, batches: list, device: str) -> tuple[list, list[float], float, dict]:
+SMI_FIELDS = "timestamp,clocks.sm,power.draw,clocks_event_reasons.active"
+SW_POWER_CAP = 0x4  # nvidia-smi's clocks_event_reasons bit for the software power cap
+
+
+class ClockLog:
+    """nvidia-smi sampling the GPU's SM clock, power and clock-limit reasons every `period_ms` while active
+    (a no-op without nvidia-smi). Under load the H100 of 2026-11-25 ran at its software power cap in 90 of 144
+    samples, at 1725-1965 MHz against 1980 (an nvidia-smi log beside T4, results/*-t4-s5.json's call), and
+    ppalli's T4 steps spread 182-200 ms where Unsloth's did not: per_step_clocks says which steps ran slower."""
+
+    def __init__(self, path: Path, device_index: int = 0, period_ms: int = 50):
+        self.path = path
+        self._cmd = ["nvidia-smi", f"--query-gpu={SMI_FIELDS}", "--format=csv,noheader,nounits",
+                     f"-lms={period_ms}", f"-i={device_index}"]
+
+    @contextlib.contextmanager
+    def active(self):
+        import subprocess
+
+        if shutil.which("nvidia-smi") is None:
+            yield self
+            return
+        with open(self.path, "w", encoding="utf-8") as out:
+            proc = subprocess.Popen(self._cmd, stdout=out, stderr=subprocess.DEVNULL)
+            try:
+                time.sleep(0.2)  # its first sample
+                yield self
+            finally:
+                proc.terminate()
+                proc.wait(timeout=10)
+
+    def samples(self) -> list[tuple[float, float, float, int]]:
+        """(wall time s, SM MHz, W, reasons bit mask) per sample; lines nvidia-smi could not fill are skipped."""
+        from datetime import datetime
+
+        out = []
+        text = self.path.read_text(encoding="utf-8") if self.path.exists() else ""
+        for line in text.splitlines():
+            parts = [p.strip() for p in line.split(",")]
+            try:
+                t = datetime.strptime(parts[0], "%Y/%m/%d %H:%M:%S.%f").timestamp()
+                out.append((t, float(parts[1]), float(parts[2]), int(parts[3], 16)))
+            except (ValueError, IndexError):
+                continue
+        return out
+
+
+def per_step_clocks(windows: list[tuple[float, float]], samples: list) -> dict:
+    """Per step (wall-time window start, end): mean SM MHz, mean W and the share of samples at the software
+    power cap, over the samples inside the window (None where none fell inside)."""
+    out = {"sm_mhz": [], "power_w": [], "power_capped": []}
+    for start, end in windows:
+        inside = [s for s in samples if start <= s[0] <= end]
+        if not inside:
+            for k in out:
+                out[k].append(None)
+            continue
+        out["sm_mhz"].append(round(statistics.fmean(s[1] for s in inside)))
+        out["power_w"].append(round(statistics.fmean(s[2] for s in inside), 1))
+        out["power_capped"].append(round(sum(bool(s[3] & SW_POWER_CAP) for s in inside) / len(inside), 2))
+    return out
+
+
+def _step_windows(events: list, end_wall: float) -> list[tuple[float, float]]:
+    """Wall-time windows of the steps from their CUDA events, anchored at end_wall, when the last step ended
+    (the sync after it returned)."""
+    last = events[-1][1]
+    return [(end_wall - s.elapsed_time(last) / 1e3, end_wall - e.elapsed_time(last) / 1e3) for s, e in events]
+
+
+def timed_steps(step: Callable, batches: list, device: str, clocks: ClockLog | None = None
+                ) -> tuple[list, list[float], float, dict]:
     """(losses, per-step ms, total seconds, per-step host detail): on CUDA, events around each step read after
     one final sync; on the CPU, wall time. The detail, per step: host_ms, the time the host took to launch it
     (it runs ahead of the device unless something syncs, so a long one points at a sync or a host stall),
-    gc_ms and gc_full (GCTimer), and on CUDA the change of each ALLOC_COUNTERS entry."""
+    gc_ms and gc_full (GCTimer), and on CUDA the change of each ALLOC_COUNTERS entry and, with `clocks`, each
+    step's mean SM clock, power and share of samples at the power cap (per_step_clocks)."""
     cuda = device == "cuda"
     _sync(device)
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in batches] \
         if cuda else []
     losses, stamps, counts, gcs = [], [time.perf_counter()], [_alloc_counts()] if cuda else [], []
-    with GCTimer().active() as timer:
+    sampling = clocks.active() if cuda and clocks is not None else contextlib.nullcontext()
+    with sampling, GCTimer().active() as timer:
         for i, b in enumerate(batches):
             if cuda:
                 events[i][0].record()
@@ -282,13 +356,16 @@ def timed_steps(step: Callable, batches: list, device: str) -> tuple[list, list[
                 counts.append(_alloc_counts())
             stamps.append(time.perf_counter())
             gcs.append(timer.take())
-    _sync(device)
+        _sync(device)
+        end_wall = time.time()
     host = [1e3 * (b - a) for a, b in zip(stamps, stamps[1:])]
     detail = {"host_ms": [round(x, 2) for x in host], "gc_ms": [g[0] for g in gcs], "gc_full": [g[1] for g in gcs]}
     if not cuda:
         return losses, host, stamps[-1] - stamps[0], detail
     detail["alloc"] = {k: [c[i] - p[i] for p, c in zip(counts, counts[1:])] for i, k in enumerate(ALLOC_COUNTERS)}
     ms = [s.elapsed_time(e) for s, e in events]
+    if clocks is not None:
+        detail["clocks"] = per_step_clocks(_step_windows(events, end_wall), clocks.samples())
     return losses, ms, events[0][0].elapsed_time(events[-1][1]) / 1e3, detail
 
 
@@ -391,9 +468,10 @@ def run(spec: dict, out: dict) -> None:
     batches = make_batches(spec, device, spec["warmup"] + spec["steps"])
     step = functools.partial(train_step, built, opt)
     _reset_peak(device)
-    with built.loop():
+    with built.loop(), tempfile.TemporaryDirectory() as tmp:
         warm = [step(*b) for b in batches[:spec["warmup"]]]
-        losses, ms, seconds, detail = timed_steps(step, batches[spec["warmup"]:], device)
+        clocks = ClockLog(Path(tmp) / "smi.csv", torch.cuda.current_device()) if device == "cuda" else None
+        losses, ms, seconds, detail = timed_steps(step, batches[spec["warmup"]:], device, clocks)
     out.update(_peaks(device))
     losses = [round(float(x), 5) for x in warm + losses]
     tokens = spec["steps"] * spec["batch"] * spec["seq"]

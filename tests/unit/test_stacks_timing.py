@@ -1,7 +1,9 @@
 """benchmarks/_stacks.py's per-step timing detail on the CPU: host time and Python's garbage collections
-per step, the figures that tell a host stall from a slow device step in the GPU runs."""
+per step, the figures that tell a host stall from a slow device step in the GPU runs, and the nvidia-smi
+clock/power log aligned to the steps (with a stand-in nvidia-smi)."""
 
 import gc
+import os
 import sys
 import time
 from pathlib import Path
@@ -24,3 +26,63 @@ def test_each_step_gets_its_host_time_and_its_collections():
     assert detail["gc_full"][0] == 0 == detail["gc_full"][2]
     assert "alloc" not in detail  # the allocator counters are CUDA's
     assert _stacks.GCTimer not in [type(cb) for cb in gc.callbacks]  # the callback is removed afterwards
+
+
+SMI_LINES = """2026/11/25 19:10:29.692, 1980, 119.64, 0x0000000000000000
+2026/11/25 19:10:29.742, 1755, 699.10, 0x0000000000000004
+2026/11/25 19:10:29.792, [N/A], [N/A], [N/A]
+2026/11/25 19:10:29.842, 1845, 690.00, 0x0000000000000004
+"""
+
+
+def test_nvidia_smi_samples_are_parsed_and_unfilled_lines_skipped(tmp_path):
+    log = _stacks.ClockLog(tmp_path / "smi.csv")
+    log.path.write_text(SMI_LINES, encoding="utf-8")
+    samples = log.samples()
+    assert [s[1:] for s in samples] == [(1980.0, 119.64, 0), (1755.0, 699.1, 4), (1845.0, 690.0, 4)]
+    assert abs((samples[1][0] - samples[0][0]) - 0.05) < 1e-6
+
+
+def test_each_step_gets_the_clocks_of_the_samples_inside_it():
+    samples = [(10.00, 1980, 500.0, 0), (10.05, 1980, 520.0, 0), (10.10, 1755, 700.0, 4), (10.15, 1845, 690.0, 4),
+               (10.20, 1980, 600.0, 0)]
+    out = _stacks.per_step_clocks([(9.99, 10.06), (10.07, 10.21), (11.0, 11.1)], samples)
+    assert out["sm_mhz"] == [1980, round((1755 + 1845 + 1980) / 3), None]
+    assert out["power_w"] == [510.0, round((700 + 690 + 600) / 3, 1), None]
+    assert out["power_capped"] == [0.0, 0.67, None]
+
+
+def test_step_windows_come_from_the_events_back_from_the_final_sync():
+    class Event:  # elapsed_time(other) in ms from this event to `other`, as torch.cuda.Event gives it
+        def __init__(self, t):
+            self.t = t
+
+        def elapsed_time(self, other):
+            return other.t - self.t
+
+    events = [(Event(0.0), Event(180.0)), (Event(181.0), Event(380.0))]
+    windows = _stacks._step_windows(events, end_wall=100.0)
+    assert windows == [(100.0 - 0.38, 100.0 - 0.2), (100.0 - 0.199, 100.0)]
+
+
+def test_the_sampler_runs_beside_the_block_and_stops_after(tmp_path, monkeypatch):
+    fake = tmp_path / "bin" / "nvidia-smi"  # prints one sample line per 20 ms, like `nvidia-smi -lms`
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\nwhile true; do date '+%Y/%m/%d %H:%M:%S.%3N, 1980, 650.5, 0x4'; sleep 0.02; done\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
+    log = _stacks.ClockLog(tmp_path / "smi.csv")
+    with log.active():
+        time.sleep(0.2)
+    n = len(log.samples())
+    assert n >= 3 and all(s[1:] == (1980.0, 650.5, 4) for s in log.samples())
+    time.sleep(0.1)
+    assert len(log.samples()) == n  # the sampler stopped with the block
+
+
+def test_without_nvidia_smi_the_sampler_does_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr(_stacks.shutil, "which", lambda name: None)
+    log = _stacks.ClockLog(tmp_path / "smi.csv")
+    with log.active():
+        pass
+    assert log.samples() == [] and not log.path.exists()
