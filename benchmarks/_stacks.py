@@ -276,7 +276,7 @@ class ClockLog:
     def __init__(self, path: Path, device_index: int = 0, period_ms: int = 50):
         self.path = path
         self._cmd = ["nvidia-smi", f"--query-gpu={SMI_FIELDS}", "--format=csv,noheader,nounits",
-                     f"-lms={period_ms}", f"-i={device_index}"]
+                     "-lms", str(period_ms), "-i", str(device_index)]  # as run on the H100 (-lms 100)
 
     @contextlib.contextmanager
     def active(self):
