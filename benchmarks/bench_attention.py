@@ -5,9 +5,11 @@
 Shapes: Llama-3.1-8B's (4 x 32 heads x 2048 x 128, 8 kv heads: T1) and Llama-3.2-1B's (8 x 32 x 2048 x 64,
 8 kv heads: T4), bf16. BENCHMARKS.md measured only the first (cuDNN 1.41 ms, flash 2.29 ms), and the fast
 path picks cuDNN for both head sizes. Each row: SDPA with one kernel forced (GQA native, or k/v expanded to
-all heads first), and ppalli's attend over the batch packed into one row (torch's varlen_attn: what
-packed rows run). Times are medians of triton.testing.do_bench; TFLOP/s counts the causal half: forward
-2 * 2 * B H S^2 D / 2, the backward 2.5 times that.
+all heads first), ppalli's attend over the batch packed into one row, and torch's varlen_attn, the kernel
+packed samples of several lengths run (2026-11-25, results/*-attention.txt: 2.57 ms at 8B and 2.80 at 1B
+against cuDNN's 1.19 and 1.48, which is why samples of one length now run as a dense batch). Times are
+medians of triton.testing.do_bench; TFLOP/s counts the causal half: forward 2 * 2 * B H S^2 D / 2, the
+backward 2.5 times that.
 """
 
 import sys
@@ -35,12 +37,23 @@ def _sdpa(kernel, expand: bool):
 
 
 def _packed(q, k, v):
-    """ppalli's attend over the batch packed into one row of samples (cu_seqlens): torch's varlen_attn."""
+    """ppalli's attend over the batch packed into one row of samples of one length (cu_seqlens): since
+    2026-11-25 a dense batch again (before: torch's varlen_attn, the row below)."""
     from ppalli.models.attention import attend
 
     b, _, s, _ = q.shape
     cu = torch.arange(0, (b + 1) * s, s, device=q.device, dtype=torch.int32)
     return attend(q, k, v, backend="sdpa_cudnn", cu_seqlens=cu, max_seqlen=s)
+
+
+def _varlen(q, k, v):
+    """The kernel packed samples of several lengths run: torch's varlen_attn through ppalli's wrapper (k/v
+    expanded where the installed torch has no enable_gqa), here over the same equal-length samples."""
+    from ppalli.models.attention import _varlen_torch
+
+    b, _, s, _ = q.shape
+    cu = torch.arange(0, (b + 1) * s, s, device=q.device, dtype=torch.int32)
+    return _varlen_torch(q, k, v, None, None, cu, s)
 
 
 def _time(fn, q, k, v, backward: bool) -> float:
@@ -67,7 +80,8 @@ def bench_shape(name: str, b: int, h: int, hkv: int, s: int, d: int) -> dict:
     runs = {"cudnn": _sdpa(SDPBackend.CUDNN_ATTENTION, False), "flash": _sdpa(SDPBackend.FLASH_ATTENTION, False),
             "cudnn, k/v expanded": _sdpa(SDPBackend.CUDNN_ATTENTION, True),
             "flash, k/v expanded": _sdpa(SDPBackend.FLASH_ATTENTION, True),
-            "efficient, k/v expanded": _sdpa(SDPBackend.EFFICIENT_ATTENTION, True), "packed (varlen_attn)": _packed}
+            "efficient, k/v expanded": _sdpa(SDPBackend.EFFICIENT_ATTENTION, True),
+            "packed, one length (attend)": _packed, "varlen_attn (packed, uneven)": _varlen}
     rows = []
     for label, fn in runs.items():
         try:

@@ -1,5 +1,6 @@
 """`attend`: packed rows (cu_seqlens) equal each sample attended alone, on every path the CPU runs (the
-block-diagonal SDPA mask, the eager softcap path); sliding windows and padding follow HF's rules."""
+block-diagonal SDPA mask, the eager softcap path, samples of one length as a dense batch); sliding windows
+and padding follow HF's rules."""
 
 import pytest
 import torch
@@ -7,6 +8,7 @@ import torch.nn.functional as F
 from fast_reference import assert_close
 
 from ppalli.errors import PpalliError
+from ppalli.models import attention
 from ppalli.models.attention import attend, causal_mask, packed_mask, resolve_backend
 
 LENGTHS = [5, 1, 9, 3]  # a one-token sample and uneven lengths: 18 tokens in one row
@@ -80,6 +82,44 @@ def test_packed_batch_of_rows_flattens_tokens():
     out = attend(q, k, v, backend="sdpa", cu_seqlens=_cu(lengths))
     flat = [x.transpose(0, 1).reshape(1, x.shape[1], 18, 8) for x in (q, k, v)]
     assert_close("batch vs flat", out.reshape(1, 18, 4, 8), _alone(*flat, lengths, backend="sdpa"), "block")
+
+
+def _no_block_mask(monkeypatch):
+    """Fail if the block-diagonal mask is built: equal-length samples must go through dense attention."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("packed_mask built for samples of one length")
+    monkeypatch.setattr(attention, "packed_mask", refuse)
+
+
+@pytest.mark.parametrize("backend,softcap", [("sdpa", None), ("sdpa_math", None), ("eager", None), ("sdpa", 2.0)])
+@pytest.mark.parametrize("window", [None, 3], ids=["full", "window3"])
+def test_samples_of_one_length_attend_as_a_dense_batch(monkeypatch, backend, softcap, window):
+    """4 samples of 6 tokens in one row, q/k/v as the fast path hands them (transposed (B, T, H, D) views):
+    the same as each sample alone, without the block-diagonal mask or a varlen kernel."""
+    _no_block_mask(monkeypatch)
+    q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in _qkv(24))
+    q = q * 4  # past the softcap, where it changes the result
+    kw = dict(backend=backend, window=window, softcap=softcap)
+    packed = attend(q, k, v, cu_seqlens=_cu([6] * 4), max_seqlen=6, **kw)
+    assert packed.shape == (1, 24, 4, 8)
+    assert_close("packed vs alone", packed, _alone(q, k, v, [6] * 4, **kw), "block")
+
+
+def test_samples_of_one_length_across_rows(monkeypatch):
+    """3 samples of 6 over 2 rows of 9 (the middle one spans both rows, HF's flattened B*T convention)."""
+    _no_block_mask(monkeypatch)
+    q, k, v = _qkv(9, batch=2)
+    out = attend(q, k, v, backend="sdpa", cu_seqlens=_cu([6, 6, 6]), max_seqlen=6)
+    flat = [x.transpose(0, 1).reshape(1, x.shape[1], 18, 8) for x in (q, k, v)]
+    assert_close("rows vs flat", out.reshape(1, 18, 4, 8), _alone(*flat, [6, 6, 6], backend="sdpa"), "block")
+
+
+def test_samples_of_several_lengths_keep_the_block_mask(monkeypatch):
+    built = []
+    monkeypatch.setattr(attention, "packed_mask", lambda *a: built.append(a) or packed_mask(*a))
+    q, k, v = _qkv(sum(LENGTHS))
+    attend(q, k, v, backend="sdpa", cu_seqlens=_cu(LENGTHS), max_seqlen=max(LENGTHS))
+    assert len(built) == 1
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "eager"])
