@@ -236,10 +236,12 @@ def _packed(q, k, v, backend, scale, window, softcap, cu_seqlens, max_seqlen):
     b, hq, t, d = q.shape
     n = cu_seqlens.numel() - 1
     if n * max_seqlen == b * t:
-        # Every sample is max_seqlen long (n of them, none longer, B*T tokens in all): they are rows of a dense
-        # batch, and dense causal attention runs cuDNN's kernel instead of varlen's. On an H100, 4 x 2048-token
-        # samples of Llama-3.1-8B's attention took 1.19 ms forward + backward dense against 2.57 through
-        # torch's varlen_attn (benchmarks/results/2026-11-25-h100-attention.txt; 1B: 1.48 against 2.80).
+        # Every sample is max_seqlen long (n of them, none longer, and cu_seqlens covers all B*T tokens, as
+        # attend's contract and every caller here have it; the check reads no device value): they are rows
+        # of a dense batch, and dense causal attention runs cuDNN's kernel instead of varlen's. On an H100,
+        # 4 x 2048-token samples of Llama-3.1-8B's attention took 1.19 ms forward + backward dense against
+        # 2.57 through torch's varlen_attn (benchmarks/results/2026-11-25-h100-attention.txt; 1B: 1.48
+        # against 2.80).
         def rows(x):  # (B, H, T, D) -> (n, H, L, D); a view when x is a transposed (B, T, H, D) tensor
             return x.transpose(1, 2).reshape(n, max_seqlen, x.shape[1], d).transpose(1, 2)
 
