@@ -22,12 +22,14 @@ import json
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 import torch
@@ -280,8 +282,6 @@ class ClockLog:
 
     @contextlib.contextmanager
     def active(self):
-        import subprocess
-
         if shutil.which("nvidia-smi") is None:
             yield self
             return
@@ -300,8 +300,6 @@ class ClockLog:
 
     def samples(self) -> list[tuple[float, float, float, int]]:
         """(wall time s, SM MHz, W, reasons bit mask) per sample; lines nvidia-smi could not fill are skipped."""
-        from datetime import datetime
-
         out = []
         text = self.path.read_text(encoding="utf-8") if self.path.exists() else ""
         for line in text.splitlines():
