@@ -160,6 +160,18 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+@functools.lru_cache(maxsize=8)
+def _device_name(device_index: int) -> str:
+    return torch.cuda.get_device_name(device_index)
+
+
+def device_name(device: torch.device) -> str:
+    """The CUDA device's name ("NVIDIA H200"), for launch settings swept per GPU; "" off CUDA."""
+    if device.type != "cuda":
+        return ""
+    return _device_name(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def program_count(device: torch.device) -> int:
     """Persistent programs for kernels that loop over rows: one per SM; a few under the interpreter."""
     if device.type != "cuda":

@@ -28,7 +28,17 @@ from typing import NamedTuple
 import torch
 
 from ppalli.errors import PpalliError
-from ppalli.kernels._utils import cdiv, check_tensors, dot_upcast, jit, next_power_of_2, program_count, tanh, tl
+from ppalli.kernels._utils import (
+    cdiv,
+    check_tensors,
+    device_name,
+    dot_upcast,
+    jit,
+    next_power_of_2,
+    program_count,
+    tanh,
+    tl,
+)
 from ppalli.kernels.lora_linear import scaled_mm
 
 SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
@@ -57,6 +67,10 @@ FWD_TILES = Tiles(32, 128, 4)
 # (results/2026-11-25-h100-lora-glu-fwd-had.json): 32 x 64 tiles with 16 programs per SM took 0.348 and
 # 0.379 ms against 0.386 and 0.438 for the forward then cuBLAS's h Ad^T; 32 x 128 tiles lost (0.386-0.475).
 FWD_HAD_TILES = Tiles(32, 64, 4, 16)
+# On an H200 (2026-12-02, results/2026-12-02-h200-lora-glu-tiles.json) the same 32 x 64 tiles on 2 warps ran
+# at 3236 / 2948 GB/s (0.218 / 0.273 ms, 8B / 1B shapes) against 2042 / 2121 GB/s (0.345 / 0.380 ms) on 4; a
+# copy runs at ~4100. The H100 sweeps had no 2-warp setting, so the H100 keeps FWD_HAD_TILES until one runs.
+FWD_HAD_TILES_BY_GPU = {"NVIDIA H200": Tiles(32, 64, 2, 16)}
 # Pipeline stages and 16-row tiles (results/2026-11-25-h100-lora-glu-stages.json): Triton's default 3 stages
 # stay best for both kernels (1 or 2: 12-40% slower); the backward on 16 x 64 tiles took 0.536 / 0.602 ms
 # against 0.554 / 0.615 for 32 x 64 (8B / 1B), the forward lost on them (0.59-0.68 against 0.35-0.39).
@@ -243,10 +257,12 @@ def lora_glu_fwd(g0: torch.Tensor, up0: torch.Tensor, xag, bg, sg: float, xau, b
 
 
 def lora_glu_fwd_had(g0: torch.Tensor, up0: torch.Tensor, xag, bg, sg: float, xau, bu, su: float, ad: torch.Tensor,
-                     act: str = "silu", store_h: bool = True, tiles: Tiles = FWD_HAD_TILES):
+                     act: str = "silu", store_h: bool = True, tiles: Tiles | None = None):
     """lora_glu_fwd and, from the tiles it holds, h Ad^T for the down projection's lora_A ad (r, I) ->
     (h (N, I), or None when not store_h, and had (N, r)), both in g0's dtype. cuBLAS would read h back
-    for that rank-r product: one more pass of (N, I), 235 MB a layer for Llama-3.1-8B at N = 8192."""
+    for that rank-r product: one more pass of (N, I), 235 MB a layer for Llama-3.1-8B at N = 8192.
+    tiles: the launch setting swept for this GPU (FWD_HAD_TILES_BY_GPU), else FWD_HAD_TILES."""
+    tiles = tiles or FWD_HAD_TILES_BY_GPU.get(device_name(g0.device), FWD_HAD_TILES)
     return _fwd(g0, up0, xag, bg, sg, xau, bu, su, ad, act, store_h, tiles)
 
 
