@@ -38,6 +38,9 @@ sys.path.insert(0, str(REPO))  # run from a checkout without `pip install -e .`
 from ppalli.plan.memory import ModelSpec, lora_param_count  # noqa: E402  (pure: no torch)
 from ppalli.plan.speed import flops_per_token  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _peers_table import _at_most, _fmt, _ok, _power_table, _table_row, power_summary, reference_ppalli  # noqa: E402
+
 STACKS_PY = Path(__file__).resolve().parent / "_stacks.py"
 SCRATCH = Path("/tmp/ppalli-peers")  # model folders, configs, the peers' caches; never the checkout
 RESULT_PREFIX = "PEERS_RESULT "  # the one line a subprocess prints its result on (peers print a lot)
@@ -92,7 +95,7 @@ class Case:
 
 # BENCHMARKS.md, "Targets": each case holds ppalli's own plan and the peer runs its target is read against.
 CASES = {
-    "T1": Case("Llama-3.1-8B LoRA, H100, ppalli's own plan", "8b", 4, 2048,
+    "T1": Case("Llama-3.1-8B LoRA, ppalli's own plan", "8b", 4, 2048,
                peers=(("unsloth", "off"), ("unsloth", "unsloth"), ("hf", "on"), ("liger", "on"))),
     "T2": Case("Llama-3.1-8B LoRA, memory capped at 24 GiB", "8b", 4, 2048, mem_cap_gib=24.0,
                peers=(("unsloth", "unsloth"),)),
@@ -325,6 +328,9 @@ def run_record(spec: RunSpec, child: dict, flops: float) -> dict:
                 "fast_path_log", "peak_gib", "peak_reserved_gib", "profile"):
         if key in child and key not in record:
             record[key] = child[key]
+    power = power_summary(record)
+    if power:
+        record["power"] = power
     return record
 
 
@@ -332,41 +338,6 @@ def results_doc(case: str, device: str, day: str, versions: dict, runs: list[dic
                 extra: dict | None = None) -> dict:
     return {"device": device, "date": day, "case": case, "title": CASES[case].title, "versions": versions,
             "ceiling_tflops": CEILING_TFLOPS, "flops_per_token": flops, **(extra or {}), "runs": runs}
-
-
-def _ok(run: dict) -> bool:
-    return not run.get("error") and bool(run.get("tokens_per_s"))
-
-
-def reference_ppalli(runs: list[dict]) -> dict | None:
-    """ppalli's own plan (requested 'auto') when it ran, else its fastest run."""
-    mine = [r for r in runs if r["stack"] == "ppalli" and _ok(r)]
-    own = [r for r in mine if r.get("requested", "auto") == "auto"]
-    return max(own or mine, key=lambda r: r["tokens_per_s"], default=None)
-
-
-def _fmt(value, spec: str, none: str = "-") -> str:
-    return none if value is None else format(value, spec)
-
-
-def _ratio(a: float | None, b: float | None) -> str:
-    return f"{a / b:.2f}x" if a and b else "-"
-
-
-def _table_row(run: dict, ref: dict | None) -> str:
-    if not _ok(run):
-        err = str(run.get("error", "no result")).replace("|", "/")[:160]
-        return f"| {run['stack']} | {run['setting']} | {run['batch']}x{run['seq']} | failed: {err} | | | | | | |"
-    ref_tps, ref_peak = (ref["tokens_per_s"], ref["peak_gib"]) if ref else (None, None)
-    loss = f"{_fmt(run.get('loss_first'), '.3f')} -> {_fmt(run.get('loss_last'), '.3f')}"
-    return (f"| {run['stack']} | {run['setting']} | {run['batch']}x{run['seq']} | {run['tokens_per_s']:,.0f} | "
-            f"{_fmt(run.get('step_ms'), '.1f')} | {_fmt(run.get('peak_gib'), '.2f')} | "
-            f"{run['share_of_peak']:.1%} | {loss} | {_ratio(ref_tps, run['tokens_per_s'])} | "
-            f"{_ratio(ref_peak, run.get('peak_gib'))} |")
-
-
-def _at_most(a: float | None, b: float | None) -> bool:
-    return a is not None and b is not None and a <= b
 
 
 def target_line(case: str, runs: list[dict]) -> str | None:
@@ -403,7 +374,7 @@ def markdown(doc: dict) -> str:
             "", "| stack | setting | batch x seq | tokens/s | step ms (median) | peak GiB | share of ceiling | "
                 "loss first -> last | ppalli / this (speed) | ppalli / this (peak) |",
             "|---|---|---|---|---|---|---|---|---|---|"]
-    lines = head + [_table_row(r, ref) for r in runs]
+    lines = head + [_table_row(r, ref) for r in runs] + _power_table(runs)
     target = target_line(doc["case"], runs)
     return "\n".join(lines + ([""] + [target] if target else [])) + "\n"
 

@@ -176,6 +176,24 @@ def test_markdown_ratios_and_target():
     assert "Target T1: NOT met" in missed
 
 
+def test_power_summary_gives_energy_per_token_and_a_table():
+    args = peers.parse_args(["--case", "T4"])
+    spec = next(s for s in peers.run_specs(args) if s.stack == "ppalli")
+    clocks = {"sm_mhz": [1654, 1650, None], "power_w": [600.0, 610.0, None], "power_capped": [1.0, 0.5, None]}
+    child = {"tokens_per_s": 90_000.0, "peak_gib": 17.5, "step_ms": 180.0, "step_ms_all": [180.0, 182.0, 179.0],
+             "step_detail": {"clocks": clocks}, "setting": "plan"}
+    run = peers.run_record(spec, child, peers.model_flops_per_token(peers.LLAMA_32_1B, 2048))
+    tokens = 8 * 2048
+    # the step with no sample is left out; medians of two values are their mean
+    assert run["power"]["mj_per_token"] == pytest.approx((600 * 180 + 610 * 182) / 2 / tokens, rel=1e-3)
+    assert (run["power"]["sm_mhz"], run["power"]["power_w"], run["power"]["power_capped"]) == (1652, 605.0, 0.75)
+    doc = peers.results_doc("T4", "NVIDIA H200", "2026-12-02", {}, [run], 1.0)
+    assert "| ppalli | plan | 1652 | 605 | 75% | 6.68 |" in peers.markdown(doc)
+    del child["step_detail"]
+    bare = peers.run_record(spec, child, 1.0)
+    assert "power" not in bare and "energy" not in peers.markdown({**doc, "runs": [bare]})
+
+
 def test_target_needs_both_runs():
     doc = _t1_doc()
     doc["runs"] = [r for r in doc["runs"] if r["stack"] != "unsloth"]
