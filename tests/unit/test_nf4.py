@@ -40,6 +40,18 @@ def assert_bitwise(got: torch.Tensor, want: torch.Tensor) -> None:
         f"{int((bits(got) != bits(want)).sum())} of {got.numel()} differ; max {diff.max():.3g} mean {diff.mean():.3g}")
 
 
+def assert_bitwise_to_bnb_cpu(got: torch.Tensor, want: torch.Tensor) -> None:
+    """assert_bitwise against bitsandbytes' CPU dequantize, whose two paths disagree on FP4's signed zero
+    (code 0b1000): the AVX-512 one reads +0.0 from bnb's table, as ppalli's CPU path does; the other one
+    writes -0.0 (bnb 0.50.2 on an AMD EPYC without AVX-512, 2026-12-02: 20 of 6144 elements differ, all
+    zeros). The sign of a zero changes no product, so both zeros count as one; every other bit must match.
+    ppalli's CUDA path is held to bnb's CUDA kernel bit for bit, signed zero included (tests/gpu)."""
+    def unsigned_zeros(t):
+        return torch.where(t == 0, torch.zeros_like(t), t)
+
+    assert_bitwise(unsigned_zeros(got), unsigned_zeros(want))
+
+
 def numpy_reference(packed: torch.Tensor, qs, out_dtype=None) -> torch.Tensor:
     """Element by element from bnb's own table and its public nested-absmax dequantize, fp32 numpy math."""
     n = math.prod(qs.shape)
@@ -103,7 +115,7 @@ def test_kernel_and_torch_path_equal_the_reference_bitwise(shape, quant_type, do
 @pytest.mark.parametrize("shape", BNB_CPU_EXACT, ids=str)
 def test_kernel_equals_bitsandbytes_cpu_bitwise(shape, quant_type, double_quant, dtype):
     _, packed, qs = quantized(shape, quant_type, double_quant, dtype)
-    assert_bitwise(dequantize_nf4(packed, qs), F.dequantize_4bit(packed, qs))
+    assert_bitwise_to_bnb_cpu(dequantize_nf4(packed, qs), F.dequantize_4bit(packed, qs))
 
 
 @pytest.mark.parametrize("out_dtype", DTYPES, ids=str)
@@ -124,7 +136,7 @@ def test_every_byte(quant_type):
     qs = _state(torch.tensor([1.5, 3.0, 0.37, 1e-3, 7.5, 2.0**-20, 65000.0, 1.0]), (4, 128), quant_type)
     got = dequantize_nf4(packed, qs)
     assert_bitwise(got, numpy_reference(packed, qs))
-    assert_bitwise(got, F.dequantize_4bit(packed, qs))
+    assert_bitwise_to_bnb_cpu(got, F.dequantize_4bit(packed, qs))
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
@@ -182,7 +194,7 @@ def test_dequantize_weight_of_a_linear4bit(quant_type):
     layer = _linear4bit(quant_type)
     w = dequantize_weight(layer)
     assert w.shape == (48, 128) and w.dtype == torch.float32
-    assert_bitwise(w, F.dequantize_4bit(layer.weight, layer.weight.quant_state))
+    assert_bitwise_to_bnb_cpu(w, F.dequantize_4bit(layer.weight, layer.weight.quant_state))
 
 
 def test_dequantize_weight_through_a_peft_layer():
