@@ -155,3 +155,18 @@ def test_bf16_matches_fp32_within_rounding():
         # bf16 inputs are rounded once (2**-8 relative) before every product: 2e-2 of the largest value
         err = (got.float() - ref).abs().max() / ref.abs().max()
         assert err < 2e-2, f"{name}: {err:.2e}"
+
+
+def test_fwd_had_takes_the_setting_swept_for_this_gpu(monkeypatch):
+    # The launch setting is looked up by the device's name: the H200's own sweep, else the H100's setting.
+    from ppalli.kernels import lora_glu as mod
+
+    seen = []
+    monkeypatch.setattr(mod, "_fwd", lambda *args: seen.append(args[-1]) or (None, None))
+    t = _inputs(8, 64, 16)
+    call = (t["g0"], t["u0"], t["xag"], t["bg"], 1.0, t["xau"], t["bu"], 1.0, t["ad"])
+    for name in ("NVIDIA H200", "NVIDIA H100 80GB HBM3", ""):
+        monkeypatch.setattr(mod, "device_name", lambda device, name=name: name)
+        lora_glu_fwd_had(*call)
+    lora_glu_fwd_had(*call, tiles=Tiles(16, 64, 4))  # a setting asked for wins
+    assert seen == [Tiles(32, 64, 2, 16), mod.FWD_HAD_TILES, mod.FWD_HAD_TILES, Tiles(16, 64, 4)]
