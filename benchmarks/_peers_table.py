@@ -6,18 +6,18 @@ from __future__ import annotations
 import statistics
 
 
-def _ok(run: dict) -> bool:
+def ok(run: dict) -> bool:
     return not run.get("error") and bool(run.get("tokens_per_s"))
 
 
 def reference_ppalli(runs: list[dict]) -> dict | None:
     """ppalli's own plan (requested 'auto') when it ran, else its fastest run."""
-    mine = [r for r in runs if r["stack"] == "ppalli" and _ok(r)]
+    mine = [r for r in runs if r["stack"] == "ppalli" and ok(r)]
     own = [r for r in mine if r.get("requested", "auto") == "auto"]
     return max(own or mine, key=lambda r: r["tokens_per_s"], default=None)
 
 
-def _fmt(value, spec: str, none: str = "-") -> str:
+def fmt(value, spec: str, none: str = "-") -> str:
     return none if value is None else format(value, spec)
 
 
@@ -25,20 +25,16 @@ def _ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}x" if a and b else "-"
 
 
-def _table_row(run: dict, ref: dict | None) -> str:
-    if not _ok(run):
+def table_row(run: dict, ref: dict | None) -> str:
+    if not ok(run):
         err = str(run.get("error", "no result")).replace("|", "/")[:160]
         return f"| {run['stack']} | {run['setting']} | {run['batch']}x{run['seq']} | failed: {err} | | | | | | |"
     ref_tps, ref_peak = (ref["tokens_per_s"], ref["peak_gib"]) if ref else (None, None)
-    loss = f"{_fmt(run.get('loss_first'), '.3f')} -> {_fmt(run.get('loss_last'), '.3f')}"
+    loss = f"{fmt(run.get('loss_first'), '.3f')} -> {fmt(run.get('loss_last'), '.3f')}"
     return (f"| {run['stack']} | {run['setting']} | {run['batch']}x{run['seq']} | {run['tokens_per_s']:,.0f} | "
-            f"{_fmt(run.get('step_ms'), '.1f')} | {_fmt(run.get('peak_gib'), '.2f')} | "
+            f"{fmt(run.get('step_ms'), '.1f')} | {fmt(run.get('peak_gib'), '.2f')} | "
             f"{run['share_of_peak']:.1%} | {loss} | {_ratio(ref_tps, run['tokens_per_s'])} | "
             f"{_ratio(ref_peak, run.get('peak_gib'))} |")
-
-
-def _at_most(a: float | None, b: float | None) -> bool:
-    return a is not None and b is not None and a <= b
 
 
 def power_summary(run: dict) -> dict | None:
@@ -60,9 +56,9 @@ def power_summary(run: dict) -> dict | None:
             "power_capped": round(statistics.fmean(capped), 2), "mj_per_token": round(statistics.median(mj), 3)}
 
 
-def _power_table(runs: list[dict]) -> list[str]:
+def power_table(runs: list[dict]) -> list[str]:
     """Clock, power and energy per token of the runs that logged them (power_summary), else nothing."""
-    rows = [(r, r["power"]) for r in runs if _ok(r) and r.get("power")]
+    rows = [(r, r["power"]) for r in runs if ok(r) and r.get("power")]
     if not rows:
         return []
     lines = ["", "Medians over the timed steps (nvidia-smi beside them); energy per token = a step's power x its "

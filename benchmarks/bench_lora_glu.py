@@ -43,7 +43,6 @@ BWD = [Tiles(16, 64, 4, 8), Tiles(16, 64, 4, 16), Tiles(16, 64, 4, 4), Tiles(32,
        Tiles(32, 64, 8, 8), Tiles(32, 128, 8, 8), Tiles(16, 64, 2, 8), Tiles(16, 32, 2, 8), Tiles(16, 64, 4, 8, 4)]
 
 
-
 def _gbps(passes: int, n: int, i: int, ms: float) -> float:
     return passes * n * i * 2 / ms / 1e6
 

@@ -39,7 +39,7 @@ from ppalli.plan.memory import ModelSpec, lora_param_count  # noqa: E402  (pure:
 from ppalli.plan.speed import flops_per_token  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _peers_table import _at_most, _fmt, _ok, _power_table, _table_row, power_summary, reference_ppalli  # noqa: E402
+from _peers_table import fmt, ok, power_summary, power_table, reference_ppalli, table_row  # noqa: E402
 
 STACKS_PY = Path(__file__).resolve().parent / "_stacks.py"
 SCRATCH = Path("/tmp/ppalli-peers")  # model folders, configs, the peers' caches; never the checkout
@@ -340,13 +340,17 @@ def results_doc(case: str, device: str, day: str, versions: dict, runs: list[dic
             "ceiling_tflops": CEILING_TFLOPS, "flops_per_token": flops, **(extra or {}), "runs": runs}
 
 
+def _at_most(a: float | None, b: float | None) -> bool:
+    return a is not None and b is not None and a <= b
+
+
 def target_line(case: str, runs: list[dict]) -> str | None:
     """BENCHMARKS.md's target of this case, read off these runs: the figures and whether they meet it."""
     target = TARGETS_BY_CASE.get(case)
     if target is None:
         return None
     ref = reference_ppalli(runs)
-    peers = [r for r in runs if r["stack"] == "unsloth" and _ok(r) and target.peer_gc in (None, r.get("gc"))]
+    peers = [r for r in runs if r["stack"] == "unsloth" and ok(r) and target.peer_gc in (None, r.get("gc"))]
     peer = max(peers, key=lambda r: r["tokens_per_s"], default=None)
     if ref is None or peer is None:
         return f"Target {case}: not read (needs a ppalli run and an Unsloth run that both finished)."
@@ -354,10 +358,10 @@ def target_line(case: str, runs: list[dict]) -> str | None:
     checks = [(f"{ratio:.2f}x Unsloth ({peer['setting']}), target >= {target.speed}x", ratio >= target.speed)]
     mine, theirs = ref.get("peak_gib"), peer.get("peak_gib")
     if target.max_peak_gib is not None:
-        checks.append((f"peak {_fmt(mine, '.1f')} GiB, target <= {target.max_peak_gib:g}",
+        checks.append((f"peak {fmt(mine, '.1f')} GiB, target <= {target.max_peak_gib:g}",
                        _at_most(mine, target.max_peak_gib)))
     if target.peak_at_most_peer:
-        checks.append((f"peak {_fmt(mine, '.1f')} GiB vs Unsloth's {_fmt(theirs, '.1f')}", _at_most(mine, theirs)))
+        checks.append((f"peak {fmt(mine, '.1f')} GiB vs Unsloth's {fmt(theirs, '.1f')}", _at_most(mine, theirs)))
     verdict = "met" if all(ok for _, ok in checks) else "NOT met"
     return f"Target {case}: {verdict} - " + "; ".join(text for text, _ in checks) + "."
 
@@ -374,7 +378,7 @@ def markdown(doc: dict) -> str:
             "", "| stack | setting | batch x seq | tokens/s | step ms (median) | peak GiB | share of ceiling | "
                 "loss first -> last | ppalli / this (speed) | ppalli / this (peak) |",
             "|---|---|---|---|---|---|---|---|---|---|"]
-    lines = head + [_table_row(r, ref) for r in runs] + _power_table(runs)
+    lines = head + [table_row(r, ref) for r in runs] + power_table(runs)
     target = target_line(doc["case"], runs)
     return "\n".join(lines + ([""] + [target] if target else [])) + "\n"
 
@@ -496,9 +500,9 @@ def ensure_folder(spec: RunSpec, env: dict, logs: Path, timeout: int, cache: dic
 
 
 def _summary(spec: RunSpec, rec: dict) -> str:
-    if not _ok(rec):
+    if not ok(rec):
         return f"[{spec.case}] {spec.label()}: FAILED {str(rec.get('error'))[:300]}"
-    return (f"[{spec.case}] {spec.label()}: {rec['tokens_per_s']:,.0f} tok/s, peak {_fmt(rec['peak_gib'], '.2f')} GiB, "
+    return (f"[{spec.case}] {spec.label()}: {rec['tokens_per_s']:,.0f} tok/s, peak {fmt(rec['peak_gib'], '.2f')} GiB, "
             f"{rec['share_of_peak']:.1%} of ceiling, loss {rec['loss_first']:.3f} -> {rec['loss_last']:.3f} "
             f"({rec.get('wall_s', '?')} s)")
 
@@ -568,7 +572,7 @@ def main(argv: list[str] | None = None) -> int:
     json_path, md_path = write_results(doc, args.out)
     print(markdown(doc))
     print(f"wrote {json_path} and {md_path} ({doc['total_s']} s)")
-    return 0 if any(_ok(r) for r in doc["runs"]) else 1
+    return 0 if any(ok(r) for r in doc["runs"]) else 1
 
 
 if __name__ == "__main__":

@@ -165,18 +165,18 @@ def _device_name(device_index: int) -> str:
     return torch.cuda.get_device_name(device_index)
 
 
+def _cuda_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def device_name(device: torch.device) -> str:
     """The CUDA device's name ("NVIDIA H200"), for launch settings swept per GPU; "" off CUDA."""
-    if device.type != "cuda":
-        return ""
-    return _device_name(device.index if device.index is not None else torch.cuda.current_device())
+    return _device_name(_cuda_index(device)) if device.type == "cuda" else ""
 
 
 def program_count(device: torch.device) -> int:
     """Persistent programs for kernels that loop over rows: one per SM; a few under the interpreter."""
-    if device.type != "cuda":
-        return 4
-    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return _sm_count(_cuda_index(device)) if device.type == "cuda" else 4
 
 
 def flat_same_shape(*tensors: torch.Tensor) -> list[torch.Tensor]:
