@@ -40,20 +40,28 @@ def table_row(run: dict, ref: dict | None) -> str:
 def power_summary(run: dict) -> dict | None:
     """Medians over the timed steps of the SM clock (MHz) and power (W) nvidia-smi read beside them, the share
     of samples under the software power cap, and the energy per token (mJ: a step's power x its time over
-    its tokens). On the H200 (2026-12-02) every stack ran at the 700 W cap in every step, so a stack's speed
-    there follows its energy per token: two stacks' ratio is read beside these. None without clock samples."""
+    its tokens; from the instant power where it was logged, the 1 s average lags a step). On the H200
+    (2026-12-02) every stack ran at the 700 W cap in every step, so a stack's speed there follows its energy
+    per token: two stacks' ratio is read beside these. None without clock samples."""
     clocks, steps = (run.get("step_detail") or {}).get("clocks"), run.get("step_ms_all")
     if not clocks or not steps:
         return None
     tokens = run["batch"] * run["seq"]
-    rows = [(mhz, w, cap, w * ms / tokens)  # W x ms = mJ
-            for mhz, w, cap, ms in zip(clocks["sm_mhz"], clocks["power_w"], clocks["power_capped"], steps)
+    instant = clocks.get("power_instant_w") or [None] * len(steps)
+    rows = [(mhz, w, cap, (iw or w) * ms / tokens)  # W x ms = mJ
+            for mhz, w, cap, iw, ms in zip(clocks["sm_mhz"], clocks["power_w"], clocks["power_capped"], instant,
+                                           steps)
             if w is not None]  # None: no sample fell inside that step
     if not rows:
         return None
     mhz, watts, capped, mj = zip(*rows)
-    return {"sm_mhz": statistics.median(mhz), "power_w": round(statistics.median(watts), 1),
-            "power_capped": round(statistics.fmean(capped), 2), "mj_per_token": round(statistics.median(mj), 3)}
+    out = {"sm_mhz": statistics.median(mhz), "power_w": round(statistics.median(watts), 1),
+           "power_capped": round(statistics.fmean(capped), 2), "mj_per_token": round(statistics.median(mj), 3)}
+    for key in ("power_instant_w", "temp_c"):  # logged from 2026-12-02's seventh session on
+        values = [v for v in clocks.get(key) or [] if v is not None]
+        if values:
+            out[key] = round(statistics.median(values), 1)
+    return out
 
 
 def power_table(runs: list[dict]) -> list[str]:
@@ -63,7 +71,12 @@ def power_table(runs: list[dict]) -> list[str]:
         return []
     lines = ["", "Medians over the timed steps (nvidia-smi beside them); energy per token = a step's power x its "
              "time / its tokens.", "",
-             "| stack | setting | SM MHz | power W | steps at the power cap | energy mJ / token |",
-             "|---|---|---|---|---|---|"]
+             "| stack | setting | SM MHz | power W (1 s average) | instant W | GPU C | steps at the power cap | "
+             "energy mJ / token |", "|---|---|---|---|---|---|---|---|"]
     return lines + [f"| {r['stack']} | {r['setting']} | {p['sm_mhz']:.0f} | {p['power_w']:.0f} | "
-                    f"{p['power_capped']:.0%} | {p['mj_per_token']:.2f} |" for r, p in rows]
+                    f"{_opt(p.get('power_instant_w'))} | {_opt(p.get('temp_c'))} | {p['power_capped']:.0%} | "
+                    f"{p['mj_per_token']:.2f} |" for r, p in rows]
+
+
+def _opt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"

@@ -266,7 +266,12 @@ class GCTimer:
 
 
 SMI_FIELDS = "timestamp,clocks.sm,power.draw,clocks_event_reasons.active"
+# Read beside them when this nvidia-smi knows them (probed once): power.draw is a 1 s average that lags a
+# 180 ms step (T4 on the H200, 2026-12-02: 421 -> 697 W over 8 steps that all ran capped), the instant
+# reading does not; the die and HBM temperatures show whether a run is still heating up.
+SMI_EXTRA = "power.draw.instant,temperature.gpu,temperature.memory"
 SW_POWER_CAP = 0x4  # nvidia-smi's clocks_event_reasons bit for the software power cap
+TRACE_PERIOD_S = 0.5  # the run's whole nvidia-smi log, thinned to one sample per this many seconds
 
 
 class ClockLog:
@@ -276,9 +281,16 @@ class ClockLog:
     ppalli's T4 steps spread 182-200 ms where Unsloth's did not: per_step_clocks says which steps ran slower."""
 
     def __init__(self, path: Path, device_index: int = 0, period_ms: int = 50):
-        self.path = path
-        self._cmd = ["nvidia-smi", f"--query-gpu={SMI_FIELDS}", "--format=csv,noheader,nounits",
-                     "-lms", str(period_ms), "-i", str(device_index)]  # as run on the H100 (-lms 100)
+        self.path, self.device_index, self.period_ms = path, device_index, period_ms
+
+    def _command(self) -> list[str]:
+        """nvidia-smi's sampling command, with SMI_EXTRA when a one-shot query of it succeeds."""
+        fields = f"{SMI_FIELDS},{SMI_EXTRA}"
+        probe = subprocess.run(["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader,nounits", "-i",
+                                str(self.device_index)], capture_output=True, text=True, timeout=30, check=False)
+        fields = fields if probe.returncode == 0 else SMI_FIELDS
+        return ["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader,nounits", "-lms", str(self.period_ms),
+                "-i", str(self.device_index)]  # as run on the H100 (-lms 100)
 
     @contextlib.contextmanager
     def active(self):
@@ -287,8 +299,8 @@ class ClockLog:
             return
         with open(self.path, "w", encoding="utf-8") as out:
             try:
-                proc = subprocess.Popen(self._cmd, stdout=out, stderr=subprocess.DEVNULL)
-            except OSError:  # a log, not the measurement: the run goes on without it
+                proc = subprocess.Popen(self._command(), stdout=out, stderr=subprocess.DEVNULL)
+            except (OSError, subprocess.SubprocessError):  # a log, not the measurement: the run goes on without it
                 yield self
                 return
             try:
@@ -298,24 +310,49 @@ class ClockLog:
                 proc.terminate()
                 proc.wait(timeout=10)
 
-    def samples(self) -> list[tuple[float, float, float, int]]:
-        """(wall time s, SM MHz, W, reasons bit mask) per sample; lines nvidia-smi could not fill are skipped."""
+    def samples(self) -> list[tuple]:
+        """(wall time s, SM MHz, W (1 s average), reasons bit mask, instant W, GPU C, HBM C) per sample, the
+        last three None where nvidia-smi gave none; lines without the first four are skipped."""
         out = []
         text = self.path.read_text(encoding="utf-8") if self.path.exists() else ""
         for line in text.splitlines():
             parts = [p.strip() for p in line.split(",")]
             try:
                 t = datetime.strptime(parts[0], "%Y/%m/%d %H:%M:%S.%f").timestamp()
-                out.append((t, float(parts[1]), float(parts[2]), int(parts[3], 16)))
+                base = (t, float(parts[1]), float(parts[2]), int(parts[3], 16))
             except (ValueError, IndexError):
                 continue
+            out.append(base + tuple(_number(p) for p in (parts[4:7] + [""] * 3)[:3]))
         return out
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:  # "[N/A]", or the field was not asked for
+        return None
+
+
+def _mean(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.fmean(values) if values else None
+
+
+def clock_trace(samples: list, start: float) -> dict:
+    """The log thinned to one sample per TRACE_PERIOD_S from `start` (wall s): seconds, SM MHz, instant W
+    (else the 1 s average) and GPU / HBM C, to see when a run's clock settles."""
+    rows, next_t = [], start
+    for s in samples:
+        if s[0] >= next_t:
+            rows.append((round(s[0] - start, 2), s[1], s[4] if s[4] is not None else s[2], s[5], s[6]))
+            next_t = s[0] + TRACE_PERIOD_S
+    return {k: [r[i] for r in rows] for i, k in enumerate(("s", "sm_mhz", "power_w", "temp_c", "hbm_temp_c"))}
 
 
 def per_step_clocks(windows: list[tuple[float, float]], samples: list) -> dict:
     """Per step (wall-time window start, end): mean SM MHz, mean W and the share of samples at the software
     power cap, over the samples inside the window (None where none fell inside)."""
-    out = {"sm_mhz": [], "power_w": [], "power_capped": []}
+    out = {"sm_mhz": [], "power_w": [], "power_capped": [], "power_instant_w": [], "temp_c": []}
     for start, end in windows:
         inside = [s for s in samples if start <= s[0] <= end]
         if not inside:
@@ -325,6 +362,11 @@ def per_step_clocks(windows: list[tuple[float, float]], samples: list) -> dict:
         out["sm_mhz"].append(round(statistics.fmean(s[1] for s in inside)))
         out["power_w"].append(round(statistics.fmean(s[2] for s in inside), 1))
         out["power_capped"].append(round(sum(bool(s[3] & SW_POWER_CAP) for s in inside) / len(inside), 2))
+        instant, temp = _mean(s[4] for s in inside), _mean(s[5] for s in inside)
+        out["power_instant_w"].append(None if instant is None else round(instant, 1))
+        out["temp_c"].append(None if temp is None else round(temp, 1))
+    if all(v is None for v in out["power_instant_w"] + out["temp_c"]):  # an nvidia-smi without SMI_EXTRA
+        del out["power_instant_w"], out["temp_c"]
     return out
 
 
@@ -340,15 +382,15 @@ def timed_steps(step: Callable, batches: list, device: str, clocks: ClockLog | N
     """(losses, per-step ms, total seconds, per-step host detail): on CUDA, events around each step read after
     one final sync; on the CPU, wall time. The detail, per step: host_ms, the time the host took to launch it
     (it runs ahead of the device unless something syncs, so a long one points at a sync or a host stall),
-    gc_ms and gc_full (GCTimer), and on CUDA the change of each ALLOC_COUNTERS entry and, with `clocks`, each
-    step's mean SM clock, power and share of samples at the power cap (per_step_clocks)."""
+    gc_ms and gc_full (GCTimer), and on CUDA the change of each ALLOC_COUNTERS entry and, with `clocks` (its
+    sampler active around the call), each step's mean SM clock, power and share of samples at the power cap
+    (per_step_clocks)."""
     cuda = device == "cuda"
     _sync(device)
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in batches] \
         if cuda else []
     losses, stamps, counts, gcs = [], [time.perf_counter()], [_alloc_counts()] if cuda else [], []
-    sampling = clocks.active() if cuda and clocks is not None else contextlib.nullcontext()
-    with sampling, GCTimer().active() as timer:
+    with GCTimer().active() as timer:
         for i, b in enumerate(batches):
             if cuda:
                 events[i][0].record()
@@ -369,6 +411,20 @@ def timed_steps(step: Callable, batches: list, device: str, clocks: ClockLog | N
     if clocks is not None:
         detail["clocks"] = per_step_clocks(_step_windows(events, end_wall), clocks.samples())
     return losses, ms, events[0][0].elapsed_time(events[-1][1]) / 1e3, detail
+
+
+def warm_up(step: Callable, batches: list, seconds: float = 0.0) -> tuple[list, int]:
+    """The untimed steps: each batch once, then round the batches again until `seconds` have passed since the
+    first began (host time, which runs at most a step or two ahead of the device). -> (the first round's
+    losses, the steps run). A capped GPU settles over seconds: the H200's clock fell 1864 -> 1600 MHz over
+    T4's 8 timed steps after 3 warm-up steps (2026-12-02), so a short warm-up times a transient."""
+    t0 = time.perf_counter()
+    losses = [step(*b) for b in batches]
+    n = len(batches)
+    while batches and time.perf_counter() - t0 < seconds:
+        step(*batches[n % len(batches)])
+        n += 1
+    return losses, n
 
 
 PROFILED_STEPS = 4  # T4's slow step came every 3-5 steps (2026-11-25): two steps may miss it
@@ -471,9 +527,15 @@ def run(spec: dict, out: dict) -> None:
     step = functools.partial(train_step, built, opt)
     _reset_peak(device)
     with built.loop(), tempfile.TemporaryDirectory() as tmp:
-        warm = [step(*b) for b in batches[:spec["warmup"]]]
+        # The sampler runs from before the warm-up on: its start (a 0.2 s wait) leaves no idle gap, and so no
+        # cooler, faster first steps, between the warm-up and the timed steps.
         clocks = ClockLog(Path(tmp) / "smi.csv", torch.cuda.current_device()) if device == "cuda" else None
-        losses, ms, seconds, detail = timed_steps(step, batches[spec["warmup"]:], device, clocks)
+        with clocks.active() if clocks is not None else contextlib.nullcontext():
+            start = time.time()
+            warm, out["warmup_steps"] = warm_up(step, batches[:spec["warmup"]], spec.get("warmup_s", 0.0))
+            losses, ms, seconds, detail = timed_steps(step, batches[spec["warmup"]:], device, clocks)
+        if clocks is not None:
+            detail["trace"] = clock_trace(clocks.samples(), start)
     out.update(_peaks(device))
     losses = [round(float(x), 5) for x in warm + losses]
     tokens = spec["steps"] * spec["batch"] * spec["seq"]

@@ -135,6 +135,7 @@ class RunSpec:
     steps: int
     warmup: int
     seed: int
+    warmup_s: float = 0.0  # the warm-up goes on, round its batches, until this many seconds have passed
     mem_cap_gib: float | None = None
     ppalli: dict = field(default_factory=dict)  # parsed --ppalli-setting; "requested" keeps the text
     model_config: dict = field(default_factory=dict)
@@ -205,6 +206,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results", help="results folder")
     p.add_argument("--steps", type=int, default=8, help="timed steps")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (kernel autotuning, compiles)")
+    p.add_argument("--warmup-s", type=float, default=0.0,
+                   help="keep warming up (round the warm-up batches) until this many seconds have passed: a GPU at "
+                        "its power cap settles over seconds, so this times the steady state a long run sees")
     p.add_argument("--model", choices=list(MODELS),
                    help="8b (Llama-3.1-8B), 1b (Llama-3.2-1B), tiny (a plumbing check on a CPU); default: the case's")
     p.add_argument("--batch", type=int, help="sequences per step (default: the case's)")
@@ -227,8 +231,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--peer-site", type=Path, default=Path("/tmp/peer-site"),
                    help="the peers' site-packages, put first on the subprocesses' PYTHONPATH")
     args = p.parse_args(argv)
-    if args.steps < 1 or args.warmup < 0:
-        p.error("--steps must be >= 1 and --warmup >= 0")
+    if args.steps < 1 or args.warmup < 0 or args.warmup_s < 0:
+        p.error("--steps must be >= 1, --warmup and --warmup-s >= 0")
+    if args.warmup_s > 0 and args.warmup < 1:
+        p.error("--warmup-s repeats the warm-up batches: give --warmup >= 1")
     args.ppalli_setting = args.ppalli_setting or [parse_ppalli_setting("auto")]
     args.profile = _stack_list(args.profile) if args.profile else []
     return args
@@ -243,7 +249,7 @@ def run_specs(args: argparse.Namespace) -> list[RunSpec]:
     name = args.model or case.model
     base = RunSpec(case=args.case, stack="ppalli", gc="plan", model=name, batch=args.batch or case.batch,
                    seq=args.seq or case.seq, quant=args.quant or case.quant, steps=args.steps, warmup=args.warmup,
-                   seed=args.seed, model_config=MODELS[name][1],
+                   warmup_s=args.warmup_s, seed=args.seed, model_config=MODELS[name][1],
                    mem_cap_gib=args.mem_cap_gib if args.mem_cap_gib is not None else case.mem_cap_gib)
     specs = [replace(base, ppalli=s) for s in args.ppalli_setting] if "ppalli" in args.stacks else []
     pairs = [(stack, args.gc or gc) for stack, gc in case.peers]
@@ -316,7 +322,9 @@ def run_record(spec: RunSpec, child: dict, flops: float) -> dict:
     """One entry of results.runs: BENCHMARKS.md's fields first, then what explains them."""
     record = {"case": spec.case, "stack": spec.stack, "setting": child.get("setting") or spec.label(),
               "model": MODELS[spec.model][0], "batch": spec.batch, "seq": spec.seq, "quant": spec.quant,
-              "gc": spec.gc, "mem_cap_gib": spec.mem_cap_gib}
+              "gc": spec.gc, "mem_cap_gib": spec.mem_cap_gib,
+              "timing": {"warmup_steps": child.get("warmup_steps", spec.warmup), "warmup_s": spec.warmup_s,
+                         "timed_steps": spec.steps}}
     if spec.stack == "ppalli":
         record["requested"] = spec.ppalli.get("requested", "auto")
     tps = child.get("tokens_per_s")
@@ -366,6 +374,17 @@ def target_line(case: str, runs: list[dict]) -> str | None:
     return f"Target {case}: {verdict} - " + "; ".join(text for text, _ in checks) + "."
 
 
+def timing_line(runs: list[dict]) -> str:
+    """How the runs were timed: the warm-up (steps, and the seconds it was held to) and the timed steps."""
+    parts = []
+    for r in runs:
+        t = r.get("timing")
+        if t:
+            held = f", held to {t['warmup_s']:g} s" if t.get("warmup_s") else ""
+            parts.append(f"{r['stack']} {t['warmup_steps']} warm-up steps{held}, then {t['timed_steps']} timed")
+    return "Timing: " + ("; ".join(parts) if parts else "not recorded") + "."
+
+
 def markdown(doc: dict) -> str:
     runs, ref = doc["runs"], reference_ppalli(doc["runs"])
     versions = ", ".join(f"{k} {v}" for k, v in doc["versions"].items() if v)
@@ -375,6 +394,7 @@ def markdown(doc: dict) -> str:
             f"AdamW; model FLOPs per token {doc['flops_per_token'] / 1e9:.2f} G (4*N_matmul + 12*L*d*s + "
             f"6*N_lora, no recompute); share of the measured {doc['ceiling_tflops']:g} TFLOP/s bf16 ceiling. "
             "Ratios: ppalli's own plan over each run (speed: tokens/s; peak: GiB, lower is better for ppalli).",
+            "", timing_line(runs),
             "", "| stack | setting | batch x seq | tokens/s | step ms (median) | peak GiB | share of ceiling | "
                 "loss first -> last | ppalli / this (speed) | ppalli / this (peak) |",
             "|---|---|---|---|---|---|---|---|---|---|"]

@@ -188,10 +188,30 @@ def test_power_summary_gives_energy_per_token_and_a_table():
     assert run["power"]["mj_per_token"] == pytest.approx((600 * 180 + 610 * 182) / 2 / tokens, rel=1e-3)
     assert (run["power"]["sm_mhz"], run["power"]["power_w"], run["power"]["power_capped"]) == (1652, 605.0, 0.75)
     doc = peers.results_doc("T4", "NVIDIA H200", "2026-12-02", {}, [run], 1.0)
-    assert "| ppalli | plan | 1652 | 605 | 75% | 6.68 |" in peers.markdown(doc)
+    assert "| ppalli | plan | 1652 | 605 | - | - | 75% | 6.68 |" in peers.markdown(doc)
+    assert "Timing: ppalli 3 warm-up steps, then 8 timed." in peers.markdown(doc)
+    # with the instant power logged, the energy comes from it (the 1 s average lags a step) and both are shown
+    clocks.update(power_instant_w=[690.0, 700.0, None], temp_c=[60.0, 62.0, None])
+    run = peers.run_record(spec, {**child, "warmup_steps": 57}, 1.0)
+    assert run["power"]["mj_per_token"] == pytest.approx((690 * 180 + 700 * 182) / 2 / tokens, rel=1e-3)
+    assert (run["power"]["power_instant_w"], run["power"]["temp_c"]) == (695.0, 61.0)
+    md = peers.markdown({**doc, "runs": [run]})
+    assert "| ppalli | plan | 1652 | 605 | 695 | 61 | 75% | 7.68 |" in md
+    assert "ppalli 57 warm-up steps, then 8 timed" in md
     del child["step_detail"]
     bare = peers.run_record(spec, child, 1.0)
     assert "power" not in bare and "energy" not in peers.markdown({**doc, "runs": [bare]})
+
+
+def test_warmup_seconds_need_warmup_batches_and_reach_the_runs():
+    args = peers.parse_args(["--case", "T4", "--warmup", "5", "--warmup-s", "20", "--steps", "100"])
+    assert {(s.warmup, s.warmup_s, s.steps) for s in peers.run_specs(args)} == {(5, 20.0, 100)}
+    run = peers.run_record(peers.run_specs(args)[0], {"warmup_steps": 111}, 1.0)
+    assert run["timing"] == {"warmup_steps": 111, "warmup_s": 20.0, "timed_steps": 100}
+    assert "ppalli 111 warm-up steps, held to 20 s, then 100 timed" in peers.timing_line([run])
+    for bad in (["--warmup", "0", "--warmup-s", "5"], ["--warmup-s", "-1"]):
+        with pytest.raises(SystemExit):
+            peers.parse_args(["--case", "T4", *bad])
 
 
 def test_target_needs_both_runs():
