@@ -4,16 +4,20 @@
 # Needs .peers/ carried (../shared/tools/peer-site.sh .peers), and .gpu-data/ for the tests that read the
 # shared data (tests/gpu/test_convergence_gpu.py; skipped without it). A call has 10 minutes: about 3 for the
 # tests, 2.5-4 per case (T1 with all its peers ~4; `--stacks ppalli,unsloth --gc off` halves it).
-#   bash benchmarks/gpu_targets.sh OUT_DIR [tests] [gemm] [T1|T2|T3|T3-8.8|T4 ...]
+#   bash benchmarks/gpu_targets.sh OUT_DIR [tests] [gemm] [T1|T2|T3|T3-8.8|T4[-steady[-rev]] ...]
 # gemm: benchmarks/bench_gemm.py, the step's base GEMMs shape by shape (~1 min).
 # T3-8.8 is T3 with ppalli planned to an 8.8 GiB budget (peak under Unsloth QLoRA's 8.06 GiB).
+# CASE-steady: the warm-up held to 20 s and ~20 s of timed steps, the clock a long run settles at (a capped
+# H200 falls from 1864 to ~1600 MHz over the default 3 + 8 steps), into OUT_DIR/steady; -rev runs Unsloth
+# first, then ppalli (--append), into OUT_DIR/rev, to see what the order does. ~1 min a stack more.
 set -uo pipefail
 out=${1:?OUT_DIR}; shift
 export PYTHONPATH=/tmp/peer-site${PYTHONPATH:+:$PYTHONPATH}
 [ -d /tmp/peer-site ] || tar xzf .peers/site.tgz -C /tmp
 [ $# -gt 0 ] || set -- tests T3-8.8 T2
 for what in "$@"; do
-  case $what in tests|gemm|T1|T2|T3|T3-8.8|T4) ;; *) echo "unknown: $what (tests, gemm, T1, T2, T3, T3-8.8, T4)" >&2; exit 2 ;; esac
+  case $what in tests|gemm|T1|T2|T3|T3-8.8|T4|T1-steady*|T2-steady*|T4-steady*) ;;
+    *) echo "unknown: $what (tests, gemm, T1, T2, T3, T3-8.8, T4, T1/T2/T4-steady[-rev])" >&2; exit 2 ;; esac
 done
 for what in "$@"; do
   t0=$SECONDS
@@ -26,6 +30,15 @@ for what in "$@"; do
     T3-8.8) python3 benchmarks/peers.py --case T3 --ppalli-setting budget=8.8 --stacks ppalli,unsloth --out "$out" \
               --timeout 200 ;;
     T2|T3|T4) python3 benchmarks/peers.py --case "$what" --stacks ppalli,unsloth --out "$out" --timeout 200 ;;
+    *-steady*)
+      c=${what%%-*}; steps=$(case $c in T1) echo 42;; T2) echo 34;; *) echo 110;; esac)  # ~20 s of steps each
+      gc=$([ "$c" = T2 ] || echo "--gc off"); long="--warmup-s 20 --steps $steps --timeout 260"
+      if [ "$what" = "$c-steady" ]; then
+        python3 benchmarks/peers.py --case "$c" $gc --stacks ppalli,unsloth --out "$out/steady" $long
+      else
+        python3 benchmarks/peers.py --case "$c" $gc --stacks unsloth --out "$out/rev" $long
+        python3 benchmarks/peers.py --case "$c" $gc --stacks ppalli --out "$out/rev" --append $long
+      fi ;;
   esac 2>&1 | grep -E "^\[T|^Target|passed|failed|error|TFLOP" 
   echo "$what: $((SECONDS - t0)) s"
 done
