@@ -413,14 +413,17 @@ def timed_steps(step: Callable, batches: list, device: str, clocks: ClockLog | N
     return losses, ms, events[0][0].elapsed_time(events[-1][1]) / 1e3, detail
 
 
-def warm_up(step: Callable, batches: list, seconds: float = 0.0) -> tuple[list, int]:
-    """The untimed steps: each batch once, then round the batches again until `seconds` have passed since the
-    first began (host time, which runs at most a step or two ahead of the device). -> (the first round's
-    losses, the steps run). A capped GPU settles over seconds: the H200's clock fell 1864 -> 1600 MHz over
-    T4's 8 timed steps after 3 warm-up steps (2026-12-02), so a short warm-up times a transient."""
-    t0 = time.perf_counter()
+def warm_up(step: Callable, batches: list, seconds: float = 0.0, sync: Callable = lambda: None
+            ) -> tuple[list, int]:
+    """The untimed steps: each batch once, then round the batches again until `seconds` have passed since that
+    first round ended (`sync` waits for the device; the rounds after it are timed on the host, which runs at
+    most a step or two ahead). -> (the first round's losses, the steps run). The first round compiles and
+    autotunes with the GPU idle (T4 on the H200, 2026-12-02: ~10 s for ppalli, ~28 s for Unsloth), then a
+    capped GPU settles over seconds: its clock fell 1864 -> 1600 MHz over T4's 8 timed steps after 3 warm-up
+    steps, so a short warm-up times a transient."""
     losses = [step(*b) for b in batches]
-    n = len(batches)
+    sync()
+    t0, n = time.perf_counter(), len(batches)
     while batches and time.perf_counter() - t0 < seconds:
         step(*batches[n % len(batches)])
         n += 1
@@ -532,7 +535,8 @@ def run(spec: dict, out: dict) -> None:
         clocks = ClockLog(Path(tmp) / "smi.csv", torch.cuda.current_device()) if device == "cuda" else None
         with clocks.active() if clocks is not None else contextlib.nullcontext():
             start = time.time()
-            warm, out["warmup_steps"] = warm_up(step, batches[:spec["warmup"]], spec.get("warmup_s", 0.0))
+            warm, out["warmup_steps"] = warm_up(step, batches[:spec["warmup"]], spec.get("warmup_s", 0.0),
+                                                functools.partial(_sync, device))
             losses, ms, seconds, detail = timed_steps(step, batches[spec["warmup"]:], device, clocks)
         if clocks is not None:
             detail["trace"] = clock_trace(clocks.samples(), start)

@@ -83,8 +83,10 @@ def test_warm_up_runs_each_batch_then_goes_round_until_the_seconds_pass():
     losses, n = _stacks.warm_up(step, [(1,), (2,), (3,)])
     assert (losses, n, calls) == ([1, 2, 3], 3, [1, 2, 3])
     calls.clear()
-    losses, n = _stacks.warm_up(step, [(1,), (2,), (3,)], seconds=0.1)
-    assert losses == [1, 2, 3] and n == len(calls) >= 9 and calls[:6] == [1, 2, 3, 1, 2, 3]
+    synced = []
+    losses, n = _stacks.warm_up(step, [(1,), (2,), (3,)], seconds=0.1, sync=lambda: synced.append(len(calls)))
+    assert losses == [1, 2, 3] and n == len(calls) >= 3 + 9 and calls[:6] == [1, 2, 3, 1, 2, 3]
+    assert synced == [3]  # the held seconds start once the first round (compiles, autotuning) is done
 
 
 def test_step_windows_come_from_the_events_back_from_the_final_sync():
