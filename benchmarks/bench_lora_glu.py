@@ -40,7 +40,8 @@ FWD_HAD = [Tiles(32, 64, 4, 16), Tiles(32, 64, 4, 32), Tiles(32, 64, 4, 8), Tile
            Tiles(32, 64, 4, 16, 4), Tiles(32, 64, 2, 8), Tiles(32, 64, 2, 32), Tiles(64, 64, 2, 16),
            Tiles(16, 64, 2, 16), Tiles(32, 128, 2, 16)]
 BWD = [Tiles(16, 64, 4, 8), Tiles(16, 64, 4, 16), Tiles(16, 64, 4, 4), Tiles(32, 64, 4, 8), Tiles(16, 128, 8, 8),
-       Tiles(32, 64, 8, 8), Tiles(32, 128, 8, 8), Tiles(16, 64, 2, 8), Tiles(16, 32, 2, 8), Tiles(16, 64, 4, 8, 4)]
+       Tiles(32, 64, 8, 8), Tiles(32, 128, 8, 8), Tiles(16, 64, 2, 8), Tiles(16, 32, 2, 8), Tiles(16, 64, 4, 8, 4),
+       Tiles(16, 64, 4, 8, 3, 5), Tiles(16, 64, 4, 8, 3, 4), Tiles(16, 64, 4, 8, 3, 6)]  # fixed row runs: 5, 4, 6
 
 
 def _gbps(passes: int, n: int, i: int, ms: float) -> float:

@@ -48,14 +48,16 @@ ACTS = {"silu": 0, "gelu_tanh": 1}
 
 class Tiles(NamedTuple):
     """A launch setting: (bm, bn) tile of the (N, I) activation, warps, the programs per SM that split the
-    rows (backward) or columns (fwd_had) into runs (more runs: shorter tail, more partial sums to fold), and
-    Triton's software-pipeline stages for the tile loop (3 is its default on CUDA)."""
+    rows (backward) or columns (fwd_had) into runs (more runs: shorter tail, more partial sums to fold),
+    Triton's software-pipeline stages for the tile loop (3 is its default on CUDA), and `runs`, when above 0,
+    the backward's row runs whatever the shape and SM count (runs_per_sm is then unused there)."""
 
     bm: int
     bn: int
     warps: int
     runs_per_sm: int = 4
     stages: int = 3
+    runs: int = 0
 
 
 # From benchmarks/bench_lora_glu.py on an H100 (2026-11-25, results/2026-11-25-h100-lora-glu-tiles.json), N x I
@@ -75,6 +77,11 @@ FWD_HAD_TILES_BY_GPU = {"NVIDIA H200": Tiles(32, 64, 2, 16)}
 # stay best for both kernels (1 or 2: 12-40% slower); the backward on 16 x 64 tiles took 0.536 / 0.602 ms
 # against 0.554 / 0.615 for 32 x 64 (8B / 1B), the forward lost on them (0.59-0.68 against 0.35-0.39).
 BWD_TILES = Tiles(16, 64, 4, 8)
+# On the H200 (2026-12-02, results/2026-12-02-h200-lora-glu-tiles-2.json) both shapes were fastest with the
+# rows in 5 runs, which programs per SM give only shape by shape: 8B (224 column blocks) 8 per SM = 5 runs,
+# 0.472 ms (4 per SM = 3 runs: 0.596; 16 = 10 runs: 0.482); 1B (128 column blocks) 4 per SM = 5 runs, 0.487 ms
+# (8 per SM = 9 runs: 0.529). So the H200 fixes the run count: 8B as before, 1B 0.04 ms a layer faster.
+BWD_TILES_BY_GPU = {"NVIDIA H200": Tiles(16, 64, 4, 8, 3, runs=5)}
 
 
 @jit
@@ -290,8 +297,10 @@ def _fwd(g0, up0, xag, bg, sg, xau, bu, su, ad, act, store_h, tiles):
 
 
 def _runs(n: int, n_col_blocks: int, tiles: Tiles, device: torch.device) -> tuple[int, int]:
-    """(rows per run, runs): about runs_per_sm programs per SM in all, each run a whole number of tiles."""
-    runs = min(cdiv(n, tiles.bm), max(1, cdiv(tiles.runs_per_sm * program_count(device), n_col_blocks)))
+    """(rows per run, runs): tiles.runs runs, else about runs_per_sm programs per SM in all; each run a whole
+    number of tiles."""
+    runs = tiles.runs or cdiv(tiles.runs_per_sm * program_count(device), n_col_blocks)
+    runs = min(cdiv(n, tiles.bm), max(1, runs))
     run_rows = cdiv(cdiv(n, tiles.bm), runs) * tiles.bm
     return run_rows, cdiv(n, run_rows)
 
@@ -309,12 +318,14 @@ class GLUGrads(NamedTuple):
 
 def lora_glu_bwd(dh0: torch.Tensor, g0: torch.Tensor, up0: torch.Tensor, xag, bg, sg: float, xau, bu, su: float,
                  dxad=None, ad=None, act: str = "silu", sums: tuple[bool, bool, bool] = (False, False, False),
-                 tiles: Tiles = BWD_TILES) -> GLUGrads:
+                 tiles: Tiles | None = None) -> GLUGrads:
     """The backward of lora_glu_fwd, written over g0 and up0.
 
     dh0 (N, I) = dy Wd, the down projection's base input gradient; dxad (N, r) = sd dy Bd and ad (r, I), its
     lora_A weight, add the adapter's term. sums = which of dBg = sg dg^T xag, dBu = su du^T xau and
-    dAd = dxad^T h to form (each needs its adapter present)."""
+    dAd = dxad^T h to form (each needs its adapter present). tiles: the launch setting swept for this GPU
+    (BWD_TILES_BY_GPU), else BWD_TILES."""
+    tiles = tiles or BWD_TILES_BY_GPU.get(device_name(g0.device), BWD_TILES)
     n, i, rank, meta = _launch_args(g0, up0, act, [(xag, bg), (xau, bu), (dxad, ad)])
     if dh0.shape != g0.shape or not dh0.is_contiguous():
         raise PpalliError(f"lora_glu_bwd: dh0 must be contiguous {tuple(g0.shape)}, got {tuple(dh0.shape)}")

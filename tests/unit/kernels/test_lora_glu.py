@@ -170,3 +170,22 @@ def test_fwd_had_takes_the_setting_swept_for_this_gpu(monkeypatch):
         lora_glu_fwd_had(*call)
     lora_glu_fwd_had(*call, tiles=Tiles(16, 64, 4))  # a setting asked for wins
     assert seen == [Tiles(32, 64, 2, 16), mod.FWD_HAD_TILES, mod.FWD_HAD_TILES, Tiles(16, 64, 4)]
+
+
+def test_bwd_takes_the_setting_swept_for_this_gpu(monkeypatch):
+    # The H200 fixes the backward's row runs at 5 whatever the shape; other GPUs keep runs per SM.
+    from ppalli.kernels import lora_glu as mod
+
+    t = _inputs(300, 260, 16)
+    args = (t["xag"], t["bg"], 0.5, t["xau"], t["bu"], 2.0, t["dxad"], t["ad"], "silu", (True, True, True))
+    outs = {}
+    for name in ("NVIDIA H200", ""):
+        monkeypatch.setattr(mod, "device_name", lambda device, name=name: name)
+        outs[name] = mod.lora_glu_bwd(t["dh0"], t["g0"].clone(), t["u0"].clone(), *args)
+    for a, b in zip(outs["NVIDIA H200"], outs[""]):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
+    h200 = mod.BWD_TILES_BY_GPU["NVIDIA H200"]
+    cpu = torch.device("cpu")
+    assert mod._runs(16384, 128, h200, cpu)[1] == 5 == mod._runs(8192, 224, h200, cpu)[1]
+    assert mod._runs(40, 128, h200, cpu)[1] == 3  # never more runs than row tiles (16-row tiles: 3)
+    assert mod._runs(16384, 128, mod.BWD_TILES, cpu)[1] == 1  # 8 per SM x the interpreter's 4 "SMs" / 128 blocks
