@@ -21,7 +21,6 @@ from ppalli.kernels._utils import (
     jit,
     next_power_of_2,
     num_warps_for,
-    program_count,
     tanh,
     tl,
 )
@@ -33,8 +32,6 @@ from ppalli.kernels._utils import (
 LOGITS_CHUNK_BYTES = 256 * 2**20
 # The vocab block one program walks per step: 32768 fp32 with 32 warps, Liger's setting for its CE kernel.
 MAX_BLOCK_V = 32768
-# Programs per SM of the cross-entropy kernel, each walking rows (0: one program per row, as before).
-CE_PROGRAMS_PER_SM = 0
 
 
 @jit
@@ -47,53 +44,44 @@ def _softcapped_logits(ptrs, mask, softcap, SOFTCAP: tl.constexpr):
 
 
 @jit
-def _cross_entropy_row(ROW, LOSS, label, n_cols, ignore_index, softcap, BLOCK: tl.constexpr,
-                       SOFTCAP: tl.constexpr):
-    """One row of logits ROW (V,) -> its loss into LOSS (a scalar slot); ROW overwritten with its gradient."""
-    cols = tl.arange(0, BLOCK)
-    if label == ignore_index:  # no loss, zero gradient: the buffer still holds logits, so write the zeros
-        for start in range(0, n_cols, BLOCK):
-            tl.store(ROW + start + cols, 0.0, mask=start + cols < n_cols)
-        tl.store(LOSS, 0.0)
-    else:
-        # Pass 1: online max and sum of exp over the vocab blocks (Milakov & Gimelshein 2018).
-        m = float("-inf")
-        s = 0.0
-        for start in range(0, n_cols, BLOCK):
-            z = _softcapped_logits(ROW + start + cols, start + cols < n_cols, softcap, SOFTCAP)
-            m_new = tl.maximum(m, tl.max(z, axis=0))
-            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
-            m = m_new
-        lse = m + tl.log(s)
-        z_label = tl.load(ROW + label).to(tl.float32)
-        if SOFTCAP:
-            z_label = softcap * tanh(z_label / softcap)
-        tl.store(LOSS, lse - z_label)
-        # Pass 2: dloss/dz = softmax(z) - onehot(label), times dz/dx = 1 - (z / c)^2 under the softcap.
-        for start in range(0, n_cols, BLOCK):
-            mask = start + cols < n_cols
-            z = _softcapped_logits(ROW + start + cols, mask, softcap, SOFTCAP)
-            grad = tl.exp(z - lse) - tl.where(start + cols == label, 1.0, 0.0)
-            if SOFTCAP:
-                t = tl.where(mask, z / softcap, 0.0)  # tanh of the raw logit; 0 past the vocab, where z is -inf
-                grad = grad * (1.0 - t * t)
-            tl.store(ROW + start + cols, grad.to(ROW.dtype.element_ty), mask=mask)
-
-
-@jit
 def _cross_entropy_fwd_kernel(
     LOGITS,  # (n, V) in the matmul dtype, overwritten with d(row loss)/d(logits)
     LABELS,  # (n,) integer
     LOSS,  # (n,) fp32 row losses, 0 on ignored rows
-    n_rows, stride, n_cols, ignore_index, softcap,
+    stride, n_cols, ignore_index, softcap,
     BLOCK: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
-    # Rows pid, pid + programs, ...: with as few programs as SMs, the rows in flight (V * 2 bytes each) stay
-    # in L2 between the two passes, so pass 2 need not read them from memory again.
-    for row in range(tl.program_id(0), n_rows, tl.num_programs(0)):
-        row = tl.cast(row, tl.int64)
-        label = tl.load(LABELS + row).to(tl.int64)
-        _cross_entropy_row(LOGITS + row * stride, LOSS + row, label, n_cols, ignore_index, softcap, BLOCK, SOFTCAP)
+    row = tl.program_id(0).to(tl.int64)
+    LOGITS += row * stride
+    label = tl.load(LABELS + row).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    if label == ignore_index:  # no loss, zero gradient: the buffer still holds logits, so write the zeros
+        for start in range(0, n_cols, BLOCK):
+            tl.store(LOGITS + start + cols, 0.0, mask=start + cols < n_cols)
+        tl.store(LOSS + row, 0.0)
+        return
+    # Pass 1: online max and sum of exp over the vocab blocks (Milakov & Gimelshein 2018).
+    m = float("-inf")
+    s = 0.0
+    for start in range(0, n_cols, BLOCK):
+        z = _softcapped_logits(LOGITS + start + cols, start + cols < n_cols, softcap, SOFTCAP)
+        m_new = tl.maximum(m, tl.max(z, axis=0))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
+        m = m_new
+    lse = m + tl.log(s)
+    z_label = tl.load(LOGITS + label).to(tl.float32)
+    if SOFTCAP:
+        z_label = softcap * tanh(z_label / softcap)
+    tl.store(LOSS + row, lse - z_label)
+    # Pass 2: dloss/dz = softmax(z) - onehot(label), times dz/dx = 1 - (z / c)^2 under the softcap.
+    for start in range(0, n_cols, BLOCK):
+        mask = start + cols < n_cols
+        z = _softcapped_logits(LOGITS + start + cols, mask, softcap, SOFTCAP)
+        grad = tl.exp(z - lse) - tl.where(start + cols == label, 1.0, 0.0)
+        if SOFTCAP:
+            t = tl.where(mask, z / softcap, 0.0)  # tanh of the raw logit; 0 past the vocab, where z is -inf
+            grad = grad * (1.0 - t * t)
+        tl.store(LOGITS + start + cols, grad.to(LOGITS.dtype.element_ty), mask=mask)
 
 
 @jit
@@ -120,16 +108,11 @@ def _chunk_rows(n_rows: int, vocab: int, elem_size: int) -> int:
     return min(1 << (rows.bit_length() - 1), n_rows)
 
 
-def _cross_entropy_rows(logits: torch.Tensor, labels: torch.Tensor, loss: torch.Tensor, ignore_index, softcap,
-                        programs_per_sm: int | None = None):
-    """logits (n, V) -> row losses into loss (n,) fp32; logits overwritten with their gradient.
-    programs_per_sm: programs walking the rows per SM (0: one program per row); CE_PROGRAMS_PER_SM unless given."""
-    per_sm = CE_PROGRAMS_PER_SM if programs_per_sm is None else programs_per_sm
-    n_rows = logits.shape[0]
-    grid = min(n_rows, per_sm * program_count(logits.device)) if per_sm else n_rows
+def _cross_entropy_rows(logits: torch.Tensor, labels: torch.Tensor, loss: torch.Tensor, ignore_index, softcap):
+    """logits (n, V) -> row losses into loss (n,) fp32; logits overwritten with their gradient."""
     block = min(next_power_of_2(logits.shape[1]), MAX_BLOCK_V)
-    _cross_entropy_fwd_kernel[(max(1, grid),)](
-        logits, labels, loss, n_rows, logits.stride(0), logits.shape[1], ignore_index, softcap or 1.0,
+    _cross_entropy_fwd_kernel[(logits.shape[0],)](
+        logits, labels, loss, logits.stride(0), logits.shape[1], ignore_index, softcap or 1.0,
         BLOCK=block, SOFTCAP=softcap is not None, num_warps=num_warps_for(block),
     )
 

@@ -50,18 +50,6 @@ def test_matches_reference_over_chunks(softcap, reduction):
     _check(got, _run(linear_cross_entropy_ref, hidden, weight, labels, **kwargs))
 
 
-@pytest.mark.parametrize("per_sm", [1, 2])
-@pytest.mark.parametrize("softcap", [None, 5.0], ids=["plain", "softcap"])
-def test_programs_that_walk_rows_match_one_program_per_row(monkeypatch, softcap, per_sm):
-    """CE_PROGRAMS_PER_SM > 0: fewer programs than rows, each walking rows (ignored ones among them); on the
-    CPU the interpreter counts 4 SMs, so 37 rows in chunks of 16 go to 4 or 8 programs."""
-    monkeypatch.setattr(lce, "CE_PROGRAMS_PER_SM", per_sm)
-    monkeypatch.setattr(lce, "MAX_BLOCK_V", 64)
-    hidden, weight, labels = _inputs(ignore_every=3)
-    got = _run(lce.linear_cross_entropy, hidden, weight, labels, softcap=softcap, chunk_size=16)
-    _check(got, _run(linear_cross_entropy_ref, hidden, weight, labels, softcap=softcap))
-
-
 @pytest.mark.parametrize("softcap", [None, 5.0], ids=["plain", "softcap"])
 def test_online_softmax_over_vocab_blocks(monkeypatch, softcap):
     """A vocab block of 32 makes each row walk 4 blocks (the last partial), as V=128k does on the GPU."""
