@@ -13,8 +13,13 @@ transposed; the residual add in down's GEMM epilogue (addmm) against a GEMM then
 of triton.testing.do_bench; TFLOP/s = 2 M N K / time; the share is of the best rate measured in the same run.
 (2026-11-25, results/*-gemm-orientation.txt: no orientation or stored layout of the MLP GEMMs wins beyond
 +-2%; the 8B lm_head dgrad transposed took 1.502 against 1.660 ms, the 1B one 0.783 against 0.669: left.)
+"pad:" rows: gate and up weights stored in (I, d + 2r) buffers, [Wg | Bg | 0] and [Wu | 0 | Bu] (r = 16), so
+the dgrad GEMMs also give the rank-r products dg Bg and du Bu as 2r more output columns (no second read of
+dg and du, 2 x N x I x 2 bytes a layer), at the price of leading dimensions d + 2r instead of d.
+BENCH_GEMM_ONLY=text,text times only the rows whose name holds one of them.
 """
 
+import os
 import sys
 from pathlib import Path
 
@@ -26,6 +31,7 @@ from _sweep import main, median_ms  # noqa: E402
 # (tokens, hidden, q out, kv out, intermediate, vocab)
 MODELS = {"8b": (8192, 4096, 4096, 1024, 14336, 128256), "1b": (16384, 2048, 2048, 512, 8192, 128256)}
 DTYPE = torch.bfloat16
+RANK = 16
 
 
 def _rows(n, d, q, kv, inter, vocab, device="cuda"):
@@ -42,6 +48,8 @@ def _rows(n, d, q, kv, inter, vocab, device="cuda"):
     h, head, dz = t(1024, d), t(vocab, d), t(1024, vocab)
     h4, dz4 = t(4096, d), t(4096, vocab)
     w_gate_t, w_down_t = w["gate"].t().contiguous(), w["down"].t().contiguous()  # (d, I), (I, d)
+    pad_g, pad_u, out_pad = t(inter, d + 2 * RANK), t(inter, d + 2 * RANK), t(n, d + 2 * RANK)
+    b_g = t(inter, RANK)
     rows = [
         ("fwd q  x Wq^T", 2 * n * d * q, lambda: torch.mm(x, w["q"].t())),
         ("fwd k/v  x Wk^T", 2 * n * d * kv, lambda: torch.mm(x, w["kv"].t())),
@@ -77,8 +85,16 @@ def _rows(n, d, q, kv, inter, vocab, device="cuda"):
         ("alt: fwd q transposed  Wq x^T", 2 * n * d * q, lambda: torch.mm(w["q"], x.t())),
         ("alt: lm_head chunk transposed  W h^T", 2 * 1024 * d * vocab, lambda: torch.mm(head, h.t())),
         ("alt: lm_head chunk dgrad transposed  W^T dz^T", 2 * 1024 * vocab * d, lambda: torch.mm(head.t(), dz.t())),
+        ("pad: as now  dg Bg, then du Bu (rank-r reads)", 4 * n * inter * RANK,
+         lambda: (torch.mm(dy["gate"], b_g), torch.mm(dy["gate"], b_g))),
+        ("pad: fwd gate from the padded weight", 2 * n * d * inter, lambda: torch.mm(x, pad_g[:, :d].t())),
+        ("pad: dgrad gate  dg [Wg|Bg|0]", 2 * n * inter * (d + 2 * RANK), lambda: torch.mm(dy["gate"], pad_g,
+                                                                                        out=out_pad)),
+        ("pad: dgrad up accumulate  += du [Wu|0|Bu]", 2 * n * inter * (d + 2 * RANK),
+         lambda: out_pad.addmm_(dy["gate"], pad_u)),
     ]
-    return rows
+    only = [x for x in os.environ.get("BENCH_GEMM_ONLY", "").split(",") if x]
+    return [r for r in rows if not only or any(x in r[0] for x in only)]
 
 
 def bench_shape(name: str, *shape) -> dict:
