@@ -7,11 +7,14 @@
 #   bash benchmarks/gpu_targets.sh OUT_DIR [tests] [gemm] [T1|T2|T3|T3-8.8|T4[-steady[-rev]] ...]
 # gemm: benchmarks/bench_gemm.py, the step's base GEMMs shape by shape (~1 min).
 # T3-8.8 is T3 with ppalli planned to an 8.8 GiB budget (peak under Unsloth QLoRA's 8.06 GiB).
-# CASE-steady: the warm-up held to 20 s and ~20 s of timed steps, the clock a long run settles at (a capped
-# H200 falls from 1864 to ~1600 MHz over the default 3 + 8 steps), into OUT_DIR/steady; -rev runs Unsloth
-# first, then ppalli (--append), into OUT_DIR/rev, to see what the order does. ~1 min a stack more.
+# CASE-steady: the warm-up held to 15 s after its first round and ~17-20 s of timed steps, the clock a long
+# run settles at (a capped H200 fell from 1864 to ~1600 MHz over the default 3 + 8 steps); -rev runs Unsloth
+# first, then ppalli (--append), to see what the order does. ~1 min a stack more.
+# Each case's results file and table land in OUT_DIR as CASE-<file> (2 files a case: the device tool brings
+# back 8 files at most); peers.py's per-run logs stay in /tmp/ppalli-targets/CASE/logs.
 set -uo pipefail
 out=${1:?OUT_DIR}; shift
+scratch=/tmp/ppalli-targets
 export PYTHONPATH=/tmp/peer-site${PYTHONPATH:+:$PYTHONPATH}
 [ -d /tmp/peer-site ] || tar xzf .peers/site.tgz -C /tmp
 [ $# -gt 0 ] || set -- tests T3-8.8 T2
@@ -26,19 +29,20 @@ for what in "$@"; do
              > "$out/gpu-tests.log" 2>&1
            tail -1 "$out/gpu-tests.log" ;;
     gemm) python3 benchmarks/bench_gemm.py --out "$out/gemm.json" > "$out/gemm.txt" 2>&1; tail -40 "$out/gemm.txt" ;;
-    T1) python3 benchmarks/peers.py --case T1 --gc off --stacks ppalli,unsloth --out "$out" --timeout 200 ;;
-    T3-8.8) python3 benchmarks/peers.py --case T3 --ppalli-setting budget=8.8 --stacks ppalli,unsloth --out "$out" \
-              --timeout 200 ;;
-    T2|T3|T4) python3 benchmarks/peers.py --case "$what" --stacks ppalli,unsloth --out "$out" --timeout 200 ;;
+    T1) python3 benchmarks/peers.py --case T1 --gc off --stacks ppalli,unsloth --out "$scratch/$what" --timeout 200 ;;
+    T3-8.8) python3 benchmarks/peers.py --case T3 --ppalli-setting budget=8.8 --stacks ppalli,unsloth \
+              --out "$scratch/$what" --timeout 200 ;;
+    T2|T3|T4) python3 benchmarks/peers.py --case "$what" --stacks ppalli,unsloth --out "$scratch/$what" --timeout 200 ;;
     *-steady*)
-      c=${what%%-*}; steps=$(case $c in T1) echo 42;; T2) echo 34;; *) echo 110;; esac)  # ~20 s of steps each
-      gc=$([ "$c" = T2 ] || echo "--gc off"); long="--warmup-s 20 --steps $steps --timeout 260"
+      c=${what%%-*}; steps=$(case $c in T1) echo 40;; T2) echo 34;; *) echo 90;; esac)  # ~17-20 s of steps each
+      gc=$([ "$c" = T2 ] || echo "--gc off"); long="--warmup-s 15 --steps $steps --timeout 260"
       if [ "$what" = "$c-steady" ]; then
-        python3 benchmarks/peers.py --case "$c" $gc --stacks ppalli,unsloth --out "$out/steady" $long
+        python3 benchmarks/peers.py --case "$c" $gc --stacks ppalli,unsloth --out "$scratch/$what" $long
       else
-        python3 benchmarks/peers.py --case "$c" $gc --stacks unsloth --out "$out/rev" $long
-        python3 benchmarks/peers.py --case "$c" $gc --stacks ppalli --out "$out/rev" --append $long
+        python3 benchmarks/peers.py --case "$c" $gc --stacks unsloth --out "$scratch/$what" $long
+        python3 benchmarks/peers.py --case "$c" $gc --stacks ppalli --out "$scratch/$what" --append $long
       fi ;;
-  esac 2>&1 | grep -E "^\[T|^Target|passed|failed|error|TFLOP" 
+  esac 2>&1 | grep -E "^\[T|^Target|passed|failed|error|TFLOP"
+  for f in "$scratch/$what"/*.json "$scratch/$what"/*.md; do [ -f "$f" ] && cp "$f" "$out/$what-$(basename "$f")"; done
   echo "$what: $((SECONDS - t0)) s"
 done
