@@ -420,7 +420,7 @@ def warm_up(step: Callable, batches: list, seconds: float = 0.0, sync: Callable 
     most a step or two ahead). -> (the first round's losses, the steps run). The first round compiles and
     autotunes with the GPU idle (T4 on the H200, 2026-12-02: ~10 s for ppalli, ~28 s for Unsloth), then a
     capped GPU settles over seconds: its clock fell 1864 -> 1600 MHz over T4's 8 timed steps after 3 warm-up
-    steps, so a short warm-up times a transient."""
+    steps. Held 15-20 s, T4's ratio moved 1.155 -> 1.185x on one machine and 1.158 -> 1.152x on another."""
     losses = [step(*b) for b in batches]
     sync()
     t0, n = time.perf_counter(), len(batches)
