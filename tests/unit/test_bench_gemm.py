@@ -1,5 +1,5 @@
-"""benchmarks/bench_gemm.py on the CPU with small shapes: each row's FLOP count is 2 M N K of the product it
-times (a wrong count would misstate every TFLOP/s the GPU run prints)."""
+"""benchmarks/bench_gemm.py on the CPU with small shapes: each row's FLOP count is the 2 M N K of the products
+it times, summed (a wrong count would misstate every TFLOP/s the GPU run prints)."""
 
 import sys
 from pathlib import Path
@@ -19,7 +19,7 @@ def test_each_row_counts_the_flops_of_its_product(monkeypatch):
     def record(a, b):
         seen.append(2 * a.shape[0] * a.shape[1] * b.shape[1])
 
-    monkeypatch.setattr(torch, "mm", lambda a, b: record(a, b) or mm(a, b))
+    monkeypatch.setattr(torch, "mm", lambda a, b, **kw: record(a, b) or mm(a, b, **kw))  # kw: out= (pad: rows)
     monkeypatch.setattr(torch, "addmm", lambda c, a, b: record(a, b) or addmm(c, a, b))
     monkeypatch.setattr(torch.Tensor, "addmm_", lambda self, a, b: record(a, b) or addmm_(self, a, b))
     # tokens, hidden, q, kv, intermediate, vocab: all distinct, so a swapped factor changes the count
@@ -28,4 +28,4 @@ def test_each_row_counts_the_flops_of_its_product(monkeypatch):
     for label, flops, fn in rows:
         seen.clear()
         fn()
-        assert seen == [flops], label
+        assert seen and sum(seen) == flops, label  # the pad: rows' "as now" times two skinny products
