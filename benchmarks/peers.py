@@ -135,7 +135,7 @@ class RunSpec:
     steps: int
     warmup: int
     seed: int
-    warmup_s: float = 0.0  # the warm-up goes on, round its batches, until this many seconds have passed
+    warmup_s: float = 0.0  # the warm-up goes on, round its batches, this many seconds after its first round
     mem_cap_gib: float | None = None
     ppalli: dict = field(default_factory=dict)  # parsed --ppalli-setting; "requested" keeps the text
     model_config: dict = field(default_factory=dict)
@@ -207,8 +207,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=8, help="timed steps")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (kernel autotuning, compiles)")
     p.add_argument("--warmup-s", type=float, default=0.0,
-                   help="keep warming up (round the warm-up batches) until this many seconds have passed: a GPU at "
-                        "its power cap settles over seconds, so this times the steady state a long run sees")
+                   help="keep warming up (round the warm-up batches) this many seconds after their first round "
+                        "(compiles): a GPU at its power cap settles over seconds, so this times what a long run sees")
     p.add_argument("--model", choices=list(MODELS),
                    help="8b (Llama-3.1-8B), 1b (Llama-3.2-1B), tiny (a plumbing check on a CPU); default: the case's")
     p.add_argument("--batch", type=int, help="sequences per step (default: the case's)")
