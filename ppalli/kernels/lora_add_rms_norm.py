@@ -23,6 +23,7 @@ import torch
 
 from ppalli.errors import PpalliError
 from ppalli.kernels._utils import cdiv, check_tensors, contiguous_rows, dot_upcast, jit, next_power_of_2, tl
+from ppalli.kernels.factor_cache import factor_cast
 from ppalli.kernels.lora_linear import cast, lora_bwd
 from ppalli.kernels.rms_norm import rms_norm_bwd
 
@@ -133,7 +134,7 @@ class LoRAAddRMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, y0, xa, b, s, weight, eps, offset):
-        b_cast = cast(b, h.dtype)
+        b_cast = factor_cast(b, h.dtype)
         x, n, rstd = lora_add_rms_norm_fwd(h, y0, xa, b_cast, s, weight, eps, offset)
         ctx.save_for_backward(x, rstd, xa, b_cast, weight)
         ctx.s, ctx.offset, ctx.b_dtype = s, offset, b.dtype if b is not None else None
@@ -149,7 +150,8 @@ class LoRAAddRMSNormFunction(torch.autograd.Function):
         dxt, dw = rms_norm_bwd(dn, x, weight, rstd, ctx.offset, compute_dw=need[5], dres=dres)  # (M, d)
         dxa = db = None
         if xa is not None:  # the o projection's LoRA term, as lora_linear's backward forms it
-            dxa, _, db = lora_bwd(dxt, None, xa.to(dxt.dtype), None, b, ctx.s, False, need[3])  # (M, r), (d, r)
+            dxa, _, db = lora_bwd(dxt, None, xa.to(dxt.dtype), None, b, ctx.s, False, need[3],
+                                  (None, ctx.b_dtype))  # (M, r), (d, r)
             dxa, db = (dxa.to(xa.dtype) if need[2] else None), cast(db, ctx.b_dtype)
         return dxt, dxt, dxa, db, None, dw, None, None
 

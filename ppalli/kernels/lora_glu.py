@@ -338,13 +338,18 @@ def lora_glu_bwd(dh0: torch.Tensor, g0: torch.Tensor, up0: torch.Tensor, xag, bg
     ad = ad.to(g0.dtype).contiguous() if has[2] else g0
     n_cols = cdiv(i, tiles.bn)
     run_rows, runs = _runs(n, n_cols, tiles, g0.device)
-    partials = [torch.empty(runs, i, meta["RP"], dtype=torch.float32, device=g0.device) if s else g0 for s in sums]
+    # one (sums, runs, I, RP) buffer: each sum's (runs, I, RP) slice is contiguous, and one torch.sum folds all
+    wanted = sum(sums)
+    buffer = torch.empty(wanted, runs, i, meta["RP"], dtype=torch.float32, device=g0.device) if wanted else None
+    slots = iter(range(wanted))
+    partials = [buffer[next(slots)] if s else g0 for s in sums]
     _lora_glu_bwd_kernel[(runs, n_cols)](
         g0, up0, dh0, g0, up0, xag, xag_stride, bg, xau, xau_stride, bu, dxad, ad, *partials, n, i, rank,
         run_rows, float(sg), float(su), ACT=ACTS[act], HAS_G=has[0], HAS_U=has[1], HAS_D=has[2],
         SUM_BG=sums[0], SUM_BU=sums[1], SUM_AD=sums[2], BM=tiles.bm, BN=tiles.bn, **meta, num_warps=tiles.warps,
         num_stages=tiles.stages)
-    dbg, dbu, dad = (p.sum(0)[:, :rank] if s else None for p, s in zip(partials, sums))  # (I, r) each
+    folded = iter(buffer.sum(1)[..., :rank] if wanted else ())  # (sums, I, r)
+    dbg, dbu, dad = (next(folded) if s else None for s in sums)  # (I, r) each
     return GLUGrads(g0, up0, dbg, dbu, dad.t() if sums[2] else None)
 
 

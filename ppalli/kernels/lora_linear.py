@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ppalli.errors import PpalliError
+from ppalli.kernels.factor_cache import factor_cast, factor_stack
 
 
 class LoRAParts(NamedTuple):
@@ -132,7 +133,7 @@ def base_mm(x, base):
 
 def lora_a(x, a):
     """x (N, in) -> x A^T (N, r), or None without an adapter."""
-    return None if a is None else torch.mm(x, cast(a, x.dtype).t())
+    return None if a is None else torch.mm(x, factor_cast(a, x.dtype).t())
 
 
 def stacked_lora_a(x, factors):
@@ -143,7 +144,7 @@ def stacked_lora_a(x, factors):
     present = [a for a in factors if a is not None]
     if not present:
         return [None] * len(factors), None
-    a_stack = cast(torch.cat(present), x.dtype)  # stacked in the adapters' dtype, then one cast
+    a_stack = factor_stack(present, x.dtype)  # (sum r, in): the fast path's cached copy, else cat and cast
     xa = torch.mm(x, a_stack.t())  # (N, sum r)
     views, col = [], 0
     for a in factors:
@@ -162,7 +163,8 @@ def stacked_lora_a_grads(dxas, x, a_stack, ranks, needs, dtypes):
     dxa = torch.cat([dxas[i] for i in idx], dim=1)  # (N, sum r)
     grads = [None] * len(ranks)
     if any(needs[i] for i in idx):
-        da = torch.mm(dxa.t(), x)  # (sum r, in)
+        wide = {dtypes[i] for i in idx if needs[i]}
+        da = grad_mm(dxa.t(), x, wide.pop() if len(wide) == 1 else x.dtype)  # (sum r, in)
         row = 0
         for i in idx:
             grads[i] = cast(da[row:row + ranks[i]], dtypes[i]) if needs[i] else None
@@ -175,7 +177,7 @@ def lora_fwd(x, base, a, b, s):
     y = base_mm(x, base)
     xa = lora_a(x, a)  # (N, r)
     if xa is not None:
-        y.addmm_(xa, cast(b, x.dtype).t(), alpha=s)
+        y.addmm_(xa, factor_cast(b, x.dtype).t(), alpha=s)
     return y, xa
 
 
@@ -188,12 +190,43 @@ def scaled_mm(m1: torch.Tensor, m2: torch.Tensor, s: float) -> torch.Tensor:
     return torch.addmm(m1.new_empty(()), m1, m2, beta=0, alpha=s)
 
 
-def lora_bwd(dy, x, xa, a, b, s, need_a: bool, need_b: bool):
-    """dy (N, out), x (N, in), xa (N, r) -> (s dy B (N, r), dA (r, in) | None, dB (out, r) | None), all in
-    dy's dtype (the caller casts the weight gradients to the adapters' own dtype)."""
+# Whether cuBLAS writes a 16-bit product straight in fp32 here (torch's mm/addmm `out_dtype`, CUDA only), per
+# device index, probed on first use.
+_WIDE_OUT: dict[int, bool] = {}
+
+
+def _wide_out(t: torch.Tensor) -> bool:
+    if t.device.type != "cuda":
+        return False
+    index = t.device.index if t.device.index is not None else torch.cuda.current_device()
+    if index not in _WIDE_OUT:
+        probe = torch.ones(2, 2, dtype=torch.bfloat16, device=t.device)
+        try:
+            ok = torch.addmm(probe.new_empty((), dtype=torch.float32), probe, probe, beta=0, alpha=0.5,
+                             out_dtype=torch.float32)
+            _WIDE_OUT[index] = ok.dtype == torch.float32 and bool((ok == 1.0).all())
+        except (RuntimeError, TypeError, NotImplementedError):  # an older torch, or a build without it
+            _WIDE_OUT[index] = False
+    return _WIDE_OUT[index]
+
+
+def grad_mm(m1: torch.Tensor, m2: torch.Tensor, dtype: torch.dtype, s: float = 1.0) -> torch.Tensor:
+    """s (m1 @ m2) in dtype, for a LoRA factor's gradient in the factor's own dtype. On CUDA a bf16/fp16 product
+    is written in fp32 by the GEMM itself (out_dtype): no launch to widen it after, and no rounding to 16 bits
+    in between (the rank-16 A and B gradients of 7 projections: 14 launches a decoder layer's backward)."""
+    if dtype == m1.dtype:
+        return scaled_mm(m1, m2, s)
+    if dtype == torch.float32 and m1.dtype in (torch.bfloat16, torch.float16) and _wide_out(m1):
+        return torch.addmm(m1.new_empty((), dtype=dtype), m1, m2, beta=0, alpha=s, out_dtype=dtype)
+    return scaled_mm(m1, m2, s).to(dtype)
+
+
+def lora_bwd(dy, x, xa, a, b, s, need_a: bool, need_b: bool, grad_dtypes=(None, None)):
+    """dy (N, out), x (N, in), xa (N, r) -> (s dy B (N, r), dA (r, in) | None, dB (out, r) | None); dA and dB
+    in grad_dtypes (the adapters' own dtypes, see grad_mm), dy's dtype where None."""
     dxa = scaled_mm(dy, cast(b, dy.dtype), s)  # (N, r)
-    da = torch.mm(dxa.t(), x) if need_a else None  # (r, in)
-    db = scaled_mm(dy.t(), xa, s) if need_b else None  # (out, r)
+    da = grad_mm(dxa.t(), x, grad_dtypes[0] or dy.dtype) if need_a else None  # (r, in)
+    db = grad_mm(dy.t(), xa, grad_dtypes[1] or dy.dtype, s) if need_b else None  # (out, r)
     return dxa, da, db
 
 
@@ -221,7 +254,7 @@ class LoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, base, a, b, s):
         ctx.dtypes = factor_dtypes(a, b)
-        a, b = cast(a, x.dtype), cast(b, x.dtype)
+        a, b = factor_cast(a, x.dtype), factor_cast(b, x.dtype)
         y, xa = lora_fwd(x, base, a, b, s)  # (N, out), (N, r)
         ctx.save_for_backward(x, xa, a, b)
         ctx.base, ctx.s = base, s
@@ -233,9 +266,9 @@ class LoRALinearFunction(torch.autograd.Function):
         need_x, _, need_a, need_b, _ = ctx.needs_input_grad
         dxa = da = db = None
         if a is not None:
-            dxa, da, db = lora_bwd(dy, x, xa, a, b, ctx.s, need_a, need_b)
+            dxa, da, db = lora_bwd(dy, x, xa, a, b, ctx.s, need_a, need_b, ctx.dtypes)
         dx = add_input_grad(None, dy, ctx.base, dxa, a) if need_x else None
-        return dx, None, cast(da, ctx.dtypes[0]), cast(db, ctx.dtypes[1]), None
+        return dx, None, da, db, None
 
 
 class LoRASplitFunction(torch.autograd.Function):
@@ -245,7 +278,7 @@ class LoRASplitFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, base, a):
         ctx.a_dtype = a.dtype
-        a = cast(a, x.dtype)
+        a = factor_cast(a, x.dtype)
         ctx.save_for_backward(x, a)
         ctx.base = base
         return base_mm(x, base), lora_a(x, a)  # (N, out), (N, r)
@@ -254,7 +287,7 @@ class LoRASplitFunction(torch.autograd.Function):
     def backward(ctx, dy0, dxa):
         x, a = ctx.saved_tensors
         need_x, _, need_a = ctx.needs_input_grad
-        da = cast(torch.mm(dxa.t(), x), ctx.a_dtype) if need_a and dxa is not None else None  # (r, in)
+        da = grad_mm(dxa.t(), x, ctx.a_dtype) if need_a and dxa is not None else None  # (r, in)
         dx = None
         if need_x and dy0 is not None:
             dx = add_input_grad(None, dy0, ctx.base, dxa, a)  # (N, in); add_input_grad skips a None dxa

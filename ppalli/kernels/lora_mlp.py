@@ -31,6 +31,7 @@ from torch import nn
 
 from ppalli.errors import PpalliError
 from ppalli.kernels._utils import current_stash, is_recomputing
+from ppalli.kernels.factor_cache import factor_cast
 from ppalli.kernels.lora_add_rms_norm import lora_add_fwd
 from ppalli.kernels.lora_glu import ACTS, lora_glu_bwd, lora_glu_fwd, lora_glu_fwd_had
 from ppalli.kernels.lora_linear import (
@@ -54,7 +55,7 @@ class LoRAMLPFunction(torch.autograd.Function):
     def forward(ctx, x, act, gb, ga, gB, gs, ub, ua, uB, us, db, da, dB, ds, res):
         ctx.ranks = [None if a is None else a.shape[0] for a in (ga, ua)]
         ctx.dtypes = factor_dtypes(ga, gB, ua, uB, da, dB)
-        gB, uB, da, dB = (cast(t, x.dtype) for t in (gB, uB, da, dB))  # cast once; the backward reuses them
+        gB, uB, da, dB = (factor_cast(t, x.dtype) for t in (gB, uB, da, dB))  # once; the backward reuses them
         gate0, up0 = base_mm(x, gb), base_mm(x, ub)  # (N, I) each, without the adapters' terms
         (xag, xau), a_stack = stacked_lora_a(x, (ga, ua))  # (N, r) views of one GEMM: x read once
         kept = current_stash()
@@ -98,7 +99,7 @@ class LoRAMLPFunction(torch.autograd.Function):
         # Down projection: dh = dy Wd + (sd dy Bd) Ad, the second term added inside the activation kernel.
         dxad = d_dB = None
         if da is not None:
-            dxad, _, d_dB = lora_bwd(dy, None, had, da, dB, ds, False, need[12])  # (N, r), -, (d, r)
+            dxad, _, d_dB = lora_bwd(dy, None, had, da, dB, ds, False, need[12], (None, dtypes[5]))  # (N, r), (d, r)
         dh0 = add_input_grad(None, dy, db, None, None)  # (N, I)
         # dBg, dBu and down's dA are summed inside the activation kernel, from the tiles it holds
         sums = (g_rank is not None and need[4], u_rank is not None and need[8], da is not None and need[11])

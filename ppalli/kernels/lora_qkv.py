@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ppalli.kernels.factor_cache import factor_cast
 from ppalli.kernels.lora_linear import (
     add_input_grad,
     base_mm,
@@ -42,7 +43,7 @@ class LoRAQKVFunction(torch.autograd.Function):
         ctx.ranks = [None if a is None else a.shape[0] for a in (qa, ka, va)]
         ctx.dtypes = factor_dtypes(qa, qB, ka, kB, va, vB)
         xas, a_stack = stacked_lora_a(x, (qa, ka, va))  # three (N, r) views of one GEMM: x read once
-        bs = [cast(b, x.dtype) for b in (qB, kB, vB)]  # cast once; the backward reuses them
+        bs = [factor_cast(b, x.dtype) for b in (qB, kB, vB)]  # once; the backward reuses them
         outs = []
         for base, xa, b, s in zip((qb, kb, vb), xas, bs, (qs, ks, vs)):
             y = base_mm(x, base)  # (N, Hq*D) or (N, Hk*D)
@@ -62,7 +63,8 @@ class LoRAQKVFunction(torch.autograd.Function):
         for i, dy in enumerate((dq, dk, dv)):
             dxa = db = None
             if ctx.ranks[i] is not None:
-                dxa, _, db = lora_bwd(dy, None, xas[i], None, bs[i], ctx.scales[i], False, need[4 * i + 3])
+                dxa, _, db = lora_bwd(dy, None, xas[i], None, bs[i], ctx.scales[i], False, need[4 * i + 3],
+                                      (None, ctx.dtypes[2 * i + 1]))
             dxas.append(dxa)
             grads[4 * i + 3] = cast(db, ctx.dtypes[2 * i + 1])
         das, dxa_all = stacked_lora_a_grads(dxas, x, a_stack, ctx.ranks, [need[4 * i + 2] for i in range(3)],

@@ -33,6 +33,7 @@ from torch import nn
 
 from ppalli.errors import PpalliError
 from ppalli.kernels._utils import interpreting, is_triton_available
+from ppalli.kernels.factor_cache import FactorCache, using_factor_cache
 from ppalli.kernels.geglu import geglu
 from ppalli.kernels.linear_cross_entropy import linear_cross_entropy
 from ppalli.kernels.lora_add_rms_norm import lora_add_rms_norm
@@ -314,6 +315,10 @@ class FusedDecoderLayer:
                 raise PpalliError(f"fast path cannot run {type(self.layer).__name__}: {why}")
             self.handle.note_fallback(why)
             return self.original(hidden_states, *args, **kwargs)
+        with using_factor_cache(self.handle.factors):
+            return self._fused(hidden_states, parts, kwargs)
+
+    def _fused(self, hidden_states: torch.Tensor, parts: dict, kwargs: dict) -> torch.Tensor:
         mask, cu, max_len = self._attention_inputs(kwargs)
         attend_args = (kwargs["position_embeddings"], mask, cu, max_len, parts)
         if self.add_norm:  # the residual read through the norm's view: its gradient is added in the norm's backward
@@ -349,6 +354,7 @@ class FastPathHandle:
     log: Callable[[str], None]
     swaps: list[tuple[nn.Module, object]] = field(default_factory=list)  # (layer, its previous forward attr)
     fallbacks: set[str] = field(default_factory=set)
+    factors: FactorCache = field(default_factory=FactorCache)  # the fused layers' bf16 LoRA factors
 
     @property
     def active(self) -> bool:
@@ -375,6 +381,7 @@ class FastPathHandle:
         if self.swaps:
             self.log(f"fast path: reverted {len(self.swaps)} layers to their original forward")
         self.swaps.clear()
+        self.factors.clear()
 
 
 def _fused_forward_of(layer: nn.Module):
