@@ -88,7 +88,8 @@ def test_the_fast_path_handle_owns_the_cache_and_revert_drops_it():
 
     from ppalli.models.fast import apply_fast_path
 
-    model = lora_llama(64, torch.bfloat16, hidden=32, layers=1, heads=2, kv_heads=1, rank=4)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # on the CPU the kernels run interpreted (conftest)
+    model = lora_llama(64, torch.bfloat16, device=device, hidden=32, layers=1, heads=2, kv_heads=1, rank=4)
     handle = apply_fast_path(model, log=lambda line: None)
     loss, count = fast_step(model, [([1, 2, 3], [1, 2, 3])])
     (loss / count).backward()
