@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ppalli.errors import PpalliError
-from ppalli.kernels._utils import interpreting, is_triton_available
+from ppalli.kernels._utils import interpreting, is_recomputing, is_triton_available
 from ppalli.kernels.factor_cache import FactorCache, using_factor_cache
 from ppalli.kernels.geglu import geglu
 from ppalli.kernels.linear_cross_entropy import linear_cross_entropy
@@ -189,9 +189,11 @@ class FusedDecoderLayer:
     Not an nn.Module on purpose: it registers nothing, so state_dict, parameters and saving are unchanged.
     """
 
-    def __init__(self, layer: nn.Module, spec: FamilySpec, config, backend: str, handle: FastPathHandle):
+    def __init__(self, layer: nn.Module, spec: FamilySpec, config, backend: str, handle: FastPathHandle,
+                 index: int = 0):
         attn = layer.self_attn
         self.layer, self.spec, self.config, self.backend, self.handle = layer, spec, config, backend, handle
+        self.index = index  # the layer's place in the stack: a pass of the factor cache starts at the lowest
         self.act = activation(spec, config)
         self.head_dim = attn.head_dim
         self.n_heads = config.num_attention_heads
@@ -315,6 +317,8 @@ class FusedDecoderLayer:
                 raise PpalliError(f"fast path cannot run {type(self.layer).__name__}: {why}")
             self.handle.note_fallback(why)
             return self.original(hidden_states, *args, **kwargs)
+        if not is_recomputing():  # a recompute reads the copies of the pass it belongs to
+            self.handle.factors.start_layer(self.index)
         with using_factor_cache(self.handle.factors):
             return self._fused(hidden_states, parts, kwargs)
 
@@ -424,7 +428,7 @@ def apply_fast_path(model: nn.Module, *, attention_backend: str = "auto",
             "forward, which the fused forward replaces: use ppalli.train.recompute (applied after this swap)")
     prefix = type(backbone).__name__
     for i, layer in enumerate(backbone.layers):
-        fused = FusedDecoderLayer(layer, spec, backbone.config, backend, handle)
+        fused = FusedDecoderLayer(layer, spec, backbone.config, backend, handle, i)
         handle.swaps.append((layer, layer.__dict__.get("forward", _NO_INSTANCE_FORWARD)))
         layer.forward = fused.forward
         log(f"fast path: {prefix}.layers.{i} ({type(layer).__name__}).forward -> fused ({fused.describe()})")
