@@ -16,6 +16,9 @@ of triton.testing.do_bench; TFLOP/s = 2 M N K / time; the share is of the best r
 "pad:" rows: gate and up weights stored in (I, d + 2r) buffers, [Wg | Bg | 0] and [Wu | 0 | Bu] (r = 16), so
 the dgrad GEMMs also give the rank-r products dg Bg and du Bu as 2r more output columns (no second read of
 dg and du, 2 x N x I x 2 bytes a layer), at the price of leading dimensions d + 2r instead of d.
+"order:" rows: a block's input gradient as the fast path sums it (the base GEMMs, then the rank-r term
+dxa [A_1; A_2; ...] accumulated by a skinny GEMM that reads and writes dx, memory-bound) against the rank-r
+term first (it only writes dx; the base GEMMs then accumulate with beta = 1, reading dx in their epilogue).
 BENCH_GEMM_ONLY=text,text times only the rows whose name holds one of them.
 """
 
@@ -50,6 +53,23 @@ def _rows(n, d, q, kv, inter, vocab, device="cuda"):
     w_gate_t, w_down_t = w["gate"].t().contiguous(), w["down"].t().contiguous()  # (d, I), (I, d)
     pad_g, pad_u, out_pad = t(inter, d + 2 * RANK), t(inter, d + 2 * RANK), t(n, d + 2 * RANK)
     b_g = t(inter, RANK)
+    dxa2, a2, dxa3, a3 = t(n, 2 * RANK), t(2 * RANK, d), t(n, 3 * RANK), t(3 * RANK, d)
+
+    def mlp_dx(rank_first: bool):
+        out = torch.mm(dxa2, a2) if rank_first else torch.mm(dy["gate"], w["gate"])
+        out.addmm_(dy["gate"], w["gate"])
+        out.addmm_(*((dy["gate"], w["gate"]) if rank_first else (dxa2, a2)))
+        return out
+
+    def qkv_dx(rank_first: bool):
+        out = torch.mm(dxa3, a3) if rank_first else torch.mm(dy["q"], w["q"])
+        out.addmm_(dy["kv"], w["kv"])
+        out.addmm_(dy["kv"], w["kv"])
+        out.addmm_(*((dy["q"], w["q"]) if rank_first else (dxa3, a3)))
+        return out
+
+    mlp_flops = 4 * n * inter * d + 2 * n * 2 * RANK * d
+    qkv_flops = 2 * n * (q + 2 * kv) * d + 2 * n * 3 * RANK * d
     rows = [
         ("fwd q  x Wq^T", 2 * n * d * q, lambda: torch.mm(x, w["q"].t())),
         ("fwd k/v  x Wk^T", 2 * n * d * kv, lambda: torch.mm(x, w["kv"].t())),
@@ -92,6 +112,10 @@ def _rows(n, d, q, kv, inter, vocab, device="cuda"):
                                                                                         out=out_pad)),
         ("pad: dgrad up accumulate  += du [Wu|0|Bu]", 2 * n * inter * (d + 2 * RANK),
          lambda: out_pad.addmm_(dy["gate"], pad_u)),
+        ("order: MLP dx as now  dg Wg, += du Wu, += dxa A", mlp_flops, lambda: mlp_dx(False)),
+        ("order: MLP dx rank-r first  dxa A, += dg Wg, += du Wu", mlp_flops, lambda: mlp_dx(True)),
+        ("order: qkv dx as now  dq Wq, += dk Wk, dv Wv, dxa A", qkv_flops, lambda: qkv_dx(False)),
+        ("order: qkv dx rank-r first", qkv_flops, lambda: qkv_dx(True)),
     ]
     only = [x for x in os.environ.get("BENCH_GEMM_ONLY", "").split(",") if x]
     return [r for r in rows if not only or any(x in r[0] for x in only)]
