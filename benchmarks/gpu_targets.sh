@@ -10,6 +10,7 @@
 # CASE-steady: the warm-up held to 15 s after its first round and ~17-20 s of timed steps, the clock a long
 # run settles at (a capped H200 fell from 1864 to ~1600 MHz over the default 3 + 8 steps); -rev runs Unsloth
 # first, then ppalli (--append), to see what the order does. ~1 min a stack more.
+# Put PPALLI_COMMIT=<hash> before the command: the results record it (the device's copy may lack .git).
 # Each case's results file and table land in OUT_DIR as CASE-<file> (2 files a case: the device tool brings
 # back 8 files at most); peers.py's per-run logs stay in /tmp/ppalli-targets/CASE/logs.
 set -uo pipefail

@@ -276,6 +276,19 @@ def place_files(specs: list[RunSpec], scratch: Path, out: Path, day: str, profil
             s.profile = str(out / f"{day}-{{gpu}}-{s.case.lower()}-profile-{s.stack}-{counts[s.stack]}.txt")
 
 
+def source_commit() -> str | None:
+    """The ppalli commit a run measures: PPALLI_COMMIT (set it in the device command: the machine's copy of
+    the tree may have no .git), else `git rev-parse` of this checkout, else None."""
+    if os.environ.get("PPALLI_COMMIT"):
+        return os.environ["PPALLI_COMMIT"]
+    try:
+        done = subprocess.run(["git", "rev-parse", "--short=7", "HEAD"], cwd=Path(__file__).resolve().parent,
+                              capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() or None if done.returncode == 0 else None
+
+
 def ppalli_config(spec: dict) -> dict:
     """The ppalli config tree (ppalli.config.from_dict) of a run: the benchmark's shape, LoRA and optimizer,
     weights pinned to the case's quantization, a dense batch (random tokens, no padding, so no packing), and
@@ -389,7 +402,8 @@ def markdown(doc: dict) -> str:
     runs, ref = doc["runs"], reference_ppalli(doc["runs"])
     versions = ", ".join(f"{k} {v}" for k, v in doc["versions"].items() if v)
     head = [f"# {doc['case']}: {doc['title']}", "",
-            f"{doc['device']}, {doc['date']}. {versions}.", "",
+            f"{doc['device']}, {doc['date']}. {versions}."
+            + (f" ppalli at {doc['commit']}." if doc.get("commit") else ""), "",
             f"Random-weight {runs[0]['model'] if runs else '?'}, LoRA r=16 on q,k,v,o,gate,up,down, bf16, fused "
             f"AdamW; model FLOPs per token {doc['flops_per_token'] / 1e9:.2f} G (4*N_matmul + 12*L*d*s + "
             f"6*N_lora, no recompute); share of the measured {doc['ceiling_tflops']:g} TFLOP/s bf16 ceiling. "
@@ -562,7 +576,8 @@ def run_case(args: argparse.Namespace) -> dict:
         sys.path.insert(0, str(site))  # so versions() reads the peers' metadata too
     env = child_env(site)
     flops = model_flops_per_token(specs[0].model_config, specs[0].seq) if specs else 0.0
-    doc = results_doc(args.case, "unknown", day, versions(), [], flops, {"command": " ".join(sys.argv)})
+    doc = results_doc(args.case, "unknown", day, versions(), [], flops,
+                      {"command": " ".join(sys.argv), "commit": source_commit()})
     logs, folders, t0 = args.out.resolve() / "logs", {}, time.perf_counter()
     for spec in specs:
         error = ensure_folder(spec, env, logs, args.timeout, folders) if spec.needs_folder else None

@@ -228,3 +228,15 @@ def test_write_results_and_append(tmp_path):
     later = {**_t1_doc(), "device": "unknown", "runs": []}
     peers.set_device(later, {"device": doc["device"], "cuda": "13.0"}, tmp_path, append=True)
     assert later["runs"] == doc["runs"] and later["cuda"] == "13.0"
+
+
+def test_the_results_name_the_commit_they_measure(monkeypatch):
+    monkeypatch.setenv("PPALLI_COMMIT", "abc1234")
+    assert peers.source_commit() == "abc1234"  # the device command's, over the checkout's git
+    monkeypatch.delenv("PPALLI_COMMIT")
+    here = peers.source_commit()
+    assert here is None or len(here) >= 7  # this checkout's HEAD where git and .git are there
+    doc = _t1_doc()
+    assert "ppalli at" not in peers.markdown(doc)
+    doc["commit"] = "abc1234"
+    assert "ppalli at abc1234." in peers.markdown(doc)
