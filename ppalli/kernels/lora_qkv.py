@@ -9,7 +9,7 @@ for each of the three base layers and each lora_A (up to six references to one t
 is the LoRA intermediates and the separate dx sums). The three A factors are stacked, (3r, d), so x A^T
 and dA = dxa^T x are one GEMM each, x read once (rank-16 GEMMs are bound by reading x: 64 MB for
 Llama-3.1-8B at N = 8192). The backward accumulates the input gradient into one dx buffer:
-    dx = dQ Wq + dK Wk + dV Wv + [sq dQ Bq, sk dK Bk, sv dV Bv] [Aq; Ak; Av].
+    dx = [sq dQ Bq, sk dK Bk, sv dV Bv] [Aq; Ak; Av] + dQ Wq + dK Wk + dV Wv   (summed in that order).
 Biases (Qwen2's q/k/v) are frozen and added by the base GEMM's addmm. The o projection is a plain
 `lora_linear` (re-exported here).
 """
@@ -72,11 +72,14 @@ class LoRAQKVFunction(torch.autograd.Function):
         for i in range(3):
             grads[4 * i + 2] = das[i]
         if need[0]:
-            dx = None
+            # The three rank-r terms first, in one GEMM that only writes dx; the base GEMMs then accumulate
+            # into it (their epilogue reads dx while they compute). Last, the skinny GEMM read and wrote dx,
+            # bound by memory: 0.408 -> 0.366 ms (1B shape) and 0.701 -> 0.643 ms (8B) for the whole sum
+            # (bench_gemm.py order: rows, H200, results/2026-12-02-h200-gemm-order.txt). The MLP's sum lost
+            # that way (1.434 -> 1.535, 2.393 -> 2.680 ms): it keeps the rank-r term last (lora_mlp.py).
+            dx = torch.mm(dxa_all, a_stack) if dxa_all is not None else None  # (N, d)
             for dy, base in zip((dq, dk, dv), ctx.bases):
                 dx = add_input_grad(dx, dy, base, None, None)  # (N, d), one buffer for all the GEMMs
-            if dxa_all is not None:
-                dx.addmm_(dxa_all, a_stack)  # the three rank-r terms in one GEMM
             grads[0] = dx
         return tuple(grads)
 
