@@ -396,8 +396,11 @@ def estimate_peak_bytes(spec: ModelSpec, *, lora_r: int = 16, lora_targets: Any 
                                                     attention=attention, attn_mask=attn_mask)
     held, rebuilt = held_activation_bytes(tokens * per_token, tokens * dt * spec.hidden, spec.layers, checkpointing,
                                           recompute_layers)
+    n_lora = lora_param_count(spec, lora_r, targets)
+    # the fused path's compute-dtype copy of every adapter weight, made per forward pass and held through the
+    # backward (ppalli/kernels/factor_cache.py): 84 MB for Llama-3.1-8B at r = 16, also under recompute
     static = (weight_bytes(spec, quant, double_quant, dt),
-              lora_state_bytes(lora_param_count(spec, lora_r, targets), optimizer))
+              lora_state_bytes(n_lora, optimizer) + (n_lora * dt if fast_path else 0))
     final_norm = tokens * final_norm_bytes_per_token(spec, dt, fast_path)
     at_loss = (held + final_norm, loss_bytes(spec, tokens, dt, fused_ce, logits_held), 0)
     work = tokens * backward_work_bytes_per_token(spec, dt, fast_path) + dequant_scratch_bytes(spec, quant, dt)
