@@ -3,7 +3,7 @@
 PEFT keeps the adapters in fp32 beside a bf16 model, and the fused blocks compute in bf16, so every forward
 cast each A and B it read (and stacked [Aq; Ak; Av] and [Ag; Au] with a cat first): 9 launches of a few
 microseconds a Llama decoder layer, 144 a Llama-3.2-1B forward, each for at most 8192 x 16 values
-(abtest counts of one step, 2026-12-02).
+(benchmarks/count_launches.py, 2026-12-02).
 
 A FactorCache makes all of a pass's copies with one `torch._foreach_copy_` (a few multi-tensor launches)
 into one new buffer, the first time a layer of a new forward pass reads a factor. A pass starts when a fused
