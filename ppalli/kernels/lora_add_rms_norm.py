@@ -24,7 +24,7 @@ import torch
 from ppalli.errors import PpalliError
 from ppalli.kernels._utils import cdiv, check_tensors, contiguous_rows, dot_upcast, jit, next_power_of_2, tl
 from ppalli.kernels.factor_cache import factor_cast
-from ppalli.kernels.lora_linear import cast, lora_bwd
+from ppalli.kernels.lora_linear import lora_bwd
 from ppalli.kernels.rms_norm import rms_norm_bwd
 
 # (rows, columns a step, warps): 16 rows, the least M of tl.dot; benchmarks/bench_lora_add_rms_norm.py sweeps it.
@@ -152,7 +152,7 @@ class LoRAAddRMSNormFunction(torch.autograd.Function):
         if xa is not None:  # the o projection's LoRA term, as lora_linear's backward forms it
             dxa, _, db = lora_bwd(dxt, None, xa.to(dxt.dtype), None, b, ctx.s, False, need[3],
                                   (None, ctx.b_dtype))  # (M, r), (d, r)
-            dxa, db = (dxa.to(xa.dtype) if need[2] else None), cast(db, ctx.b_dtype)
+            dxa = dxa.to(xa.dtype) if need[2] else None  # db is in b's dtype already
         return dxt, dxt, dxa, db, None, dw, None, None
 
 

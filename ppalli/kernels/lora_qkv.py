@@ -23,7 +23,6 @@ from ppalli.kernels.factor_cache import factor_cast
 from ppalli.kernels.lora_linear import (
     add_input_grad,
     base_mm,
-    cast,
     factor_dtypes,
     lora_bwd,
     lora_linear,
@@ -66,7 +65,7 @@ class LoRAQKVFunction(torch.autograd.Function):
                 dxa, _, db = lora_bwd(dy, None, xas[i], None, bs[i], ctx.scales[i], False, need[4 * i + 3],
                                       (None, ctx.dtypes[2 * i + 1]))
             dxas.append(dxa)
-            grads[4 * i + 3] = cast(db, ctx.dtypes[2 * i + 1])
+            grads[4 * i + 3] = db  # already in the adapter's dtype (lora_bwd's grad_dtypes)
         das, dxa_all = stacked_lora_a_grads(dxas, x, a_stack, ctx.ranks, [need[4 * i + 2] for i in range(3)],
                                             ctx.dtypes[0::2])
         for i in range(3):
