@@ -19,7 +19,10 @@ dg and du, 2 x N x I x 2 bytes a layer), at the price of leading dimensions d + 
 "order:" rows: a block's input gradient as the fast path sums it (the base GEMMs, then the rank-r term
 dxa [A_1; A_2; ...] accumulated by a skinny GEMM that reads and writes dx, memory-bound) against the rank-r
 term first (it only writes dx; the base GEMMs then accumulate with beta = 1, reading dx in their epilogue).
-BENCH_GEMM_ONLY=text,text times only the rows whose name holds one of them.
+BENCH_GEMM_ONLY=text,text times only the rows whose name holds one of them. BENCH_GEMM_TUNABLEOP=1 times each
+row again under torch's TunableOp (cuBLAS and cuBLASLt algorithms timed per shape, the fastest kept), to see
+what cuBLAS's own heuristic choice leaves on the table. BENCH_GEMM_BLAS=cublaslt makes torch call cuBLASLt
+rather than cuBLAS for the whole run.
 """
 
 import os
@@ -54,6 +57,7 @@ def _rows(n, d, q, kv, inter, vocab, device="cuda"):
     pad_g, pad_u, out_pad = t(inter, d + 2 * RANK), t(inter, d + 2 * RANK), t(n, d + 2 * RANK)
     b_g = t(inter, RANK)
     dxa2, a2, dxa3, a3 = t(n, 2 * RANK), t(2 * RANK, d), t(n, 3 * RANK), t(3 * RANK, d)
+    dxa1, a_o = t(n, RANK), t(RANK, q)
 
     def mlp_dx(rank_first: bool):
         out = torch.mm(dxa2, a2) if rank_first else torch.mm(dy["gate"], w["gate"])
@@ -68,8 +72,14 @@ def _rows(n, d, q, kv, inter, vocab, device="cuda"):
         out.addmm_(*((dy["q"], w["q"]) if rank_first else (dxa3, a3)))
         return out
 
+    def o_dx(rank_first: bool):
+        out = torch.mm(dxa1, a_o) if rank_first else torch.mm(dy["d"], w["o"])  # (N, q)
+        out.addmm_(*((dy["d"], w["o"]) if rank_first else (dxa1, a_o)))
+        return out
+
     mlp_flops = 4 * n * inter * d + 2 * n * 2 * RANK * d
     qkv_flops = 2 * n * (q + 2 * kv) * d + 2 * n * 3 * RANK * d
+    o_flops = 2 * n * d * q + 2 * n * RANK * q
     rows = [
         ("fwd q  x Wq^T", 2 * n * d * q, lambda: torch.mm(x, w["q"].t())),
         ("fwd k/v  x Wk^T", 2 * n * d * kv, lambda: torch.mm(x, w["kv"].t())),
@@ -116,17 +126,43 @@ def _rows(n, d, q, kv, inter, vocab, device="cuda"):
         ("order: MLP dx rank-r first  dxa A, += dg Wg, += du Wu", mlp_flops, lambda: mlp_dx(True)),
         ("order: qkv dx as now  dq Wq, += dk Wk, dv Wv, dxa A", qkv_flops, lambda: qkv_dx(False)),
         ("order: qkv dx rank-r first", qkv_flops, lambda: qkv_dx(True)),
+        ("order: o dx as now  do Wo, += dxa Ao", o_flops, lambda: o_dx(False)),
+        ("order: o dx rank-r first", o_flops, lambda: o_dx(True)),
     ]
     only = [x for x in os.environ.get("BENCH_GEMM_ONLY", "").split(",") if x]
     return [r for r in rows if not only or any(x in r[0] for x in only)]
 
 
+def _tuned_ms(rows) -> list[float]:
+    """Each row timed again with TunableOp on: every cuBLAS/cuBLASLt algorithm it lists for the row's GEMMs is
+    timed once on first call (10 ms or 20 runs a candidate) and the fastest is used from then on."""
+    from torch.cuda import tunable
+
+    tunable.set_filename(f"/tmp/bench-gemm-tunableop-{os.getpid()}.csv")
+    tunable.set_max_tuning_duration(10)
+    tunable.set_max_tuning_iterations(20)
+    tunable.enable(True)
+    tunable.tuning_enable(True)
+    try:
+        times = []
+        for _, _, fn in rows:
+            fn()  # tunes each GEMM the row calls
+            times.append(median_ms(fn))
+        return times
+    finally:
+        tunable.enable(False)
+
+
 def bench_shape(name: str, *shape) -> dict:
     out = {"shape": name, "dims": dict(zip(("tokens", "hidden", "q", "kv", "intermediate", "vocab"), shape)),
            "gemms": []}
-    for label, flops, fn in _rows(*shape):
+    rows = _rows(*shape)
+    for label, flops, fn in rows:
         ms = median_ms(fn)
         out["gemms"].append({"gemm": label, "ms": round(ms, 4), "tflops": round(flops / ms / 1e9, 1)})
+    if os.environ.get("BENCH_GEMM_TUNABLEOP") == "1":
+        for g, ms in zip(out["gemms"], _tuned_ms(rows)):
+            g["tunableop_ms"] = round(ms, 4)
     best = max(g["tflops"] for g in out["gemms"])
     for g in out["gemms"]:
         g["share_of_best"] = round(g["tflops"] / best, 3)
@@ -136,8 +172,13 @@ def bench_shape(name: str, *shape) -> dict:
 def report(r: dict) -> None:
     print(f"{r['shape']}: {r['dims']}")
     for g in r["gemms"]:
-        print(f"  {g['gemm']:<45} {g['ms']:8.3f} ms {g['tflops']:7.1f} TFLOP/s ({g['share_of_best']:.0%})")
+        tuned = ""
+        if "tunableop_ms" in g:
+            tuned = f"  TunableOp {g['tunableop_ms']:8.3f} ms ({g['ms'] / g['tunableop_ms']:.3f}x)"
+        print(f"  {g['gemm']:<45} {g['ms']:8.3f} ms {g['tflops']:7.1f} TFLOP/s ({g['share_of_best']:.0%}){tuned}")
 
 
 if __name__ == "__main__":
+    if os.environ.get("BENCH_GEMM_BLAS"):  # "cublas" or "cublaslt": which library torch's mm calls
+        torch.backends.cuda.preferred_blas_library(os.environ["BENCH_GEMM_BLAS"])
     main(__doc__, MODELS, bench_shape, report)
