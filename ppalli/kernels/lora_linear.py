@@ -231,8 +231,15 @@ def lora_bwd(dy, x, xa, a, b, s, need_a: bool, need_b: bool, grad_dtypes=(None, 
 
 
 def add_input_grad(dx, dy, base, dxa, a):
-    """dx (N, in) += dy W + dxa A, allocating dx when it is None; returns dx."""
+    """dx (N, in) += dy W + dxa A, allocating dx when it is None; returns dx.
+
+    A new dx takes the rank-r term first: that skinny GEMM then only writes dx, and the base GEMM accumulates
+    into it (beta = 1, dx read in its epilogue) instead of the skinny GEMM reading and writing dx after it, a
+    memory-bound pass. o projection shapes, bench_gemm.py `order: o dx` rows (H200, results/2026-12-03-*).
+    """
     w = base_weight(base, dy.dtype)  # (out, in), dequantized again for 4-bit rather than kept from the forward
+    if dx is None and dxa is not None:
+        dx, dxa = torch.mm(dxa, cast(a, dy.dtype)), None  # (N, in)
     if dx is None:
         dx = torch.mm(dy, w)
     else:
