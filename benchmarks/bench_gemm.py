@@ -19,10 +19,9 @@ dg and du, 2 x N x I x 2 bytes a layer), at the price of leading dimensions d + 
 "order:" rows: a block's input gradient as the fast path sums it (the base GEMMs, then the rank-r term
 dxa [A_1; A_2; ...] accumulated by a skinny GEMM that reads and writes dx, memory-bound) against the rank-r
 term first (it only writes dx; the base GEMMs then accumulate with beta = 1, reading dx in their epilogue).
-BENCH_GEMM_ONLY=text,text times only the rows whose name holds one of them. BENCH_GEMM_TUNABLEOP=1 times each
-row again under torch's TunableOp (cuBLAS and cuBLASLt algorithms timed per shape, the fastest kept), to see
-what cuBLAS's own heuristic choice leaves on the table. BENCH_GEMM_BLAS=cublaslt makes torch call cuBLASLt
-rather than cuBLAS for the whole run.
+BENCH_GEMM_ONLY=text,text times only the rows whose name holds one of them. BENCH_GEMM_BLAS=cublaslt makes
+torch call cuBLASLt rather than cuBLAS for the whole run (PYTORCH_TUNABLEOP_ENABLED=1, every algorithm timed per
+shape, was mixed on the H100: results/2026-11-25-h100-gemm-tunableop.txt, and T1 slower with it).
 """
 
 import os
@@ -133,36 +132,12 @@ def _rows(n, d, q, kv, inter, vocab, device="cuda"):
     return [r for r in rows if not only or any(x in r[0] for x in only)]
 
 
-def _tuned_ms(rows) -> list[float]:
-    """Each row timed again with TunableOp on: every cuBLAS/cuBLASLt algorithm it lists for the row's GEMMs is
-    timed once on first call (10 ms or 20 runs a candidate) and the fastest is used from then on."""
-    from torch.cuda import tunable
-
-    tunable.set_filename(f"/tmp/bench-gemm-tunableop-{os.getpid()}.csv")
-    tunable.set_max_tuning_duration(10)
-    tunable.set_max_tuning_iterations(20)
-    tunable.enable(True)
-    tunable.tuning_enable(True)
-    try:
-        times = []
-        for _, _, fn in rows:
-            fn()  # tunes each GEMM the row calls
-            times.append(median_ms(fn))
-        return times
-    finally:
-        tunable.enable(False)
-
-
 def bench_shape(name: str, *shape) -> dict:
     out = {"shape": name, "dims": dict(zip(("tokens", "hidden", "q", "kv", "intermediate", "vocab"), shape)),
            "gemms": []}
-    rows = _rows(*shape)
-    for label, flops, fn in rows:
+    for label, flops, fn in _rows(*shape):
         ms = median_ms(fn)
         out["gemms"].append({"gemm": label, "ms": round(ms, 4), "tflops": round(flops / ms / 1e9, 1)})
-    if os.environ.get("BENCH_GEMM_TUNABLEOP") == "1":
-        for g, ms in zip(out["gemms"], _tuned_ms(rows)):
-            g["tunableop_ms"] = round(ms, 4)
     best = max(g["tflops"] for g in out["gemms"])
     for g in out["gemms"]:
         g["share_of_best"] = round(g["tflops"] / best, 3)
@@ -172,10 +147,7 @@ def bench_shape(name: str, *shape) -> dict:
 def report(r: dict) -> None:
     print(f"{r['shape']}: {r['dims']}")
     for g in r["gemms"]:
-        tuned = ""
-        if "tunableop_ms" in g:
-            tuned = f"  TunableOp {g['tunableop_ms']:8.3f} ms ({g['ms'] / g['tunableop_ms']:.3f}x)"
-        print(f"  {g['gemm']:<45} {g['ms']:8.3f} ms {g['tflops']:7.1f} TFLOP/s ({g['share_of_best']:.0%}){tuned}")
+        print(f"  {g['gemm']:<45} {g['ms']:8.3f} ms {g['tflops']:7.1f} TFLOP/s ({g['share_of_best']:.0%})")
 
 
 if __name__ == "__main__":
