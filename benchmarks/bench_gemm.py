@@ -16,9 +16,10 @@ of triton.testing.do_bench; TFLOP/s = 2 M N K / time; the share is of the best r
 "pad:" rows: gate and up weights stored in (I, d + 2r) buffers, [Wg | Bg | 0] and [Wu | 0 | Bu] (r = 16), so
 the dgrad GEMMs also give the rank-r products dg Bg and du Bu as 2r more output columns (no second read of
 dg and du, 2 x N x I x 2 bytes a layer), at the price of leading dimensions d + 2r instead of d.
-"order:" rows: a block's input gradient as the fast path sums it (the base GEMMs, then the rank-r term
-dxa [A_1; A_2; ...] accumulated by a skinny GEMM that reads and writes dx, memory-bound) against the rank-r
-term first (it only writes dx; the base GEMMs then accumulate with beta = 1, reading dx in their epilogue).
+"order:" rows: a block's input gradient with the rank-r term last (the base GEMMs, then dxa [A_1; A_2; ...]
+accumulated by a skinny GEMM that reads and writes dx, memory-bound) against the rank-r term first (it only
+writes dx; the base GEMMs then accumulate with beta = 1, reading dx in their epilogue). The fast path sums
+q/k/v and o rank-r first, the MLP rank-r last (H200: results/2026-12-02-h200-gemm-order.txt, 2026-12-03-*-gemm-*).
 BENCH_GEMM_ONLY=text,text times only the rows whose name holds one of them. BENCH_GEMM_BLAS=cublaslt makes
 torch call cuBLASLt rather than cuBLAS for the whole run (PYTORCH_TUNABLEOP_ENABLED=1, every algorithm timed per
 shape, was mixed on the H100: results/2026-11-25-h100-gemm-tunableop.txt, and T1 slower with it).
@@ -121,11 +122,11 @@ def _rows(n, d, q, kv, inter, vocab, device="cuda"):
                                                                                         out=out_pad)),
         ("pad: dgrad up accumulate  += du [Wu|0|Bu]", 2 * n * inter * (d + 2 * RANK),
          lambda: out_pad.addmm_(dy["gate"], pad_u)),
-        ("order: MLP dx as now  dg Wg, += du Wu, += dxa A", mlp_flops, lambda: mlp_dx(False)),
+        ("order: MLP dx rank-r last  dg Wg, += du Wu, += dxa A", mlp_flops, lambda: mlp_dx(False)),
         ("order: MLP dx rank-r first  dxa A, += dg Wg, += du Wu", mlp_flops, lambda: mlp_dx(True)),
-        ("order: qkv dx as now  dq Wq, += dk Wk, dv Wv, dxa A", qkv_flops, lambda: qkv_dx(False)),
+        ("order: qkv dx rank-r last  dq Wq, += dk Wk, dv Wv, dxa A", qkv_flops, lambda: qkv_dx(False)),
         ("order: qkv dx rank-r first", qkv_flops, lambda: qkv_dx(True)),
-        ("order: o dx as now  do Wo, += dxa Ao", o_flops, lambda: o_dx(False)),
+        ("order: o dx rank-r last  do Wo, += dxa Ao", o_flops, lambda: o_dx(False)),
         ("order: o dx rank-r first", o_flops, lambda: o_dx(True)),
     ]
     only = [x for x in os.environ.get("BENCH_GEMM_ONLY", "").split(",") if x]

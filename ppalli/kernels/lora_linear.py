@@ -235,7 +235,8 @@ def add_input_grad(dx, dy, base, dxa, a):
 
     A new dx takes the rank-r term first: that skinny GEMM then only writes dx, and the base GEMM accumulates
     into it (beta = 1, dx read in its epilogue) instead of the skinny GEMM reading and writing dx after it, a
-    memory-bound pass. o projection shapes, bench_gemm.py `order: o dx` rows (H200, results/2026-12-03-*).
+    memory-bound pass. bench_gemm.py `order: o dx` rows (H200, results/2026-12-03-h200-gemm-cublas.txt): 0.435
+    -> 0.411 ms at the 8B shape, 0.253 -> 0.222 ms at the 1B one.
     """
     w = base_weight(base, dy.dtype)  # (out, in), dequantized again for 4-bit rather than kept from the forward
     if dx is None and dxa is not None:
