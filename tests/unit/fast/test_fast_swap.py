@@ -8,11 +8,13 @@ import textwrap
 
 import pytest
 import torch
-from fast_reference import assert_close, grads_of, reference_loss, tiny_lora_model
+from fast_reference import CPU_TIER, assert_close, grads_of, reference_loss, tiny_lora_model
 
 pytest.importorskip("triton")
 from ppalli.errors import PpalliError  # noqa: E402
 from ppalli.models.fast import apply_fast_path, backbone_of, fast_causal_lm_loss, supports  # noqa: E402
+
+pytestmark = CPU_TIER
 
 # Gemma-2 logit softcapping is missing from HF's SDPA path: its reference runs eager.
 FAMILIES = {"llama": "sdpa", "qwen2": "sdpa", "qwen3": "sdpa", "mistral": "sdpa", "gemma": "sdpa",

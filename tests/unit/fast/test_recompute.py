@@ -5,13 +5,15 @@ recomputes exactly the layers it names."""
 
 import pytest
 import torch
-from fast_reference import assert_close, grads_of, tiny_lora_model
+from fast_reference import CPU_TIER, assert_close, grads_of, tiny_lora_model
 
 pytest.importorskip("triton")
 import ppalli.kernels.lora_mlp as lora_mlp  # noqa: E402
 from ppalli.kernels._utils import current_stash, is_recomputing, recompute_stash, recomputing  # noqa: E402
 from ppalli.models.fast import apply_fast_path, backbone_of, fast_causal_lm_loss  # noqa: E402
 from ppalli.train import recompute  # noqa: E402
+
+pytestmark = CPU_TIER
 
 
 def _batch():

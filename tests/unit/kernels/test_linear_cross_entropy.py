@@ -92,19 +92,3 @@ def test_rejects_bad_arguments():
         lce.linear_cross_entropy(hidden, weight, labels, reduction="none")
     with pytest.raises(PpalliError, match="hidden \\(N, d\\)"):
         lce.linear_cross_entropy(hidden, weight.t(), labels)
-
-
-@pytest.mark.parametrize("programs", [1, 3, 36])
-def test_fewer_programs_than_rows_walk_every_row(programs):
-    """A grid smaller than the rows (each program walks every programs-th row, ignored rows among them) gives
-    the losses and gradients of the one-program-per-row grid, bit for bit."""
-    torch.manual_seed(1)
-    logits = torch.randn(N, V, device=DEVICE, dtype=DTYPE) * 2
-    labels = torch.randint(0, V, (N,), device=DEVICE)
-    labels[::4] = -100
-    want_grad, got_grad = logits.clone(), logits.clone()
-    want_loss, got_loss = (torch.full((N,), float("nan"), device=DEVICE) for _ in range(2))
-    lce._cross_entropy_rows(want_grad, labels, want_loss, -100, None, block=32)
-    lce._cross_entropy_rows(got_grad, labels, got_loss, -100, None, programs=programs, block=32)
-    assert torch.equal(got_loss, want_loss) and torch.equal(got_grad, want_grad)
-    assert not got_loss.isnan().any() and (got_grad[::4] == 0).all()
