@@ -235,8 +235,10 @@ def add_input_grad(dx, dy, base, dxa, a):
 
     A new dx takes the rank-r term first: that skinny GEMM then only writes dx, and the base GEMM accumulates
     into it (beta = 1, dx read in its epilogue) instead of the skinny GEMM reading and writing dx after it, a
-    memory-bound pass. bench_gemm.py `order: o dx` rows (H200, results/2026-12-03-h200-gemm-cublas.txt): 0.435
-    -> 0.411 ms at the 8B shape, 0.253 -> 0.222 ms at the 1B one.
+    memory-bound pass. bench_gemm.py `order:` rows on the H200: o 0.435 -> 0.411 ms (8B shape), 0.253 -> 0.222
+    (1B) (results/2026-12-03-h200-gemm-cublas.txt); q/k/v's whole sum 0.701 -> 0.643, 0.408 -> 0.366
+    (results/2026-12-02-h200-gemm-order.txt). The MLP's sum measured mixed that way (1.434 -> 1.535 and 2.393 ->
+    2.680 ms there, 2.820 -> 2.760 at 8B on 2026-12-03): lora_mlp.py adds its rank-r term last itself.
     """
     w = base_weight(base, dy.dtype)  # (out, in), dequantized again for 4-bit rather than kept from the forward
     if dx is None and dxa is not None:

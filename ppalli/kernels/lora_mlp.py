@@ -114,7 +114,7 @@ class LoRAMLPFunction(torch.autograd.Function):
         if need[0]:
             dx = add_input_grad(None, dgate, gb, None, None)  # (N, d)
             dx = add_input_grad(dx, dup, ub, None, None)
-            if dxa_all is not None:  # both rank-r terms in one GEMM, last: first lost here (lora_qkv.py)
+            if dxa_all is not None:  # both rank-r terms in one GEMM, last (see add_input_grad)
                 dx.addmm_(dxa_all, a_stack)
         g_dB, u_dB, d_da, d_dB = (cast(t, dt) for t, dt in ((g_dB, dtypes[1]), (u_dB, dtypes[3]), (d_da, dtypes[4]),
                                                             (d_dB, dtypes[5])))

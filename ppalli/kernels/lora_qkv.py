@@ -71,14 +71,10 @@ class LoRAQKVFunction(torch.autograd.Function):
         for i in range(3):
             grads[4 * i + 2] = das[i]
         if need[0]:
-            # The three rank-r terms first, in one GEMM that only writes dx; the base GEMMs then accumulate
-            # into it (their epilogue reads dx while they compute). Last, the skinny GEMM read and wrote dx,
-            # bound by memory: 0.408 -> 0.366 ms (1B shape) and 0.701 -> 0.643 ms (8B) for the whole sum
-            # (bench_gemm.py order: rows, H200, results/2026-12-02-h200-gemm-order.txt). The MLP's sum lost
-            # that way (1.434 -> 1.535, 2.393 -> 2.680 ms): it keeps the rank-r term last (lora_mlp.py).
-            dx = torch.mm(dxa_all, a_stack) if dxa_all is not None else None  # (N, d)
-            for dy, base in zip((dq, dk, dv), ctx.bases):
-                dx = add_input_grad(dx, dy, base, None, None)  # (N, d), one buffer for all the GEMMs
+            # the three rank-r terms first, in one GEMM (add_input_grad's order), then dk Wk and dv Wv
+            dx = add_input_grad(None, dq, ctx.bases[0], dxa_all, a_stack)  # (N, d), one buffer for all
+            for dy, base in zip((dk, dv), ctx.bases[1:]):
+                dx = add_input_grad(dx, dy, base, None, None)
             grads[0] = dx
         return tuple(grads)
 

@@ -4,17 +4,17 @@ which is what the training loop's reference path computes."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ppalli.kernels._utils import interpreting
+
 # The swap tests build their tiny models on the CPU and run the kernels in Triton's interpreter, which
 # tests/conftest.py switches on only where there is no CUDA; on a GPU machine apply_fast_path refuses a CPU
 # model (as it should), so those modules skip there and tests/gpu/test_fast_gpu.py covers CUDA.
-CPU_TIER = pytest.mark.skipif(torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+CPU_TIER = pytest.mark.skipif(torch.cuda.is_available() and not interpreting(),
                               reason="CPU tier: tiny CPU models through the Triton interpreter (tests/gpu covers CUDA)")
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -31,7 +31,7 @@ def _has_ptxas() -> bool:
 def test_every_kernel_compiles_for_sm90_and_sm80():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = str(Path(__file__).resolve().parents[3])  # the checkout: ppalli imports without `pip install -e .`
-    env["PYTHONPATH"] = os.pathsep.join([root] + [x for x in [env.get("PYTHONPATH")] if x])
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
     script = Path(__file__).with_name("compile_cuda.py")
     done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=900)
     tail = "\n".join(done.stdout.splitlines()[-30:]) + done.stderr[-3000:]
