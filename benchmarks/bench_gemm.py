@@ -20,6 +20,8 @@ dg and du, 2 x N x I x 2 bytes a layer), at the price of leading dimensions d + 
 accumulated by a skinny GEMM that reads and writes dx, memory-bound) against the rank-r term first (it only
 writes dx; the base GEMMs then accumulate with beta = 1, reading dx in their epilogue). The fast path sums
 q/k/v and o rank-r first, the MLP rank-r last (H200: results/2026-12-02-h200-gemm-order.txt, 2026-12-03-*-gemm-*).
+"order: qkv dx stacked" is lora_qkv's backward with RoPE inside and the weights stacked: dv copied into the
+(N, q + 2 kv) buffer beside dq and dk, the rank-r term, then one base GEMM over K = q + 2 kv.
 BENCH_GEMM_ONLY=text,text times only the rows whose name holds one of them. BENCH_GEMM_BLAS=cublaslt makes
 torch call cuBLASLt rather than cuBLAS for the whole run (PYTORCH_TUNABLEOP_ENABLED=1, every algorithm timed per
 shape, was mixed on the H100: results/2026-11-25-h100-gemm-tunableop.txt, and T1 slower with it).
@@ -71,6 +73,10 @@ def _rows(n, d, q, kv, inter, vocab, device="cuda"):
         out.addmm_(dy["kv"], w["kv"])
         out.addmm_(*((dy["q"], w["q"]) if rank_first else (dxa3, a3)))
         return out
+
+    def qkv_dx_stacked():  # lora_qkv with RoPE inside: dv copied beside RoPE's dq, dk; one base GEMM over K
+        dy["qkv"][:, q + kv:].copy_(dy["kv"])
+        return torch.mm(dxa3, a3).addmm_(dy["qkv"], w_qkv)
 
     def o_dx(rank_first: bool):
         out = torch.mm(dxa1, a_o) if rank_first else torch.mm(dy["d"], w["o"])  # (N, q)
@@ -126,6 +132,8 @@ def _rows(n, d, q, kv, inter, vocab, device="cuda"):
         ("order: MLP dx rank-r first  dxa A, += dg Wg, += du Wu", mlp_flops, lambda: mlp_dx(True)),
         ("order: qkv dx rank-r last  dq Wq, += dk Wk, dv Wv, dxa A", qkv_flops, lambda: qkv_dx(False)),
         ("order: qkv dx rank-r first", qkv_flops, lambda: qkv_dx(True)),
+        ("order: qkv dx stacked  dv copied, dxa A, += [dq dk dv] [Wq;Wk;Wv]", qkv_flops, qkv_dx_stacked),
+        ("alt: fwd q+k stacked  x [Wq;Wk]^T", 2 * n * d * (q + kv), lambda: torch.mm(x, w_qkv[:q + kv].t())),
         ("order: o dx rank-r last  do Wo, += dxa Ao", o_flops, lambda: o_dx(False)),
         ("order: o dx rank-r first", o_flops, lambda: o_dx(True)),
     ]

@@ -231,7 +231,8 @@ def lora_bwd(dy, x, xa, a, b, s, need_a: bool, need_b: bool, grad_dtypes=(None, 
 
 
 def add_input_grad(dx, dy, base, dxa, a):
-    """dx (N, in) += dy W + dxa A, allocating dx when it is None; returns dx.
+    """dx (N, in) += dy W + dxa A, allocating dx when it is None; returns dx. base: the frozen layer, or its
+    (out, in) weight itself (lora_qkv's stacked [Wq; Wk; Wv]).
 
     A new dx takes the rank-r term first: that skinny GEMM then only writes dx, and the base GEMM accumulates
     into it (beta = 1, dx read in its epilogue) instead of the skinny GEMM reading and writing dx after it, a
@@ -240,7 +241,8 @@ def add_input_grad(dx, dy, base, dxa, a):
     (results/2026-12-02-h200-gemm-order.txt). The MLP's sum measured mixed that way (1.434 -> 1.535 and 2.393 ->
     2.680 ms there, 2.820 -> 2.760 at 8B on 2026-12-03): lora_mlp.py adds its rank-r term last itself.
     """
-    w = base_weight(base, dy.dtype)  # (out, in), dequantized again for 4-bit rather than kept from the forward
+    # (out, in), dequantized again for 4-bit rather than kept from the forward
+    w = base if isinstance(base, torch.Tensor) else base_weight(base, dy.dtype)
     if dx is None and dxa is not None:
         dx, dxa = torch.mm(dxa, cast(a, dy.dtype)), None  # (N, in)
     if dx is None:

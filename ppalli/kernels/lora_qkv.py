@@ -1,4 +1,4 @@
-"""The q, k, v projections of attention with LoRA on each, fused, sharing one saved input.
+"""The q, k, v projections of attention with LoRA on each, fused, sharing one saved input; RoPE inside.
 
     Q = x Wq^T + bq + sq (x Aq^T) Bq^T      (N, Hq*D)
     K = x Wk^T + bk + sk (x Ak^T) Bk^T      (N, Hk*D)
@@ -9,9 +9,16 @@ for each of the three base layers and each lora_A (up to six references to one t
 is the LoRA intermediates and the separate dx sums). The three A factors are stacked, (3r, d), so x A^T
 and dA = dxa^T x are one GEMM each, x read once (rank-16 GEMMs are bound by reading x: 64 MB for
 Llama-3.1-8B at N = 8192). The backward accumulates the input gradient into one dx buffer:
-    dx = [sq dQ Bq, sk dK Bk, sv dV Bv] [Aq; Ak; Av] + dQ Wq + dK Wk + dV Wv   (summed in that order).
+    dx = [sq dQ Bq, sk dK Bk, sv dV Bv] [Aq; Ak; Av] + [dQ dK dV] [Wq; Wk; Wv]   (rank-r term first)
 Biases (Qwen2's q/k/v) are frozen and added by the base GEMM's addmm. The o projection is a plain
 `lora_linear` (re-exported here).
+
+With rope=(cos, sin) (layers whose q and k go from the projections straight into RoPE) the block returns
+rotated q, k and v as (B, H, T, D) views, and its backward writes RoPE's transpose of dq and dk, and dv,
+into the column blocks of one (N, Hq*D + 2 Hk*D) buffer. When the base weights are row blocks of one
+(Hq*D + 2 Hk*D, d) tensor (the fast path lays them out so: `stack_base_weights`), the base term of dx is
+then one GEMM over K = Hq*D + 2 Hk*D instead of one GEMM and two accumulating ones that each read and write
+dx, for one (N, Hk*D) copy of dv. Otherwise each base term is its own GEMM into dx.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ppalli.errors import PpalliError
 from ppalli.kernels.factor_cache import factor_cast
 from ppalli.kernels.lora_linear import (
     add_input_grad,
@@ -27,18 +35,111 @@ from ppalli.kernels.lora_linear import (
     lora_bwd,
     lora_linear,
     lora_parts,
+    out_features,
     stacked_lora_a,
     stacked_lora_a_grads,
 )
+from ppalli.kernels.rope import rope_fwd
 
-__all__ = ["LoRAQKVFunction", "lora_linear", "lora_qkv"]
+__all__ = ["LoRAQKVFunction", "lora_linear", "lora_qkv", "stack_base_weights", "stacked_base_weight",
+           "unstack_base_weights"]
+
+_LEAD = 4  # forward's arguments before the (base, A, B, scale) of q, k and v: x, cos, sin, heads
+
+
+# --------------------------------------------------------------------------- one weight for q, k and v
+
+
+def _weights(bases) -> list[torch.Tensor] | None:
+    """The bases' (out, in) 16-bit weights when all three share dtype, device and in, else None (4-bit: None)."""
+    ws = [getattr(b, "weight", None) for b in bases]
+    if any(w is None or w.dim() != 2 or not w.is_floating_point() for w in ws):
+        return None
+    first = ws[0]
+    if any(w.dtype != first.dtype or w.device != first.device or w.shape[1] != first.shape[1] for w in ws):
+        return None
+    return ws
+
+
+def stacked_base_weight(bases, dtype: torch.dtype) -> torch.Tensor | None:
+    """The (sum out, in) tensor whose row blocks are the base layers' weights, in order, when they lie one
+    after another in one storage in `dtype` (stack_base_weights), else None. Checked at each use: a .to(),
+    a merge or a load may have moved any of them since."""
+    if torch.compiler.is_compiling():  # no data pointers to compare while tracing: the per-weight GEMMs
+        return None
+    ws = _weights(bases)
+    if ws is None or ws[0].dtype != dtype:
+        return None
+    first, ptr = ws[0].detach(), ws[0].data_ptr()
+    base = first.untyped_storage().data_ptr()
+    for w in ws:
+        if not w.is_contiguous() or w.data_ptr() != ptr or w.untyped_storage().data_ptr() != base:
+            return None
+        ptr += w.numel() * w.element_size()
+    return first.as_strided((sum(w.shape[0] for w in ws), first.shape[1]), (first.shape[1], 1))
+
+
+@torch.no_grad()
+def stack_base_weights(bases) -> bool:
+    """Lay the frozen base weights out as row blocks of one new tensor (each parameter keeps its identity and
+    values, its .data becomes a view), so stacked_base_weight finds them. False when they cannot be (4-bit,
+    mixed dtypes or shapes); unstack_base_weights undoes it."""
+    ws = _weights(bases)
+    if ws is None:
+        return False
+    if stacked_base_weight(bases, ws[0].dtype) is None:
+        stack, row = torch.cat([w.detach() for w in ws]), 0  # (sum out, in)
+        for w in ws:
+            w.data = stack[row:row + w.shape[0]]
+            row += w.shape[0]
+    return True
+
+
+@torch.no_grad()
+def unstack_base_weights(bases) -> None:
+    """Give each base weight its own storage again (a copy each; the shared block is freed with the last)."""
+    ws = _weights(bases)
+    if ws is not None and stacked_base_weight(bases, ws[0].dtype) is not None:
+        for w in ws:
+            w.data = w.data.clone()
+
+
+# --------------------------------------------------------------------------- RoPE inside the block
+
+
+def _heads(y: torch.Tensor, b: int, d: int) -> torch.Tensor:
+    """(N, H*D), rows of unit stride or a column block of a wider buffer -> (B, H, T, D) view."""
+    return y.view(b, -1, y.shape[1] // d, d).transpose(1, 2)
+
+
+def _rotate(outs, cos, sin, heads):
+    """(q, k, v) (N, H*D) -> RoPE'd q, k (new (B, T, H, D) memory) and v, as (B, H, T, D)."""
+    b, d = heads
+    q, k, v = (_heads(o, b, d) for o in outs)
+    return (*rope_fwd(q, k, cos, sin), v)
+
+
+def _rotate_grads(dq, dk, dv, cos, sin, heads):
+    """dq, dk, dv (B, H, T, D) -> one (N, Hq*D + 2 Hk*D) buffer holding RoPE's transpose of dq and dk, and dv,
+    and its three column blocks (N, H*D)."""
+    b, d = heads
+    widths = [g.shape[1] * d for g in (dq, dk, dv)]
+    buf = dq.new_empty(b * dq.shape[2], sum(widths))  # (N, Hq*D + 2 Hk*D)
+    cols = buf.split(widths, dim=1)
+    rope_fwd(dq, dk, cos, sin, backward=True, out=(_heads(cols[0], b, d), _heads(cols[1], b, d)))
+    _heads(cols[2], b, d).copy_(dv)
+    return buf, cols
+
+
+# --------------------------------------------------------------------------- the block
 
 
 class LoRAQKVFunction(torch.autograd.Function):
-    """Three LoRA Linears over one input; the base weights stay frozen."""
+    """Three LoRA Linears over one input; the base weights stay frozen. With cos, sin (and heads = (B, D)),
+    RoPE on q and k and (B, H, T, D) outputs."""
 
     @staticmethod
-    def forward(ctx, x, qb, qa, qB, qs, kb, ka, kB, ks, vb, va, vB, vs):
+    def forward(ctx, x, cos, sin, heads, qb, qa, qB, qs, kb, ka, kB, ks, vb, va, vB, vs):
         ctx.ranks = [None if a is None else a.shape[0] for a in (qa, ka, va)]
         ctx.dtypes = factor_dtypes(qa, qB, ka, kB, va, vB)
         xas, a_stack = stacked_lora_a(x, (qa, ka, va))  # three (N, r) views of one GEMM: x read once
@@ -49,39 +150,60 @@ class LoRAQKVFunction(torch.autograd.Function):
             if xa is not None:
                 y.addmm_(xa, b.t(), alpha=s)
             outs.append(y)
-        ctx.save_for_backward(x, *xas, a_stack, *bs)
+        ctx.heads = heads if cos is not None else None
+        ctx.save_for_backward(x, cos, sin, *xas, a_stack, *bs)
         ctx.bases, ctx.scales = (qb, kb, vb), (qs, ks, vs)
-        return tuple(outs)
+        return tuple(outs) if ctx.heads is None else _rotate(outs, cos, sin, heads)
 
     @staticmethod
     def backward(ctx, dq, dk, dv):
         saved = ctx.saved_tensors  # unpacked once: non-reentrant checkpointing allows a single unpack
-        x, xas, a_stack, bs = saved[0], saved[1:4], saved[4], saved[5:]
-        need = ctx.needs_input_grad
-        grads, dxas = [None] * 13, []
+        x, cos, sin, xas, a_stack, bs = saved[0], saved[1], saved[2], saved[3:6], saved[6], saved[7:]
+        dqkv = None
+        if ctx.heads is not None:
+            dqkv, (dq, dk, dv) = _rotate_grads(dq, dk, dv, cos, sin, ctx.heads)
+        need = ctx.needs_input_grad[_LEAD:]  # (base, A, B, scale) of q, k, v
+        grads, dxas = [None] * 12, []
         for i, dy in enumerate((dq, dk, dv)):
             dxa = db = None
             if ctx.ranks[i] is not None:
-                dxa, _, db = lora_bwd(dy, None, xas[i], None, bs[i], ctx.scales[i], False, need[4 * i + 3],
+                dxa, _, db = lora_bwd(dy, None, xas[i], None, bs[i], ctx.scales[i], False, need[4 * i + 2],
                                       (None, ctx.dtypes[2 * i + 1]))
             dxas.append(dxa)
-            grads[4 * i + 3] = db  # already in the adapter's dtype (lora_bwd's grad_dtypes)
-        das, dxa_all = stacked_lora_a_grads(dxas, x, a_stack, ctx.ranks, [need[4 * i + 2] for i in range(3)],
+            grads[4 * i + 2] = db  # already in the adapter's dtype (lora_bwd's grad_dtypes)
+        das, dxa_all = stacked_lora_a_grads(dxas, x, a_stack, ctx.ranks, [need[4 * i + 1] for i in range(3)],
                                             ctx.dtypes[0::2])
         for i in range(3):
-            grads[4 * i + 2] = das[i]
-        if need[0]:
-            # the three rank-r terms first, in one GEMM (add_input_grad's order), then dk Wk and dv Wv
-            dx = add_input_grad(None, dq, ctx.bases[0], dxa_all, a_stack)  # (N, d), one buffer for all
-            for dy, base in zip((dk, dv), ctx.bases[1:]):
-                dx = add_input_grad(dx, dy, base, None, None)
-            grads[0] = dx
-        return tuple(grads)
+            grads[4 * i + 1] = das[i]
+        dx = _input_grad(ctx.bases, (dq, dk, dv), dqkv, dxa_all, a_stack) if ctx.needs_input_grad[0] else None
+        return (dx, None, None, None, *grads)
 
 
-def lora_qkv(x: torch.Tensor, q: nn.Module, k: nn.Module, v: nn.Module):
-    """x (..., d) through the q, k, v PEFT LoRA Linears -> (Q (..., Hq*D), K (..., Hk*D), V (..., Hk*D))."""
+def _input_grad(bases, dys, dqkv, dxa_all, a_stack):
+    """dx (N, d): the three rank-r terms first, in one GEMM (add_input_grad's order), then the base terms, in one
+    GEMM over the stacked weight when dqkv (N, sum out) and the weights allow it, else one GEMM each."""
+    w = None if dqkv is None else stacked_base_weight(bases, dqkv.dtype)
+    if w is not None:
+        return add_input_grad(None, dqkv, w, dxa_all, a_stack)
+    dx = add_input_grad(None, dys[0], bases[0], dxa_all, a_stack)
+    for dy, base in zip(dys[1:], bases[1:]):
+        dx = add_input_grad(dx, dy, base, None, None)
+    return dx
+
+
+def lora_qkv(x: torch.Tensor, q: nn.Module, k: nn.Module, v: nn.Module, rope=None, head_dim: int | None = None):
+    """x (..., d) through the q, k, v PEFT LoRA Linears -> (Q (..., Hq*D), K (..., Hk*D), V (..., Hk*D)).
+
+    rope=(cos, sin), HF's (B or 1, T, D) tables, with head_dim D: x is (B, T, d) and the block returns
+    (RoPE'd Q (B, Hq, T, D), RoPE'd K (B, Hk, T, D), V (B, Hk, T, D)), the layouts attention reads."""
     x2 = x.reshape(-1, x.shape[-1])  # (N, d)
-    outs = LoRAQKVFunction.apply(x2, *lora_parts(q), *lora_parts(k), *lora_parts(v))
+    modules = [lora_parts(m) for m in (q, k, v)]
+    parts = [t for p in modules for t in p]
+    if rope is not None:
+        if x.dim() != 3 or head_dim is None or any(out_features(p.base) % head_dim for p in modules):
+            raise PpalliError(f"lora_qkv with rope needs x (B, T, d) and a head_dim dividing each output, got "
+                             f"{tuple(x.shape)} and head_dim {head_dim}")
+        return LoRAQKVFunction.apply(x2, *rope, (x.shape[0], head_dim), *parts)
+    outs = LoRAQKVFunction.apply(x2, None, None, None, *parts)
     lead = x.shape[:-1]
     return tuple(o.view(*lead, o.shape[-1]) for o in outs)

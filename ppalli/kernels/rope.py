@@ -50,12 +50,18 @@ def _rope_fwd_kernel(
     tl.store(OUT + offs_out + half, o2.to(OUT.dtype.element_ty), mask=mask)
 
 
-def _rope_one(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool) -> torch.Tensor:
-    """x (B, H, T, D), cos/sin (B, T, D) with unit last stride -> rotated x in (B, T, H, D) memory."""
+def _rope_one(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool,
+              out: torch.Tensor | None = None) -> torch.Tensor:
+    """x (B, H, T, D), cos/sin (B, T, D) with unit last stride -> rotated x in (B, T, H, D) memory, or into
+    `out` (B, H, T, D), any strides with a unit one on D (lora_qkv writes q's and k's gradients into the
+    column blocks of one (N, Hq*D + 2 Hk*D) buffer this way)."""
     if x.stride(-1) != 1:
         x = x.contiguous()
     n_b, n_h, n_t, n_d = x.shape
-    out = torch.empty((n_b, n_t, n_h, n_d), dtype=x.dtype, device=x.device).transpose(1, 2)  # (B, H, T, D)
+    if out is None:
+        out = torch.empty((n_b, n_t, n_h, n_d), dtype=x.dtype, device=x.device).transpose(1, 2)  # (B, H, T, D)
+    elif out.shape != x.shape or out.stride(-1) != 1:
+        raise PpalliError(f"rope: out must be {tuple(x.shape)} with a unit last stride, got {tuple(out.shape)}")
     block_d = next_power_of_2(n_d // 2)
     # A program rotates up to 4096 pairs (32 heads of D=128): 4 fp32 tiles of 32 elements per thread.
     block_h = min(next_power_of_2(n_h), max(1, 4096 // block_d))
@@ -84,13 +90,15 @@ def _prepare_cos_sin(q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     return cos.expand(n_b, n_t, n_d), sin.expand(n_b, n_t, n_d)
 
 
-def rope_fwd(q, k, cos, sin, backward: bool = False):
-    """q (B, Hq, T, D), k (B, Hk, T, D), cos/sin (B, T, D) -> rotated (q, k); backward=True applies the transpose."""
+def rope_fwd(q, k, cos, sin, backward: bool = False, out: tuple | None = None):
+    """q (B, Hq, T, D), k (B, Hk, T, D), cos/sin (B, T, D) -> rotated (q, k); backward=True applies the transpose.
+    out: (q_out, k_out) to write into (see _rope_one), else new tensors."""
     check_tensors(q, k, cos, sin)
     if k.shape[0] != q.shape[0] or k.shape[2:] != q.shape[2:]:
         raise PpalliError(f"rope needs q and k to share B, T and D, got {tuple(q.shape)} and {tuple(k.shape)}")
     cos, sin = _prepare_cos_sin(q, cos, sin)
-    return _rope_one(q, cos, sin, backward), _rope_one(k, cos, sin, backward)
+    q_out, k_out = out or (None, None)
+    return _rope_one(q, cos, sin, backward, q_out), _rope_one(k, cos, sin, backward, k_out)
 
 
 class RoPEFunction(torch.autograd.Function):

@@ -39,7 +39,7 @@ from ppalli.kernels.linear_cross_entropy import linear_cross_entropy
 from ppalli.kernels.lora_add_rms_norm import lora_add_rms_norm
 from ppalli.kernels.lora_linear import LoRAParts, lora_linear, lora_linear_split, lora_parts, lora_problem
 from ppalli.kernels.lora_mlp import lora_mlp
-from ppalli.kernels.lora_qkv import lora_qkv
+from ppalli.kernels.lora_qkv import lora_qkv, stack_base_weights, unstack_base_weights
 from ppalli.kernels.rms_norm import rms_norm, rms_norm_residual
 from ppalli.kernels.rope import apply_rope
 from ppalli.kernels.swiglu import swiglu
@@ -204,11 +204,16 @@ class FusedDecoderLayer:
         self.rope = spec.uses_rope(layer)
         # attention's residual add, o's LoRA term and the MLP's norm in one kernel (not under sandwich norms)
         self.add_norm = spec.post_attn_norm is None and None not in (spec.pre_attn_norm, spec.pre_mlp_norm)
+        # q and k straight from their projections into RoPE: lora_qkv applies it and owns the backward
+        self.qkv_rope = self.rope and not spec.qk_norm and not spec.fused_qkv
         self.original = layer.forward  # the class's forward (bound) or an instance attribute already there
 
     def describe(self) -> str:
-        parts = ["rms_norm", "lora_qkv" if not self.spec.fused_qkv else "lora_linear (fused qkv)"]
-        parts += ["qk_norm"] * self.spec.qk_norm + ["rope" if self.rope else "no rope"]
+        if self.qkv_rope:
+            parts = ["rms_norm", "lora_qkv+rope"]
+        else:
+            parts = ["rms_norm", "lora_qkv" if not self.spec.fused_qkv else "lora_linear (fused qkv)"]
+            parts += ["qk_norm"] * self.spec.qk_norm + ["rope" if self.rope else "no rope"]
         parts += [f"attend[{self.backend}]"] + [f"window {self.window}"] * (self.window is not None)
         parts += [f"softcap {self.softcap}"] * bool(self.softcap)
         parts += ["lora_add_rms_norm (o, residual, norm)" if self.add_norm else "lora_linear (o)"]
@@ -272,13 +277,16 @@ class FusedDecoderLayer:
     def _attend(self, h, cos_sin, mask, cu, max_len, parts: dict) -> torch.Tensor:
         """h (B, T, d), the normed input -> the attention heads' output (B, T, Hq*D), before the o projection."""
         attn, (b, t, _) = self.layer.self_attn, h.shape
-        q, k, v = (z.view(b, t, -1, self.head_dim) for z in self._qkv(h, parts))
-        if self.spec.qk_norm:  # per head, over D
-            q = rms_norm(q, attn.q_norm.weight, _norm_eps(attn.q_norm), self.spec.norm_offset)
-            k = rms_norm(k, attn.k_norm.weight, _norm_eps(attn.k_norm), self.spec.norm_offset)
-        q, k, v = (z.transpose(1, 2) for z in (q, k, v))  # (B, H, T, D)
-        if self.rope:
-            q, k = apply_rope(q, k, *cos_sin)
+        if self.qkv_rope:  # RoPE inside the q/k/v block: its backward forms dx in one GEMM (lora_qkv.py)
+            q, k, v = lora_qkv(h, *(parts[n] for n in self.spec.qkv), rope=cos_sin, head_dim=self.head_dim)
+        else:
+            q, k, v = (z.view(b, t, -1, self.head_dim) for z in self._qkv(h, parts))
+            if self.spec.qk_norm:  # per head, over D
+                q = rms_norm(q, attn.q_norm.weight, _norm_eps(attn.q_norm), self.spec.norm_offset)
+                k = rms_norm(k, attn.k_norm.weight, _norm_eps(attn.k_norm), self.spec.norm_offset)
+            q, k, v = (z.transpose(1, 2) for z in (q, k, v))  # (B, H, T, D)
+            if self.rope:
+                q, k = apply_rope(q, k, *cos_sin)
         o = attend(q, k, v, backend=self.backend, cu_seqlens=cu, max_seqlen=max_len, attention_mask=mask,
                    scale=self.scale, window=self.window, softcap=self.softcap)  # (B, T, Hq, D)
         return o.reshape(b, t, -1)
@@ -359,6 +367,7 @@ class FastPathHandle:
     swaps: list[tuple[nn.Module, object]] = field(default_factory=list)  # (layer, its previous forward attr)
     fallbacks: set[str] = field(default_factory=set)
     factors: FactorCache = field(default_factory=FactorCache)  # the fused layers' bf16 LoRA factors
+    stacked: list[tuple[nn.Module, ...]] = field(default_factory=list)  # q/k/v base layers laid out as one block
 
     @property
     def active(self) -> bool:
@@ -373,6 +382,10 @@ class FastPathHandle:
         """Put back each layer's previous forward: the class method (instance attribute deleted) or the
         instance attribute that was there before (e.g. an accelerate hook). Wrappers applied on top of the
         fused forward after the swap (activation recompute) go with it, logged."""
+        for bases in self.stacked:
+            unstack_base_weights(bases)
+        if self.stacked:
+            self.log(f"fast path: q/k/v base weights of {len(self.stacked)} layers back in their own storage")
         wrapped = sum(not _swapped_directly(layer) for layer, _ in self.swaps)
         if wrapped:
             self.log(f"fast path: {wrapped} layers had wrappers over the fused forward (e.g. recompute); "
@@ -385,6 +398,7 @@ class FastPathHandle:
         if self.swaps:
             self.log(f"fast path: reverted {len(self.swaps)} layers to their original forward")
         self.swaps.clear()
+        self.stacked.clear()
         self.factors.clear()
 
 
@@ -432,6 +446,12 @@ def apply_fast_path(model: nn.Module, *, attention_backend: str = "auto",
         handle.swaps.append((layer, layer.__dict__.get("forward", _NO_INSTANCE_FORWARD)))
         layer.forward = fused.forward
         log(f"fast path: {prefix}.layers.{i} ({type(layer).__name__}).forward -> fused ({fused.describe()})")
+        bases = tuple(m.get_base_layer() for n, m in _layer_targets(layer, spec).items() if n in spec.qkv)
+        if fused.qkv_rope and stack_base_weights(bases):
+            handle.stacked.append(bases)
+    if handle.stacked:
+        log(f"fast path: q/k/v base weights of {len(handle.stacked)} layers laid out as one (out, in) block each "
+            "(same parameters and values), so the input gradient's base term is one GEMM")
     return handle
 
 

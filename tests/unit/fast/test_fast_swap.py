@@ -158,8 +158,17 @@ def test_each_swap_is_logged_and_a_second_apply_is_refused():
     assert any("attention sdpa" in line for line in lines)
     with pytest.raises(PpalliError, match="already applied"):
         _apply(model)
+    # q/k/v go straight into RoPE in qwen2: their base weights are laid out as one block, and back on revert
+    assert any("q/k/v base weights of 2 layers laid out as one" in line for line in lines)
+    attn = model.base_model.model.model.layers[0].self_attn
+
+    def storages():
+        return {getattr(attn, n).get_base_layer().weight.untyped_storage().data_ptr() for n in ("q_proj", "k_proj",
+                                                                                              "v_proj")}
+    assert len(storages()) == 1
     handle.revert()
-    assert "reverted 2 layers" in lines[-1]
+    assert "reverted 2 layers" in lines[-1] and "back in their own storage" in lines[-2]
+    assert len(storages()) == 3
 
 
 def test_runtime_fallbacks_run_the_original_forward():

@@ -101,3 +101,77 @@ def test_dora_is_refused():
     model = wrap_lora(Attn(16, 16, 8, False).requires_grad_(False), ["q_proj"], use_dora=True)
     with pytest.raises(PpalliError, match="DoRA"):
         lora_parts(model.base_model.model.q_proj)
+
+
+def _cos_sin(position_ids, d):
+    """HF's default rotary tables, (B, T, D) each."""
+    inv_freq = 1.0 / 10000.0 ** (torch.arange(0, d, 2, dtype=torch.float32, device=DEVICE) / d)
+    emb = (position_ids.float()[..., None] * inv_freq).repeat(1, 1, 2)
+    return emb.cos(), emb.sin()
+
+
+def _bases(m):
+    return [getattr(m, n).get_base_layer() for n in ("q_proj", "k_proj", "v_proj")]
+
+
+# (batch, tokens, hidden, q out, kv out, rank, head dim): RoPE needs an even head dim; odd: 3 heads x 6, 1 kv.
+ROPE_SHAPES = [(2, 8, 32, 32, 16, 8, 8), (3, 5, 37, 18, 6, 3, 6)]
+
+
+@pytest.mark.parametrize("stacked", [True, False], ids=["stacked_weights", "own_weights"])
+@pytest.mark.parametrize("shape", ROPE_SHAPES, ids=["aligned", "odd"])
+def test_qkv_with_rope_matches_peft_then_hf_rope(shape, stacked, monkeypatch):
+    """RoPE inside the block: outputs (B, H, T, D) and every gradient against PEFT's projections then HF's
+    apply_rotary_pos_emb; with the weights stacked, dx's base term takes the one-GEMM branch."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    import ppalli.kernels.lora_qkv as mod
+
+    b, t, d, q_out, kv_out, r, hd = shape
+    model = _model(d, q_out, kv_out, r, bias=True)
+    m = model.base_model.model
+    if stacked:
+        assert mod.stack_base_weights(_bases(m))
+    found, real = [], mod.stacked_base_weight
+    monkeypatch.setattr(mod, "stacked_base_weight", lambda *a: found.append(real(*a)) or found[-1])
+    torch.manual_seed(2)
+    x = torch.randn(b, t, d, device=DEVICE, requires_grad=True)
+    pos = torch.stack([torch.randperm(t, device=DEVICE) for _ in range(b)])  # per-row positions (packing)
+    cos, sin = _cos_sin(pos, hd)
+    outs = mod.lora_qkv(x, m.q_proj, m.k_proj, m.v_proj, rope=(cos, sin), head_dim=hd)
+    q, k, v = (p(x).view(b, t, -1, hd).transpose(1, 2) for p in (m.q_proj, m.k_proj, m.v_proj))
+    refs = (*apply_rotary_pos_emb(q, k, cos, sin), v)
+    douts = [torch.randn_like(ref) for ref in refs]
+    for name, o, ref in zip("QKV", outs, refs):
+        assert o.shape == ref.shape
+        assert_close(name, o, ref, "block")
+    _check_grads(_grads(outs, douts, x, model), _grads(refs, douts, x, model), expect_none=("o_proj",))
+    assert len(found) == 1 and (found[0] is not None) == stacked
+
+
+def test_stacked_base_weights_keep_parameters_and_values_and_revert():
+    model = _model(32, 32, 16, 8, bias=False)
+    bases = _bases(model.base_model.model)
+    params = [w.weight for w in bases]
+    before = [p.detach().clone() for p in params]
+    from ppalli.kernels.lora_qkv import stack_base_weights, stacked_base_weight, unstack_base_weights
+
+    assert stacked_base_weight(bases, params[0].dtype) is None  # three separate allocations
+    assert stack_base_weights(bases) and stack_base_weights(bases)  # twice: already stacked, nothing to do
+    w = stacked_base_weight(bases, params[0].dtype)
+    assert w.shape == (64, 32) and torch.equal(w, torch.cat(before))
+    assert [b.weight for b in bases] == params and all(torch.equal(p, q) for p, q in zip(params, before))
+    assert stacked_base_weight(bases, torch.float16) is None  # another dtype: the per-weight GEMMs
+    assert stacked_base_weight(bases[::-1], params[0].dtype) is None  # out of order
+    unstack_base_weights(bases)
+    assert stacked_base_weight(bases, params[0].dtype) is None
+    assert all(torch.equal(p, q) for p, q in zip(params, before))
+    assert len({p.untyped_storage().data_ptr() for p in params}) == 3
+
+
+def test_stacking_refuses_mixed_inputs():
+    from ppalli.kernels.lora_qkv import stack_base_weights
+
+    lins = [nn.Linear(8, 4), nn.Linear(8, 4), nn.Linear(6, 4)]  # v reads another width
+    assert not stack_base_weights(lins)
+    assert not stack_base_weights([nn.Linear(8, 4), nn.Linear(8, 4).half(), nn.Linear(8, 4)])
