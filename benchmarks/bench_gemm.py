@@ -21,7 +21,9 @@ accumulated by a skinny GEMM that reads and writes dx, memory-bound) against the
 writes dx; the base GEMMs then accumulate with beta = 1, reading dx in their epilogue). The fast path sums
 q/k/v and o rank-r first, the MLP rank-r last (H200: results/2026-12-02-h200-gemm-order.txt, 2026-12-03-*-gemm-*).
 "order: qkv dx stacked" is lora_qkv's backward with RoPE inside and the weights stacked: dv copied into the
-(N, q + 2 kv) buffer beside dq and dk, the rank-r term, then one base GEMM over K = q + 2 kv.
+(N, q + 2 kv) buffer beside dq and dk, the rank-r term, then one base GEMM over K = q + 2 kv. "order: MLP dx
+stacked" is lora_mlp's with gate and up laid out as one weight (dg, du the halves of one (N, 2I) buffer, which
+the forward's two GEMMs write: "fwd gate, up into the halves").
 BENCH_GEMM_ONLY=text,text times only the rows whose name holds one of them. BENCH_GEMM_BLAS=cublaslt makes
 torch call cuBLASLt rather than cuBLAS for the whole run (PYTORCH_TUNABLEOP_ENABLED=1, every algorithm timed per
 shape, was mixed on the H100: results/2026-11-25-h100-gemm-tunableop.txt, and T1 slower with it).
@@ -60,12 +62,22 @@ def _rows(n, d, q, kv, inter, vocab, device="cuda"):
     b_g = t(inter, RANK)
     dxa2, a2, dxa3, a3 = t(n, 2 * RANK), t(2 * RANK, d), t(n, 3 * RANK), t(3 * RANK, d)
     dxa1, a_o = t(n, RANK), t(RANK, q)
+    gu_out = t(n, 2 * inter)
 
     def mlp_dx(rank_first: bool):
         out = torch.mm(dxa2, a2) if rank_first else torch.mm(dy["gate"], w["gate"])
         out.addmm_(dy["gate"], w["gate"])
         out.addmm_(*((dy["gate"], w["gate"]) if rank_first else (dxa2, a2)))
         return out
+
+    def mlp_dx_stacked(rank_first: bool):  # lora_mlp with gate/up laid out as one weight: one GEMM over K = 2I
+        if rank_first:
+            return torch.mm(dxa2, a2).addmm_(dy["gu"], w_gu)
+        return torch.mm(dy["gu"], w_gu).addmm_(dxa2, a2)
+
+    def gate_up_halves():  # lora_mlp's forward then: two GEMMs writing the halves of one (N, 2I) buffer
+        torch.mm(x, w_gu[:inter].t(), out=gu_out[:, :inter])
+        return torch.mm(x, w_gu[inter:].t(), out=gu_out[:, inter:])
 
     def qkv_dx(rank_first: bool):
         out = torch.mm(dxa3, a3) if rank_first else torch.mm(dy["q"], w["q"])
@@ -133,6 +145,11 @@ def _rows(n, d, q, kv, inter, vocab, device="cuda"):
         ("order: qkv dx rank-r last  dq Wq, += dk Wk, dv Wv, dxa A", qkv_flops, lambda: qkv_dx(False)),
         ("order: qkv dx rank-r first", qkv_flops, lambda: qkv_dx(True)),
         ("order: qkv dx stacked  dv copied, dxa A, += [dq dk dv] [Wq;Wk;Wv]", qkv_flops, qkv_dx_stacked),
+        ("order: MLP dx stacked rank-r last  [dg du] [Wg;Wu], += dxa A", mlp_flops, lambda: mlp_dx_stacked(False)),
+        ("order: MLP dx stacked rank-r first", mlp_flops, lambda: mlp_dx_stacked(True)),
+        ("fwd gate, up into the halves of one (N, 2I) buffer", 4 * n * d * inter, gate_up_halves),
+        ("fwd gate, up as two GEMMs", 4 * n * d * inter,
+         lambda: (torch.mm(x, w["gate"].t()), torch.mm(x, w["gate"].t()))),
         ("alt: fwd q+k stacked  x [Wq;Wk]^T", 2 * n * d * (q + kv), lambda: torch.mm(x, w_qkv[:q + kv].t())),
         ("order: o dx rank-r last  do Wo, += dxa Ao", o_flops, lambda: o_dx(False)),
         ("order: o dx rank-r first", o_flops, lambda: o_dx(True)),

@@ -36,8 +36,11 @@ from ppalli.kernels.lora_linear import (
     lora_linear,
     lora_parts,
     out_features,
+    stack_base_weights,
+    stacked_base_weight,
     stacked_lora_a,
     stacked_lora_a_grads,
+    unstack_base_weights,
 )
 from ppalli.kernels.rope import rope_fwd
 
@@ -45,63 +48,6 @@ __all__ = ["LoRAQKVFunction", "lora_linear", "lora_qkv", "stack_base_weights", "
            "unstack_base_weights"]
 
 _LEAD = 4  # forward's arguments before the (base, A, B, scale) of q, k and v: x, cos, sin, heads
-
-
-# --------------------------------------------------------------------------- one weight for q, k and v
-
-
-def _weights(bases) -> list[torch.Tensor] | None:
-    """The bases' (out, in) 16-bit weights when all three share dtype, device and in, else None (4-bit: None)."""
-    ws = [getattr(b, "weight", None) for b in bases]
-    if any(w is None or w.dim() != 2 or not w.is_floating_point() for w in ws):
-        return None
-    first = ws[0]
-    if any(w.dtype != first.dtype or w.device != first.device or w.shape[1] != first.shape[1] for w in ws):
-        return None
-    return ws
-
-
-def stacked_base_weight(bases, dtype: torch.dtype) -> torch.Tensor | None:
-    """The (sum out, in) tensor whose row blocks are the base layers' weights, in order, when they lie one
-    after another in one storage in `dtype` (stack_base_weights), else None. Checked at each use: a .to(),
-    a merge or a load may have moved any of them since."""
-    if torch.compiler.is_compiling():  # no data pointers to compare while tracing: the per-weight GEMMs
-        return None
-    ws = _weights(bases)
-    if ws is None or ws[0].dtype != dtype:
-        return None
-    first, ptr = ws[0].detach(), ws[0].data_ptr()
-    base = first.untyped_storage().data_ptr()
-    for w in ws:
-        if not w.is_contiguous() or w.data_ptr() != ptr or w.untyped_storage().data_ptr() != base:
-            return None
-        ptr += w.numel() * w.element_size()
-    return first.as_strided((sum(w.shape[0] for w in ws), first.shape[1]), (first.shape[1], 1))
-
-
-@torch.no_grad()
-def stack_base_weights(bases) -> bool:
-    """Lay the frozen base weights out as row blocks of one new tensor (each parameter keeps its identity and
-    values, its .data becomes a view), so stacked_base_weight finds them. False when they cannot be (4-bit,
-    mixed dtypes or shapes); unstack_base_weights undoes it."""
-    ws = _weights(bases)
-    if ws is None:
-        return False
-    if stacked_base_weight(bases, ws[0].dtype) is None:
-        stack, row = torch.cat([w.detach() for w in ws]), 0  # (sum out, in)
-        for w in ws:
-            w.data = stack[row:row + w.shape[0]]
-            row += w.shape[0]
-    return True
-
-
-@torch.no_grad()
-def unstack_base_weights(bases) -> None:
-    """Give each base weight its own storage again (a copy each; the shared block is freed with the last)."""
-    ws = _weights(bases)
-    if ws is not None and stacked_base_weight(bases, ws[0].dtype) is not None:
-        for w in ws:
-            w.data = w.data.clone()
 
 
 # --------------------------------------------------------------------------- RoPE inside the block

@@ -37,9 +37,17 @@ from ppalli.kernels.factor_cache import FactorCache, using_factor_cache
 from ppalli.kernels.geglu import geglu
 from ppalli.kernels.linear_cross_entropy import linear_cross_entropy
 from ppalli.kernels.lora_add_rms_norm import lora_add_rms_norm
-from ppalli.kernels.lora_linear import LoRAParts, lora_linear, lora_linear_split, lora_parts, lora_problem
+from ppalli.kernels.lora_linear import (
+    LoRAParts,
+    lora_linear,
+    lora_linear_split,
+    lora_parts,
+    lora_problem,
+    stack_base_weights,
+    unstack_base_weights,
+)
 from ppalli.kernels.lora_mlp import lora_mlp
-from ppalli.kernels.lora_qkv import lora_qkv, stack_base_weights, unstack_base_weights
+from ppalli.kernels.lora_qkv import lora_qkv
 from ppalli.kernels.rms_norm import rms_norm, rms_norm_residual
 from ppalli.kernels.rope import apply_rope
 from ppalli.kernels.swiglu import swiglu
@@ -385,7 +393,7 @@ class FastPathHandle:
         for bases in self.stacked:
             unstack_base_weights(bases)
         if self.stacked:
-            self.log(f"fast path: q/k/v base weights of {len(self.stacked)} layers back in their own storage")
+            self.log(f"fast path: {len(self.stacked)} groups of base weights back in their own storage")
         wrapped = sum(not _swapped_directly(layer) for layer, _ in self.swaps)
         if wrapped:
             self.log(f"fast path: {wrapped} layers had wrappers over the fused forward (e.g. recompute); "
@@ -446,13 +454,24 @@ def apply_fast_path(model: nn.Module, *, attention_backend: str = "auto",
         handle.swaps.append((layer, layer.__dict__.get("forward", _NO_INSTANCE_FORWARD)))
         layer.forward = fused.forward
         log(f"fast path: {prefix}.layers.{i} ({type(layer).__name__}).forward -> fused ({fused.describe()})")
-        bases = tuple(m.get_base_layer() for n, m in _layer_targets(layer, spec).items() if n in spec.qkv)
-        if fused.qkv_rope and stack_base_weights(bases):
-            handle.stacked.append(bases)
+        handle.stacked += _stack_bases(layer, spec, fused)
     if handle.stacked:
-        log(f"fast path: q/k/v base weights of {len(handle.stacked)} layers laid out as one (out, in) block each "
-            "(same parameters and values), so the input gradient's base term is one GEMM")
+        log(f"fast path: {len(handle.stacked)} groups of base weights (q/k/v, gate/up) laid out as one (out, in) "
+            "block each (same parameters and values), so each block's input gradient is one base GEMM")
     return handle
+
+
+def _stack_bases(layer: nn.Module, spec: FamilySpec, fused: FusedDecoderLayer) -> list[tuple[nn.Module, ...]]:
+    """Lay out the q/k/v base weights (when lora_qkv applies RoPE and so owns the gradient buffer) and the
+    gate/up ones (lora_mlp) as one block each; -> the groups laid out."""
+    targets = _layer_targets(layer, spec)
+    groups = [spec.qkv] * fused.qkv_rope + [spec.mlp[:2]] * (not spec.fused_gate_up)
+    done = []
+    for names in groups:
+        bases = tuple(targets[n].get_base_layer() for n in names)
+        if stack_base_weights(bases):
+            done.append(bases)
+    return done
 
 
 # --------------------------------------------------------------------------- the loss
