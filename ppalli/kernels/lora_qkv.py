@@ -65,10 +65,14 @@ def _rotate(outs, cos, sin, heads):
     return (*rope_fwd(q, k, cos, sin), v)
 
 
-def _rotate_grads(dq, dk, dv, cos, sin, heads):
-    """dq, dk, dv (B, H, T, D) -> one (N, Hq*D + 2 Hk*D) buffer holding RoPE's transpose of dq and dk, and dv,
-    and its three column blocks (N, H*D)."""
+def _rotate_grads(dq, dk, dv, cos, sin, heads, one_buffer: bool):
+    """dq, dk, dv (B, H, T, D) -> (buffer, (dq, dk, dv) (N, H*D) each) with RoPE's transpose applied to dq and
+    dk. one_buffer: the three are the column blocks of one (N, Hq*D + 2 Hk*D) buffer (dv copied in), else
+    buffer is None and each is its own tensor."""
     b, d = heads
+    if not one_buffer:
+        dq, dk = rope_fwd(dq, dk, cos, sin, backward=True)
+        return None, tuple(g.transpose(1, 2).reshape(b * g.shape[2], -1) for g in (dq, dk, dv))
     widths = [g.shape[1] * d for g in (dq, dk, dv)]
     buf = dq.new_empty(b * dq.shape[2], sum(widths))  # (N, Hq*D + 2 Hk*D)
     cols = buf.split(widths, dim=1)
@@ -105,9 +109,10 @@ class LoRAQKVFunction(torch.autograd.Function):
     def backward(ctx, dq, dk, dv):
         saved = ctx.saved_tensors  # unpacked once: non-reentrant checkpointing allows a single unpack
         x, cos, sin, xas, a_stack, bs = saved[0], saved[1], saved[2], saved[3:6], saved[6], saved[7:]
-        dqkv = None
+        dqkv = w = None
         if ctx.heads is not None:
-            dqkv, (dq, dk, dv) = _rotate_grads(dq, dk, dv, cos, sin, ctx.heads)
+            w = stacked_base_weight(ctx.bases, dq.dtype) if ctx.needs_input_grad[0] else None
+            dqkv, (dq, dk, dv) = _rotate_grads(dq, dk, dv, cos, sin, ctx.heads, one_buffer=w is not None)
         need = ctx.needs_input_grad[_LEAD:]  # (base, A, B, scale) of q, k, v
         grads, dxas = [None] * 12, []
         for i, dy in enumerate((dq, dk, dv)):
@@ -121,15 +126,14 @@ class LoRAQKVFunction(torch.autograd.Function):
                                             ctx.dtypes[0::2])
         for i in range(3):
             grads[4 * i + 1] = das[i]
-        dx = _input_grad(ctx.bases, (dq, dk, dv), dqkv, dxa_all, a_stack) if ctx.needs_input_grad[0] else None
+        dx = _input_grad(ctx.bases, (dq, dk, dv), dqkv, w, dxa_all, a_stack) if ctx.needs_input_grad[0] else None
         return (dx, None, None, None, *grads)
 
 
-def _input_grad(bases, dys, dqkv, dxa_all, a_stack):
+def _input_grad(bases, dys, dqkv, w, dxa_all, a_stack):
     """dx (N, d): the three rank-r terms first, in one GEMM (add_input_grad's order), then the base terms, in one
-    GEMM over the stacked weight when dqkv (N, sum out) and the weights allow it, else one GEMM each."""
-    w = None if dqkv is None else stacked_base_weight(bases, dqkv.dtype)
-    if w is not None:
+    GEMM over the stacked weight w when there is dqkv (N, sum out), else one GEMM each."""
+    if dqkv is not None:
         return add_input_grad(None, dqkv, w, dxa_all, a_stack)
     dx = add_input_grad(None, dys[0], bases[0], dxa_all, a_stack)
     for dy, base in zip(dys[1:], bases[1:]):
