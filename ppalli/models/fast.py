@@ -5,8 +5,15 @@ attribute shadowing the class method; no class, module or function of transforme
 and nothing happens at import time). The fused forward computes what the HF layer computes, with:
 RMSNorm kernel -> lora_qkv (one saved input for q, k, v) -> q/k-norm (Qwen3, Gemma-3, EXAONE-4) -> RoPE
 kernel -> `attend` (the planner's backend; varlen for packed batches) -> lora_linear (o) -> RMSNorm ->
-lora_mlp (SwiGLU/GeGLU with a recomputing backward). `handle.revert()` deletes the instance attributes,
-so the layers run their class's forward again, exactly as before.
+lora_mlp (SwiGLU/GeGLU with a recomputing backward). Without a q/k-norm, lora_qkv applies RoPE itself.
+`handle.revert()` deletes the instance attributes, so the layers run their class's forward again, exactly
+as before.
+
+The frozen base weights of q, k, v (where lora_qkv applies RoPE) and of gate, up are laid out as one (out, in)
+block per group: each parameter keeps its identity and values, its .data becomes a row block of the group's
+tensor, so the input gradient of each block is one GEMM over the stacked K instead of a GEMM plus accumulating
+ones (`stack_base_weights`, logged; revert gives each weight its own storage again). The blocks check the
+layout at each use and take one GEMM per weight when anything (a .to(), a merge) has moved a weight since.
 
 Activation recompute (ppalli.train.recompute) wraps the swapped forward: apply the fast path first, then
 recompute; revert() removes both. HF's own gradient checkpointing lives in the class forward from
