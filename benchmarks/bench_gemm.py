@@ -22,8 +22,9 @@ writes dx; the base GEMMs then accumulate with beta = 1, reading dx in their epi
 q/k/v and o rank-r first, the MLP rank-r last (H200: results/2026-12-02-h200-gemm-order.txt, 2026-12-03-*-gemm-*).
 "order: qkv dx stacked" is lora_qkv's backward with RoPE inside and the weights stacked: dv copied into the
 (N, q + 2 kv) buffer beside dq and dk, the rank-r term, then one base GEMM over K = q + 2 kv. "order: MLP dx
-stacked" is lora_mlp's with gate and up laid out as one weight (dg, du the halves of one (N, 2I) buffer, which
-the forward's two GEMMs write: "fwd gate, up into the halves").
+stacked" would be lora_mlp's with gate and up laid out as one weight (dg, du the halves of one (N, 2I) buffer,
+which the forward's two GEMMs would write: "fwd gate, up into the halves"); tried on 2026-12-03 and not kept
+(results/2026-12-03-h200-gemm-gate-up-stacked.txt, *-t4-s11-gateup.md).
 BENCH_GEMM_ONLY=text,text times only the rows whose name holds one of them. BENCH_GEMM_BLAS=cublaslt makes
 torch call cuBLASLt rather than cuBLAS for the whole run (PYTORCH_TUNABLEOP_ENABLED=1, every algorithm timed per
 shape, was mixed on the H100: results/2026-11-25-h100-gemm-tunableop.txt, and T1 slower with it).

@@ -127,9 +127,8 @@ def _act(g, ACT: tl.constexpr):
 
 
 @jit
-def _offsets(rows, cols, N, M, LD):
-    """Offsets of a (BM, BN) tile in an (N, M) matrix of row stride LD, and its in-bounds mask."""
-    return rows[:, None] * LD + cols[None, :], (rows[:, None] < N) & (cols[None, :] < M)
+def _offsets(rows, cols, N, M):
+    return rows[:, None] * M + cols[None, :], (rows[:, None] < N) & (cols[None, :] < M)
 
 
 @jit
@@ -154,13 +153,12 @@ def _store_sums(P, acc, run, idx, M, RP: tl.constexpr):
 
 
 @jit
-def _lora_glu_fwd_kernel(H, P, G0, U0, XAG, xag_stride, BG, XAU, xau_stride, BU, AD, N, M, R, ld, run_cols, sg, su,
+def _lora_glu_fwd_kernel(H, P, G0, U0, XAG, xag_stride, BG, XAU, xau_stride, BU, AD, N, M, R, run_cols, sg, su,
                          ACT: tl.constexpr, HAS_G: tl.constexpr, HAS_U: tl.constexpr, HAS_AD: tl.constexpr,
                          STORE_H: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, BM: tl.constexpr,
                          BN: tl.constexpr, RP: tl.constexpr):
     # Program (i, run): rows i*BM.. across the columns run*run_cols.. in (BM, BN) tiles (one tile when
-    # run_cols == BN). G0 and U0 have row stride ld (column blocks of one (N, 2I) buffer, or I); H is (N, M).
-    # With AD (down's lora_A, (R, M)), the run's share of h Ad^T, (BM, RP) fp32, goes to
+    # run_cols == BN). With AD (down's lora_A, (R, M)), the run's share of h Ad^T, (BM, RP) fp32, goes to
     # P[run, rows, :] and one torch.sum over the runs finishes it.
     rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
     run = tl.program_id(1)
@@ -170,14 +168,14 @@ def _lora_glu_fwd_kernel(H, P, G0, U0, XAG, xag_stride, BG, XAU, xau_stride, BU,
     start = run * run_cols
     for c0 in range(start, tl.minimum(start + run_cols, M), BN):
         cols = c0 + tl.arange(0, BN)
-        offs, mask = _offsets(rows, cols, N, M, ld)
+        offs, mask = _offsets(rows, cols, N, M)
         bg = _b_tile(BG, cols, M, R, True, RP) if HAS_G else None
         bu = _b_tile(BU, cols, M, R, True, RP) if HAS_U else None
         g, u = _gate_up(G0, U0, xag, bg, xau, bu, offs, mask, sg, su, HAS_G, HAS_U, IEEE, UPCAST)
         a, _ = _act(g, ACT)
         h = (a * u).to(H.dtype.element_ty)  # rounded as stored: the product cuBLAS would read back
         if STORE_H:
-            tl.store(H + _offsets(rows, cols, N, M, M)[0], h, mask=mask)
+            tl.store(H + offs, h, mask=mask)
         if HAS_AD:
             had += _dot(h, tl.trans(_b_tile(AD, cols, M, R, False, RP)), IEEE, UPCAST)  # (BM, BN) @ (BN, RP)
     if HAS_AD:
@@ -186,12 +184,12 @@ def _lora_glu_fwd_kernel(H, P, G0, U0, XAG, xag_stride, BG, XAU, xau_stride, BU,
 
 @jit
 def _lora_glu_bwd_kernel(DG, DU, DH0, G0, U0, XAG, xag_stride, BG, XAU, xau_stride, BU, XAD, AD,
-                         PBG, PBU, PAD, N, M, R, ld, run_rows, sg, su,
+                         PBG, PBU, PAD, N, M, R, run_rows, sg, su,
                          ACT: tl.constexpr, HAS_G: tl.constexpr, HAS_U: tl.constexpr, HAS_D: tl.constexpr,
                          SUM_BG: tl.constexpr, SUM_BU: tl.constexpr, SUM_AD: tl.constexpr, IEEE: tl.constexpr,
                          UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, RP: tl.constexpr):
     # Program (run, c): columns c*BN.. of rows run*run_rows.. in (BM, BN) tiles; DG, DU may be G0, U0 (each
-    # tile is read before it is written, by the same program). G0, U0, DG, DU have row stride ld, DH0 is (N, M).
+    # tile is read before it is written, by the same program).
     run = tl.program_id(0)
     cols = tl.program_id(1) * BN + tl.arange(0, BN)
     bg = _b_tile(BG, cols, M, R, True, RP) if HAS_G else None  # (RP, BN), loaded once for the whole run
@@ -203,11 +201,11 @@ def _lora_glu_bwd_kernel(DG, DU, DH0, G0, U0, XAG, xag_stride, BG, XAU, xau_stri
     start = run.to(tl.int64) * run_rows
     for r0 in range(start, tl.minimum(start + run_rows, N), BM):
         rows = r0 + tl.arange(0, BM)
-        offs, mask = _offsets(rows, cols, N, M, ld)
+        offs, mask = _offsets(rows, cols, N, M)
         xag = _xa_tile(XAG, xag_stride, rows, N, R, RP) if HAS_G else None
         xau = _xa_tile(XAU, xau_stride, rows, N, R, RP) if HAS_U else None
         g, u = _gate_up(G0, U0, xag, bg, xau, bu, offs, mask, sg, su, HAS_G, HAS_U, IEEE, UPCAST)
-        dh = tl.load(DH0 + _offsets(rows, cols, N, M, M)[0], mask=mask, other=0.0).to(tl.float32)
+        dh = tl.load(DH0 + offs, mask=mask, other=0.0).to(tl.float32)
         if HAS_D:  # XAD is already s_d * dy Bd, (N, R) contiguous
             xad = _xa_tile(XAD, R, rows, N, R, RP)
             dh += _dot(xad, ad, IEEE, UPCAST)
@@ -246,11 +244,9 @@ def _factors(x: torch.Tensor, xa: torch.Tensor | None, b: torch.Tensor | None, r
 def _launch_args(g0: torch.Tensor, up0: torch.Tensor, act: str, pairs) -> tuple:
     if act not in ACTS:
         raise PpalliError(f"lora_glu act must be one of {sorted(ACTS)}, got {act!r}")
-    if g0.shape != up0.shape or g0.dim() != 2 or g0.stride() != up0.stride() or g0.stride(1) != 1 \
-            or g0.stride(0) < g0.shape[1]:
-        raise PpalliError(f"lora_glu needs (N, I) gate and up of one shape and row stride, unit column stride "
-                          f"(contiguous, or column blocks of one (N, 2I) buffer), got {tuple(g0.shape)} "
-                          f"{g0.stride()}, {tuple(up0.shape)} {up0.stride()}")
+    if g0.shape != up0.shape or g0.dim() != 2 or not (g0.is_contiguous() and up0.is_contiguous()):
+        raise PpalliError(f"lora_glu needs contiguous (N, I) gate and up of one shape, got {tuple(g0.shape)}, "
+                          f"{tuple(up0.shape)}")
     ranks = {xa.shape[-1] for xa, _ in pairs if xa is not None}
     rank = ranks.pop() if ranks else 1
     if ranks:
@@ -262,9 +258,8 @@ def _launch_args(g0: torch.Tensor, up0: torch.Tensor, act: str, pairs) -> tuple:
 
 def lora_glu_fwd(g0: torch.Tensor, up0: torch.Tensor, xag, bg, sg: float, xau, bu, su: float,
                  act: str = "silu", tiles: Tiles = FWD_TILES) -> torch.Tensor:
-    """g0, up0 (N, I) base outputs (contiguous, or the column blocks of one (N, 2I) buffer); xag, xau (N, r) =
-    x A^T or None; bg, bu (I, r) lora_B weights -> h = act(g0 + sg xag bg^T) * (up0 + su xau bu^T), (N, I)
-    contiguous in g0's dtype."""
+    """g0, up0 (N, I) base outputs; xag, xau (N, r) = x A^T or None; bg, bu (I, r) lora_B weights ->
+    h = act(g0 + sg xag bg^T) * (up0 + su xau bu^T), (N, I) in g0's dtype."""
     return _fwd(g0, up0, xag, bg, sg, xau, bu, su, None, act, True, tiles)[0]
 
 
@@ -290,11 +285,11 @@ def _fwd(g0, up0, xag, bg, sg, xau, bu, su, ad, act, store_h, tiles):
         else col_blocks
     run_cols = cdiv(col_blocks, runs) * tiles.bn
     runs = cdiv(i, run_cols)
-    h = torch.empty(n, i, dtype=g0.dtype, device=g0.device) if store_h else g0
+    h = torch.empty_like(g0) if store_h else g0
     part = torch.empty(runs, n, meta["RP"], dtype=torch.float32, device=g0.device) if has_ad else g0
     _lora_glu_fwd_kernel[(row_blocks, runs)](
         h, part, g0, up0, xag, xag_stride, bg, xau, xau_stride, bu, ad.to(g0.dtype).contiguous() if has_ad else g0,
-        n, i, rank, g0.stride(0), run_cols, float(sg), float(su), ACT=ACTS[act], HAS_G=xag is not g0,
+        n, i, rank, run_cols, float(sg), float(su), ACT=ACTS[act], HAS_G=xag is not g0,
         HAS_U=xau is not g0, HAS_AD=has_ad, STORE_H=store_h, BM=tiles.bm, BN=tiles.bn, **meta,
         num_warps=tiles.warps, num_stages=tiles.stages)
     had = part.sum(0)[:, :rank].to(g0.dtype) if has_ad else None  # (N, r)
@@ -350,7 +345,7 @@ def lora_glu_bwd(dh0: torch.Tensor, g0: torch.Tensor, up0: torch.Tensor, xag, bg
     partials = [buffer[next(slots)] if s else g0 for s in sums]
     _lora_glu_bwd_kernel[(runs, n_cols)](
         g0, up0, dh0, g0, up0, xag, xag_stride, bg, xau, xau_stride, bu, dxad, ad, *partials, n, i, rank,
-        g0.stride(0), run_rows, float(sg), float(su), ACT=ACTS[act], HAS_G=has[0], HAS_U=has[1], HAS_D=has[2],
+        run_rows, float(sg), float(su), ACT=ACTS[act], HAS_G=has[0], HAS_U=has[1], HAS_D=has[2],
         SUM_BG=sums[0], SUM_BU=sums[1], SUM_AD=sums[2], BM=tiles.bm, BN=tiles.bn, **meta, num_warps=tiles.warps,
         num_stages=tiles.stages)
     folded = iter(buffer.sum(1)[..., :rank] if wanted else ())  # (sums, I, r)

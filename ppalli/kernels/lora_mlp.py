@@ -43,7 +43,6 @@ from ppalli.kernels.lora_linear import (
     lora_parts,
     out_features,
     scaled_mm,
-    stacked_base_weight,
     stacked_lora_a,
     stacked_lora_a_grads,
 )
@@ -57,8 +56,7 @@ class LoRAMLPFunction(torch.autograd.Function):
         ctx.ranks = [None if a is None else a.shape[0] for a in (ga, ua)]
         ctx.dtypes = factor_dtypes(ga, gB, ua, uB, da, dB)
         gB, uB, da, dB = (factor_cast(t, x.dtype) for t in (gB, uB, da, dB))  # once; the backward reuses them
-        w_gu = stacked_base_weight((gb, ub), x.dtype)  # (2I, d) when the fast path laid gate and up out as one
-        gate0, up0, gu0 = _gate_up0(x, gb, ub, w_gu)  # (N, I) each, without the adapters' terms
+        gate0, up0 = base_mm(x, gb), base_mm(x, ub)  # (N, I) each, without the adapters' terms
         (xag, xau), a_stack = stacked_lora_a(x, (ga, ua))  # (N, r) views of one GEMM: x read once
         kept = current_stash()
         kept = kept.setdefault("lora_mlp.had", []) if kept is not None and da is not None else None
@@ -83,8 +81,8 @@ class LoRAMLPFunction(torch.autograd.Function):
                 y.addmm_(had, dB.t(), alpha=ds)
             if kept is not None:  # inside a recompute wrapper: its recompute reads this back
                 kept.append(had.detach())
-        ctx.save_for_backward(x, gate0, up0, gu0, xag, xau, had, a_stack, gB, uB, da, dB)
-        ctx.act, ctx.bases, ctx.scales, ctx.w_gu = act, (gb, ub, db), (gs, us, ds), w_gu if gu0 is not None else None
+        ctx.save_for_backward(x, gate0, up0, xag, xau, had, a_stack, gB, uB, da, dB)
+        ctx.act, ctx.bases, ctx.scales = act, (gb, ub, db), (gs, us, ds)
         ctx.used = False
         return y
 
@@ -93,7 +91,7 @@ class LoRAMLPFunction(torch.autograd.Function):
         if ctx.used:  # the first backward overwrote g0 and u0 with the gradients
             raise PpalliError("the fused LoRA MLP supports one backward per forward (no retain_graph=True)")
         ctx.used = True
-        x, gate0, up0, gu0, xag, xau, had, a_stack, gB, uB, da, dB = ctx.saved_tensors
+        x, gate0, up0, xag, xau, had, a_stack, gB, uB, da, dB = ctx.saved_tensors
         (gb, ub, db), (gs, us, ds) = ctx.bases, ctx.scales
         (g_rank, u_rank), dtypes = ctx.ranks, ctx.dtypes
         need = ctx.needs_input_grad
@@ -113,11 +111,7 @@ class LoRAMLPFunction(torch.autograd.Function):
         (g_da, u_da), dxa_all = stacked_lora_a_grads((dxag, dxau), x, a_stack, ctx.ranks, (need[3], need[7]),
                                                      dtypes[0::2])
         dx = None
-        if need[0] and gu0 is not None:  # dgate, dup are its column blocks: one GEMM over K = 2I
-            dx = add_input_grad(None, gu0, ctx.w_gu, None, None)  # (N, d)
-            if dxa_all is not None:  # the rank-r term last, as below
-                dx.addmm_(dxa_all, a_stack)
-        elif need[0]:
+        if need[0]:
             dx = add_input_grad(None, dgate, gb, None, None)  # (N, d)
             dx = add_input_grad(dx, dup, ub, None, None)
             if dxa_all is not None:  # both rank-r terms in one GEMM, last (see add_input_grad)
@@ -126,20 +120,6 @@ class LoRAMLPFunction(torch.autograd.Function):
                                                             (d_dB, dtypes[5])))
         d_res = dy if need[14] else None  # the residual's gradient passes through
         return dx, None, None, g_da, g_dB, None, None, u_da, u_dB, None, None, d_da, d_dB, None, d_res
-
-
-def _gate_up0(x, gb, ub, w_gu):
-    """x (N, d) -> (g0, u0, gu0): the base GEMMs' outputs (N, I); with the stacked weight w_gu (2I, d) they are
-    the column blocks of one (N, 2I) buffer gu0, still two GEMMs (one N = 2I GEMM was slower on the H200:
-    bench_gemm.py "alt: fwd gate+up stacked"), so that the backward's dgate, dup form dx in one GEMM."""
-    if w_gu is None or getattr(gb, "bias", None) is not None or getattr(ub, "bias", None) is not None:
-        return base_mm(x, gb), base_mm(x, ub), None
-    i = w_gu.shape[0] // 2
-    gu0 = x.new_empty(x.shape[0], 2 * i)  # (N, 2I)
-    gate0, up0 = gu0[:, :i], gu0[:, i:]
-    torch.mm(x, w_gu[:i].t(), out=gate0)
-    torch.mm(x, w_gu[i:].t(), out=up0)
-    return gate0, up0, gu0
 
 
 def lora_mlp(x: torch.Tensor, gate: nn.Module, up: nn.Module, down: nn.Module, act: str = "silu",

@@ -18,7 +18,9 @@ rotated q, k and v as (B, H, T, D) views, and its backward writes RoPE's transpo
 into the column blocks of one (N, Hq*D + 2 Hk*D) buffer. When the base weights are row blocks of one
 (Hq*D + 2 Hk*D, d) tensor (the fast path lays them out so: `stack_base_weights`), the base term of dx is
 then one GEMM over K = Hq*D + 2 Hk*D instead of one GEMM and two accumulating ones that each read and write
-dx, for one (N, Hk*D) copy of dv. Otherwise each base term is its own GEMM into dx.
+dx, for one (N, Hk*D) copy of dv: bench_gemm.py on the H200, the whole input gradient 0.371 -> 0.335 ms at
+Llama-3.2-1B's shape, 0.643 -> 0.627 at 8B's (results/2026-12-03-h200-gemm-qkv-stacked.txt). Otherwise each
+base term is its own GEMM into dx.
 """
 
 from __future__ import annotations

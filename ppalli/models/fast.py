@@ -9,11 +9,11 @@ lora_mlp (SwiGLU/GeGLU with a recomputing backward). Without a q/k-norm, lora_qk
 `handle.revert()` deletes the instance attributes, so the layers run their class's forward again, exactly
 as before.
 
-The frozen base weights of q, k, v (where lora_qkv applies RoPE) and of gate, up are laid out as one (out, in)
-block per group: each parameter keeps its identity and values, its .data becomes a row block of the group's
-tensor, so the input gradient of each block is one GEMM over the stacked K instead of a GEMM plus accumulating
-ones (`stack_base_weights`, logged; revert gives each weight its own storage again). The blocks check the
-layout at each use and take one GEMM per weight when anything (a .to(), a merge) has moved a weight since.
+The frozen base weights of q, k, v (where lora_qkv applies RoPE) are laid out as one (out, in) block per layer:
+each parameter keeps its identity and values, its .data becomes a row block of the layer's tensor, so the
+block's input gradient is one GEMM over K = Hq*D + 2 Hk*D instead of a GEMM plus two accumulating ones
+(`stack_base_weights`, logged; revert gives each weight its own storage again). lora_qkv checks the layout at
+each use and takes one GEMM per weight when anything (a .to(), a merge) has moved a weight since.
 
 Activation recompute (ppalli.train.recompute) wraps the swapped forward: apply the fast path first, then
 recompute; revert() removes both. HF's own gradient checkpointing lives in the class forward from
@@ -400,7 +400,7 @@ class FastPathHandle:
         for bases in self.stacked:
             unstack_base_weights(bases)
         if self.stacked:
-            self.log(f"fast path: {len(self.stacked)} groups of base weights back in their own storage")
+            self.log(f"fast path: q/k/v base weights of {len(self.stacked)} layers back in their own storage")
         wrapped = sum(not _swapped_directly(layer) for layer, _ in self.swaps)
         if wrapped:
             self.log(f"fast path: {wrapped} layers had wrappers over the fused forward (e.g. recompute); "
@@ -463,22 +463,20 @@ def apply_fast_path(model: nn.Module, *, attention_backend: str = "auto",
         log(f"fast path: {prefix}.layers.{i} ({type(layer).__name__}).forward -> fused ({fused.describe()})")
         handle.stacked += _stack_bases(layer, spec, fused)
     if handle.stacked:
-        log(f"fast path: {len(handle.stacked)} groups of base weights (q/k/v, gate/up) laid out as one (out, in) "
-            "block each (same parameters and values), so each block's input gradient is one base GEMM")
+        log(f"fast path: q/k/v base weights of {len(handle.stacked)} layers laid out as one (out, in) block each "
+            "(same parameters and values), so the input gradient's base term is one GEMM")
     return handle
 
 
 def _stack_bases(layer: nn.Module, spec: FamilySpec, fused: FusedDecoderLayer) -> list[tuple[nn.Module, ...]]:
-    """Lay out the q/k/v base weights (when lora_qkv applies RoPE and so owns the gradient buffer) and the
-    gate/up ones (lora_mlp) as one block each; -> the groups laid out."""
-    targets = _layer_targets(layer, spec)
-    groups = [spec.qkv] * fused.qkv_rope + [spec.mlp[:2]] * (not spec.fused_gate_up)
-    done = []
-    for names in groups:
-        bases = tuple(targets[n].get_base_layer() for n in names)
-        if stack_base_weights(bases):
-            done.append(bases)
-    return done
+    """Lay out the q/k/v base weights as one block where lora_qkv applies RoPE (and so owns the buffer its
+    one-GEMM input gradient reads); -> the groups laid out. Gate and up stay apart: laid out as one, with their
+    outputs the halves of one (N, 2I) buffer, T4 lost 2.2 ms a step and T1 gained 1.6 on the H200
+    (benchmarks/results/2026-12-03-h200-*-s11-gateup.md against *-s11.md)."""
+    if not fused.qkv_rope:
+        return []
+    bases = tuple(_layer_targets(layer, spec)[n].get_base_layer() for n in spec.qkv)
+    return [bases] if stack_base_weights(bases) else []
 
 
 # --------------------------------------------------------------------------- the loss

@@ -158,9 +158,8 @@ def test_each_swap_is_logged_and_a_second_apply_is_refused():
     assert any("attention sdpa" in line for line in lines)
     with pytest.raises(PpalliError, match="already applied"):
         _apply(model)
-    # q/k/v go straight into RoPE in qwen2, and gate/up feed lora_mlp: each group's base weights are laid out
-    # as one block, and back in their own storage on revert
-    assert any("4 groups of base weights (q/k/v, gate/up) laid out as one" in line for line in lines)
+    # q/k/v go straight into RoPE in qwen2: their base weights are laid out as one block, and back on revert
+    assert any("q/k/v base weights of 2 layers laid out as one" in line for line in lines)
     attn = model.base_model.model.model.layers[0].self_attn
 
     def storages():

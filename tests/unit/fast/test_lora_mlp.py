@@ -10,7 +10,7 @@ from torch import nn
 pytest.importorskip("triton")
 from ppalli.errors import PpalliError  # noqa: E402
 from ppalli.kernels._utils import recomputing  # noqa: E402
-from ppalli.kernels.lora_linear import base_weight, stack_base_weights  # noqa: E402
+from ppalli.kernels.lora_linear import base_weight  # noqa: E402
 from ppalli.kernels.lora_mlp import lora_mlp  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -63,35 +63,11 @@ def _compare(model, act, shape):
         assert_close(f"grad {name}", g[name], g_ref[name], "block")
 
 
-def _stack_gate_up(model) -> list:
-    m = model.base_model.model
-    bases = [m.gate_proj.get_base_layer(), m.up_proj.get_base_layer()]
-    assert stack_base_weights(bases)
-    return bases
-
-
-@pytest.mark.parametrize("stacked", [False, True], ids=["own_weights", "stacked_weights"])
 @pytest.mark.parametrize("act", sorted(ACTS))
 @pytest.mark.parametrize("shape", SHAPES, ids=["aligned", "odd"])
-def test_forward_and_every_gradient_match_peft(shape, act, stacked, monkeypatch):
-    """With gate and up laid out as one weight, g0 and u0 are the column blocks of one (N, 2I) buffer (the
-    activation kernels read and write them at row stride 2I) and dx's base term is one GEMM over K = 2I."""
-    import ppalli.kernels.lora_mlp as mod
-
+def test_forward_and_every_gradient_match_peft(shape, act):
     b, t, d, i, r = shape
-    model = _model(d, i, r, act)
-    if stacked:
-        _stack_gate_up(model)
-    found, real = [], mod.stacked_base_weight
-    monkeypatch.setattr(mod, "stacked_base_weight", lambda *a: found.append(real(*a)) or found[-1])
-    _compare(model, act, (b, t, d))
-    assert len(found) == 1 and (found[0] is not None) == stacked
-
-
-def test_stacked_gate_up_with_biases_takes_the_per_weight_gemms():
-    model = _model(37, 53, 3, "silu", bias=True)
-    _stack_gate_up(model)
-    _compare(model, "silu", (2, 5, 37))
+    _compare(_model(d, i, r, act), act, (b, t, d))
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=["aligned", "odd"])

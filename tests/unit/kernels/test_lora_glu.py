@@ -96,29 +96,6 @@ def test_column_views_of_a_stacked_product_are_read_in_place():
     assert_close("h", h, lora_glu_fwd(t["g0"], t["u0"], t["xag"], t["bg"], 0.5, t["xau"], t["bu"], 2.0), DTYPE)
 
 
-def test_gate_and_up_as_column_blocks_of_one_buffer():
-    """g0 and u0 as the halves of one (N, 2I) buffer (lora_mlp with gate and up laid out as one weight): both
-    kernels read them at row stride 2I and the backward writes dg, du into the same halves."""
-    t = _inputs(70, 200, 16)
-    args = (t["xag"], t["bg"], 0.5, t["xau"], t["bu"], 2.0)
-    gu = torch.cat([t["g0"], t["u0"]], dim=1)  # (N, 2I)
-    g0, u0 = gu[:, :200], gu[:, 200:]
-    assert g0.stride(0) == 400
-    h, had = lora_glu_fwd_had(g0, u0, *args, t["ad"])
-    h_ref, had_ref = lora_glu_fwd_had(t["g0"], t["u0"], *args, t["ad"])
-    assert h.is_contiguous()
-    torch.testing.assert_close(h, h_ref, atol=0, rtol=0)
-    torch.testing.assert_close(had, had_ref, atol=0, rtol=0)
-    bwd = (t["dxad"], t["ad"], "silu", (True, True, True))
-    got = lora_glu_bwd(t["dh0"], g0, u0, *args, *bwd)
-    ref = lora_glu_bwd(t["dh0"], t["g0"].clone(), t["u0"].clone(), *args, *bwd)
-    assert got.dgate.data_ptr() == gu.data_ptr() and got.dup.data_ptr() == gu[:, 200:].data_ptr()
-    for a, b in zip(got, ref):
-        torch.testing.assert_close(a, b, atol=0, rtol=0)
-    with pytest.raises(PpalliError, match="one shape and row stride"):
-        lora_glu_fwd(g0, t["u0"], *args)  # halves of different row strides
-
-
 def test_backward_without_sums_returns_none():
     t = _inputs(8, 16, 4)
     *_, dbg, dbu, dad = lora_glu_bwd(t["dh0"], t["g0"], t["u0"], t["xag"], t["bg"], 1.0, None, None, 1.0)
