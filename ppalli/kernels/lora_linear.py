@@ -176,7 +176,8 @@ def stacked_lora_a_grads(dxas, x, a_stack, ranks, needs, dtypes):
 
 
 def _weights(bases) -> list[torch.Tensor] | None:
-    """The bases' (out, in) 16-bit weights when all share dtype, device and in, else None (4-bit: None)."""
+    """The bases' (out, in) floating-point weights when all share dtype, device and in, else None (a 4-bit
+    weight is packed uint8: None)."""
     ws = [getattr(b, "weight", None) for b in bases]
     if any(w is None or w.dim() != 2 or not w.is_floating_point() for w in ws):
         return None
