@@ -44,9 +44,13 @@ def _is_4bit(base: nn.Module) -> bool:
         "Linear4bit", "LinearNF4", "LinearFP4")
 
 
-def base_weight(module: nn.Module, dtype: torch.dtype | None = None) -> torch.Tensor:
+def base_weight(module: nn.Module | torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """The (out, in) base weight of a Linear, a bitsandbytes Linear4bit (dequantized) or a PEFT layer around one,
-    in `dtype` when given (a copy only when the dtype differs)."""
+    or an (out, in) weight given as it is (lora_qkv's stacked [Wq; Wk; Wv]), in `dtype` when given (a copy
+    only when the dtype differs)."""
+    if isinstance(module, torch.Tensor):
+        w = module
+        return w if dtype is None or w.dtype == dtype else w.to(dtype)
     base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
     if _is_4bit(base):
         from ppalli.kernels.nf4 import dequantize_weight  # bitsandbytes layouts only matter for QLoRA
@@ -289,8 +293,7 @@ def lora_bwd(dy, x, xa, a, b, s, need_a: bool, need_b: bool, grad_dtypes=(None, 
 
 
 def add_input_grad(dx, dy, base, dxa, a):
-    """dx (N, in) += dy W + dxa A, allocating dx when it is None; returns dx. base: the frozen layer, or its
-    (out, in) weight itself (lora_qkv's stacked [Wq; Wk; Wv]).
+    """dx (N, in) += dy W + dxa A, allocating dx when it is None; returns dx. base: what base_weight takes.
 
     A new dx takes the rank-r term first: that skinny GEMM then only writes dx, and the base GEMM accumulates
     into it (beta = 1, dx read in its epilogue) instead of the skinny GEMM reading and writing dx after it, a
@@ -299,8 +302,7 @@ def add_input_grad(dx, dy, base, dxa, a):
     (results/2026-12-02-h200-gemm-order.txt). The MLP's sum measured mixed that way (1.434 -> 1.535 and 2.393 ->
     2.680 ms there, 2.820 -> 2.760 at 8B on 2026-12-03): lora_mlp.py adds its rank-r term last itself.
     """
-    # (out, in), dequantized again for 4-bit rather than kept from the forward
-    w = base if isinstance(base, torch.Tensor) else base_weight(base, dy.dtype)
+    w = base_weight(base, dy.dtype)  # (out, in), dequantized again for 4-bit rather than kept from the forward
     if dx is None and dxa is not None:
         dx, dxa = torch.mm(dxa, cast(a, dy.dtype)), None  # (N, in)
     if dx is None:

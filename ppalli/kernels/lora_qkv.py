@@ -38,16 +38,13 @@ from ppalli.kernels.lora_linear import (
     lora_linear,
     lora_parts,
     out_features,
-    stack_base_weights,
     stacked_base_weight,
     stacked_lora_a,
     stacked_lora_a_grads,
-    unstack_base_weights,
 )
 from ppalli.kernels.rope import rope_fwd
 
-__all__ = ["LoRAQKVFunction", "lora_linear", "lora_qkv", "stack_base_weights", "stacked_base_weight",
-           "unstack_base_weights"]
+__all__ = ["LoRAQKVFunction", "lora_linear", "lora_qkv"]
 
 _LEAD = 4  # forward's arguments before the (base, A, B, scale) of q, k and v: x, cos, sin, heads
 

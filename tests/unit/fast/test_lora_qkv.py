@@ -8,7 +8,13 @@ from torch import nn
 
 pytest.importorskip("triton")
 from ppalli.errors import PpalliError  # noqa: E402
-from ppalli.kernels.lora_linear import base_weight, lora_parts  # noqa: E402
+from ppalli.kernels.lora_linear import (  # noqa: E402
+    base_weight,
+    lora_parts,
+    stack_base_weights,
+    stacked_base_weight,
+    unstack_base_weights,
+)
 from ppalli.kernels.lora_qkv import lora_linear, lora_qkv  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -131,7 +137,7 @@ def test_qkv_with_rope_matches_peft_then_hf_rope(shape, stacked, monkeypatch):
     model = _model(d, q_out, kv_out, r, bias=True)
     m = model.base_model.model
     if stacked:
-        assert mod.stack_base_weights(_bases(m))
+        assert stack_base_weights(_bases(m))
     found, real = [], mod.stacked_base_weight
     monkeypatch.setattr(mod, "stacked_base_weight", lambda *a: found.append(real(*a)) or found[-1])
     torch.manual_seed(2)
@@ -154,8 +160,6 @@ def test_stacked_base_weights_keep_parameters_and_values_and_revert():
     bases = _bases(model.base_model.model)
     params = [w.weight for w in bases]
     before = [p.detach().clone() for p in params]
-    from ppalli.kernels.lora_qkv import stack_base_weights, stacked_base_weight, unstack_base_weights
-
     assert stacked_base_weight(bases, params[0].dtype) is None  # three separate allocations
     assert stack_base_weights(bases) and stack_base_weights(bases)  # twice: already stacked, nothing to do
     w = stacked_base_weight(bases, params[0].dtype)
@@ -170,8 +174,6 @@ def test_stacked_base_weights_keep_parameters_and_values_and_revert():
 
 
 def test_stacking_refuses_mixed_inputs():
-    from ppalli.kernels.lora_qkv import stack_base_weights
-
     lins = [nn.Linear(8, 4), nn.Linear(8, 4), nn.Linear(6, 4)]  # v reads another width
     assert not stack_base_weights(lins)
     assert not stack_base_weights([nn.Linear(8, 4), nn.Linear(8, 4).half(), nn.Linear(8, 4)])
