@@ -27,7 +27,9 @@ import torch
 from torch import nn
 
 from ppalli.errors import PpalliError
+from ppalli.kernels._utils import interpreting, is_triton_available
 from ppalli.kernels.factor_cache import factor_cast, factor_stack
+from ppalli.kernels.lora_b_bwd import lora_b_bwd
 
 
 class LoRAParts(NamedTuple):
@@ -285,11 +287,22 @@ def grad_mm(m1: torch.Tensor, m2: torch.Tensor, dtype: torch.dtype, s: float = 1
 
 def lora_bwd(dy, x, xa, a, b, s, need_a: bool, need_b: bool, grad_dtypes=(None, None)):
     """dy (N, out), x (N, in), xa (N, r) -> (s dy B (N, r), dA (r, in) | None, dB (out, r) | None); dA and dB
-    in grad_dtypes (the adapters' own dtypes, see grad_mm), dy's dtype where None."""
-    dxa = scaled_mm(dy, cast(b, dy.dtype), s)  # (N, r)
+    in grad_dtypes (the adapters' own dtypes, see grad_mm), dy's dtype where None. s dy B and dB come from one
+    pass over dy (lora_b_bwd) where its kernel can run, else from two GEMMs."""
+    b = cast(b, dy.dtype)
+    if need_b and _one_pass_b(dy, xa):
+        dxa, db = lora_b_bwd(dy, xa, b, s, grad_dtypes[1] or dy.dtype)
+    else:
+        dxa = scaled_mm(dy, b, s)  # (N, r)
+        db = grad_mm(dy.t(), xa, grad_dtypes[1] or dy.dtype, s) if need_b else None  # (out, r)
     da = grad_mm(dxa.t(), x, grad_dtypes[0] or dy.dtype) if need_a else None  # (r, in)
-    db = grad_mm(dy.t(), xa, grad_dtypes[1] or dy.dtype, s) if need_b else None  # (out, r)
     return dxa, da, db
+
+
+def _one_pass_b(dy: torch.Tensor, xa: torch.Tensor) -> bool:
+    """Whether lora_b_bwd can take dy and xa: triton, CUDA (or the CPU interpreter), unit-stride rows, one dtype."""
+    return (is_triton_available() and (dy.is_cuda or (interpreting() and dy.device.type == "cpu"))
+            and dy.dim() == 2 and dy.stride(1) == 1 and xa.stride(1) == 1 and xa.dtype == dy.dtype)
 
 
 def add_input_grad(dx, dy, base, dxa, a):

@@ -1,0 +1,87 @@
+"""The two gradients of a LoRA adapter's B side that read the output gradient dy, in one pass over dy.
+
+A LoRA Linear's backward needs, from dy (N, out), the (N, r) product that carries the gradient on to A and x,
+and B's own gradient:
+
+    dxa = s dy B        (N, r)      a sum over out: each row needs all of dy's columns
+    dB  = s dy^T xa     (out, r)    a sum over N:   each column needs all of dy's rows
+
+With cuBLAS these are two GEMMs, each bound by reading dy (64 MB for one projection of Llama-3.2-1B at 16384
+tokens), and dB's split-K GEMM adds a reduce launch: on the H200, per T4 step (2026-12-03, results/
+2026-12-03-h200-t4-kernels.json), 31.4 us a `dy B` and 18.2 us + 2.1 us a `dy^T xa` for q, o and down.
+Here each program takes BM rows and walks all of dy's columns in BN blocks: `dy B` is summed in registers
+(complete for its rows at the end), and each block's (BN, r) share of dB is added into an fp32 buffer with
+atomic adds. Programs start their walk at different column blocks so that they rarely add into one block at
+once. The atomic adds make dB's rounding order vary from run to run (as cuDNN's attention backward already
+makes dq's); dxa is deterministic. fp32 accumulation throughout, as cuBLAS's.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ppalli.errors import PpalliError
+from ppalli.kernels._utils import cdiv, check_tensors, dot_upcast, jit, next_power_of_2, tl
+
+# (rows a program, columns a step, warps): see benchmarks/bench_lora_b_bwd.py.
+BLOCKS = (64, 128, 4)
+
+
+@jit
+def _dot(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """a @ b with fp32 accumulation (UPCAST: fp32 copies, for the CPU interpreter's bf16, see dot_upcast)."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@jit
+def _lora_b_bwd_kernel(DXA, DB, DY, dy_stride, XA, xa_stride, B, N, M, R, s,
+                       IEEE: tl.constexpr, UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                       RP: tl.constexpr):
+    # DY (N, M) rows of stride dy_stride; XA (N, R) rows of stride xa_stride; B (M, R) contiguous;
+    # DXA (N, R) contiguous, dy's dtype; DB (M, RP) fp32, zeroed, added into.
+    pid = tl.program_id(0)
+    rows = pid.to(tl.int64) * BM + tl.arange(0, BM)
+    row_ok = rows < N
+    k = tl.arange(0, RP)
+    k_ok = k < R
+    xa = tl.load(XA + rows[:, None] * xa_stride + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+    dxa = tl.zeros((BM, RP), dtype=tl.float32)
+    n_blocks = tl.cdiv(M, BN)
+    for i in range(0, n_blocks):
+        cols = ((i + pid) % n_blocks) * BN + tl.arange(0, BN)  # staggered start (see the module docstring)
+        col_ok = cols < M
+        dy = tl.load(DY + rows[:, None] * dy_stride + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
+                     other=0.0)  # (BM, BN)
+        b = tl.load(B + cols[:, None] * R + k[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)  # (BN, RP)
+        dxa += _dot(dy, b, IEEE, UPCAST)
+        db = _dot(tl.trans(dy), xa, IEEE, UPCAST)  # (BN, RP): this block of rows' share of dB
+        tl.atomic_add(DB + cols[:, None] * RP + k[None, :], db * s, mask=col_ok[:, None] & k_ok[None, :],
+                      sem="relaxed")
+    tl.store(DXA + rows[:, None] * R + k[None, :], (dxa * s).to(DXA.dtype.element_ty),
+             mask=row_ok[:, None] & k_ok[None, :])
+
+
+def lora_b_bwd(dy: torch.Tensor, xa: torch.Tensor, b: torch.Tensor, s: float,
+               db_dtype: torch.dtype | None = None, blocks: tuple[int, int, int] = BLOCKS):
+    """dy (N, out), xa (N, r), b (out, r) -> (dxa = s dy b (N, r) in dy's dtype, dB = s dy^T xa (out, r) in
+    db_dtype, dy's dtype when None). dy and xa may be column blocks of wider buffers (unit stride along a row)."""
+    check_tensors(dy, xa, b)
+    n, m = dy.shape
+    r = b.shape[1]
+    if xa.shape != (n, r) or b.shape != (m, r) or dy.stride(1) != 1 or xa.stride(1) != 1:
+        raise PpalliError(f"lora_b_bwd needs dy (N, out) and xa (N, r) with unit-stride rows and b (out, r), got "
+                          f"{tuple(dy.shape)}, {tuple(xa.shape)}, {tuple(b.shape)}")
+    if xa.dtype != dy.dtype or b.dtype != dy.dtype:
+        raise PpalliError(f"lora_b_bwd needs dy, xa and b in one dtype, got {dy.dtype}, {xa.dtype}, {b.dtype}")
+    bm, bn, warps = blocks
+    rp = max(16, next_power_of_2(r))
+    dxa = torch.empty(n, r, dtype=dy.dtype, device=dy.device)
+    db = torch.zeros(m, rp, dtype=torch.float32, device=dy.device)
+    _lora_b_bwd_kernel[(cdiv(n, bm),)](
+        dxa, db, dy, dy.stride(0), xa, xa.stride(0), b.contiguous(), n, m, r, float(s),
+        IEEE=dy.dtype == torch.float32, UPCAST=dot_upcast(dy.dtype), BM=bm, BN=bn, RP=rp, num_warps=warps)
+    return dxa, db[:, :r].to(db_dtype or dy.dtype).contiguous()
