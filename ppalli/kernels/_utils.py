@@ -202,3 +202,14 @@ def tanh(x):
     e = tl.exp(2.0 * tl.where(neg, x, -x))  # exp(-2|x|); tl.abs fails in the interpreter inside a device call
     t = (1.0 - e) / (1.0 + e)
     return tl.where(neg, -t, t)
+
+
+@jit
+def dot(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """a @ b with fp32 accumulation, as cuBLAS accumulates: IEEE for fp32 operands (no TF32 rounding), UPCAST
+    (dot_upcast: the CPU interpreter with bf16 operands) multiplies fp32 copies."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b)

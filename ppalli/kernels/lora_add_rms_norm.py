@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from ppalli.errors import PpalliError
-from ppalli.kernels._utils import cdiv, check_tensors, contiguous_rows, dot_upcast, jit, next_power_of_2, tl
+from ppalli.kernels._utils import cdiv, check_tensors, contiguous_rows, dot, dot_upcast, jit, next_power_of_2, tl
 from ppalli.kernels.factor_cache import factor_cast
 from ppalli.kernels.lora_linear import lora_bwd
 from ppalli.kernels.rms_norm import rms_norm_bwd
@@ -54,12 +54,7 @@ def _lora_add_rms_norm_fwd_kernel(X, NRM, H, Y0, XA, xa_stride, B, W, RSTD, n_ro
         if HAS_LORA:
             bt = tl.load(B + cols[None, :] * R + k[:, None], mask=(cols[None, :] < d) & (k[:, None] < R),
                          other=0.0)  # (RP, BD) of Bo^T, Bo (d, R)
-            if UPCAST:  # the CPU interpreter with bf16 operands (_utils.dot_upcast)
-                v += tl.dot(xa.to(tl.float32), bt.to(tl.float32), input_precision="ieee") * s
-            elif IEEE:
-                v += tl.dot(xa, bt, input_precision="ieee") * s
-            else:
-                v += tl.dot(xa, bt) * s
+            v += dot(xa, bt, IEEE, UPCAST) * s
         x = v.to(X.dtype.element_ty)
         tl.store(X + offs, x, mask=mask)
         if NORM:

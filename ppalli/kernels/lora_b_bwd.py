@@ -21,20 +21,10 @@ from __future__ import annotations
 import torch
 
 from ppalli.errors import PpalliError
-from ppalli.kernels._utils import cdiv, check_tensors, dot_upcast, jit, next_power_of_2, tl
+from ppalli.kernels._utils import cdiv, check_tensors, dot, dot_upcast, jit, next_power_of_2, tl
 
 # (rows a program, columns a step, warps): see benchmarks/bench_lora_b_bwd.py.
 BLOCKS = (64, 128, 4)
-
-
-@jit
-def _dot(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
-    """a @ b with fp32 accumulation (UPCAST: fp32 copies, for the CPU interpreter's bf16, see dot_upcast)."""
-    if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    if IEEE:
-        return tl.dot(a, b, input_precision="ieee")
-    return tl.dot(a, b)
 
 
 @jit
@@ -57,8 +47,8 @@ def _lora_b_bwd_kernel(DXA, DB, DY, dy_stride, XA, xa_stride, B, N, M, R, s,
         dy = tl.load(DY + rows[:, None] * dy_stride + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
                      other=0.0)  # (BM, BN)
         b = tl.load(B + cols[:, None] * R + k[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)  # (BN, RP)
-        dxa += _dot(dy, b, IEEE, UPCAST)
-        db = _dot(tl.trans(dy), xa, IEEE, UPCAST)  # (BN, RP): this block of rows' share of dB
+        dxa += dot(dy, b, IEEE, UPCAST)
+        db = dot(tl.trans(dy), xa, IEEE, UPCAST)  # (BN, RP): this block of rows' share of dB
         tl.atomic_add(DB + cols[:, None] * RP + k[None, :], db * s, mask=col_ok[:, None] & k_ok[None, :],
                       sem="relaxed")
     tl.store(DXA + rows[:, None] * R + k[None, :], (dxa * s).to(DXA.dtype.element_ty),

@@ -32,6 +32,7 @@ from ppalli.kernels._utils import (
     cdiv,
     check_tensors,
     device_name,
+    dot,
     dot_upcast,
     jit,
     next_power_of_2,
@@ -85,17 +86,6 @@ BWD_TILES_BY_GPU = {"NVIDIA H200": Tiles(16, 64, 4, 8, 3, runs=5)}
 
 
 @jit
-def _dot(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
-    """a @ b with fp32 accumulation; UPCAST (the CPU interpreter with bf16 operands, see _utils.dot_upcast)
-    multiplies fp32 copies."""
-    if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    if IEEE:
-        return tl.dot(a, b, input_precision="ieee")
-    return tl.dot(a, b)
-
-
-@jit
 def _xa_tile(XA, xa_stride, rows, N, R, RP: tl.constexpr):
     """Rows of an (N, R) rank-r product with row stride xa_stride (a column slice of the stacked x [Ag; Au]^T
     is read in place) as a (BM, RP) tile in its own dtype, zero past N and R."""
@@ -138,9 +128,9 @@ def _gate_up(G0, U0, xag, bg, xau, bu, offs, mask, sg, su, HAS_G: tl.constexpr, 
     g = tl.load(G0 + offs, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(U0 + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_G:
-        g += _dot(xag, bg, IEEE, UPCAST) * sg
+        g += dot(xag, bg, IEEE, UPCAST) * sg
     if HAS_U:
-        u += _dot(xau, bu, IEEE, UPCAST) * su
+        u += dot(xau, bu, IEEE, UPCAST) * su
     return g, u
 
 
@@ -177,7 +167,7 @@ def _lora_glu_fwd_kernel(H, P, G0, U0, XAG, xag_stride, BG, XAU, xau_stride, BU,
         if STORE_H:
             tl.store(H + offs, h, mask=mask)
         if HAS_AD:
-            had += _dot(h, tl.trans(_b_tile(AD, cols, M, R, False, RP)), IEEE, UPCAST)  # (BM, BN) @ (BN, RP)
+            had += dot(h, tl.trans(_b_tile(AD, cols, M, R, False, RP)), IEEE, UPCAST)  # (BM, BN) @ (BN, RP)
     if HAS_AD:
         _store_sums(P, had, run, rows, N, RP)
 
@@ -208,18 +198,18 @@ def _lora_glu_bwd_kernel(DG, DU, DH0, G0, U0, XAG, xag_stride, BG, XAU, xau_stri
         dh = tl.load(DH0 + offs, mask=mask, other=0.0).to(tl.float32)
         if HAS_D:  # XAD is already s_d * dy Bd, (N, R) contiguous
             xad = _xa_tile(XAD, R, rows, N, R, RP)
-            dh += _dot(xad, ad, IEEE, UPCAST)
+            dh += dot(xad, ad, IEEE, UPCAST)
         a, da = _act(g, ACT)
         du = (dh * a).to(DU.dtype.element_ty)
         dg = (dh * u * da).to(DG.dtype.element_ty)
         tl.store(DU + offs, du, mask=mask)
         tl.store(DG + offs, dg, mask=mask)
         if SUM_BG:
-            sum_bg += _dot(tl.trans(dg), xag, IEEE, UPCAST)  # (BN, BM) @ (BM, RP)
+            sum_bg += dot(tl.trans(dg), xag, IEEE, UPCAST)  # (BN, BM) @ (BM, RP)
         if SUM_BU:
-            sum_bu += _dot(tl.trans(du), xau, IEEE, UPCAST)
+            sum_bu += dot(tl.trans(du), xau, IEEE, UPCAST)
         if SUM_AD:
-            sum_ad += _dot(tl.trans((a * u).to(DG.dtype.element_ty)), xad, IEEE, UPCAST)
+            sum_ad += dot(tl.trans((a * u).to(DG.dtype.element_ty)), xad, IEEE, UPCAST)
     if SUM_BG:
         _store_sums(PBG, sum_bg * sg, run, cols, M, RP)  # the scales here, not in a launch after the fold
     if SUM_BU:

@@ -14,7 +14,9 @@ Biases (Qwen2's q/k/v) are frozen and added by the base GEMM's addmm. The o proj
 `lora_linear` (re-exported here).
 
 With rope=(cos, sin) (layers whose q and k go from the projections straight into RoPE) the block returns
-rotated q, k and v as (B, H, T, D) views, and its backward writes RoPE's transpose of dq and dk, and dv,
+rotated q, k and v as (B, H, T, D) views; q's and k's LoRA terms are then added inside RoPE's pass over them
+(rope_lora_fwd) instead of by an addmm_ that reads and writes each first. Its backward writes RoPE's
+transpose of dq and dk, and dv,
 into the column blocks of one (N, Hq*D + 2 Hk*D) buffer. When the base weights are row blocks of one
 (Hq*D + 2 Hk*D, d) tensor (the fast path lays them out so: `stack_base_weights`), the base term of dx is
 then one GEMM over K = Hq*D + 2 Hk*D instead of one GEMM and two accumulating ones that each read and write
@@ -42,7 +44,7 @@ from ppalli.kernels.lora_linear import (
     stacked_lora_a,
     stacked_lora_a_grads,
 )
-from ppalli.kernels.rope import rope_fwd
+from ppalli.kernels.rope import rope_fwd, rope_lora_fwd
 
 __all__ = ["LoRAQKVFunction", "lora_linear", "lora_qkv"]
 
@@ -93,16 +95,25 @@ class LoRAQKVFunction(torch.autograd.Function):
         ctx.dtypes = factor_dtypes(qa, qB, ka, kB, va, vB)
         xas, a_stack = stacked_lora_a(x, (qa, ka, va))  # three (N, r) views of one GEMM: x read once
         bs = [factor_cast(b, x.dtype) for b in (qB, kB, vB)]  # once; the backward reuses them
+        # With RoPE and adapters on q and k, their LoRA terms are added inside RoPE's pass (rope_lora_fwd)
+        # rather than by an addmm_ that reads and writes q and k once more before it.
+        fold = cos is not None and xas[0] is not None and xas[1] is not None
         outs = []
-        for base, xa, b, s in zip((qb, kb, vb), xas, bs, (qs, ks, vs)):
+        for i, (base, xa, b, s) in enumerate(zip((qb, kb, vb), xas, bs, (qs, ks, vs))):
             y = base_mm(x, base)  # (N, Hq*D) or (N, Hk*D)
-            if xa is not None:
+            if xa is not None and not (fold and i < 2):
                 y.addmm_(xa, b.t(), alpha=s)
             outs.append(y)
         ctx.heads = heads if cos is not None else None
         ctx.save_for_backward(x, cos, sin, *xas, a_stack, *bs)
         ctx.bases, ctx.scales = (qb, kb, vb), (qs, ks, vs)
-        return tuple(outs) if ctx.heads is None else _rotate(outs, cos, sin, heads)
+        if ctx.heads is None:
+            return tuple(outs)
+        if fold:
+            batch, d = heads
+            return (*(rope_lora_fwd(y, xa, b, s, cos, sin, batch, d)
+                      for y, xa, b, s in zip(outs[:2], xas[:2], bs[:2], (qs, ks))), _heads(outs[2], batch, d))
+        return _rotate(outs, cos, sin, heads)
 
     @staticmethod
     def backward(ctx, dq, dk, dv):

@@ -15,7 +15,7 @@ the q/k projections produce and the attention kernels read without a copy.
 import torch
 
 from ppalli.errors import PpalliError
-from ppalli.kernels._utils import check_tensors, jit, next_power_of_2, tl
+from ppalli.kernels._utils import check_tensors, dot, dot_upcast, jit, next_power_of_2, tl
 
 
 @jit
@@ -48,6 +48,42 @@ def _rope_fwd_kernel(
     offs_out = b * o_sb + t * o_st + heads[:, None] * o_sh + d[None, :]
     tl.store(OUT + offs_out, o1.to(OUT.dtype.element_ty), mask=mask)
     tl.store(OUT + offs_out + half, o2.to(OUT.dtype.element_ty), mask=mask)
+
+
+@jit
+def _rope_lora_fwd_kernel(
+    OUT, Y, XA, B, COS, SIN,  # OUT, Y: (N, H*D) rows of unit stride; XA (N, R); B (H*D, R); COS, SIN: (B or 1, T, D)
+    o_sn, y_sn, xa_sn, c_sb, c_st, n_rows, n_t, n_heads, half, R, s,
+    HEAD_D: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr, BLOCK_D: tl.constexpr, RP: tl.constexpr,
+    IEEE: tl.constexpr, UPCAST: tl.constexpr,
+):
+    # Program (head block, token block): BT tokens x BH heads, the head's two halves as (BT, BH * BLOCK_D)
+    # tiles whose column j is head j // BLOCK_D, dim j % BLOCK_D. Head blocks vary fastest, so the programs
+    # of one token block run together and find its cos/sin and x A^T rows in L2.
+    rows = tl.program_id(1).to(tl.int64) * BT + tl.arange(0, BT)
+    j = tl.arange(0, BH * BLOCK_D)
+    heads = tl.program_id(0) * BH + j // BLOCK_D
+    d = j % BLOCK_D
+    col = (heads * HEAD_D + d).to(tl.int64)  # (BH * BLOCK_D,) column of the first half in Y and OUT
+    col_ok = (heads < n_heads) & (d < half)
+    row_ok = rows < n_rows
+    mask = row_ok[:, None] & col_ok[None, :]
+    k = tl.arange(0, RP)
+    xa = tl.load(XA + rows[:, None] * xa_sn + k[None, :], mask=row_ok[:, None] & (k[None, :] < R), other=0.0)
+    b_mask = (k[:, None] < R) & col_ok[None, :]
+    b1 = tl.load(B + col[None, :] * R + k[:, None], mask=b_mask, other=0.0)  # (RP, BH * BLOCK_D) of B^T
+    b2 = tl.load(B + (col[None, :] + half) * R + k[:, None], mask=b_mask, other=0.0)
+    ys = rows[:, None] * y_sn + col[None, :]
+    x1 = tl.load(Y + ys, mask=mask, other=0.0).to(tl.float32) + s * dot(xa, b1, IEEE, UPCAST)
+    x2 = tl.load(Y + ys + half, mask=mask, other=0.0).to(tl.float32) + s * dot(xa, b2, IEEE, UPCAST)
+    cs = (rows // n_t * c_sb + rows % n_t * c_st)[:, None] + d[None, :]  # (BT, BH * BLOCK_D), heads share it
+    cos1 = tl.load(COS + cs, mask=mask, other=0.0).to(tl.float32)
+    cos2 = tl.load(COS + cs + half, mask=mask, other=0.0).to(tl.float32)
+    sin1 = tl.load(SIN + cs, mask=mask, other=0.0).to(tl.float32)
+    sin2 = tl.load(SIN + cs + half, mask=mask, other=0.0).to(tl.float32)
+    os = rows[:, None] * o_sn + col[None, :]
+    tl.store(OUT + os, (x1 * cos1 - x2 * sin1).to(OUT.dtype.element_ty), mask=mask)
+    tl.store(OUT + os + half, (x2 * cos2 + x1 * sin2).to(OUT.dtype.element_ty), mask=mask)
 
 
 def _rope_one(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool,
@@ -118,3 +154,34 @@ class RoPEFunction(torch.autograd.Function):
 def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     """Rotate q (B, Hq, T, D) and k (B, Hk, T, D) by HF's cos/sin (B, T, D); returns (q_out, k_out)."""
     return RoPEFunction.apply(q, k, cos, sin)
+
+
+# (tokens, heads, warps) a program of rope_lora_fwd, for a head dim of 64 or less / above 64.
+LORA_BLOCKS = {64: (16, 4, 4), 128: (16, 2, 4)}
+
+
+def rope_lora_fwd(y: torch.Tensor, xa: torch.Tensor, b: torch.Tensor, s: float, cos: torch.Tensor,
+                  sin: torch.Tensor, batch: int, head_dim: int, blocks: tuple[int, int, int] | None = None):
+    """RoPE of y + s xa b^T, the LoRA term added in the same pass instead of by an addmm_ that reads and writes y
+    first. y (N, H*D) a projection's base output (rows of unit stride), xa (N, r) = x A^T, b (H*D, r) in y's
+    dtype, cos/sin as rope_fwd takes them, N = batch * T -> rotated (B, H, T, D) in new (B, T, H, D) memory.
+    The sum is rotated in fp32, not rounded to y's dtype first."""
+    check_tensors(y, xa, b, cos, sin)
+    n, width = y.shape
+    r = b.shape[1]
+    if width % head_dim or n % batch or b.shape[0] != width or xa.shape != (n, r) or y.stride(1) != 1 \
+            or xa.stride(1) != 1:
+        raise PpalliError(f"rope_lora_fwd needs y (N, H*D) with D = {head_dim}, xa (N, r) and b (H*D, r) with "
+                          f"unit-stride rows, got {tuple(y.shape)}, {tuple(xa.shape)}, {tuple(b.shape)}")
+    heads, n_t = width // head_dim, n // batch
+    view = y.view(batch, n_t, heads, head_dim).transpose(1, 2)  # (B, H, T, D), to check cos/sin against
+    cos, sin = _prepare_cos_sin(view, cos, sin)
+    bt, bh, warps = blocks or LORA_BLOCKS[64 if head_dim <= 64 else 128]
+    block_d = next_power_of_2(head_dim // 2)
+    out = torch.empty_like(y)
+    grid = ((heads + bh - 1) // bh, (n + bt - 1) // bt)
+    _rope_lora_fwd_kernel[grid](
+        out, y, xa, b.contiguous(), cos, sin, out.stride(0), y.stride(0), xa.stride(0), cos.stride(0),
+        cos.stride(1), n, n_t, heads, head_dim // 2, r, float(s), HEAD_D=head_dim, BT=bt, BH=bh, BLOCK_D=block_d,
+        RP=max(16, next_power_of_2(r)), IEEE=y.dtype == torch.float32, UPCAST=dot_upcast(y.dtype), num_warps=warps)
+    return out.view(batch, n_t, heads, head_dim).transpose(1, 2)

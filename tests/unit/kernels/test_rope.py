@@ -1,5 +1,6 @@
 """Fused RoPE against HF's apply_rotary_pos_emb: forward and the gradients of q and k, with GQA, a batch
-broadcast cos/sin, packed positions and the (B, T, H, D) memory layout the projections produce."""
+broadcast cos/sin, packed positions and the (B, T, H, D) memory layout the projections produce; and RoPE of
+a projection's base output plus its LoRA term (rope_lora_fwd) against the sum then HF's rotation."""
 
 import pytest
 import torch
@@ -7,7 +8,7 @@ from reference import assert_close, hf_cos_sin, rope_ref
 
 pytest.importorskip("triton")
 from ppalli.errors import PpalliError  # noqa: E402
-from ppalli.kernels.rope import apply_rope  # noqa: E402
+from ppalli.kernels.rope import apply_rope, rope_lora_fwd  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPE = torch.float32
@@ -64,3 +65,43 @@ def test_rejects_odd_head_dim():
     q, k = _qk(1, 2, 2, 3, 5)
     with pytest.raises(PpalliError, match="even head dim"):
         apply_rope(q, k, torch.ones(1, 3, 5, device=DEVICE), torch.ones(1, 3, 5, device=DEVICE))
+
+
+@pytest.mark.parametrize(
+    "b, h, t, d, r, dtype",
+    [(2, 3, 7, 16, 8, torch.float32), (1, 5, 20, 64, 16, torch.float32), (3, 2, 9, 6, 4, torch.float32),
+     (2, 4, 17, 32, 16, torch.bfloat16), (1, 3, 5, 128, 16, torch.float32)],
+    ids=["odd", "llama_1b_head", "tiny_head_dim", "bf16", "head_dim_128"],
+)
+def test_rope_lora_matches_the_sum_then_rope(b, h, t, d, r, dtype):
+    """y + s xa B^T, then HF's rotation, where xa is a column block of a stacked (N, 3r) product as lora_qkv
+    hands it. The kernel rotates the fp32 sum, the reference rounds it to the dtype first: bf16 compares at
+    its tolerance."""
+    g = torch.Generator().manual_seed(0)
+    n = b * t
+    y = torch.randn(n, h * d, generator=g).to(DEVICE, dtype)
+    xa = torch.randn(n, 3 * r, generator=g).to(DEVICE, dtype)[:, r:2 * r]
+    lora_b = (torch.randn(h * d, r, generator=g) * 0.3).to(DEVICE, dtype)
+    cos, sin = torch.randn(b, t, d, generator=g).to(DEVICE), torch.randn(b, t, d, generator=g).to(DEVICE)
+    got = rope_lora_fwd(y, xa, lora_b, 0.5, cos, sin, b, d)
+    summed = (y.float() + 0.5 * xa.float() @ lora_b.float().t()).to(dtype)
+    heads = summed.view(b, t, h, d).transpose(1, 2)
+    want, _ = rope_ref(heads, heads, cos.to(dtype), sin.to(dtype))
+    assert got.shape == (b, h, t, d) and got.transpose(1, 2).is_contiguous()
+    assert_close("rope(y + s xa B^T)", got, want, dtype)
+
+
+def test_rope_lora_with_packed_positions_broadcast_over_the_batch():
+    g = torch.Generator().manual_seed(1)
+    y, xa, lora_b = (torch.randn(*shape, generator=g).to(DEVICE) for shape in ((18, 32), (18, 4), (32, 4)))
+    cos, sin = hf_cos_sin(torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4, 0]], device=DEVICE), 16)  # (1, 9, 16)
+    got = rope_lora_fwd(y, xa, lora_b, 2.0, cos, sin, 2, 16)
+    heads = (y + 2.0 * xa @ lora_b.t()).view(2, 9, 2, 16).transpose(1, 2)
+    assert_close("packed", got, rope_ref(heads, heads, cos, sin)[0], DTYPE)
+
+
+def test_rope_lora_rejects_a_width_that_is_not_whole_heads():
+    y, xa, lora_b = torch.ones(4, 24, device=DEVICE), torch.ones(4, 2, device=DEVICE), torch.ones(24, 2, device=DEVICE)
+    cos = torch.ones(1, 4, 16, device=DEVICE)
+    with pytest.raises(PpalliError, match="rope_lora_fwd needs"):
+        rope_lora_fwd(y, xa, lora_b, 1.0, cos, cos, 1, 16)

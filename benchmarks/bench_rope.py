@@ -1,0 +1,63 @@
+"""rope_lora_fwd (ppalli/kernels/rope.py) on one GPU against the ops it replaces in lora_qkv's forward.
+
+    python benchmarks/bench_rope.py --out benchmarks/results/rope-lora.json
+
+Before, q and k each took an addmm_ of the LoRA term s (x A^T) B^T into the base output (reading and writing it)
+and then RoPE's pass; rope_lora_fwd adds the term inside RoPE's pass. Shapes: Llama-3.2-1B at 8x2048 tokens
+(q: 32 heads, k: 8, head dim 64) and Llama-3.1-8B at 4x2048 (32 and 8 heads of 128), bf16, rank 16, x A^T a
+column block of the stacked (N, 3r) product. Settings (tokens, heads, warps a program) are swept; times are
+medians of triton.testing.do_bench, ms; GB/s counts y read and the output written.
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without `pip install -e .`
+from _sweep import main, median_ms  # noqa: E402
+
+from ppalli.kernels.rope import LORA_BLOCKS, rope_fwd, rope_lora_fwd  # noqa: E402
+
+# name: (batch, T, heads, head dim)
+SHAPES = {"1b q": (8, 2048, 32, 64), "1b k": (8, 2048, 8, 64), "8b q": (4, 2048, 32, 128), "8b k": (4, 2048, 8, 128)}
+SWEEP = [(16, 1, 4), (16, 2, 4), (16, 4, 4), (16, 4, 8), (32, 2, 4), (32, 4, 8), (64, 1, 4), (64, 2, 8)]
+RANK, S, DTYPE = 16, 2.0, torch.bfloat16
+
+
+def bench_shape(name: str, b: int, t: int, h: int, d: int) -> dict:
+    n = b * t
+    y = torch.randn(n, h * d, device="cuda", dtype=DTYPE)
+    xa = torch.randn(n, 3 * RANK, device="cuda", dtype=DTYPE)[:, :RANK]
+    lora_b = torch.randn(h * d, RANK, device="cuda", dtype=DTYPE) * 0.1
+    cos, sin = torch.randn(1, t, d, device="cuda", dtype=DTYPE), torch.randn(1, t, d, device="cuda", dtype=DTYPE)
+
+    def before():
+        q = y.clone()  # stands for the base GEMM's output that addmm_ wrote into
+        q.addmm_(xa, lora_b.t(), alpha=S)
+        heads = q.view(b, t, h, d).transpose(1, 2)
+        return rope_fwd(heads, heads, cos, sin)[0]
+
+    ref = before()
+    row = {"shape": name, "n": n, "heads": h, "head_dim": d,
+           "before_ms": round(median_ms(before) - median_ms(lambda: y.clone()), 4), "fused": []}
+    for blocks in SWEEP:
+        if blocks[1] * d // 2 > 512:  # a (tokens, heads * D/2) tile wider than 512 columns spills
+            continue
+        got = rope_lora_fwd(y, xa, lora_b, S, cos, sin, b, d, blocks=blocks)
+        err = ((got.float() - ref.float()).norm() / ref.float().norm()).item()
+        ms = median_ms(lambda blocks=blocks: rope_lora_fwd(y, xa, lora_b, S, cos, sin, b, d, blocks=blocks))
+        row["fused"].append({"blocks": list(blocks), "ms": round(ms, 4), "gbps": round(2 * y.numel() * 2 / ms / 1e6, 1),
+                             "rel_err": float(f"{err:.2e}")})
+    row["default"] = list(LORA_BLOCKS[64 if d <= 64 else 128])
+    return row
+
+
+def report(r: dict) -> None:
+    print(f"{r['shape']} (N {r['n']}, {r['heads']} heads of {r['head_dim']}): addmm_ + rope {r['before_ms']:.4f} ms")
+    for x in sorted(r["fused"], key=lambda x: x["ms"]):
+        print(f"  rope_lora_fwd {x['blocks']}: {x['ms']:.4f} ms, {x['gbps']} GB/s, rel err {x['rel_err']}")
+
+
+if __name__ == "__main__":
+    main(__doc__, SHAPES, bench_shape, report)
