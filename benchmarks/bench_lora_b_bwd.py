@@ -18,7 +18,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without `pip install -e .`
 from _sweep import main, median_ms  # noqa: E402
 
-from ppalli.kernels.lora_b_bwd import BLOCKS, lora_b_bwd  # noqa: E402
+from ppalli.kernels._utils import program_count  # noqa: E402
+from ppalli.kernels.lora_b_bwd import launch_blocks, lora_b_bwd  # noqa: E402
 from ppalli.kernels.lora_linear import grad_mm, scaled_mm  # noqa: E402
 
 # name: (N, out, width of the buffer dy is a column block of)
@@ -44,7 +45,7 @@ def bench_shape(name: str, n: int, m: int, width: int) -> dict:
         ms = median_ms(lambda blocks=blocks: lora_b_bwd(dy, xa, b, S, torch.float32, blocks=blocks))
         row["fused"].append({"blocks": list(blocks), "ms": round(ms, 4), "gbps": round(n * m * 2 / ms / 1e6, 1),
                              "rel_err": float(f"{err:.2e}")})
-    row["default"] = list(BLOCKS)
+    row["default"] = list(launch_blocks(n, m, program_count(dy.device)))
     return row
 
 

@@ -21,10 +21,21 @@ from __future__ import annotations
 import torch
 
 from ppalli.errors import PpalliError
-from ppalli.kernels._utils import cdiv, check_tensors, dot, dot_upcast, jit, next_power_of_2, tl
+from ppalli.kernels._utils import cdiv, check_tensors, dot, dot_upcast, jit, next_power_of_2, program_count, tl
 
-# (rows a program, columns a step, warps): see benchmarks/bench_lora_b_bwd.py.
-BLOCKS = (64, 128, 4)
+
+def launch_blocks(n: int, m: int, programs: int) -> tuple[int, int, int]:
+    """(rows a program, columns a step, warps) for dy (n, m) on a GPU of `programs` SMs: about one program per SM
+    (rows = the power of two nearest n / SMs, 32 to 128), 128 columns a step where that still leaves 8 blocks
+    for the staggered starts to spread the atomic adds over, else 64; 8 warps for 128 x 128 tiles.
+    benchmarks/bench_lora_b_bwd.py on the H200 (132 SMs, 2026-12-03, results/2026-12-03-h200-lora-b-bwd.json),
+    the best setting of 7 for each shape and what this rule picks: 1B q/o/down (16384 x 2048) 128 x 128 x 8,
+    0.0310 ms (the cuBLAS pair 0.0481); 1B k (16384 x 512) 128 x 64 x 4, 0.0186 (0.0226; 64 x 128 took 0.0454:
+    256 programs adding into 4 column blocks); 8B q (8192 x 4096) 64 x 128 x 4, 0.0374 (0.0500); 8B k (8192 x
+    1024) 64 x 128 x 4, 0.0149 (0.0320)."""
+    bm = min(128, max(32, next_power_of_2(max(1, round(n / programs * 2 / 3)))))
+    bn = 128 if m >= 8 * 128 else 64
+    return bm, bn, 8 if bm * bn >= 128 * 128 else 4
 
 
 @jit
@@ -56,7 +67,7 @@ def _lora_b_bwd_kernel(DXA, DB, DY, dy_stride, XA, xa_stride, B, N, M, R, s,
 
 
 def lora_b_bwd(dy: torch.Tensor, xa: torch.Tensor, b: torch.Tensor, s: float,
-               db_dtype: torch.dtype | None = None, blocks: tuple[int, int, int] = BLOCKS):
+               db_dtype: torch.dtype | None = None, blocks: tuple[int, int, int] | None = None):
     """dy (N, out), xa (N, r), b (out, r) -> (dxa = s dy b (N, r) in dy's dtype, dB = s dy^T xa (out, r) in
     db_dtype, dy's dtype when None). dy and xa may be column blocks of wider buffers (unit stride along a row)."""
     check_tensors(dy, xa, b)
@@ -67,7 +78,7 @@ def lora_b_bwd(dy: torch.Tensor, xa: torch.Tensor, b: torch.Tensor, s: float,
                           f"{tuple(dy.shape)}, {tuple(xa.shape)}, {tuple(b.shape)}")
     if xa.dtype != dy.dtype or b.dtype != dy.dtype:
         raise PpalliError(f"lora_b_bwd needs dy, xa and b in one dtype, got {dy.dtype}, {xa.dtype}, {b.dtype}")
-    bm, bn, warps = blocks
+    bm, bn, warps = blocks or launch_blocks(n, m, program_count(dy.device))
     rp = max(16, next_power_of_2(r))
     dxa = torch.empty(n, r, dtype=dy.dtype, device=dy.device)
     db = torch.zeros(m, rp, dtype=torch.float32, device=dy.device)

@@ -156,8 +156,11 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.T
     return RoPEFunction.apply(q, k, cos, sin)
 
 
-# (tokens, heads, warps) a program of rope_lora_fwd, for a head dim of 64 or less / above 64.
-LORA_BLOCKS = {64: (16, 4, 4), 128: (16, 2, 4)}
+# (tokens, heads, warps) a program of rope_lora_fwd, for a head dim of 64 or less / above 64: the fastest of 8
+# settings summed over q and k in benchmarks/bench_rope.py on the H200 (2026-12-03, results/2026-12-03-h200-
+# rope-lora.json). Against the addmm_ then RoPE it replaces: 1B q 0.0693 ms (0.1268), k 0.0227 (0.0599);
+# 8B q 0.0751 (0.1305), k 0.0227 (0.0580).
+LORA_BLOCKS = {64: (16, 2, 4), 128: (16, 1, 4)}
 
 
 def rope_lora_fwd(y: torch.Tensor, xa: torch.Tensor, b: torch.Tensor, s: float, cos: torch.Tensor,

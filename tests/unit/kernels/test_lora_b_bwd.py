@@ -17,10 +17,10 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 def _inputs(n, m, r, dtype, seed=0, dy_cols=None, xa_cols=None):
     """dy (n, m) and xa (n, r), as the leading column blocks of (n, dy_cols) and (n, xa_cols) when given."""
     g = torch.Generator().manual_seed(seed)
-    dy = torch.randn(n, dy_cols or m, generator=g)[:, :m]
-    xa = torch.randn(n, xa_cols or r, generator=g)[:, :r]
-    b = torch.randn(m, r, generator=g) * 0.3
-    return (t.to(DEVICE, dtype) for t in (dy, xa, b))
+    dy = torch.randn(n, dy_cols or m, generator=g).to(DEVICE, dtype)[:, :m]  # sliced on the device: a view
+    xa = torch.randn(n, xa_cols or r, generator=g).to(DEVICE, dtype)[:, :r]
+    b = (torch.randn(m, r, generator=g) * 0.3).to(DEVICE, dtype)
+    return dy, xa, b
 
 
 def _reference(dy, xa, b, s):
