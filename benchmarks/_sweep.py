@@ -1,5 +1,6 @@
-"""What the kernel-setting sweeps (bench_lora_glu.py, bench_lora_add_rms_norm.py) share: the timer and a
-main that times each shape, prints the rows and writes them as JSON with the versions that produced them."""
+"""What the kernel-setting sweeps (bench_lora_glu.py, bench_lora_add_rms_norm.py, bench_lora_b_bwd.py,
+bench_rope.py) share: the timer, one setting's row, and a main that times each shape, prints the rows and
+writes them as JSON with the versions that produced them."""
 
 import argparse
 import json
@@ -14,6 +15,25 @@ import triton.testing
 def median_ms(fn: Callable) -> float:
     """Median of triton.testing.do_bench over ~60 ms of repeats, in ms."""
     return triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median")
+
+
+def rel_err(got, ref) -> float:
+    """The largest ||got - ref|| / ||ref|| over a tensor or tuples of them, to 3 digits."""
+    pairs = zip(got, ref) if isinstance(got, tuple) else [(got, ref)]
+    return float(f"{max(((g.float() - r.float()).norm() / r.float().norm()).item() for g, r in pairs):.2e}")
+
+
+def setting_row(blocks: tuple, run: Callable, ref, nbytes: int) -> dict:
+    """One launch setting of a sweep: run(blocks) timed, its error against ref, nbytes moved as GB/s."""
+    ms = median_ms(lambda: run(blocks))
+    return {"blocks": list(blocks), "ms": round(ms, 4), "gbps": round(nbytes / ms / 1e6, 1),
+            "rel_err": rel_err(run(blocks), ref)}
+
+
+def print_settings(label: str, settings: list[dict]) -> None:
+    """setting_row rows, fastest first."""
+    for x in sorted(settings, key=lambda x: x["ms"]):
+        print(f"  {label} {x['blocks']}: {x['ms']:.4f} ms, {x['gbps']} GB/s, rel err {x['rel_err']}")
 
 
 def main(doc: str, shapes: dict, bench_shape: Callable[..., dict], report: Callable[[dict], None]) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without `pip install -e .`
-from _sweep import main, median_ms  # noqa: E402
+from _sweep import main, median_ms, print_settings, setting_row  # noqa: E402
 
 from ppalli.kernels._utils import program_count  # noqa: E402
 from ppalli.kernels.lora_b_bwd import launch_blocks, lora_b_bwd  # noqa: E402
@@ -40,19 +40,15 @@ def bench_shape(name: str, n: int, m: int, width: int) -> dict:
     row = {"shape": name, "n": n, "out": m, "width": width, "cublas_ms": round(median_ms(cublas), 4), "fused": []}
     ref = cublas()
     for blocks in SWEEP:
-        got = lora_b_bwd(dy, xa, b, S, torch.float32, blocks=blocks)
-        err = max(((g.float() - r.float()).norm() / r.float().norm()).item() for g, r in zip(got, ref))
-        ms = median_ms(lambda blocks=blocks: lora_b_bwd(dy, xa, b, S, torch.float32, blocks=blocks))
-        row["fused"].append({"blocks": list(blocks), "ms": round(ms, 4), "gbps": round(n * m * 2 / ms / 1e6, 1),
-                             "rel_err": float(f"{err:.2e}")})
+        row["fused"].append(setting_row(blocks, lambda blocks: lora_b_bwd(dy, xa, b, S, torch.float32, blocks=blocks),
+                                        ref, n * m * 2))
     row["default"] = list(launch_blocks(n, m, program_count(dy.device)))
     return row
 
 
 def report(r: dict) -> None:
     print(f"{r['shape']} (N {r['n']}, out {r['out']} of {r['width']}): cuBLAS pair {r['cublas_ms']:.4f} ms")
-    for x in sorted(r["fused"], key=lambda x: x["ms"]):
-        print(f"  one pass {x['blocks']}: {x['ms']:.4f} ms, {x['gbps']} GB/s, rel err {x['rel_err']}")
+    print_settings("one pass", r["fused"])
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without `pip install -e .`
-from _sweep import main, median_ms  # noqa: E402
+from _sweep import main, median_ms, print_settings, setting_row  # noqa: E402
 
 from ppalli.kernels.rope import LORA_BLOCKS, rope_fwd, rope_lora_fwd  # noqa: E402
 
@@ -44,19 +44,16 @@ def bench_shape(name: str, b: int, t: int, h: int, d: int) -> dict:
     for blocks in SWEEP:
         if blocks[1] * d // 2 > 512:  # a (tokens, heads * D/2) tile wider than 512 columns spills
             continue
-        got = rope_lora_fwd(y, xa, lora_b, S, cos, sin, b, d, blocks=blocks)
-        err = ((got.float() - ref.float()).norm() / ref.float().norm()).item()
-        ms = median_ms(lambda blocks=blocks: rope_lora_fwd(y, xa, lora_b, S, cos, sin, b, d, blocks=blocks))
-        row["fused"].append({"blocks": list(blocks), "ms": round(ms, 4), "gbps": round(2 * y.numel() * 2 / ms / 1e6, 1),
-                             "rel_err": float(f"{err:.2e}")})
+        row["fused"].append(setting_row(
+            blocks, lambda blocks: rope_lora_fwd(y, xa, lora_b, S, cos, sin, b, d, blocks=blocks), ref,
+            2 * y.numel() * 2))
     row["default"] = list(LORA_BLOCKS[64 if d <= 64 else 128])
     return row
 
 
 def report(r: dict) -> None:
     print(f"{r['shape']} (N {r['n']}, {r['heads']} heads of {r['head_dim']}): addmm_ + rope {r['before_ms']:.4f} ms")
-    for x in sorted(r["fused"], key=lambda x: x["ms"]):
-        print(f"  rope_lora_fwd {x['blocks']}: {x['ms']:.4f} ms, {x['gbps']} GB/s, rel err {x['rel_err']}")
+    print_settings("rope_lora_fwd", r["fused"])
 
 
 if __name__ == "__main__":
