@@ -300,9 +300,11 @@ def lora_bwd(dy, x, xa, a, b, s, need_a: bool, need_b: bool, grad_dtypes=(None, 
 
 
 def _one_pass_b(dy: torch.Tensor, xa: torch.Tensor) -> bool:
-    """Whether lora_b_bwd can take dy and xa: triton, CUDA (or the CPU interpreter), unit-stride rows, one dtype."""
+    """Whether lora_b_bwd can take dy and xa: triton, CUDA (or the CPU interpreter), unit-stride rows, one dtype,
+    and torch not asked for deterministic algorithms (its dB sums by atomic adds, in no fixed order)."""
     return (is_triton_available() and (dy.is_cuda or (interpreting() and dy.device.type == "cpu"))
-            and dy.dim() == 2 and dy.stride(1) == 1 and xa.stride(1) == 1 and xa.dtype == dy.dtype)
+            and dy.dim() == 2 and dy.stride(1) == 1 and xa.stride(1) == 1 and xa.dtype == dy.dtype
+            and not torch.are_deterministic_algorithms_enabled())
 
 
 def add_input_grad(dx, dy, base, dxa, a):

@@ -1,6 +1,7 @@
 """lora_b_bwd: dxa = s dy B and dB = s dy^T xa from one pass over dy, against the two matmuls; row counts not a
 multiple of the program's rows, widths not a multiple of its column step (5 x 123), ranks below the 16 of a
-dot, dy and xa as column blocks of wider buffers (lora_qkv's layout), and lora_bwd taking this path."""
+dot, dy and xa as column blocks of wider buffers (lora_qkv's layout), and lora_bwd taking this path (the two
+GEMMs under torch.use_deterministic_algorithms)."""
 
 import pytest
 import torch
@@ -75,6 +76,13 @@ def test_lora_bwd_takes_the_one_pass_and_matches_the_two_gemms(monkeypatch):
     assert_close("dA", da, dxa_ref.t() @ x, torch.float32)
     lora_linear.lora_bwd(dy, x, xa, None, b, 0.5, True, False)  # no dB asked for: dy B alone, one GEMM
     assert calls == [1]
+    torch.use_deterministic_algorithms(True)  # the atomic adds sum in no fixed order: the two GEMMs instead
+    try:
+        _, _, db_fixed = lora_linear.lora_bwd(dy, x, xa, None, b, 0.5, False, True)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert calls == [1]
+    assert_close("dB, deterministic", db_fixed, db_ref, torch.float32)
 
 
 def test_bad_inputs_are_refused():
