@@ -12,9 +12,9 @@ tokens), and dB's split-K GEMM adds a reduce launch: on the H200, per T4 step (2
 Here each program takes BM rows and walks all of dy's columns in BN blocks: `dy B` is summed in registers
 (complete for its rows at the end), and each block's (BN, r) share of dB is added into an fp32 buffer with
 atomic adds. Programs start their walk at different column blocks so that they rarely add into one block at
-once. The atomic adds make dB's rounding order vary from run to run (as cuDNN's attention backward already
-makes dq's); dxa is deterministic, and under torch.use_deterministic_algorithms(True) lora_linear.lora_bwd
-runs the two GEMMs instead. fp32 accumulation throughout, as cuBLAS's.
+once. The atomic adds make dB's rounding order vary from run to run (dxa's does not); under
+torch.use_deterministic_algorithms(True) lora_linear.lora_bwd runs the two GEMMs instead. fp32 accumulation
+throughout, as cuBLAS's.
 """
 
 from __future__ import annotations
