@@ -2,6 +2,7 @@
 
     python benchmarks/peers.py --case T1 --out benchmarks/results           # the targets of BENCHMARKS.md
     python benchmarks/peers.py --case custom --model 1b --batch 8 --seq 2048 --gc off --stacks ppalli,unsloth
+    python benchmarks/peers.py --case T4 --stacks ppalli --baseline /tmp/base   # a change against an older build
 
 Random-weight Llamas built from their configs (speed and memory do not depend on weight values), random
 seeded tokens as inputs and labels (a fixed batch x seq, no padding), LoRA r=16 alpha=16 dropout 0 on
@@ -142,6 +143,7 @@ class RunSpec:
     config_path: str = ""  # the config.json ppalli builds random weights from
     folder: str = ""  # saved random model for Unsloth / HF + bnb
     profile: str = ""  # where to write the profiler table ("" = no profiling); "{gpu}" is filled in
+    tree: str = ""  # a source tree whose benchmarks/_stacks.py runs this spec (--baseline), "" for this checkout
 
     @property
     def needs_folder(self) -> bool:
@@ -150,6 +152,9 @@ class RunSpec:
     def label(self) -> str:
         what = self.ppalli.get("requested", "auto") if self.stack == "ppalli" else f"gc={self.gc}"
         return f"{self.stack} ({what})"
+
+    def stacks_py(self) -> Path:
+        return Path(self.tree) / "benchmarks" / "_stacks.py" if self.tree else STACKS_PY
 
 
 # --------------------------------------------------------------------------- arguments
@@ -221,6 +226,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ppalli-setting", type=parse_ppalli_setting, action="append",
                    help="auto (ppalli's own plan) or pins like 'offload,micro=2', 'none,fast=off', 'budget=8'; "
                         "repeat for several ppalli runs")
+    p.add_argument("--baseline", type=Path,
+                   help="also run ppalli's own plan from this source tree (an older build, e.g. `git archive REV | "
+                        "tar -x -C DIR`) in the same call: a change against it on one machine, for gains smaller "
+                        "than the spread between machines (T4 read 1.163x and 1.172x a commit apart on two H200s)")
     p.add_argument("--profile", nargs="?", const="ppalli", default="", type=str,
                    help="torch.profiler over 2 steps after the timed ones, top 25 ops by CUDA time to "
                         "DIR/<date>-<gpu>-<case>-profile-<stack>-<n>.txt; stacks to profile (default ppalli)")
@@ -237,6 +246,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--warmup-s repeats the warm-up batches: give --warmup >= 1")
     args.ppalli_setting = args.ppalli_setting or [parse_ppalli_setting("auto")]
     args.profile = _stack_list(args.profile) if args.profile else []
+    if args.baseline is not None and not (args.baseline / "benchmarks" / "_stacks.py").is_file():
+        p.error(f"--baseline {args.baseline}: no benchmarks/_stacks.py there (unpack a ppalli source tree into it)")
     return args
 
 
@@ -252,6 +263,9 @@ def run_specs(args: argparse.Namespace) -> list[RunSpec]:
                    warmup_s=args.warmup_s, seed=args.seed, model_config=MODELS[name][1],
                    mem_cap_gib=args.mem_cap_gib if args.mem_cap_gib is not None else case.mem_cap_gib)
     specs = [replace(base, ppalli=s) for s in args.ppalli_setting] if "ppalli" in args.stacks else []
+    if args.baseline is not None and "ppalli" in args.stacks:  # requested is not "auto": never the reference run
+        specs.append(replace(base, ppalli={"requested": f"baseline {args.baseline.name}"},
+                             tree=str(args.baseline.resolve())))
     pairs = [(stack, args.gc or gc) for stack, gc in case.peers]
     if args.gc:  # a stack the case lacks still runs when --stacks names it
         pairs += [(s, args.gc) for s in args.stacks if s != "ppalli" and all(s != p for p, _ in case.peers)]
@@ -340,6 +354,8 @@ def run_record(spec: RunSpec, child: dict, flops: float) -> dict:
                          "timed_steps": spec.steps}}
     if spec.stack == "ppalli":
         record["requested"] = spec.ppalli.get("requested", "auto")
+    if spec.tree:
+        record.update(setting=f"{record['setting']} (source tree {spec.tree})", tree=spec.tree)
     tps = child.get("tokens_per_s")
     if tps:
         record.update(tokens_per_s=round(tps, 1), peak_gib=child.get("peak_gib"),
@@ -482,9 +498,10 @@ def _last_lines(text: str, n: int = 3) -> str:
     return " / ".join(lines[-n:])[-400:]
 
 
-def run_child(payload: dict, log_path: Path, env: dict, timeout: int) -> dict:
-    """Run _stacks.py on one payload in its own process group; its result dict, or one with 'error'."""
-    cmd = [sys.executable, str(STACKS_PY), json.dumps(payload)]
+def run_child(payload: dict, log_path: Path, env: dict, timeout: int, stacks_py: Path = STACKS_PY) -> dict:
+    """Run stacks_py (this checkout's _stacks.py, or a baseline tree's) on one payload in its own process group;
+    its result dict, or one with 'error'."""
+    cmd = [sys.executable, str(stacks_py), json.dumps(payload)]
     log_path.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     with open(log_path, "w", encoding="utf-8") as log:
@@ -583,7 +600,7 @@ def run_case(args: argparse.Namespace) -> dict:
         error = ensure_folder(spec, env, logs, args.timeout, folders) if spec.needs_folder else None
         payload = {"role": "run", **asdict(spec)}
         log = logs / f"{day}-{spec.case.lower()}-{gpu_slug(spec.label())}.log"  # e.g. ...-t1-unsloth-gc-off.log
-        child = {"error": error} if error else run_child(payload, log, env, args.timeout)
+        child = {"error": error} if error else run_child(payload, log, env, args.timeout, spec.stacks_py())
         if doc["device"] == "unknown" and child.get("device"):
             set_device(doc, child, args.out, args.append)
         doc["runs"].append(run_record(spec, child, flops))

@@ -6,6 +6,7 @@ The GPU side (benchmarks/_stacks.py) runs on the H100 machine only; nothing here
 import argparse
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -240,3 +241,37 @@ def test_the_results_name_the_commit_they_measure(monkeypatch):
     assert "ppalli at" not in peers.markdown(doc)
     doc["commit"] = "abc1234"
     assert "ppalli at abc1234." in peers.markdown(doc)
+
+
+def _fake_tree(root: Path) -> Path:
+    """A source tree whose _stacks.py answers with its own path and the payload's tokens/s."""
+    script = root / "benchmarks" / "_stacks.py"
+    script.parent.mkdir(parents=True)
+    script.write_text("import json, sys\npayload = json.loads(sys.argv[1])\n"
+                      "print('PEERS_RESULT ' + json.dumps({'tokens_per_s': 9.0, 'from': __file__, "
+                      "'requested': payload['ppalli']['requested']}))\n", encoding="utf-8")
+    return root
+
+
+def test_baseline_runs_an_older_tree_beside_the_own_plan(tmp_path, monkeypatch):
+    """--baseline adds one ppalli run from another source tree, in the same call; it is never the run the
+    ratios are read against, and its subprocess is that tree's _stacks.py."""
+    with pytest.raises(SystemExit):
+        peers.parse_args(["--case", "T4", "--baseline", str(tmp_path)])  # no _stacks.py there
+    tree = _fake_tree(tmp_path / "base")
+    specs = peers.run_specs(peers.parse_args(["--case", "T4", "--stacks", "ppalli,unsloth", "--baseline", str(tree)]))
+    assert [(s.stack, s.ppalli.get("requested", "auto"), bool(s.tree)) for s in specs] == [
+        ("ppalli", "auto", False), ("ppalli", "baseline base", True), ("unsloth", "auto", False),
+        ("unsloth", "auto", False)]
+    base = specs[1]
+    assert base.stacks_py() == tree.resolve() / "benchmarks" / "_stacks.py" and specs[0].stacks_py() == peers.STACKS_PY
+    monkeypatch.setattr(peers, "SCRATCH", tmp_path)  # the subprocesses' working folder
+    child = peers.run_child({"role": "run", **peers.asdict(base)}, tmp_path / "logs" / "base.log", dict(os.environ),
+                            60, base.stacks_py())
+    assert child["from"] == str(base.stacks_py()) and child["requested"] == "baseline base"
+    runs = [peers.run_record(specs[0], {"tokens_per_s": 10.0, "setting": "plan: x"}, 1.0),
+            peers.run_record(base, child | {"setting": "plan: x"}, 1.0)]
+    assert runs[1]["setting"] == f"plan: x (source tree {tree.resolve()})" and runs[1]["tree"] == str(tree.resolve())
+    assert peers.reference_ppalli(runs) is runs[0]
+    md = peers.markdown(peers.results_doc("T4", "GPU", "2026-12-03", {}, runs, 1.0))
+    assert "1.11x" in next(line for line in md.splitlines() if "source tree" in line)  # 10 / 9: new over baseline
