@@ -8,7 +8,7 @@ On the CPU the Triton kernels run interpreted (TRITON_INTERPRET=1 is set when th
 interpreted launch (the interpreter copies each argument) are not counted. A count is what the step asks
 for, not a timing: small launches cost a few microseconds each on an H200 (profiles in benchmarks/results).
 2026-12-02 on the CPU: 83 a layer before the factor cache, 65 after (9 of them the factor-gradient casts
-that torch's out_dtype removes on CUDA).
+that torch's out_dtype removes on CUDA); 2026-12-03: 64 at a71a6fa, 57 with lora_b_bwd and rope_lora_fwd.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def count_step(layers: int, device: str) -> collections.Counter:
     import triton.runtime.jit as compiled
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    sys.path.insert(0, str(ROOT / "tests"))
+    sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # this tree's ppalli, not an installed one (another checkout)
     from train_alike import lora_llama
 
     from ppalli.models.fast import apply_fast_path, fast_causal_lm_loss
