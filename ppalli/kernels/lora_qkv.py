@@ -59,11 +59,14 @@ def _heads(y: torch.Tensor, b: int, d: int) -> torch.Tensor:
     return y.view(b, -1, y.shape[1] // d, d).transpose(1, 2)
 
 
-def _rotate(outs, cos, sin, heads):
-    """(q, k, v) (N, H*D) -> RoPE'd q, k (new (B, T, H, D) memory) and v, as (B, H, T, D)."""
+def _rotate(outs, cos, sin, heads, lora=None):
+    """(q, k, v) (N, H*D) -> RoPE'd q, k (new (B, T, H, D) memory) and v, as (B, H, T, D). lora: q's and k's
+    (xa, b, s), their LoRA terms added inside RoPE's pass (rope_lora_fwd), or None when outs hold them."""
     b, d = heads
-    q, k, v = (_heads(o, b, d) for o in outs)
-    return (*rope_fwd(q, k, cos, sin), v)
+    v = _heads(outs[2], b, d)
+    if lora is not None:
+        return (*(rope_lora_fwd(y, *term, cos, sin, b, d) for y, term in zip(outs[:2], lora)), v)
+    return (*rope_fwd(*(_heads(o, b, d) for o in outs[:2]), cos, sin), v)
 
 
 def _rotate_grads(dq, dk, dv, cos, sin, heads, one_buffer: bool):
@@ -109,11 +112,7 @@ class LoRAQKVFunction(torch.autograd.Function):
         ctx.bases, ctx.scales = (qb, kb, vb), (qs, ks, vs)
         if ctx.heads is None:
             return tuple(outs)
-        if fold:
-            batch, d = heads
-            return (*(rope_lora_fwd(y, xa, b, s, cos, sin, batch, d)
-                      for y, xa, b, s in zip(outs[:2], xas[:2], bs[:2], (qs, ks))), _heads(outs[2], batch, d))
-        return _rotate(outs, cos, sin, heads)
+        return _rotate(outs, cos, sin, heads, list(zip(xas[:2], bs[:2], (qs, ks))) if fold else None)
 
     @staticmethod
     def backward(ctx, dq, dk, dv):

@@ -19,6 +19,23 @@ from ppalli.kernels._utils import check_tensors, dot, dot_upcast, jit, next_powe
 
 
 @jit
+def _cos_sin(COS, SIN, offs, half, mask):
+    """cos and sin of both halves of the head dim at offs (the first half's), in fp32."""
+    return (tl.load(COS + offs, mask=mask, other=0.0).to(tl.float32),
+            tl.load(COS + offs + half, mask=mask, other=0.0).to(tl.float32),
+            tl.load(SIN + offs, mask=mask, other=0.0).to(tl.float32),
+            tl.load(SIN + offs + half, mask=mask, other=0.0).to(tl.float32))
+
+
+@jit
+def _rotated(x1, x2, cos1, cos2, sin1, sin2, BACKWARD: tl.constexpr):
+    """The two halves of rope(x), or of its transpose (BACKWARD), from x's halves; fp32."""
+    if BACKWARD:
+        return x1 * cos1 + x2 * sin2, x2 * cos2 - x1 * sin1
+    return x1 * cos1 - x2 * sin1, x2 * cos2 + x1 * sin2
+
+
+@jit
 def _rope_fwd_kernel(
     OUT, X, COS, SIN,  # OUT, X: (B, H, T, D) any strides with unit stride on D; COS, SIN: (B or 1, T, D)
     o_sb, o_sh, o_st, x_sb, x_sh, x_st, c_sb, c_st, n_t, n_heads, half,
@@ -31,20 +48,12 @@ def _rope_fwd_kernel(
     d = tl.arange(0, BLOCK_D)
     d_mask = d < half
     cs = b * c_sb + t * c_st + d  # (BLOCK_D,)
-    cos1 = tl.load(COS + cs, mask=d_mask, other=0.0).to(tl.float32)
-    cos2 = tl.load(COS + cs + half, mask=d_mask, other=0.0).to(tl.float32)
-    sin1 = tl.load(SIN + cs, mask=d_mask, other=0.0).to(tl.float32)
-    sin2 = tl.load(SIN + cs + half, mask=d_mask, other=0.0).to(tl.float32)
+    cos1, cos2, sin1, sin2 = _cos_sin(COS, SIN, cs, half, d_mask)
     mask = (heads < n_heads)[:, None] & d_mask[None, :]  # (BLOCK_H, BLOCK_D)
     xs = b * x_sb + t * x_st + heads[:, None] * x_sh + d[None, :]
     x1 = tl.load(X + xs, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(X + xs + half, mask=mask, other=0.0).to(tl.float32)
-    if BACKWARD:
-        o1 = x1 * cos1[None, :] + x2 * sin2[None, :]
-        o2 = x2 * cos2[None, :] - x1 * sin1[None, :]
-    else:
-        o1 = x1 * cos1[None, :] - x2 * sin1[None, :]
-        o2 = x2 * cos2[None, :] + x1 * sin2[None, :]
+    o1, o2 = _rotated(x1, x2, cos1[None, :], cos2[None, :], sin1[None, :], sin2[None, :], BACKWARD)
     offs_out = b * o_sb + t * o_st + heads[:, None] * o_sh + d[None, :]
     tl.store(OUT + offs_out, o1.to(OUT.dtype.element_ty), mask=mask)
     tl.store(OUT + offs_out + half, o2.to(OUT.dtype.element_ty), mask=mask)
@@ -77,13 +86,11 @@ def _rope_lora_fwd_kernel(
     x1 = tl.load(Y + ys, mask=mask, other=0.0).to(tl.float32) + s * dot(xa, b1, IEEE, UPCAST)
     x2 = tl.load(Y + ys + half, mask=mask, other=0.0).to(tl.float32) + s * dot(xa, b2, IEEE, UPCAST)
     cs = (rows // n_t * c_sb + rows % n_t * c_st)[:, None] + d[None, :]  # (BT, BH * BLOCK_D), heads share it
-    cos1 = tl.load(COS + cs, mask=mask, other=0.0).to(tl.float32)
-    cos2 = tl.load(COS + cs + half, mask=mask, other=0.0).to(tl.float32)
-    sin1 = tl.load(SIN + cs, mask=mask, other=0.0).to(tl.float32)
-    sin2 = tl.load(SIN + cs + half, mask=mask, other=0.0).to(tl.float32)
+    cos1, cos2, sin1, sin2 = _cos_sin(COS, SIN, cs, half, mask)
+    o1, o2 = _rotated(x1, x2, cos1, cos2, sin1, sin2, False)
     os = rows[:, None] * o_sn + col[None, :]
-    tl.store(OUT + os, (x1 * cos1 - x2 * sin1).to(OUT.dtype.element_ty), mask=mask)
-    tl.store(OUT + os + half, (x2 * cos2 + x1 * sin2).to(OUT.dtype.element_ty), mask=mask)
+    tl.store(OUT + os, o1.to(OUT.dtype.element_ty), mask=mask)
+    tl.store(OUT + os + half, o2.to(OUT.dtype.element_ty), mask=mask)
 
 
 def _rope_one(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool,
