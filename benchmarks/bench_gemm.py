@@ -7,12 +7,13 @@ Shapes: Llama-3.1-8B at 4x2048 tokens (T1) and Llama-3.2-1B at 8x2048 (T4), bf16
 (out, in) as nn.Linear stores it. As called: forward y = x W^T (torch.mm(x, W.t())); input gradient
 dx = dy W (torch.mm), or accumulated into dx (addmm_, beta = 1) when a block sums several; lm_head chunks of
 1024 rows. Alternatives: gate and up as one (2I, d) weight (forward N = 2I; dgrad one GEMM over K = 2I
-instead of a GEMM and an accumulating GEMM); q, k, v as one weight; lm_head chunks of 4096 rows; the MLP
+instead of a GEMM and an accumulating GEMM); q, k, v as one weight; the MLP
 GEMMs and lm_head transposed (W x^T: cuBLAS picks its kernel per layout) or against a weight stored
 transposed; the residual add in down's GEMM epilogue (addmm) against a GEMM then an add. Times are medians
 of triton.testing.do_bench; TFLOP/s = 2 M N K / time; the share is of the best rate measured in the same run.
 (2026-11-25, results/*-gemm-orientation.txt: no orientation or stored layout of the MLP GEMMs wins beyond
 +-2%; the 8B lm_head dgrad transposed took 1.502 against 1.660 ms, the 1B one 0.783 against 0.669: left.)
+"rows:" rows: lm_head chunks of LM_HEAD_ROWS rows, forward, dgrad and dgrad transposed (W^T dz^T, (d, rows)).
 "pad:" rows: gate and up weights stored in (I, d + 2r) buffers, [Wg | Bg | 0] and [Wu | 0 | Bu] (r = 16), so
 the dgrad GEMMs also give the rank-r products dg Bg and du Bu as 2r more output columns (no second read of
 dg and du, 2 x N x I x 2 bytes a layer), at the price of leading dimensions d + 2r instead of d.
@@ -43,6 +44,10 @@ from _sweep import main, median_ms  # noqa: E402
 MODELS = {"8b": (8192, 4096, 4096, 1024, 14336, 128256), "1b": (16384, 2048, 2048, 512, 8192, 128256)}
 DTYPE = torch.bfloat16
 RANK = 16
+# lm_head chunk heights for the "rows:" rows. cuBLAS tiles of 192 or 256 rows leave a 1024-row chunk's last
+# tile part-empty (1024 = 5.3 x 192): the 1B forward chunk ran at 648 TFLOP/s against 736 for its dgrad
+# (results/2026-12-03-h200-gemm-cublas.txt).
+LM_HEAD_ROWS = (768, 1024, 1152, 1536, 2048, 2304, 3072, 4096)
 
 
 def _rows(n, d, q, kv, inter, vocab, device="cuda"):
@@ -57,7 +62,7 @@ def _rows(n, d, q, kv, inter, vocab, device="cuda"):
           "d": t(n, d)}
     dx = t(n, d)
     h, head, dz = t(1024, d), t(vocab, d), t(1024, vocab)
-    h4, dz4 = t(4096, d), t(4096, vocab)
+    chunks = {m: (t(m, d), t(m, vocab)) for m in LM_HEAD_ROWS}  # (h, dz) per chunk height
     w_gate_t, w_down_t = w["gate"].t().contiguous(), w["down"].t().contiguous()  # (d, I), (I, d)
     pad_g, pad_u, out_pad = t(inter, d + 2 * RANK), t(inter, d + 2 * RANK), t(n, d + 2 * RANK)
     b_g = t(inter, RANK)
@@ -116,8 +121,6 @@ def _rows(n, d, q, kv, inter, vocab, device="cuda"):
         ("alt: fwd gate+up stacked  x [Wg;Wu]^T", 4 * n * d * inter, lambda: torch.mm(x, w_gu.t())),
         ("alt: dgrad gate+up stacked  [dg du] [Wg;Wu]", 4 * n * inter * d, lambda: torch.mm(dy["gu"], w_gu)),
         ("alt: fwd q+k+v stacked", 2 * n * d * (q + 2 * kv), lambda: torch.mm(x, w_qkv.t())),
-        ("alt: lm_head chunk of 4096 rows  h W^T", 2 * 4096 * d * vocab, lambda: torch.mm(h4, head.t())),
-        ("alt: lm_head chunk of 4096 rows dgrad", 2 * 4096 * vocab * d, lambda: torch.mm(dz4, head)),
         ("as now: fwd down, then residual add", 2 * n * inter * d, lambda: torch.add(dx, torch.mm(x_i, w["down"].t()))),
         ("alt: fwd down + residual in the epilogue", 2 * n * inter * d, lambda: torch.addmm(dx, x_i, w["down"].t())),
         ("alt: dgrad q+k+v stacked", 2 * n * (q + 2 * kv) * d, lambda: torch.mm(dy["qkv"], w_qkv)),
@@ -155,6 +158,11 @@ def _rows(n, d, q, kv, inter, vocab, device="cuda"):
         ("order: o dx rank-r last  do Wo, += dxa Ao", o_flops, lambda: o_dx(False)),
         ("order: o dx rank-r first", o_flops, lambda: o_dx(True)),
     ]
+    for m, (hm, dzm) in chunks.items():  # default args: each lambda keeps its own chunk
+        rows += [(f"rows: lm_head {m:>4} rows  h W^T", 2 * m * d * vocab, lambda hm=hm: torch.mm(hm, head.t())),
+                 (f"rows: lm_head {m:>4} rows dgrad  dz W", 2 * m * vocab * d, lambda dzm=dzm: torch.mm(dzm, head)),
+                 (f"rows: lm_head {m:>4} rows dgrad transposed", 2 * m * vocab * d,
+                  lambda dzm=dzm: torch.mm(head.t(), dzm.t()))]
     only = [x for x in os.environ.get("BENCH_GEMM_ONLY", "").split(",") if x]
     return [r for r in rows if not only or any(x in r[0] for x in only)]
 
