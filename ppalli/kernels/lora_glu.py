@@ -50,8 +50,10 @@ ACTS = {"silu": 0, "gelu_tanh": 1}
 class Tiles(NamedTuple):
     """A launch setting: (bm, bn) tile of the (N, I) activation, warps, the programs per SM that split the
     rows (backward) or columns (fwd_had) into runs (more runs: shorter tail, more partial sums to fold),
-    Triton's software-pipeline stages for the tile loop (3 is its default on CUDA), and `runs`, when above 0,
-    the backward's row runs whatever the shape and SM count (runs_per_sm is then unused there)."""
+    Triton's software-pipeline stages for the tile loop (3 is its default on CUDA), `runs`, when above 0,
+    the backward's row runs whatever the shape and SM count (runs_per_sm is then unused there), and
+    `prefetch`: each loop step issues the next tile's loads before it works on the one in hand (Triton's
+    pipeliner only stages loads that feed a tl.dot; the (N, I) tiles feed elementwise math)."""
 
     bm: int
     bn: int
@@ -59,6 +61,7 @@ class Tiles(NamedTuple):
     runs_per_sm: int = 4
     stages: int = 3
     runs: int = 0
+    prefetch: bool = False
 
 
 # From benchmarks/bench_lora_glu.py on an H100 (2026-11-25, results/2026-11-25-h100-lora-glu-tiles.json), N x I
@@ -117,21 +120,49 @@ def _act(g, ACT: tl.constexpr):
 
 
 @jit
-def _offsets(rows, cols, N, M):
-    return rows[:, None] * M + cols[None, :], (rows[:, None] < N) & (cols[None, :] < M)
+def _offsets(rows, cols, M, row_end, col_end):
+    """Offsets of a (rows, cols) tile of a row-major (N, M) tensor, and the mask of rows < row_end and
+    cols < col_end (a run's limits, at most N and M)."""
+    return rows[:, None] * M + cols[None, :], (rows[:, None] < row_end) & (cols[None, :] < col_end)
 
 
 @jit
-def _gate_up(G0, U0, xag, bg, xau, bu, offs, mask, sg, su, HAS_G: tl.constexpr, HAS_U: tl.constexpr,
+def _gate_up(g0, u0, xag, bg, xau, bu, sg, su, HAS_G: tl.constexpr, HAS_U: tl.constexpr,
              IEEE: tl.constexpr, UPCAST: tl.constexpr):
-    """g and u of one tile in fp32: the base outputs plus the rank-r terms from the loaded factor tiles."""
-    g = tl.load(G0 + offs, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(U0 + offs, mask=mask, other=0.0).to(tl.float32)
+    """g and u of one tile in fp32: the loaded base outputs plus the rank-r terms from the factor tiles."""
+    g = g0.to(tl.float32)
+    u = u0.to(tl.float32)
     if HAS_G:
         g += dot(xag, bg, IEEE, UPCAST) * sg
     if HAS_U:
         u += dot(xau, bu, IEEE, UPCAST) * su
     return g, u
+
+
+@jit
+def _fwd_loads(G0, U0, BG, BU, AD, rows, cols, N, M, col_end, R, HAS_G: tl.constexpr, HAS_U: tl.constexpr,
+               HAS_AD: tl.constexpr, RP: tl.constexpr):
+    """What the forward reads for one (BM, BN) tile: g0, u0 (zero past N rows and the run's col_end) and the
+    (RP, BN) factor tiles (an absent adapter's is a zero tile)."""
+    offs, mask = _offsets(rows, cols, M, N, col_end)
+    zero = tl.zeros((RP, cols.shape[0]), dtype=G0.dtype.element_ty)
+    return (tl.load(G0 + offs, mask=mask, other=0.0), tl.load(U0 + offs, mask=mask, other=0.0),
+            _b_tile(BG, cols, M, R, True, RP) if HAS_G else zero, _b_tile(BU, cols, M, R, True, RP) if HAS_U else zero,
+            _b_tile(AD, cols, M, R, False, RP) if HAS_AD else zero)
+
+
+@jit
+def _bwd_loads(G0, U0, DH0, XAG, xag_stride, XAU, xau_stride, XAD, rows, cols, N, M, R, HAS_G: tl.constexpr,
+               HAS_U: tl.constexpr, HAS_D: tl.constexpr, RP: tl.constexpr):
+    """What the backward reads for one (BM, BN) tile: g0, u0, dh0 and the (BM, RP) rank-r rows (an absent
+    adapter's is a zero tile), all zero past N rows (N: the run's row limit) and M columns."""
+    offs, mask = _offsets(rows, cols, M, N, M)
+    zero = tl.zeros((rows.shape[0], RP), dtype=G0.dtype.element_ty)
+    return (tl.load(G0 + offs, mask=mask, other=0.0), tl.load(U0 + offs, mask=mask, other=0.0),
+            tl.load(DH0 + offs, mask=mask, other=0.0),
+            _xa_tile(XAG, xag_stride, rows, N, R, RP) if HAS_G else zero,
+            _xa_tile(XAU, xau_stride, rows, N, R, RP) if HAS_U else zero,
+            _xa_tile(XAD, R, rows, N, R, RP) if HAS_D else zero)
 
 
 @jit
@@ -146,7 +177,7 @@ def _store_sums(P, acc, run, idx, M, RP: tl.constexpr):
 def _lora_glu_fwd_kernel(H, P, G0, U0, XAG, xag_stride, BG, XAU, xau_stride, BU, AD, N, M, R, run_cols, sg, su,
                          ACT: tl.constexpr, HAS_G: tl.constexpr, HAS_U: tl.constexpr, HAS_AD: tl.constexpr,
                          STORE_H: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, BM: tl.constexpr,
-                         BN: tl.constexpr, RP: tl.constexpr):
+                         BN: tl.constexpr, RP: tl.constexpr, PREFETCH: tl.constexpr):
     # Program (i, run): rows i*BM.. across the columns run*run_cols.. in (BM, BN) tiles (one tile when
     # run_cols == BN). With AD (down's lora_A, (R, M)), the run's share of h Ad^T, (BM, RP) fp32, goes to
     # P[run, rows, :] and one torch.sum over the runs finishes it.
@@ -156,18 +187,27 @@ def _lora_glu_fwd_kernel(H, P, G0, U0, XAG, xag_stride, BG, XAU, xau_stride, BU,
     xau = _xa_tile(XAU, xau_stride, rows, N, R, RP) if HAS_U else None
     had = tl.zeros((BM, RP), dtype=tl.float32)
     start = run * run_cols
-    for c0 in range(start, tl.minimum(start + run_cols, M), BN):
+    end = tl.minimum(start + run_cols, M)
+    if PREFETCH:
+        g0n, u0n, bgn, bun, adn = _fwd_loads(G0, U0, BG, BU, AD, rows, start + tl.arange(0, BN), N, M, end, R,
+                                             HAS_G, HAS_U, HAS_AD, RP)
+    for c0 in range(start, end, BN):
         cols = c0 + tl.arange(0, BN)
-        offs, mask = _offsets(rows, cols, N, M)
-        bg = _b_tile(BG, cols, M, R, True, RP) if HAS_G else None
-        bu = _b_tile(BU, cols, M, R, True, RP) if HAS_U else None
-        g, u = _gate_up(G0, U0, xag, bg, xau, bu, offs, mask, sg, su, HAS_G, HAS_U, IEEE, UPCAST)
+        if PREFETCH:  # the tiles loaded last step; this step loads the next column tile's
+            g0, u0, bg, bu, ad = g0n, u0n, bgn, bun, adn
+            g0n, u0n, bgn, bun, adn = _fwd_loads(G0, U0, BG, BU, AD, rows, cols + BN, N, M, end, R, HAS_G,
+                                                 HAS_U, HAS_AD, RP)
+        else:
+            g0, u0, bg, bu, ad = _fwd_loads(G0, U0, BG, BU, AD, rows, cols, N, M, end, R, HAS_G, HAS_U, HAS_AD,
+                                            RP)
+        g, u = _gate_up(g0, u0, xag, bg, xau, bu, sg, su, HAS_G, HAS_U, IEEE, UPCAST)
         a, _ = _act(g, ACT)
         h = (a * u).to(H.dtype.element_ty)  # rounded as stored: the product cuBLAS would read back
         if STORE_H:
+            offs, mask = _offsets(rows, cols, M, N, end)
             tl.store(H + offs, h, mask=mask)
         if HAS_AD:
-            had += dot(h, tl.trans(_b_tile(AD, cols, M, R, False, RP)), IEEE, UPCAST)  # (BM, BN) @ (BN, RP)
+            had += dot(h, tl.trans(ad), IEEE, UPCAST)  # (BM, BN) @ (BN, RP)
     if HAS_AD:
         _store_sums(P, had, run, rows, N, RP)
 
@@ -177,7 +217,8 @@ def _lora_glu_bwd_kernel(DG, DU, DH0, G0, U0, XAG, xag_stride, BG, XAU, xau_stri
                          PBG, PBU, PAD, N, M, R, run_rows, sg, su,
                          ACT: tl.constexpr, HAS_G: tl.constexpr, HAS_U: tl.constexpr, HAS_D: tl.constexpr,
                          SUM_BG: tl.constexpr, SUM_BU: tl.constexpr, SUM_AD: tl.constexpr, IEEE: tl.constexpr,
-                         UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, RP: tl.constexpr):
+                         UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, RP: tl.constexpr,
+                         PREFETCH: tl.constexpr):
     # Program (run, c): columns c*BN.. of rows run*run_rows.. in (BM, BN) tiles; DG, DU may be G0, U0 (each
     # tile is read before it is written, by the same program).
     run = tl.program_id(0)
@@ -189,15 +230,24 @@ def _lora_glu_bwd_kernel(DG, DU, DH0, G0, U0, XAG, xag_stride, BG, XAU, xau_stri
     sum_bu = tl.zeros((BN, RP), dtype=tl.float32)
     sum_ad = tl.zeros((BN, RP), dtype=tl.float32)
     start = run.to(tl.int64) * run_rows
-    for r0 in range(start, tl.minimum(start + run_rows, N), BM):
+    end = tl.minimum(start + run_rows, N)
+    if PREFETCH:
+        g0n, u0n, dhn, xagn, xaun, xadn = _bwd_loads(G0, U0, DH0, XAG, xag_stride, XAU, xau_stride, XAD,
+                                                     start + tl.arange(0, BM), cols, end, M, R, HAS_G, HAS_U,
+                                                     HAS_D, RP)
+    for r0 in range(start, end, BM):
         rows = r0 + tl.arange(0, BM)
-        offs, mask = _offsets(rows, cols, N, M)
-        xag = _xa_tile(XAG, xag_stride, rows, N, R, RP) if HAS_G else None
-        xau = _xa_tile(XAU, xau_stride, rows, N, R, RP) if HAS_U else None
-        g, u = _gate_up(G0, U0, xag, bg, xau, bu, offs, mask, sg, su, HAS_G, HAS_U, IEEE, UPCAST)
-        dh = tl.load(DH0 + offs, mask=mask, other=0.0).to(tl.float32)
+        offs, mask = _offsets(rows, cols, M, end, M)
+        if PREFETCH:  # the tiles loaded last step; this step loads the next row tile's
+            g0, u0, dh0, xag, xau, xad = g0n, u0n, dhn, xagn, xaun, xadn
+            g0n, u0n, dhn, xagn, xaun, xadn = _bwd_loads(G0, U0, DH0, XAG, xag_stride, XAU, xau_stride, XAD,
+                                                         rows + BM, cols, end, M, R, HAS_G, HAS_U, HAS_D, RP)
+        else:
+            g0, u0, dh0, xag, xau, xad = _bwd_loads(G0, U0, DH0, XAG, xag_stride, XAU, xau_stride, XAD, rows,
+                                                    cols, end, M, R, HAS_G, HAS_U, HAS_D, RP)
+        g, u = _gate_up(g0, u0, xag, bg, xau, bu, sg, su, HAS_G, HAS_U, IEEE, UPCAST)
+        dh = dh0.to(tl.float32)
         if HAS_D:  # XAD is already s_d * dy Bd, (N, R) contiguous
-            xad = _xa_tile(XAD, R, rows, N, R, RP)
             dh += dot(xad, ad, IEEE, UPCAST)
         a, da = _act(g, ACT)
         du = (dh * a).to(DU.dtype.element_ty)
@@ -281,7 +331,7 @@ def _fwd(g0, up0, xag, bg, sg, xau, bu, su, ad, act, store_h, tiles):
         h, part, g0, up0, xag, xag_stride, bg, xau, xau_stride, bu, ad.to(g0.dtype).contiguous() if has_ad else g0,
         n, i, rank, run_cols, float(sg), float(su), ACT=ACTS[act], HAS_G=xag is not g0,
         HAS_U=xau is not g0, HAS_AD=has_ad, STORE_H=store_h, BM=tiles.bm, BN=tiles.bn, **meta,
-        num_warps=tiles.warps, num_stages=tiles.stages)
+        PREFETCH=tiles.prefetch, num_warps=tiles.warps, num_stages=tiles.stages)
     had = part.sum(0)[:, :rank].to(g0.dtype) if has_ad else None  # (N, r)
     return (h if store_h else None), had
 
@@ -336,8 +386,8 @@ def lora_glu_bwd(dh0: torch.Tensor, g0: torch.Tensor, up0: torch.Tensor, xag, bg
     _lora_glu_bwd_kernel[(runs, n_cols)](
         g0, up0, dh0, g0, up0, xag, xag_stride, bg, xau, xau_stride, bu, dxad, ad, *partials, n, i, rank,
         run_rows, float(sg), float(su), ACT=ACTS[act], HAS_G=has[0], HAS_U=has[1], HAS_D=has[2],
-        SUM_BG=sums[0], SUM_BU=sums[1], SUM_AD=sums[2], BM=tiles.bm, BN=tiles.bn, **meta, num_warps=tiles.warps,
-        num_stages=tiles.stages)
+        SUM_BG=sums[0], SUM_BU=sums[1], SUM_AD=sums[2], BM=tiles.bm, BN=tiles.bn, **meta,
+        PREFETCH=tiles.prefetch, num_warps=tiles.warps, num_stages=tiles.stages)
     folded = iter(buffer.sum(1)[..., :rank] if wanted else ())  # (sums, I, r)
     dbg, dbu, dad = (next(folded) if s else None for s in sums)  # (I, r) each
     return GLUGrads(g0, up0, dbg, dbu, dad.t() if sums[2] else None)
