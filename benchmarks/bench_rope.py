@@ -6,7 +6,8 @@ Before, q and k each took an addmm_ of the LoRA term s (x A^T) B^T into the base
 and then RoPE's pass; rope_lora_fwd adds the term inside RoPE's pass. Shapes: Llama-3.2-1B at 8x2048 tokens
 (q: 32 heads, k: 8, head dim 64) and Llama-3.1-8B at 4x2048 (32 and 8 heads of 128), bf16, rank 16, x A^T a
 column block of the stacked (N, 3r) product. Settings (tokens, heads, warps a program) are swept; times are
-medians of triton.testing.do_bench, ms; GB/s counts y read and the output written.
+medians of triton.testing.do_bench, ms; GB/s counts y read and the output written. Also lora_qkv's backward
+RoPE (dq and dk here both of the row's shape, so twice its work) with dv copied apart or inside dk's launch.
 """
 
 import sys
@@ -48,12 +49,28 @@ def bench_shape(name: str, b: int, t: int, h: int, d: int) -> dict:
             blocks, lambda blocks: rope_lora_fwd(y, xa, lora_b, S, cos, sin, b, d, blocks=blocks), ref,
             2 * y.numel() * 2))
     row["default"] = list(LORA_BLOCKS[64 if d <= 64 else 128])
+    # lora_qkv's backward for k and v: RoPE's transpose of dk and a copy of dv into their column blocks of the
+    # (N, q + 2 kv) gradient buffer, dv's copy as its own copy_ or inside dk's launch (rope_fwd's v=).
+    buf = torch.empty(n, 2 * h * d, device="cuda", dtype=DTYPE)
+    dk_out, dv_out = (c.view(b, t, h, d).transpose(1, 2) for c in buf.split(h * d, dim=1))
+    dk = y.view(b, t, h, d).transpose(1, 2)
+    dv = torch.randn(b, h, t, d, device="cuda", dtype=DTYPE).transpose(1, 2).contiguous().transpose(1, 2)
+
+    def copy_apart():
+        rope_fwd(dk, dk, cos, sin, backward=True, out=(dk_out, dk_out))
+        dv_out.copy_(dv)
+
+    row["bwd_dv_copy_ms"] = round(median_ms(copy_apart), 4)
+    row["bwd_dv_in_launch_ms"] = round(median_ms(
+        lambda: rope_fwd(dk, dk, cos, sin, backward=True, out=(dk_out, dk_out), v=(dv, dv_out))), 4)
     return row
 
 
 def report(r: dict) -> None:
     print(f"{r['shape']} (N {r['n']}, {r['heads']} heads of {r['head_dim']}): addmm_ + rope {r['before_ms']:.4f} ms")
     print_settings("rope_lora_fwd", r["fused"])
+    print(f"  backward (q and k as this shape): rope + dv copy_ {r['bwd_dv_copy_ms']:.4f} ms, dv in the launch "
+          f"{r['bwd_dv_in_launch_ms']:.4f} ms")
 
 
 if __name__ == "__main__":

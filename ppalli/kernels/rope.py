@@ -38,8 +38,9 @@ def _rotated(x1, x2, cos1, cos2, sin1, sin2, BACKWARD: tl.constexpr):
 @jit
 def _rope_fwd_kernel(
     OUT, X, COS, SIN,  # OUT, X: (B, H, T, D) any strides with unit stride on D; COS, SIN: (B or 1, T, D)
-    o_sb, o_sh, o_st, x_sb, x_sh, x_st, c_sb, c_st, n_t, n_heads, half,
-    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BACKWARD: tl.constexpr,
+    VOUT, V,  # with HAS_V, a (B, H, T, D) tensor copied unrotated: lora_qkv's dv beside dk
+    o_sb, o_sh, o_st, x_sb, x_sh, x_st, vo_sb, vo_sh, vo_st, v_sb, v_sh, v_st, c_sb, c_st, n_t, n_heads, half,
+    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BACKWARD: tl.constexpr, HAS_V: tl.constexpr,
 ):
     pid = tl.program_id(0)  # one program per token (b, t) and block of heads
     b = (pid // n_t).to(tl.int64)
@@ -57,6 +58,11 @@ def _rope_fwd_kernel(
     offs_out = b * o_sb + t * o_st + heads[:, None] * o_sh + d[None, :]
     tl.store(OUT + offs_out, o1.to(OUT.dtype.element_ty), mask=mask)
     tl.store(OUT + offs_out + half, o2.to(OUT.dtype.element_ty), mask=mask)
+    if HAS_V:
+        vs = b * v_sb + t * v_st + heads[:, None] * v_sh + d[None, :]
+        vos = b * vo_sb + t * vo_st + heads[:, None] * vo_sh + d[None, :]
+        tl.store(VOUT + vos, tl.load(V + vs, mask=mask, other=0.0), mask=mask)
+        tl.store(VOUT + vos + half, tl.load(V + vs + half, mask=mask, other=0.0), mask=mask)
 
 
 @jit
@@ -93,18 +99,30 @@ def _rope_lora_fwd_kernel(
     tl.store(OUT + os + half, o2.to(OUT.dtype.element_ty), mask=mask)
 
 
+def _check_out(out: torch.Tensor, x: torch.Tensor) -> None:
+    if out.shape != x.shape or out.stride(-1) != 1 or out.dtype != x.dtype:
+        raise PpalliError(f"rope: out must be {tuple(x.shape)} {x.dtype} with a unit last stride, got "
+                          f"{tuple(out.shape)} {out.dtype}")
+
+
 def _rope_one(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool,
-              out: torch.Tensor | None = None) -> torch.Tensor:
+              out: torch.Tensor | None = None, copy: tuple | None = None) -> torch.Tensor:
     """x (B, H, T, D), cos/sin (B, T, D) with unit last stride -> rotated x in (B, T, H, D) memory, or into
     `out` (B, H, T, D), any strides with a unit one on D (lora_qkv writes q's and k's gradients into the
-    column blocks of one (N, Hq*D + 2 Hk*D) buffer this way)."""
+    column blocks of one (N, Hq*D + 2 Hk*D) buffer this way). copy: (v, v_out) of x's shape, v written into
+    v_out unrotated in the same launch (dv into that buffer: no launch of its own)."""
     if x.stride(-1) != 1:
         x = x.contiguous()
     n_b, n_h, n_t, n_d = x.shape
     if out is None:
         out = torch.empty((n_b, n_t, n_h, n_d), dtype=x.dtype, device=x.device).transpose(1, 2)  # (B, H, T, D)
-    elif out.shape != x.shape or out.stride(-1) != 1:
-        raise PpalliError(f"rope: out must be {tuple(x.shape)} with a unit last stride, got {tuple(out.shape)}")
+    else:
+        _check_out(out, x)
+    v, v_out = copy or (x, out)
+    if copy is not None:
+        v = v if v.stride(-1) == 1 else v.contiguous()
+        _check_out(v, x)
+        _check_out(v_out, x)
     block_d = next_power_of_2(n_d // 2)
     # A program rotates up to 4096 pairs (32 heads of D=128): 4 fp32 tiles of 32 elements per thread.
     block_h = min(next_power_of_2(n_h), max(1, 4096 // block_d))
@@ -112,10 +130,10 @@ def _rope_one(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: b
     # q and k go through two launches of one kernel rather than one launch with two sets of strides:
     # cos/sin are read twice, about 1/H of the q traffic, for a kernel half as long.
     _rope_fwd_kernel[grid](
-        out, x, cos, sin,
-        out.stride(0), out.stride(1), out.stride(2), x.stride(0), x.stride(1), x.stride(2),
+        out, x, cos, sin, v_out, v,
+        *out.stride()[:3], *x.stride()[:3], *v_out.stride()[:3], *v.stride()[:3],
         cos.stride(0), cos.stride(1), n_t, n_h, n_d // 2,
-        BLOCK_H=block_h, BLOCK_D=block_d, BACKWARD=backward, num_warps=4,
+        BLOCK_H=block_h, BLOCK_D=block_d, BACKWARD=backward, HAS_V=copy is not None, num_warps=4,
     )
     return out
 
@@ -133,15 +151,16 @@ def _prepare_cos_sin(q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     return cos.expand(n_b, n_t, n_d), sin.expand(n_b, n_t, n_d)
 
 
-def rope_fwd(q, k, cos, sin, backward: bool = False, out: tuple | None = None):
+def rope_fwd(q, k, cos, sin, backward: bool = False, out: tuple | None = None, v: tuple | None = None):
     """q (B, Hq, T, D), k (B, Hk, T, D), cos/sin (B, T, D) -> rotated (q, k); backward=True applies the transpose.
-    out: (q_out, k_out) to write into (see _rope_one), else new tensors."""
-    check_tensors(q, k, cos, sin)
+    out: (q_out, k_out) to write into (see _rope_one), else new tensors. v: (v, v_out) of k's shape, v copied
+    into v_out unrotated by k's launch."""
+    check_tensors(q, k, cos, sin, *(v or ()))
     if k.shape[0] != q.shape[0] or k.shape[2:] != q.shape[2:]:
         raise PpalliError(f"rope needs q and k to share B, T and D, got {tuple(q.shape)} and {tuple(k.shape)}")
     cos, sin = _prepare_cos_sin(q, cos, sin)
     q_out, k_out = out or (None, None)
-    return _rope_one(q, cos, sin, backward, q_out), _rope_one(k, cos, sin, backward, k_out)
+    return _rope_one(q, cos, sin, backward, q_out), _rope_one(k, cos, sin, backward, k_out, v)
 
 
 class RoPEFunction(torch.autograd.Function):

@@ -8,7 +8,7 @@ from reference import assert_close, hf_cos_sin, rope_ref
 
 pytest.importorskip("triton")
 from ppalli.errors import PpalliError  # noqa: E402
-from ppalli.kernels.rope import apply_rope, rope_lora_fwd  # noqa: E402
+from ppalli.kernels.rope import apply_rope, rope_fwd, rope_lora_fwd  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPE = torch.float32
@@ -59,6 +59,24 @@ def test_packed_positions_and_broadcast_batch():
     position_ids = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 1]], device=DEVICE)
     cos, sin = hf_cos_sin(position_ids, 16)  # (1, 9, 16)
     _check(q, k, cos, sin)
+
+
+def test_v_rides_along_unrotated_into_a_column_block():
+    """rope_fwd(..., v=(dv, v_out)) as lora_qkv's backward calls it: dq, dk rotated back and dv copied into the
+    column blocks of one (N, Hq*D + 2 Hk*D) buffer, dv read from (B, H, T, D) memory (not the buffer's)."""
+    torch.manual_seed(0)
+    b, hq, hk, t, d = 2, 4, 2, 5, 8
+    dq, dk = _qk(b, hq, hk, t, d)
+    dv = torch.randn(b, hk, t, d, device=DEVICE, dtype=DTYPE)
+    cos, sin = torch.randn(b, t, d, device=DEVICE), torch.randn(b, t, d, device=DEVICE)
+    buf = torch.full((b * t, (hq + 2 * hk) * d), float("nan"), device=DEVICE, dtype=DTYPE)
+    heads = [c.view(b, t, -1, d).transpose(1, 2) for c in buf.split([hq * d, hk * d, hk * d], dim=1)]
+    rope_fwd(dq, dk, cos, sin, backward=True, out=tuple(heads[:2]), v=(dv, heads[2]))
+    want_q, want_k = rope_fwd(dq, dk, cos, sin, backward=True)
+    assert torch.equal(heads[0], want_q) and torch.equal(heads[1], want_k)
+    assert torch.equal(heads[2], dv)
+    with pytest.raises(PpalliError, match="out must be"):
+        rope_fwd(dq, dk, cos, sin, backward=True, v=(dv[:, :1], heads[2]))
 
 
 def test_rejects_odd_head_dim():
