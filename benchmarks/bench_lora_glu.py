@@ -42,15 +42,10 @@ FWD_HAD = [Tiles(32, 64, 4, 16), Tiles(32, 64, 4, 32), Tiles(32, 64, 4, 8), Tile
 BWD = [Tiles(16, 64, 4, 8), Tiles(16, 64, 4, 16), Tiles(16, 64, 4, 4), Tiles(32, 64, 4, 8), Tiles(16, 128, 8, 8),
        Tiles(32, 64, 8, 8), Tiles(32, 128, 8, 8), Tiles(16, 64, 2, 8), Tiles(16, 32, 2, 8), Tiles(16, 64, 4, 8, 4),
        Tiles(16, 64, 4, 8, 3, 5), Tiles(16, 64, 4, 8, 3, 4), Tiles(16, 64, 4, 8, 3, 6)]  # fixed row runs: 5, 4, 6
-# Tiles.prefetch (the next tile's loads issued before the tile in hand is worked on): the H200's settings with
-# it, and neighbours that hiding the load latency might now favour (fewer stages, larger tiles, other runs).
-P = dict(prefetch=True)
-FWD += [Tiles(32, 128, 4, **P), Tiles(32, 64, 2, **P), Tiles(32, 64, 4, **P)]
-FWD_HAD += [Tiles(32, 64, 2, 16, **P), Tiles(32, 64, 4, 16, **P), Tiles(32, 64, 2, 8, **P), Tiles(16, 64, 2, 16, **P),
-            Tiles(32, 128, 4, 16, **P), Tiles(32, 64, 2, 16, 1, **P)]
-BWD += [Tiles(16, 64, 4, 8, 3, 5, **P), Tiles(16, 64, 4, 8, 3, 4, **P), Tiles(16, 64, 4, 8, 3, 8, **P),
-        Tiles(16, 64, 4, 16, **P), Tiles(32, 64, 4, 8, 3, 5, **P), Tiles(16, 128, 8, 8, 3, 5, **P),
-        Tiles(16, 64, 4, 8, 1, 5, **P), Tiles(16, 64, 2, 8, 3, 5, **P), Tiles(16, 64, 8, 8, 3, 5, **P)]
+# fwd_had's column runs fixed (2026-12-03): on the H200 the 1B shape ran 11% faster on 3 runs (8 programs a SM)
+# than on the 5 that 16 a SM give it, while 8B was fastest on the 9 that 16 a SM give (results/2026-12-03-
+# h200-lora-glu-prefetch.txt): the run count, not the programs per SM, is what to pick.
+FWD_HAD += [Tiles(32, 64, 2, 16, 3, r) for r in (2, 3, 4, 5, 6, 7, 8, 9, 10, 12)]
 
 
 def _gbps(passes: int, n: int, i: int, ms: float) -> float:

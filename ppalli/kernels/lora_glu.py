@@ -50,10 +50,9 @@ ACTS = {"silu": 0, "gelu_tanh": 1}
 class Tiles(NamedTuple):
     """A launch setting: (bm, bn) tile of the (N, I) activation, warps, the programs per SM that split the
     rows (backward) or columns (fwd_had) into runs (more runs: shorter tail, more partial sums to fold),
-    Triton's software-pipeline stages for the tile loop (3 is its default on CUDA), `runs`, when above 0,
-    the backward's row runs whatever the shape and SM count (runs_per_sm is then unused there), and
-    `prefetch`: each loop step issues the next tile's loads before it works on the one in hand (Triton's
-    pipeliner only stages loads that feed a tl.dot; the (N, I) tiles feed elementwise math)."""
+    Triton's software-pipeline stages for the tile loop (3 is its default on CUDA), and `runs`, when above 0,
+    the row runs (backward) or column runs (fwd_had) whatever the shape and SM count (runs_per_sm is then
+    unused)."""
 
     bm: int
     bn: int
@@ -61,7 +60,6 @@ class Tiles(NamedTuple):
     runs_per_sm: int = 4
     stages: int = 3
     runs: int = 0
-    prefetch: bool = False
 
 
 # From benchmarks/bench_lora_glu.py on an H100 (2026-11-25, results/2026-11-25-h100-lora-glu-tiles.json), N x I
@@ -177,7 +175,7 @@ def _store_sums(P, acc, run, idx, M, RP: tl.constexpr):
 def _lora_glu_fwd_kernel(H, P, G0, U0, XAG, xag_stride, BG, XAU, xau_stride, BU, AD, N, M, R, run_cols, sg, su,
                          ACT: tl.constexpr, HAS_G: tl.constexpr, HAS_U: tl.constexpr, HAS_AD: tl.constexpr,
                          STORE_H: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, BM: tl.constexpr,
-                         BN: tl.constexpr, RP: tl.constexpr, PREFETCH: tl.constexpr):
+                         BN: tl.constexpr, RP: tl.constexpr):
     # Program (i, run): rows i*BM.. across the columns run*run_cols.. in (BM, BN) tiles (one tile when
     # run_cols == BN). With AD (down's lora_A, (R, M)), the run's share of h Ad^T, (BM, RP) fp32, goes to
     # P[run, rows, :] and one torch.sum over the runs finishes it.
@@ -188,18 +186,9 @@ def _lora_glu_fwd_kernel(H, P, G0, U0, XAG, xag_stride, BG, XAU, xau_stride, BU,
     had = tl.zeros((BM, RP), dtype=tl.float32)
     start = run * run_cols
     end = tl.minimum(start + run_cols, M)
-    if PREFETCH:
-        g0n, u0n, bgn, bun, adn = _fwd_loads(G0, U0, BG, BU, AD, rows, start + tl.arange(0, BN), N, M, end, R,
-                                             HAS_G, HAS_U, HAS_AD, RP)
     for c0 in range(start, end, BN):
         cols = c0 + tl.arange(0, BN)
-        if PREFETCH:  # the tiles loaded last step; this step loads the next column tile's
-            g0, u0, bg, bu, ad = g0n, u0n, bgn, bun, adn
-            g0n, u0n, bgn, bun, adn = _fwd_loads(G0, U0, BG, BU, AD, rows, cols + BN, N, M, end, R, HAS_G,
-                                                 HAS_U, HAS_AD, RP)
-        else:
-            g0, u0, bg, bu, ad = _fwd_loads(G0, U0, BG, BU, AD, rows, cols, N, M, end, R, HAS_G, HAS_U, HAS_AD,
-                                            RP)
+        g0, u0, bg, bu, ad = _fwd_loads(G0, U0, BG, BU, AD, rows, cols, N, M, end, R, HAS_G, HAS_U, HAS_AD, RP)
         g, u = _gate_up(g0, u0, xag, bg, xau, bu, sg, su, HAS_G, HAS_U, IEEE, UPCAST)
         a, _ = _act(g, ACT)
         h = (a * u).to(H.dtype.element_ty)  # rounded as stored: the product cuBLAS would read back
@@ -217,8 +206,7 @@ def _lora_glu_bwd_kernel(DG, DU, DH0, G0, U0, XAG, xag_stride, BG, XAU, xau_stri
                          PBG, PBU, PAD, N, M, R, run_rows, sg, su,
                          ACT: tl.constexpr, HAS_G: tl.constexpr, HAS_U: tl.constexpr, HAS_D: tl.constexpr,
                          SUM_BG: tl.constexpr, SUM_BU: tl.constexpr, SUM_AD: tl.constexpr, IEEE: tl.constexpr,
-                         UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, RP: tl.constexpr,
-                         PREFETCH: tl.constexpr):
+                         UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, RP: tl.constexpr):
     # Program (run, c): columns c*BN.. of rows run*run_rows.. in (BM, BN) tiles; DG, DU may be G0, U0 (each
     # tile is read before it is written, by the same program).
     run = tl.program_id(0)
@@ -231,20 +219,13 @@ def _lora_glu_bwd_kernel(DG, DU, DH0, G0, U0, XAG, xag_stride, BG, XAU, xau_stri
     sum_ad = tl.zeros((BN, RP), dtype=tl.float32)
     start = run.to(tl.int64) * run_rows
     end = tl.minimum(start + run_rows, N)
-    if PREFETCH:
-        g0n, u0n, dhn, xagn, xaun, xadn = _bwd_loads(G0, U0, DH0, XAG, xag_stride, XAU, xau_stride, XAD,
-                                                     start + tl.arange(0, BM), cols, end, M, R, HAS_G, HAS_U,
-                                                     HAS_D, RP)
+    # The next tile's loads issued one step early by hand (2026-12-03) ran 10-40% slower on the H200, in this
+    # kernel and the forward (results/2026-12-03-h200-lora-glu-prefetch.txt): Triton's pipelining covers it.
     for r0 in range(start, end, BM):
         rows = r0 + tl.arange(0, BM)
         offs, mask = _offsets(rows, cols, M, end, M)
-        if PREFETCH:  # the tiles loaded last step; this step loads the next row tile's
-            g0, u0, dh0, xag, xau, xad = g0n, u0n, dhn, xagn, xaun, xadn
-            g0n, u0n, dhn, xagn, xaun, xadn = _bwd_loads(G0, U0, DH0, XAG, xag_stride, XAU, xau_stride, XAD,
-                                                         rows + BM, cols, end, M, R, HAS_G, HAS_U, HAS_D, RP)
-        else:
-            g0, u0, dh0, xag, xau, xad = _bwd_loads(G0, U0, DH0, XAG, xag_stride, XAU, xau_stride, XAD, rows,
-                                                    cols, end, M, R, HAS_G, HAS_U, HAS_D, RP)
+        g0, u0, dh0, xag, xau, xad = _bwd_loads(G0, U0, DH0, XAG, xag_stride, XAU, xau_stride, XAD, rows, cols,
+                                                end, M, R, HAS_G, HAS_U, HAS_D, RP)
         g, u = _gate_up(g0, u0, xag, bg, xau, bu, sg, su, HAS_G, HAS_U, IEEE, UPCAST)
         dh = dh0.to(tl.float32)
         if HAS_D:  # XAD is already s_d * dy Bd, (N, R) contiguous
@@ -321,8 +302,11 @@ def _fwd(g0, up0, xag, bg, sg, xau, bu, su, ad, act, store_h, tiles):
     xag, xag_stride, bg = _factors(g0, xag, bg, rank)
     xau, xau_stride, bu = _factors(g0, xau, bu, rank)
     row_blocks, col_blocks = cdiv(n, tiles.bm), cdiv(i, tiles.bn)
-    runs = min(col_blocks, max(1, cdiv(tiles.runs_per_sm * program_count(g0.device), row_blocks))) if has_ad \
-        else col_blocks
+    if not has_ad:
+        runs = col_blocks
+    else:
+        runs = tiles.runs or cdiv(tiles.runs_per_sm * program_count(g0.device), row_blocks)
+        runs = min(col_blocks, max(1, runs))
     run_cols = cdiv(col_blocks, runs) * tiles.bn
     runs = cdiv(i, run_cols)
     h = torch.empty_like(g0) if store_h else g0
@@ -331,7 +315,7 @@ def _fwd(g0, up0, xag, bg, sg, xau, bu, su, ad, act, store_h, tiles):
         h, part, g0, up0, xag, xag_stride, bg, xau, xau_stride, bu, ad.to(g0.dtype).contiguous() if has_ad else g0,
         n, i, rank, run_cols, float(sg), float(su), ACT=ACTS[act], HAS_G=xag is not g0,
         HAS_U=xau is not g0, HAS_AD=has_ad, STORE_H=store_h, BM=tiles.bm, BN=tiles.bn, **meta,
-        PREFETCH=tiles.prefetch, num_warps=tiles.warps, num_stages=tiles.stages)
+        num_warps=tiles.warps, num_stages=tiles.stages)
     had = part.sum(0)[:, :rank].to(g0.dtype) if has_ad else None  # (N, r)
     return (h if store_h else None), had
 
@@ -387,7 +371,7 @@ def lora_glu_bwd(dh0: torch.Tensor, g0: torch.Tensor, up0: torch.Tensor, xag, bg
         g0, up0, dh0, g0, up0, xag, xag_stride, bg, xau, xau_stride, bu, dxad, ad, *partials, n, i, rank,
         run_rows, float(sg), float(su), ACT=ACTS[act], HAS_G=has[0], HAS_U=has[1], HAS_D=has[2],
         SUM_BG=sums[0], SUM_BU=sums[1], SUM_AD=sums[2], BM=tiles.bm, BN=tiles.bn, **meta,
-        PREFETCH=tiles.prefetch, num_warps=tiles.warps, num_stages=tiles.stages)
+        num_warps=tiles.warps, num_stages=tiles.stages)
     folded = iter(buffer.sum(1)[..., :rank] if wanted else ())  # (sums, I, r)
     dbg, dbu, dad = (next(folded) if s else None for s in sums)  # (I, r) each
     return GLUGrads(g0, up0, dbg, dbu, dad.t() if sums[2] else None)

@@ -76,30 +76,6 @@ def test_forward_and_backward_match_autograd(act, n, i, r, use):
             assert got is None, name
 
 
-@pytest.mark.parametrize("n,i,r", [(70, 200, 8), (300, 130, 16)])
-@pytest.mark.parametrize("use", [dict(g=True, u=True, d=True), dict(g=False, u=True, d=False)],
-                         ids=["all", "up-only"])
-def test_prefetch_gives_the_same_results(n, i, r, use):
-    """Tiles.prefetch loads the next tile one loop step early: the same arithmetic in the same order, so the
-    results are equal bit for bit; runs of several tiles (and a partial last tile) test the hand-over."""
-    t, sg, su = _inputs(n, i, r), 0.5, 2.0
-    xag, bg = (t["xag"], t["bg"]) if use["g"] else (None, None)
-    xau, bu = (t["xau"], t["bu"]) if use["u"] else (None, None)
-    dxad, ad = (t["dxad"], t["ad"]) if use["d"] else (None, None)
-    sums = (use["g"], use["u"], use["d"])
-    got = {}
-    for prefetch in (False, True):
-        fwd = Tiles(16, 32, 4, prefetch=prefetch)
-        had = lora_glu_fwd_had(t["g0"], t["u0"], xag, bg, sg, xau, bu, su, t["ad"], tiles=Tiles(16, 32, 4, 2,
-                                                                                                 prefetch=prefetch))
-        bwd = lora_glu_bwd(t["dh0"], t["g0"].clone(), t["u0"].clone(), xag, bg, sg, xau, bu, su, dxad, ad,
-                           sums=sums, tiles=Tiles(16, 32, 4, 1, prefetch=prefetch))
-        got[prefetch] = [lora_glu_fwd(t["g0"], t["u0"], xag, bg, sg, xau, bu, su, tiles=fwd), *had,
-                         *[x for x in bwd if x is not None]]
-    for a, b in zip(got[False], got[True], strict=True):
-        assert torch.equal(a, b)
-
-
 def test_default_tiles_give_the_same_gradients():
     """The launch setting the fast path uses (BWD_TILES: runs over the rows) against small tiles."""
     t = _inputs(300, 260, 16)
