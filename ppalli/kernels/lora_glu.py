@@ -74,7 +74,10 @@ FWD_HAD_TILES = Tiles(32, 64, 4, 16)
 # On an H200 (2026-12-02, results/2026-12-02-h200-lora-glu-tiles.json) the same 32 x 64 tiles on 2 warps ran
 # at 3236 / 2948 GB/s (0.218 / 0.273 ms, 8B / 1B shapes) against 2042 / 2121 GB/s (0.345 / 0.380 ms) on 4; a
 # copy runs at ~4100. The H100 sweeps had no 2-warp setting, so the H100 keeps FWD_HAD_TILES until one runs.
-FWD_HAD_TILES_BY_GPU = {"NVIDIA H200": Tiles(32, 64, 2, 16)}
+# The column runs fixed at 3 (2026-12-03, results/2026-12-03-h200-lora-glu-runs.txt): 8B 0.210 ms, 1B 0.244,
+# against 0.216 / 0.272 for the 9 / 5 runs that 16 programs a SM gave. Run counts that are multiples of 3 ran
+# fastest at both shapes (3, 6, 9, 12: 0.210-0.215 / 0.243-0.251 ms; 4, 5, 7, 8, 10: 0.231-0.292 / 0.255-0.274).
+FWD_HAD_TILES_BY_GPU = {"NVIDIA H200": Tiles(32, 64, 2, 16, 3, runs=3)}
 # Pipeline stages and 16-row tiles (results/2026-11-25-h100-lora-glu-stages.json): Triton's default 3 stages
 # stay best for both kernels (1 or 2: 12-40% slower); the backward on 16 x 64 tiles took 0.536 / 0.602 ms
 # against 0.554 / 0.615 for 32 x 64 (8B / 1B), the forward lost on them (0.59-0.68 against 0.35-0.39).

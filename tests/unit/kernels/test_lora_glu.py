@@ -76,6 +76,18 @@ def test_forward_and_backward_match_autograd(act, n, i, r, use):
             assert got is None, name
 
 
+def test_fwd_had_with_fixed_column_runs():
+    """Tiles.runs fixes fwd_had's column runs (the H200's setting: 3), uneven ones included: 200 columns in
+    32-column tiles are 7 tiles, 3 runs of 3, 3 and 1."""
+    t = _inputs(70, 200, 16)
+    args = (t["g0"], t["u0"], t["xag"], t["bg"], 0.5, t["xau"], t["bu"], 2.0, t["ad"])
+    h_ref = lora_glu_fwd(*args[:8])
+    for runs in (1, 3, 7):
+        h, had = lora_glu_fwd_had(*args, tiles=Tiles(16, 32, 4, runs=runs))
+        assert_close("h", h, h_ref, DTYPE)
+        assert_close("had", had, h_ref @ t["ad"].t(), DTYPE)
+
+
 def test_default_tiles_give_the_same_gradients():
     """The launch setting the fast path uses (BWD_TILES: runs over the rows) against small tiles."""
     t = _inputs(300, 260, 16)
@@ -169,7 +181,7 @@ def test_fwd_had_takes_the_setting_swept_for_this_gpu(monkeypatch):
         monkeypatch.setattr(mod, "device_name", lambda device, name=name: name)
         lora_glu_fwd_had(*call)
     lora_glu_fwd_had(*call, tiles=Tiles(16, 64, 4))  # a setting asked for wins
-    assert seen == [Tiles(32, 64, 2, 16), mod.FWD_HAD_TILES, mod.FWD_HAD_TILES, Tiles(16, 64, 4)]
+    assert seen == [Tiles(32, 64, 2, 16, 3, 3), mod.FWD_HAD_TILES, mod.FWD_HAD_TILES, Tiles(16, 64, 4)]
 
 
 def test_bwd_takes_the_setting_swept_for_this_gpu(monkeypatch):
