@@ -27,11 +27,9 @@ import re
 import signal
 import subprocess
 import sys
-import tarfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from datetime import date
-from importlib import metadata
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,6 +38,7 @@ from ppalli.plan.memory import ModelSpec, lora_param_count  # noqa: E402  (pure:
 from ppalli.plan.speed import flops_per_token  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _peers_env import child_env, ensure_peer_site, versions  # noqa: E402
 from _peers_table import fmt, ok, power_summary, power_table, reference_ppalli, table_row  # noqa: E402
 
 STACKS_PY = Path(__file__).resolve().parent / "_stacks.py"
@@ -290,17 +289,28 @@ def place_files(specs: list[RunSpec], scratch: Path, out: Path, day: str, profil
             s.profile = str(out / f"{day}-{{gpu}}-{s.case.lower()}-profile-{s.stack}-{counts[s.stack]}.txt")
 
 
-def source_commit() -> str | None:
-    """The ppalli commit a run measures: PPALLI_COMMIT (set it in the device command: the machine's copy of
-    the tree may have no .git), else `git rev-parse` of this checkout, else None."""
-    if os.environ.get("PPALLI_COMMIT"):
-        return os.environ["PPALLI_COMMIT"]
+def _git(*args: str) -> str | None:
+    """A git command's stdout in this checkout, or None where git or .git is missing or it fails."""
     try:
-        done = subprocess.run(["git", "rev-parse", "--short=7", "HEAD"], cwd=Path(__file__).resolve().parent,
-                              capture_output=True, text=True, timeout=10)
+        done = subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent, capture_output=True, text=True,
+                              timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
-    return done.stdout.strip() or None if done.returncode == 0 else None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def source_commit() -> str | None:
+    """The ppalli commit a run measures: PPALLI_COMMIT (set it in the device command: the machine's copy of
+    the tree may have no .git, or an older one), else `git rev-parse` of this checkout, with "+changes" when
+    ppalli/ or the benchmark scripts differ from it (2026-12-03: a device copy's .git named the session's
+    first commit while the files sent were five commits on), else None."""
+    if os.environ.get("PPALLI_COMMIT"):
+        return os.environ["PPALLI_COMMIT"]
+    head = _git("rev-parse", "--short=7", "HEAD")
+    if not head:
+        return None
+    changed = _git("status", "--porcelain", "--untracked-files=no", "--", ":(top)ppalli", ":(top)benchmarks/*.py")
+    return f"{head}+changes" if changed else head
 
 
 def ppalli_config(spec: dict) -> dict:
@@ -433,52 +443,6 @@ def markdown(doc: dict) -> str:
     return "\n".join(lines + ([""] + [target] if target else [])) + "\n"
 
 
-# --------------------------------------------------------------------------- the environment
-
-
-VERSION_DISTS = {"torch": "torch", "transformers": "transformers", "peft": "peft", "triton": "triton",
-                 "unsloth": "unsloth", "unsloth_zoo": "unsloth_zoo", "liger": "liger-kernel",
-                 "bitsandbytes": "bitsandbytes", "trl": "trl"}
-
-
-def versions() -> dict:
-    """Installed versions from package metadata (nothing imported: unsloth patches on import)."""
-    out = {}
-    for key, dist in VERSION_DISTS.items():
-        try:
-            out[key] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            out[key] = None
-    return out
-
-
-def ensure_peer_site(site: Path) -> Path | None:
-    """The peers' site-packages folder: as given, else unpacked from .peers/site.tgz (it holds peer-site/)."""
-    if site.is_dir():
-        return site
-    tgz = REPO / ".peers" / "site.tgz"
-    if site.name != "peer-site" or not tgz.is_file():
-        return None
-    print(f"unpacking {tgz} into {site.parent}", flush=True)
-    with tarfile.open(tgz) as tar:
-        try:
-            tar.extractall(site.parent, filter="data")
-        except TypeError:  # Python without extraction filters (< 3.10.12 / 3.11.4)
-            tar.extractall(site.parent)  # our own tarball, built by ../shared/tools/peer-site.sh
-    return site if site.is_dir() else None
-
-
-def child_env(site: Path | None) -> dict:
-    env = dict(os.environ)
-    if site is not None:
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(site), env.get("PYTHONPATH", "")) if p)
-    # No network on the GPU machine: fail fast instead of retrying the hub; keep the peers' caches in /tmp.
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               UNSLOTH_DISABLE_STATISTICS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1",
-               UNSLOTH_COMPILE_LOCATION=str(SCRATCH / "unsloth_compiled_cache"))
-    return env
-
-
 # --------------------------------------------------------------------------- subprocesses
 
 
@@ -588,10 +552,10 @@ def run_case(args: argparse.Namespace) -> dict:
     SCRATCH.mkdir(parents=True, exist_ok=True)
     place_files(specs, SCRATCH, args.out.resolve(), day, args.profile)
     _write_configs(specs)
-    site = ensure_peer_site(args.peer_site)
+    site = ensure_peer_site(args.peer_site, REPO / ".peers" / "site.tgz")
     if site is not None:
         sys.path.insert(0, str(site))  # so versions() reads the peers' metadata too
-    env = child_env(site)
+    env = child_env(site, SCRATCH)
     flops = model_flops_per_token(specs[0].model_config, specs[0].seq) if specs else 0.0
     doc = results_doc(args.case, "unknown", day, versions(), [], flops,
                       {"command": " ".join(sys.argv), "commit": source_commit()})

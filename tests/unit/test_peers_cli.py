@@ -237,6 +237,11 @@ def test_the_results_name_the_commit_they_measure(monkeypatch):
     monkeypatch.delenv("PPALLI_COMMIT")
     here = peers.source_commit()
     assert here is None or len(here) >= 7  # this checkout's HEAD where git and .git are there
+    answers = {"rev-parse": "abc1234", "status": " M ppalli/kernels/rope.py"}
+    monkeypatch.setattr(peers, "_git", lambda *args: answers[args[0]])
+    assert peers.source_commit() == "abc1234+changes"  # files that are not the commit's say so
+    answers["status"] = ""
+    assert peers.source_commit() == "abc1234"
     doc = _t1_doc()
     assert "ppalli at" not in peers.markdown(doc)
     doc["commit"] = "abc1234"
