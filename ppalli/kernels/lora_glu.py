@@ -304,14 +304,9 @@ def _fwd(g0, up0, xag, bg, sg, xau, bu, su, ad, act, store_h, tiles):
         raise PpalliError(f"lora_glu: down's lora_A must be ({rank}, {i}), got {tuple(ad.shape)}")
     xag, xag_stride, bg = _factors(g0, xag, bg, rank)
     xau, xau_stride, bu = _factors(g0, xau, bu, rank)
-    row_blocks, col_blocks = cdiv(n, tiles.bm), cdiv(i, tiles.bn)
-    if not has_ad:
-        runs = col_blocks
-    else:
-        runs = tiles.runs or cdiv(tiles.runs_per_sm * program_count(g0.device), row_blocks)
-        runs = min(col_blocks, max(1, runs))
-    run_cols = cdiv(col_blocks, runs) * tiles.bn
-    runs = cdiv(i, run_cols)
+    row_blocks = cdiv(n, tiles.bm)
+    # without h Ad^T to sum, a program per tile; with it, runs of columns (partial sums per run)
+    run_cols, runs = _runs(i, tiles.bn, row_blocks, tiles, g0.device) if has_ad else (tiles.bn, cdiv(i, tiles.bn))
     h = torch.empty_like(g0) if store_h else g0
     part = torch.empty(runs, n, meta["RP"], dtype=torch.float32, device=g0.device) if has_ad else g0
     _lora_glu_fwd_kernel[(row_blocks, runs)](
@@ -323,13 +318,14 @@ def _fwd(g0, up0, xag, bg, sg, xau, bu, su, ad, act, store_h, tiles):
     return (h if store_h else None), had
 
 
-def _runs(n: int, n_col_blocks: int, tiles: Tiles, device: torch.device) -> tuple[int, int]:
-    """(rows per run, runs): tiles.runs runs, else about runs_per_sm programs per SM in all; each run a whole
-    number of tiles."""
-    runs = tiles.runs or cdiv(tiles.runs_per_sm * program_count(device), n_col_blocks)
-    runs = min(cdiv(n, tiles.bm), max(1, runs))
-    run_rows = cdiv(cdiv(n, tiles.bm), runs) * tiles.bm
-    return run_rows, cdiv(n, run_rows)
+def _runs(n: int, block: int, other_blocks: int, tiles: Tiles, device: torch.device) -> tuple[int, int]:
+    """(length per run, runs) that split n rows (backward) or columns (fwd_had) in `block`s among programs that
+    each also take one of other_blocks: tiles.runs runs, else about runs_per_sm programs per SM in all; each run
+    a whole number of blocks."""
+    runs = tiles.runs or cdiv(tiles.runs_per_sm * program_count(device), other_blocks)
+    runs = min(cdiv(n, block), max(1, runs))
+    per_run = cdiv(cdiv(n, block), runs) * block
+    return per_run, cdiv(n, per_run)
 
 
 class GLUGrads(NamedTuple):
@@ -364,7 +360,7 @@ def lora_glu_bwd(dh0: torch.Tensor, g0: torch.Tensor, up0: torch.Tensor, xag, bg
     dxad = dxad.to(g0.dtype).contiguous() if has[2] else g0
     ad = ad.to(g0.dtype).contiguous() if has[2] else g0
     n_cols = cdiv(i, tiles.bn)
-    run_rows, runs = _runs(n, n_cols, tiles, g0.device)
+    run_rows, runs = _runs(n, tiles.bm, n_cols, tiles, g0.device)
     # one (sums, runs, I, RP) buffer: each sum's (runs, I, RP) slice is contiguous, and one torch.sum folds all
     wanted = sum(sums)
     buffer = torch.empty(wanted, runs, i, meta["RP"], dtype=torch.float32, device=g0.device) if wanted else None

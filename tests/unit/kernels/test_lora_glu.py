@@ -200,6 +200,8 @@ def test_bwd_takes_the_setting_swept_for_this_gpu(monkeypatch):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
     h200 = mod.BWD_TILES_BY_GPU["NVIDIA H200"]
     cpu = torch.device("cpu")
-    assert mod._runs(16384, 128, h200, cpu)[1] == 5 == mod._runs(8192, 224, h200, cpu)[1]
-    assert mod._runs(40, 128, h200, cpu)[1] == 3  # never more runs than row tiles (16-row tiles: 3)
-    assert mod._runs(16384, 128, mod.BWD_TILES, cpu)[1] == 1  # 8 per SM x the interpreter's 4 "SMs" / 128 blocks
+    assert mod._runs(16384, 16, 128, h200, cpu)[1] == 5 == mod._runs(8192, 16, 224, h200, cpu)[1]
+    assert mod._runs(40, 16, 128, h200, cpu)[1] == 3  # never more runs than row tiles (16-row tiles: 3)
+    assert mod._runs(16384, 16, 128, mod.BWD_TILES, cpu)[1] == 1  # 8 per SM x the interpreter's 4 "SMs" / 128
+    fwd = mod.FWD_HAD_TILES_BY_GPU["NVIDIA H200"]  # fwd_had's column runs: 3 at T4's and T1's MLP shapes
+    assert mod._runs(8192, 64, 512, fwd, cpu) == (2752, 3) and mod._runs(14336, 64, 256, fwd, cpu) == (4800, 3)
