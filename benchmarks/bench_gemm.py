@@ -13,6 +13,7 @@ transposed; the residual add in down's GEMM epilogue (addmm) against a GEMM then
 of triton.testing.do_bench; TFLOP/s = 2 M N K / time; the share is of the best rate measured in the same run.
 (2026-11-25, results/*-gemm-orientation.txt: no orientation or stored layout of the MLP GEMMs wins beyond
 +-2%; the 8B lm_head dgrad transposed took 1.502 against 1.660 ms, the 1B one 0.783 against 0.669: left.)
+"fp8:" rows: the main GEMMs in e4m3 with row / channel scales (torch._scaled_mm), for an FP8 base-GEMM plan.
 "rows:" rows: lm_head chunks of LM_HEAD_ROWS rows, forward, dgrad and dgrad transposed (W^T dz^T, (d, rows)).
 "pad:" rows: gate and up weights stored in (I, d + 2r) buffers, [Wg | Bg | 0] and [Wu | 0 | Bu] (r = 16), so
 the dgrad GEMMs also give the rank-r products dg Bg and du Bu as 2r more output columns (no second read of
@@ -163,8 +164,41 @@ def _rows(n, d, q, kv, inter, vocab, device="cuda"):
                  (f"rows: lm_head {m:>4} rows dgrad  dz W", 2 * m * vocab * d, lambda dzm=dzm: torch.mm(dzm, head)),
                  (f"rows: lm_head {m:>4} rows dgrad transposed", 2 * m * vocab * d,
                   lambda dzm=dzm: torch.mm(head.t(), dzm.t()))]
+    rows += _fp8_rows(x, x_i, w, dy, h, head, dz)
     only = [x for x in os.environ.get("BENCH_GEMM_ONLY", "").split(",") if x]
     return [r for r in rows if not only or any(x in r[0] for x in only)]
+
+
+def _fp8_rowwise(t: torch.Tensor):
+    """t (M, K) -> (e4m3 (M, K), fp32 (M, 1) scales): each row scaled so its largest |value| is e4m3's 448."""
+    scale = t.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / torch.finfo(torch.float8_e4m3fn).max
+    return (t / scale).to(torch.float8_e4m3fn), scale
+
+
+def _fp8_rows(x, x_i, w, dy, h, head, dz):
+    """"fp8:" rows: the same GEMMs with e4m3 operands scaled per row (activations, output gradients) and per
+    output or input channel (the frozen weights, quantized once, W and W^T each), through torch._scaled_mm
+    into bf16; and what quantizing an activation's rows costs (amax, scale, cast: torch ops)."""
+    def mm(a, wt, n_out):  # a (M, K) bf16, wt (N, K): y = a wt^T
+        a8, sa = _fp8_rowwise(a)
+        w8, sw = _fp8_rowwise(wt)
+        return (2 * a.shape[0] * a.shape[1] * n_out,
+                lambda: torch._scaled_mm(a8, w8.t(), scale_a=sa, scale_b=sw.t(), out_dtype=DTYPE))
+
+    cases = [("fwd q  x Wq^T", x, w["q"]), ("fwd k/v", x, w["kv"]), ("fwd o", dy["q"], w["o"]),
+             ("fwd gate/up", x, w["gate"]), ("fwd down", x_i, w["down"]),
+             ("dgrad q  dq Wq", dy["q"], w["q"].t().contiguous()),
+             ("dgrad down  dy Wd", dy["d"], w["down"].t().contiguous()),
+             ("dgrad gate  dg Wg", dy["gate"], w["gate"].t().contiguous()), ("lm_head chunk", h, head),
+             ("lm_head chunk dgrad", dz, head.t().contiguous())]
+    rows = []
+    for label, a, wt in cases:
+        flops, fn = mm(a, wt, wt.shape[0])
+        ref = a.float() @ wt.float().t()
+        err = ((fn().float() - ref).norm() / ref.norm()).item()  # against the fp32 product of the bf16 operands
+        rows.append((f"fp8: {label} (rel err {err:.1e})", flops, fn))
+    rows.append(("fp8: quantize x rows (N, d) (torch ops; no GEMM)", 1, lambda: _fp8_rowwise(x)))
+    return rows
 
 
 def bench_shape(name: str, *shape) -> dict:
