@@ -280,3 +280,29 @@ def test_baseline_runs_an_older_tree_beside_the_own_plan(tmp_path, monkeypatch):
     assert peers.reference_ppalli(runs) is runs[0]
     md = peers.markdown(peers.results_doc("T4", "GPU", "2026-12-03", {}, runs, 1.0))
     assert "1.11x" in next(line for line in md.splitlines() if "source tree" in line)  # 10 / 9: new over baseline
+
+
+# --------------------------------------------------------------------------- the environment
+
+
+def test_peer_site_is_unpacked_once_and_put_first_on_the_path(tmp_path, monkeypatch):
+    import tarfile
+
+    from _peers_env import child_env, ensure_peer_site  # benchmarks/ is on sys.path once peers is loaded
+
+    packed = tmp_path / "packed" / "peer-site"
+    packed.mkdir(parents=True)
+    (packed / "unsloth_stub.py").write_text("")
+    tgz = tmp_path / "site.tgz"
+    with tarfile.open(tgz, "w:gz") as tar:
+        tar.add(packed, arcname="peer-site")
+    site = tmp_path / "unpacked" / "peer-site"
+    site.parent.mkdir()
+    assert ensure_peer_site(site, tmp_path / "missing.tgz") is None  # nothing to unpack
+    assert ensure_peer_site(site, tgz) == site and (site / "unsloth_stub.py").is_file()
+    assert ensure_peer_site(site, tmp_path / "missing.tgz") == site  # already there: not unpacked again
+    monkeypatch.setenv("PYTHONPATH", "/earlier")
+    env = child_env(site, tmp_path / "scratch")
+    assert env["PYTHONPATH"] == os.pathsep.join([str(site), "/earlier"])
+    assert env["HF_HUB_OFFLINE"] == "1" and env["UNSLOTH_COMPILE_LOCATION"].startswith(str(tmp_path / "scratch"))
+    assert child_env(None, tmp_path)["PYTHONPATH"] == "/earlier"  # no site: the path as it was
