@@ -72,8 +72,7 @@ def _rotate(outs, cos, sin, heads, lora=None):
 def _rotate_grads(dq, dk, dv, cos, sin, heads, one_buffer: bool):
     """dq, dk, dv (B, H, T, D) -> (buffer, (dq, dk, dv) (N, H*D) each) with RoPE's transpose applied to dq and
     dk. one_buffer: the three are the column blocks of one (N, Hq*D + 2 Hk*D) buffer (dv copied in by dk's
-    RoPE launch), else
-    buffer is None and each is its own tensor."""
+    RoPE launch), else buffer is None and each is its own tensor."""
     b, d = heads
     if not one_buffer:
         dq, dk = rope_fwd(dq, dk, cos, sin, backward=True)
