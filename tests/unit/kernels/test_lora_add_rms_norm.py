@@ -1,6 +1,7 @@
 """lora_add_rms_norm: x = h + y0 + s xa B^T, n = RMSNorm(x) * (offset + w) in one kernel, against autograd
 through the plain ops; the backward adds the residual gradient inside rms_norm's backward. Row counts not a
-multiple of the 16-row program, widths not a multiple of the 256-column step (5 x 123), and no LoRA term."""
+multiple of the 16-row program, widths not a power of 2 (5 x 123), and no LoRA term. At these widths the default
+setting holds a row in one tile; test_column_steps_agree also walks rows in steps of 64 columns."""
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ from reference import assert_close, rms_norm_ref
 
 pytest.importorskip("triton")
 from ppalli.errors import PpalliError  # noqa: E402
-from ppalli.kernels.lora_add_rms_norm import lora_add_fwd, lora_add_rms_norm  # noqa: E402
+from ppalli.kernels.lora_add_rms_norm import lora_add_fwd, lora_add_rms_norm, lora_add_rms_norm_fwd  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPE = torch.float32
@@ -54,6 +55,19 @@ def test_lora_add_alone_writes_over_y0(m, d, r, lora):
     x = lora_add_fwd(t["h"], y0, xa, b, 0.5, out=y0)
     assert x.data_ptr() == y0.data_ptr()
     assert_close("x in place", x, x_ref, DTYPE)
+
+
+@pytest.mark.parametrize("blocks", [(16, 64, 4), (16, 512, 8)], ids=["column-steps", "one-tile"])
+@pytest.mark.parametrize("lora", [True, False])
+def test_column_steps_agree(blocks, lora):
+    """The forward walking a row in 64-column steps (x read back for the norm) and holding it in one tile."""
+    t = {k: v.detach() for k, v in _leaves(37, 300, 8).items()}
+    xa, b = (t["xa"], t["b"]) if lora else (None, None)
+    x, n, rstd = lora_add_rms_norm_fwd(t["h"], t["y0"], xa, b, 0.5, t["w"], 1e-6, 1.0, blocks=blocks)
+    x_ref = t["h"] + t["y0"] + (0.5 * t["xa"] @ t["b"].t() if lora else 0)
+    assert_close("x", x, x_ref, DTYPE)
+    assert_close("n", n, rms_norm_ref(x_ref, t["w"], 1e-6, 1.0), DTYPE)
+    assert_close("rstd", rstd, x_ref.pow(2).mean(-1).add(1e-6).rsqrt(), DTYPE)
 
 
 def test_bad_shapes_are_refused():
