@@ -30,67 +30,41 @@ from ppalli.kernels.rms_norm import rms_norm_bwd
 # (rows, columns a step, warps): 16 rows, the least M of tl.dot; benchmarks/bench_lora_add_rms_norm.py sweeps it.
 # On an H100 (results/2026-11-25-h100-lora-add-rms-norm-s5.json) 512 columns and 8 warps took 0.113 ms at
 # Llama-3.2-1B's N x d = 16384 x 2048 against 0.125 for (16, 256, 4), and the same 0.125 at 8B's 8192 x 4096.
+# On an H200 (results/2026-12-03-h200-add-norm-one-tile.txt) the settings within 0.01 ms of each other (1B
+# 0.094-0.103 ms, 8B 0.098-0.108: (16, 512, 8) 0.095 / 0.103); a whole row held in one tile and normed from
+# registers, not read back (e1e6738), was slower: 1B 0.120 ms at 8 warps, 8B 0.76 ms at 16: removed.
 BLOCKS = (16, 512, 8)
 
 
 @jit
 def _lora_add_rms_norm_fwd_kernel(X, NRM, H, Y0, XA, xa_stride, B, W, RSTD, n_rows, d, R, s, eps, offset,
                                   HAS_LORA: tl.constexpr, NORM: tl.constexpr, IEEE: tl.constexpr,
-                                  UPCAST: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, RP: tl.constexpr,
-                                  ONE_BLOCK: tl.constexpr):
+                                  UPCAST: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, RP: tl.constexpr):
     # NORM=False: x alone (lora_add_fwd), which may be written over Y0: each tile is read before it is stored.
-    # ONE_BLOCK (BD >= d): the whole row in one tile, normed from registers rather than read back.
     rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
     row_ok = rows < n_rows
     k = tl.arange(0, RP)
-    xa = None
     if HAS_LORA:  # (BM, RP): this program's rows of x Ao^T
         xa = tl.load(XA + rows[:, None] * xa_stride + k[None, :], mask=row_ok[:, None] & (k[None, :] < R),
                      other=0.0)
-    if ONE_BLOCK:
-        cols = tl.arange(0, BD)
-        x = _residual_tile(X, H, Y0, xa, B, rows, row_ok, cols, d, R, s, HAS_LORA, IEEE, UPCAST, RP)
+    sq = tl.zeros((BM,), dtype=tl.float32)
+    for d0 in range(0, d, BD):
+        cols = d0 + tl.arange(0, BD)
+        offs = rows[:, None] * d + cols[None, :]
+        mask = row_ok[:, None] & (cols[None, :] < d)
+        v = tl.load(H + offs, mask=mask, other=0.0).to(tl.float32) + tl.load(Y0 + offs, mask=mask,
+                                                                                other=0.0).to(tl.float32)
+        if HAS_LORA:
+            bt = tl.load(B + cols[None, :] * R + k[:, None], mask=(cols[None, :] < d) & (k[:, None] < R),
+                         other=0.0)  # (RP, BD) of Bo^T, Bo (d, R)
+            v += dot(xa, bt, IEEE, UPCAST) * s
+        x = v.to(X.dtype.element_ty)
+        tl.store(X + offs, x, mask=mask)
         if NORM:
-            xf = x.to(tl.float32)
-            rstd = tl.rsqrt(tl.sum(xf * xf, axis=1) / d + eps)
-            tl.store(RSTD + rows, rstd, mask=row_ok)
-            _norm_tile(NRM, W, xf, rstd, rows, row_ok, cols, d, offset)
-    else:
-        sq = tl.zeros((BM,), dtype=tl.float32)
-        for d0 in range(0, d, BD):
-            cols = d0 + tl.arange(0, BD)
-            x = _residual_tile(X, H, Y0, xa, B, rows, row_ok, cols, d, R, s, HAS_LORA, IEEE, UPCAST, RP)
-            if NORM:
-                xf = x.to(tl.float32)  # the norm reads the rounded residual, as the next op would
-                sq += tl.sum(xf * xf, axis=1)
-        if NORM:
-            _norm_pass(X, NRM, W, RSTD, rows, row_ok, sq, d, eps, offset, BD)
-
-
-@jit
-def _residual_tile(X, H, Y0, xa, B, rows, row_ok, cols, d, R, s, HAS_LORA: tl.constexpr, IEEE: tl.constexpr,
-                   UPCAST: tl.constexpr, RP: tl.constexpr):
-    """x = h + y0 (+ s xa Bo^T) for one (BM, BD) tile, stored to X and returned rounded to X's dtype."""
-    offs = rows[:, None] * d + cols[None, :]
-    mask = row_ok[:, None] & (cols[None, :] < d)
-    v = tl.load(H + offs, mask=mask, other=0.0).to(tl.float32) + tl.load(Y0 + offs, mask=mask,
-                                                                            other=0.0).to(tl.float32)
-    if HAS_LORA:
-        k = tl.arange(0, RP)
-        bt = tl.load(B + cols[None, :] * R + k[:, None], mask=(cols[None, :] < d) & (k[:, None] < R),
-                     other=0.0)  # (RP, BD) of Bo^T, Bo (d, R)
-        v += dot(xa, bt, IEEE, UPCAST) * s
-    x = v.to(X.dtype.element_ty)
-    tl.store(X + offs, x, mask=mask)
-    return x
-
-
-@jit
-def _norm_tile(NRM, W, xf, rstd, rows, row_ok, cols, d, offset):
-    """n = x rstd (offset + w) for one tile, x in fp32."""
-    w = tl.load(W + cols, mask=cols < d, other=0.0).to(tl.float32) + offset
-    tl.store(NRM + rows[:, None] * d + cols[None, :], (xf * rstd[:, None] * w[None, :]).to(NRM.dtype.element_ty),
-             mask=row_ok[:, None] & (cols[None, :] < d))
+            xf = x.to(tl.float32)  # the norm reads the rounded residual, as the next op would
+            sq += tl.sum(xf * xf, axis=1)
+    if NORM:
+        _norm_pass(X, NRM, W, RSTD, rows, row_ok, sq, d, eps, offset, BD)
 
 
 @jit
@@ -100,9 +74,11 @@ def _norm_pass(X, NRM, W, RSTD, rows, row_ok, sq, d, eps, offset, BD: tl.constex
     tl.debug_barrier()  # x written above by other threads of this program is read back below
     for d0 in range(0, d, BD):
         cols = d0 + tl.arange(0, BD)
-        x = tl.load(X + rows[:, None] * d + cols[None, :], mask=row_ok[:, None] & (cols[None, :] < d),
-                    other=0.0).to(tl.float32)
-        _norm_tile(NRM, W, x, rstd, rows, row_ok, cols, d, offset)
+        offs = rows[:, None] * d + cols[None, :]
+        mask = row_ok[:, None] & (cols[None, :] < d)
+        x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(W + cols, mask=cols < d, other=0.0).to(tl.float32) + offset
+        tl.store(NRM + offs, (x * rstd[:, None] * w[None, :]).to(NRM.dtype.element_ty), mask=mask)
 
 
 def lora_add_rms_norm_fwd(h, y0, xa, b, s: float, weight, eps: float, offset: float = 0.0, blocks=BLOCKS):
@@ -144,12 +120,11 @@ def _launch(x, h, y0, xa, b, s, norm, blocks):
         b = b.to(h.dtype).contiguous()
     nrm, weight, rstd, eps, offset = norm if norm is not None else (x, x, x, 0.0, 0.0)
     bm, bd, warps = blocks
-    bd = min(bd, next_power_of_2(d))
     _lora_add_rms_norm_fwd_kernel[(cdiv(n_rows, bm),)](
         x, nrm, h, y0, xa if has_lora else h, xa.stride(0) if has_lora else 0, b if has_lora else h, weight, rstd,
         n_rows, d, rank, float(s), float(eps), float(offset), HAS_LORA=has_lora, NORM=norm is not None,
         IEEE=h.dtype == torch.float32, UPCAST=dot_upcast(h.dtype),
-        BM=bm, BD=bd, RP=max(16, next_power_of_2(rank)), ONE_BLOCK=bd >= d, num_warps=warps)
+        BM=bm, BD=min(bd, next_power_of_2(d)), RP=max(16, next_power_of_2(rank)), num_warps=warps)
 
 
 class LoRAAddRMSNormFunction(torch.autograd.Function):

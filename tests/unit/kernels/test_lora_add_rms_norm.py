@@ -1,7 +1,7 @@
 """lora_add_rms_norm: x = h + y0 + s xa B^T, n = RMSNorm(x) * (offset + w) in one kernel, against autograd
 through the plain ops; the backward adds the residual gradient inside rms_norm's backward. Row counts not a
 multiple of the 16-row program, widths not a power of 2 (5 x 123), and no LoRA term. At these widths the default
-setting holds a row in one tile; test_column_steps_agree also walks rows in steps of 64 columns."""
+setting takes a row in one step; test_column_steps_agree also walks rows in steps of 64 columns."""
 
 import pytest
 import torch
@@ -57,10 +57,10 @@ def test_lora_add_alone_writes_over_y0(m, d, r, lora):
     assert_close("x in place", x, x_ref, DTYPE)
 
 
-@pytest.mark.parametrize("blocks", [(16, 64, 4), (16, 512, 8)], ids=["column-steps", "one-tile"])
+@pytest.mark.parametrize("blocks", [(16, 64, 4), (16, 512, 8)], ids=["64-column-steps", "one-step"])
 @pytest.mark.parametrize("lora", [True, False])
 def test_column_steps_agree(blocks, lora):
-    """The forward walking a row in 64-column steps (x read back for the norm) and holding it in one tile."""
+    """The forward walking a row in 64-column steps and in one step (x read back for the norm either way)."""
     t = {k: v.detach() for k, v in _leaves(37, 300, 8).items()}
     xa, b = (t["xa"], t["b"]) if lora else (None, None)
     x, n, rstd = lora_add_rms_norm_fwd(t["h"], t["y0"], xa, b, 0.5, t["w"], 1e-6, 1.0, blocks=blocks)
