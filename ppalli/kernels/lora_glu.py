@@ -147,7 +147,8 @@ def _fwd_loads(G0, U0, BG, BU, AD, r0, c0, rows, cols, N, M, col_end, R, HAS_G: 
                HAS_AD: tl.constexpr, TMA: tl.constexpr, RP: tl.constexpr):
     """What the forward reads for one (BM, BN) tile: g0, u0 (zero past N rows and the run's col_end) and the
     (RP, BN) factor tiles (an absent adapter's is a zero tile)."""
-    g0, u0, _ = _tiles_in(G0, U0, None, r0, c0, rows, cols, N, M, col_end, TMA)
+    g0 = _tile_in(G0, r0, c0, rows, cols, N, M, col_end, TMA)
+    u0 = _tile_in(U0, r0, c0, rows, cols, N, M, col_end, TMA)
     zero = tl.zeros((RP, cols.shape[0]), dtype=BG.dtype.element_ty)  # BG: a pointer of g0's dtype, always
     return (g0, u0,
             _b_tile(BG, cols, M, R, True, RP) if HAS_G else zero, _b_tile(BU, cols, M, R, True, RP) if HAS_U else zero,
@@ -155,18 +156,14 @@ def _fwd_loads(G0, U0, BG, BU, AD, r0, c0, rows, cols, N, M, col_end, R, HAS_G: 
 
 
 @jit
-def _tiles_in(G0, U0, X0, r0, c0, rows, cols, N, M, col_end, TMA: tl.constexpr):
-    """The (BM, BN) tiles of two or three (N, I) tensors (X0 may be None) at rows = r0.., cols = c0.., zero past
-    N rows and col_end columns; with TMA the tensors are descriptors, and a tile that runs past a run's limit
-    (N, col_end) only does so where the tensor ends, which the descriptor fills with zeros."""
+def _tile_in(X, r0, c0, rows, cols, N, M, col_end, TMA: tl.constexpr):
+    """The (BM, BN) tile of an (N, I) tensor at rows = r0.., cols = c0.., zero past N rows and col_end columns;
+    with TMA, X is a descriptor, and a tile that runs past a run's limit (N, col_end) only does so where the
+    tensor ends, which the descriptor fills with zeros."""
     if TMA:
-        r0 = tl.cast(r0, tl.int32)
-        c0 = tl.cast(c0, tl.int32)
-        x0 = X0.load([r0, c0]) if X0 is not None else None
-        return G0.load([r0, c0]), U0.load([r0, c0]), x0
+        return X.load([tl.cast(r0, tl.int32), tl.cast(c0, tl.int32)])
     offs, mask = _offsets(rows, cols, M, N, col_end)
-    x0 = tl.load(X0 + offs, mask=mask, other=0.0) if X0 is not None else None
-    return tl.load(G0 + offs, mask=mask, other=0.0), tl.load(U0 + offs, mask=mask, other=0.0), x0
+    return tl.load(X + offs, mask=mask, other=0.0)
 
 
 @jit
@@ -185,7 +182,9 @@ def _bwd_loads(G0, U0, DH0, XAG, xag_stride, XAU, xau_stride, XAD, r0, c0, rows,
                HAS_U: tl.constexpr, HAS_D: tl.constexpr, TMA: tl.constexpr, RP: tl.constexpr):
     """What the backward reads for one (BM, BN) tile: g0, u0, dh0 and the (BM, RP) rank-r rows (an absent
     adapter's is a zero tile), all zero past N rows (N: the run's row limit) and M columns."""
-    g0, u0, dh0 = _tiles_in(G0, U0, DH0, r0, c0, rows, cols, N, M, M, TMA)
+    g0 = _tile_in(G0, r0, c0, rows, cols, N, M, M, TMA)
+    u0 = _tile_in(U0, r0, c0, rows, cols, N, M, M, TMA)
+    dh0 = _tile_in(DH0, r0, c0, rows, cols, N, M, M, TMA)
     zero = tl.zeros((rows.shape[0], RP), dtype=XAG.dtype.element_ty)  # XAG: a pointer of g0's dtype, always
     return (g0, u0, dh0,
             _xa_tile(XAG, xag_stride, rows, N, R, RP) if HAS_G else zero,
