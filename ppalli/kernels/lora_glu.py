@@ -160,10 +160,12 @@ def _tile_in(X, r0, c0, rows, cols, N, M, col_end, TMA: tl.constexpr):
     """The (BM, BN) tile of an (N, I) tensor at rows = r0.., cols = c0.., zero past N rows and col_end columns;
     with TMA, X is a descriptor, and a tile that runs past a run's limit (N, col_end) only does so where the
     tensor ends, which the descriptor fills with zeros."""
-    if TMA:
-        return X.load([tl.cast(r0, tl.int32), tl.cast(c0, tl.int32)])
-    offs, mask = _offsets(rows, cols, M, N, col_end)
-    return tl.load(X + offs, mask=mask, other=0.0)
+    if TMA:  # an if/else, not an early return: the compiler also builds the code after a constexpr if's return
+        tile = X.load([tl.cast(r0, tl.int32), tl.cast(c0, tl.int32)])
+    else:
+        offs, mask = _offsets(rows, cols, M, N, col_end)
+        tile = tl.load(X + offs, mask=mask, other=0.0)
+    return tile
 
 
 @jit
