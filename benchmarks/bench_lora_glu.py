@@ -12,7 +12,6 @@ kernel: the activation backward writing h as well, then three cuBLAS GEMMs readi
 Times: medians of triton.testing.do_bench, ms.
 """
 
-import os
 import sys
 from pathlib import Path
 
@@ -47,18 +46,6 @@ BWD = [Tiles(16, 64, 4, 8), Tiles(16, 64, 4, 16), Tiles(16, 64, 4, 4), Tiles(32,
 # than on the 5 that 16 a SM give it, while 8B was fastest on the 9 that 16 a SM give (results/2026-12-03-
 # h200-lora-glu-prefetch.txt): the run count, not the programs per SM, is what to pick.
 FWD_HAD += [Tiles(32, 64, 2, 16, 3, r) for r in (2, 3, 4, 5, 6, 7, 8, 9, 10, 12)]
-# The (N, I) tiles through TMA descriptors (Tiles.tma): ncu on the H200 (2026-12-03, results/2026-12-03-h200-
-# ncu-lora-glu.txt) put the backward at 2.86 TB/s with 45% of its stalls on global loads into registers
-# (4.75 warps a scheduler), the forward at 3.42. BENCH_LORA_GLU_TMA=1 times only these and the H200 settings.
-TMA_FWD_HAD = [Tiles(32, 64, 2, 16, 3, 3, True), Tiles(32, 64, 4, 16, 3, 3, True), Tiles(64, 64, 4, 16, 3, 3, True),
-               Tiles(32, 128, 4, 16, 3, 3, True), Tiles(32, 64, 2, 16, 4, 3, True), Tiles(32, 64, 2, 16, 2, 3, True),
-               Tiles(64, 128, 8, 16, 3, 3, True), Tiles(32, 64, 2, 16, 3, 6, True)]
-TMA_BWD = [Tiles(16, 64, 4, 8, 3, 5, True), Tiles(16, 64, 4, 8, 4, 5, True), Tiles(16, 64, 4, 8, 2, 5, True),
-           Tiles(32, 64, 4, 8, 3, 5, True), Tiles(16, 128, 4, 8, 3, 5, True), Tiles(32, 128, 8, 8, 3, 5, True),
-           Tiles(64, 64, 8, 8, 3, 5, True), Tiles(16, 64, 4, 8, 3, 10, True), Tiles(32, 64, 4, 8, 4, 10, True),
-           Tiles(16, 64, 2, 8, 3, 5, True)]
-if os.environ.get("BENCH_LORA_GLU_TMA"):
-    FWD, FWD_HAD, BWD = FWD[:1], [Tiles(32, 64, 2, 16, 3, 3), *TMA_FWD_HAD], [Tiles(16, 64, 4, 8, 3, 5), *TMA_BWD]
 
 
 def _gbps(passes: int, n: int, i: int, ms: float) -> float:

@@ -52,8 +52,7 @@ class Tiles(NamedTuple):
     rows (backward) or columns (fwd_had) into runs (more runs: shorter tail, more partial sums to fold),
     Triton's software-pipeline stages for the tile loop (3 is its default on CUDA), and `runs`, when above 0,
     the row runs (backward) or column runs (fwd_had) whatever the shape and SM count (runs_per_sm is then
-    unused); `tma`: the (N, I) tiles move through tensor descriptors (Hopper's TMA: loads land in shared memory
-    and the loop's stages keep them in flight) rather than through registers."""
+    unused)."""
 
     bm: int
     bn: int
@@ -61,7 +60,6 @@ class Tiles(NamedTuple):
     runs_per_sm: int = 4
     stages: int = 3
     runs: int = 0
-    tma: bool = False
 
 
 # From benchmarks/bench_lora_glu.py on an H100 (2026-11-25, results/2026-11-25-h100-lora-glu-tiles.json), N x I
@@ -89,6 +87,11 @@ BWD_TILES = Tiles(16, 64, 4, 8)
 # 0.472 ms (4 per SM = 3 runs: 0.596; 16 = 10 runs: 0.482); 1B (128 column blocks) 4 per SM = 5 runs, 0.487 ms
 # (8 per SM = 9 runs: 0.529). So the H200 fixes the run count: 8B as before, 1B 0.04 ms a layer faster.
 BWD_TILES_BY_GPU = {"NVIDIA H200": Tiles(16, 64, 4, 8, 3, runs=5)}
+# ncu on the H200 (2026-12-03, results/2026-12-03-h200-ncu-lora-glu.txt, 1B shape): the backward 464 us at 2.86
+# TB/s, 96 registers, 5 programs an SM (31% occupancy), 45% of its stalls on loads into registers; fwd_had 233
+# us at 3.42 TB/s. The (N, I) tiles moved through TMA descriptors instead, pipelined in shared memory (05afb50,
+# results/2026-12-03-h200-lora-glu-tma.txt): backward 1B 0.522-1.08 ms against 0.473, 8B at best 0.451 against
+# 0.455; fwd_had 0.241 against 0.246 (1B), 0.213 against 0.216 (8B), within run-to-run spread. Not kept.
 
 
 @jit
@@ -143,52 +146,26 @@ def _gate_up(g0, u0, xag, bg, xau, bu, sg, su, HAS_G: tl.constexpr, HAS_U: tl.co
 
 
 @jit
-def _fwd_loads(G0, U0, BG, BU, AD, r0, c0, rows, cols, N, M, col_end, R, HAS_G: tl.constexpr, HAS_U: tl.constexpr,
-               HAS_AD: tl.constexpr, TMA: tl.constexpr, RP: tl.constexpr):
+def _fwd_loads(G0, U0, BG, BU, AD, rows, cols, N, M, col_end, R, HAS_G: tl.constexpr, HAS_U: tl.constexpr,
+               HAS_AD: tl.constexpr, RP: tl.constexpr):
     """What the forward reads for one (BM, BN) tile: g0, u0 (zero past N rows and the run's col_end) and the
     (RP, BN) factor tiles (an absent adapter's is a zero tile)."""
-    g0 = _tile_in(G0, r0, c0, rows, cols, N, M, col_end, TMA)
-    u0 = _tile_in(U0, r0, c0, rows, cols, N, M, col_end, TMA)
-    zero = tl.zeros((RP, cols.shape[0]), dtype=BG.dtype.element_ty)  # BG: a pointer of g0's dtype, always
-    return (g0, u0,
+    offs, mask = _offsets(rows, cols, M, N, col_end)
+    zero = tl.zeros((RP, cols.shape[0]), dtype=G0.dtype.element_ty)
+    return (tl.load(G0 + offs, mask=mask, other=0.0), tl.load(U0 + offs, mask=mask, other=0.0),
             _b_tile(BG, cols, M, R, True, RP) if HAS_G else zero, _b_tile(BU, cols, M, R, True, RP) if HAS_U else zero,
             _b_tile(AD, cols, M, R, False, RP) if HAS_AD else zero)
 
 
 @jit
-def _tile_in(X, r0, c0, rows, cols, N, M, col_end, TMA: tl.constexpr):
-    """The (BM, BN) tile of an (N, I) tensor at rows = r0.., cols = c0.., zero past N rows and col_end columns;
-    with TMA, X is a descriptor, and a tile that runs past a run's limit (N, col_end) only does so where the
-    tensor ends, which the descriptor fills with zeros."""
-    if TMA:  # an if/else, not an early return: the compiler also builds the code after a constexpr if's return
-        tile = X.load([tl.cast(r0, tl.int32), tl.cast(c0, tl.int32)])
-    else:
-        offs, mask = _offsets(rows, cols, M, N, col_end)
-        tile = tl.load(X + offs, mask=mask, other=0.0)
-    return tile
-
-
-@jit
-def _tiles_out(OUT, tile, r0, c0, rows, cols, N, M, col_end, TMA: tl.constexpr):
-    """Store a (BM, BN) tile of an (N, I) tensor (a descriptor with TMA) at rows = r0.., cols = c0.., rows < N
-    and cols < col_end."""
-    if TMA:
-        OUT.store([tl.cast(r0, tl.int32), tl.cast(c0, tl.int32)], tile)
-    else:
-        offs, mask = _offsets(rows, cols, M, N, col_end)
-        tl.store(OUT + offs, tile, mask=mask)
-
-
-@jit
-def _bwd_loads(G0, U0, DH0, XAG, xag_stride, XAU, xau_stride, XAD, r0, c0, rows, cols, N, M, R, HAS_G: tl.constexpr,
-               HAS_U: tl.constexpr, HAS_D: tl.constexpr, TMA: tl.constexpr, RP: tl.constexpr):
+def _bwd_loads(G0, U0, DH0, XAG, xag_stride, XAU, xau_stride, XAD, rows, cols, N, M, R, HAS_G: tl.constexpr,
+               HAS_U: tl.constexpr, HAS_D: tl.constexpr, RP: tl.constexpr):
     """What the backward reads for one (BM, BN) tile: g0, u0, dh0 and the (BM, RP) rank-r rows (an absent
     adapter's is a zero tile), all zero past N rows (N: the run's row limit) and M columns."""
-    g0 = _tile_in(G0, r0, c0, rows, cols, N, M, M, TMA)
-    u0 = _tile_in(U0, r0, c0, rows, cols, N, M, M, TMA)
-    dh0 = _tile_in(DH0, r0, c0, rows, cols, N, M, M, TMA)
-    zero = tl.zeros((rows.shape[0], RP), dtype=XAG.dtype.element_ty)  # XAG: a pointer of g0's dtype, always
-    return (g0, u0, dh0,
+    offs, mask = _offsets(rows, cols, M, N, M)
+    zero = tl.zeros((rows.shape[0], RP), dtype=G0.dtype.element_ty)
+    return (tl.load(G0 + offs, mask=mask, other=0.0), tl.load(U0 + offs, mask=mask, other=0.0),
+            tl.load(DH0 + offs, mask=mask, other=0.0),
             _xa_tile(XAG, xag_stride, rows, N, R, RP) if HAS_G else zero,
             _xa_tile(XAU, xau_stride, rows, N, R, RP) if HAS_U else zero,
             _xa_tile(XAD, R, rows, N, R, RP) if HAS_D else zero)
@@ -205,13 +182,12 @@ def _store_sums(P, acc, run, idx, M, RP: tl.constexpr):
 @jit
 def _lora_glu_fwd_kernel(H, P, G0, U0, XAG, xag_stride, BG, XAU, xau_stride, BU, AD, N, M, R, run_cols, sg, su,
                          ACT: tl.constexpr, HAS_G: tl.constexpr, HAS_U: tl.constexpr, HAS_AD: tl.constexpr,
-                         STORE_H: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr,
-                         BM: tl.constexpr, BN: tl.constexpr, RP: tl.constexpr):
+                         STORE_H: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, BM: tl.constexpr,
+                         BN: tl.constexpr, RP: tl.constexpr):
     # Program (i, run): rows i*BM.. across the columns run*run_cols.. in (BM, BN) tiles (one tile when
     # run_cols == BN). With AD (down's lora_A, (R, M)), the run's share of h Ad^T, (BM, RP) fp32, goes to
     # P[run, rows, :] and one torch.sum over the runs finishes it.
-    r0 = tl.program_id(0).to(tl.int64) * BM
-    rows = r0 + tl.arange(0, BM)
+    rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
     run = tl.program_id(1)
     xag = _xa_tile(XAG, xag_stride, rows, N, R, RP) if HAS_G else None  # (BM, RP), loaded once for the run
     xau = _xa_tile(XAU, xau_stride, rows, N, R, RP) if HAS_U else None
@@ -220,13 +196,13 @@ def _lora_glu_fwd_kernel(H, P, G0, U0, XAG, xag_stride, BG, XAU, xau_stride, BU,
     end = tl.minimum(start + run_cols, M)
     for c0 in range(start, end, BN):
         cols = c0 + tl.arange(0, BN)
-        g0, u0, bg, bu, ad = _fwd_loads(G0, U0, BG, BU, AD, r0, c0, rows, cols, N, M, end, R, HAS_G, HAS_U,
-                                        HAS_AD, TMA, RP)
+        g0, u0, bg, bu, ad = _fwd_loads(G0, U0, BG, BU, AD, rows, cols, N, M, end, R, HAS_G, HAS_U, HAS_AD, RP)
         g, u = _gate_up(g0, u0, xag, bg, xau, bu, sg, su, HAS_G, HAS_U, IEEE, UPCAST)
         a, _ = _act(g, ACT)
-        h = (a * u).to(BG.dtype.element_ty)  # rounded as stored: the product cuBLAS would read back
+        h = (a * u).to(H.dtype.element_ty)  # rounded as stored: the product cuBLAS would read back
         if STORE_H:
-            _tiles_out(H, h, r0, c0, rows, cols, N, M, end, TMA)
+            offs, mask = _offsets(rows, cols, M, N, end)
+            tl.store(H + offs, h, mask=mask)
         if HAS_AD:
             had += dot(h, tl.trans(ad), IEEE, UPCAST)  # (BM, BN) @ (BN, RP)
     if HAS_AD:
@@ -238,13 +214,11 @@ def _lora_glu_bwd_kernel(DG, DU, DH0, G0, U0, XAG, xag_stride, BG, XAU, xau_stri
                          PBG, PBU, PAD, N, M, R, run_rows, sg, su,
                          ACT: tl.constexpr, HAS_G: tl.constexpr, HAS_U: tl.constexpr, HAS_D: tl.constexpr,
                          SUM_BG: tl.constexpr, SUM_BU: tl.constexpr, SUM_AD: tl.constexpr, IEEE: tl.constexpr,
-                         UPCAST: tl.constexpr, TMA: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                         RP: tl.constexpr):
+                         UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, RP: tl.constexpr):
     # Program (run, c): columns c*BN.. of rows run*run_rows.. in (BM, BN) tiles; DG, DU may be G0, U0 (each
     # tile is read before it is written, by the same program).
     run = tl.program_id(0)
-    c0 = tl.program_id(1) * BN
-    cols = c0 + tl.arange(0, BN)
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)
     bg = _b_tile(BG, cols, M, R, True, RP) if HAS_G else None  # (RP, BN), loaded once for the whole run
     bu = _b_tile(BU, cols, M, R, True, RP) if HAS_U else None
     ad = _b_tile(AD, cols, M, R, False, RP) if HAS_D else None
@@ -257,23 +231,24 @@ def _lora_glu_bwd_kernel(DG, DU, DH0, G0, U0, XAG, xag_stride, BG, XAU, xau_stri
     # kernel and the forward (results/2026-12-03-h200-lora-glu-prefetch.txt): Triton's pipelining covers it.
     for r0 in range(start, end, BM):
         rows = r0 + tl.arange(0, BM)
-        g0, u0, dh0, xag, xau, xad = _bwd_loads(G0, U0, DH0, XAG, xag_stride, XAU, xau_stride, XAD, r0, c0, rows,
-                                                cols, end, M, R, HAS_G, HAS_U, HAS_D, TMA, RP)
+        offs, mask = _offsets(rows, cols, M, end, M)
+        g0, u0, dh0, xag, xau, xad = _bwd_loads(G0, U0, DH0, XAG, xag_stride, XAU, xau_stride, XAD, rows, cols,
+                                                end, M, R, HAS_G, HAS_U, HAS_D, RP)
         g, u = _gate_up(g0, u0, xag, bg, xau, bu, sg, su, HAS_G, HAS_U, IEEE, UPCAST)
         dh = dh0.to(tl.float32)
         if HAS_D:  # XAD is already s_d * dy Bd, (N, R) contiguous
             dh += dot(xad, ad, IEEE, UPCAST)
         a, da = _act(g, ACT)
-        du = (dh * a).to(XAG.dtype.element_ty)
-        dg = (dh * u * da).to(XAG.dtype.element_ty)
-        _tiles_out(DU, du, r0, c0, rows, cols, end, M, M, TMA)
-        _tiles_out(DG, dg, r0, c0, rows, cols, end, M, M, TMA)
+        du = (dh * a).to(DU.dtype.element_ty)
+        dg = (dh * u * da).to(DG.dtype.element_ty)
+        tl.store(DU + offs, du, mask=mask)
+        tl.store(DG + offs, dg, mask=mask)
         if SUM_BG:
             sum_bg += dot(tl.trans(dg), xag, IEEE, UPCAST)  # (BN, BM) @ (BM, RP)
         if SUM_BU:
             sum_bu += dot(tl.trans(du), xau, IEEE, UPCAST)
         if SUM_AD:
-            sum_ad += dot(tl.trans((a * u).to(XAG.dtype.element_ty)), xad, IEEE, UPCAST)
+            sum_ad += dot(tl.trans((a * u).to(DG.dtype.element_ty)), xad, IEEE, UPCAST)
     if SUM_BG:
         _store_sums(PBG, sum_bg * sg, run, cols, M, RP)  # the scales here, not in a launch after the fold
     if SUM_BU:
@@ -339,27 +314,13 @@ def _fwd(g0, up0, xag, bg, sg, xau, bu, su, ad, act, store_h, tiles):
     run_cols, runs = _runs(i, tiles.bn, row_blocks, tiles, g0.device) if has_ad else (tiles.bn, cdiv(i, tiles.bn))
     h = torch.empty_like(g0) if store_h else g0
     part = torch.empty(runs, n, meta["RP"], dtype=torch.float32, device=g0.device) if has_ad else g0
-    tma, (h_in, g_in, u_in) = _tensor_args(tiles, h, g0, up0)
     _lora_glu_fwd_kernel[(row_blocks, runs)](
-        h_in, part, g_in, u_in, xag, xag_stride, bg, xau, xau_stride, bu,
-        ad.to(g0.dtype).contiguous() if has_ad else g0, n, i, rank, run_cols, float(sg), float(su),
-        ACT=ACTS[act], HAS_G=xag is not g0, HAS_U=xau is not g0, HAS_AD=has_ad, STORE_H=store_h, TMA=tma,
-        BM=tiles.bm, BN=tiles.bn, **meta,
+        h, part, g0, up0, xag, xag_stride, bg, xau, xau_stride, bu, ad.to(g0.dtype).contiguous() if has_ad else g0,
+        n, i, rank, run_cols, float(sg), float(su), ACT=ACTS[act], HAS_G=xag is not g0,
+        HAS_U=xau is not g0, HAS_AD=has_ad, STORE_H=store_h, BM=tiles.bm, BN=tiles.bn, **meta,
         num_warps=tiles.warps, num_stages=tiles.stages)
     had = part.sum(0)[:, :rank].to(g0.dtype) if has_ad else None  # (N, r)
     return (h if store_h else None), had
-
-
-def _tensor_args(tiles: Tiles, *tensors: torch.Tensor) -> tuple[bool, tuple]:
-    """(tma, the (N, I) tensors as the kernels take them): with tiles.tma, (bm, bn) tensor descriptors (the
-    backward passes g0's and u0's twice: read, then written over); else, or where TMA cannot address a tensor
-    (rows and start 16-byte aligned), the tensors themselves."""
-    aligned = all(t.stride(0) * t.element_size() % 16 == 0 and t.data_ptr() % 16 == 0 for t in tensors)
-    if not (tiles.tma and aligned):
-        return False, tensors
-    from triton.tools.tensor_descriptor import TensorDescriptor  # triton >= 3.4; only the TMA settings need it
-
-    return True, tuple(TensorDescriptor.from_tensor(t, [tiles.bm, tiles.bn]) for t in tensors)
 
 
 def _runs(n: int, block: int, other_blocks: int, tiles: Tiles, device: torch.device) -> tuple[int, int]:
@@ -410,11 +371,10 @@ def lora_glu_bwd(dh0: torch.Tensor, g0: torch.Tensor, up0: torch.Tensor, xag, bg
     buffer = torch.empty(wanted, runs, i, meta["RP"], dtype=torch.float32, device=g0.device) if wanted else None
     slots = iter(range(wanted))
     partials = [buffer[next(slots)] if s else g0 for s in sums]
-    tma, (g_in, u_in, dh_in) = _tensor_args(tiles, g0, up0, dh0)
     _lora_glu_bwd_kernel[(runs, n_cols)](
-        g_in, u_in, dh_in, g_in, u_in, xag, xag_stride, bg, xau, xau_stride, bu, dxad, ad, *partials, n, i, rank,
+        g0, up0, dh0, g0, up0, xag, xag_stride, bg, xau, xau_stride, bu, dxad, ad, *partials, n, i, rank,
         run_rows, float(sg), float(su), ACT=ACTS[act], HAS_G=has[0], HAS_U=has[1], HAS_D=has[2],
-        SUM_BG=sums[0], SUM_BU=sums[1], SUM_AD=sums[2], TMA=tma, BM=tiles.bm, BN=tiles.bn, **meta,
+        SUM_BG=sums[0], SUM_BU=sums[1], SUM_AD=sums[2], BM=tiles.bm, BN=tiles.bn, **meta,
         num_warps=tiles.warps, num_stages=tiles.stages)
     folded = iter(buffer.sum(1)[..., :rank] if wanted else ())  # (sums, I, r)
     dbg, dbu, dad = (next(folded) if s else None for s in sums)  # (I, r) each

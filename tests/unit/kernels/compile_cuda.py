@@ -19,7 +19,7 @@ import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from triton.runtime.jit import JITFunction, mangle_type
+from triton.runtime.jit import JITFunction
 
 from ppalli.kernels import geglu, linear_cross_entropy, lora_add_rms_norm, lora_glu, nf4, rms_norm, rope, swiglu
 
@@ -75,10 +75,6 @@ def _launch_everything(dtype: torch.dtype) -> None:
         lora_glu.lora_glu_fwd_had(g0, u0, xa, b, 0.5, xa, b, 0.5, ad, act, store_h=False)
         lora_glu.lora_glu_bwd(t(70, 200), g0, u0, xa, b, 0.5, xa, b, 0.5, xa, ad, act, (True, True, True))
         lora_glu.lora_glu_bwd(t(70, 200), g0, u0, xa, b, 0.5, None, None, 0.5, None, None, act)
-        tma = dict(fwd=lora_glu.Tiles(32, 64, 2, runs=3, tma=True), bwd=lora_glu.Tiles(16, 64, 4, runs=5, tma=True))
-        lora_glu.lora_glu_fwd_had(g0, u0, xa, b, 0.5, xa, b, 0.5, ad, act, tiles=tma["fwd"])
-        lora_glu.lora_glu_bwd(t(70, 200), g0, u0, xa, b, 0.5, xa, b, 0.5, xa, ad, act, (True, True, True),
-                              tiles=tma["bwd"])
     hidden, weight = t(8, 64).requires_grad_(), t(300, 64).requires_grad_()
     labels = torch.randint(0, 300, (8,))
     for softcap in (None, 30.0):
@@ -109,8 +105,6 @@ def _signature(fn: JITFunction, args: tuple, kwargs: dict) -> tuple[dict, dict]:
             sig[p.name], const[p.name] = "constexpr", value
         elif isinstance(value, torch.Tensor):
             sig[p.name] = "*" + DTYPES[value.dtype]
-        elif type(value).__name__ == "TensorDescriptor":  # Tiles.tma's (N, I) tiles: "tensordesc<bf16[16, 64]>"
-            sig[p.name] = mangle_type(value)
         elif isinstance(value, bool):
             sig[p.name] = "i1"
         elif isinstance(value, int):

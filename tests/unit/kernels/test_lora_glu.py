@@ -90,26 +90,6 @@ def test_fwd_had_with_fixed_column_runs():
         assert_close_norm("had", had, h_ref @ t["ad"].t(), DTYPE)
 
 
-@pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
-def test_tma_tiles_give_what_pointer_tiles_give(act):
-    """Tiles.tma: g0, u0, dh0 and the outputs through tensor descriptors, whose tiles past the tensor's edge
-    read as zeros and are not stored; 70 x 200 in 16 x 32 tiles leaves part-tiles on both edges. I = 37 (rows
-    of 148 bytes, which TMA cannot address) falls back to pointers."""
-    for n, i in ((70, 200), (5, 37)):
-        t = _inputs(n, i, 16)
-        fwd = (t["g0"], t["u0"], t["xag"], t["bg"], 0.5, t["xau"], t["bu"], 2.0, t["ad"], act)
-        h_ref, had_ref = lora_glu_fwd_had(*fwd, tiles=Tiles(16, 32, 4, runs=3))
-        h, had = lora_glu_fwd_had(*fwd, tiles=Tiles(16, 32, 4, runs=3, tma=True))
-        assert_close("h", h, h_ref, DTYPE)
-        assert_close_norm("had", had, had_ref, DTYPE)
-        bwd = (t["xag"], t["bg"], 0.5, t["xau"], t["bu"], 2.0, t["dxad"], t["ad"], act, (True, True, True))
-        ref = lora_glu_bwd(t["dh0"], t["g0"].clone(), t["u0"].clone(), *bwd, tiles=Tiles(16, 32, 4, runs=3))
-        ours = lora_glu_bwd(t["dh0"], t["g0"].clone(), t["u0"].clone(), *bwd, tiles=Tiles(16, 32, 4, runs=3,
-                                                                                             tma=True))
-        for name, a, b in zip(ref._fields, ours, ref):
-            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=name)
-
-
 def test_default_tiles_give_the_same_gradients():
     """The launch setting the fast path uses (BWD_TILES: runs over the rows) against small tiles."""
     t = _inputs(300, 260, 16)
