@@ -30,9 +30,9 @@ from ppalli.kernels.rms_norm import rms_norm_bwd
 # (rows, columns a step, warps): 16 rows, the least M of tl.dot; benchmarks/bench_lora_add_rms_norm.py sweeps it.
 # On an H100 (results/2026-11-25-h100-lora-add-rms-norm-s5.json) 512 columns and 8 warps took 0.113 ms at
 # Llama-3.2-1B's N x d = 16384 x 2048 against 0.125 for (16, 256, 4), and the same 0.125 at 8B's 8192 x 4096.
-# On an H200 (results/2026-12-03-h200-add-norm-one-tile.txt) the settings within 0.01 ms of each other (1B
-# 0.094-0.103 ms, 8B 0.098-0.108: (16, 512, 8) 0.095 / 0.103); a whole row held in one tile and normed from
-# registers, not read back (e1e6738), was slower: 1B 0.120 ms at 8 warps, 8B 0.76 ms at 16: removed.
+# On an H200 (results/2026-12-03-h200-add-norm-one-tile.txt) (16, 512, 8) took 0.095 / 0.103 ms (1B / 8B), the
+# best setting 0.094 / 0.098; a whole row held in one tile and normed from registers rather than read back
+# (e1e6738) was slower: 1B 0.120 ms at 8 warps, 8B 0.76 ms at 16. Removed.
 BLOCKS = (16, 512, 8)
 
 
