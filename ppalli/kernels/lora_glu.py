@@ -146,11 +146,10 @@ def _gate_up(g0, u0, xag, bg, xau, bu, sg, su, HAS_G: tl.constexpr, HAS_U: tl.co
 
 
 @jit
-def _fwd_loads(G0, U0, BG, BU, AD, rows, cols, N, M, col_end, R, HAS_G: tl.constexpr, HAS_U: tl.constexpr,
+def _fwd_loads(G0, U0, BG, BU, AD, offs, mask, cols, M, R, HAS_G: tl.constexpr, HAS_U: tl.constexpr,
                HAS_AD: tl.constexpr, RP: tl.constexpr):
-    """What the forward reads for one (BM, BN) tile: g0, u0 (zero past N rows and the run's col_end) and the
-    (RP, BN) factor tiles (an absent adapter's is a zero tile)."""
-    offs, mask = _offsets(rows, cols, M, N, col_end)
+    """What the forward reads for one (BM, BN) tile: g0, u0 at offs (zero outside mask) and the (RP, BN) factor
+    tiles (an absent adapter's is a zero tile)."""
     zero = tl.zeros((RP, cols.shape[0]), dtype=G0.dtype.element_ty)
     return (tl.load(G0 + offs, mask=mask, other=0.0), tl.load(U0 + offs, mask=mask, other=0.0),
             _b_tile(BG, cols, M, R, True, RP) if HAS_G else zero, _b_tile(BU, cols, M, R, True, RP) if HAS_U else zero,
@@ -158,11 +157,10 @@ def _fwd_loads(G0, U0, BG, BU, AD, rows, cols, N, M, col_end, R, HAS_G: tl.const
 
 
 @jit
-def _bwd_loads(G0, U0, DH0, XAG, xag_stride, XAU, xau_stride, XAD, rows, cols, N, M, R, HAS_G: tl.constexpr,
+def _bwd_loads(G0, U0, DH0, XAG, xag_stride, XAU, xau_stride, XAD, offs, mask, rows, N, R, HAS_G: tl.constexpr,
                HAS_U: tl.constexpr, HAS_D: tl.constexpr, RP: tl.constexpr):
-    """What the backward reads for one (BM, BN) tile: g0, u0, dh0 and the (BM, RP) rank-r rows (an absent
-    adapter's is a zero tile), all zero past N rows (N: the run's row limit) and M columns."""
-    offs, mask = _offsets(rows, cols, M, N, M)
+    """What the backward reads for one (BM, BN) tile: g0, u0, dh0 at offs (zero outside mask) and the (BM, RP)
+    rank-r rows (an absent adapter's is a zero tile, all zero past N rows: the run's row limit)."""
     zero = tl.zeros((rows.shape[0], RP), dtype=G0.dtype.element_ty)
     return (tl.load(G0 + offs, mask=mask, other=0.0), tl.load(U0 + offs, mask=mask, other=0.0),
             tl.load(DH0 + offs, mask=mask, other=0.0),
@@ -196,12 +194,12 @@ def _lora_glu_fwd_kernel(H, P, G0, U0, XAG, xag_stride, BG, XAU, xau_stride, BU,
     end = tl.minimum(start + run_cols, M)
     for c0 in range(start, end, BN):
         cols = c0 + tl.arange(0, BN)
-        g0, u0, bg, bu, ad = _fwd_loads(G0, U0, BG, BU, AD, rows, cols, N, M, end, R, HAS_G, HAS_U, HAS_AD, RP)
+        offs, mask = _offsets(rows, cols, M, N, end)
+        g0, u0, bg, bu, ad = _fwd_loads(G0, U0, BG, BU, AD, offs, mask, cols, M, R, HAS_G, HAS_U, HAS_AD, RP)
         g, u = _gate_up(g0, u0, xag, bg, xau, bu, sg, su, HAS_G, HAS_U, IEEE, UPCAST)
         a, _ = _act(g, ACT)
         h = (a * u).to(H.dtype.element_ty)  # rounded as stored: the product cuBLAS would read back
         if STORE_H:
-            offs, mask = _offsets(rows, cols, M, N, end)
             tl.store(H + offs, h, mask=mask)
         if HAS_AD:
             had += dot(h, tl.trans(ad), IEEE, UPCAST)  # (BM, BN) @ (BN, RP)
@@ -232,8 +230,8 @@ def _lora_glu_bwd_kernel(DG, DU, DH0, G0, U0, XAG, xag_stride, BG, XAU, xau_stri
     for r0 in range(start, end, BM):
         rows = r0 + tl.arange(0, BM)
         offs, mask = _offsets(rows, cols, M, end, M)
-        g0, u0, dh0, xag, xau, xad = _bwd_loads(G0, U0, DH0, XAG, xag_stride, XAU, xau_stride, XAD, rows, cols,
-                                                end, M, R, HAS_G, HAS_U, HAS_D, RP)
+        g0, u0, dh0, xag, xau, xad = _bwd_loads(G0, U0, DH0, XAG, xag_stride, XAU, xau_stride, XAD, offs, mask,
+                                                rows, end, R, HAS_G, HAS_U, HAS_D, RP)
         g, u = _gate_up(g0, u0, xag, bg, xau, bu, sg, su, HAS_G, HAS_U, IEEE, UPCAST)
         dh = dh0.to(tl.float32)
         if HAS_D:  # XAD is already s_d * dy Bd, (N, R) contiguous
