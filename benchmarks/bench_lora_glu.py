@@ -12,6 +12,7 @@ kernel: the activation backward writing h as well, then three cuBLAS GEMMs readi
 Times: medians of triton.testing.do_bench, ms.
 """
 
+import os
 import sys
 from pathlib import Path
 
@@ -46,6 +47,8 @@ BWD = [Tiles(16, 64, 4, 8), Tiles(16, 64, 4, 16), Tiles(16, 64, 4, 4), Tiles(32,
 # than on the 5 that 16 a SM give it, while 8B was fastest on the 9 that 16 a SM give (results/2026-12-03-
 # h200-lora-glu-prefetch.txt): the run count, not the programs per SM, is what to pick.
 FWD_HAD += [Tiles(32, 64, 2, 16, 3, r) for r in (2, 3, 4, 5, 6, 7, 8, 9, 10, 12)]
+if os.environ.get("BENCH_GLU_VARIANTS") == "only":  # the variants below without the sweeps
+    FWD, FWD_HAD, BWD = [], [], [BWD_TILES]
 
 
 def _gbps(passes: int, n: int, i: int, ms: float) -> float:
@@ -86,6 +89,24 @@ def bench_shape(name: str, n: int, i: int) -> dict:
         out["bwd"].append(_row(tiles, lambda tiles=tiles: lora_glu_bwd(dh0, g0, u0, xag, bg, S, xau, bu, S, dxad, ad,
                                                                        sums=sums, tiles=tiles), 5, n, i))
 
+    # Variants (BENCH_GLU_VARIANTS=1, or =only to skip the sweeps): the backward without gate's and up's sums,
+    # or without any, and what would then read dg and du for them: lora_b_bwd's one pass (dxa and dB) against
+    # cuBLAS's dg Bg as the fast path runs it now. (The sums' accumulators as (r, BN), dot(xa^T, dg), took
+    # 0.712 / 0.917 ms against 0.455 / 0.472 at 8B / 1B on the H200: results/2026-12-03-h200-glu-variants.txt.)
+    if os.environ.get("BENCH_GLU_VARIANTS"):
+        from ppalli.kernels.lora_b_bwd import lora_b_bwd
+        from ppalli.kernels.lora_linear import scaled_mm
+
+        def bwd(**kw):
+            return lambda: lora_glu_bwd(dh0, g0, u0, xag, bg, S, xau, bu, S, dxad, ad, **kw)
+        out["variants"] = {
+            "bwd sums as now": median_ms(bwd(sums=sums)),
+            "bwd down's sum only": median_ms(bwd(sums=(False, False, True))),
+            "bwd no sums": median_ms(bwd()),
+            "cuBLAS dg Bg": median_ms(lambda: scaled_mm(g0, bg, S)),
+            "lora_b_bwd dg (dxa, dBg)": median_ms(lambda: lora_b_bwd(g0, xag, bg, S, torch.float32)),
+        }
+
     def before():
         lora_glu_bwd(dh0, g0, u0, xag, bg, S, xau, bu, S, dxad, ad)  # no sums
         h = lora_glu_fwd(g0, u0, xag, bg, S, xau, bu, S)  # stands for the h the old backward wrote
@@ -98,6 +119,8 @@ def bench_shape(name: str, n: int, i: int) -> dict:
 
 
 def report(r: dict) -> None:
+    for k, ms in r.get("variants", {}).items():
+        print(f"  variant {k}: {ms:.4f} ms")
     print(f"{r['shape']} (N {r['n']}, I {r['i']}): copy {r['copy_gbps']} GB/s; old backward + 3 GEMMs "
           f"{r['before_ms']} ms; forward then h Ad^T by cuBLAS {r['fwd_then_mm_ms']} ms")
     for kind in ("fwd", "fwd_had", "bwd"):
