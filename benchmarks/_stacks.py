@@ -107,7 +107,7 @@ def prepare(spec: dict, out: dict) -> None:
 
 
 def _plan_setting(plan, pins: dict) -> str:
-    forced = [k for k in ("checkpointing", "micro", "fast", "attention", "budget") if k in pins]
+    forced = [k for k in ("checkpointing", "micro", "fast", "attention", "budget", "deterministic") if k in pins]
     text = (f"plan: checkpointing {plan.checkpointing}, micro-batch {plan.micro_batch_size} x {plan.grad_accum}, "
             f"fast path {'on' if plan.fast_path else 'off'}, attention {plan.attention}, "
             f"weights {plan.quantization}, predicted peak {plan.predicted_peak_gib} GiB")
@@ -118,6 +118,7 @@ def build_ppalli(spec: dict, device: str) -> Built:
     """As ppalli's recipe builds a run (ppalli/train/recipe.py steps 1 and 3), fed random tokens."""
     from ppalli import config as C
     from ppalli.env import probe
+    from ppalli.train.determinism import set_deterministic
     from ppalli.train.recipe import build_loss, build_model, build_plan, device_and_dtype, frozen_gc
     from ppalli.train.recompute import apply_recompute
 
@@ -125,6 +126,8 @@ def build_ppalli(spec: dict, device: str) -> Built:
     plan = build_plan(cfg, spec["model_config"], probe())
     for line in plan.explain():
         log(line)
+    if plan.deterministic:  # for the whole process (this stack's own), before the fast path picks its kernels
+        set_deterministic(True)
     model = build_model(cfg, plan, *device_and_dtype(plan))
     lines: list[str] = []  # the fast path's log: the swaps, then any layer that fell back to HF's forward
     lm_loss, _handle = build_loss(model, plan, lines.append)

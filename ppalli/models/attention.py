@@ -49,7 +49,8 @@ def flash_attn_module(backend: str):
 
 
 def resolve_backend(requested: str, device: torch.device | str) -> tuple[str, str]:
-    """The planner's attention choice (config plan.attention, or a backend name) -> (backend, reason)."""
+    """The planner's attention choice (config plan.attention, or a backend name) -> (backend, reason). Under
+    torch.use_deterministic_algorithms(True) a GPU of compute capability 8.0+ gets SDPA's flash kernel."""
     device = torch.device(device)
     if requested in BACKENDS and requested not in _FLASH_MODULES and requested != "sdpa":
         return requested, "pinned"
@@ -62,6 +63,9 @@ def resolve_backend(requested: str, device: torch.device | str) -> tuple[str, st
     else:
         why = "" if requested in ("auto", "sdpa") else f"{requested} has no fused-path kernel; "
     major, _ = torch.cuda.get_device_capability(device)
+    if major >= 8 and torch.are_deterministic_algorithms_enabled():
+        return "sdpa_flash", why + ("deterministic algorithms on: SDPA flash, whose backward is bit-repeatable "
+                                    "then (cuDNN's is not; ppalli/train/determinism.py)")
     if major >= 9 and torch.backends.cudnn.is_available():
         return "sdpa_cudnn", why + "cuDNN SDPA: 1.6x flash on H100 GQA forward+backward (BENCHMARKS.md)"
     if major >= 8:
@@ -170,6 +174,8 @@ def _flash_kwargs(scale, window, softcap) -> dict:
     kwargs = dict(softmax_scale=scale, causal=True, window_size=(window - 1, 0) if window else (-1, -1))
     if softcap is not None:
         kwargs["softcap"] = softcap
+    if torch.are_deterministic_algorithms_enabled():  # flash-attn 2 and 3 both take it; their backward's dq
+        kwargs["deterministic"] = True  # otherwise sums by atomic adds
     return kwargs
 
 

@@ -32,7 +32,7 @@ MARGIN_SHARE, MARGIN_MIN_GIB = 0.05, 0.5  # kept free on the GPU: other processe
 RAM_SHARE = {"cpu": 0.8, "mps": 0.65}  # macOS lets the GPU wire roughly 2/3 of unified memory
 PAIRED_OBJECTIVES = ("orpo", "dpo")  # a sample is a chosen and a rejected sequence
 CHOICES = ("device", "precision", "attention", "quantization", "checkpointing", "micro_batch_size", "packing",
-           "fast_path", "compile")
+           "fast_path", "compile", "deterministic")
 PINNED = "pinned in config"
 
 
@@ -56,6 +56,7 @@ class Plan:
     est_tokens_per_s: float | None = None
     gpu: str | None = None
     recompute_layers: int | None = None  # "selective": how many decoder layers recompute (None: half)
+    deterministic: bool = False  # bit-repeatable kernels (ppalli/train/determinism.py)
 
     @property
     def batch_size(self) -> int:
@@ -257,6 +258,24 @@ def _compile(ctx: _Ctx) -> bool:
     ctx.reasons["compile"] = ("off by default: compiling costs minutes and packed batches vary in shape; "
                               "set plan.compile=on to try it on long runs")
     return False
+
+
+def _deterministic(ctx: _Ctx) -> bool:
+    """plan.deterministic is the user's call (it costs speed): here only its reason, for the GPU it runs on."""
+    if not ctx.cfg.plan.deterministic:
+        ctx.reasons["deterministic"] = "off: the fastest kernels; plan.deterministic=true for bit-repeatable reruns"
+        if ctx.device == "cuda":
+            ctx.reasons["deterministic"] += (" (cuDNN attention's backward and the LoRA B gradients' atomic adds "
+                                             "sum in a varying order: reruns differ in the last bits)")
+        return False
+    what = "torch deterministic algorithms, LoRA B gradients by GEMMs"
+    if ctx.device == "cuda":
+        what += ("; attention: SDPA flash, whose backward is repeatable in that mode (cuDNN's is not; flash took "
+                 "2.45 ms against cuDNN's 1.44 for a Llama-3.2-1B layer's forward + backward on an H200)")
+        if ctx.attention in ("flash_attention_2", "flash_attention_3"):
+            what += f"; {ctx.attention} runs with deterministic=True"
+    ctx.reasons["deterministic"] = ctx.pin("deterministic", "plan.deterministic", True) + ": " + what
+    return True
 
 
 def _budget(ctx: _Ctx) -> float | None:
@@ -529,6 +548,7 @@ def make_plan(env: Environment, cfg: Config, spec: ModelSpec, *, gpu_index: int 
     ctx.attention = _attention(ctx)
     ctx.fast_path = _fast_path(ctx)
     ctx.packing, compile_ = _packing(ctx), _compile(ctx)
+    repeatable = _deterministic(ctx)
     budget = _budget(ctx)
     found = _search(ctx, budget)
     if found is None:
@@ -543,4 +563,4 @@ def make_plan(env: Environment, cfg: Config, spec: ModelSpec, *, gpu_index: int 
                 pinned=tuple(ctx.pinned), double_quant=cfg.plan.double_quant,
                 predicted_peak_gib=round(est.peak_gib, 2), budget_gib=None if budget is None else round(budget, 2),
                 est_tokens_per_s=None if tps is None else round(tps), gpu=gpu.name if gpu else None,
-                recompute_layers=layers)
+                recompute_layers=layers, deterministic=repeatable)

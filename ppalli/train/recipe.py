@@ -277,15 +277,9 @@ def answer_samples(model, tokenizer, prompts: list[dict], stop_ids: list[int], m
 
 
 def train(cfg: C.Config, *, resume: Path | None = None, print_fn=print, cache_dir: Path | None = None) -> RunResult:
-    from ppalli.data.pipeline import prepare
-    from ppalli.data.templates import resolve_template, stop_token_ids
     from ppalli.env import probe
     from ppalli.models.load import read_model_config
-    from ppalli.models.tokenizer import load_tokenizer
-    from ppalli.train.objectives import make_objective
-    from ppalli.train.optim import make_optimizer
-    from ppalli.train.recompute import apply_recompute
-    from ppalli.train.schedule import make_scheduler, warmup_steps
+    from ppalli.train.determinism import deterministic
 
     world = dist.init_from_env()
     if not world.main:
@@ -304,8 +298,22 @@ def train(cfg: C.Config, *, resume: Path | None = None, print_fn=print, cache_di
     plan = build_plan(cfg, model_config, env, world.size)
     for line in plan.explain():
         print_fn(line)
+    _cap_gpu_memory(cfg.plan.memory_budget_gib, device_and_dtype(plan)[0], print_fn)
+    with deterministic(plan.deterministic):  # torch's global mode, restored when the run ends or fails
+        return _train_planned(cfg, plan, resume, print_fn, world, run_dir, write)
+
+
+def _train_planned(cfg: C.Config, plan, resume: Path | None, print_fn, world, run_dir: Path, write) -> RunResult:
+    """train() from its plan on: data, model, loop, run directory."""
+    from ppalli.data.pipeline import prepare
+    from ppalli.data.templates import resolve_template, stop_token_ids
+    from ppalli.models.tokenizer import load_tokenizer
+    from ppalli.train.objectives import make_objective
+    from ppalli.train.optim import make_optimizer
+    from ppalli.train.recompute import apply_recompute
+    from ppalli.train.schedule import make_scheduler, warmup_steps
+
     device, dtype = device_and_dtype(plan)
-    _cap_gpu_memory(cfg.plan.memory_budget_gib, device, print_fn)
 
     # 2. tokenizer and data
     seed_everything(cfg.train.seed)

@@ -136,3 +136,15 @@ def test_compiled_layers_with_recompute_train_like_eager(make_cfg, quiet):
     assert '"compile": true' in (comp.run_dir / "plan.json").read_text()
     assert [r["loss"] for r in read_metrics(comp.run_dir)] == pytest.approx(
         [r["loss"] for r in read_metrics(base.run_dir)], rel=1e-5)
+
+
+def test_deterministic_runs_repeat_bit_for_bit_and_leave_the_mode_off(make_cfg, quiet):
+    """plan.deterministic=true: torch's mode is on for the run only, and two runs give equal losses and adapters
+    (on the CPU they would anyway; tests/gpu/test_deterministic_gpu.py covers the kernels that differ on CUDA)."""
+    runs = [recipe.train(make_cfg(name=f"det{i}", train__max_steps=3, plan__deterministic=True), print_fn=quiet)
+            for i in range(2)]
+    assert not torch.are_deterministic_algorithms_enabled()
+    assert '"deterministic": true' in (runs[0].run_dir / "plan.json").read_text()
+    assert [r["loss"] for r in read_metrics(runs[0].run_dir)] == [r["loss"] for r in read_metrics(runs[1].run_dir)]
+    wa, wb = (load_file(str(r.adapter_dir / "adapter_model.safetensors")) for r in runs)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)

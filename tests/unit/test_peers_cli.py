@@ -56,7 +56,8 @@ def test_ppalli_setting_parsing():
     assert peers.parse_ppalli_setting("offload,micro=2,fast=off,budget=8.5") == {
         "requested": "offload,micro=2,fast=off,budget=8.5", "checkpointing": "offload", "micro": 2,
         "fast": "off", "budget": 8.5}
-    for bad in ("sometimes", "micro=0", "fast=maybe", "budget=-1"):
+    assert peers.parse_ppalli_setting("deterministic") == {"requested": "deterministic", "deterministic": True}
+    for bad in ("sometimes", "micro=0", "fast=maybe", "budget=-1", "deterministic=no"):
         with pytest.raises(argparse.ArgumentTypeError):
             peers.parse_ppalli_setting(bad)
 
@@ -113,6 +114,10 @@ def test_ppalli_config_is_a_valid_config_with_the_pins():
     auto.config_path = "/tmp/x/config.json"
     cfg = C.from_dict(peers.ppalli_config(auto.__dict__))
     assert (cfg.plan.checkpointing, cfg.train.micro_batch_size, cfg.plan.memory_budget_gib) == ("auto", None, None)
+    assert not cfg.plan.deterministic
+    det = peers.run_specs(peers.parse_args(["--case", "T4", "--ppalli-setting", "deterministic"]))[0]
+    det.config_path = "/tmp/x/config.json"
+    assert C.from_dict(peers.ppalli_config(det.__dict__)).plan.deterministic
 
 
 def test_place_files_names_profiles_per_stack(tmp_path):

@@ -287,3 +287,26 @@ def test_reference_path_pays_for_the_packed_rows_mask(spec_1b):
     # 16 layers x bf16 x (one 8192^2 row mask - four 2048^2 padding masks); the plan adds 4% allocator slack
     mask_gib = 16 * 2 * ((4 * 2048) ** 2 - 4 * 2048**2) / 2**30
     assert packed.predicted_peak_gib - padded.predicted_peak_gib == pytest.approx(1.04 * mask_gib, rel=0.02)
+
+
+# ----------------------------------------------------------------- plan.deterministic
+
+
+def test_deterministic_is_off_unless_asked_and_says_what_it_changes(spec_1b):
+    off = whatif(cfg(), spec_1b, gpu="h100")
+    assert not off.deterministic and "plan.deterministic=true" in off.reasons["deterministic"]
+    assert "cuDNN" in off.reasons["deterministic"]  # on a GPU: what varies from run to run
+    on = whatif(cfg(plan={"deterministic": True}), spec_1b, gpu="h100")
+    assert on.deterministic and "deterministic" in on.pinned
+    assert "SDPA flash" in on.reasons["deterministic"] and "GEMMs" in on.reasons["deterministic"]
+    assert any(line.startswith("deterministic: on - pinned in config") for line in on.explain())
+    # the rest of the plan is the same: the switch changes kernels, not memory or batch shape
+    assert (on.micro_batch_size, on.checkpointing, on.attention) == (off.micro_batch_size, off.checkpointing,
+                                                                     off.attention)
+    assert json.loads(json.dumps(on.to_dict()))["deterministic"] is True
+
+
+def test_deterministic_on_the_cpu_names_no_gpu_kernel(spec_1b):
+    env = whatif_env(None)
+    plan = make_plan(env, cfg(plan={"deterministic": True, "device": "cpu"}), spec_1b)
+    assert plan.deterministic and "SDPA flash" not in plan.reasons["deterministic"]
