@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # `ppalli train` on the GPU machine (issue 2 item 4, issue 4 item 3): random-weight Llama architectures on
 # ko_chatbot_qa. Needs .gpu-data/ (copies of ../shared/data/{ko_chatbot_qa,tokenizer_llama3}) carried along.
-#   bash benchmarks/gpu_train_runs.sh OUT_DIR [which...]   which: ref1b ref1b2 fast1b ref1bq fast1bq cap12 cap24
+#   bash benchmarks/gpu_train_runs.sh OUT_DIR [which...]
+#   which: ref1b ref1b2 fast1b ref1bq fast1bq cap12 cap24 det1b det1b2 fast20 fast20b
 # ref1b2 repeats ref1b: the reference path's own run-to-run spread, the floor for a fast-vs-reference tolerance.
+# det1b and det1b2: 20 steps with plan.deterministic=true, twice (the whole recipe in that mode: data, eval,
+# sample answers, save); fast20 and fast20b the same two in the default mode, for contrast.
 set -uo pipefail
 out=${1:?OUT_DIR}; shift
 which=${*:-ref1b fast1b cap12 cap24}
@@ -26,6 +29,10 @@ for w in $which; do
     fast1bq) run fast-1b-nf4 --set plan.fast_path=on --set plan.quantization=nf4 ;;
     cap12) run cap12-8b --set model.name_or_path=configs/models/llama-3.1-8b.json --set train.max_steps=30 \
              --set plan.memory_budget_gib=12 ;;
+    det1b) run det-1b --set plan.deterministic=true --set train.max_steps=20 ;;
+    det1b2) run det-1b-2 --set plan.deterministic=true --set train.max_steps=20 ;;
+    fast20) run fast-20 --set train.max_steps=20 ;;
+    fast20b) run fast-20b --set train.max_steps=20 ;;
     cap24) run cap24-8b --set model.name_or_path=configs/models/llama-3.1-8b.json --set train.max_steps=30 \
              --set plan.memory_budget_gib=24 ;;
   esac
