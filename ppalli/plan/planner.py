@@ -188,6 +188,8 @@ def _attention(ctx: _Ctx) -> str:
         ctx.reasons["attention"] = ctx.pin("attention", "plan.attention", want)
         return want
     name, why = _auto_attention(ctx)
+    if ctx.cfg.plan.deterministic and name == "sdpa" and ctx.gpu and ctx.gpu.capability >= (8, 0):
+        why += "; plan.deterministic: its flash kernel, whose backward is bit-repeatable"
     ctx.reasons["attention"] = why
     return name
 

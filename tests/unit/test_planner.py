@@ -299,6 +299,7 @@ def test_deterministic_is_off_unless_asked_and_says_what_it_changes(spec_1b):
     on = whatif(cfg(plan={"deterministic": True}), spec_1b, gpu="h100")
     assert on.deterministic and "deterministic" in on.pinned
     assert "SDPA flash" in on.reasons["deterministic"] and "GEMMs" in on.reasons["deterministic"]
+    assert "flash kernel" in on.reasons["attention"] and "flash kernel" not in off.reasons["attention"]
     assert any(line.startswith("deterministic: on - pinned in config") for line in on.explain())
     # the rest of the plan is the same: the switch changes kernels, not memory or batch shape
     assert (on.micro_batch_size, on.checkpointing, on.attention) == (off.micro_batch_size, off.checkpointing,
