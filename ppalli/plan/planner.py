@@ -24,7 +24,7 @@ from ppalli.plan.memory import (
     estimate_peak_bytes,
     lora_param_count,
 )
-from ppalli.plan.speed import host_seconds, step_seconds
+from ppalli.plan.speed import DETERMINISTIC_SLOWDOWN, host_seconds, step_seconds
 
 # model_type values with a family spec in ppalli/models/families (the fast path itself falls back per layer)
 FAST_FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3", "exaone", "exaone4")
@@ -466,9 +466,12 @@ def _speed(ctx: _Ctx, quant: str, ckpt: str, micro: int, layers: int | None = No
         ctx.reasons["speed"] = f"no speed guess: {ctx.gpu.name} is not in ppalli/plan/gpus.py"
         return None
     seconds = _step_cost(ctx, quant, ckpt, micro, layers)
+    counted = ["4-bit dequantization"] if quant != "none" else []
+    if ctx.cfg.plan.deterministic:
+        seconds *= DETERMINISTIC_SLOWDOWN
+        counted.append(f"plan.deterministic's kernels (x{DETERMINISTIC_SLOWDOWN:g})")
     tps = ctx.cfg.train.batch_size * ctx.cfg.data.max_seq_len / seconds
     path = "fused" if ctx.fast_path else "reference"
-    counted = ["4-bit dequantization"] if quant != "none" else []
     if host_seconds(ctx.spec, batch=ctx.cfg.train.batch_size, micro=micro) >= seconds:
         counted.append("the host's time per layer and micro-batch")
     also = f", counting {' and '.join(counted)}" if counted else ""

@@ -20,6 +20,10 @@ from ppalli.plan.memory import SELECTIVE_SHARE, ModelSpec
 REFERENCE_EFFICIENCY = 0.27
 FAST_EFFICIENCY = {2048: 0.52, 4096: 0.58}
 RECOMPUTE_SHARE = {"none": 0.0, "selective": SELECTIVE_SHARE, "full": 1.0, "offload": 1.0}
+# plan.deterministic's kernels on a GPU (SDPA flash for cuDNN, GEMMs for the LoRA B gradients): the step time
+# times this. H200, 2026-12-03: Llama-3.2-1B 8x2048 174.7 -> 192.4 ms (results/2026-12-03-h200-t4-s15-
+# deterministic.md); short packed rows of ko_chatbot_qa took 1.34x (results/2026-12-03-h200-s15-train-*.json).
+DETERMINISTIC_SLOWDOWN = 1.10
 
 
 def fast_efficiency(hidden: int) -> float:

@@ -305,6 +305,7 @@ def test_deterministic_is_off_unless_asked_and_says_what_it_changes(spec_1b):
     assert (on.micro_batch_size, on.checkpointing, on.attention) == (off.micro_batch_size, off.checkpointing,
                                                                      off.attention)
     assert json.loads(json.dumps(on.to_dict()))["deterministic"] is True
+    assert on.est_tokens_per_s < off.est_tokens_per_s and "plan.deterministic" in on.reasons["speed"]
 
 
 def test_deterministic_on_the_cpu_names_no_gpu_kernel(spec_1b):
