@@ -10,6 +10,7 @@ medians of triton.testing.do_bench, ms; GB/s counts y read and the output writte
 RoPE (dq and dk here both of the row's shape, so twice its work) with dv copied apart or inside dk's launch.
 """
 
+import os
 import sys
 from pathlib import Path
 
@@ -23,6 +24,13 @@ from ppalli.kernels.rope import LORA_BLOCKS, rope_fwd, rope_lora_fwd  # noqa: E4
 # name: (batch, T, heads, head dim)
 SHAPES = {"1b q": (8, 2048, 32, 64), "1b k": (8, 2048, 8, 64), "8b q": (4, 2048, 32, 128), "8b k": (4, 2048, 8, 128)}
 SWEEP = [(16, 1, 4), (16, 2, 4), (16, 4, 4), (16, 4, 8), (32, 2, 4), (32, 4, 8), (64, 1, 4), (64, 2, 8)]
+# (tokens, heads a step, warps, cos/sin halves equal): a program takes its tokens across all heads
+# (_rope_lora_rows_kernel), x A^T and cos/sin read once per program. BENCH_ROPE_ROWS=only: these alone.
+ROWS = [(bt, bh, w, 1) for bt, bh, w in ((16, 1, 4), (16, 2, 4), (16, 4, 4), (32, 1, 4), (32, 2, 4), (32, 4, 8),
+                                         (64, 1, 4), (64, 2, 8), (64, 1, 8), (128, 1, 8))] + [(16, 2, 4, 0),
+                                                                                              (32, 2, 4, 0)]
+if os.environ.get("BENCH_ROPE_ROWS") == "only":
+    SWEEP = [(16, 2, 4), (16, 1, 4)]
 RANK, S, DTYPE = 16, 2.0, torch.bfloat16
 
 
@@ -31,7 +39,9 @@ def bench_shape(name: str, b: int, t: int, h: int, d: int) -> dict:
     y = torch.randn(n, h * d, device="cuda", dtype=DTYPE)
     xa = torch.randn(n, 3 * RANK, device="cuda", dtype=DTYPE)[:, :RANK]
     lora_b = torch.randn(h * d, RANK, device="cuda", dtype=DTYPE) * 0.1
-    cos, sin = torch.randn(1, t, d, device="cuda", dtype=DTYPE), torch.randn(1, t, d, device="cuda", dtype=DTYPE)
+    angle = torch.randn(1, t, d // 2, device="cuda")
+    angle = torch.cat([angle, angle], dim=-1)  # HF's tables: both halves equal (the rows kernel's HALVES reads one)
+    cos, sin = angle.cos().to(DTYPE), angle.sin().to(DTYPE)
 
     def before():
         q = y.clone()  # stands for the base GEMM's output that addmm_ wrote into
@@ -48,6 +58,16 @@ def bench_shape(name: str, b: int, t: int, h: int, d: int) -> dict:
         row["fused"].append(setting_row(
             blocks, lambda blocks: rope_lora_fwd(y, xa, lora_b, S, cos, sin, b, d, blocks=blocks), ref,
             2 * y.numel() * 2))
+    for blocks in ROWS:
+        if blocks[1] * d // 2 > 512:
+            continue
+        try:
+            row["fused"].append(setting_row(
+                blocks, lambda blocks: rope_lora_fwd(y, xa, lora_b, S, cos, sin, b, d, blocks=blocks), ref,
+                2 * y.numel() * 2))
+        except Exception as e:  # noqa: BLE001 - a setting the compiler or the card refuses is a result
+            row["fused"].append({"blocks": list(blocks), "ms": float("inf"), "gbps": 0.0, "rel_err": float("nan"),
+                                 "error": f"{type(e).__name__}: {e}"[:200]})
     row["default"] = list(LORA_BLOCKS[64 if d <= 64 else 128])
     # lora_qkv's backward for k and v: RoPE's transpose of dk and a copy of dv into their column blocks of the
     # (N, q + 2 kv) gradient buffer, dv's copy as its own copy_ or inside dk's launch (rope_fwd's v=).

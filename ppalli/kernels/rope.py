@@ -99,6 +99,52 @@ def _rope_lora_fwd_kernel(
     tl.store(OUT + os + half, o2.to(OUT.dtype.element_ty), mask=mask)
 
 
+@jit
+def _rope_lora_rows_kernel(
+    OUT, Y, XA, B, COS, SIN,  # as _rope_lora_fwd_kernel
+    o_sn, y_sn, xa_sn, c_sb, c_st, n_rows, n_t, n_heads, half, R, s,
+    HEAD_D: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr, BLOCK_D: tl.constexpr, RP: tl.constexpr,
+    IEEE: tl.constexpr, UPCAST: tl.constexpr, HALVES: tl.constexpr,
+):
+    # Program: BT tokens, all heads in blocks of BH. x A^T and cos/sin are read once for the tokens (cos/sin
+    # as (BT, BLOCK_D), broadcast over the block's heads); HALVES: cos/sin's two halves are equal (HF's).
+    rows = tl.program_id(0).to(tl.int64) * BT + tl.arange(0, BT)
+    row_ok = rows < n_rows
+    k = tl.arange(0, RP)
+    xa = tl.load(XA + rows[:, None] * xa_sn + k[None, :], mask=row_ok[:, None] & (k[None, :] < R), other=0.0)
+    dd = tl.arange(0, BLOCK_D)
+    cs = (rows // n_t * c_sb + rows % n_t * c_st)[:, None] + dd[None, :]  # (BT, BLOCK_D)
+    cs_mask = row_ok[:, None] & (dd < half)[None, :]
+    cos1 = tl.load(COS + cs, mask=cs_mask, other=0.0).to(tl.float32)
+    sin1 = tl.load(SIN + cs, mask=cs_mask, other=0.0).to(tl.float32)
+    if HALVES:
+        cos2, sin2 = cos1, sin1
+    else:
+        cos2 = tl.load(COS + cs + half, mask=cs_mask, other=0.0).to(tl.float32)
+        sin2 = tl.load(SIN + cs + half, mask=cs_mask, other=0.0).to(tl.float32)
+    c1 = tl.reshape(tl.broadcast_to(cos1[:, None, :], (BT, BH, BLOCK_D)), (BT, BH * BLOCK_D))
+    c2 = tl.reshape(tl.broadcast_to(cos2[:, None, :], (BT, BH, BLOCK_D)), (BT, BH * BLOCK_D))
+    s1 = tl.reshape(tl.broadcast_to(sin1[:, None, :], (BT, BH, BLOCK_D)), (BT, BH * BLOCK_D))
+    s2 = tl.reshape(tl.broadcast_to(sin2[:, None, :], (BT, BH, BLOCK_D)), (BT, BH * BLOCK_D))
+    j = tl.arange(0, BH * BLOCK_D)
+    for h0 in range(0, n_heads, BH):
+        heads = h0 + j // BLOCK_D
+        d = j % BLOCK_D
+        col = (heads * HEAD_D + d).to(tl.int64)
+        col_ok = (heads < n_heads) & (d < half)
+        mask = row_ok[:, None] & col_ok[None, :]
+        b_mask = (k[:, None] < R) & col_ok[None, :]
+        b1 = tl.load(B + col[None, :] * R + k[:, None], mask=b_mask, other=0.0)  # (RP, BH * BLOCK_D) of B^T
+        b2 = tl.load(B + (col[None, :] + half) * R + k[:, None], mask=b_mask, other=0.0)
+        ys = rows[:, None] * y_sn + col[None, :]
+        x1 = tl.load(Y + ys, mask=mask, other=0.0).to(tl.float32) + s * dot(xa, b1, IEEE, UPCAST)
+        x2 = tl.load(Y + ys + half, mask=mask, other=0.0).to(tl.float32) + s * dot(xa, b2, IEEE, UPCAST)
+        o1, o2 = _rotated(x1, x2, c1, c2, s1, s2, False)
+        os = rows[:, None] * o_sn + col[None, :]
+        tl.store(OUT + os, o1.to(OUT.dtype.element_ty), mask=mask)
+        tl.store(OUT + os + half, o2.to(OUT.dtype.element_ty), mask=mask)
+
+
 def _check_out(out: torch.Tensor, x: torch.Tensor) -> None:
     if out.shape != x.shape or out.stride(-1) != 1 or out.dtype != x.dtype:
         raise PpalliError(f"rope: out must be {tuple(x.shape)} {x.dtype} with a unit last stride, got "
@@ -205,9 +251,16 @@ def rope_lora_fwd(y: torch.Tensor, xa: torch.Tensor, b: torch.Tensor, s: float, 
     heads, n_t = width // head_dim, n // batch
     view = y.view(batch, n_t, heads, head_dim).transpose(1, 2)  # (B, H, T, D), to check cos/sin against
     cos, sin = _prepare_cos_sin(view, cos, sin)
-    bt, bh, warps = blocks or LORA_BLOCKS[64 if head_dim <= 64 else 128]
+    bt, bh, warps, *rows_variant = blocks or LORA_BLOCKS[64 if head_dim <= 64 else 128]
     block_d = next_power_of_2(head_dim // 2)
     out = torch.empty_like(y)
+    if rows_variant:  # experiment: (bt, bh, warps, halves) through _rope_lora_rows_kernel
+        _rope_lora_rows_kernel[((n + bt - 1) // bt,)](
+            out, y, xa, b.contiguous(), cos, sin, out.stride(0), y.stride(0), xa.stride(0), cos.stride(0),
+            cos.stride(1), n, n_t, heads, head_dim // 2, r, float(s), HEAD_D=head_dim, BT=bt, BH=bh,
+            BLOCK_D=block_d, RP=max(16, next_power_of_2(r)), IEEE=y.dtype == torch.float32,
+            UPCAST=dot_upcast(y.dtype), HALVES=bool(rows_variant[0]), num_warps=warps)
+        return out.view(batch, n_t, heads, head_dim).transpose(1, 2)
     grid = ((heads + bh - 1) // bh, (n + bt - 1) // bt)
     _rope_lora_fwd_kernel[grid](
         out, y, xa, b.contiguous(), cos, sin, out.stride(0), y.stride(0), xa.stride(0), cos.stride(0),

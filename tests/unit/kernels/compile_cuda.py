@@ -64,6 +64,12 @@ def _launch_everything(dtype: torch.dtype) -> None:
     q, k, cos, sin = t(1, 4, 6, 16), t(1, 2, 6, 16), t(1, 6, 16), t(1, 6, 16)  # (B, H, T, D), (B, T, D)
     rope.rope_fwd(q, k, cos, sin)
     rope.rope_fwd(q, k, cos, sin, backward=True)
+    rope.rope_fwd(q, k, cos, sin, backward=True, v=(k, torch.empty_like(k)))
+    y, xa, lora_b = t(12, 64), t(12, 16), t(64, 16)  # 2 x 6 tokens, 4 heads of 16
+    for head_dim in (64, 128):
+        rope.rope_lora_fwd(y, xa, lora_b, 0.5, cos, sin, 2, 16, blocks=rope.LORA_BLOCKS[head_dim])
+    for blocks in ((16, 2, 4, 1), (32, 4, 8, 0), (64, 1, 8, 1)):
+        rope.rope_lora_fwd(y, xa, lora_b, 0.5, cos, sin, 2, 16, blocks=blocks)
     for fwd, bwd in ((swiglu.swiglu_fwd, swiglu.swiglu_bwd), (geglu.geglu_fwd, geglu.geglu_bwd)):
         fwd(t(6, 64), t(6, 64))
         bwd(t(6, 64), t(6, 64), t(6, 64), inplace=True)
