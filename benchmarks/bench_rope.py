@@ -31,6 +31,9 @@ ROWS = [(bt, bh, w, 1) for bt, bh, w in ((16, 1, 4), (16, 2, 4), (16, 4, 4), (32
                                                                                               (32, 2, 4, 0)]
 if os.environ.get("BENCH_ROPE_ROWS") == "only":
     SWEEP = [(16, 2, 4), (16, 1, 4)]
+if os.environ.get("BENCH_ROPE_ROWS") == "best":  # the first rows run's best (results/2026-12-03-h200-rope-rows.txt)
+    SWEEP = [(16, 2, 4), (16, 1, 4)]
+    ROWS = [(16, 2, 4, 1), (32, 2, 4, 1), (32, 4, 8, 1), (16, 4, 4, 1), (32, 4, 8, 0), (16, 2, 4, 0)]
 RANK, S, DTYPE = 16, 2.0, torch.bfloat16
 
 
