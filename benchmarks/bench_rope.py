@@ -5,12 +5,13 @@
 Before, q and k each took an addmm_ of the LoRA term s (x A^T) B^T into the base output (reading and writing it)
 and then RoPE's pass; rope_lora_fwd adds the term inside RoPE's pass. Shapes: Llama-3.2-1B at 8x2048 tokens
 (q: 32 heads, k: 8, head dim 64) and Llama-3.1-8B at 4x2048 (32 and 8 heads of 128), bf16, rank 16, x A^T a
-column block of the stacked (N, 3r) product. Settings (tokens, heads, warps a program) are swept; times are
-medians of triton.testing.do_bench, ms; GB/s counts y read and the output written. Also lora_qkv's backward
-RoPE (dq and dk here both of the row's shape, so twice its work) with dv copied apart or inside dk's launch.
+column block of the stacked (N, 3r) product. Settings (tokens a program, heads a step, warps) are swept (until
+2026-12-03 a program took a block of heads, not all: results/2026-12-03-h200-rope-lora.json, compared in
+*-rope-best.txt); times are medians of triton.testing.do_bench, ms; GB/s counts y read and the output written.
+Also lora_qkv's backward RoPE (dq and dk here both of the row's shape, so twice its work) with dv copied apart
+or inside dk's launch.
 """
 
-import os
 import sys
 from pathlib import Path
 
@@ -24,16 +25,6 @@ from ppalli.kernels.rope import LORA_BLOCKS, rope_fwd, rope_lora_fwd  # noqa: E4
 # name: (batch, T, heads, head dim)
 SHAPES = {"1b q": (8, 2048, 32, 64), "1b k": (8, 2048, 8, 64), "8b q": (4, 2048, 32, 128), "8b k": (4, 2048, 8, 128)}
 SWEEP = [(16, 1, 4), (16, 2, 4), (16, 4, 4), (16, 4, 8), (32, 2, 4), (32, 4, 8), (64, 1, 4), (64, 2, 8)]
-# (tokens, heads a step, warps, cos/sin halves equal): a program takes its tokens across all heads
-# (_rope_lora_rows_kernel), x A^T and cos/sin read once per program. BENCH_ROPE_ROWS=only: these alone.
-ROWS = [(bt, bh, w, 1) for bt, bh, w in ((16, 1, 4), (16, 2, 4), (16, 4, 4), (32, 1, 4), (32, 2, 4), (32, 4, 8),
-                                         (64, 1, 4), (64, 2, 8), (64, 1, 8), (128, 1, 8))] + [(16, 2, 4, 0),
-                                                                                              (32, 2, 4, 0)]
-if os.environ.get("BENCH_ROPE_ROWS") == "only":
-    SWEEP = [(16, 2, 4), (16, 1, 4)]
-if os.environ.get("BENCH_ROPE_ROWS") == "best":  # the first rows run's best (results/2026-12-03-h200-rope-rows.txt)
-    SWEEP = [(16, 2, 4), (16, 1, 4)]
-    ROWS = [(16, 2, 4, 1), (32, 2, 4, 1), (32, 4, 8, 1), (16, 4, 4, 1), (32, 4, 8, 0), (16, 2, 4, 0)]
 RANK, S, DTYPE = 16, 2.0, torch.bfloat16
 
 
@@ -43,7 +34,7 @@ def bench_shape(name: str, b: int, t: int, h: int, d: int) -> dict:
     xa = torch.randn(n, 3 * RANK, device="cuda", dtype=DTYPE)[:, :RANK]
     lora_b = torch.randn(h * d, RANK, device="cuda", dtype=DTYPE) * 0.1
     angle = torch.randn(1, t, d // 2, device="cuda")
-    angle = torch.cat([angle, angle], dim=-1)  # HF's tables: both halves equal (the rows kernel's HALVES reads one)
+    angle = torch.cat([angle, angle], dim=-1)  # as HF's tables: both halves equal
     cos, sin = angle.cos().to(DTYPE), angle.sin().to(DTYPE)
 
     def before():
@@ -61,16 +52,6 @@ def bench_shape(name: str, b: int, t: int, h: int, d: int) -> dict:
         row["fused"].append(setting_row(
             blocks, lambda blocks: rope_lora_fwd(y, xa, lora_b, S, cos, sin, b, d, blocks=blocks), ref,
             2 * y.numel() * 2))
-    for blocks in ROWS:
-        if blocks[1] * d // 2 > 512:
-            continue
-        try:
-            row["fused"].append(setting_row(
-                blocks, lambda blocks: rope_lora_fwd(y, xa, lora_b, S, cos, sin, b, d, blocks=blocks), ref,
-                2 * y.numel() * 2))
-        except Exception as e:  # noqa: BLE001 - a setting the compiler or the card refuses is a result
-            row["fused"].append({"blocks": list(blocks), "ms": float("inf"), "gbps": 0.0, "rel_err": float("nan"),
-                                 "error": f"{type(e).__name__}: {e}"[:200]})
     row["default"] = list(LORA_BLOCKS[64 if d <= 64 else 128])
     # lora_qkv's backward for k and v: RoPE's transpose of dk and a copy of dv into their column blocks of the
     # (N, q + 2 kv) gradient buffer, dv's copy as its own copy_ or inside dk's launch (rope_fwd's v=).

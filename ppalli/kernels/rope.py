@@ -66,48 +66,21 @@ def _rope_fwd_kernel(
 
 
 @jit
+def _over_heads(t, BT: tl.constexpr, BH: tl.constexpr, BLOCK_D: tl.constexpr):
+    """(BT, BLOCK_D) -> (BT, BH * BLOCK_D): the same columns repeated for each of BH heads."""
+    return tl.reshape(tl.broadcast_to(t[:, None, :], (BT, BH, BLOCK_D)), (BT, BH * BLOCK_D))
+
+
+@jit
 def _rope_lora_fwd_kernel(
     OUT, Y, XA, B, COS, SIN,  # OUT, Y: (N, H*D) rows of unit stride; XA (N, R); B (H*D, R); COS, SIN: (B or 1, T, D)
     o_sn, y_sn, xa_sn, c_sb, c_st, n_rows, n_t, n_heads, half, R, s,
     HEAD_D: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr, BLOCK_D: tl.constexpr, RP: tl.constexpr,
     IEEE: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    # Program (head block, token block): BT tokens x BH heads, the head's two halves as (BT, BH * BLOCK_D)
-    # tiles whose column j is head j // BLOCK_D, dim j % BLOCK_D. Head blocks vary fastest, so the programs
-    # of one token block run together and find its cos/sin and x A^T rows in L2.
-    rows = tl.program_id(1).to(tl.int64) * BT + tl.arange(0, BT)
-    j = tl.arange(0, BH * BLOCK_D)
-    heads = tl.program_id(0) * BH + j // BLOCK_D
-    d = j % BLOCK_D
-    col = (heads * HEAD_D + d).to(tl.int64)  # (BH * BLOCK_D,) column of the first half in Y and OUT
-    col_ok = (heads < n_heads) & (d < half)
-    row_ok = rows < n_rows
-    mask = row_ok[:, None] & col_ok[None, :]
-    k = tl.arange(0, RP)
-    xa = tl.load(XA + rows[:, None] * xa_sn + k[None, :], mask=row_ok[:, None] & (k[None, :] < R), other=0.0)
-    b_mask = (k[:, None] < R) & col_ok[None, :]
-    b1 = tl.load(B + col[None, :] * R + k[:, None], mask=b_mask, other=0.0)  # (RP, BH * BLOCK_D) of B^T
-    b2 = tl.load(B + (col[None, :] + half) * R + k[:, None], mask=b_mask, other=0.0)
-    ys = rows[:, None] * y_sn + col[None, :]
-    x1 = tl.load(Y + ys, mask=mask, other=0.0).to(tl.float32) + s * dot(xa, b1, IEEE, UPCAST)
-    x2 = tl.load(Y + ys + half, mask=mask, other=0.0).to(tl.float32) + s * dot(xa, b2, IEEE, UPCAST)
-    cs = (rows // n_t * c_sb + rows % n_t * c_st)[:, None] + d[None, :]  # (BT, BH * BLOCK_D), heads share it
-    cos1, cos2, sin1, sin2 = _cos_sin(COS, SIN, cs, half, mask)
-    o1, o2 = _rotated(x1, x2, cos1, cos2, sin1, sin2, False)
-    os = rows[:, None] * o_sn + col[None, :]
-    tl.store(OUT + os, o1.to(OUT.dtype.element_ty), mask=mask)
-    tl.store(OUT + os + half, o2.to(OUT.dtype.element_ty), mask=mask)
-
-
-@jit
-def _rope_lora_rows_kernel(
-    OUT, Y, XA, B, COS, SIN,  # as _rope_lora_fwd_kernel
-    o_sn, y_sn, xa_sn, c_sb, c_st, n_rows, n_t, n_heads, half, R, s,
-    HEAD_D: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr, BLOCK_D: tl.constexpr, RP: tl.constexpr,
-    IEEE: tl.constexpr, UPCAST: tl.constexpr, HALVES: tl.constexpr,
-):
-    # Program: BT tokens, all heads in blocks of BH. x A^T and cos/sin are read once for the tokens (cos/sin
-    # as (BT, BLOCK_D), broadcast over the block's heads); HALVES: cos/sin's two halves are equal (HF's).
+    # Program: BT tokens across all heads, BH heads a step as (BT, BH * BLOCK_D) tiles whose column j is head
+    # j // BLOCK_D, dim j % BLOCK_D (the first half; the second is `half` further). x A^T and cos/sin are read
+    # once for the tokens, cos/sin as (BT, BLOCK_D) broadcast over the step's heads.
     rows = tl.program_id(0).to(tl.int64) * BT + tl.arange(0, BT)
     row_ok = rows < n_rows
     k = tl.arange(0, RP)
@@ -115,17 +88,9 @@ def _rope_lora_rows_kernel(
     dd = tl.arange(0, BLOCK_D)
     cs = (rows // n_t * c_sb + rows % n_t * c_st)[:, None] + dd[None, :]  # (BT, BLOCK_D)
     cs_mask = row_ok[:, None] & (dd < half)[None, :]
-    cos1 = tl.load(COS + cs, mask=cs_mask, other=0.0).to(tl.float32)
-    sin1 = tl.load(SIN + cs, mask=cs_mask, other=0.0).to(tl.float32)
-    if HALVES:
-        cos2, sin2 = cos1, sin1
-    else:
-        cos2 = tl.load(COS + cs + half, mask=cs_mask, other=0.0).to(tl.float32)
-        sin2 = tl.load(SIN + cs + half, mask=cs_mask, other=0.0).to(tl.float32)
-    c1 = tl.reshape(tl.broadcast_to(cos1[:, None, :], (BT, BH, BLOCK_D)), (BT, BH * BLOCK_D))
-    c2 = tl.reshape(tl.broadcast_to(cos2[:, None, :], (BT, BH, BLOCK_D)), (BT, BH * BLOCK_D))
-    s1 = tl.reshape(tl.broadcast_to(sin1[:, None, :], (BT, BH, BLOCK_D)), (BT, BH * BLOCK_D))
-    s2 = tl.reshape(tl.broadcast_to(sin2[:, None, :], (BT, BH, BLOCK_D)), (BT, BH * BLOCK_D))
+    cos1, cos2, sin1, sin2 = _cos_sin(COS, SIN, cs, half, cs_mask)  # (BT, BLOCK_D) each
+    cos1, cos2 = _over_heads(cos1, BT, BH, BLOCK_D), _over_heads(cos2, BT, BH, BLOCK_D)  # (BT, BH * BLOCK_D)
+    sin1, sin2 = _over_heads(sin1, BT, BH, BLOCK_D), _over_heads(sin2, BT, BH, BLOCK_D)
     j = tl.arange(0, BH * BLOCK_D)
     for h0 in range(0, n_heads, BH):
         heads = h0 + j // BLOCK_D
@@ -139,7 +104,7 @@ def _rope_lora_rows_kernel(
         ys = rows[:, None] * y_sn + col[None, :]
         x1 = tl.load(Y + ys, mask=mask, other=0.0).to(tl.float32) + s * dot(xa, b1, IEEE, UPCAST)
         x2 = tl.load(Y + ys + half, mask=mask, other=0.0).to(tl.float32) + s * dot(xa, b2, IEEE, UPCAST)
-        o1, o2 = _rotated(x1, x2, c1, c2, s1, s2, False)
+        o1, o2 = _rotated(x1, x2, cos1, cos2, sin1, sin2, False)
         os = rows[:, None] * o_sn + col[None, :]
         tl.store(OUT + os, o1.to(OUT.dtype.element_ty), mask=mask)
         tl.store(OUT + os + half, o2.to(OUT.dtype.element_ty), mask=mask)
@@ -228,11 +193,13 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.T
     return RoPEFunction.apply(q, k, cos, sin)
 
 
-# (tokens, heads, warps) a program of rope_lora_fwd, for a head dim of 64 or less / above 64: the fastest of 8
-# settings summed over q and k in benchmarks/bench_rope.py on the H200 (2026-12-03, results/2026-12-03-h200-
-# rope-lora.json). Against the addmm_ then RoPE it replaces: 1B q 0.0693 ms (0.1268), k 0.0227 (0.0599);
-# 8B q 0.0751 (0.1305), k 0.0227 (0.0580).
-LORA_BLOCKS = {64: (16, 2, 4), 128: (16, 1, 4)}
+# (tokens a program, heads a step, warps) of rope_lora_fwd for a head dim of 64 or less / above 64. H200,
+# 2026-12-03, medians of three runs (results/2026-12-03-h200-rope-best.txt): 1B q 0.0551 ms, k 0.0202; 8B q
+# 0.0599, k 0.0200. The kernel before it (a program per token block and head block, 16 x 2 x 4 / 16 x 1 x 4,
+# results/2026-12-03-h200-rope-lora.json) took 0.0692, 0.0228, 0.0746, 0.0226 in the same runs, and the addmm_
+# then RoPE that both replace 0.1268 / 0.0599 / 0.1305 / 0.0580. Reading cos/sin's first half only (HF's
+# tables repeat it) gained 2% at these settings (0.0539 at 1B q): not worth assuming it.
+LORA_BLOCKS = {64: (16, 2, 4), 128: (16, 2, 4)}
 
 
 def rope_lora_fwd(y: torch.Tensor, xa: torch.Tensor, b: torch.Tensor, s: float, cos: torch.Tensor,
@@ -251,18 +218,10 @@ def rope_lora_fwd(y: torch.Tensor, xa: torch.Tensor, b: torch.Tensor, s: float, 
     heads, n_t = width // head_dim, n // batch
     view = y.view(batch, n_t, heads, head_dim).transpose(1, 2)  # (B, H, T, D), to check cos/sin against
     cos, sin = _prepare_cos_sin(view, cos, sin)
-    bt, bh, warps, *rows_variant = blocks or LORA_BLOCKS[64 if head_dim <= 64 else 128]
+    bt, bh, warps = blocks or LORA_BLOCKS[64 if head_dim <= 64 else 128]
     block_d = next_power_of_2(head_dim // 2)
     out = torch.empty_like(y)
-    if rows_variant:  # experiment: (bt, bh, warps, halves) through _rope_lora_rows_kernel
-        _rope_lora_rows_kernel[((n + bt - 1) // bt,)](
-            out, y, xa, b.contiguous(), cos, sin, out.stride(0), y.stride(0), xa.stride(0), cos.stride(0),
-            cos.stride(1), n, n_t, heads, head_dim // 2, r, float(s), HEAD_D=head_dim, BT=bt, BH=bh,
-            BLOCK_D=block_d, RP=max(16, next_power_of_2(r)), IEEE=y.dtype == torch.float32,
-            UPCAST=dot_upcast(y.dtype), HALVES=bool(rows_variant[0]), num_warps=warps)
-        return out.view(batch, n_t, heads, head_dim).transpose(1, 2)
-    grid = ((heads + bh - 1) // bh, (n + bt - 1) // bt)
-    _rope_lora_fwd_kernel[grid](
+    _rope_lora_fwd_kernel[((n + bt - 1) // bt,)](
         out, y, xa, b.contiguous(), cos, sin, out.stride(0), y.stride(0), xa.stride(0), cos.stride(0),
         cos.stride(1), n, n_t, heads, head_dim // 2, r, float(s), HEAD_D=head_dim, BT=bt, BH=bh, BLOCK_D=block_d,
         RP=max(16, next_power_of_2(r)), IEEE=y.dtype == torch.float32, UPCAST=dot_upcast(y.dtype), num_warps=warps)
