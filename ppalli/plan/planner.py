@@ -267,8 +267,8 @@ def _deterministic(ctx: _Ctx) -> bool:
     if not ctx.cfg.plan.deterministic:
         ctx.reasons["deterministic"] = "off: the fastest kernels; plan.deterministic=true for bit-repeatable reruns"
         if ctx.device == "cuda":
-            ctx.reasons["deterministic"] += (" (cuDNN attention's backward and the LoRA B gradients' atomic adds "
-                                             "sum in a varying order: reruns differ in the last bits)")
+            ctx.reasons["deterministic"] += (" (the attention backward and the LoRA B gradients' atomic adds sum "
+                                             "in a varying order: reruns differ in the last bits)")
         return False
     what = "torch deterministic algorithms, LoRA B gradients by GEMMs"
     if ctx.device == "cuda":

@@ -1,14 +1,15 @@
 """Bit-repeatable training (plan.deterministic): the same seed, GPU model and software give the same losses
 and the same adapter, bit for bit.
 
-By default three things sum in an order that varies from run to run: cuDNN attention's backward (dq
-accumulated across key blocks), the LoRA B gradient of lora_b_bwd (atomic adds), and, on some GPUs, cuBLAS
-when several streams share its workspace. torch.use_deterministic_algorithms(True) is the one switch all
-of them read: torch's SDPA dispatch then skips cuDNN for a backward that is repeatable (flash), the fast
-path's `resolve_backend` picks that kernel itself, and `lora_linear.lora_bwd` runs two GEMMs instead of
-the atomic kernel. On an H200 (2026-12-03, results/2026-12-03-h200-determinism.txt) flash's GQA forward +
-backward was bit-repeatable there and took 2.45 ms at Llama-3.2-1B's layer shape (8 x 2048 tokens) against
-cuDNN's 1.44 (8B: 2.34 against 1.13); cuDNN refuses the mode outright.
+By default three things sum in an order that varies from run to run: the attention backward (dq accumulated
+across key blocks, in cuDNN's kernel and in flash's), the LoRA B gradient of lora_b_bwd (atomic adds), and
+cuBLAS when several streams share one workspace. torch.use_deterministic_algorithms(True) is the one switch
+all of them read: torch's SDPA dispatch then skips cuDNN, flash's backward takes its repeatable path, the fast
+path's `resolve_backend` picks flash itself, `lora_linear.lora_bwd` runs two GEMMs instead of the atomic
+kernel, and torch asks for a fixed cuBLAS workspace (CUBLAS_WORKSPACE_CONFIG). On an H200 (2026-12-03,
+results/2026-12-03-h200-determinism.txt) flash's GQA forward + backward was bit-repeatable in that mode and
+took 2.45 ms at Llama-3.2-1B's layer shape (8 x 2048 tokens) against cuDNN's 1.44 (8B: 2.34 against 1.13);
+cuDNN refuses the mode outright.
 """
 
 from __future__ import annotations
