@@ -8,8 +8,9 @@ Backends (the names `resolve_backend` returns and `attend` takes):
   choice is worth 1.6x on attention over letting torch pick.
 - "sdpa": torch's own dispatch (CPU, MPS, or when the planner has no better choice).
 - "flash_attention_2" / "flash_attention_3": the flash-attn package (`flash_attn`, `flash_attn_interface`).
-- "eager": explicit scores; also the path for logit softcapping (Gemma-2) when flash-attn is absent,
-  since SDPA has no softcap.
+- "eager": explicit scores.
+Gemma-2's attention logit softcap (SDPA has none) runs in flash-attn when installed, else in torch's
+flex_attention (compiled; CUDA, capability 8.0+), else in the eager path, which holds (B, H, T, T) scores.
 
 Packed batches (cu_seqlens from the collator) never attend across samples: samples all of one length are
 rows of a dense batch (plain causal attention, cuDNN's kernel on Hopper), else flash-attn's varlen kernel
@@ -79,7 +80,7 @@ def resolve_backend(requested: str, device: torch.device | str) -> tuple[str, st
 def packed_mask(cu_seqlens: torch.Tensor, total: int, window: int | None = None) -> torch.Tensor:
     """(1, 1, total, total) bool, True = may attend: causal inside each packed sample, nothing across samples."""
     idx = torch.arange(total, device=cu_seqlens.device)
-    doc = torch.searchsorted(cu_seqlens[1:].to(idx.dtype), idx, right=True)  # (total,) sample of each token
+    doc = _doc_ids(cu_seqlens, total)  # (total,) sample of each token
     mask = (doc[:, None] == doc[None, :]) & (idx[None, :] <= idx[:, None])
     if window is not None:
         mask &= (idx[:, None] - idx[None, :]) < window
@@ -231,6 +232,75 @@ def _varlen_torch(q, k, v, scale, window, cu_seqlens, max_seqlen):
     return out.reshape(b, t, hq, d)
 
 
+@functools.lru_cache(maxsize=1)
+def _flex_attention():
+    """torch's flex_attention (torch >= 2.5), or None."""
+    try:
+        from torch.nn.attention.flex_attention import flex_attention
+    except ImportError:
+        return None
+    return flex_attention
+
+
+@functools.lru_cache(maxsize=1)
+def _flex_compiled():
+    """flex_attention through torch.compile: its fused Triton kernels (uncompiled it writes out the scores). One
+    compile per shape and softcap, as HF's flex integration does."""
+    return torch.compile(_flex_attention(), dynamic=False)
+
+
+def _can_flex(q: torch.Tensor) -> bool:
+    """Flex's compiled kernels: CUDA, compute capability 8.0+, fp16/bf16."""
+    return (q.is_cuda and q.dtype in _HALF and _flex_attention() is not None
+            and torch.cuda.get_device_capability(q.device)[0] >= 8)
+
+
+def _flex_mask(t: int, window: int | None, doc: torch.Tensor | None, device: torch.device):
+    """flex's BlockMask over a (t, t) causal grid: a sliding window, and no attention across samples when doc
+    (t,) gives each token's sample. Blocks wholly masked are skipped, not computed. Without doc the mask is the
+    same for every layer and step of one length: cached."""
+    if doc is None:
+        return _flex_causal_mask(t, window, str(device))
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def mask_mod(b, h, qi, kj):
+        return (qi >= kj) & ((qi - kj < window) if window is not None else True) & (doc[qi] == doc[kj])
+
+    # compiled, the mask is built block by block; eager it evaluates all t x t pairs (the CPU tests' sizes)
+    return create_block_mask(mask_mod, None, None, t, t, device=device, _compile=device.type == "cuda")
+
+
+@functools.lru_cache(maxsize=8)
+def _flex_causal_mask(t: int, window: int | None, device: str):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def mask_mod(b, h, qi, kj):
+        return (qi >= kj) & ((qi - kj < window) if window is not None else True)
+
+    return create_block_mask(mask_mod, None, None, t, t, device=device)
+
+
+def _flex(q, k, v, scale, window, softcap, doc=None, compiled: bool = True):
+    """Causal attention with Gemma-2's logit softcap through flex_attention: c tanh(s / c) as its score_mod,
+    after the scale as HF's eager path applies it. q (B, Hq, T, D), k/v (B, Hk, T, D) -> (B, T, Hq, D); doc (T,)
+    the sample of each token of a packed row (B = 1). compiled=False runs flex's unfused reference (CPU tests).
+    Against the eager path it replaces it never holds the (B, H, T, T) scores (nor saves their softmax)."""
+    def score_mod(score, b, h, qi, kj):
+        return softcap * torch.tanh(score / softcap)
+
+    fn = _flex_compiled() if compiled else _flex_attention()
+    out = fn(q, k, v, score_mod=score_mod if softcap is not None else None,
+             block_mask=_flex_mask(q.shape[2], window, doc, q.device), scale=scale,
+             enable_gqa=q.shape[1] != k.shape[1])
+    return out.transpose(1, 2)
+
+
+def _doc_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """(total,) the packed sample of each token."""
+    idx = torch.arange(total, device=cu_seqlens.device)
+    return torch.searchsorted(cu_seqlens[1:].to(idx.dtype), idx, right=True)
+
+
 # --------------------------------------------------------------------------- entry point
 
 
@@ -258,6 +328,8 @@ def _packed(q, k, v, backend, scale, window, softcap, cu_seqlens, max_seqlen):
     if softcap is None and backend != "eager" and _can_torch_varlen(q):
         return _varlen_torch(q, k, v, scale, window, cu_seqlens, max_seqlen)
     q, k, v = (x.transpose(0, 1).reshape(1, x.shape[1], b * t, d) if b > 1 else x for x in (q, k, v))
+    if softcap is not None and backend != "eager" and _can_flex(q):
+        return _flex(q, k, v, scale, window, softcap, _doc_ids(cu_seqlens, b * t)).reshape(b, t, -1, d)
     mask = packed_mask(cu_seqlens, b * t, window)
     if softcap is not None or backend == "eager":
         out = _eager(q, k, v, mask, scale, window, softcap)
@@ -294,6 +366,8 @@ def attend(
         attention_mask = causal_mask(q.shape[2], q.device, window, key_valid=attention_mask)
     if attention_mask is None and _can_flash_attn(q, backend):
         return _flash(q, k, v, backend, scale, window, softcap, None, None)
+    if attention_mask is None and softcap is not None and backend != "eager" and _can_flex(q):
+        return _flex(q, k, v, scale, window, softcap)
     if softcap is not None or backend == "eager":
         return _eager(q, k, v, attention_mask, scale, window, softcap)
     return _sdpa(q, k, v, attention_mask, scale, window, backend)

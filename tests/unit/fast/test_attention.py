@@ -75,6 +75,35 @@ def test_softcapped_packed_row_equals_samples_alone():
                  "block")
 
 
+def _flex_on_the_cpu(monkeypatch):
+    """Route softcap to flex_attention as on a GPU, through its unfused version (the kernels need CUDA)."""
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    monkeypatch.setattr(attention, "_can_flex", lambda q: True)
+    monkeypatch.setattr(attention, "_flex_compiled", attention._flex_attention)
+    calls = []
+    real = attention._flex
+    monkeypatch.setattr(attention, "_flex", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    return calls
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("window", [None, 3], ids=["full", "window3"])
+def test_softcap_through_flex_equals_the_eager_path(monkeypatch, window):
+    """Gemma-2's softcap: flex's score_mod and block mask give the eager path's output, in a dense batch and in a
+    packed row of uneven samples (no attention across them). Flex has no backward on the CPU: gradients are
+    checked on the GPU (tests/gpu/test_fast_gpu.py)."""
+    q, k, v = _qkv(sum(LENGTHS), batch=1)
+    q = q * 4  # logits well past the cap
+    kw = dict(softcap=2.0, window=window, scale=0.3)
+    want = [attend(q, k, v, backend="eager", **kw), attend(q, k, v, backend="eager", cu_seqlens=_cu(LENGTHS), **kw)]
+    calls = _flex_on_the_cpu(monkeypatch)
+    got = [attend(q, k, v, backend="sdpa", **kw), attend(q, k, v, backend="sdpa", cu_seqlens=_cu(LENGTHS), **kw)]
+    assert len(calls) == 2
+    for name, g, w in zip(("dense", "packed"), got, want):
+        assert_close(name, g, w, "block")
+    assert (got[0] - got[1]).abs().max() > 1e-2  # the packed row's samples did not see each other
+
+
 def test_packed_batch_of_rows_flattens_tokens():
     """cu_seqlens over B*T tokens (HF's flattened convention) with B = 2 rows of 9."""
     q, k, v = _qkv(9, batch=2)
