@@ -58,6 +58,24 @@ def _load_hint(name: str, e: Exception) -> str:
     return f"cannot load model config from '{name}': {first}"
 
 
+def supported_attention(config, requested: str) -> str:
+    """`requested` HF attention implementation, or "eager" where the model class has no SDPA path: Gemma-2,
+    whose logit softcap SDPA cannot apply (from_pretrained refuses "sdpa" for it, and a config-built model would
+    silently drop the softcap). Remote-code classes are not looked up."""
+    if requested != "sdpa":
+        return requested
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except KeyError:
+        return requested
+    if getattr(cls, "_supports_sdpa", True):
+        return requested
+    log.info("%s has no SDPA attention in transformers: its reference path runs HF's eager attention", cls.__name__)
+    return "eager"
+
+
 def load_model(
     name_or_path: str,
     *,
@@ -77,6 +95,9 @@ def load_model(
     if trust_remote_code:
         log.warning("trust_remote_code is ON: the model repository's own Python code will run")
     path = Path(name_or_path)
+    if attn_implementation == "sdpa":
+        config = read_model_config(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+        attn_implementation = supported_attention(config, attn_implementation)
     kwargs = dict(dtype=dtype, attn_implementation=attn_implementation)
     if quantization in ("nf4", "fp4"):
         from ppalli.models.quant import bnb_config

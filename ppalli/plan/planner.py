@@ -34,6 +34,9 @@ PAIRED_OBJECTIVES = ("orpo", "dpo")  # a sample is a chosen and a rejected seque
 CHOICES = ("device", "precision", "attention", "quantization", "checkpointing", "micro_batch_size", "packing",
            "fast_path", "compile", "deterministic")
 PINNED = "pinned in config"
+# Families whose HF class has no SDPA attention: the reference path runs HF's eager attention (quadratic in
+# the sequence); the fused path runs their attention itself (Gemma-2's softcap: flex_attention on a GPU).
+NO_SDPA_FAMILIES = ("gemma2",)  # models/load.py supported_attention reads the class; this is what it finds
 
 
 @dataclass(frozen=True)
@@ -188,6 +191,9 @@ def _attention(ctx: _Ctx) -> str:
         ctx.reasons["attention"] = ctx.pin("attention", "plan.attention", want)
         return want
     name, why = _auto_attention(ctx)
+    if ctx.spec.family in NO_SDPA_FAMILIES:
+        why += (f"; {ctx.spec.family}'s attention logit softcap has no SDPA kernel: the fused path runs it in "
+                "flex_attention on a GPU (flash-attn when installed), the reference path in HF's eager attention")
     if ctx.cfg.plan.deterministic and name == "sdpa" and ctx.gpu and ctx.gpu.capability >= (8, 0):
         why += "; plan.deterministic: its flash kernel, whose backward is bit-repeatable"
     ctx.reasons["attention"] = why
@@ -313,8 +319,14 @@ def _estimate(ctx: _Ctx, quant: str, checkpointing: str, micro: int, seq_len: in
         dtype_bytes=4 if ctx.precision == "fp32" else 2, seq_len=seq_len, micro_batch=seqs,
         checkpointing=checkpointing, recompute_layers=layers, optimizer=cfg.train.optimizer, fused_ce=ctx.fast_path,
         fast_path=ctx.fast_path,
-        lora_dropout=cfg.lora.dropout, attention="eager" if ctx.attention == "eager" else "sdpa",
+        lora_dropout=cfg.lora.dropout, attention="eager" if _eager_attention(ctx) else "sdpa",
         attn_mask=_has_mask(ctx), logits_held=False, device=ctx.device)  # train/objectives.py drops them
+
+
+def _eager_attention(ctx: _Ctx) -> bool:
+    """Whether attention writes out its (T, T) scores: eager pinned, or the reference path of a family whose HF
+    class has no SDPA (the fused path runs softcapped attention without them)."""
+    return ctx.attention == "eager" or (not ctx.fast_path and ctx.spec.family in NO_SDPA_FAMILIES)
 
 
 def _has_mask(ctx: _Ctx) -> bool:

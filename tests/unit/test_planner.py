@@ -312,3 +312,20 @@ def test_deterministic_on_the_cpu_names_no_gpu_kernel(spec_1b):
     env = whatif_env(None)
     plan = make_plan(env, cfg(plan={"deterministic": True, "device": "cpu"}), spec_1b)
     assert plan.deterministic and "SDPA flash" not in plan.reasons["deterministic"]
+
+
+def test_gemma2_reference_path_counts_eager_attention_and_says_why():
+    """HF's Gemma-2 has no SDPA (its softcap): the reference path's (T, T) scores count in the estimate; the
+    fused path runs flex_attention and does not hold them."""
+    from ppalli.plan.memory import ModelSpec
+
+    shape = {"hidden_size": 2304, "num_hidden_layers": 26, "num_attention_heads": 8, "num_key_value_heads": 4,
+             "head_dim": 256, "intermediate_size": 9216, "vocab_size": 256000}
+    gemma2, llama_like = (ModelSpec.from_config({"model_type": t, **shape}) for t in ("gemma2", "llama"))
+    pins = {"checkpointing": "none"}
+    fused = whatif(cfg(plan=pins, train={"micro_batch_size": 1}), gemma2, gpu="h200")
+    reference = whatif(cfg(plan={**pins, "fast_path": "off"}, train={"micro_batch_size": 1}), gemma2, gpu="h200")
+    sdpa = whatif(cfg(plan={**pins, "fast_path": "off"}, train={"micro_batch_size": 1}), llama_like, gpu="h200")
+    assert fused.fast_path and not reference.fast_path
+    assert "flex_attention" in fused.reasons["attention"] and "eager" in reference.reasons["attention"]
+    assert reference.predicted_peak_gib > sdpa.predicted_peak_gib
