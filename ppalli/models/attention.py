@@ -250,8 +250,10 @@ def _flex_compiled():
 
 
 def _can_flex(q: torch.Tensor) -> bool:
-    """Flex's compiled kernels: CUDA, compute capability 8.0+, fp16/bf16."""
+    """Flex's compiled kernels: CUDA, compute capability 8.0+, fp16/bf16, and torch not asked for deterministic
+    algorithms (flex's backward was not measured for bit-repeatability; the eager path is repeatable)."""
     return (q.is_cuda and q.dtype in _HALF and _flex_attention() is not None
+            and not torch.are_deterministic_algorithms_enabled()
             and torch.cuda.get_device_capability(q.device)[0] >= 8)
 
 

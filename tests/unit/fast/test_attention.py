@@ -227,3 +227,20 @@ def test_sdpa_backend_orders_name_real_kernels():
     with _sdpa_backends("sdpa_math"):
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
     assert_close("math", out.transpose(1, 2), _reference(q, k, v), "block")
+
+
+def test_flex_is_left_under_deterministic_algorithms(monkeypatch):
+    """Flex's backward was not measured for bit-repeatability: under torch's deterministic mode softcap takes the
+    eager path (checked with a stand-in CUDA tensor: the rule reads is_cuda, dtype and the capability only)."""
+    import types
+
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    q = types.SimpleNamespace(is_cuda=True, dtype=torch.bfloat16, device="cuda")
+    assert attention._can_flex(q)
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert not attention._can_flex(q)
+    finally:
+        torch.use_deterministic_algorithms(before)
