@@ -282,6 +282,8 @@ def _deterministic(ctx: _Ctx) -> bool:
                  "2.45 ms against cuDNN's 1.44 for a Llama-3.2-1B layer's forward + backward on an H200)")
         if ctx.attention in ("flash_attention_2", "flash_attention_3"):
             what += f"; {ctx.attention} runs with deterministic=True"
+        elif ctx.spec.family in NO_SDPA_FAMILIES:
+            what += "; the softcapped attention runs eagerly, not in flex_attention ((T, T) scores held)"
     ctx.reasons["deterministic"] = ctx.pin("deterministic", "plan.deterministic", True) + ": " + what
     return True
 
