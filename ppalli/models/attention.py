@@ -282,19 +282,33 @@ def _flex_causal_mask(t: int, window: int | None, device: str):
     return create_block_mask(mask_mod, None, None, t, t, device=device)
 
 
+# Compiled flex specializes on the sequence length, and packed rows (and padded batches) change length from
+# batch to batch: lengths are padded up to a multiple of this, so a run compiles a few shapes rather than one
+# per step (torch stops compiling after its recompile limit, 8, and then runs flex unfused, scores and all).
+FLEX_BUCKET = 1024
+
+
 def _flex(q, k, v, scale, window, softcap, doc=None, compiled: bool = True):
     """Causal attention with Gemma-2's logit softcap through flex_attention: c tanh(s / c) as its score_mod,
     after the scale as HF's eager path applies it. q (B, Hq, T, D), k/v (B, Hk, T, D) -> (B, T, Hq, D); doc (T,)
     the sample of each token of a packed row (B = 1). compiled=False runs flex's unfused reference (CPU tests).
-    Against the eager path it replaces it never holds the (B, H, T, T) scores (nor saves their softmax)."""
+    Against the eager path it replaces it never holds the (B, H, T, T) scores (nor saves their softmax).
+    Compiled, T is padded to a multiple of FLEX_BUCKET: the padding comes after every real key (causal masks it
+    out) and, in a packed row, forms a sample of its own; its outputs are dropped (and so get no gradient)."""
     def score_mod(score, b, h, qi, kj):
         return softcap * torch.tanh(score / softcap)
 
+    t = q.shape[2]
+    pad = (-t) % FLEX_BUCKET if compiled else 0
+    if pad:
+        q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))  # (B, H, T + pad, D)
+        if doc is not None:
+            doc = torch.cat([doc, doc.new_full((pad,), -1)])
     fn = _flex_compiled() if compiled else _flex_attention()
     out = fn(q, k, v, score_mod=score_mod if softcap is not None else None,
-             block_mask=_flex_mask(q.shape[2], window, doc, q.device), scale=scale,
+             block_mask=_flex_mask(t + pad, window, doc, q.device), scale=scale,
              enable_gqa=q.shape[1] != k.shape[1])
-    return out.transpose(1, 2)
+    return out[:, :, :t].transpose(1, 2)
 
 
 def _doc_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:

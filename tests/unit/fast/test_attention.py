@@ -244,3 +244,17 @@ def test_flex_is_left_under_deterministic_algorithms(monkeypatch):
         assert not attention._can_flex(q)
     finally:
         torch.use_deterministic_algorithms(before)
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_flex_pads_lengths_to_its_bucket_without_changing_the_result(monkeypatch):
+    """Compiled, flex runs T padded up to FLEX_BUCKET (one compile per bucket, not per batch length): a batch of 2
+    rows with a sliding window, and a packed row, equal the unpadded run."""
+    _flex_on_the_cpu(monkeypatch)
+    q, k, v = _qkv(37, batch=2)
+    for kw in (dict(window=5), dict(doc=attention._doc_ids(_cu([30, 7]), 37))):
+        qs, ks, vs = (x[:1] for x in (q, k, v)) if "doc" in kw else (q, k, v)
+        padded = attention._flex(qs * 4, ks, vs, 0.3, kw.get("window"), 2.0, kw.get("doc"), compiled=True)
+        plain = attention._flex(qs * 4, ks, vs, 0.3, kw.get("window"), 2.0, kw.get("doc"), compiled=False)
+        assert padded.shape == plain.shape == (qs.shape[0], 37, 4, 8)
+        assert_close(str(kw), padded, plain, "block")
