@@ -114,15 +114,30 @@ def load_model(
             with torch.device(device):
                 model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     else:
-        try:
-            model = AutoModelForCausalLM.from_pretrained(
-                name_or_path, revision=revision, trust_remote_code=trust_remote_code,
-                device_map={"": torch.device(device)} if str(device) != "cpu" else None, **kwargs)
-        except (OSError, ValueError) as e:
-            raise ModelError(_load_hint(name_or_path, e)) from None
+        model = _from_pretrained(name_or_path, revision, trust_remote_code, device, kwargs)
     model.requires_grad_(False)
     model.config.use_cache = False  # training never reads the KV cache; generation turns it back on
     return model
+
+
+def _from_pretrained(name_or_path: str, revision, trust_remote_code: bool, device, kwargs: dict):
+    """AutoModelForCausalLM.from_pretrained; a class that refuses SDPA (remote code supported_attention cannot
+    look up) is loaded again with HF's eager attention, said in the log."""
+    from transformers import AutoModelForCausalLM
+
+    device_map = {"": torch.device(device)} if str(device) != "cpu" else None
+    try:
+        return AutoModelForCausalLM.from_pretrained(name_or_path, revision=revision, device_map=device_map,
+                                                    trust_remote_code=trust_remote_code, **kwargs)
+    except ValueError as e:
+        if kwargs.get("attn_implementation") != "sdpa" or "attention implementation" not in str(e):
+            raise ModelError(_load_hint(name_or_path, e)) from None
+        log.info("%s: no SDPA attention in its class (%s); loading it with HF's eager attention", name_or_path,
+                 str(e).splitlines()[0][:120])
+        return _from_pretrained(name_or_path, revision, trust_remote_code, device,
+                                {**kwargs, "attn_implementation": "eager"})
+    except OSError as e:
+        raise ModelError(_load_hint(name_or_path, e)) from None
 
 
 def _build_quantized(config, device, dtype, quant: str, double_quant: bool, trust_remote_code: bool,

@@ -35,3 +35,14 @@ def test_a_gemma2_config_builds_eager_and_a_llama_config_keeps_sdpa(tmp_path):
         path.write_text(json.dumps({"model_type": model_type, **TINY}), encoding="utf-8")
         model = load_model(str(path), dtype=torch.float32, device="cpu")
         assert model.config._attn_implementation == expected, model_type
+
+
+def test_a_class_that_refuses_sdpa_is_loaded_again_with_eager(tmp_path, monkeypatch):
+    """The net under supported_attention (remote-code classes it cannot look up): from_pretrained's refusal of
+    "sdpa" leads to an eager load, not an error."""
+    from ppalli.models import load
+
+    _gemma2_checkpoint(tmp_path / "g2")
+    monkeypatch.setattr(load, "supported_attention", lambda config, requested: requested)  # as for remote code
+    model = load_model(str(tmp_path / "g2"), dtype=torch.float32, device="cpu")
+    assert model.config._attn_implementation == "eager"
