@@ -257,29 +257,36 @@ def _can_flex(q: torch.Tensor) -> bool:
             and torch.cuda.get_device_capability(q.device)[0] >= 8)
 
 
+def _causal_mod(window: int | None, doc: torch.Tensor | None):
+    """flex's mask_mod: causal, within a sliding window, and within one sample when doc (t,) gives each token's."""
+    def mask_mod(b, h, qi, kj):
+        ok = (qi >= kj) & ((qi - kj < window) if window is not None else True)
+        return ok & (doc[qi] == doc[kj]) if doc is not None else ok
+    return mask_mod
+
+
+def _softcap_in_flex(q: torch.Tensor, backend: str, softcap: float | None) -> bool:
+    """Whether attend runs Gemma-2's softcap in flex (flash-attn, when installed, is tried before)."""
+    return softcap is not None and backend != "eager" and _can_flex(q)
+
+
 def _flex_mask(t: int, window: int | None, doc: torch.Tensor | None, device: torch.device):
-    """flex's BlockMask over a (t, t) causal grid: a sliding window, and no attention across samples when doc
-    (t,) gives each token's sample. Blocks wholly masked are skipped, not computed. Without doc the mask is the
-    same for every layer and step of one length: cached."""
+    """flex's BlockMask over a (t, t) causal grid (_causal_mod). Blocks wholly masked are skipped, not computed.
+    Without doc the mask is the same for every layer and step of one length: cached."""
     if doc is None:
         return _flex_causal_mask(t, window, str(device))
     from torch.nn.attention.flex_attention import create_block_mask
 
-    def mask_mod(b, h, qi, kj):
-        return (qi >= kj) & ((qi - kj < window) if window is not None else True) & (doc[qi] == doc[kj])
-
     # compiled, the mask is built block by block; eager it evaluates all t x t pairs (the CPU tests' sizes)
-    return create_block_mask(mask_mod, None, None, t, t, device=device, _compile=device.type == "cuda")
+    return create_block_mask(_causal_mod(window, doc), None, None, t, t, device=device,
+                             _compile=device.type == "cuda")
 
 
 @functools.lru_cache(maxsize=8)
 def _flex_causal_mask(t: int, window: int | None, device: str):
     from torch.nn.attention.flex_attention import create_block_mask
 
-    def mask_mod(b, h, qi, kj):
-        return (qi >= kj) & ((qi - kj < window) if window is not None else True)
-
-    return create_block_mask(mask_mod, None, None, t, t, device=device)
+    return create_block_mask(_causal_mod(window, None), None, None, t, t, device=device)
 
 
 # Compiled flex specializes on the sequence length, and packed rows (and padded batches) change length from
@@ -344,7 +351,7 @@ def _packed(q, k, v, backend, scale, window, softcap, cu_seqlens, max_seqlen):
     if softcap is None and backend != "eager" and _can_torch_varlen(q):
         return _varlen_torch(q, k, v, scale, window, cu_seqlens, max_seqlen)
     q, k, v = (x.transpose(0, 1).reshape(1, x.shape[1], b * t, d) if b > 1 else x for x in (q, k, v))
-    if softcap is not None and backend != "eager" and _can_flex(q):
+    if _softcap_in_flex(q, backend, softcap):
         return _flex(q, k, v, scale, window, softcap, _doc_ids(cu_seqlens, b * t)).reshape(b, t, -1, d)
     mask = packed_mask(cu_seqlens, b * t, window)
     if softcap is not None or backend == "eager":
@@ -382,7 +389,7 @@ def attend(
         attention_mask = causal_mask(q.shape[2], q.device, window, key_valid=attention_mask)
     if attention_mask is None and _can_flash_attn(q, backend):
         return _flash(q, k, v, backend, scale, window, softcap, None, None)
-    if attention_mask is None and softcap is not None and backend != "eager" and _can_flex(q):
+    if attention_mask is None and _softcap_in_flex(q, backend, softcap):
         return _flex(q, k, v, scale, window, softcap)
     if softcap is not None or backend == "eager":
         return _eager(q, k, v, attention_mask, scale, window, softcap)

@@ -95,7 +95,9 @@ def load_model(
     if trust_remote_code:
         log.warning("trust_remote_code is ON: the model repository's own Python code will run")
     path = Path(name_or_path)
-    if attn_implementation == "sdpa":
+    config_only = path.exists() and is_config_only(path)
+    config = None
+    if config_only or attn_implementation == "sdpa":  # read once: the class's SDPA support, the random build
         config = read_model_config(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
         attn_implementation = supported_attention(config, attn_implementation)
     kwargs = dict(dtype=dtype, attn_implementation=attn_implementation)
@@ -103,8 +105,7 @@ def load_model(
         from ppalli.models.quant import bnb_config
 
         kwargs["quantization_config"] = bnb_config(quantization, double_quant, dtype)
-    if path.exists() and is_config_only(path):
-        config = read_model_config(name_or_path, trust_remote_code=trust_remote_code)
+    if config_only:
         config._attn_implementation = attn_implementation
         torch.manual_seed(seed)  # random weights are part of the run: same seed, same model
         if quantization in ("nf4", "fp4"):
