@@ -29,6 +29,7 @@ from torch import nn
 from ppalli.errors import PpalliError
 from ppalli.kernels._utils import interpreting, is_triton_available
 from ppalli.kernels.factor_cache import factor_cast, factor_stack
+from ppalli.kernels.fp8 import Fp8Weights, fp8_input_grad, fp8_linear, fp8_rows, fp8_shapes_ok, fp8_weights
 from ppalli.kernels.lora_b_bwd import lora_b_bwd
 
 
@@ -130,10 +131,28 @@ def cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
-def base_mm(x, base):
-    """x (N, in) -> x W^T + bias (N, out), the frozen base layer's output."""
+def _fp8_for(base, w: torch.Tensor, fp8: Fp8Weights | None = None) -> Fp8Weights | None:
+    """The fp8 copies to use for w's GEMMs (plan.fp8 put them on the base layer; `fp8` given for a stacked
+    weight), or None for bf16: fp8 off, or a weight cuBLAS does not take in fp8 (a side not a multiple of 16)."""
+    cache = fp8 if fp8 is not None else fp8_weights(base)
+    return cache if cache is not None and fp8_shapes_ok(w) else None
+
+
+def quantized_input(x: torch.Tensor, *bases) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """x's fp8 (q, scale) when any of the base layers that read x runs in fp8, else None: quantized once for
+    the GEMMs that share x (q, k, v; gate, up)."""
+    return fp8_rows(x) if any(fp8_weights(b) is not None for b in bases) else None
+
+
+def base_mm(x, base, xq=None):
+    """x (N, in) -> x W^T + bias (N, out), the frozen base layer's output; in fp8 when plan.fp8 put fp8 copies
+    on the layer (xq: x's quantized (q, scale) when the caller made it for several layers)."""
     w = base_weight(base, x.dtype)  # (out, in)
     bias = _base_bias(base, x.dtype)
+    fp8 = _fp8_for(base, w)
+    if fp8 is not None:
+        y = fp8_linear(x, w, fp8, xq)
+        return y.add_(bias) if bias is not None else y
     return torch.addmm(bias, x, w.t()) if bias is not None else torch.mm(x, w.t())
 
 
@@ -307,8 +326,9 @@ def _one_pass_b(dy: torch.Tensor, xa: torch.Tensor) -> bool:
             and not torch.are_deterministic_algorithms_enabled())
 
 
-def add_input_grad(dx, dy, base, dxa, a):
-    """dx (N, in) += dy W + dxa A, allocating dx when it is None; returns dx. base: what base_weight takes.
+def add_input_grad(dx, dy, base, dxa, a, fp8: Fp8Weights | None = None):
+    """dx (N, in) += dy W + dxa A, allocating dx when it is None; returns dx. base: what base_weight takes;
+    fp8: the copies of a stacked weight given as base (a module's own are found on it).
 
     A new dx takes the rank-r term first: that skinny GEMM then only writes dx, and the base GEMM accumulates
     into it (beta = 1, dx read in its epilogue) instead of the skinny GEMM reading and writing dx after it, a
@@ -318,6 +338,11 @@ def add_input_grad(dx, dy, base, dxa, a):
     2.680 ms there, 2.820 -> 2.760 at 8B on 2026-12-03): lora_mlp.py adds its rank-r term last itself.
     """
     w = base_weight(base, dy.dtype)  # (out, in), dequantized again for 4-bit rather than kept from the forward
+    cache = _fp8_for(base, w, fp8)
+    if cache is not None:  # cuBLAS's fp8 GEMM has no beta: the product is its own buffer, added after
+        g = fp8_input_grad(dy, w, cache)  # (N, in)
+        dx = g if dx is None else dx.add_(g)
+        return dx if dxa is None else dx.addmm_(dxa, cast(a, dy.dtype))
     if dx is None and dxa is not None:
         dx, dxa = torch.mm(dxa, cast(a, dy.dtype)), None  # (N, in)
     if dx is None:

@@ -42,6 +42,7 @@ from ppalli.kernels.lora_linear import (
     lora_bwd,
     lora_parts,
     out_features,
+    quantized_input,
     scaled_mm,
     stacked_lora_a,
     stacked_lora_a_grads,
@@ -56,7 +57,9 @@ class LoRAMLPFunction(torch.autograd.Function):
         ctx.ranks = [None if a is None else a.shape[0] for a in (ga, ua)]
         ctx.dtypes = factor_dtypes(ga, gB, ua, uB, da, dB)
         gB, uB, da, dB = (factor_cast(t, x.dtype) for t in (gB, uB, da, dB))  # once; the backward reuses them
-        gate0, up0 = base_mm(x, gb), base_mm(x, ub)  # (N, I) each, without the adapters' terms
+        xq = quantized_input(x, gb, ub)  # plan.fp8: x quantized once for both GEMMs
+        gate0, up0 = base_mm(x, gb, xq), base_mm(x, ub, xq)  # (N, I) each, without the adapters' terms
+        del xq
         (xag, xau), a_stack = stacked_lora_a(x, (ga, ua))  # (N, r) views of one GEMM: x read once
         kept = current_stash()
         kept = kept.setdefault("lora_mlp.had", []) if kept is not None and da is not None else None

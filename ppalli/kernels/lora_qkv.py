@@ -32,6 +32,7 @@ from torch import nn
 
 from ppalli.errors import PpalliError
 from ppalli.kernels.factor_cache import factor_cast
+from ppalli.kernels.fp8 import fp8_weights
 from ppalli.kernels.lora_linear import (
     add_input_grad,
     base_mm,
@@ -40,6 +41,7 @@ from ppalli.kernels.lora_linear import (
     lora_linear,
     lora_parts,
     out_features,
+    quantized_input,
     stacked_base_weight,
     stacked_lora_a,
     stacked_lora_a_grads,
@@ -102,9 +104,9 @@ class LoRAQKVFunction(torch.autograd.Function):
         # With RoPE and adapters on q and k, their LoRA terms are added inside RoPE's pass (rope_lora_fwd)
         # rather than by an addmm_ that reads and writes q and k once more before it.
         fold = cos is not None and xas[0] is not None and xas[1] is not None
-        outs = []
+        outs, xq = [], quantized_input(x, qb, kb, vb)  # plan.fp8: x quantized once for the three GEMMs
         for i, (base, xa, b, s) in enumerate(zip((qb, kb, vb), xas, bs, (qs, ks, vs))):
-            y = base_mm(x, base)  # (N, Hq*D) or (N, Hk*D)
+            y = base_mm(x, base, xq)  # (N, Hq*D) or (N, Hk*D)
             if xa is not None and not (fold and i < 2):
                 y.addmm_(xa, b.t(), alpha=s)
             outs.append(y)
@@ -143,8 +145,8 @@ class LoRAQKVFunction(torch.autograd.Function):
 def _input_grad(bases, dys, dqkv, w, dxa_all, a_stack):
     """dx (N, d): the three rank-r terms first, in one GEMM (add_input_grad's order), then the base terms, in one
     GEMM over the stacked weight w when there is dqkv (N, sum out), else one GEMM each."""
-    if dqkv is not None:
-        return add_input_grad(None, dqkv, w, dxa_all, a_stack)
+    if dqkv is not None:  # plan.fp8: the stacked weight's copies are kept with q's base layer
+        return add_input_grad(None, dqkv, w, dxa_all, a_stack, fp8_weights(bases[0]))
     dx = add_input_grad(None, dys[0], bases[0], dxa_all, a_stack)
     for dy, base in zip(dys[1:], bases[1:]):
         dx = add_input_grad(dx, dy, base, None, None)

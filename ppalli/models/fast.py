@@ -41,6 +41,7 @@ from torch import nn
 from ppalli.errors import PpalliError
 from ppalli.kernels._utils import interpreting, is_recomputing, is_triton_available
 from ppalli.kernels.factor_cache import FactorCache, using_factor_cache
+from ppalli.kernels.fp8 import FP8_ATTR, Fp8Weights, fp8_shapes_ok, fp8_supported
 from ppalli.kernels.geglu import geglu
 from ppalli.kernels.linear_cross_entropy import linear_cross_entropy
 from ppalli.kernels.lora_add_rms_norm import lora_add_rms_norm
@@ -383,6 +384,7 @@ class FastPathHandle:
     fallbacks: set[str] = field(default_factory=set)
     factors: FactorCache = field(default_factory=FactorCache)  # the fused layers' bf16 LoRA factors
     stacked: list[tuple[nn.Module, ...]] = field(default_factory=list)  # q/k/v base layers laid out as one block
+    fp8: list[nn.Module] = field(default_factory=list)  # base layers given e4m3 copies (plan.fp8)
 
     @property
     def active(self) -> bool:
@@ -397,6 +399,10 @@ class FastPathHandle:
         """Put back each layer's previous forward: the class method (instance attribute deleted) or the
         instance attribute that was there before (e.g. an accelerate hook). Wrappers applied on top of the
         fused forward after the swap (activation recompute) go with it, logged."""
+        for base in self.fp8:
+            base.__dict__.pop(FP8_ATTR, None)
+        if self.fp8:
+            self.log(f"fast path: {len(self.fp8)} base layers back to bf16 GEMMs (their fp8 copies freed)")
         for bases in self.stacked:
             unstack_base_weights(bases)
         if self.stacked:
@@ -414,6 +420,7 @@ class FastPathHandle:
             self.log(f"fast path: reverted {len(self.swaps)} layers to their original forward")
         self.swaps.clear()
         self.stacked.clear()
+        self.fp8.clear()
         self.factors.clear()
 
 
@@ -433,11 +440,12 @@ def _is_swapped(layer: nn.Module) -> bool:
 
 
 def apply_fast_path(model: nn.Module, *, attention_backend: str = "auto",
-                    log: Callable[[str], None] | None = None, lora_cfg=None) -> FastPathHandle:
+                    log: Callable[[str], None] | None = None, lora_cfg=None, fp8: bool = False) -> FastPathHandle:
     """Swap each decoder layer's forward, on this instance only, for the fused one; returns the handle to revert.
 
     attention_backend: the planner's choice ("auto", "sdpa", "flash_attention_2", ..., or an `attend` backend
     name such as "sdpa_cudnn"). log: a callable taking one line (default: the "ppalli" logger at INFO).
+    fp8: the decoder layers' frozen base GEMMs in e4m3 (ppalli/kernels/fp8.py; plan.fp8).
     Raises PpalliError with the reason when `supports` says no.
     """
     log = log or logger.info
@@ -449,6 +457,8 @@ def apply_fast_path(model: nn.Module, *, attention_backend: str = "auto",
         raise PpalliError("the fast path is already applied to this model; revert its handle first")
     spec = family_for_layer(backbone.layers[0])
     device = next(model.parameters()).device
+    if fp8 and not fp8_supported(device)[0]:
+        raise PpalliError(f"plan.fp8: {fp8_supported(device)[1]}")
     backend, reason = resolve_backend(attention_backend, device)
     handle = FastPathHandle(family=spec.name, backend=backend, backend_reason=reason, log=log)
     log(f"fast path: {spec.name}, attention {backend} ({reason})")
@@ -465,7 +475,29 @@ def apply_fast_path(model: nn.Module, *, attention_backend: str = "auto",
     if handle.stacked:
         log(f"fast path: q/k/v base weights of {len(handle.stacked)} layers laid out as one (out, in) block each "
             "(same parameters and values), so the input gradient's base term is one GEMM")
+    if fp8:
+        _attach_fp8(handle, backbone.layers, spec, device)
     return handle
+
+
+def _attach_fp8(handle: FastPathHandle, layers, spec: FamilySpec, device: torch.device) -> None:
+    """Give each 16-bit base layer of the LoRA blocks an Fp8Weights (its e4m3 copies, made on first use): the
+    fused blocks then run its GEMMs in fp8. An instance attribute on that layer, removed by revert()."""
+    skipped = 0
+    for layer in layers:
+        for module in _layer_targets(layer, spec).values():
+            if module is None:
+                continue
+            base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+            w = getattr(base, "weight", None)
+            if w is None or not w.is_floating_point() or w.element_size() == 1 or not fp8_shapes_ok(w):
+                skipped += 1  # 4-bit (packed bytes) or a side not a multiple of 16: 16-bit GEMMs
+                continue
+            base.__dict__[FP8_ATTR] = Fp8Weights()
+            handle.fp8.append(base)
+    handle.log(f"fast path: fp8 (e4m3, per-row scales) GEMMs for {len(handle.fp8)} frozen base layers"
+               + (f"; {skipped} stay as they are (4-bit, or a side not a multiple of 16)" if skipped else "")
+               + "; the lm_head, attention and the adapters stay bf16")
 
 
 def _stack_bases(layer: nn.Module, spec: FamilySpec, fused: FusedDecoderLayer) -> list[tuple[nn.Module, ...]]:

@@ -185,7 +185,7 @@ def build_loss(model, plan, tokenizer_log):
         return _reference_loss(), None
     from ppalli.models.fast import apply_fast_path, fast_causal_lm_loss
 
-    handle = apply_fast_path(model, attention_backend=plan.attention, log=tokenizer_log)
+    handle = apply_fast_path(model, attention_backend=plan.attention, log=tokenizer_log, fp8=plan.fp8)
 
     def fast_lm_loss(m, batch):
         return fast_causal_lm_loss(m, batch["input_ids"], batch["labels"], position_ids=batch.get("position_ids"),
