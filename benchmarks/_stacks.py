@@ -107,10 +107,11 @@ def prepare(spec: dict, out: dict) -> None:
 
 
 def _plan_setting(plan, pins: dict) -> str:
-    forced = [k for k in ("checkpointing", "micro", "fast", "attention", "budget", "deterministic") if k in pins]
+    forced = [k for k in ("checkpointing", "micro", "fast", "attention", "budget", "deterministic", "fp8") if k in pins]
     text = (f"plan: checkpointing {plan.checkpointing}, micro-batch {plan.micro_batch_size} x {plan.grad_accum}, "
             f"fast path {'on' if plan.fast_path else 'off'}, attention {plan.attention}, "
-            f"weights {plan.quantization}, predicted peak {plan.predicted_peak_gib} GiB")
+            f"weights {plan.quantization}{', fp8 GEMMs' if plan.fp8 else ''}, "
+            f"predicted peak {plan.predicted_peak_gib} GiB")
     return text + (f" (forced: {pins['requested']})" if forced else "")
 
 

@@ -161,7 +161,7 @@ class RunSpec:
 
 def parse_ppalli_setting(text: str) -> dict:
     """'auto' or comma-separated pins: a checkpointing mode, micro=N, fast=on|off, attention=NAME, budget=GIB,
-    deterministic (plan.deterministic=true).
+    deterministic (plan.deterministic=true), fp8 (plan.fp8=true).
 
     >>> parse_ppalli_setting("offload,micro=2")
     {'requested': 'offload,micro=2', 'checkpointing': 'offload', 'micro': 2}
@@ -181,12 +181,12 @@ def parse_ppalli_setting(text: str) -> dict:
             out["attention"] = value
         elif key == "budget" and _is_number(value):
             out["budget"] = float(value)
-        elif item == "deterministic":
-            out["deterministic"] = True
+        elif item in ("deterministic", "fp8"):
+            out[item] = True
         else:
             raise argparse.ArgumentTypeError(
                 f"--ppalli-setting {text!r}: {item!r} is not one of auto, {', '.join(CHECKPOINTING)}, micro=N, "
-                "fast=on|off, attention=NAME, budget=GIB, deterministic")
+                "fast=on|off, attention=NAME, budget=GIB, deterministic, fp8")
     return out
 
 
@@ -326,8 +326,9 @@ def ppalli_config(spec: dict) -> dict:
     budget = pins.get("budget", spec.get("mem_cap_gib"))
     if budget is not None:
         plan["memory_budget_gib"] = budget
-    if pins.get("deterministic"):
-        plan["deterministic"] = True
+    for switch in ("deterministic", "fp8"):
+        if pins.get(switch):
+            plan[switch] = True
     return {"model": {"name_or_path": spec["config_path"], "dtype": "bfloat16"},
             "lora": {**LORA, "targets": list(TARGETS)},
             "data": {"max_seq_len": spec["seq"], "packing": "off"},

@@ -124,6 +124,11 @@ class PlanConfig:
     fast_path: Literal["auto", "on", "off"] = _f("auto", "Fused kernels; 'off' forces the reference path.")
     compile: Literal["auto", "on", "off"] = _f("auto", "Regional torch.compile of decoder layers.")
     memory_budget_gib: float | None = _f(None, "Cap the GPU memory the plan may use.")
+    fp8: bool = _f(False, "The decoder layers' frozen base GEMMs (forward and input gradient) in fp8 e4m3 with per-row "
+                          "scales, on Hopper GPUs (compute capability 9.0+): ~1.6-1.8x on those GEMMs, two e4m3 "
+                          "copies of the weights beside the 16-bit ones (1 byte a weight each). Adapters, "
+                          "attention, norms, lm_head and loss stay 16/32-bit. Each GEMM's error is ~10x bf16's, so "
+                          "losses drift from the reference path's: off unless asked for.")
     deterministic: bool = _f(False, "Bit-repeatable runs (same seed, GPU model and software -> same losses and "
                                     "adapter): torch's deterministic algorithms, SDPA's flash attention instead "
                                     "of cuDNN, LoRA B gradients by GEMMs. Attention takes ~1.7-2x as long.")

@@ -382,10 +382,11 @@ def estimate_peak_bytes(spec: ModelSpec, *, lora_r: int = 16, lora_targets: Any 
                         optimizer: str = "adamw", fused_ce: bool = False, fast_path: bool = False,
                         lora_dropout: float = 0.0, attention: str = "sdpa", attn_mask: bool = False,
                         fast_saved_per_token: int | None = None, logits_held: bool = True,
-                        device: str = "cuda") -> MemoryEstimate:
+                        device: str = "cuda", fp8_copies: bool = False) -> MemoryEstimate:
     """Predicted peak of a training step. `micro_batch` counts sequences (a preference pair is two);
     `fast_saved_per_token` overrides the fused path's per-layer saved bytes per token; `logits_held`: the
-    caller keeps the model output (and its dtype logits) alive through backward, as HF's own loss does."""
+    caller keeps the model output (and its dtype logits) alive through backward, as HF's own loss does;
+    `fp8_copies`: plan.fp8's two e4m3 copies of each decoder linear weight (ppalli/kernels/fp8.py)."""
     targets = lora_projections(lora_targets)
     tokens, dt = micro_batch * seq_len, dtype_bytes
     if fast_path:
@@ -399,7 +400,8 @@ def estimate_peak_bytes(spec: ModelSpec, *, lora_r: int = 16, lora_targets: Any 
     n_lora = lora_param_count(spec, lora_r, targets)
     # the fused path's compute-dtype copy of every adapter weight, made per forward pass and held through the
     # backward (ppalli/kernels/factor_cache.py): 84 MB for Llama-3.1-8B at r = 16, also under recompute
-    static = (weight_bytes(spec, quant, double_quant, dt),
+    fp8 = 2 * spec.quantizable_params if fp8_copies else 0  # 1 byte a weight each, plus (rows,) fp32 scales
+    static = (weight_bytes(spec, quant, double_quant, dt) + fp8,
               lora_state_bytes(n_lora, optimizer) + (n_lora * dt if fast_path else 0))
     final_norm = tokens * final_norm_bytes_per_token(spec, dt, fast_path)
     at_loss = (held + final_norm, loss_bytes(spec, tokens, dt, fused_ce, logits_held), 0)

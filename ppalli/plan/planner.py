@@ -32,7 +32,7 @@ MARGIN_SHARE, MARGIN_MIN_GIB = 0.05, 0.5  # kept free on the GPU: other processe
 RAM_SHARE = {"cpu": 0.8, "mps": 0.65}  # macOS lets the GPU wire roughly 2/3 of unified memory
 PAIRED_OBJECTIVES = ("orpo", "dpo")  # a sample is a chosen and a rejected sequence
 CHOICES = ("device", "precision", "attention", "quantization", "checkpointing", "micro_batch_size", "packing",
-           "fast_path", "compile", "deterministic")
+           "fast_path", "compile", "fp8", "deterministic")
 PINNED = "pinned in config"
 # Families whose HF class has no SDPA attention: the reference path runs HF's eager attention (quadratic in
 # the sequence); the fused path runs their attention itself (Gemma-2's softcap: flex_attention on a GPU).
@@ -60,6 +60,7 @@ class Plan:
     gpu: str | None = None
     recompute_layers: int | None = None  # "selective": how many decoder layers recompute (None: half)
     deterministic: bool = False  # bit-repeatable kernels (ppalli/train/determinism.py)
+    fp8: bool = False  # the fast path's base GEMMs in e4m3 (ppalli/kernels/fp8.py)
 
     @property
     def batch_size(self) -> int:
@@ -100,6 +101,7 @@ class _Ctx:
     attention: str = "sdpa"
     fast_path: bool = False
     packing: bool = False
+    fp8: bool = False
     pinned: list[str] = field(default_factory=list)
     reasons: dict[str, str] = field(default_factory=dict)
     runner_up: tuple | None = None  # (seconds, checkpointing, micro-batch, layers) of the next-best plan that fit
@@ -288,6 +290,34 @@ def _deterministic(ctx: _Ctx) -> bool:
     return True
 
 
+def _fp8(ctx: _Ctx) -> bool:
+    """plan.fp8 is the user's call (it changes the numbers): checked against the GPU, path and precision."""
+    if not ctx.cfg.plan.fp8:
+        ctx.reasons["fp8"] = "off: base GEMMs in " + ctx.precision
+        if ctx.gpu is not None and ctx.gpu.capability >= (9, 0) and ctx.fast_path:
+            ctx.reasons["fp8"] += ("; plan.fp8=true runs them in e4m3 (~1.6-1.8x on those GEMMs on an H200; losses "
+                                   "then drift from the reference path's)")
+        return False
+    problems = []
+    if not ctx.fast_path:
+        problems.append("it runs inside the fused blocks, and the plan takes the reference path "
+                        f"({ctx.reasons.get('fast_path', '')})")
+    if ctx.device == "cuda" and (ctx.gpu is None or ctx.gpu.capability < (9, 0)):
+        cap = ".".join(map(str, ctx.gpu.capability)) if ctx.gpu is not None else "unknown"
+        problems.append(f"row-wise fp8 GEMMs need compute capability 9.0+ (Hopper), this GPU has {cap}")
+    if ctx.device == "cuda" and ctx.precision != "bf16":
+        problems.append(f"the fp8 GEMMs write bf16 and the plan's precision is {ctx.precision}")
+    if ctx.cfg.plan.quantization in ("nf4", "fp4"):
+        problems.append(f"plan.quantization={ctx.cfg.plan.quantization}: fp8 copies are made from 16-bit weights")
+    if problems:
+        raise PpalliError("plan.fp8=true cannot run: " + "; ".join(problems) + ". Set plan.fp8: false")
+    where = "" if ctx.device == "cuda" else f" (on {ctx.device}: same numbers, no speed-up; for checking)"
+    ctx.reasons["fp8"] = ctx.pin("fp8", "plan.fp8", True) + (
+        ": the decoder layers' base GEMMs in e4m3 with per-row scales, products in bf16; two e4m3 copies of those "
+        "weights held (counted in memory)" + where)
+    return True
+
+
 def _budget(ctx: _Ctx) -> float | None:
     """GiB the plan may use: plan.memory_budget_gib, else the GPU less a margin, else a share of RAM."""
     pinned, gpu = ctx.cfg.plan.memory_budget_gib, ctx.gpu
@@ -322,7 +352,8 @@ def _estimate(ctx: _Ctx, quant: str, checkpointing: str, micro: int, seq_len: in
         checkpointing=checkpointing, recompute_layers=layers, optimizer=cfg.train.optimizer, fused_ce=ctx.fast_path,
         fast_path=ctx.fast_path,
         lora_dropout=cfg.lora.dropout, attention="eager" if _eager_attention(ctx) else "sdpa",
-        attn_mask=_has_mask(ctx), logits_held=False, device=ctx.device)  # train/objectives.py drops them
+        attn_mask=_has_mask(ctx), logits_held=False, device=ctx.device,  # train/objectives.py drops them
+        fp8_copies=ctx.cfg.plan.fp8)
 
 
 def _eager_attention(ctx: _Ctx) -> bool:
@@ -345,6 +376,8 @@ def _has_mask(ctx: _Ctx) -> bool:
 def _quant_options(ctx: _Ctx, pinned_ok: bool = True) -> list[str]:
     if pinned_ok and ctx.cfg.plan.quantization != "auto":
         return [ctx.cfg.plan.quantization]
+    if ctx.cfg.plan.fp8:  # fp8 copies are made from 16-bit weights
+        return ["none"]
     return ["none", "nf4"] if ctx.device == "cuda" and ctx.env.has("bitsandbytes") else ["none"]
 
 
@@ -489,6 +522,7 @@ def _speed(ctx: _Ctx, quant: str, ckpt: str, micro: int, layers: int | None = No
     if host_seconds(ctx.spec, batch=ctx.cfg.train.batch_size, micro=micro) >= seconds:
         counted.append("the host's time per layer and micro-batch")
     also = f", counting {' and '.join(counted)}" if counted else ""
+    also += "; plan.fp8's faster GEMMs not counted" if ctx.fp8 else ""
     ctx.reasons["speed"] = (f"~{tps:,.0f} tokens/s, a rough guess from {card.name}'s {card.tflops:g} TFLOP/s and "
                             f"the {path} path's measured efficiency{also}")
     return tps
@@ -568,6 +602,7 @@ def make_plan(env: Environment, cfg: Config, spec: ModelSpec, *, gpu_index: int 
     ctx.fast_path = _fast_path(ctx)
     ctx.packing, compile_ = _packing(ctx), _compile(ctx)
     repeatable = _deterministic(ctx)
+    ctx.fp8 = _fp8(ctx)
     budget = _budget(ctx)
     found = _search(ctx, budget)
     if found is None:
@@ -582,4 +617,4 @@ def make_plan(env: Environment, cfg: Config, spec: ModelSpec, *, gpu_index: int 
                 pinned=tuple(ctx.pinned), double_quant=cfg.plan.double_quant,
                 predicted_peak_gib=round(est.peak_gib, 2), budget_gib=None if budget is None else round(budget, 2),
                 est_tokens_per_s=None if tps is None else round(tps), gpu=gpu.name if gpu else None,
-                recompute_layers=layers, deterministic=repeatable)
+                recompute_layers=layers, deterministic=repeatable, fp8=ctx.fp8)

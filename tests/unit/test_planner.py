@@ -329,3 +329,42 @@ def test_gemma2_reference_path_counts_eager_attention_and_says_why():
     assert fused.fast_path and not reference.fast_path
     assert "flex_attention" in fused.reasons["attention"] and "eager" in reference.reasons["attention"]
     assert reference.predicted_peak_gib > sdpa.predicted_peak_gib
+
+
+# ----------------------------------------------------------------- plan.fp8
+
+
+def test_fp8_is_off_unless_asked_and_counts_its_copies(spec_8b):
+    off = whatif(cfg(), spec_8b, gpu="h100")
+    assert not off.fp8 and "plan.fp8=true" in off.reasons["fp8"]
+    on = whatif(cfg(plan={"fp8": True}), spec_8b, gpu="h100")
+    assert on.fp8 and "fp8" in on.pinned and "e4m3" in on.reasons["fp8"]
+    assert any(line.startswith("fp8: on - pinned in config") for line in on.explain())
+    assert json.loads(json.dumps(on.to_dict()))["fp8"] is True
+    pins = {"checkpointing": "none"}
+    a = whatif(cfg(plan=pins, train={"micro_batch_size": 4}), spec_8b, gpu="h100")
+    b = whatif(cfg(plan={**pins, "fp8": True}, train={"micro_batch_size": 4}), spec_8b, gpu="h100")
+    # two 1-byte copies of each decoder linear weight; the plan adds 4% allocator slack
+    copies_gib = 2 * spec_8b.quantizable_params / 2**30
+    assert b.predicted_peak_gib - a.predicted_peak_gib == pytest.approx(1.04 * copies_gib, rel=0.02)
+
+
+def test_fp8_never_picks_4bit_weights(spec_8b):
+    plan = whatif(cfg(plan={"fp8": True}), spec_8b, gpu="rtx 6000 ada", capability=(9, 0))
+    assert plan.quantization == "none"
+
+
+@pytest.mark.parametrize("case, needle", [
+    (dict(gpu="a100 80gb"), "compute capability 9.0+"),
+    (dict(gpu="h100", packages=NO_TRITON), "reference path"),
+])
+def test_fp8_refuses_what_it_cannot_run_and_names_the_fix(spec_1b, case, needle):
+    with pytest.raises(PpalliError) as err:
+        whatif(cfg(plan={"fp8": True}), spec_1b, **case)
+    text = one_line(err)
+    assert needle in text and "plan.fp8: false" in text
+
+
+def test_fp8_refuses_4bit_weights(spec_1b):
+    with pytest.raises(PpalliError, match="plan.quantization=nf4"):
+        whatif(cfg(plan={"fp8": True, "quantization": "nf4"}), spec_1b, gpu="h100")
