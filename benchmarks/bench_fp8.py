@@ -31,42 +31,48 @@ def gemms(n, d, q, kv, inter):
     return [("q", q, d), ("k", kv, d), ("o", d, q), ("gate", inter, d), ("down", d, inter)]
 
 
+def quantize_rows(model, n, width, dev) -> None:
+    x = torch.randn(n, width, device=dev, dtype=torch.bfloat16)
+    t, copy = ms(lambda: fp8_rows(x)), ms(lambda: x.clone())
+    print(f"{model} fp8_rows ({n} x {width}): {t:.4f} ms, {n * width * 3 / t / 1e6:,.0f} GB/s (bf16 clone "
+          f"{copy:.4f} ms, {n * width * 4 / copy / 1e6:,.0f} GB/s)")
+
+
+def one_gemm(model, name, n, out, inp, dev) -> None:
+    x = torch.randn(n, inp, device=dev, dtype=torch.bfloat16)
+    dy = torch.randn(n, out, device=dev, dtype=torch.bfloat16)
+    w = torch.randn(out, inp, device=dev, dtype=torch.bfloat16) * 0.02
+    cache = Fp8Weights()
+    wq, sw = cache.forward_operand(w)
+    wtq, swt = cache.grad_operand(w)
+    xq, sx = fp8_rows(x)
+    dyq, sdy = fp8_rows(dy)
+    rows = {
+        "fwd bf16": lambda: torch.mm(x, w.t()),
+        "fwd fp8": lambda: fp8_mm(xq, sx, wq, sw),
+        "fwd fp8+q": lambda: fp8_mm(*fp8_rows(x), wq, sw),
+        "dgrad bf16": lambda: torch.mm(dy, w),
+        "dgrad fp8": lambda: fp8_mm(dyq, sdy, wtq, swt),
+        "dgrad fp8+q": lambda: fp8_mm(*fp8_rows(dy), wtq, swt),
+    }
+    flops = 2 * n * out * inp
+    line = ", ".join(f"{k} {v:.4f} ms ({flops / v / 1e9:,.0f} TFLOP/s)" for k, v in
+                     ((k, ms(f)) for k, f in rows.items()))
+    print(f"{model} {name} ({n} x {inp} -> {out}): {line}")
+    exact = x.double() @ w.double().t()
+    rel = ((fp8_mm(xq, sx, wq, sw).double() - exact).norm() / exact.norm()).item()
+    rel16 = ((torch.mm(x, w.t()).double() - exact).norm() / exact.norm()).item()
+    print(f"{model} {name} fwd relative error against fp64: fp8 {rel:.2e}, bf16 {rel16:.2e}")
+
+
 def main() -> None:
     dev = torch.device("cuda")
     print(f"# {torch.cuda.get_device_name(dev)}, torch {torch.__version__}")
     for model, (n, d, q, kv, inter) in MODELS.items():
         for width in sorted({d, inter, q + 2 * kv}):
-            x = torch.randn(n, width, device=dev, dtype=torch.bfloat16)
-            t = ms(lambda: fp8_rows(x))
-            copy = ms(lambda: x.clone())
-            gbs = n * width * (2 + 1) / t / 1e6
-            print(f"{model} fp8_rows ({n} x {width}): {t:.4f} ms, {gbs:,.0f} GB/s (bf16 clone {copy:.4f} ms, "
-                  f"{n * width * 4 / copy / 1e6:,.0f} GB/s)")
+            quantize_rows(model, n, width, dev)
         for name, out, inp in gemms(n, d, q, kv, inter):
-            x = torch.randn(n, inp, device=dev, dtype=torch.bfloat16)
-            dy = torch.randn(n, out, device=dev, dtype=torch.bfloat16)
-            w = torch.randn(out, inp, device=dev, dtype=torch.bfloat16) * 0.02
-            cache = Fp8Weights()
-            wq, sw = cache.forward_operand(w)
-            wtq, swt = cache.grad_operand(w)
-            xq, sx = fp8_rows(x)
-            dyq, sdy = fp8_rows(dy)
-            flops = 2 * n * out * inp
-            rows = {
-                "fwd bf16": lambda: torch.mm(x, w.t()),
-                "fwd fp8": lambda: fp8_mm(xq, sx, wq, sw),
-                "fwd fp8+q": lambda: fp8_mm(*fp8_rows(x), wq, sw),
-                "dgrad bf16": lambda: torch.mm(dy, w),
-                "dgrad fp8": lambda: fp8_mm(dyq, sdy, wtq, swt),
-                "dgrad fp8+q": lambda: fp8_mm(*fp8_rows(dy), wtq, swt),
-            }
-            times = {k: ms(f) for k, f in rows.items()}
-            line = ", ".join(f"{k} {v:.4f} ms ({flops / v / 1e9:,.0f} TFLOP/s)" for k, v in times.items())
-            print(f"{model} {name} ({n} x {inp} -> {out}): {line}")
-            exact = x.double() @ w.double().t()
-            rel = ((fp8_mm(xq, sx, wq, sw).double() - exact).norm() / exact.norm()).item()
-            rel16 = ((torch.mm(x, w.t()).double() - exact).norm() / exact.norm()).item()
-            print(f"{model} {name} fwd relative error vs fp64: fp8 {rel:.2e}, bf16 {rel16:.2e}")
+            one_gemm(model, name, n, out, inp, dev)
 
 
 if __name__ == "__main__":
