@@ -2,7 +2,8 @@
 # `ppalli train` on the GPU machine (issue 2 item 4, issue 4 item 3): random-weight Llama architectures on
 # ko_chatbot_qa. Needs .gpu-data/ (copies of ../shared/data/{ko_chatbot_qa,tokenizer_llama3}) carried along.
 #   bash benchmarks/gpu_train_runs.sh OUT_DIR [which...]
-#   which: ref1b ref1b2 fast1b ref1bq fast1bq cap12 cap24 det1b det1b2 fast20 fast20b
+#   which: ref1b ref1b2 fast1b fp81b ref1bq fast1bq cap12 cap24 det1b det1b2 fast20 fast20b
+# fp81b: fast1b with plan.fp8=true (e4m3 base GEMMs), to read its losses against fast1b's.
 # ref1b2 repeats ref1b: the reference path's own run-to-run spread, the floor for a fast-vs-reference tolerance.
 # det1b and det1b2: 20 steps with plan.deterministic=true, twice (the whole recipe in that mode: data, eval,
 # sample answers, save); fast20 and fast20b the same two in the default mode, for contrast.
@@ -25,6 +26,7 @@ for w in $which; do
     ref1b) run ref-1b --set plan.fast_path=off ;;
     ref1b2) run ref-1b-2 --set plan.fast_path=off ;;
     fast1b) run fast-1b --set plan.fast_path=on ;;
+    fp81b) run fp8-1b --set plan.fast_path=on --set plan.fp8=true ;;
     ref1bq) run ref-1b-nf4 --set plan.fast_path=off --set plan.quantization=nf4 ;;
     fast1bq) run fast-1b-nf4 --set plan.fast_path=on --set plan.quantization=nf4 ;;
     cap12) run cap12-8b --set model.name_or_path=configs/models/llama-3.1-8b.json --set train.max_steps=30 \

@@ -51,9 +51,9 @@ def test_recompute_skips_the_down_projection(mode, monkeypatch):
     calls = []
     base_mm = lora_mlp.base_mm
 
-    def record(x, b):
+    def record(x, b, xq=None):
         calls.append(("down" if b.in_features > b.out_features else "gate/up", is_recomputing()))  # (64 -> 96 -> 64)
-        return base_mm(x, b)
+        return base_mm(x, b, xq)
 
     monkeypatch.setattr(lora_mlp, "base_mm", record)
     _loss_and_grads(mode)
