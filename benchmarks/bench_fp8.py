@@ -2,6 +2,7 @@
 base GEMM as the fast path calls it, bf16 against fp8 with the quantization of its activation counted.
 
     python benchmarks/bench_fp8.py > benchmarks/results/<date>-<gpu>-fp8.txt
+    python benchmarks/bench_fp8.py --rows 512,1024,2048,4096   # the 1B GEMMs at fewer tokens
 
 Shapes: Llama-3.1-8B at 4x2048 tokens, Llama-3.2-1B at 8x2048 (x (N, in), W (out, in)). "fwd": y = x W^T;
 "dgrad": dx = dy W. fp8 rows: e4m3 operands with per-row scales through torch._scaled_mm (the weight copies
@@ -66,8 +67,20 @@ def one_gemm(model, name, n, out, inp, dev) -> None:
 
 
 def main() -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", default="", help="comma-separated token counts: the 1B GEMMs at those N only "
+                                               "(where fp8 starts to pay: ppalli/kernels/fp8.py FP8_MIN_ROWS)")
+    args = ap.parse_args()
     dev = torch.device("cuda")
     print(f"# {torch.cuda.get_device_name(dev)}, torch {torch.__version__}")
+    if args.rows:
+        _, d, q, kv, inter = MODELS["1b"]
+        for n in (int(r) for r in args.rows.split(",")):
+            for name, out, inp in gemms(n, d, q, kv, inter):
+                one_gemm("1b", name, n, out, inp, dev)
+        return
     for model, (n, d, q, kv, inter) in MODELS.items():
         for width in sorted({d, inter, q + 2 * kv}):
             quantize_rows(model, n, width, dev)

@@ -40,6 +40,11 @@ from ppalli.kernels._utils import (
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0  # the largest finite e4m3fn value
 _TINY = 1e-12  # a zero row gets this absmax: its scale stays finite, its values quantize to 0
+# GEMMs with fewer rows (tokens) than this stay bf16 under plan.fp8: a short step is bound by its launches and
+# the host, not by tensor-core time, and quantizing adds launches. H200, 2026-12-03: 50 steps of ko_chatbot_qa
+# (short Q/A rows, ~1k tokens a micro-batch) took 0.133 s an iteration with every GEMM in fp8 against 0.116
+# bf16 (results/*-s16-train-*.json); at 8 x 2048 tokens fp8 took T4's step from 179.2 to 153.7 ms.
+FP8_MIN_ROWS = 4096
 FP8_ATTR = "ppalli_fp8"  # the base layer's instance attribute holding its Fp8Weights (set by the fast path)
 
 
@@ -186,6 +191,11 @@ class Fp8Weights:
 
     def clear(self) -> None:
         self._made.clear()
+
+
+def fp8_pays(rows: int) -> bool:
+    """Whether a GEMM over `rows` tokens runs in fp8 when its layer has copies (FP8_MIN_ROWS)."""
+    return rows >= FP8_MIN_ROWS
 
 
 def fp8_weights(base) -> Fp8Weights | None:

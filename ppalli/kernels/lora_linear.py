@@ -29,7 +29,15 @@ from torch import nn
 from ppalli.errors import PpalliError
 from ppalli.kernels._utils import interpreting, is_triton_available
 from ppalli.kernels.factor_cache import factor_cast, factor_stack
-from ppalli.kernels.fp8 import Fp8Weights, fp8_input_grad, fp8_linear, fp8_rows, fp8_shapes_ok, fp8_weights
+from ppalli.kernels.fp8 import (
+    Fp8Weights,
+    fp8_input_grad,
+    fp8_linear,
+    fp8_pays,
+    fp8_rows,
+    fp8_shapes_ok,
+    fp8_weights,
+)
 from ppalli.kernels.lora_b_bwd import lora_b_bwd
 
 
@@ -131,17 +139,19 @@ def cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
-def _fp8_for(base, w: torch.Tensor, fp8: Fp8Weights | None = None) -> Fp8Weights | None:
-    """The fp8 copies to use for w's GEMMs (plan.fp8 put them on the base layer; `fp8` given for a stacked
-    weight), or None for bf16: fp8 off, or a weight cuBLAS does not take in fp8 (a side not a multiple of 16)."""
+def _fp8_for(base, w: torch.Tensor, rows: int, fp8: Fp8Weights | None = None) -> Fp8Weights | None:
+    """The fp8 copies to use for w's GEMM over `rows` tokens (plan.fp8 put them on the base layer; `fp8` given
+    for a stacked weight), or None for bf16: fp8 off, too few rows to pay (fp8_pays), or a weight cuBLAS does
+    not take in fp8 (a side not a multiple of 16)."""
     cache = fp8 if fp8 is not None else fp8_weights(base)
-    return cache if cache is not None and fp8_shapes_ok(w) else None
+    return cache if cache is not None and fp8_pays(rows) and fp8_shapes_ok(w) else None
 
 
 def quantized_input(x: torch.Tensor, *bases) -> tuple[torch.Tensor, torch.Tensor] | None:
     """x's fp8 (q, scale) when any of the base layers that read x runs in fp8, else None: quantized once for
     the GEMMs that share x (q, k, v; gate, up)."""
-    return fp8_rows(x) if any(fp8_weights(b) is not None for b in bases) else None
+    use = fp8_pays(x.shape[0]) and any(fp8_weights(b) is not None for b in bases)
+    return fp8_rows(x) if use else None
 
 
 def base_mm(x, base, xq=None):
@@ -149,7 +159,7 @@ def base_mm(x, base, xq=None):
     on the layer (xq: x's quantized (q, scale) when the caller made it for several layers)."""
     w = base_weight(base, x.dtype)  # (out, in)
     bias = _base_bias(base, x.dtype)
-    fp8 = _fp8_for(base, w)
+    fp8 = _fp8_for(base, w, x.shape[0])
     if fp8 is not None:
         y = fp8_linear(x, w, fp8, xq)
         return y.add_(bias) if bias is not None else y
@@ -338,7 +348,7 @@ def add_input_grad(dx, dy, base, dxa, a, fp8: Fp8Weights | None = None):
     2.680 ms there, 2.820 -> 2.760 at 8B on 2026-12-03): lora_mlp.py adds its rank-r term last itself.
     """
     w = base_weight(base, dy.dtype)  # (out, in), dequantized again for 4-bit rather than kept from the forward
-    cache = _fp8_for(base, w, fp8)
+    cache = _fp8_for(base, w, dy.shape[0], fp8)
     if cache is not None:  # cuBLAS's fp8 GEMM has no beta: the product is its own buffer, added after
         g = fp8_input_grad(dy, w, cache)  # (N, in)
         dx = g if dx is None else dx.add_(g)

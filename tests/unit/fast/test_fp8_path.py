@@ -8,6 +8,7 @@ import torch
 from fast_reference import CPU_TIER, grads_of, reference_loss, tiny_lora_model
 
 pytest.importorskip("triton")
+from ppalli.kernels import fp8  # noqa: E402
 from ppalli.kernels.fp8 import FP8_ATTR  # noqa: E402
 from ppalli.models.fast import apply_fast_path, backbone_of, fast_causal_lm_loss  # noqa: E402
 
@@ -30,8 +31,14 @@ def _bases(model):
     return [m for layer in backbone_of(model).layers for m in layer.modules() if FP8_ATTR in m.__dict__]
 
 
+@pytest.fixture
+def every_gemm_in_fp8(monkeypatch):
+    """The tiny batches have 22 rows: below FP8_MIN_ROWS, where plan.fp8 keeps bf16 GEMMs."""
+    monkeypatch.setattr(fp8, "FP8_MIN_ROWS", 1)
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_fp8_loss_and_gradients_stay_near_the_reference(family):
+def test_fp8_loss_and_gradients_stay_near_the_reference(family, every_gemm_in_fp8):
     model = tiny_lora_model(family)
     ids, labels = _batch()
     ref, _ = reference_loss(model, ids, labels)
@@ -70,3 +77,17 @@ def test_fp8_off_by_default_leaves_the_layers_alone():
     handle = apply_fast_path(model, log=lambda _: None)
     assert not _bases(model)
     handle.revert()
+
+
+def test_short_batches_keep_bf16_gemms():
+    """Below FP8_MIN_ROWS tokens the layers with fp8 copies still run bf16: same numbers as without them."""
+    model = tiny_lora_model("llama")
+    ids, labels = _batch()
+    handle = apply_fast_path(model, log=lambda _: None)
+    plain, _ = fast_causal_lm_loss(model, ids, labels)
+    handle.revert()
+    handle = apply_fast_path(model, log=lambda _: None, fp8=True)
+    short, _ = fast_causal_lm_loss(model, ids, labels)
+    made = sum(len(b.__dict__[FP8_ATTR]._made) for b in _bases(model))
+    handle.revert()
+    assert short.item() == plain.item() and made == 0
