@@ -40,11 +40,12 @@ from ppalli.kernels._utils import (
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0  # the largest finite e4m3fn value
 _TINY = 1e-12  # a zero row gets this absmax: its scale stays finite, its values quantize to 0
-# GEMMs with fewer rows (tokens) than this stay bf16 under plan.fp8: a short step is bound by its launches and
-# the host, not by tensor-core time, and quantizing adds launches. H200, 2026-12-03: 50 steps of ko_chatbot_qa
-# (short Q/A rows, ~1k tokens a micro-batch) took 0.133 s an iteration with every GEMM in fp8 against 0.116
-# bf16 (results/*-s16-train-*.json); at 8 x 2048 tokens fp8 took T4's step from 179.2 to 153.7 ms.
-FP8_MIN_ROWS = 4096
+# GEMMs over fewer rows (tokens) than this stay bf16 under plan.fp8: there the quantize launch costs what the
+# e4m3 GEMM saves. H200, 2026-12-03 (results/*-s16-fp8-rows.txt, 1B shapes, bf16 against fp8 with its
+# activation quantized): at 2048 rows q 0.0281 -> 0.0272 ms, gate 0.0984 -> 0.0678, down 0.0916 -> 0.0708; at
+# 1024 q 0.0170 -> 0.0185; at 512 gate 0.0288 -> 0.0563. Short launch-bound steps lose more: 50 steps of
+# ko_chatbot_qa (~1k tokens a micro-batch) took 0.133 s an iteration with every GEMM in fp8 against 0.116 bf16.
+FP8_MIN_ROWS = 2048
 FP8_ATTR = "ppalli_fp8"  # the base layer's instance attribute holding its Fp8Weights (set by the fast path)
 
 
