@@ -44,7 +44,7 @@ _TINY = 1e-12  # a zero row gets this absmax: its scale stays finite, its values
 # e4m3 GEMM saves. H200, 2026-12-03 (results/*-s16-fp8-rows.txt, 1B shapes, bf16 against fp8 with its
 # activation quantized): at 2048 rows q 0.0281 -> 0.0272 ms, gate 0.0984 -> 0.0678, down 0.0916 -> 0.0708; at
 # 1024 q 0.0170 -> 0.0185; at 512 gate 0.0288 -> 0.0563. Short launch-bound steps lose more: 50 steps of
-# ko_chatbot_qa (~1k tokens a micro-batch) took 0.133 s an iteration with every GEMM in fp8 against 0.116 bf16.
+# ko_chatbot_qa (~475 tokens an iteration) took 0.133 s an iteration with every GEMM in fp8 against 0.116 bf16.
 FP8_MIN_ROWS = 2048
 FP8_ATTR = "ppalli_fp8"  # the base layer's instance attribute holding its Fp8Weights (set by the fast path)
 
