@@ -318,6 +318,15 @@ def _fp8(ctx: _Ctx) -> bool:
     return True
 
 
+def _fp8_rows_note(ctx: _Ctx, tokens: int) -> None:
+    """Say so when a micro-batch is too short for fp8 GEMMs to run at all (kernels/fp8.py FP8_MIN_ROWS)."""
+    from ppalli.kernels.fp8 import FP8_MIN_ROWS  # the kernels' module only when fp8 was asked for
+
+    if tokens < FP8_MIN_ROWS:
+        ctx.reasons["fp8"] += (f"; but a micro-batch holds at most {tokens} tokens, and GEMMs over fewer than "
+                               f"{FP8_MIN_ROWS} stay bf16 (quantizing would cost what fp8 saves)")
+
+
 def _budget(ctx: _Ctx) -> float | None:
     """GiB the plan may use: plan.memory_budget_gib, else the GPU less a margin, else a share of RAM."""
     pinned, gpu = ctx.cfg.plan.memory_budget_gib, ctx.gpu
@@ -609,6 +618,9 @@ def make_plan(env: Environment, cfg: Config, spec: ModelSpec, *, gpu_index: int 
         raise _no_fit(ctx, budget)  # _search fails only under a budget
     quant, ckpt, micro, est, layers = found
     _memory_reasons(ctx, quant, ckpt, micro, budget, layers)
+    if ctx.fp8:
+        _fp8_rows_note(ctx, micro * cfg.data.max_seq_len)
+
     ctx.reasons["memory"] = _usage_reason(est, budget, ctx.reasons.pop("budget"))
     tps = _speed(ctx, quant, ckpt, micro, layers)
     return Plan(device=device, precision=ctx.precision, attention=ctx.attention, quantization=quant,

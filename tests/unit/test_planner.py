@@ -368,3 +368,11 @@ def test_fp8_refuses_what_it_cannot_run_and_names_the_fix(spec_1b, case, needle)
 def test_fp8_refuses_4bit_weights(spec_1b):
     with pytest.raises(PpalliError, match="plan.quantization=nf4"):
         whatif(cfg(plan={"fp8": True, "quantization": "nf4"}), spec_1b, gpu="h100")
+
+
+def test_fp8_says_when_micro_batches_are_too_short_for_it(spec_1b):
+    short = whatif(cfg(plan={"fp8": True}, data={"max_seq_len": 512}, train={"micro_batch_size": 2}), spec_1b,
+                   gpu="h100")
+    assert short.fp8 and "at most 1024 tokens" in short.reasons["fp8"]
+    long = whatif(cfg(plan={"fp8": True}), spec_1b, gpu="h100")
+    assert "at most" not in long.reasons["fp8"]
