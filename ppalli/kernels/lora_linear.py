@@ -142,7 +142,10 @@ def cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
 def _fp8_for(base, w: torch.Tensor, rows: int, fp8: Fp8Weights | None = None) -> Fp8Weights | None:
     """The fp8 copies to use for w's GEMM over `rows` tokens (plan.fp8 put them on the base layer; `fp8` given
     for a stacked weight), or None for bf16: fp8 off, too few rows to pay (fp8_pays), or a weight cuBLAS does
-    not take in fp8 (a side not a multiple of 16)."""
+    not take in fp8 (a side not a multiple of 16). bf16 too while torch.compile traces (plan.compile): the copies
+    are found by data pointer, which a trace does not have."""
+    if torch.compiler.is_compiling():
+        return None
     cache = fp8 if fp8 is not None else fp8_weights(base)
     return cache if cache is not None and fp8_pays(rows) and fp8_shapes_ok(w) else None
 
@@ -150,7 +153,8 @@ def _fp8_for(base, w: torch.Tensor, rows: int, fp8: Fp8Weights | None = None) ->
 def quantized_input(x: torch.Tensor, *bases) -> tuple[torch.Tensor, torch.Tensor] | None:
     """x's fp8 (q, scale) when any of the base layers that read x runs in fp8, else None: quantized once for
     the GEMMs that share x (q, k, v; gate, up)."""
-    use = fp8_pays(x.shape[0]) and any(fp8_weights(b) is not None for b in bases)
+    use = (not torch.compiler.is_compiling() and fp8_pays(x.shape[0])
+           and any(fp8_weights(b) is not None for b in bases))
     return fp8_rows(x) if use else None
 
 

@@ -290,7 +290,7 @@ def _deterministic(ctx: _Ctx) -> bool:
     return True
 
 
-def _fp8(ctx: _Ctx) -> bool:
+def _fp8(ctx: _Ctx, compiled: bool) -> bool:
     """plan.fp8 is the user's call (it changes the numbers): checked against the GPU, path and precision."""
     if not ctx.cfg.plan.fp8:
         ctx.reasons["fp8"] = "off: base GEMMs in " + ctx.precision
@@ -309,6 +309,9 @@ def _fp8(ctx: _Ctx) -> bool:
         problems.append(f"the fp8 GEMMs write bf16 and the plan's precision is {ctx.precision}")
     if ctx.cfg.plan.quantization in ("nf4", "fp4"):
         problems.append(f"plan.quantization={ctx.cfg.plan.quantization}: fp8 copies are made from 16-bit weights")
+    if compiled:
+        problems.append("plan.compile=on: compiled layers find no fp8 copies (they are looked up by data pointer, "
+                        "which a trace does not have) and would run bf16")
     if problems:
         raise PpalliError("plan.fp8=true cannot run: " + "; ".join(problems) + ". Set plan.fp8: false")
     where = "" if ctx.device == "cuda" else f" (on {ctx.device}: same numbers, no speed-up; for checking)"
@@ -611,7 +614,7 @@ def make_plan(env: Environment, cfg: Config, spec: ModelSpec, *, gpu_index: int 
     ctx.fast_path = _fast_path(ctx)
     ctx.packing, compile_ = _packing(ctx), _compile(ctx)
     repeatable = _deterministic(ctx)
-    ctx.fp8 = _fp8(ctx)
+    ctx.fp8 = _fp8(ctx, compile_)
     budget = _budget(ctx)
     found = _search(ctx, budget)
     if found is None:

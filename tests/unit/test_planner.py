@@ -365,9 +365,11 @@ def test_fp8_refuses_what_it_cannot_run_and_names_the_fix(spec_1b, case, needle)
     assert needle in text and "plan.fp8: false" in text
 
 
-def test_fp8_refuses_4bit_weights(spec_1b):
+def test_fp8_refuses_4bit_weights_and_compiled_layers(spec_1b):
     with pytest.raises(PpalliError, match="plan.quantization=nf4"):
         whatif(cfg(plan={"fp8": True, "quantization": "nf4"}), spec_1b, gpu="h100")
+    with pytest.raises(PpalliError, match="plan.compile=on"):
+        whatif(cfg(plan={"fp8": True, "compile": "on"}), spec_1b, gpu="h100")
 
 
 def test_fp8_says_when_micro_batches_are_too_short_for_it(spec_1b):
