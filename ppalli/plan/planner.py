@@ -582,6 +582,10 @@ def _fit_ideas(ctx: _Ctx, budget: float, weights_gib: float) -> list[str]:
                      f"(unpin {', '.join(pins)})")
     if cfg.plan.memory_budget_gib is not None and ctx.gpu is not None:
         ideas.append(f"a larger plan.memory_budget_gib (the GPU has {ctx.gpu.total_memory_gib:.1f} GiB)")
+    if cfg.plan.fp8:
+        copies = 2 * ctx.spec.quantizable_params / GIB
+        ideas.append(f"plan.fp8: false (its e4m3 copies of the weights take {copies:.1f} GiB, and it rules out 4-bit "
+                     "weights)")
     if ctx.device == "cuda" and not ctx.env.has("bitsandbytes"):
         ideas.append("4-bit weights (QLoRA) once bitsandbytes is installed (pip install bitsandbytes)")
     shorter = _shorter_seq(ctx, budget)

@@ -378,3 +378,11 @@ def test_fp8_says_when_micro_batches_are_too_short_for_it(spec_1b):
     assert short.fp8 and "at most 1024 tokens" in short.reasons["fp8"]
     long = whatif(cfg(plan={"fp8": True}), spec_1b, gpu="h100")
     assert "at most" not in long.reasons["fp8"]
+
+
+def test_fp8_that_does_not_fit_names_turning_it_off(spec_8b):
+    with pytest.raises(PpalliError) as err:
+        whatif(cfg(plan={"fp8": True, "memory_budget_gib": 24}), spec_8b, gpu="h100")
+    text = one_line(err)
+    assert "plan.fp8: false (its e4m3 copies of the weights take 13.0 GiB" in text
+    assert whatif(cfg(plan={"memory_budget_gib": 24}), spec_8b, gpu="h100").predicted_peak_gib <= 24
