@@ -96,6 +96,10 @@ def _cfg_findings(env: Environment, cfg: Config | None) -> list[Finding]:
     if cfg.plan.quantization in ("nf4", "fp4") and not (env.has("bitsandbytes") and env.gpus):
         found.append(Finding("bad", f"plan.quantization={cfg.plan.quantization} needs bitsandbytes and a CUDA GPU",
                              "pip install bitsandbytes on a CUDA machine, or set plan.quantization=auto"))
+    if cfg.plan.fp8 and not any(g.capability >= (9, 0) for g in env.gpus):
+        best = max((g.capability_str for g in env.gpus), default="none")
+        found.append(Finding("bad", f"plan.fp8=true needs a GPU of compute capability 9.0+ (row-wise fp8 GEMMs); "
+                                    f"best here: {best}", "set plan.fp8=false"))
     if cfg.plan.attention == "flash_attention_2" and not env.has("flash_attn"):
         found.append(Finding("bad", "plan.attention=flash_attention_2 but flash-attn is not installed",
                              "pip install flash-attn --no-build-isolation, or set plan.attention=auto"))

@@ -65,6 +65,13 @@ def test_pinned_nf4_without_bitsandbytes():
     assert found[0][0] == "bad" and "bitsandbytes" in found[0][1]
 
 
+def test_fp8_needs_hopper():
+    fp8 = from_dict({"plan": {"fp8": True}})
+    found = problems(env(gpus=(T4,)), fp8)
+    assert ("bad", "plan.fp8=true needs a GPU of compute capability 9.0+ (row-wise fp8 GEMMs); best here: 7.5") in found
+    assert problems(env(), fp8) == []
+
+
 def test_report_rows_are_checks_values_and_statuses():
     rows = doctor_report(env(gpus=(T4,), transformers="5.3.0"))
     assert all(len(r) == 3 and all(isinstance(x, str) and "\n" not in x for x in r) for r in rows)
