@@ -1,6 +1,7 @@
 """What the kernel-setting sweeps (bench_lora_glu.py, bench_lora_add_rms_norm.py, bench_lora_b_bwd.py,
-bench_rope.py) share: the timer, one setting's row, and a main that times each shape, prints the rows and
-writes them as JSON with the versions that produced them."""
+bench_rope.py) and the attention benchmarks share: the timer, one setting's row, one forward + backward row,
+and a main that times each shape, prints the rows and writes them as JSON with the versions that produced
+them."""
 
 import argparse
 import json
@@ -28,6 +29,31 @@ def setting_row(blocks: tuple, run: Callable, ref, nbytes: int) -> dict:
     ms = median_ms(lambda: run(blocks))
     return {"blocks": list(blocks), "ms": round(ms, 4), "gbps": round(nbytes / ms / 1e6, 1),
             "rel_err": rel_err(run(blocks), ref)}
+
+
+def fwd_bwd_row(label: str, run: Callable, inputs: tuple, truth: torch.Tensor) -> dict:
+    """run(*inputs)'s forward + backward: median time, the memory it adds over its inputs, and the output's
+    error against truth; an out-of-memory error becomes the row's "error"."""
+    out = run(*inputs)
+    dout = torch.randn_like(out)
+    err = ((out.float() - truth).norm() / truth.norm()).item()
+
+    def step():
+        for t in inputs:
+            t.grad = None
+        run(*inputs).backward(dout)
+
+    try:
+        ms = median_ms(step)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        extra = (torch.cuda.max_memory_allocated() - base) / 2**30
+    except torch.OutOfMemoryError as exc:
+        return {"kernel": label, "error": str(exc).splitlines()[0][:160]}
+    return {"kernel": label, "fwd_bwd_ms": round(ms, 3), "extra_gib": round(extra, 2), "rel_err": float(f"{err:.2e}")}
 
 
 def print_settings(label: str, settings: list[dict]) -> None:

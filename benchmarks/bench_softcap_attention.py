@@ -9,13 +9,14 @@ one row of uneven samples (block-diagonal). Per row: forward + backward time (me
 the memory one forward + backward adds over its inputs, and the output's error against fp32 eager.
 """
 
+import functools
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _sweep import main, median_ms  # noqa: E402
+from _sweep import fwd_bwd_row, main  # noqa: E402
 
 from ppalli.models.attention import attend  # noqa: E402
 
@@ -32,29 +33,6 @@ def _run(q, k, v, backend: str, packed: bool):
                   max_seqlen=max(LENGTHS))
 
 
-def _row(label, q, k, v, backend, packed, truth) -> dict:
-    out = _run(q, k, v, backend, packed)
-    dout = torch.randn_like(out)
-    err = ((out.float() - truth).norm() / truth.norm()).item()
-
-    def step():
-        for t in (q, k, v):
-            t.grad = None
-        _run(q, k, v, backend, packed).backward(dout)
-
-    try:
-        ms = median_ms(step)
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        step()
-        torch.cuda.synchronize()
-        extra = (torch.cuda.max_memory_allocated() - base) / 2**30
-    except torch.OutOfMemoryError as exc:
-        return {"kernel": label, "error": str(exc).splitlines()[0][:160]}
-    return {"kernel": label, "fwd_bwd_ms": round(ms, 3), "extra_gib": round(extra, 2), "rel_err": float(f"{err:.2e}")}
-
-
 def bench_shape(name: str, b: int, h: int, hk: int, t: int, d: int) -> dict:
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows = []
@@ -65,7 +43,9 @@ def bench_shape(name: str, b: int, h: int, hk: int, t: int, d: int) -> dict:
         with torch.no_grad():
             truth = _run(q.float(), k.float(), v.float(), "eager", packed).float()
         for backend, label in (("eager", "eager"), ("sdpa", "flex (attend's default)")):
-            rows.append({**_row(label, q, k, v, backend, packed, truth), "packed": packed})
+            run = functools.partial(_run, backend=backend, packed=packed)
+            row = fwd_bwd_row(label, run, (q, k, v), truth)
+            rows.append({**row, "packed": packed})
     return {"shape": name, "dims": dict(batch=b, heads=h, kv_heads=hk, seq=t, head_dim=d), "rows": rows}
 
 

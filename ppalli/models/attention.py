@@ -77,6 +77,31 @@ def resolve_backend(requested: str, device: torch.device | str) -> tuple[str, st
 # --------------------------------------------------------------------------- masks
 
 
+# Sliding-window layers shorter than the sequence (Mistral, Gemma-2/3's local layers, EXAONE-4): "varlen" runs
+# each row as one sample of torch's varlen flash kernel with its window_size, "flex" compiled flex_attention
+# with the window in its block mask; both skip the key blocks outside the window, where SDPA with a dense
+# (T, T) mask computes them all. Picked by benchmarks/bench_window_attention.py.
+WINDOW_KERNEL = "varlen"
+
+
+def _window_skips(q: torch.Tensor, backend: str, window: int | None, softcap: float | None) -> bool:
+    """Whether a dense batch's sliding window runs in a kernel that skips the blocks outside it (_windowed)."""
+    if window is None or q.shape[2] <= window or softcap is not None or backend in ("eager", "sdpa_math"):
+        return False
+    if torch.are_deterministic_algorithms_enabled():  # plan.deterministic keeps its measured kernels
+        return False
+    return _can_torch_varlen(q) if WINDOW_KERNEL == "varlen" else _can_flex(q)
+
+
+def _windowed(q, k, v, scale, window):
+    """Causal sliding-window attention of a dense batch, q (B, Hq, T, D) -> (B, T, Hq, D), outside blocks skipped."""
+    if WINDOW_KERNEL == "flex":
+        return _flex(q, k, v, scale, window, None)
+    b, _, t, _ = q.shape
+    cu = torch.arange(0, (b + 1) * t, t, device=q.device, dtype=torch.int32)  # each row one sample
+    return _varlen_torch(q, k, v, scale, window, cu, t)
+
+
 def packed_mask(cu_seqlens: torch.Tensor, total: int, window: int | None = None) -> torch.Tensor:
     """(1, 1, total, total) bool, True = may attend: causal inside each packed sample, nothing across samples."""
     idx = torch.arange(total, device=cu_seqlens.device)
@@ -391,6 +416,8 @@ def attend(
         return _flash(q, k, v, backend, scale, window, softcap, None, None)
     if attention_mask is None and _softcap_in_flex(q, backend, softcap):
         return _flex(q, k, v, scale, window, softcap)
+    if attention_mask is None and _window_skips(q, backend, window, softcap):
+        return _windowed(q, k, v, scale, window)
     if softcap is not None or backend == "eager":
         return _eager(q, k, v, attention_mask, scale, window, softcap)
     return _sdpa(q, k, v, attention_mask, scale, window, backend)

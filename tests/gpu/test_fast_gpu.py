@@ -146,6 +146,27 @@ def test_attention_backends_bf16(backend):
         assert rel(g, gt) < 2e-2, f"{backend}: d{name} error {rel(g, gt):.2e}"
 
 
+@pytest.mark.parametrize("kernel", ["varlen", "flex"])
+def test_dense_sliding_window_skips_blocks_and_matches_bf16(monkeypatch, kernel):
+    """A window shorter than the rows (Mistral, Gemma's local layers): attend runs WINDOW_KERNEL, not SDPA with
+    a (T, T) mask; output and gradients as the written-out fp32 attention."""
+    from ppalli.models import attention
+
+    monkeypatch.setattr(attention, "WINDOW_KERNEL", kernel)
+    ran = []
+    monkeypatch.setattr(attention, "_sdpa", lambda *a, **k: ran.append("sdpa"))  # must not be reached
+    q, k, v = _qkv_heads(*TOKENS)
+    out = attend(q, k, v, backend="sdpa_cudnn", window=256)
+    assert not ran
+    truth = _attention_truth(q, k, v, 256)
+    assert rel(out, truth) < 1e-2, f"{kernel}: output error {rel(out, truth):.2e}"
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    grads_truth = torch.autograd.grad(truth, (q, k, v), dout.float())
+    for name, g, gt in zip("qkv", grads, grads_truth):
+        assert rel(g, gt) < 2e-2, f"{kernel}: d{name} error {rel(g, gt):.2e}"
+
+
 @pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
 def test_softcap_attention_runs_in_flex_bf16(monkeypatch, packed):
     """Gemma-2's logit softcap (no flash-attn here) runs in compiled flex_attention: output and q/k/v gradients
