@@ -258,3 +258,40 @@ def test_flex_pads_lengths_to_its_bucket_without_changing_the_result(monkeypatch
         plain = attention._flex(qs * 4, ks, vs, 0.3, kw.get("window"), 2.0, kw.get("doc"), compiled=False)
         assert padded.shape == plain.shape == (qs.shape[0], 37, 4, 8)
         assert_close(str(kw), padded, plain, "block")
+
+
+@pytest.mark.parametrize("kernel", ["varlen", "flex"])
+def test_dense_sliding_window_goes_to_a_block_skipping_kernel(monkeypatch, kernel):
+    """A window shorter than the rows runs WINDOW_KERNEL (each row one varlen sample, or flex), not SDPA with a
+    (T, T) mask; not when the window covers the rows, with a softcap, eagerly or under deterministic mode. The
+    kernels are stand-ins here (CUDA only); tests/gpu checks them against fp32."""
+    calls = []
+    monkeypatch.setattr(attention, "WINDOW_KERNEL", kernel)
+    monkeypatch.setattr(attention, "_can_torch_varlen", lambda q: True)
+    monkeypatch.setattr(attention, "_can_flex", lambda q: True)
+    monkeypatch.setattr(attention, "_softcap_in_flex", lambda *a: False)  # softcap: the eager path here
+
+    def fake_varlen(q, k, v, scale, window, cu, max_len):
+        calls.append(("varlen", cu.tolist(), max_len, window))
+        return _reference(q, k, v, window)
+
+    def fake_flex(q, k, v, scale, window, softcap):
+        calls.append(("flex", window, softcap))
+        return _reference(q, k, v, window)
+
+    monkeypatch.setattr(attention, "_varlen_torch", fake_varlen)
+    monkeypatch.setattr(attention, "_flex", fake_flex)
+    q, k, v = _qkv(11, hq=6, hk=3, batch=2)
+    out = attend(q, k, v, backend="sdpa", window=4)
+    assert calls == ([("varlen", [0, 11, 22], 11, 4)] if kernel == "varlen" else [("flex", 4, None)])
+    assert_close("windowed", out, _reference(q, k, v, 4), "block")
+    attend(q, k, v, backend="sdpa", window=11)  # the window covers every row: plain causal
+    attend(q, k, v, backend="sdpa", window=4, softcap=2.0)
+    attend(q, k, v, backend="eager", window=4)
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        attend(q, k, v, backend="sdpa", window=4)
+    finally:
+        torch.use_deterministic_algorithms(before)
+    assert len(calls) == 1

@@ -91,3 +91,23 @@ def test_short_batches_keep_bf16_gemms():
     made = sum(len(b.__dict__[FP8_ATTR]._made) for b in _bases(model))
     handle.revert()
     assert short.item() == plain.item() and made == 0
+
+
+def test_fp8_with_recompute_gives_the_gradients_of_fp8_without(every_gemm_in_fp8):
+    """A recomputed layer quantizes its input again, to the same codes: full recompute changes nothing."""
+    from ppalli.train import recompute
+
+    results = []
+    for mode in ("none", "full"):
+        model = tiny_lora_model("llama").train()
+        handle = apply_fast_path(model, log=lambda _: None, fp8=True)
+        recompute.apply_recompute(model, mode, None)
+        ids, labels = _batch()
+        loss, _ = fast_causal_lm_loss(model, ids, labels)
+        loss.backward()
+        handle.revert()
+        results.append((loss.detach(), grads_of(model)))
+    (l0, g0), (l1, g1) = results
+    assert l0.item() == l1.item()
+    for name, g in g1.items():
+        torch.testing.assert_close(g, g0[name], rtol=1e-6, atol=1e-7)
