@@ -56,6 +56,11 @@ def fwd_bwd_row(label: str, run: Callable, inputs: tuple, truth: torch.Tensor) -
     return {"kernel": label, "fwd_bwd_ms": round(ms, 3), "extra_gib": round(extra, 2), "rel_err": float(f"{err:.2e}")}
 
 
+def fwd_bwd_text(row: dict) -> str:
+    """A fwd_bwd_row as one line's tail."""
+    return row.get("error") or f"fwd+bwd {row['fwd_bwd_ms']:.3f} ms, +{row['extra_gib']} GiB, rel err {row['rel_err']}"
+
+
 def print_settings(label: str, settings: list[dict]) -> None:
     """setting_row rows, fastest first."""
     for x in sorted(settings, key=lambda x: x["ms"]):

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _sweep import fwd_bwd_row, main  # noqa: E402
+from _sweep import fwd_bwd_row, fwd_bwd_text, main  # noqa: E402
 
 from ppalli.models.attention import attend  # noqa: E402
 
@@ -52,8 +52,7 @@ def bench_shape(name: str, b: int, h: int, hk: int, t: int, d: int) -> dict:
 def report(r: dict) -> None:
     print(f"{r['shape']}: {r['dims']}, softcap {SOFTCAP}")
     for x in r["rows"]:
-        what = x.get("error") or f"fwd+bwd {x['fwd_bwd_ms']:.3f} ms, +{x['extra_gib']} GiB, rel err {x['rel_err']}"
-        print(f"  {'packed ' if x['packed'] else 'dense  '}{x['kernel']:<24} {what}")
+        print(f"  {'packed ' if x['packed'] else 'dense  '}{x['kernel']:<24} {fwd_bwd_text(x)}")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _sweep import fwd_bwd_row, main  # noqa: E402
+from _sweep import fwd_bwd_row, fwd_bwd_text, main  # noqa: E402
 
 from ppalli.models.attention import _flex, _sdpa, _varlen_torch, attend  # noqa: E402
 
@@ -54,8 +54,7 @@ def bench_shape(name: str, b: int, h: int, hk: int, t: int, d: int, window: int)
 def report(r: dict) -> None:
     print(f"{r['shape']}: {r['dims']}")
     for x in r["rows"]:
-        what = x.get("error") or f"fwd+bwd {x['fwd_bwd_ms']:.3f} ms, +{x['extra_gib']} GiB, rel err {x['rel_err']}"
-        print(f"  {x['kernel']:<12} {what}")
+        print(f"  {x['kernel']:<12} {fwd_bwd_text(x)}")
 
 
 if __name__ == "__main__":

@@ -135,15 +135,17 @@ def _qkv_heads(b, t, seed=0):
 @pytest.mark.parametrize("backend", ["sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "sdpa_math", "sdpa", "eager"])
 def test_attention_backends_bf16(backend):
     q, k, v = _qkv_heads(*TOKENS)
-    out = attend(q, k, v, backend=backend)
-    truth = _attention_truth(q, k, v)
-    # One bf16 attention against fp32: softmax in fp32 inside every kernel, outputs rounded once.
-    assert rel(out, truth) < 1e-2, f"{backend}: output error {rel(out, truth):.2e}"
+    _check_attention(backend, attend(q, k, v, backend=backend), _attention_truth(q, k, v), (q, k, v))
+
+
+def _check_attention(label, out, truth, qkv):
+    """One bf16 attention against fp32: softmax in fp32 inside every kernel, outputs rounded once."""
+    assert rel(out, truth) < 1e-2, f"{label}: output error {rel(out, truth):.2e}"
     dout = torch.randn_like(out)
-    grads = torch.autograd.grad(out, (q, k, v), dout)
-    grads_truth = torch.autograd.grad(truth, (q, k, v), dout.float())
+    grads = torch.autograd.grad(out, qkv, dout)
+    grads_truth = torch.autograd.grad(truth, qkv, dout.float())
     for name, g, gt in zip("qkv", grads, grads_truth):
-        assert rel(g, gt) < 2e-2, f"{backend}: d{name} error {rel(g, gt):.2e}"
+        assert rel(g, gt) < 2e-2, f"{label}: d{name} error {rel(g, gt):.2e}"
 
 
 @pytest.mark.parametrize("kernel", ["varlen", "flex"])
@@ -158,13 +160,7 @@ def test_dense_sliding_window_skips_blocks_and_matches_bf16(monkeypatch, kernel)
     q, k, v = _qkv_heads(*TOKENS)
     out = attend(q, k, v, backend="sdpa_cudnn", window=256)
     assert not ran
-    truth = _attention_truth(q, k, v, 256)
-    assert rel(out, truth) < 1e-2, f"{kernel}: output error {rel(out, truth):.2e}"
-    dout = torch.randn_like(out)
-    grads = torch.autograd.grad(out, (q, k, v), dout)
-    grads_truth = torch.autograd.grad(truth, (q, k, v), dout.float())
-    for name, g, gt in zip("qkv", grads, grads_truth):
-        assert rel(g, gt) < 2e-2, f"{kernel}: d{name} error {rel(g, gt):.2e}"
+    _check_attention(kernel, out, _attention_truth(q, k, v, 256), (q, k, v))
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
