@@ -127,7 +127,7 @@ class PlanConfig:
     fp8: bool = _f(False, "The decoder layers' frozen base GEMMs (forward and input gradient) in fp8 e4m3 with per-row "
                           "scales, on Hopper GPUs (compute capability 9.0+): ~1.6-1.8x on those GEMMs, two e4m3 "
                           "copies of the weights beside the 16-bit ones (1 byte a weight each). Adapters, "
-                          "attention, norms, lm_head and loss stay 16/32-bit. Each GEMM's error is ~10x bf16's, so "
+                          "attention, norms, lm_head and loss stay 16/32-bit. Each GEMM's error is ~20x bf16's, so "
                           "losses drift from the reference path's: off unless asked for.")
     deterministic: bool = _f(False, "Bit-repeatable runs (same seed, GPU model and software -> same losses and "
                                     "adapter): torch's deterministic algorithms, SDPA's flash attention instead "
