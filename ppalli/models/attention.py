@@ -324,9 +324,10 @@ FLEX_BUCKET = 1024
 
 
 def _flex(q, k, v, scale, window, softcap, doc=None, compiled: bool = True):
-    """Causal attention with Gemma-2's logit softcap through flex_attention: c tanh(s / c) as its score_mod,
-    after the scale as HF's eager path applies it. q (B, Hq, T, D), k/v (B, Hk, T, D) -> (B, T, Hq, D); doc (T,)
-    the sample of each token of a packed row (B = 1). compiled=False runs flex's unfused reference (CPU tests).
+    """Causal attention through flex_attention, with Gemma-2's logit softcap c tanh(s / c) as its score_mod when
+    softcap is given (after the scale, as HF's eager path applies it) and a sliding window in its block mask.
+    q (B, Hq, T, D), k/v (B, Hk, T, D) -> (B, T, Hq, D); doc (T,) the sample of each token of a packed row
+    (B = 1). compiled=False runs flex's unfused reference (CPU tests).
     Against the eager path it replaces it never holds the (B, H, T, T) scores (nor saves their softmax).
     Compiled, T is padded to a multiple of FLEX_BUCKET: the padding comes after every real key (causal masks it
     out) and, in a packed row, forms a sample of its own; its outputs are dropped (and so get no gradient)."""

@@ -457,8 +457,9 @@ def apply_fast_path(model: nn.Module, *, attention_backend: str = "auto",
         raise PpalliError("the fast path is already applied to this model; revert its handle first")
     spec = family_for_layer(backbone.layers[0])
     device = next(model.parameters()).device
-    if fp8 and not fp8_supported(device)[0]:
-        raise PpalliError(f"plan.fp8: {fp8_supported(device)[1]}")
+    supported, why = fp8_supported(device) if fp8 else (True, "")
+    if not supported:
+        raise PpalliError(f"plan.fp8: {why}")
     backend, reason = resolve_backend(attention_backend, device)
     handle = FastPathHandle(family=spec.name, backend=backend, backend_reason=reason, log=log)
     log(f"fast path: {spec.name}, attention {backend} ({reason})")
@@ -476,11 +477,11 @@ def apply_fast_path(model: nn.Module, *, attention_backend: str = "auto",
         log(f"fast path: q/k/v base weights of {len(handle.stacked)} layers laid out as one (out, in) block each "
             "(same parameters and values), so the input gradient's base term is one GEMM")
     if fp8:
-        _attach_fp8(handle, backbone.layers, spec, device)
+        _attach_fp8(handle, backbone.layers, spec)
     return handle
 
 
-def _attach_fp8(handle: FastPathHandle, layers, spec: FamilySpec, device: torch.device) -> None:
+def _attach_fp8(handle: FastPathHandle, layers, spec: FamilySpec) -> None:
     """Give each 16-bit base layer of the LoRA blocks an Fp8Weights (its e4m3 copies, made on first use): the
     fused blocks then run its GEMMs in fp8. An instance attribute on that layer, removed by revert()."""
     skipped = 0
