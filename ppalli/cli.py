@@ -61,6 +61,16 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--file", help="a text file with one prompt per line")
             p.add_argument("--out", help="write answers as JSONL here (default: print)")
 
+    p = sub.add_parser("eval", help="loss, perplexity and scored greedy answers (exact match, Korean-aware ROUGE)")
+    p.add_argument("run_dir", help="a run directory written by `ppalli train`")
+    p.add_argument("--data", help="evaluate on every row of this file (default: the run's held-out rows)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override the run's data config, e.g. --set data.columns.question=Q (repeatable)")
+    p.add_argument("--n", type=int, default=100, help="rows to answer and score (0: all); the loss covers all")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=4, help="rows per loss forward")
+    p.add_argument("--out", help="folder for eval.json and eval_samples.jsonl (default: the run directory)")
+
     p = sub.add_parser("export", help="merge the adapter into 16-bit weights and save safetensors")
     p.add_argument("run_dir")
     p.add_argument("--out", required=True, help="output folder")
@@ -209,6 +219,18 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from ppalli.eval.runner import EvalSettings, evaluate_run
+
+    if args.n < 0 or args.max_new_tokens < 1 or args.batch_size < 1:
+        raise PpalliError("eval: --n must be 0 or more, --max-new-tokens and --batch-size 1 or more")
+    settings = EvalSettings(n=args.n or None, max_new_tokens=args.max_new_tokens, micro_batch_size=args.batch_size)
+    summary = evaluate_run(args.run_dir, settings=settings, data_path=args.data, overrides=args.overrides,
+                           out_dir=args.out)
+    print(f"written: {Path(args.out or args.run_dir) / 'eval.json'} ({summary['answered']} answers scored)")
+    return 0
+
+
 def cmd_export(args) -> int:
     import torch
 
@@ -222,7 +244,7 @@ def cmd_export(args) -> int:
 
 
 VERBS = {"train": cmd_train, "plan": cmd_plan, "doctor": cmd_doctor, "data": cmd_data, "chat": cmd_chat,
-         "generate": cmd_generate, "export": cmd_export}
+         "generate": cmd_generate, "eval": cmd_eval, "export": cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:

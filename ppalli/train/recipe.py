@@ -248,14 +248,14 @@ def sample_prompts(cfg: C.Config, template, tokenizer, samples: list[dict], n: i
             continue
         first = next((i for i, lab in enumerate(s["labels"]) if lab != -100), len(s["labels"]))
         ids = s["input_ids"][:first]
-        out.append({"prompt": _display_prompt(tokenizer.decode(ids, skip_special_tokens=True)), "ids": ids})
+        out.append({"prompt": display_prompt(tokenizer.decode(ids, skip_special_tokens=True)), "ids": ids})
     return out
 
 
 _ROLE_LINES = {"system", "user", "assistant", "human", "gpt", "model"}
 
 
-def _display_prompt(text: str) -> str:
+def display_prompt(text: str) -> str:
     """The rendered prompt without the role-name lines chat templates leave once special tokens are dropped."""
     lines = [ln for ln in text.strip().splitlines() if ln.strip().lower() not in _ROLE_LINES]
     return "\n".join(lines).strip()

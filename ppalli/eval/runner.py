@@ -1,0 +1,176 @@
+"""`ppalli eval RUN_DIR`: the loss of a trained run on held-out rows, and its answers scored against theirs.
+
+Rows: the run's own held-out split by default, rebuilt from the run's saved config with its seed (so the
+loss equals the one training wrote at its end); with `data_path`, every row of that file instead.
+
+- Loss: the run's objective, normalized like training (sum over trained tokens / their count); for SFT also
+  the perplexity exp(loss).
+- Answers: greedy (a metric should not depend on sampling luck), after the prompt the model was trained on
+  (a sample's tokens before its first trained label); the reference is the first run of trained labels
+  (for preference data, the chosen answer). Scored by exact match and ROUGE-1/2/L in words and in
+  syllables (`ppalli.eval.metrics`).
+
+Writes `eval.json` (the means and the settings) and `eval_samples.jsonl` (one row per answer, written as
+each finishes, so a stopped eval keeps what it has) in the run directory or `out_dir`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from ppalli.errors import DataError
+from ppalli.eval.metrics import UNITS, mean_scores, score_pairs
+
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    n: int | None = 100  # rows answered and scored (None: all); the loss always covers every row
+    max_new_tokens: int = 256
+    micro_batch_size: int = 4  # rows per loss forward (the reference loss builds (rows, T, V) logits)
+    units: tuple[str, ...] = UNITS
+
+
+@dataclass(frozen=True)
+class _Batches:
+    """The two plan fields `evaluate` reads."""
+
+    micro_batch_size: int
+    packing: bool = False
+
+
+def prompt_and_reference(sample: dict) -> tuple[list[int], list[int]] | None:
+    """(prompt ids, reference ids): the tokens before the first trained label, and the first run of trained
+    labels after it. None when the sample trains no token."""
+    prefix = "chosen_" if "chosen_input_ids" in sample else ""
+    ids, labels = sample[f"{prefix}input_ids"], sample[f"{prefix}labels"]
+    first = next((i for i, lab in enumerate(labels) if lab != IGNORE), None)
+    if first is None:
+        return None
+    end = next((i for i in range(first, len(labels)) if labels[i] == IGNORE), len(labels))
+    return list(ids[:first]), list(labels[first:end])
+
+
+def eval_rows(run_dir: Path, tokenizer, overrides: list[str], data_path: str | None) -> tuple[list[dict], str]:
+    """Tokenized rows to evaluate and a line saying where they came from."""
+    from ppalli import config as C
+    from ppalli.data.pipeline import prepare
+
+    if data_path:
+        overrides = [*overrides, f"data.path={data_path}", "data.sources=[]", "data.eval_path=null",
+                     "data.eval_split=0"]
+    cfg = C.load(run_dir / "config.yaml", overrides)
+    prepared = prepare(cfg.data, tokenizer, seed=cfg.train.seed, objective=cfg.train.objective)
+    if data_path:
+        return prepared.train, f"{data_path}: every row ({len(prepared.train)})"
+    if not prepared.eval:
+        raise DataError(f"{run_dir}: the run held out no rows (data.eval_split: {cfg.data.eval_split:g}); give "
+                        "--data FILE to evaluate on a file")
+    held = cfg.data.eval_path or f"data.eval_split={cfg.data.eval_split:g}, seed {cfg.train.seed}"
+    return prepared.eval, f"the run's held-out rows ({held}): {len(prepared.eval)}"
+
+
+def eval_loss(run, rows: list[dict], settings: EvalSettings) -> float:
+    from ppalli.train.loop import evaluate
+    from ppalli.train.objectives import make_objective
+    from ppalli.train.recipe import make_collate
+
+    cfg = run.config
+    objective = make_objective(cfg.train.objective, beta=cfg.train.beta)
+    collate = make_collate(run.tokenizer, run.model.device, cfg.train.objective)
+    return evaluate(run.model, objective, rows, _Batches(settings.micro_batch_size), collate)
+
+
+def answer(run, prompt_ids: list[int], max_new_tokens: int) -> str:
+    from ppalli.infer.generate import generate
+
+    new = generate(run.model, run.tokenizer, torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens,
+                   greedy=True, stop_ids=run.stop_ids)
+    return run.tokenizer.decode(new, skip_special_tokens=True).strip()
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, ensure_ascii=False, indent=1), encoding="utf-8")
+    os.replace(tmp, path)  # a reader never sees half a file
+
+
+def evaluate_run(run_dir: str | Path, *, settings: EvalSettings = EvalSettings(), data_path: str | None = None,
+                 overrides: list[str] | None = None, out_dir: str | Path | None = None, device: str | None = None,
+                 print_fn=print) -> dict:
+    """Evaluate a run directory; returns what eval.json holds."""
+    from ppalli.eval.metrics import rouge_scorer
+    from ppalli.models.load import load_run
+
+    rouge_scorer()  # a missing rouge-score fails here, before minutes of loading and generating
+    run_dir = Path(run_dir)
+    run = load_run(run_dir, device=device)
+    rows, source = eval_rows(run_dir, run.tokenizer, list(overrides or []), data_path)
+    print_fn(f"eval rows: {source}")
+    out = Path(out_dir) if out_dir else run_dir
+    out.mkdir(parents=True, exist_ok=True)
+
+    start = time.perf_counter()
+    loss = eval_loss(run, rows, settings)
+    loss_seconds = time.perf_counter() - start
+    print_fn(f"loss {loss:.4f} over {len(rows)} rows ({loss_seconds:.1f} s)")
+
+    start = time.perf_counter()
+    pairs = _answer_rows(run, rows, settings, out / "eval_samples.jsonl", print_fn)
+    scores = score_pairs([(p["output"], p["reference"]) for p in pairs], settings.units)
+    means = mean_scores(scores)
+    sft = run.config.train.objective == "sft"
+    summary = {
+        "run": str(run_dir), "rows": source, "objective": run.config.train.objective,
+        "loss": loss, "perplexity": math.exp(loss) if sft else None, "loss_rows": len(rows),
+        "answered": len(pairs), "metrics": means, "settings": asdict(settings), "decoding": "greedy",
+        "seconds": {"loss": round(loss_seconds, 2), "answers": round(time.perf_counter() - start, 2)},
+    }
+    _write_json(out / "eval.json", summary)
+    _add_scores(out / "eval_samples.jsonl", pairs, scores)
+    for name, value in means.items():
+        print_fn(f"{name:<18} {value:.4f}")
+    return summary
+
+
+def _answer_rows(run, rows: list[dict], settings: EvalSettings, path: Path, print_fn) -> list[dict]:
+    """Greedy answers for the first `settings.n` rows that train a token, written as they finish."""
+    from ppalli.train.recipe import display_prompt
+
+    start = time.perf_counter()
+    limit = len(rows) if settings.n is None else settings.n
+    pairs: list[dict] = []
+    with path.open("w", encoding="utf-8") as f:
+        for row in rows:
+            if len(pairs) >= limit:
+                break
+            split = prompt_and_reference(row)
+            if split is None:
+                continue
+            prompt_ids, ref_ids = split
+            pair = {"prompt": display_prompt(run.tokenizer.decode(prompt_ids, skip_special_tokens=True)),
+                    "reference": run.tokenizer.decode(ref_ids, skip_special_tokens=True).strip(),
+                    "output": answer(run, prompt_ids, settings.max_new_tokens)}
+            pairs.append(pair)
+            f.write(json.dumps(pair, ensure_ascii=False) + "\n")
+            f.flush()
+    print_fn(f"answered {len(pairs)} rows ({time.perf_counter() - start:.1f} s, greedy, "
+             f"at most {settings.max_new_tokens} new tokens)")
+    return pairs
+
+
+def _add_scores(path: Path, pairs: list[dict], scores: list[dict]) -> None:
+    """The answer file again, each row with its own scores (for reading the worst answers)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for pair, row in zip(pairs, scores):
+            f.write(json.dumps({**pair, "scores": row}, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)

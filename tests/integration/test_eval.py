@@ -1,0 +1,70 @@
+"""`ppalli eval` on a tiny trained run: the held-out loss training wrote, references read from the data."""
+
+import csv
+import json
+
+import pytest
+
+pytest.importorskip("rouge_score")
+
+from ppalli.cli import main  # noqa: E402
+from ppalli.eval.runner import prompt_and_reference  # noqa: E402
+from ppalli.train import recipe  # noqa: E402
+
+
+def _final_eval_loss(run_dir):
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x]
+    return [r["eval_loss"] for r in rows if "eval_loss" in r][-1]
+
+
+@pytest.fixture
+def run_dir(make_cfg, quiet):
+    cfg = make_cfg(name="evaluated", data__limit=16, data__eval_split=4, train__max_steps=4)
+    return recipe.train(cfg, print_fn=quiet).run_dir
+
+
+def test_eval_repeats_the_runs_held_out_loss_and_scores_answers(run_dir, shared_data, capsys):
+    assert main(["eval", str(run_dir), "--n", "3", "--max-new-tokens", "6", "--batch-size", "3"]) == 0
+    summary = json.loads((run_dir / "eval.json").read_text(encoding="utf-8"))
+    assert summary["loss_rows"] == 4 and summary["answered"] == 3
+    assert summary["loss"] == pytest.approx(_final_eval_loss(run_dir), rel=1e-5)  # same rows, same adapter
+    assert summary["perplexity"] == pytest.approx(2.718281828 ** summary["loss"], rel=1e-6)
+    assert set(summary["metrics"]) == {"exact_match"} | {f"{u}.rouge{k}" for u in ("word", "syllable")
+                                                          for k in ("1", "2", "L")}
+    assert all(0.0 <= v <= 1.0 for v in summary["metrics"].values())
+
+    with (shared_data / "ko_chatbot_qa" / "ChatbotData.csv").open(encoding="utf-8") as f:
+        answers = {row["Q"]: row["A"] for row in csv.DictReader(f)}
+    rows = [json.loads(x) for x in (run_dir / "eval_samples.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert len(rows) == 3
+    for row in rows:
+        assert row["prompt"] in answers, row["prompt"]  # the question alone, role lines dropped
+        assert row["reference"] == answers[row["prompt"]]  # the data's answer, without the end-of-turn token
+        assert set(row["scores"]) == set(summary["metrics"])
+    assert "syllable.rougeL" in capsys.readouterr().out
+
+
+def test_eval_on_a_file_takes_every_row(run_dir, shared_data, tmp_path):
+    data = shared_data / "ko_chatbot_qa" / "ChatbotData.csv"
+    out = tmp_path / "eval-file"
+    assert main(["eval", str(run_dir), "--data", str(data), "--set", "data.limit=5", "--n", "2",
+                 "--max-new-tokens", "4", "--out", str(out)]) == 0
+    summary = json.loads((out / "eval.json").read_text(encoding="utf-8"))
+    assert summary["loss_rows"] == 5 and summary["answered"] == 2 and "every row" in summary["rows"]
+    assert not (run_dir / "eval.json").exists()
+
+
+def test_eval_without_held_out_rows_says_what_to_give(make_cfg, quiet, capsys):
+    run_dir = recipe.train(make_cfg(name="no-split", train__max_steps=1), print_fn=quiet).run_dir
+    assert main(["eval", str(run_dir), "--n", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "data.eval_split: 0" in err and "--data FILE" in err
+
+
+def test_prompt_and_reference_of_sft_and_preference_samples():
+    sft = {"input_ids": [1, 2, 3, 4, 5, 6, 7], "labels": [-100, -100, -100, 4, 5, -100, 7]}
+    assert prompt_and_reference(sft) == ([1, 2, 3], [4, 5])  # the first trained run only
+    pair = {"chosen_input_ids": [1, 2, 8], "chosen_labels": [-100, -100, 8],
+            "rejected_input_ids": [1, 2, 9], "rejected_labels": [-100, -100, 9]}
+    assert prompt_and_reference(pair) == ([1, 2], [8])
+    assert prompt_and_reference({"input_ids": [1, 2], "labels": [-100, -100]}) is None
