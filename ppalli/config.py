@@ -129,6 +129,10 @@ class PlanConfig:
                           "copies of the weights beside the 16-bit ones (1 byte a weight each). Adapters, "
                           "attention, norms, lm_head and loss stay 16/32-bit. Each GEMM's error is ~20x bf16's, so "
                           "losses drift from the reference path's: off unless asked for.")
+    sharding: Literal["auto", "off", "fsdp"] = _f(
+        "auto", "With --nproc N > 1: fsdp shards the frozen 16-bit base weights over the ranks with FSDP2 (each "
+                "holds 1/N, layers gathered as they run; the adapter stays whole on every rank), off gives every "
+                "rank the whole model; auto shards only when the whole model does not fit one GPU in 16 bits.")
     deterministic: bool = _f(False, "Bit-repeatable runs (same seed, GPU model and software -> same losses and "
                                     "adapter): torch's deterministic algorithms, SDPA's flash attention instead "
                                     "of cuDNN, LoRA B gradients by GEMMs. Attention takes ~1.7-2x as long.")

@@ -202,6 +202,20 @@ def weight_bytes(spec: ModelSpec, quant: str, double_quant: bool, dtype_bytes: i
     return int(q / 2 + scales) + (spec.n_params - q) * dtype_bytes
 
 
+def root_params(spec: ModelSpec) -> int:
+    """Parameters outside the decoder layers: embeddings, an untied lm_head, the final norm."""
+    return spec.vocab * spec.hidden * (1 if spec.tied_embeddings else 2) + spec.hidden
+
+
+def sharded_weight_bytes(spec: ModelSpec, dtype_bytes: int, shards: int) -> int:
+    """16-bit weights one rank holds under FSDP2 over `shards` ranks: 1/shards of every decoder layer, two layers
+    whole (the one running and the next, gathered ahead), and the root's embeddings, lm_head and final norm whole
+    (FSDP2 keeps the root's parameters gathered from its forward to its backward)."""
+    root = root_params(spec)
+    decoder = spec.n_params - root
+    return (decoder // shards + 2 * (decoder // spec.layers) + root) * dtype_bytes
+
+
 def dequant_scratch_bytes(spec: ModelSpec, quant: str, dtype_bytes: int) -> int:
     """4-bit matmuls dequantize one weight at a time to the compute dtype (bitsandbytes MatMul4Bit.backward:
     `F.dequantize_4bit(B, state).to(grad.dtype)`): the largest projection, alive for one matmul."""
@@ -382,11 +396,12 @@ def estimate_peak_bytes(spec: ModelSpec, *, lora_r: int = 16, lora_targets: Any 
                         optimizer: str = "adamw", fused_ce: bool = False, fast_path: bool = False,
                         lora_dropout: float = 0.0, attention: str = "sdpa", attn_mask: bool = False,
                         fast_saved_per_token: int | None = None, logits_held: bool = True,
-                        device: str = "cuda", fp8_copies: bool = False) -> MemoryEstimate:
+                        device: str = "cuda", fp8_copies: bool = False, shards: int = 1) -> MemoryEstimate:
     """Predicted peak of a training step. `micro_batch` counts sequences (a preference pair is two);
     `fast_saved_per_token` overrides the fused path's per-layer saved bytes per token; `logits_held`: the
     caller keeps the model output (and its dtype logits) alive through backward, as HF's own loss does;
-    `fp8_copies`: plan.fp8's two e4m3 copies of each decoder linear weight (ppalli/kernels/fp8.py)."""
+    `fp8_copies`: plan.fp8's two e4m3 copies of each decoder linear weight (ppalli/kernels/fp8.py); `shards`:
+    FSDP2 ranks the 16-bit base weights are spread over (`sharded_weight_bytes`)."""
     targets = lora_projections(lora_targets)
     tokens, dt = micro_batch * seq_len, dtype_bytes
     if fast_path:
@@ -401,7 +416,8 @@ def estimate_peak_bytes(spec: ModelSpec, *, lora_r: int = 16, lora_targets: Any 
     # the fused path's compute-dtype copy of every adapter weight, made per forward pass and held through the
     # backward (ppalli/kernels/factor_cache.py): 84 MB for Llama-3.1-8B at r = 16, also under recompute
     fp8 = 2 * spec.quantizable_params if fp8_copies else 0  # 1 byte a weight each, plus (rows,) fp32 scales
-    static = (weight_bytes(spec, quant, double_quant, dt) + fp8,
+    weights = sharded_weight_bytes(spec, dt, shards) if shards > 1 else weight_bytes(spec, quant, double_quant, dt)
+    static = (weights + fp8,
               lora_state_bytes(n_lora, optimizer) + (n_lora * dt if fast_path else 0))
     final_norm = tokens * final_norm_bytes_per_token(spec, dt, fast_path)
     at_loss = (held + final_norm, loss_bytes(spec, tokens, dt, fused_ce, logits_held), 0)

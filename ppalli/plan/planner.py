@@ -24,6 +24,7 @@ from ppalli.plan.memory import (
     estimate_peak_bytes,
     lora_param_count,
 )
+from ppalli.plan.sharding import auto_sharding, pinned_sharding
 from ppalli.plan.speed import DETERMINISTIC_SLOWDOWN, host_seconds, step_seconds
 from ppalli.plan.switches import NO_SDPA_FAMILIES, deterministic_choice, fp8_choice, fp8_rows_note
 
@@ -59,6 +60,7 @@ class Plan:
     recompute_layers: int | None = None  # "selective": how many decoder layers recompute (None: half)
     deterministic: bool = False  # bit-repeatable kernels (ppalli/train/determinism.py)
     fp8: bool = False  # the fast path's base GEMMs in e4m3 (ppalli/kernels/fp8.py)
+    sharding: str = "off"  # "fsdp": the 16-bit base weights spread over the ranks (ppalli/plan/sharding.py)
 
     @property
     def batch_size(self) -> int:
@@ -70,7 +72,8 @@ class Plan:
     def explain(self) -> list[str]:
         """One line per choice, then memory and speed: 'checkpointing: none - activations of every layer fit'."""
         lines = [f"{name}: {_show(name, self)} - {self.reasons.get(name, '')}" for name in CHOICES]
-        return lines + [f"{k}: {self.reasons[k]}" for k in ("world", "memory", "speed") if k in self.reasons]
+        return lines + [f"{k}: {self.reasons[k]}" for k in ("world", "sharding", "memory", "speed")
+                                                                         if k in self.reasons]
 
 
 def _show(name: str, plan: Plan) -> str:
@@ -100,6 +103,7 @@ class _Ctx:
     fast_path: bool = False
     packing: bool = False
     fp8: bool = False
+    shards: int = 1  # ranks the base weights are spread over (FSDP2)
     pinned: list[str] = field(default_factory=list)
     reasons: dict[str, str] = field(default_factory=dict)
     runner_up: tuple | None = None  # (seconds, checkpointing, micro-batch, layers) of the next-best plan that fit
@@ -303,7 +307,7 @@ def _estimate(ctx: _Ctx, quant: str, checkpointing: str, micro: int, seq_len: in
         fast_path=ctx.fast_path,
         lora_dropout=cfg.lora.dropout, attention="eager" if _eager_attention(ctx) else "sdpa",
         attn_mask=_has_mask(ctx), logits_held=False, device=ctx.device,  # train/objectives.py drops them
-        fp8_copies=ctx.cfg.plan.fp8)
+        fp8_copies=ctx.cfg.plan.fp8, shards=ctx.shards)
 
 
 def _eager_attention(ctx: _Ctx) -> bool:
@@ -326,7 +330,7 @@ def _has_mask(ctx: _Ctx) -> bool:
 def _quant_options(ctx: _Ctx, pinned_ok: bool = True) -> list[str]:
     if pinned_ok and ctx.cfg.plan.quantization != "auto":
         return [ctx.cfg.plan.quantization]
-    if ctx.cfg.plan.fp8:  # fp8 copies are made from 16-bit weights
+    if ctx.cfg.plan.fp8 or ctx.shards > 1:  # fp8 copies and FSDP2 shards need 16-bit weights
         return ["none"]
     return ["none", "nf4"] if ctx.device == "cuda" and ctx.env.has("bitsandbytes") else ["none"]
 
@@ -396,7 +400,8 @@ def _memory_reasons(ctx: _Ctx, quant: str, ckpt: str, micro: int, budget: float 
     if cfg.plan.quantization != "auto":
         r["quantization"] = ctx.pin("quantization", "plan.quantization", cfg.plan.quantization)
     elif quant == "none":
-        r["quantization"] = "16-bit weights fit" + ("" if ctx.device == "cuda" else " (4-bit is used only on CUDA)")
+        r["quantization"] = "16-bit weights fit" + (f" as {ctx.shards} FSDP2 shards" if ctx.shards > 1 else "") + (
+            "" if ctx.device == "cuda" else " (4-bit is used only on CUDA)")
     else:
         need = _estimate(ctx, "none", ckpts[-1], micros[-1]).peak_gib
         r["quantization"] = f"no 16-bit plan fits (the lightest needs {need:.1f} GiB{over}): 4-bit weights (QLoRA)"
@@ -546,8 +551,9 @@ def _no_fit(ctx: _Ctx, budget: float) -> PpalliError:
 # --------------------------------------------------------------------------- the plan
 
 
-def make_plan(env: Environment, cfg: Config, spec: ModelSpec, *, gpu_index: int = 0) -> Plan:
-    """Decide every choice for training `spec` as `cfg` asks on `env`; raises PpalliError when nothing fits."""
+def make_plan(env: Environment, cfg: Config, spec: ModelSpec, *, gpu_index: int = 0, world_size: int = 1) -> Plan:
+    """Decide every choice for training `spec` as `cfg` asks on `env` (for one of `world_size` ranks, `cfg`
+    holding that rank's share of the batch); raises PpalliError when nothing fits."""
     device, gpu, device_why = _device(env, cfg.plan.device, gpu_index)
     ctx = _Ctx(env=env, cfg=cfg, spec=spec, device=device, gpu=gpu)
     ctx.reasons["device"] = ctx.pin("device", "plan.device", device) if cfg.plan.device != "auto" else device_why
@@ -556,9 +562,13 @@ def make_plan(env: Environment, cfg: Config, spec: ModelSpec, *, gpu_index: int 
     ctx.fast_path = _fast_path(ctx)
     ctx.packing, compile_ = _packing(ctx), _compile(ctx)
     repeatable = deterministic_choice(ctx)
+    shards = pinned_sharding(ctx, world_size)  # may take the reference path, so before fp8's checks
+    ctx.shards = shards or 1
     ctx.fp8 = fp8_choice(ctx, compile_)
     budget = _budget(ctx)
     found = _search(ctx, budget)
+    if shards is None:
+        found = auto_sharding(ctx, world_size, budget, found, _search)
     if found is None:
         raise _no_fit(ctx, budget)  # _search fails only under a budget
     quant, ckpt, micro, est, layers = found
@@ -574,4 +584,5 @@ def make_plan(env: Environment, cfg: Config, spec: ModelSpec, *, gpu_index: int 
                 pinned=tuple(ctx.pinned), double_quant=cfg.plan.double_quant,
                 predicted_peak_gib=round(est.peak_gib, 2), budget_gib=None if budget is None else round(budget, 2),
                 est_tokens_per_s=None if tps is None else round(tps), gpu=gpu.name if gpu else None,
-                recompute_layers=layers, deterministic=repeatable, fp8=ctx.fp8)
+                recompute_layers=layers, deterministic=repeatable, fp8=ctx.fp8,
+                sharding="fsdp" if ctx.shards > 1 else "off")

@@ -115,7 +115,7 @@ def build_plan(cfg: C.Config, model_config, env, world_size: int = 1):
         share = t.batch_size // world_size
         micro = min(t.micro_batch_size, share) if t.micro_batch_size else None
         cfg = replace(cfg, train=replace(t, batch_size=share, micro_batch_size=micro))
-    plan = make_plan(env, cfg, ModelSpec.from_config(model_config))
+    plan = make_plan(env, cfg, ModelSpec.from_config(model_config), world_size=world_size)
     if world_size > 1:
         why = (f"{world_size} data-parallel ranks: each runs {cfg.train.batch_size} of the {t.batch_size} samples "
                f"of a step; adapter gradients are summed across ranks")
@@ -155,11 +155,12 @@ def frozen_gc():
         gc.unfreeze()
 
 
-def build_model(cfg: C.Config, plan, device, dtype):
+def build_model(cfg: C.Config, plan, device, dtype, load_device=None):
+    """Base model (on `load_device`, default `device`) with a fresh LoRA adapter."""
     from ppalli.models.load import attach_lora, load_model
 
     use_expandable_segments(device)
-    model = load_model(cfg.model.name_or_path, dtype=dtype, device=device, revision=cfg.model.revision,
+    model = load_model(cfg.model.name_or_path, dtype=dtype, device=load_device or device, revision=cfg.model.revision,
                        trust_remote_code=cfg.model.trust_remote_code, attn_implementation=_hf_attention(plan),
                        quantization=plan.quantization, double_quant=cfg.plan.double_quant, seed=cfg.train.seed,
                        memory_budget_gib=cfg.plan.memory_budget_gib)
@@ -281,7 +282,7 @@ def train(cfg: C.Config, *, resume: Path | None = None, print_fn=print, cache_di
     from ppalli.models.load import read_model_config
     from ppalli.train.determinism import deterministic
 
-    world = dist.init_from_env()
+    world = dist.init_from_env(cpu=cfg.plan.device == "cpu")
     if not world.main:
         print_fn = _silent  # the console and the run directory belong to rank 0
     cache_dir = cache_dir or Path.home() / ".cache" / "ppalli"
@@ -328,11 +329,18 @@ def _train_planned(cfg: C.Config, plan, resume: Path | None, print_fn, world, ru
     stop_ids = stop_token_ids(template, tokenizer)
 
     # 3. model, adapter, fast path, recompute
-    model = build_model(cfg, plan, device, dtype)
+    sharded = plan.sharding == "fsdp"
+    # sharded: each rank reads the whole 16-bit model into CPU memory, then keeps its share on the GPU
+    model = build_model(cfg, plan, device, dtype, load_device=torch.device("cpu") if sharded else None)
     lm_loss, fast_handle = build_loss(model, plan, print_fn)
     apply_recompute(model, plan.checkpointing, plan.recompute_layers)
     if plan.compile:
         _compile_layers(model, print_fn)
+    if sharded:
+        from ppalli.train.recompute import decoder_layers
+
+        dist.shard_base_weights(model, decoder_layers(model), world, device)
+        print_fn(f"FSDP2: base weights sharded over {world.size} ranks; the adapter whole on each")
     objective = make_objective(cfg.train.objective, beta=cfg.train.beta, lm_loss=lm_loss)
 
     # 4. optimizer, schedule, state (fresh or resumed)
@@ -351,6 +359,8 @@ def _train_planned(cfg: C.Config, plan, resume: Path | None, print_fn, world, ru
     pool = prepared.train if cfg.logging.sample_source == "train" or not prepared.eval else prepared.eval
     prompts = sample_prompts(cfg, template, tokenizer, pool)
     n_new = cfg.logging.sample_max_new_tokens
+    if sharded:  # one rank cannot run a sharded model alone (every layer gathers from all ranks)
+        prompts = []
     if not world.main:
         samples_before = []
     elif resume is None:

@@ -1,5 +1,5 @@
 """Issue 7 on the CPU: 2 data-parallel ranks (gloo, launched by `ppalli train --nproc 2` through torchrun)
-give the adapter of 1 process with twice the accumulation."""
+give the adapter of 1 process with twice the accumulation, with whole or FSDP2-sharded base weights."""
 
 import json
 
@@ -29,12 +29,14 @@ def _cfg_dict(tmp_path, shared_data) -> dict:
             "logging": {"progress": "none", "sample_max_new_tokens": 2}}
 
 
-def test_two_gloo_ranks_equal_one_process_with_double_accumulation(tmp_path, shared_data):
+@pytest.mark.parametrize("sharding", ["off", "fsdp"])
+def test_two_gloo_ranks_equal_one_process_with_double_accumulation(tmp_path, shared_data, sharding):
     data = _cfg_dict(tmp_path, shared_data)
     single = recipe.train(C.from_dict(dict(data, name="single")), print_fn=lambda *a: None)
 
     path = tmp_path / "ddp.yaml"
-    path.write_text(yaml.safe_dump(dict(data, name="ddp"), allow_unicode=True))
+    multi = dict(data, name="ddp", plan=dict(data["plan"], sharding=sharding))
+    path.write_text(yaml.safe_dump(multi, allow_unicode=True))
     assert main(["train", str(path), "--nproc", "2"]) == 0
     ddp_dir = tmp_path / "runs" / "ddp"
 
@@ -49,10 +51,14 @@ def test_two_gloo_ranks_equal_one_process_with_double_accumulation(tmp_path, sha
                                                                        rel=1e-5)
     # rank 0 alone wrote the run; its checkpoint resumes on any number of ranks
     assert (ddp_dir / "checkpoints" / "step-3").is_dir() and (ddp_dir / "report.md").is_file()
+    plan = json.loads((ddp_dir / "plan.json").read_text())
+    assert plan["sharding"] == sharding
 
 
-def test_a_one_process_checkpoint_resumes_on_two_ranks(tmp_path, shared_data, monkeypatch):
-    """Checkpoints hold no per-rank state, so a run stopped on 1 process goes on with --nproc 2, exactly."""
+@pytest.mark.parametrize("sharding", ["off", "fsdp"])
+def test_a_one_process_checkpoint_resumes_on_two_ranks(tmp_path, shared_data, monkeypatch, sharding):
+    """Checkpoints hold no per-rank state, so a run stopped on 1 process goes on with --nproc 2, exactly, with
+    the base weights whole or sharded."""
     data = dict(_cfg_dict(tmp_path, shared_data), name="cut")
     data["train"] = dict(data["train"], max_steps=4, save_every=2)
     full = recipe.train(C.from_dict(dict(data, name="full")), print_fn=lambda *a: None)
@@ -70,10 +76,11 @@ def test_a_one_process_checkpoint_resumes_on_two_ranks(tmp_path, shared_data, mo
     monkeypatch.setattr(recipe.MetricsLog, "write", original)
 
     cut = tmp_path / "runs" / "cut"
-    assert main(["train", "--resume", str(cut), "--nproc", "2"]) == 0
+    assert main(["train", "--resume", str(cut), "--nproc", "2", "--set", f"plan.sharding={sharding}"]) == 0
     a = load_file(str(full.adapter_dir / "adapter_model.safetensors"))
     b = load_file(str(cut / "adapter" / "adapter_model.safetensors"))
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6)
     steps = [json.loads(x)["step"] for x in (cut / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
     assert steps == [1, 2, 3, 4]
+    assert json.loads((cut / "plan.json").read_text())["sharding"] == sharding
