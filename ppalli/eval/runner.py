@@ -143,7 +143,7 @@ def evaluate_run(run_dir: str | Path, *, settings: EvalSettings = EvalSettings()
 
 def _answer_rows(run, rows: list[dict], settings: EvalSettings, path: Path, print_fn) -> list[dict]:
     """Greedy answers for the first `settings.n` rows that train a token, written as they finish."""
-    from ppalli.train.recipe import display_prompt
+    from ppalli.train.recipe import prompt_text
 
     start = time.perf_counter()
     limit = len(rows) if settings.n is None else settings.n
@@ -156,7 +156,7 @@ def _answer_rows(run, rows: list[dict], settings: EvalSettings, path: Path, prin
             if split is None:
                 continue
             prompt_ids, ref_ids = split
-            pair = {"prompt": display_prompt(run.tokenizer.decode(prompt_ids, skip_special_tokens=True)),
+            pair = {"prompt": prompt_text(run.tokenizer, prompt_ids),
                     "reference": run.tokenizer.decode(ref_ids, skip_special_tokens=True).strip(),
                     "output": answer(run, prompt_ids, settings.max_new_tokens)}
             pairs.append(pair)

@@ -269,7 +269,9 @@ def load_run(run_dir: str | Path, *, device: str | None = None) -> LoadedRun:
     if not (run / "adapter" / "adapter_config.json").is_file():
         raise ModelError(f"{run}: no adapter/ here; give a run folder written by `ppalli train`")
     cfg = C.load(run / "config.yaml")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device is None:  # where the run trained, when it was pinned (a CPU run's numbers stay fp32 ones)
+        device = cfg.plan.device if cfg.plan.device in ("cpu", "cuda") else (
+            "cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else (
         torch.float16 if device == "cuda" else torch.float32)
     base = load_model(cfg.model.name_or_path, dtype=dtype, device=device, revision=cfg.model.revision,

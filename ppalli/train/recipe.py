@@ -249,7 +249,7 @@ def sample_prompts(cfg: C.Config, template, tokenizer, samples: list[dict], n: i
             continue
         first = next((i for i, lab in enumerate(s["labels"]) if lab != -100), len(s["labels"]))
         ids = s["input_ids"][:first]
-        out.append({"prompt": display_prompt(tokenizer.decode(ids, skip_special_tokens=True)), "ids": ids})
+        out.append({"prompt": prompt_text(tokenizer, ids), "ids": ids})
     return out
 
 
@@ -260,6 +260,20 @@ def display_prompt(text: str) -> str:
     """The rendered prompt without the role-name lines chat templates leave once special tokens are dropped."""
     lines = [ln for ln in text.strip().splitlines() if ln.strip().lower() not in _ROLE_LINES]
     return "\n".join(lines).strip()
+
+
+def prompt_text(tokenizer, ids: list[int]) -> str:
+    """Prompt ids as a reader wants them: each run of ordinary tokens decoded on a line of its own, role lines
+    dropped. Special tokens split the runs, so Llama 3's `assistant` header, which follows the question with only
+    special tokens between, does not stick to it ("SD카드 안돼assistant")."""
+    special = {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    runs: list[list[int]] = [[]]
+    for i in ids:
+        if i in special:
+            runs.append([])
+        else:
+            runs[-1].append(i)
+    return display_prompt("\n".join(tokenizer.decode(r) for r in runs if r))
 
 
 def answer_samples(model, tokenizer, prompts: list[dict], stop_ids: list[int], max_new_tokens: int) -> list[dict]:
