@@ -22,6 +22,8 @@ def test_prompt_text_is_the_question_alone(shared_data, tokenizer_dir, template)
 
 
 def test_text_markers_stay_but_the_question_is_whole(shared_data):
+    if not (shared_data / "tokenizer_llama2").is_dir():
+        pytest.skip("tokenizer_llama2 is not in this copy of the data (the GPU machine's carries two tokenizers)")
     tok = load_tokenizer(shared_data / "tokenizer_llama2")
     shown = prompt_text(tok, _prompt_ids(tok, "alpaca_ko"))
     assert QUESTION in shown.splitlines() and "\ufffd" not in shown
