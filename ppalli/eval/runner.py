@@ -130,7 +130,7 @@ def evaluate_run(run_dir: str | Path, *, settings: EvalSettings = EvalSettings()
     sft = run.config.train.objective == "sft"
     summary = {
         "run": str(run_dir), "rows": source, "objective": run.config.train.objective,
-        "loss": loss, "perplexity": math.exp(loss) if sft else None, "loss_rows": len(rows),
+        "loss": loss, "perplexity": math.exp(loss) if sft and loss < 700 else None, "loss_rows": len(rows),
         "answered": len(pairs), "metrics": means, "settings": asdict(settings), "decoding": "greedy",
         "seconds": {"loss": round(loss_seconds, 2), "answers": round(time.perf_counter() - start, 2)},
     }
