@@ -68,3 +68,17 @@ def test_prompt_and_reference_of_sft_and_preference_samples():
             "rejected_input_ids": [1, 2, 9], "rejected_labels": [-100, -100, 9]}
     assert prompt_and_reference(pair) == ([1, 2], [8])
     assert prompt_and_reference({"input_ids": [1, 2], "labels": [-100, -100]}) is None
+
+
+def test_eval_of_a_dpo_run_scores_the_chosen_answers(make_cfg, quiet, shared_data):
+    from ppalli.eval.runner import EvalSettings, evaluate_run
+
+    cfg = make_cfg(name="dpo-eval", train__objective="dpo", train__max_steps=2, train__batch_size=4,
+                   data__path=str(shared_data / "ko_preference_rlhf" / "step2_yitingxie_ko.jsonl"), data__columns={},
+                   data__max_seq_len=256, data__packing="off", data__limit=12, data__eval_split=3)
+    run_dir = recipe.train(cfg, print_fn=quiet).run_dir
+    summary = evaluate_run(run_dir, settings=EvalSettings(n=2, max_new_tokens=4), print_fn=quiet)
+    assert summary["objective"] == "dpo" and summary["perplexity"] is None and summary["loss_rows"] == 3
+    assert summary["loss"] == pytest.approx(_final_eval_loss(run_dir), rel=1e-5)
+    rows = [json.loads(x) for x in (run_dir / "eval_samples.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert len(rows) == 2 and all(r["reference"] for r in rows)
