@@ -80,3 +80,15 @@ def label_tokens(ids: list[int], offsets: list[tuple[int, int]], ranges: list[tu
             labels[lo:kept] = ids[lo:kept]
             trained += kept - lo
     return Labeled(list(ids[:n]), labels, trained, first, len(ids), len(ids) > max_len)
+
+
+def prompt_and_reference(sample: dict) -> tuple[list[int], list[int]] | None:
+    """(prompt ids, reference ids): the tokens before the first trained label, and the first run of trained
+    labels after it. None when the sample trains no token."""
+    prefix = "chosen_" if "chosen_input_ids" in sample else ""
+    ids, labels = sample[f"{prefix}input_ids"], sample[f"{prefix}labels"]
+    first = next((i for i, lab in enumerate(labels) if lab != IGNORE), None)
+    if first is None:
+        return None
+    end = next((i for i in range(first, len(labels)) if labels[i] == IGNORE), len(labels))
+    return list(ids[:first]), list(labels[first:end])

@@ -261,3 +261,26 @@ def stop_token_ids(tpl: Template, tokenizer) -> list[int]:  # noqa: ANN001 - any
     """Token ids of the template's stop strings (EOS and end-of-turn tokens): generation ends on any."""
     ids = [tokenizer.convert_tokens_to_ids(s) for s in tpl.stops]
     return [i for i in ids if isinstance(i, int) and i != tokenizer.unk_token_id]
+
+
+_ROLE_LINES = {"system", "user", "assistant", "human", "gpt", "model"}
+
+
+def display_prompt(text: str) -> str:
+    """The rendered prompt without the role-name lines chat templates leave once special tokens are dropped."""
+    lines = [ln for ln in text.strip().splitlines() if ln.strip().lower() not in _ROLE_LINES]
+    return "\n".join(lines).strip()
+
+
+def prompt_text(tokenizer, ids: list[int]) -> str:
+    """Prompt ids as a reader wants them: each run of ordinary tokens decoded on a line of its own, role lines
+    dropped. Special tokens split the runs, so Llama 3's `assistant` header, which follows the question with only
+    special tokens between, does not stick to it ("SD카드 안돼assistant")."""
+    special = {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    runs: list[list[int]] = [[]]
+    for i in ids:
+        if i in special:
+            runs.append([])
+        else:
+            runs[-1].append(i)
+    return display_prompt("\n".join(tokenizer.decode(r) for r in runs if r))

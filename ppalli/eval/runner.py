@@ -25,10 +25,10 @@ from pathlib import Path
 
 import torch
 
+from ppalli.data.masking import prompt_and_reference
+from ppalli.data.templates import prompt_text
 from ppalli.errors import DataError
 from ppalli.eval.metrics import UNITS, mean_scores, score_pairs
-
-IGNORE = -100
 
 
 @dataclass(frozen=True)
@@ -45,18 +45,6 @@ class _Batches:
 
     micro_batch_size: int
     packing: bool = False
-
-
-def prompt_and_reference(sample: dict) -> tuple[list[int], list[int]] | None:
-    """(prompt ids, reference ids): the tokens before the first trained label, and the first run of trained
-    labels after it. None when the sample trains no token."""
-    prefix = "chosen_" if "chosen_input_ids" in sample else ""
-    ids, labels = sample[f"{prefix}input_ids"], sample[f"{prefix}labels"]
-    first = next((i for i, lab in enumerate(labels) if lab != IGNORE), None)
-    if first is None:
-        return None
-    end = next((i for i in range(first, len(labels)) if labels[i] == IGNORE), len(labels))
-    return list(ids[:first]), list(labels[first:end])
 
 
 def eval_rows(run_dir: Path, tokenizer, overrides: list[str], data_path: str | None) -> tuple[list[dict], str]:
@@ -143,8 +131,6 @@ def evaluate_run(run_dir: str | Path, *, settings: EvalSettings = EvalSettings()
 
 def _answer_rows(run, rows: list[dict], settings: EvalSettings, path: Path, print_fn) -> list[dict]:
     """Greedy answers for the first `settings.n` rows that train a token, written as they finish."""
-    from ppalli.train.recipe import prompt_text
-
     start = time.perf_counter()
     limit = len(rows) if settings.n is None else settings.n
     pairs: list[dict] = []

@@ -235,7 +235,8 @@ def sample_prompts(cfg: C.Config, template, tokenizer, samples: list[dict], n: i
 
     A sample's prompt is its tokens before the first trained label: exactly what training conditioned on.
     """
-    from ppalli.data.templates import render_prompt
+    from ppalli.data.masking import prompt_and_reference
+    from ppalli.data.templates import prompt_text, render_prompt
 
     if cfg.logging.sample_prompts:
         out = []
@@ -247,33 +248,10 @@ def sample_prompts(cfg: C.Config, template, tokenizer, samples: list[dict], n: i
     for s in samples[:n]:
         if "labels" not in s:
             continue
-        first = next((i for i, lab in enumerate(s["labels"]) if lab != -100), len(s["labels"]))
-        ids = s["input_ids"][:first]
+        split = prompt_and_reference(s)
+        ids = split[0] if split else s["input_ids"]
         out.append({"prompt": prompt_text(tokenizer, ids), "ids": ids})
     return out
-
-
-_ROLE_LINES = {"system", "user", "assistant", "human", "gpt", "model"}
-
-
-def display_prompt(text: str) -> str:
-    """The rendered prompt without the role-name lines chat templates leave once special tokens are dropped."""
-    lines = [ln for ln in text.strip().splitlines() if ln.strip().lower() not in _ROLE_LINES]
-    return "\n".join(lines).strip()
-
-
-def prompt_text(tokenizer, ids: list[int]) -> str:
-    """Prompt ids as a reader wants them: each run of ordinary tokens decoded on a line of its own, role lines
-    dropped. Special tokens split the runs, so Llama 3's `assistant` header, which follows the question with only
-    special tokens between, does not stick to it ("SD카드 안돼assistant")."""
-    special = {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
-    runs: list[list[int]] = [[]]
-    for i in ids:
-        if i in special:
-            runs.append([])
-        else:
-            runs[-1].append(i)
-    return display_prompt("\n".join(tokenizer.decode(r) for r in runs if r))
 
 
 def answer_samples(model, tokenizer, prompts: list[dict], stop_ids: list[int], max_new_tokens: int) -> list[dict]:

@@ -8,7 +8,7 @@ import pytest
 pytest.importorskip("rouge_score")
 
 from ppalli.cli import main  # noqa: E402
-from ppalli.eval.runner import prompt_and_reference  # noqa: E402
+from ppalli.data.masking import prompt_and_reference  # noqa: E402
 from ppalli.train import recipe  # noqa: E402
 
 

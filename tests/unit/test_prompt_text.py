@@ -3,9 +3,8 @@ templates whose markers are special tokens."""
 
 import pytest
 
-from ppalli.data.templates import render_prompt, resolve_template
+from ppalli.data.templates import prompt_text, render_prompt, resolve_template
 from ppalli.models.tokenizer import load_tokenizer
-from ppalli.train.recipe import prompt_text
 
 QUESTION = "SD카드 안돼"
 
