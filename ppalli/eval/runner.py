@@ -35,7 +35,7 @@ from ppalli.eval.metrics import UNITS, mean_scores, score_pairs
 class EvalSettings:
     n: int | None = 100  # rows answered and scored (None: all); the loss always covers every row
     max_new_tokens: int = 256
-    micro_batch_size: int = 4  # rows per loss forward (the reference loss builds (rows, T, V) logits)
+    micro_batch_size: int = 4  # rows per loss forward (full (rows, T, V) logits where eval_lm_loss has no chunked head)
     units: tuple[str, ...] = UNITS
 
 
@@ -68,11 +68,11 @@ def eval_rows(run_dir: Path, tokenizer, overrides: list[str], data_path: str | N
 
 def eval_loss(run, rows: list[dict], settings: EvalSettings) -> float:
     from ppalli.train.loop import evaluate
-    from ppalli.train.objectives import make_objective
+    from ppalli.train.objectives import eval_lm_loss, make_objective
     from ppalli.train.recipe import make_collate
 
     cfg = run.config
-    objective = make_objective(cfg.train.objective, beta=cfg.train.beta)
+    objective = make_objective(cfg.train.objective, beta=cfg.train.beta, lm_loss=eval_lm_loss(run.model))
     collate = make_collate(run.tokenizer, run.model.device, cfg.train.objective)
     return evaluate(run.model, objective, rows, _Batches(settings.micro_batch_size), collate)
 

@@ -40,6 +40,44 @@ def reference_lm_loss(model, batch: dict) -> tuple[torch.Tensor, int]:
     return loss, trained_tokens(batch["labels"])
 
 
+def chunked_lm_loss(model, batch: dict, rows: int = 2048) -> tuple[torch.Tensor, int]:
+    """reference_lm_loss without the (B, T, V) logits, for evaluation (no gradient flows through it): HF's
+    own decoder, then the lm_head and an fp32 cross entropy `rows` trained tokens at a time (Gemma 2/3's
+    final logit softcap applied as HF applies it, in the logits' dtype). Positions without a label never
+    reach the head. Only for models whose causal-LM head is the lm_head (and softcap): see eval_lm_loss.
+    Why: with Llama 3's 128,256-token vocabulary a 4 x 2048 micro-batch's fp32 logits alone take 4.2 GB
+    (and log-softmax another copy); 2048 rows take 1.05 GB."""
+    from ppalli.models.fast import backbone_of, causal_lm
+
+    lm = causal_lm(model)
+    head = lm.get_output_embeddings()
+    hidden = backbone_of(model)(**model_inputs(batch), use_cache=False).last_hidden_state[:, :-1]  # (B, T-1, d)
+    labels = batch["labels"][:, 1:]
+    keep = labels != IGNORE
+    h, y = hidden[keep], labels[keep]  # (n, d), (n,)
+    cap = getattr(lm.config, "final_logit_softcapping", None)
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    for start in range(0, y.numel(), rows):
+        logits = head(h[start:start + rows])  # (rows, V)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        total += F.cross_entropy(logits.float(), y[start:start + rows], reduction="sum")
+    return total, trained_tokens(batch["labels"])
+
+
+def eval_lm_loss(model) -> Callable:
+    """The LM loss for evaluation: chunked_lm_loss where ppalli knows what the model's causal-LM forward does
+    after its decoder (a fast-path family: the lm_head, then Gemma 2/3's softcap), else reference_lm_loss."""
+    from ppalli.models.families import family_for_layer
+    from ppalli.models.fast import backbone_of
+
+    try:
+        layers = backbone_of(model).layers
+    except AttributeError:
+        return reference_lm_loss
+    return chunked_lm_loss if len(layers) and family_for_layer(layers[0]) is not None else reference_lm_loss
+
+
 def sequence_logps(model, input_ids, labels, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sequence (sum of trained-token log-probs, trained-token count), each (B,)."""
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
