@@ -90,20 +90,27 @@ def sum_gradients(model, world: World) -> None:
         offset += g.numel()
 
 
-def shard_base_weights(model, layers, world: World, device: torch.device) -> None:
-    """FSDP2 over the world: each decoder layer a unit of its own (gathered for its forward and again for its
-    backward), the rest (embeddings, lm_head, final norm) the root's. Trainable parameters are left out
-    (ignored_params): moved whole to `device` and summed by `sum_gradients` like a data-parallel run's.
+def fsdp_mesh(world: World, device: torch.device):
+    """The 1-D device mesh of all ranks that shard_base_weights spreads the base weights over. Made by every
+    rank at once (a mesh may create a process group: a collective), before the ranks take turns loading."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(device.type, (world.size,))
+
+
+def shard_base_weights(model, layers, mesh, device: torch.device) -> None:
+    """FSDP2 over `mesh` (fsdp_mesh): each decoder layer a unit of its own (gathered for its forward and again
+    for its backward), the rest (embeddings, lm_head, final norm) the root's. Trainable parameters are left
+    out (ignored_params): moved whole to `device` and summed by `sum_gradients` like a data-parallel run's.
+    No collective runs here (FSDP2 cuts each rank's shard locally), so ranks may call it one at a time.
 
     Gradients match an unsharded model's exactly (2 gloo ranks, tiny Llama with PEFT, 2026-12-03: largest
     difference 0.0)."""
-    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     adapter = {p for p in model.parameters() if p.requires_grad}
     for p in adapter:
         p.data = p.data.to(device)
-    mesh = init_device_mesh(device.type, (world.size,))
     for layer in layers:
         fully_shard(layer, mesh=mesh, ignored_params=adapter)
     root = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT wraps the HF model

@@ -169,6 +169,36 @@ def build_model(cfg: C.Config, plan, device, dtype, load_device=None):
                        use_dora=lc.use_dora, use_rslora=lc.use_rslora, seed=cfg.train.seed)
 
 
+def _model(cfg: C.Config, plan, device, dtype, print_fn, load_device=None):
+    """(model with its adapter, LM loss, fast-path handle or None), recompute and compile applied."""
+    from ppalli.train.recompute import apply_recompute
+
+    model = build_model(cfg, plan, device, dtype, load_device=load_device)
+    lm_loss, fast_handle = build_loss(model, plan, print_fn)
+    apply_recompute(model, plan.checkpointing, plan.recompute_layers)
+    if plan.compile:
+        _compile_layers(model, print_fn)
+    return model, lm_loss, fast_handle
+
+
+def _sharded_model(cfg: C.Config, plan, device, dtype, world, print_fn):
+    """_model with the base weights spread over the ranks (plan.sharding=fsdp). A rank reads the whole 16-bit
+    model into CPU memory, keeps its shard on the GPU and drops the rest; the ranks take turns, so the host
+    holds one whole copy at a time: Llama-3.1-70B's 131 GiB twice over would not fit a 2 x H200 host's 256."""
+    from ppalli.train.recompute import decoder_layers
+
+    mesh = dist.fsdp_mesh(world, device)
+    for turn in range(world.size):
+        if turn == world.rank:
+            built = _model(cfg, plan, device, dtype, print_fn, load_device=torch.device("cpu"))
+            dist.shard_base_weights(built[0], decoder_layers(built[0]), mesh, device)
+            gc.collect()  # the CPU copies go before the next rank reads its own
+        dist.barrier(world)
+    print_fn(f"FSDP2: base weights sharded over {world.size} ranks (read one rank at a time); the adapter whole "
+             "on each")
+    return built
+
+
 def _hf_attention(plan) -> str:
     return plan.attention if plan.attention in ("sdpa", "eager", "flash_attention_2", "flash_attention_3",
                                                 "flex_attention") else "sdpa"
@@ -303,7 +333,6 @@ def _train_planned(cfg: C.Config, plan, resume: Path | None, print_fn, world, ru
     from ppalli.models.tokenizer import load_tokenizer
     from ppalli.train.objectives import make_objective
     from ppalli.train.optim import make_optimizer
-    from ppalli.train.recompute import apply_recompute
     from ppalli.train.schedule import make_scheduler, warmup_steps
 
     device, dtype = device_and_dtype(plan)
@@ -322,17 +351,8 @@ def _train_planned(cfg: C.Config, plan, resume: Path | None, print_fn, world, ru
 
     # 3. model, adapter, fast path, recompute
     sharded = plan.sharding == "fsdp"
-    # sharded: each rank reads the whole 16-bit model into CPU memory, then keeps its share on the GPU
-    model = build_model(cfg, plan, device, dtype, load_device=torch.device("cpu") if sharded else None)
-    lm_loss, fast_handle = build_loss(model, plan, print_fn)
-    apply_recompute(model, plan.checkpointing, plan.recompute_layers)
-    if plan.compile:
-        _compile_layers(model, print_fn)
-    if sharded:
-        from ppalli.train.recompute import decoder_layers
-
-        dist.shard_base_weights(model, decoder_layers(model), world, device)
-        print_fn(f"FSDP2: base weights sharded over {world.size} ranks; the adapter whole on each")
+    model, lm_loss, fast_handle = (_sharded_model(cfg, plan, device, dtype, world, print_fn) if sharded
+                                   else _model(cfg, plan, device, dtype, print_fn))
     objective = make_objective(cfg.train.objective, beta=cfg.train.beta, lm_loss=lm_loss)
 
     # 4. optimizer, schedule, state (fresh or resumed)

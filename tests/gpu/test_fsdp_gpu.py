@@ -6,6 +6,8 @@ tests/integration/test_distributed.py.
 """
 
 import copy
+import gc
+import weakref
 
 import pytest
 import torch
@@ -13,7 +15,7 @@ import torch.distributed as dist
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from ppalli.models.load import attach_lora
-from ppalli.train.distributed import World, shard_base_weights
+from ppalli.train.distributed import World, fsdp_mesh, shard_base_weights
 from ppalli.train.recompute import decoder_layers
 
 LLAMA = dict(model_type="llama", hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
@@ -47,7 +49,10 @@ def test_sharded_model_read_on_cpu_matches_the_whole_one(one_rank):
                 p.normal_(std=0.02)  # B = 0 would give zero A gradients
     whole = copy.deepcopy(model).cuda()
     device = torch.device("cuda")
-    shard_base_weights(model, decoder_layers(model), one_rank, device)
+    cpu_weight = weakref.ref(model.get_base_model().model.layers[0].mlp.up_proj.base_layer.weight)
+    shard_base_weights(model, decoder_layers(model), fsdp_mesh(one_rank, device), device)
+    gc.collect()
+    assert cpu_weight() is None, "the CPU copy of a sharded weight is still referenced: the host would hold it"
 
     q = model.get_base_model().model.layers[0].self_attn.q_proj
     assert isinstance(q.base_layer.weight, DTensor) and q.base_layer.weight.to_local().is_cuda
