@@ -16,7 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from ppalli.models.load import attach_lora
 from ppalli.train.distributed import World, fsdp_mesh, shard_base_weights
-from ppalli.train.recompute import decoder_layers
+from ppalli.train.recompute import apply_recompute, decoder_layers
 
 LLAMA = dict(model_type="llama", hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
              num_key_value_heads=2, vocab_size=1024, max_position_embeddings=512, tie_word_embeddings=False)
@@ -36,7 +36,11 @@ def _loss_and_grads(model, ids):
     return loss.detach().float(), {n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def test_sharded_model_read_on_cpu_matches_the_whole_one(one_rank):
+# recompute applied before sharding, as the recipe does: FSDP2 then gathers a layer's weights a third time, for
+# the recompute inside its backward
+@pytest.mark.parametrize("recompute", ["none", "full", pytest.param("offload", marks=pytest.mark.xfail(
+    strict=True, reason="offload's LoRA gradients are wrong under FSDP2 (H200, 2026-12-04); the planner refuses it"))])
+def test_sharded_model_read_on_cpu_matches_the_whole_one(one_rank, recompute):
     from torch.distributed.tensor import DTensor
 
     torch.manual_seed(0)
@@ -49,6 +53,7 @@ def test_sharded_model_read_on_cpu_matches_the_whole_one(one_rank):
                 p.normal_(std=0.02)  # B = 0 would give zero A gradients
     whole = copy.deepcopy(model).cuda()
     device = torch.device("cuda")
+    apply_recompute(model, recompute)
     cpu_weight = weakref.ref(model.get_base_model().model.layers[0].mlp.up_proj.base_layer.weight)
     shard_base_weights(model, decoder_layers(model), fsdp_mesh(one_rank, device), device)
     gc.collect()
