@@ -316,7 +316,8 @@ def final_norm_bytes_per_token(spec: ModelSpec, dtype_bytes: int, fast_path: boo
     return dtype_bytes * spec.hidden + 4 if fast_path else 4 * spec.hidden
 
 
-def loss_bytes(spec: ModelSpec, tokens: int, dtype_bytes: int, fused_ce: bool, logits_held: bool = True) -> int:
+def loss_bytes(spec: ModelSpec, tokens: int, dtype_bytes: int, fused_ce: bool, logits_held: bool = True,
+               logps_rows: int = 0) -> int:
     """Peak of the lm_head + cross-entropy at the start of backward.
     HF (transformers 5.24 ForCausalLMLoss): `.float()` makes an fp32 copy of the logits that cross_entropy's
     log_softmax turns into a saved fp32 output; backward allocates nll_loss's fp32 grad and log_softmax's
@@ -324,7 +325,12 @@ def loss_bytes(spec: ModelSpec, tokens: int, dtype_bytes: int, fused_ce: bool, l
     holds the model output through backward (`logits_held`; ppalli's reference_lm_loss drops them).
     The three calibration runs agree on 12 + dtype and rule out 8 + dtype (2-4 GiB low).
     Fused (kernels/linear_cross_entropy.py, chunked like Liger): the fp32 gradient of the hidden states made
-    during forward + one chunk of fp32 logits and their gradient; a chunk has about tokens x hidden logits."""
+    during forward + one chunk of fp32 logits and their gradient; a chunk has about tokens x hidden logits.
+    Preference objectives with `logps_rows` (train/linear_logps.py, chunks of that many rows): each token's
+    fp32 log-sum-exp, and in the backward one chunk's logits in the dtype, their fp32 copy, the fp32 gradient
+    and one more fp32 temporary (the softcap's factor, or the exp before it is scaled)."""
+    if logps_rows:
+        return tokens * 4 + min(tokens, logps_rows) * spec.vocab * (dtype_bytes + 12)
     if not fused_ce:
         return tokens * spec.vocab * ((dtype_bytes if logits_held else 0) + 12)
     chunk = min(tokens, 2 ** math.ceil(math.log2(max(1, math.ceil(tokens / math.ceil(spec.vocab / spec.hidden))))))
@@ -396,12 +402,14 @@ def estimate_peak_bytes(spec: ModelSpec, *, lora_r: int = 16, lora_targets: Any 
                         optimizer: str = "adamw", fused_ce: bool = False, fast_path: bool = False,
                         lora_dropout: float = 0.0, attention: str = "sdpa", attn_mask: bool = False,
                         fast_saved_per_token: int | None = None, logits_held: bool = True,
-                        device: str = "cuda", fp8_copies: bool = False, shards: int = 1) -> MemoryEstimate:
+                        device: str = "cuda", fp8_copies: bool = False, shards: int = 1,
+                        logps_rows: int = 0) -> MemoryEstimate:
     """Predicted peak of a training step. `micro_batch` counts sequences (a preference pair is two);
     `fast_saved_per_token` overrides the fused path's per-layer saved bytes per token; `logits_held`: the
     caller keeps the model output (and its dtype logits) alive through backward, as HF's own loss does;
     `fp8_copies`: plan.fp8's two e4m3 copies of each decoder linear weight (ppalli/kernels/fp8.py); `shards`:
-    FSDP2 ranks the 16-bit base weights are spread over (`sharded_weight_bytes`)."""
+    FSDP2 ranks the 16-bit base weights are spread over (`sharded_weight_bytes`); `logps_rows`: a preference
+    objective scoring tokens through train/linear_logps.py in chunks of that many rows (see loss_bytes)."""
     targets = lora_projections(lora_targets)
     tokens, dt = micro_batch * seq_len, dtype_bytes
     if fast_path:
@@ -420,7 +428,7 @@ def estimate_peak_bytes(spec: ModelSpec, *, lora_r: int = 16, lora_targets: Any 
     static = (weights + fp8,
               lora_state_bytes(n_lora, optimizer) + (n_lora * dt if fast_path else 0))
     final_norm = tokens * final_norm_bytes_per_token(spec, dt, fast_path)
-    at_loss = (held + final_norm, loss_bytes(spec, tokens, dt, fused_ce, logits_held), 0)
+    at_loss = (held + final_norm, loss_bytes(spec, tokens, dt, fused_ce, logits_held, logps_rows), 0)
     work = tokens * backward_work_bytes_per_token(spec, dt, fast_path) + dequant_scratch_bytes(spec, quant, dt)
     at_layers = (held + rebuilt, 0, work)
     phase, (act, loss, transient) = max(("loss", at_loss), ("layers", at_layers), key=lambda p: sum(p[1]))

@@ -307,7 +307,16 @@ def _estimate(ctx: _Ctx, quant: str, checkpointing: str, micro: int, seq_len: in
         fast_path=ctx.fast_path,
         lora_dropout=cfg.lora.dropout, attention="eager" if _eager_attention(ctx) else "sdpa",
         attn_mask=_has_mask(ctx), logits_held=False, device=ctx.device,  # train/objectives.py drops them
-        fp8_copies=ctx.cfg.plan.fp8, shards=ctx.shards)
+        fp8_copies=ctx.cfg.plan.fp8, shards=ctx.shards, logps_rows=_logps_rows(ctx))
+
+
+def _logps_rows(ctx: _Ctx) -> int:
+    """Rows per chunk of the preference objectives' token scoring (train/linear_logps.py), 0 for SFT or a model
+    whose head they score from full logits (train/objectives.py sequence_logps: the fast-path families only)."""
+    from ppalli.train.linear_logps import CHUNK_ROWS
+
+    paired = ctx.cfg.train.objective in PAIRED_OBJECTIVES
+    return CHUNK_ROWS if paired and ctx.spec.family in FAST_FAMILIES else 0
 
 
 def _eager_attention(ctx: _Ctx) -> bool:

@@ -66,25 +66,54 @@ def chunked_lm_loss(model, batch: dict, rows: int = 2048) -> tuple[torch.Tensor,
 
 
 def eval_lm_loss(model) -> Callable:
-    """The LM loss for evaluation: chunked_lm_loss where ppalli knows what the model's causal-LM forward does
-    after its decoder (a fast-path family: the lm_head, then Gemma 2/3's softcap), else reference_lm_loss."""
+    """The LM loss for evaluation: chunked_lm_loss for a fast-path family (_known_family), else
+    reference_lm_loss."""
+    return chunked_lm_loss if _known_family(model) else reference_lm_loss
+
+
+def sequence_logps(model, input_ids, labels, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence (sum of trained-token log-probs, trained-token count), each (B,).
+
+    Where ppalli knows the model's head (_plain_head), only the trained tokens go through it, chunk by chunk
+    (train/linear_logps.py: no (B, T, V) logits); else from the model's full logits."""
+    tgt = labels[:, 1:]
+    mask = tgt != IGNORE
+    if not _plain_head(model):
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
+        logp = torch.gather(logits.log_softmax(-1), 2, tgt.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        return (logp * mask).sum(-1), mask.sum(-1)
+    from ppalli.models.fast import backbone_of, causal_lm
+    from ppalli.train.linear_logps import linear_logps
+
+    lm = causal_lm(model)
+    weight = lm.get_output_embeddings().weight  # (V, d)
+    hidden = backbone_of(model)(input_ids=input_ids, attention_mask=attention_mask,
+                                use_cache=False).last_hidden_state[:, :-1]  # (B, T-1, d)
+    logp = linear_logps(hidden[mask].to(weight.dtype), weight, tgt[mask],
+                        getattr(lm.config, "final_logit_softcapping", None))  # (n,) the trained tokens'
+    rows = torch.arange(mask.shape[0], device=mask.device)[:, None].expand_as(mask)[mask]  # (n,) their sequence
+    sums = torch.zeros(mask.shape[0], dtype=torch.float32, device=logp.device).index_add(0, rows, logp)
+    return sums, mask.sum(-1)
+
+
+def _known_family(model) -> bool:
+    """Whether the model is a fast-path family, whose causal-LM forward after the decoder is the lm_head (and,
+    for Gemma 2/3, the final logit softcap): what chunked_lm_loss and sequence_logps rebuild."""
     from ppalli.models.families import family_for_layer
     from ppalli.models.fast import backbone_of
 
     try:
         layers = backbone_of(model).layers
     except AttributeError:
-        return reference_lm_loss
-    return chunked_lm_loss if len(layers) and family_for_layer(layers[0]) is not None else reference_lm_loss
+        return False
+    return len(layers) > 0 and family_for_layer(layers[0]) is not None
 
 
-def sequence_logps(model, input_ids, labels, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sequence (sum of trained-token log-probs, trained-token count), each (B,)."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
-    tgt = labels[:, 1:]
-    mask = tgt != IGNORE
-    logp = torch.gather(logits.log_softmax(-1), 2, tgt.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (logp * mask).sum(-1), mask.sum(-1)
+def _plain_head(model) -> bool:
+    """_known_family with an lm_head that is its weight alone (no LoRA on it, no bias)."""
+    from ppalli.models.fast import _head_problem
+
+    return _known_family(model) and _head_problem(model) is None
 
 
 class SFT:

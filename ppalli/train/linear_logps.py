@@ -1,0 +1,79 @@
+"""Log-probabilities of target tokens through the lm_head, chunk by chunk: no (N, V) logits at once.
+
+The preference objectives (ORPO, DPO) need each trained token's log p(target), summed per sequence, and
+differentiate a function of those sums (a sigmoid of the margin), so the fused cross entropy's trick of making
+the gradient in the forward (kernels/linear_cross_entropy.py) does not apply: the weight of a token's
+gradient is known only once every token of its pair has been scored. Here the forward keeps only each row's
+log-sum-exp (N floats) and the backward makes each chunk's logits again:
+
+    forward:   z = h W^T (softcapped), logp[t] = z[t] - lse(z)                  per chunk; keeps lse
+    backward:  dz = g * (onehot(t) - exp(z - lse)),  dh = dz W  (dW += dz^T h)   per chunk, z made again
+
+so one more lm_head GEMM than the plain path, for memory that no longer grows with N x V: plain autograd
+through `logits.float().log_softmax(-1)` holds the logits, their fp32 copy and the log-softmax (Llama 3's
+V = 128,256: 4 pairs x 2 x 2048 tokens are 17 GB), and the backward adds fp32 gradients of each.
+
+Pure PyTorch (cuBLAS GEMMs, fp32 softmax per chunk), so the reference path uses it too, on any device.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Rows per chunk: 1024 x V fp32 is 0.5 GB for Llama 3's vocabulary; the backward holds about three of them.
+CHUNK_ROWS = 1024
+
+
+def _logits(h: torch.Tensor, weight: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """(rows, V) fp32 logits of h (rows, d), softcapped as HF applies it (in the matmul dtype, then fp32)."""
+    z = h @ weight.t()
+    if softcap:
+        z = torch.tanh(z / softcap) * softcap
+    return z.float()
+
+
+class LinearLogpsFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, softcap, rows):
+        lse = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        logp = torch.empty_like(lse)
+        for start in range(0, hidden.shape[0], rows):
+            end = min(start + rows, hidden.shape[0])
+            z = _logits(hidden[start:end], weight, softcap)  # (rows, V)
+            lse[start:end] = torch.logsumexp(z, dim=-1)
+            logp[start:end] = z.gather(1, targets[start:end, None]).squeeze(1) - lse[start:end]
+            del z
+        ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.softcap, ctx.rows = softcap, rows
+        return logp
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden, weight, targets, lse = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        dh = torch.empty_like(hidden) if need_h else None
+        dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad = grad.float()
+        for start in range(0, hidden.shape[0], ctx.rows):
+            end = min(start + ctx.rows, hidden.shape[0])
+            h, g = hidden[start:end], grad[start:end, None]  # (rows, d), (rows, 1)
+            z = _logits(h, weight, ctx.softcap)
+            dz = (z - lse[start:end, None]).exp_().mul_(-g)  # -g softmax(z)
+            dz.scatter_add_(1, targets[start:end, None], g)  # + g at the target
+            if ctx.softcap:  # z = c tanh(x / c): dz/dx = 1 - (z / c)^2
+                dz.mul_(1 - (z / ctx.softcap).square_())
+            del z
+            dz = dz.to(hidden.dtype)
+            if need_h:
+                torch.mm(dz, weight, out=dh[start:end])  # (rows, V) @ (V, d)
+            if need_w:
+                dw += dz.t() @ h
+        return dh, dw.to(weight.dtype) if need_w else None, None, None, None
+
+
+def linear_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, softcap: float | None = None,
+                 rows: int = CHUNK_ROWS) -> torch.Tensor:
+    """log softmax(hidden @ weight^T)[target] per row, fp32 (N,): hidden (N, d), weight (V, d), targets (N,) in
+    [0, V) (select the trained rows first: every row here costs its share of the GEMMs). softcap: Gemma 2/3's
+    final logit softcap."""
+    return LinearLogpsFunction.apply(hidden, weight, targets, softcap or None, rows)
