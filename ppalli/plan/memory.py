@@ -327,10 +327,10 @@ def loss_bytes(spec: ModelSpec, tokens: int, dtype_bytes: int, fused_ce: bool, l
     Fused (kernels/linear_cross_entropy.py, chunked like Liger): the fp32 gradient of the hidden states made
     during forward + one chunk of fp32 logits and their gradient; a chunk has about tokens x hidden logits.
     Preference objectives with `logps_rows` (train/linear_logps.py, chunks of that many rows): each token's
-    fp32 log-sum-exp, and in the backward one chunk's logits in the dtype, their fp32 copy, the fp32 gradient
-    and one more fp32 temporary (the softcap's factor, or the exp before it is scaled)."""
+    fp32 log-prob and d logp / d h in the dtype, and for one chunk at a time its fp32 logits and their fp32
+    gradient plus one more temporary (the softcap's fp32 factor, or the gradient's copy in the dtype)."""
     if logps_rows:
-        return tokens * 4 + min(tokens, logps_rows) * spec.vocab * (dtype_bytes + 12)
+        return tokens * (4 + spec.hidden * dtype_bytes) + min(tokens, logps_rows) * spec.vocab * 12
     if not fused_ce:
         return tokens * spec.vocab * ((dtype_bytes if logits_held else 0) + 12)
     chunk = min(tokens, 2 ** math.ceil(math.log2(max(1, math.ceil(tokens / math.ceil(spec.vocab / spec.hidden))))))

@@ -32,43 +32,65 @@ def _logits(h: torch.Tensor, weight: torch.Tensor, softcap: float | None) -> tor
     return z.float()
 
 
+def _dlogp(z: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, g: torch.Tensor, softcap: float | None):
+    """g * d logp[target] / d x for a chunk, (rows, V) fp32: z its softcapped fp32 logits, lse (rows,) their
+    log-sum-exp, g (rows, 1) the weight of each row; x the logits before the softcap."""
+    dz = (z - lse[:, None]).exp_().mul_(-g)  # -g softmax(z)
+    dz.scatter_add_(1, targets[:, None], g)  # + g at the target
+    if softcap:  # z = c tanh(x / c): dz/dx = 1 - (z / c)^2
+        dz.mul_(1 - (z / softcap).square_())
+    return dz
+
+
 class LinearLogpsFunction(torch.autograd.Function):
+    """With a frozen weight, a row's gradient is linear in that row's own upstream weight, so the forward makes
+    d logp / d h for every row (one more GEMM, as the fused cross entropy does) and the backward only scales
+    it: the lm_head runs twice in all, as in the plain path. A trained weight's gradient sums rows with their
+    weights, known only in the backward, which then makes each chunk's logits again."""
+
     @staticmethod
-    def forward(ctx, hidden, weight, targets, softcap, rows):
+    def forward(ctx, hidden, weight, targets, softcap, rows, need_dh, need_dw):
         lse = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         logp = torch.empty_like(lse)
+        dh = torch.empty_like(hidden) if need_dh and not need_dw else None  # d logp / d h per row
+        ones = torch.ones(min(rows, hidden.shape[0]), 1, dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], rows):
             end = min(start + rows, hidden.shape[0])
             z = _logits(hidden[start:end], weight, softcap)  # (rows, V)
             lse[start:end] = torch.logsumexp(z, dim=-1)
             logp[start:end] = z.gather(1, targets[start:end, None]).squeeze(1) - lse[start:end]
-            del z
-        ctx.save_for_backward(hidden, weight, targets, lse)
-        ctx.softcap, ctx.rows = softcap, rows
+            if dh is not None:
+                dz = _dlogp(z, lse[start:end], targets[start:end], ones[:end - start], softcap)
+                del z  # before the GEMM's bf16 copy: two (rows, V) fp32 buffers at a time, not three
+                torch.mm(dz.to(hidden.dtype), weight, out=dh[start:end])  # (rows, V) @ (V, d)
+            else:
+                del z
+        if dh is not None:
+            ctx.save_for_backward(dh)
+        else:
+            ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.softcap, ctx.rows, ctx.made = softcap, rows, dh is not None
         return logp
 
     @staticmethod
     def backward(ctx, grad):
+        grad = grad.float()[:, None]  # (N, 1)
+        if ctx.made:
+            (dh,) = ctx.saved_tensors
+            return (dh.float() * grad).to(dh.dtype), None, None, None, None, None, None
         hidden, weight, targets, lse = ctx.saved_tensors
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_h = ctx.needs_input_grad[0]
         dh = torch.empty_like(hidden) if need_h else None
-        dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        grad = grad.float()
+        dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         for start in range(0, hidden.shape[0], ctx.rows):
             end = min(start + ctx.rows, hidden.shape[0])
-            h, g = hidden[start:end], grad[start:end, None]  # (rows, d), (rows, 1)
-            z = _logits(h, weight, ctx.softcap)
-            dz = (z - lse[start:end, None]).exp_().mul_(-g)  # -g softmax(z)
-            dz.scatter_add_(1, targets[start:end, None], g)  # + g at the target
-            if ctx.softcap:  # z = c tanh(x / c): dz/dx = 1 - (z / c)^2
-                dz.mul_(1 - (z / ctx.softcap).square_())
-            del z
-            dz = dz.to(hidden.dtype)
+            h = hidden[start:end]  # (rows, d)
+            dz = _dlogp(_logits(h, weight, ctx.softcap), lse[start:end], targets[start:end], grad[start:end],
+                        ctx.softcap).to(hidden.dtype)
             if need_h:
                 torch.mm(dz, weight, out=dh[start:end])  # (rows, V) @ (V, d)
-            if need_w:
-                dw += dz.t() @ h
-        return dh, dw.to(weight.dtype) if need_w else None, None, None, None
+            dw += dz.t() @ h
+        return dh, dw.to(weight.dtype), None, None, None, None, None
 
 
 def linear_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, softcap: float | None = None,
@@ -76,4 +98,6 @@ def linear_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tens
     """log softmax(hidden @ weight^T)[target] per row, fp32 (N,): hidden (N, d), weight (V, d), targets (N,) in
     [0, V) (select the trained rows first: every row here costs its share of the GEMMs). softcap: Gemma 2/3's
     final logit softcap."""
-    return LinearLogpsFunction.apply(hidden, weight, targets, softcap or None, rows)
+    grad = torch.is_grad_enabled()
+    return LinearLogpsFunction.apply(hidden, weight, targets, softcap or None, rows, grad and hidden.requires_grad,
+                                     grad and weight.requires_grad)

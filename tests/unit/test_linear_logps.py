@@ -18,20 +18,29 @@ def _full_logps(h, w, t, softcap=None):
 
 @pytest.mark.parametrize("softcap", [None, 2.0])
 @pytest.mark.parametrize("rows", [3, 1024])  # 3: seven chunks, the last one short
-def test_values_and_gradients_match_full_logits(softcap, rows):
+@pytest.mark.parametrize("train_weight", [False, True])  # frozen: d logp / d h made in the forward; trained: recompute
+def test_values_and_gradients_match_full_logits(softcap, rows, train_weight):
     torch.manual_seed(0)
     h = torch.randn(20, 16, requires_grad=True)
-    w = torch.randn(50, 16, requires_grad=True)  # logits of ~4: the softcap of 2 bends them
+    w = torch.randn(50, 16, requires_grad=train_weight)  # logits of ~4: the softcap of 2 bends them
     t = torch.randint(0, 50, (20,))
     g = torch.randn(20)
+    inputs = (h, w) if train_weight else (h,)
     ref = _full_logps(h, w, t, softcap)
-    dh_ref, dw_ref = torch.autograd.grad(ref, (h, w), g)
+    ref_grads = torch.autograd.grad(ref, inputs, g)
     got = linear_logps(h, w, t, softcap, rows=rows)
-    dh, dw = torch.autograd.grad(got, (h, w), g)
+    grads = torch.autograd.grad(got, inputs, g)
     # fp32 on both sides, the same operations per row; log-softmax sums in another order: a few ulps
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(dh, dh_ref, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(dw, dw_ref, rtol=1e-5, atol=1e-5)
+    for d, d_ref in zip(grads, ref_grads):
+        torch.testing.assert_close(d, d_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_under_no_grad_it_returns_values_without_a_graph():
+    h, w = torch.randn(6, 8, requires_grad=True), torch.randn(10, 8)
+    with torch.no_grad():
+        out = linear_logps(h, w, torch.randint(0, 10, (6,)))
+    assert out.grad_fn is None and out.shape == (6,)
 
 
 def _pairs():
