@@ -1,17 +1,18 @@
 """Log-probabilities of target tokens through the lm_head, chunk by chunk: no (N, V) logits at once.
 
 The preference objectives (ORPO, DPO) need each trained token's log p(target), summed per sequence, and
-differentiate a function of those sums (a sigmoid of the margin), so the fused cross entropy's trick of making
-the gradient in the forward (kernels/linear_cross_entropy.py) does not apply: the weight of a token's
-gradient is known only once every token of its pair has been scored. Here the forward keeps only each row's
-log-sum-exp (N floats) and the backward makes each chunk's logits again:
+differentiate a function of those sums (a sigmoid of the margin). Each token's log p depends on its own
+hidden row only, so d logp / d h is one row per token whatever the loss does with it: the forward makes it
+chunk by chunk, as the fused cross entropy makes its gradient (kernels/linear_cross_entropy.py), and the
+backward scales each row by its upstream weight:
 
-    forward:   z = h W^T (softcapped), logp[t] = z[t] - lse(z)                  per chunk; keeps lse
-    backward:  dz = g * (onehot(t) - exp(z - lse)),  dh = dz W  (dW += dz^T h)   per chunk, z made again
+    forward:   z = h W^T (softcapped), logp[t] = z[t] - lse(z),  dh0 = (onehot(t) - softmax(z)) W   per chunk
+    backward:  dh = g * dh0
 
-so one more lm_head GEMM than the plain path, for memory that no longer grows with N x V: plain autograd
-through `logits.float().log_softmax(-1)` holds the logits, their fp32 copy and the log-softmax (Llama 3's
-V = 128,256: 4 pairs x 2 x 2048 tokens are 17 GB), and the backward adds fp32 gradients of each.
+Plain autograd through `logits.float().log_softmax(-1)` holds the logits, their fp32 copy and the log-softmax
+(2 + 4 + 4 bytes a logit: 21 GB for 16,384 tokens of Llama 3's V = 128,256) and its backward adds fp32
+gradients. A trained head's gradient sums rows with weights known only in the backward, so then the forward
+keeps each row's log-sum-exp and the backward makes each chunk's logits again (one more GEMM).
 
 Pure PyTorch (cuBLAS GEMMs, fp32 softmax per chunk), so the reference path uses it too, on any device.
 """
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-# Rows per chunk: 1024 x V fp32 is 0.5 GB for Llama 3's vocabulary; the backward holds about three of them.
+# Rows per chunk: 1024 x V fp32 is 0.5 GB for Llama 3's vocabulary; a chunk holds about three such buffers.
 CHUNK_ROWS = 1024
 
 
