@@ -347,8 +347,6 @@ def _quant_options(ctx: _Ctx, pinned_ok: bool = True) -> list[str]:
 def _options(ctx: _Ctx) -> tuple[list[str], list[str], list[int]]:
     plan, train = ctx.cfg.plan, ctx.cfg.train
     ckpts = list(CHECKPOINTING) if plan.checkpointing == "auto" else [plan.checkpointing]
-    if ctx.shards > 1 and plan.checkpointing == "auto":  # offload's gradients are wrong under FSDP2 (sharding.py)
-        ckpts.remove("offload")
     micros = [train.micro_batch_size] if train.micro_batch_size else _divisors(train.batch_size)
     return _quant_options(ctx), ckpts, micros
 

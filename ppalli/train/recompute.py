@@ -125,11 +125,27 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         return hidden.grad if need_hidden else None, None, None, None, None
 
 
+# What HF passes a decoder layer its KV cache as: `past_key_values` (transformers 5.17), `cache` (5.24)
+_CACHE_KWARGS = ("past_key_values", "past_key_value", "cache")
+
+
+def _without_cache(kwargs: dict) -> dict:
+    """The layer's keyword arguments with any KV cache dropped. A model called with use_cache=True (ppalli's
+    loader turns it off; a caller may not) would have the recompute add the layer's keys and values to the
+    cache a second time and attend over both copies: LoRA k/v gradients 100% off in offload mode (tiny Llama,
+    2026-12-04). HF turns the cache off under its own checkpointing for the same reason; training reads none."""
+    from transformers.cache_utils import Cache
+
+    drop = [k for k in _CACHE_KWARGS if isinstance(kwargs.get(k), Cache)]
+    return {k: (None if k in drop else v) for k, v in kwargs.items()} if drop else kwargs
+
+
 def _wrap(layer, forward, mode: str, chain: _Chain | None, first: bool):
     @functools.wraps(forward)
     def wrapped(hidden_states, *args, **kwargs):
         if not (layer.training and torch.is_grad_enabled()):
             return forward(hidden_states, *args, **kwargs)
+        kwargs = _without_cache(kwargs)
         is_tuple = []
         calls = [0]
         stash = {}  # this call's, shared by its forward and its recompute (kernels._utils.recompute_stash)

@@ -38,8 +38,7 @@ def _loss_and_grads(model, ids):
 
 # recompute applied before sharding, as the recipe does: FSDP2 then gathers a layer's weights a third time, for
 # the recompute inside its backward
-@pytest.mark.parametrize("recompute", ["none", "full", pytest.param("offload", marks=pytest.mark.xfail(
-    strict=True, reason="offload's LoRA gradients are wrong under FSDP2 (H200, 2026-12-04); the planner refuses it"))])
+@pytest.mark.parametrize("recompute", ["none", "full", "offload"])
 def test_sharded_model_read_on_cpu_matches_the_whole_one(one_rank, recompute):
     from torch.distributed.tensor import DTensor
 
