@@ -1,6 +1,7 @@
 """Recompute modes under FSDP2 on one GPU (NCCL, a world of one): per LoRA parameter, the relative error of
 its gradient against the same model kept whole, for offload (reshard_after_forward on and off) and full.
-Wrote results/2026-12-04-h200-s18-fsdp-offload-diag.txt; tests/gpu/test_fsdp_gpu.py holds the verdict.
+Wrote results/2026-12-04-h200-s18-fsdp-offload-diag.txt (offload wrong: the model ran with use_cache=True and
+the recompute added to the KV cache twice) and, after recompute.py dropped the cache, -diag-2.txt (all 0.0).
 
     python benchmarks/check_fsdp_recompute.py
 """
