@@ -68,7 +68,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="override the run's data config, e.g. --set data.columns.question=Q (repeatable)")
     p.add_argument("--n", type=int, default=100, help="rows to answer and score (0: all); the loss covers all")
     p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=4, help="rows per loss forward")
+    p.add_argument("--batch-size", type=int, help="rows per loss forward (default: 16, or 4 for a model whose "
+                   "loss needs full logits)")
     p.add_argument("--out", help="folder for eval.json and eval_samples.jsonl (default: the run directory)")
 
     p = sub.add_parser("export", help="merge the adapter into 16-bit weights and save safetensors")
@@ -222,7 +223,7 @@ def cmd_generate(args) -> int:
 def cmd_eval(args) -> int:
     from ppalli.eval.runner import EvalSettings, evaluate_run
 
-    if args.n < 0 or args.max_new_tokens < 1 or args.batch_size < 1:
+    if args.n < 0 or args.max_new_tokens < 1 or (args.batch_size is not None and args.batch_size < 1):
         raise PpalliError("eval: --n must be 0 or more, --max-new-tokens and --batch-size 1 or more")
     settings = EvalSettings(n=args.n or None, max_new_tokens=args.max_new_tokens, micro_batch_size=args.batch_size)
     summary = evaluate_run(args.run_dir, settings=settings, data_path=args.data, overrides=args.overrides,

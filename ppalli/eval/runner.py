@@ -35,7 +35,9 @@ from ppalli.eval.metrics import UNITS, mean_scores, score_pairs
 class EvalSettings:
     n: int | None = 100  # rows answered and scored (None: all); the loss always covers every row
     max_new_tokens: int = 256
-    micro_batch_size: int = 4  # rows per loss forward (full (rows, T, V) logits where eval_lm_loss has no chunked head)
+    # rows per loss forward; None: 16 with the chunked loss (H200, 1B, 591 short rows: 1.6 s against 4.9 at 4,
+    # results/2026-12-04-h200-s18-eval-loss-1b*.json), 4 where eval_lm_loss builds full (rows, T, V) logits
+    micro_batch_size: int | None = None
     units: tuple[str, ...] = UNITS
 
 
@@ -66,15 +68,18 @@ def eval_rows(run_dir: Path, tokenizer, overrides: list[str], data_path: str | N
     return prepared.eval, f"the run's held-out rows ({held}): {len(prepared.eval)}"
 
 
-def eval_loss(run, rows: list[dict], settings: EvalSettings) -> float:
+def eval_loss(run, rows: list[dict], settings: EvalSettings) -> tuple[float, int]:
+    """(the run's objective over rows, normalized like training; the rows per forward it used)"""
     from ppalli.train.loop import evaluate
-    from ppalli.train.objectives import eval_lm_loss, make_objective
+    from ppalli.train.objectives import chunked_lm_loss, eval_lm_loss, make_objective
     from ppalli.train.recipe import make_collate
 
     cfg = run.config
-    objective = make_objective(cfg.train.objective, beta=cfg.train.beta, lm_loss=eval_lm_loss(run.model))
+    lm_loss = eval_lm_loss(run.model)
+    objective = make_objective(cfg.train.objective, beta=cfg.train.beta, lm_loss=lm_loss)
     collate = make_collate(run.tokenizer, run.model.device, cfg.train.objective)
-    return evaluate(run.model, objective, rows, _Batches(settings.micro_batch_size), collate)
+    micro = settings.micro_batch_size or (16 if lm_loss is chunked_lm_loss else 4)
+    return evaluate(run.model, objective, rows, _Batches(micro), collate), micro
 
 
 def answer(run, prompt_ids: list[int], max_new_tokens: int) -> str:
@@ -107,7 +112,7 @@ def evaluate_run(run_dir: str | Path, *, settings: EvalSettings = EvalSettings()
     out.mkdir(parents=True, exist_ok=True)
 
     start = time.perf_counter()
-    loss = eval_loss(run, rows, settings)
+    loss, micro = eval_loss(run, rows, settings)
     loss_seconds = time.perf_counter() - start
     print_fn(f"loss {loss:.4f} over {len(rows)} rows ({loss_seconds:.1f} s)")
 
@@ -119,7 +124,8 @@ def evaluate_run(run_dir: str | Path, *, settings: EvalSettings = EvalSettings()
     summary = {
         "run": str(run_dir), "rows": source, "objective": run.config.train.objective,
         "loss": loss, "perplexity": math.exp(loss) if sft and loss < 700 else None, "loss_rows": len(rows),
-        "answered": len(pairs), "metrics": means, "settings": asdict(settings), "decoding": "greedy",
+        "answered": len(pairs), "metrics": means, "settings": asdict(settings) | {"micro_batch_size": micro},
+        "decoding": "greedy",
         "seconds": {"loss": round(loss_seconds, 2), "answers": round(time.perf_counter() - start, 2)},
     }
     _write_json(out / "eval.json", summary)

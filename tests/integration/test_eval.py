@@ -26,7 +26,7 @@ def run_dir(make_cfg, quiet):
 def test_eval_repeats_the_runs_held_out_loss_and_scores_answers(run_dir, shared_data, capsys):
     assert main(["eval", str(run_dir), "--n", "3", "--max-new-tokens", "6", "--batch-size", "3"]) == 0
     summary = json.loads((run_dir / "eval.json").read_text(encoding="utf-8"))
-    assert summary["loss_rows"] == 4 and summary["answered"] == 3
+    assert summary["loss_rows"] == 4 and summary["answered"] == 3 and summary["settings"]["micro_batch_size"] == 3
     assert summary["loss"] == pytest.approx(_final_eval_loss(run_dir), rel=1e-5)  # same rows, same adapter
     assert summary["perplexity"] == pytest.approx(2.718281828 ** summary["loss"], rel=1e-6)
     assert set(summary["metrics"]) == {"exact_match"} | {f"{u}.rouge{k}" for u in ("word", "syllable")
@@ -51,6 +51,7 @@ def test_eval_on_a_file_takes_every_row(run_dir, shared_data, tmp_path):
                  "--max-new-tokens", "4", "--out", str(out)]) == 0
     summary = json.loads((out / "eval.json").read_text(encoding="utf-8"))
     assert summary["loss_rows"] == 5 and summary["answered"] == 2 and "every row" in summary["rows"]
+    assert summary["settings"]["micro_batch_size"] == 16  # a Llama: the chunked loss, so the larger default
     assert not (run_dir / "eval.json").exists()
 
 
