@@ -13,10 +13,11 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
-from transformers import AutoConfig, AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without `pip install -e .`
-from ppalli.models.load import attach_lora  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tests' tiny model
+from tiny_lora import tiny_lora_llama  # noqa: E402
+
 from ppalli.train.recompute import apply_recompute, decoder_layers  # noqa: E402
 
 LLAMA = dict(model_type="llama", hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
@@ -24,15 +25,7 @@ LLAMA = dict(model_type="llama", hidden_size=256, intermediate_size=688, num_hid
 
 
 def build():
-    torch.manual_seed(0)
-    base = AutoModelForCausalLM.from_config(AutoConfig.for_model(**LLAMA), dtype=torch.bfloat16)
-    base.requires_grad_(False)
-    model = attach_lora(base, r=8, alpha=16, dropout=0.0, targets="all-linear", seed=1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(std=0.02)  # B = 0 would give zero A gradients
-    return model
+    return tiny_lora_llama(LLAMA, torch.bfloat16, r=8)
 
 
 def grads(model, ids):

@@ -12,9 +12,8 @@ import weakref
 import pytest
 import torch
 import torch.distributed as dist
-from transformers import AutoConfig, AutoModelForCausalLM
+from tiny_lora import tiny_lora_llama
 
-from ppalli.models.load import attach_lora
 from ppalli.train.distributed import World, fsdp_mesh, shard_base_weights
 from ppalli.train.recompute import apply_recompute, decoder_layers
 
@@ -42,14 +41,7 @@ def _loss_and_grads(model, ids):
 def test_sharded_model_read_on_cpu_matches_the_whole_one(one_rank, recompute):
     from torch.distributed.tensor import DTensor
 
-    torch.manual_seed(0)
-    base = AutoModelForCausalLM.from_config(AutoConfig.for_model(**LLAMA), dtype=torch.bfloat16)
-    base.requires_grad_(False)
-    model = attach_lora(base, r=8, alpha=16, dropout=0.0, targets="all-linear", seed=1)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(std=0.02)  # B = 0 would give zero A gradients
+    model = tiny_lora_llama(LLAMA, torch.bfloat16, r=8)
     whole = copy.deepcopy(model).cuda()
     device = torch.device("cuda")
     apply_recompute(model, recompute)

@@ -5,9 +5,8 @@ world of one, on the CPU). The recompute must not add a layer's keys and values 
 import pytest
 import torch
 import torch.distributed as dist
-from transformers import AutoConfig, AutoModelForCausalLM
+from tiny_lora import tiny_lora_llama
 
-from ppalli.models.load import attach_lora
 from ppalli.train.distributed import World, fsdp_mesh, shard_base_weights
 from ppalli.train.recompute import apply_recompute, decoder_layers
 
@@ -23,15 +22,7 @@ def one_rank():
 
 
 def _model():
-    torch.manual_seed(0)
-    base = AutoModelForCausalLM.from_config(AutoConfig.for_model(**LLAMA))
-    base.requires_grad_(False)
-    model = attach_lora(base, r=4, alpha=8, dropout=0.0, targets="all-linear", seed=1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(std=0.02)  # B = 0 would give zero A gradients
-    return model.train()
+    return tiny_lora_llama(LLAMA).train()
 
 
 def _grads(model, ids):
