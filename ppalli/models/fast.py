@@ -167,7 +167,9 @@ def _lora_problem(layers, spec: FamilySpec, prefix: str) -> str | None:
     return None
 
 
-def _head_problem(model: nn.Module) -> str | None:
+def head_problem(model: nn.Module) -> str | None:
+    """Why the lm_head is not its weight alone (what the fused loss and train/linear_logps.py multiply by), or
+    None."""
     head = causal_lm(model).get_output_embeddings()
     if head is None:
         return "no lm_head"
@@ -190,7 +192,7 @@ def supports(model: nn.Module, lora_cfg=None) -> tuple[bool, str]:
     layers = list(backbone.layers)
     spec, why = _family_problem(layers, backbone.config)
     if why is None:
-        why = _lora_problem(layers, spec, type(backbone).__name__) or _head_problem(model)
+        why = _lora_problem(layers, spec, type(backbone).__name__) or head_problem(model)
     if why is not None:
         return False, why
     return True, f"{spec.name}: fused RMSNorm, LoRA q/k/v/o and MLP, RoPE, attention; fused lm_head + loss"
@@ -564,7 +566,7 @@ def fast_causal_lm_loss(model, input_ids, labels, position_ids=None, cu_seqlens=
     pass position_ids (1, T) and cu_seqlens (n+1,) (and max_seqlen) from the collator. The lm_head and the
     cross entropy are fused (chunked; no (N, V) logits); Gemma-2/3's final logit softcap is applied.
     """
-    if (why := _head_problem(model)) is not None:
+    if (why := head_problem(model)) is not None:
         raise PpalliError(f"fast_causal_lm_loss: {why}")
     lm = causal_lm(model)
     hidden = decoder_hidden_states(model, input_ids, position_ids, cu_seqlens, max_seqlen, attention_mask)

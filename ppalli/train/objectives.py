@@ -111,9 +111,9 @@ def _known_family(model) -> bool:
 
 def _plain_head(model) -> bool:
     """_known_family with an lm_head that is its weight alone (no LoRA on it, no bias)."""
-    from ppalli.models.fast import _head_problem
+    from ppalli.models.fast import head_problem
 
-    return _known_family(model) and _head_problem(model) is None
+    return _known_family(model) and head_problem(model) is None
 
 
 class SFT:
