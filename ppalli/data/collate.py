@@ -68,6 +68,14 @@ def preference_collate(samples: list[dict], pad_id: int) -> dict:
     return batch
 
 
+def longest_sequence(samples: list[dict]) -> int | None:
+    """The most tokens one sequence of these samples holds (a preference pair's longer answer), None for none:
+    an unpacked micro-batch is padded to no more."""
+    lengths = [len(s["input_ids"]) if "input_ids" in s else max(len(s["chosen_input_ids"]),
+                                                                 len(s["rejected_input_ids"])) for s in samples]
+    return max(lengths, default=None)
+
+
 def sample_len(sample: dict) -> int:
     """Tokens a sample occupies: both answers for a preference pair."""
     if "input_ids" in sample:

@@ -24,6 +24,7 @@ from ppalli.plan.memory import (
     estimate_peak_bytes,
     lora_param_count,
 )
+from ppalli.plan.nofit import no_fit
 from ppalli.plan.sharding import auto_sharding, pinned_sharding
 from ppalli.plan.speed import DETERMINISTIC_SLOWDOWN, host_seconds, step_seconds
 from ppalli.plan.switches import NO_SDPA_FAMILIES, deterministic_choice, fp8_choice, fp8_rows_note
@@ -72,7 +73,7 @@ class Plan:
     def explain(self) -> list[str]:
         """One line per choice, then memory and speed: 'checkpointing: none - activations of every layer fit'."""
         lines = [f"{name}: {_show(name, self)} - {self.reasons.get(name, '')}" for name in CHOICES]
-        return lines + [f"{k}: {self.reasons[k]}" for k in ("world", "sharding", "memory", "speed")
+        return lines + [f"{k}: {self.reasons[k]}" for k in ("rows", "world", "sharding", "memory", "speed")
                                                                          if k in self.reasons]
 
 
@@ -260,6 +261,16 @@ def _packing(ctx: _Ctx) -> bool:
         return False
     ctx.reasons["packing"] = "SFT: padding-free packing, no compute spent on padding, same per-sample losses"
     return True
+
+
+def _data_rows(ctx: _Ctx, longest: int | None) -> None:
+    """Unpacked batches are padded to their longest row, so size memory and time for the data's longest
+    sequence when it is shorter than data.max_seq_len (ctx.cfg becomes that view; the run keeps its own)."""
+    if longest is None or ctx.packing or longest >= ctx.cfg.data.max_seq_len:
+        return
+    ctx.reasons["rows"] = (f"the data's longest sequence is {longest} tokens (data.max_seq_len "
+                           f"{ctx.cfg.data.max_seq_len}); batches are not packed, so the plan is sized for {longest}")
+    ctx.cfg = dataclasses.replace(ctx.cfg, data=dataclasses.replace(ctx.cfg.data, max_seq_len=longest))
 
 
 def _compile(ctx: _Ctx) -> bool:
@@ -492,77 +503,14 @@ def _speed(ctx: _Ctx, quant: str, ckpt: str, micro: int, layers: int | None = No
     return tps
 
 
-# --------------------------------------------------------------------------- when nothing fits
-
-
-def _lightest_fit(ctx: _Ctx, budget: float, seq_len: int | None = None,
-                  keep_pins: bool = True) -> tuple[str, str] | None:
-    """(quantization, checkpointing) of the first plan at the smallest micro-batch that fits."""
-    quants, ckpts, micros = _options(ctx)
-    if not keep_pins:
-        quants, ckpts, micros = _quant_options(ctx, pinned_ok=False), CHECKPOINTING, [1]
-    for quant in quants:
-        for ckpt in ckpts:
-            if _fits(_estimate(ctx, quant, ckpt, micros[-1], seq_len), budget):
-                return quant, ckpt
-    return None
-
-
-def _weights_word(quant: str) -> str:
-    return "16-bit" if quant == "none" else quant
-
-
-def _shorter_seq(ctx: _Ctx, budget: float) -> str | None:
-    seq = ctx.cfg.data.max_seq_len // 2
-    while seq >= 128:
-        found = _lightest_fit(ctx, budget, seq)
-        if found:
-            return f"data.max_seq_len={seq} ({_weights_word(found[0])} weights, {found[1]} checkpointing)"
-        seq //= 2
-    return None
-
-
-def _fit_ideas(ctx: _Ctx, budget: float, weights_gib: float) -> list[str]:
-    cfg = ctx.cfg
-    pins = [key for key, pinned in (("plan.quantization", cfg.plan.quantization != "auto"),
-                                    ("plan.checkpointing", cfg.plan.checkpointing != "auto"),
-                                    ("train.micro_batch_size", cfg.train.micro_batch_size is not None)) if pinned]
-    ideas = []
-    unpinned = _lightest_fit(ctx, budget, keep_pins=False) if pins else None
-    if unpinned:
-        ideas.append(f"{_weights_word(unpinned[0])} weights with {unpinned[1]} checkpointing at micro-batch 1 "
-                     f"(unpin {', '.join(pins)})")
-    if cfg.plan.memory_budget_gib is not None and ctx.gpu is not None:
-        ideas.append(f"a larger plan.memory_budget_gib (the GPU has {ctx.gpu.total_memory_gib:.1f} GiB)")
-    if cfg.plan.fp8:
-        copies = 2 * ctx.spec.quantizable_params / GIB
-        ideas.append(f"plan.fp8: false (its e4m3 copies of the weights take {copies:.1f} GiB, and it rules out 4-bit "
-                     "weights)")
-    if ctx.device == "cuda" and not ctx.env.has("bitsandbytes"):
-        ideas.append("4-bit weights (QLoRA) once bitsandbytes is installed (pip install bitsandbytes)")
-    shorter = _shorter_seq(ctx, budget)
-    smaller = f"a smaller model (these weights alone take {weights_gib:.1f} GiB)"
-    return ideas + ([shorter] if shorter else []) + [smaller]
-
-
-def _no_fit(ctx: _Ctx, budget: float) -> PpalliError:
-    quants, ckpts, _ = _options(ctx)
-    micro = ctx.cfg.train.micro_batch_size or 1
-    est = _estimate(ctx, quants[-1], ckpts[-1], micro)
-    ideas = _fit_ideas(ctx, budget, est.weights / GIB)
-    where = ctx.gpu.name if ctx.gpu else ctx.device
-    return PpalliError(
-        f"nothing fits the {budget:.1f} GiB budget on {where}: the lightest plan tried ({_weights_word(quants[-1])} "
-        f"weights, {ckpts[-1]} checkpointing, micro-batch {micro}, max_seq_len {ctx.cfg.data.max_seq_len}) needs "
-        f"{est.peak_gib:.1f} GiB; what would fit: {'; '.join(ideas)}")
-
-
 # --------------------------------------------------------------------------- the plan
 
 
-def make_plan(env: Environment, cfg: Config, spec: ModelSpec, *, gpu_index: int = 0, world_size: int = 1) -> Plan:
+def make_plan(env: Environment, cfg: Config, spec: ModelSpec, *, gpu_index: int = 0, world_size: int = 1,
+              longest_row: int | None = None) -> Plan:
     """Decide every choice for training `spec` as `cfg` asks on `env` (for one of `world_size` ranks, `cfg`
-    holding that rank's share of the batch); raises PpalliError when nothing fits."""
+    holding that rank's share of the batch); raises PpalliError when nothing fits. longest_row: the data's
+    longest sequence in tokens, when known (unpacked batches are padded to no more)."""
     device, gpu, device_why = _device(env, cfg.plan.device, gpu_index)
     ctx = _Ctx(env=env, cfg=cfg, spec=spec, device=device, gpu=gpu)
     ctx.reasons["device"] = ctx.pin("device", "plan.device", device) if cfg.plan.device != "auto" else device_why
@@ -570,6 +518,7 @@ def make_plan(env: Environment, cfg: Config, spec: ModelSpec, *, gpu_index: int 
     ctx.attention = _attention(ctx)
     ctx.fast_path = _fast_path(ctx)
     ctx.packing, compile_ = _packing(ctx), _compile(ctx)
+    _data_rows(ctx, longest_row)
     repeatable = deterministic_choice(ctx)
     shards = pinned_sharding(ctx, world_size)  # may take the reference path, so before fp8's checks
     ctx.shards = shards or 1
@@ -579,11 +528,11 @@ def make_plan(env: Environment, cfg: Config, spec: ModelSpec, *, gpu_index: int 
     if shards is None:
         found = auto_sharding(ctx, world_size, budget, found, _search)
     if found is None:
-        raise _no_fit(ctx, budget)  # _search fails only under a budget
+        raise no_fit(ctx, budget)  # _search fails only under a budget
     quant, ckpt, micro, est, layers = found
     _memory_reasons(ctx, quant, ckpt, micro, budget, layers)
     if ctx.fp8:
-        fp8_rows_note(ctx, micro * cfg.data.max_seq_len)
+        fp8_rows_note(ctx, micro * ctx.cfg.data.max_seq_len)
 
     ctx.reasons["memory"] = _usage_reason(est, budget, ctx.reasons.pop("budget"))
     tps = _speed(ctx, quant, ckpt, micro, layers)

@@ -22,6 +22,7 @@ import torch
 import yaml
 
 from ppalli import config as C
+from ppalli.data.collate import longest_sequence
 from ppalli.errors import ConfigError, PpalliError
 from ppalli.train import checkpoint as ckpt
 from ppalli.train import distributed as dist
@@ -100,8 +101,9 @@ def _cap_gpu_memory(budget_gib: float | None, device: torch.device, print_fn) ->
              "torch.cuda.set_per_process_memory_fraction")
 
 
-def build_plan(cfg: C.Config, model_config, env, world_size: int = 1):
-    """The plan for one rank: with N data-parallel ranks each holds batch_size / N samples of every step."""
+def build_plan(cfg: C.Config, model_config, env, world_size: int = 1, longest_row: int | None = None):
+    """The plan for one rank: with N data-parallel ranks each holds batch_size / N samples of every step.
+    longest_row: the data's longest sequence (collate.longest_sequence), when it has been read."""
     import dataclasses
 
     from ppalli.plan.memory import ModelSpec
@@ -115,7 +117,7 @@ def build_plan(cfg: C.Config, model_config, env, world_size: int = 1):
         share = t.batch_size // world_size
         micro = min(t.micro_batch_size, share) if t.micro_batch_size else None
         cfg = replace(cfg, train=replace(t, batch_size=share, micro_batch_size=micro))
-    plan = make_plan(env, cfg, ModelSpec.from_config(model_config), world_size=world_size)
+    plan = make_plan(env, cfg, ModelSpec.from_config(model_config), world_size=world_size, longest_row=longest_row)
     if world_size > 1:
         why = (f"{world_size} data-parallel ranks: each runs {cfg.train.batch_size} of the {t.batch_size} samples "
                f"of a step; adapter gradients are summed across ranks")
@@ -313,39 +315,47 @@ def train(cfg: C.Config, *, resume: Path | None = None, print_fn=print, cache_di
     write = _writer(run_dir, world)
     write("config.yaml", yaml.safe_dump(cfg.to_dict(), allow_unicode=True, sort_keys=False))
 
-    # 1. environment and plan, before any weight is loaded
+    # 1. environment, data and plan, before any weight is loaded (the data's longest row sizes unpacked plans)
     env = probe()
     write("env.json", json.dumps(env.to_dict(), indent=1))
     model_config = read_model_config(cfg.model.name_or_path, revision=cfg.model.revision,
                                      trust_remote_code=cfg.model.trust_remote_code)
-    plan = build_plan(cfg, model_config, env, world.size)
+    tokenizer, prepared = _data(cfg, world)
+    plan = build_plan(cfg, model_config, env, world.size, longest_row=longest_sequence(prepared.train + prepared.eval))
     for line in plan.explain():
         print_fn(line)
     _cap_gpu_memory(cfg.plan.memory_budget_gib, device_and_dtype(plan)[0], print_fn)
     with deterministic(plan.deterministic):  # torch's global mode, restored when the run ends or fails
-        return _train_planned(cfg, plan, resume, print_fn, world, run_dir, write)
+        return _train_planned(cfg, plan, resume, print_fn, world, run_dir, write, tokenizer, prepared)
 
 
-def _train_planned(cfg: C.Config, plan, resume: Path | None, print_fn, world, run_dir: Path, write) -> RunResult:
-    """train() from its plan on: data, model, loop, run directory."""
+def _data(cfg: C.Config, world):
+    """(tokenizer, prepared data): rank 0 tokenizes and fills the cache, the others then read it."""
     from ppalli.data.pipeline import prepare
-    from ppalli.data.templates import resolve_template, stop_token_ids
     from ppalli.models.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path, revision=cfg.model.revision,
+                               trust_remote_code=cfg.model.trust_remote_code)
+    if not world.main:
+        dist.barrier(world)
+    prepared = prepare(cfg.data, tokenizer, seed=cfg.train.seed, objective=cfg.train.objective)
+    if world.main:
+        dist.barrier(world)
+    return tokenizer, prepared
+
+
+def _train_planned(cfg: C.Config, plan, resume: Path | None, print_fn, world, run_dir: Path, write, tokenizer,
+                   prepared) -> RunResult:
+    """train() from its plan on: model, loop, run directory."""
+    from ppalli.data.templates import resolve_template, stop_token_ids
     from ppalli.train.objectives import make_objective
     from ppalli.train.optim import make_optimizer
     from ppalli.train.schedule import make_scheduler, warmup_steps
 
     device, dtype = device_and_dtype(plan)
 
-    # 2. tokenizer and data
+    # 2. template and seeds
     seed_everything(cfg.train.seed)
-    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path, revision=cfg.model.revision,
-                               trust_remote_code=cfg.model.trust_remote_code)
-    if not world.main:
-        dist.barrier(world)  # rank 0 tokenizes and fills the cache; the others read it
-    prepared = prepare(cfg.data, tokenizer, seed=cfg.train.seed, objective=cfg.train.objective)
-    if world.main:
-        dist.barrier(world)
     template = resolve_template(cfg.data.template, tokenizer)
     stop_ids = stop_token_ids(template, tokenizer)
 

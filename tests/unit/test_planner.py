@@ -386,3 +386,19 @@ def test_fp8_that_does_not_fit_names_turning_it_off(spec_8b):
     text = one_line(err)
     assert "plan.fp8: false (its e4m3 copies of the weights take 13.0 GiB" in text
     assert whatif(cfg(plan={"memory_budget_gib": 24}), spec_8b, gpu="h100").predicted_peak_gib <= 24
+
+
+def test_unpacked_plans_are_sized_for_the_datas_longest_row(spec_8b):
+    # DPO on ko_preference_rlhf: the longest pair is 816 Llama 3 tokens under data.max_seq_len 1024; on an H200
+    # the plan sized for 1024 predicted 79.2 GiB for a step that peaked at 61.1 (2026-12-04, *-s18-dpo-8b-new2)
+    dpo = cfg(data={"max_seq_len": 1024}, train={"objective": "dpo", "batch_size": 8})
+    env = whatif_env("h200")
+    whole = make_plan(env, dpo, spec_8b)
+    fitted = make_plan(env, dpo, spec_8b, longest_row=816)
+    assert "rows" not in whole.reasons and "816 tokens" in fitted.reasons["rows"]
+    assert 61.1 < fitted.predicted_peak_gib < whole.predicted_peak_gib
+    assert any(line.startswith("rows: ") for line in fitted.explain())
+    # packed SFT rows are cut at data.max_seq_len whatever the samples' lengths: no narrower view
+    sft = make_plan(env, cfg(data={"max_seq_len": 1024}), spec_8b, longest_row=816)
+    assert sft.packing and "rows" not in sft.reasons
+    assert make_plan(env, dpo, spec_8b, longest_row=4096).predicted_peak_gib == whole.predicted_peak_gib

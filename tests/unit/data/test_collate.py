@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from ppalli.data.collate import pack_collate, pack_samples, pad_collate, preference_collate
+from ppalli.data.collate import longest_sequence, pack_collate, pack_samples, pad_collate, preference_collate
 from ppalli.errors import DataError
 
 IGNORE = -100
@@ -100,3 +100,12 @@ def test_pack_samples_rejects_a_sample_longer_than_the_row():
 
 def test_empty_packing():
     assert pack_samples([], 8).efficiency == 0.0
+
+
+def test_longest_sequence_counts_a_pairs_longer_answer_not_both():
+    sft = [{"input_ids": [1] * 5}, {"input_ids": [1] * 9}]
+    pairs = [{"chosen_input_ids": [1] * 7, "chosen_labels": [1] * 7, "rejected_input_ids": [1] * 4,
+              "rejected_labels": [1] * 4}]
+    assert longest_sequence(sft) == 9 and longest_sequence(pairs) == 7 and longest_sequence([]) is None
+    # the padded width preference_collate gives the pair's rows
+    assert preference_collate(pairs, 0)["input_ids"].shape[1] == longest_sequence(pairs)
