@@ -121,6 +121,16 @@ def linear_cross_entropy_fwd(hidden, weight, labels, ignore_index=-100, softcap=
                              need_grad_hidden=True, need_grad_weight=False):
     """hidden (N, d), weight (V, d), labels (N,) -> (loss sum fp32 (), grad_hidden (N, d) | None,
     grad_weight (V, d) | None), the gradients being those of the summed loss."""
+    loss_rows, grad_hidden, grad_weight = linear_cross_entropy_rows(hidden, weight, labels, ignore_index, softcap,
+                                                                    chunk_size, need_grad_hidden, need_grad_weight)
+    return loss_rows.sum(), grad_hidden, grad_weight
+
+
+def linear_cross_entropy_rows(hidden, weight, labels, ignore_index=-100, softcap=None, chunk_size=None,
+                              need_grad_hidden=True, need_grad_weight=False):
+    """linear_cross_entropy_fwd with the row losses kept: (loss (N,) fp32, 0 on ignored rows, grad_hidden,
+    grad_weight). A row's loss depends on its own hidden row only, so grad_hidden's row r is d loss_r / d h_r
+    (train/linear_logps.py scales each by its own weight)."""
     check_tensors(hidden, weight, labels)
     n_rows, vocab = hidden.shape[0], weight.shape[0]
     hidden, labels = hidden.contiguous(), labels.contiguous()
@@ -140,7 +150,7 @@ def linear_cross_entropy_fwd(hidden, weight, labels, ignore_index=-100, softcap=
             grad_weight += logits.t() @ h  # (V, n_c) @ (n_c, d), added into fp32 without an fp32 copy
         del logits  # free this chunk's logits before the next GEMM allocates its own: one chunk alive, not two
     grad_weight = grad_weight.to(weight.dtype) if grad_weight is not None else None
-    return loss_rows.sum(), grad_hidden, grad_weight
+    return loss_rows, grad_hidden, grad_weight
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):

@@ -43,6 +43,14 @@ def _dlogp(z: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, g: torch.T
     return dz
 
 
+def _use_kernel(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the fused cross entropy's Triton kernel (one pass over each chunk's logits in the matmul dtype)
+    takes a frozen head's chunks: CUDA tensors of one dtype with triton installed. Elsewhere torch's ops."""
+    from ppalli.kernels._utils import is_triton_available
+
+    return hidden.is_cuda and hidden.dtype == weight.dtype and is_triton_available()
+
+
 class LinearLogpsFunction(torch.autograd.Function):
     """With a frozen weight, a row's gradient is linear in that row's own upstream weight, so the forward makes
     d logp / d h for every row (one more GEMM, as the fused cross entropy does) and the backward only scales
@@ -56,6 +64,15 @@ class LinearLogpsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, softcap, rows, need_dh, need_dw):
+        ctx.softcap, ctx.rows = softcap, rows
+        if not need_dw and _use_kernel(hidden, weight):
+            from ppalli.kernels.linear_cross_entropy import linear_cross_entropy_rows
+
+            # the fused cross entropy's row losses are -log p, its hidden gradient -d logp / d h, row by row
+            loss, dh, _ = linear_cross_entropy_rows(hidden, weight, targets, softcap=softcap, need_grad_hidden=need_dh)
+            ctx.made = True
+            ctx.save_for_backward(dh.neg_() if dh is not None else None)
+            return loss.neg_()
         lse = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         logp = torch.empty_like(lse)
         dh = torch.empty_like(hidden) if need_dh and not need_dw else None  # d logp / d h per row
@@ -75,7 +92,7 @@ class LinearLogpsFunction(torch.autograd.Function):
             ctx.save_for_backward(dh)
         else:
             ctx.save_for_backward(hidden, weight, targets, lse)
-        ctx.softcap, ctx.rows, ctx.made = softcap, rows, dh is not None
+        ctx.made = dh is not None
         return logp
 
     @staticmethod

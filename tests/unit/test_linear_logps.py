@@ -5,6 +5,8 @@ import pytest
 import torch
 from fast.fast_reference import tiny_lora_model
 
+import ppalli.train.linear_logps as linear_logps_module
+from ppalli.kernels._utils import interpreting
 from ppalli.train.linear_logps import linear_logps
 from ppalli.train.objectives import DPO, ORPO, sequence_logps
 
@@ -16,10 +18,21 @@ def _full_logps(h, w, t, softcap=None):
     return z.float().log_softmax(-1).gather(1, t[:, None]).squeeze(1)
 
 
+def _kernel_route(monkeypatch, on: bool) -> None:
+    """Send frozen heads through the fused cross entropy's Triton kernel (CPU interpreter) or torch's ops."""
+    if on:
+        pytest.importorskip("triton")
+        if not interpreting():
+            pytest.skip("the kernel route on CPU tensors needs Triton's interpreter (tests/gpu covers CUDA)")
+    monkeypatch.setattr(linear_logps_module, "_use_kernel", lambda h, w: on)
+
+
 @pytest.mark.parametrize("softcap", [None, 2.0])
 @pytest.mark.parametrize("rows", [3, 1024])  # 3: seven chunks, the last one short
-@pytest.mark.parametrize("train_weight", [False, True])  # frozen: d logp / d h made in the forward; trained: recompute
-def test_values_and_gradients_match_full_logits(softcap, rows, train_weight):
+# frozen: d logp / d h made in the forward (torch's ops or the Triton kernel); trained: recompute in the backward
+@pytest.mark.parametrize("train_weight,kernel", [(False, False), (False, True), (True, False)])
+def test_values_and_gradients_match_full_logits(softcap, rows, train_weight, kernel, monkeypatch):
+    _kernel_route(monkeypatch, kernel)
     torch.manual_seed(0)
     h = torch.randn(20, 16, requires_grad=True)
     w = torch.randn(50, 16, requires_grad=train_weight)  # logits of ~4: the softcap of 2 bends them
@@ -65,8 +78,11 @@ def _full_sequence_logps(model, ids, labels, mask):
 
 @pytest.mark.parametrize("family", ["llama", "gemma2"])
 @pytest.mark.parametrize("objective", [DPO(0.1), ORPO(0.1)])
-def test_preference_losses_and_lora_gradients_match_full_logits(family, objective, monkeypatch):
+@pytest.mark.parametrize("kernel", [False, True])
+def test_preference_losses_and_lora_gradients_match_full_logits(family, objective, kernel, monkeypatch):
     import ppalli.train.objectives as objectives
+
+    _kernel_route(monkeypatch, kernel)
 
     model = tiny_lora_model(family, attn="eager" if family == "gemma2" else "sdpa").train()
     with torch.no_grad():  # logits of a few units would pass gemma2's cap of 3.0 unchanged
