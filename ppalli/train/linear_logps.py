@@ -57,10 +57,11 @@ class LinearLogpsFunction(torch.autograd.Function):
     it: the lm_head runs twice in all, as in the plain path. A trained weight's gradient sums rows with their
     weights, known only in the backward, which then makes each chunk's logits again.
 
-    benchmarks/bench_linear_logps.py on an H200 (2026-12-04, 4096 tokens, V 128256, bf16), forward + backward:
-    1B head 15.4 ms made in the forward, 27.2 with the recompute, 12.1 for full logits (+1.5, +2.2 and +5.9
-    GiB); 8B head 23.9 / 43.2 / 17.8 ms. d logp / d h is rounded to bf16 before its scale (as the fused cross
-    entropy's): 0.33% from the full-logits gradient, itself rounded once (0.06% for the recompute)."""
+    benchmarks/bench_linear_logps.py on an H200 (2026-12-04, 4096 tokens, V 128256, bf16), forward + backward
+    (results/2026-12-04-h200-linear-logps-2.txt): 1B head 6.96 ms through the Triton kernel (+0.26 GiB), 15.4
+    by torch's ops (+1.48), 27.1 with the recompute (+2.22), 12.2 from full logits (+5.87); 8B head 15.1 /
+    21.2 / 42.9 / 18.0 ms. log p within 1e-6 of the full logits'; d logp / d h is rounded to bf16 before its
+    scale (as the fused cross entropy's): 0.33% from the full-logits gradient, itself rounded once."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, softcap, rows, need_dh, need_dw):
