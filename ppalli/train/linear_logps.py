@@ -14,7 +14,9 @@ Plain autograd through `logits.float().log_softmax(-1)` holds the logits, their 
 gradients. A trained head's gradient sums rows with weights known only in the backward, so then the forward
 keeps each row's log-sum-exp and the backward makes each chunk's logits again (one more GEMM).
 
-Pure PyTorch (cuBLAS GEMMs, fp32 softmax per chunk), so the reference path uses it too, on any device.
+On CUDA a frozen head's chunks go through the fused cross entropy's Triton kernel (one pass over the chunk's
+logits in the matmul dtype: its row losses are -log p and its gradient -d logp / d h); elsewhere torch's ops
+(cuBLAS or CPU GEMMs, fp32 softmax per chunk), so the reference path uses it too, on any device.
 """
 
 from __future__ import annotations
