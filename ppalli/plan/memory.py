@@ -317,7 +317,7 @@ def final_norm_bytes_per_token(spec: ModelSpec, dtype_bytes: int, fast_path: boo
 
 
 def loss_bytes(spec: ModelSpec, tokens: int, dtype_bytes: int, fused_ce: bool, logits_held: bool = True,
-               logps_rows: int = 0) -> int:
+               logps_rows: int = 0, logps_kernel: bool = False) -> int:
     """Peak of the lm_head + cross-entropy at the start of backward.
     HF (transformers 5.24 ForCausalLMLoss): `.float()` makes an fp32 copy of the logits that cross_entropy's
     log_softmax turns into a saved fp32 output; backward allocates nll_loss's fp32 grad and log_softmax's
@@ -328,9 +328,13 @@ def loss_bytes(spec: ModelSpec, tokens: int, dtype_bytes: int, fused_ce: bool, l
     during forward + one chunk of fp32 logits and their gradient; a chunk has about tokens x hidden logits.
     Preference objectives with `logps_rows` (train/linear_logps.py, chunks of that many rows): each token's
     fp32 log-prob and d logp / d h in the dtype, and for one chunk at a time its fp32 logits and their fp32
-    gradient plus one more temporary (the softcap's fp32 factor, or the gradient's copy in the dtype)."""
+    gradient plus one more temporary (the softcap's fp32 factor, or the gradient's copy in the dtype), or with
+    `logps_kernel` (CUDA, triton) only the chunk's logits in the dtype, overwritten by their gradient. H200,
+    4096 tokens at Llama-3.2-1B's head (results/2026-12-04-h200-linear-logps-2.txt): +1.48 GiB measured for
+    torch's ops (1.48 by this count), +0.26 for the kernel (0.26)."""
     if logps_rows:
-        return tokens * (4 + spec.hidden * dtype_bytes) + min(tokens, logps_rows) * spec.vocab * 12
+        per_logit = dtype_bytes if logps_kernel else 12
+        return tokens * (4 + spec.hidden * dtype_bytes) + min(tokens, logps_rows) * spec.vocab * per_logit
     if not fused_ce:
         return tokens * spec.vocab * ((dtype_bytes if logits_held else 0) + 12)
     chunk = min(tokens, 2 ** math.ceil(math.log2(max(1, math.ceil(tokens / math.ceil(spec.vocab / spec.hidden))))))
@@ -403,13 +407,14 @@ def estimate_peak_bytes(spec: ModelSpec, *, lora_r: int = 16, lora_targets: Any 
                         lora_dropout: float = 0.0, attention: str = "sdpa", attn_mask: bool = False,
                         fast_saved_per_token: int | None = None, logits_held: bool = True,
                         device: str = "cuda", fp8_copies: bool = False, shards: int = 1,
-                        logps_rows: int = 0) -> MemoryEstimate:
+                        logps_rows: int = 0, logps_kernel: bool = False) -> MemoryEstimate:
     """Predicted peak of a training step. `micro_batch` counts sequences (a preference pair is two);
     `fast_saved_per_token` overrides the fused path's per-layer saved bytes per token; `logits_held`: the
     caller keeps the model output (and its dtype logits) alive through backward, as HF's own loss does;
     `fp8_copies`: plan.fp8's two e4m3 copies of each decoder linear weight (ppalli/kernels/fp8.py); `shards`:
     FSDP2 ranks the 16-bit base weights are spread over (`sharded_weight_bytes`); `logps_rows`: a preference
-    objective scoring tokens through train/linear_logps.py in chunks of that many rows (see loss_bytes)."""
+    objective scoring tokens through train/linear_logps.py in chunks of that many rows, `logps_kernel` by its
+    Triton route (see loss_bytes)."""
     targets = lora_projections(lora_targets)
     tokens, dt = micro_batch * seq_len, dtype_bytes
     if fast_path:
@@ -428,7 +433,7 @@ def estimate_peak_bytes(spec: ModelSpec, *, lora_r: int = 16, lora_targets: Any 
     static = (weights + fp8,
               lora_state_bytes(n_lora, optimizer) + (n_lora * dt if fast_path else 0))
     final_norm = tokens * final_norm_bytes_per_token(spec, dt, fast_path)
-    at_loss = (held + final_norm, loss_bytes(spec, tokens, dt, fused_ce, logits_held, logps_rows), 0)
+    at_loss = (held + final_norm, loss_bytes(spec, tokens, dt, fused_ce, logits_held, logps_rows, logps_kernel), 0)
     work = tokens * backward_work_bytes_per_token(spec, dt, fast_path) + dequant_scratch_bytes(spec, quant, dt)
     at_layers = (held + rebuilt, 0, work)
     phase, (act, loss, transient) = max(("loss", at_loss), ("layers", at_layers), key=lambda p: sum(p[1]))

@@ -318,7 +318,8 @@ def _estimate(ctx: _Ctx, quant: str, checkpointing: str, micro: int, seq_len: in
         fast_path=ctx.fast_path,
         lora_dropout=cfg.lora.dropout, attention="eager" if _eager_attention(ctx) else "sdpa",
         attn_mask=_has_mask(ctx), logits_held=False, device=ctx.device,  # train/objectives.py drops them
-        fp8_copies=ctx.cfg.plan.fp8, shards=ctx.shards, logps_rows=_logps_rows(ctx))
+        fp8_copies=ctx.cfg.plan.fp8, shards=ctx.shards, logps_rows=_logps_rows(ctx),
+        logps_kernel=ctx.device == "cuda" and ctx.env.has("triton"))  # train/linear_logps.py _use_kernel
 
 
 def _logps_rows(ctx: _Ctx) -> int:

@@ -15,6 +15,7 @@ from ppalli.plan.memory import (
     fast_layer_bytes_per_token,
     lora_param_count,
     lora_projections,
+    loss_bytes,
     reference_layer_bytes_per_token,
     weight_bytes,
 )
@@ -169,3 +170,11 @@ def test_dropping_the_output_frees_the_dtype_logits(spec_1b):
     held = estimate_peak_bytes(spec_1b, micro_batch=8, checkpointing="full")
     dropped = estimate_peak_bytes(spec_1b, micro_batch=8, checkpointing="full", logits_held=False)
     assert held.loss - dropped.loss == 8 * 2048 * 128256 * 2
+
+
+@pytest.mark.parametrize("kernel,measured_gib", [(False, 1.48), (True, 0.26)])
+def test_preference_scoring_memory_matches_the_h200(spec_1b, kernel, measured_gib):
+    # bench_linear_logps.py, 4096 tokens at Llama-3.2-1B's head, forward + backward, the most allocated over
+    # the inputs (results/2026-12-04-h200-linear-logps-2.txt): torch's ops +1.48 GiB, the Triton route +0.26
+    got = loss_bytes(spec_1b, 4096, 2, fused_ce=True, logits_held=False, logps_rows=1024, logps_kernel=kernel)
+    assert got / GIB == pytest.approx(measured_gib, abs=0.02)
