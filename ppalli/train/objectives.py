@@ -47,16 +47,10 @@ def chunked_lm_loss(model, batch: dict, rows: int = 2048) -> tuple[torch.Tensor,
     reach the head. Only for models whose causal-LM head is the lm_head (and softcap): see eval_lm_loss.
     Why: with Llama 3's 128,256-token vocabulary a 4 x 2048 micro-batch's fp32 logits alone take 4.2 GB
     (and log-softmax another copy); 2048 rows take 1.05 GB."""
-    from ppalli.models.fast import backbone_of, causal_lm
-
-    lm = causal_lm(model)
+    lm, h, y = _trained_hidden(model, model_inputs(batch), batch["labels"])
     head = lm.get_output_embeddings()
-    hidden = backbone_of(model)(**model_inputs(batch), use_cache=False).last_hidden_state[:, :-1]  # (B, T-1, d)
-    labels = batch["labels"][:, 1:]
-    keep = labels != IGNORE
-    h, y = hidden[keep], labels[keep]  # (n, d), (n,)
     cap = getattr(lm.config, "final_logit_softcapping", None)
-    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    total = torch.zeros((), dtype=torch.float32, device=h.device)
     for start in range(0, y.numel(), rows):
         logits = head(h[start:start + rows])  # (rows, V)
         if cap:
@@ -82,18 +76,25 @@ def sequence_logps(model, input_ids, labels, attention_mask) -> tuple[torch.Tens
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
         logp = torch.gather(logits.log_softmax(-1), 2, tgt.clamp(min=0).unsqueeze(-1)).squeeze(-1)
         return (logp * mask).sum(-1), mask.sum(-1)
-    from ppalli.models.fast import backbone_of, causal_lm
     from ppalli.train.linear_logps import linear_logps
 
-    lm = causal_lm(model)
+    lm, h, y = _trained_hidden(model, {"input_ids": input_ids, "attention_mask": attention_mask}, labels)
     weight = lm.get_output_embeddings().weight  # (V, d)
-    hidden = backbone_of(model)(input_ids=input_ids, attention_mask=attention_mask,
-                                use_cache=False).last_hidden_state[:, :-1]  # (B, T-1, d)
-    logp = linear_logps(hidden[mask].to(weight.dtype), weight, tgt[mask],
-                        getattr(lm.config, "final_logit_softcapping", None))  # (n,) the trained tokens'
+    logp = linear_logps(h.to(weight.dtype), weight, y, getattr(lm.config, "final_logit_softcapping", None))  # (n,)
     rows = torch.arange(mask.shape[0], device=mask.device)[:, None].expand_as(mask)[mask]  # (n,) their sequence
     sums = torch.zeros(mask.shape[0], dtype=torch.float32, device=logp.device).index_add(0, rows, logp)
     return sums, mask.sum(-1)
+
+
+def _trained_hidden(model, inputs: dict, labels):
+    """(the HF causal LM, final hidden states of the trained positions (n, d), their targets (n,)): HF's own
+    decoder over `inputs`, without its head, for the chunked losses above."""
+    from ppalli.models.fast import backbone_of, causal_lm
+
+    hidden = backbone_of(model)(**inputs, use_cache=False).last_hidden_state[:, :-1]  # (B, T-1, d)
+    tgt = labels[:, 1:]
+    mask = tgt != IGNORE
+    return causal_lm(model), hidden[mask], tgt[mask]
 
 
 def _known_family(model) -> bool:

@@ -25,6 +25,7 @@ import logging
 
 import torch
 from torch.utils.checkpoint import checkpoint
+from transformers.cache_utils import Cache
 
 from ppalli.kernels._utils import recompute_stash, recomputing
 
@@ -134,8 +135,6 @@ def _without_cache(kwargs: dict) -> dict:
     loader turns it off; a caller may not) would have the recompute add the layer's keys and values to the
     cache a second time and attend over both copies: LoRA k/v gradients 100% off in offload mode (tiny Llama,
     2026-12-04). HF turns the cache off under its own checkpointing for the same reason; training reads none."""
-    from transformers.cache_utils import Cache
-
     drop = [k for k in _CACHE_KWARGS if isinstance(kwargs.get(k), Cache)]
     return {k: (None if k in drop else v) for k, v in kwargs.items()} if drop else kwargs
 
