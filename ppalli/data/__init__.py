@@ -6,7 +6,7 @@ templates.py  built-in, model and custom (sandboxed Jinja) chat templates -> tra
 masking.py    labels from character segments and token offsets (the boundary rule is documented there)
 tokenize.py   render + tokenize + label in chunks over a process pool
 cache.py      tokenized samples cached by a content hash
-collate.py    pad_collate, pack_collate, preference_collate, pack_samples (CONTRACTS.md)
+collate.py    pad_collate, pack_collate, preference_collate, preference_pack_collate, pack_samples (CONTRACTS.md)
 pipeline.py   prepare(data_cfg, tokenizer, seed=, objective=) -> Prepared
 preview.py    preview() / format_preview() for `ppalli data preview`
 """

@@ -61,9 +61,23 @@ def preference_collate(samples: list[dict], pad_id: int) -> dict:
     One forward over both halves (TRL's "concatenated forward") shares the prompt's cost of launching kernels;
     "num_pairs" is B.
     """
-    rows = ([{"input_ids": s["chosen_input_ids"], "labels": s["chosen_labels"]} for s in samples]
+    batch = pad_collate(_pair_rows(samples), pad_id)
+    batch["num_pairs"] = len(samples)
+    return batch
+
+
+def _pair_rows(samples: list[dict]) -> list[dict]:
+    """The B chosen answers as rows, then the B rejected ones."""
+    return ([{"input_ids": s["chosen_input_ids"], "labels": s["chosen_labels"]} for s in samples]
             + [{"input_ids": s["rejected_input_ids"], "labels": s["rejected_labels"]} for s in samples])
-    batch = pad_collate(rows, pad_id)
+
+
+def preference_pack_collate(samples: list[dict]) -> dict:
+    """Preference pairs padding-free: the B chosen answers end to end in one row, then the B rejected ones
+    (pack_collate's row: position_ids restart per sequence, "cu_seqlens" (2B+1,)); "num_pairs" is B. Sequence
+    i of the row is chosen answer i for i < B and rejected answer i - B after, as preference_collate's rows are.
+    Why: on ko_preference_rlhf (Llama 3 tokenizer) 8 padded pairs hold 48% real tokens, 16 pairs 40%."""
+    batch = pack_collate(_pair_rows(samples))
     batch["num_pairs"] = len(samples)
     return batch
 

@@ -441,6 +441,11 @@ def _is_swapped(layer: nn.Module) -> bool:
     return _fused_forward_of(layer) is not None
 
 
+def fully_swapped(model: nn.Module) -> bool:
+    """Whether every decoder layer runs the fused forward (what decoder_hidden_states needs)."""
+    return all(_is_swapped(layer) for layer in backbone_of(model).layers)
+
+
 def apply_fast_path(model: nn.Module, *, attention_backend: str = "auto",
                     log: Callable[[str], None] | None = None, lora_cfg=None, fp8: bool = False) -> FastPathHandle:
     """Swap each decoder layer's forward, on this instance only, for the fused one; returns the handle to revert.
@@ -533,7 +538,7 @@ def decoder_hidden_states(model, input_ids, position_ids=None, cu_seqlens=None, 
                           attention_mask=None) -> torch.Tensor:
     """The final-normed hidden states (B, T, d) of the swapped decoder: embeddings, RoPE tables, layers, norm."""
     backbone = backbone_of(model)
-    if not all(_is_swapped(layer) for layer in backbone.layers):
+    if not fully_swapped(model):
         raise PpalliError("fast_causal_lm_loss needs apply_fast_path(model) first (the HF layers would mix "
                           "packed samples)")
     spec = family_for_layer(backbone.layers[0])

@@ -31,6 +31,7 @@ class LoopSettings:
     log_every: int
     seed: int
     max_seq_len: int | None = None  # with packing, a micro-batch holds up to micro_batch_size * max_seq_len tokens
+    sequences: int = 1  # sequences a sample holds (2 for a preference pair): packed budgets scale by it
     scaler: torch.amp.GradScaler | None = None  # fp16 only: loss scaling keeps small gradients representable
     world: World = field(default_factory=World)  # data-parallel ranks (torchrun); a world of one by default
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # where collectives run
@@ -104,8 +105,16 @@ def micro_batches(samples: Sequence[dict], micro: int, token_budget: int | None 
 
 
 def _split(samples, plan, settings) -> list[list[dict]]:
-    budget = plan.micro_batch_size * settings.max_seq_len if plan.packing and settings.max_seq_len else None
+    budget = None
+    if plan.packing and settings.max_seq_len:  # the tokens the plan sized a pass for (planner._estimate)
+        budget = plan.micro_batch_size * settings.max_seq_len * settings.sequences
     return micro_batches(samples, plan.micro_batch_size, budget)
+
+
+def _real_tokens(batch: dict) -> int:
+    """Tokens the batch holds, padding not counted (tokens/s of padded preference batches counted it before)."""
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
 
 
 def accumulate(model, objective, samples: list[dict], plan, settings: LoopSettings, collate) -> dict:
@@ -122,7 +131,7 @@ def accumulate(model, objective, samples: list[dict], plan, settings: LoopSettin
         loss = loss_sum / max(norm, 1)
         (scaler.scale(loss) if scaler is not None else loss).backward()
         loss_total += float(loss_sum.detach())
-        tokens += int(batch["input_ids"].numel() if "input_ids" in batch else 0)
+        tokens += _real_tokens(batch)
     sum_gradients(model, world)
     loss_total = sum_across(loss_total, world, settings.device)
     tokens = int(sum_across(tokens, world, settings.device))

@@ -47,7 +47,7 @@ def chunked_lm_loss(model, batch: dict, rows: int = 2048) -> tuple[torch.Tensor,
     reach the head. Only for models whose causal-LM head is the lm_head (and softcap): see eval_lm_loss.
     Why: with Llama 3's 128,256-token vocabulary a 4 x 2048 micro-batch's fp32 logits alone take 4.2 GB
     (and log-softmax another copy); 2048 rows take 1.05 GB."""
-    lm, h, y = _trained_hidden(model, model_inputs(batch), batch["labels"])
+    lm, h, y = _trained_hidden(model, batch, batch["labels"])
     head = lm.get_output_embeddings()
     cap = getattr(lm.config, "final_logit_softcapping", None)
     total = torch.zeros((), dtype=torch.float32, device=h.device)
@@ -65,33 +65,58 @@ def eval_lm_loss(model) -> Callable:
     return chunked_lm_loss if _known_family(model) else reference_lm_loss
 
 
-def sequence_logps(model, input_ids, labels, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sequence (sum of trained-token log-probs, trained-token count), each (B,).
+def sequence_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence (sum of trained-token log-probs, trained-token count), each (S,): S = the batch's rows, or
+    the sequences of a packed row (preference_pack_collate: "cu_seqlens" (S+1,)).
 
     Where ppalli knows the model's head (_plain_head), only the trained tokens go through it, chunk by chunk
     (train/linear_logps.py: no (B, T, V) logits); else from the model's full logits."""
-    tgt = labels[:, 1:]
+    tgt = batch["labels"][:, 1:]  # (B, T-1): position t predicts labels[t+1]
     mask = tgt != IGNORE
+    seq = _target_sequences(batch, mask)  # (n,) the sequence of each trained target
+    count = _sequences(batch)
     if not _plain_head(model):
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
-        logp = torch.gather(logits.log_softmax(-1), 2, tgt.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        return (logp * mask).sum(-1), mask.sum(-1)
-    from ppalli.train.linear_logps import linear_logps
+        logits = model(**model_inputs(batch)).logits[:, :-1].float()
+        logp = torch.gather(logits.log_softmax(-1), 2, tgt.clamp(min=0).unsqueeze(-1)).squeeze(-1)[mask]  # (n,)
+    else:
+        from ppalli.train.linear_logps import linear_logps
 
-    lm, h, y = _trained_hidden(model, {"input_ids": input_ids, "attention_mask": attention_mask}, labels)
-    weight = lm.get_output_embeddings().weight  # (V, d)
-    logp = linear_logps(h.to(weight.dtype), weight, y, getattr(lm.config, "final_logit_softcapping", None))  # (n,)
-    rows = torch.arange(mask.shape[0], device=mask.device)[:, None].expand_as(mask)[mask]  # (n,) their sequence
-    sums = torch.zeros(mask.shape[0], dtype=torch.float32, device=logp.device).index_add(0, rows, logp)
-    return sums, mask.sum(-1)
+        lm, h, y = _trained_hidden(model, batch, batch["labels"])
+        weight = lm.get_output_embeddings().weight  # (V, d)
+        logp = linear_logps(h.to(weight.dtype), weight, y, getattr(lm.config, "final_logit_softcapping", None))
+    sums = torch.zeros(count, dtype=torch.float32, device=logp.device).index_add(0, seq, logp.float())
+    counts = torch.zeros(count, dtype=torch.long, device=seq.device).index_add(0, seq, torch.ones_like(seq))
+    return sums, counts
 
 
-def _trained_hidden(model, inputs: dict, labels):
-    """(the HF causal LM, final hidden states of the trained positions (n, d), their targets (n,)): HF's own
-    decoder over `inputs`, without its head, for the chunked losses above."""
-    from ppalli.models.fast import backbone_of, causal_lm
+def _sequences(batch: dict) -> int:
+    cu = batch.get("cu_seqlens")
+    return batch["labels"].shape[0] if cu is None else cu.numel() - 1
 
-    hidden = backbone_of(model)(**inputs, use_cache=False).last_hidden_state[:, :-1]  # (B, T-1, d)
+
+def _target_sequences(batch: dict, mask: torch.Tensor) -> torch.Tensor:
+    """(n,) the sequence each trained target (mask (B, T-1)) belongs to: its row, or in a packed row the sample
+    that holds target position t + 1 (pack_collate masks each sample's first label, so no target crosses)."""
+    cu = batch.get("cu_seqlens")
+    if cu is None:
+        return torch.arange(mask.shape[0], device=mask.device)[:, None].expand_as(mask)[mask]
+    pos = torch.arange(1, mask.shape[1] + 1, device=mask.device)  # (T-1,) the target's position in the row
+    seq = torch.searchsorted(cu[1:].to(mask.device).long(), pos, right=True)  # (T-1,)
+    return seq[None].expand_as(mask)[mask]
+
+
+def _trained_hidden(model, batch: dict, labels):
+    """(the HF causal LM, final hidden states of the trained positions (n, d), their targets (n,)): the decoder
+    over `batch` without its head, for the chunked losses above. A packed row (cu_seqlens) on a fully fused
+    model goes through ppalli's decoder, whose attention takes the boundaries (varlen); else HF's decoder (its
+    masks find packed samples from position_ids)."""
+    from ppalli.models.fast import backbone_of, causal_lm, decoder_hidden_states, fully_swapped
+
+    if batch.get("cu_seqlens") is not None and fully_swapped(model):
+        hidden = decoder_hidden_states(model, batch["input_ids"], batch.get("position_ids"), batch["cu_seqlens"],
+                                       batch.get("max_seqlen"))[:, :-1]  # (1, T-1, d)
+    else:
+        hidden = backbone_of(model)(**model_inputs(batch), use_cache=False).last_hidden_state[:, :-1]  # (B, T-1, d)
     tgt = labels[:, 1:]
     mask = tgt != IGNORE
     return causal_lm(model), hidden[mask], tgt[mask]
@@ -132,8 +157,9 @@ class SFT:
 
 
 def _pair_logps(model, batch):
-    """Chosen and rejected answers in one forward: preference_collate stacks B chosen rows, then B rejected."""
-    logp, n = sequence_logps(model, batch["input_ids"], batch["labels"], batch["attention_mask"])
+    """Chosen and rejected answers in one forward: preference_collate stacks B chosen rows, then B rejected
+    (preference_pack_collate the same order of sequences in one row)."""
+    logp, n = sequence_logps(model, batch)
     b = batch["num_pairs"]
     return logp[:b], logp[b:], n[:b], n[b:]
 

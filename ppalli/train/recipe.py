@@ -240,13 +240,13 @@ def _compile_layers(model, print_fn) -> None:
 
 
 def make_collate(tokenizer, device, objective: str):
-    from ppalli.data.collate import pack_collate, pad_collate, preference_collate
+    from ppalli.data.collate import pack_collate, pad_collate, preference_collate, preference_pack_collate
 
     pad_id = tokenizer.pad_token_id
 
     def collate(samples: list[dict], packed: bool) -> dict:
         if objective != "sft":
-            batch = preference_collate(samples, pad_id)
+            batch = preference_pack_collate(samples) if packed else preference_collate(samples, pad_id)
         elif packed:
             batch = pack_collate(samples)
         else:
@@ -400,7 +400,8 @@ def _train_planned(cfg: C.Config, plan, resume: Path | None, print_fn, world, ru
     scaler = torch.amp.GradScaler("cuda") if plan.precision == "fp16" and device.type == "cuda" else None
     settings = LoopSettings(total_steps=steps, batch_size=t.batch_size, max_grad_norm=t.max_grad_norm,
                             eval_every=t.eval_every, save_every=t.save_every, log_every=t.log_every,
-                            seed=t.seed, max_seq_len=cfg.data.max_seq_len, scaler=scaler, world=world, device=device)
+                            seed=t.seed, max_seq_len=cfg.data.max_seq_len, scaler=scaler, world=world, device=device,
+                            sequences=1 if t.objective == "sft" else 2)
     current = {"plan": plan}
     hooks = _hooks(model, optimizer, scheduler, tokenizer, device, cfg, ckpt_root, metrics, progress, current, world)
     t0 = time.perf_counter()

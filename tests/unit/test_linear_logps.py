@@ -6,7 +6,9 @@ import torch
 from fast.fast_reference import tiny_lora_model
 
 import ppalli.train.linear_logps as linear_logps_module
+from ppalli.data.collate import preference_collate, preference_pack_collate
 from ppalli.kernels._utils import interpreting
+from ppalli.models.fast import apply_fast_path, fully_swapped
 from ppalli.train.linear_logps import linear_logps
 from ppalli.train.objectives import DPO, ORPO, sequence_logps
 
@@ -68,9 +70,9 @@ def _pairs():
     return {"input_ids": ids, "attention_mask": mask, "labels": labels, "num_pairs": 2}
 
 
-def _full_sequence_logps(model, ids, labels, mask):
-    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-    tgt = labels[:, 1:]
+def _full_sequence_logps(model, batch):
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+    tgt = batch["labels"][:, 1:]
     keep = tgt != -100
     logp = logits.log_softmax(-1).gather(2, tgt.clamp(min=0)[..., None]).squeeze(-1)
     return (logp * keep).sum(-1), keep.sum(-1)
@@ -88,8 +90,8 @@ def test_preference_losses_and_lora_gradients_match_full_logits(family, objectiv
     with torch.no_grad():  # logits of a few units would pass gemma2's cap of 3.0 unchanged
         model.get_output_embeddings().weight.mul_(200)
     batch = _pairs()
-    sums, counts = sequence_logps(model, batch["input_ids"], batch["labels"], batch["attention_mask"])
-    ref_sums, ref_counts = _full_sequence_logps(model, batch["input_ids"], batch["labels"], batch["attention_mask"])
+    sums, counts = sequence_logps(model, batch)
+    ref_sums, ref_counts = _full_sequence_logps(model, batch)
     assert counts.tolist() == ref_counts.tolist() == [9, 9, 9, 4]
     torch.testing.assert_close(sums, ref_sums, rtol=1e-5, atol=1e-3)  # sums of ~10 terms of ~100 in fp32
 
@@ -99,10 +101,57 @@ def test_preference_losses_and_lora_gradients_match_full_logits(family, objectiv
         loss.backward()
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
-    loss, grads = loss_and_grads()
+    loss, grads = _loss_and_grads(model, objective, batch)
     monkeypatch.setattr(objectives, "sequence_logps", _full_sequence_logps)
-    ref_loss, ref_grads = loss_and_grads()
+    ref_loss, ref_grads = _loss_and_grads(model, objective, batch)
+    _assert_same(loss, grads, ref_loss, ref_grads)
+
+
+def _loss_and_grads(model, objective, batch):
+    model.zero_grad(set_to_none=True)
+    loss, _ = objective(model, batch)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _assert_same(loss, grads, ref_loss, ref_grads):
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
     for name, ref in ref_grads.items():  # fp32 both ways; summed in another order: ~1e-6 of the largest value
         diff, top = (grads[name] - ref).abs().max().item(), ref.abs().max().item()
         assert diff <= 1e-5 * top, f"{name}: max diff {diff:.3e}, largest value {top:.3e}"
+
+
+def _pair_samples():
+    """Three preference pairs of unequal lengths (prompt, chosen, rejected tokens), prompts unlabeled."""
+    gen = torch.Generator().manual_seed(5)
+    pairs = []
+    for n_prompt, n_chosen, n_rejected in [(5, 6, 3), (4, 2, 7), (6, 5, 5)]:
+        prompt, chosen, rejected = (torch.randint(3, 256, (n,), generator=gen).tolist()
+                                    for n in (n_prompt, n_chosen, n_rejected))
+        pairs.append({"chosen_input_ids": prompt + chosen, "chosen_labels": [-100] * n_prompt + chosen,
+                      "rejected_input_ids": prompt + rejected, "rejected_labels": [-100] * n_prompt + rejected})
+    return pairs
+
+
+@pytest.mark.parametrize("objective", [DPO(0.1), ORPO(0.1)])
+@pytest.mark.parametrize("fast", [False, True])  # HF's layers (masks from position_ids) / ppalli's (varlen)
+def test_packed_pairs_give_the_padded_batchs_logps_losses_and_gradients(objective, fast):
+    model = tiny_lora_model("llama").train()
+    with torch.no_grad():  # B = 0 at init: give the adapters a value so DPO's margin is not 0
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    if fast:
+        apply_fast_path(model, attention_backend="auto")
+        assert fully_swapped(model)
+    pairs = _pair_samples()
+    packed, padded = preference_pack_collate(pairs), preference_collate(pairs, pad_id=0)
+    tokens = sum(len(p["chosen_input_ids"]) + len(p["rejected_input_ids"]) for p in pairs)
+    assert packed["input_ids"].shape == (1, tokens) and padded["input_ids"].numel() == 6 * 11  # no padding
+    sums, counts = sequence_logps(model, packed)
+    ref_sums, ref_counts = sequence_logps(model, padded)
+    assert counts.tolist() == ref_counts.tolist() == [6, 2, 5, 3, 7, 5]  # chosen answers' tokens, then rejected
+    torch.testing.assert_close(sums, ref_sums, rtol=1e-5, atol=1e-4)
+    loss, grads = _loss_and_grads(model, objective, packed)
+    ref_loss, ref_grads = _loss_and_grads(model, objective, padded)
+    _assert_same(loss, grads, ref_loss, ref_grads)

@@ -167,10 +167,12 @@ def test_fast_path_needs_triton_and_a_known_family(spec_1b):
     assert whatif(cfg(), spec_1b, gpu="h100").fast_path
 
 
-def test_packing_on_for_sft_off_for_pairs_and_compile_off(spec_1b):
+def test_packing_on_for_sft_and_pairs_and_compile_off(spec_1b):
     sft = whatif(cfg(), spec_1b, gpu="h100")
     dpo = whatif(cfg(train={"objective": "dpo"}), spec_1b, gpu="h100")
-    assert sft.packing and not dpo.packing and "pairs" in dpo.reasons["packing"]
+    assert sft.packing and dpo.packing and "chosen and rejected" in dpo.reasons["packing"]
+    pinned = whatif(cfg(train={"objective": "dpo"}, data={"packing": "off"}), spec_1b, gpu="h100")
+    assert not pinned.packing and "data.packing" in pinned.reasons["packing"]
     assert not sft.compile and sft.reasons["compile"].startswith("off by default")
 
 
@@ -391,7 +393,7 @@ def test_fp8_that_does_not_fit_names_turning_it_off(spec_8b):
 def test_unpacked_plans_are_sized_for_the_datas_longest_row(spec_8b):
     # DPO on ko_preference_rlhf: the longest pair is 816 Llama 3 tokens under data.max_seq_len 1024; on an H200
     # the plan sized for 1024 predicted 79.2 GiB for a step that peaked at 61.1 (2026-12-04, *-s18-dpo-8b-new2)
-    dpo = cfg(data={"max_seq_len": 1024}, train={"objective": "dpo", "batch_size": 8})
+    dpo = cfg(data={"max_seq_len": 1024, "packing": "off"}, train={"objective": "dpo", "batch_size": 8})
     env = whatif_env("h200")
     whole = make_plan(env, dpo, spec_8b)
     fitted = make_plan(env, dpo, spec_8b, longest_row=816)
