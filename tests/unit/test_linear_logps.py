@@ -3,7 +3,7 @@ values and gradients of log softmax(h W^T)[target] from full fp32 logits, chunke
 
 import pytest
 import torch
-from fast.fast_reference import tiny_lora_model
+from fast.fast_reference import CPU_TIER, tiny_lora_model
 
 import ppalli.train.linear_logps as linear_logps_module
 from ppalli.data.collate import preference_collate, preference_pack_collate
@@ -134,7 +134,8 @@ def _pair_samples():
 
 
 @pytest.mark.parametrize("objective", [DPO(0.1), ORPO(0.1)])
-@pytest.mark.parametrize("fast", [False, True])  # HF's layers (masks from position_ids) / ppalli's (varlen)
+# HF's layers (masks from position_ids) / ppalli's (varlen; tests/gpu/test_preference_gpu.py on CUDA)
+@pytest.mark.parametrize("fast", [False, pytest.param(True, marks=CPU_TIER)])
 def test_packed_pairs_give_the_padded_batchs_logps_losses_and_gradients(objective, fast):
     model = tiny_lora_model("llama").train()
     with torch.no_grad():  # B = 0 at init: give the adapters a value so DPO's margin is not 0
