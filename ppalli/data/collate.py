@@ -90,6 +90,14 @@ def longest_sequence(samples: list[dict]) -> int | None:
     return max(lengths, default=None)
 
 
+def most_tokens(samples: list[dict], k: int) -> int | None:
+    """The most tokens any k of these samples hold together (the k longest, both answers of a pair), None for
+    none: a packed step of k samples never holds more, so neither does any of its passes."""
+    import heapq
+
+    return sum(heapq.nlargest(k, (sample_len(s) for s in samples))) if samples else None
+
+
 def sample_len(sample: dict) -> int:
     """Tokens a sample occupies: both answers for a preference pair."""
     if "input_ids" in sample:

@@ -62,6 +62,7 @@ class Plan:
     deterministic: bool = False  # bit-repeatable kernels (ppalli/train/determinism.py)
     fp8: bool = False  # the fast path's base GEMMs in e4m3 (ppalli/kernels/fp8.py)
     sharding: str = "off"  # "fsdp": the 16-bit base weights spread over the ranks (ppalli/plan/sharding.py)
+    step_tokens: int | None = None  # packed: the most tokens a step of this rank holds (its data read); no pass more
 
     @property
     def batch_size(self) -> int:
@@ -105,6 +106,7 @@ class _Ctx:
     packing: bool = False
     fp8: bool = False
     shards: int = 1  # ranks the base weights are spread over (FSDP2)
+    step_tokens: int | None = None  # packed: the most tokens one step's samples hold (collate.most_tokens)
     pinned: list[str] = field(default_factory=list)
     reasons: dict[str, str] = field(default_factory=dict)
     runner_up: tuple | None = None  # (seconds, checkpointing, micro-batch, layers) of the next-best plan that fit
@@ -265,6 +267,16 @@ def _packing(ctx: _Ctx) -> bool:
     return True
 
 
+def _step_rows(ctx: _Ctx, micro: int) -> None:
+    """Say so when the data's longest steps hold fewer tokens than the packed passes could."""
+    pairs = 2 if ctx.cfg.train.objective in PAIRED_OBJECTIVES else 1
+    capacity = micro * ctx.cfg.data.max_seq_len * pairs
+    if ctx.step_tokens and ctx.step_tokens < capacity:
+        n = ctx.cfg.train.batch_size
+        ctx.reasons["rows"] = (f"a step's {n} samples hold at most {ctx.step_tokens:,} tokens (the data's {n} "
+                               f"longest), under the {capacity:,} a packed pass of {micro} could: sized for that")
+
+
 def _data_rows(ctx: _Ctx, longest: int | None) -> None:
     """Unpacked batches are padded to their longest row, so size memory and time for the data's longest
     sequence when it is shorter than data.max_seq_len (ctx.cfg becomes that view; the run keeps its own)."""
@@ -313,6 +325,8 @@ def _estimate(ctx: _Ctx, quant: str, checkpointing: str, micro: int, seq_len: in
     seq_len = seq_len or cfg.data.max_seq_len
     if ctx.packing:  # one row of all the micro-batch's tokens: a mask, when there is one, spans the row
         seq_len, seqs = seq_len * seqs, 1
+        if ctx.step_tokens:  # a pass never holds more than its step's samples
+            seq_len = min(seq_len, ctx.step_tokens)
     return estimate_peak_bytes(
         ctx.spec, lora_r=cfg.lora.r, lora_targets=cfg.lora.targets, quant=quant, double_quant=cfg.plan.double_quant,
         dtype_bytes=4 if ctx.precision == "fp32" else 2, seq_len=seq_len, micro_batch=seqs,
@@ -510,10 +524,11 @@ def _speed(ctx: _Ctx, quant: str, ckpt: str, micro: int, layers: int | None = No
 
 
 def make_plan(env: Environment, cfg: Config, spec: ModelSpec, *, gpu_index: int = 0, world_size: int = 1,
-              longest_row: int | None = None) -> Plan:
+              longest_row: int | None = None, step_tokens: int | None = None) -> Plan:
     """Decide every choice for training `spec` as `cfg` asks on `env` (for one of `world_size` ranks, `cfg`
     holding that rank's share of the batch); raises PpalliError when nothing fits. longest_row: the data's
-    longest sequence in tokens, when known (unpacked batches are padded to no more)."""
+    longest sequence in tokens, when known (unpacked batches are padded to no more); step_tokens: the most tokens
+    one step's samples hold together, when known (packed passes hold no more: collate.most_tokens)."""
     device, gpu, device_why = _device(env, cfg.plan.device, gpu_index)
     ctx = _Ctx(env=env, cfg=cfg, spec=spec, device=device, gpu=gpu)
     ctx.reasons["device"] = ctx.pin("device", "plan.device", device) if cfg.plan.device != "auto" else device_why
@@ -522,6 +537,7 @@ def make_plan(env: Environment, cfg: Config, spec: ModelSpec, *, gpu_index: int 
     ctx.fast_path = _fast_path(ctx)
     ctx.packing, compile_ = _packing(ctx), _compile(ctx)
     _data_rows(ctx, longest_row)
+    ctx.step_tokens = step_tokens if ctx.packing else None
     repeatable = deterministic_choice(ctx)
     shards = pinned_sharding(ctx, world_size)  # may take the reference path, so before fp8's checks
     ctx.shards = shards or 1
@@ -534,6 +550,7 @@ def make_plan(env: Environment, cfg: Config, spec: ModelSpec, *, gpu_index: int 
         raise no_fit(ctx, budget)  # _search fails only under a budget
     quant, ckpt, micro, est, layers = found
     _memory_reasons(ctx, quant, ckpt, micro, budget, layers)
+    _step_rows(ctx, micro)
     if ctx.fp8:
         fp8_rows_note(ctx, micro * ctx.cfg.data.max_seq_len)
 
@@ -545,5 +562,6 @@ def make_plan(env: Environment, cfg: Config, spec: ModelSpec, *, gpu_index: int 
                 pinned=tuple(ctx.pinned), double_quant=cfg.plan.double_quant,
                 predicted_peak_gib=round(est.peak_gib, 2), budget_gib=None if budget is None else round(budget, 2),
                 est_tokens_per_s=None if tps is None else round(tps), gpu=gpu.name if gpu else None,
+                step_tokens=ctx.step_tokens,
                 recompute_layers=layers, deterministic=repeatable, fp8=ctx.fp8,
                 sharding="fsdp" if ctx.shards > 1 else "off")

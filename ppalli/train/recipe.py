@@ -22,7 +22,7 @@ import torch
 import yaml
 
 from ppalli import config as C
-from ppalli.data.collate import longest_sequence
+from ppalli.data.collate import longest_sequence, most_tokens
 from ppalli.errors import ConfigError, PpalliError
 from ppalli.train import checkpoint as ckpt
 from ppalli.train import distributed as dist
@@ -101,9 +101,11 @@ def _cap_gpu_memory(budget_gib: float | None, device: torch.device, print_fn) ->
              "torch.cuda.set_per_process_memory_fraction")
 
 
-def build_plan(cfg: C.Config, model_config, env, world_size: int = 1, longest_row: int | None = None):
+def build_plan(cfg: C.Config, model_config, env, world_size: int = 1, longest_row: int | None = None,
+               samples: list[dict] | None = None):
     """The plan for one rank: with N data-parallel ranks each holds batch_size / N samples of every step.
-    longest_row: the data's longest sequence (collate.longest_sequence), when it has been read."""
+    longest_row: the data's longest sequence (collate.longest_sequence), when it has been read; samples: the
+    data itself, whose longest rank's share of a step (collate.most_tokens) bounds a packed pass."""
     import dataclasses
 
     from ppalli.plan.memory import ModelSpec
@@ -117,7 +119,11 @@ def build_plan(cfg: C.Config, model_config, env, world_size: int = 1, longest_ro
         share = t.batch_size // world_size
         micro = min(t.micro_batch_size, share) if t.micro_batch_size else None
         cfg = replace(cfg, train=replace(t, batch_size=share, micro_batch_size=micro))
-    plan = make_plan(env, cfg, ModelSpec.from_config(model_config), world_size=world_size, longest_row=longest_row)
+    if samples is not None:
+        longest_row = longest_sequence(samples)
+    step_tokens = most_tokens(samples, cfg.train.batch_size) if samples is not None else None
+    plan = make_plan(env, cfg, ModelSpec.from_config(model_config), world_size=world_size, longest_row=longest_row,
+                     step_tokens=step_tokens)
     if world_size > 1:
         why = (f"{world_size} data-parallel ranks: each runs {cfg.train.batch_size} of the {t.batch_size} samples "
                f"of a step; adapter gradients are summed across ranks")
@@ -315,13 +321,13 @@ def train(cfg: C.Config, *, resume: Path | None = None, print_fn=print, cache_di
     write = _writer(run_dir, world)
     write("config.yaml", yaml.safe_dump(cfg.to_dict(), allow_unicode=True, sort_keys=False))
 
-    # 1. environment, data and plan, before any weight is loaded (the data's longest row sizes unpacked plans)
+    # 1. environment, data and plan, before any weight is loaded (the data's lengths size the plan's passes)
     env = probe()
     write("env.json", json.dumps(env.to_dict(), indent=1))
     model_config = read_model_config(cfg.model.name_or_path, revision=cfg.model.revision,
                                      trust_remote_code=cfg.model.trust_remote_code)
     tokenizer, prepared = _data(cfg, world)
-    plan = build_plan(cfg, model_config, env, world.size, longest_row=longest_sequence(prepared.train + prepared.eval))
+    plan = build_plan(cfg, model_config, env, world.size, samples=prepared.train + prepared.eval)
     for line in plan.explain():
         print_fn(line)
     _cap_gpu_memory(cfg.plan.memory_budget_gib, device_and_dtype(plan)[0], print_fn)

@@ -404,3 +404,19 @@ def test_unpacked_plans_are_sized_for_the_datas_longest_row(spec_8b):
     sft = make_plan(env, cfg(data={"max_seq_len": 1024}), spec_8b, longest_row=816)
     assert sft.packing and "rows" not in sft.reasons
     assert make_plan(env, dpo, spec_8b, longest_row=4096).predicted_peak_gib == whole.predicted_peak_gib
+
+
+def test_packed_plans_are_sized_for_the_datas_longest_step(spec_8b):
+    # DPO on ko_preference_rlhf, 8 pairs a step: the 8 longest pairs hold 6,462 Llama 3 tokens, a packed pass of
+    # 8 pairs could hold 16,384 (2 x 8 x 1024); the H200 run (2026-12-04) peaked at 29.3 GiB in 12 steps
+    env = whatif_env("h200")
+    dpo = cfg(data={"max_seq_len": 1024}, train={"objective": "dpo", "batch_size": 8})
+    whole = make_plan(env, dpo, spec_8b)
+    fitted = make_plan(env, dpo, spec_8b, step_tokens=6462)
+    assert whole.packing and "rows" not in whole.reasons and whole.step_tokens is None
+    assert "6,462 tokens" in fitted.reasons["rows"] and fitted.step_tokens == 6462
+    assert 29.3 < fitted.predicted_peak_gib < whole.predicted_peak_gib - 20
+    # a step that could fill its passes changes nothing; unpacked batches ignore it (longest_row sizes them)
+    assert make_plan(env, dpo, spec_8b, step_tokens=20000).predicted_peak_gib == whole.predicted_peak_gib
+    off = cfg(data={"max_seq_len": 1024, "packing": "off"}, train={"objective": "dpo", "batch_size": 8})
+    assert make_plan(env, off, spec_8b, step_tokens=6462).step_tokens is None

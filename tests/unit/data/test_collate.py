@@ -7,7 +7,15 @@ import random
 import pytest
 import torch
 
-from ppalli.data.collate import longest_sequence, pack_collate, pack_samples, pad_collate, preference_collate
+from ppalli.data.collate import (
+    longest_sequence,
+    most_tokens,
+    pack_collate,
+    pack_samples,
+    pad_collate,
+    preference_collate,
+    preference_pack_collate,
+)
 from ppalli.errors import DataError
 
 IGNORE = -100
@@ -65,6 +73,27 @@ def test_preference_collate_stacks_chosen_then_rejected():
     assert batch["num_pairs"] == 2 and batch["input_ids"].shape == (4, 3)
     assert batch["input_ids"].tolist() == [[1, 2, 3], [1, 2, 3], [1, 2, 0], [1, 2, 0]]
     assert batch["labels"][2].tolist() == [IGNORE, 2, IGNORE]
+
+
+def test_preference_pack_collate_packs_chosen_then_rejected():
+    pairs = [{"chosen_input_ids": [1, 2, 3], "chosen_labels": [IGNORE, IGNORE, 3],
+              "rejected_input_ids": [1, 2], "rejected_labels": [IGNORE, 2]},
+             {"chosen_input_ids": [4, 5], "chosen_labels": [IGNORE, 5],
+              "rejected_input_ids": [4, 6, 7, 8], "rejected_labels": [IGNORE, 6, 7, 8]}]
+    batch = preference_pack_collate(pairs)
+    assert batch["num_pairs"] == 2 and "attention_mask" not in batch
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5, 1, 2, 4, 6, 7, 8]]  # chosen 0, 1, rejected 0, 1
+    assert batch["cu_seqlens"].tolist() == [0, 3, 5, 7, 11] and batch["max_seqlen"] == 4
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1, 0, 1, 2, 3]]
+    assert batch["labels"].tolist() == [[IGNORE, IGNORE, 3, IGNORE, 5, IGNORE, 2, IGNORE, 6, 7, 8]]
+
+
+def test_most_tokens_sums_the_k_longest_samples():
+    sft = [{"input_ids": [1] * n} for n in (5, 9, 2, 7)]
+    pair = {"chosen_input_ids": [1] * 7, "chosen_labels": [1] * 7, "rejected_input_ids": [1] * 4,
+            "rejected_labels": [1] * 4}
+    assert most_tokens(sft, 2) == 16 and most_tokens(sft, 10) == 23 and most_tokens([], 3) is None
+    assert most_tokens([pair], 1) == 11  # both answers of a pair
 
 
 def _naive_ffd(lengths, cap):
