@@ -37,6 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu", help="a card name, e.g. 'RTX 3060 12GB', T4, A100-80GB, H100")
     p.add_argument("--gpu-memory", help="GPU memory, e.g. 12GiB")
     p.add_argument("--capability", help="compute capability, e.g. 7.5")
+    p.add_argument("--no-data", action="store_true",
+                   help="plan without reading the data (rows sized for data.max_seq_len, as before any data)")
 
     sub.add_parser("doctor", help="check this machine: GPU, versions, optional packages, known-bad combinations")
 
@@ -145,8 +147,23 @@ def cmd_plan(args) -> int:
                                                    trust_remote_code=cfg.model.trust_remote_code))
     memory = _parse_gib(args.gpu_memory) if args.gpu_memory else None
     cap = tuple(int(x) for x in args.capability.split(".")) if args.capability else None
-    print(format_plan(whatif(cfg, spec, gpu=args.gpu, gpu_memory_gib=memory, capability=cap)))
+    shape = {} if args.no_data else _data_shape(cfg)
+    print(format_plan(whatif(cfg, spec, gpu=args.gpu, gpu_memory_gib=memory, capability=cap, **shape)))
     return 0
+
+
+def _data_shape(cfg) -> dict:
+    """The data's lengths for the plan, as `ppalli train` reads them (tokenized once, then from the cache);
+    {} with a note when the data or its tokenizer cannot be read."""
+    from ppalli.train.distributed import World
+    from ppalli.train.recipe import data_shape, load_data
+
+    try:
+        _, prepared = load_data(cfg, World())
+    except PpalliError as e:
+        print(f"data: not read ({e}); rows sized for data.max_seq_len ({cfg.data.max_seq_len})")
+        return {}
+    return data_shape(prepared.train + prepared.eval, cfg.train.batch_size)
 
 
 def _parse_gib(text: str) -> float:

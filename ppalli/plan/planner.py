@@ -36,6 +36,7 @@ RAM_SHARE = {"cpu": 0.8, "mps": 0.65}  # macOS lets the GPU wire roughly 2/3 of 
 PAIRED_OBJECTIVES = ("orpo", "dpo")  # a sample is a chosen and a rejected sequence
 CHOICES = ("device", "precision", "attention", "quantization", "checkpointing", "micro_batch_size", "packing",
            "fast_path", "compile", "fp8", "deterministic")
+NOTES = ("rows", "world", "sharding", "memory", "speed")  # reasons shown after the choices, when present
 PINNED = "pinned in config"
 
 
@@ -74,8 +75,7 @@ class Plan:
     def explain(self) -> list[str]:
         """One line per choice, then memory and speed: 'checkpointing: none - activations of every layer fit'."""
         lines = [f"{name}: {_show(name, self)} - {self.reasons.get(name, '')}" for name in CHOICES]
-        return lines + [f"{k}: {self.reasons[k]}" for k in ("rows", "world", "sharding", "memory", "speed")
-                                                                         if k in self.reasons]
+        return lines + [f"{k}: {self.reasons[k]}" for k in NOTES if k in self.reasons]
 
 
 def _show(name: str, plan: Plan) -> str:

@@ -9,7 +9,7 @@ from ppalli.env import GPU, Environment
 from ppalli.errors import PpalliError
 from ppalli.plan.gpus import lookup_gpu
 from ppalli.plan.memory import GIB, ModelSpec
-from ppalli.plan.planner import CHOICES, Plan, _show, make_plan
+from ppalli.plan.planner import CHOICES, NOTES, Plan, _show, make_plan
 
 # A standard ppalli install with its fast and qlora extras (pyproject.toml); versions are the tested minimums.
 ASSUMED_PACKAGES = {"transformers": "5.17.0", "peft": "0.21.0", "triton": "3.6.0", "bitsandbytes": "0.45.0"}
@@ -37,9 +37,12 @@ def whatif_env(gpu: str | None = None, gpu_memory_gib: float | None = None,
 
 
 def whatif(cfg: Config, spec: ModelSpec, *, gpu: str | None = None, gpu_memory_gib: float | None = None,
-           capability: tuple[int, int] | None = None, packages: dict[str, str] | None = None) -> Plan:
-    """The plan ppalli would make on that machine (assuming its standard install unless `packages` says)."""
-    return make_plan(whatif_env(gpu, gpu_memory_gib, capability, packages), cfg, spec)
+           capability: tuple[int, int] | None = None, packages: dict[str, str] | None = None,
+           longest_row: int | None = None, step_tokens: int | None = None) -> Plan:
+    """The plan ppalli would make on that machine (assuming its standard install unless `packages` says), for
+    data of those lengths when given (recipe.data_shape)."""
+    return make_plan(whatif_env(gpu, gpu_memory_gib, capability, packages), cfg, spec, longest_row=longest_row,
+                     step_tokens=step_tokens)
 
 
 def format_plan(plan: Plan, width: int = 110) -> str:
@@ -54,7 +57,7 @@ def format_plan(plan: Plan, width: int = 110) -> str:
         lines.append(f"{choice:<{w1}}  {value:<{w2}}  {wrapped[0]}")
         lines.extend(f"{'':<{w1}}  {'':<{w2}}  {more}" for more in wrapped[1:])
     lines.append("")
-    for key in ("memory", "speed"):
+    for key in NOTES:
         if key in plan.reasons:
             lines.extend(textwrap.wrap(f"{key}: {plan.reasons[key]}", width, subsequent_indent="  "))
     return "\n".join(lines)

@@ -101,6 +101,12 @@ def _cap_gpu_memory(budget_gib: float | None, device: torch.device, print_fn) ->
              "torch.cuda.set_per_process_memory_fraction")
 
 
+def data_shape(samples: list[dict], batch_size: int) -> dict:
+    """What the planner reads from the data (make_plan's keywords): its longest sequence, which bounds a padded
+    row, and the most tokens `batch_size` of its samples hold, which bounds a packed pass."""
+    return {"longest_row": longest_sequence(samples), "step_tokens": most_tokens(samples, batch_size)}
+
+
 def build_plan(cfg: C.Config, model_config, env, world_size: int = 1, longest_row: int | None = None,
                samples: list[dict] | None = None):
     """The plan for one rank: with N data-parallel ranks each holds batch_size / N samples of every step.
@@ -119,11 +125,8 @@ def build_plan(cfg: C.Config, model_config, env, world_size: int = 1, longest_ro
         share = t.batch_size // world_size
         micro = min(t.micro_batch_size, share) if t.micro_batch_size else None
         cfg = replace(cfg, train=replace(t, batch_size=share, micro_batch_size=micro))
-    if samples is not None:
-        longest_row = longest_sequence(samples)
-    step_tokens = most_tokens(samples, cfg.train.batch_size) if samples is not None else None
-    plan = make_plan(env, cfg, ModelSpec.from_config(model_config), world_size=world_size, longest_row=longest_row,
-                     step_tokens=step_tokens)
+    shape = data_shape(samples, cfg.train.batch_size) if samples is not None else {"longest_row": longest_row}
+    plan = make_plan(env, cfg, ModelSpec.from_config(model_config), world_size=world_size, **shape)
     if world_size > 1:
         why = (f"{world_size} data-parallel ranks: each runs {cfg.train.batch_size} of the {t.batch_size} samples "
                f"of a step; adapter gradients are summed across ranks")
@@ -326,7 +329,7 @@ def train(cfg: C.Config, *, resume: Path | None = None, print_fn=print, cache_di
     write("env.json", json.dumps(env.to_dict(), indent=1))
     model_config = read_model_config(cfg.model.name_or_path, revision=cfg.model.revision,
                                      trust_remote_code=cfg.model.trust_remote_code)
-    tokenizer, prepared = _data(cfg, world)
+    tokenizer, prepared = load_data(cfg, world)
     plan = build_plan(cfg, model_config, env, world.size, samples=prepared.train + prepared.eval)
     for line in plan.explain():
         print_fn(line)
@@ -335,7 +338,7 @@ def train(cfg: C.Config, *, resume: Path | None = None, print_fn=print, cache_di
         return _train_planned(cfg, plan, resume, print_fn, world, run_dir, write, tokenizer, prepared)
 
 
-def _data(cfg: C.Config, world):
+def load_data(cfg: C.Config, world):
     """(tokenizer, prepared data): rank 0 tokenizes and fills the cache, the others then read it."""
     from ppalli.data.pipeline import prepare
     from ppalli.models.tokenizer import load_tokenizer

@@ -40,6 +40,32 @@ def test_plan_by_memory_and_capability(capsys, tmp_path, shared_data):
     assert "predicted peak" in capsys.readouterr().out
 
 
+def test_plan_reads_the_data_as_train_does(capsys, tmp_path, shared_data):
+    cfg = _cfg(tmp_path, shared_data)
+    assert main(["plan", cfg, "--gpu", "H100"]) == 0
+    out = capsys.readouterr().out
+    # 20 short Q/A rows: a step's 8 samples hold far fewer tokens than 8 packed rows of data.max_seq_len
+    rows = next(line for line in out.splitlines() if line.startswith("rows: "))
+    assert "a step's 8 samples hold at most" in rows, rows
+    assert main(["plan", cfg, "--gpu", "H100", "--no-data"]) == 0
+    without = capsys.readouterr().out
+    assert "rows: " not in without and _peak(without) > _peak(out)
+
+
+def _peak(out: str) -> float:
+    line = next(line for line in out.splitlines() if line.startswith("memory: "))
+    return float(line.split("predicted peak ")[1].split()[0])
+
+
+def test_plan_says_when_it_cannot_read_the_data(capsys, tmp_path, shared_data):
+    cfg = yaml.safe_load(open(_cfg(tmp_path, shared_data)))
+    cfg["data"]["path"] = str(tmp_path / "missing.jsonl")
+    path = tmp_path / "missing.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["plan", str(path), "--gpu", "H100"]) == 0
+    assert "data: not read" in capsys.readouterr().out
+
+
 def test_doctor_lists_the_machine(capsys):
     code = main(["doctor"])
     out = capsys.readouterr().out
