@@ -426,7 +426,16 @@ def _step_cost(ctx: _Ctx, quant: str, ckpt: str, micro: int, layers: int | None)
     return step_seconds(ctx.spec, seq_len=ctx.cfg.data.max_seq_len, batch=ctx.cfg.train.batch_size, micro=micro,
                         n_lora=lora_param_count(ctx.spec, ctx.cfg.lora.r, ctx.cfg.lora.targets),
                         checkpointing=ckpt, recompute_layers=layers, quant=quant, fast_path=ctx.fast_path,
-                        tflops=card.tflops if card else None)
+                        tflops=card.tflops if card else None, tokens=_step_tokens(ctx),
+                        reference=ctx.cfg.train.objective == "dpo")
+
+
+def _step_tokens(ctx: _Ctx) -> int:
+    """Tokens a step runs: every sequence at data.max_seq_len (both answers of a pair), or a packed step's data
+    when known (step_tokens)."""
+    pairs = 2 if ctx.cfg.train.objective in PAIRED_OBJECTIVES else 1
+    tokens = ctx.cfg.train.batch_size * ctx.cfg.data.max_seq_len * pairs
+    return min(tokens, ctx.step_tokens) if ctx.step_tokens else tokens
 
 
 def _memory_reasons(ctx: _Ctx, quant: str, ckpt: str, micro: int, budget: float | None,
@@ -509,10 +518,14 @@ def _speed(ctx: _Ctx, quant: str, ckpt: str, micro: int, layers: int | None = No
     if ctx.cfg.plan.deterministic:
         seconds *= DETERMINISTIC_SLOWDOWN
         counted.append(f"plan.deterministic's kernels (x{DETERMINISTIC_SLOWDOWN:g})")
-    tps = ctx.cfg.train.batch_size * ctx.cfg.data.max_seq_len / seconds
+    tps = _step_tokens(ctx) / seconds
     path = "fused" if ctx.fast_path else "reference"
     if host_seconds(ctx.spec, batch=ctx.cfg.train.batch_size, micro=micro) >= seconds:
         counted.append("the host's time per layer and micro-batch")
+    if ctx.cfg.train.objective == "dpo":
+        counted.append("DPO's reference forward")
+    if ctx.step_tokens:
+        counted.append(f"a step of the data's {ctx.step_tokens:,} tokens")
     also = f", counting {' and '.join(counted)}" if counted else ""
     also += "; plan.fp8's faster GEMMs not counted" if ctx.fp8 else ""
     ctx.reasons["speed"] = (f"~{tps:,.0f} tokens/s, a rough guess from {card.name}'s {card.tflops:g} TFLOP/s and "

@@ -38,6 +38,11 @@ def flops_per_token(spec: ModelSpec, seq_len: int, n_lora: int) -> float:
     return 4 * spec.matmul_params_per_token + 12 * spec.layers * spec.hidden * seq_len + 6 * n_lora
 
 
+def reference_flops_per_token(spec: ModelSpec, seq_len: int) -> float:
+    """DPO's reference log-probs: one more forward with the adapters off (2 N_matmul + 4 L d s), no backward."""
+    return 2 * spec.matmul_params_per_token + 4 * spec.layers * spec.hidden * seq_len
+
+
 def recomputed_weights(spec: ModelSpec, fast_path: bool = True) -> int:
     """Weights a recompute of every layer multiplies through: all but the lm_head, less the MLP's down
     projection on the fused path (its output is thrown away: kernels/lora_mlp.py)."""
@@ -76,14 +81,19 @@ DEFAULT_TFLOPS = 989.0  # no card known (CPU runs, unknown GPUs): rank as on an 
 
 def step_seconds(spec: ModelSpec, *, seq_len: int, batch: int, micro: int, n_lora: int, checkpointing: str,
                  recompute_layers: int | None = None, quant: str = "none", fast_path: bool = True,
-                 tflops: float | None = None) -> float:
+                 tflops: float | None = None, tokens: int | None = None, reference: bool = False) -> float:
     """A step's estimated seconds: the longer of its GPU time (model + recompute FLOPs at the path's measured
     efficiency; for 4-bit weights, dequantizing every layer's weights in each micro-batch's forward, backward
     and recompute, so a larger micro-batch dequantizes fewer times) and host_seconds. HF + PEFT 8B with full
-    checkpointing, 4x2048 on an H100: predicts 5,500 tokens/s, measured 5,865."""
+    checkpointing, 4x2048 on an H100: predicts 5,500 tokens/s, measured 5,865. tokens: what a step runs, when
+    not batch x seq_len (both answers of preference pairs, or a packed step's data); reference: DPO's extra
+    forward (reference_flops_per_token)."""
     rate = (tflops or DEFAULT_TFLOPS) * 1e12 * (fast_efficiency(spec.hidden) if fast_path else REFERENCE_EFFICIENCY)
     recompute = recompute_flops_per_token(spec, seq_len, checkpointing, recompute_layers, fast_path)
-    gpu = batch * seq_len * (flops_per_token(spec, seq_len, n_lora) + recompute) / rate
+    per_token = flops_per_token(spec, seq_len, n_lora) + recompute
+    if reference:
+        per_token += reference_flops_per_token(spec, seq_len)
+    gpu = (tokens or batch * seq_len) * per_token / rate
     steps = batch // micro
     if quant != "none":  # forward and backward dequantize every layer's weights, a recompute what it multiplies
         share = recompute / max(recompute_flops_per_token(spec, seq_len, "full", fast_path=fast_path), 1.0)

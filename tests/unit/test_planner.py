@@ -420,3 +420,15 @@ def test_packed_plans_are_sized_for_the_datas_longest_step(spec_8b):
     assert make_plan(env, dpo, spec_8b, step_tokens=20000).predicted_peak_gib == whole.predicted_peak_gib
     off = cfg(data={"max_seq_len": 1024, "packing": "off"}, train={"objective": "dpo", "batch_size": 8})
     assert make_plan(env, off, spec_8b, step_tokens=6462).step_tokens is None
+
+
+def test_dpo_speed_counts_its_reference_forward_and_both_answers(spec_8b):
+    # H200, 2026-12-04 (results/*-s19-dpo-8b-longest8-packed.json): Llama-3.1-8B DPO, every step the same 8
+    # longest pairs (6,710 tokens): 0.599 s a step, 11,200 tokens/s; the guess said 17,993 before counting DPO's
+    # forward with the adapters off
+    env = whatif_env("h200")
+    dpo, orpo = (cfg(data={"max_seq_len": 1024}, train={"objective": o, "batch_size": 8}) for o in ("dpo", "orpo"))
+    fast_dpo, fast_orpo = make_plan(env, dpo, spec_8b, step_tokens=6710), make_plan(env, orpo, spec_8b)
+    assert 11_200 * 0.9 < fast_dpo.est_tokens_per_s < 11_200 * 1.2
+    assert "DPO's reference forward" in fast_dpo.reasons["speed"] and "6,710 tokens" in fast_dpo.reasons["speed"]
+    assert fast_dpo.est_tokens_per_s < fast_orpo.est_tokens_per_s

@@ -43,3 +43,5 @@ def test_fused_efficiency_follows_the_width_between_the_measured_ones():
     assert fast_efficiency(narrow) == FAST_EFFICIENCY[narrow] and fast_efficiency(wide) == FAST_EFFICIENCY[wide]
     assert FAST_EFFICIENCY[narrow] < fast_efficiency(3072) < FAST_EFFICIENCY[wide]
     assert fast_efficiency(896) == FAST_EFFICIENCY[narrow] and fast_efficiency(8192) == FAST_EFFICIENCY[wide]
+
+
