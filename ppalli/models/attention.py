@@ -305,9 +305,17 @@ def _flex_mask(t: int, window: int | None, doc: torch.Tensor | None, device: tor
         return _flex_causal_mask(t, window, str(device))
     from torch.nn.attention.flex_attention import create_block_mask
 
-    # compiled, the mask is built block by block; eager it evaluates all t x t pairs (the CPU tests' sizes)
-    return create_block_mask(_causal_mod(window, doc), None, None, t, t, device=device,
-                             _compile=device.type == "cuda")
+    # compiled, the mask is built block by block; eager it evaluates all t x t pairs (the CPU tests' sizes).
+    # torch.compile of the function, as torch 2.11 advises in place of its deprecated `_compile=True`
+    build = _block_mask_compiled() if device.type == "cuda" else create_block_mask
+    return build(_causal_mod(window, doc), None, None, t, t, device=device)
+
+
+@functools.lru_cache(maxsize=1)
+def _block_mask_compiled():
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    return torch.compile(create_block_mask)
 
 
 @functools.lru_cache(maxsize=8)
