@@ -63,7 +63,9 @@ class Plan:
     deterministic: bool = False  # bit-repeatable kernels (ppalli/train/determinism.py)
     fp8: bool = False  # the fast path's base GEMMs in e4m3 (ppalli/kernels/fp8.py)
     sharding: str = "off"  # "fsdp": the 16-bit base weights spread over the ranks (ppalli/plan/sharding.py)
-    step_tokens: int | None = None  # packed: the most tokens a step of this rank holds (its data read); no pass more
+    # packed: the most tokens a pass holds when below micro x max_seq_len: the most one step of the data holds,
+    # when it was read (make_plan's step_tokens), halved with the micro-batch on an OOM step-down
+    pass_tokens: int | None = None
 
     @property
     def batch_size(self) -> int:
@@ -267,10 +269,14 @@ def _packing(ctx: _Ctx) -> bool:
     return True
 
 
+def _sequences(ctx: _Ctx) -> int:
+    """Sequences a sample holds: a chosen and a rejected answer for the paired objectives."""
+    return 2 if ctx.cfg.train.objective in PAIRED_OBJECTIVES else 1
+
+
 def _step_rows(ctx: _Ctx, micro: int) -> None:
     """Say so when the data's longest steps hold fewer tokens than the packed passes could."""
-    pairs = 2 if ctx.cfg.train.objective in PAIRED_OBJECTIVES else 1
-    capacity = micro * ctx.cfg.data.max_seq_len * pairs
+    capacity = micro * ctx.cfg.data.max_seq_len * _sequences(ctx)
     if ctx.step_tokens and ctx.step_tokens < capacity:
         n = ctx.cfg.train.batch_size
         ctx.reasons["rows"] = (f"a step's {n} samples hold at most {ctx.step_tokens:,} tokens (the data's {n} "
@@ -321,7 +327,7 @@ def _budget(ctx: _Ctx) -> float | None:
 def _estimate(ctx: _Ctx, quant: str, checkpointing: str, micro: int, seq_len: int | None = None,
               layers: int | None = None) -> MemoryEstimate:
     cfg = ctx.cfg
-    seqs = micro * (2 if cfg.train.objective in PAIRED_OBJECTIVES else 1)
+    seqs = micro * _sequences(ctx)
     seq_len = seq_len or cfg.data.max_seq_len
     if ctx.packing:  # one row of all the micro-batch's tokens: a mask, when there is one, spans the row
         seq_len, seqs = seq_len * seqs, 1
@@ -433,8 +439,7 @@ def _step_cost(ctx: _Ctx, quant: str, ckpt: str, micro: int, layers: int | None)
 def _step_tokens(ctx: _Ctx) -> int:
     """Tokens a step runs: every sequence at data.max_seq_len (both answers of a pair), or a packed step's data
     when known (step_tokens)."""
-    pairs = 2 if ctx.cfg.train.objective in PAIRED_OBJECTIVES else 1
-    tokens = ctx.cfg.train.batch_size * ctx.cfg.data.max_seq_len * pairs
+    tokens = ctx.cfg.train.batch_size * ctx.cfg.data.max_seq_len * _sequences(ctx)
     return min(tokens, ctx.step_tokens) if ctx.step_tokens else tokens
 
 
@@ -575,6 +580,6 @@ def make_plan(env: Environment, cfg: Config, spec: ModelSpec, *, gpu_index: int 
                 pinned=tuple(ctx.pinned), double_quant=cfg.plan.double_quant,
                 predicted_peak_gib=round(est.peak_gib, 2), budget_gib=None if budget is None else round(budget, 2),
                 est_tokens_per_s=None if tps is None else round(tps), gpu=gpu.name if gpu else None,
-                step_tokens=ctx.step_tokens,
+                pass_tokens=ctx.step_tokens,
                 recompute_layers=layers, deterministic=repeatable, fp8=ctx.fp8,
                 sharding="fsdp" if ctx.shards > 1 else "off")

@@ -108,7 +108,7 @@ def _split(samples, plan, settings) -> list[list[dict]]:
     budget = None
     if plan.packing and settings.max_seq_len:  # the tokens the plan sized a pass for (planner._estimate)
         budget = plan.micro_batch_size * settings.max_seq_len * settings.sequences
-        budget = min(budget, plan.step_tokens or budget)  # evaluation's passes too: none above a training step
+        budget = min(budget, plan.pass_tokens or budget)  # evaluation's passes too: none above a training step
     return micro_batches(samples, plan.micro_batch_size, budget)
 
 

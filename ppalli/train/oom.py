@@ -109,7 +109,9 @@ def _micro_down(plan: Plan, allow_pinned: bool) -> Plan | None:
     pinned = " (pinned, but it did not fit)" if "micro_batch_size" in plan.pinned else ""
     why = (f"stepped down after OOM at micro-batch {micro}{pinned}: {new} x {batch // new} accumulation keeps "
            f"batch {batch}")
-    return _with(plan, "micro_batch_size", why, micro_batch_size=new, grad_accum=batch // new)
+    # a packed pass capped by the data's longest step (Plan.pass_tokens) shrinks with the micro-batch too
+    cap = None if plan.pass_tokens is None else max(1, plan.pass_tokens * new // micro)
+    return _with(plan, "micro_batch_size", why, micro_batch_size=new, grad_accum=batch // new, pass_tokens=cap)
 
 
 def _recompute_up(plan: Plan, allow_pinned: bool) -> Plan | None:

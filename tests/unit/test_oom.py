@@ -77,6 +77,17 @@ def test_step_down_halves_the_micro_batch_then_adds_recompute():
     assert steps[4].est_tokens_per_s is None
 
 
+def test_step_down_shrinks_a_packed_pass_capped_by_the_data():
+    # 8 pairs of the data hold at most 6,462 tokens, under the 16,384 a pass of 8 could: halving the micro-batch
+    # alone would leave the pass at 6,462 (loop._split), so the cap halves with it
+    import dataclasses
+
+    packed = dataclasses.replace(plan(), pass_tokens=6462)
+    stepped = step_down(packed)
+    assert (stepped.micro_batch_size, stepped.pass_tokens) == (4, 3231)
+    assert step_down(plan()).pass_tokens is None
+
+
 def test_step_down_keeps_the_batch_when_the_micro_batch_is_odd():
     stepped = step_down(plan(micro=3, accum=4))
     assert (stepped.micro_batch_size, stepped.grad_accum) == (1, 12)

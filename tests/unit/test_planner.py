@@ -413,13 +413,13 @@ def test_packed_plans_are_sized_for_the_datas_longest_step(spec_8b):
     dpo = cfg(data={"max_seq_len": 1024}, train={"objective": "dpo", "batch_size": 8})
     whole = make_plan(env, dpo, spec_8b)
     fitted = make_plan(env, dpo, spec_8b, step_tokens=6462)
-    assert whole.packing and "rows" not in whole.reasons and whole.step_tokens is None
-    assert "6,462 tokens" in fitted.reasons["rows"] and fitted.step_tokens == 6462
+    assert whole.packing and "rows" not in whole.reasons and whole.pass_tokens is None
+    assert "6,462 tokens" in fitted.reasons["rows"] and fitted.pass_tokens == 6462
     assert 29.3 < fitted.predicted_peak_gib < whole.predicted_peak_gib - 20
     # a step that could fill its passes changes nothing; unpacked batches ignore it (longest_row sizes them)
     assert make_plan(env, dpo, spec_8b, step_tokens=20000).predicted_peak_gib == whole.predicted_peak_gib
     off = cfg(data={"max_seq_len": 1024, "packing": "off"}, train={"objective": "dpo", "batch_size": 8})
-    assert make_plan(env, off, spec_8b, step_tokens=6462).step_tokens is None
+    assert make_plan(env, off, spec_8b, step_tokens=6462).pass_tokens is None
 
 
 def test_dpo_speed_counts_its_reference_forward_and_both_answers(spec_8b):
