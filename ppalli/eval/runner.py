@@ -68,8 +68,9 @@ def eval_rows(run_dir: Path, tokenizer, overrides: list[str], data_path: str | N
     return prepared.eval, f"the run's held-out rows ({held}): {len(prepared.eval)}"
 
 
-def eval_loss(run, rows: list[dict], settings: EvalSettings) -> tuple[float, int]:
-    """(the run's objective over rows, normalized like training; the rows per forward it used)"""
+def eval_loss(run, rows: list[dict], settings: EvalSettings) -> tuple[dict, int]:
+    """(loop.evaluate's result: the run's objective over rows, normalized like training, and for preference
+    pairs their reward margin and accuracy; the rows per forward it used)"""
     from ppalli.train.loop import evaluate
     from ppalli.train.objectives import chunked_lm_loss, eval_lm_loss, make_objective
     from ppalli.train.recipe import make_collate
@@ -112,9 +113,11 @@ def evaluate_run(run_dir: str | Path, *, settings: EvalSettings = EvalSettings()
     out.mkdir(parents=True, exist_ok=True)
 
     start = time.perf_counter()
-    loss, micro = eval_loss(run, rows, settings)
+    result, micro = eval_loss(run, rows, settings)
+    loss, pair_means = result["loss"], {k: v for k, v in result.items() if k != "loss"}
     loss_seconds = time.perf_counter() - start
-    print_fn(f"loss {loss:.4f} over {len(rows)} rows ({loss_seconds:.1f} s)")
+    print_fn(f"loss {loss:.4f} over {len(rows)} rows ({loss_seconds:.1f} s)"
+             + "".join(f", {k} {v:.4f}" for k, v in pair_means.items()))
 
     start = time.perf_counter()
     pairs = _answer_rows(run, rows, settings, out / "eval_samples.jsonl", print_fn)
@@ -124,6 +127,7 @@ def evaluate_run(run_dir: str | Path, *, settings: EvalSettings = EvalSettings()
     summary = {
         "run": str(run_dir), "rows": source, "objective": run.config.train.objective,
         "loss": loss, "perplexity": math.exp(loss) if sft and loss < 700 else None, "loss_rows": len(rows),
+        **pair_means,
         "answered": len(pairs), "metrics": means, "settings": asdict(settings) | {"micro_batch_size": micro},
         "decoding": "greedy",
         "seconds": {"loss": round(loss_seconds, 2), "answers": round(time.perf_counter() - start, 2)},

@@ -18,6 +18,7 @@ import torch
 from ppalli.data.collate import sample_len
 from ppalli.errors import OutOfMemory
 from ppalli.train.distributed import World, shard, sum_across, sum_gradients
+from ppalli.train.objectives import PAIR_STATS, pair_metrics
 from ppalli.train.oom import explain_cuda_error, is_oom, step_down
 
 
@@ -49,7 +50,7 @@ class Hooks:
 
     collate: Callable[[list[dict], bool], dict]  # (samples, packed) -> batch on the device
     on_step: Callable[[LoopState, dict], None] = lambda state, m: None
-    on_eval: Callable[[LoopState, float], None] = lambda state, loss: None
+    on_eval: Callable[[LoopState, dict], None] = lambda state, result: None  # evaluate's {"loss", ...}
     save: Callable[[LoopState], None] = lambda state: None
     replan: Callable[[object], None] = lambda plan: None  # apply a stepped-down plan to the model
 
@@ -126,17 +127,25 @@ def accumulate(model, objective, samples: list[dict], plan, settings: LoopSettin
     scaler, world = settings.scaler, settings.world
     batches = [collate(mb, plan.packing) for mb in _split(shard(samples, world), plan, settings)]
     norm = sum_across(sum(objective.normalizer(b) for b in batches), world, settings.device)
-    loss_total, tokens = 0.0, 0
+    loss_total, tokens, stats = 0.0, 0, {}
     for batch in batches:
         loss_sum, info = objective(model, batch)
         loss = loss_sum / max(norm, 1)
         (scaler.scale(loss) if scaler is not None else loss).backward()
         loss_total += float(loss_sum.detach())
         tokens += _real_tokens(batch)
+        _add(stats, info)
     sum_gradients(model, world)
     loss_total = sum_across(loss_total, world, settings.device)
     tokens = int(sum_across(tokens, world, settings.device))
-    return {"loss": loss_total / max(norm, 1), "norm": int(norm), "tokens": tokens}
+    stats = {k: sum_across(stats[k], world, settings.device) for k in PAIR_STATS if k in stats}
+    return {"loss": loss_total / max(norm, 1), "norm": int(norm), "tokens": tokens, **pair_metrics(stats)}
+
+
+def _add(stats: dict, info: dict) -> None:
+    """Sum a micro-batch's counts (an objective's info) into the step's."""
+    for key, value in info.items():
+        stats[key] = stats.get(key, 0) + value
 
 
 def run_step(model, optimizer, scheduler, objective, samples, plan, settings, state, hooks):
@@ -191,21 +200,23 @@ def _free_cuda() -> None:
 
 
 @torch.no_grad()
-def evaluate(model, objective, samples: list[dict], plan, collate, settings: LoopSettings | None = None) -> float:
-    """Loss over the eval samples, normalized exactly like training (sum / count of the whole set)."""
+def evaluate(model, objective, samples: list[dict], plan, collate, settings: LoopSettings | None = None) -> dict:
+    """{"loss": over the eval samples, normalized exactly like training (sum / count of the whole set)}, and for
+    preference pairs their mean reward margin and accuracy (objectives.pair_metrics)."""
     if not samples:
-        return float("nan")
+        return {"loss": float("nan")}
     was_training = model.training
     model.eval()
-    total, norm = 0.0, 0
+    total, norm, stats = 0.0, 0, {}
     groups = _split(samples, plan, settings) if settings else micro_batches(samples, plan.micro_batch_size)
     for mb in groups:
         batch = collate(mb, plan.packing)
-        loss_sum, _ = objective(model, batch)
+        loss_sum, info = objective(model, batch)
         total += float(loss_sum)
         norm += objective.normalizer(batch)
+        _add(stats, info)
     model.train(was_training)
-    return total / max(norm, 1)
+    return {"loss": total / max(norm, 1), **pair_metrics(stats)}
 
 
 def train_loop(model, optimizer, scheduler, objective, train: list[dict], eval_samples: list[dict], plan,

@@ -186,7 +186,7 @@ class ORPO:
             mean_r - torch.log1p(-mean_r.exp().clamp(max=1 - 1e-6)))
         ratio = -F.logsigmoid(log_odds)
         loss = (-mean_c + self.lam * ratio).sum()
-        return loss, {"pairs": len(lp_c), "reward_margin": float((mean_c - mean_r).mean())}
+        return loss, _pair_stats(self.lam * (mean_c - mean_r))  # TRL's ORPO rewards: lam x mean log p
 
 
 class DPO:
@@ -206,7 +206,27 @@ class DPO:
             ref_c, ref_r, _, _ = _pair_logps(model, batch)
         margin = (lp_c - ref_c) - (lp_r - ref_r)
         loss = -F.logsigmoid(self.beta * margin).sum()
-        return loss, {"pairs": len(lp_c), "reward_margin": float(margin.mean())}
+        return loss, _pair_stats(self.beta * margin)  # implicit rewards beta (log pi - log ref), as TRL logs them
+
+
+PAIR_STATS = ("pairs", "margin_sum", "wins")  # what _pair_stats counts, summed over micro-batches and ranks
+
+
+def _pair_stats(margin: torch.Tensor) -> dict:
+    """Sums over a micro-batch's pairs of their reward margins (chosen's reward less rejected's, (B,)), which
+    pair_metrics turns into a step's means once every micro-batch and rank is added."""
+    margin = margin.detach().float()
+    return {"pairs": margin.numel(), "margin_sum": float(margin.sum()), "wins": int((margin > 0).sum())}
+
+
+def pair_metrics(stats: dict) -> dict:
+    """A step's (or an evaluation's) preference metrics from summed _pair_stats: the mean reward margin and the
+    share of pairs whose chosen answer out-rewards the rejected one (TRL's rewards/margins, rewards/accuracies).
+    {} for SFT."""
+    pairs = stats.get("pairs", 0)
+    if not pairs:
+        return {}
+    return {"reward_margin": stats["margin_sum"] / pairs, "reward_accuracy": stats["wins"] / pairs}
 
 
 def make_objective(name: str, *, beta: float, lm_loss: Callable = reference_lm_loss):

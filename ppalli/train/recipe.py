@@ -423,9 +423,10 @@ def _train_planned(cfg: C.Config, plan, resume: Path | None, print_fn, world, ru
     train_seconds = time.perf_counter() - t0
 
     # 6. final eval, adapter, samples, report
-    eval_loss = evaluate(model, objective, prepared.eval, plan, hooks.collate, settings) if prepared.eval else None
-    if eval_loss is not None:
-        metrics.write({"step": state.step, "eval_loss": eval_loss})
+    final_eval = evaluate(model, objective, prepared.eval, plan, hooks.collate, settings) if prepared.eval else None
+    eval_loss = final_eval["loss"] if final_eval else None
+    if final_eval is not None:
+        metrics.write({"step": state.step, **_eval_row(final_eval)})
     metrics.close()
     if fast_handle is not None:
         fast_handle.revert()  # the saved adapter and the samples go through the plain PEFT model
@@ -469,6 +470,11 @@ def _writer(run_dir: Path, world):
     return write
 
 
+def _eval_row(result: dict) -> dict:
+    """evaluate's result as metrics.jsonl keys: eval_loss, eval_reward_margin, eval_reward_accuracy."""
+    return {f"eval_{k}": v for k, v in result.items()}
+
+
 def _hooks(model, optimizer, scheduler, tokenizer, device, cfg, ckpt_root, metrics, progress, current,
            world) -> Hooks:
     from ppalli.train.recompute import apply_recompute
@@ -481,12 +487,13 @@ def _hooks(model, optimizer, scheduler, tokenizer, device, cfg, ckpt_root, metri
                "tokens_per_s": out["tokens"] / out["seconds"], "s_per_it": out["seconds"],
                "trained_tokens": out["norm"], "peak_gib": round(peak, 3), "micro_batch_size": out["micro_batch_size"],
                "passes": out["passes"]}
+        row.update({k: out[k] for k in ("reward_margin", "reward_accuracy") if k in out})  # preference pairs
         metrics.write(row)
         progress.update(row)
 
-    def on_eval(state, loss):
-        metrics.write({"step": state.step, "eval_loss": loss})
-        progress.message(f"step {state.step}: eval loss {loss:.4f}")
+    def on_eval(state, result):
+        metrics.write({"step": state.step, **_eval_row(result)})
+        progress.message(f"step {state.step}: eval loss {result['loss']:.4f}")
 
     def save(state):
         # every rank holds the same adapter and optimizer state (gradients are summed), so rank 0's checkpoint

@@ -83,3 +83,7 @@ def test_eval_of_a_dpo_run_scores_the_chosen_answers(make_cfg, quiet, shared_dat
     assert summary["loss"] == pytest.approx(_final_eval_loss(run_dir), rel=1e-5)
     rows = [json.loads(x) for x in (run_dir / "eval_samples.jsonl").read_text(encoding="utf-8").splitlines()]
     assert len(rows) == 2 and all(r["reference"] for r in rows)
+    # the held-out pairs' implicit rewards, as training's last eval row wrote them (3 pairs: thirds)
+    last = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if "eval_loss" in x][-1]
+    assert summary["reward_accuracy"] == last["eval_reward_accuracy"] and summary["reward_accuracy"] * 3 in (0, 1, 2, 3)
+    assert summary["reward_margin"] == pytest.approx(last["eval_reward_margin"], rel=1e-4, abs=1e-7)

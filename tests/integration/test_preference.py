@@ -21,10 +21,14 @@ def test_preference_objectives_train(make_cfg, shared_data, objective):
     result = recipe.train(cfg, print_fn=lambda *a: None)
     losses = _losses(result.run_dir)
     assert len(losses) == 4 and all(math.isfinite(x) for x in losses)
+    rows = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert all(0 <= r["reward_accuracy"] <= 1 and math.isfinite(r["reward_margin"]) for r in rows)
     if objective == "dpo":
         # LoRA starts with B = 0: the policy equals the reference, every margin is 0, the loss is log 2
         assert losses[0] == pytest.approx(math.log(2), abs=1e-6)
+        assert rows[0]["reward_margin"] == 0 and rows[0]["reward_accuracy"] == 0  # no pair is won yet
         assert losses[-1] < losses[0]  # the policy moves towards the chosen answers
+        assert rows[-1]["reward_margin"] > 0
 
 
 @pytest.mark.parametrize("objective", ["dpo", "orpo"])
