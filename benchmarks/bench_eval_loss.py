@@ -26,7 +26,7 @@ def measure(run, rows, lm_loss, micro_batch: int) -> dict:
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
     start = time.perf_counter()
-    loss = evaluate(run.model, SFT(lm_loss), rows, _Batches(micro_batch), collate)
+    loss = evaluate(run.model, SFT(lm_loss), rows, _Batches(micro_batch), collate)["loss"]
     torch.cuda.synchronize()
     return {"loss": loss, "seconds": round(time.perf_counter() - start, 2),
             "peak_gib_over_model": round((torch.cuda.max_memory_allocated() - base) / 2**30, 2)}

@@ -1,0 +1,80 @@
+"""Decoding speed of a LoRA model through ppalli's generate loop: the adapter as PEFT runs it (base + rank-r
+branch in every projection) against the same adapter merged into the 16-bit weights (`merge_adapter`).
+
+    python benchmarks/bench_generate.py --model CONFIG.json [--new 128] [--prompt 64] --out results.json
+
+Random weights built from the config (speed does not depend on their values); LoRA r 16 on q, k, v, o, gate,
+up, down with random B (a trained adapter's branch costs the same); greedy, no stop token, batch 1.
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without `pip install -e .`
+from ppalli.infer.generate import generate  # noqa: E402
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class _NoStop:
+    """What generate reads of a tokenizer when nothing is streamed: no EOS, so every run makes --new tokens."""
+
+    eos_token_id = None
+
+
+def lora_model(config_path: Path, device: str, dtype: torch.dtype):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(config_path)
+    torch.manual_seed(0)
+    with torch.device(device):
+        base = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    base.generation_config.eos_token_id = None
+    model = get_peft_model(base, LoraConfig(r=16, lora_alpha=16, target_modules=TARGETS, init_lora_weights=False))
+    return model.eval()
+
+
+def tokens_per_s(model, prompt: torch.Tensor, new: int, repeats: int) -> tuple[float, list[int]]:
+    out = generate(model, _NoStop(), prompt, max_new_tokens=new, greedy=True)  # warm-up: kernels, allocator
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize() if prompt.is_cuda else None
+        start = time.perf_counter()
+        out = generate(model, _NoStop(), prompt, max_new_tokens=new, greedy=True)
+        torch.cuda.synchronize() if prompt.is_cuda else None
+        times.append(time.perf_counter() - start)
+    return new / sorted(times)[len(times) // 2], out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, required=True, help="a config.json")
+    parser.add_argument("--new", type=int, default=128)
+    parser.add_argument("--prompt", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = lora_model(args.model, device, dtype)
+    prompt = torch.randint(0, model.config.vocab_size, (1, args.prompt), device=device)
+    unmerged, out_unmerged = tokens_per_s(model, prompt, args.new, args.repeats)
+    model.merge_adapter()
+    merged, out_merged = tokens_per_s(model, prompt, args.new, args.repeats)
+    same = next((i for i, (a, b) in enumerate(zip(out_unmerged, out_merged)) if a != b), len(out_merged))
+    result = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "model": str(args.model),
+              "dtype": str(dtype), "prompt": args.prompt, "new": args.new,
+              "unmerged_tokens_per_s": round(unmerged, 1), "merged_tokens_per_s": round(merged, 1),
+              "greedy_tokens_equal_before_first_difference": same}
+    print(json.dumps(result))
+    args.out.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
