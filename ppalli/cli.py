@@ -58,6 +58,8 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--max-new-tokens", type=int, default=256)
         p.add_argument("--greedy", action="store_true", help="always pick the likeliest token (no sampling)")
         p.add_argument("--seed", type=int, default=None)
+        p.add_argument("--no-merge", action="store_true", help="decode with the adapter as PEFT runs it (exact, "
+                       "~2x slower) instead of merged into the 16-bit weights")
         if verb == "generate":
             p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
             p.add_argument("--file", help="a text file with one prompt per line")
@@ -73,6 +75,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="rows per loss forward (default: 16, or 4 for a model whose "
                    "loss needs full logits)")
     p.add_argument("--out", help="folder for eval.json and eval_samples.jsonl (default: the run directory)")
+    p.add_argument("--no-merge", action="store_true", help="answer with the adapter as PEFT runs it (exact, ~2x "
+                   "slower) instead of merged into the 16-bit weights; the loss never merges")
 
     p = sub.add_parser("export", help="merge the adapter into 16-bit weights and save safetensors")
     p.add_argument("run_dir")
@@ -215,8 +219,8 @@ def cmd_chat(args) -> int:
     from ppalli.infer.chat import chat_loop
     from ppalli.models.load import load_run
 
-    run = load_run(args.run_dir)
-    print(f"ppalli chat: {args.run_dir}  (sampling {'off' if args.greedy else 'on'}; /reset, /exit)")
+    run = load_run(args.run_dir, merge=not args.no_merge)
+    print(f"ppalli chat: {args.run_dir}  (sampling {'off' if args.greedy else 'on'}; {run.note}; /reset, /exit)")
     chat_loop(run.model, run.tokenizer, run.render_prompt, temperature=args.temperature, top_p=args.top_p,
               max_new_tokens=args.max_new_tokens, greedy=args.greedy, stop_ids=run.stop_ids)
     return 0
@@ -229,7 +233,8 @@ def cmd_generate(args) -> int:
     prompts = list(args.prompt) + (read_prompts(args.file) if args.file else [])
     if not prompts:
         raise PpalliError("generate: give --prompt TEXT or --file PROMPTS.txt")
-    run = load_run(args.run_dir)
+    run = load_run(args.run_dir, merge=not args.no_merge)
+    print(run.note, file=sys.stderr)
     out = args.out or "-"
     generate_batch(run.model, run.tokenizer, run.render_prompt, prompts, out, temperature=args.temperature,
                    top_p=args.top_p, max_new_tokens=args.max_new_tokens, greedy=args.greedy, seed=args.seed,
@@ -242,7 +247,8 @@ def cmd_eval(args) -> int:
 
     if args.n < 0 or args.max_new_tokens < 1 or (args.batch_size is not None and args.batch_size < 1):
         raise PpalliError("eval: --n must be 0 or more, --max-new-tokens and --batch-size 1 or more")
-    settings = EvalSettings(n=args.n or None, max_new_tokens=args.max_new_tokens, micro_batch_size=args.batch_size)
+    settings = EvalSettings(n=args.n or None, max_new_tokens=args.max_new_tokens, micro_batch_size=args.batch_size,
+                            merge=not args.no_merge)
     summary = evaluate_run(args.run_dir, settings=settings, data_path=args.data, overrides=args.overrides,
                            out_dir=args.out)
     print(f"written: {Path(args.out or args.run_dir) / 'eval.json'} ({summary['answered']} answers scored)")

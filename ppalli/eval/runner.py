@@ -20,7 +20,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -39,6 +39,9 @@ class EvalSettings:
     # results/2026-12-04-h200-s18-eval-loss-1b*.json), 4 where eval_lm_loss builds full (rows, T, V) logits
     micro_batch_size: int | None = None
     units: tuple[str, ...] = UNITS
+    # answers decoded with the adapter merged into a 16-bit base (~2x faster, export.merge.merge_for_inference);
+    # the loss is always the adapter's own, before the merge, so it equals training's
+    merge: bool = True
 
 
 @dataclass(frozen=True)
@@ -119,6 +122,12 @@ def evaluate_run(run_dir: str | Path, *, settings: EvalSettings = EvalSettings()
     print_fn(f"loss {loss:.4f} over {len(rows)} rows ({loss_seconds:.1f} s)"
              + "".join(f", {k} {v:.4f}" for k, v in pair_means.items()))
 
+    if settings.merge:
+        from ppalli.export.merge import merge_for_inference
+
+        model, note = merge_for_inference(run.model)
+        run = replace(run, model=model, note=note)
+    print_fn(f"answers: {run.note}")
     start = time.perf_counter()
     pairs = _answer_rows(run, rows, settings, out / "eval_samples.jsonl", print_fn)
     scores = score_pairs([(p["output"], p["reference"]) for p in pairs], settings.units)
@@ -129,7 +138,7 @@ def evaluate_run(run_dir: str | Path, *, settings: EvalSettings = EvalSettings()
         "loss": loss, "perplexity": math.exp(loss) if sft and loss < 700 else None, "loss_rows": len(rows),
         **pair_means,
         "answered": len(pairs), "metrics": means, "settings": asdict(settings) | {"micro_batch_size": micro},
-        "decoding": "greedy",
+        "decoding": "greedy", "answers_model": run.note,
         "seconds": {"loss": round(loss_seconds, 2), "answers": round(time.perf_counter() - start, 2)},
     }
     _write_json(out / "eval.json", summary)

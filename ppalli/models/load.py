@@ -250,15 +250,18 @@ def count_parameters(model) -> tuple[int, int]:
 
 @dataclass
 class LoadedRun:
-    model: object  # PeftModel in eval mode, KV cache on
+    model: object  # PeftModel in eval mode, KV cache on; the plain merged model after load_run(merge=True)
     tokenizer: object
     render_prompt: Callable[[list[dict]], str]
     config: object
     stop_ids: list[int]  # the template's EOS and end-of-turn tokens
+    note: str = ""  # how the adapter runs (load_run's merge)
 
 
-def load_run(run_dir: str | Path, *, device: str | None = None) -> LoadedRun:
-    """A trained run ready to generate: base model + the run's PEFT adapter + its tokenizer and template."""
+def load_run(run_dir: str | Path, *, device: str | None = None, merge: bool = False) -> LoadedRun:
+    """A trained run ready to generate: base model + the run's PEFT adapter + its tokenizer and template. With
+    merge, the adapter is merged into a 16-bit base for decoding (export.merge.merge_for_inference: ~2x tokens
+    a second); the model is then the plain HF model."""
     from peft import PeftModel
 
     from ppalli import config as C
@@ -280,5 +283,10 @@ def load_run(run_dir: str | Path, *, device: str | None = None) -> LoadedRun:
     model.config.use_cache = True
     tokenizer = load_tokenizer(run / "tokenizer")
     template = resolve_template(cfg.data.template, tokenizer)
+    note = "adapter kept separate (PEFT)"
+    if merge:
+        from ppalli.export.merge import merge_for_inference
+
+        model, note = merge_for_inference(model)
     return LoadedRun(model, tokenizer, lambda messages: render_prompt(template, messages), cfg,
-                     stop_token_ids(template, tokenizer))
+                     stop_token_ids(template, tokenizer), note)

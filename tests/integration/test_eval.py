@@ -44,6 +44,24 @@ def test_eval_repeats_the_runs_held_out_loss_and_scores_answers(run_dir, shared_
     assert "syllable.rougeL" in capsys.readouterr().out
 
 
+def test_merged_answers_equal_the_adapters_in_fp32(run_dir, tmp_path, capsys):
+    """eval, generate: the adapter merged for decoding (the default) answers as PEFT's separate branch does, in
+    fp32 (summation order only); the loss never merges."""
+    for flag in ([], ["--no-merge"]):
+        out = tmp_path / ("separate" if flag else "merged")
+        assert main(["eval", str(run_dir), "--n", "3", "--max-new-tokens", "6", "--out", str(out), *flag]) == 0
+        assert main(["generate", str(run_dir), "--prompt", "안녕하세요", "--prompt", "배고파", "--greedy",
+                     "--max-new-tokens", "6", "--out", str(out / "answers.jsonl"), *flag]) == 0
+    merged, separate = (json.loads((tmp_path / k / "eval.json").read_text()) for k in ("merged", "separate"))
+    assert "merged into" in merged["answers_model"] and "separate" in separate["answers_model"]
+    assert merged["loss"] == separate["loss"] and merged["metrics"] == separate["metrics"]
+    for name in ("eval_samples.jsonl", "answers.jsonl"):
+        texts = [[json.loads(x)["output"] for x in
+                  (tmp_path / k / name).read_text(encoding="utf-8").splitlines()] for k in ("merged", "separate")]
+        assert texts[0] == texts[1] and len(texts[0]) in (2, 3)
+    assert "adapter merged into" in capsys.readouterr().err  # generate says how it decodes
+
+
 def test_eval_on_a_file_takes_every_row(run_dir, shared_data, tmp_path):
     data = shared_data / "ko_chatbot_qa" / "ChatbotData.csv"
     out = tmp_path / "eval-file"

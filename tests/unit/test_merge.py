@@ -145,3 +145,19 @@ def test_argument_errors(tmp_path):
         merge_adapter(tiny_llama(), tmp_path, out_dir=tmp_path / "m")
     with pytest.raises(ModelError, match="bfloat16, float16 or float32"):
         merge_adapter(model, out_dir=tmp_path / "m", dtype=torch.int8)
+
+
+def test_merge_for_inference_merges_a_16bit_base_in_place():
+    model = with_lora(tiny_llama())
+    want = logits(model)
+    merged, note = merge_mod.merge_for_inference(model)
+    assert not isinstance(merged, peft.PeftModel) and not any("lora" in n for n, _ in merged.named_parameters())
+    assert "merged into 6 float32 projections" in note
+    torch.testing.assert_close(logits(merged), want, atol=1e-5, rtol=0)  # fp32: summation order only
+
+
+def test_merge_for_inference_keeps_a_4bit_base_separate():
+    model = with_lora(quantized(tiny_llama()))
+    kept, note = merge_mod.merge_for_inference(model)
+    assert kept is model and "4-bit" in note
+    assert any(type(m).__name__ == "Linear4bit" for m in kept.modules())
