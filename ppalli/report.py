@@ -77,6 +77,8 @@ _SUMMARY_FIELDS = [
     ("peak_memory_gib", "Peak memory", "{:.2f} GiB".format),
     ("final_train_loss", "Final train loss", "{:.4f}".format),
     ("final_eval_loss", "Final eval loss", "{:.4f}".format),
+    ("final_eval_reward_accuracy", "Final eval reward accuracy", "{:.1%}".format),  # preference pairs
+    ("final_eval_reward_margin", "Final eval reward margin", "{:.4f}".format),
 ]
 
 
@@ -90,7 +92,9 @@ def _format_value(value, formatter) -> str:
 def _with_final_losses(summary: dict, rows: list[dict]) -> dict:
     """Fill the final losses from the metrics when the caller did not give them."""
     out = dict(summary)
-    for key, metric in (("final_train_loss", "loss"), ("final_eval_loss", "eval_loss")):
+    for key, metric in (("final_train_loss", "loss"), ("final_eval_loss", "eval_loss"),
+                        ("final_eval_reward_accuracy", "eval_reward_accuracy"),
+                        ("final_eval_reward_margin", "eval_reward_margin")):
         values = _series(rows, metric)[1]
         if out.get(key) is None and values:
             out[key] = values[-1]

@@ -62,3 +62,13 @@ def test_no_metrics_means_no_plot(tmp_path):
     assert not (tmp_path / "loss.png").exists()
     assert "_No losses were logged._" in text and "_No samples were generated._" in text
     assert "_None: the run went as planned._" in text
+
+
+def test_preference_runs_report_their_eval_reward_accuracy(tmp_path):
+    rows = [{"step": 1, "loss": 0.69, "reward_margin": 0.0, "reward_accuracy": 0.0},
+            {"step": 2, "eval_loss": 0.51, "eval_reward_margin": 0.5035, "eval_reward_accuracy": 0.8}]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+    text = _report(tmp_path).read_text(encoding="utf-8")
+    assert "| Final eval reward accuracy | 80.0% |" in text and "| Final eval reward margin | 0.5035 |" in text
+    _write_metrics(tmp_path)  # SFT: no such rows
+    assert "reward" not in _report(tmp_path).read_text(encoding="utf-8")
