@@ -83,7 +83,9 @@ def eval_loss(run, rows: list[dict], settings: EvalSettings) -> tuple[dict, int]
     objective = make_objective(cfg.train.objective, beta=cfg.train.beta, lm_loss=lm_loss)
     collate = make_collate(run.tokenizer, run.model.device, cfg.train.objective)
     micro = settings.micro_batch_size or (16 if lm_loss is chunked_lm_loss else 4)
-    return evaluate(run.model, objective, rows, _Batches(micro), collate), micro
+    # preference pairs packed, as training packs them by default (no compute on padding, the same log-probs)
+    batches = _Batches(micro, packing=cfg.train.objective != "sft")
+    return evaluate(run.model, objective, rows, batches, collate), micro
 
 
 def answer(run, prompt_ids: list[int], max_new_tokens: int) -> str:
