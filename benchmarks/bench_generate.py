@@ -1,5 +1,6 @@
 """Decoding speed of a LoRA model through ppalli's generate loop: the adapter as PEFT runs it (base + rank-r
-branch in every projection) against the same adapter merged into the 16-bit weights (`merge_adapter`).
+branch in every projection) against the same adapter merged into the 16-bit weights (ppalli's
+`merge_for_inference`, what chat, generate and eval use; PEFT's `merge_adapter` with --peft-merge).
 
     python benchmarks/bench_generate.py --model CONFIG.json [--new 128] [--prompt 64] --out results.json
 
@@ -16,6 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without `pip install -e .`
+from ppalli.export.merge import merge_for_inference  # noqa: E402
 from ppalli.infer.generate import generate  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -58,6 +60,7 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=128)
     parser.add_argument("--prompt", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--peft-merge", action="store_true", help="PEFT's merge_adapter instead of ppalli's")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -65,11 +68,15 @@ def main() -> None:
     model = lora_model(args.model, device, dtype)
     prompt = torch.randint(0, model.config.vocab_size, (1, args.prompt), device=device)
     unmerged, out_unmerged = tokens_per_s(model, prompt, args.new, args.repeats)
-    model.merge_adapter()
+    if args.peft_merge:
+        model.merge_adapter()  # LoRA layers stay, flagged merged: PEFT's wrapper still runs per projection
+    else:
+        model = merge_for_inference(model)[0]
     merged, out_merged = tokens_per_s(model, prompt, args.new, args.repeats)
     same = next((i for i, (a, b) in enumerate(zip(out_unmerged, out_merged)) if a != b), len(out_merged))
     result = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "model": str(args.model),
               "dtype": str(dtype), "prompt": args.prompt, "new": args.new,
+              "merge": "peft merge_adapter" if args.peft_merge else "ppalli merge_for_inference",
               "unmerged_tokens_per_s": round(unmerged, 1), "merged_tokens_per_s": round(merged, 1),
               "greedy_tokens_equal_before_first_difference": same}
     print(json.dumps(result))
