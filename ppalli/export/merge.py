@@ -116,7 +116,8 @@ def merge_for_inference(peft_model) -> tuple[torch.nn.Module, str]:
     """(the model to decode with, a line saying why): the adapter merged in place into a 16-bit base's
     projections (fp32 sum, one rounding, as the export merges), so each token runs one GEMM per projection
     instead of PEFT's base + rank-r branch. H200, bf16, batch 1, 128 new tokens (results/*-s19-generate-*.json):
-    Llama-3.2-1B 52.3 -> 108.7 tokens/s, Llama-3.1-8B 26.5 -> 51.7. Rounding W + BA to 16 bits moves logits a
+    Llama-3.2-1B 34.8 -> 90.0 tokens/s, Llama-3.1-8B 18.2 -> 49.5 (PEFT's merge_adapter, which keeps its
+    wrappers, 41.0 -> 77.4 at 1B in the same call). Rounding W + BA to 16 bits moves logits a
     little (the export's check bounds it), so greedy text can differ in places. A 4-bit base keeps the adapter
     separate (merging would dequantize it: 4x its memory)."""
     base = peft_model.get_base_model()
