@@ -15,7 +15,8 @@ def _fmt_eta(seconds: float) -> str:
 
 def describe_step(row: dict, total: int, eta_s: float) -> str:
     mem = f" mem {row['peak_gib']:.1f}GiB" if row.get("peak_gib") else ""
-    return (f"step {row['step']}/{total} loss {row['loss']:.4f} lr {row['lr']:.2e} "
+    pairs = f" reward acc {row['reward_accuracy']:.2f}" if "reward_accuracy" in row else ""  # ORPO, DPO
+    return (f"step {row['step']}/{total} loss {row['loss']:.4f}{pairs} lr {row['lr']:.2e} "
             f"{row['s_per_it']:.2f}s/it {row['tokens_per_s']:.0f} tok/s{mem} eta {_fmt_eta(eta_s)}")
 
 
