@@ -23,8 +23,6 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import torch
-
 from ppalli.data.masking import prompt_and_reference
 from ppalli.data.templates import prompt_text
 from ppalli.errors import DataError
@@ -42,6 +40,9 @@ class EvalSettings:
     # answers decoded with the adapter merged into a 16-bit base (~2x faster, export.merge.merge_for_inference);
     # the loss is always the adapter's own, before the merge, so it equals training's
     merge: bool = True
+    # prompts decoded together (left-padded, greedy): one sequence's decoding is bound by the host's launches
+    # (bench_generate.py), so a batch of rows should cost little more than one (not yet timed on a GPU)
+    answer_rows: int = 16
 
 
 @dataclass(frozen=True)
@@ -88,12 +89,13 @@ def eval_loss(run, rows: list[dict], settings: EvalSettings) -> tuple[dict, int]
     return evaluate(run.model, objective, rows, batches, collate), micro
 
 
-def answer(run, prompt_ids: list[int], max_new_tokens: int) -> str:
-    from ppalli.infer.generate import generate
+def answers(run, prompts: list[list[int]], max_new_tokens: int) -> list[str]:
+    """Greedy answers to these prompts, decoded together (infer.generate.generate_greedy_rows)."""
+    from ppalli.infer.generate import generate_greedy_rows
 
-    new = generate(run.model, run.tokenizer, torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens,
-                   greedy=True, stop_ids=run.stop_ids)
-    return run.tokenizer.decode(new, skip_special_tokens=True).strip()
+    new = generate_greedy_rows(run.model, run.tokenizer, prompts, max_new_tokens=max_new_tokens,
+                               stop_ids=run.stop_ids)
+    return [run.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in new]
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -155,22 +157,20 @@ def _answer_rows(run, rows: list[dict], settings: EvalSettings, path: Path, prin
     start = time.perf_counter()
     limit = len(rows) if settings.n is None else settings.n
     pairs: list[dict] = []
+    splits = [s for s in map(prompt_and_reference, rows) if s is not None][:limit]
     with path.open("w", encoding="utf-8") as f:
-        for row in rows:
-            if len(pairs) >= limit:
-                break
-            split = prompt_and_reference(row)
-            if split is None:
-                continue
-            prompt_ids, ref_ids = split
-            pair = {"prompt": prompt_text(run.tokenizer, prompt_ids),
-                    "reference": run.tokenizer.decode(ref_ids, skip_special_tokens=True).strip(),
-                    "output": answer(run, prompt_ids, settings.max_new_tokens)}
-            pairs.append(pair)
-            f.write(json.dumps(pair, ensure_ascii=False) + "\n")
-            f.flush()
+        for first in range(0, len(splits), settings.answer_rows):
+            chunk = splits[first:first + settings.answer_rows]
+            outputs = answers(run, [prompt_ids for prompt_ids, _ in chunk], settings.max_new_tokens)
+            for (prompt_ids, ref_ids), output in zip(chunk, outputs):
+                pair = {"prompt": prompt_text(run.tokenizer, prompt_ids),
+                        "reference": run.tokenizer.decode(ref_ids, skip_special_tokens=True).strip(),
+                        "output": output}
+                pairs.append(pair)
+                f.write(json.dumps(pair, ensure_ascii=False) + "\n")
+            f.flush()  # a stopped eval keeps every finished batch of answers
     print_fn(f"answered {len(pairs)} rows ({time.perf_counter() - start:.1f} s, greedy, "
-             f"at most {settings.max_new_tokens} new tokens)")
+             f"at most {settings.max_new_tokens} new tokens, {settings.answer_rows} rows at a time)")
     return pairs
 
 

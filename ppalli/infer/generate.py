@@ -79,6 +79,12 @@ class _Decoder:
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=input_ids, **self.kwargs).logits[0, -1].float()
 
+    def rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """The step for a batch of rows (B, t): the last position's logits (B, V) float32."""
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         **self.kwargs)
+        return out.logits[:, -1].float()
+
 
 def stop_token_ids(model, tokenizer, extra: Iterable[int] | None = None) -> set[int]:
     """The tokenizer's EOS, the generation config's EOS ids (one or a list) and `extra` (end-of-turn ids)."""
@@ -156,6 +162,51 @@ def generate(model, tokenizer, input_ids: torch.Tensor, *, max_new_tokens: int =
         model.train(was_training)
     if stream:
         stream.flush()
+    return out
+
+
+@torch.inference_mode()
+def generate_greedy_rows(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int = 256,
+                         stop_ids: Iterable[int] | None = None) -> list[list[int]]:
+    """Greedy answers to several prompts in one batch: each row's new ids, without its stop token.
+
+    Prompts are left-padded (positions count from each row's first real token, padding masked), so a row gets
+    the answer `generate(..., greedy=True)` gives it alone, up to the float noise of the batched kernels (a
+    near-tie can flip). One sequence's decoding is bound by the host's launches (benchmarks/bench_generate.py),
+    so B rows should cost little more than one (not yet timed on a GPU): `ppalli eval` answers its rows this way.
+    """
+    device = _device(model)
+    stops = stop_token_ids(model, tokenizer, stop_ids)
+    width = max(len(p) for p in prompts)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)  # (B, T)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)  # (B, T)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+        mask[row, width - len(prompt):] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
+    step = _Decoder(model)
+    was_training = model.training
+    model.eval()
+    try:
+        logits = step.rows(ids, mask, positions) if max_new_tokens > 0 else None  # prefill
+        out: list[list[int]] = [[] for _ in prompts]
+        done = [False] * len(prompts)
+        for n in range(max(max_new_tokens, 0)):
+            tokens = logits.argmax(-1)  # (B,)
+            for row, token in enumerate(tokens.tolist()):
+                if not done[row]:
+                    done[row] = token in stops
+                    if not done[row]:
+                        out[row].append(token)
+            if all(done) or n + 1 == max_new_tokens:
+                break
+            mask = torch.cat([mask, mask.new_ones(len(prompts), 1)], dim=1)  # (B, T + n)
+            positions = positions[:, -1:] + 1  # (B, 1)
+            logits = step.rows(tokens[:, None], mask, positions)
+    finally:
+        model.train(was_training)
     return out
 
 

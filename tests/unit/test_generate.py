@@ -12,7 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from ppalli.demo.tokenizer import IM_END, build_demo_tokenizer
 from ppalli.errors import DataError
 from ppalli.infer.chat import chat_loop, fit_history, generate_batch, read_prompts
-from ppalli.infer.generate import TextStream, generate
+from ppalli.infer.generate import TextStream, generate, generate_greedy_rows
 
 PROMPT = "한국의 수도는 어디인가요?"
 
@@ -186,3 +186,20 @@ def test_generate_batch_writes_jsonl(model, tok, tmp_path):
 def test_read_prompts_names_the_missing_file(tmp_path):
     with pytest.raises(DataError, match="prompts.txt"):
         read_prompts(tmp_path / "prompts.txt")
+
+
+def test_greedy_rows_answer_as_each_row_alone(model, tok):
+    """Left-padded rows of unequal length, one stopping early, against one generate call per row (fp32)."""
+    texts = [PROMPT, "안녕", "What is 2 plus 3? Answer in one word please", "안녕하세요, 반갑습니다"]
+    prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    assert len({len(p) for p in prompts}) == 4
+
+    def alone(stops):
+        return [generate(model, tok, torch.tensor([p]), max_new_tokens=12, greedy=True, stop_ids=stops)
+                for p in prompts]
+
+    stop = alone(None)[0][2]  # row 0's third token ends it: a row that stops while the others go on
+    want = alone([stop])
+    assert len(want[0]) == 2 and max(len(w) for w in want) == 12
+    assert generate_greedy_rows(model, tok, prompts, max_new_tokens=12, stop_ids=[stop]) == want
+    assert generate_greedy_rows(model, tok, prompts, max_new_tokens=0) == [[], [], [], []]
