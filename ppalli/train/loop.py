@@ -138,14 +138,15 @@ def accumulate(model, objective, samples: list[dict], plan, settings: LoopSettin
     sum_gradients(model, world)
     loss_total = sum_across(loss_total, world, settings.device)
     tokens = int(sum_across(tokens, world, settings.device))
-    stats = {k: sum_across(stats[k], world, settings.device) for k in PAIR_STATS if k in stats}
+    stats = {k: sum_across(v, world, settings.device) for k, v in stats.items()}
     return {"loss": loss_total / max(norm, 1), "norm": int(norm), "tokens": tokens, **pair_metrics(stats)}
 
 
 def _add(stats: dict, info: dict) -> None:
-    """Sum a micro-batch's counts (an objective's info) into the step's."""
-    for key, value in info.items():
-        stats[key] = stats.get(key, 0) + value
+    """Sum a micro-batch's preference counts (an objective's info, PAIR_STATS) into the step's."""
+    for key in PAIR_STATS:
+        if key in info:
+            stats[key] = stats.get(key, 0) + info[key]
 
 
 def run_step(model, optimizer, scheduler, objective, samples, plan, settings, state, hooks):

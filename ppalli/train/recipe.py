@@ -107,11 +107,9 @@ def data_shape(samples: list[dict], batch_size: int) -> dict:
     return {"longest_row": longest_sequence(samples), "step_tokens": most_tokens(samples, batch_size)}
 
 
-def build_plan(cfg: C.Config, model_config, env, world_size: int = 1, longest_row: int | None = None,
-               samples: list[dict] | None = None):
+def build_plan(cfg: C.Config, model_config, env, world_size: int = 1, samples: list[dict] | None = None):
     """The plan for one rank: with N data-parallel ranks each holds batch_size / N samples of every step.
-    longest_row: the data's longest sequence (collate.longest_sequence), when it has been read; samples: the
-    data itself, whose longest rank's share of a step (collate.most_tokens) bounds a packed pass."""
+    samples: the data, when it has been read: its lengths size the rows (data_shape)."""
     import dataclasses
 
     from ppalli.plan.memory import ModelSpec
@@ -125,7 +123,7 @@ def build_plan(cfg: C.Config, model_config, env, world_size: int = 1, longest_ro
         share = t.batch_size // world_size
         micro = min(t.micro_batch_size, share) if t.micro_batch_size else None
         cfg = replace(cfg, train=replace(t, batch_size=share, micro_batch_size=micro))
-    shape = data_shape(samples, cfg.train.batch_size) if samples is not None else {"longest_row": longest_row}
+    shape = data_shape(samples, cfg.train.batch_size) if samples is not None else {}
     plan = make_plan(env, cfg, ModelSpec.from_config(model_config), world_size=world_size, **shape)
     if world_size > 1:
         why = (f"{world_size} data-parallel ranks: each runs {cfg.train.batch_size} of the {t.batch_size} samples "
