@@ -8,6 +8,7 @@ step redone after an out-of-memory error on a smaller micro-batch gives the same
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -114,7 +115,10 @@ def _split(samples, plan, settings) -> list[list[dict]]:
 
 
 def _real_tokens(batch: dict) -> int:
-    """Tokens the batch holds, padding not counted (tokens/s of padded preference batches counted it before)."""
+    """Tokens the batch holds, padding not counted (tokens/s of padded preference batches counted it before).
+    Collate counts them on the host (batch["real_tokens"]); counting a device mask here would sync."""
+    if "real_tokens" in batch:
+        return int(batch["real_tokens"])
     mask = batch.get("attention_mask")
     return int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
 
@@ -123,6 +127,7 @@ def accumulate(model, objective, samples: list[dict], plan, settings: LoopSettin
     """Forward and backward over this rank's micro-batches of one step; returns the step's loss and counts.
 
     The normalizer is the whole step's (all ranks), so summing the ranks' gradients gives the exact update.
+    The loss and the preference sums stay on the device (no sync): train_loop reads them a step later.
     """
     scaler, world = settings.scaler, settings.world
     batches = [collate(mb, plan.packing) for mb in _split(shard(samples, world), plan, settings)]
@@ -132,13 +137,14 @@ def accumulate(model, objective, samples: list[dict], plan, settings: LoopSettin
         loss_sum, info = objective(model, batch)
         loss = loss_sum / max(norm, 1)
         (scaler.scale(loss) if scaler is not None else loss).backward()
-        loss_total += float(loss_sum.detach())
+        loss_total = loss_total + loss_sum.detach()
         tokens += _real_tokens(batch)
         _add(stats, info)
     sum_gradients(model, world)
-    loss_total = sum_across(loss_total, world, settings.device)
+    if world.active:  # ranks sum floats: a sync, next to the step's all-reduce of the gradients anyway
+        loss_total = sum_across(float(loss_total), world, settings.device)
+        stats = {k: sum_across(float(v), world, settings.device) for k, v in stats.items()}
     tokens = int(sum_across(tokens, world, settings.device))
-    stats = {k: sum_across(v, world, settings.device) for k, v in stats.items()}
     return {"loss": loss_total / max(norm, 1), "norm": int(norm), "tokens": tokens, **pair_metrics(stats)}
 
 
@@ -185,13 +191,14 @@ def run_step(model, optimizer, scheduler, objective, samples, plan, settings, st
     return out, plan
 
 
-def _clip(model, max_norm: float) -> float:
+def _clip(model, max_norm: float) -> torch.Tensor | float:
+    """The gradients' total norm, clipped to max_norm when it is > 0; a device tensor (no sync)."""
     params = [p for p in model.parameters() if p.grad is not None]
     if not params:
         return 0.0
     if max_norm > 0:
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-    return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
 
 
 def _free_cuda() -> None:
@@ -213,36 +220,99 @@ def evaluate(model, objective, samples: list[dict], plan, collate, settings: Loo
     for mb in groups:
         batch = collate(mb, plan.packing)
         loss_sum, info = objective(model, batch)
-        total += float(loss_sum)
+        total = total + loss_sum.detach()  # summed on the device: one sync at the end, not one per pass
         norm += objective.normalizer(batch)
         _add(stats, info)
     model.train(was_training)
-    return {"loss": total / max(norm, 1), **pair_metrics(stats)}
+    return {k: float(v) for k, v in {"loss": total / max(norm, 1), **pair_metrics(stats)}.items()}
+
+
+class Readout:
+    """A finished step's numbers read without stalling the device.
+
+    `float(t)` on a device scalar waits for every kernel queued so far, so a loop that reads its loss after each
+    step drains the queue, and the device then idles while the host collates and launches the next step. Here
+    the step's scalars are copied behind its own kernels into pinned host memory and an event marks them done;
+    `read()` waits on that event only, so the next step's kernels, queued in between, keep the device busy. The
+    step's time is the device's, end event to end event (the host's clock would count its own lateness)."""
+
+    def __init__(self, out: dict, start: torch.cuda.Event | float):
+        self.out, self.start = out, start
+        self.keys = [k for k, v in out.items() if torch.is_tensor(v)]
+        values = torch.stack([out[k].detach().reshape(()).double() for k in self.keys]) if self.keys else None  # (K,)
+        self.event, self.end = None, time.perf_counter()
+        if isinstance(start, torch.cuda.Event):
+            if values is not None:
+                self.host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+                self.host.copy_(values, non_blocking=True)
+            self.event = torch.cuda.Event(enable_timing=True)
+            self.event.record()
+        else:
+            self.host = values
+
+    def mark(self) -> torch.cuda.Event | float:
+        """Where the next step's time starts: this step's end."""
+        return self.event if self.event is not None else self.end
+
+    def read(self) -> dict:
+        out = dict(self.out)
+        if self.event is not None:
+            self.event.synchronize()
+            out["seconds"] = self.start.elapsed_time(self.event) / 1e3
+        else:
+            out["seconds"] = self.end - self.start
+        if self.keys:
+            out.update(zip(self.keys, self.host.tolist()))
+        return out
+
+
+def _step_start(device: torch.device) -> torch.cuda.Event | float:
+    if device.type == "cuda":
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+    return time.perf_counter()
 
 
 def train_loop(model, optimizer, scheduler, objective, train: list[dict], eval_samples: list[dict], plan,
                settings: LoopSettings, state: LoopState, hooks: Hooks):
     """Run optimizer steps from `state.step` to `settings.total_steps`. Returns the final plan.
 
-    Ctrl-C saves a checkpoint at the last finished step before leaving, so `--resume` loses nothing.
+    hooks.on_step sees a step's numbers once the next step is queued (Readout), always before an evaluation or a
+    checkpoint of that step. Ctrl-C saves a checkpoint at the last finished step before leaving, so `--resume`
+    loses nothing.
     """
     model.train()
+    pending: list[tuple[int, Readout]] = []  # steps done but not yet reported, oldest first
+    mark = _step_start(settings.device)
+
+    def report(keep: int = 0) -> None:
+        while len(pending) > keep:
+            step, readout = pending.pop(0)
+            hooks.on_step(dataclasses.replace(state, step=step), readout.read())
+
     try:
         while state.step < settings.total_steps:
-            t0 = time.perf_counter()
             samples = [train[i] for i in step_indices(state.step, settings.batch_size, len(train), settings.seed)]
             out, plan = run_step(model, optimizer, scheduler, objective, samples, plan, settings, state, hooks)
             state.step += 1
-            out["seconds"] = time.perf_counter() - t0
             out["lr"] = scheduler.get_last_lr()[0]
             out["micro_batch_size"] = plan.micro_batch_size
             out["passes"] = len(_split(shard(samples, settings.world), plan, settings))  # this rank's
-            hooks.on_step(state, out)
+            readout = Readout(out, mark)
+            mark = readout.mark()
+            pending.append((state.step, readout))
+            report(keep=1)  # the step before this one: done or nearly, while this one runs
             if settings.eval_every and state.step % settings.eval_every == 0 and state.step < settings.total_steps:
+                report()
                 hooks.on_eval(state, evaluate(model, objective, eval_samples, plan, hooks.collate, settings))
+                mark = _step_start(settings.device)  # the evaluation's time is not the next step's
             if settings.save_every and state.step % settings.save_every == 0:
+                report()
                 hooks.save(state)
+        report()
     except KeyboardInterrupt:
+        report()
         if state.step > 0:
             state.events.append(f"interrupted after step {state.step}: checkpoint saved; resume with --resume")
             hooks.save(state)

@@ -25,6 +25,14 @@ def trained_tokens(labels: torch.Tensor) -> int:
     return int((labels[..., 1:] != IGNORE).sum())
 
 
+def batch_trained_tokens(batch: dict) -> int:
+    """trained_tokens of a batch: collate's host count when it has one (recipe._host_counts), since counting
+    device labels syncs with the device."""
+    if "trained_tokens" in batch:
+        return int(batch["trained_tokens"])
+    return trained_tokens(batch["labels"])
+
+
 def model_inputs(batch: dict) -> dict:
     keys = ("input_ids", "attention_mask", "position_ids")
     return {k: batch[k] for k in keys if k in batch}
@@ -37,7 +45,7 @@ def reference_lm_loss(model, batch: dict) -> tuple[torch.Tensor, int]:
     logits = logits[:, :-1].float()
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
                            ignore_index=IGNORE, reduction="sum")
-    return loss, trained_tokens(batch["labels"])
+    return loss, batch_trained_tokens(batch)
 
 
 def chunked_lm_loss(model, batch: dict, rows: int = 2048) -> tuple[torch.Tensor, int]:
@@ -56,7 +64,7 @@ def chunked_lm_loss(model, batch: dict, rows: int = 2048) -> tuple[torch.Tensor,
         if cap:
             logits = torch.tanh(logits / cap) * cap
         total += F.cross_entropy(logits.float(), y[start:start + rows], reduction="sum")
-    return total, trained_tokens(batch["labels"])
+    return total, batch_trained_tokens(batch)
 
 
 def eval_lm_loss(model) -> Callable:
@@ -149,7 +157,7 @@ class SFT:
         self.lm_loss = lm_loss
 
     def normalizer(self, batch: dict) -> int:
-        return trained_tokens(batch["labels"])
+        return batch_trained_tokens(batch)
 
     def __call__(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
         loss_sum, n = self.lm_loss(model, batch)
@@ -214,9 +222,11 @@ PAIR_STATS = ("pairs", "margin_sum", "wins")  # what _pair_stats counts, summed 
 
 def _pair_stats(margin: torch.Tensor) -> dict:
     """Sums over a micro-batch's pairs of their reward margins (chosen's reward less rejected's, (B,)), which
-    pair_metrics turns into a step's means once every micro-batch and rank is added."""
+    pair_metrics turns into a step's means once every micro-batch and rank is added. The sums stay device
+    tensors: reading them here would sync each pass."""
     margin = margin.detach().float()
-    return {"pairs": margin.numel(), "margin_sum": float(margin.sum()), "wins": int((margin > 0).sum())}
+    # float64 so that pair_metrics' means on the device equal Python's division of the read sums
+    return {"pairs": margin.numel(), "margin_sum": margin.sum().double(), "wins": (margin > 0).sum().double()}
 
 
 def pair_metrics(stats: dict) -> dict:

@@ -258,12 +258,25 @@ def make_collate(tokenizer, device, objective: str):
             batch = pack_collate(samples)
         else:
             batch = pad_collate(samples, pad_id)
+        counts = _host_counts(batch)  # before the copy: counting on the device would sync
         batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) and k != "cu_seqlens_cpu" else v
                  for k, v in batch.items()}
+        batch.update(counts)
         batch["n_samples"] = len(samples)
         return batch
 
     return collate
+
+
+def _host_counts(batch: dict) -> dict:
+    """A host batch's counts the loop needs each step: tokens without padding, and tokens that carry a loss."""
+    from ppalli.train.objectives import trained_tokens
+
+    mask = batch.get("attention_mask")
+    counts = {"real_tokens": int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())}
+    if "labels" in batch:
+        counts["trained_tokens"] = trained_tokens(batch["labels"])
+    return counts
 
 
 # --------------------------------------------------------------------------- samples before / after
