@@ -5,7 +5,9 @@ branch in every projection) against the same adapter merged into the 16-bit weig
     python benchmarks/bench_generate.py --model CONFIG.json [--new 128] [--prompt 64] --out results.json
 
 Random weights built from the config (speed does not depend on their values); LoRA r 16 on q, k, v, o, gate,
-up, down with random B (a trained adapter's branch costs the same); greedy, no stop token, batch 1.
+up, down with random B (a trained adapter's branch costs the same); greedy, no stop token, batch 1. Both eager
+(a growing cache, the step launched from Python) and, on CUDA, the merged model replayed from a CUDA graph over
+a static cache (ppalli/infer/graph.py), the path generate() takes by default.
 """
 
 import argparse
@@ -42,13 +44,14 @@ def lora_model(config_path: Path, device: str, dtype: torch.dtype):
     return model.eval()
 
 
-def tokens_per_s(model, prompt: torch.Tensor, new: int, repeats: int) -> tuple[float, list[int]]:
-    out = generate(model, _NoStop(), prompt, max_new_tokens=new, greedy=True)  # warm-up: kernels, allocator
+def tokens_per_s(model, prompt: torch.Tensor, new: int, repeats: int, graph: bool | None = None
+                 ) -> tuple[float, list[int]]:
+    out = generate(model, _NoStop(), prompt, max_new_tokens=new, greedy=True, graph=graph)  # warm-up
     times = []
     for _ in range(repeats):
         torch.cuda.synchronize() if prompt.is_cuda else None
         start = time.perf_counter()
-        out = generate(model, _NoStop(), prompt, max_new_tokens=new, greedy=True)
+        out = generate(model, _NoStop(), prompt, max_new_tokens=new, greedy=True, graph=graph)
         torch.cuda.synchronize() if prompt.is_cuda else None
         times.append(time.perf_counter() - start)
     return new / sorted(times)[len(times) // 2], out
@@ -67,18 +70,22 @@ def main() -> None:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model = lora_model(args.model, device, dtype)
     prompt = torch.randint(0, model.config.vocab_size, (1, args.prompt), device=device)
-    unmerged, out_unmerged = tokens_per_s(model, prompt, args.new, args.repeats)
+    unmerged, out_unmerged = tokens_per_s(model, prompt, args.new, args.repeats, graph=False)
     if args.peft_merge:
         model.merge_adapter()  # LoRA layers stay, flagged merged: PEFT's wrapper still runs per projection
     else:
         model = merge_for_inference(model)[0]
-    merged, out_merged = tokens_per_s(model, prompt, args.new, args.repeats)
+    merged, out_merged = tokens_per_s(model, prompt, args.new, args.repeats, graph=False)
     same = next((i for i, (a, b) in enumerate(zip(out_unmerged, out_merged)) if a != b), len(out_merged))
+    graphed, out_graphed = tokens_per_s(model, prompt, args.new, args.repeats) if device == "cuda" else (None, [])
+    same_graph = next((i for i, (a, b) in enumerate(zip(out_merged, out_graphed)) if a != b), len(out_graphed))
     result = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "model": str(args.model),
               "dtype": str(dtype), "prompt": args.prompt, "new": args.new,
               "merge": "peft merge_adapter" if args.peft_merge else "ppalli merge_for_inference",
               "unmerged_tokens_per_s": round(unmerged, 1), "merged_tokens_per_s": round(merged, 1),
-              "greedy_tokens_equal_before_first_difference": same}
+              "greedy_tokens_equal_before_first_difference": same,
+              "merged_graph_tokens_per_s": round(graphed, 1) if graphed else None,
+              "graph_tokens_equal_merged_eager_before_first_difference": same_graph}
     print(json.dumps(result))
     args.out.write_text(json.dumps(result, indent=1))
 

@@ -8,6 +8,7 @@ template's end-of-turn ids, and samples unless greedy decoding is asked for.
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -79,6 +80,8 @@ class _Decoder:
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=input_ids, **self.kwargs).logits[0, -1].float()
 
+    prefill = __call__  # the prompt (1, T) in one forward, as StaticDecoder.prefill
+
     def rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """The step for a batch of rows (B, t): the last position's logits (B, V) float32."""
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -142,8 +145,11 @@ def _device(model) -> torch.device:
 def generate(model, tokenizer, input_ids: torch.Tensor, *, max_new_tokens: int = 256, temperature: float = 0.7,
              top_p: float = 0.9, top_k: int = 0, greedy: bool = False, repetition_penalty: float = 1.0,
              stop_ids: Iterable[int] | None = None, seed: int | None = None,
-             on_token: Callable[[str], None] | None = None) -> list[int]:
+             on_token: Callable[[str], None] | None = None, graph: bool | None = None) -> list[int]:
     """Generate after `input_ids` (1, T); returns the new token ids without the stop token.
+
+    graph: decode steps replayed from a CUDA graph over a static KV cache (ppalli/infer/graph.py); None uses
+    it wherever it is exact (CUDA, SDPA, no sliding window), False never.
 
     `on_token` receives text pieces as they are decoded (whole characters only); their concatenation
     equals ``tokenizer.decode(result, skip_special_tokens=True)``. The model runs in eval mode and gets
@@ -157,7 +163,8 @@ def generate(model, tokenizer, input_ids: torch.Tensor, *, max_new_tokens: int =
     was_training = model.training
     model.eval()
     try:
-        out = _decode_loop(_Decoder(model), input_ids.to(device), max_new_tokens, sampling, generator, stops, stream)
+        step = _decoder(model, device, input_ids.shape[1] + max(max_new_tokens, 0), graph)
+        out = _decode_loop(step, input_ids.to(device), max_new_tokens, sampling, generator, stops, stream)
     finally:
         model.train(was_training)
     if stream:
@@ -210,6 +217,27 @@ def generate_greedy_rows(model, tokenizer, prompts: list[list[int]], *, max_new_
     return out
 
 
+_log = logging.getLogger("ppalli.infer")
+_SAID: set[str] = set()
+
+
+def _decoder(model, device: torch.device, max_len: int, graph: bool | None):
+    """The step function of one sequence's decoding: from a CUDA graph where it is exact, else eager."""
+    from ppalli.infer.graph import StaticDecoder, graph_problem
+
+    if graph is False:
+        return _Decoder(model)
+    why = graph_problem(model, device)
+    if why is None:
+        return StaticDecoder(model, max_len, device, graph=True)
+    if graph:
+        raise ValueError(f"graph decoding asked for, but {why}")
+    if why not in _SAID and device.type == "cuda":  # once per reason, not once per chat turn
+        _SAID.add(why)
+        _log.info("decoding without a CUDA graph: %s", why)
+    return _Decoder(model)
+
+
 def _decode_loop(step: _Decoder, input_ids: torch.Tensor, max_new_tokens: int, sampling: Sampling,
                  generator: torch.Generator | None, stops: set[int], stream: TextStream | None) -> list[int]:
     prompt_len = input_ids.shape[1]
@@ -218,7 +246,7 @@ def _decode_loop(step: _Decoder, input_ids: torch.Tensor, max_new_tokens: int, s
     out: list[int] = []
     if max_new_tokens <= 0:
         return out
-    logits = step(input_ids)  # prefill: the whole prompt in one forward
+    logits = step.prefill(input_ids)  # the whole prompt in one forward
     while True:
         token = pick_token(logits, seen[:prompt_len + len(out)], sampling, generator)
         if token in stops:

@@ -1,0 +1,108 @@
+"""Decoding one sequence from a CUDA graph: the step's kernels launched by one replay instead of by Python.
+
+A decode step of an 8B model is ~16 GB of weight reads, ~3.4 ms at the H200's 4.8 TB/s, but HF's eager
+forward spends longer than that launching its ~600 kernels: `ppalli generate` ran at 49.5 tokens/s on
+Llama-3.1-8B merged and 90.0 on Llama-3.2-1B (H200, 2026-12-04, benchmarks/bench_generate.py), bound by the
+host. A graph needs fixed addresses and shapes, so the step runs on transformers' StaticCache (keys and values
+preallocated for the whole answer, written at the layer's own device-side length counter), with the position
+and the attention mask as device buffers this module updates inside the graph: the mask is handed to the model
+as a ready 4D mask, which transformers passes to SDPA as it is (no host-side mask building).
+
+The prompt runs eagerly (prefill); the first decode step too (it warms the kernels, as capture requires); the
+second is captured and every later one replays it. Only where that is exact: SDPA attention and every layer
+on a full-length cache (a sliding-window layer keeps a shorter ring, which one mask cannot describe);
+`graph_problem` says why not otherwise, and generate() then decodes eagerly.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from transformers import StaticCache
+
+
+def _base(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT wraps the model
+
+
+def _cache_kwarg(model) -> str:
+    # later transformers 5 releases renamed `past_key_values` to `cache` (the old name warns until 5.40)
+    return "cache" if "cache" in inspect.signature(_base(model).forward).parameters else "past_key_values"
+
+
+def _full_length_only(cache: StaticCache) -> bool:
+    from transformers.cache_utils import StaticLayer
+
+    return all(type(layer) is StaticLayer for layer in cache.layers)
+
+
+def graph_problem(model, device: torch.device) -> str | None:
+    """Why decoding `model` from a CUDA graph would not be exact or possible here, or None."""
+    if device.type != "cuda":
+        return f"the model is on {device.type}"
+    config = getattr(_base(model), "config", None)
+    if config is None:
+        return "the model has no transformers config"
+    if getattr(config, "_attn_implementation", None) != "sdpa":
+        return f"attention implementation {getattr(config, '_attn_implementation', None)!r} (the graph needs sdpa)"
+    if not _full_length_only(StaticCache(config=config, max_cache_len=8)):
+        return "sliding-window layers (their cache is a ring one mask cannot describe)"
+    return None
+
+
+class StaticDecoder:
+    """One sequence's forward steps over a StaticCache of `max_len` positions; the logits of the last position
+    (V,) float32, like generate._Decoder. With `graph`, decode steps after the first replay one CUDA graph."""
+
+    def __init__(self, model, max_len: int, device: torch.device, graph: bool):
+        base = _base(model)
+        self.model, self.max_len, self.use_graph = model, max_len, graph
+        self.kwargs = {_cache_kwarg(model): StaticCache(config=base.config, max_cache_len=max_len), "use_cache": True}
+        if "logits_to_keep" in inspect.signature(base.forward).parameters:
+            self.kwargs["logits_to_keep"] = 1
+        self.keys = torch.arange(max_len, device=device)  # (L,)
+        self.token = torch.zeros((1, 1), dtype=torch.long, device=device)  # the step's input id
+        self.pos = torch.zeros((1, 1), dtype=torch.long, device=device)  # its position
+        self.mask = torch.zeros((1, 1, 1, max_len), dtype=torch.bool, device=device)  # keys it attends to
+        self.steps, self.graph, self.logits = 0, None, None
+
+    def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The prompt (1, T) in one forward; its keys and values fill the cache's first T slots."""
+        t = input_ids.shape[1]
+        if t >= self.max_len:
+            raise ValueError(f"prompt of {t} tokens leaves no room in a cache of {self.max_len}")
+        rows = torch.arange(t, device=self.keys.device)  # (T,)
+        mask = (self.keys[None, :] <= rows[:, None])[None, None]  # (1, 1, T, L): causal over the filled slots
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=rows[None], **self.kwargs)
+        self.pos.fill_(t)
+        return out.logits[0, -1].float()
+
+    def _step(self) -> torch.Tensor:
+        """The decode step on the buffers: self.token at self.pos, then the position moves on."""
+        self.mask.copy_((self.keys <= self.pos).view(1, 1, 1, -1))
+        out = self.model(input_ids=self.token, attention_mask=self.mask, position_ids=self.pos, **self.kwargs)
+        self.pos.add_(1)
+        return out.logits[0, -1].float()
+
+    def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The next token (1, 1) -> the logits after it (V,). The returned tensor is reused by the next call."""
+        self.steps += 1
+        self.token.copy_(input_ids)
+        if not self.use_graph or self.steps == 1:
+            return self._warm() if self.use_graph else self._step()
+        if self.graph is None:
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = self._step()  # recorded, not run: the replay below runs it
+        self.graph.replay()
+        return self.logits
+
+    def _warm(self) -> torch.Tensor:
+        """An eager step on a side stream, as capture asks (lazy initialisation, cuBLAS workspaces)."""
+        side, main = torch.cuda.Stream(), torch.cuda.current_stream()
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            logits = self._step()
+        main.wait_stream(side)
+        return logits

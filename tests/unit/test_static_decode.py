@@ -1,0 +1,65 @@
+"""Decoding on a static KV cache with the mask and position kept in buffers (ppalli/infer/graph.py), run eagerly
+on the CPU: the same logits and greedy tokens as the growing-cache decoder. On CUDA the same steps are replayed
+from a graph (tests/gpu/test_graph_decode_gpu.py)."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fast.fast_reference import tiny_config, tiny_lora_model  # noqa: E402
+
+from ppalli.infer.generate import Sampling, _decode_loop, _Decoder  # noqa: E402
+from ppalli.infer.graph import StaticDecoder, graph_problem  # noqa: E402
+
+CPU = torch.device("cpu")
+
+
+def _prompt(n: int = 9) -> torch.Tensor:
+    return torch.randint(0, 256, (1, n), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "phi3"])
+def test_static_steps_give_the_growing_cache_logits(family):
+    model = tiny_lora_model(family)
+    for p in model.parameters():
+        p.data.normal_(0, 0.2)  # LoRA B = 0 at init would hide the adapters
+    ids = _prompt()
+    with torch.inference_mode():
+        dynamic, static = _Decoder(model), StaticDecoder(model, max_len=32, device=CPU, graph=False)
+        a, b = dynamic.prefill(ids), static.prefill(ids)
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+        for _ in range(6):
+            token = a.argmax().view(1, 1)
+            a, b = dynamic(token), static(token)
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+
+
+def test_greedy_answer_is_the_same_through_the_decode_loop():
+    model = tiny_lora_model("llama")
+    for p in model.parameters():
+        p.data.normal_(0, 0.2)
+    ids, greedy = _prompt(), Sampling(greedy=True)
+    with torch.inference_mode():
+        want = _decode_loop(_Decoder(model), ids, 12, greedy, None, set(), None)
+        got = _decode_loop(StaticDecoder(model, max_len=ids.shape[1] + 12, device=CPU, graph=False), ids, 12,
+                           greedy, None, set(), None)
+    assert got == want and len(got) == 12
+
+
+def test_a_prompt_that_fills_the_cache_is_refused():
+    model = tiny_lora_model("llama")
+    with pytest.raises(ValueError, match="no room"):
+        StaticDecoder(model, max_len=9, device=CPU, graph=False).prefill(_prompt(9))
+
+
+def test_graph_problem_names_what_rules_the_graph_out():
+    from transformers import AutoModelForCausalLM
+
+    assert "cpu" in graph_problem(tiny_lora_model("llama"), CPU)
+    cuda = torch.device("cuda")  # only the config is read: no CUDA needed for these answers
+    assert graph_problem(tiny_lora_model("llama"), cuda) is None
+    assert "sliding" in graph_problem(AutoModelForCausalLM.from_config(tiny_config("mistral")), cuda)
+    assert "eager" in graph_problem(tiny_lora_model("llama", attn="eager"), cuda)
