@@ -57,6 +57,24 @@ def tokens_per_s(model, prompt: torch.Tensor, new: int, repeats: int, graph: boo
     return new / sorted(times)[len(times) // 2], out
 
 
+def rows_tokens_per_s(model, prompt: torch.Tensor, rows: int, new: int, graph: bool | None) -> tuple[float, list]:
+    """generate_greedy_rows (eval's answers): `rows` copies of the prompt cut to different lengths, so the batch
+    is left-padded; new tokens of all rows per second, median of 3 after a warm-up."""
+    from ppalli.infer.generate import generate_greedy_rows
+
+    ids = prompt[0].tolist()
+    prompts = [ids[: len(ids) - (i % 8) * 4] for i in range(rows)]
+    out = generate_greedy_rows(model, _NoStop(), prompts, max_new_tokens=new, graph=graph)
+    times = []
+    for _ in range(3):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = generate_greedy_rows(model, _NoStop(), prompts, max_new_tokens=new, graph=graph)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return rows * new / sorted(times)[1], out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, required=True, help="a config.json")
@@ -79,13 +97,19 @@ def main() -> None:
     same = next((i for i, (a, b) in enumerate(zip(out_unmerged, out_merged)) if a != b), len(out_merged))
     graphed, out_graphed = tokens_per_s(model, prompt, args.new, args.repeats) if device == "cuda" else (None, [])
     same_graph = next((i for i, (a, b) in enumerate(zip(out_merged, out_graphed)) if a != b), len(out_graphed))
+    rows = {}
+    if device == "cuda":
+        eager_rows, out_eager = rows_tokens_per_s(model, prompt, 16, args.new, graph=False)
+        graph_rows, out_rows = rows_tokens_per_s(model, prompt, 16, args.new, graph=None)
+        rows = {"rows16_eager_tokens_per_s": round(eager_rows, 1), "rows16_graph_tokens_per_s": round(graph_rows, 1),
+                "rows16_rows_equal": sum(a == b for a, b in zip(out_eager, out_rows))}
     result = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "model": str(args.model),
               "dtype": str(dtype), "prompt": args.prompt, "new": args.new,
               "merge": "peft merge_adapter" if args.peft_merge else "ppalli merge_for_inference",
               "unmerged_tokens_per_s": round(unmerged, 1), "merged_tokens_per_s": round(merged, 1),
               "greedy_tokens_equal_before_first_difference": same,
               "merged_graph_tokens_per_s": round(graphed, 1) if graphed else None,
-              "graph_tokens_equal_merged_eager_before_first_difference": same_graph}
+              "graph_tokens_equal_merged_eager_before_first_difference": same_graph, **rows}
     print(json.dumps(result))
     args.out.write_text(json.dumps(result, indent=1))
 

@@ -65,7 +65,7 @@ class TextStream:
 
 
 class _Decoder:
-    """One forward step on a growing KV cache; returns the last position's logits as float32 (V,)."""
+    """One forward step on a growing KV cache; returns the last position's logits as float32 (B, V)."""
 
     def __init__(self, model):
         base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT wraps the model
@@ -78,7 +78,7 @@ class _Decoder:
         self.model = model
 
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids, **self.kwargs).logits[0, -1].float()
+        return self.model(input_ids=input_ids, **self.kwargs).logits[:, -1].float()
 
     prefill = __call__  # the prompt (1, T) in one forward, as StaticDecoder.prefill
 
@@ -174,13 +174,13 @@ def generate(model, tokenizer, input_ids: torch.Tensor, *, max_new_tokens: int =
 
 @torch.inference_mode()
 def generate_greedy_rows(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int = 256,
-                         stop_ids: Iterable[int] | None = None) -> list[list[int]]:
+                         stop_ids: Iterable[int] | None = None, graph: bool | None = None) -> list[list[int]]:
     """Greedy answers to several prompts in one batch: each row's new ids, without its stop token.
 
     Prompts are left-padded (positions count from each row's first real token, padding masked), so a row gets
     the answer `generate(..., greedy=True)` gives it alone, up to the float noise of the batched kernels (a
-    near-tie can flip). One sequence's decoding is bound by the host's launches (benchmarks/bench_generate.py),
-    so B rows should cost little more than one (not yet timed on a GPU): `ppalli eval` answers its rows this way.
+    near-tie can flip). One sequence's decoding is bound by the launches (benchmarks/bench_generate.py), so B
+    rows cost little more than one: `ppalli eval` answers its rows this way. graph: as generate's.
     """
     device = _device(model)
     stops = stop_token_ids(model, tokenizer, stop_ids)
@@ -193,11 +193,15 @@ def generate_greedy_rows(model, tokenizer, prompts: list[list[int]], *, max_new_
         mask[row, width - len(prompt):] = 1
     ids, mask = ids.to(device), mask.to(device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
-    step = _Decoder(model)
+    step = _decoder(model, device, width + max(max_new_tokens, 0), graph, rows=len(prompts))
+    static = not isinstance(step, _Decoder)
     was_training = model.training
     model.eval()
     try:
-        logits = step.rows(ids, mask, positions) if max_new_tokens > 0 else None  # prefill
+        if max_new_tokens <= 0:
+            logits = None
+        else:
+            logits = step.prefill(ids, mask) if static else step.rows(ids, mask, positions)
         out: list[list[int]] = [[] for _ in prompts]
         done = [False] * len(prompts)
         for n in range(max(max_new_tokens, 0)):
@@ -209,6 +213,9 @@ def generate_greedy_rows(model, tokenizer, prompts: list[list[int]], *, max_new_
                         out[row].append(token)
             if all(done) or n + 1 == max_new_tokens:
                 break
+            if static:  # the decoder keeps its own mask and positions
+                logits = step(tokens[:, None])
+                continue
             mask = torch.cat([mask, mask.new_ones(len(prompts), 1)], dim=1)  # (B, T + n)
             positions = positions[:, -1:] + 1  # (B, 1)
             logits = step.rows(tokens[:, None], mask, positions)
@@ -221,15 +228,15 @@ _log = logging.getLogger("ppalli.infer")
 _SAID: set[str] = set()
 
 
-def _decoder(model, device: torch.device, max_len: int, graph: bool | None):
-    """The step function of one sequence's decoding: from a CUDA graph where it is exact, else eager."""
+def _decoder(model, device: torch.device, max_len: int, graph: bool | None, rows: int = 1):
+    """The step function of `rows` sequences' decoding: from a CUDA graph where it is exact, else eager."""
     from ppalli.infer.graph import StaticDecoder, graph_problem
 
     if graph is False:
         return _Decoder(model)
     why = graph_problem(model, device)
     if why is None:
-        return StaticDecoder(model, max_len, device, graph=True)
+        return StaticDecoder(model, max_len, device, graph=True, rows=rows)
     if graph:
         raise ValueError(f"graph decoding asked for, but {why}")
     if why not in _SAID and device.type == "cuda":  # once per reason, not once per chat turn
@@ -246,7 +253,7 @@ def _decode_loop(step: _Decoder, input_ids: torch.Tensor, max_new_tokens: int, s
     out: list[int] = []
     if max_new_tokens <= 0:
         return out
-    logits = step.prefill(input_ids)  # the whole prompt in one forward
+    logits = step.prefill(input_ids)[0]  # the whole prompt in one forward
     while True:
         token = pick_token(logits, seen[:prompt_len + len(out)], sampling, generator)
         if token in stops:
@@ -257,5 +264,5 @@ def _decode_loop(step: _Decoder, input_ids: torch.Tensor, max_new_tokens: int, s
             stream.push(token)
         if len(out) >= max_new_tokens:
             break
-        logits = step(seen[prompt_len + len(out) - 1:prompt_len + len(out)].unsqueeze(0))  # (1, 1)
+        logits = step(seen[prompt_len + len(out) - 1:prompt_len + len(out)].unsqueeze(0))[0]  # (1, 1) -> (V,)
     return out

@@ -52,41 +52,54 @@ def graph_problem(model, device: torch.device) -> str | None:
 
 
 class StaticDecoder:
-    """One sequence's forward steps over a StaticCache of `max_len` positions; the logits of the last position
-    (V,) float32, like generate._Decoder. With `graph`, decode steps after the first replay one CUDA graph."""
+    """The forward steps of `rows` sequences decoded together over a StaticCache of `max_len` slots; each call
+    gives the logits of the rows' last positions (B, V) float32. With `graph`, decode steps after the first
+    replay one CUDA graph.
 
-    def __init__(self, model, max_len: int, device: torch.device, graph: bool):
+    Rows are left-padded to one prompt width: slot t of the cache is column t of every row, while positions
+    count each row's real tokens only, so a padded row is computed as it would be alone."""
+
+    def __init__(self, model, max_len: int, device: torch.device, graph: bool, rows: int = 1):
         base = _base(model)
         self.model, self.max_len, self.use_graph = model, max_len, graph
         self.kwargs = {_cache_kwarg(model): StaticCache(config=base.config, max_cache_len=max_len), "use_cache": True}
         if "logits_to_keep" in inspect.signature(base.forward).parameters:
             self.kwargs["logits_to_keep"] = 1
-        self.keys = torch.arange(max_len, device=device)  # (L,)
-        self.token = torch.zeros((1, 1), dtype=torch.long, device=device)  # the step's input id
-        self.pos = torch.zeros((1, 1), dtype=torch.long, device=device)  # its position
-        self.mask = torch.zeros((1, 1, 1, max_len), dtype=torch.bool, device=device)  # keys it attends to
+        self.keys = torch.arange(max_len, device=device)  # (L,) the cache's slots
+        self.valid = torch.ones((rows, max_len), dtype=torch.bool, device=device)  # (B, L) False: left padding
+        self.slot = torch.zeros((), dtype=torch.long, device=device)  # the slot the next step writes
+        self.token = torch.zeros((rows, 1), dtype=torch.long, device=device)  # the step's input ids
+        self.pos = torch.zeros((rows, 1), dtype=torch.long, device=device)  # their positions
+        self.mask = torch.zeros((rows, 1, 1, max_len), dtype=torch.bool, device=device)  # slots each row sees
         self.steps, self.graph, self.logits = 0, None, None
 
-    def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """The prompt (1, T) in one forward; its keys and values fill the cache's first T slots."""
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The prompts (B, T), left-padded where attention_mask (B, T) is 0, in one forward; their keys and values
+        fill the cache's first T slots."""
         t = input_ids.shape[1]
         if t >= self.max_len:
             raise ValueError(f"prompt of {t} tokens leaves no room in a cache of {self.max_len}")
-        rows = torch.arange(t, device=self.keys.device)  # (T,)
-        mask = (self.keys[None, :] <= rows[:, None])[None, None]  # (1, 1, T, L): causal over the filled slots
-        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=rows[None], **self.kwargs)
-        self.pos.fill_(t)
-        return out.logits[0, -1].float()
+        if attention_mask is not None:
+            self.valid[:, :t] = attention_mask.bool()
+        real = self.valid[:, :t].long()  # (B, T)
+        positions = (real.cumsum(-1) - 1).clamp(min=0)  # (B, T)
+        causal = self.keys[None, :] <= torch.arange(t, device=self.keys.device)[:, None]  # (T, L)
+        mask = (causal[None] & self.valid[:, None, :])[:, None]  # (B, 1, T, L)
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, **self.kwargs)
+        self.pos.copy_(positions[:, -1:] + 1)
+        self.slot.fill_(t)
+        return out.logits[:, -1].float()
 
     def _step(self) -> torch.Tensor:
-        """The decode step on the buffers: self.token at self.pos, then the position moves on."""
-        self.mask.copy_((self.keys <= self.pos).view(1, 1, 1, -1))
+        """The decode step on the buffers: self.token at self.pos into self.slot, then both move on."""
+        self.mask.copy_((self.valid & (self.keys <= self.slot))[:, None, None])
         out = self.model(input_ids=self.token, attention_mask=self.mask, position_ids=self.pos, **self.kwargs)
         self.pos.add_(1)
-        return out.logits[0, -1].float()
+        self.slot.add_(1)
+        return out.logits[:, -1].float()
 
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """The next token (1, 1) -> the logits after it (V,). The returned tensor is reused by the next call."""
+        """The next tokens (B, 1) -> the logits after them (B, V). The returned tensor is reused by the next call."""
         self.steps += 1
         self.token.copy_(input_ids)
         if not self.use_graph or self.steps == 1:

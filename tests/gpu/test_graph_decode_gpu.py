@@ -1,6 +1,7 @@
 """Decoding replayed from a CUDA graph (ppalli/infer/graph.py) gives what eager decoding gives: the same greedy
 answer as the growing-cache loop for a tiny fp32 model (PEFT LoRA unmerged, and with the fast path's layer swap
-in place), and bit-equal logits to the same static-cache steps run eagerly."""
+in place), and bit-equal logits to the same static-cache steps run eagerly; batched greedy rows (eval's
+answers) likewise."""
 
 import sys
 from pathlib import Path
@@ -77,3 +78,14 @@ def test_the_fast_path_swap_leaves_graph_decoding_exact():
     finally:
         handle.revert()
     assert graphed == eager
+
+
+def test_batched_greedy_rows_from_the_graph_equal_the_eager_rows():
+    from ppalli.infer.generate import generate_greedy_rows
+
+    model = _model("qwen2")
+    gen = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, 256, (n,), generator=gen).tolist() for n in (9, 4, 13, 6)]
+    eager = generate_greedy_rows(model, _NoStop(), prompts, max_new_tokens=20, graph=False)
+    graphed = generate_greedy_rows(model, _NoStop(), prompts, max_new_tokens=20, graph=True)
+    assert graphed == eager and all(len(r) == 20 for r in graphed)

@@ -63,3 +63,27 @@ def test_graph_problem_names_what_rules_the_graph_out():
     assert graph_problem(tiny_lora_model("llama"), cuda) is None
     assert "sliding" in graph_problem(AutoModelForCausalLM.from_config(tiny_config("mistral")), cuda)
     assert "eager" in graph_problem(tiny_lora_model("llama", attn="eager"), cuda)
+
+
+def test_left_padded_rows_each_get_their_own_logits():
+    model = tiny_lora_model("qwen2")
+    for p in model.parameters():
+        p.data.normal_(0, 0.2)
+    gen = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, 256, (n,), generator=gen).tolist() for n in (7, 3, 5)]
+    width = max(map(len, prompts))
+    ids = torch.zeros((3, width), dtype=torch.long)
+    mask = torch.zeros((3, width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = torch.tensor(prompt)
+        mask[row, width - len(prompt):] = 1
+    with torch.inference_mode():
+        rows = StaticDecoder(model, max_len=width + 6, device=CPU, graph=False, rows=3)
+        alone = [_Decoder(model) for _ in prompts]
+        got = rows.prefill(ids, mask)  # (3, V)
+        want = torch.cat([d.prefill(torch.tensor([p])) for d, p in zip(alone, prompts)])
+        for _ in range(5):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            tokens = want.argmax(-1)  # (3,)
+            got = rows(tokens[:, None])
+            want = torch.cat([d(t.view(1, 1)) for d, t in zip(alone, tokens)])
