@@ -29,6 +29,7 @@ class _NoStop:
     """What generate reads of a tokenizer when nothing is streamed: no EOS, so every run makes --new tokens."""
 
     eos_token_id = None
+    pad_token_id = 0  # left padding of batched rows
 
 
 def lora_model(config_path: Path, device: str, dtype: torch.dtype):

@@ -21,6 +21,7 @@ CUDA = torch.device("cuda")
 
 class _NoStop:
     eos_token_id = None
+    pad_token_id = 0  # left padding of batched rows
 
 
 def _model(family: str = "llama"):
