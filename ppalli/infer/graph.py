@@ -37,6 +37,11 @@ def _full_length_only(cache: StaticCache) -> bool:
     return all(type(layer) is StaticLayer for layer in cache.layers)
 
 
+def _has_kbit_layers(model) -> bool:
+    """bitsandbytes layers, also where ppalli swapped them in per instance (models/quant.py: no config entry)."""
+    return any(type(m).__name__.endswith(("Linear4bit", "Linear8bitLt")) for m in model.modules())
+
+
 def graph_problem(model, device: torch.device) -> str | None:
     """Why decoding `model` from a CUDA graph would not be exact or possible here, or None."""
     if device.type != "cuda":
@@ -44,6 +49,8 @@ def graph_problem(model, device: torch.device) -> str | None:
     config = getattr(_base(model), "config", None)
     if config is None:
         return "the model has no transformers config"
+    if getattr(config, "quantization_config", None) is not None or _has_kbit_layers(model):
+        return "a quantized base (its kernels are not checked under CUDA graph capture)"  # not yet run on a GPU
     if getattr(config, "_attn_implementation", None) != "sdpa":
         return f"attention implementation {getattr(config, '_attn_implementation', None)!r} (the graph needs sdpa)"
     if not _full_length_only(StaticCache(config=config, max_cache_len=8)):

@@ -63,6 +63,16 @@ def test_graph_problem_names_what_rules_the_graph_out():
     assert graph_problem(tiny_lora_model("llama"), cuda) is None
     assert "sliding" in graph_problem(AutoModelForCausalLM.from_config(tiny_config("mistral")), cuda)
     assert "eager" in graph_problem(tiny_lora_model("llama", attn="eager"), cuda)
+    quantized = tiny_lora_model("llama")
+    quantized.config.quantization_config = {"load_in_4bit": True}
+    assert "quantized" in graph_problem(quantized, cuda)
+
+    class Linear4bit(torch.nn.Linear):  # what models/quant.py swaps in, without touching the config
+        pass
+
+    swapped = tiny_lora_model("llama")
+    swapped.add_module("probe", Linear4bit(2, 2))
+    assert "quantized" in graph_problem(swapped, cuda)
 
 
 def test_left_padded_rows_each_get_their_own_logits():
