@@ -310,6 +310,7 @@ def train_loop(model, optimizer, scheduler, objective, train: list[dict], eval_s
             if settings.save_every and state.step % settings.save_every == 0:
                 report()
                 hooks.save(state)
+                mark = _step_start(settings.device)  # nor the checkpoint's
         report()
     except KeyboardInterrupt:
         report()
