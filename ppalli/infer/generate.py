@@ -7,13 +7,14 @@ template's end-of-turn ids, and samples unless greedy decoding is asked for.
 
 from __future__ import annotations
 
-import inspect
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
+
+from ppalli.infer.graph import StaticDecoder, base_model, graph_problem, step_kwargs
 
 _BROKEN = "\ufffd"  # what a decoder writes for an incomplete UTF-8 sequence, e.g. half a Hangul syllable
 
@@ -68,13 +69,7 @@ class _Decoder:
     """One forward step on a growing KV cache; returns the last position's logits as float32 (B, V)."""
 
     def __init__(self, model):
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT wraps the model
-        params = inspect.signature(base.forward).parameters
-        # later transformers 5 releases renamed `past_key_values` to `cache` (the old name warns until 5.40)
-        cache_name = "cache" if "cache" in params else "past_key_values"
-        self.kwargs = {cache_name: DynamicCache(config=getattr(base, "config", None)), "use_cache": True}
-        if "logits_to_keep" in params:
-            self.kwargs["logits_to_keep"] = 1  # the prompt's other positions would cost (T, V) logits
+        self.kwargs = step_kwargs(model, DynamicCache(config=getattr(base_model(model), "config", None)))
         self.model = model
 
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -230,8 +225,6 @@ _SAID: set[str] = set()
 
 def _decoder(model, device: torch.device, max_len: int, graph: bool | None, rows: int = 1):
     """The step function of `rows` sequences' decoding: from a CUDA graph where it is exact, else eager."""
-    from ppalli.infer.graph import StaticDecoder, graph_problem
-
     if graph is False:
         return _Decoder(model)
     why = graph_problem(model, device)

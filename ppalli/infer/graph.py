@@ -1,4 +1,4 @@
-"""Decoding one sequence from a CUDA graph: the step's kernels launched by one replay instead of by Python.
+"""Decoding from a CUDA graph: a step's kernels launched by one replay instead of by Python.
 
 A decode step of an 8B model is ~16 GB of weight reads, ~3.4 ms at the H200's 4.8 TB/s, but HF's eager
 forward spends longer than that launching its ~600 kernels: `ppalli generate` ran at 49.5 tokens/s on
@@ -22,13 +22,18 @@ import torch
 from transformers import StaticCache
 
 
-def _base(model):
+def base_model(model) -> torch.nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT wraps the model
 
 
-def _cache_kwarg(model) -> str:
+def step_kwargs(model, cache) -> dict:
+    """The forward's keywords of a decode step on `cache`, for this transformers version."""
+    params = inspect.signature(base_model(model).forward).parameters
     # later transformers 5 releases renamed `past_key_values` to `cache` (the old name warns until 5.40)
-    return "cache" if "cache" in inspect.signature(_base(model).forward).parameters else "past_key_values"
+    kwargs = {"cache" if "cache" in params else "past_key_values": cache, "use_cache": True}
+    if "logits_to_keep" in params:
+        kwargs["logits_to_keep"] = 1  # the prompt's other positions would cost (T, V) logits
+    return kwargs
 
 
 def _full_length_only(cache: StaticCache) -> bool:
@@ -46,7 +51,7 @@ def graph_problem(model, device: torch.device) -> str | None:
     """Why decoding `model` from a CUDA graph would not be exact or possible here, or None."""
     if device.type != "cuda":
         return f"the model is on {device.type}"
-    config = getattr(_base(model), "config", None)
+    config = getattr(base_model(model), "config", None)
     if config is None:
         return "the model has no transformers config"
     if getattr(config, "quantization_config", None) is not None or _has_kbit_layers(model):
@@ -67,11 +72,8 @@ class StaticDecoder:
     count each row's real tokens only, so a padded row is computed as it would be alone."""
 
     def __init__(self, model, max_len: int, device: torch.device, graph: bool, rows: int = 1):
-        base = _base(model)
         self.model, self.max_len, self.use_graph = model, max_len, graph
-        self.kwargs = {_cache_kwarg(model): StaticCache(config=base.config, max_cache_len=max_len), "use_cache": True}
-        if "logits_to_keep" in inspect.signature(base.forward).parameters:
-            self.kwargs["logits_to_keep"] = 1
+        self.kwargs = step_kwargs(model, StaticCache(config=base_model(model).config, max_cache_len=max_len))
         self.keys = torch.arange(max_len, device=device)  # (L,) the cache's slots
         self.valid = torch.ones((rows, max_len), dtype=torch.bool, device=device)  # (B, L) False: left padding
         self.slot = torch.zeros((), dtype=torch.long, device=device)  # the slot the next step writes

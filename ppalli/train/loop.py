@@ -114,7 +114,7 @@ def _split(samples, plan, settings) -> list[list[dict]]:
     return micro_batches(samples, plan.micro_batch_size, budget)
 
 
-def _real_tokens(batch: dict) -> int:
+def real_tokens(batch: dict) -> int:
     """Tokens the batch holds, padding not counted (tokens/s of padded preference batches counted it before).
     Collate counts them on the host (batch["real_tokens"]); counting a device mask here would sync."""
     if "real_tokens" in batch:
@@ -138,7 +138,7 @@ def accumulate(model, objective, samples: list[dict], plan, settings: LoopSettin
         loss = loss_sum / max(norm, 1)
         (scaler.scale(loss) if scaler is not None else loss).backward()
         loss_total = loss_total + loss_sum.detach()
-        tokens += _real_tokens(batch)
+        tokens += real_tokens(batch)
         _add(stats, info)
     sum_gradients(model, world)
     if world.active:  # ranks sum floats: a sync, next to the step's all-reduce of the gradients anyway

@@ -270,10 +270,10 @@ def make_collate(tokenizer, device, objective: str):
 
 def _host_counts(batch: dict) -> dict:
     """A host batch's counts the loop needs each step: tokens without padding, and tokens that carry a loss."""
+    from ppalli.train.loop import real_tokens
     from ppalli.train.objectives import trained_tokens
 
-    mask = batch.get("attention_mask")
-    counts = {"real_tokens": int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())}
+    counts = {"real_tokens": real_tokens(batch)}
     if "labels" in batch:
         counts["trained_tokens"] = trained_tokens(batch["labels"])
     return counts
