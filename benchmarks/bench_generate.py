@@ -32,7 +32,7 @@ class _NoStop:
     pad_token_id = 0  # left padding of batched rows
 
 
-def lora_model(config_path: Path, device: str, dtype: torch.dtype):
+def lora_model(config_path: Path, device: str, dtype: torch.dtype, nf4: bool = False):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -41,6 +41,10 @@ def lora_model(config_path: Path, device: str, dtype: torch.dtype):
     with torch.device(device):
         base = AutoModelForCausalLM.from_config(config, dtype=dtype)
     base.generation_config.eos_token_id = None
+    if nf4:  # QLoRA's base: the projections NF4 with double quant, as `ppalli train` quantizes them
+        from ppalli.models.quant import quantize_model_4bit
+
+        quantize_model_4bit(base, compute_dtype=dtype)
     model = get_peft_model(base, LoraConfig(r=16, lora_alpha=16, target_modules=TARGETS, init_lora_weights=False))
     return model.eval()
 
@@ -76,6 +80,26 @@ def rows_tokens_per_s(model, prompt: torch.Tensor, rows: int, new: int, graph: b
     return rows * new / sorted(times)[1], out
 
 
+def _first_difference(a: list, b: list) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def nf4_run(model, prompt: torch.Tensor, args) -> dict:
+    """A 4-bit base with its adapter unmerged (what chat decodes after QLoRA): eager against the CUDA graph,
+    one sequence and 16 rows."""
+    eager, out_eager = tokens_per_s(model, prompt, args.new, args.repeats, graph=False)
+    graphed, out_graph = tokens_per_s(model, prompt, args.new, args.repeats)
+    eager_rows, rows_eager = rows_tokens_per_s(model, prompt, 16, args.new, graph=False)
+    graph_rows, rows_graph = rows_tokens_per_s(model, prompt, 16, args.new, graph=None)
+    return {"device": torch.cuda.get_device_name(), "model": str(args.model),
+            "base": "nf4 (double quant), bf16 compute", "prompt": args.prompt, "new": args.new,
+            "unmerged_tokens_per_s": round(eager, 1),
+            "graph_tokens_per_s": round(graphed, 1),
+            "graph_tokens_equal_eager_before_first_difference": _first_difference(out_eager, out_graph),
+            "rows16_eager_tokens_per_s": round(eager_rows, 1), "rows16_graph_tokens_per_s": round(graph_rows, 1),
+            "rows16_rows_equal": sum(a == b for a, b in zip(rows_eager, rows_graph))}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, required=True, help="a config.json")
@@ -83,21 +107,27 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--peft-merge", action="store_true", help="PEFT's merge_adapter instead of ppalli's")
+    parser.add_argument("--nf4", action="store_true", help="a 4-bit base (QLoRA): the adapter stays unmerged")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    model = lora_model(args.model, device, dtype)
+    model = lora_model(args.model, device, dtype, args.nf4)
     prompt = torch.randint(0, model.config.vocab_size, (1, args.prompt), device=device)
+    if args.nf4:
+        result = nf4_run(model, prompt, args)
+        print(json.dumps(result))
+        args.out.write_text(json.dumps(result, indent=1))
+        return
     unmerged, out_unmerged = tokens_per_s(model, prompt, args.new, args.repeats, graph=False)
     if args.peft_merge:
         model.merge_adapter()  # LoRA layers stay, flagged merged: PEFT's wrapper still runs per projection
     else:
         model = merge_for_inference(model)[0]
     merged, out_merged = tokens_per_s(model, prompt, args.new, args.repeats, graph=False)
-    same = next((i for i, (a, b) in enumerate(zip(out_unmerged, out_merged)) if a != b), len(out_merged))
+    same = _first_difference(out_unmerged, out_merged)
     graphed, out_graphed = tokens_per_s(model, prompt, args.new, args.repeats) if device == "cuda" else (None, [])
-    same_graph = next((i for i, (a, b) in enumerate(zip(out_merged, out_graphed)) if a != b), len(out_graphed))
+    same_graph = _first_difference(out_merged, out_graphed)
     rows = {}
     if device == "cuda":
         eager_rows, out_eager = rows_tokens_per_s(model, prompt, 16, args.new, graph=False)

@@ -11,7 +11,7 @@ import torch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
-from fast.fast_reference import tiny_lora_model  # noqa: E402
+from fast.fast_reference import tiny_config, tiny_lora_model, wrap_lora  # noqa: E402
 
 from ppalli.infer.generate import Sampling, _decode_loop, _Decoder, generate  # noqa: E402
 from ppalli.infer.graph import StaticDecoder, graph_problem  # noqa: E402
@@ -90,3 +90,57 @@ def test_batched_greedy_rows_from_the_graph_equal_the_eager_rows():
     eager = generate_greedy_rows(model, _NoStop(), prompts, max_new_tokens=20, graph=False)
     graphed = generate_greedy_rows(model, _NoStop(), prompts, max_new_tokens=20, graph=True)
     assert graphed == eager and all(len(r) == 20 for r in graphed)
+
+
+def _nf4_model():
+    """A tiny Llama in bf16 with its projections quantized by ppalli (bitsandbytes NF4, double quant) and PEFT
+    LoRA on them: a QLoRA model as `ppalli chat` decodes it (a 4-bit base keeps the adapter unmerged)."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM
+
+    from ppalli.models.quant import quantize_model_4bit
+
+    config = tiny_config("llama")
+    config.intermediate_size = 128  # the 4-bit blocks of 64 must not cross a row of down_proj
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).to(CUDA)
+    for p in base.parameters():
+        p.data.normal_(0, 0.2)
+    quantize_model_4bit(base, compute_dtype=torch.bfloat16)
+    return wrap_lora(base).eval()
+
+
+def test_a_4bit_base_decodes_from_the_graph_with_the_eager_static_steps_logits():
+    model, ids = _nf4_model(), _prompt()
+    assert graph_problem(model, CUDA) is None
+    with torch.inference_mode():
+        plain = StaticDecoder(model, max_len=40, device=CUDA, graph=False)
+        graphed = StaticDecoder(model, max_len=40, device=CUDA, graph=True)
+        a, b = plain.prefill(ids), graphed.prefill(ids)
+        assert torch.equal(a, b)
+        for _ in range(12):  # one row: bitsandbytes' 4-bit gemv in every projection
+            token = a.argmax().view(1, 1)
+            a, b = plain(token), graphed(token).clone()
+            assert torch.equal(a, b)
+    assert graphed.graph is not None
+
+
+def test_4bit_batched_rows_from_the_graph_equal_the_eager_static_rows():
+    model = _nf4_model()
+    gen = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, 256, (n,), generator=gen) for n in (9, 4, 13)]
+    ids = torch.zeros((3, 13), dtype=torch.long)
+    mask = torch.zeros((3, 13), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, 13 - len(prompt):], mask[row, 13 - len(prompt):] = prompt, 1
+    ids, mask = ids.to(CUDA), mask.to(CUDA)
+    with torch.inference_mode():
+        plain = StaticDecoder(model, max_len=32, device=CUDA, graph=False, rows=3)
+        graphed = StaticDecoder(model, max_len=32, device=CUDA, graph=True, rows=3)
+        a, b = plain.prefill(ids, mask), graphed.prefill(ids, mask)
+        assert torch.equal(a, b)
+        for _ in range(10):  # three rows: dequantize, then a GEMM
+            tokens = a.argmax(-1, keepdim=True)
+            a, b = plain(tokens), graphed(tokens).clone()
+            assert torch.equal(a, b)

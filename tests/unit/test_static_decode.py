@@ -63,16 +63,34 @@ def test_graph_problem_names_what_rules_the_graph_out():
     assert graph_problem(tiny_lora_model("llama"), cuda) is None
     assert "sliding" in graph_problem(AutoModelForCausalLM.from_config(tiny_config("mistral")), cuda)
     assert "eager" in graph_problem(tiny_lora_model("llama", attn="eager"), cuda)
-    quantized = tiny_lora_model("llama")
-    quantized.config.quantization_config = {"load_in_4bit": True}
-    assert "quantized" in graph_problem(quantized, cuda)
+
+
+def test_graph_problem_lets_bitsandbytes_4bit_bases_through_and_nothing_else_quantized():
+    from transformers import BitsAndBytesConfig
+
+    cuda = torch.device("cuda")
+    for quant, ok in (({"quant_method": "bitsandbytes", "load_in_4bit": True}, True),
+                      (BitsAndBytesConfig(load_in_4bit=True), True),
+                      (BitsAndBytesConfig(load_in_8bit=True), False),
+                      ({"load_in_4bit": True}, False),  # no method named: not known to be bitsandbytes
+                      ({"quant_method": "gptq", "bits": 4}, False)):
+        model = tiny_lora_model("llama")
+        model.config.quantization_config = quant
+        problem = graph_problem(model, cuda)
+        assert (problem is None) == ok, (quant, problem)
+        assert ok or "quantized" in problem
 
     class Linear4bit(torch.nn.Linear):  # what models/quant.py swaps in, without touching the config
         pass
 
+    class Linear8bitLt(torch.nn.Linear):
+        pass
+
     swapped = tiny_lora_model("llama")
     swapped.add_module("probe", Linear4bit(2, 2))
-    assert "quantized" in graph_problem(swapped, cuda)
+    assert graph_problem(swapped, cuda) is None
+    swapped.add_module("probe8", Linear8bitLt(2, 2))
+    assert "8-bit" in graph_problem(swapped, cuda)
 
 
 def test_left_padded_rows_each_get_their_own_logits():
