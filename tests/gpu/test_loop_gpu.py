@@ -84,13 +84,15 @@ def _pairs(n: int = 16) -> list[dict]:
     return out
 
 
-@pytest.mark.parametrize("packing", [True, False])
 @pytest.mark.parametrize("objective", [DPO(0.1), ORPO(0.1)], ids=["dpo", "orpo"])
-def test_a_preference_step_never_waits_for_the_device(objective, packing):
-    """The sequence log-probs select the trained positions with collate's host count (nonzero_static)."""
+def test_a_packed_preference_step_never_waits_for_the_device(objective):
+    """The sequence log-probs select the trained positions with collate's host count (nonzero_static). Packed
+    pairs (the default where the fast path swapped every layer) only: padded rows go through transformers'
+    decoder, whose SDPA mask asks the device whether any padding is there (masking_utils._ignore_causal_mask_sdpa,
+    transformers 5.17 on an H200, 2026-12-04)."""
     model, opt, sched, _, settings, _ = _setup()
     hooks = Hooks(collate=make_collate(_Tokenizer(), CUDA, objective.name))
-    plan = dataclasses.replace(PLAN, packing=packing)
+    plan = dataclasses.replace(PLAN, packing=True)
     pairs = _pairs()
     run_step(model, opt, sched, objective, pairs[:8], plan, settings, LoopState(), hooks)  # warm: autotune
     torch.cuda.synchronize()
