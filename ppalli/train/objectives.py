@@ -55,7 +55,7 @@ def chunked_lm_loss(model, batch: dict, rows: int = 2048) -> tuple[torch.Tensor,
     reach the head. Only for models whose causal-LM head is the lm_head (and softcap): see eval_lm_loss.
     Why: with Llama 3's 128,256-token vocabulary a 4 x 2048 micro-batch's fp32 logits alone take 4.2 GB
     (and log-softmax another copy); 2048 rows take 1.05 GB."""
-    lm, h, y = _trained_hidden(model, batch)
+    lm, h, y = _trained_hidden(model, batch, batch["labels"])
     head = lm.get_output_embeddings()
     cap = getattr(lm.config, "final_logit_softcapping", None)
     total = torch.zeros((), dtype=torch.float32, device=h.device)
@@ -81,16 +81,15 @@ def sequence_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     (train/linear_logps.py: no (B, T, V) logits); else from the model's full logits."""
     tgt = batch["labels"][:, 1:]  # (B, T-1): position t predicts labels[t+1]
     mask = tgt != IGNORE
-    at = _trained_positions(batch, mask)  # (n,)
-    seq = _target_sequences(batch, mask, at)  # (n,) the sequence of each trained target
+    seq = _target_sequences(batch, mask)  # (n,) the sequence of each trained target
     count = _sequences(batch)
     if not _plain_head(model):
         logits = model(**model_inputs(batch)).logits[:, :-1].float()
-        logp = torch.gather(logits.log_softmax(-1), 2, tgt.clamp(min=0).unsqueeze(-1)).flatten()[at]  # (n,)
+        logp = torch.gather(logits.log_softmax(-1), 2, tgt.clamp(min=0).unsqueeze(-1)).squeeze(-1)[mask]  # (n,)
     else:
         from ppalli.train.linear_logps import linear_logps
 
-        lm, h, y = _trained_hidden(model, batch, at)
+        lm, h, y = _trained_hidden(model, batch, batch["labels"])
         weight = lm.get_output_embeddings().weight  # (V, d)
         logp = linear_logps(h.to(weight.dtype), weight, y, getattr(lm.config, "final_logit_softcapping", None))
     sums = torch.zeros(count, dtype=torch.float32, device=logp.device).index_add(0, seq, logp.float())
@@ -103,34 +102,22 @@ def _sequences(batch: dict) -> int:
     return batch["labels"].shape[0] if cu is None else cu.numel() - 1
 
 
-def _trained_positions(batch: dict, mask: torch.Tensor) -> torch.Tensor:
-    """(n,) the flat positions of mask's (B, T-1) trained targets, in row-major order. Selecting with the mask
-    itself makes the host wait for the device to learn n (a sync in every forward: the preference steps of
-    2026-12-04 were host-bound); collate counted n on the host (batch["trained_tokens"]), so on CUDA
-    nonzero_static takes it from there."""
-    n = batch.get("trained_tokens")
-    if n is None or not mask.is_cuda:
-        return mask.flatten().nonzero().squeeze(1)
-    return torch.nonzero_static(mask.flatten(), size=int(n)).squeeze(1)
-
-
-def _target_sequences(batch: dict, mask: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
-    """(n,) the sequence each trained target (mask (B, T-1), at its flat positions) belongs to: its row, or in a
-    packed row the sample that holds target position t + 1 (pack_collate masks each sample's first label, so no
-    target crosses)."""
+def _target_sequences(batch: dict, mask: torch.Tensor) -> torch.Tensor:
+    """(n,) the sequence each trained target (mask (B, T-1)) belongs to: its row, or in a packed row the sample
+    that holds target position t + 1 (pack_collate masks each sample's first label, so no target crosses)."""
     cu = batch.get("cu_seqlens")
     if cu is None:
-        return at // mask.shape[1]
+        return torch.arange(mask.shape[0], device=mask.device)[:, None].expand_as(mask)[mask]
     pos = torch.arange(1, mask.shape[1] + 1, device=mask.device)  # (T-1,) the target's position in the row
     seq = torch.searchsorted(cu[1:].to(mask.device).long(), pos, right=True)  # (T-1,)
-    return seq[at % mask.shape[1]]
+    return seq[None].expand_as(mask)[mask]
 
 
-def _trained_hidden(model, batch: dict, at: torch.Tensor | None = None):
+def _trained_hidden(model, batch: dict, labels):
     """(the HF causal LM, final hidden states of the trained positions (n, d), their targets (n,)): the decoder
-    over `batch` without its head, for the chunked losses above; `at`: those positions (_trained_positions).
-    A packed row (cu_seqlens) on a fully fused model goes through ppalli's decoder, whose attention takes the
-    boundaries (varlen); else HF's decoder (its masks find packed samples from position_ids)."""
+    over `batch` without its head, for the chunked losses above. A packed row (cu_seqlens) on a fully fused
+    model goes through ppalli's decoder, whose attention takes the boundaries (varlen); else HF's decoder (its
+    masks find packed samples from position_ids)."""
     from ppalli.models.fast import backbone_of, causal_lm, decoder_hidden_states, fully_swapped
 
     if batch.get("cu_seqlens") is not None and fully_swapped(model):
@@ -138,10 +125,9 @@ def _trained_hidden(model, batch: dict, at: torch.Tensor | None = None):
                                        batch.get("max_seqlen"))[:, :-1]  # (1, T-1, d)
     else:
         hidden = backbone_of(model)(**model_inputs(batch), use_cache=False).last_hidden_state[:, :-1]  # (B, T-1, d)
-    tgt = batch["labels"][:, 1:]
-    if at is None:
-        at = _trained_positions(batch, tgt != IGNORE)
-    return causal_lm(model), hidden.flatten(0, 1)[at], tgt.flatten()[at]
+    tgt = labels[:, 1:]
+    mask = tgt != IGNORE
+    return causal_lm(model), hidden[mask], tgt[mask]
 
 
 def _known_family(model) -> bool:

@@ -3,7 +3,6 @@ and the clipping stay on the device, and train_loop reads a step through loop.Re
 A read in the step (a .item(), a device count) would drain the queue and leave the device idle while the host
 collates and launches the next step; torch's sync debug mode turns any such read into an error here."""
 
-import dataclasses
 import sys
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from fast.fast_reference import tiny_lora_model  # noqa: E402
 from ppalli.models.fast import apply_fast_path, fast_causal_lm_loss, fully_swapped  # noqa: E402
 from ppalli.plan.planner import Plan  # noqa: E402
 from ppalli.train.loop import Hooks, LoopSettings, LoopState, Readout, run_step, train_loop  # noqa: E402
-from ppalli.train.objectives import DPO, ORPO, SFT  # noqa: E402
+from ppalli.train.objectives import SFT  # noqa: E402
 from ppalli.train.optim import make_optimizer  # noqa: E402
 from ppalli.train.recipe import make_collate  # noqa: E402
 
@@ -74,34 +73,6 @@ def test_a_training_step_never_waits_for_the_device():
         torch.cuda.set_sync_debug_mode("default")
     assert torch.is_tensor(out["loss"]) and out["loss"].is_cuda and torch.is_tensor(out["grad_norm"])
     assert readout.keys and readout.host.is_pinned()
-
-
-def _pairs(n: int = 16) -> list[dict]:
-    out = []
-    for chosen, rejected in zip(_samples(n), _samples(2 * n)[n:]):
-        out.append({"chosen_input_ids": chosen["input_ids"], "chosen_labels": chosen["labels"],
-                    "rejected_input_ids": rejected["input_ids"], "rejected_labels": rejected["labels"]})
-    return out
-
-
-@pytest.mark.parametrize("objective", [DPO(0.1), ORPO(0.1)], ids=["dpo", "orpo"])
-def test_a_packed_preference_step_never_waits_for_the_device(objective):
-    """The sequence log-probs select the trained positions with collate's host count (nonzero_static). Packed
-    pairs (the default where the fast path swapped every layer) only: padded rows go through transformers'
-    decoder, whose SDPA mask asks the device whether any padding is there (masking_utils._ignore_causal_mask_sdpa,
-    transformers 5.17 on an H200, 2026-12-04)."""
-    model, opt, sched, _, settings, _ = _setup()
-    hooks = Hooks(collate=make_collate(_Tokenizer(), CUDA, objective.name))
-    plan = dataclasses.replace(PLAN, packing=True)
-    pairs = _pairs()
-    run_step(model, opt, sched, objective, pairs[:8], plan, settings, LoopState(), hooks)  # warm: autotune
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        out, _ = run_step(model, opt, sched, objective, pairs[8:], plan, settings, LoopState(), hooks)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    assert out["norm"] == 8 and torch.isfinite(out["loss"]).item() and 0 <= out["reward_accuracy"].item() <= 1
 
 
 def test_the_loop_reports_each_step_with_its_loss():
