@@ -83,8 +83,10 @@ class StaticDecoder:
     Rows are left-padded to one prompt width: slot t of the cache is column t of every row, while positions
     count each row's real tokens only, so a padded row is computed as it would be alone."""
 
-    def __init__(self, model, max_len: int, device: torch.device, graph: bool, rows: int = 1):
+    def __init__(self, model, max_len: int, device: torch.device, graph: bool, rows: int = 1, compile: bool = False):
         self.model, self.max_len, self.use_graph = model, max_len, graph
+        # the decode step's forward through torch.compile (fixed shapes: one compile), the prefill stays eager
+        self.step_forward = torch.compile(model, dynamic=False) if compile else model
         self.kwargs = step_kwargs(model, StaticCache(config=base_model(model).config, max_cache_len=max_len))
         self.keys = torch.arange(max_len, device=device)  # (L,) the cache's slots
         self.valid = torch.ones((rows, max_len), dtype=torch.bool, device=device)  # (B, L) False: left padding
@@ -114,7 +116,7 @@ class StaticDecoder:
     def _step(self) -> torch.Tensor:
         """The decode step on the buffers: self.token at self.pos into self.slot, then both move on."""
         self.mask.copy_((self.valid & (self.keys <= self.slot))[:, None, None])
-        out = self.model(input_ids=self.token, attention_mask=self.mask, position_ids=self.pos, **self.kwargs)
+        out = self.step_forward(input_ids=self.token, attention_mask=self.mask, position_ids=self.pos, **self.kwargs)
         self.pos.add_(1)
         self.slot.add_(1)
         return out.logits[:, -1].float()
