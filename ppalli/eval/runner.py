@@ -43,6 +43,8 @@ class EvalSettings:
     # prompts decoded together (left-padded, greedy): one sequence's decoding is bound by the host's launches
     # (bench_generate.py), so a batch of rows should cost little more than one (not yet timed on a GPU)
     answer_rows: int = 16
+    # the answers' decode step compiled by torch.compile (infer.generate.generate: once per cache size)
+    compile: bool = False
 
 
 @dataclass(frozen=True)
@@ -89,12 +91,12 @@ def eval_loss(run, rows: list[dict], settings: EvalSettings) -> tuple[dict, int]
     return evaluate(run.model, objective, rows, batches, collate), micro
 
 
-def answers(run, prompts: list[list[int]], max_new_tokens: int) -> list[str]:
+def answers(run, prompts: list[list[int]], max_new_tokens: int, compile: bool = False) -> list[str]:
     """Greedy answers to these prompts, decoded together (infer.generate.generate_greedy_rows)."""
     from ppalli.infer.generate import generate_greedy_rows
 
     new = generate_greedy_rows(run.model, run.tokenizer, prompts, max_new_tokens=max_new_tokens,
-                               stop_ids=run.stop_ids)
+                               stop_ids=run.stop_ids, compile=compile)
     return [run.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in new]
 
 
@@ -161,7 +163,7 @@ def _answer_rows(run, rows: list[dict], settings: EvalSettings, path: Path, prin
     with path.open("w", encoding="utf-8") as f:
         for first in range(0, len(splits), settings.answer_rows):
             chunk = splits[first:first + settings.answer_rows]
-            outputs = answers(run, [prompt_ids for prompt_ids, _ in chunk], settings.max_new_tokens)
+            outputs = answers(run, [prompt_ids for prompt_ids, _ in chunk], settings.max_new_tokens, settings.compile)
             for (prompt_ids, ref_ids), output in zip(chunk, outputs):
                 pair = {"prompt": prompt_text(run.tokenizer, prompt_ids),
                         "reference": run.tokenizer.decode(ref_ids, skip_special_tokens=True).strip(),

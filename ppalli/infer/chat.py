@@ -66,13 +66,13 @@ def _answer(model, tokenizer, render_prompt: RenderPrompt, messages: Messages, p
 def chat_loop(model, tokenizer, render_prompt: RenderPrompt, *, temperature: float = 0.7, top_p: float = 0.9,
               max_new_tokens: int = 256, greedy: bool = False, stop_ids: Iterable[int] | None = None,
               add_special_tokens: bool = False, input_fn: Callable[[str], str] = input,
-              print_fn: Callable[..., None] = print) -> Messages:
+              print_fn: Callable[..., None] = print, compile: bool = False) -> Messages:
     """Read messages, stream answers, keep the history; returns it when the user leaves.
 
-    `add_special_tokens` must match how training tokenized rendered text (BOS or not).
+    `add_special_tokens` must match how training tokenized rendered text (BOS or not). compile: as generate's.
     """
     gen_kwargs = dict(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, greedy=greedy,
-                      stop_ids=stop_ids)
+                      stop_ids=stop_ids, compile=compile)
     messages: Messages = []
     print_fn(HELP)
     while True:
@@ -108,10 +108,11 @@ def read_prompts(path: str | Path) -> list[str]:
 def generate_batch(model, tokenizer, render_prompt: RenderPrompt, prompts: Iterable[str], out_path: str | Path, *,
                    temperature: float = 0.7, top_p: float = 0.9, max_new_tokens: int = 256, greedy: bool = False,
                    stop_ids: Iterable[int] | None = None, seed: int | None = None,
-                   add_special_tokens: bool = False) -> Path:
+                   add_special_tokens: bool = False, compile: bool = False) -> Path:
     """Answer each prompt; write JSONL rows {prompt, output, new_tokens, seconds} as they finish ('-': stdout).
 
-    With a seed, prompt i samples with seed + i, so any one answer can be reproduced alone.
+    With a seed, prompt i samples with seed + i, so any one answer can be reproduced alone. compile: as
+    generate's (the first answer's seconds then hold the compile).
     """
     to_stdout = str(out_path) == "-"
     out = Path(out_path)
@@ -125,7 +126,7 @@ def generate_batch(model, tokenizer, render_prompt: RenderPrompt, prompts: Itera
             start = time.perf_counter()
             new = generate(model, tokenizer, torch.tensor([ids]), temperature=temperature, top_p=top_p,
                            max_new_tokens=max_new_tokens, greedy=greedy, stop_ids=stop_ids,
-                           seed=None if seed is None else seed + i)
+                           seed=None if seed is None else seed + i, compile=compile)
             row = {"prompt": prompt, "output": tokenizer.decode(new, skip_special_tokens=True),
                    "new_tokens": len(new), "seconds": round(time.perf_counter() - start, 3)}
             f.write(json.dumps(row, ensure_ascii=False) + "\n")

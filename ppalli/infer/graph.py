@@ -36,6 +36,19 @@ def step_kwargs(model, cache) -> dict:
     return kwargs
 
 
+# With the decode step compiled, the cache's slots come in steps of this many: dynamo guards the shapes, so a chat's
+# turns and eval's batches share one compiled step per (rows, slots) instead of compiling for every prompt length
+# (~20-40 s each for Llama-3.2-1B / 3.1-8B on an H200, results/2026-12-04-h200-s21-compile-decode.json).
+COMPILE_SLOTS = 256
+
+
+def compile_problem(model) -> str | None:
+    """Why the decode step of `model` is not compiled, or None: quantized bases were not run under torch.compile."""
+    if any(type(m).__name__.endswith(("Linear4bit", "Linear8bitLt")) for m in model.modules()):
+        return "a quantized base (its decode step was not run under torch.compile)"
+    return None
+
+
 def _full_length_only(cache: StaticCache) -> bool:
     from transformers.cache_utils import StaticLayer
 
@@ -78,14 +91,16 @@ def graph_problem(model, device: torch.device) -> str | None:
 class StaticDecoder:
     """The forward steps of `rows` sequences decoded together over a StaticCache of `max_len` slots; each call
     gives the logits of the rows' last positions (B, V) float32. With `graph`, decode steps after the first
-    replay one CUDA graph.
+    replay one CUDA graph; with `compile`, the step's forward is torch.compile's (fused norms, RoPE and
+    elementwise ops: fewer kernels a step; the slots rounded up to COMPILE_SLOTS).
 
     Rows are left-padded to one prompt width: slot t of the cache is column t of every row, while positions
     count each row's real tokens only, so a padded row is computed as it would be alone."""
 
     def __init__(self, model, max_len: int, device: torch.device, graph: bool, rows: int = 1, compile: bool = False):
+        if compile:  # the decode step's forward through torch.compile, fixed shapes; the prefill stays eager
+            max_len = -(-max_len // COMPILE_SLOTS) * COMPILE_SLOTS
         self.model, self.max_len, self.use_graph = model, max_len, graph
-        # the decode step's forward through torch.compile (fixed shapes: one compile), the prefill stays eager
         self.step_forward = torch.compile(model, dynamic=False) if compile else model
         self.kwargs = step_kwargs(model, StaticCache(config=base_model(model).config, max_cache_len=max_len))
         self.keys = torch.arange(max_len, device=device)  # (L,) the cache's slots

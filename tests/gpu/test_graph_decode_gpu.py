@@ -144,3 +144,19 @@ def test_4bit_batched_rows_from_the_graph_equal_the_eager_static_rows():
             tokens = a.argmax(-1, keepdim=True)
             a, b = plain(tokens), graphed(tokens).clone()
             assert torch.equal(a, b)
+
+
+def test_the_compiled_step_in_the_graph_answers_as_eager_decoding():
+    model = _model()
+    eager = generate(model, _NoStop(), _prompt(), max_new_tokens=24, greedy=True, graph=False)
+    compiled = generate(model, _NoStop(), _prompt(), max_new_tokens=24, greedy=True, graph=True, compile=True)
+    assert compiled == eager and len(compiled) == 24
+    with torch.inference_mode():  # and the replayed logits are the compiled step's, run eagerly, to fp32 noise
+        plain = StaticDecoder(model, max_len=40, device=CUDA, graph=False)
+        graphed = StaticDecoder(model, max_len=40, device=CUDA, graph=True, compile=True)
+        a, b = plain.prefill(_prompt()), graphed.prefill(_prompt())
+        for _ in range(8):
+            token = a.argmax().view(1, 1)
+            a, b = plain(token), graphed(token).clone()
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    assert graphed.graph is not None

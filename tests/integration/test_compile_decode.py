@@ -1,0 +1,58 @@
+"""The decode step compiled by torch.compile (StaticDecoder(compile=True), `--compile` on chat / generate / eval), run
+on the CPU through inductor: the eager step's logits, the cache's slots rounded up to COMPILE_SLOTS, and one compile
+shared by decoders whose caches round to the same size (a chat's turns, eval's batches). On CUDA the compiled step
+is also captured in the graph (tests/gpu/test_graph_decode_gpu.py)."""
+
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
+from fast.fast_reference import tiny_lora_model  # noqa: E402
+
+from ppalli.infer.generate import _Decoder, _decoder  # noqa: E402
+from ppalli.infer.graph import COMPILE_SLOTS, StaticDecoder  # noqa: E402
+
+CPU = torch.device("cpu")
+
+
+def _model():
+    model = tiny_lora_model("llama")
+    for p in model.parameters():
+        p.data.normal_(0, 0.2)  # LoRA B = 0 at init would hide the adapters
+    return model
+
+
+def _steps(decoder, ids, n):
+    logits = [decoder.prefill(ids)]
+    for _ in range(n):
+        logits.append(decoder(logits[-1].argmax(-1, keepdim=True)).clone())
+    return torch.stack(logits)
+
+
+def test_the_compiled_step_gives_the_eager_logits_and_compiles_once_per_cache_size():
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    model = _model()
+    with torch.inference_mode():
+        ids = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(1))
+        eager = _steps(StaticDecoder(model, 30, CPU, graph=False), ids, 6)
+        compiled = StaticDecoder(model, 30, CPU, graph=False, compile=True)
+        assert compiled.max_len == COMPILE_SLOTS
+        got = _steps(compiled, ids, 6)
+        torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-5)
+        graphs = counters["stats"]["unique_graphs"]
+        assert graphs >= 1
+        # another prompt and answer length, the same rounded cache: the compiled step is reused as it is
+        _steps(StaticDecoder(model, 60, CPU, graph=False, compile=True), ids[:, :5], 3)
+        assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_compile_without_the_graph_is_logged_and_left_out(caplog):
+    with caplog.at_level(logging.INFO, logger="ppalli.infer"):
+        step = _decoder(_model(), CPU, 40, graph=None, compile=True)
+    assert isinstance(step, _Decoder)
+    assert "without torch.compile" in caplog.text and "cpu" in caplog.text
