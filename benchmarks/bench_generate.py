@@ -7,7 +7,9 @@ branch in every projection) against the same adapter merged into the 16-bit weig
 Random weights built from the config (speed does not depend on their values); LoRA r 16 on q, k, v, o, gate,
 up, down with random B (a trained adapter's branch costs the same); greedy, no stop token, batch 1. Both eager
 (a growing cache, the step launched from Python) and, on CUDA, the merged model replayed from a CUDA graph over
-a static cache (ppalli/infer/graph.py), the path generate() takes by default.
+a static cache (ppalli/infer/graph.py), the path generate() takes by default; with --compile also from the
+graph of the torch.compile'd step (`--compile` of chat, generate and eval). --nf4: a QLoRA model (NF4 base, the
+adapter unmerged), eager against the graph.
 """
 
 import argparse
@@ -49,35 +51,42 @@ def lora_model(config_path: Path, device: str, dtype: torch.dtype, nf4: bool = F
     return model.eval()
 
 
-def tokens_per_s(model, prompt: torch.Tensor, new: int, repeats: int, graph: bool | None = None
-                 ) -> tuple[float, list[int]]:
-    out = generate(model, _NoStop(), prompt, max_new_tokens=new, greedy=True, graph=graph)  # warm-up
+def _timed(run, repeats: int) -> tuple[float, float, list]:
+    """(the first call's seconds: warm-up, capture and any compile; the median of `repeats` more; the last output)."""
+    def once():
+        torch.cuda.synchronize() if torch.cuda.is_available() else None
+        start = time.perf_counter()
+        out = run()
+        torch.cuda.synchronize() if torch.cuda.is_available() else None
+        return time.perf_counter() - start, out
+
+    first, out = once()
     times = []
     for _ in range(repeats):
-        torch.cuda.synchronize() if prompt.is_cuda else None
-        start = time.perf_counter()
-        out = generate(model, _NoStop(), prompt, max_new_tokens=new, greedy=True, graph=graph)
-        torch.cuda.synchronize() if prompt.is_cuda else None
-        times.append(time.perf_counter() - start)
-    return new / sorted(times)[len(times) // 2], out
+        seconds, out = once()
+        times.append(seconds)
+    return first, sorted(times)[len(times) // 2], out
 
 
-def rows_tokens_per_s(model, prompt: torch.Tensor, rows: int, new: int, graph: bool | None) -> tuple[float, list]:
+def tokens_per_s(model, prompt: torch.Tensor, new: int, repeats: int, graph: bool | None = None,
+                 compile: bool = False) -> tuple[float, list[int], float]:
+    """(new tokens a second of one sequence, its tokens, the first call's seconds)."""
+    first, median, out = _timed(lambda: generate(model, _NoStop(), prompt, max_new_tokens=new, greedy=True,
+                                                 graph=graph, compile=compile), repeats)
+    return new / median, out, first
+
+
+def rows_tokens_per_s(model, prompt: torch.Tensor, rows: int, new: int, graph: bool | None,
+                      compile: bool = False) -> tuple[float, list, float]:
     """generate_greedy_rows (eval's answers): `rows` copies of the prompt cut to different lengths, so the batch
     is left-padded; new tokens of all rows per second, median of 3 after a warm-up."""
     from ppalli.infer.generate import generate_greedy_rows
 
     ids = prompt[0].tolist()
     prompts = [ids[: len(ids) - (i % 8) * 4] for i in range(rows)]
-    out = generate_greedy_rows(model, _NoStop(), prompts, max_new_tokens=new, graph=graph)
-    times = []
-    for _ in range(3):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        out = generate_greedy_rows(model, _NoStop(), prompts, max_new_tokens=new, graph=graph)
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return rows * new / sorted(times)[1], out
+    first, median, out = _timed(lambda: generate_greedy_rows(model, _NoStop(), prompts, max_new_tokens=new,
+                                                             graph=graph, compile=compile), 3)
+    return rows * new / median, out, first
 
 
 def _first_difference(a: list, b: list) -> int:
@@ -87,10 +96,10 @@ def _first_difference(a: list, b: list) -> int:
 def nf4_run(model, prompt: torch.Tensor, args) -> dict:
     """A 4-bit base with its adapter unmerged (what chat decodes after QLoRA): eager against the CUDA graph,
     one sequence and 16 rows."""
-    eager, out_eager = tokens_per_s(model, prompt, args.new, args.repeats, graph=False)
-    graphed, out_graph = tokens_per_s(model, prompt, args.new, args.repeats)
-    eager_rows, rows_eager = rows_tokens_per_s(model, prompt, 16, args.new, graph=False)
-    graph_rows, rows_graph = rows_tokens_per_s(model, prompt, 16, args.new, graph=None)
+    eager, out_eager, _ = tokens_per_s(model, prompt, args.new, args.repeats, graph=False)
+    graphed, out_graph, _ = tokens_per_s(model, prompt, args.new, args.repeats)
+    eager_rows, rows_eager, _ = rows_tokens_per_s(model, prompt, 16, args.new, graph=False)
+    graph_rows, rows_graph, _ = rows_tokens_per_s(model, prompt, 16, args.new, graph=None)
     return {"device": torch.cuda.get_device_name(), "model": str(args.model),
             "base": "nf4 (double quant), bf16 compute", "prompt": args.prompt, "new": args.new,
             "unmerged_tokens_per_s": round(eager, 1),
@@ -98,6 +107,28 @@ def nf4_run(model, prompt: torch.Tensor, args) -> dict:
             "graph_tokens_equal_eager_before_first_difference": _first_difference(out_eager, out_graph),
             "rows16_eager_tokens_per_s": round(eager_rows, 1), "rows16_graph_tokens_per_s": round(graph_rows, 1),
             "rows16_rows_equal": sum(a == b for a, b in zip(rows_eager, rows_graph))}
+
+
+def graph_run(model, prompt: torch.Tensor, out_merged: list[int], args) -> dict:
+    """The merged model decoded from the CUDA graph, one sequence and 16 rows; with --compile also from the
+    graph of the torch.compile'd step (its first call's seconds hold the compile)."""
+    graphed, out_graphed, _ = tokens_per_s(model, prompt, args.new, args.repeats)
+    eager_rows, out_eager, _ = rows_tokens_per_s(model, prompt, 16, args.new, graph=False)
+    graph_rows, out_rows, _ = rows_tokens_per_s(model, prompt, 16, args.new, graph=None)
+    result = {"merged_graph_tokens_per_s": round(graphed, 1),
+              "graph_tokens_equal_merged_eager_before_first_difference": _first_difference(out_merged, out_graphed),
+              "rows16_eager_tokens_per_s": round(eager_rows, 1), "rows16_graph_tokens_per_s": round(graph_rows, 1),
+              "rows16_rows_equal": sum(a == b for a, b in zip(out_eager, out_rows))}
+    if args.compile:
+        compiled, out_compiled, first = tokens_per_s(model, prompt, args.new, args.repeats, compile=True)
+        rows, out_rows_c, rows_first = rows_tokens_per_s(model, prompt, 16, args.new, graph=None, compile=True)
+        same = _first_difference(out_graphed, out_compiled)
+        result.update({"compiled_graph_tokens_per_s": round(compiled, 1), "compiled_first_call_s": round(first, 1),
+                       "compiled_tokens_equal_graph_before_first_difference": same,
+                       "rows16_compiled_tokens_per_s": round(rows, 1),
+                       "rows16_compiled_first_call_s": round(rows_first, 1),
+                       "rows16_compiled_rows_equal_graph": sum(a == b for a, b in zip(out_rows, out_rows_c))})
+    return result
 
 
 def main() -> None:
@@ -108,6 +139,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--peft-merge", action="store_true", help="PEFT's merge_adapter instead of ppalli's")
     parser.add_argument("--nf4", action="store_true", help="a 4-bit base (QLoRA): the adapter stays unmerged")
+    parser.add_argument("--compile", action="store_true", help="also the graph of the torch.compile'd step")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -119,28 +151,19 @@ def main() -> None:
         print(json.dumps(result))
         args.out.write_text(json.dumps(result, indent=1))
         return
-    unmerged, out_unmerged = tokens_per_s(model, prompt, args.new, args.repeats, graph=False)
+    unmerged, out_unmerged, _ = tokens_per_s(model, prompt, args.new, args.repeats, graph=False)
     if args.peft_merge:
         model.merge_adapter()  # LoRA layers stay, flagged merged: PEFT's wrapper still runs per projection
     else:
         model = merge_for_inference(model)[0]
-    merged, out_merged = tokens_per_s(model, prompt, args.new, args.repeats, graph=False)
-    same = _first_difference(out_unmerged, out_merged)
-    graphed, out_graphed = tokens_per_s(model, prompt, args.new, args.repeats) if device == "cuda" else (None, [])
-    same_graph = _first_difference(out_merged, out_graphed)
-    rows = {}
-    if device == "cuda":
-        eager_rows, out_eager = rows_tokens_per_s(model, prompt, 16, args.new, graph=False)
-        graph_rows, out_rows = rows_tokens_per_s(model, prompt, 16, args.new, graph=None)
-        rows = {"rows16_eager_tokens_per_s": round(eager_rows, 1), "rows16_graph_tokens_per_s": round(graph_rows, 1),
-                "rows16_rows_equal": sum(a == b for a, b in zip(out_eager, out_rows))}
+    merged, out_merged, _ = tokens_per_s(model, prompt, args.new, args.repeats, graph=False)
     result = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "model": str(args.model),
               "dtype": str(dtype), "prompt": args.prompt, "new": args.new,
               "merge": "peft merge_adapter" if args.peft_merge else "ppalli merge_for_inference",
               "unmerged_tokens_per_s": round(unmerged, 1), "merged_tokens_per_s": round(merged, 1),
-              "greedy_tokens_equal_before_first_difference": same,
-              "merged_graph_tokens_per_s": round(graphed, 1) if graphed else None,
-              "graph_tokens_equal_merged_eager_before_first_difference": same_graph, **rows}
+              "greedy_tokens_equal_before_first_difference": _first_difference(out_unmerged, out_merged)}
+    if device == "cuda":
+        result.update(graph_run(model, prompt, out_merged, args))
     print(json.dumps(result))
     args.out.write_text(json.dumps(result, indent=1))
 
