@@ -12,8 +12,8 @@ from pathlib import Path
 
 from ppalli.errors import PpalliError
 
-COMPILE_HELP = ("compile the CUDA-graph decode step with torch.compile: tens of seconds once per cache size, then "
-                "1.4-1.8x the tokens/s (H200, 16-bit base); pays off over many or long answers")
+COMPILE_HELP = ("compile the CUDA-graph decode step with torch.compile: 20-40 s once per cache size, then ~1.4-1.5x "
+                "the tokens/s (H200, 16-bit base); pays off over many or long answers")
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:

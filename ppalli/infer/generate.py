@@ -146,7 +146,7 @@ def generate(model, tokenizer, input_ids: torch.Tensor, *, max_new_tokens: int =
 
     graph: decode steps replayed from a CUDA graph over a static KV cache (ppalli/infer/graph.py); None uses
     it wherever it is exact (CUDA, SDPA, no sliding window), False never. compile: the graph's step compiled by
-    torch.compile first (once per cache size: tens of seconds, then 1.4-1.8x the tokens/s on an H200).
+    torch.compile first (once per cache size: 20-40 s, then ~1.4-1.5x the tokens/s on an H200).
 
     `on_token` receives text pieces as they are decoded (whole characters only); their concatenation
     equals ``tokenizer.decode(result, skip_special_tokens=True)``. The model runs in eval mode and gets

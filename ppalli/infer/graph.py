@@ -38,7 +38,7 @@ def step_kwargs(model, cache) -> dict:
 
 # With the decode step compiled, the cache's slots come in steps of this many: dynamo guards the shapes, so a chat's
 # turns and eval's batches share one compiled step per (rows, slots) instead of compiling for every prompt length
-# (~20-40 s each for Llama-3.2-1B / 3.1-8B on an H200, results/2026-12-04-h200-s21-compile-decode.json).
+# (21-36 s each for Llama-3.2-1B / 3.1-8B on an H200, results/2026-12-04-h200-s21-generate-compile-*.json).
 COMPILE_SLOTS = 256
 
 
