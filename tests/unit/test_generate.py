@@ -203,3 +203,28 @@ def test_greedy_rows_answer_as_each_row_alone(model, tok):
     assert len(want[0]) == 2 and max(len(w) for w in want) == 12
     assert generate_greedy_rows(model, tok, prompts, max_new_tokens=12, stop_ids=[stop]) == want
     assert generate_greedy_rows(model, tok, prompts, max_new_tokens=0) == [[], [], [], []]
+
+
+def test_generate_batch_answers_greedy_prompts_in_batches_as_each_alone(model, tok, tmp_path):
+    texts = [PROMPT, "안녕", "What is 2 plus 3? Answer in one word please", "안녕하세요, 반갑습니다", "네"]
+    stops = [tok.convert_tokens_to_ids(IM_END)]
+    out = generate_batch(model, tok, _render(tok), texts, tmp_path / "a.jsonl", max_new_tokens=10, greedy=True,
+                         stop_ids=stops, rows=2)  # batches of 2, 2 and 1
+    rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert [r["prompt"] for r in rows] == texts
+    for text, row in zip(texts, rows):
+        ids = torch.tensor([tok(_render(tok)([{"role": "user", "content": text}]), add_special_tokens=False)
+                            ["input_ids"]])
+        alone = generate(model, tok, ids, max_new_tokens=10, greedy=True, stop_ids=stops)
+        assert row["output"] == tok.decode(alone, skip_special_tokens=True) and row["new_tokens"] == len(alone)
+    assert rows[0]["seconds"] == rows[1]["seconds"]  # one batch, one time
+
+
+def test_generate_batch_samples_prompt_i_with_seed_plus_i(model, tok, tmp_path):
+    texts = [PROMPT, "안녕", "네"]
+    out = generate_batch(model, tok, _render(tok), texts, tmp_path / "s.jsonl", max_new_tokens=8, seed=5)
+    rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    ids = torch.tensor([tok(_render(tok)([{"role": "user", "content": texts[2]}]), add_special_tokens=False)
+                        ["input_ids"]])
+    alone = generate(model, tok, ids, max_new_tokens=8, seed=7)
+    assert rows[2]["output"] == tok.decode(alone, skip_special_tokens=True)
