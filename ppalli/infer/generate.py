@@ -236,7 +236,10 @@ def _decoder(model, device: torch.device, max_len: int, graph: bool | None, rows
     if why is None:
         problem = compile_problem(model) if compile else None
         _say_once(problem, f"decoding without torch.compile: {problem}")
-        return StaticDecoder(model, max_len, device, graph=True, rows=rows, compile=compile and problem is None)
+        decoder = StaticDecoder(model, max_len, device, graph=True, rows=rows, compile=compile and problem is None)
+        _say_once(compile and problem is None, f"compiling the decode step for {rows} row(s) and {decoder.max_len} "
+                  "cache slots at its first step (20-40 s; answers whose cache rounds to this size reuse it)")
+        return decoder
     if graph:
         raise ValueError(f"graph decoding asked for, but {why}")
     _say_once(device.type == "cuda", f"decoding without a CUDA graph: {why}")
