@@ -77,15 +77,18 @@ def tokens_per_s(model, prompt: torch.Tensor, new: int, repeats: int, graph: boo
 
 
 def rows_tokens_per_s(model, prompt: torch.Tensor, rows: int, new: int, graph: bool | None,
-                      compile: bool = False) -> tuple[float, list, float]:
-    """generate_greedy_rows (eval's answers): `rows` copies of the prompt cut to different lengths, so the batch
-    is left-padded; new tokens of all rows per second, median of 3 after a warm-up."""
-    from ppalli.infer.generate import generate_greedy_rows
+                      compile: bool = False, sampled: bool = False) -> tuple[float, list, float]:
+    """generate_rows, greedy (eval's answers) or sampled with a seed a row (`generate --file`): `rows` copies of the
+    prompt cut to different lengths, so the batch is left-padded; new tokens of all rows per second, median of 3
+    after a warm-up."""
+    from ppalli.infer.generate import Sampling, generate_rows
 
     ids = prompt[0].tolist()
     prompts = [ids[: len(ids) - (i % 8) * 4] for i in range(rows)]
-    first, median, out = _timed(lambda: generate_greedy_rows(model, _NoStop(), prompts, max_new_tokens=new,
-                                                             graph=graph, compile=compile), 3)
+    sampling = Sampling() if sampled else Sampling(greedy=True)
+    seeds = list(range(rows)) if sampled else None
+    first, median, out = _timed(lambda: generate_rows(model, _NoStop(), prompts, max_new_tokens=new, graph=graph,
+                                                      compile=compile, sampling=sampling, seeds=seeds), 3)
     return rows * new / median, out, first
 
 
@@ -115,7 +118,11 @@ def graph_run(model, prompt: torch.Tensor, out_merged: list[int], args) -> dict:
     graphed, out_graphed, _ = tokens_per_s(model, prompt, args.new, args.repeats)
     eager_rows, out_eager, _ = rows_tokens_per_s(model, prompt, 16, args.new, graph=False)
     graph_rows, out_rows, _ = rows_tokens_per_s(model, prompt, 16, args.new, graph=None)
+    sampled_rows, _, _ = rows_tokens_per_s(model, prompt, 16, args.new, graph=None, sampled=True)
+    sampled_one = _timed(lambda: generate(model, _NoStop(), prompt, max_new_tokens=args.new, seed=0), args.repeats)[1]
     result = {"merged_graph_tokens_per_s": round(graphed, 1),
+              "sampled_graph_tokens_per_s": round(args.new / sampled_one, 1),
+              "rows16_sampled_graph_tokens_per_s": round(sampled_rows, 1),
               "graph_tokens_equal_merged_eager_before_first_difference": _first_difference(out_merged, out_graphed),
               "rows16_eager_tokens_per_s": round(eager_rows, 1), "rows16_graph_tokens_per_s": round(graph_rows, 1),
               "rows16_rows_equal": sum(a == b for a, b in zip(out_eager, out_rows))}

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ppalli.errors import DataError
-from ppalli.infer.generate import generate, generate_greedy_rows
+from ppalli.infer.generate import Sampling, generate, generate_rows
 
 Messages = list[dict[str, str]]
 RenderPrompt = Callable[[Messages], str]
@@ -111,11 +111,11 @@ def generate_batch(model, tokenizer, render_prompt: RenderPrompt, prompts: Itera
                    add_special_tokens: bool = False, compile: bool = False, rows: int = 16) -> Path:
     """Answer each prompt; write JSONL rows {prompt, output, new_tokens, seconds} as they finish ('-': stdout).
 
-    Greedy answers are decoded `rows` prompts at a time (generate_greedy_rows: left-padded rows, each the answer it
-    gets alone up to the float noise of batched kernels; 16 rows of Llama-3.1-8B from the CUDA graph 1,397 new
-    tokens/s against 117 for one, H200, results/2026-12-04-h200-s21-generate-compile-8b.json); a row's seconds are
-    then its batch's. Sampled answers go one by one: with a seed, prompt i samples with seed + i, so any one answer
-    can be reproduced alone. compile: as generate's (the first answer's seconds then hold the compile).
+    Prompts are decoded `rows` at a time (generate_rows: left-padded rows, each the answer it gets alone up to the
+    float noise of batched kernels; 16 rows of Llama-3.1-8B from the CUDA graph 1,397 new tokens/s against 117 for
+    one, greedy, H200, results/2026-12-04-h200-s21-generate-compile-8b.json); a row's seconds are its batch's.
+    With a seed, prompt i samples with seed + i from its own generator, so any one answer can be reproduced alone
+    (`generate(..., seed=seed + i)`). compile: as generate's (the first batch's seconds then hold the compile).
     """
     to_stdout = str(out_path) == "-"
     out = Path(out_path)
@@ -123,20 +123,16 @@ def generate_batch(model, tokenizer, render_prompt: RenderPrompt, prompts: Itera
         out.parent.mkdir(parents=True, exist_ok=True)
     budget = _context_budget(model, max_new_tokens)
     prompts = list(prompts)
-    step = max(rows, 1) if greedy else 1
+    sampling = Sampling(temperature=temperature, top_p=top_p, greedy=greedy)
     with (contextlib.nullcontext(sys.stdout) if to_stdout else out.open("w", encoding="utf-8")) as f:
-        for first in range(0, len(prompts), step):
-            chunk = prompts[first:first + step]
+        for first in range(0, len(prompts), max(rows, 1)):
+            chunk = prompts[first:first + max(rows, 1)]
             ids = [fit_history(tokenizer, render_prompt, [{"role": "user", "content": p}], budget,
                                add_special_tokens)[0] for p in chunk]
+            seeds = None if seed is None else [seed + first + i for i in range(len(chunk))]
             start = time.perf_counter()
-            if greedy:
-                news = generate_greedy_rows(model, tokenizer, ids, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
-                                            compile=compile)
-            else:
-                news = [generate(model, tokenizer, torch.tensor([ids[0]]), temperature=temperature, top_p=top_p,
-                                 max_new_tokens=max_new_tokens, stop_ids=stop_ids,
-                                 seed=None if seed is None else seed + first, compile=compile)]
+            news = generate_rows(model, tokenizer, ids, max_new_tokens=max_new_tokens, sampling=sampling, seeds=seeds,
+                                 stop_ids=stop_ids, compile=compile)
             seconds = round(time.perf_counter() - start, 3)
             for prompt, new in zip(chunk, news):
                 row = {"prompt": prompt, "output": tokenizer.decode(new, skip_special_tokens=True),

@@ -169,16 +169,26 @@ def generate(model, tokenizer, input_ids: torch.Tensor, *, max_new_tokens: int =
     return out
 
 
-@torch.inference_mode()
 def generate_greedy_rows(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int = 256,
                          stop_ids: Iterable[int] | None = None, graph: bool | None = None,
                          compile: bool = False) -> list[list[int]]:
-    """Greedy answers to several prompts in one batch: each row's new ids, without its stop token.
+    """generate_rows, greedy: what `ppalli eval` answers its rows with."""
+    return generate_rows(model, tokenizer, prompts, max_new_tokens=max_new_tokens, stop_ids=stop_ids, graph=graph,
+                         compile=compile)
+
+
+@torch.inference_mode()
+def generate_rows(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int = 256,
+                  sampling: Sampling = Sampling(greedy=True), seeds: list[int | None] | None = None,
+                  stop_ids: Iterable[int] | None = None, graph: bool | None = None,
+                  compile: bool = False) -> list[list[int]]:
+    """Answers to several prompts in one batch: each row's new ids, without its stop token.
 
     Prompts are left-padded (positions count from each row's first real token, padding masked), so a row gets
-    the answer `generate(..., greedy=True)` gives it alone, up to the float noise of the batched kernels (a
-    near-tie can flip). One sequence's decoding is bound by the launches (benchmarks/bench_generate.py), so B
-    rows cost little more than one: `ppalli eval` answers its rows this way. graph, compile: as generate's.
+    the answer `generate(...)` gives it alone with the same sampling and seed (seeds[i] for row i), up to the float
+    noise of the batched kernels (a near-tie can flip). One sequence's decoding is bound by the launches
+    (benchmarks/bench_generate.py), so B rows cost little more than one. Sampled rows each draw from their own
+    generator through pick_token, as generate() does. graph, compile: as generate's.
     """
     device = _device(model)
     stops = stop_token_ids(model, tokenizer, stop_ids)
@@ -191,6 +201,7 @@ def generate_greedy_rows(model, tokenizer, prompts: list[list[int]], *, max_new_
         mask[row, width - len(prompt):] = 1
     ids, mask = ids.to(device), mask.to(device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
+    pick = _RowPicker(prompts, max_new_tokens, sampling, seeds, device)
     step = _decoder(model, device, width + max(max_new_tokens, 0), graph, rows=len(prompts), compile=compile)
     static = not isinstance(step, _Decoder)
     was_training = model.training
@@ -203,7 +214,7 @@ def generate_greedy_rows(model, tokenizer, prompts: list[list[int]], *, max_new_
         out: list[list[int]] = [[] for _ in prompts]
         done = [False] * len(prompts)
         for n in range(max(max_new_tokens, 0)):
-            tokens = logits.argmax(-1)  # (B,)
+            tokens = pick(logits, out, done)  # (B,) on the device
             for row, token in enumerate(tokens.tolist()):
                 if not done[row]:
                     done[row] = token in stops
@@ -220,6 +231,32 @@ def generate_greedy_rows(model, tokenizer, prompts: list[list[int]], *, max_new_
     finally:
         model.train(was_training)
     return out
+
+
+class _RowPicker:
+    """The next token of every row from (B, V) logits: one argmax for greedy rows without a repetition penalty,
+    else pick_token row by row with the row's own seen tokens and generator (finished rows get 0, never read)."""
+
+    def __init__(self, prompts: list[list[int]], max_new_tokens: int, sampling: Sampling,
+                 seeds: list[int | None] | None, device: torch.device):
+        self.sampling, self.device = sampling, device
+        self.argmax = (sampling.greedy or sampling.temperature <= 0) and sampling.repetition_penalty == 1.0
+        seeds = seeds or [None] * len(prompts)
+        self.generators = [torch.Generator(device=device).manual_seed(s) if s is not None else None for s in seeds]
+        self.prompts = [torch.tensor(p, dtype=torch.long, device=device) for p in prompts]
+
+    def __call__(self, logits: torch.Tensor, out: list[list[int]], done: list[bool]) -> torch.Tensor:
+        if self.argmax:
+            return logits.argmax(-1)
+        picked = [0 if done[row] else pick_token(logits[row], self._seen(row, out[row]), self.sampling,
+                                                 self.generators[row]) for row in range(logits.shape[0])]
+        return torch.tensor(picked, dtype=torch.long, device=self.device)
+
+    def _seen(self, row: int, new: list[int]) -> torch.Tensor:
+        """Row's prompt and answer so far (n,), for the repetition penalty (only read when it is not 1)."""
+        if self.sampling.repetition_penalty == 1.0 or not new:
+            return self.prompts[row]
+        return torch.cat([self.prompts[row], torch.tensor(new, dtype=torch.long, device=self.device)])
 
 
 _log = logging.getLogger("ppalli.infer")

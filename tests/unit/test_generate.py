@@ -228,3 +228,18 @@ def test_generate_batch_samples_prompt_i_with_seed_plus_i(model, tok, tmp_path):
                         ["input_ids"]])
     alone = generate(model, tok, ids, max_new_tokens=8, seed=7)
     assert rows[2]["output"] == tok.decode(alone, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("sampling", [dict(greedy=True, repetition_penalty=1.3),
+                                      dict(temperature=0.9, top_p=0.8, top_k=20, repetition_penalty=1.2),
+                                      dict(temperature=1.0, top_p=1.0)], ids=["greedy-penalty", "sampled", "plain"])
+def test_sampled_rows_draw_as_each_row_alone_with_its_seed(model, tok, sampling):
+    from ppalli.infer.generate import Sampling, generate_rows
+
+    texts = [PROMPT, "안녕", "What is 2 plus 3? Answer in one word please"]
+    prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    s = Sampling(**sampling)
+    rows = generate_rows(model, tok, prompts, max_new_tokens=12, sampling=s, seeds=[11, 12, 13])
+    alone = [generate(model, tok, torch.tensor([p]), max_new_tokens=12, seed=seed, **sampling)
+             for p, seed in zip(prompts, [11, 12, 13])]
+    assert rows == alone and all(len(r) > 3 for r in rows)
