@@ -201,7 +201,7 @@ def generate_rows(model, tokenizer, prompts: list[list[int]], *, max_new_tokens:
         mask[row, width - len(prompt):] = 1
     ids, mask = ids.to(device), mask.to(device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
-    pick = _RowPicker(prompts, max_new_tokens, sampling, seeds, device)
+    pick = _RowPicker(prompts, sampling, seeds, device)
     step = _decoder(model, device, width + max(max_new_tokens, 0), graph, rows=len(prompts), compile=compile)
     static = not isinstance(step, _Decoder)
     was_training = model.training
@@ -237,8 +237,8 @@ class _RowPicker:
     """The next token of every row from (B, V) logits: one argmax for greedy rows without a repetition penalty,
     else pick_token row by row with the row's own seen tokens and generator (finished rows get 0, never read)."""
 
-    def __init__(self, prompts: list[list[int]], max_new_tokens: int, sampling: Sampling,
-                 seeds: list[int | None] | None, device: torch.device):
+    def __init__(self, prompts: list[list[int]], sampling: Sampling, seeds: list[int | None] | None,
+                 device: torch.device):
         self.sampling, self.device = sampling, device
         self.argmax = (sampling.greedy or sampling.temperature <= 0) and sampling.repetition_penalty == 1.0
         seeds = seeds or [None] * len(prompts)
