@@ -92,12 +92,13 @@ def eval_loss(run, rows: list[dict], settings: EvalSettings) -> tuple[dict, int]
     return evaluate(run.model, objective, rows, batches, collate), micro
 
 
-def answers(run, prompts: list[list[int]], max_new_tokens: int, compile: bool = False) -> list[str]:
-    """Greedy answers to these prompts, decoded together (infer.generate.generate_greedy_rows)."""
+def answers(run, prompts: list[list[int]], max_new_tokens: int, compile: bool = False, rows: int = 0) -> list[str]:
+    """Greedy answers to these prompts, decoded together (infer.generate.generate_greedy_rows); with compile, a
+    short batch is filled to `rows` so that it reuses the full batches' compiled step."""
     from ppalli.infer.generate import generate_greedy_rows
 
     new = generate_greedy_rows(run.model, run.tokenizer, prompts, max_new_tokens=max_new_tokens,
-                               stop_ids=run.stop_ids, compile=compile)
+                               stop_ids=run.stop_ids, compile=compile, fill_rows=rows if compile else 0)
     return [run.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in new]
 
 
@@ -164,7 +165,8 @@ def _answer_rows(run, rows: list[dict], settings: EvalSettings, path: Path, prin
     with path.open("w", encoding="utf-8") as f:
         for first in range(0, len(splits), settings.answer_rows):
             chunk = splits[first:first + settings.answer_rows]
-            outputs = answers(run, [prompt_ids for prompt_ids, _ in chunk], settings.max_new_tokens, settings.compile)
+            outputs = answers(run, [prompt_ids for prompt_ids, _ in chunk], settings.max_new_tokens, settings.compile,
+                              settings.answer_rows)
             for (prompt_ids, ref_ids), output in zip(chunk, outputs):
                 pair = {"prompt": prompt_text(run.tokenizer, prompt_ids),
                         "reference": run.tokenizer.decode(ref_ids, skip_special_tokens=True).strip(),

@@ -132,7 +132,7 @@ def generate_batch(model, tokenizer, render_prompt: RenderPrompt, prompts: Itera
             seeds = None if seed is None else [seed + first + i for i in range(len(chunk))]
             start = time.perf_counter()
             news = generate_rows(model, tokenizer, ids, max_new_tokens=max_new_tokens, sampling=sampling, seeds=seeds,
-                                 stop_ids=stop_ids, compile=compile)
+                                 stop_ids=stop_ids, compile=compile, fill_rows=rows if compile else 0)
             seconds = round(time.perf_counter() - start, 3)
             for prompt, new in zip(chunk, news):
                 row = {"prompt": prompt, "output": tokenizer.decode(new, skip_special_tokens=True),

@@ -171,27 +171,31 @@ def generate(model, tokenizer, input_ids: torch.Tensor, *, max_new_tokens: int =
 
 def generate_greedy_rows(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int = 256,
                          stop_ids: Iterable[int] | None = None, graph: bool | None = None,
-                         compile: bool = False) -> list[list[int]]:
+                         compile: bool = False, fill_rows: int = 0) -> list[list[int]]:
     """generate_rows, greedy: what `ppalli eval` answers its rows with."""
     return generate_rows(model, tokenizer, prompts, max_new_tokens=max_new_tokens, stop_ids=stop_ids, graph=graph,
-                         compile=compile)
+                         compile=compile, fill_rows=fill_rows)
 
 
 @torch.inference_mode()
 def generate_rows(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int = 256,
                   sampling: Sampling = Sampling(greedy=True), seeds: list[int | None] | None = None,
                   stop_ids: Iterable[int] | None = None, graph: bool | None = None,
-                  compile: bool = False) -> list[list[int]]:
+                  compile: bool = False, fill_rows: int = 0) -> list[list[int]]:
     """Answers to several prompts in one batch: each row's new ids, without its stop token.
 
     Prompts are left-padded (positions count from each row's first real token, padding masked), so a row gets
     the answer `generate(...)` gives it alone with the same sampling and seed (seeds[i] for row i), up to the float
     noise of the batched kernels (a near-tie can flip). One sequence's decoding is bound by the launches
     (benchmarks/bench_generate.py), so B rows cost little more than one. Sampled rows each draw from their own
-    generator through pick_token, as generate() does. graph, compile: as generate's.
+    generator through pick_token, as generate() does. graph, compile: as generate's. fill_rows: decode at least
+    this many rows, the extra ones copies of the last prompt, finished from the start and dropped: a short last
+    batch then runs the full batches' compiled step instead of compiling its own (20-40 s).
     """
     device = _device(model)
     stops = stop_token_ids(model, tokenizer, stop_ids)
+    asked = len(prompts)
+    prompts = list(prompts) + [prompts[-1]] * max(fill_rows - asked, 0)
     width = max(len(p) for p in prompts)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     ids = torch.full((len(prompts), width), pad, dtype=torch.long)  # (B, T)
@@ -212,7 +216,7 @@ def generate_rows(model, tokenizer, prompts: list[list[int]], *, max_new_tokens:
         else:
             logits = step.prefill(ids, mask) if static else step.rows(ids, mask, positions)
         out: list[list[int]] = [[] for _ in prompts]
-        done = [False] * len(prompts)
+        done = [row >= asked for row in range(len(prompts))]  # fill rows: never read, never waited for
         for n in range(max(max_new_tokens, 0)):
             tokens = pick(logits, out, done)  # (B,) on the device
             for row, token in enumerate(tokens.tolist()):
@@ -230,7 +234,7 @@ def generate_rows(model, tokenizer, prompts: list[list[int]], *, max_new_tokens:
             logits = step.rows(tokens[:, None], mask, positions)
     finally:
         model.train(was_training)
-    return out
+    return out[:asked]
 
 
 class _RowPicker:

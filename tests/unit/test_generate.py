@@ -243,3 +243,22 @@ def test_sampled_rows_draw_as_each_row_alone_with_its_seed(model, tok, sampling)
     alone = [generate(model, tok, torch.tensor([p]), max_new_tokens=12, seed=seed, **sampling)
              for p, seed in zip(prompts, [11, 12, 13])]
     assert rows == alone and all(len(r) > 3 for r in rows)
+
+
+def test_fill_rows_are_decoded_but_neither_returned_nor_waited_for(model, tok):
+    from ppalli.infer.generate import Sampling, generate_rows
+
+    prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in (PROMPT, "안녕", "네")]
+    for sampling, seeds in ((Sampling(greedy=True), None), (Sampling(temperature=0.9), [1, 2, 3])):
+        plain = generate_rows(model, tok, prompts, max_new_tokens=10, sampling=sampling, seeds=seeds)
+        filled = generate_rows(model, tok, prompts, max_new_tokens=10, sampling=sampling, seeds=seeds, fill_rows=6)
+        assert filled == plain and len(filled) == 3
+    stop = plain[2][0]  # the last prompt stops at once: its copies must not keep the batch going
+    forwards = []
+    hook = model.register_forward_hook(lambda *_: forwards.append(1))
+    try:
+        short = generate_rows(model, tok, prompts[2:], max_new_tokens=10, sampling=Sampling(temperature=0.9),
+                              seeds=[3], stop_ids=[stop], fill_rows=4)
+    finally:
+        hook.remove()
+    assert short == [[]] and len(forwards) == 1  # the prompts' forward, no decode step
