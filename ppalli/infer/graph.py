@@ -36,10 +36,18 @@ def step_kwargs(model, cache) -> dict:
     return kwargs
 
 
-# With the decode step compiled, the cache's slots come in steps of this many: dynamo guards the shapes, so a chat's
-# turns and eval's batches share one compiled step per (rows, slots) instead of compiling for every prompt length
-# (21-36 s each for Llama-3.2-1B / 3.1-8B on an H200, results/2026-12-04-h200-s21-generate-compile-*.json).
+# With the decode step compiled, the cache's slots are a power of two, at least this many: dynamo guards the shapes,
+# so a chat's turns and eval's batches share one compiled step per (rows, slots) instead of compiling for every
+# prompt length (21-36 s each for Llama-3.2-1B / 3.1-8B on an H200, results/2026-12-04-h200-s21-generate-compile-*),
+# and a long chat compiles once per doubling (dynamo stops compiling a function after 8 shapes by default). The
+# masked attention reads the unused slots too: at 4096 slots ~3% (8B) and ~5% (1B) of a one-row step's weight
+# bytes, B rows B times that.
 COMPILE_SLOTS = 256
+
+
+def compiled_slots(max_len: int) -> int:
+    """The cache's slots for a compiled decode step of up to max_len positions."""
+    return max(COMPILE_SLOTS, 1 << (max_len - 1).bit_length())
 
 
 def compile_problem(model) -> str | None:
@@ -92,14 +100,14 @@ class StaticDecoder:
     """The forward steps of `rows` sequences decoded together over a StaticCache of `max_len` slots; each call
     gives the logits of the rows' last positions (B, V) float32. With `graph`, decode steps after the first
     replay one CUDA graph; with `compile`, the step's forward is torch.compile's (fused norms, RoPE and
-    elementwise ops: fewer kernels a step; the slots rounded up to COMPILE_SLOTS).
+    elementwise ops: fewer kernels a step; the slots rounded up by compiled_slots).
 
     Rows are left-padded to one prompt width: slot t of the cache is column t of every row, while positions
     count each row's real tokens only, so a padded row is computed as it would be alone."""
 
     def __init__(self, model, max_len: int, device: torch.device, graph: bool, rows: int = 1, compile: bool = False):
         if compile:  # the decode step's forward through torch.compile, fixed shapes; the prefill stays eager
-            max_len = -(-max_len // COMPILE_SLOTS) * COMPILE_SLOTS
+            max_len = compiled_slots(max_len)
         self.model, self.max_len, self.use_graph = model, max_len, graph
         self.step_forward = torch.compile(model, dynamic=False) if compile else model
         self.kwargs = step_kwargs(model, StaticCache(config=base_model(model).config, max_cache_len=max_len))

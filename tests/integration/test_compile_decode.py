@@ -1,5 +1,5 @@
 """The decode step compiled by torch.compile (StaticDecoder(compile=True), `--compile` on chat / generate / eval), run
-on the CPU through inductor: the eager step's logits, the cache's slots rounded up to COMPILE_SLOTS, and one compile
+on the CPU through inductor: the eager step's logits, the cache's slots rounded up (compiled_slots), and one compile
 shared by decoders whose caches round to the same size (a chat's turns, eval's batches). On CUDA the compiled step
 is also captured in the graph (tests/gpu/test_graph_decode_gpu.py)."""
 
@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
 from fast.fast_reference import tiny_lora_model  # noqa: E402
 
 from ppalli.infer.generate import _Decoder, _decoder  # noqa: E402
-from ppalli.infer.graph import COMPILE_SLOTS, StaticDecoder  # noqa: E402
+from ppalli.infer.graph import COMPILE_SLOTS, StaticDecoder, compiled_slots  # noqa: E402
 
 CPU = torch.device("cpu")
 
@@ -30,6 +30,11 @@ def _steps(decoder, ids, n):
     for _ in range(n):
         logits.append(decoder(logits[-1].argmax(-1, keepdim=True)).clone())
     return torch.stack(logits)
+
+
+def test_compiled_caches_come_in_powers_of_two_from_the_minimum():
+    assert [compiled_slots(n) for n in (1, 30, 256, 257, 700, 1024, 1025)] == [COMPILE_SLOTS] * 3 + [512, 1024,
+                                                                                                 1024, 2048]
 
 
 def test_the_compiled_step_gives_the_eager_logits_and_compiles_once_per_cache_size():
