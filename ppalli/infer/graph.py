@@ -51,7 +51,12 @@ def compiled_slots(max_len: int) -> int:
 
 
 def compile_problem(model) -> str | None:
-    """Why the decode step of `model` is not compiled, or None: quantized bases were not run under torch.compile."""
+    """Why the decode step of `model` is not compiled, or None: inductor writes Triton kernels for CUDA, and
+    quantized bases were not run under torch.compile."""
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (torch.compile's CUDA kernels need it: pip install 'ppalli[fast]')"
     if any(type(m).__name__.endswith(("Linear4bit", "Linear8bitLt")) for m in model.modules()):
         return "a quantized base (its decode step was not run under torch.compile)"
     return None

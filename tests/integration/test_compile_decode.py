@@ -61,3 +61,24 @@ def test_compile_without_the_graph_is_logged_and_left_out(caplog):
         step = _decoder(_model(), CPU, 40, graph=None, compile=True)
     assert isinstance(step, _Decoder)
     assert "without torch.compile" in caplog.text and "cpu" in caplog.text
+
+
+def test_compile_problem_names_a_missing_triton_and_quantized_bases(monkeypatch):
+    import importlib.util
+
+    import pytest
+
+    from ppalli.infer.graph import compile_problem
+
+    pytest.importorskip("triton")
+    model = _model()
+    assert compile_problem(model) is None
+
+    class Linear4bit(torch.nn.Linear):
+        pass
+
+    model.add_module("probe", Linear4bit(2, 2))
+    assert "quantized" in compile_problem(model)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else real(name, *a))
+    assert "triton is not installed" in compile_problem(_model())
