@@ -106,21 +106,28 @@ def _penalize(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch
 
 
 def _top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
-    if k <= 0 or k >= logits.numel():
+    """Keep each row's k largest logits, (..., V)."""
+    if k <= 0 or k >= logits.shape[-1]:
         return logits
-    kth = torch.topk(logits, k).values[-1]
+    kth = torch.topk(logits, k).values[..., -1:]
     return logits.masked_fill(logits < kth, float("-inf"))
 
 
 def _top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
-    """Nucleus filter: keep the fewest most likely tokens whose mass reaches p (the top one always stays)."""
+    """Nucleus filter of each row, (..., V): keep the fewest most likely tokens whose mass reaches p (the top one
+    always stays)."""
     if p >= 1.0:
         return logits
     sorted_logits, order = logits.sort(descending=True)
     probs = sorted_logits.softmax(-1)
     drop_sorted = probs.cumsum(-1) - probs > p  # mass before this token already reaches p
-    drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
+
+
+def _sampling_probs(logits: torch.Tensor, s: Sampling) -> torch.Tensor:
+    """(..., V) logits after the repetition penalty -> the probabilities sampled from: temperature, top-k, top-p."""
+    return _top_p(_top_k(logits / s.temperature, s.top_k), s.top_p).softmax(-1)
 
 
 def pick_token(logits: torch.Tensor, seen: torch.Tensor, s: Sampling, generator: torch.Generator | None) -> int:
@@ -128,8 +135,7 @@ def pick_token(logits: torch.Tensor, seen: torch.Tensor, s: Sampling, generator:
     logits = _penalize(logits, seen, s.repetition_penalty)
     if s.greedy or s.temperature <= 0:  # temperature 0 means "no randomness", not a division by zero
         return int(logits.argmax())
-    logits = _top_p(_top_k(logits / s.temperature, s.top_k), s.top_p)
-    return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
+    return int(torch.multinomial(_sampling_probs(logits, s), 1, generator=generator))
 
 
 def _device(model) -> torch.device:
@@ -239,7 +245,7 @@ def generate_rows(model, tokenizer, prompts: list[list[int]], *, max_new_tokens:
 
 class _RowPicker:
     """The next token of every row from (B, V) logits: one argmax for greedy rows without a repetition penalty,
-    else pick_token row by row with the row's own seen tokens and generator (finished rows get 0, never read)."""
+    else pick_token's steps with each row's own seen tokens and generator (finished rows get 0, never read)."""
 
     def __init__(self, prompts: list[list[int]], sampling: Sampling, seeds: list[int | None] | None,
                  device: torch.device):
@@ -250,11 +256,20 @@ class _RowPicker:
         self.prompts = [torch.tensor(p, dtype=torch.long, device=device) for p in prompts]
 
     def __call__(self, logits: torch.Tensor, out: list[list[int]], done: list[bool]) -> torch.Tensor:
+        """(B, V) logits -> (B,) tokens on the device: pick_token's steps on all rows at once, then one draw per
+        row from its own generator, and no read of the device until the caller's (one a step, not one a row)."""
+        s = self.sampling
         if self.argmax:
             return logits.argmax(-1)
-        picked = [0 if done[row] else pick_token(logits[row], self._seen(row, out[row]), self.sampling,
-                                                 self.generators[row]) for row in range(logits.shape[0])]
-        return torch.tensor(picked, dtype=torch.long, device=self.device)
+        if s.repetition_penalty != 1.0:
+            logits = torch.stack([_penalize(logits[row], self._seen(row, out[row]), s.repetition_penalty)
+                                  for row in range(logits.shape[0])])
+        if s.greedy or s.temperature <= 0:
+            return logits.argmax(-1)
+        probs = _sampling_probs(logits, s)  # (B, V)
+        skip = torch.zeros(1, dtype=torch.long, device=self.device)  # a finished row's token, never read
+        return torch.cat([skip if done[row] else torch.multinomial(probs[row], 1, generator=self.generators[row])
+                          for row in range(probs.shape[0])])
 
     def _seen(self, row: int, new: list[int]) -> torch.Tensor:
         """Row's prompt and answer so far (n,), for the repetition penalty (only read when it is not 1)."""
