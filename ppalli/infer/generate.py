@@ -193,8 +193,8 @@ def generate_rows(model, tokenizer, prompts: list[list[int]], *, max_new_tokens:
     Prompts are left-padded (positions count from each row's first real token, padding masked), so a row gets
     the answer `generate(...)` gives it alone with the same sampling and seed (seeds[i] for row i), up to the float
     noise of the batched kernels (a near-tie can flip). One sequence's decoding is bound by the launches
-    (benchmarks/bench_generate.py), so B rows cost little more than one. Sampled rows each draw from their own
-    generator through pick_token, as generate() does. graph, compile: as generate's. fill_rows: decode at least
+    (benchmarks/bench_generate.py), so B rows cost little more than one. Sampled rows take pick_token's steps
+    together, each drawing from its own generator. graph, compile: as generate's. fill_rows: decode at least
     this many rows, the extra ones copies of the last prompt, finished from the start and dropped: a short last
     batch then runs the full batches' compiled step instead of compiling its own (20-40 s).
     """
