@@ -57,9 +57,15 @@ def compile_problem(model) -> str | None:
 
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed (torch.compile's CUDA kernels need it: pip install 'ppalli[fast]')"
-    if any(type(m).__name__.endswith(("Linear4bit", "Linear8bitLt")) for m in model.modules()):
+    if _has_layers(model, ("Linear4bit", "Linear8bitLt")):
         return "a quantized base (its decode step was not run under torch.compile)"
     return None
+
+
+def _has_layers(model, kinds: tuple[str, ...]) -> bool:
+    """Whether any module's class name ends with one of `kinds` (bitsandbytes layers, also where ppalli swapped
+    them in per instance: models/quant.py leaves no config entry)."""
+    return any(type(m).__name__.endswith(kinds) for m in model.modules())
 
 
 def _full_length_only(cache: StaticCache) -> bool:
@@ -71,15 +77,14 @@ def _full_length_only(cache: StaticCache) -> bool:
 def _quantization_problem(model) -> str | None:
     """Why the model's quantized layers rule the graph out, or None: bitsandbytes 4-bit bases decode from a graph
     (their gemv and dequantize kernels ran under capture on an H200, tests/gpu/test_graph_decode_gpu.py); 8-bit
-    and other quantizers were never run there. ppalli's own 4-bit swap (models/quant.py) leaves no config entry,
-    so the layers are looked at too."""
+    and other quantizers were never run there. The layers are looked at too (_has_layers)."""
     quant = getattr(getattr(base_model(model), "config", None), "quantization_config", None)
     if quant is not None:
         get = quant.get if isinstance(quant, dict) else lambda key, default=None: getattr(quant, key, default)
         method = get("quant_method", None)
         if getattr(method, "value", method) != "bitsandbytes" or not get("load_in_4bit", False):
             return "a quantized base other than bitsandbytes 4-bit (not checked under CUDA graph capture)"
-    if any(type(m).__name__.endswith("Linear8bitLt") for m in model.modules()):
+    if _has_layers(model, ("Linear8bitLt",)):
         return "an 8-bit base (bitsandbytes' int8 kernels are not checked under CUDA graph capture)"
     return None
 
