@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from ppalli.infer.decode_layers import decode_layers
 from ppalli.infer.graph import StaticDecoder, base_model, compile_problem, graph_problem, step_kwargs
 
 _BROKEN = "\ufffd"  # what a decoder writes for an incomplete UTF-8 sequence, e.g. half a Hangul syllable
@@ -167,7 +168,8 @@ def generate(model, tokenizer, input_ids: torch.Tensor, *, max_new_tokens: int =
     model.eval()
     try:
         step = _decoder(model, device, input_ids.shape[1] + max(max_new_tokens, 0), graph, compile=compile)
-        out = _decode_loop(step, input_ids.to(device), max_new_tokens, sampling, generator, stops, stream)
+        with _layers(model, step):
+            out = _decode_loop(step, input_ids.to(device), max_new_tokens, sampling, generator, stops, stream)
     finally:
         model.train(was_training)
     if stream:
@@ -213,34 +215,42 @@ def generate_rows(model, tokenizer, prompts: list[list[int]], *, max_new_tokens:
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
     pick = _RowPicker(prompts, sampling, seeds, device)
     step = _decoder(model, device, width + max(max_new_tokens, 0), graph, rows=len(prompts), compile=compile)
-    static = not isinstance(step, _Decoder)
     was_training = model.training
     model.eval()
     try:
-        if max_new_tokens <= 0:
-            logits = None
-        else:
-            logits = step.prefill(ids, mask) if static else step.rows(ids, mask, positions)
-        out: list[list[int]] = [[] for _ in prompts]
-        done = [row >= asked for row in range(len(prompts))]  # fill rows: never read, never waited for
-        for n in range(max(max_new_tokens, 0)):
-            tokens = pick(logits, out, done)  # (B,) on the device
-            for row, token in enumerate(tokens.tolist()):
-                if not done[row]:
-                    done[row] = token in stops
-                    if not done[row]:
-                        out[row].append(token)
-            if all(done) or n + 1 == max_new_tokens:
-                break
-            if static:  # the decoder keeps its own mask and positions
-                logits = step(tokens[:, None])
-                continue
-            mask = torch.cat([mask, mask.new_ones(len(prompts), 1)], dim=1)  # (B, T + n)
-            positions = positions[:, -1:] + 1  # (B, 1)
-            logits = step.rows(tokens[:, None], mask, positions)
+        with _layers(model, step):
+            out = _rows_loop(step, ids, mask, positions, pick, stops, max_new_tokens, asked)
     finally:
         model.train(was_training)
     return out[:asked]
+
+
+def _rows_loop(step, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, pick: _RowPicker,
+               stops: set[int], max_new_tokens: int, asked: int) -> list[list[int]]:
+    """generate_rows' decoding: ids, mask, positions (B, T) of the left-padded prompts -> each row's new ids."""
+    static = not isinstance(step, _Decoder)
+    rows = ids.shape[0]
+    out: list[list[int]] = [[] for _ in range(rows)]
+    if max_new_tokens <= 0:
+        return out
+    logits = step.prefill(ids, mask) if static else step.rows(ids, mask, positions)
+    done = [row >= asked for row in range(rows)]  # fill rows: never read, never waited for
+    for n in range(max_new_tokens):
+        tokens = pick(logits, out, done)  # (B,) on the device
+        for row, token in enumerate(tokens.tolist()):
+            if not done[row]:
+                done[row] = token in stops
+                if not done[row]:
+                    out[row].append(token)
+        if all(done) or n + 1 == max_new_tokens:
+            break
+        if static:  # the decoder keeps its own mask and positions
+            logits = step(tokens[:, None])
+            continue
+        mask = torch.cat([mask, mask.new_ones(rows, 1)], dim=1)  # (B, T + n)
+        positions = positions[:, -1:] + 1  # (B, 1)
+        logits = step.rows(tokens[:, None], mask, positions)
+    return out
 
 
 class _RowPicker:
@@ -308,6 +318,12 @@ def _say_once(when, message: str) -> None:
     if when and message not in _SAID:
         _SAID.add(message)
         _log.info(message)
+
+
+def _layers(model, step):
+    """ppalli's decode layers around the decoding (decode_layers.py), except under a compiled step: torch.compile
+    fuses HF's layers itself and was not run over the swapped forward."""
+    return decode_layers(model, enabled=not getattr(step, "compiled", False), log=lambda m: _say_once(True, m))
 
 
 def _decode_loop(step: _Decoder, input_ids: torch.Tensor, max_new_tokens: int, sampling: Sampling,

@@ -118,7 +118,7 @@ class StaticDecoder:
     def __init__(self, model, max_len: int, device: torch.device, graph: bool, rows: int = 1, compile: bool = False):
         if compile:  # the decode step's forward through torch.compile, fixed shapes; the prefill stays eager
             max_len = compiled_slots(max_len)
-        self.model, self.max_len, self.use_graph = model, max_len, graph
+        self.model, self.max_len, self.use_graph, self.compiled = model, max_len, graph, compile
         self.step_forward = torch.compile(model, dynamic=False) if compile else model
         self.kwargs = step_kwargs(model, StaticCache(config=base_model(model).config, max_cache_len=max_len))
         self.keys = torch.arange(max_len, device=device)  # (L,) the cache's slots

@@ -188,6 +188,22 @@ def flat_same_shape(*tensors: torch.Tensor) -> list[torch.Tensor]:
     return [t.contiguous().view(-1) for t in tensors]
 
 
+def glu_stacked(kernel, gu: torch.Tensor) -> torch.Tensor:
+    """Launch a GLU forward kernel (swiglu.py, geglu.py) on gu (..., 2I) = [gate | up], the output of one GEMM
+    over the stacked gate and up weights -> (..., I), the halves read in place (no copies to split them)."""
+    check_tensors(gu)
+    x = contiguous_rows(gu)  # (M, 2I)
+    rows, width = x.shape
+    if width % 2:
+        raise PpalliError(f"a stacked [gate | up] needs an even last dim, got {width}")
+    cols, n = width // 2, rows * (width // 2)
+    h = torch.empty((rows, cols), dtype=gu.dtype, device=gu.device)
+    if n:
+        kernel[(cdiv(n, ELEMENTWISE_BLOCK),)](h, x, x[:, cols:], n, cols, x.stride(0), BLOCK=ELEMENTWISE_BLOCK,
+                                              num_warps=4)
+    return h.view(*gu.shape[:-1], cols)
+
+
 def contiguous_rows(x: torch.Tensor) -> torch.Tensor:
     """`x` as a (rows, last dim) matrix with unit stride along the row, copying only when needed."""
     x2d = x.reshape(-1, x.shape[-1])

@@ -9,18 +9,20 @@ writes dgate over gate and dup over up, as in swiglu.py, for the LoRA MLP block'
 import torch
 
 from ppalli.errors import PpalliError
-from ppalli.kernels._utils import ELEMENTWISE_BLOCK, cdiv, flat_same_shape, jit, tanh, tl
+from ppalli.kernels._utils import ELEMENTWISE_BLOCK, cdiv, flat_same_shape, glu_stacked, jit, tanh, tl
 
 SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
 GELU_COEF = tl.constexpr(0.044715)
 
 
 @jit
-def _geglu_fwd_kernel(H, GATE, UP, n, BLOCK: tl.constexpr):  # all flat (n,)
+def _geglu_fwd_kernel(H, GATE, UP, n, cols, in_stride, BLOCK: tl.constexpr):
+    # H flat (n,); GATE, UP rows of `cols` at a row stride in_stride (flat when cols == in_stride == n)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    g = tl.load(GATE + offs, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(UP + offs, mask=mask, other=0.0).to(tl.float32)
+    src = (offs // cols) * in_stride + offs % cols
+    g = tl.load(GATE + src, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(UP + src, mask=mask, other=0.0).to(tl.float32)
     t = tanh(SQRT_2_OVER_PI * (g + GELU_COEF * g * g * g))
     tl.store(H + offs, (0.5 * g * (1.0 + t) * u).to(H.dtype.element_ty), mask=mask)
 
@@ -44,8 +46,13 @@ def geglu_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     g, u = flat_same_shape(gate, up)
     h = torch.empty_like(g)
     grid = (cdiv(g.numel(), ELEMENTWISE_BLOCK),)
-    _geglu_fwd_kernel[grid](h, g, u, g.numel(), BLOCK=ELEMENTWISE_BLOCK, num_warps=4)
+    _geglu_fwd_kernel[grid](h, g, u, g.numel(), g.numel(), g.numel(), BLOCK=ELEMENTWISE_BLOCK, num_warps=4)
     return h.view(gate.shape)
+
+
+def geglu_fwd_stacked(gu: torch.Tensor) -> torch.Tensor:
+    """gu (..., 2I) = [gate | up] from one GEMM over the stacked weights -> gelu_tanh(gate) * up (..., I)."""
+    return glu_stacked(_geglu_fwd_kernel, gu)
 
 
 def geglu_bwd(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, *, inplace: bool = False):

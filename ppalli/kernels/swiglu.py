@@ -9,15 +9,17 @@ dup over up, which that block no longer needs, so its backward allocates nothing
 import torch
 
 from ppalli.errors import PpalliError
-from ppalli.kernels._utils import ELEMENTWISE_BLOCK, cdiv, flat_same_shape, jit, tl
+from ppalli.kernels._utils import ELEMENTWISE_BLOCK, cdiv, flat_same_shape, glu_stacked, jit, tl
 
 
 @jit
-def _swiglu_fwd_kernel(H, GATE, UP, n, BLOCK: tl.constexpr):  # all flat (n,)
+def _swiglu_fwd_kernel(H, GATE, UP, n, cols, in_stride, BLOCK: tl.constexpr):
+    # H flat (n,); GATE, UP rows of `cols` at a row stride in_stride (flat when cols == in_stride == n)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    g = tl.load(GATE + offs, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(UP + offs, mask=mask, other=0.0).to(tl.float32)
+    src = (offs // cols) * in_stride + offs % cols
+    g = tl.load(GATE + src, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(UP + src, mask=mask, other=0.0).to(tl.float32)
     h = g * tl.sigmoid(g) * u
     tl.store(H + offs, h.to(H.dtype.element_ty), mask=mask)
 
@@ -41,8 +43,13 @@ def swiglu_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     g, u = flat_same_shape(gate, up)
     h = torch.empty_like(g)
     grid = (cdiv(g.numel(), ELEMENTWISE_BLOCK),)
-    _swiglu_fwd_kernel[grid](h, g, u, g.numel(), BLOCK=ELEMENTWISE_BLOCK, num_warps=4)
+    _swiglu_fwd_kernel[grid](h, g, u, g.numel(), g.numel(), g.numel(), BLOCK=ELEMENTWISE_BLOCK, num_warps=4)
     return h.view(gate.shape)
+
+
+def swiglu_fwd_stacked(gu: torch.Tensor) -> torch.Tensor:
+    """gu (..., 2I) = [gate | up] from one GEMM over the stacked weights -> silu(gate) * up (..., I)."""
+    return glu_stacked(_swiglu_fwd_kernel, gu)
 
 
 def swiglu_bwd(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, *, inplace: bool = False):

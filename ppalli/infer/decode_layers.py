@@ -1,0 +1,230 @@
+"""Decoder layers for generation in few kernels: each layer's forward swapped on that instance while decoding.
+
+HF's Llama layer launches ~54 kernels per decode step: RMSNorm as 7 elementwise ops, RoPE as ~10, three q/k/v
+GEMMs with split-K reductions, two residual adds, SiLU and the product apart. On an H200 (2026-12-04,
+benchmarks/results/2026-12-04-h200-s22-decode-profile-8b.txt) a Llama-3.1-8B step from the CUDA graph ran 1,724
+kernels in 6.98 ms of device time, while its GEMMs took 4.46 ms and its ~16 GB of weights need ~3.4 at the
+card's bandwidth: a third of the step was small kernels. The swapped forward computes the same layer as
+
+    h = rms_norm(x)                                 1 kernel (ppalli/kernels/rms_norm.py)
+    q, k, v = h [Wq; Wk; Wv]^T (+ bias)             1 GEMM over the stacked weights
+    (q, k = q_norm(q), k_norm(k))                   Qwen3's per-head norms
+    q, k = rope(q, k)                               2 (kernels/rope.py)
+    k, v = cache.update(k, v)                       the cache's own (static or growing)
+    a = attention(q, k, v, mask)                    SDPA; one new token: query heads folded onto their kv head
+    x, h = x + a Wo^T, rms_norm(.)                  GEMM + 1 (kernels/lora_add_rms_norm.py without LoRA)
+    x + act(h Wg^T) * (h Wu^T) Wd^T                 1 GEMM over [Wg; Wu], 1 (swiglu/geglu), GEMM, add
+
+The q/k/v and gate/up weights become row blocks of one tensor per layer while the swap holds (each parameter
+keeps its identity and values; `stack_base_weights`), and get their own storage back on revert, so saving,
+merging or training afterwards sees the model as it was. The swap is per instance (an instance `forward`
+shadowing the class's), logged, and reverted when decoding ends; any call it does not cover (no cache, attention
+weights asked for, a partial rotary table) runs the original forward. Only merged 16/32-bit models of the
+pre-norm families (Llama, Qwen2/3, Mistral, Phi-3, Gemma 1) with SDPA attention, no sliding window; LoRA left
+unmerged, quantized bases and the rest decode through HF's layers, the reason logged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ppalli.kernels._utils import interpreting, is_triton_available, next_power_of_2
+from ppalli.kernels.geglu import geglu_fwd_stacked
+from ppalli.kernels.lora_add_rms_norm import lora_add_rms_norm_fwd
+from ppalli.kernels.lora_linear import stack_base_weights, stacked_base_weight, unstack_base_weights
+from ppalli.kernels.rms_norm import rms_norm_fwd
+from ppalli.kernels.rope import rope_fwd
+from ppalli.kernels.swiglu import swiglu_fwd_stacked
+from ppalli.models.families import family_for_layer
+from ppalli.models.fast import backbone_of, causal_lm
+
+_log = logging.getLogger("ppalli.infer")
+_GLU = {"silu": swiglu_fwd_stacked, "swish": swiglu_fwd_stacked, "gelu_pytorch_tanh": geglu_fwd_stacked,
+        "gelu_tanh": geglu_fwd_stacked, "gelu_new": geglu_fwd_stacked}
+
+
+def _eps(norm: nn.Module) -> float:
+    eps = getattr(norm, "variance_epsilon", None)
+    return float(eps if eps is not None else norm.eps)
+
+
+def _linear(x: torch.Tensor, mods: list[nn.Module], stacked: torch.Tensor | None,
+            bias: torch.Tensor | None) -> torch.Tensor:
+    """x (M, in) through the projections `mods` -> their outputs side by side (M, sum out): one GEMM when their
+    weights lie stacked in one tensor, else one each."""
+    if stacked is not None:
+        return F.linear(x, stacked, bias)
+    return torch.cat([F.linear(x, m.weight, m.bias) for m in mods], dim=-1)
+
+
+def _row_blocks(d: int) -> tuple[int, int, int]:
+    """lora_add_rms_norm's launch for a few rows: a program per row over the whole width. Its training setting
+    (16 rows, 512 columns a step) took 10.0 us a Llama-3.1-8B decode step's row (H200, 2026-12-04,
+    results/2026-12-04-h200-s22-decode-profile-8b.txt), one program walking 8 blocks twice."""
+    return 1, min(4096, next_power_of_2(d)), 4
+
+
+class DecodeLayer:
+    """The swapped forward of one pre-norm decoder layer (see the module docstring); not an nn.Module, so the
+    model's parameters and state_dict stay as they are."""
+
+    def __init__(self, layer: nn.Module, spec, config):
+        attn, mlp = layer.self_attn, layer.mlp
+        self.layer, self.spec = layer, spec
+        self.qkv = [getattr(attn, n) for n in spec.qkv]  # (q, k, v) or Phi-3's (qkv_proj,)
+        self.o = getattr(attn, spec.o)
+        self.gate_up = [getattr(mlp, n) for n in spec.mlp[:-1]]  # (gate, up) or (gate_up_proj,)
+        self.down = getattr(mlp, spec.mlp[-1])
+        self.norm1, self.norm2 = getattr(layer, spec.pre_attn_norm), getattr(layer, spec.pre_mlp_norm)
+        self.q_norm, self.k_norm = (attn.q_norm, attn.k_norm) if spec.qk_norm else (None, None)
+        self.head_dim, self.scale, self.layer_idx = attn.head_dim, attn.scaling, attn.layer_idx
+        self.n_heads = config.num_attention_heads
+        self.n_kv = getattr(config, "num_key_value_heads", None) or self.n_heads
+        act = next(getattr(config, k) for k in spec.act_keys if getattr(config, k, None))
+        self.glu: Callable = _GLU[act]
+        biases = [m.bias for m in self.qkv]
+        self.qkv_bias = None if biases[0] is None else torch.cat(biases)  # Qwen2's q/k/v biases, (sum out,)
+        self.original = layer.forward
+
+    def stack(self) -> None:
+        for mods in (self.qkv, self.gate_up):
+            if len(mods) > 1:
+                stack_base_weights(mods)
+
+    def unstack(self) -> None:
+        for mods in (self.qkv, self.gate_up):
+            if len(mods) > 1:
+                unstack_base_weights(mods)
+
+    def _covers(self, args: tuple, kwargs: dict) -> bool:
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        cos_sin = kwargs.get("position_embeddings")
+        return (not args and cache is not None and cos_sin is not None and not kwargs.get("output_attentions")
+                and cos_sin[0].shape[-1] == self.head_dim)
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """Drop-in for the HF layer's forward(hidden_states, attention_mask=, position_embeddings=, cache=, ...)."""
+        if not self._covers(args, kwargs):
+            return self.original(hidden_states, *args, **kwargs)
+        b, t, d = hidden_states.shape
+        offset = self.spec.norm_offset
+        x = hidden_states.reshape(b * t, d)  # (M, d)
+        h = rms_norm_fwd(x, self.norm1.weight, _eps(self.norm1), offset)[0]
+        q, k, v = self._qkv(h, b, t)  # (B, H, T, D) each
+        q, k = rope_fwd(q, k, *kwargs["position_embeddings"])
+        k, v = kwargs.get("cache", kwargs.get("past_key_values")).update(k, v, self.layer_idx)  # (B, Hk, L, D)
+        a = self._attend(q, k, v, kwargs.get("attention_mask"))  # (M, Hq*D)
+        x, h, _ = lora_add_rms_norm_fwd(x, F.linear(a, self.o.weight, self.o.bias), None, None, 0.0,
+                                        self.norm2.weight, _eps(self.norm2), offset, blocks=_row_blocks(d))
+        gu = _linear(h, self.gate_up, stacked_base_weight(self.gate_up, h.dtype), None)  # (M, 2I)
+        y = F.linear(self.glu(gu), self.down.weight, self.down.bias)  # (M, d)
+        return (x + y).view(b, t, d)
+
+    def _qkv(self, h: torch.Tensor, b: int, t: int):
+        """h (M, d) -> q (B, Hq, T, D), k, v (B, Hk, T, D): views of one (M, (Hq + 2 Hk) D) output."""
+        stacked = self.qkv[0].weight if len(self.qkv) == 1 else stacked_base_weight(self.qkv, h.dtype)
+        qkv = _linear(h, self.qkv, stacked, self.qkv_bias if stacked is not None else None)
+        sizes = [self.n_heads * self.head_dim, self.n_kv * self.head_dim, self.n_kv * self.head_dim]
+        q, k, v = (z.view(b, t, -1, self.head_dim) for z in qkv.split(sizes, dim=-1))  # (B, T, H, D)
+        if self.q_norm is not None:  # per head, over D, before RoPE
+            q = rms_norm_fwd(q, self.q_norm.weight, _eps(self.q_norm), self.spec.norm_offset)[0]
+            k = rms_norm_fwd(k, self.k_norm.weight, _eps(self.k_norm), self.spec.norm_offset)[0]
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
+        """q (B, Hq, T, D), the cache's k, v (B, Hk, L, D), mask (B, 1, T, L) (bool or additive) or None ->
+        (B*T, Hq*D). One new token: the G = Hq/Hk query heads of each kv head become G query rows against
+        that head's keys, so no repeated copy of the cache is made (HF repeats it whenever a mask is passed);
+        longer queries (the prompt) attend as HF's SDPA path does."""
+        b, hq, t, dim = q.shape
+        hk = k.shape[1]
+        if t == 1:
+            qf = q.reshape(b, hk, hq // hk, dim)  # (B, Hk, G, D): head h reads kv head h // G, as repeat_kv
+            o = F.scaled_dot_product_attention(qf, k, v, attn_mask=mask, scale=self.scale)  # mask (B, 1, 1, L)
+            return o.reshape(b, hq * dim)
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        o, _ = sdpa_attention_forward(self.layer.self_attn, q, k, v, mask, dropout=0.0, scaling=self.scale)
+        return o.reshape(b * t, hq * dim)  # HF returns (B, T, Hq, D)
+
+
+def decode_problem(model) -> str | None:
+    """Why the decode layers cannot run `model`, or None."""
+    if not is_triton_available():
+        return "triton is not installed"
+    param = next(model.parameters(), None)
+    if param is None or (param.device.type != "cuda" and not interpreting()):
+        return "the model is not on CUDA"
+    try:
+        layers = list(backbone_of(model).layers)
+    except AttributeError:
+        return f"{type(causal_lm(model)).__name__} has no decoder stack with .layers"
+    config = causal_lm(model).config
+    if getattr(config, "_attn_implementation", None) != "sdpa":
+        return f"attention implementation {getattr(config, '_attn_implementation', None)!r} (they use sdpa)"
+    return next((why for i, layer in enumerate(layers) if (why := _layer_problem(layer, config, i))), None)
+
+
+def _layer_problem(layer: nn.Module, config, index: int) -> str | None:
+    spec, where = family_for_layer(layer), f"layer {index}"
+    if spec is None:
+        return f"no decode layer for {type(layer).__name__}"
+    if spec.post_attn_norm or spec.post_mlp_norm:
+        return f"{spec.name}: sandwich norms"
+    if (why := spec.problem(config)) is not None:
+        return f"{spec.name}: {why}"
+    if not spec.uses_rope(layer) or spec.window(layer, config) is not None:
+        return f"{where}: no RoPE or a sliding window"
+    if getattr(layer.self_attn, "attn_logit_softcapping", None):
+        return f"{where}: attention logit softcapping"
+    act = next((getattr(config, k) for k in spec.act_keys if getattr(config, k, None)), None)
+    if act not in _GLU:
+        return f"activation {act!r}"
+    if "forward" in layer.__dict__:
+        return f"{where} already has an instance forward (hooks or the training fast path)"
+    qkv = [getattr(layer.self_attn, n, None) for n in spec.qkv]
+    mlp = [getattr(layer.mlp, n, None) for n in spec.mlp]
+    for name, module in zip((*spec.qkv, spec.o, *spec.mlp), (*qkv, getattr(layer.self_attn, spec.o, None), *mlp)):
+        if not _plain_linear(module):
+            return f"{where}.{name} is not a plain 16/32-bit nn.Linear (LoRA unmerged or a quantized base)"
+    if len({m.bias is None for m in qkv}) > 1 or any(m.bias is not None for m in mlp[:-1]):
+        return f"{where}: biases on some of q/k/v only, or on gate/up"
+    return None
+
+
+def _plain_linear(module) -> bool:
+    return type(module) is nn.Linear and module.weight.is_floating_point() and module.weight.element_size() >= 2
+
+
+@contextlib.contextmanager
+def decode_layers(model, enabled: bool = True, log: Callable[[str], None] = _log.info) -> Iterator[bool]:
+    """Swap in the decode layers for the block when they can run `model` (yields whether they did); the layers'
+    own forwards and the weights' own storage come back at the end, whatever happens inside."""
+    why = decode_problem(model) if enabled else "off"
+    if why is not None:
+        if enabled:
+            log(f"decoding through the model's own layers: {why}")
+        yield False
+        return
+    config = causal_lm(model).config
+    swapped = [DecodeLayer(layer, family_for_layer(layer), config) for layer in backbone_of(model).layers]
+    try:
+        with torch.inference_mode(False):  # the stacked blocks are the parameters' storage: no inference tensors
+            for d in swapped:
+                d.stack()
+                d.layer.forward = d.forward
+        log(f"decoding with ppalli's decode layers ({len(swapped)} layers, {swapped[0].spec.name}: rms_norm, one "
+            "q/k/v GEMM, rope, add + rms_norm, one gate/up GEMM, fused GLU)")
+        yield True
+    finally:
+        with torch.inference_mode(False):
+            for d in swapped:
+                d.layer.__dict__.pop("forward", None)
+                d.unstack()
+

@@ -1,0 +1,113 @@
+"""ppalli's decode layers (ppalli/infer/decode_layers.py) replayed from the CUDA graph: the logits of the models' own
+layers stepped eagerly, in fp32 for tiny models of each covered family and in bf16 at Llama-3.2-1B's layer shape
+(GQA 32/8, head dim 64, two layers); left-padded rows likewise; and generate's answer through them from the graph
+equals its answer without the graph."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
+from fast.fast_reference import tiny_lora_model  # noqa: E402
+
+from ppalli.export.merge import merge_for_inference  # noqa: E402
+from ppalli.infer.decode_layers import decode_layers, decode_problem  # noqa: E402
+from ppalli.infer.generate import generate  # noqa: E402
+from ppalli.infer.graph import StaticDecoder  # noqa: E402
+
+CUDA = torch.device("cuda")
+
+
+class _NoStop:
+    eos_token_id = None
+    pad_token_id = 0
+
+
+def _merged(family: str):
+    model = tiny_lora_model(family)
+    for p in model.parameters():
+        p.data.normal_(0, 0.2)
+    return merge_for_inference(model.to(CUDA))[0]
+
+
+def _llama_1b_layers():
+    """Two layers of Llama-3.2-1B's shape in bf16, random weights (std 0.02, as initialised)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=8192, num_hidden_layers=2,
+                         num_attention_heads=32, num_key_value_heads=8, head_dim=64, rope_theta=500000.0)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device(CUDA):
+        return AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
+
+
+def _steps(model, ids, mask=None, graph=False, n=8):
+    """Logits (n + 1, B, V) of the prompt and n steps fed the same seeded tokens: greedy tokens would part at a
+    near-tie of random weights and make the two runs incomparable."""
+    decoder = StaticDecoder(model, ids.shape[1] + n + 1, CUDA, graph=graph, rows=ids.shape[0])
+    tokens = torch.randint(0, model.config.vocab_size, (n, ids.shape[0], 1), generator=torch.Generator().manual_seed(5))
+    logits = [decoder.prefill(ids, mask).clone()]
+    for token in tokens.to(CUDA):
+        logits.append(decoder(token).clone())
+    return torch.stack(logits)
+
+
+def _rows(vocab: int):
+    ids = torch.randint(1, vocab, (4, 12), generator=torch.Generator().manual_seed(3)).to(CUDA)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    mask[3, :9] = 0
+    return ids * mask, mask
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "gemma", "phi3"])
+def test_graph_replays_of_the_decode_layers_give_the_models_logits(family):
+    model = _merged(family)
+    assert decode_problem(model) is None
+    ids = torch.randint(0, 256, (1, 11), generator=torch.Generator().manual_seed(1)).to(CUDA)
+    with torch.inference_mode():
+        want = _steps(model, ids)
+        with decode_layers(model):
+            got = _steps(model, ids, graph=True)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_padded_rows_from_the_graph_give_the_models_logits():
+    model = _merged("qwen2")
+    ids, mask = _rows(256)
+    with torch.inference_mode():
+        want = _steps(model, ids, mask)
+        with decode_layers(model):
+            got = _steps(model, ids, mask, graph=True)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_bf16_at_the_1b_layer_shape_no_further_from_fp32_than_the_models_layers():
+    model = _llama_1b_layers()
+    ids, mask = _rows(32000)
+    with torch.inference_mode():
+        exact = _steps(model.float(), ids, mask)
+        model.to(torch.bfloat16)
+        want = _steps(model, ids, mask)
+        with decode_layers(model):
+            got = _steps(model, ids, mask, graph=True)
+
+    def err(a):
+        return ((a - exact).norm() / exact.norm()).item()
+
+    # the fused norm and RoPE round once where HF's ops round several times: no further from fp32 than HF's bf16
+    assert err(got) <= 1.5 * err(want) + 1e-3, (err(got), err(want))
+
+
+def test_generate_answers_alike_with_and_without_the_graph():
+    model = _merged("llama")
+    model.generation_config.eos_token_id = None  # the tiny config's EOS (2) would end the answers early
+    ids = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(4)).to(CUDA)
+    eager = generate(model, _NoStop(), ids, max_new_tokens=24, greedy=True, graph=False)
+    graphed = generate(model, _NoStop(), ids, max_new_tokens=24, greedy=True, graph=True)
+    assert graphed == eager and len(graphed) == 24
+    assert all("forward" not in layer.__dict__ for layer in model.model.layers)

@@ -1,0 +1,128 @@
+"""ppalli's decode layers (ppalli/infer/decode_layers.py) against the models' own layers, on the CPU through Triton's
+interpreter in fp32: the same logits at the prompt and every decode step, on the static cache (the graph's) and the
+growing one, one row and left-padded rows; the swap undone afterwards; the models they leave alone, with the reason.
+On CUDA the graph replays them (tests/gpu/test_graph_decode_gpu.py)."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
+from fast.fast_reference import tiny_lora_model  # noqa: E402
+
+from ppalli.export.merge import merge_for_inference  # noqa: E402
+from ppalli.infer.decode_layers import decode_layers, decode_problem  # noqa: E402
+from ppalli.infer.generate import _Decoder, generate_rows  # noqa: E402
+from ppalli.infer.graph import StaticDecoder  # noqa: E402
+from ppalli.kernels.lora_linear import stacked_base_weight  # noqa: E402
+
+CPU = torch.device("cpu")
+FAMILIES = ["llama", "qwen2", "qwen3", "gemma", "phi3"]
+
+
+def _merged(family: str):
+    model = tiny_lora_model(family)
+    for p in model.parameters():
+        p.data.normal_(0, 0.2)  # LoRA B = 0 at init would hide the adapters
+    return merge_for_inference(model)[0]
+
+
+def _static_steps(model, ids, mask=None, n=4):
+    """Logits of the prompt and n greedy steps on the static cache, (n + 1, B, V)."""
+    decoder = StaticDecoder(model, 24, CPU, graph=False, rows=ids.shape[0])
+    logits = [decoder.prefill(ids, mask)]
+    for _ in range(n):
+        logits.append(decoder(logits[-1].argmax(-1, keepdim=True)).clone())
+    return torch.stack(logits)
+
+
+def _growing_steps(model, ids, mask, n=4):
+    """The same on the growing cache (HF builds the masks), rows left-padded."""
+    decoder = _Decoder(model)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits = [decoder.rows(ids, mask, positions)]
+    for _ in range(n):
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        positions = positions[:, -1:] + 1
+        logits.append(decoder.rows(logits[-1].argmax(-1, keepdim=True), mask, positions).clone())
+    return torch.stack(logits)
+
+
+def _padded_rows():
+    ids = torch.randint(1, 256, (3, 7), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding
+    mask[2, :5] = 0
+    return ids * mask, mask
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_decode_layers_give_the_models_logits_on_the_static_cache(family):
+    model = _merged(family)
+    assert decode_problem(model) is None
+    ids = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        want = _static_steps(model, ids)
+        with decode_layers(model) as swapped:
+            assert swapped
+            got = _static_steps(model, ids)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_padded_rows_on_both_caches(family):
+    model = _merged(family)
+    ids, mask = _padded_rows()
+    with torch.inference_mode():
+        want_static, want_growing = _static_steps(model, ids, mask), _growing_steps(model, ids, mask)
+        with decode_layers(model):
+            got_static, got_growing = _static_steps(model, ids, mask), _growing_steps(model, ids, mask)
+    torch.testing.assert_close(got_static, want_static, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got_growing, want_growing, rtol=1e-4, atol=1e-4)
+
+
+def test_the_swap_is_undone_and_leaves_no_inference_tensors():
+    model = _merged("llama")
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    with torch.inference_mode():
+        with decode_layers(model):
+            assert "forward" in model.model.layers[0].__dict__
+            assert stacked_base_weight([attn.q_proj, attn.k_proj, attn.v_proj], torch.float32) is not None
+            assert stacked_base_weight([mlp.gate_proj, mlp.up_proj], torch.float32) is not None
+    assert all("forward" not in layer.__dict__ for layer in model.model.layers)
+    assert stacked_base_weight([attn.q_proj, attn.k_proj, attn.v_proj], torch.float32) is None  # own storage again
+    for name, p in model.named_parameters():
+        assert not p.is_inference(), name  # training after generation must still be possible
+        torch.testing.assert_close(p.detach(), before[name], rtol=0, atol=0)
+
+
+def test_generate_rows_runs_through_them(caplog):
+    import logging
+
+    model = _merged("llama")
+    ids, mask = _padded_rows()
+    prompts = [row[m.bool()].tolist() for row, m in zip(ids, mask)]
+
+    class Tok:
+        eos_token_id, pad_token_id = None, 0
+
+    with caplog.at_level(logging.INFO, logger="ppalli.infer"):
+        got = generate_rows(model, Tok(), prompts, max_new_tokens=5, graph=False)
+    assert [len(r) for r in got] == [5, 5, 5]
+    assert any("decode layers" in r.message for r in caplog.records)
+    assert all("forward" not in layer.__dict__ for layer in model.model.layers)
+
+
+@pytest.mark.parametrize("family, words", [("llama", "LoRA unmerged"), ("mistral", "sliding window"),
+                                           ("exaone4", "sandwich")])
+def test_models_they_do_not_cover_keep_their_layers_with_the_reason(family, words):
+    model = tiny_lora_model(family) if family == "llama" else _merged(family)  # llama: adapter left unmerged
+    why = decode_problem(model)
+    assert why is not None and words in why
+    lines = []
+    with torch.inference_mode(), decode_layers(model, log=lines.append) as swapped:
+        assert not swapped
+    assert lines and words in lines[0]
