@@ -1,10 +1,11 @@
 """A merged model's decode step replayed from the CUDA graph, the model's own layers against ppalli's decode layers
 (ppalli/infer/decode_layers.py): milliseconds a step, kernels a step and their device time, and the kernel table.
 
-    python benchmarks/bench_decode_layers.py --model CONFIG.json --out profile.txt
+    python benchmarks/bench_decode_layers.py --model CONFIG.json [--slots 256] [--prompt 64] --out profile.txt
 
-Random weights from the config with a merged random LoRA (bench_generate.lora_model), bf16, one row, a 64-token
-prompt, 256 cache slots; 5 warm-up steps, 50 timed, 20 under the profiler.
+Random weights from the config with a merged random LoRA (bench_generate.lora_model), bf16, one row, a --prompt
+token prompt, --slots cache slots (a long chat: a long prompt in a large cache); 5 warm-up steps, 50 timed, 20 under
+the profiler.
 """
 
 import argparse
@@ -23,11 +24,11 @@ from ppalli.infer.decode_layers import decode_layers  # noqa: E402
 from ppalli.infer.graph import StaticDecoder  # noqa: E402
 
 
-def measure(model, fast: bool, lines: list[str]) -> None:
+def measure(model, fast: bool, slots: int, prompt_len: int, lines: list[str]) -> None:
     device = torch.device("cuda")
-    prompt = torch.randint(0, model.config.vocab_size, (1, 64), device=device)
+    prompt = torch.randint(0, model.config.vocab_size, (1, prompt_len), device=device)
     with torch.inference_mode(), decode_layers(model, enabled=fast, log=lines.append):
-        decoder = StaticDecoder(model, 256, device, graph=True)
+        decoder = StaticDecoder(model, slots, device, graph=True)
         token = decoder.prefill(prompt).argmax(-1, keepdim=True)
         for _ in range(5):
             token = decoder(token).argmax(-1, keepdim=True)
@@ -50,12 +51,15 @@ def measure(model, fast: bool, lines: list[str]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, required=True, help="a config.json")
+    parser.add_argument("--slots", type=int, default=256)
+    parser.add_argument("--prompt", type=int, default=64)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     model = merge_for_inference(lora_model(args.model, "cuda", torch.bfloat16))[0]
-    lines: list[str] = [f"{torch.cuda.get_device_name()}, {args.model}, torch {torch.__version__}"]
+    lines: list[str] = [f"{torch.cuda.get_device_name()}, {args.model}, torch {torch.__version__}, {args.slots} "
+                        f"slots, {args.prompt}-token prompt"]
     for fast in (False, True):
-        measure(model, fast, lines)
+        measure(model, fast, args.slots, args.prompt, lines)
     text = "\n".join(lines)
     print(text)
     args.out.write_text(text)

@@ -11,7 +11,7 @@ card's bandwidth: a third of the step was small kernels. The swapped forward com
     (q, k = q_norm(q), k_norm(k))                   Qwen3's per-head norms
     q, k = rope(q, k)                               2 (kernels/rope.py)
     k, v = cache.update(k, v)                       the cache's own (static or growing)
-    a = attention(q, k, v, mask)                    SDPA; one new token: query heads folded onto their kv head
+    a = attention(q, k, v, mask)                    one new token: kernels/decode_attention.py; a prompt: SDPA
     x, h = x + a Wo^T, rms_norm(.)                  GEMM + 1 (kernels/lora_add_rms_norm.py without LoRA)
     x + act(h Wg^T) * (h Wu^T) Wd^T                 1 GEMM over [Wg; Wu], 1 (swiglu/geglu), GEMM, add
 
@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ppalli.kernels._utils import interpreting, is_triton_available, next_power_of_2
+from ppalli.kernels.decode_attention import decode_attention
 from ppalli.kernels.geglu import geglu_fwd_stacked
 from ppalli.kernels.lora_add_rms_norm import lora_add_rms_norm_fwd
 from ppalli.kernels.lora_linear import stack_base_weights, stacked_base_weight, unstack_base_weights
@@ -138,16 +139,14 @@ class DecodeLayer:
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
-        """q (B, Hq, T, D), the cache's k, v (B, Hk, L, D), mask (B, 1, T, L) (bool or additive) or None ->
-        (B*T, Hq*D). One new token: the G = Hq/Hk query heads of each kv head become G query rows against
-        that head's keys, so no repeated copy of the cache is made (HF repeats it whenever a mask is passed);
-        longer queries (the prompt) attend as HF's SDPA path does."""
+        """q (B, Hq, T, D), the cache's k, v (B, Hk, L, D), mask (B, 1, T, L') (bool or additive, L' >= L) or
+        None -> (B*T, Hq*D). One new token a row against a bool or no mask: decode_attention (the cache split
+        across the SMs, query heads read against their kv head, no repeated copy of the cache as HF makes
+        whenever a mask is passed); otherwise (the prompt, additive masks) SDPA as HF's path calls it."""
         b, hq, t, dim = q.shape
-        hk = k.shape[1]
-        if t == 1:
-            qf = q.reshape(b, hk, hq // hk, dim)  # (B, Hk, G, D): head h reads kv head h // G, as repeat_kv
-            o = F.scaled_dot_product_attention(qf, k, v, attn_mask=mask, scale=self.scale)  # mask (B, 1, 1, L)
-            return o.reshape(b, hq * dim)
+        if t == 1 and (mask is None or mask.dtype == torch.bool):
+            valid = None if mask is None else mask[:, 0, 0, :k.shape[2]]  # (B, L), as HF slices it for SDPA
+            return decode_attention(q.reshape(b, hq, dim), k, v, valid, self.scale)
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         o, _ = sdpa_attention_forward(self.layer.self_attn, q, k, v, mask, dropout=0.0, scaling=self.scale)

@@ -7,8 +7,8 @@ import torch
 from reference import assert_close, geglu_ref, swiglu_ref
 
 pytest.importorskip("triton")
-from ppalli.kernels.geglu import geglu, geglu_bwd, geglu_fwd  # noqa: E402
-from ppalli.kernels.swiglu import swiglu, swiglu_bwd, swiglu_fwd  # noqa: E402
+from ppalli.kernels.geglu import geglu, geglu_bwd, geglu_fwd, geglu_fwd_stacked  # noqa: E402
+from ppalli.kernels.swiglu import swiglu, swiglu_bwd, swiglu_fwd, swiglu_fwd_stacked  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPE = torch.float32
@@ -63,3 +63,12 @@ def test_launchers_and_inplace_backward(op):
     assert dgate.data_ptr() == gate_buf.data_ptr() and dup.data_ptr() == up_buf.data_ptr()
     assert_close("dgate in place", dgate, dgate_ref, DTYPE)
     assert_close("dup in place", dup, dup_ref, DTYPE)
+
+
+@pytest.mark.parametrize("name, stacked", [("swiglu", swiglu_fwd_stacked), ("geglu", geglu_fwd_stacked)])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_stacked_gate_up_halves_read_in_place(name, stacked, rows):
+    """The output of one GEMM over [Wg; Wu], (rows, 2I): the halves are not contiguous apart for rows > 1."""
+    gate, up, _ = _inputs((rows, 37))
+    gu = torch.cat([gate, up], dim=-1)  # (rows, 74)
+    assert_close(name, stacked(gu), OPS[name][3](gate, up), DTYPE)
