@@ -9,8 +9,7 @@ card's bandwidth: a third of the step was small kernels. The swapped forward com
     h = rms_norm(x)                                 1 kernel (ppalli/kernels/rms_norm.py)
     q, k, v = h [Wq; Wk; Wv]^T (+ bias)             1 GEMM over the stacked weights
     (q, k = q_norm(q), k_norm(k))                   Qwen3's per-head norms
-    q, k = rope(q, k)                               2 (kernels/rope.py)
-    k, v = cache.update(k, v)                       the cache's own (static or growing)
+    q, k = rope(q, k); k, v into the cache          2 (kernels/rope.py; a growing cache: rope, its own update)
     a = attention(q, k, v, mask)                    one new token: kernels/decode_attention.py; a prompt: SDPA
     x, h = x + a Wo^T, rms_norm(.)                  GEMM + 1 (kernels/lora_add_rms_norm.py without LoRA)
     x + act(h Wg^T) * (h Wu^T) Wd^T                 1 GEMM over [Wg; Wu], 1 (swiglu/geglu), GEMM, add
@@ -33,6 +32,7 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.cache_utils import StaticLayer
 
 from ppalli.kernels._utils import interpreting, is_triton_available, next_power_of_2
 from ppalli.kernels.decode_attention import decode_attention
@@ -40,7 +40,7 @@ from ppalli.kernels.geglu import geglu_fwd_stacked
 from ppalli.kernels.lora_add_rms_norm import lora_add_rms_norm_fwd
 from ppalli.kernels.lora_linear import stack_base_weights, stacked_base_weight, unstack_base_weights
 from ppalli.kernels.rms_norm import rms_norm_fwd
-from ppalli.kernels.rope import rope_fwd
+from ppalli.kernels.rope import rope_fwd, rope_into_cache
 from ppalli.kernels.swiglu import swiglu_fwd_stacked
 from ppalli.models.families import family_for_layer
 from ppalli.models.fast import backbone_of, causal_lm
@@ -118,8 +118,8 @@ class DecodeLayer:
         x = hidden_states.reshape(b * t, d)  # (M, d)
         h = rms_norm_fwd(x, self.norm1.weight, _eps(self.norm1), offset)[0]
         q, k, v = self._qkv(h, b, t)  # (B, H, T, D) each
-        q, k = rope_fwd(q, k, *kwargs["position_embeddings"])
-        k, v = kwargs.get("cache", kwargs.get("past_key_values")).update(k, v, self.layer_idx)  # (B, Hk, L, D)
+        q, k, v = self._rope_cache(q, k, v, kwargs["position_embeddings"], kwargs.get("cache",
+                                                                                   kwargs.get("past_key_values")))
         a = self._attend(q, k, v, kwargs.get("attention_mask"))  # (M, Hq*D)
         x, h, _ = lora_add_rms_norm_fwd(x, F.linear(a, self.o.weight, self.o.bias), None, None, 0.0,
                                         self.norm2.weight, _eps(self.norm2), offset, blocks=_row_blocks(d))
@@ -137,6 +137,19 @@ class DecodeLayer:
             q = rms_norm_fwd(q, self.q_norm.weight, _eps(self.q_norm), self.spec.norm_offset)[0]
             k = rms_norm_fwd(k, self.k_norm.weight, _eps(self.k_norm), self.spec.norm_offset)[0]
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def _rope_cache(self, q, k, v, cos_sin, cache):
+        """RoPE and the cache's update -> (rotated q, the cache's k, v (B, Hk, L, D)). A new token on a static cache
+        layer HF has set up: rope writes k and v into their slot itself (rope_into_cache: 1 launch and the length's
+        add instead of rope's k launch and the layer's arange, two adds and two index_copy_); otherwise rope, then
+        the cache's own update."""
+        layer = cache.layers[self.layer_idx] if q.shape[2] == 1 and hasattr(cache, "layers") else None
+        if type(layer) is StaticLayer and layer.is_initialized:
+            q = rope_into_cache(q, k, v, *cos_sin, layer.keys, layer.values, layer.cumulative_length)
+            layer.cumulative_length.add_(1)
+            return q, layer.keys, layer.values
+        q, k = rope_fwd(q, k, *cos_sin)
+        return (q, *cache.update(k, v, self.layer_idx))
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
         """q (B, Hq, T, D), the cache's k, v (B, Hk, L, D), mask (B, 1, T, L') (bool or additive, L' >= L) or

@@ -22,8 +22,11 @@ from ppalli.errors import PpalliError
 from ppalli.kernels._utils import cdiv, check_tensors, dot, dot_upcast, jit, next_power_of_2, program_count, tl
 
 # Cache slots a program takes at least (and a step of its loop): fewer would make the fold's reads outweigh the
-# split's.
+# split's. At most MAX_SPLITS splits: the fold holds a head's partials in one (splits, D) register tile. The first
+# fold (a program per kv head walking its splits one by one) took 37.6 us a layer at 4096 slots (64 splits) against
+# 8.8 for the splits themselves (H200, results/2026-12-04-h200-s22-decode-layers-8b-4096.txt).
 MIN_SPLIT = 64
+MAX_SPLITS = 64
 
 
 @jit
@@ -60,39 +63,36 @@ def _decode_attention_fwd_kernel(ACC, ML, Q, K, V, VALID, q_sb, q_sh, k_sb, k_sh
         acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, IEEE, UPCAST)
         m = m_new
     row = (bj * tl.num_programs(1) + split) * BG + g  # (BG,) rows of the (B*Hk, splits, BG) partials
-    tl.store(ACC + row[:, None] * BD + d[None, :], acc)
-    tl.store(ML + row * 2, m)
-    tl.store(ML + row * 2 + 1, total)
+    tl.store(ACC + row[:, None] * BD + d[None, :], acc, mask=g_ok[:, None])  # the padding rows stay unwritten
+    tl.store(ML + row * 2, m, mask=g_ok)
+    tl.store(ML + row * 2 + 1, total, mask=g_ok)
 
 
 @jit
 def _decode_attention_fold_kernel(OUT, ACC, ML, n_kv, group, n_splits, dim, o_sb, BG: tl.constexpr,
-                                  BD: tl.constexpr):
-    # Program b * n_kv + j: the splits of its query heads folded into OUT[b, (j*group + g)*dim + d].
-    bj = tl.program_id(0)
+                                  BS: tl.constexpr, BD: tl.constexpr):
+    # Program (b * n_kv + j) * group + g: query head j*group + g of row b, its n_splits partials in one (BS, BD) tile.
+    pid = tl.program_id(0)
+    bj, g = pid // group, pid % group
     b, j = (bj // n_kv).to(tl.int64), bj % n_kv
-    g, d = tl.arange(0, BG), tl.arange(0, BD)
-    big = tl.full((BG,), float("-inf"), dtype=tl.float32)
-    for s in range(0, n_splits):
-        big = tl.maximum(big, tl.load(ML + ((bj * n_splits + s) * BG + g) * 2))
-    big = tl.where(big == float("-inf"), 0.0, big)
-    total = tl.zeros((BG,), dtype=tl.float32)
-    acc = tl.zeros((BG, BD), dtype=tl.float32)
-    for s in range(0, n_splits):
-        row = (bj * n_splits + s) * BG + g
-        w = tl.exp(tl.load(ML + row * 2) - big)  # (BG,)
-        total += w * tl.load(ML + row * 2 + 1)
-        acc += w[:, None] * tl.load(ACC + row[:, None] * BD + d[None, :])
-    out = acc / total[:, None]
-    mask = (g < group)[:, None] & (d < dim)[None, :]
-    tl.store(OUT + b * o_sb + (j * group + g[:, None]) * dim + d[None, :], out.to(OUT.dtype.element_ty), mask=mask)
+    s, d = tl.arange(0, BS), tl.arange(0, BD)
+    s_ok = s < n_splits
+    rows = (bj * n_splits + s) * BG + g  # (BS,)
+    m = tl.load(ML + rows * 2, mask=s_ok, other=float("-inf"))
+    big = tl.max(m, axis=0)
+    w = tl.exp(m - tl.where(big == float("-inf"), 0.0, big))  # (BS,), 0 for splits that kept no slot
+    total = tl.sum(w * tl.load(ML + rows * 2 + 1, mask=s_ok, other=0.0), axis=0)
+    acc = tl.load(ACC + rows[:, None] * BD + d[None, :], mask=s_ok[:, None], other=0.0)  # (BS, BD)
+    out = tl.sum(w[:, None] * acc, axis=0) / total  # (BD,)
+    tl.store(OUT + b * o_sb + (j * group + g) * dim + d, out.to(OUT.dtype.element_ty), mask=d < dim)
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None = None,
                      scale: float | None = None, splits: int | None = None) -> torch.Tensor:
     """q (B, Hq, D) one new token a row; k, v (B, Hk, L, D) the cache; valid (B, L) bool, the slots each row
     attends to (None: all L) -> (B, Hq * D) in q's dtype. Every row needs at least one valid slot.
-    splits: cache splits (default: enough programs for ~4 a SM, each at least MIN_SPLIT slots)."""
+    splits: cache splits (default: enough programs for ~4 a SM, each at least MIN_SPLIT slots, at most
+    MAX_SPLITS)."""
     check_tensors(q, k, v, *([valid] if valid is not None else []))
     n_b, n_q, dim = q.shape
     n_kv, n_slots = k.shape[1], k.shape[2]
@@ -106,6 +106,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: t
     group = n_q // n_kv
     if splits is None:
         splits = max(1, min(cdiv(n_slots, MIN_SPLIT), cdiv(4 * program_count(q.device), n_b * n_kv)))
+    splits = min(splits, MAX_SPLITS)
     split_len = cdiv(cdiv(n_slots, splits), MIN_SPLIT) * MIN_SPLIT
     splits = cdiv(n_slots, split_len)
     bg, bd = max(16, next_power_of_2(group)), next_power_of_2(dim)  # tl.dot's least M is 16
@@ -118,6 +119,6 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: t
         IEEE=q.dtype == torch.float32, UPCAST=dot_upcast(q.dtype), BG=bg, BL=MIN_SPLIT, BD=bd,
         num_warps=4)
     out = torch.empty(n_b, n_q * dim, dtype=q.dtype, device=q.device)
-    _decode_attention_fold_kernel[(n_b * n_kv,)](out, acc, ml, n_kv, group, splits, dim, out.stride(0), BG=bg,
-                                                 BD=bd, num_warps=4)
+    _decode_attention_fold_kernel[(n_b * n_q,)](out, acc, ml, n_kv, group, splits, dim, out.stride(0), BG=bg,
+                                                BS=next_power_of_2(splits), BD=bd, num_warps=4)
     return out

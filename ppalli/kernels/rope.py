@@ -39,28 +39,34 @@ def _rotated(x1, x2, cos1, cos2, sin1, sin2, BACKWARD: tl.constexpr):
 def _rope_fwd_kernel(
     OUT, X, COS, SIN,  # OUT, X: (B, H, T, D) any strides with unit stride on D; COS, SIN: (B or 1, T, D)
     VOUT, V,  # with HAS_V, a (B, H, T, D) tensor copied unrotated: lora_qkv's dv beside dk
+    SLOT, n_out_t,  # with AT_SLOT, a device scalar added to t where OUT and VOUT (n_out_t long) are written
     o_sb, o_sh, o_st, x_sb, x_sh, x_st, vo_sb, vo_sh, vo_st, v_sb, v_sh, v_st, c_sb, c_st, n_t, n_heads, half,
     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BACKWARD: tl.constexpr, HAS_V: tl.constexpr,
+    AT_SLOT: tl.constexpr,
 ):
     pid = tl.program_id(0)  # one program per token (b, t) and block of heads
     b = (pid // n_t).to(tl.int64)
     t = (pid % n_t).to(tl.int64)
+    t_out = t + tl.load(SLOT).to(tl.int64) if AT_SLOT else t
     heads = (tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)).to(tl.int64)
     d = tl.arange(0, BLOCK_D)
     d_mask = d < half
     cs = b * c_sb + t * c_st + d  # (BLOCK_D,)
     cos1, cos2, sin1, sin2 = _cos_sin(COS, SIN, cs, half, d_mask)
-    mask = (heads < n_heads)[:, None] & d_mask[None, :]  # (BLOCK_H, BLOCK_D)
+    h_ok = heads < n_heads
+    if AT_SLOT:  # a full cache drops the token, as no slot is left for it (the scalar broadcast by hand:
+        h_ok = h_ok & ((heads * 0 + t_out) < n_out_t)  # Triton 3.9's interpreter rejects block & scalar masks)
+    mask = h_ok[:, None] & d_mask[None, :]  # (BLOCK_H, BLOCK_D)
     xs = b * x_sb + t * x_st + heads[:, None] * x_sh + d[None, :]
     x1 = tl.load(X + xs, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(X + xs + half, mask=mask, other=0.0).to(tl.float32)
     o1, o2 = _rotated(x1, x2, cos1[None, :], cos2[None, :], sin1[None, :], sin2[None, :], BACKWARD)
-    offs_out = b * o_sb + t * o_st + heads[:, None] * o_sh + d[None, :]
+    offs_out = b * o_sb + t_out * o_st + heads[:, None] * o_sh + d[None, :]
     tl.store(OUT + offs_out, o1.to(OUT.dtype.element_ty), mask=mask)
     tl.store(OUT + offs_out + half, o2.to(OUT.dtype.element_ty), mask=mask)
     if HAS_V:
         vs = b * v_sb + t * v_st + heads[:, None] * v_sh + d[None, :]
-        vos = b * vo_sb + t * vo_st + heads[:, None] * vo_sh + d[None, :]
+        vos = b * vo_sb + t_out * vo_st + heads[:, None] * vo_sh + d[None, :]
         tl.store(VOUT + vos, tl.load(V + vs, mask=mask, other=0.0), mask=mask)
         tl.store(VOUT + vos + half, tl.load(V + vs + half, mask=mask, other=0.0), mask=mask)
 
@@ -117,23 +123,25 @@ def _check_out(out: torch.Tensor, x: torch.Tensor) -> None:
 
 
 def _rope_one(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool,
-              out: torch.Tensor | None = None, copy: tuple | None = None) -> torch.Tensor:
+              out: torch.Tensor | None = None, copy: tuple | None = None,
+              slot: torch.Tensor | None = None) -> torch.Tensor:
     """x (B, H, T, D), cos/sin (B, T, D) with unit last stride -> rotated x in (B, T, H, D) memory, or into
     `out` (B, H, T, D), any strides with a unit one on D (lora_qkv writes q's and k's gradients into the
     column blocks of one (N, Hq*D + 2 Hk*D) buffer this way). copy: (v, v_out) of x's shape, v written into
-    v_out unrotated in the same launch (dv into that buffer: no launch of its own)."""
+    v_out unrotated in the same launch (dv into that buffer: no launch of its own). slot: a device scalar; x's
+    token t is then written at t + slot of out and v_out, which are a KV cache (B, H, L, D) (rope_into_cache)."""
     if x.stride(-1) != 1:
         x = x.contiguous()
     n_b, n_h, n_t, n_d = x.shape
     if out is None:
         out = torch.empty((n_b, n_t, n_h, n_d), dtype=x.dtype, device=x.device).transpose(1, 2)  # (B, H, T, D)
     else:
-        _check_out(out, x)
+        _check_out(out if slot is None else out[:, :, :n_t], x)
     v, v_out = copy or (x, out)
     if copy is not None:
         v = v if v.stride(-1) == 1 else v.contiguous()
         _check_out(v, x)
-        _check_out(v_out, x)
+        _check_out(v_out if slot is None else v_out[:, :, :n_t], x)
     block_d = next_power_of_2(n_d // 2)
     # A program rotates up to 4096 pairs (32 heads of D=128): 4 fp32 tiles of 32 elements per thread.
     block_h = min(next_power_of_2(n_h), max(1, 4096 // block_d))
@@ -141,10 +149,11 @@ def _rope_one(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: b
     # q and k go through two launches of one kernel rather than one launch with two sets of strides:
     # cos/sin are read twice, about 1/H of the q traffic, for a kernel half as long.
     _rope_fwd_kernel[grid](
-        out, x, cos, sin, v_out, v,
+        out, x, cos, sin, v_out, v, slot if slot is not None else cos, out.shape[2],
         *out.stride()[:3], *x.stride()[:3], *v_out.stride()[:3], *v.stride()[:3],
         cos.stride(0), cos.stride(1), n_t, n_h, n_d // 2,
-        BLOCK_H=block_h, BLOCK_D=block_d, BACKWARD=backward, HAS_V=copy is not None, num_warps=4,
+        BLOCK_H=block_h, BLOCK_D=block_d, BACKWARD=backward, HAS_V=copy is not None, AT_SLOT=slot is not None,
+        num_warps=4,
     )
     return out
 
@@ -172,6 +181,21 @@ def rope_fwd(q, k, cos, sin, backward: bool = False, out: tuple | None = None, v
     cos, sin = _prepare_cos_sin(q, cos, sin)
     q_out, k_out = out or (None, None)
     return _rope_one(q, cos, sin, backward, q_out), _rope_one(k, cos, sin, backward, k_out, v)
+
+
+def rope_into_cache(q, k, v, cos, sin, keys: torch.Tensor, values: torch.Tensor, slot: torch.Tensor):
+    """Decoding's RoPE with the cache write folded in: q (B, Hq, T, D) rotated into new memory as rope_fwd does; k
+    rotated and v copied straight into keys, values (B, Hk, L, D) at slots slot.. slot + T - 1, slot a device
+    scalar (a static cache's length, so a CUDA graph replays it at every step) -> rotated q. The caller moves
+    slot on. Replaces the cache's own update (arange, two adds, two index_copy_) and rope's k output."""
+    check_tensors(q, k, v, cos, sin, keys, values, slot)
+    if keys.shape[:2] != k.shape[:2] or keys.shape[3] != k.shape[3] or values.shape != keys.shape \
+            or v.shape != k.shape:
+        raise PpalliError(f"rope_into_cache needs k, v (B, Hk, T, D) and a cache (B, Hk, L, D), got "
+                          f"{tuple(k.shape)}, {tuple(v.shape)}, {tuple(keys.shape)}, {tuple(values.shape)}")
+    cos, sin = _prepare_cos_sin(q, cos, sin)
+    _rope_one(k, cos, sin, False, keys, (v, values), slot=slot)
+    return _rope_one(q, cos, sin, False)
 
 
 class RoPEFunction(torch.autograd.Function):

@@ -33,7 +33,8 @@ def _inputs(b, hq, hk, slots, d, dtype, seed=0):
 
 
 @pytest.mark.parametrize("b, hq, hk, slots, d, splits", [(2, 4, 2, 40, 16, None), (3, 8, 2, 130, 24, 3),
-                                                          (1, 6, 6, 200, 32, 2), (2, 4, 1, 64, 64, 1)])
+                                                          (1, 6, 6, 200, 32, 2), (2, 4, 1, 64, 64, 1),
+                                                          (1, 4, 2, 2600, 16, 40), (1, 4, 2, 700, 16, 500)])
 def test_matches_sdpa_with_repeated_kv_heads(b, hq, hk, slots, d, splits):
     q, k, v, valid = _inputs(b, hq, hk, slots, d, torch.float32)
     got = decode_attention(q, k, v, valid, scale=0.3, splits=splits)

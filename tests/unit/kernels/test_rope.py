@@ -8,7 +8,7 @@ from reference import assert_close, hf_cos_sin, rope_ref
 
 pytest.importorskip("triton")
 from ppalli.errors import PpalliError  # noqa: E402
-from ppalli.kernels.rope import apply_rope, rope_fwd, rope_lora_fwd  # noqa: E402
+from ppalli.kernels.rope import apply_rope, rope_fwd, rope_into_cache, rope_lora_fwd  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPE = torch.float32
@@ -134,3 +134,30 @@ def test_rope_lora_settings_agree(blocks):
     cos, sin = torch.randn(2, 20, 16, generator=g).to(DEVICE), torch.randn(2, 20, 16, generator=g).to(DEVICE)
     want = rope_lora_fwd(y, xa, lora_b, 0.5, cos, sin, 2, 16)
     assert_close("settings", rope_lora_fwd(y, xa, lora_b, 0.5, cos, sin, 2, 16, blocks=blocks), want, DTYPE)
+
+
+@pytest.mark.parametrize("slot", [0, 5, 7])
+def test_rope_into_cache_writes_k_and_v_at_the_device_slot(slot):
+    """A decode step on a static cache (ppalli/infer/decode_layers.py): q rotated as rope_fwd rotates it, k rotated
+    and v copied into slot `slot` of (B, Hk, L, D) caches read from a device scalar; nothing else written."""
+    torch.manual_seed(0)
+    b, hq, hk, d, slots = 2, 4, 2, 16, 8
+    q, k, v = (torch.randn(b, h, 1, d, device=DEVICE) for h in (hq, hk, hk))
+    cos, sin = hf_cos_sin(torch.full((b, 1), 11, device=DEVICE), d)
+    keys, values = torch.zeros(b, hk, slots, d, device=DEVICE), torch.zeros(b, hk, slots, d, device=DEVICE)
+    q_out = rope_into_cache(q, k, v, cos, sin, keys, values, torch.tensor(slot, device=DEVICE))
+    q_ref, k_ref = rope_ref(q, k, cos, sin)
+    assert_close("q", q_out, q_ref, torch.float32)
+    assert_close("k", keys[:, :, slot:slot + 1], k_ref, torch.float32)
+    torch.testing.assert_close(values[:, :, slot:slot + 1], v, rtol=0, atol=0)
+    others = [i for i in range(slots) if i != slot]
+    assert not keys[:, :, others].any() and not values[:, :, others].any()
+
+
+def test_rope_into_a_full_cache_writes_nothing():
+    d = 16
+    q, k, v = (torch.randn(1, 2, 1, d, device=DEVICE) for _ in range(3))
+    cos, sin = hf_cos_sin(torch.zeros((1, 1), dtype=torch.long, device=DEVICE), d)
+    keys, values = torch.zeros(1, 2, 4, d, device=DEVICE), torch.zeros(1, 2, 4, d, device=DEVICE)
+    rope_into_cache(q, k, v, cos, sin, keys, values, torch.tensor(4, device=DEVICE))
+    assert not keys.any() and not values.any()
