@@ -13,7 +13,8 @@ from pathlib import Path
 from ppalli.errors import PpalliError
 
 COMPILE_HELP = ("compile the CUDA-graph decode step with torch.compile: 20-40 s once per cache size, then ~1.4-1.5x "
-                "the tokens/s (H200, 16-bit base); pays off over many or long answers")
+                "the tokens/s of HF's layers (H200, 16-bit base); for models ppalli's decode layers do not cover "
+                "(they decode merged Llama/Qwen/Mistral/Phi-3/Gemma faster uncompiled, and take over)")
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:

@@ -99,9 +99,10 @@ def test_the_swap_is_undone_and_leaves_no_inference_tensors():
         torch.testing.assert_close(p.detach(), before[name], rtol=0, atol=0)
 
 
-def test_generate_rows_runs_through_them(caplog):
+def test_generate_rows_runs_through_them(caplog, monkeypatch):
     import logging
 
+    monkeypatch.setattr("ppalli.infer.generate._SAID", set())  # said once a process: another test may have said it
     model = _merged("llama")
     ids, mask = _padded_rows()
     prompts = [row[m.bool()].tolist() for row, m in zip(ids, mask)]
@@ -126,3 +127,15 @@ def test_models_they_do_not_cover_keep_their_layers_with_the_reason(family, word
     with torch.inference_mode(), decode_layers(model, log=lines.append) as swapped:
         assert not swapped
     assert lines and words in lines[0]
+
+
+def test_compile_gives_way_to_the_decode_layers(caplog, monkeypatch):
+    import logging
+
+    from ppalli.infer.generate import _decoder
+
+    monkeypatch.setattr("ppalli.infer.generate._SAID", set())
+    with caplog.at_level(logging.INFO, logger="ppalli.infer"):
+        step = _decoder(_merged("llama"), CPU, 40, graph=None, compile=True)
+    assert not getattr(step, "compiled", False)
+    assert "decode layers run this model faster uncompiled" in caplog.text
