@@ -204,14 +204,21 @@ def _layer_problem(layer: nn.Module, config, index: int) -> str | None:
     mlp = [getattr(layer.mlp, n, None) for n in spec.mlp]
     for name, module in zip((*spec.qkv, spec.o, *spec.mlp), (*qkv, getattr(layer.self_attn, spec.o, None), *mlp)):
         if not _plain_linear(module):
-            return f"{where}.{name} is not a plain 16/32-bit nn.Linear (LoRA unmerged or a quantized base)"
+            return f"{where}.{name} is not a plain 16/32-bit nn.Linear (LoRA unmerged, a quantized, sharded or " \
+                   "offloaded base)"
     if len({m.bias is None for m in qkv}) > 1 or any(m.bias is not None for m in mlp[:-1]):
         return f"{where}: biases on some of q/k/v only, or on gate/up"
     return None
 
 
 def _plain_linear(module) -> bool:
-    return type(module) is nn.Linear and module.weight.is_floating_point() and module.weight.element_size() >= 2
+    """An nn.Linear the decode layers may multiply by directly: 16/32-bit weights held as plain tensors (not
+    sharded DTensors, 4/8-bit or fp8 subclasses, nor offloaded to meta) and no instance forward (accelerate's
+    hooks, which the direct GEMMs would skip)."""
+    if type(module) is not nn.Linear or "forward" in module.__dict__:
+        return False
+    w = module.weight
+    return type(w.data) is torch.Tensor and not w.is_meta and w.is_floating_point() and w.element_size() >= 2
 
 
 @contextlib.contextmanager

@@ -139,3 +139,11 @@ def test_compile_gives_way_to_the_decode_layers(caplog, monkeypatch):
         step = _decoder(_merged("llama"), CPU, 40, graph=None, compile=True)
     assert not getattr(step, "compiled", False)
     assert "decode layers run this model faster uncompiled" in caplog.text
+
+
+def test_hooked_projections_keep_the_models_layers():
+    """accelerate's offload hooks replace a projection's forward on the instance: the direct GEMMs would skip them."""
+    model = _merged("llama")
+    proj = model.model.layers[1].mlp.down_proj
+    proj.forward = proj.forward  # an instance attribute, as a hook leaves one
+    assert "layer 1.down_proj" in decode_problem(model)
