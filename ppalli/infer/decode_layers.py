@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import StaticLayer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from ppalli.kernels._utils import interpreting, is_triton_available, next_power_of_2
 from ppalli.kernels.decode_attention import decode_attention
@@ -43,16 +44,10 @@ from ppalli.kernels.rms_norm import rms_norm_fwd
 from ppalli.kernels.rope import rope_fwd, rope_into_cache
 from ppalli.kernels.swiglu import swiglu_fwd_stacked
 from ppalli.models.families import family_for_layer
-from ppalli.models.fast import backbone_of, causal_lm
+from ppalli.models.fast import activation, backbone_of, causal_lm, norm_eps
 
 _log = logging.getLogger("ppalli.infer")
-_GLU = {"silu": swiglu_fwd_stacked, "swish": swiglu_fwd_stacked, "gelu_pytorch_tanh": geglu_fwd_stacked,
-        "gelu_tanh": geglu_fwd_stacked, "gelu_new": geglu_fwd_stacked}
-
-
-def _eps(norm: nn.Module) -> float:
-    eps = getattr(norm, "variance_epsilon", None)
-    return float(eps if eps is not None else norm.eps)
+_GLU = {"silu": swiglu_fwd_stacked, "gelu_tanh": geglu_fwd_stacked}  # by the fast path's activation names
 
 
 def _linear(x: torch.Tensor, mods: list[nn.Module], stacked: torch.Tensor | None,
@@ -87,8 +82,7 @@ class DecodeLayer:
         self.head_dim, self.scale, self.layer_idx = attn.head_dim, attn.scaling, attn.layer_idx
         self.n_heads = config.num_attention_heads
         self.n_kv = getattr(config, "num_key_value_heads", None) or self.n_heads
-        act = next(getattr(config, k) for k in spec.act_keys if getattr(config, k, None))
-        self.glu: Callable = _GLU[act]
+        self.glu: Callable = _GLU[activation(spec, config)]
         biases = [m.bias for m in self.qkv]
         self.qkv_bias = None if biases[0] is None else torch.cat(biases)  # Qwen2's q/k/v biases, (sum out,)
         self.original = layer.forward
@@ -116,13 +110,13 @@ class DecodeLayer:
         b, t, d = hidden_states.shape
         offset = self.spec.norm_offset
         x = hidden_states.reshape(b * t, d)  # (M, d)
-        h = rms_norm_fwd(x, self.norm1.weight, _eps(self.norm1), offset)[0]
+        h = rms_norm_fwd(x, self.norm1.weight, norm_eps(self.norm1), offset)[0]
         q, k, v = self._qkv(h, b, t)  # (B, H, T, D) each
         q, k, v = self._rope_cache(q, k, v, kwargs["position_embeddings"], kwargs.get("cache",
                                                                                    kwargs.get("past_key_values")))
         a = self._attend(q, k, v, kwargs.get("attention_mask"))  # (M, Hq*D)
         x, h, _ = lora_add_rms_norm_fwd(x, F.linear(a, self.o.weight, self.o.bias), None, None, 0.0,
-                                        self.norm2.weight, _eps(self.norm2), offset, blocks=_row_blocks(d))
+                                        self.norm2.weight, norm_eps(self.norm2), offset, blocks=_row_blocks(d))
         gu = _linear(h, self.gate_up, stacked_base_weight(self.gate_up, h.dtype), None)  # (M, 2I)
         y = F.linear(self.glu(gu), self.down.weight, self.down.bias)  # (M, d)
         return (x + y).view(b, t, d)
@@ -134,8 +128,8 @@ class DecodeLayer:
         sizes = [self.n_heads * self.head_dim, self.n_kv * self.head_dim, self.n_kv * self.head_dim]
         q, k, v = (z.view(b, t, -1, self.head_dim) for z in qkv.split(sizes, dim=-1))  # (B, T, H, D)
         if self.q_norm is not None:  # per head, over D, before RoPE
-            q = rms_norm_fwd(q, self.q_norm.weight, _eps(self.q_norm), self.spec.norm_offset)[0]
-            k = rms_norm_fwd(k, self.k_norm.weight, _eps(self.k_norm), self.spec.norm_offset)[0]
+            q = rms_norm_fwd(q, self.q_norm.weight, norm_eps(self.q_norm), self.spec.norm_offset)[0]
+            k = rms_norm_fwd(k, self.k_norm.weight, norm_eps(self.k_norm), self.spec.norm_offset)[0]
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
     def _rope_cache(self, q, k, v, cos_sin, cache):
@@ -160,8 +154,6 @@ class DecodeLayer:
         if t == 1 and (mask is None or mask.dtype == torch.bool):
             valid = None if mask is None else mask[:, 0, 0, :k.shape[2]]  # (B, L), as HF slices it for SDPA
             return decode_attention(q.reshape(b, hq, dim), k, v, valid, self.scale)
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
         o, _ = sdpa_attention_forward(self.layer.self_attn, q, k, v, mask, dropout=0.0, scaling=self.scale)
         return o.reshape(b * t, hq * dim)  # HF returns (B, T, Hq, D)
 
@@ -195,9 +187,8 @@ def _layer_problem(layer: nn.Module, config, index: int) -> str | None:
         return f"{where}: no RoPE or a sliding window"
     if getattr(layer.self_attn, "attn_logit_softcapping", None):
         return f"{where}: attention logit softcapping"
-    act = next((getattr(config, k) for k in spec.act_keys if getattr(config, k, None)), None)
-    if act not in _GLU:
-        return f"activation {act!r}"
+    if activation(spec, config) is None:
+        return f"{spec.name}: no fused GLU for its activation"
     if "forward" in layer.__dict__:
         return f"{where} already has an instance forward (hooks or the training fast path)"
     qkv = [getattr(layer.self_attn, n, None) for n in spec.qkv]

@@ -91,7 +91,8 @@ def activation(spec: FamilySpec, config) -> str | None:
     return ACTIVATIONS.get(name)
 
 
-def _norm_eps(norm: nn.Module) -> float:
+def norm_eps(norm: nn.Module) -> float:
+    """An HF RMSNorm's epsilon (`variance_epsilon` in most families, `eps` in some)."""
     eps = getattr(norm, "variance_epsilon", None)
     return float(eps if eps is not None else norm.eps)
 
@@ -282,7 +283,7 @@ class FusedDecoderLayer:
         if name is None:
             return x
         norm = getattr(self.layer, name)
-        return rms_norm(x, norm.weight, _norm_eps(norm), self.spec.norm_offset)
+        return rms_norm(x, norm.weight, norm_eps(norm), self.spec.norm_offset)
 
     def _qkv(self, h: torch.Tensor, parts: dict):
         """h (B, T, d) -> q (B, T, Hq*D), k, v (B, T, Hk*D)."""
@@ -300,8 +301,8 @@ class FusedDecoderLayer:
         else:
             q, k, v = (z.view(b, t, -1, self.head_dim) for z in self._qkv(h, parts))
             if self.spec.qk_norm:  # per head, over D
-                q = rms_norm(q, attn.q_norm.weight, _norm_eps(attn.q_norm), self.spec.norm_offset)
-                k = rms_norm(k, attn.k_norm.weight, _norm_eps(attn.k_norm), self.spec.norm_offset)
+                q = rms_norm(q, attn.q_norm.weight, norm_eps(attn.q_norm), self.spec.norm_offset)
+                k = rms_norm(k, attn.k_norm.weight, norm_eps(attn.k_norm), self.spec.norm_offset)
             q, k, v = (z.transpose(1, 2) for z in (q, k, v))  # (B, H, T, D)
             if self.rope:
                 q, k = apply_rope(q, k, *cos_sin)
@@ -331,7 +332,7 @@ class FusedDecoderLayer:
         else:
             y0, xa = lora_linear_split(o, op)  # (N, d), (N, r)
         return lora_add_rms_norm(hidden, y0.view(hidden.shape), xa, op.b, op.scaling, norm.weight,
-                                 _norm_eps(norm), self.spec.norm_offset)
+                                 norm_eps(norm), self.spec.norm_offset)
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """Drop-in for the HF layer's forward(hidden_states, attention_mask=, position_embeddings=, ...)."""
@@ -353,7 +354,7 @@ class FusedDecoderLayer:
         attend_args = (kwargs["position_embeddings"], mask, cu, max_len, parts)
         if self.add_norm:  # the residual read through the norm's view: its gradient is added in the norm's backward
             norm = getattr(self.layer, self.spec.pre_attn_norm)
-            res, h = rms_norm_residual(hidden_states, norm.weight, _norm_eps(norm), self.spec.norm_offset)
+            res, h = rms_norm_residual(hidden_states, norm.weight, norm_eps(norm), self.spec.norm_offset)
             x, h = self._add_norm(res, self._attend(h, *attend_args), parts)
         else:
             o = self._attend(self._norm(self.spec.pre_attn_norm, hidden_states), *attend_args)  # (B, T, Hq*D)
@@ -560,7 +561,7 @@ def decoder_hidden_states(model, input_ids, position_ids=None, cu_seqlens=None, 
         hidden = layer(hidden, attention_mask=mask, position_ids=position_ids, position_embeddings=rope(i),
                        ppalli_mask_exact=True, **packing)
     norm = backbone.norm
-    return rms_norm(hidden, norm.weight, _norm_eps(norm), spec.norm_offset)
+    return rms_norm(hidden, norm.weight, norm_eps(norm), spec.norm_offset)
 
 
 def fast_causal_lm_loss(model, input_ids, labels, position_ids=None, cu_seqlens=None, max_seqlen=None,
