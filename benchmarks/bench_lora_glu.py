@@ -30,7 +30,6 @@ from ppalli.kernels.lora_glu import (  # noqa: E402
     lora_glu_fwd,
     lora_glu_fwd_had,
 )
-from ppalli.kernels.lora_linear import scaled_mm  # noqa: E402
 
 SHAPES = {"8b": (8192, 14336), "1b": (16384, 8192)}
 RANK, S, DTYPE = 16, 2.0, torch.bfloat16
@@ -48,16 +47,8 @@ BWD = [Tiles(16, 64, 4, 8), Tiles(16, 64, 4, 16), Tiles(16, 64, 4, 4), Tiles(32,
 # than on the 5 that 16 a SM give it, while 8B was fastest on the 9 that 16 a SM give (results/2026-12-03-
 # h200-lora-glu-prefetch.txt): the run count, not the programs per SM, is what to pick.
 FWD_HAD += [Tiles(32, 64, 2, 16, 3, r) for r in (2, 3, 4, 5, 6, 7, 8, 9, 10, 12)]
-# The backward with input_terms (sg dg Bg | su du Bu from its tiles, partials per column block): wide column
-# blocks, since the (column blocks, N, 2, 16) fp32 partials cost bytes in proportion to I / BN.
-BWD_XA = [Tiles(16, 128, 4, 4), Tiles(16, 128, 4, 8), Tiles(16, 128, 8, 8), Tiles(32, 128, 8, 8),
-          Tiles(16, 256, 8, 4), Tiles(16, 256, 8, 8), Tiles(16, 256, 8, 2), Tiles(16, 256, 4, 4),
-          Tiles(32, 256, 8, 4), Tiles(16, 256, 8, 4, 2), Tiles(16, 256, 8, 4, 4), Tiles(16, 512, 8, 4),
-          Tiles(16, 512, 16, 4), Tiles(16, 256, 8, 4, 3, 20), Tiles(16, 256, 8, 4, 3, 10)]
 if os.environ.get("BENCH_GLU_VARIANTS") == "only":  # the variants below without the sweeps
     FWD, FWD_HAD, BWD = [], [], [BWD_TILES]
-if os.environ.get("BENCH_GLU_XA") == "only":  # the input_terms comparison alone
-    FWD, FWD_HAD, BWD = [], [], []
 
 
 def _gbps(passes: int, n: int, i: int, ms: float) -> float:
@@ -81,7 +72,6 @@ def bench_shape(name: str, n: int, i: int) -> dict:
     xag, xau, dxad = t(n, RANK), t(n, RANK), t(n, RANK)
     bg, bu, ad = t(i, RANK) * 0.1, t(i, RANK) * 0.1, t(RANK, i) * 0.1
     dst = torch.empty_like(g0)
-    g_init, u_init = g0.clone(), u0.clone()  # the timed backwards write over g0 and u0: errors start from these
     copy_ms = median_ms(lambda: dst.copy_(g0))
     out = {"shape": name, "n": n, "i": i, "copy_gbps": round(_gbps(2, n, i, copy_ms), 1), "fwd": [], "bwd": []}
     for tiles in FWD:
@@ -99,31 +89,13 @@ def bench_shape(name: str, n: int, i: int) -> dict:
         out["bwd"].append(_row(tiles, lambda tiles=tiles: lora_glu_bwd(dh0, g0, u0, xag, bg, S, xau, bu, S, dxad, ad,
                                                                        sums=sums, tiles=tiles), 5, n, i))
 
-    # input_terms against the backward as the fast path ran it until then: the kernel, then cuBLAS's sg dg Bg
-    # and su du Bu reading dg and du back (7 passes of (N, I) counted for both), their columns side by side.
-    def now():
-        dg, du, *_ = lora_glu_bwd(dh0, g0, u0, xag, bg, S, xau, bu, S, dxad, ad, sums=sums)
-        return torch.cat([scaled_mm(dg, bg, S), scaled_mm(du, bu, S)], dim=1)
-
-    out["bwd_then_mm_ms"] = round(median_ms(now), 4)
-    out["bwd_xa"] = []
-    for tiles in BWD_XA:
-        row = _row(tiles, lambda tiles=tiles: lora_glu_bwd(dh0, g0, u0, xag, bg, S, xau, bu, S, dxad, ad, sums=sums,
-                                                           tiles=tiles, input_terms=True), 7, n, i)
-        if "error" not in row:  # the same dg, du (fixed inputs copied in): its dxa against cuBLAS reading them
-            g1, u1 = g_init.clone(), u_init.clone()
-            dxa = lora_glu_bwd(dh0, g1, u1, xag, bg, S, xau, bu, S, dxad, ad, sums=sums, tiles=tiles,
-                               input_terms=True).dxa
-            ref = torch.cat([scaled_mm(g1, bg, S), scaled_mm(u1, bu, S)], dim=1)
-            row["rel_err"] = float(f"{((dxa.float() - ref.float()).norm() / ref.float().norm()).item():.2e}")
-        out["bwd_xa"].append(row)
-
     # Variants (BENCH_GLU_VARIANTS=1, or =only to skip the sweeps): the backward without gate's and up's sums,
     # or without any, and what would then read dg and du for them: lora_b_bwd's one pass (dxa and dB) against
     # cuBLAS's dg Bg as the fast path runs it now. (The sums' accumulators as (r, BN), dot(xa^T, dg), took
     # 0.712 / 0.917 ms against 0.455 / 0.472 at 8B / 1B on the H200: results/2026-12-03-h200-glu-variants.txt.)
     if os.environ.get("BENCH_GLU_VARIANTS"):
         from ppalli.kernels.lora_b_bwd import lora_b_bwd
+        from ppalli.kernels.lora_linear import scaled_mm
 
         def bwd(**kw):
             return lambda: lora_glu_bwd(dh0, g0, u0, xag, bg, S, xau, bu, S, dxad, ad, **kw)
@@ -150,12 +122,10 @@ def report(r: dict) -> None:
     for k, ms in r.get("variants", {}).items():
         print(f"  variant {k}: {ms:.4f} ms")
     print(f"{r['shape']} (N {r['n']}, I {r['i']}): copy {r['copy_gbps']} GB/s; old backward + 3 GEMMs "
-          f"{r['before_ms']} ms; forward then h Ad^T by cuBLAS {r['fwd_then_mm_ms']} ms; backward then dg Bg, "
-          f"du Bu by cuBLAS {r['bwd_then_mm_ms']} ms")
-    for kind in ("fwd", "fwd_had", "bwd", "bwd_xa"):
+          f"{r['before_ms']} ms; forward then h Ad^T by cuBLAS {r['fwd_then_mm_ms']} ms")
+    for kind in ("fwd", "fwd_had", "bwd"):
         for x in sorted(r[kind], key=lambda x: x["ms"]):
-            print(f"  {kind} tiles {x['tiles']}: {x['ms']:.3f} ms, {x['gbps']} GB/s {x.get('rel_err', '')} "
-                  f"{x.get('error', '')}")
+            print(f"  {kind} tiles {x['tiles']}: {x['ms']:.3f} ms, {x['gbps']} GB/s {x.get('error', '')}")
 
 
 if __name__ == "__main__":

@@ -87,11 +87,6 @@ BWD_TILES = Tiles(16, 64, 4, 8)
 # 0.472 ms (4 per SM = 3 runs: 0.596; 16 = 10 runs: 0.482); 1B (128 column blocks) 4 per SM = 5 runs, 0.487 ms
 # (8 per SM = 9 runs: 0.529). So the H200 fixes the run count: 8B as before, 1B 0.04 ms a layer faster.
 BWD_TILES_BY_GPU = {"NVIDIA H200": Tiles(16, 64, 4, 8, 3, runs=5)}
-# With input_terms the column blocks set the size of the (column blocks, N, 2, RP) fp32 buffer of the rank-r
-# input terms: 64-column blocks would write and fold as many bytes (256 MiB at the 1B shape) as the two GEMMs
-# over dg and du read, so these settings take wide ones. Not yet swept: a first guess until bench_lora_glu runs.
-BWD_XA_TILES = Tiles(16, 256, 8, 4)
-BWD_XA_TILES_BY_GPU: dict[str, Tiles] = {}
 # ncu on the H200 (2026-12-03, results/2026-12-03-h200-ncu-lora-glu.txt, 1B shape): the backward 464 us at 2.86
 # TB/s, 96 registers, 5 programs an SM (31% occupancy), 45% of its stalls on loads into registers; fwd_had 233
 # us at 3.42 TB/s. The (N, I) tiles moved through TMA descriptors instead, pipelined in shared memory (05afb50,
@@ -183,16 +178,6 @@ def _store_sums(P, acc, run, idx, M, RP: tl.constexpr):
 
 
 @jit
-def _store_xa(P, part, block, half, rows, row_end, N, RP: tl.constexpr):
-    """One tile's (BM, RP) fp32 share of s dg Bg (half 0) or s du Bu (half 1), over its column block, into
-    P[block, rows, half, :] of a (column blocks, N, 2, RP) buffer; rows past row_end (the run's) are left to
-    the run that owns them."""
-    k = tl.arange(0, RP)
-    offs = ((block * N + rows[:, None]) * 2 + half) * RP + k[None, :]
-    tl.store(P + offs, part, mask=rows[:, None] < row_end)
-
-
-@jit
 def _lora_glu_fwd_kernel(H, P, G0, U0, XAG, xag_stride, BG, XAU, xau_stride, BU, AD, N, M, R, run_cols, sg, su,
                          ACT: tl.constexpr, HAS_G: tl.constexpr, HAS_U: tl.constexpr, HAS_AD: tl.constexpr,
                          STORE_H: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, BM: tl.constexpr,
@@ -224,17 +209,14 @@ def _lora_glu_fwd_kernel(H, P, G0, U0, XAG, xag_stride, BG, XAU, xau_stride, BU,
 
 @jit
 def _lora_glu_bwd_kernel(DG, DU, DH0, G0, U0, XAG, xag_stride, BG, XAU, xau_stride, BU, XAD, AD,
-                         PBG, PBU, PAD, PXA, N, M, R, run_rows, sg, su,
+                         PBG, PBU, PAD, N, M, R, run_rows, sg, su,
                          ACT: tl.constexpr, HAS_G: tl.constexpr, HAS_U: tl.constexpr, HAS_D: tl.constexpr,
-                         SUM_BG: tl.constexpr, SUM_BU: tl.constexpr, SUM_AD: tl.constexpr, XA: tl.constexpr,
-                         IEEE: tl.constexpr, UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                         RP: tl.constexpr):
+                         SUM_BG: tl.constexpr, SUM_BU: tl.constexpr, SUM_AD: tl.constexpr, IEEE: tl.constexpr,
+                         UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, RP: tl.constexpr):
     # Program (run, c): columns c*BN.. of rows run*run_rows.. in (BM, BN) tiles; DG, DU may be G0, U0 (each
-    # tile is read before it is written, by the same program). XA: each tile's share of sg dg Bg and su du Bu
-    # (sums over columns, the input gradients' rank-r terms) into PXA, folded over column blocks afterwards.
+    # tile is read before it is written, by the same program).
     run = tl.program_id(0)
-    block = tl.program_id(1)
-    cols = block * BN + tl.arange(0, BN)
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)
     bg = _b_tile(BG, cols, M, R, True, RP) if HAS_G else None  # (RP, BN), loaded once for the whole run
     bu = _b_tile(BU, cols, M, R, True, RP) if HAS_U else None
     ad = _b_tile(AD, cols, M, R, False, RP) if HAS_D else None
@@ -259,9 +241,6 @@ def _lora_glu_bwd_kernel(DG, DU, DH0, G0, U0, XAG, xag_stride, BG, XAU, xau_stri
         dg = (dh * u * da).to(DG.dtype.element_ty)
         tl.store(DU + offs, du, mask=mask)
         tl.store(DG + offs, dg, mask=mask)
-        if XA:  # (BM, BN) @ (BN, RP): the rounded dg and du, as cuBLAS would read them back
-            _store_xa(PXA, dot(dg, tl.trans(bg), IEEE, UPCAST) * sg, block, 0, rows, end, N, RP)
-            _store_xa(PXA, dot(du, tl.trans(bu), IEEE, UPCAST) * su, block, 1, rows, end, N, RP)
         if SUM_BG:
             sum_bg += dot(tl.trans(dg), xag, IEEE, UPCAST)  # (BN, BM) @ (BM, RP)
         if SUM_BU:
@@ -352,41 +331,26 @@ def _runs(n: int, block: int, other_blocks: int, tiles: Tiles, device: torch.dev
     return per_run, cdiv(n, per_run)
 
 
-def glu_input_terms(device: torch.device) -> bool:
-    """Whether the LoRA MLP's backward takes sg dg Bg and su du Bu from lora_glu_bwd (input_terms) rather than
-    two cuBLAS GEMMs reading dg and du back: on GPUs whose sweep gave input_terms a setting, and on the CPU
-    (Triton's interpreter, where the tests run it)."""
-    return device.type != "cuda" or device_name(device) in BWD_XA_TILES_BY_GPU
-
-
 class GLUGrads(NamedTuple):
-    """What lora_glu_bwd returns: dgate, dup (N, I), written over g0 and u0, the adapters' weight gradients
-    that were asked for (else None): dbg, dbu (I, r) and dad (r, I), in fp32, and with input_terms the
-    input gradients' rank-r terms [sg dg Bg | su du Bu], (N, 2r) in dg's dtype (else None)."""
+    """What lora_glu_bwd returns: dgate, dup (N, I), written over g0 and u0, and the adapters' weight
+    gradients that were asked for (else None): dbg, dbu (I, r) and dad (r, I), in fp32."""
 
     dgate: torch.Tensor
     dup: torch.Tensor
     dbg: torch.Tensor | None
     dbu: torch.Tensor | None
     dad: torch.Tensor | None
-    dxa: torch.Tensor | None
 
 
 def lora_glu_bwd(dh0: torch.Tensor, g0: torch.Tensor, up0: torch.Tensor, xag, bg, sg: float, xau, bu, su: float,
                  dxad=None, ad=None, act: str = "silu", sums: tuple[bool, bool, bool] = (False, False, False),
-                 tiles: Tiles | None = None, input_terms: bool = False) -> GLUGrads:
+                 tiles: Tiles | None = None) -> GLUGrads:
     """The backward of lora_glu_fwd, written over g0 and up0.
 
     dh0 (N, I) = dy Wd, the down projection's base input gradient; dxad (N, r) = sd dy Bd and ad (r, I), its
     lora_A weight, add the adapter's term. sums = which of dBg = sg dg^T xag, dBu = su du^T xau and
-    dAd = dxad^T h to form (each needs its adapter present). input_terms (gate and up adapters present): also
-    sg dg Bg and su du Bu, from the tiles, so nothing reads dg and du back for them; their sums run over
-    columns, so each column block's share goes to a (column blocks, N, 2, RP) fp32 buffer that one torch.sum
-    folds (wide column blocks keep it small: 32 MiB at N = 16384, I = 8192 in 256-column blocks, against the
-    512 MiB of dg and du that two GEMMs would read). tiles: the launch setting swept for this GPU
-    (BWD_XA_TILES_BY_GPU / BWD_TILES_BY_GPU), else BWD_XA_TILES / BWD_TILES."""
-    if tiles is None and input_terms:
-        tiles = BWD_XA_TILES_BY_GPU.get(device_name(g0.device), BWD_XA_TILES)
+    dAd = dxad^T h to form (each needs its adapter present). tiles: the launch setting swept for this GPU
+    (BWD_TILES_BY_GPU), else BWD_TILES."""
     tiles = tiles or BWD_TILES_BY_GPU.get(device_name(g0.device), BWD_TILES)
     n, i, rank, meta = _launch_args(g0, up0, act, [(xag, bg), (xau, bu), (dxad, ad)])
     if dh0.shape != g0.shape or not dh0.is_contiguous():
@@ -394,8 +358,6 @@ def lora_glu_bwd(dh0: torch.Tensor, g0: torch.Tensor, up0: torch.Tensor, xag, bg
     has = (xag is not None, xau is not None, dxad is not None)
     if any(s and not h for s, h in zip(sums, has)):
         raise PpalliError(f"lora_glu_bwd: weight-gradient sums {sums} asked for adapters that are absent {has}")
-    if input_terms and not (has[0] and has[1]):
-        raise PpalliError(f"lora_glu_bwd: input_terms needs the gate and up adapters both, got {has[:2]}")
     xag, xag_stride, bg = _factors(g0, xag, bg, rank)
     xau, xau_stride, bu = _factors(g0, xau, bu, rank)
     dxad = dxad.to(g0.dtype).contiguous() if has[2] else g0
@@ -407,16 +369,14 @@ def lora_glu_bwd(dh0: torch.Tensor, g0: torch.Tensor, up0: torch.Tensor, xag, bg
     buffer = torch.empty(wanted, runs, i, meta["RP"], dtype=torch.float32, device=g0.device) if wanted else None
     slots = iter(range(wanted))
     partials = [buffer[next(slots)] if s else g0 for s in sums]
-    xa_part = torch.empty(n_cols, n, 2, meta["RP"], dtype=torch.float32, device=g0.device) if input_terms else g0
     _lora_glu_bwd_kernel[(runs, n_cols)](
-        g0, up0, dh0, g0, up0, xag, xag_stride, bg, xau, xau_stride, bu, dxad, ad, *partials, xa_part, n, i, rank,
+        g0, up0, dh0, g0, up0, xag, xag_stride, bg, xau, xau_stride, bu, dxad, ad, *partials, n, i, rank,
         run_rows, float(sg), float(su), ACT=ACTS[act], HAS_G=has[0], HAS_U=has[1], HAS_D=has[2],
-        SUM_BG=sums[0], SUM_BU=sums[1], SUM_AD=sums[2], XA=input_terms, BM=tiles.bm, BN=tiles.bn, **meta,
+        SUM_BG=sums[0], SUM_BU=sums[1], SUM_AD=sums[2], BM=tiles.bm, BN=tiles.bn, **meta,
         num_warps=tiles.warps, num_stages=tiles.stages)
     folded = iter(buffer.sum(1)[..., :rank] if wanted else ())  # (sums, I, r)
     dbg, dbu, dad = (next(folded) if s else None for s in sums)  # (I, r) each
-    dxa = xa_part.sum(0)[..., :rank].reshape(n, 2 * rank).to(g0.dtype) if input_terms else None  # (N, 2r)
-    return GLUGrads(g0, up0, dbg, dbu, dad.t() if sums[2] else None, dxa)
+    return GLUGrads(g0, up0, dbg, dbu, dad.t() if sums[2] else None)
 
 
 class LoRAGLUFunction(torch.autograd.Function):
@@ -435,7 +395,7 @@ class LoRAGLUFunction(torch.autograd.Function):
         g0, u0, xag, bg, xau, bu = ctx.saved_tensors
         need = ctx.needs_input_grad
         sums = (xag is not None and need[3], xau is not None and need[6], False)
-        dg, du, dbg, dbu, _, _ = lora_glu_bwd(dh.contiguous(), g0.clone(), u0.clone(), xag, bg, ctx.sg, xau, bu,
+        dg, du, dbg, dbu, _ = lora_glu_bwd(dh.contiguous(), g0.clone(), u0.clone(), xag, bg, ctx.sg, xau, bu,
                                            ctx.su, act=ctx.act, sums=sums)
         grads = [dg if need[0] else None, du if need[1] else None]
         for d, xa, b, s, db in ((dg, xag, bg, ctx.sg, dbg), (du, xau, bu, ctx.su, dbu)):

@@ -33,7 +33,7 @@ from ppalli.errors import PpalliError
 from ppalli.kernels._utils import current_stash, is_recomputing
 from ppalli.kernels.factor_cache import factor_cast
 from ppalli.kernels.lora_add_rms_norm import lora_add_fwd
-from ppalli.kernels.lora_glu import ACTS, glu_input_terms, lora_glu_bwd, lora_glu_fwd, lora_glu_fwd_had
+from ppalli.kernels.lora_glu import ACTS, lora_glu_bwd, lora_glu_fwd, lora_glu_fwd_had
 from ppalli.kernels.lora_linear import (
     add_input_grad,
     base_mm,
@@ -106,18 +106,13 @@ class LoRAMLPFunction(torch.autograd.Function):
         dh0 = add_input_grad(None, dy, db, None, None)  # (N, I)
         # dBg, dBu and down's dA are summed inside the activation kernel, from the tiles it holds
         sums = (g_rank is not None and need[4], u_rank is not None and need[8], da is not None and need[11])
-        # With both adapters, sg dg Bg and su du Bu come from the activation kernel's tiles too (glu_input_terms)
-        terms = g_rank is not None and u_rank is not None and glu_input_terms(gate0.device)
-        dgate, dup, g_dB, u_dB, d_da, dxa = lora_glu_bwd(dh0, gate0, up0, xag, gB, gs, xau, uB, us, dxad, da,
-                                                         ctx.act, sums, input_terms=terms)
+        dgate, dup, g_dB, u_dB, d_da = lora_glu_bwd(dh0, gate0, up0, xag, gB, gs, xau, uB, us, dxad, da, ctx.act,
+                                                    sums)
         del dh0
-        if dxa is None:
-            dxag = scaled_mm(dgate, gB, gs) if g_rank is not None else None  # (N, r)
-            dxau = scaled_mm(dup, uB, us) if u_rank is not None else None
-        else:
-            dxag = dxau = None  # their (N, 2r) columns side by side in dxa
+        dxag = scaled_mm(dgate, gB, gs) if g_rank is not None else None  # (N, r)
+        dxau = scaled_mm(dup, uB, us) if u_rank is not None else None
         (g_da, u_da), dxa_all = stacked_lora_a_grads((dxag, dxau), x, a_stack, ctx.ranks, (need[3], need[7]),
-                                                     dtypes[0::2], stacked=dxa)
+                                                     dtypes[0::2])
         dx = None
         if need[0]:
             dx = add_input_grad(None, dgate, gb, None, None)  # (N, d)
