@@ -1,0 +1,237 @@
+// A persistent, warp-specialized Hopper GEMM: C (M, N) = A (M, K) @ B (N, K)^T, bf16 in, fp32 accumulation,
+// bf16 out (sm_90a: TMA loads, mbarrier pipeline, wgmma). The experiment behind issue 5's next step: a GEMM
+// ppalli owns could carry a LoRA block's rank-r terms and its gated activation in the epilogue, which
+// cuBLAS cannot, if its main loop keeps up with cuBLAS's (Triton's ran 6-18% behind on the H200,
+// results/2026-12-04-h200-lora-glu-mm.txt). Here: the plain GEMM, timed against cuBLAS on T4's and T1's shapes.
+//
+// One CTA per SM walks output tiles of BM x BN. Warpgroup 0 (one thread) issues the TMA copies of A's and B's
+// (BM | BN) x BK tiles into a STAGES-deep ring of shared memory; warpgroups 1 and 2 each own 64 of the BM rows
+// and run wgmma m64n256k16 over the stage, then free it. A stage's `full` barrier counts the bytes TMA lands,
+// its `empty` barrier one arrival per consumer warpgroup. Tiles go out in bands of GROUP_M row tiles so the
+// CTAs working at one time share A's rows and B's columns in L2. The epilogue stores straight from registers.
+// Shapes: M % BM == 0, N % BN == 0, K % BK == 0 (the launcher refuses others).
+#include <cuda.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+namespace {
+
+constexpr int BM = 128, BN = 256, BK = 64, STAGES = 4, GROUP_M = 16;
+constexpr int CONSUMERS = 2;  // warpgroups running wgmma, 64 rows each
+constexpr int THREADS = 128 * (CONSUMERS + 1);
+constexpr uint32_t STAGE_BYTES = (BM + BN) * BK * 2;
+
+struct Smem {  // each tile 1024-byte aligned: the 128-byte swizzle repeats every 8 rows of 128 bytes
+  alignas(1024) __nv_bfloat16 a[STAGES][BM * BK];
+  alignas(1024) __nv_bfloat16 b[STAGES][BN * BK];
+  alignas(8) uint64_t full[STAGES];
+  alignas(8) uint64_t empty[STAGES];
+};
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void mbar_init(uint64_t* bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(bar)), "r"(count));
+}
+
+__device__ __forceinline__ void mbar_expect_tx(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "r"(bytes) : "memory");
+}
+
+__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(bar)) : "memory");
+}
+
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
+  uint32_t done = 0;
+  while (!done) {
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(smem_addr(bar)), "r"(parity)
+        : "memory");
+  }
+}
+
+__device__ __forceinline__ void tma_load_2d(void* dst, const CUtensorMap* map, uint64_t* bar, int col, int row) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4}], [%2];"
+      ::"r"(smem_addr(dst)), "l"(reinterpret_cast<uint64_t>(map)), "r"(smem_addr(bar)), "r"(col), "r"(row)
+      : "memory");
+}
+
+// Shared-memory matrix descriptor, K-major, 128-byte swizzle: start address and stride between 8-row groups
+// (1024 bytes) in 16-byte units; the leading offset is unused by swizzled K-major layouts (set to 1).
+__device__ __forceinline__ uint64_t desc_k128(uint32_t addr) {
+  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (1ull << 16) | (static_cast<uint64_t>(1024 >> 4) << 32) |
+         (1ull << 62);
+}
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory");
+}
+
+// wgmma m64n256k16, bf16 x bf16 -> fp32, both operands K-major in shared memory (128-byte swizzle).
+// Written out by hand-run script: 128 accumulator operands, then the two descriptors and scale-d.
+__device__ __forceinline__ void wgmma_m64n256k16(float* d, uint64_t desc_a, uint64_t desc_b, int scale_d) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, %128, %129, p, 1, 1, 0, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
+        "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
+        "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
+        "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
+        "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),
+        "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
+        "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),
+        "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
+        "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+      : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+}
+
+__device__ __forceinline__ void tile_coords(int t, int tiles_m, int tiles_n, int& m, int& n) {
+  int band = GROUP_M * tiles_n;
+  int first = (t / band) * GROUP_M;
+  int rows = min(tiles_m - first, GROUP_M);
+  m = first + (t % band) % rows;
+  n = (t % band) / rows;
+}
+
+__global__ void __launch_bounds__(THREADS, 1)
+    gemm_tn_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_b,
+                   __nv_bfloat16* __restrict__ c, int m_size, int n_size, int k_size, int ldc) {
+  extern __shared__ uint8_t raw[];
+  Smem& s = *reinterpret_cast<Smem*>((reinterpret_cast<uintptr_t>(raw) + 1023) & ~static_cast<uintptr_t>(1023));
+  const int wg = threadIdx.x / 128, tid = threadIdx.x % 128;
+  if (threadIdx.x == 0) {
+    for (int i = 0; i < STAGES; ++i) {
+      mbar_init(&s.full[i], 1);
+      mbar_init(&s.empty[i], CONSUMERS);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  __syncthreads();
+  const int tiles_m = m_size / BM, tiles_n = n_size / BN, tiles = tiles_m * tiles_n, k_iters = k_size / BK;
+
+  if (wg == 0) {  // producer: one thread issues every copy
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
+    if (tid != 0) return;
+    int stage = 0;
+    uint32_t phase = 0;
+    for (int t = blockIdx.x; t < tiles; t += gridDim.x) {
+      int m, n;
+      tile_coords(t, tiles_m, tiles_n, m, n);
+      for (int k = 0; k < k_iters; ++k) {
+        mbar_wait(&s.empty[stage], phase ^ 1);  // the first pass finds every stage free
+        mbar_expect_tx(&s.full[stage], STAGE_BYTES);
+        tma_load_2d(s.a[stage], &map_a, &s.full[stage], k * BK, m * BM);
+        tma_load_2d(s.b[stage], &map_b, &s.full[stage], k * BK, n * BN);
+        if (++stage == STAGES) stage = 0, phase ^= 1;
+      }
+    }
+    return;
+  }
+
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
+  const int row0 = (wg - 1) * 64;  // this warpgroup's rows of the tile
+  float acc[128];
+  int stage = 0, prev = 0;
+  uint32_t phase = 0;
+  for (int t = blockIdx.x; t < tiles; t += gridDim.x) {
+    int m, n;
+    tile_coords(t, tiles_m, tiles_n, m, n);
+    for (int k = 0; k < k_iters; ++k) {
+      mbar_wait(&s.full[stage], phase);
+      const uint32_t a = smem_addr(s.a[stage]) + row0 * BK * 2, b = smem_addr(s.b[stage]);
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < BK / 16; ++kk)  // 16 columns of K = 32 bytes along the swizzled rows
+        wgmma_m64n256k16(acc, desc_k128(a + kk * 32), desc_k128(b + kk * 32), (k > 0 || kk > 0) ? 1 : 0);
+      wgmma_commit();
+      wgmma_wait<1>();  // the previous stage's products are done: hand its buffers back to the producer
+      if (k > 0 && tid == 0) mbar_arrive(&s.empty[prev]);
+      prev = stage;
+      if (++stage == STAGES) stage = 0, phase ^= 1;
+    }
+    wgmma_wait<0>();
+    if (tid == 0) mbar_arrive(&s.empty[prev]);
+    // Accumulator layout of m64nNk16 (fp32): warp w holds rows 16w + lane/4 and 8 more; per 8 columns j,
+    // acc[4j..4j+3] = (r, c), (r, c+1), (r+8, c), (r+8, c+1) with c = 8j + 2 (lane % 4).
+    const int warp = tid / 32, lane = tid % 32;
+    const int r = m * BM + row0 + warp * 16 + lane / 4;
+    __nv_bfloat16* out = c + static_cast<int64_t>(r) * ldc + n * BN + 2 * (lane % 4);
+#pragma unroll
+    for (int j = 0; j < BN / 8; ++j) {
+      *reinterpret_cast<__nv_bfloat162*>(out + 8 * j) = __floats2bfloat162_rn(acc[4 * j], acc[4 * j + 1]);
+      *reinterpret_cast<__nv_bfloat162*>(out + 8 * static_cast<int64_t>(ldc) + 8 * j) =
+          __floats2bfloat162_rn(acc[4 * j + 2], acc[4 * j + 3]);
+    }
+  }
+}
+
+typedef CUresult (*EncodeTiled)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
+                                const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
+                                CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+
+EncodeTiled encode_tiled() {  // the driver's function, found at run time: no link against libcuda
+  static EncodeTiled fn = nullptr;
+  if (fn == nullptr) {
+    void* p = nullptr;
+    cudaDriverEntryPointQueryResult found;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000, cudaEnableDefault, &found) ==
+            cudaSuccess &&
+        found == cudaDriverEntryPointSuccess)
+      fn = reinterpret_cast<EncodeTiled>(p);
+  }
+  return fn;
+}
+
+// A row-major (rows, cols) bf16 matrix with row stride ld, read in boxes of box_rows x BK (128-byte rows).
+int tensor_map(CUtensorMap* map, const void* ptr, int rows, int cols, int ld, int box_rows) {
+  EncodeTiled fn = encode_tiled();
+  if (fn == nullptr) return -1;
+  cuuint64_t dims[2] = {static_cast<cuuint64_t>(cols), static_cast<cuuint64_t>(rows)};
+  cuuint64_t strides[1] = {static_cast<cuuint64_t>(ld) * 2};
+  cuuint32_t box[2] = {BK, static_cast<cuuint32_t>(box_rows)};
+  cuuint32_t steps[2] = {1, 1};
+  CUresult r = fn(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<void*>(ptr), dims, strides, box, steps,
+                  CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                  CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return r == CUDA_SUCCESS ? 0 : -2;
+}
+
+}  // namespace
+
+// C = A @ B^T. Returns 0, or -1 (no cuTensorMapEncodeTiled), -2 (a tensor map refused), -3 (a shape the
+// kernel does not tile), or a cudaError_t from the launch.
+extern "C" int ppalli_gemm_tn(const void* a, const void* b, void* c, int m, int n, int k, int lda, int ldb,
+                              int ldc, int ctas, void* stream) {
+  if (m % BM || n % BN || k % BK) return -3;
+  CUtensorMap map_a, map_b;
+  int err = tensor_map(&map_a, a, m, k, lda, BM);
+  if (err == 0) err = tensor_map(&map_b, b, n, k, ldb, BN);
+  if (err) return err;
+  const int smem = sizeof(Smem) + 1024;
+  static bool sized = false;
+  if (!sized) {
+    cudaFuncSetAttribute(gemm_tn_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    sized = true;
+  }
+  const int tiles = (m / BM) * (n / BN);
+  gemm_tn_kernel<<<tiles < ctas ? tiles : ctas, THREADS, smem, static_cast<cudaStream_t>(stream)>>>(
+      map_a, map_b, static_cast<__nv_bfloat16*>(c), m, n, k, ldc);
+  return static_cast<int>(cudaGetLastError());
+}
