@@ -4,7 +4,8 @@ on the forward GEMMs of T4 (Llama-3.2-1B, 8 x 2048 tokens) and T1 (Llama-3.1-8B,
     python benchmarks/bench_hopper_gemm.py --out benchmarks/results/hopper-gemm.txt [--lib libhopper_gemm.so]
 
 Builds the kernel with nvcc (sm_90a) unless --lib names a build, checks each product against torch.mm
-(relative Frobenius error), then times both: medians of triton.testing.do_bench, and a sustained run (the
+(relative Frobenius error), then times it (CTAs alone and in clusters of 2 sharing B by multicast) and
+cuBLAS: medians of triton.testing.do_bench, and a sustained run (the
 card held at its power cap: 2 s of back-to-back products, each side twice, alternating), TFLOP/s = 2 M N K / t.
 """
 
@@ -62,7 +63,7 @@ def main() -> None:
     args = p.parse_args()
     lib_path = args.lib or build(Path(tempfile.mkdtemp()))
     lib = ctypes.CDLL(str(lib_path))
-    lib.ppalli_gemm_tn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 7 + [ctypes.c_void_p]
+    lib.ppalli_gemm_tn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 8 + [ctypes.c_void_p]
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     lines = [f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {sms} SMs"]
 
@@ -74,31 +75,32 @@ def main() -> None:
         c = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
         stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
 
-        def ours(a=a, b=b, c=c, m=m, n=n, k=k, stream=stream):
-            err = lib.ppalli_gemm_tn(a.data_ptr(), b.data_ptr(), c.data_ptr(), m, n, k, k, k, n, sms, stream)
+        def gemm(cluster, a=a, b=b, c=c, m=m, n=n, k=k, stream=stream):
+            err = lib.ppalli_gemm_tn(a.data_ptr(), b.data_ptr(), c.data_ptr(), m, n, k, k, k, n, sms, cluster, stream)
             if err:
                 raise RuntimeError(f"ppalli_gemm_tn returned {err}")
 
-        def cublas(a=a, b=b, c=c):
-            torch.mm(a, b.t(), out=c)
-
-        ours()
+        fns = {"cublas": lambda a=a, b=b, c=c: torch.mm(a, b.t(), out=c),
+               "ours": lambda: gemm(1), "ours cluster 2": lambda: gemm(2)}
         ref = torch.mm(a, b.t())
-        torch.cuda.synchronize()
-        err = ((c.float() - ref.float()).norm() / ref.float().norm()).item()
+        errs = {}
+        for key in ("ours", "ours cluster 2"):
+            c.zero_()
+            fns[key]()
+            torch.cuda.synchronize()
+            errs[key] = ((c.float() - ref.float()).norm() / ref.float().norm()).item()
         flops = 2 * m * n * k
-        med = {f.__name__: triton.testing.do_bench(f, warmup=25, rep=200, return_mode="median")
-               for f in (cublas, ours)}
-        sus = {"cublas": [], "ours": []}
+        med = {key: triton.testing.do_bench(f, warmup=25, rep=200, return_mode="median") for key, f in fns.items()}
+        sus = {key: [] for key in fns}
         for _ in range(2):
-            for f in (cublas, ours):
-                sus[f.__name__].append(sustained_ms(f))
-        row = (f"{name} (M {m}, N {n}, K {k}): rel err {err:.2e}; median cuBLAS {med['cublas']:.4f} ms "
-               f"({flops / med['cublas'] / 1e9:.0f} TFLOP/s), ours {med['ours']:.4f} "
-               f"({flops / med['ours'] / 1e9:.0f}); "
-               f"sustained cuBLAS {min(sus['cublas']):.4f} ms ({flops / min(sus['cublas']) / 1e9:.0f}), ours "
-               f"{min(sus['ours']):.4f} ({flops / min(sus['ours']) / 1e9:.0f}); ours / cuBLAS "
-               f"{min(sus['cublas']) / min(sus['ours']):.3f}x")
+            for key, f in fns.items():
+                sus[key].append(sustained_ms(f))
+        best = {key: min(v) for key, v in sus.items()}
+        row = f"{name} (M {m}, N {n}, K {k}): " + "; ".join(
+            f"{key} median {med[key]:.4f} ms ({flops / med[key] / 1e9:.0f} TFLOP/s), sustained {best[key]:.4f} "
+            f"({flops / best[key] / 1e9:.0f})" + (f", rel err {errs[key]:.1e}, {best['cublas'] / best[key]:.3f}x "
+                                                   "cuBLAS" if key in errs else "")
+            for key in fns)
         print(row, flush=True)
         lines.append(row)
         del a, b, c, ref

@@ -9,7 +9,8 @@
 // and run wgmma m64n256k16 over the stage, then free it. A stage's `full` barrier counts the bytes TMA lands,
 // its `empty` barrier one arrival per consumer warpgroup. Tiles go out in bands of GROUP_M row tiles so the
 // CTAs working at one time share A's rows and B's columns in L2. The epilogue stores straight from registers.
-// Shapes: M % BM == 0, N % BN == 0, K % BK == 0 (the launcher refuses others).
+// Clusters of 2 CTAs share B's tile through TMA multicast. Shapes: M % (BM x cluster) == 0, N % BN == 0,
+// K % BK == 0 (the launcher refuses others).
 #include <cuda.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -45,6 +46,23 @@ __device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(bar)) : "memory");
 }
 
+// Arrive on the barrier at bar's offset in CTA `cta` of this cluster (this CTA's own included).
+__device__ __forceinline__ void mbar_arrive_cluster(uint64_t* bar, uint32_t cta) {
+  uint32_t remote;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(smem_addr(bar)), "r"(cta));
+  asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];" ::"r"(remote) : "memory");
+}
+
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+}
+
+__device__ __forceinline__ uint32_t cluster_rank() {
+  uint32_t r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+  return r;
+}
+
 __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
   uint32_t done = 0;
   while (!done) {
@@ -60,6 +78,18 @@ __device__ __forceinline__ void tma_load_2d(void* dst, const CUtensorMap* map, u
   asm volatile(
       "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4}], [%2];"
       ::"r"(smem_addr(dst)), "l"(reinterpret_cast<uint64_t>(map)), "r"(smem_addr(bar)), "r"(col), "r"(row)
+      : "memory");
+}
+
+// The same box into the same shared-memory offset of every CTA in `mask`, each CTA's barrier at bar's offset
+// counting the bytes that land in it.
+__device__ __forceinline__ void tma_load_2d_multicast(void* dst, const CUtensorMap* map, uint64_t* bar, int col,
+                                                      int row, uint16_t mask) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes.multicast::cluster"
+      " [%0], [%1, {%3, %4}], [%2], %5;"
+      ::"r"(smem_addr(dst)), "l"(reinterpret_cast<uint64_t>(map)), "r"(smem_addr(bar)), "r"(col), "r"(row),
+      "h"(mask)
       : "memory");
 }
 
@@ -102,6 +132,18 @@ __device__ __forceinline__ void wgmma_m64n256k16(float* d, uint64_t desc_a, uint
       : "l"(desc_a), "l"(desc_b), "r"(scale_d));
 }
 
+// A stage's buffers handed back: to this CTA's producer, or with a cluster to every CTA's (their multicasts
+// write into this CTA's copy of the stage).
+template <int CLUSTER>
+__device__ __forceinline__ void release(uint64_t* bar) {
+  if constexpr (CLUSTER > 1) {
+#pragma unroll
+    for (int cta = 0; cta < CLUSTER; ++cta) mbar_arrive_cluster(bar, cta);
+  } else {
+    mbar_arrive(bar);
+  }
+}
+
 __device__ __forceinline__ void tile_coords(int t, int tiles_m, int tiles_n, int& m, int& n) {
   int band = GROUP_M * tiles_n;
   int first = (t / band) * GROUP_M;
@@ -110,76 +152,93 @@ __device__ __forceinline__ void tile_coords(int t, int tiles_m, int tiles_n, int
   n = (t % band) / rows;
 }
 
+// CLUSTER CTAs (1 or 2) take CLUSTER consecutive row tiles of one column block: each loads its A tile and
+// 1/CLUSTER of the shared B tile, multicast to all, so L2 serves B once per cluster rather than per CTA. A
+// stage is free again only when the consumers of every CTA in the cluster are done with it.
+template <int CLUSTER>
 __global__ void __launch_bounds__(THREADS, 1)
     gemm_tn_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_b,
                    __nv_bfloat16* __restrict__ c, int m_size, int n_size, int k_size, int ldc) {
   extern __shared__ uint8_t raw[];
   Smem& s = *reinterpret_cast<Smem*>((reinterpret_cast<uintptr_t>(raw) + 1023) & ~static_cast<uintptr_t>(1023));
   const int wg = threadIdx.x / 128, tid = threadIdx.x % 128;
+  const uint32_t rank = CLUSTER > 1 ? cluster_rank() : 0;
   if (threadIdx.x == 0) {
     for (int i = 0; i < STAGES; ++i) {
       mbar_init(&s.full[i], 1);
-      mbar_init(&s.empty[i], CONSUMERS);
+      mbar_init(&s.empty[i], CONSUMERS * CLUSTER);
     }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
-  __syncthreads();
-  const int tiles_m = m_size / BM, tiles_n = n_size / BN, tiles = tiles_m * tiles_n, k_iters = k_size / BK;
+  if constexpr (CLUSTER > 1)
+    cluster_sync();  // no CTA multicasts into a partner's barriers before they exist
+  else
+    __syncthreads();
+  const int tiles_m = m_size / BM, tiles_n = n_size / BN, k_iters = k_size / BK;
+  const int groups = tiles_m / CLUSTER * tiles_n, first = blockIdx.x / CLUSTER, step = gridDim.x / CLUSTER;
+  constexpr int B_ROWS = BN / CLUSTER;  // B rows this CTA loads per stage
 
   if (wg == 0) {  // producer: one thread issues every copy
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
-    if (tid != 0) return;
-    int stage = 0;
-    uint32_t phase = 0;
-    for (int t = blockIdx.x; t < tiles; t += gridDim.x) {
-      int m, n;
-      tile_coords(t, tiles_m, tiles_n, m, n);
-      for (int k = 0; k < k_iters; ++k) {
-        mbar_wait(&s.empty[stage], phase ^ 1);  // the first pass finds every stage free
-        mbar_expect_tx(&s.full[stage], STAGE_BYTES);
-        tma_load_2d(s.a[stage], &map_a, &s.full[stage], k * BK, m * BM);
-        tma_load_2d(s.b[stage], &map_b, &s.full[stage], k * BK, n * BN);
-        if (++stage == STAGES) stage = 0, phase ^= 1;
+    if (tid == 0) {
+      int stage = 0;
+      uint32_t phase = 0;
+      for (int t = first; t < groups; t += step) {
+        int m, n;
+        tile_coords(t, tiles_m / CLUSTER, tiles_n, m, n);
+        m = m * CLUSTER + rank;
+        for (int k = 0; k < k_iters; ++k) {
+          mbar_wait(&s.empty[stage], phase ^ 1);  // the first pass finds every stage free
+          mbar_expect_tx(&s.full[stage], STAGE_BYTES);
+          tma_load_2d(s.a[stage], &map_a, &s.full[stage], k * BK, m * BM);
+          if constexpr (CLUSTER > 1)
+            tma_load_2d_multicast(s.b[stage] + rank * B_ROWS * BK, &map_b, &s.full[stage], k * BK,
+                                  n * BN + rank * B_ROWS, (1 << CLUSTER) - 1);
+          else
+            tma_load_2d(s.b[stage], &map_b, &s.full[stage], k * BK, n * BN);
+          if (++stage == STAGES) stage = 0, phase ^= 1;
+        }
       }
     }
-    return;
-  }
-
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
-  const int row0 = (wg - 1) * 64;  // this warpgroup's rows of the tile
-  float acc[128];
-  int stage = 0, prev = 0;
-  uint32_t phase = 0;
-  for (int t = blockIdx.x; t < tiles; t += gridDim.x) {
-    int m, n;
-    tile_coords(t, tiles_m, tiles_n, m, n);
-    for (int k = 0; k < k_iters; ++k) {
-      mbar_wait(&s.full[stage], phase);
-      const uint32_t a = smem_addr(s.a[stage]) + row0 * BK * 2, b = smem_addr(s.b[stage]);
-      wgmma_fence();
+  } else {
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
+    const int row0 = (wg - 1) * 64;  // this warpgroup's rows of the tile
+    float acc[128];
+    int stage = 0, prev = 0;
+    uint32_t phase = 0;
+    for (int t = first; t < groups; t += step) {
+      int m, n;
+      tile_coords(t, tiles_m / CLUSTER, tiles_n, m, n);
+      m = m * CLUSTER + rank;
+      for (int k = 0; k < k_iters; ++k) {
+        mbar_wait(&s.full[stage], phase);
+        const uint32_t a = smem_addr(s.a[stage]) + row0 * BK * 2, b = smem_addr(s.b[stage]);
+        wgmma_fence();
 #pragma unroll
-      for (int kk = 0; kk < BK / 16; ++kk)  // 16 columns of K = 32 bytes along the swizzled rows
-        wgmma_m64n256k16(acc, desc_k128(a + kk * 32), desc_k128(b + kk * 32), (k > 0 || kk > 0) ? 1 : 0);
-      wgmma_commit();
-      wgmma_wait<1>();  // the previous stage's products are done: hand its buffers back to the producer
-      if (k > 0 && tid == 0) mbar_arrive(&s.empty[prev]);
-      prev = stage;
-      if (++stage == STAGES) stage = 0, phase ^= 1;
-    }
-    wgmma_wait<0>();
-    if (tid == 0) mbar_arrive(&s.empty[prev]);
-    // Accumulator layout of m64nNk16 (fp32): warp w holds rows 16w + lane/4 and 8 more; per 8 columns j,
-    // acc[4j..4j+3] = (r, c), (r, c+1), (r+8, c), (r+8, c+1) with c = 8j + 2 (lane % 4).
-    const int warp = tid / 32, lane = tid % 32;
-    const int r = m * BM + row0 + warp * 16 + lane / 4;
-    __nv_bfloat16* out = c + static_cast<int64_t>(r) * ldc + n * BN + 2 * (lane % 4);
+        for (int kk = 0; kk < BK / 16; ++kk)  // 16 columns of K = 32 bytes along the swizzled rows
+          wgmma_m64n256k16(acc, desc_k128(a + kk * 32), desc_k128(b + kk * 32), (k > 0 || kk > 0) ? 1 : 0);
+        wgmma_commit();
+        wgmma_wait<1>();  // the previous stage's products are done: hand its buffers back
+        if (k > 0 && tid == 0) release<CLUSTER>(&s.empty[prev]);
+        prev = stage;
+        if (++stage == STAGES) stage = 0, phase ^= 1;
+      }
+      wgmma_wait<0>();
+      if (tid == 0) release<CLUSTER>(&s.empty[prev]);
+      // Accumulator layout of m64nNk16 (fp32): warp w holds rows 16w + lane/4 and 8 more; per 8 columns j,
+      // acc[4j..4j+3] = (r, c), (r, c+1), (r+8, c), (r+8, c+1) with c = 8j + 2 (lane % 4).
+      const int warp = tid / 32, lane = tid % 32;
+      const int r = m * BM + row0 + warp * 16 + lane / 4;
+      __nv_bfloat16* out = c + static_cast<int64_t>(r) * ldc + n * BN + 2 * (lane % 4);
 #pragma unroll
-    for (int j = 0; j < BN / 8; ++j) {
-      *reinterpret_cast<__nv_bfloat162*>(out + 8 * j) = __floats2bfloat162_rn(acc[4 * j], acc[4 * j + 1]);
-      *reinterpret_cast<__nv_bfloat162*>(out + 8 * static_cast<int64_t>(ldc) + 8 * j) =
-          __floats2bfloat162_rn(acc[4 * j + 2], acc[4 * j + 3]);
+      for (int j = 0; j < BN / 8; ++j) {
+        *reinterpret_cast<__nv_bfloat162*>(out + 8 * j) = __floats2bfloat162_rn(acc[4 * j], acc[4 * j + 1]);
+        *reinterpret_cast<__nv_bfloat162*>(out + 8 * static_cast<int64_t>(ldc) + 8 * j) =
+            __floats2bfloat162_rn(acc[4 * j + 2], acc[4 * j + 3]);
+      }
     }
   }
+  if constexpr (CLUSTER > 1) cluster_sync();  // no CTA leaves while a partner may still write into it
 }
 
 typedef CUresult (*EncodeTiled)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
@@ -213,25 +272,55 @@ int tensor_map(CUtensorMap* map, const void* ptr, int rows, int cols, int ld, in
   return r == CUDA_SUCCESS ? 0 : -2;
 }
 
-}  // namespace
 
-// C = A @ B^T. Returns 0, or -1 (no cuTensorMapEncodeTiled), -2 (a tensor map refused), -3 (a shape the
-// kernel does not tile), or a cudaError_t from the launch.
-extern "C" int ppalli_gemm_tn(const void* a, const void* b, void* c, int m, int n, int k, int lda, int ldb,
-                              int ldc, int ctas, void* stream) {
-  if (m % BM || n % BN || k % BK) return -3;
+template <int CLUSTER>
+int launch(const void* a, const void* b, void* c, int m, int n, int k, int lda, int ldb, int ldc, int ctas,
+           cudaStream_t stream) {
+  if ((m / BM) % CLUSTER) return -3;
   CUtensorMap map_a, map_b;
   int err = tensor_map(&map_a, a, m, k, lda, BM);
-  if (err == 0) err = tensor_map(&map_b, b, n, k, ldb, BN);
+  if (err == 0) err = tensor_map(&map_b, b, n, k, ldb, BN / CLUSTER);
   if (err) return err;
+  auto kernel = gemm_tn_kernel<CLUSTER>;
   const int smem = sizeof(Smem) + 1024;
-  static bool sized = false;
-  if (!sized) {
-    cudaFuncSetAttribute(gemm_tn_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-    sized = true;
+  static int resident = 0;  // CTAs that fit at once, clusters counted whole
+  cudaLaunchConfig_t cfg = {};
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = CLUSTER;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.blockDim = dim3(THREADS);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  if (resident == 0) {
+    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
+    cfg.gridDim = dim3(ctas);
+    int clusters = 0;
+    if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) != cudaSuccess || clusters == 0)
+      return static_cast<int>(cudaGetLastError());
+    resident = clusters * CLUSTER;
   }
-  const int tiles = (m / BM) * (n / BN);
-  gemm_tn_kernel<<<tiles < ctas ? tiles : ctas, THREADS, smem, static_cast<cudaStream_t>(stream)>>>(
-      map_a, map_b, static_cast<__nv_bfloat16*>(c), m, n, k, ldc);
-  return static_cast<int>(cudaGetLastError());
+  const int groups = (m / BM / CLUSTER) * (n / BN);
+  const int grid = (resident < ctas ? resident : ctas) / CLUSTER;
+  cfg.gridDim = dim3((groups < grid ? groups : grid) * CLUSTER);
+  __nv_bfloat16* out = static_cast<__nv_bfloat16*>(c);
+  cudaError_t e = cudaLaunchKernelEx(&cfg, kernel, map_a, map_b, out, m, n, k, ldc);
+  return static_cast<int>(e != cudaSuccess ? e : cudaGetLastError());
+}
+
+}  // namespace
+
+// C = A @ B^T with clusters of `cluster` CTAs (1 or 2), at most `ctas` CTAs. Returns 0, or -1 (no
+// cuTensorMapEncodeTiled), -2 (a tensor map refused), -3 (a shape the kernel does not tile), or a cudaError_t.
+extern "C" int ppalli_gemm_tn(const void* a, const void* b, void* c, int m, int n, int k, int lda, int ldb,
+                              int ldc, int ctas, int cluster, void* stream) {
+  if (m % BM || n % BN || k % BK) return -3;
+  cudaStream_t st = static_cast<cudaStream_t>(stream);
+  if (cluster == 2) return launch<2>(a, b, c, m, n, k, lda, ldb, ldc, ctas, st);
+  if (cluster == 1) return launch<1>(a, b, c, m, n, k, lda, ldb, ldc, ctas, st);
+  return -3;
 }
