@@ -101,6 +101,7 @@ def main() -> None:
             f"({flops / best[key] / 1e9:.0f})" + (f", rel err {errs[key]:.1e}, {best['cublas'] / best[key]:.3f}x "
                                                    "cuBLAS" if key in errs else "")
             for key in fns)
+        row += f"; resident CTAs {lib.ppalli_gemm_resident(1)} alone, {lib.ppalli_gemm_resident(2)} in clusters"
         print(row, flush=True)
         lines.append(row)
         del a, b, c, ref

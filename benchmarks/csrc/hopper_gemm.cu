@@ -274,6 +274,9 @@ int tensor_map(CUtensorMap* map, const void* ptr, int rows, int cols, int ld, in
 
 
 template <int CLUSTER>
+int resident = 0;  // CTAs of gemm_tn_kernel<CLUSTER> that fit at once, clusters counted whole (after a launch)
+
+template <int CLUSTER>
 int launch(const void* a, const void* b, void* c, int m, int n, int k, int lda, int ldb, int ldc, int ctas,
            cudaStream_t stream) {
   if ((m / BM) % CLUSTER) return -3;
@@ -283,7 +286,6 @@ int launch(const void* a, const void* b, void* c, int m, int n, int k, int lda, 
   if (err) return err;
   auto kernel = gemm_tn_kernel<CLUSTER>;
   const int smem = sizeof(Smem) + 1024;
-  static int resident = 0;  // CTAs that fit at once, clusters counted whole
   cudaLaunchConfig_t cfg = {};
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeClusterDimension;
@@ -295,17 +297,17 @@ int launch(const void* a, const void* b, void* c, int m, int n, int k, int lda, 
   cfg.stream = stream;
   cfg.attrs = attr;
   cfg.numAttrs = 1;
-  if (resident == 0) {
+  if (resident<CLUSTER> == 0) {
     cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
     cfg.gridDim = dim3(ctas);
     int clusters = 0;
     if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) != cudaSuccess || clusters == 0)
       return static_cast<int>(cudaGetLastError());
-    resident = clusters * CLUSTER;
+    resident<CLUSTER> = clusters * CLUSTER;
   }
   const int groups = (m / BM / CLUSTER) * (n / BN);
-  const int grid = (resident < ctas ? resident : ctas) / CLUSTER;
+  const int grid = (resident<CLUSTER> < ctas ? resident<CLUSTER> : ctas) / CLUSTER;
   cfg.gridDim = dim3((groups < grid ? groups : grid) * CLUSTER);
   __nv_bfloat16* out = static_cast<__nv_bfloat16*>(c);
   cudaError_t e = cudaLaunchKernelEx(&cfg, kernel, map_a, map_b, out, m, n, k, ldc);
@@ -324,3 +326,6 @@ extern "C" int ppalli_gemm_tn(const void* a, const void* b, void* c, int m, int 
   if (cluster == 1) return launch<1>(a, b, c, m, n, k, lda, ldb, ldc, ctas, st);
   return -3;
 }
+
+// CTAs that fit at once in clusters of `cluster` (0 before the first launch of that size).
+extern "C" int ppalli_gemm_resident(int cluster) { return cluster == 2 ? resident<2> : resident<1>; }
