@@ -81,10 +81,11 @@ def main() -> None:
                 raise RuntimeError(f"ppalli_gemm_tn returned {err}")
 
         fns = {"cublas": lambda a=a, b=b, c=c: torch.mm(a, b.t(), out=c),
-               "ours": lambda: gemm(1), "ours cluster 2": lambda: gemm(2)}
+               "ours": lambda: gemm(1), "ours cluster 2": lambda: gemm(2),
+               "ours cluster 2 no multicast": lambda: gemm(-2)}
         ref = torch.mm(a, b.t())
         errs = {}
-        for key in ("ours", "ours cluster 2"):
+        for key in ("ours", "ours cluster 2", "ours cluster 2 no multicast"):
             c.zero_()
             fns[key]()
             torch.cuda.synchronize()
@@ -101,7 +102,8 @@ def main() -> None:
             f"({flops / best[key] / 1e9:.0f})" + (f", rel err {errs[key]:.1e}, {best['cublas'] / best[key]:.3f}x "
                                                    "cuBLAS" if key in errs else "")
             for key in fns)
-        row += f"; resident CTAs {lib.ppalli_gemm_resident(1)} alone, {lib.ppalli_gemm_resident(2)} in clusters"
+        row += (f"; resident CTAs {lib.ppalli_gemm_resident(1)} alone, {lib.ppalli_gemm_resident(2)} in clusters, "
+                f"{lib.ppalli_gemm_resident(-2)} in clusters without multicast")
         print(row, flush=True)
         lines.append(row)
         del a, b, c, ref

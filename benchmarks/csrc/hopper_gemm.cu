@@ -134,9 +134,9 @@ __device__ __forceinline__ void wgmma_m64n256k16(float* d, uint64_t desc_a, uint
 
 // A stage's buffers handed back: to this CTA's producer, or with a cluster to every CTA's (their multicasts
 // write into this CTA's copy of the stage).
-template <int CLUSTER>
+template <int CLUSTER, bool MULTICAST>
 __device__ __forceinline__ void release(uint64_t* bar) {
-  if constexpr (CLUSTER > 1) {
+  if constexpr (CLUSTER > 1 && MULTICAST) {
 #pragma unroll
     for (int cta = 0; cta < CLUSTER; ++cta) mbar_arrive_cluster(bar, cta);
   } else {
@@ -155,7 +155,8 @@ __device__ __forceinline__ void tile_coords(int t, int tiles_m, int tiles_n, int
 // CLUSTER CTAs (1 or 2) take CLUSTER consecutive row tiles of one column block: each loads its A tile and
 // 1/CLUSTER of the shared B tile, multicast to all, so L2 serves B once per cluster rather than per CTA. A
 // stage is free again only when the consumers of every CTA in the cluster are done with it.
-template <int CLUSTER>
+// MULTICAST false (measurement only): clusters formed, each CTA loading its whole B tile itself.
+template <int CLUSTER, bool MULTICAST>
 __global__ void __launch_bounds__(THREADS, 1)
     gemm_tn_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_b,
                    __nv_bfloat16* __restrict__ c, int m_size, int n_size, int k_size, int ldc) {
@@ -166,7 +167,7 @@ __global__ void __launch_bounds__(THREADS, 1)
   if (threadIdx.x == 0) {
     for (int i = 0; i < STAGES; ++i) {
       mbar_init(&s.full[i], 1);
-      mbar_init(&s.empty[i], CONSUMERS * CLUSTER);
+      mbar_init(&s.empty[i], CONSUMERS * (MULTICAST ? CLUSTER : 1));
     }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
@@ -176,7 +177,7 @@ __global__ void __launch_bounds__(THREADS, 1)
     __syncthreads();
   const int tiles_m = m_size / BM, tiles_n = n_size / BN, k_iters = k_size / BK;
   const int groups = tiles_m / CLUSTER * tiles_n, first = blockIdx.x / CLUSTER, step = gridDim.x / CLUSTER;
-  constexpr int B_ROWS = BN / CLUSTER;  // B rows this CTA loads per stage
+  constexpr int B_ROWS = MULTICAST ? BN / CLUSTER : BN;  // B rows this CTA loads per stage
 
   if (wg == 0) {  // producer: one thread issues every copy
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
@@ -191,7 +192,7 @@ __global__ void __launch_bounds__(THREADS, 1)
           mbar_wait(&s.empty[stage], phase ^ 1);  // the first pass finds every stage free
           mbar_expect_tx(&s.full[stage], STAGE_BYTES);
           tma_load_2d(s.a[stage], &map_a, &s.full[stage], k * BK, m * BM);
-          if constexpr (CLUSTER > 1)
+          if constexpr (CLUSTER > 1 && MULTICAST)
             tma_load_2d_multicast(s.b[stage] + rank * B_ROWS * BK, &map_b, &s.full[stage], k * BK,
                                   n * BN + rank * B_ROWS, (1 << CLUSTER) - 1);
           else
@@ -219,12 +220,12 @@ __global__ void __launch_bounds__(THREADS, 1)
           wgmma_m64n256k16(acc, desc_k128(a + kk * 32), desc_k128(b + kk * 32), (k > 0 || kk > 0) ? 1 : 0);
         wgmma_commit();
         wgmma_wait<1>();  // the previous stage's products are done: hand its buffers back
-        if (k > 0 && tid == 0) release<CLUSTER>(&s.empty[prev]);
+        if (k > 0 && tid == 0) release<CLUSTER, MULTICAST>(&s.empty[prev]);
         prev = stage;
         if (++stage == STAGES) stage = 0, phase ^= 1;
       }
       wgmma_wait<0>();
-      if (tid == 0) release<CLUSTER>(&s.empty[prev]);
+      if (tid == 0) release<CLUSTER, MULTICAST>(&s.empty[prev]);
       // Accumulator layout of m64nNk16 (fp32): warp w holds rows 16w + lane/4 and 8 more; per 8 columns j,
       // acc[4j..4j+3] = (r, c), (r, c+1), (r+8, c), (r+8, c+1) with c = 8j + 2 (lane % 4).
       const int warp = tid / 32, lane = tid % 32;
@@ -273,18 +274,18 @@ int tensor_map(CUtensorMap* map, const void* ptr, int rows, int cols, int ld, in
 }
 
 
-template <int CLUSTER>
+template <int CLUSTER, bool MULTICAST>
 int resident = 0;  // CTAs of gemm_tn_kernel<CLUSTER> that fit at once, clusters counted whole (after a launch)
 
-template <int CLUSTER>
+template <int CLUSTER, bool MULTICAST>
 int launch(const void* a, const void* b, void* c, int m, int n, int k, int lda, int ldb, int ldc, int ctas,
            cudaStream_t stream) {
   if ((m / BM) % CLUSTER) return -3;
   CUtensorMap map_a, map_b;
   int err = tensor_map(&map_a, a, m, k, lda, BM);
-  if (err == 0) err = tensor_map(&map_b, b, n, k, ldb, BN / CLUSTER);
+  if (err == 0) err = tensor_map(&map_b, b, n, k, ldb, MULTICAST ? BN / CLUSTER : BN);
   if (err) return err;
-  auto kernel = gemm_tn_kernel<CLUSTER>;
+  auto kernel = gemm_tn_kernel<CLUSTER, MULTICAST>;
   const int smem = sizeof(Smem) + 1024;
   cudaLaunchConfig_t cfg = {};
   cudaLaunchAttribute attr[1];
@@ -297,17 +298,17 @@ int launch(const void* a, const void* b, void* c, int m, int n, int k, int lda, 
   cfg.stream = stream;
   cfg.attrs = attr;
   cfg.numAttrs = 1;
-  if (resident<CLUSTER> == 0) {
+  if (resident<CLUSTER, MULTICAST> == 0) {
     cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
     cfg.gridDim = dim3(ctas);
     int clusters = 0;
     if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) != cudaSuccess || clusters == 0)
       return static_cast<int>(cudaGetLastError());
-    resident<CLUSTER> = clusters * CLUSTER;
+    resident<CLUSTER, MULTICAST> = clusters * CLUSTER;
   }
   const int groups = (m / BM / CLUSTER) * (n / BN);
-  const int grid = (resident<CLUSTER> < ctas ? resident<CLUSTER> : ctas) / CLUSTER;
+  const int grid = (resident<CLUSTER, MULTICAST> < ctas ? resident<CLUSTER, MULTICAST> : ctas) / CLUSTER;
   cfg.gridDim = dim3((groups < grid ? groups : grid) * CLUSTER);
   __nv_bfloat16* out = static_cast<__nv_bfloat16*>(c);
   cudaError_t e = cudaLaunchKernelEx(&cfg, kernel, map_a, map_b, out, m, n, k, ldc);
@@ -316,16 +317,19 @@ int launch(const void* a, const void* b, void* c, int m, int n, int k, int lda, 
 
 }  // namespace
 
-// C = A @ B^T with clusters of `cluster` CTAs (1 or 2), at most `ctas` CTAs. Returns 0, or -1 (no
+// C = A @ B^T with clusters of `cluster` CTAs (1 or 2; -2: clusters of 2 without multicast), at most `ctas` CTAs. Returns 0, or -1 (no
 // cuTensorMapEncodeTiled), -2 (a tensor map refused), -3 (a shape the kernel does not tile), or a cudaError_t.
 extern "C" int ppalli_gemm_tn(const void* a, const void* b, void* c, int m, int n, int k, int lda, int ldb,
                               int ldc, int ctas, int cluster, void* stream) {
   if (m % BM || n % BN || k % BK) return -3;
   cudaStream_t st = static_cast<cudaStream_t>(stream);
-  if (cluster == 2) return launch<2>(a, b, c, m, n, k, lda, ldb, ldc, ctas, st);
-  if (cluster == 1) return launch<1>(a, b, c, m, n, k, lda, ldb, ldc, ctas, st);
+  if (cluster == 2) return launch<2, true>(a, b, c, m, n, k, lda, ldb, ldc, ctas, st);
+  if (cluster == -2) return launch<2, false>(a, b, c, m, n, k, lda, ldb, ldc, ctas, st);
+  if (cluster == 1) return launch<1, false>(a, b, c, m, n, k, lda, ldb, ldc, ctas, st);
   return -3;
 }
 
 // CTAs that fit at once in clusters of `cluster` (0 before the first launch of that size).
-extern "C" int ppalli_gemm_resident(int cluster) { return cluster == 2 ? resident<2> : resident<1>; }
+extern "C" int ppalli_gemm_resident(int cluster) {
+  return cluster == 2 ? resident<2, true> : cluster == -2 ? resident<2, false> : resident<1, false>;
+}
