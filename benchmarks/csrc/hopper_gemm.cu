@@ -46,11 +46,15 @@ __device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(bar)) : "memory");
 }
 
-// Arrive on the barrier at bar's offset in CTA `cta` of this cluster (this CTA's own included).
+// Arrive on the barrier at bar's offset in CTA `cta` of this cluster (this CTA's own included). Default
+// semantics (release at CTA scope): the stage's reads were wgmma's, finished by wgmma.wait_group, so nothing
+// needs publishing cluster-wide. With .release.cluster each arrive waited for the epilogue's global stores
+// to become visible: clusters ran at 0.66-0.69x cuBLAS against 0.84-0.93x without them (H200, 2026-12-04,
+// results/2026-12-04-h200-s23-hopper-gemm-3.txt).
 __device__ __forceinline__ void mbar_arrive_cluster(uint64_t* bar, uint32_t cta) {
   uint32_t remote;
   asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(smem_addr(bar)), "r"(cta));
-  asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];" ::"r"(remote) : "memory");
+  asm volatile("mbarrier.arrive.shared::cluster.b64 _, [%0];" ::"r"(remote) : "memory");
 }
 
 __device__ __forceinline__ void cluster_sync() {
