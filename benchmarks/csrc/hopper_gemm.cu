@@ -18,7 +18,13 @@
 
 namespace {
 
-constexpr int BM = 128, BN = 256, BK = 64, STAGES = 4, GROUP_M = 16;
+#ifndef GEMM_STAGES  // -D overrides, for sweeps (benchmarks/bench_hopper_gemm.py --lib)
+#define GEMM_STAGES 4
+#endif
+#ifndef GEMM_GROUP_M
+#define GEMM_GROUP_M 16
+#endif
+constexpr int BM = 128, BN = 256, BK = 64, STAGES = GEMM_STAGES, GROUP_M = GEMM_GROUP_M;
 constexpr int CONSUMERS = 2;  // warpgroups running wgmma, 64 rows each
 constexpr int THREADS = 128 * (CONSUMERS + 1);
 constexpr uint32_t STAGE_BYTES = (BM + BN) * BK * 2;
