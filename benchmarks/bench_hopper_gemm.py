@@ -12,12 +12,15 @@ card held at its power cap: 2 s of back-to-back products, each side twice, alter
 import argparse
 import ctypes
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 import triton.testing
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without `pip install -e .`
 
 SRC = Path(__file__).resolve().parent / "csrc" / "hopper_gemm.cu"
 # name: (M tokens, N out features, K in features) of y = x W^T
@@ -55,17 +58,74 @@ def sustained_ms(fn, seconds: float = 2.0) -> float:
     return start.elapsed_time(end) / calls
 
 
+GLU_SHAPES = {"1b": (16384, 8192, 2048), "8b": (8192, 14336, 4096)}  # (tokens, intermediate, hidden)
+
+
+def bench_glu(lib, sms: int, seconds: float) -> list[str]:
+    """ppalli_gemm_swiglu (g, u and h = silu(g) * u from one kernel) against cuBLAS's two GEMMs and then
+    lora_glu_fwd reading g and u back: without adapters (like for like) and, for context, lora_glu_fwd_had with
+    rank-16 adapters on all three projections, the forward T4 and T1 run today."""
+    from ppalli.kernels.lora_glu import lora_glu_fwd, lora_glu_fwd_had
+
+    lines = []
+    stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
+    for name, (m, n, k) in GLU_SHAPES.items():
+        def t(*shape, scale=1.0):
+            return torch.randn(*shape, device="cuda", dtype=torch.bfloat16) * scale
+
+        x, wg, wu = t(m, k), t(n, k, scale=k**-0.5), t(n, k, scale=k**-0.5)
+        xa, bg, ad = t(m, 16), t(n, 16, scale=0.1), t(16, n, scale=0.1)
+        g, u, h = (torch.empty(m, n, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+
+        def ours(cluster, x=x, wg=wg, wu=wu, g=g, u=u, h=h, m=m, n=n, k=k):
+            err = lib.ppalli_gemm_swiglu(x.data_ptr(), wg.data_ptr(), wu.data_ptr(), g.data_ptr(), u.data_ptr(),
+                                         h.data_ptr(), m, n, k, k, k, n, sms, cluster, stream)
+            if err:
+                raise RuntimeError(f"ppalli_gemm_swiglu returned {err}")
+
+        def cublas_glu(x=x, wg=wg, wu=wu):
+            return lora_glu_fwd(torch.mm(x, wg.t()), torch.mm(x, wu.t()), None, None, 1.0, None, None, 1.0)
+
+        def cublas_glu_had(x=x, wg=wg, wu=wu, xa=xa, bg=bg, ad=ad):
+            return lora_glu_fwd_had(torch.mm(x, wg.t()), torch.mm(x, wu.t()), xa, bg, 2.0, xa, bg, 2.0, ad)
+
+        g_ref, u_ref, h_ref = torch.mm(x, wg.t()), torch.mm(x, wu.t()), cublas_glu()
+        errs = []
+        for cluster in (2, 1):
+            ours(cluster)
+            torch.cuda.synchronize()
+            errs.append(f"cluster {cluster}: g {'equal' if torch.equal(g, g_ref) else 'DIFFERS'}, u "
+                        f"{'equal' if torch.equal(u, u_ref) else 'DIFFERS'}, h rel err "
+                        f"{((h.float() - h_ref.float()).norm() / h_ref.float().norm()).item():.1e}, h max abs diff "
+                        f"{(h.float() - h_ref.float()).abs().max().item():.1e}")
+        fns = {"cuBLAS x2 + lora_glu_fwd": cublas_glu, "ours swiglu cluster 2": lambda: ours(2),
+               "ours swiglu cluster 1": lambda: ours(1), "cuBLAS x2 + lora_glu_fwd_had (r 16)": cublas_glu_had}
+        times = {key: min(sustained_ms(f, seconds) for _ in range(2)) for key, f in fns.items()}
+        base = times["cuBLAS x2 + lora_glu_fwd"]
+        row = f"swiglu {name} (M {m}, I {n}, K {k}): " + "; ".join(errs) + "; sustained " + "; ".join(
+            f"{key} {ms:.4f} ms ({base / ms:.3f}x)" for key, ms in times.items())
+        print(row, flush=True)
+        lines.append(row)
+        del x, wg, wu, g, u, h, g_ref, u_ref, h_ref
+    return lines
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--lib", type=Path, default=None)
     p.add_argument("--only", default="", help="comma-separated substrings of shape names to run")
+    p.add_argument("--glu", action="store_true", help="time the fused gate/up + SwiGLU kernel instead")
     args = p.parse_args()
     lib_path = args.lib or build(Path(tempfile.mkdtemp()))
     lib = ctypes.CDLL(str(lib_path))
     lib.ppalli_gemm_tn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 8 + [ctypes.c_void_p]
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     lines = [f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {sms} SMs"]
+    lib.ppalli_gemm_swiglu.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 8 + [ctypes.c_void_p]
+    if args.glu:
+        args.out.write_text("\n".join(lines + bench_glu(lib, sms, 1.0)) + "\n")
+        return
 
     for name, (m, n, k) in SHAPES.items():
         if args.only and not any(s in name for s in args.only.split(",")):

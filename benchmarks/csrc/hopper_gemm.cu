@@ -161,6 +161,55 @@ __device__ __forceinline__ void quad_transpose(const uint32_t v[4], uint32_t w[4
   }
 }
 
+// A tile's rows r and r + 8 (this lane's), 16 bytes a store from col on (see quad_transpose).
+__device__ __forceinline__ void store_tile(const float* acc, __nv_bfloat16* c, int r, int col, int ldc, int q,
+                                           int lane) {
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    __nv_bfloat16* out = c + static_cast<int64_t>(r + 8 * half) * ldc + col;
+#pragma unroll
+    for (int j0 = 0; j0 < BN / 8; j0 += 4) {
+      uint32_t v[4], w[4] = {0, 0, 0, 0};
+#pragma unroll
+      for (int i = 0; i < 4; ++i) v[i] = pack_bf16(acc[4 * (j0 + i) + 2 * half], acc[4 * (j0 + i) + 2 * half + 1]);
+      quad_transpose(v, w, q, lane);
+      *reinterpret_cast<uint4*>(out + 8 * j0) = make_uint4(w[0], w[1], w[2], w[3]);
+    }
+  }
+}
+
+__device__ __forceinline__ uint32_t silu_mul(uint32_t g2, uint32_t u2) {
+  const float2 g = __bfloat1622float2(*reinterpret_cast<__nv_bfloat162*>(&g2));
+  const float2 u = __bfloat1622float2(*reinterpret_cast<__nv_bfloat162*>(&u2));
+  return pack_bf16(g.x / (1.0f + __expf(-g.x)) * u.x, g.y / (1.0f + __expf(-g.y)) * u.y);
+}
+
+// The GLU tile's epilogue: accumulator chunks 0-15 are g's 128 columns, 16-31 u's same columns; rows r and
+// r + 8, columns from col (this lane's 8 within each group of 4 chunks, after quad_transpose).
+__device__ __forceinline__ void glu_epilogue(const float* acc, __nv_bfloat16* g_out, __nv_bfloat16* u_out,
+                                             __nv_bfloat16* h_out, int r, int col, int ldc, int q, int lane) {
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int64_t row = static_cast<int64_t>(r + 8 * half) * ldc + col;
+#pragma unroll
+    for (int j0 = 0; j0 < 16; j0 += 4) {
+      uint32_t g[4], u[4], h[4], w[4] = {0, 0, 0, 0};
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        g[i] = pack_bf16(acc[4 * (j0 + i) + 2 * half], acc[4 * (j0 + i) + 2 * half + 1]);
+        u[i] = pack_bf16(acc[4 * (j0 + 16 + i) + 2 * half], acc[4 * (j0 + 16 + i) + 2 * half + 1]);
+        h[i] = silu_mul(g[i], u[i]);
+      }
+      quad_transpose(g, w, q, lane);
+      *reinterpret_cast<uint4*>(g_out + row + 8 * j0) = make_uint4(w[0], w[1], w[2], w[3]);
+      quad_transpose(u, w, q, lane);
+      *reinterpret_cast<uint4*>(u_out + row + 8 * j0) = make_uint4(w[0], w[1], w[2], w[3]);
+      quad_transpose(h, w, q, lane);
+      *reinterpret_cast<uint4*>(h_out + row + 8 * j0) = make_uint4(w[0], w[1], w[2], w[3]);
+    }
+  }
+}
+
 // A stage's buffers handed back: to this CTA's producer, or with a cluster to every CTA's (their multicasts
 // write into this CTA's copy of the stage).
 template <int CLUSTER, bool MULTICAST>
@@ -185,10 +234,15 @@ __device__ __forceinline__ void tile_coords(int t, int tiles_m, int tiles_n, int
 // 1/CLUSTER of the shared B tile, multicast to all, so L2 serves B once per cluster rather than per CTA. A
 // stage is free again only when the consumers of every CTA in the cluster are done with it.
 // MULTICAST false (measurement only): clusters formed, each CTA loading its whole B tile itself.
-template <int CLUSTER, bool MULTICAST>
+// GLU: B's tile is 128 rows of W_gate over 128 rows of W_up (map_b, map_b2: the cluster's two CTAs load one
+// each), so each tile's accumulators hold g and u for the same 128 columns; the epilogue writes g, u and
+// h = silu(g) * u (from g and u as rounded to bf16, as lora_glu_fwd reads them) to c, c2, c3, all (M, n_size).
+template <int CLUSTER, bool MULTICAST, bool GLU>
 __global__ void __launch_bounds__(THREADS, 1)
     gemm_tn_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_b,
-                   __nv_bfloat16* __restrict__ c, int m_size, int n_size, int k_size, int ldc) {
+                   const __grid_constant__ CUtensorMap map_b2, __nv_bfloat16* __restrict__ c,
+                   __nv_bfloat16* __restrict__ c2, __nv_bfloat16* __restrict__ c3, int m_size, int n_size,
+                   int k_size, int ldc) {
   extern __shared__ uint8_t raw[];
   Smem& s = *reinterpret_cast<Smem*>((reinterpret_cast<uintptr_t>(raw) + 1023) & ~static_cast<uintptr_t>(1023));
   const int wg = threadIdx.x / 128, tid = threadIdx.x % 128;
@@ -204,7 +258,8 @@ __global__ void __launch_bounds__(THREADS, 1)
     cluster_sync();  // no CTA multicasts into a partner's barriers before they exist
   else
     __syncthreads();
-  const int tiles_m = m_size / BM, tiles_n = n_size / BN, k_iters = k_size / BK;
+  constexpr int TILE_N = GLU ? BN / 2 : BN;  // output columns a tile covers
+  const int tiles_m = m_size / BM, tiles_n = n_size / TILE_N, k_iters = k_size / BK;
   const int groups = tiles_m / CLUSTER * tiles_n, first = blockIdx.x / CLUSTER, step = gridDim.x / CLUSTER;
   constexpr int B_ROWS = MULTICAST ? BN / CLUSTER : BN;  // B rows this CTA loads per stage
 
@@ -221,11 +276,18 @@ __global__ void __launch_bounds__(THREADS, 1)
           mbar_wait(&s.empty[stage], phase ^ 1);  // the first pass finds every stage free
           mbar_expect_tx(&s.full[stage], STAGE_BYTES);
           tma_load_2d(s.a[stage], &map_a, &s.full[stage], k * BK, m * BM);
-          if constexpr (CLUSTER > 1 && MULTICAST)
+          if constexpr (GLU && CLUSTER > 1 && MULTICAST) {  // rank 0 brings W_gate's rows, rank 1 W_up's
+            tma_load_2d_multicast(s.b[stage] + rank * (BN / 2) * BK, rank ? &map_b2 : &map_b, &s.full[stage],
+                                  k * BK, n * TILE_N, (1 << CLUSTER) - 1);
+          } else if constexpr (GLU) {
+            tma_load_2d(s.b[stage], &map_b, &s.full[stage], k * BK, n * TILE_N);
+            tma_load_2d(s.b[stage] + (BN / 2) * BK, &map_b2, &s.full[stage], k * BK, n * TILE_N);
+          } else if constexpr (CLUSTER > 1 && MULTICAST) {
             tma_load_2d_multicast(s.b[stage] + rank * B_ROWS * BK, &map_b, &s.full[stage], k * BK,
                                   n * BN + rank * B_ROWS, (1 << CLUSTER) - 1);
-          else
+          } else {
             tma_load_2d(s.b[stage], &map_b, &s.full[stage], k * BK, n * BN);
+          }
           if (++stage == STAGES) stage = 0, phase ^= 1;
         }
       }
@@ -261,18 +323,10 @@ __global__ void __launch_bounds__(THREADS, 1)
       // 8 rows x 64 bytes, not 8 x 16 (the first version stored the 4-byte pairs: 0.87-0.95x cuBLAS).
       const int warp = tid / 32, lane = tid % 32, q = lane % 4;
       const int r = m * BM + row0 + warp * 16 + lane / 4;
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        __nv_bfloat16* out = c + static_cast<int64_t>(r + 8 * half) * ldc + n * BN + 8 * q;
-#pragma unroll
-        for (int j0 = 0; j0 < BN / 8; j0 += 4) {
-          uint32_t v[4], w[4] = {0, 0, 0, 0};
-#pragma unroll
-          for (int i = 0; i < 4; ++i) v[i] = pack_bf16(acc[4 * (j0 + i) + 2 * half], acc[4 * (j0 + i) + 2 * half + 1]);
-          quad_transpose(v, w, q, lane);
-          *reinterpret_cast<uint4*>(out + 8 * j0) = make_uint4(w[0], w[1], w[2], w[3]);
-        }
-      }
+      if constexpr (GLU)
+        glu_epilogue(acc, c, c2, c3, r, n * TILE_N + 8 * q, ldc, q, lane);
+      else
+        store_tile(acc, c, r, n * BN + 8 * q, ldc, q, lane);
     }
   }
   if constexpr (CLUSTER > 1) cluster_sync();  // no CTA leaves while a partner may still write into it
@@ -310,18 +364,21 @@ int tensor_map(CUtensorMap* map, const void* ptr, int rows, int cols, int ld, in
 }
 
 
-template <int CLUSTER, bool MULTICAST>
-int resident = 0;  // CTAs of gemm_tn_kernel<CLUSTER> that fit at once, clusters counted whole (after a launch)
+template <int CLUSTER, bool MULTICAST, bool GLU>
+int resident = 0;  // CTAs of gemm_tn_kernel<...> that fit at once, clusters counted whole (after a launch)
 
-template <int CLUSTER, bool MULTICAST>
-int launch(const void* a, const void* b, void* c, int m, int n, int k, int lda, int ldb, int ldc, int ctas,
-           cudaStream_t stream) {
-  if ((m / BM) % CLUSTER) return -3;
-  CUtensorMap map_a, map_b;
+// b2, c2, c3: the GLU's W_up and its u and h outputs (else unused); n: output columns.
+template <int CLUSTER, bool MULTICAST, bool GLU>
+int launch(const void* a, const void* b, const void* b2, void* c, void* c2, void* c3, int m, int n, int k, int lda,
+           int ldb, int ldc, int ctas, cudaStream_t stream) {
+  constexpr int tile_n = GLU ? BN / 2 : BN;
+  if ((m / BM) % CLUSTER || m % BM || n % tile_n || k % BK) return -3;
+  CUtensorMap map_a, map_b, map_b2;
   int err = tensor_map(&map_a, a, m, k, lda, BM);
-  if (err == 0) err = tensor_map(&map_b, b, n, k, ldb, MULTICAST ? BN / CLUSTER : BN);
+  if (err == 0) err = tensor_map(&map_b, b, n, k, ldb, GLU ? BN / 2 : MULTICAST ? BN / CLUSTER : BN);
+  if (err == 0) err = tensor_map(&map_b2, GLU ? b2 : b, n, k, ldb, GLU ? BN / 2 : BN);
   if (err) return err;
-  auto kernel = gemm_tn_kernel<CLUSTER, MULTICAST>;
+  auto kernel = gemm_tn_kernel<CLUSTER, MULTICAST, GLU>;
   const int smem = sizeof(Smem) + 1024;
   cudaLaunchConfig_t cfg = {};
   cudaLaunchAttribute attr[1];
@@ -334,38 +391,49 @@ int launch(const void* a, const void* b, void* c, int m, int n, int k, int lda, 
   cfg.stream = stream;
   cfg.attrs = attr;
   cfg.numAttrs = 1;
-  if (resident<CLUSTER, MULTICAST> == 0) {
+  int& fit = resident<CLUSTER, MULTICAST, GLU>;
+  if (fit == 0) {
     cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
     cfg.gridDim = dim3(ctas);
     int clusters = 0;
     if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) != cudaSuccess || clusters == 0)
       return static_cast<int>(cudaGetLastError());
-    resident<CLUSTER, MULTICAST> = clusters * CLUSTER;
+    fit = clusters * CLUSTER;
   }
-  const int groups = (m / BM / CLUSTER) * (n / BN);
-  const int grid = (resident<CLUSTER, MULTICAST> < ctas ? resident<CLUSTER, MULTICAST> : ctas) / CLUSTER;
+  const int groups = (m / BM / CLUSTER) * (n / tile_n);
+  const int grid = (fit < ctas ? fit : ctas) / CLUSTER;
   cfg.gridDim = dim3((groups < grid ? groups : grid) * CLUSTER);
-  __nv_bfloat16* out = static_cast<__nv_bfloat16*>(c);
-  cudaError_t e = cudaLaunchKernelEx(&cfg, kernel, map_a, map_b, out, m, n, k, ldc);
+  auto out = [](void* p) { return static_cast<__nv_bfloat16*>(p); };
+  cudaError_t e = cudaLaunchKernelEx(&cfg, kernel, map_a, map_b, map_b2, out(c), out(c2), out(c3), m, n, k, ldc);
   return static_cast<int>(e != cudaSuccess ? e : cudaGetLastError());
 }
 
 }  // namespace
 
-// C = A @ B^T with clusters of `cluster` CTAs (1 or 2; -2: clusters of 2 without multicast), at most `ctas` CTAs. Returns 0, or -1 (no
-// cuTensorMapEncodeTiled), -2 (a tensor map refused), -3 (a shape the kernel does not tile), or a cudaError_t.
+// C = A @ B^T with clusters of `cluster` CTAs (1 or 2; -2: clusters of 2 without multicast), at most `ctas`
+// CTAs. Returns 0, or -1 (no cuTensorMapEncodeTiled), -2 (a tensor map refused), -3 (a shape the kernel does
+// not tile, or a cluster size it does not take), or a cudaError_t.
 extern "C" int ppalli_gemm_tn(const void* a, const void* b, void* c, int m, int n, int k, int lda, int ldb,
                               int ldc, int ctas, int cluster, void* stream) {
-  if (m % BM || n % BN || k % BK) return -3;
   cudaStream_t st = static_cast<cudaStream_t>(stream);
-  if (cluster == 2) return launch<2, true>(a, b, c, m, n, k, lda, ldb, ldc, ctas, st);
-  if (cluster == -2) return launch<2, false>(a, b, c, m, n, k, lda, ldb, ldc, ctas, st);
-  if (cluster == 1) return launch<1, false>(a, b, c, m, n, k, lda, ldb, ldc, ctas, st);
+  if (cluster == 2) return launch<2, true, false>(a, b, b, c, c, c, m, n, k, lda, ldb, ldc, ctas, st);
+  if (cluster == -2) return launch<2, false, false>(a, b, b, c, c, c, m, n, k, lda, ldb, ldc, ctas, st);
+  if (cluster == 1) return launch<1, false, false>(a, b, b, c, c, c, m, n, k, lda, ldb, ldc, ctas, st);
   return -3;
 }
 
-// CTAs that fit at once in clusters of `cluster` (0 before the first launch of that size).
+// The gated MLP's front half: g = x Wg^T, u = x Wu^T and h = silu(g) * u, x (m, k), Wg and Wu (n, k), each
+// output (m, n) with row stride ldc; the same returns as ppalli_gemm_tn.
+extern "C" int ppalli_gemm_swiglu(const void* x, const void* wg, const void* wu, void* g, void* u, void* h, int m,
+                                  int n, int k, int ldx, int ldw, int ldc, int ctas, int cluster, void* stream) {
+  cudaStream_t st = static_cast<cudaStream_t>(stream);
+  if (cluster == 2) return launch<2, true, true>(x, wg, wu, g, u, h, m, n, k, ldx, ldw, ldc, ctas, st);
+  if (cluster == 1) return launch<1, false, true>(x, wg, wu, g, u, h, m, n, k, ldx, ldw, ldc, ctas, st);
+  return -3;
+}
+
+// CTAs that fit at once in clusters of `cluster` (0 before the first launch of that size; plain GEMM).
 extern "C" int ppalli_gemm_resident(int cluster) {
-  return cluster == 2 ? resident<2, true> : cluster == -2 ? resident<2, false> : resident<1, false>;
+  return cluster == 2 ? resident<2, true, false> : cluster == -2 ? resident<2, false, false> : resident<1, false, false>;
 }
