@@ -116,6 +116,7 @@ def main() -> None:
     p.add_argument("--lib", type=Path, default=None)
     p.add_argument("--only", default="", help="comma-separated substrings of shape names to run")
     p.add_argument("--glu", action="store_true", help="time the fused gate/up + SwiGLU kernel instead")
+    p.add_argument("--seconds", type=float, default=2.0, help="length of each sustained run")
     args = p.parse_args()
     lib_path = args.lib or build(Path(tempfile.mkdtemp()))
     lib = ctypes.CDLL(str(lib_path))
@@ -124,7 +125,7 @@ def main() -> None:
     lines = [f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {sms} SMs"]
     lib.ppalli_gemm_swiglu.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 8 + [ctypes.c_void_p]
     if args.glu:
-        args.out.write_text("\n".join(lines + bench_glu(lib, sms, 1.0)) + "\n")
+        args.out.write_text("\n".join(lines + bench_glu(lib, sms, args.seconds)) + "\n")
         return
 
     for name, (m, n, k) in SHAPES.items():
@@ -155,7 +156,7 @@ def main() -> None:
         sus = {key: [] for key in fns}
         for _ in range(2):
             for key, f in fns.items():
-                sus[key].append(sustained_ms(f))
+                sus[key].append(sustained_ms(f, args.seconds))
         best = {key: min(v) for key, v in sus.items()}
         row = f"{name} (M {m}, N {n}, K {k}): " + "; ".join(
             f"{key} median {med[key]:.4f} ms ({flops / med[key] / 1e9:.0f} TFLOP/s), sustained {best[key]:.4f} "

@@ -29,9 +29,16 @@ constexpr int CONSUMERS = 2;  // warpgroups running wgmma, 64 rows each
 constexpr int THREADS = 128 * (CONSUMERS + 1);
 constexpr uint32_t STAGE_BYTES = (BM + BN) * BK * 2;
 
+#ifndef GEMM_TMA_STORE  // 1: the plain GEMM's epilogue goes through shared memory and TMA stores (build with
+#define GEMM_TMA_STORE 0  // GEMM_STAGES=3: the C tile takes the fourth stage's room)
+#endif
+
 struct Smem {  // each tile 1024-byte aligned: the 128-byte swizzle repeats every 8 rows of 128 bytes
   alignas(1024) __nv_bfloat16 a[STAGES][BM * BK];
   alignas(1024) __nv_bfloat16 b[STAGES][BN * BK];
+#if GEMM_TMA_STORE
+  alignas(1024) __nv_bfloat16 c[BM * BN];  // per consumer 64 rows as 4 boxes of 64 x 64, 128-byte swizzled
+#endif
   alignas(8) uint64_t full[STAGES];
   alignas(8) uint64_t empty[STAGES];
 };
@@ -102,6 +109,23 @@ __device__ __forceinline__ void tma_load_2d_multicast(void* dst, const CUtensorM
       "h"(mask)
       : "memory");
 }
+
+#if GEMM_TMA_STORE
+// Shared memory to global through TMA (bulk async group of the issuing thread).
+__device__ __forceinline__ void tma_store_2d(const CUtensorMap* map, const void* src, int col, int row) {
+  asm volatile("cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%2, %3}], [%1];"
+               ::"l"(reinterpret_cast<uint64_t>(map)), "r"(smem_addr(src)), "r"(col), "r"(row)
+               : "memory");
+}
+
+__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;" ::: "memory"); }
+__device__ __forceinline__ void bulk_wait_read() { asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory"); }
+__device__ __forceinline__ void bulk_wait() { asm volatile("cp.async.bulk.wait_group 0;" ::: "memory"); }
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
+__device__ __forceinline__ void named_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
+}
+#endif
 
 // Shared-memory matrix descriptor, K-major, 128-byte swizzle: start address and stride between 8-row groups
 // (1024 bytes) in 16-byte units; the leading offset is unused by swizzled K-major layouts (set to 1).
@@ -178,6 +202,28 @@ __device__ __forceinline__ void store_tile(const float* acc, __nv_bfloat16* c, i
   }
 }
 
+#if GEMM_TMA_STORE
+// store_tile into shared memory: this warpgroup's 64 rows as 4 boxes of 64 x 64 (8 KB each), 16-byte chunk
+// J of a row at chunk J % 8 XOR row % 8 of its box (TMA's 128-byte swizzle), which also keeps the 8 rows of
+// one warp store on different banks.
+__device__ __forceinline__ void stage_tile(const float* acc, __nv_bfloat16* cs, int row, int q, int lane) {
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int r = row + 8 * half;
+#pragma unroll
+    for (int j0 = 0; j0 < BN / 8; j0 += 4) {
+      uint32_t v[4], w[4] = {0, 0, 0, 0};
+#pragma unroll
+      for (int i = 0; i < 4; ++i) v[i] = pack_bf16(acc[4 * (j0 + i) + 2 * half], acc[4 * (j0 + i) + 2 * half + 1]);
+      quad_transpose(v, w, q, lane);
+      const int chunk = j0 + q;  // 8 columns
+      __nv_bfloat16* dst = cs + (chunk / 8) * 64 * 64 + r * 64 + (((chunk % 8) ^ (r % 8)) * 8);
+      *reinterpret_cast<uint4*>(dst) = make_uint4(w[0], w[1], w[2], w[3]);
+    }
+  }
+}
+#endif
+
 __device__ __forceinline__ uint32_t silu_mul(uint32_t g2, uint32_t u2) {
   const float2 g = __bfloat1622float2(*reinterpret_cast<__nv_bfloat162*>(&g2));
   const float2 u = __bfloat1622float2(*reinterpret_cast<__nv_bfloat162*>(&u2));
@@ -210,6 +256,26 @@ __device__ __forceinline__ void glu_epilogue(const float* acc, __nv_bfloat16* g_
   }
 }
 
+// The epilogue through shared memory: wait until the last tile's TMA stores have read this warpgroup's half
+// of the C buffer, write the accumulators into it, make them visible to the async proxy, and let one thread
+// store the 4 boxes; the warpgroup goes on to its next tile while TMA writes this one out.
+__device__ __forceinline__ void tma_epilogue(const float* acc, Smem& s, const CUtensorMap& map_c, int wg, int tid,
+                                             int row, int q, int lane, int row0, int col0) {
+#if GEMM_TMA_STORE
+  __nv_bfloat16* cs = s.c + (wg - 1) * 64 * BN;
+  if (tid == 0) bulk_wait_read();
+  named_sync(wg, 128);
+  stage_tile(acc, cs, row, q, lane);
+  fence_proxy_async();
+  named_sync(wg, 128);
+  if (tid == 0) {
+#pragma unroll
+    for (int box = 0; box < BN / 64; ++box) tma_store_2d(&map_c, cs + box * 64 * 64, col0 + box * 64, row0);
+    bulk_commit();
+  }
+#endif
+}
+
 // A stage's buffers handed back: to this CTA's producer, or with a cluster to every CTA's (their multicasts
 // write into this CTA's copy of the stage).
 template <int CLUSTER, bool MULTICAST>
@@ -240,7 +306,8 @@ __device__ __forceinline__ void tile_coords(int t, int tiles_m, int tiles_n, int
 template <int CLUSTER, bool MULTICAST, bool GLU>
 __global__ void __launch_bounds__(THREADS, 1)
     gemm_tn_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_b,
-                   const __grid_constant__ CUtensorMap map_b2, __nv_bfloat16* __restrict__ c,
+                   const __grid_constant__ CUtensorMap map_b2, const __grid_constant__ CUtensorMap map_c,
+                   __nv_bfloat16* __restrict__ c,
                    __nv_bfloat16* __restrict__ c2, __nv_bfloat16* __restrict__ c3, int m_size, int n_size,
                    int k_size, int ldc) {
   extern __shared__ uint8_t raw[];
@@ -325,9 +392,13 @@ __global__ void __launch_bounds__(THREADS, 1)
       const int r = m * BM + row0 + warp * 16 + lane / 4;
       if constexpr (GLU)
         glu_epilogue(acc, c, c2, c3, r, n * TILE_N + 8 * q, ldc, q, lane);
+      else if constexpr (GEMM_TMA_STORE)
+        tma_epilogue(acc, s, map_c, wg, tid, warp * 16 + lane / 4, q, lane, m * BM + row0, n * BN);
       else
         store_tile(acc, c, r, n * BN + 8 * q, ldc, q, lane);
     }
+    if constexpr (GEMM_TMA_STORE && !GLU)
+      if (tid == 0) bulk_wait();  // this warpgroup's last stores are out of shared memory before it goes
   }
   if constexpr (CLUSTER > 1) cluster_sync();  // no CTA leaves while a partner may still write into it
 }
@@ -373,8 +444,9 @@ int launch(const void* a, const void* b, const void* b2, void* c, void* c2, void
            int ldb, int ldc, int ctas, cudaStream_t stream) {
   constexpr int tile_n = GLU ? BN / 2 : BN;
   if ((m / BM) % CLUSTER || m % BM || n % tile_n || k % BK) return -3;
-  CUtensorMap map_a, map_b, map_b2;
+  CUtensorMap map_a, map_b, map_b2, map_c;
   int err = tensor_map(&map_a, a, m, k, lda, BM);
+  if (err == 0) err = tensor_map(&map_c, c, m, n, ldc, 64);  // 64 x 64 boxes (used with GEMM_TMA_STORE)
   if (err == 0) err = tensor_map(&map_b, b, n, k, ldb, GLU ? BN / 2 : MULTICAST ? BN / CLUSTER : BN);
   if (err == 0) err = tensor_map(&map_b2, GLU ? b2 : b, n, k, ldb, GLU ? BN / 2 : BN);
   if (err) return err;
@@ -405,7 +477,8 @@ int launch(const void* a, const void* b, const void* b2, void* c, void* c2, void
   const int grid = (fit < ctas ? fit : ctas) / CLUSTER;
   cfg.gridDim = dim3((groups < grid ? groups : grid) * CLUSTER);
   auto out = [](void* p) { return static_cast<__nv_bfloat16*>(p); };
-  cudaError_t e = cudaLaunchKernelEx(&cfg, kernel, map_a, map_b, map_b2, out(c), out(c2), out(c3), m, n, k, ldc);
+  cudaError_t e =
+      cudaLaunchKernelEx(&cfg, kernel, map_a, map_b, map_b2, map_c, out(c), out(c2), out(c3), m, n, k, ldc);
   return static_cast<int>(e != cudaSuccess ? e : cudaGetLastError());
 }
 
