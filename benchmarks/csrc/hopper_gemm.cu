@@ -397,8 +397,9 @@ __global__ void __launch_bounds__(THREADS, 1)
       else
         store_tile(acc, c, r, n * BN + 8 * q, ldc, q, lane);
     }
-    if constexpr (GEMM_TMA_STORE && !GLU)
-      if (tid == 0) bulk_wait();  // this warpgroup's last stores are out of shared memory before it goes
+#if GEMM_TMA_STORE
+    if (!GLU && tid == 0) bulk_wait();  // this warpgroup's last stores are out of shared memory before it goes
+#endif
   }
   if constexpr (CLUSTER > 1) cluster_sync();  // no CTA leaves while a partner may still write into it
 }
