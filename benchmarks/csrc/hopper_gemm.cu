@@ -2,15 +2,19 @@
 // bf16 out (sm_90a: TMA loads, mbarrier pipeline, wgmma). The experiment behind issue 5's next step: a GEMM
 // ppalli owns could carry a LoRA block's rank-r terms and its gated activation in the epilogue, which
 // cuBLAS cannot, if its main loop keeps up with cuBLAS's (Triton's ran 6-18% behind on the H200,
-// results/2026-12-04-h200-lora-glu-mm.txt). Here: the plain GEMM, timed against cuBLAS on T4's and T1's shapes.
+// results/2026-12-04-h200-lora-glu-mm.txt). Not used by the package: benchmarks/bench_hopper_gemm.py builds
+// and times it. H200 (2026-12-04, results/2026-12-04-h200-s23-hopper-gemm-5.txt): products bit-equal to
+// cuBLAS's, at 0.91-0.98 of its sustained rate on T4's and T1's shapes (clusters of 2); the gate/up + SwiGLU
+// variant lost to cuBLAS + lora_glu_fwd (0.91x / 0.93x, *-swiglu.txt) since its epilogue stops both
+// consumers' MMAs. Next: a ping-pong schedule, one consumer's epilogue under the other's main loop.
 //
 // One CTA per SM walks output tiles of BM x BN. Warpgroup 0 (one thread) issues the TMA copies of A's and B's
 // (BM | BN) x BK tiles into a STAGES-deep ring of shared memory; warpgroups 1 and 2 each own 64 of the BM rows
 // and run wgmma m64n256k16 over the stage, then free it. A stage's `full` barrier counts the bytes TMA lands,
 // its `empty` barrier one arrival per consumer warpgroup. Tiles go out in bands of GROUP_M row tiles so the
-// CTAs working at one time share A's rows and B's columns in L2. The epilogue stores straight from registers.
-// Clusters of 2 CTAs share B's tile through TMA multicast. Shapes: M % (BM x cluster) == 0, N % BN == 0,
-// K % BK == 0 (the launcher refuses others).
+// CTAs working at one time share A's rows and B's columns in L2. The epilogue stores straight from registers
+// (or, built with GEMM_TMA_STORE=1, through shared memory and TMA). Clusters of 2 CTAs share B's tile through
+// TMA multicast. Shapes: M % (BM x cluster) == 0, N % BN == 0, K % BK == 0 (the launcher refuses others).
 #include <cuda.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
