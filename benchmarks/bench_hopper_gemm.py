@@ -4,8 +4,8 @@ on the forward GEMMs of T4 (Llama-3.2-1B, 8 x 2048 tokens) and T1 (Llama-3.1-8B,
     python benchmarks/bench_hopper_gemm.py --out benchmarks/results/hopper-gemm.txt [--lib libhopper_gemm.so]
 
 Builds the kernel with nvcc (sm_90a) unless --lib names a build, checks each product against torch.mm
-(relative Frobenius error), then times it (CTAs alone and in clusters of 2 sharing B by multicast) and
-cuBLAS: medians of triton.testing.do_bench, and a sustained run (the
+(relative Frobenius error), then times it (CTAs alone, in clusters of 2 sharing B by multicast, and the
+ping-pong schedule) and cuBLAS: medians of triton.testing.do_bench, and a sustained run (the
 card held at its power cap: 2 s of back-to-back products, each side twice, alternating), TFLOP/s = 2 M N K / t.
 """
 
@@ -124,6 +124,7 @@ def main() -> None:
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     lines = [f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {sms} SMs"]
     lib.ppalli_gemm_swiglu.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 8 + [ctypes.c_void_p]
+    lib.ppalli_gemm_pingpong.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 7 + [ctypes.c_void_p]
     if args.glu:
         args.out.write_text("\n".join(lines + bench_glu(lib, sms, args.seconds)) + "\n")
         return
@@ -141,12 +142,17 @@ def main() -> None:
             if err:
                 raise RuntimeError(f"ppalli_gemm_tn returned {err}")
 
+        def pingpong(a=a, b=b, c=c, m=m, n=n, k=k, stream=stream):
+            err = lib.ppalli_gemm_pingpong(a.data_ptr(), b.data_ptr(), c.data_ptr(), m, n, k, k, k, n, sms, stream)
+            if err:
+                raise RuntimeError(f"ppalli_gemm_pingpong returned {err}")
+
         fns = {"cublas": lambda a=a, b=b, c=c: torch.mm(a, b.t(), out=c),
                "ours": lambda: gemm(1), "ours cluster 2": lambda: gemm(2),
-               "ours cluster 2 no multicast": lambda: gemm(-2)}
+               "ours cluster 2 no multicast": lambda: gemm(-2), "ours pingpong": pingpong}
         ref = torch.mm(a, b.t())
         errs = {}
-        for key in ("ours", "ours cluster 2", "ours cluster 2 no multicast"):
+        for key in ("ours", "ours cluster 2", "ours cluster 2 no multicast", "ours pingpong"):
             c.zero_()
             fns[key]()
             torch.cuda.synchronize()

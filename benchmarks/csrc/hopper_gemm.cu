@@ -408,6 +408,100 @@ __global__ void __launch_bounds__(THREADS, 1)
   if constexpr (CLUSTER > 1) cluster_sync();  // no CTA leaves while a partner may still write into it
 }
 
+// Written after this session's last device call (2026-12-04): compiled for sm_90a (168 registers, no spills),
+// its ring positions checked on the host, not yet run on a GPU; bench_hopper_gemm.py times it as "ours pingpong".
+// Ping-pong (GEMM_PINGPONG_STAGES stages of 64 x 64 of A and 256 x 64 of B): each consumer warpgroup owns
+// whole 64 x 256 tiles, the CTA's tiles dealt to the two in turn, and `turn` barriers let only one of them
+// issue MMAs at a time: while one runs its main loop the other writes its last tile out, so the epilogue no
+// longer stops the tensor cores (in gemm_tn_kernel both consumers store at once: 0.91-0.98x cuBLAS). The
+// stages are used in tile order, tile i taking ring positions i * k_iters onwards; one consumer frees each.
+#ifndef GEMM_PINGPONG_STAGES
+#define GEMM_PINGPONG_STAGES 5
+#endif
+constexpr int PP_BM = 64, PP_STAGES = GEMM_PINGPONG_STAGES;
+constexpr uint32_t PP_STAGE_BYTES = (PP_BM + BN) * BK * 2;
+
+struct SmemPingPong {
+  alignas(1024) __nv_bfloat16 a[PP_STAGES][PP_BM * BK];
+  alignas(1024) __nv_bfloat16 b[PP_STAGES][BN * BK];
+  alignas(8) uint64_t full[PP_STAGES];
+  alignas(8) uint64_t empty[PP_STAGES];
+  alignas(8) uint64_t turn[CONSUMERS];  // completes when consumer i may issue its next tile's MMAs
+};
+
+__global__ void __launch_bounds__(THREADS, 1)
+    gemm_pingpong_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_b,
+                         __nv_bfloat16* __restrict__ c, int m_size, int n_size, int k_size, int ldc) {
+  extern __shared__ uint8_t raw[];
+  SmemPingPong& s =
+      *reinterpret_cast<SmemPingPong*>((reinterpret_cast<uintptr_t>(raw) + 1023) & ~static_cast<uintptr_t>(1023));
+  const int wg = threadIdx.x / 128, tid = threadIdx.x % 128;
+  if (threadIdx.x == 0) {
+    for (int i = 0; i < PP_STAGES; ++i) {
+      mbar_init(&s.full[i], 1);
+      mbar_init(&s.empty[i], 1);
+    }
+    for (int i = 0; i < CONSUMERS; ++i) mbar_init(&s.turn[i], 1);
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  __syncthreads();
+  const int tiles_m = m_size / PP_BM, tiles_n = n_size / BN, tiles = tiles_m * tiles_n, k_iters = k_size / BK;
+
+  if (wg == 0) {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
+    if (tid == 0) {
+      mbar_arrive(&s.turn[0]);  // consumer 0 goes first
+      int stage = 0;
+      uint32_t phase = 0;
+      for (int t = blockIdx.x; t < tiles; t += gridDim.x) {
+        int m, n;
+        tile_coords(t, tiles_m, tiles_n, m, n);
+        for (int k = 0; k < k_iters; ++k) {
+          mbar_wait(&s.empty[stage], phase ^ 1);
+          mbar_expect_tx(&s.full[stage], PP_STAGE_BYTES);
+          tma_load_2d(s.a[stage], &map_a, &s.full[stage], k * BK, m * PP_BM);
+          tma_load_2d(s.b[stage], &map_b, &s.full[stage], k * BK, n * BN);
+          if (++stage == PP_STAGES) stage = 0, phase ^= 1;
+        }
+      }
+    }
+    return;
+  }
+
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
+  const int me = wg - 1;
+  float acc[128];
+  uint32_t turn_phase = 0;
+  int64_t i = me;  // the CTA's tile count so far: this consumer takes every second one
+  for (int t = blockIdx.x + me * gridDim.x; t < tiles; t += CONSUMERS * gridDim.x, i += CONSUMERS) {
+    int m, n;
+    tile_coords(t, tiles_m, tiles_n, m, n);
+    const int64_t pos = i * k_iters;
+    int stage = static_cast<int>(pos % PP_STAGES), prev = stage;
+    uint32_t phase = static_cast<uint32_t>((pos / PP_STAGES) & 1);
+    mbar_wait(&s.turn[me], turn_phase);
+    turn_phase ^= 1;
+    for (int k = 0; k < k_iters; ++k) {
+      mbar_wait(&s.full[stage], phase);
+      const uint32_t a = smem_addr(s.a[stage]), b = smem_addr(s.b[stage]);
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < BK / 16; ++kk)
+        wgmma_m64n256k16(acc, desc_k128(a + kk * 32), desc_k128(b + kk * 32), (k > 0 || kk > 0) ? 1 : 0);
+      wgmma_commit();
+      wgmma_wait<1>();
+      if (k > 0 && tid == 0) mbar_arrive(&s.empty[prev]);
+      prev = stage;
+      if (++stage == PP_STAGES) stage = 0, phase ^= 1;
+    }
+    if (tid == 0) mbar_arrive(&s.turn[me ^ 1]);  // every MMA of this tile is issued: the other may start
+    wgmma_wait<0>();
+    if (tid == 0) mbar_arrive(&s.empty[prev]);
+    const int warp = tid / 32, lane = tid % 32, q = lane % 4;
+    store_tile(acc, c, m * PP_BM + warp * 16 + lane / 4, n * BN + 8 * q, ldc, q, lane);
+  }
+}
+
 typedef CUresult (*EncodeTiled)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
                                 const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
                                 CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
@@ -509,6 +603,26 @@ extern "C" int ppalli_gemm_swiglu(const void* x, const void* wg, const void* wu,
   if (cluster == 2) return launch<2, true, true>(x, wg, wu, g, u, h, m, n, k, ldx, ldw, ldc, ctas, st);
   if (cluster == 1) return launch<1, false, true>(x, wg, wu, g, u, h, m, n, k, ldx, ldw, ldc, ctas, st);
   return -3;
+}
+
+// C = A @ B^T through gemm_pingpong_kernel (no clusters); the same returns as ppalli_gemm_tn.
+extern "C" int ppalli_gemm_pingpong(const void* a, const void* b, void* c, int m, int n, int k, int lda, int ldb,
+                                    int ldc, int ctas, void* stream) {
+  if (m % PP_BM || n % BN || k % BK) return -3;
+  CUtensorMap map_a, map_b;
+  int err = tensor_map(&map_a, a, m, k, lda, PP_BM);
+  if (err == 0) err = tensor_map(&map_b, b, n, k, ldb, BN);
+  if (err) return err;
+  const int smem = sizeof(SmemPingPong) + 1024;
+  static bool sized = false;
+  if (!sized) {
+    cudaFuncSetAttribute(gemm_pingpong_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    sized = true;
+  }
+  const int tiles = (m / PP_BM) * (n / BN);
+  gemm_pingpong_kernel<<<tiles < ctas ? tiles : ctas, THREADS, smem, static_cast<cudaStream_t>(stream)>>>(
+      map_a, map_b, static_cast<__nv_bfloat16*>(c), m, n, k, ldc);
+  return static_cast<int>(cudaGetLastError());
 }
 
 // CTAs that fit at once in clusters of `cluster` (0 before the first launch of that size; plain GEMM).
