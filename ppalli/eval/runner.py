@@ -93,12 +93,13 @@ def eval_loss(run, rows: list[dict], settings: EvalSettings) -> tuple[dict, int]
 
 
 def answers(run, prompts: list[list[int]], max_new_tokens: int, compile: bool = False, rows: int = 0) -> list[str]:
-    """Greedy answers to these prompts, decoded together (infer.generate.generate_greedy_rows); with compile, a
-    short batch is filled to `rows` so that it reuses the full batches' compiled step."""
-    from ppalli.infer.generate import generate_greedy_rows
+    """Greedy answers to these prompts, decoded together (infer.generate.generate_greedy_rows); where the decode
+    step is compiled (step_compiles), a short batch is filled to `rows` so that it reuses the full batches'."""
+    from ppalli.infer.generate import generate_greedy_rows, step_compiles
 
+    fill = rows if step_compiles(run.model, compile=compile) else 0
     new = generate_greedy_rows(run.model, run.tokenizer, prompts, max_new_tokens=max_new_tokens,
-                               stop_ids=run.stop_ids, compile=compile, fill_rows=rows if compile else 0)
+                               stop_ids=run.stop_ids, compile=compile, fill_rows=fill)
     return [run.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in new]
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ppalli.errors import DataError
-from ppalli.infer.generate import Sampling, generate, generate_rows
+from ppalli.infer.generate import Sampling, generate, generate_rows, step_compiles
 
 Messages = list[dict[str, str]]
 RenderPrompt = Callable[[Messages], str]
@@ -124,6 +124,7 @@ def generate_batch(model, tokenizer, render_prompt: RenderPrompt, prompts: Itera
     budget = _context_budget(model, max_new_tokens)
     prompts = list(prompts)
     sampling = Sampling(temperature=temperature, top_p=top_p, greedy=greedy)
+    fill = rows if step_compiles(model, compile=compile) else 0  # a short last batch reuses the compiled step
     with (contextlib.nullcontext(sys.stdout) if to_stdout else out.open("w", encoding="utf-8")) as f:
         for first in range(0, len(prompts), max(rows, 1)):
             chunk = prompts[first:first + max(rows, 1)]
@@ -132,7 +133,7 @@ def generate_batch(model, tokenizer, render_prompt: RenderPrompt, prompts: Itera
             seeds = None if seed is None else [seed + first + i for i in range(len(chunk))]
             start = time.perf_counter()
             news = generate_rows(model, tokenizer, ids, max_new_tokens=max_new_tokens, sampling=sampling, seeds=seeds,
-                                 stop_ids=stop_ids, compile=compile, fill_rows=rows if compile else 0)
+                                 stop_ids=stop_ids, compile=compile, fill_rows=fill)
             seconds = round(time.perf_counter() - start, 3)
             for prompt, new in zip(chunk, news):
                 row = {"prompt": prompt, "output": tokenizer.decode(new, skip_special_tokens=True),

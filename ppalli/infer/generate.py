@@ -294,6 +294,15 @@ _log = logging.getLogger("ppalli.infer")
 _SAID: set[str] = set()
 
 
+def step_compiles(model, graph: bool | None = None, compile: bool = False) -> bool:
+    """Whether decoding `model` runs a torch.compile'd step, as _decoder decides (asked for, the decode layers
+    not taking over, a CUDA graph possible, compile_problem None). Callers fill a short last batch to full rows
+    (generate_rows' fill_rows) only then, to reuse the compiled step: elsewhere the extra rows are only work."""
+    if not compile or graph is False or decode_problem(model) is None:
+        return False
+    return graph_problem(model, _device(model)) is None and compile_problem(model) is None
+
+
 def _decoder(model, device: torch.device, max_len: int, graph: bool | None, rows: int = 1, compile: bool = False):
     """The step function of `rows` sequences' decoding: from a CUDA graph where it is exact, else eager; with
     `compile`, the graph's step compiled first where compile_problem allows."""

@@ -262,3 +262,44 @@ def test_fill_rows_are_decoded_but_neither_returned_nor_waited_for(model, tok):
     finally:
         hook.remove()
     assert short == [[]] and len(forwards) == 1  # the prompts' forward, no decode step
+
+
+def test_short_batches_are_filled_only_where_the_step_is_compiled(model, tok, tmp_path, monkeypatch):
+    """step_compiles follows _decoder: no compile asked, no graph, or the decode layers taking over the model
+    (they run it uncompiled) -> no fill; generate_batch then passes fill_rows only for a compiled step."""
+    from ppalli.infer import chat
+    from ppalli.infer import generate as gen
+
+    monkeypatch.setattr(gen, "graph_problem", lambda model, device: None)  # as on a GPU
+    monkeypatch.setattr(gen, "compile_problem", lambda model: None)
+    monkeypatch.setattr(gen, "decode_problem", lambda model: "an unmerged adapter")
+    assert gen.step_compiles(model, compile=True)
+    assert not gen.step_compiles(model, compile=False) and not gen.step_compiles(model, graph=False, compile=True)
+    monkeypatch.setattr(gen, "compile_problem", lambda model: "no C compiler")
+    assert not gen.step_compiles(model, compile=True)
+    monkeypatch.setattr(gen, "compile_problem", lambda model: None)
+    monkeypatch.setattr(gen, "decode_problem", lambda model: None)  # the decode layers take over
+    assert not gen.step_compiles(model, compile=True)
+
+    fills = []
+    monkeypatch.setattr(chat, "generate_rows", lambda *a, fill_rows, **k: fills.append(fill_rows) or [[]] * len(a[2]))
+    for compiles in (True, False):
+        monkeypatch.setattr(chat, "step_compiles", lambda model, compile, compiles=compiles: compiles)
+        chat.generate_batch(model, tok, lambda m: m[-1]["content"], ["a", "b", "c"], tmp_path / "out.jsonl",
+                            compile=True, rows=2)
+    assert fills == [2, 2, 0, 0]
+
+
+def test_eval_answers_fill_only_for_a_compiled_step(monkeypatch):
+    from types import SimpleNamespace
+
+    from ppalli.eval import runner
+    from ppalli.infer import generate as gen
+
+    fills = []
+    monkeypatch.setattr(gen, "generate_greedy_rows", lambda *a, fill_rows, **k: fills.append(fill_rows) or [[1]])
+    run = SimpleNamespace(model=None, tokenizer=SimpleNamespace(decode=lambda ids, **k: " x "), stop_ids=[])
+    for compiles in (True, False):
+        monkeypatch.setattr(gen, "step_compiles", lambda model, compile, compiles=compiles: compiles)
+        assert runner.answers(run, [[5]], 4, compile=True, rows=8) == ["x"]
+    assert fills == [8, 0]
