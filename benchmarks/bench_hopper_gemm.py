@@ -3,6 +3,7 @@ on the forward GEMMs of T4 (Llama-3.2-1B, 8 x 2048 tokens) and T1 (Llama-3.1-8B,
 
     python benchmarks/bench_hopper_gemm.py --out benchmarks/results/hopper-gemm.txt [--lib libhopper_gemm.so]
 
+--glu times gate/up + SwiGLU in one kernel, --nn the input-gradient layout C = A @ B (B row-major).
 Builds the kernel with nvcc (sm_90a) unless --lib names a build, checks each product against torch.mm
 (relative Frobenius error), then times it (CTAs alone, in clusters of 2 sharing B by multicast, and the
 ping-pong schedule) and cuBLAS: medians of triton.testing.do_bench, and a sustained run (the
@@ -56,6 +57,45 @@ def sustained_ms(fn, seconds: float = 2.0) -> float:
     end.record()
     end.synchronize()
     return start.elapsed_time(end) / calls
+
+
+# name: (M tokens, N, K) of an input gradient dy W, W (K, N) row-major as nn.Linear stores (out, in)
+NN_SHAPES = {"1b down dgrad": (16384, 8192, 2048), "1b gate dgrad": (16384, 2048, 8192),
+             "8b down dgrad": (8192, 14336, 4096), "8b gate dgrad": (8192, 4096, 14336)}
+
+
+def bench_nn(lib, sms: int, seconds: float) -> list[str]:
+    """ppalli_gemm_nn (B row-major (K, N): an MN-major wgmma operand) against torch.mm(a, b)."""
+    lines = []
+    stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
+    for name, (m, n, k) in NN_SHAPES.items():
+        a = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        b = torch.randn(k, n, device="cuda", dtype=torch.bfloat16)
+        c = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+
+        def ours(cluster, a=a, b=b, c=c, m=m, n=n, k=k):
+            err = lib.ppalli_gemm_nn(a.data_ptr(), b.data_ptr(), c.data_ptr(), m, n, k, k, n, n, sms, cluster, stream)
+            if err:
+                raise RuntimeError(f"ppalli_gemm_nn returned {err}")
+
+        ref = torch.mm(a, b)
+        errs = {}
+        for cluster in (1, 2):
+            c.zero_()
+            ours(cluster)
+            torch.cuda.synchronize()
+            errs[cluster] = ((c.float() - ref.float()).norm() / ref.float().norm()).item()
+        fns = {"cublas": lambda a=a, b=b, c=c: torch.mm(a, b, out=c), "ours": lambda: ours(1),
+               "ours cluster 2": lambda: ours(2)}
+        ok = all(e < 1e-2 for e in errs.values())
+        times = {key: min(sustained_ms(f, seconds) for _ in range(2)) for key, f in fns.items()} if ok else {}
+        row = (f"nn {name} (M {m}, N {n}, K {k}): rel err {errs[1]:.1e} / {errs[2]:.1e} (alone / cluster 2)"
+               + "".join(f"; {key} {ms:.4f} ms ({2 * m * n * k / ms / 1e9:.0f} TFLOP/s, "
+                         f"{times['cublas'] / ms:.3f}x cuBLAS)" for key, ms in times.items()))
+        print(row, flush=True)
+        lines.append(row)
+        del a, b, c, ref
+    return lines
 
 
 GLU_SHAPES = {"1b": (16384, 8192, 2048), "8b": (8192, 14336, 4096)}  # (tokens, intermediate, hidden)
@@ -117,6 +157,7 @@ def main() -> None:
     p.add_argument("--only", default="", help="comma-separated substrings of shape names to run")
     p.add_argument("--glu", action="store_true", help="time the fused gate/up + SwiGLU kernel instead")
     p.add_argument("--seconds", type=float, default=2.0, help="length of each sustained run")
+    p.add_argument("--nn", action="store_true", help="time the input-gradient layout (B row-major) instead")
     args = p.parse_args()
     lib_path = args.lib or build(Path(tempfile.mkdtemp()))
     lib = ctypes.CDLL(str(lib_path))
@@ -125,6 +166,10 @@ def main() -> None:
     lines = [f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {sms} SMs"]
     lib.ppalli_gemm_swiglu.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 8 + [ctypes.c_void_p]
     lib.ppalli_gemm_pingpong.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 7 + [ctypes.c_void_p]
+    lib.ppalli_gemm_nn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 8 + [ctypes.c_void_p]
+    if args.nn:
+        args.out.write_text("\n".join(lines + bench_nn(lib, sms, args.seconds)) + "\n")
+        return
     if args.glu:
         args.out.write_text("\n".join(lines + bench_glu(lib, sms, args.seconds)) + "\n")
         return

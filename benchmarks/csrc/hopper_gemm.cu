@@ -138,6 +138,19 @@ __device__ __forceinline__ uint64_t desc_k128(uint32_t addr) {
          (1ull << 62);
 }
 
+// MN-major B (a row-major (K, N) matrix), loaded as boxes of 64 K rows x 64 N columns (128 bytes, swizzled),
+// box j (columns 64j..) at 8 KB x j: a swizzle atom is 8 K rows x 64 columns (1 KB). The stride between atoms
+// along N (8 KB) and along K (1 KB) go in the descriptor's leading and stride fields; which field takes which
+// is what GEMM_MN_SWAP flips, for the first run on a GPU to settle (written 2026-12-04, not yet run).
+#ifndef GEMM_MN_SWAP
+#define GEMM_MN_SWAP 0
+#endif
+__device__ __forceinline__ uint64_t desc_mn128(uint32_t addr) {
+  constexpr uint64_t along_n = 8192 >> 4, along_k = 1024 >> 4;
+  constexpr uint64_t lead = GEMM_MN_SWAP ? along_k : along_n, stride = GEMM_MN_SWAP ? along_n : along_k;
+  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (lead << 16) | (stride << 32) | (1ull << 62);
+}
+
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
 template <int N>
@@ -147,10 +160,12 @@ __device__ __forceinline__ void wgmma_wait() {
 
 // wgmma m64n256k16, bf16 x bf16 -> fp32, both operands K-major in shared memory (128-byte swizzle).
 // Written out by hand-run script: 128 accumulator operands, then the two descriptors and scale-d.
+// TRANS_B 1: B's tile is MN-major (N contiguous, as a row-major (K, N) matrix lays it), wgmma's imm-trans-b.
+template <int TRANS_B>
 __device__ __forceinline__ void wgmma_m64n256k16(float* d, uint64_t desc_a, uint64_t desc_b, int scale_d) {
   asm volatile(
       "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, %128, %129, p, 1, 1, 0, 0;\n}\n"
+      "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, %128, %129, p, 1, 1, 0, %131;\n}\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
         "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
         "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
@@ -167,7 +182,7 @@ __device__ __forceinline__ void wgmma_m64n256k16(float* d, uint64_t desc_a, uint
         "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),
         "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
         "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
-      : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+      : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(TRANS_B));
 }
 
 __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
@@ -307,7 +322,8 @@ __device__ __forceinline__ void tile_coords(int t, int tiles_m, int tiles_n, int
 // GLU: B's tile is 128 rows of W_gate over 128 rows of W_up (map_b, map_b2: the cluster's two CTAs load one
 // each), so each tile's accumulators hold g and u for the same 128 columns; the epilogue writes g, u and
 // h = silu(g) * u (from g and u as rounded to bf16, as lora_glu_fwd reads them) to c, c2, c3, all (M, n_size).
-template <int CLUSTER, bool MULTICAST, bool GLU>
+// B_MN: B is a row-major (K, N) matrix (C = A @ B, an input gradient's layout), loaded as 64 x 64 boxes.
+template <int CLUSTER, bool MULTICAST, bool GLU, bool B_MN>
 __global__ void __launch_bounds__(THREADS, 1)
     gemm_tn_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_b,
                    const __grid_constant__ CUtensorMap map_b2, const __grid_constant__ CUtensorMap map_c,
@@ -353,6 +369,16 @@ __global__ void __launch_bounds__(THREADS, 1)
           } else if constexpr (GLU) {
             tma_load_2d(s.b[stage], &map_b, &s.full[stage], k * BK, n * TILE_N);
             tma_load_2d(s.b[stage] + (BN / 2) * BK, &map_b2, &s.full[stage], k * BK, n * TILE_N);
+          } else if constexpr (B_MN) {  // BN / 64 boxes of 64 K rows x 64 columns; in a cluster, a share each
+            constexpr int boxes = BN / 64 / (MULTICAST ? CLUSTER : 1);
+#pragma unroll
+            for (int j = (MULTICAST ? rank : 0) * boxes; j < ((MULTICAST ? rank : 0) + 1) * boxes; ++j) {
+              if constexpr (CLUSTER > 1 && MULTICAST)
+                tma_load_2d_multicast(s.b[stage] + j * 64 * BK, &map_b, &s.full[stage], n * BN + 64 * j, k * BK,
+                                      (1 << CLUSTER) - 1);
+              else
+                tma_load_2d(s.b[stage] + j * 64 * BK, &map_b, &s.full[stage], n * BN + 64 * j, k * BK);
+            }
           } else if constexpr (CLUSTER > 1 && MULTICAST) {
             tma_load_2d_multicast(s.b[stage] + rank * B_ROWS * BK, &map_b, &s.full[stage], k * BK,
                                   n * BN + rank * B_ROWS, (1 << CLUSTER) - 1);
@@ -378,8 +404,12 @@ __global__ void __launch_bounds__(THREADS, 1)
         const uint32_t a = smem_addr(s.a[stage]) + row0 * BK * 2, b = smem_addr(s.b[stage]);
         wgmma_fence();
 #pragma unroll
-        for (int kk = 0; kk < BK / 16; ++kk)  // 16 columns of K = 32 bytes along the swizzled rows
-          wgmma_m64n256k16(acc, desc_k128(a + kk * 32), desc_k128(b + kk * 32), (k > 0 || kk > 0) ? 1 : 0);
+        for (int kk = 0; kk < BK / 16; ++kk) {  // 16 of K: 32 bytes along A's swizzled rows; B as below
+          if constexpr (B_MN)  // 16 K rows of 128 bytes = 2 swizzle atoms down each 64-column box
+            wgmma_m64n256k16<1>(acc, desc_k128(a + kk * 32), desc_mn128(b + kk * 2048), (k > 0 || kk > 0) ? 1 : 0);
+          else
+            wgmma_m64n256k16<0>(acc, desc_k128(a + kk * 32), desc_k128(b + kk * 32), (k > 0 || kk > 0) ? 1 : 0);
+        }
         wgmma_commit();
         wgmma_wait<1>();  // the previous stage's products are done: hand its buffers back
         if (k > 0 && tid == 0) release<CLUSTER, MULTICAST>(&s.empty[prev]);
@@ -487,7 +517,7 @@ __global__ void __launch_bounds__(THREADS, 1)
       wgmma_fence();
 #pragma unroll
       for (int kk = 0; kk < BK / 16; ++kk)
-        wgmma_m64n256k16(acc, desc_k128(a + kk * 32), desc_k128(b + kk * 32), (k > 0 || kk > 0) ? 1 : 0);
+        wgmma_m64n256k16<0>(acc, desc_k128(a + kk * 32), desc_k128(b + kk * 32), (k > 0 || kk > 0) ? 1 : 0);
       wgmma_commit();
       wgmma_wait<1>();
       if (k > 0 && tid == 0) mbar_arrive(&s.empty[prev]);
@@ -534,11 +564,11 @@ int tensor_map(CUtensorMap* map, const void* ptr, int rows, int cols, int ld, in
 }
 
 
-template <int CLUSTER, bool MULTICAST, bool GLU>
+template <int CLUSTER, bool MULTICAST, bool GLU, bool B_MN = false>
 int resident = 0;  // CTAs of gemm_tn_kernel<...> that fit at once, clusters counted whole (after a launch)
 
 // b2, c2, c3: the GLU's W_up and its u and h outputs (else unused); n: output columns.
-template <int CLUSTER, bool MULTICAST, bool GLU>
+template <int CLUSTER, bool MULTICAST, bool GLU, bool B_MN = false>
 int launch(const void* a, const void* b, const void* b2, void* c, void* c2, void* c3, int m, int n, int k, int lda,
            int ldb, int ldc, int ctas, cudaStream_t stream) {
   constexpr int tile_n = GLU ? BN / 2 : BN;
@@ -546,10 +576,11 @@ int launch(const void* a, const void* b, const void* b2, void* c, void* c2, void
   CUtensorMap map_a, map_b, map_b2, map_c;
   int err = tensor_map(&map_a, a, m, k, lda, BM);
   if (err == 0) err = tensor_map(&map_c, c, m, n, ldc, 64);  // 64 x 64 boxes (used with GEMM_TMA_STORE)
-  if (err == 0) err = tensor_map(&map_b, b, n, k, ldb, GLU ? BN / 2 : MULTICAST ? BN / CLUSTER : BN);
+  if (err == 0 && B_MN) err = tensor_map(&map_b, b, k, n, ldb, 64);  // (K, N), 64 x 64 boxes
+  if (err == 0 && !B_MN) err = tensor_map(&map_b, b, n, k, ldb, GLU ? BN / 2 : MULTICAST ? BN / CLUSTER : BN);
   if (err == 0) err = tensor_map(&map_b2, GLU ? b2 : b, n, k, ldb, GLU ? BN / 2 : BN);
   if (err) return err;
-  auto kernel = gemm_tn_kernel<CLUSTER, MULTICAST, GLU>;
+  auto kernel = gemm_tn_kernel<CLUSTER, MULTICAST, GLU, B_MN>;
   const int smem = sizeof(Smem) + 1024;
   cudaLaunchConfig_t cfg = {};
   cudaLaunchAttribute attr[1];
@@ -562,7 +593,7 @@ int launch(const void* a, const void* b, const void* b2, void* c, void* c2, void
   cfg.stream = stream;
   cfg.attrs = attr;
   cfg.numAttrs = 1;
-  int& fit = resident<CLUSTER, MULTICAST, GLU>;
+  int& fit = resident<CLUSTER, MULTICAST, GLU, B_MN>;
   if (fit == 0) {
     cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
@@ -592,6 +623,15 @@ extern "C" int ppalli_gemm_tn(const void* a, const void* b, void* c, int m, int 
   if (cluster == 2) return launch<2, true, false>(a, b, b, c, c, c, m, n, k, lda, ldb, ldc, ctas, st);
   if (cluster == -2) return launch<2, false, false>(a, b, b, c, c, c, m, n, k, lda, ldb, ldc, ctas, st);
   if (cluster == 1) return launch<1, false, false>(a, b, b, c, c, c, m, n, k, lda, ldb, ldc, ctas, st);
+  return -3;
+}
+
+// C = A @ B with B a row-major (K, N) matrix (row stride ldb): an input gradient dy W. The same returns.
+extern "C" int ppalli_gemm_nn(const void* a, const void* b, void* c, int m, int n, int k, int lda, int ldb,
+                              int ldc, int ctas, int cluster, void* stream) {
+  cudaStream_t st = static_cast<cudaStream_t>(stream);
+  if (cluster == 2) return launch<2, true, false, true>(a, b, b, c, c, c, m, n, k, lda, ldb, ldc, ctas, st);
+  if (cluster == 1) return launch<1, false, false, true>(a, b, b, c, c, c, m, n, k, lda, ldb, ldc, ctas, st);
   return -3;
 }
 
