@@ -204,20 +204,25 @@ __device__ __forceinline__ void quad_transpose(const uint32_t v[4], uint32_t w[4
   }
 }
 
-// A tile's rows r and r + 8 (this lane's), 16 bytes a store from col on (see quad_transpose).
+// Columns 8 (j0 + q) .. + 7 of this lane's row r (half 0) or r + 8 (half 1) as 16 bytes, from accumulator
+// chunks j0 .. j0 + 3 (see quad_transpose); half and j0 must be compile-time (unrolled loops): acc's index.
+__device__ __forceinline__ uint4 row_chunk(const float* acc, int half, int j0, int q, int lane) {
+  uint32_t v[4], w[4] = {0, 0, 0, 0};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) v[i] = pack_bf16(acc[4 * (j0 + i) + 2 * half], acc[4 * (j0 + i) + 2 * half + 1]);
+  quad_transpose(v, w, q, lane);
+  return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+// A tile's rows r and r + 8 (this lane's), 16 bytes a store from col on.
 __device__ __forceinline__ void store_tile(const float* acc, __nv_bfloat16* c, int r, int col, int ldc, int q,
                                            int lane) {
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     __nv_bfloat16* out = c + static_cast<int64_t>(r + 8 * half) * ldc + col;
 #pragma unroll
-    for (int j0 = 0; j0 < BN / 8; j0 += 4) {
-      uint32_t v[4], w[4] = {0, 0, 0, 0};
-#pragma unroll
-      for (int i = 0; i < 4; ++i) v[i] = pack_bf16(acc[4 * (j0 + i) + 2 * half], acc[4 * (j0 + i) + 2 * half + 1]);
-      quad_transpose(v, w, q, lane);
-      *reinterpret_cast<uint4*>(out + 8 * j0) = make_uint4(w[0], w[1], w[2], w[3]);
-    }
+    for (int j0 = 0; j0 < BN / 8; j0 += 4)
+      *reinterpret_cast<uint4*>(out + 8 * j0) = row_chunk(acc, half, j0, q, lane);
   }
 }
 
@@ -231,13 +236,9 @@ __device__ __forceinline__ void stage_tile(const float* acc, __nv_bfloat16* cs, 
     const int r = row + 8 * half;
 #pragma unroll
     for (int j0 = 0; j0 < BN / 8; j0 += 4) {
-      uint32_t v[4], w[4] = {0, 0, 0, 0};
-#pragma unroll
-      for (int i = 0; i < 4; ++i) v[i] = pack_bf16(acc[4 * (j0 + i) + 2 * half], acc[4 * (j0 + i) + 2 * half + 1]);
-      quad_transpose(v, w, q, lane);
       const int chunk = j0 + q;  // 8 columns
       __nv_bfloat16* dst = cs + (chunk / 8) * 64 * 64 + r * 64 + (((chunk % 8) ^ (r % 8)) * 8);
-      *reinterpret_cast<uint4*>(dst) = make_uint4(w[0], w[1], w[2], w[3]);
+      *reinterpret_cast<uint4*>(dst) = row_chunk(acc, half, j0, q, lane);
     }
   }
 }
@@ -250,7 +251,7 @@ __device__ __forceinline__ uint32_t silu_mul(uint32_t g2, uint32_t u2) {
 }
 
 // The GLU tile's epilogue: accumulator chunks 0-15 are g's 128 columns, 16-31 u's same columns; rows r and
-// r + 8, columns from col (this lane's 8 within each group of 4 chunks, after quad_transpose).
+// r + 8, 16 bytes a store from col on (row_chunk), h from g and u as rounded.
 __device__ __forceinline__ void glu_epilogue(const float* acc, __nv_bfloat16* g_out, __nv_bfloat16* u_out,
                                              __nv_bfloat16* h_out, int r, int col, int ldc, int q, int lane) {
 #pragma unroll
@@ -258,19 +259,11 @@ __device__ __forceinline__ void glu_epilogue(const float* acc, __nv_bfloat16* g_
     const int64_t row = static_cast<int64_t>(r + 8 * half) * ldc + col;
 #pragma unroll
     for (int j0 = 0; j0 < 16; j0 += 4) {
-      uint32_t g[4], u[4], h[4], w[4] = {0, 0, 0, 0};
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        g[i] = pack_bf16(acc[4 * (j0 + i) + 2 * half], acc[4 * (j0 + i) + 2 * half + 1]);
-        u[i] = pack_bf16(acc[4 * (j0 + 16 + i) + 2 * half], acc[4 * (j0 + 16 + i) + 2 * half + 1]);
-        h[i] = silu_mul(g[i], u[i]);
-      }
-      quad_transpose(g, w, q, lane);
-      *reinterpret_cast<uint4*>(g_out + row + 8 * j0) = make_uint4(w[0], w[1], w[2], w[3]);
-      quad_transpose(u, w, q, lane);
-      *reinterpret_cast<uint4*>(u_out + row + 8 * j0) = make_uint4(w[0], w[1], w[2], w[3]);
-      quad_transpose(h, w, q, lane);
-      *reinterpret_cast<uint4*>(h_out + row + 8 * j0) = make_uint4(w[0], w[1], w[2], w[3]);
+      const uint4 g = row_chunk(acc, half, j0, q, lane), u = row_chunk(acc + 64, half, j0, q, lane);
+      *reinterpret_cast<uint4*>(g_out + row + 8 * j0) = g;
+      *reinterpret_cast<uint4*>(u_out + row + 8 * j0) = u;
+      *reinterpret_cast<uint4*>(h_out + row + 8 * j0) =
+          make_uint4(silu_mul(g.x, u.x), silu_mul(g.y, u.y), silu_mul(g.z, u.z), silu_mul(g.w, u.w));
     }
   }
 }
@@ -315,6 +308,13 @@ __device__ __forceinline__ void tile_coords(int t, int tiles_m, int tiles_n, int
   n = (t % band) / rows;
 }
 
+// Group t's tile for this CTA: the cluster's groups walk tile_coords over row tiles CLUSTER at a time.
+template <int CLUSTER>
+__device__ __forceinline__ void cluster_tile(int t, int tiles_m, int tiles_n, uint32_t rank, int& m, int& n) {
+  tile_coords(t, tiles_m / CLUSTER, tiles_n, m, n);
+  m = m * CLUSTER + static_cast<int>(rank);
+}
+
 // CLUSTER CTAs (1 or 2) take CLUSTER consecutive row tiles of one column block: each loads its A tile and
 // 1/CLUSTER of the shared B tile, multicast to all, so L2 serves B once per cluster rather than per CTA. A
 // stage is free again only when the consumers of every CTA in the cluster are done with it.
@@ -357,8 +357,7 @@ __global__ void __launch_bounds__(THREADS, 1)
       uint32_t phase = 0;
       for (int t = first; t < groups; t += step) {
         int m, n;
-        tile_coords(t, tiles_m / CLUSTER, tiles_n, m, n);
-        m = m * CLUSTER + rank;
+        cluster_tile<CLUSTER>(t, tiles_m, tiles_n, rank, m, n);
         for (int k = 0; k < k_iters; ++k) {
           mbar_wait(&s.empty[stage], phase ^ 1);  // the first pass finds every stage free
           mbar_expect_tx(&s.full[stage], STAGE_BYTES);
@@ -397,8 +396,7 @@ __global__ void __launch_bounds__(THREADS, 1)
     uint32_t phase = 0;
     for (int t = first; t < groups; t += step) {
       int m, n;
-      tile_coords(t, tiles_m / CLUSTER, tiles_n, m, n);
-      m = m * CLUSTER + rank;
+      cluster_tile<CLUSTER>(t, tiles_m, tiles_n, rank, m, n);
       for (int k = 0; k < k_iters; ++k) {
         mbar_wait(&s.full[stage], phase);
         const uint32_t a = smem_addr(s.a[stage]) + row0 * BK * 2, b = smem_addr(s.b[stage]);
