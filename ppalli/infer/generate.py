@@ -305,7 +305,8 @@ def step_compiles(model, graph: bool | None = None, compile: bool = False) -> bo
 
 def _decoder(model, device: torch.device, max_len: int, graph: bool | None, rows: int = 1, compile: bool = False):
     """The step function of `rows` sequences' decoding: from a CUDA graph where it is exact, else eager; with
-    `compile`, the graph's step compiled first where compile_problem allows."""
+    `compile`, the graph's step compiled first where compile_problem allows. (step_compiles answers the same
+    question for callers ahead of the call: change the two together.)"""
     if compile and decode_problem(model) is None:
         _say_once(True, "decoding without torch.compile: ppalli's decode layers run this model faster uncompiled "
                   "(H200, Llama-3.1-8B from the graph: 177 tokens/s against 161 compiled, no 20-40 s compile)")
