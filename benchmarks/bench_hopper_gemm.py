@@ -123,6 +123,12 @@ def bench_glu(lib, sms: int, seconds: float) -> list[str]:
             if err:
                 raise RuntimeError(f"ppalli_gemm_swiglu returned {err}")
 
+        def pingpong(x=x, wg=wg, wu=wu, g=g, u=u, h=h, m=m, n=n, k=k):
+            err = lib.ppalli_gemm_swiglu_pingpong(x.data_ptr(), wg.data_ptr(), wu.data_ptr(), g.data_ptr(),
+                                                  u.data_ptr(), h.data_ptr(), m, n, k, k, k, n, sms, stream)
+            if err:
+                raise RuntimeError(f"ppalli_gemm_swiglu_pingpong returned {err}")
+
         def cublas_glu(x=x, wg=wg, wu=wu):
             return lora_glu_fwd(torch.mm(x, wg.t()), torch.mm(x, wu.t()), None, None, 1.0, None, None, 1.0)
 
@@ -131,15 +137,18 @@ def bench_glu(lib, sms: int, seconds: float) -> list[str]:
 
         g_ref, u_ref, h_ref = torch.mm(x, wg.t()), torch.mm(x, wu.t()), cublas_glu()
         errs = []
-        for cluster in (2, 1):
-            ours(cluster)
+        for label, run in (("cluster 2", lambda: ours(2)), ("cluster 1", lambda: ours(1)), ("pingpong", pingpong)):
+            for out in (g, u, h):
+                out.zero_()
+            run()
             torch.cuda.synchronize()
-            errs.append(f"cluster {cluster}: g {'equal' if torch.equal(g, g_ref) else 'DIFFERS'}, u "
+            errs.append(f"{label}: g {'equal' if torch.equal(g, g_ref) else 'DIFFERS'}, u "
                         f"{'equal' if torch.equal(u, u_ref) else 'DIFFERS'}, h rel err "
                         f"{((h.float() - h_ref.float()).norm() / h_ref.float().norm()).item():.1e}, h max abs diff "
                         f"{(h.float() - h_ref.float()).abs().max().item():.1e}")
         fns = {"cuBLAS x2 + lora_glu_fwd": cublas_glu, "ours swiglu cluster 2": lambda: ours(2),
-               "ours swiglu cluster 1": lambda: ours(1), "cuBLAS x2 + lora_glu_fwd_had (r 16)": cublas_glu_had}
+               "ours swiglu cluster 1": lambda: ours(1), "ours swiglu pingpong": pingpong,
+               "cuBLAS x2 + lora_glu_fwd_had (r 16)": cublas_glu_had}
         times = {key: min(sustained_ms(f, seconds) for _ in range(2)) for key, f in fns.items()}
         base = times["cuBLAS x2 + lora_glu_fwd"]
         row = f"swiglu {name} (M {m}, I {n}, K {k}): " + "; ".join(errs) + "; sustained " + "; ".join(
@@ -166,6 +175,7 @@ def main() -> None:
     lines = [f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {sms} SMs"]
     lib.ppalli_gemm_swiglu.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 8 + [ctypes.c_void_p]
     lib.ppalli_gemm_pingpong.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 7 + [ctypes.c_void_p]
+    lib.ppalli_gemm_swiglu_pingpong.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 7 + [ctypes.c_void_p]
     lib.ppalli_gemm_nn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 8 + [ctypes.c_void_p]
     if args.nn:
         args.out.write_text("\n".join(lines + bench_nn(lib, sms, args.seconds)) + "\n")

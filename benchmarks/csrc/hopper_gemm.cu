@@ -316,7 +316,8 @@ __global__ void __launch_bounds__(THREADS, 1)
 }
 
 // Written after this session's last device call (2026-12-04): compiled for sm_90a (168 registers, no spills),
-// its ring positions checked on the host, not yet run on a GPU; bench_hopper_gemm.py times it as "ours pingpong".
+// its ring positions checked on the host, not yet run on a GPU; bench_hopper_gemm.py times it as "ours pingpong"
+// (and with --glu the SwiGLU variant, ppalli_gemm_swiglu_pingpong, as "ours swiglu pingpong").
 // Ping-pong (GEMM_PINGPONG_STAGES stages of 64 x 64 of A and 256 x 64 of B): each consumer warpgroup owns
 // whole 64 x 256 tiles, the CTA's tiles dealt to the two in turn, and `turn` barriers let only one of them
 // issue MMAs at a time: while one runs its main loop the other writes its last tile out, so the epilogue no
@@ -336,9 +337,13 @@ struct SmemPingPong {
   alignas(8) uint64_t turn[CONSUMERS];  // completes when consumer i may issue its next tile's MMAs
 };
 
+// GLU: as gemm_tn_kernel's, B's tile 128 rows of W_gate (map_b) over 128 of W_up (map_b2), outputs g, u, h.
+template <bool GLU>
 __global__ void __launch_bounds__(THREADS, 1)
     gemm_pingpong_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_b,
-                         __nv_bfloat16* __restrict__ c, int m_size, int n_size, int k_size, int ldc) {
+                         const __grid_constant__ CUtensorMap map_b2, __nv_bfloat16* __restrict__ c,
+                         __nv_bfloat16* __restrict__ c2, __nv_bfloat16* __restrict__ c3, int m_size, int n_size,
+                         int k_size, int ldc) {
   extern __shared__ uint8_t raw[];
   SmemPingPong& s =
       *reinterpret_cast<SmemPingPong*>((reinterpret_cast<uintptr_t>(raw) + 1023) & ~static_cast<uintptr_t>(1023));
@@ -352,7 +357,8 @@ __global__ void __launch_bounds__(THREADS, 1)
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
   __syncthreads();
-  const int tiles_m = m_size / PP_BM, tiles_n = n_size / BN, tiles = tiles_m * tiles_n, k_iters = k_size / BK;
+  constexpr int TILE_N = GLU ? BN / 2 : BN;
+  const int tiles_m = m_size / PP_BM, tiles_n = n_size / TILE_N, tiles = tiles_m * tiles_n, k_iters = k_size / BK;
 
   if (wg == 0) {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
@@ -367,7 +373,8 @@ __global__ void __launch_bounds__(THREADS, 1)
           mbar_wait(&s.empty[stage], phase ^ 1);
           mbar_expect_tx(&s.full[stage], PP_STAGE_BYTES);
           tma_load_2d(s.a[stage], &map_a, &s.full[stage], k * BK, m * PP_BM);
-          tma_load_2d(s.b[stage], &map_b, &s.full[stage], k * BK, n * BN);
+          tma_load_2d(s.b[stage], &map_b, &s.full[stage], k * BK, n * TILE_N);
+          if constexpr (GLU) tma_load_2d(s.b[stage] + (BN / 2) * BK, &map_b2, &s.full[stage], k * BK, n * TILE_N);
           if (++stage == PP_STAGES) stage = 0, phase ^= 1;
         }
       }
@@ -405,7 +412,11 @@ __global__ void __launch_bounds__(THREADS, 1)
     wgmma_wait<0>();
     if (tid == 0) mbar_arrive(&s.empty[prev]);
     const int warp = tid / 32, lane = tid % 32, q = lane % 4;
-    store_tile(acc, c, m * PP_BM + warp * 16 + lane / 4, n * BN + 8 * q, ldc, q, lane);
+    const int r = m * PP_BM + warp * 16 + lane / 4;
+    if constexpr (GLU)
+      glu_epilogue(acc, c, c2, c3, r, n * TILE_N + 8 * q, ldc, q, lane);
+    else
+      store_tile(acc, c, r, n * BN + 8 * q, ldc, q, lane);
   }
 }
 
@@ -489,6 +500,30 @@ int launch(const void* a, const void* b, const void* b2, void* c, void* c2, void
   return static_cast<int>(e != cudaSuccess ? e : cudaGetLastError());
 }
 
+template <bool GLU>
+int launch_pingpong(const void* a, const void* b, const void* b2, void* c, void* c2, void* c3, int m, int n, int k,
+                    int lda, int ldb, int ldc, int ctas, cudaStream_t stream) {
+  constexpr int tile_n = GLU ? BN / 2 : BN;
+  if (m % PP_BM || n % tile_n || k % BK) return -3;
+  CUtensorMap map_a, map_b, map_b2;
+  int err = tensor_map(&map_a, a, m, k, lda, PP_BM);
+  if (err == 0) err = tensor_map(&map_b, b, n, k, ldb, tile_n);
+  if (err == 0) err = tensor_map(&map_b2, GLU ? b2 : b, n, k, ldb, tile_n);
+  if (err) return err;
+  auto kernel = gemm_pingpong_kernel<GLU>;
+  const int smem = sizeof(SmemPingPong) + 1024;
+  static bool sized = false;
+  if (!sized) {
+    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    sized = true;
+  }
+  const int tiles = (m / PP_BM) * (n / tile_n);
+  auto out = [](void* p) { return static_cast<__nv_bfloat16*>(p); };
+  kernel<<<tiles < ctas ? tiles : ctas, THREADS, smem, stream>>>(map_a, map_b, map_b2, out(c), out(c2), out(c3), m,
+                                                                   n, k, ldc);
+  return static_cast<int>(cudaGetLastError());
+}
+
 }  // namespace
 
 // C = A @ B^T with clusters of `cluster` CTAs (1 or 2; -2: clusters of 2 without multicast), at most `ctas`
@@ -525,21 +560,13 @@ extern "C" int ppalli_gemm_swiglu(const void* x, const void* wg, const void* wu,
 // C = A @ B^T through gemm_pingpong_kernel (no clusters); the same returns as ppalli_gemm_tn.
 extern "C" int ppalli_gemm_pingpong(const void* a, const void* b, void* c, int m, int n, int k, int lda, int ldb,
                                     int ldc, int ctas, void* stream) {
-  if (m % PP_BM || n % BN || k % BK) return -3;
-  CUtensorMap map_a, map_b;
-  int err = tensor_map(&map_a, a, m, k, lda, PP_BM);
-  if (err == 0) err = tensor_map(&map_b, b, n, k, ldb, BN);
-  if (err) return err;
-  const int smem = sizeof(SmemPingPong) + 1024;
-  static bool sized = false;
-  if (!sized) {
-    cudaFuncSetAttribute(gemm_pingpong_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-    sized = true;
-  }
-  const int tiles = (m / PP_BM) * (n / BN);
-  gemm_pingpong_kernel<<<tiles < ctas ? tiles : ctas, THREADS, smem, static_cast<cudaStream_t>(stream)>>>(
-      map_a, map_b, static_cast<__nv_bfloat16*>(c), m, n, k, ldc);
-  return static_cast<int>(cudaGetLastError());
+  return launch_pingpong<false>(a, b, b, c, c, c, m, n, k, lda, ldb, ldc, ctas, static_cast<cudaStream_t>(stream));
+}
+
+// ppalli_gemm_swiglu's outputs through the ping-pong kernel.
+extern "C" int ppalli_gemm_swiglu_pingpong(const void* x, const void* wg, const void* wu, void* g, void* u, void* h,
+                                           int m, int n, int k, int ldx, int ldw, int ldc, int ctas, void* stream) {
+  return launch_pingpong<true>(x, wg, wu, g, u, h, m, n, k, ldx, ldw, ldc, ctas, static_cast<cudaStream_t>(stream));
 }
 
 // CTAs that fit at once in clusters of `cluster` (0 before the first launch of that size; plain GEMM).
