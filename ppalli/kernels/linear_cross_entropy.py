@@ -105,7 +105,7 @@ def _scaled(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 def _chunk_rows(n_rows: int, vocab: int, elem_size: int) -> int:
     """Rows per chunk: the largest power of two whose logits fit LOGITS_CHUNK_BYTES (a GEMM-friendly M)."""
     rows = max(1, LOGITS_CHUNK_BYTES // (vocab * elem_size))
-    return min(1 << (rows.bit_length() - 1), n_rows)
+    return max(1, min(1 << (rows.bit_length() - 1), n_rows))  # 1 for no rows: an empty range, not a 0 step
 
 
 def _cross_entropy_rows(logits: torch.Tensor, labels: torch.Tensor, loss: torch.Tensor, ignore_index, softcap):

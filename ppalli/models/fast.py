@@ -565,12 +565,14 @@ def decoder_hidden_states(model, input_ids, position_ids=None, cu_seqlens=None, 
 
 
 def fast_causal_lm_loss(model, input_ids, labels, position_ids=None, cu_seqlens=None, max_seqlen=None,
-                        attention_mask=None) -> tuple[torch.Tensor, torch.Tensor]:
+                        attention_mask=None, loss_rows=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of token losses fp32 (), count of trained tokens ()) of a causal LM batch on the fast path.
 
     input_ids, labels (B, T); labels follow HF (position t predicts labels[t+1]; -100 = no loss); packed rows
     pass position_ids (1, T) and cu_seqlens (n+1,) (and max_seqlen) from the collator. The lm_head and the
     cross entropy are fused (chunked; no (N, V) logits); Gemma-2/3's final logit softcap is applied.
+    loss_rows (n,): the flat indices of the positions whose target trains (objectives.loss_rows, made on the
+    host by the collator): the lm_head then runs on those n rows only, the others' loss and gradient being 0.
     """
     if (why := head_problem(model)) is not None:
         raise PpalliError(f"fast_causal_lm_loss: {why}")
@@ -578,8 +580,10 @@ def fast_causal_lm_loss(model, input_ids, labels, position_ids=None, cu_seqlens=
     hidden = decoder_hidden_states(model, input_ids, position_ids, cu_seqlens, max_seqlen, attention_mask)
     weight = lm.get_output_embeddings().weight  # (V, d)
     targets = F.pad(labels[:, 1:], (0, 1), value=-100)  # (B, T): row t's target is labels[t+1]
-    h = hidden.reshape(-1, hidden.shape[-1])  # (B*T, d)
+    h, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)  # (B*T, d), (B*T,)
+    if loss_rows is not None:  # only rows with a loss: (n, d), (n,); the backward scatters into zeros
+        h, targets = h.index_select(0, loss_rows), targets.index_select(0, loss_rows)
     h = h if h.dtype == weight.dtype else h.to(weight.dtype)  # a kbit-prepared fp32 head computes in fp32
     softcap = getattr(lm.config, "final_logit_softcapping", None)
-    loss = linear_cross_entropy(h, weight, targets.reshape(-1), ignore_index=-100, softcap=softcap, reduction="sum")
+    loss = linear_cross_entropy(h, weight, targets, ignore_index=-100, softcap=softcap, reduction="sum")
     return loss, (labels[:, 1:] != -100).sum()

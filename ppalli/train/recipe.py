@@ -230,7 +230,7 @@ def build_loss(model, plan, tokenizer_log):
     def fast_lm_loss(m, batch):
         return fast_causal_lm_loss(m, batch["input_ids"], batch["labels"], position_ids=batch.get("position_ids"),
                                    cu_seqlens=batch.get("cu_seqlens"), max_seqlen=batch.get("max_seqlen"),
-                                   attention_mask=batch.get("attention_mask"))
+                                   attention_mask=batch.get("attention_mask"), loss_rows=batch.get("loss_rows"))
 
     return fast_lm_loss, handle
 
@@ -248,6 +248,7 @@ def _compile_layers(model, print_fn) -> None:
 
 def make_collate(tokenizer, device, objective: str):
     from ppalli.data.collate import pack_collate, pad_collate, preference_collate, preference_pack_collate
+    from ppalli.train.objectives import loss_rows
 
     pad_id = tokenizer.pad_token_id
 
@@ -259,6 +260,8 @@ def make_collate(tokenizer, device, objective: str):
         else:
             batch = pad_collate(samples, pad_id)
         counts = _host_counts(batch)  # before the copy: counting on the device would sync
+        if objective == "sft" and (rows := loss_rows(batch["labels"])) is not None:
+            batch["loss_rows"] = rows  # the fast path's lm_head skips the rest (objectives.loss_rows)
         batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) and k != "cu_seqlens_cpu" else v
                  for k, v in batch.items()}
         batch.update(counts)

@@ -104,3 +104,31 @@ def test_readout_reads_the_device_scalars_and_leaves_the_rest():
     read = Readout(out, start=0.0).read()
     assert read["loss"] == 1.5 and read["grad_norm"] == 0.25 and read["tokens"] == 7
     assert type(read["loss"]) is float and read["seconds"] > 0
+
+
+def test_loss_rows_are_the_positions_whose_next_label_trains():
+    from ppalli.train.objectives import LOSS_ROWS_BELOW, loss_rows
+
+    labels = torch.tensor([[-100, -100, 5, 6, -100], [-100, 7, -100, -100, -100]])  # (B, T)
+    # position t predicts labels[t + 1]: row 0 trains t = 1, 2; row 1 trains t = 0 (flat 5)
+    assert loss_rows(labels).tolist() == [1, 2, 5]
+    dense = torch.arange(40).reshape(1, 40)  # 39 of 40 positions train: >= LOSS_ROWS_BELOW, nothing to skip
+    assert 39 / 40 >= LOSS_ROWS_BELOW and loss_rows(dense) is None
+    assert loss_rows(torch.full((2, 3), -100)).tolist() == []
+
+
+def test_sft_collate_sends_loss_rows_and_preference_collate_does_not():
+    from ppalli.train.recipe import make_collate
+
+    class Tok:
+        pad_token_id = 0
+
+    samples = [{"input_ids": [1, 2, 3, 4], "labels": [-100, -100, 3, 4]}, {"input_ids": [5, 6], "labels": [-100, 6]}]
+    for packed in (False, True):
+        batch = make_collate(Tok(), "cpu", "sft")(samples, packed)
+        targets = torch.nn.functional.pad(batch["labels"][:, 1:], (0, 1), value=-100).reshape(-1)
+        assert batch["loss_rows"].tolist() == (targets != -100).nonzero().squeeze(1).tolist()
+        assert batch["loss_rows"].numel() == batch["trained_tokens"] == 3
+    pairs = [{"chosen_input_ids": [1, 2], "chosen_labels": [-100, 2], "rejected_input_ids": [1, 3],
+              "rejected_labels": [-100, 3]}]
+    assert "loss_rows" not in make_collate(Tok(), "cpu", "dpo")(pairs, False)

@@ -104,6 +104,43 @@ def test_right_padded_batch_equals_unpadded_rows():
     assert_close("loss", loss, ref, "loss")
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_lm_head_on_the_trained_rows_only(packed):
+    """loss_rows (objectives.loss_rows, from the host labels): the lm_head runs on the rows with a loss only;
+    the loss and every LoRA gradient match the run over all rows, padded or packed, and a micro-batch with no
+    trained row gives 0 and zero gradients."""
+    from ppalli.train.objectives import loss_rows
+
+    model = tiny_lora_model("llama")
+    ids, labels = _batch(2, 9)
+    labels[1, 4:6] = -100  # a second masked span inside the answer
+    kwargs = {}
+    if packed:
+        ids, labels = ids.reshape(1, -1), labels.reshape(1, -1)
+        kwargs = dict(position_ids=torch.arange(9).repeat(2)[None], cu_seqlens=torch.tensor([0, 9, 18]).int(),
+                      max_seqlen=9)
+    handle = _apply(model)
+    loss_all, n_all = fast_causal_lm_loss(model, ids, labels, **kwargs)
+    loss_all.backward()
+    g_all = grads_of(model)
+    model.zero_grad()
+    rows = loss_rows(labels)
+    assert rows is not None and rows.numel() == n_all.item() < labels.numel()
+    loss, n = fast_causal_lm_loss(model, ids, labels, loss_rows=rows, **kwargs)
+    loss.backward()
+    assert n.item() == n_all.item()
+    assert_close("loss", loss, loss_all, "loss")
+    for name, g in grads_of(model).items():
+        assert_close(name, g, g_all[name], "grad")
+    model.zero_grad()
+    none = torch.full_like(labels, -100)
+    loss0, n0 = fast_causal_lm_loss(model, ids, none, loss_rows=torch.zeros(0, dtype=torch.long), **kwargs)
+    loss0.backward()
+    handle.revert()
+    assert loss0.item() == 0.0 and n0.item() == 0
+    assert all(g is None or not g.any() for g in (p.grad for p in model.parameters() if p.requires_grad))
+
+
 def test_recompute_wrapper_reruns_the_fused_layers(monkeypatch):
     """ppalli.train.recompute wraps the layer's instance forward after the swap: the fused forward runs again
     in the backward, gradients are unchanged, and revert() restores the class forward under the wrapper."""
