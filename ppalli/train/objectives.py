@@ -26,8 +26,9 @@ def trained_tokens(labels: torch.Tensor) -> int:
 
 
 # The fast path's lm_head runs only on the rows that carry a loss (loss_rows) unless nearly all do: gathering
-# the rows and scattering their gradient back costs two passes over (N, d), ~0.1 ms at Llama-3.2-1B's 16384 x
-# 2048, against ~1.6 ms of lm_head + cross entropy per 1024 rows (H200, results/2026-12-04-h200-t4-s19-*).
+# the rows and scattering their gradient back costs two passes over (N, d) (64 MiB each at Llama-3.2-1B's
+# 16384 x 2048, not yet timed), against the 0.83 + 0.82 ms of lm_head GEMMs per 1024 rows that T4's profile
+# shows (H200, results/2026-12-04-h200-t4-s19-profile-ppalli-1.txt).
 # On ko_chatbot_qa with responses-only labels 37% (Llama 3 tokenizer) / 28% (Qwen2.5) of tokens train.
 LOSS_ROWS_BELOW = 0.95
 
