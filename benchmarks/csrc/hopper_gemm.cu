@@ -6,7 +6,9 @@
 // and times it. H200 (2026-12-04, results/2026-12-04-h200-s23-hopper-gemm-5.txt): products bit-equal to
 // cuBLAS's, at 0.91-0.98 of its sustained rate on T4's and T1's shapes (clusters of 2); the gate/up + SwiGLU
 // variant lost to cuBLAS + lora_glu_fwd (0.91x / 0.93x, *-swiglu.txt) since its epilogue stops both
-// consumers' MMAs. Next: a ping-pong schedule, one consumer's epilogue under the other's main loop.
+// consumers' MMAs. The ping-pong schedule below (s24 files): 0.92-0.98x cuBLAS, and its SwiGLU variant at
+// parity with cuBLAS + lora_glu_fwd (0.994x / 1.004x): g and u still go out for the backward, so the fusion
+// saves one read of them at most. Where this line stopped and why: 2026-12-04-summary.md, seventh part.
 //
 // One CTA per SM walks output tiles of BM x BN. Warpgroup 0 (one thread) issues the TMA copies of A's and B's
 // (BM | BN) x BK tiles into a STAGES-deep ring of shared memory; warpgroups 1 and 2 each own 64 of the BM rows
@@ -52,15 +54,11 @@ struct Smem {  // each tile 1024-byte aligned: the 128-byte swizzle repeats ever
 };
 
 // MN-major B (a row-major (K, N) matrix), loaded as boxes of 64 K rows x 64 N columns (128 bytes, swizzled),
-// box j (columns 64j..) at 8 KB x j: a swizzle atom is 8 K rows x 64 columns (1 KB). The stride between atoms
-// along N (8 KB) and along K (1 KB) go in the descriptor's leading and stride fields; which field takes which
-// is what GEMM_MN_SWAP flips, for the first run on a GPU to settle (written 2026-12-04, not yet run).
-#ifndef GEMM_MN_SWAP
-#define GEMM_MN_SWAP 0
-#endif
+// box j (columns 64j..) at 8 KB x j: a swizzle atom is 8 K rows x 64 columns (1 KB). The descriptor's leading
+// field takes the stride between atoms along N (8 KB), its stride field the one along K (1 KB): the other way
+// round gave a relative error of 1.2 on the H200 (2026-12-04-h200-s24-hopper-gemm-nn-swap1.txt), this way 0.
 __device__ __forceinline__ uint64_t desc_mn128(uint32_t addr) {
-  constexpr uint64_t along_n = 8192 >> 4, along_k = 1024 >> 4;
-  constexpr uint64_t lead = GEMM_MN_SWAP ? along_k : along_n, stride = GEMM_MN_SWAP ? along_n : along_k;
+  constexpr uint64_t lead = 8192 >> 4, stride = 1024 >> 4;
   return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (lead << 16) | (stride << 32) | (1ull << 62);
 }
 
@@ -315,9 +313,9 @@ __global__ void __launch_bounds__(THREADS, 1)
   if constexpr (CLUSTER > 1) cluster_sync();  // no CTA leaves while a partner may still write into it
 }
 
-// Written after this session's last device call (2026-12-04): compiled for sm_90a (168 registers, no spills),
-// its ring positions checked on the host, not yet run on a GPU; bench_hopper_gemm.py times it as "ours pingpong"
-// (and with --glu the SwiGLU variant, ppalli_gemm_swiglu_pingpong, as "ours swiglu pingpong").
+// H200, 2026-12-04 (results/2026-12-04-h200-s24-hopper-gemm-pingpong.txt, sustained, products bit-equal to
+// cuBLAS's): 1B gate/up 0.984x cuBLAS, q/o 0.959x, 8B gate/up 0.969x, but 1B down 0.923x and 8B down 0.934x
+// (clusters of 2 of gemm_tn_kernel there: 0.957x, 0.972x).
 // Ping-pong (GEMM_PINGPONG_STAGES stages of 64 x 64 of A and 256 x 64 of B): each consumer warpgroup owns
 // whole 64 x 256 tiles, the CTA's tiles dealt to the two in turn, and `turn` barriers let only one of them
 // issue MMAs at a time: while one runs its main loop the other writes its last tile out, so the epilogue no
