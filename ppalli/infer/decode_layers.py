@@ -16,11 +16,14 @@ card's bandwidth: a third of the step was small kernels. The swapped forward com
 
 The q/k/v and gate/up weights become row blocks of one tensor per layer while the swap holds (each parameter
 keeps its identity and values; `stack_base_weights`), and get their own storage back on revert, so saving,
-merging or training afterwards sees the model as it was. The swap is per instance (an instance `forward`
-shadowing the class's), logged, and reverted when decoding ends; any call it does not cover (no cache, attention
-weights asked for, a partial rotary table) runs the original forward. Only merged 16/32-bit models of the
-pre-norm families (Llama, Qwen2/3, Mistral, Phi-3, Gemma 1) with SDPA attention, no sliding window; LoRA left
-unmerged, quantized bases and the rest decode through HF's layers, the reason logged.
+merging or training afterwards sees the model as it was. bitsandbytes 4-bit bases (after QLoRA) are read as
+they are stored, one nf4_linear launch a projection, and an adapter left unmerged (a 4-bit base, `--no-merge`)
+adds its branch inside those launches or as one addmm_ a group (infer/decode_proj.py). The swap is per instance
+(an instance `forward` shadowing the class's), logged, and reverted when decoding ends; any call it does not
+cover (no cache, attention weights asked for, a partial rotary table, another dtype) runs the original forward.
+Pre-norm families (Llama, Qwen2/3, Mistral, Phi-3, Gemma 1) with SDPA attention and no sliding window; 8-bit,
+sharded or offloaded bases, DoRA, several active adapters and the rest decode through HF's layers, the reason
+logged.
 """
 
 from __future__ import annotations
@@ -30,16 +33,16 @@ import logging
 from collections.abc import Callable, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import StaticLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from ppalli.infer.decode_proj import ProjGroup, proj_problem
 from ppalli.kernels._utils import interpreting, is_triton_available, next_power_of_2
 from ppalli.kernels.decode_attention import decode_attention
 from ppalli.kernels.geglu import geglu_fwd_stacked
 from ppalli.kernels.lora_add_rms_norm import lora_add_rms_norm_fwd
-from ppalli.kernels.lora_linear import stack_base_weights, stacked_base_weight, unstack_base_weights
+from ppalli.kernels.lora_linear import stack_base_weights, unstack_base_weights
 from ppalli.kernels.rms_norm import rms_norm_fwd
 from ppalli.kernels.rope import rope_fwd, rope_into_cache
 from ppalli.kernels.swiglu import swiglu_fwd_stacked
@@ -48,15 +51,6 @@ from ppalli.models.fast import activation, backbone_of, causal_lm, norm_eps
 
 _log = logging.getLogger("ppalli.infer")
 _GLU = {"silu": swiglu_fwd_stacked, "gelu_tanh": geglu_fwd_stacked}  # by the fast path's activation names
-
-
-def _linear(x: torch.Tensor, mods: list[nn.Module], stacked: torch.Tensor | None,
-            bias: torch.Tensor | None) -> torch.Tensor:
-    """x (M, in) through the projections `mods` -> their outputs side by side (M, sum out): one GEMM when their
-    weights lie stacked in one tensor, else one each."""
-    if stacked is not None:
-        return F.linear(x, stacked, bias)
-    return torch.cat([F.linear(x, m.weight, m.bias) for m in mods], dim=-1)
 
 
 def _row_blocks(d: int) -> tuple[int, int, int]:
@@ -70,42 +64,40 @@ class DecodeLayer:
     """The swapped forward of one pre-norm decoder layer (see the module docstring); not an nn.Module, so the
     model's parameters and state_dict stay as they are."""
 
-    def __init__(self, layer: nn.Module, spec, config):
+    def __init__(self, layer: nn.Module, spec, config, dtype: torch.dtype):
         attn, mlp = layer.self_attn, layer.mlp
-        self.layer, self.spec = layer, spec
-        self.qkv = [getattr(attn, n) for n in spec.qkv]  # (q, k, v) or Phi-3's (qkv_proj,)
-        self.o = getattr(attn, spec.o)
-        self.gate_up = [getattr(mlp, n) for n in spec.mlp[:-1]]  # (gate, up) or (gate_up_proj,)
-        self.down = getattr(mlp, spec.mlp[-1])
+        self.layer, self.spec, self.dtype = layer, spec, dtype
+        self.qkv = ProjGroup([getattr(attn, n) for n in spec.qkv], dtype)  # (q, k, v) or Phi-3's (qkv_proj,)
+        self.o = ProjGroup([getattr(attn, spec.o)], dtype)
+        self.gate_up = ProjGroup([getattr(mlp, n) for n in spec.mlp[:-1]], dtype)  # (gate, up) or (gate_up_proj,)
+        self.down = ProjGroup([getattr(mlp, spec.mlp[-1])], dtype)
         self.norm1, self.norm2 = getattr(layer, spec.pre_attn_norm), getattr(layer, spec.pre_mlp_norm)
         self.q_norm, self.k_norm = (attn.q_norm, attn.k_norm) if spec.qk_norm else (None, None)
         self.head_dim, self.scale, self.layer_idx = attn.head_dim, attn.scaling, attn.layer_idx
         self.n_heads = config.num_attention_heads
         self.n_kv = getattr(config, "num_key_value_heads", None) or self.n_heads
         self.glu: Callable = _GLU[activation(spec, config)]
-        biases = [m.bias for m in self.qkv]
-        self.qkv_bias = None if biases[0] is None else torch.cat(biases)  # Qwen2's q/k/v biases, (sum out,)
         self.original = layer.forward
 
     def stack(self) -> None:
-        for mods in (self.qkv, self.gate_up):
-            if len(mods) > 1:
-                stack_base_weights(mods)
+        for group in (self.qkv, self.gate_up):
+            if len(group.bases) > 1 and not group.four_bit:
+                stack_base_weights(group.bases)
 
     def unstack(self) -> None:
-        for mods in (self.qkv, self.gate_up):
-            if len(mods) > 1:
-                unstack_base_weights(mods)
+        for group in (self.qkv, self.gate_up):
+            if len(group.bases) > 1 and not group.four_bit:
+                unstack_base_weights(group.bases)
 
-    def _covers(self, args: tuple, kwargs: dict) -> bool:
+    def _covers(self, hidden_states: torch.Tensor, args: tuple, kwargs: dict) -> bool:
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         cos_sin = kwargs.get("position_embeddings")
         return (not args and cache is not None and cos_sin is not None and not kwargs.get("output_attentions")
-                and cos_sin[0].shape[-1] == self.head_dim)
+                and cos_sin[0].shape[-1] == self.head_dim and hidden_states.dtype == self.dtype)
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """Drop-in for the HF layer's forward(hidden_states, attention_mask=, position_embeddings=, cache=, ...)."""
-        if not self._covers(args, kwargs):
+        if not self._covers(hidden_states, args, kwargs):
             return self.original(hidden_states, *args, **kwargs)
         b, t, d = hidden_states.shape
         offset = self.spec.norm_offset
@@ -115,16 +107,14 @@ class DecodeLayer:
         q, k, v = self._rope_cache(q, k, v, kwargs["position_embeddings"], kwargs.get("cache",
                                                                                    kwargs.get("past_key_values")))
         a = self._attend(q, k, v, kwargs.get("attention_mask"))  # (M, Hq*D)
-        x, h, _ = lora_add_rms_norm_fwd(x, F.linear(a, self.o.weight, self.o.bias), None, None, 0.0,
-                                        self.norm2.weight, norm_eps(self.norm2), offset, blocks=_row_blocks(d))
-        gu = _linear(h, self.gate_up, stacked_base_weight(self.gate_up, h.dtype), None)  # (M, 2I)
-        y = F.linear(self.glu(gu), self.down.weight, self.down.bias)  # (M, d)
+        x, h, _ = lora_add_rms_norm_fwd(x, self.o(a), None, None, 0.0, self.norm2.weight, norm_eps(self.norm2),
+                                        offset, blocks=_row_blocks(d))
+        y = self.down(self.glu(self.gate_up(h)))  # (M, 2I) -> (M, I) -> (M, d)
         return (x + y).view(b, t, d)
 
     def _qkv(self, h: torch.Tensor, b: int, t: int):
         """h (M, d) -> q (B, Hq, T, D), k, v (B, Hk, T, D): views of one (M, (Hq + 2 Hk) D) output."""
-        stacked = self.qkv[0].weight if len(self.qkv) == 1 else stacked_base_weight(self.qkv, h.dtype)
-        qkv = _linear(h, self.qkv, stacked, self.qkv_bias if stacked is not None else None)
+        qkv = self.qkv(h)  # (M, (Hq + 2 Hk) D)
         sizes = [self.n_heads * self.head_dim, self.n_kv * self.head_dim, self.n_kv * self.head_dim]
         q, k, v = (z.view(b, t, -1, self.head_dim) for z in qkv.split(sizes, dim=-1))  # (B, T, H, D)
         if self.q_norm is not None:  # per head, over D, before RoPE
@@ -191,25 +181,16 @@ def _layer_problem(layer: nn.Module, config, index: int) -> str | None:
         return f"{spec.name}: no fused GLU for its activation"
     if "forward" in layer.__dict__:
         return f"{where} already has an instance forward (hooks or the training fast path)"
-    qkv = [getattr(layer.self_attn, n, None) for n in spec.qkv]
-    mlp = [getattr(layer.mlp, n, None) for n in spec.mlp]
-    for name, module in zip((*spec.qkv, spec.o, *spec.mlp), (*qkv, getattr(layer.self_attn, spec.o, None), *mlp)):
-        if not _plain_linear(module):
-            return f"{where}.{name} is not a plain 16/32-bit nn.Linear (LoRA unmerged, a quantized, sharded or " \
-                   "offloaded base)"
-    if len({m.bias is None for m in qkv}) > 1 or any(m.bias is not None for m in mlp[:-1]):
-        return f"{where}: biases on some of q/k/v only, or on gate/up"
+    groups = [[getattr(layer.self_attn, n, None) for n in spec.qkv], [getattr(layer.self_attn, spec.o, None)],
+              [getattr(layer.mlp, n, None) for n in spec.mlp[:-1]], [getattr(layer.mlp, spec.mlp[-1], None)]]
+    names = [spec.qkv, (spec.o,), spec.mlp[:-1], spec.mlp[-1:]]
+    for mods, group_names in zip(groups, names):
+        for name, module in zip(group_names, mods):
+            if (why := proj_problem(module)) is not None:
+                return f"{where}.{name}: {why}"
+        if (why := ProjGroup.problem(mods)) is not None:
+            return f"{where} {'/'.join(group_names)}: {why}"
     return None
-
-
-def _plain_linear(module) -> bool:
-    """An nn.Linear the decode layers may multiply by directly: 16/32-bit weights held as plain tensors (not
-    sharded DTensors, 4/8-bit or fp8 subclasses, nor offloaded to meta) and no instance forward (accelerate's
-    hooks, which the direct GEMMs would skip)."""
-    if type(module) is not nn.Linear or "forward" in module.__dict__:
-        return False
-    w = module.weight
-    return type(w.data) is torch.Tensor and not w.is_meta and w.is_floating_point() and w.element_size() >= 2
 
 
 @contextlib.contextmanager
@@ -223,14 +204,19 @@ def decode_layers(model, enabled: bool = True, log: Callable[[str], None] = _log
         yield False
         return
     config = causal_lm(model).config
-    swapped = [DecodeLayer(layer, family_for_layer(layer), config) for layer in backbone_of(model).layers]
+    dtype = causal_lm(model).get_input_embeddings().weight.dtype  # the activations' dtype
+    swapped = []
     try:
         with torch.inference_mode(False):  # the stacked blocks are the parameters' storage: no inference tensors
-            for d in swapped:
-                d.stack()
-                d.layer.forward = d.forward
-        log(f"decoding with ppalli's decode layers ({len(swapped)} layers, {swapped[0].spec.name}: rms_norm, one "
-            "q/k/v GEMM, rope, add + rms_norm, one gate/up GEMM, fused GLU)")
+            for layer in backbone_of(model).layers:
+                swapped.append(DecodeLayer(layer, family_for_layer(layer), config, dtype))
+                swapped[-1].stack()
+                layer.forward = swapped[-1].forward
+        first = swapped[0]
+        bases = ("4-bit bases through nf4_linear" if first.qkv.four_bit else "one q/k/v GEMM, one gate/up GEMM")
+        lora = ", LoRA unmerged" if any(g.a_stack is not None for g in (first.qkv, first.o, first.down)) else ""
+        log(f"decoding with ppalli's decode layers ({len(swapped)} layers, {first.spec.name}: rms_norm, {bases}"
+            f"{lora}, rope, add + rms_norm, fused GLU)")
         yield True
     finally:
         with torch.inference_mode(False):

@@ -111,3 +111,100 @@ def test_generate_answers_alike_with_and_without_the_graph():
     graphed = generate(model, _NoStop(), ids, max_new_tokens=24, greedy=True, graph=True)
     assert graphed == eager and len(graphed) == 24
     assert all("forward" not in layer.__dict__ for layer in model.model.layers)
+
+
+def _qlora(config, dtype):
+    """`config`'s model with bitsandbytes NF4 projections (double quant) and an unmerged rank-16 LoRA adapter
+    with non-zero B: what chat decodes after QLoRA."""
+    pytest.importorskip("bitsandbytes")
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from ppalli.models.quant import quantize_model_4bit
+
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device(CUDA):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.requires_grad_(False)
+    quantize_model_4bit(model, compute_dtype=dtype, log_summary=False)
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, init_lora_weights=False, target_modules=[
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    return model.eval()
+
+
+def test_qlora_fp32_from_the_graph_gives_the_models_logits():
+    from fast.fast_reference import tiny_config
+
+    config = tiny_config("llama")
+    config.intermediate_size = 128  # down_proj's rows whole 64-blocks
+    model = _qlora(config, torch.float32)
+    assert decode_problem(model) is None
+    ids, mask = _rows(256)
+    with torch.inference_mode():
+        want = _steps(model, ids, mask)
+        with decode_layers(model):
+            got = _steps(model, ids, mask, graph=True)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_qlora_bf16_at_the_1b_layer_shape_no_further_from_fp32_than_the_models_layers():
+    """bf16 activations, NF4 weights: against the same weights dequantized into an fp32 run of HF's layers."""
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=8192, num_hidden_layers=2,
+                         num_attention_heads=32, num_key_value_heads=8, head_dim=64, rope_theta=500000.0)
+    model = _qlora(config, torch.bfloat16)
+    ids, mask = _rows(32000)
+    with torch.inference_mode():
+        want = _steps(model, ids, mask)
+        with decode_layers(model) as swapped:
+            assert swapped
+            got = _steps(model, ids, mask, graph=True)
+        exact = _fp32_twin(model, ids, mask)
+
+    def err(a):
+        return ((a.float() - exact).norm() / exact.norm()).item()
+
+    assert err(got) <= 1.5 * err(want) + 1e-3, (err(got), err(want))
+
+
+def _fp32_twin(model, ids, mask):
+    """The model's logits in fp32 with its 4-bit weights dequantized exactly and the adapter added in fp32."""
+    from transformers import AutoModelForCausalLM
+
+    from ppalli.kernels.nf4 import dequantize_weight
+
+    base = model.get_base_model()
+    with torch.device(CUDA):
+        twin = AutoModelForCausalLM.from_config(base.config, dtype=torch.float32).eval()
+    state = {name: p.float() for name, p in base.named_parameters()
+             if "lora_" not in name and "base_layer" not in name}
+    for name, module in base.named_modules():
+        if hasattr(module, "lora_A"):
+            a, b = module.lora_A["default"].weight.float(), module.lora_B["default"].weight.float()
+            state[f"{name}.weight"] = dequantize_weight(module, torch.float32) + module.scaling["default"] * (b @ a)
+    missing, unexpected = twin.load_state_dict(state, strict=False)
+    assert not unexpected and all("rotary" in k for k in missing), (missing, unexpected)
+    return _steps(twin, ids, mask)
+
+
+@pytest.mark.parametrize("m", [1, 16])
+@pytest.mark.parametrize("shape", [(4096, 4096), (14336, 4096), (4096, 14336)])  # 8B q, gate, down
+def test_nf4_linear_at_8b_shapes_equals_the_dequantized_gemm(shape, m):
+    bnb = pytest.importorskip("bitsandbytes")
+    from ppalli.kernels.nf4 import dequantize_nf4
+    from ppalli.kernels.nf4_linear import nf4_linear_fwd
+
+    n, k = shape
+    g = torch.Generator(device=CUDA).manual_seed(0)
+    w = torch.randn(n, k, device=CUDA, generator=g, dtype=torch.bfloat16) * 0.02
+    packed, qs = bnb.functional.quantize_4bit(w, quant_type="nf4", compress_statistics=True)
+    x = torch.randn(m, k, device=CUDA, generator=g, dtype=torch.bfloat16)
+    xa = torch.randn(m, 16, device=CUDA, generator=g, dtype=torch.bfloat16)
+    b = torch.randn(n, 16, device=CUDA, generator=g, dtype=torch.bfloat16) * 0.1
+    w16 = bnb.functional.dequantize_4bit(packed, qs)
+    assert torch.equal(dequantize_nf4(packed, qs), w16)
+    want = x.float() @ w16.float().t() + xa.float() @ b.float().t()  # bnb's bf16 weights, fp32 products
+    got = nf4_linear_fwd(x, packed, qs, None, xa, b).float()
+    assert ((got - want).norm() / want.norm()).item() < 4e-3  # the bf16 output's rounding

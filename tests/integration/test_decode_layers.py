@@ -10,7 +10,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
-from fast.fast_reference import tiny_lora_model  # noqa: E402
+from fast.fast_reference import tiny_config, tiny_lora_model, wrap_lora  # noqa: E402
 
 from ppalli.export.merge import merge_for_inference  # noqa: E402
 from ppalli.infer.decode_layers import decode_layers, decode_problem  # noqa: E402
@@ -83,6 +83,78 @@ def test_padded_rows_on_both_caches(family):
     torch.testing.assert_close(got_growing, want_growing, rtol=1e-4, atol=1e-4)
 
 
+def _adapter_model(model):
+    """PEFT LoRA on every projection, left unmerged, with non-zero B (the decode layers must add its branch)."""
+    model = wrap_lora(model)
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            p.data.normal_(0, 0.2)
+    return model.eval()
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "phi3"])  # plain, q/k/v biases, fused q/k/v and gate/up
+def test_unmerged_adapters_give_peft_logits(family):
+    model = tiny_lora_model(family)
+    for p in model.parameters():
+        p.data.normal_(0, 0.2)
+    assert decode_problem(model) is None
+    ids, mask = _padded_rows()
+    lines = []
+    with torch.inference_mode():
+        want = _static_steps(model, ids, mask)
+        with decode_layers(model, log=lines.append):
+            got = _static_steps(model, ids, mask)
+    assert "LoRA unmerged" in lines[0]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def _qlora_llama():
+    """A tiny Llama whose projections are bitsandbytes NF4 (double quant; every in_features a whole number of
+    64-blocks) with an unmerged LoRA adapter: what chat decodes after QLoRA."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM
+
+    from ppalli.models.quant import keep_standard_layout, quantize_model_4bit
+
+    config = tiny_config("llama")
+    config.intermediate_size, config._attn_implementation = 128, "sdpa"
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    for p in model.parameters():
+        p.data.normal_(0, 0.2)
+    model.requires_grad_(False)
+    quantize_model_4bit(model, compute_dtype=torch.float32, log_summary=False)
+    keep_standard_layout(model)  # bnb's CPU forward would repack the weights into a layout only it reads
+    return _adapter_model(model)
+
+
+def test_4bit_bases_with_an_adapter_give_the_models_logits():
+    model = _qlora_llama()
+    assert decode_problem(model) is None
+    ids, mask = _padded_rows()
+    lines = []
+    with torch.inference_mode():
+        want_static, want_growing = _static_steps(model, ids, mask), _growing_steps(model, ids, mask)
+        with decode_layers(model, log=lines.append):
+            got_static, got_growing = _static_steps(model, ids, mask), _growing_steps(model, ids, mask)
+    assert "4-bit bases" in lines[0] and "LoRA unmerged" in lines[0]
+    torch.testing.assert_close(got_static, want_static, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got_growing, want_growing, rtol=1e-4, atol=1e-4)
+
+
+def test_a_group_with_4bit_and_16bit_bases_keeps_the_models_layers():
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM
+
+    from ppalli.models.quant import quantize_model_4bit
+
+    config = tiny_config("llama")
+    config.intermediate_size, config._attn_implementation = 128, "sdpa"
+    model = quantize_model_4bit(AutoModelForCausalLM.from_config(config), compute_dtype=torch.float32,
+                                skip_modules=("lm_head", "k_proj"), log_summary=False)
+    assert "4-bit and 16-bit bases in one group" in decode_problem(model)
+
+
 def test_the_swap_is_undone_and_leaves_no_inference_tensors():
     model = _merged("llama")
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
@@ -117,10 +189,10 @@ def test_generate_rows_runs_through_them(caplog, monkeypatch):
     assert all("forward" not in layer.__dict__ for layer in model.model.layers)
 
 
-@pytest.mark.parametrize("family, words", [("llama", "LoRA unmerged"), ("mistral", "sliding window"),
+@pytest.mark.parametrize("family, words", [("llama", "DoRA"), ("mistral", "sliding window"),
                                            ("exaone4", "sandwich")])
 def test_models_they_do_not_cover_keep_their_layers_with_the_reason(family, words):
-    model = tiny_lora_model(family) if family == "llama" else _merged(family)  # llama: adapter left unmerged
+    model = tiny_lora_model(family, use_dora=True) if family == "llama" else _merged(family)
     why = decode_problem(model)
     assert why is not None and words in why
     lines = []

@@ -1,0 +1,149 @@
+"""A few rows through a bitsandbytes 4-bit Linear without a 16-bit weight: y = x W^T (+ bias) (+ xa B^T).
+
+Decoding reads every weight once per token, so after QLoRA a step is bound by reading the 4-bit bytes.
+bitsandbytes' path through HF's layers and PEFT's branch took 12.4 ms a Llama-3.1-8B step from a CUDA graph
+on an H200 (80.9 tokens/s, results/2026-12-04-h200-s21-generate-nf4-*.json) for ~3.7 GB of 4-bit weights,
+~1 ms at the card's bandwidth: most of the step was launches. This kernel dequantizes each (BLOCK_N, BLOCK_K)
+tile of codes in registers (the same fp32 products and one rounding to x's dtype as kernels/nf4.py, so each
+weight equals bnb's dequantize_4bit bit for bit), multiplies it into fp32 accumulators, and adds the LoRA
+branch's rank-r product in the same program, so an unmerged adapter costs no launch of its own:
+
+    y[m, n] = sum_k x[m, k] w[n, k] + bias[n] + sum_j xa[m, j] b[n, j]      xa = s x A^T, made by the caller
+
+Weights (out, in) are flat row-major in blocks of `blocksize` codes (bnb's layout, see kernels/nf4.py); here
+in % blocksize == 0, so no block spans two rows and a tile's (BLOCK_N, BLOCK_K / blocksize) scales are one
+load. The double-quantized absmax is decoded in the tile (code2[q] * absmax2 + offset, two fp32 roundings,
+launched without FMA fusion as bnb runs it). Meant for decode rows (M <= 64); a prompt dequantizes once and
+runs one GEMM (`nf4_linear`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ppalli.errors import ModelError
+from ppalli.kernels._utils import cdiv, dot, dot_upcast, interpreting, jit, next_power_of_2, tl
+from ppalli.kernels.nf4 import _bf16_rtne, _read_state, code_table, dequantize_nf4
+
+MAX_ROWS = 64  # rows one launch takes; more rows (a prompt) dequantize once and run a GEMM
+
+
+@jit
+def _nf4_linear_fwd_kernel(
+    Y, X, PACKED, CODE, ABSMAX, CODE2, ABSMAX2, OFFSET, BIAS, XA, B,
+    M, N, K, R, stride_y, stride_x, stride_xa, stride_b,
+    BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_LORA: tl.constexpr, ROUND_BY_BITS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    NB: tl.constexpr = BLOCK_K // BLOCKSIZE  # quantization blocks along a tile row
+    HB: tl.constexpr = BLOCKSIZE // 2  # packed bytes a block
+    HK: tl.constexpr = BLOCK_K // 2  # packed bytes a tile row
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,) output features
+    m = tl.arange(0, BLOCK_M)  # (BM,) rows
+    n_ok, m_ok = n < N, m < M
+    nb = tl.arange(0, NB)
+    hb = tl.arange(0, HB)
+    row_blocks = K // BLOCKSIZE
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        blk = n.to(tl.int64)[:, None] * row_blocks + k0 // BLOCKSIZE + nb[None, :]  # (BN, NB) block indices
+        blk_ok = n_ok[:, None] & (k0 + nb[None, :] * BLOCKSIZE < K)
+        if NESTED:
+            qa = tl.load(ABSMAX + blk, mask=blk_ok, other=0).to(tl.int32)
+            scale = tl.load(CODE2 + qa) * tl.load(ABSMAX2 + blk // NESTED_BLOCKSIZE, mask=blk_ok, other=0.0)
+            scale = scale + tl.load(OFFSET)  # rounded apart from the product: launched with enable_fp_fusion=False
+        else:
+            scale = tl.load(ABSMAX + blk, mask=blk_ok, other=0.0)
+        byte = blk[:, :, None] * HB + hb[None, None, :]  # (BN, NB, HB)
+        q = tl.load(PACKED + byte, mask=blk_ok[:, :, None], other=0).to(tl.int32)
+        hi = tl.reshape(tl.load(CODE + (q >> 4)) * scale[:, :, None], (BLOCK_N, HK))  # elements k0 + 2j
+        lo = tl.reshape(tl.load(CODE + (q & 15)) * scale[:, :, None], (BLOCK_N, HK))  # elements k0 + 2j + 1
+        if ROUND_BY_BITS:  # the interpreter's bf16 cast truncates; bnb's weights are rounded to nearest even
+            hi, lo = _bf16_rtne(hi), _bf16_rtne(lo)
+        hi, lo = hi.to(X.dtype.element_ty), lo.to(X.dtype.element_ty)
+        kk = k0 + 2 * tl.arange(0, HK)  # (HK,) even columns of this tile
+        x_ok = m_ok[:, None] & (kk[None, :] < K)
+        x_even = tl.load(X + m[:, None] * stride_x + kk[None, :], mask=x_ok, other=0.0)  # (BM, HK)
+        x_odd = tl.load(X + m[:, None] * stride_x + kk[None, :] + 1, mask=x_ok, other=0.0)
+        acc += dot(x_even, tl.trans(hi), IEEE, UPCAST) + dot(x_odd, tl.trans(lo), IEEE, UPCAST)
+    if HAS_LORA:  # the adapter's branch: xa (M, R) already carries the scaling
+        r = tl.arange(0, BLOCK_R)
+        xa = tl.load(XA + m[:, None] * stride_xa + r[None, :], mask=m_ok[:, None] & (r[None, :] < R), other=0.0)
+        b = tl.load(B + n[:, None] * stride_b + r[None, :], mask=n_ok[:, None] & (r[None, :] < R), other=0.0)
+        acc += dot(xa, tl.trans(b), IEEE, UPCAST)
+    if HAS_BIAS:
+        acc += tl.load(BIAS + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(Y + m[:, None] * stride_y + n[None, :], acc.to(Y.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+def nf4_linear_problem(packed: torch.Tensor, quant_state) -> str | None:
+    """Why nf4_linear_fwd cannot read this weight, or None."""
+    shape = getattr(quant_state, "shape", None)
+    if shape is None or len(shape) != 2:
+        return "no 2-D quant_state shape"
+    if getattr(quant_state, "packing_format_for_cpu", False):
+        return "repacked by bitsandbytes for CPU inference"
+    if shape[1] % quant_state.blocksize or quant_state.blocksize < 32:
+        return f"in_features {shape[1]} is not a whole number of {quant_state.blocksize}-value blocks"
+    return None
+
+
+def _blocks(n: int, k: int, blocksize: int) -> tuple[int, int]:
+    """(BLOCK_N, BLOCK_K): narrow column tiles where there are few output features, so a launch still has
+    a few programs per SM to keep the 4-bit reads in flight."""
+    block_k = max(blocksize, min(256, next_power_of_2(k)))
+    block_n = 32 if n >= 32 * 512 else 16
+    return block_n, block_k
+
+
+def nf4_linear_fwd(x: torch.Tensor, packed: torch.Tensor, quant_state, bias: torch.Tensor | None = None,
+                   xa: torch.Tensor | None = None, b: torch.Tensor | None = None,
+                   out: torch.Tensor | None = None, blocks: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """x (M, in), M <= MAX_ROWS, through the 4-bit weight (`packed` bytes + bnb QuantState) -> (M, out) in
+    x's dtype; xa (M, r) and b (out, r) add the LoRA branch, `out` (M, out) may be a column slice of a wider
+    buffer (a projection group's output). blocks: (BLOCK_N, BLOCK_K, num_warps), for sweeps."""
+    st = _read_state(packed, quant_state, x.dtype)
+    if (why := nf4_linear_problem(packed, quant_state)) is not None:
+        raise ModelError(f"nf4_linear_fwd: {why}")
+    m, k = x.shape
+    n = st.shape[0]
+    if m > MAX_ROWS or st.shape[1] != k:
+        raise ModelError(f"nf4_linear_fwd takes at most {MAX_ROWS} rows of {st.shape[1]} features, "
+                         f"got {tuple(x.shape)}")
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    y = out if out is not None else x.new_empty(m, n)
+    nested = st.nested_code is not None
+    dummy = st.absmax
+    block_n, block_k, warps = blocks or (*_blocks(n, k, st.blocksize), 4)
+    r = 0 if xa is None else xa.shape[1]
+    _nf4_linear_fwd_kernel[(cdiv(n, block_n),)](
+        y, x, st.packed, code_table(st.quant_type, x.device), st.absmax,
+        st.nested_code if nested else dummy, st.nested_absmax if nested else dummy, st.offset if nested else dummy,
+        bias if bias is not None else x, xa if xa is not None else x, b if b is not None else x,
+        m, n, k, r, y.stride(0), x.stride(0), xa.stride(0) if xa is not None else 0,
+        b.stride(0) if b is not None else 0,
+        BLOCKSIZE=st.blocksize, NESTED_BLOCKSIZE=st.nested_blocksize, NESTED=nested, HAS_BIAS=bias is not None,
+        HAS_LORA=xa is not None, ROUND_BY_BITS=x.dtype == torch.bfloat16 and interpreting(),
+        IEEE=x.dtype == torch.float32, UPCAST=dot_upcast(x.dtype),
+        BLOCK_M=max(16, next_power_of_2(m)), BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=max(16, next_power_of_2(r)),
+        num_warps=warps, enable_fp_fusion=False,
+    )
+    return y
+
+
+def nf4_linear(x: torch.Tensor, packed: torch.Tensor, quant_state, bias: torch.Tensor | None = None,
+               xa: torch.Tensor | None = None, b: torch.Tensor | None = None,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """nf4_linear_fwd for a few rows; more rows (a prompt) dequantize the weight (kernels/nf4.py) and run one
+    GEMM, the LoRA branch added by addmm_."""
+    if x.shape[0] <= MAX_ROWS:
+        return nf4_linear_fwd(x, packed, quant_state, bias, xa, b, out)
+    y = F.linear(x, dequantize_nf4(packed, quant_state, x.dtype), bias)
+    if xa is not None:
+        y.addmm_(xa, b.t())
+    if out is None:
+        return y
+    out.copy_(y)
+    return out
