@@ -62,8 +62,9 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--max-new-tokens", type=int, default=256)
         p.add_argument("--greedy", action="store_true", help="always pick the likeliest token (no sampling)")
         p.add_argument("--seed", type=int, default=None)
-        p.add_argument("--no-merge", action="store_true", help="decode with the adapter as PEFT runs it (exact, "
-                       "~2x slower) instead of merged into the 16-bit weights")
+        p.add_argument("--no-merge", action="store_true", help="decode with the adapter kept apart, as "
+                       "trained, instead of merged into the 16-bit weights (its branch runs inside ppalli's decode "
+                       "layers where they cover the model, else through PEFT's, ~2x slower)")
         p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
         if verb == "generate":
             p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
@@ -80,8 +81,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="rows per loss forward (default: 16, or 4 for a model whose "
                    "loss needs full logits)")
     p.add_argument("--out", help="folder for eval.json and eval_samples.jsonl (default: the run directory)")
-    p.add_argument("--no-merge", action="store_true", help="answer with the adapter as PEFT runs it (exact, ~2x "
-                   "slower) instead of merged into the 16-bit weights; the loss never merges")
+    p.add_argument("--no-merge", action="store_true", help="answer with the adapter kept apart, as trained, "
+                   "instead of merged into the 16-bit weights (see chat --no-merge); the loss never merges")
     p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
 
     p = sub.add_parser("export", help="merge the adapter into 16-bit weights and save safetensors")

@@ -152,10 +152,10 @@ def generate(model, tokenizer, input_ids: torch.Tensor, *, max_new_tokens: int =
     """Generate after `input_ids` (1, T); returns the new token ids without the stop token.
 
     graph: decode steps replayed from a CUDA graph over a static KV cache (ppalli/infer/graph.py); None uses
-    it wherever it is exact (CUDA, SDPA, no sliding window), False never. Merged models the decode layers cover
-    (decode_layers.py) decode through them. compile: the graph's step of the model's own layers compiled by
-    torch.compile first (once per cache size: 20-40 s, then ~1.4-1.5x the tokens/s of those layers on an H200);
-    not where the decode layers run, which were faster uncompiled.
+    it wherever it is exact (CUDA, SDPA, no sliding window), False never. Models the decode layers cover
+    (decode_layers.py: merged, or a 4-bit base with its adapter apart) decode through them. compile: the graph's
+    step of the model's own layers compiled by torch.compile first (once per cache size: 20-40 s, then ~1.4-1.5x
+    the tokens/s of those layers on an H200); not where the decode layers run, which were faster uncompiled.
 
     `on_token` receives text pieces as they are decoded (whole characters only); their concatenation
     equals ``tokenizer.decode(result, skip_special_tokens=True)``. The model runs in eval mode and gets
