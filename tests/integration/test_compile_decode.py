@@ -57,8 +57,9 @@ def test_the_compiled_step_gives_the_eager_logits_and_compiles_once_per_cache_si
 
 
 def test_compile_without_the_graph_is_logged_and_left_out(caplog):
+    model = tiny_lora_model("llama", use_dora=True)  # DoRA: not the decode layers' (they would take over)
     with caplog.at_level(logging.INFO, logger="ppalli.infer"):
-        step = _decoder(_model(), CPU, 40, graph=None, compile=True)
+        step = _decoder(model, CPU, 40, graph=None, compile=True)
     assert isinstance(step, _Decoder)
     assert "without torch.compile" in caplog.text and "cpu" in caplog.text
 
