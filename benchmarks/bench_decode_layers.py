@@ -3,7 +3,8 @@
 
     python benchmarks/bench_decode_layers.py --model CONFIG.json [--slots 256] [--prompt 64] --out profile.txt
 
-Random weights from the config with a merged random LoRA (bench_generate.lora_model), bf16, one row, a --prompt
+Random weights from the config with a merged random LoRA (bench_generate.lora_model; --nf4: an NF4 base with the
+adapter apart), bf16, one row, a --prompt
 token prompt, --slots cache slots (a long chat: a long prompt in a large cache); 5 warm-up steps, 50 timed, 20 under
 the profiler.
 """
@@ -54,8 +55,9 @@ def main() -> None:
     parser.add_argument("--slots", type=int, default=256)
     parser.add_argument("--prompt", type=int, default=64)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--nf4", action="store_true", help="a QLoRA model: NF4 base, the adapter kept apart")
     args = parser.parse_args()
-    model = merge_for_inference(lora_model(args.model, "cuda", torch.bfloat16))[0]
+    model = merge_for_inference(lora_model(args.model, "cuda", torch.bfloat16, args.nf4))[0]  # 4-bit: not merged
     lines: list[str] = [f"{torch.cuda.get_device_name()}, {args.model}, torch {torch.__version__}, {args.slots} "
                         f"slots, {args.prompt}-token prompt"]
     for fast in (False, True):
