@@ -3,8 +3,8 @@ own matmul_4bit plus PEFT-style rank-r GEMMs, on Llama-3.1-8B's and Llama-3.2-1B
 
     python benchmarks/bench_nf4_linear.py --out benchmarks/results/nf4-linear.txt [--sweep]
 
-Per shape and row count (1, 16): the kernel's median time (triton.testing.do_bench) at the tiles `_blocks`
-picks, and with --sweep at each (BLOCK_N, BLOCK_K, warps) of a small grid; bnb.matmul_4bit (its gemv kernel for
+Per shape and row count (1, 4): the kernel's median time (triton.testing.do_bench) at the tiles `_blocks`
+picks, and with --sweep at each (BLOCK_N, UNROLL, warps) of a small grid; bnb.matmul_4bit (its gemv kernel for
 one row, dequantize + GEMM for more) followed by x A^T and (x A^T) B^T added, as PEFT's branch runs; GB/s counts
 the 4-bit weight's bytes (packed codes and the double-quantized absmax). The relative error is against bnb's
 dequantized weight multiplied in fp32.
@@ -22,7 +22,7 @@ from ppalli.kernels.nf4_linear import _blocks, nf4_linear_fwd  # noqa: E402
 
 SHAPES = {"8b q/o": (4096, 4096), "8b k/v": (1024, 4096), "8b gate/up": (14336, 4096), "8b down": (4096, 14336),
           "1b q/o": (2048, 2048), "1b gate/up": (8192, 2048), "1b down": (2048, 8192)}  # (out, in)
-SWEEP = [(bn, bk, w) for bn in (8, 16, 32, 64) for bk in (128, 256, 512) for w in (2, 4, 8)]
+SWEEP = [(bn, unroll, w) for bn in (8, 16, 32, 64) for unroll in (2, 4, 8) for w in (2, 4, 8)]
 
 
 def bench_shape(bnb, name: str, n: int, k: int, g: torch.Generator, sweep: bool) -> list[str]:
@@ -33,7 +33,7 @@ def bench_shape(bnb, name: str, n: int, k: int, g: torch.Generator, sweep: bool)
     b = torch.randn(n, 16, device="cuda", generator=g, dtype=torch.bfloat16) * 0.02
     w16 = bnb.functional.dequantize_4bit(packed, qs).float()
     lines = []
-    for m in (1, 16):
+    for m in (1, 4):
         x = torch.randn(m, k, device="cuda", generator=g, dtype=torch.bfloat16)
         xa = x @ a.t()
         want = x.float() @ w16.t() + xa.float() @ b.float().t()

@@ -189,7 +189,7 @@ def _fp32_twin(model, ids, mask):
     return _steps(twin, ids, mask)
 
 
-@pytest.mark.parametrize("m", [1, 16])
+@pytest.mark.parametrize("m", [1, 4])
 @pytest.mark.parametrize("shape", [(4096, 4096), (14336, 4096), (4096, 14336)])  # 8B q, gate, down
 def test_nf4_linear_at_8b_shapes_equals_the_dequantized_gemm(shape, m):
     bnb = pytest.importorskip("bitsandbytes")

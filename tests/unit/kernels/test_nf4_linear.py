@@ -37,7 +37,7 @@ def _want(x, packed, qs, bias=None, xa=None, b=None):
 
 @pytest.mark.parametrize("double_quant", [True, False])
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
-@pytest.mark.parametrize("m", [1, 3, 16])
+@pytest.mark.parametrize("m", [1, 3, 4])
 def test_rows_equal_the_dequantized_product_fp32(m, quant_type, double_quant):
     packed, qs = _weight(80, 384, torch.float32, double_quant, quant_type)  # 80 outputs: a partial column tile
     x, xa, b, bias = _inputs(m, 384, 80, 16, torch.float32)
@@ -50,7 +50,7 @@ def test_bf16_weights_round_as_bitsandbytes_dequantizes_them():
     # In bf16 each weight is rounded once to bf16 (as dequantize_4bit writes it) before the product: the result
     # is the bf16 weight's fp32 product within the output's rounding, not the fp32 weight's.
     packed, qs = _weight(48, 256, torch.bfloat16, blocksize=128)
-    x, xa, b, _ = _inputs(2, 256, 48, 8, torch.bfloat16)
+    x, xa, b, _ = _inputs(3, 256, 48, 8, torch.bfloat16)
     w16 = dequantize_nf4_reference(packed, qs, torch.bfloat16)
     want = x.float() @ w16.float().t() + xa.float() @ b.float().t()
     got = nf4_linear_fwd(x, packed, qs, None, xa, b)
