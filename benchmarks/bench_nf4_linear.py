@@ -3,7 +3,9 @@ own matmul_4bit plus PEFT-style rank-r GEMMs, on Llama-3.1-8B's and Llama-3.2-1B
 
     python benchmarks/bench_nf4_linear.py --out benchmarks/results/nf4-linear.txt [--sweep]
 
-Per shape and row count (1, 4): the kernel's median time (triton.testing.do_bench) at the tiles `_blocks`
+Per shape and row count (1, 4): the kernel's median time replayed from a CUDA graph (decoding replays its steps
+so; launched eagerly both sides are bound by the host: ~80-170 us a call on the H200, 2026-12-04) at the tiles
+`_blocks`
 picks, and with --sweep at each (BLOCK_N, UNROLL, warps) of a small grid; bnb.matmul_4bit (its gemv kernel for
 one row, dequantize + GEMM for more) followed by x A^T and (x A^T) B^T added, as PEFT's branch runs; GB/s counts
 the 4-bit weight's bytes (packed codes and the double-quantized absmax). The relative error is against bnb's
@@ -23,6 +25,11 @@ from ppalli.kernels.nf4_linear import _blocks, nf4_linear_fwd  # noqa: E402
 SHAPES = {"8b q/o": (4096, 4096), "8b k/v": (1024, 4096), "8b gate/up": (14336, 4096), "8b down": (4096, 14336),
           "1b q/o": (2048, 2048), "1b gate/up": (8192, 2048), "1b down": (2048, 8192)}  # (out, in)
 SWEEP = [(bn, unroll, w) for bn in (8, 16, 32, 64) for unroll in (2, 4, 8) for w in (2, 4, 8)]
+
+
+def _device_ms(fn, rep: int = 50) -> float:
+    """Median ms of fn's device work: replayed from a CUDA graph, so Python's launch time is not counted."""
+    return triton.testing.do_bench_cudagraph(fn, rep=rep, return_mode="median")
 
 
 def bench_shape(bnb, name: str, n: int, k: int, g: torch.Generator, sweep: bool) -> list[str]:
@@ -46,14 +53,12 @@ def bench_shape(bnb, name: str, n: int, k: int, g: torch.Generator, sweep: bool)
             return y.add_((x @ a.t()) @ b.t())
 
         err = ((ours().float() - want).norm() / want.norm()).item()
-        t_ours = triton.testing.do_bench(ours, warmup=25, rep=100, return_mode="median")
-        t_bnb = triton.testing.do_bench(peft_like, warmup=25, rep=100, return_mode="median")
+        t_ours, t_bnb = _device_ms(ours), _device_ms(peft_like)
         row = (f"{name} (out {n}, in {k}), {m} row(s): ours {1e3 * t_ours:.1f} us ({nbytes / t_ours / 1e6:.0f} "
                f"GB/s, tiles {_blocks(n, k, 64)}, rel err {err:.1e}); bnb matmul_4bit + rank-r GEMMs "
                f"{1e3 * t_bnb:.1f} us ({t_bnb / t_ours:.2f}x ours)")
         if sweep:
-            times = {s: triton.testing.do_bench(lambda s=s: ours(s), warmup=10, rep=50, return_mode="median")
-                     for s in SWEEP}
+            times = {s: _device_ms(lambda s=s: ours(s), rep=20) for s in SWEEP}
             best = sorted(times, key=times.get)[:3]
             row += "; best tiles " + ", ".join(f"{s} {1e3 * times[s]:.1f} us" for s in best)
         print(row, flush=True)
