@@ -76,14 +76,18 @@ def test_graph_replays_of_the_decode_layers_give_the_models_logits(family):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
-def test_padded_rows_from_the_graph_give_the_models_logits():
-    model = _merged("qwen2")
+def _padded_rows_alike(model):
+    """Left-padded rows: the decode layers replayed from the graph against the model's own layers stepped eagerly."""
     ids, mask = _rows(256)
     with torch.inference_mode():
         want = _steps(model, ids, mask)
         with decode_layers(model):
             got = _steps(model, ids, mask, graph=True)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_padded_rows_from_the_graph_give_the_models_logits():
+    _padded_rows_alike(_merged("qwen2"))
 
 
 def test_bf16_at_the_1b_layer_shape_no_further_from_fp32_than_the_models_layers():
@@ -140,12 +144,7 @@ def test_qlora_fp32_from_the_graph_gives_the_models_logits():
     config.intermediate_size = 128  # down_proj's rows whole 64-blocks
     model = _qlora(config, torch.float32)
     assert decode_problem(model) is None
-    ids, mask = _rows(256)
-    with torch.inference_mode():
-        want = _steps(model, ids, mask)
-        with decode_layers(model):
-            got = _steps(model, ids, mask, graph=True)
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    _padded_rows_alike(model)
 
 
 def test_qlora_bf16_at_the_1b_layer_shape_no_further_from_fp32_than_the_models_layers():
