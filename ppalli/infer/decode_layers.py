@@ -214,7 +214,8 @@ def decode_layers(model, enabled: bool = True, log: Callable[[str], None] = _log
                 layer.forward = swapped[-1].forward
         first = swapped[0]
         bases = ("4-bit bases through nf4_linear" if first.qkv.four_bit else "one q/k/v GEMM, one gate/up GEMM")
-        lora = ", LoRA unmerged" if any(g.a_stack is not None for g in (first.qkv, first.o, first.down)) else ""
+        groups = (first.qkv, first.o, first.gate_up, first.down)
+        lora = ", LoRA unmerged" if any(g.a_stack is not None for g in groups) else ""
         log(f"decoding with ppalli's decode layers ({len(swapped)} layers, {first.spec.name}: rms_norm, {bases}"
             f"{lora}, rope, add + rms_norm, fused GLU)")
         yield True

@@ -14,7 +14,9 @@ Weights (out, in) are flat row-major in blocks of `blocksize` codes (bnb's layou
 in % blocksize == 0, so no block spans two rows and a tile's scales are one (BLOCK_N, UNROLL) load. The
 double-quantized absmax is decoded in the tile (code2[q] * absmax2 + offset, two fp32 roundings, launched
 without FMA fusion as bnb runs it). For decode rows (M <= MAX_ROWS); more rows dequantize once and run one GEMM
-(`nf4_linear`).
+(`nf4_linear`). Through the decode layers, H200 (results/2026-12-04-h200-s24-generate-nf4-*): Llama-3.2-1B
+186.7 -> 251.6 tokens/s from the graph, 16 rows 1,882 -> 3,772; Llama-3.1-8B one row 80.9 -> 78.7, since on its
+large matrices this kernel (46-48 us a row) is behind bnb's gemv (33-38 us).
 """
 
 from __future__ import annotations
