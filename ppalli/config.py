@@ -112,8 +112,11 @@ class TrainConfig:
 class PlanConfig:
     device: Literal["auto", "cuda", "cpu", "mps"] = _f("auto", "Where to train.")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = _f("auto", "Pin the compute precision.")
-    attention: Literal["auto", "sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"] = _f(
-        "auto", "Pin the attention backend.")
+    attention: Literal["auto", "sdpa", "eager", "flash_attention_2", "flash_attention_3", "flash_attention_4",
+                       "flex_attention"] = _f(
+        "auto", "Pin the attention backend. flash_attention_4 (pip install --pre flash-attn-4: CuTe DSL kernels "
+                "for compute capability 8.0+, compiled at their first call) runs on the fused path only; the "
+                "reference path runs SDPA then.")
     quantization: Literal["auto", "none", "nf4", "fp4"] = _f(
         "auto", "4-bit base weights: auto uses them only when 16-bit weights do not fit.")
     double_quant: bool = _f(True, "Quantize the 4-bit scales too (saves ~0.4 bit per weight).")

@@ -83,6 +83,9 @@ def _package_findings(env: Environment) -> list[Finding]:
     if env.has("flash_attn_3") and (best_cc is None or best_cc[0] != 9):
         found.append(Finding("warn", "flash-attn 3 is installed but runs only on Hopper (9.x)",
                              "leave plan.attention on auto; it is not used here", "flash_attn_3"))
+    if env.has("flash_attn_4") and (best_cc is None or best_cc < (8, 0)):
+        found.append(Finding("warn", "flash-attn 4 is installed but needs compute capability 8.0+",
+                             "leave plan.attention on auto; it is not used here", "flash_attn_4"))
     if env.has("unsloth"):
         found.append(Finding("warn", "unsloth is installed; importing it patches transformers for the whole process",
                              "do not import unsloth in a ppalli run (ppalli never does)", "unsloth"))

@@ -25,6 +25,7 @@ OPTIONAL_PACKAGES: dict[str, tuple[str, ...]] = {
     "bitsandbytes": ("bitsandbytes",),
     "flash_attn": ("flash-attn", "flash_attn"),
     "flash_attn_3": ("flash-attn-3", "flash_attn_3"),
+    "flash_attn_4": ("flash-attn-4", "flash_attn_4"),
     "liger_kernel": ("liger-kernel", "liger_kernel"),
     "unsloth": ("unsloth",),
     "xformers": ("xformers",),

@@ -7,7 +7,8 @@ Backends (the names `resolve_backend` returns and `attend` takes):
   2.29 ms on flash, and the memory-efficient kernel refused GQA (BENCHMARKS.md, 2026-11-23): an explicit
   choice is worth 1.6x on attention over letting torch pick.
 - "sdpa": torch's own dispatch (CPU, MPS, or when the planner has no better choice).
-- "flash_attention_2" / "flash_attention_3": the flash-attn package (`flash_attn`, `flash_attn_interface`).
+- "flash_attention_2" / "flash_attention_3" / "flash_attention_4": the flash-attn packages (`flash_attn`,
+  `flash_attn_interface`, and flash-attn-4's CuTe DSL kernels `flash_attn.cute`, compiled at their first call).
 - "eager": explicit scores.
 Gemma-2's attention logit softcap (SDPA has none) runs in flash-attn when installed, else in torch's
 flex_attention (compiled; CUDA, capability 8.0+), else in the eager path, which holds (B, H, T, T) scores.
@@ -32,8 +33,9 @@ import torch.nn.functional as F
 from ppalli.errors import PpalliError
 
 BACKENDS = ("sdpa", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "sdpa_math",
-            "flash_attention_2", "flash_attention_3", "eager")
-_FLASH_MODULES = {"flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}
+            "flash_attention_2", "flash_attention_3", "flash_attention_4", "eager")
+_FLASH_MODULES = {"flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface",
+                  "flash_attention_4": "flash_attn.cute"}
 _HALF = (torch.float16, torch.bfloat16)
 
 
@@ -41,12 +43,25 @@ _HALF = (torch.float16, torch.bfloat16)
 
 
 @functools.lru_cache(maxsize=4)
-def flash_attn_module(backend: str):
-    """The installed flash-attn module for "flash_attention_2" / "flash_attention_3", else None."""
+def _import_flash(backend: str) -> tuple:
+    """(module, "") for "flash_attention_2" / "_3" / "_4", else (None, why). flash-attn 4 loads CUTLASS's DSL
+    libraries at import: a broken install fails there with an OSError or RuntimeError, said as such."""
+    name = _FLASH_MODULES[backend]
     try:
-        return importlib.import_module(_FLASH_MODULES[backend])
+        module = importlib.import_module(name)
+        if not hasattr(module, "flash_attn_func"):  # flash-attn 4 alone makes `flash_attn` a bare namespace
+            return None, f"{name} has no flash_attn_func (is only flash-attn 4's namespace installed?)"
+        return module, ""
     except ImportError:
-        return None
+        return None, f"{name} is not installed"
+    except (OSError, RuntimeError) as exc:
+        first = str(exc).splitlines()[0][:120] if str(exc) else ""
+        return None, f"{name} is installed but failed to import ({type(exc).__name__}: {first})"
+
+
+def flash_attn_module(backend: str):
+    """The installed flash-attn module for "flash_attention_2" / "_3" / "_4", else None."""
+    return _import_flash(backend)[0]
 
 
 def resolve_backend(requested: str, device: torch.device | str) -> tuple[str, str]:
@@ -60,7 +75,7 @@ def resolve_backend(requested: str, device: torch.device | str) -> tuple[str, st
     if requested in _FLASH_MODULES:
         if flash_attn_module(requested) is not None:
             return requested, "pinned; flash-attn installed"
-        why = f"{requested} asked but {_FLASH_MODULES[requested]} is not installed; "
+        why = f"{requested} asked but {_import_flash(requested)[1]}; "
     else:
         why = "" if requested in ("auto", "sdpa") else f"{requested} has no fused-path kernel; "
     major, _ = torch.cuda.get_device_capability(device)
@@ -203,13 +218,14 @@ def _flash_kwargs(scale, window, softcap) -> dict:
     kwargs = dict(softmax_scale=scale, causal=True, window_size=(window - 1, 0) if window else (-1, -1))
     if softcap is not None:
         kwargs["softcap"] = softcap
-    if torch.are_deterministic_algorithms_enabled():  # flash-attn 2 and 3 both take it; their backward's dq
+    if torch.are_deterministic_algorithms_enabled():  # flash-attn 2, 3 and 4 all take it; their backward's dq
         kwargs["deterministic"] = True  # otherwise sums by atomic adds
     return kwargs
 
 
 def _flash(q, k, v, backend, scale, window, softcap, cu_seqlens, max_seqlen):
-    """flash-attn 2/3, padded or varlen; q (B, Hq, T, D) -> (B, T, Hq, D). Both take (B, T, H, D) and native GQA."""
+    """flash-attn 2/3/4, padded or varlen; q (B, Hq, T, D) -> (B, T, Hq, D). All take (B, T, H, D) and native
+    GQA, and name the varlen arguments alike; flash-attn 4's fourth positional one is qv, so they go by name."""
     fa = flash_attn_module(backend)
     b, _, t, d = q.shape
     q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # (B, T, H, D)
@@ -218,8 +234,9 @@ def _flash(q, k, v, backend, scale, window, softcap, cu_seqlens, max_seqlen):
         out = fa.flash_attn_func(q, k, v, **kwargs)
     else:
         q, k, v = (x.reshape(b * t, x.shape[2], d) for x in (q, k, v))  # (total, H, D)
-        out = fa.flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kwargs)
-    out = out[0] if isinstance(out, tuple) else out  # flash-attn 3 versions differ: out or (out, lse)
+        out = fa.flash_attn_varlen_func(q, k, v, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens,
+                                        max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen, **kwargs)
+    out = out[0] if isinstance(out, tuple) else out  # flash-attn 3/4 versions differ: out or (out, lse)
     return out.reshape(b, t, -1, d)
 
 

@@ -188,6 +188,11 @@ def _attention_problem(name: str, ctx: _Ctx) -> str | None:
             return "FlashAttention 3 needs a Hopper GPU (compute capability 9.x)"
         if not ctx.env.has("flash_attn_3"):
             return "flash-attn 3 is not installed (build it from flash-attention's hopper/ folder)"
+    if name == "flash_attention_4":
+        if cc is None or cc < (8, 0):
+            return "FlashAttention 4 needs a CUDA GPU of compute capability 8.0+"
+        if not ctx.env.has("flash_attn_4"):
+            return "flash-attn 4 is not installed (pip install --pre flash-attn-4)"
     return None
 
 
@@ -216,8 +221,11 @@ def _auto_attention(ctx: _Ctx) -> tuple[str, str]:
     if cc[0] == 9 and ctx.env.has("flash_attn_3"):
         return "flash_attention_3", "FlashAttention 3 is installed and this is a Hopper GPU"
     if cc[0] == 9:
-        return "sdpa", ("SDPA: on Hopper its cuDNN kernel ran 1.6x its flash (FA2) kernel on 8B shapes "
-                        "(BENCHMARKS.md); flash-attn 3 is not installed")
+        why = ("SDPA: on Hopper its cuDNN kernel ran 1.6x its flash (FA2) kernel on 8B shapes (BENCHMARKS.md); "
+               "flash-attn 3 is not installed")
+        if ctx.env.has("flash_attn_4"):  # not picked until it is timed against cuDNN on this kind of GPU
+            why += "; flash-attn 4 is, and runs when pinned (plan.attention=flash_attention_4)"
+        return "sdpa", why
     if cc >= (8, 0) and ctx.env.has("flash_attn"):
         return "flash_attention_2", "FlashAttention 2 is installed (capability 8.x): varlen kernels, no masks"
     if cc >= (8, 0):
@@ -365,6 +373,8 @@ def _has_mask(ctx: _Ctx) -> bool:
     which need compute capability 8.0+, and build a mask below that or for padding (models/attention.py)."""
     if ctx.attention in ("flash_attention_2", "flash_attention_3", "flex_attention"):
         return False
+    if ctx.attention == "flash_attention_4":  # the reference path runs SDPA with HF's masks then
+        return not ctx.fast_path
     if ctx.fast_path:
         return not ctx.packing or ctx.gpu is None or ctx.gpu.capability < (8, 0)
     return True
@@ -569,6 +579,8 @@ def make_plan(env: Environment, cfg: Config, spec: ModelSpec, *, gpu_index: int 
     quant, ckpt, micro, est, layers = found
     _memory_reasons(ctx, quant, ckpt, micro, budget, layers)
     _step_rows(ctx, micro)
+    if ctx.attention == "flash_attention_4" and not ctx.fast_path:
+        ctx.reasons["attention"] += "; the reference path runs SDPA: flash-attn 4 runs in the fused layers only"
     if ctx.fp8:
         fp8_rows_note(ctx, micro * ctx.cfg.data.max_seq_len)
 

@@ -28,7 +28,7 @@ def deterministic_choice(ctx: _Ctx) -> bool:
     if ctx.device == "cuda":
         what += ("; attention: SDPA flash, whose backward is repeatable in that mode (cuDNN's is not; flash took "
                  "2.45 ms against cuDNN's 1.44 for a Llama-3.2-1B layer's forward + backward on an H200)")
-        if ctx.attention in ("flash_attention_2", "flash_attention_3"):
+        if ctx.attention in ("flash_attention_2", "flash_attention_3", "flash_attention_4"):
             what += f"; {ctx.attention} runs with deterministic=True"
         elif ctx.spec.family in NO_SDPA_FAMILIES:
             what += "; the softcapped attention runs eagerly, not in flex_attention ((T, T) scores held)"

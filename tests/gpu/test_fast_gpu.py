@@ -117,13 +117,16 @@ def test_lora_qkv_and_o_bf16():
     check("o_proj", lora_linear(h, m.o_proj), m.o_proj(h), t.o_proj(h.float()), FLOOR)
 
 
-def _attention_truth(q, k, v, window=None):
-    """fp32 causal attention written out, GQA by repeat -> (B, T, Hq, D)."""
+def _attention_truth(q, k, v, window=None, softcap=None):
+    """fp32 causal attention written out, GQA by repeat, softcap after the scale as HF's eager path ->
+    (B, T, Hq, D)."""
     q, k, v = q.float(), k.float().repeat_interleave(HQ // HK, 1), v.float().repeat_interleave(HQ // HK, 1)
     t = q.shape[2]
     i, j = torch.arange(t, device=q.device)[:, None], torch.arange(t, device=q.device)[None, :]
     allowed = (j <= i) & ((i - j < window) if window else True)
     s = (q @ k.transpose(-1, -2)) * HD**-0.5
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
     return (s.masked_fill(~allowed, float("-inf")).softmax(-1) @ v).transpose(1, 2)
 
 
@@ -182,25 +185,50 @@ def test_softcap_attention_runs_in_flex_bf16(monkeypatch, packed):
     dout = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), dout)
 
-    def truth_of(qs, ks, vs):  # fp32, GQA by repeat, softcap after the scale as HF's eager path
-        qs, ks, vs = qs.float(), ks.float().repeat_interleave(HQ // HK, 1), vs.float().repeat_interleave(HQ // HK, 1)
-        s = cap * torch.tanh((qs @ ks.transpose(-1, -2)) * HD**-0.5 / cap)
-        t = qs.shape[2]
-        allowed = torch.ones(t, t, dtype=torch.bool, device=DEVICE).tril()
-        return (s.masked_fill(~allowed, float("-inf")).softmax(-1) @ vs).transpose(1, 2)
-
-    if packed:
-        parts, start = [], 0
-        for n in lengths:
-            sl = slice(start, start + n)
-            parts.append(truth_of(q[:, :, sl], k[:, :, sl], v[:, :, sl]))
-            start += n
-        truth = torch.cat(parts, dim=1)
-    else:
-        truth = truth_of(q, k, v)
+    truth = _samples_truth(q, k, v, lengths if packed else None, softcap=cap)
     assert rel(out, truth) < 1e-2, f"output error {rel(out, truth):.2e}"
     for name, g, gt in zip("qkv", grads, torch.autograd.grad(truth, (q, k, v), dout.float())):
         assert rel(g, gt) < 2e-2, f"d{name} error {rel(g, gt):.2e}"
+
+
+def _samples_truth(q, k, v, lengths=None, window=None, softcap=None):
+    """_attention_truth of each packed sample of a (1, H, T, D) row, joined (the whole batch without lengths)."""
+    if lengths is None:
+        return _attention_truth(q, k, v, window, softcap)
+    parts, start = [], 0
+    for n in lengths:
+        sl = slice(start, start + n)
+        parts.append(_attention_truth(q[:, :, sl], k[:, :, sl], v[:, :, sl], window, softcap))
+        start += n
+    return torch.cat(parts, dim=1)
+
+
+FLASH_BACKENDS = ["flash_attention_2", "flash_attention_3", "flash_attention_4"]
+
+
+@pytest.mark.parametrize("backend", FLASH_BACKENDS)
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
+@pytest.mark.parametrize("kw", [{}, {"window": 256}, {"softcap": 2.0}], ids=["causal", "window", "softcap"])
+def test_flash_attn_backends_bf16(backend, packed, kw):
+    """Whichever flash-attn packages are installed (flash-attn 4: `pip install --pre flash-attn-4`), through
+    attend: a dense batch laid out as the fast path's lora_qkv hands it over ((B, T, H, D) memory seen as
+    (B, H, T, D)), and a packed row of uneven samples through the varlen kernel; output and q/k/v gradients
+    against fp32 written out."""
+    from ppalli.models.attention import _import_flash
+
+    module, why = _import_flash(backend)
+    if module is None:
+        pytest.skip(why)
+    lengths = [300, 1, 700, 1047] if packed else None
+    b, t = (1, 2048) if packed else TOKENS
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    q, k, v = [torch.randn(b, t, h, HD, device=DEVICE, dtype=BF16, generator=g).transpose(1, 2).requires_grad_()
+               for h in (HQ, HK, HK)]
+    cu = dict(cu_seqlens=torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device=DEVICE,
+                                      dtype=torch.int32), max_seqlen=max(lengths)) if packed else {}
+    out = attend(q * (2.0 if "softcap" in kw else 1.0), k, v, backend=backend, **cu, **kw)
+    truth = _samples_truth(q * (2.0 if "softcap" in kw else 1.0), k, v, lengths, **kw)
+    _check_attention(f"{backend} {kw}", out, truth, (q, k, v))
 
 
 def test_resolve_backend_on_this_gpu():

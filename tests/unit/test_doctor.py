@@ -44,6 +44,9 @@ def test_flash_attn_below_capability_8_is_bad_and_fine_above():
     assert ("bad", "flash-attn is installed but FlashAttention 2 needs compute capability 8.0+") in problems(
         env(gpus=(T4,), flash_attn="2.7.4"))
     assert problems(env(flash_attn="2.7.4")) == []
+    assert ("warn", "flash-attn 4 is installed but needs compute capability 8.0+") in problems(
+        env(gpus=(T4,), flash_attn_4="4.0.0b40"))
+    assert problems(env(flash_attn_4="4.0.0b40")) == []
 
 
 def test_missing_triton_matters_only_with_a_gpu():

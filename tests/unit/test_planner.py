@@ -126,7 +126,9 @@ def test_fast_path_pinned_on_with_dropout_is_an_error(spec_1b):
 
 @pytest.mark.parametrize("pin,gpu,packages", [("flash_attention_2", "t4", {"flash_attn": "2.7.4"}),
                                                ("flash_attention_2", "a100 80gb", {}),
-                                               ("flash_attention_3", "4090", {"flash_attn_3": "3.0.0"})])
+                                               ("flash_attention_3", "4090", {"flash_attn_3": "3.0.0"}),
+                                               ("flash_attention_4", "h100", {}),
+                                               ("flash_attention_4", "t4", {"flash_attn_4": "4.0.0b40"})])
 def test_attention_pins_that_cannot_run_are_errors(pin, gpu, packages, spec_1b):
     with pytest.raises(PpalliError) as err:
         whatif(cfg(plan={"attention": pin}), spec_1b, gpu=gpu, packages={**ASSUMED_PACKAGES, **packages})
@@ -143,10 +145,20 @@ def test_attention_pins_that_cannot_run_are_errors(pin, gpu, packages, spec_1b):
     ("a100 80gb", {"flash_attn": "2.7.4"}, "flash_attention_2"),
     ("a100 80gb", {}, "sdpa"),
     ("t4", {"flash_attn": "2.7.4"}, "sdpa"),
+    ("h100", {"flash_attn_4": "4.0.0b40"}, "sdpa"),  # not picked until timed against cuDNN: said, runs when pinned
 ])
 def test_one_attention_backend_with_a_reason(gpu, packages, attention, spec_1b):
     plan = whatif(cfg(), spec_1b, gpu=gpu, packages={**ASSUMED_PACKAGES, **packages})
     assert plan.attention == attention and plan.reasons["attention"]
+    assert ("flash_attention_4" in plan.reasons["attention"]) == ("flash_attn_4" in packages)
+
+
+@pytest.mark.parametrize("fast_path", ["auto", "off"])
+def test_flash_attention_4_pinned_runs_on_the_fused_path_and_says_what_the_reference_path_runs(fast_path, spec_1b):
+    packed = cfg(plan={"attention": "flash_attention_4", "fast_path": fast_path}, data={"packing": True})
+    plan = whatif(packed, spec_1b, gpu="h100", packages={**ASSUMED_PACKAGES, "flash_attn_4": "4.0.0b40"})
+    assert plan.attention == "flash_attention_4" and plan.fast_path == (fast_path == "auto")
+    assert ("the reference path runs SDPA" in plan.reasons["attention"]) == (fast_path == "off")
 
 
 @pytest.mark.parametrize("change,why", [

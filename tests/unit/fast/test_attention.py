@@ -295,3 +295,93 @@ def test_dense_sliding_window_goes_to_a_block_skipping_kernel(monkeypatch, kerne
     finally:
         torch.use_deterministic_algorithms(before)
     assert len(calls) == 1
+
+
+def _fa_window(t, causal, window_size):
+    """flash-attn's visibility rule for (left, right) window sizes: key j seen from query i when
+    i - left <= j <= i + right; a negative or None side is unbounded; causal makes right 0."""
+    left, right = window_size
+    left = None if left is None or left < 0 else left
+    right = 0 if causal else (None if right is None or right < 0 else right)
+    i, j = torch.arange(t)[:, None], torch.arange(t)[None, :]
+    seen = torch.ones(t, t, dtype=torch.bool)
+    if left is not None:
+        seen &= j >= i - left
+    if right is not None:
+        seen &= j <= i + right
+    return seen
+
+
+class _FakeFlash:
+    """A flash-attn module written out on the CPU: (B, T, H, D) in and out, native GQA, softcap, windows; the
+    varlen signature of flash-attn 4 (its fourth positional parameter is qv, so a caller passing cu_seqlens
+    by position would land there); returns (out, lse) as flash-attn 3 and some 4 builds do."""
+
+    def __init__(self):
+        self.calls = []
+
+    def flash_attn_func(self, q, k, v, qv=None, softmax_scale=None, causal=False, window_size=(None, None),
+                        softcap=0.0, deterministic=False):
+        assert qv is None
+        self.calls.append(("dense", window_size, softcap, deterministic))
+        return self._attend(q, k, v, softmax_scale, causal, window_size, softcap), None
+
+    def flash_attn_varlen_func(self, q, k, v, qv=None, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
+                               max_seqlen_k=None, softmax_scale=None, causal=False, window_size=(None, None),
+                               softcap=0.0, deterministic=False):
+        assert qv is None and cu_seqlens_q is not None and torch.equal(cu_seqlens_q, cu_seqlens_k)
+        self.calls.append(("varlen", cu_seqlens_q.tolist(), max_seqlen_q, window_size))
+        cu = cu_seqlens_q.tolist()
+        outs = [self._attend(*(x[None, a:b] for x in (q, k, v)), softmax_scale, causal, window_size, softcap)[0]
+                for a, b in zip(cu[:-1], cu[1:])]
+        return torch.cat(outs), None  # (total, Hq, D)
+
+    @staticmethod
+    def _attend(q, k, v, scale, causal, window_size, softcap):
+        q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # (B, H, T, D)
+        groups = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+        s = q @ k.transpose(-1, -2) * (scale if scale is not None else q.shape[-1] ** -0.5)
+        if softcap:
+            s = softcap * torch.tanh(s / softcap)
+        s = s.masked_fill(~_fa_window(q.shape[2], causal, window_size), float("-inf"))
+        return (s.softmax(-1) @ v).transpose(1, 2)  # (B, T, Hq, D)
+
+
+@pytest.mark.parametrize("backend", ["flash_attention_2", "flash_attention_3", "flash_attention_4"])
+def test_flash_attn_backends_get_their_layout_windows_and_varlen_by_name(monkeypatch, backend):
+    """attend hands a flash-attn module (B, T, H, D) views, HF's window as (window - 1, 0), the softcap, and
+    packed rows of uneven lengths through its varlen function by keyword; its output is (B, T, Hq, D). A
+    stand-in module here (the kernels are CUDA only); tests/gpu times and checks flash-attn 4 itself."""
+    fake = _FakeFlash()
+    monkeypatch.setattr(attention, "_import_flash", lambda name: (fake, ""))
+    monkeypatch.setattr(attention, "_can_flash_attn", lambda q, b: b in attention._FLASH_MODULES)
+    q, k, v = _qkv(11, hq=6, hk=3, batch=2)
+    for kw in (dict(), dict(window=4), dict(window=4, softcap=2.0), dict(scale=0.2)):
+        out = attend(q, k, v, backend=backend, **kw)
+        ref = _reference(q * (0.2 * 8 ** 0.5 if "scale" in kw else 1), k, v, kw.get("window"), kw.get("softcap"))
+        assert_close(str(kw), out, ref, "block")
+    assert [c[1] for c in fake.calls] == [(-1, -1), (3, 0), (3, 0), (-1, -1)]
+    q, k, v = _qkv(sum(LENGTHS))
+    packed = attend(q, k, v, backend=backend, cu_seqlens=_cu(LENGTHS), max_seqlen=max(LENGTHS), window=3)
+    assert fake.calls[-1] == ("varlen", [0, 5, 6, 15, 18], 9, (2, 0))
+    assert_close("varlen", packed, _alone(q, k, v, LENGTHS, backend="sdpa_math", window=3), "block")
+
+
+def test_flash_attn_4_alone_does_not_pass_for_flash_attn_2(monkeypatch):
+    """flash-attn 4's wheel installs `flash_attn` as a bare namespace (only flash_attn.cute): pinning
+    flash_attention_2 then says so instead of failing at the first attention call."""
+    import types
+
+    monkeypatch.setattr(attention.importlib, "import_module", lambda name: types.ModuleType(name))
+    attention._import_flash.cache_clear()
+    try:
+        module, why = attention._import_flash("flash_attention_2")
+        assert module is None and "no flash_attn_func" in why
+    finally:
+        attention._import_flash.cache_clear()
+    with monkeypatch.context() as m:
+        m.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+        m.setattr(attention, "_import_flash", lambda name: (None, "flash_attn.cute is not installed"))
+        name, why = resolve_backend("flash_attention_4", "cuda")
+    assert name.startswith("sdpa_") and why.startswith("flash_attention_4 asked but flash_attn.cute is not installed")
