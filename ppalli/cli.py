@@ -85,10 +85,13 @@ def _parser() -> argparse.ArgumentParser:
                    "instead of merged into the 16-bit weights (see chat --no-merge); the loss never merges")
     p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
 
-    p = sub.add_parser("export", help="merge the adapter into 16-bit weights and save safetensors")
+    p = sub.add_parser("export", help="merge the adapter into 16-bit weights and save safetensors (and GGUF)")
     p.add_argument("run_dir")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--gguf", choices=["bf16", "f16", "q8_0", "f32"],
+                   help="also write the merged model as one GGUF file of this type (llama.cpp, Ollama, LM Studio; "
+                        "Llama and Qwen2 families)")
     return ap
 
 
@@ -271,6 +274,11 @@ def cmd_export(args) -> int:
     run = load_run(args.run_dir)
     out = merge_adapter(run.model, out_dir=args.out, dtype=getattr(torch, args.dtype), tokenizer=run.tokenizer)
     print(f"merged model: {out}")
+    if args.gguf:
+        from ppalli.export.gguf import export_gguf
+
+        del run  # the merged weights are read back from the folder, a tensor at a time
+        print(f"GGUF: {export_gguf(out, outtype=args.gguf)}")
     return 0
 
 

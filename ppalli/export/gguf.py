@@ -1,0 +1,281 @@
+"""A merged 16-bit checkpoint (the folder `merge_adapter` writes) as one GGUF file, the format llama.cpp reads
+and the tools built on it (Ollama, LM Studio, llama-cpp-python) load.
+
+The file is written with the `gguf` package (llama.cpp's own writer and tensor-name map); what this module
+adds is what the conversion must get right for the families ppalli exports:
+- Llama's q and k rows are reordered per head: HF rotates the two halves of each head (rotate_half), while
+  llama.cpp's "llama" graph rotates adjacent pairs, so row i of a head's first half goes to 2i and row i of its
+  second half to 2i + 1. Qwen2's graph rotates halves as HF does: its rows stay.
+- Llama 3.1+'s "llama3" RoPE scaling stretches the low frequencies at every length, not only past 8k tokens:
+  llama.cpp reads it as a `rope_freqs` tensor of per-frequency divisors, computed here from the config.
+- The vocabulary: byte-level BPE (Llama 3, Qwen2/2.5) with its merges, the pre-tokenizer llama.cpp must use
+  (named by its split regex), special tokens as control tokens, whether a BOS is added, and the chat template.
+Tensors stream from the safetensors shards one at a time (peak memory ~ the largest tensor in fp32, not the
+model), and the file is written under a temporary name and renamed when complete.
+
+tests/integration/test_export_gguf.py loads the files in llama.cpp (llama-cpp-python, when installed) and holds
+its logits and tokenization to HF's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ppalli.errors import ModelError
+
+OUTTYPES = ("bf16", "f16", "q8_0", "f32")
+# HF model_type -> llama.cpp architecture, and whether that graph rotates adjacent pairs (q/k rows reordered).
+_ARCHS = {"llama": ("llama", True), "qwen2": ("qwen2", False)}
+# The pre-tokenizer split regex of a byte-level BPE tokenizer -> llama.cpp's name for it (its converter names
+# them by a hash of a test string's tokens; the regex is what decides those tokens).
+_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|NUMBERS"
+          r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_PRE_TOKENIZERS = {_SPLIT.replace("NUMBERS", r"\p{N}{1,3}"): "llama-bpe",  # digits in runs of up to 3
+                   _SPLIT.replace("NUMBERS", r"\p{N}"): "qwen2"}  # one digit a piece
+
+
+def _gguf():
+    try:
+        import gguf
+    except ImportError:
+        raise ModelError("GGUF export needs the gguf package: pip install 'gguf>=0.17'") from None
+    return gguf
+
+
+def export_gguf(model_dir: str | Path, out_file: str | Path | None = None, outtype: str = "bf16") -> Path:
+    """Write the HF checkpoint in `model_dir` (config.json, *.safetensors, the tokenizer) as one GGUF file.
+    outtype: bf16 / f16 / f32 weights, or q8_0 (8-bit blocks of 32; matrices whose rows are not a multiple of
+    32 stay f16). Norms and biases are f32 as llama.cpp keeps them. Returns the file's path (default
+    model_dir/model-<outtype>.gguf)."""
+    gguf = _gguf()
+    if outtype not in OUTTYPES:
+        raise ModelError(f"GGUF type {outtype!r} is not one of {', '.join(OUTTYPES)}")
+    model_dir = Path(model_dir)
+    cfg = _config(model_dir)
+    arch, _ = _ARCHS[cfg["model_type"]]
+    out = Path(out_file) if out_file else model_dir / f"model-{outtype}.gguf"
+    plan = list(_tensor_plan(model_dir, cfg, outtype))
+    tmp = out.with_name(out.name + ".partial")
+    writer = gguf.GGUFWriter(tmp, arch)
+    try:
+        _add_hparams(writer, cfg, outtype, model_dir.name)
+        _add_vocab(writer, model_dir, cfg["vocab_size"])
+        for name, _, shape, qtype in plan:
+            writer.add_tensor_info(name, shape, np.dtype(np.float32), _nbytes(shape, qtype), raw_dtype=qtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for _, load, _, qtype in plan:
+            writer.write_tensor_data(_encode(load(), qtype))
+    finally:
+        writer.close()
+    os.replace(tmp, out)
+    return out
+
+
+# --------------------------------------------------------------------------- config
+
+
+def _config(model_dir: Path) -> dict:
+    path = model_dir / "config.json"
+    if not path.is_file():
+        raise ModelError(f"{model_dir}: no config.json; export GGUF from a merged model folder (ppalli export)")
+    cfg = json.loads(path.read_text(encoding="utf-8"))
+    kind = cfg.get("model_type")
+    if kind not in _ARCHS:
+        raise ModelError(f"{path}: GGUF export covers {', '.join(_ARCHS)} models, not {kind!r}; the merged "
+                         "folder loads in llama.cpp's convert_hf_to_gguf.py for the others")
+    if cfg.get("use_sliding_window"):
+        raise ModelError(f"{path}: use_sliding_window is on, which llama.cpp's {kind} graph does not apply")
+    return cfg
+
+
+def _rope(cfg: dict) -> tuple[float, dict]:
+    """(rope theta, scaling parameters or {}), from transformers 5's rope_parameters or 4.x's keys."""
+    params = dict(cfg.get("rope_parameters") or {})
+    theta = params.pop("rope_theta", cfg.get("rope_theta", 10000.0))
+    scaling = params or dict(cfg.get("rope_scaling") or {})
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind not in ("default", "llama3", "linear"):
+        raise ModelError(f"config.json: RoPE scaling {kind!r} is not exported to GGUF (default, llama3, linear are)")
+    return float(theta), ({} if kind == "default" else {**scaling, "rope_type": kind})
+
+
+def _head_dim(cfg: dict) -> int:
+    return cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+
+
+def _add_hparams(writer, cfg: dict, outtype: str, name: str) -> None:
+    gguf = _gguf()
+    theta, scaling = _rope(cfg)
+    writer.add_name(name)
+    writer.add_context_length(cfg["max_position_embeddings"])
+    writer.add_embedding_length(cfg["hidden_size"])
+    writer.add_block_count(cfg["num_hidden_layers"])
+    writer.add_feed_forward_length(cfg["intermediate_size"])
+    writer.add_head_count(cfg["num_attention_heads"])
+    writer.add_head_count_kv(cfg.get("num_key_value_heads", cfg["num_attention_heads"]))
+    writer.add_key_length(_head_dim(cfg))
+    writer.add_value_length(_head_dim(cfg))
+    writer.add_rope_dimension_count(_head_dim(cfg))
+    writer.add_rope_freq_base(theta)
+    writer.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    writer.add_vocab_size(cfg["vocab_size"])
+    if scaling.get("rope_type") == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(scaling["factor"]))
+    ftype = {"bf16": gguf.LlamaFileType.MOSTLY_BF16, "f16": gguf.LlamaFileType.MOSTLY_F16,
+             "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "f32": gguf.LlamaFileType.ALL_F32}[outtype]
+    writer.add_file_type(ftype)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def llama3_rope_divisors(cfg: dict) -> np.ndarray:
+    """(head_dim / 2,) float32: how much Llama 3.1's "llama3" scaling divides each RoPE frequency by. Wavelengths
+    under original_context / high_freq_factor keep theirs (1), those over original_context / low_freq_factor
+    are divided by `factor`, and between the two the inverse frequency blends linearly in the context-to-
+    wavelength ratio."""
+    theta, s = _rope(cfg)
+    d = _head_dim(cfg)
+    inv_freq = 1.0 / theta ** (np.arange(0, d, 2, dtype=np.float64) / d)
+    wavelen = 2 * np.pi / inv_freq
+    ctx, lo, hi, factor = (s["original_max_position_embeddings"], s["low_freq_factor"], s["high_freq_factor"],
+                           s["factor"])
+    smooth = np.clip((ctx / wavelen - lo) / (hi - lo), 0.0, 1.0)  # 0: long wavelengths, 1: short ones
+    return (1.0 / ((1 - smooth) / factor + smooth)).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- tensors
+
+
+def _tensor_plan(model_dir: Path, cfg: dict, outtype: str) -> Iterator[tuple]:
+    """(GGUF name, load() -> float32 numpy array, shape, GGML type) for each tensor, in file order."""
+    gguf = _gguf()
+    from safetensors import safe_open
+
+    arch, pairs = _ARCHS[cfg["model_type"]]
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA if arch == "llama" else gguf.MODEL_ARCH.QWEN2,
+                                     cfg["num_hidden_layers"])
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise ModelError(f"{model_dir}: no *.safetensors; export GGUF from the folder `ppalli export` writes")
+    _, scaling = _rope(cfg)
+    if scaling.get("rope_type") == "llama3":
+        divisors = llama3_rope_divisors(cfg)
+        yield "rope_freqs.weight", lambda: divisors, divisors.shape, gguf.GGMLQuantizationType.F32
+    heads = {"q_proj": cfg["num_attention_heads"], "k_proj": cfg.get("num_key_value_heads", cfg["num_attention_heads"])}
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            keys, shapes = list(f.keys()), {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        for key in keys:
+            if key.endswith("rotary_emb.inv_freq") or (key == "lm_head.weight" and cfg.get("tie_word_embeddings")):
+                continue
+            name = names.get_name(key, try_suffixes=(".weight", ".bias"))
+            if name is None:
+                raise ModelError(f"{file.name}: tensor {key!r} has no GGUF name for {arch}")
+            proj = key.split(".")[-2]
+            n_heads = heads.get(proj) if pairs else None  # a bias's entries are rows too
+            yield (name, _loader(file, key, n_heads), shapes[key], _qtype(shapes[key], outtype))
+
+
+def _loader(file: Path, key: str, pair_heads: int | None):
+    def load() -> np.ndarray:
+        from safetensors import safe_open
+
+        with safe_open(file, framework="pt") as f:
+            t = f.get_tensor(key).to(torch.float32)
+        if pair_heads:
+            t = pairs_from_halves(t, pair_heads)
+        return t.numpy()
+    return load
+
+
+def pairs_from_halves(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """(n_heads * head_dim, d) q or k rows, each head's first and second halves interleaved: row i of the
+    first half goes to 2i, row i of the second half to 2i + 1 (rotate_half's pairs made adjacent)."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, 2, rows // n_heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def _qtype(shape: tuple, outtype: str):
+    q = _gguf().GGMLQuantizationType
+    if len(shape) < 2 or outtype == "f32":
+        return q.F32
+    if outtype == "q8_0":
+        return q.Q8_0 if shape[-1] % 32 == 0 else q.F16
+    return q.BF16 if outtype == "bf16" else q.F16
+
+
+def _nbytes(shape: tuple, qtype) -> int:
+    gguf = _gguf()
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    return int(np.prod(shape)) // block * size
+
+
+def _encode(data: np.ndarray, qtype) -> np.ndarray:
+    gguf = _gguf()
+    q = gguf.GGMLQuantizationType
+    if qtype == q.F32:
+        return np.ascontiguousarray(data, dtype=np.float32)
+    if qtype == q.F16:
+        return data.astype(np.float16)
+    return gguf.quants.quantize(np.ascontiguousarray(data, dtype=np.float32), qtype)
+
+
+# --------------------------------------------------------------------------- vocabulary
+
+
+def _add_vocab(writer, model_dir: Path, n_vocab: int) -> None:
+    """Tokens (id order, the embedding's rows: ids no token uses are [PAD<id>], unused), their types, the
+    merges, the pre-tokenizer, special ids, whether BOS is added, and the chat template."""
+    gguf = _gguf()
+    from ppalli.models.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(model_dir)
+    spec = json.loads(tok.backend_tokenizer.to_str()) if hasattr(tok, "backend_tokenizer") else None
+    if spec is None or spec["model"]["type"] != "BPE" or spec["model"].get("byte_fallback") \
+            or (spec.get("decoder") or {}).get("type") != "ByteLevel":
+        raise ModelError(f"{model_dir}: GGUF export covers byte-level BPE tokenizers (Llama 3, Qwen2/2.5); this "
+                         "one is not (use llama.cpp's convert_hf_to_gguf.py on the folder)")
+    tokens = [f"[PAD{i}]" for i in range(n_vocab)]
+    types = [gguf.TokenType.UNUSED] * n_vocab
+    for text, i in spec["model"]["vocab"].items():
+        if i < n_vocab:
+            tokens[i], types[i] = text, gguf.TokenType.NORMAL
+    for added in spec.get("added_tokens", []):
+        if added["id"] < n_vocab:
+            tokens[added["id"]] = added["content"]
+            types[added["id"]] = gguf.TokenType.CONTROL if added["special"] else gguf.TokenType.USER_DEFINED
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(_pre_tokenizer(spec, model_dir))
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    adds_bos = tok.bos_token_id is not None and tok("a")["input_ids"][:1] == [tok.bos_token_id]
+    if tok.bos_token_id is not None:
+        writer.add_bos_token_id(tok.bos_token_id)
+    writer.add_add_bos_token(adds_bos)
+    if tok.eos_token_id is not None:
+        writer.add_eos_token_id(tok.eos_token_id)
+    if tok.pad_token_id is not None:
+        writer.add_pad_token_id(tok.pad_token_id)
+    if isinstance(tok.chat_template, str):
+        writer.add_chat_template(tok.chat_template)
+
+
+def _pre_tokenizer(spec: dict, model_dir: Path) -> str:
+    pre = spec.get("pre_tokenizer") or {}
+    parts = pre.get("pretokenizers", [pre])
+    regexes = [p["pattern"].get("Regex") for p in parts if p.get("type") == "Split" and "pattern" in p]
+    for regex in regexes:
+        if regex in _PRE_TOKENIZERS:
+            return _PRE_TOKENIZERS[regex]
+    raise ModelError(f"{model_dir}: the tokenizer's pre-tokenizer ({regexes or pre.get('type')}) is not one ppalli "
+                     "names for llama.cpp (Llama 3's, Qwen2's); use llama.cpp's convert_hf_to_gguf.py on the folder")

@@ -1,0 +1,212 @@
+"""GGUF export: tiny Llama-3 and Qwen2 checkpoints with their real tokenizers, written as GGUF and read back
+(tensors, RoPE, vocabulary) with the gguf package; with llama-cpp-python installed, loaded in llama.cpp, whose
+logits and tokens must equal HF's."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+gguf = pytest.importorskip("gguf")
+
+from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
+
+from ppalli.errors import ModelError  # noqa: E402
+from ppalli.export.gguf import export_gguf, llama3_rope_divisors, pairs_from_halves  # noqa: E402
+from ppalli.models.tokenizer import load_tokenizer  # noqa: E402
+
+TEXTS = ["안녕하세요! 오늘 날씨가 정말 좋네요.", "1234567 tokens, 빨리 빨리.\n\n  def f(x): return x**2"]
+SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=16, initializer_range=0.1)
+
+
+def _checkpoint(tmp_path, shared_data, arch: str, dtype=torch.float32):
+    """A random tiny model of `arch` saved with its family's real tokenizer: (folder, model, tokenizer)."""
+    if arch == "llama":  # Llama-3.2-1B's own config (llama3 RoPE scaling, tied embeddings), shrunk
+        cfg = AutoConfig.from_pretrained(shared_data / "tokenizer_llama3" / "config_llama-3.2-1b.json", **SMALL)
+        tok = load_tokenizer(shared_data / "tokenizer_llama3")
+    else:  # Qwen2.5-0.5B's (q/k/v biases, tied embeddings, 151,936 rows for 151,665 tokens)
+        cfg = AutoConfig.from_pretrained(shared_data / "tokenizer_qwen2.5" / "config.json", **SMALL,
+                                         layer_types=["full_attention"] * SMALL["num_hidden_layers"])
+        tok = load_tokenizer(shared_data / "tokenizer_qwen2.5")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).to(dtype).eval()
+    if arch == "qwen2":
+        with torch.no_grad():  # random, not zero, biases: the export must carry them
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_(0, 0.5)
+    folder = tmp_path / arch
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder, model, tok
+
+
+def _fields(reader) -> dict:
+    out = {}
+    for name, field in reader.fields.items():
+        try:
+            out[name] = field.contents()
+        except (ValueError, TypeError, IndexError):
+            continue
+    return out
+
+
+def _tensors(reader) -> dict:
+    return {t.name: t for t in reader.tensors}
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_f32_file_holds_the_checkpoint_and_its_tokenizer(tmp_path, shared_data, arch):
+    folder, model, tok = _checkpoint(tmp_path, shared_data, arch)
+    path = export_gguf(folder, outtype="f32")
+    assert path == folder / "model-f32.gguf" and not list(folder.glob("*.partial"))
+    reader = gguf.GGUFReader(path)
+    meta, tensors = _fields(reader), _tensors(reader)
+    cfg = model.config
+    assert meta["general.architecture"] == arch
+    assert meta[f"{arch}.block_count"] == 2 and meta[f"{arch}.attention.head_count_kv"] == 2
+    assert meta[f"{arch}.rope.freq_base"] == pytest.approx(cfg.rope_parameters["rope_theta"])
+    assert meta["tokenizer.ggml.pre"] == {"llama": "llama-bpe", "qwen2": "qwen2"}[arch]
+    assert meta["tokenizer.ggml.add_bos_token"] == (arch == "llama")
+    assert meta["tokenizer.ggml.eos_token_id"] == tok.eos_token_id
+    assert meta["tokenizer.chat_template"] == tok.chat_template
+    tokens = meta["tokenizer.ggml.tokens"]
+    assert len(tokens) == cfg.vocab_size  # one per embedding row: Qwen's 271 unused rows as [PAD<id>]
+    vocab = tok.get_vocab()
+    assert all(tokens[i] == text for text, i in vocab.items())
+    assert "output.weight" not in tensors  # tied: llama.cpp reads token_embd for the head
+    state = {k: v.float() for k, v in model.state_dict().items()}
+    for key, value in state.items():
+        if key == "lm_head.weight":
+            continue
+        name = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch.upper()), 2).get_name(
+            key, try_suffixes=(".weight", ".bias"))
+        want = value
+        if arch == "llama" and (".q_proj." in key or ".k_proj." in key):
+            want = pairs_from_halves(value, 4 if ".q_proj." in key else 2)
+        got = np.asarray(tensors[name].data).reshape(value.shape)
+        assert np.array_equal(got, want.numpy()), key
+    if arch == "llama":
+        assert np.array_equal(np.asarray(tensors["rope_freqs.weight"].data), llama3_rope_divisors(cfg.to_dict()))
+
+
+def test_llama3_rope_divisors_give_transformers_frequencies(shared_data):
+    """The divisors llama.cpp applies to the plain RoPE frequencies reproduce transformers' own llama3-scaled
+    inv_freq (an independent implementation of the same rule)."""
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    cfg = AutoConfig.from_pretrained(shared_data / "tokenizer_llama3" / "config_llama-3.2-1b.json")
+    scaled = LlamaRotaryEmbedding(cfg).inv_freq.double().numpy()
+    d = cfg.head_dim
+    plain = 1.0 / cfg.rope_parameters["rope_theta"] ** (np.arange(0, d, 2) / d)
+    divisors = llama3_rope_divisors(cfg.to_dict())
+    assert divisors.min() == pytest.approx(1.0) and divisors.max() == pytest.approx(32.0)
+    np.testing.assert_allclose(plain / divisors, scaled, rtol=1e-6)
+
+
+def test_pairs_from_halves_turns_hf_rotation_into_adjacent_pairs():
+    """q = x W^T rotated HF's way (rotate_half over each head's halves) equals, row for row once reordered, the
+    same x through the reordered W rotated llama.cpp's way (adjacent pairs (2i, 2i+1) by the same angles)."""
+    torch.manual_seed(0)
+    heads, d, dim, t = 3, 8, 12, 5
+    w, x = torch.randn(heads * d, dim, dtype=torch.float64), torch.randn(t, dim, dtype=torch.float64)
+    angle = torch.arange(t, dtype=torch.float64)[:, None] * torch.rand(d // 2, dtype=torch.float64)  # (t, d/2)
+    cos, sin = angle.cos(), angle.sin()
+    q = (x @ w.T).view(t, heads, d)
+    a, b = q[..., : d // 2], q[..., d // 2:]
+    hf = torch.cat([a * cos[:, None] - b * sin[:, None], b * cos[:, None] + a * sin[:, None]], -1)
+    p = (x @ pairs_from_halves(w, heads).T).view(t, heads, d // 2, 2)
+    a, b = p[..., 0], p[..., 1]
+    ggml = torch.stack([a * cos[:, None] - b * sin[:, None], b * cos[:, None] + a * sin[:, None]], -1)
+    assert torch.allclose(pairs_from_halves(hf.reshape(t, -1).T, heads).T, ggml.reshape(t, -1))
+
+
+@pytest.mark.parametrize("outtype,tol", [("bf16", 2**-8), ("f16", 2**-11), ("q8_0", 2**-7)])
+def test_16_and_8_bit_files_round_each_weight_once(tmp_path, shared_data, outtype, tol):
+    """Matrices in the chosen type within one rounding of the weight (q8_0: blocks of 32 scaled by their
+    largest |w| / 127), norms and biases exact in f32."""
+    folder, model, _ = _checkpoint(tmp_path, shared_data, "qwen2")
+    tensors = _tensors(gguf.GGUFReader(export_gguf(folder, outtype=outtype)))
+    for key, value in model.state_dict().items():
+        if key == "lm_head.weight":
+            continue
+        name = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN2, 2).get_name(key, try_suffixes=(".weight", ".bias"))
+        t = tensors[name]
+        got = gguf.quants.dequantize(t.data, t.tensor_type).reshape(value.shape)
+        if value.dim() == 1:
+            assert t.tensor_type == gguf.GGMLQuantizationType.F32 and np.array_equal(got, value.numpy()), key
+            continue
+        assert t.tensor_type.name == outtype.upper(), key
+        scale = np.abs(value.numpy()).max() if outtype == "q8_0" else np.abs(value.numpy())
+        if outtype == "f16":  # below 2**-14 f16 is subnormal: steps of 2**-24, absolute
+            scale = np.maximum(scale, 2**-14)
+        assert (np.abs(got - value.numpy()) <= tol * scale + 1e-30).all(), key
+
+
+def test_other_families_and_tokenizers_are_refused_with_the_way_out(tmp_path, shared_data):
+    folder, _, _ = _checkpoint(tmp_path, shared_data, "llama")
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "model_type": "gemma2"}))
+    with pytest.raises(ModelError, match="config.json: GGUF export covers llama, qwen2 .*convert_hf_to_gguf"):
+        export_gguf(folder)
+    (folder / "config.json").write_text(json.dumps({**cfg, "rope_parameters": {"rope_type": "yarn", "factor": 4.0}}))
+    with pytest.raises(ModelError, match="RoPE scaling 'yarn'"):
+        export_gguf(folder)
+    with pytest.raises(ModelError, match="not one of"):
+        export_gguf(folder, outtype="q4_k")
+    assert not list(folder.glob("*.gguf*"))
+
+
+# --------------------------------------------------------------------------- in llama.cpp
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_llama_cpp_reads_the_tokens_and_logits_hf_computes(tmp_path, shared_data, arch):
+    """llama.cpp (llama-cpp-python) on the f32 file: the same token ids as HF's tokenizer for Korean, digits and
+    code, and the same logits as HF's fp32 forward on them; q8_0's logits near (its rounding)."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    folder, model, tok = _checkpoint(tmp_path, shared_data, arch)
+    for outtype, tol in (("f32", 1e-3), ("q8_0", 5e-2)):
+        llm = llama_cpp.Llama(str(export_gguf(folder, outtype=outtype)), n_ctx=128, logits_all=True, verbose=False,
+                              n_threads=2)
+        for text in TEXTS:
+            ids = tok(text)["input_ids"]
+            assert llm.tokenize(text.encode(), add_bos=arch == "llama", special=True) == ids, text
+            llm.reset()
+            llm.eval(ids)
+            got = np.asarray(llm.scores[: len(ids)], dtype=np.float32)
+            with torch.no_grad():
+                want = model(torch.tensor([ids])).logits[0].float().numpy()
+            err = np.abs(got - want).max() / np.abs(want).max()
+            assert err < tol, f"{arch} {outtype}: max logit error {err:.2e} of the largest logit"
+        del llm
+
+
+def test_cli_export_writes_the_merged_folder_and_its_gguf(make_cfg, quiet, capsys):
+    """`ppalli export RUN --out DIR --gguf q8_0` after a tiny Qwen2 run (chatml template): the merged folder,
+    its GGUF beside it, and llama.cpp's (when installed) logits on a rendered chat prompt near the merged
+    HF model's."""
+    from ppalli.cli import main
+    from ppalli.train import recipe
+
+    run = recipe.train(make_cfg("qwen2", name="exported", train__max_steps=2), print_fn=quiet).run_dir
+    out = run.parent / "merged"
+    assert main(["export", str(run), "--out", str(out), "--dtype", "float32", "--gguf", "q8_0"]) == 0
+    printed = capsys.readouterr().out
+    assert f"GGUF: {out / 'model-q8_0.gguf'}" in printed
+    meta = _fields(gguf.GGUFReader(out / "model-q8_0.gguf"))
+    assert meta["general.architecture"] == "qwen2" and "<|im_start|>" in meta["tokenizer.chat_template"]
+    llama_cpp = pytest.importorskip("llama_cpp")
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    tok = load_tokenizer(out)
+    ids = tok.apply_chat_template([{"role": "user", "content": "오늘 뭐 먹지?"}], add_generation_prompt=True,
+                                  tokenize=True, return_dict=True)["input_ids"]
+    llm = llama_cpp.Llama(str(out / "model-q8_0.gguf"), n_ctx=128, logits_all=True, verbose=False, n_threads=2)
+    llm.eval(ids)
+    got = np.asarray(llm.scores[: len(ids)], dtype=np.float32)
+    with torch.no_grad():
+        want = model(torch.tensor([ids])).logits[0].numpy()
+    assert np.abs(got - want).max() / np.abs(want).max() < 5e-2
+    del llm
