@@ -3,13 +3,14 @@ and the tools built on it (Ollama, LM Studio, llama-cpp-python) load.
 
 The file is written with the `gguf` package (llama.cpp's own writer and tensor-name map); what this module
 adds is what the conversion must get right for the families ppalli exports:
-- Llama's q and k rows are reordered per head: HF rotates the two halves of each head (rotate_half), while
-  llama.cpp's "llama" graph rotates adjacent pairs, so row i of a head's first half goes to 2i and row i of its
-  second half to 2i + 1. Qwen2's graph rotates halves as HF does: its rows stay.
+- Llama's and Mistral's q and k rows are reordered per head: HF rotates the two halves of each head
+  (rotate_half), while llama.cpp's "llama" graph rotates adjacent pairs, so row i of a head's first half goes to
+  2i and row i of its second half to 2i + 1. Qwen2's and Qwen3's graphs rotate halves as HF does: rows stay.
 - Llama 3.1+'s "llama3" RoPE scaling stretches the low frequencies at every length, not only past 8k tokens:
   llama.cpp reads it as a `rope_freqs` tensor of per-frequency divisors, computed here from the config.
-- The vocabulary: byte-level BPE (Llama 3, Qwen2/2.5) with its merges, the pre-tokenizer llama.cpp must use
-  (named by its split regex), special tokens as control tokens, whether a BOS is added, and the chat template.
+- The vocabulary: byte-level BPE (Llama 3, Qwen) with its merges and the pre-tokenizer llama.cpp must use
+  (named by its split regex), or SentencePiece's BPE (Llama 2, Mistral, SOLAR) with byte pieces and scores;
+  special tokens as control tokens, whether a BOS is added, and the chat template.
 Tensors stream from the safetensors shards one at a time (peak memory ~ the largest tensor in fp32, not the
 model), and the file is written under a temporary name and renamed when complete.
 
@@ -20,6 +21,7 @@ its logits and tokenization to HF's.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,9 +31,12 @@ import torch
 
 from ppalli.errors import ModelError
 
+log = logging.getLogger("ppalli")
+
 OUTTYPES = ("bf16", "f16", "q8_0", "f32")
 # HF model_type -> llama.cpp architecture, and whether that graph rotates adjacent pairs (q/k rows reordered).
-_ARCHS = {"llama": ("llama", True), "qwen2": ("qwen2", False)}
+_ARCHS = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False),
+          "qwen3": ("qwen3", False)}
 # The pre-tokenizer split regex of a byte-level BPE tokenizer -> llama.cpp's name for it (its converter names
 # them by a hash of a test string's tokens; the regex is what decides those tokens).
 _SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|NUMBERS"
@@ -44,7 +49,8 @@ def _gguf():
     try:
         import gguf
     except ImportError:
-        raise ModelError("GGUF export needs the gguf package: pip install 'gguf>=0.17'") from None
+        raise ModelError("GGUF export needs the gguf package: pip install 'gguf>=0.19,<0.20' (or ppalli's "
+                         "gguf extra)") from None
     return gguf
 
 
@@ -73,8 +79,11 @@ def export_gguf(model_dir: str | Path, out_file: str | Path | None = None, outty
         writer.write_ti_data_to_file()
         for _, load, _, qtype in plan:
             writer.write_tensor_data(_encode(load(), qtype))
-    finally:
         writer.close()
+    except BaseException:  # no half-written file left behind, whatever stopped the writing
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, out)
     return out
 
@@ -91,8 +100,15 @@ def _config(model_dir: Path) -> dict:
     if kind not in _ARCHS:
         raise ModelError(f"{path}: GGUF export covers {', '.join(_ARCHS)} models, not {kind!r}; the merged "
                          "folder loads in llama.cpp's convert_hf_to_gguf.py for the others")
-    if cfg.get("use_sliding_window"):
-        raise ModelError(f"{path}: use_sliding_window is on, which llama.cpp's {kind} graph does not apply")
+    window = cfg.get("sliding_window") if cfg.get("use_sliding_window", kind == "mistral") else None
+    if window and window < cfg["max_position_embeddings"]:
+        log.warning("%s: trained with a %d-token sliding window, which llama.cpp's %s graph does not apply: it "
+                    "attends to the whole context, so past %d tokens its answers differ", path, window,
+                    _ARCHS[kind][0], window)
+    try:
+        _rope(cfg)
+    except ModelError as e:
+        raise ModelError(f"{path}: {e}") from None
     return cfg
 
 
@@ -103,7 +119,7 @@ def _rope(cfg: dict) -> tuple[float, dict]:
     scaling = params or dict(cfg.get("rope_scaling") or {})
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind not in ("default", "llama3", "linear"):
-        raise ModelError(f"config.json: RoPE scaling {kind!r} is not exported to GGUF (default, llama3, linear are)")
+        raise ModelError(f"RoPE scaling {kind!r} is not exported to GGUF (default, llama3 and linear are)")
     return float(theta), ({} if kind == "default" else {**scaling, "rope_type": kind})
 
 
@@ -160,8 +176,7 @@ def _tensor_plan(model_dir: Path, cfg: dict, outtype: str) -> Iterator[tuple]:
     from safetensors import safe_open
 
     arch, pairs = _ARCHS[cfg["model_type"]]
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA if arch == "llama" else gguf.MODEL_ARCH.QWEN2,
-                                     cfg["num_hidden_layers"])
+    names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch.upper()), cfg["num_hidden_layers"])
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         raise ModelError(f"{model_dir}: no *.safetensors; export GGUF from the folder `ppalli export` writes")
@@ -232,32 +247,33 @@ def _encode(data: np.ndarray, qtype) -> np.ndarray:
 
 
 def _add_vocab(writer, model_dir: Path, n_vocab: int) -> None:
-    """Tokens (id order, the embedding's rows: ids no token uses are [PAD<id>], unused), their types, the
-    merges, the pre-tokenizer, special ids, whether BOS is added, and the chat template."""
-    gguf = _gguf()
+    """Tokens (id order, the embedding's rows: ids no token uses are [PAD<id>], unused), their types, how llama.cpp
+    must split text, special ids, whether BOS is added, and the chat template."""
     from ppalli.models.tokenizer import load_tokenizer
 
     tok = load_tokenizer(model_dir)
-    spec = json.loads(tok.backend_tokenizer.to_str()) if hasattr(tok, "backend_tokenizer") else None
-    if spec is None or spec["model"]["type"] != "BPE" or spec["model"].get("byte_fallback") \
-            or (spec.get("decoder") or {}).get("type") != "ByteLevel":
-        raise ModelError(f"{model_dir}: GGUF export covers byte-level BPE tokenizers (Llama 3, Qwen2/2.5); this "
-                         "one is not (use llama.cpp's convert_hf_to_gguf.py on the folder)")
-    tokens = [f"[PAD{i}]" for i in range(n_vocab)]
-    types = [gguf.TokenType.UNUSED] * n_vocab
-    for text, i in spec["model"]["vocab"].items():
-        if i < n_vocab:
-            tokens[i], types[i] = text, gguf.TokenType.NORMAL
-    for added in spec.get("added_tokens", []):
-        if added["id"] < n_vocab:
-            tokens[added["id"]] = added["content"]
-            types[added["id"]] = gguf.TokenType.CONTROL if added["special"] else gguf.TokenType.USER_DEFINED
-    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(_pre_tokenizer(spec, model_dir))
+    spec = json.loads(tok.backend_tokenizer.to_str()) if hasattr(tok, "backend_tokenizer") else {}
+    model, decoder = spec.get("model", {}), (spec.get("decoder") or {}).get("type")
+    if model.get("type") == "BPE" and not model.get("byte_fallback") and decoder == "ByteLevel":
+        kind = "gpt2"  # byte-level BPE: Llama 3, Qwen2/2.5/3
+    elif model.get("type") == "BPE" and model.get("byte_fallback"):
+        kind = "llama"  # SentencePiece's BPE with byte fallback: Llama 2, Mistral, SOLAR
+    else:
+        raise ModelError(f"{model_dir}: GGUF export covers byte-level BPE (Llama 3, Qwen) and SentencePiece BPE "
+                         "(Llama 2, Mistral, SOLAR) tokenizers; this one is neither (use llama.cpp's "
+                         "convert_hf_to_gguf.py on the folder)")
+    tokens, types = _tokens(spec, n_vocab, byte_pieces=kind == "llama")
+    writer.add_tokenizer_model(kind)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
-    writer.add_token_merges(merges)
+    if kind == "gpt2":
+        writer.add_tokenizer_pre(_pre_tokenizer(spec, model_dir))
+        writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in model["merges"]])
+    else:
+        writer.add_token_scores(_piece_scores(model, tokens, types))
+        writer.add_add_space_prefix(_prepends_space(spec))
+        if tok.unk_token_id is not None:
+            writer.add_unk_token_id(tok.unk_token_id)
     adds_bos = tok.bos_token_id is not None and tok("a")["input_ids"][:1] == [tok.bos_token_id]
     if tok.bos_token_id is not None:
         writer.add_bos_token_id(tok.bos_token_id)
@@ -268,6 +284,45 @@ def _add_vocab(writer, model_dir: Path, n_vocab: int) -> None:
         writer.add_pad_token_id(tok.pad_token_id)
     if isinstance(tok.chat_template, str):
         writer.add_chat_template(tok.chat_template)
+
+
+def _tokens(spec: dict, n_vocab: int, byte_pieces: bool) -> tuple[list[str], list]:
+    """(token texts, GGUF token types) for ids 0..n_vocab-1: the BPE vocabulary NORMAL (SentencePiece's <0xNN>
+    pieces BYTE), added tokens CONTROL when special else USER_DEFINED, the unk piece UNKNOWN, the rest unused."""
+    kinds = _gguf().TokenType
+    tokens, types = [f"[PAD{i}]" for i in range(n_vocab)], [kinds.UNUSED] * n_vocab
+    for text, i in spec["model"]["vocab"].items():
+        if i < n_vocab:
+            byte = byte_pieces and len(text) == 6 and text.startswith("<0x") and text.endswith(">")
+            tokens[i], types[i] = text, kinds.BYTE if byte else kinds.NORMAL
+    for added in spec.get("added_tokens", []):
+        if added["id"] < n_vocab:
+            tokens[added["id"]] = added["content"]
+            types[added["id"]] = kinds.CONTROL if added["special"] else kinds.USER_DEFINED
+    unk = spec["model"].get("unk_token")
+    if unk is not None and spec["model"]["vocab"].get(unk, n_vocab) < n_vocab:
+        types[spec["model"]["vocab"][unk]] = kinds.UNKNOWN
+    return tokens, types
+
+
+def _piece_scores(model: dict, tokens: list[str], types: list) -> list[float]:
+    """SentencePiece scores for llama.cpp, which merges the adjacent pair whose joined piece scores highest. A
+    converted tokenizer keeps no scores, but its merges are listed in the joined pieces' score order, so a piece
+    scores minus the rank of the first merge that makes it. Pieces no merge makes score 0 (single characters,
+    bytes, specials: never merge results). Llama 2's runs of spaces ("▁▁", ...) score -1e9 in its model and are
+    the last merges here: they stay last."""
+    rank: dict[str, int] = {}
+    for r, m in enumerate(model["merges"]):
+        rank.setdefault("".join(m.split(" ", 1)) if isinstance(m, str) else "".join(m), r)
+    normal = _gguf().TokenType.NORMAL
+    return [-float(rank[text]) if kind == normal and text in rank else 0.0 for text, kind in zip(tokens, types)]
+
+
+def _prepends_space(spec: dict) -> bool:
+    """Whether the tokenizer puts SentencePiece's space marker before the text (a Metaspace pre-tokenizer, or the
+    older normalizer that prepends it)."""
+    text = json.dumps([spec.get("pre_tokenizer"), spec.get("normalizer")])
+    return '"prepend_scheme": "always"' in text or '"prepend_scheme": "first"' in text or '"Prepend"' in text
 
 
 def _pre_tokenizer(spec: dict, model_dir: Path) -> str:

@@ -16,28 +16,46 @@ from ppalli.errors import ModelError  # noqa: E402
 from ppalli.export.gguf import export_gguf, llama3_rope_divisors, pairs_from_halves  # noqa: E402
 from ppalli.models.tokenizer import load_tokenizer  # noqa: E402
 
-TEXTS = ["안녕하세요! 오늘 날씨가 정말 좋네요.", "1234567 tokens, 빨리 빨리.\n\n  def f(x): return x**2"]
+TEXTS = ["안녕하세요! 오늘 날씨가 정말 좋네요.", "1234567 tokens, 빨리 빨리.\n\n  def f(x): return x**2",
+         "  leading, inner   runs and trailing   ", "한국어 English 混合 😀\ttabs\r\nCRLF <|im_end|> <s>"]
 SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, head_dim=16, initializer_range=0.1)
 
 
-def _checkpoint(tmp_path, shared_data, arch: str, dtype=torch.float32):
-    """A random tiny model of `arch` saved with its family's real tokenizer: (folder, model, tokenizer)."""
-    if arch == "llama":  # Llama-3.2-1B's own config (llama3 RoPE scaling, tied embeddings), shrunk
-        cfg = AutoConfig.from_pretrained(shared_data / "tokenizer_llama3" / "config_llama-3.2-1b.json", **SMALL)
-        tok = load_tokenizer(shared_data / "tokenizer_llama3")
-    else:  # Qwen2.5-0.5B's (q/k/v biases, tied embeddings, 151,936 rows for 151,665 tokens)
-        cfg = AutoConfig.from_pretrained(shared_data / "tokenizer_qwen2.5" / "config.json", **SMALL,
-                                         layer_types=["full_attention"] * SMALL["num_hidden_layers"])
-        tok = load_tokenizer(shared_data / "tokenizer_qwen2.5")
+# case -> (HF model_type, tokenizer folder, config overrides); "llama" and "qwen2" start from the real
+# Llama-3.2-1B / Qwen2.5-0.5B configs (llama3 RoPE scaling; q/k/v biases; tied embeddings), the rest from
+# transformers' defaults. SentencePiece cases (Llama 2's tokenizer) stand for Llama 2, Mistral and SOLAR.
+CASES = {
+    "llama": ("llama", "tokenizer_llama3", {}),
+    "qwen2": ("qwen2", "tokenizer_qwen2.5", {"layer_types": ["full_attention"] * 2}),
+    "qwen3": ("qwen3", "tokenizer_qwen2.5", {"vocab_size": 151936, "head_dim": 32, "tie_word_embeddings": True,
+                                             "layer_types": ["full_attention"] * 2}),
+    "llama2": ("llama", "tokenizer_llama2", {"vocab_size": 32000, "tie_word_embeddings": False}),
+    "mistral": ("mistral", "tokenizer_llama2", {"vocab_size": 32000, "sliding_window": None}),
+}
+GGUF_ARCH = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "llama2": "llama", "mistral": "llama"}
+
+
+def _checkpoint(tmp_path, shared_data, case: str, dtype=torch.float32):
+    """A random tiny model of `case` saved with its family's real tokenizer: (folder, model, tokenizer)."""
+    model_type, tokenizer, extra = CASES[case]
+    real = {"llama": shared_data / "tokenizer_llama3" / "config_llama-3.2-1b.json",
+            "qwen2": shared_data / "tokenizer_qwen2.5" / "config.json"}.get(case)
+    kwargs = {**SMALL, **extra}
+    cfg = AutoConfig.from_pretrained(real, **kwargs) if real else AutoConfig.for_model(model_type, **kwargs)
+    tok = load_tokenizer(shared_data / tokenizer)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg).to(dtype).eval()
-    if arch == "qwen2":
-        with torch.no_grad():  # random, not zero, biases: the export must carry them
-            for layer in model.model.layers:
-                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-                    proj.bias.normal_(0, 0.5)
-    folder = tmp_path / arch
+    with torch.no_grad():  # random, not default, biases and q/k norms: the export must carry them
+        for layer in model.model.layers:
+            attn = layer.self_attn
+            for t in [getattr(m, "bias", None) for m in (attn.q_proj, attn.k_proj, attn.v_proj)]:
+                if t is not None:
+                    t.normal_(0, 0.5)
+            for norm in (getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)):
+                if norm is not None:
+                    norm.weight.normal_(1, 0.3)
+    folder = tmp_path / case
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder, model, tok
@@ -57,38 +75,40 @@ def _tensors(reader) -> dict:
     return {t.name: t for t in reader.tensors}
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_f32_file_holds_the_checkpoint_and_its_tokenizer(tmp_path, shared_data, arch):
-    folder, model, tok = _checkpoint(tmp_path, shared_data, arch)
+@pytest.mark.parametrize("case", list(CASES))
+def test_f32_file_holds_the_checkpoint_and_its_tokenizer(tmp_path, shared_data, case):
+    folder, model, tok = _checkpoint(tmp_path, shared_data, case)
     path = export_gguf(folder, outtype="f32")
     assert path == folder / "model-f32.gguf" and not list(folder.glob("*.partial"))
     reader = gguf.GGUFReader(path)
     meta, tensors = _fields(reader), _tensors(reader)
-    cfg = model.config
+    cfg, arch = model.config, GGUF_ARCH[case]
     assert meta["general.architecture"] == arch
     assert meta[f"{arch}.block_count"] == 2 and meta[f"{arch}.attention.head_count_kv"] == 2
+    assert meta[f"{arch}.attention.key_length"] == (getattr(cfg, "head_dim", None)
+                                                    or cfg.hidden_size // cfg.num_attention_heads)
     assert meta[f"{arch}.rope.freq_base"] == pytest.approx(cfg.rope_parameters["rope_theta"])
-    assert meta["tokenizer.ggml.pre"] == {"llama": "llama-bpe", "qwen2": "qwen2"}[arch]
-    assert meta["tokenizer.ggml.add_bos_token"] == (arch == "llama")
+    sentencepiece = CASES[case][1] == "tokenizer_llama2"
+    assert meta["tokenizer.ggml.model"] == ("llama" if sentencepiece else "gpt2")
+    if not sentencepiece:
+        assert meta["tokenizer.ggml.pre"] == ("llama-bpe" if case == "llama" else "qwen2")
+    assert meta["tokenizer.ggml.add_bos_token"] == (tok.bos_token_id is not None)
     assert meta["tokenizer.ggml.eos_token_id"] == tok.eos_token_id
-    assert meta["tokenizer.chat_template"] == tok.chat_template
+    assert meta.get("tokenizer.chat_template") == tok.chat_template
     tokens = meta["tokenizer.ggml.tokens"]
     assert len(tokens) == cfg.vocab_size  # one per embedding row: Qwen's 271 unused rows as [PAD<id>]
-    vocab = tok.get_vocab()
-    assert all(tokens[i] == text for text, i in vocab.items())
-    assert "output.weight" not in tensors  # tied: llama.cpp reads token_embd for the head
-    state = {k: v.float() for k, v in model.state_dict().items()}
-    for key, value in state.items():
-        if key == "lm_head.weight":
+    assert all(tokens[i] == text for text, i in tok.get_vocab().items())
+    assert ("output.weight" in tensors) == (not cfg.tie_word_embeddings)  # tied: llama.cpp reads token_embd
+    names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch.upper()), 2)
+    for key, value in model.state_dict().items():
+        if key == "lm_head.weight" and cfg.tie_word_embeddings:
             continue
-        name = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch.upper()), 2).get_name(
-            key, try_suffixes=(".weight", ".bias"))
         want = value
         if arch == "llama" and (".q_proj." in key or ".k_proj." in key):
             want = pairs_from_halves(value, 4 if ".q_proj." in key else 2)
-        got = np.asarray(tensors[name].data).reshape(value.shape)
+        got = np.asarray(tensors[names.get_name(key, try_suffixes=(".weight", ".bias"))].data).reshape(value.shape)
         assert np.array_equal(got, want.numpy()), key
-    if arch == "llama":
+    if case == "llama":
         assert np.array_equal(np.asarray(tensors["rope_freqs.weight"].data), llama3_rope_divisors(cfg.to_dict()))
 
 
@@ -145,42 +165,48 @@ def test_16_and_8_bit_files_round_each_weight_once(tmp_path, shared_data, outtyp
         assert (np.abs(got - value.numpy()) <= tol * scale + 1e-30).all(), key
 
 
-def test_other_families_and_tokenizers_are_refused_with_the_way_out(tmp_path, shared_data):
+def test_other_families_and_settings_are_refused_with_the_way_out(tmp_path, shared_data, monkeypatch):
     folder, _, _ = _checkpoint(tmp_path, shared_data, "llama")
     cfg = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**cfg, "model_type": "gemma2"}))
-    with pytest.raises(ModelError, match="config.json: GGUF export covers llama, qwen2 .*convert_hf_to_gguf"):
+    with pytest.raises(ModelError, match="config.json: GGUF export covers llama, .* not 'gemma2'.*convert_hf_to_gguf"):
         export_gguf(folder)
     (folder / "config.json").write_text(json.dumps({**cfg, "rope_parameters": {"rope_type": "yarn", "factor": 4.0}}))
     with pytest.raises(ModelError, match="RoPE scaling 'yarn'"):
         export_gguf(folder)
     with pytest.raises(ModelError, match="not one of"):
         export_gguf(folder, outtype="q4_k")
-    assert not list(folder.glob("*.gguf*"))
+    (folder / "config.json").write_text(json.dumps(cfg))
+    from ppalli.export import gguf as module
+
+    monkeypatch.setattr(module, "_encode", lambda data, qtype: 1 / 0)  # a failure halfway through the tensors
+    with pytest.raises(ZeroDivisionError):
+        export_gguf(folder)
+    assert not list(folder.glob("*.gguf*"))  # neither a file nor its .partial
 
 
 # --------------------------------------------------------------------------- in llama.cpp
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_llama_cpp_reads_the_tokens_and_logits_hf_computes(tmp_path, shared_data, arch):
+@pytest.mark.parametrize("case", list(CASES))
+def test_llama_cpp_reads_the_tokens_and_logits_hf_computes(tmp_path, shared_data, case):
     """llama.cpp (llama-cpp-python) on the f32 file: the same token ids as HF's tokenizer for Korean, digits and
     code, and the same logits as HF's fp32 forward on them; q8_0's logits near (its rounding)."""
     llama_cpp = pytest.importorskip("llama_cpp")
-    folder, model, tok = _checkpoint(tmp_path, shared_data, arch)
+    folder, model, tok = _checkpoint(tmp_path, shared_data, case)
     for outtype, tol in (("f32", 1e-3), ("q8_0", 5e-2)):
         llm = llama_cpp.Llama(str(export_gguf(folder, outtype=outtype)), n_ctx=128, logits_all=True, verbose=False,
                               n_threads=2)
         for text in TEXTS:
             ids = tok(text)["input_ids"]
-            assert llm.tokenize(text.encode(), add_bos=arch == "llama", special=True) == ids, text
+            assert llm.tokenize(text.encode(), add_bos=tok.bos_token_id is not None, special=True) == ids, text
             llm.reset()
             llm.eval(ids)
             got = np.asarray(llm.scores[: len(ids)], dtype=np.float32)
             with torch.no_grad():
                 want = model(torch.tensor([ids])).logits[0].float().numpy()
             err = np.abs(got - want).max() / np.abs(want).max()
-            assert err < tol, f"{arch} {outtype}: max logit error {err:.2e} of the largest logit"
+            assert err < tol, f"{case} {outtype}: max logit error {err:.2e} of the largest logit"
         del llm
 
 

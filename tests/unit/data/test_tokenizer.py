@@ -21,7 +21,8 @@ def _texts(shared_data) -> list[str]:
         texts += [row["chosen"]["value"] for row in json.load(f)[:40]]
     with open(shared_data / "ko_chatbot_qa" / "ChatbotData.csv", encoding="utf-8-sig", newline="") as f:
         texts += [row["Q"] + " " + row["A"] for _, row in zip(range(200), csv.DictReader(f))]
-    return texts + ["I'LL don't  123456 x\r\n\n\t  y   ", "   leading spaces", "😊 emoji 한글 mixed\n"]
+    return texts + ["I'LL don't  123456 x\r\n\n\t  y   ", "   leading spaces", "😊 emoji 한글 mixed\n", " x", "  x",
+                    "  leading, inner   runs and trailing   ", " 안녕하세요 ", "\n  def f():\n    return 1"]
 
 
 def test_llama3_equals_tiktoken(shared_data, llama3_tok):
