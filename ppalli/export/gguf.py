@@ -36,7 +36,9 @@ log = logging.getLogger("ppalli")
 OUTTYPES = ("bf16", "f16", "q8_0", "f32")
 # HF model_type -> llama.cpp architecture, and whether that graph rotates adjacent pairs (q/k rows reordered).
 _ARCHS = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False),
-          "qwen3": ("qwen3", False)}
+          "qwen3": ("qwen3", False), "gemma2": ("gemma2", False)}
+# Gemma's RMSNorm scales by (1 + w): llama.cpp's Gemma graphs multiply by the stored weight, so they store 1 + w.
+_NORMS_PLUS_ONE = ("gemma2",)
 # The pre-tokenizer split regex of a byte-level BPE tokenizer -> llama.cpp's name for it (its converter names
 # them by a hash of a test string's tokens; the regex is what decides those tokens).
 _SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|NUMBERS"
@@ -101,6 +103,12 @@ def _config(model_dir: Path) -> dict:
         raise ModelError(f"{path}: GGUF export covers {', '.join(_ARCHS)} models, not {kind!r}; the merged "
                          "folder loads in llama.cpp's convert_hf_to_gguf.py for the others")
     window = cfg.get("sliding_window") if cfg.get("use_sliding_window", kind == "mistral") else None
+    if kind == "gemma2":  # llama.cpp's gemma2 graph applies the window on every other layer, as HF does
+        window = None
+        scale, head_dim = cfg.get("query_pre_attn_scalar"), _head_dim(cfg)
+        if scale not in (None, head_dim):  # llama.cpp takes the scale from the model size (27B's differs)
+            log.warning("%s: query_pre_attn_scalar %s is not head_dim %d: llama.cpp scales attention by the "
+                        "model's size class, which may differ", path, scale, head_dim)
     if window and window < cfg["max_position_embeddings"]:
         log.warning("%s: trained with a %d-token sliding window, which llama.cpp's %s graph does not apply: it "
                     "attends to the whole context, so past %d tokens its answers differ", path, window,
@@ -146,6 +154,10 @@ def _add_hparams(writer, cfg: dict, outtype: str, name: str) -> None:
     if scaling.get("rope_type") == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(scaling["factor"]))
+    if cfg["model_type"] == "gemma2":
+        writer.add_sliding_window(cfg["sliding_window"])
+        writer.add_attn_logit_softcapping(cfg.get("attn_logit_softcapping") or 0.0)
+        writer.add_final_logit_softcapping(cfg.get("final_logit_softcapping") or 0.0)
     ftype = {"bf16": gguf.LlamaFileType.MOSTLY_BF16, "f16": gguf.LlamaFileType.MOSTLY_F16,
              "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "f32": gguf.LlamaFileType.ALL_F32}[outtype]
     writer.add_file_type(ftype)
@@ -196,10 +208,11 @@ def _tensor_plan(model_dir: Path, cfg: dict, outtype: str) -> Iterator[tuple]:
                 raise ModelError(f"{file.name}: tensor {key!r} has no GGUF name for {arch}")
             proj = key.split(".")[-2]
             n_heads = heads.get(proj) if pairs else None  # a bias's entries are rows too
-            yield (name, _loader(file, key, n_heads), shapes[key], _qtype(shapes[key], outtype))
+            plus_one = cfg["model_type"] in _NORMS_PLUS_ONE and key.endswith("norm.weight")
+            yield (name, _loader(file, key, n_heads, plus_one), shapes[key], _qtype(shapes[key], outtype))
 
 
-def _loader(file: Path, key: str, pair_heads: int | None):
+def _loader(file: Path, key: str, pair_heads: int | None, plus_one: bool = False):
     def load() -> np.ndarray:
         from safetensors import safe_open
 
@@ -207,7 +220,7 @@ def _loader(file: Path, key: str, pair_heads: int | None):
             t = f.get_tensor(key).to(torch.float32)
         if pair_heads:
             t = pairs_from_halves(t, pair_heads)
-        return t.numpy()
+        return (t + 1 if plus_one else t).numpy()
     return load
 
 
