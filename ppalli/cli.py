@@ -91,7 +91,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--gguf", choices=["bf16", "f16", "q8_0", "f32"],
                    help="also write the merged model as one GGUF file of this type (llama.cpp, Ollama, LM Studio; "
-                        "Llama, Mistral, Qwen2, Qwen3 families)")
+                        "Llama, Mistral, Qwen2/3, Gemma 2/3 families)")
     return ap
 
 

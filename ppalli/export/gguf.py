@@ -36,9 +36,9 @@ log = logging.getLogger("ppalli")
 OUTTYPES = ("bf16", "f16", "q8_0", "f32")
 # HF model_type -> llama.cpp architecture, and whether that graph rotates adjacent pairs (q/k rows reordered).
 _ARCHS = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False),
-          "qwen3": ("qwen3", False), "gemma2": ("gemma2", False)}
+          "qwen3": ("qwen3", False), "gemma2": ("gemma2", False), "gemma3_text": ("gemma3", False)}
 # Gemma's RMSNorm scales by (1 + w): llama.cpp's Gemma graphs multiply by the stored weight, so they store 1 + w.
-_NORMS_PLUS_ONE = ("gemma2",)
+_GEMMAS = ("gemma2", "gemma3_text")
 # The pre-tokenizer split regex of a byte-level BPE tokenizer -> llama.cpp's name for it (its converter names
 # them by a hash of a test string's tokens; the regex is what decides those tokens).
 _SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|NUMBERS"
@@ -103,7 +103,7 @@ def _config(model_dir: Path) -> dict:
         raise ModelError(f"{path}: GGUF export covers {', '.join(_ARCHS)} models, not {kind!r}; the merged "
                          "folder loads in llama.cpp's convert_hf_to_gguf.py for the others")
     window = cfg.get("sliding_window") if cfg.get("use_sliding_window", kind == "mistral") else None
-    if kind == "gemma2":  # llama.cpp's gemma2 graph applies the window on every other layer, as HF does
+    if kind in _GEMMAS:  # llama.cpp's Gemma graphs apply the window on HF's layers (every 2nd; 5 of 6)
         window = None
         scale, head_dim = cfg.get("query_pre_attn_scalar"), _head_dim(cfg)
         if scale not in (None, head_dim):  # llama.cpp takes the scale from the model size (27B's differs)
@@ -121,8 +121,10 @@ def _config(model_dir: Path) -> dict:
 
 
 def _rope(cfg: dict) -> tuple[float, dict]:
-    """(rope theta, scaling parameters or {}), from transformers 5's rope_parameters or 4.x's keys."""
+    """(rope theta, scaling parameters or {}), from transformers 5's rope_parameters or 4.x's keys; for models
+    with sliding-window layers of their own RoPE (Gemma 3), the full-attention layers'."""
     params = dict(cfg.get("rope_parameters") or {})
+    params = dict(params.get("full_attention", params))
     theta = params.pop("rope_theta", cfg.get("rope_theta", 10000.0))
     scaling = params or dict(cfg.get("rope_scaling") or {})
     kind = scaling.get("rope_type", scaling.get("type", "default"))
@@ -154,10 +156,15 @@ def _add_hparams(writer, cfg: dict, outtype: str, name: str) -> None:
     if scaling.get("rope_type") == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(scaling["factor"]))
-    if cfg["model_type"] == "gemma2":
+    if cfg["model_type"] in _GEMMAS:
         writer.add_sliding_window(cfg["sliding_window"])
-        writer.add_attn_logit_softcapping(cfg.get("attn_logit_softcapping") or 0.0)
-        writer.add_final_logit_softcapping(cfg.get("final_logit_softcapping") or 0.0)
+        if cfg.get("attn_logit_softcapping"):
+            writer.add_attn_logit_softcapping(cfg["attn_logit_softcapping"])
+        if cfg.get("final_logit_softcapping"):
+            writer.add_final_logit_softcapping(cfg["final_logit_softcapping"])
+    if cfg["model_type"] == "gemma3_text":  # its sliding layers' own RoPE base (10,000 in Google's configs)
+        local = (cfg.get("rope_parameters") or {}).get("sliding_attention", {}).get("rope_theta")
+        writer.add_rope_freq_base_swa(float(local or cfg.get("rope_local_base_freq", 10000.0)))
     ftype = {"bf16": gguf.LlamaFileType.MOSTLY_BF16, "f16": gguf.LlamaFileType.MOSTLY_F16,
              "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "f32": gguf.LlamaFileType.ALL_F32}[outtype]
     writer.add_file_type(ftype)
@@ -208,7 +215,7 @@ def _tensor_plan(model_dir: Path, cfg: dict, outtype: str) -> Iterator[tuple]:
                 raise ModelError(f"{file.name}: tensor {key!r} has no GGUF name for {arch}")
             proj = key.split(".")[-2]
             n_heads = heads.get(proj) if pairs else None  # a bias's entries are rows too
-            plus_one = cfg["model_type"] in _NORMS_PLUS_ONE and key.endswith("norm.weight")
+            plus_one = cfg["model_type"] in _GEMMAS and key.endswith("norm.weight")
             yield (name, _loader(file, key, n_heads, plus_one), shapes[key], _qtype(shapes[key], outtype))
 
 
