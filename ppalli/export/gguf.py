@@ -8,6 +8,8 @@ adds is what the conversion must get right for the families ppalli exports:
   2i and row i of its second half to 2i + 1. Qwen2's and Qwen3's graphs rotate halves as HF does: rows stay.
 - Llama 3.1+'s "llama3" RoPE scaling stretches the low frequencies at every length, not only past 8k tokens:
   llama.cpp reads it as a `rope_freqs` tensor of per-frequency divisors, computed here from the config.
+- Gemma 2/3 scale by (1 + w) in their RMSNorms, llama.cpp by the stored weight: norms are stored as 1 + w. Their
+  softcaps, sliding windows and Gemma 3's separate RoPE base for the sliding layers go in as hyperparameters.
 - The vocabulary: byte-level BPE (Llama 3, Qwen) with its merges and the pre-tokenizer llama.cpp must use
   (named by its split regex), or SentencePiece's BPE (Llama 2, Mistral, SOLAR) with byte pieces and scores;
   special tokens as control tokens, whether a BOS is added, and the chat template.
