@@ -268,10 +268,18 @@ def cmd_eval(args) -> int:
 def cmd_export(args) -> int:
     import torch
 
+    from ppalli.data.templates import resolve_template, standalone_source
     from ppalli.export.merge import merge_adapter
     from ppalli.models.load import load_run
 
     run = load_run(args.run_dir)
+    # What the run trained on goes with the model: its chat template (a built-in or custom one replaces the
+    # tokenizer's own) and its stop tokens as generation_config's EOS, so HF, vLLM, llama.cpp and Ollama prompt
+    # and stop as training did.
+    template = resolve_template(run.config.data.template, run.tokenizer)
+    if template.name != "model":
+        run.tokenizer.chat_template = standalone_source(template)
+    run.model.get_base_model().generation_config.eos_token_id = run.stop_ids
     out = merge_adapter(run.model, out_dir=args.out, dtype=getattr(torch, args.dtype), tokenizer=run.tokenizer)
     print(f"merged model: {out}")
     if args.gguf:

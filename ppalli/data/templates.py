@@ -257,6 +257,14 @@ def render_prompt(tpl: Template, messages: list[dict]) -> str:
     return _render(tpl, messages, "prompt", add_generation_prompt=True)
 
 
+def standalone_source(tpl: Template) -> str:
+    """The template as a chat_template that renders alone, as transformers, llama.cpp and Ollama render one: its
+    variables (Alpaca's headers and preamble, the special tokens) set at the top, since those renderers pass only
+    messages, add_generation_prompt and the tokenizer's special tokens."""
+    sets = [f"{{% set {name} = {json.dumps(value, ensure_ascii=False)} %}}" for name, value in tpl.variables]
+    return "".join(sets) + tpl.source
+
+
 def stop_token_ids(tpl: Template, tokenizer) -> list[int]:  # noqa: ANN001 - any HF tokenizer
     """Token ids of the template's stop strings (EOS and end-of-turn tokens): generation ends on any."""
     ids = [tokenizer.convert_tokens_to_ids(s) for s in tpl.stops]

@@ -224,10 +224,12 @@ def test_llama_cpp_reads_the_tokens_and_logits_hf_computes(tmp_path, shared_data
 
 
 def test_cli_export_writes_the_merged_folder_and_its_gguf(make_cfg, quiet, capsys):
-    """`ppalli export RUN --out DIR --gguf q8_0` after a tiny Qwen2 run (chatml template): the merged folder,
-    its GGUF beside it, and llama.cpp's (when installed) logits on a rendered chat prompt near the merged
-    HF model's."""
+    """`ppalli export RUN --out DIR --gguf q8_0` after a tiny Qwen2 run trained on ppalli's chatml template (not
+    Qwen2.5's own, which adds a default system turn): the merged folder and its GGUF carry the template the run
+    trained with (HF's apply_chat_template renders the run's prompts) and its stop tokens; llama.cpp's (when
+    installed) logits on that prompt near the merged HF model's."""
     from ppalli.cli import main
+    from ppalli.models.load import load_run
     from ppalli.train import recipe
 
     run = recipe.train(make_cfg("qwen2", name="exported", train__max_steps=2), print_fn=quiet).run_dir
@@ -235,13 +237,17 @@ def test_cli_export_writes_the_merged_folder_and_its_gguf(make_cfg, quiet, capsy
     assert main(["export", str(run), "--out", str(out), "--dtype", "float32", "--gguf", "q8_0"]) == 0
     printed = capsys.readouterr().out
     assert f"GGUF: {out / 'model-q8_0.gguf'}" in printed
+    messages = [{"role": "user", "content": "오늘 뭐 먹지?"}]  # no system turn: Qwen2.5's own would add one
+    trained, tok = load_run(run), load_tokenizer(out)
+    prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert prompt == trained.render_prompt(messages) and "You are Qwen" not in prompt
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == trained.stop_ids
+    assert tok.convert_tokens_to_ids("<|im_end|>") in trained.stop_ids
     meta = _fields(gguf.GGUFReader(out / "model-q8_0.gguf"))
-    assert meta["general.architecture"] == "qwen2" and "<|im_start|>" in meta["tokenizer.chat_template"]
+    assert meta["general.architecture"] == "qwen2" and meta["tokenizer.chat_template"] == tok.chat_template
     llama_cpp = pytest.importorskip("llama_cpp")
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    tok = load_tokenizer(out)
-    ids = tok.apply_chat_template([{"role": "user", "content": "오늘 뭐 먹지?"}], add_generation_prompt=True,
-                                  tokenize=True, return_dict=True)["input_ids"]
+    ids = tok(prompt)["input_ids"]
     llm = llama_cpp.Llama(str(out / "model-q8_0.gguf"), n_ctx=128, logits_all=True, verbose=False, n_threads=2)
     llm.eval(ids)
     got = np.asarray(llm.scores[: len(ids)], dtype=np.float32)

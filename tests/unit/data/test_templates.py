@@ -139,3 +139,23 @@ def test_unknown_name_and_bad_jinja(qwen_tok):
         resolve_template("chatmel", qwen_tok)
     with pytest.raises(DataError, match="not valid Jinja"):
         resolve_template("{% for m in messages %}", qwen_tok)
+
+
+@pytest.mark.parametrize("spec,tok_name", [("alpaca_ko", "llama2_tok"), ("alpaca_en", "llama2_tok"),
+                                           ("chatml", "qwen_tok"), ("llama3", "llama3_tok"), ("gemma", "llama2_tok")])
+def test_exported_template_renders_in_transformers_as_training_did(spec, tok_name, request):
+    """standalone_source (what `ppalli export` saves as the chat_template): transformers' own apply_chat_template,
+    which passes no template variables, renders the prompts render_prompt gave training (Alpaca's Korean
+    headers and preamble included)."""
+    import copy
+
+    from ppalli.data.templates import render_prompt, standalone_source
+
+    tok = copy.deepcopy(request.getfixturevalue(tok_name))
+    tpl = resolve_template(spec, tok)
+    tok.chat_template = standalone_source(tpl)
+    for messages in ([{"role": "user", "content": "오늘 뭐 먹지?\n\"따옴표\" {{ x }}"}],
+                     [{"role": "system", "content": "짧게."}, {"role": "user", "content": "a"},
+                      {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]):
+        assert tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) == \
+            render_prompt(tpl, messages)
