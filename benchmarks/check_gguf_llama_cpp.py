@@ -14,7 +14,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,26 +28,13 @@ def main() -> None:
     import llama_cpp
     import test_export_gguf as cases
 
-    from ppalli.export.gguf import export_gguf
-
     rows = []
     for case in cases.CASES:
         folder, model, tok = cases._checkpoint(Path(tempfile.mkdtemp()), args.shared, case)
         for outtype in ("f32", "bf16", "f16", "q8_0"):
-            llm = llama_cpp.Llama(str(export_gguf(folder, outtype=outtype)), n_ctx=128, logits_all=True,
-                                  verbose=False, n_threads=2, type_k=0, type_v=0)  # f32 KV cache
-            for text in cases.TEXTS:
-                ids = tok(text)["input_ids"]
-                same = llm.tokenize(text.encode(), add_bos=tok.bos_token_id is not None, special=True) == ids
-                llm.reset()
-                llm.eval(ids)
-                got = np.asarray(llm.scores[: len(ids)], dtype=np.float32)
-                with torch.no_grad():
-                    want = model(torch.tensor([ids])).logits[0].float().numpy()
-                err = float(np.abs(got - want).max() / np.abs(want).max())
+            for _, ids, same, err in cases.llama_cpp_reads(folder, model, tok, outtype):
                 rows.append({"case": case, "type": outtype, "tokens": len(ids), "same_ids": same, "err": err})
                 print(f"{case:8} {outtype:5} {len(ids):3} tokens  ids equal {same}  err {err:.2e}")
-            llm.close()
     args.out.write_text(json.dumps({"llama_cpp_python": llama_cpp.__version__, "torch": torch.__version__,
                                     "rows": rows}, indent=1))
 

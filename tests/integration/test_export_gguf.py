@@ -66,6 +66,28 @@ def _checkpoint(tmp_path, shared_data, case: str, dtype=torch.float32):
     return folder, model, tok
 
 
+def llama_cpp_reads(folder, model, tok, outtype: str):
+    """Export `folder` as `outtype` and load it in llama.cpp (its KV cache in f32, 0 = GGML_TYPE_F32); for each of
+    TEXTS: (text, HF's token ids, whether llama.cpp's equal them, llama.cpp's largest logit error against HF's
+    fp32 forward on them, relative to the largest logit)."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(str(export_gguf(folder, outtype=outtype)), n_ctx=128, logits_all=True, verbose=False,
+                          n_threads=2, type_k=0, type_v=0)
+    rows = []
+    for text in TEXTS:
+        ids = tok(text)["input_ids"]
+        same = llm.tokenize(text.encode(), add_bos=tok.bos_token_id is not None, special=True) == ids
+        llm.reset()
+        llm.eval(ids)
+        got = np.asarray(llm.scores[: len(ids)], dtype=np.float32)
+        with torch.no_grad():
+            want = model(torch.tensor([ids])).logits[0].float().numpy()
+        rows.append((text, ids, same, float(np.abs(got - want).max() / np.abs(want).max())))
+    llm.close()
+    return rows
+
+
 def _fields(reader) -> dict:
     out = {}
     for name, field in reader.fields.items():
@@ -200,7 +222,7 @@ def test_llama_cpp_reads_the_tokens_and_logits_hf_computes(tmp_path, shared_data
     for Korean, digits, code, spaces and emoji, and HF's fp32 logits (Llama, Qwen, Mistral to ~7e-7 of the
     largest; Gemma 2's graph in llama.cpp differs by ~5e-4 with tensors equal to HF's, see the f32 test);
     q8_0's logits near (its rounding)."""
-    llama_cpp = pytest.importorskip("llama_cpp")
+    pytest.importorskip("llama_cpp")
     folder, model, tok = _checkpoint(tmp_path, shared_data, case)
     # measured (benchmarks/results/2026-12-04-cpu-gguf-llama-cpp.txt): f32 <= 8.8e-7, Gemma 2/3 <= 6.9e-4 (their
     # tensors equal HF's: the gap is llama.cpp's Gemma graph); q8_0 <= 4.4e-2, Gemma <= 7.1e-2. A wrong export
@@ -208,19 +230,9 @@ def test_llama_cpp_reads_the_tokens_and_logits_hf_computes(tmp_path, shared_data
     # without its global RoPE scaling 1.4e-1 (f32).
     gemma = case.startswith("gemma")
     for outtype, tol in (("f32", 2e-3 if gemma else 1e-5), ("q8_0", 1.2e-1 if gemma else 8e-2)):
-        llm = llama_cpp.Llama(str(export_gguf(folder, outtype=outtype)), n_ctx=128, logits_all=True, verbose=False,
-                              n_threads=2, type_k=0, type_v=0)  # 0: GGML_TYPE_F32
-        for text in TEXTS:
-            ids = tok(text)["input_ids"]
-            assert llm.tokenize(text.encode(), add_bos=tok.bos_token_id is not None, special=True) == ids, text
-            llm.reset()
-            llm.eval(ids)
-            got = np.asarray(llm.scores[: len(ids)], dtype=np.float32)
-            with torch.no_grad():
-                want = model(torch.tensor([ids])).logits[0].float().numpy()
-            err = np.abs(got - want).max() / np.abs(want).max()
+        for text, _, same, err in llama_cpp_reads(folder, model, tok, outtype):
+            assert same, text
             assert err < tol, f"{case} {outtype}: max logit error {err:.2e} of the largest logit"
-        del llm
 
 
 def test_cli_export_writes_the_merged_folder_and_its_gguf(make_cfg, quiet, capsys):
