@@ -10,9 +10,15 @@ adds is what the conversion must get right for the families ppalli exports:
   llama.cpp reads it as a `rope_freqs` tensor of per-frequency divisors, computed here from the config.
 - Gemma 2/3 scale by (1 + w) in their RMSNorms, llama.cpp by the stored weight: norms are stored as 1 + w. Their
   softcaps, sliding windows and Gemma 3's separate RoPE base for the sliding layers go in as hyperparameters.
-- The vocabulary: byte-level BPE (Llama 3, Qwen) with its merges and the pre-tokenizer llama.cpp must use
-  (named by its split regex), or SentencePiece's BPE (Llama 2, Mistral, SOLAR) with byte pieces and scores;
-  special tokens as control tokens, whether a BOS is added, and the chat template.
+- EXAONE 3 (native in transformers >= 5.24) and EXAONE 4: llama.cpp's exaone / exaone4 graphs, llama3 RoPE
+  scaling as for Llama; a hybrid EXAONE 4 (sliding layers with RoPE, global ones without) goes in with its layer
+  pattern, which llama.cpp honours at 64 layers (32B) only: other depths with windows are refused.
+- Phi-3 / 3.5 / Phi-4-mini: fused qkv and gate_up as they are, the rotated share of each head, LongRoPE's long
+  and short divisors and its cos/sin scale; the model's name says phi3 exactly when llama.cpp's Phi-3 token rule
+  (chat tokens eat the whitespace after them) holds for the vocabulary.
+- The vocabulary: byte-level BPE (Llama 3, Qwen, EXAONE) with its merges and the pre-tokenizer llama.cpp must use
+  (named by its split regex), or SentencePiece's BPE (Llama 2, Mistral, SOLAR, Phi-3) with byte pieces and
+  scores; special tokens as control tokens, whether a BOS is added, and the chat template.
 Tensors stream from the safetensors shards one at a time (peak memory ~ the largest tensor in fp32, not the
 model), and the file is written under a temporary name and renamed when complete.
 
@@ -25,6 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -37,8 +44,11 @@ log = logging.getLogger("ppalli")
 
 OUTTYPES = ("bf16", "f16", "q8_0", "f32")
 # HF model_type -> llama.cpp architecture, and whether that graph rotates adjacent pairs (q/k rows reordered).
+# EXAONE's and Phi-3's graphs rotate halves as HF does (NEOX in llama.cpp's terms); Phi-3's fused qkv_proj and
+# gate_up_proj are what llama.cpp's phi3 reads (attn_qkv, ffn_up of 2 x n_ff split gate-first, as HF's chunk).
 _ARCHS = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False),
-          "qwen3": ("qwen3", False), "gemma2": ("gemma2", False), "gemma3_text": ("gemma3", False)}
+          "qwen3": ("qwen3", False), "gemma2": ("gemma2", False), "gemma3_text": ("gemma3", False),
+          "exaone": ("exaone", False), "exaone4": ("exaone4", False), "phi3": ("phi3", False)}
 # Gemma's RMSNorm scales by (1 + w): llama.cpp's Gemma graphs multiply by the stored weight, so they store 1 + w.
 _GEMMAS = ("gemma2", "gemma3_text")
 # The pre-tokenizer split regex of a byte-level BPE tokenizer -> llama.cpp's name for it (its converter names
@@ -47,6 +57,9 @@ _SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|NUMBERS"
           r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 _PRE_TOKENIZERS = {_SPLIT.replace("NUMBERS", r"\p{N}{1,3}"): "llama-bpe",  # digits in runs of up to 3
                    _SPLIT.replace("NUMBERS", r"\p{N}"): "qwen2"}  # one digit a piece
+# GPT-2's split (what a ByteLevel pre-tokenizer with use_regex applies): EXAONE 4 splits so, and llama.cpp reads
+# it as "gpt-2"; EXAONE 3 first cuts every digit apart (a Digits pre-tokenizer), llama.cpp's "exaone".
+_GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 
 
 def _gguf():
@@ -74,8 +87,9 @@ def export_gguf(model_dir: str | Path, out_file: str | Path | None = None, outty
     tmp = out.with_name(out.name + ".partial")
     writer = gguf.GGUFWriter(tmp, arch)
     try:
-        _add_hparams(writer, cfg, outtype, model_dir.name)
-        _add_vocab(writer, model_dir, cfg["vocab_size"])
+        _add_hparams(writer, cfg, outtype)
+        added = _add_vocab(writer, model_dir, cfg["vocab_size"])
+        writer.add_name(_general_name(model_dir.name, arch, added))
         for name, _, shape, qtype in plan:
             writer.add_tensor_info(name, shape, np.dtype(np.float32), _nbytes(shape, qtype), raw_dtype=qtype)
         writer.write_header_to_file()
@@ -104,7 +118,14 @@ def _config(model_dir: Path) -> dict:
     if kind not in _ARCHS:
         raise ModelError(f"{path}: GGUF export covers {', '.join(_ARCHS)} models, not {kind!r}; the merged "
                          "folder loads in llama.cpp's convert_hf_to_gguf.py for the others")
-    window = cfg.get("sliding_window") if cfg.get("use_sliding_window", kind == "mistral") else None
+    if "num_hidden_layers" not in cfg:  # EXAONE 3's remote-code config (num_layers, layer_norm_epsilon, ...)
+        raise ModelError(f"{path}: a {kind!r} config without num_hidden_layers (written by the model's own remote "
+                         "code); merge it with transformers >= 5.24, which runs EXAONE 3 natively, or use llama.cpp's "
+                         "convert_hf_to_gguf.py on the folder")
+    window = cfg.get("sliding_window") if cfg.get("use_sliding_window", kind in ("mistral", "phi3")) else None
+    if kind == "exaone4" and cfg.get("sliding_window") is not None:
+        _exaone4_layers(cfg, path)
+        window = None  # applied: llama.cpp reads the layer pattern
     if kind in _GEMMAS:  # llama.cpp's Gemma graphs apply the window on HF's layers (every 2nd; 5 of 6)
         window = None
         scale, head_dim = cfg.get("query_pre_attn_scalar"), _head_dim(cfg)
@@ -116,10 +137,23 @@ def _config(model_dir: Path) -> dict:
                     "attends to the whole context, so past %d tokens its answers differ", path, window,
                     _ARCHS[kind][0], window)
     try:
-        _rope(cfg)
+        if _rope(cfg)[1].get("rope_type") == "longrope":
+            longrope_factors(cfg)
     except ModelError as e:
         raise ModelError(f"{path}: {e}") from None
     return cfg
+
+
+def _exaone4_layers(cfg: dict, path: Path) -> list[bool]:
+    """Which of a hybrid EXAONE 4's layers slide. Its full-attention layers use no RoPE at all; llama.cpp's
+    exaone4 graph knows that only when it runs the layers as hybrid, which it does for 64 layers (EXAONE 4.0
+    32B): at any other depth it would rotate every layer, so such a model is refused."""
+    kinds = cfg.get("layer_types") or []
+    if cfg["num_hidden_layers"] != 64 or len(kinds) != 64:
+        raise ModelError(f"{path}: EXAONE 4 with sliding-window layers exports to GGUF at 64 layers (32B) only: "
+                         f"llama.cpp's exaone4 graph runs {cfg['num_hidden_layers']} layers as all-global with "
+                         "RoPE, which this model's global (no-RoPE) layers are not")
+    return [k == "sliding_attention" for k in kinds]
 
 
 def _rope(cfg: dict) -> tuple[float, dict]:
@@ -128,21 +162,44 @@ def _rope(cfg: dict) -> tuple[float, dict]:
     params = dict(cfg.get("rope_parameters") or {})
     params = dict(params.get("full_attention", params))
     theta = params.pop("rope_theta", cfg.get("rope_theta", 10000.0))
+    params.pop("partial_rotary_factor", None)
     scaling = params or dict(cfg.get("rope_scaling") or {})
     kind = scaling.get("rope_type", scaling.get("type", "default"))
-    if kind not in ("default", "llama3", "linear"):
-        raise ModelError(f"RoPE scaling {kind!r} is not exported to GGUF (default, llama3 and linear are)")
+    kinds = ("default", "llama3", "linear") + (("longrope",) if cfg.get("model_type") == "phi3" else ())
+    if kind not in kinds:
+        raise ModelError(f"RoPE scaling {kind!r} is not exported to GGUF ({', '.join(kinds)} are)")
     return float(theta), ({} if kind == "default" else {**scaling, "rope_type": kind})
+
+
+def _rope_dims(cfg: dict) -> int:
+    """How many of a head's dimensions rotate (Phi-4-mini: 3/4 of them)."""
+    params = cfg.get("rope_parameters") or {}
+    return int(_head_dim(cfg) * params.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0)))
+
+
+def longrope_factors(cfg: dict) -> tuple[float, np.ndarray, np.ndarray]:
+    """Phi-3's LongRoPE as llama.cpp takes it: (the cos/sin scale, the long and the short (rope dims / 2,)
+    frequency divisors). The scale is transformers' rule: the config's attention_factor, else sqrt(1 + log(s) /
+    log(original context)) for s = context / original context (1 when s <= 1)."""
+    _, s = _rope(cfg)
+    original = s.get("original_max_position_embeddings", cfg.get("original_max_position_embeddings"))
+    factor = s.get("factor") or cfg["max_position_embeddings"] / original
+    scale = s.get("attention_factor") or (
+        1.0 if factor <= 1 else float(np.sqrt(1 + np.log(factor) / np.log(original))))
+    long, short = (np.asarray(s[f"{k}_factor"], dtype=np.float32) for k in ("long", "short"))
+    if long.shape != short.shape or 2 * long.shape[0] != _rope_dims(cfg):
+        raise ModelError(f"LongRoPE long_factor ({long.shape[0]}) and short_factor ({short.shape[0]}) need one entry "
+                         f"per rotated pair ({_rope_dims(cfg) // 2})")
+    return scale, long, short
 
 
 def _head_dim(cfg: dict) -> int:
     return cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
 
 
-def _add_hparams(writer, cfg: dict, outtype: str, name: str) -> None:
+def _add_hparams(writer, cfg: dict, outtype: str) -> None:
     gguf = _gguf()
     theta, scaling = _rope(cfg)
-    writer.add_name(name)
     writer.add_context_length(cfg["max_position_embeddings"])
     writer.add_embedding_length(cfg["hidden_size"])
     writer.add_block_count(cfg["num_hidden_layers"])
@@ -151,7 +208,7 @@ def _add_hparams(writer, cfg: dict, outtype: str, name: str) -> None:
     writer.add_head_count_kv(cfg.get("num_key_value_heads", cfg["num_attention_heads"]))
     writer.add_key_length(_head_dim(cfg))
     writer.add_value_length(_head_dim(cfg))
-    writer.add_rope_dimension_count(_head_dim(cfg))
+    writer.add_rope_dimension_count(_rope_dims(cfg))
     writer.add_rope_freq_base(theta)
     writer.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
     writer.add_vocab_size(cfg["vocab_size"])
@@ -164,6 +221,16 @@ def _add_hparams(writer, cfg: dict, outtype: str, name: str) -> None:
             writer.add_attn_logit_softcapping(cfg["attn_logit_softcapping"])
         if cfg.get("final_logit_softcapping"):
             writer.add_final_logit_softcapping(cfg["final_logit_softcapping"])
+    if cfg["model_type"] == "phi3":  # a window of 0 tells llama.cpp's phi3 there is none (it applies none anyway)
+        writer.add_rope_scaling_orig_ctx_len(
+            (cfg.get("rope_parameters") or {}).get("original_max_position_embeddings")
+            or cfg.get("original_max_position_embeddings", cfg["max_position_embeddings"]))
+        writer.add_sliding_window(cfg.get("sliding_window") or 0)
+        if scaling.get("rope_type") == "longrope":
+            writer.add_rope_scaling_attn_factors(longrope_factors(cfg)[0])
+    if cfg["model_type"] == "exaone4" and cfg.get("sliding_window") is not None:
+        writer.add_sliding_window(cfg["sliding_window"])
+        writer.add_sliding_window_pattern(_exaone4_layers(cfg, Path("config.json")))
     if cfg["model_type"] == "gemma3_text":  # its sliding layers' own RoPE base (10,000 in Google's configs)
         local = (cfg.get("rope_parameters") or {}).get("sliding_attention", {}).get("rope_theta")
         writer.add_rope_freq_base_swa(float(local or cfg.get("rope_local_base_freq", 10000.0)))
@@ -205,6 +272,10 @@ def _tensor_plan(model_dir: Path, cfg: dict, outtype: str) -> Iterator[tuple]:
     if scaling.get("rope_type") == "llama3":
         divisors = llama3_rope_divisors(cfg)
         yield "rope_freqs.weight", lambda: divisors, divisors.shape, gguf.GGMLQuantizationType.F32
+    if scaling.get("rope_type") == "longrope":
+        _, long, short = longrope_factors(cfg)
+        for name, factors in (("rope_factors_long.weight", long), ("rope_factors_short.weight", short)):
+            yield name, (lambda f=factors: f), factors.shape, gguf.GGMLQuantizationType.F32
     heads = {"q_proj": cfg["num_attention_heads"], "k_proj": cfg.get("num_key_value_heads", cfg["num_attention_heads"])}
     for file in files:
         with safe_open(file, framework="pt") as f:
@@ -268,9 +339,25 @@ def _encode(data: np.ndarray, qtype) -> np.ndarray:
 # --------------------------------------------------------------------------- vocabulary
 
 
-def _add_vocab(writer, model_dir: Path, n_vocab: int) -> None:
+def _general_name(name: str, arch: str, added: list[dict]) -> str:
+    """The model's name in the file. llama.cpp keys one tokenizer rule on it: in a model named "phi3"/"phi-3" every
+    special token eats the whitespace after it except <unk>, <s> and <|endoftext|> (Phi-3's HF tokenizer marks its
+    chat tokens rstrip; GGUF has no field for that), and it needs those tokens and </s> to exist. So a phi3-arch
+    name says phi3 exactly when the vocabulary is Phi-3's that way, whatever the output folder is called."""
+    if arch != "phi3":
+        return name
+    name = re.sub(r"(?i)phi-?3", "phi", name)
+    texts = {a["content"]: a for a in added}
+    kept = ("<unk>", "<s>", "<|endoftext|>")
+    chat = [a for a in added if a["special"] and a["content"] not in kept]
+    phi3 = (all(t in texts for t in (*kept, "</s>")) and not any(texts[t]["rstrip"] for t in kept)
+            and texts["</s>"]["rstrip"] and all(a["rstrip"] for a in chat))
+    return f"{name} (phi3 tokens)" if phi3 else name
+
+
+def _add_vocab(writer, model_dir: Path, n_vocab: int) -> list[dict]:
     """Tokens (id order, the embedding's rows: ids no token uses are [PAD<id>], unused), their types, how llama.cpp
-    must split text, special ids, whether BOS is added, and the chat template."""
+    must split text, special ids, whether BOS is added, and the chat template. Returns the added tokens."""
     from ppalli.models.tokenizer import load_tokenizer
 
     tok = load_tokenizer(model_dir)
@@ -306,6 +393,7 @@ def _add_vocab(writer, model_dir: Path, n_vocab: int) -> None:
         writer.add_pad_token_id(tok.pad_token_id)
     if isinstance(tok.chat_template, str):
         writer.add_chat_template(tok.chat_template)
+    return spec.get("added_tokens", [])
 
 
 def _tokens(spec: dict, n_vocab: int, byte_pieces: bool) -> tuple[list[str], list]:
@@ -348,11 +436,27 @@ def _prepends_space(spec: dict) -> bool:
 
 
 def _pre_tokenizer(spec: dict, model_dir: Path) -> str:
+    """llama.cpp's name for how the tokenizer cuts text before BPE, read from its pre-tokenizer's steps: a Split's
+    regex, a ByteLevel that splits (GPT-2's regex), a Digits that cuts digits apart; a ByteLevel without its regex
+    only maps bytes."""
     pre = spec.get("pre_tokenizer") or {}
-    parts = pre.get("pretokenizers", [pre])
-    regexes = [p["pattern"].get("Regex") for p in parts if p.get("type") == "Split" and "pattern" in p]
-    for regex in regexes:
-        if regex in _PRE_TOKENIZERS:
-            return _PRE_TOKENIZERS[regex]
-    raise ModelError(f"{model_dir}: the tokenizer's pre-tokenizer ({regexes or pre.get('type')}) is not one ppalli "
-                     "names for llama.cpp (Llama 3's, Qwen2's); use llama.cpp's convert_hf_to_gguf.py on the folder")
+    steps = []
+    for part in pre.get("pretokenizers", [pre]):
+        kind = part.get("type")
+        if kind == "Split" and "Regex" in part.get("pattern", {}):
+            steps.append(part["pattern"]["Regex"])
+        elif kind == "ByteLevel" and part.get("add_prefix_space"):
+            steps.append("a leading space added")  # none of llama.cpp's splits does that
+        elif kind == "ByteLevel" and part.get("use_regex", True):
+            steps.append(_GPT2_SPLIT)
+        elif kind == "Digits" and part.get("individual_digits"):
+            steps.append("digits")
+        elif kind != "ByteLevel":
+            steps.append(str(kind))
+    names = {(regex,): name for regex, name in _PRE_TOKENIZERS.items()}
+    names.update({(_GPT2_SPLIT,): "gpt-2", ("digits", _GPT2_SPLIT): "exaone"})
+    if tuple(steps) not in names:
+        raise ModelError(f"{model_dir}: the tokenizer's pre-tokenizer ({steps}) is not one ppalli names for "
+                         "llama.cpp (Llama 3's, Qwen2's, GPT-2's, EXAONE's); use llama.cpp's convert_hf_to_gguf.py "
+                         "on the folder")
+    return names[tuple(steps)]

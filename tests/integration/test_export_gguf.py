@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import transformers
 
 gguf = pytest.importorskip("gguf")
 
@@ -17,7 +18,9 @@ from ppalli.export.gguf import export_gguf, llama3_rope_divisors, pairs_from_hal
 from ppalli.models.tokenizer import load_tokenizer  # noqa: E402
 
 TEXTS = ["안녕하세요! 오늘 날씨가 정말 좋네요.", "1234567 tokens, 빨리 빨리.\n\n  def f(x): return x**2",
-         "  leading, inner   runs and trailing   ", "한국어 English 混合 😀\ttabs\r\nCRLF <|im_end|> <s>"]
+         "  leading, inner   runs and trailing   ", "한국어 English 混合 😀\ttabs\r\nCRLF <|im_end|> <s>",
+         "<|user|>\n 뭐 먹지?<|end|>\n<|assistant|>\n  비빔밥<|endoftext|> 끝"]
+# (no "</s>" in them: llama.cpp makes any vocabulary entry spelled "</s>" a control token, Qwen's plain one too)
 SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, head_dim=16, initializer_range=0.1)
 
@@ -41,9 +44,47 @@ CASES = {
         "vocab_size": 32000, "num_hidden_layers": 7, "query_pre_attn_scalar": 16, "sliding_window": 8,
         "rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
                             "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}}),
+    # EXAONE 3.5's llama3 RoPE scaling; the tokenizer Qwen's vocabulary cut as EXAONE 3's (PRE below)
+    "exaone": ("exaone", "tokenizer_qwen2.5", {"vocab_size": 151936, "max_position_embeddings": 32768,
+                                               "rope_parameters": {
+        "rope_type": "llama3", "rope_theta": 1e6, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192}}),
+    # EXAONE 4.0 1.2B's shape of config: no window, every layer with (llama3-scaled) RoPE, q/k norms, post-norms
+    "exaone4": ("exaone4", "tokenizer_qwen2.5", {"vocab_size": 151936, "sliding_window": None,
+                                                 "max_position_embeddings": 65536,
+                                                 "layer_types": ["full_attention"] * 2, "rope_parameters": {
+        "rope_type": "llama3", "rope_theta": 1e6, "factor": 16.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192}}),
+    # EXAONE 4.0 32B's hybrid: 64 layers, 3 sliding (RoPE, window) then 1 global (no RoPE)
+    "exaone4_hybrid": ("exaone4", "tokenizer_qwen2.5", {"vocab_size": 151936, "num_hidden_layers": 64,
+                                                        "sliding_window": 8, "layer_types": (
+        ["sliding_attention"] * 3 + ["full_attention"]) * 16}),
+    # Phi-3's fused qkv / gate_up with half of each head rotated (Phi-4-mini rotates 3/4)
+    "phi3": ("phi3", "tokenizer_llama2", {"vocab_size": 32064, "sliding_window": None, "rope_parameters": {
+        "rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}}),
+    # Phi-3.5-mini's LongRoPE: per-pair divisors (short ones within the original context) and the cos/sin scale
+    "phi3_longrope": ("phi3", "tokenizer_llama2", {
+        "vocab_size": 32064, "sliding_window": None, "max_position_embeddings": 16384,
+        "original_max_position_embeddings": 4096, "rope_parameters": {
+            "rope_type": "longrope", "rope_theta": 1e4, "original_max_position_embeddings": 4096,
+            "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5, 3.1, 3.8],
+            "long_factor": [1.0, 1.5, 2.5, 4.0, 6.0, 9.0, 13.0, 18.0]}}),
 }
 GGUF_ARCH = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "llama2": "llama", "mistral": "llama",
-             "gemma2": "gemma2", "gemma3": "gemma3"}
+             "gemma2": "gemma2", "gemma3": "gemma3", "exaone": "exaone", "exaone4": "exaone4",
+             "exaone4_hybrid": "exaone4", "phi3": "phi3", "phi3_longrope": "phi3"}
+# Byte-level BPE pre-tokenizers as EXAONE's tokenizers cut text (3: digits apart, then GPT-2's split; 4: GPT-2's),
+# on Qwen's vocabulary: llama.cpp must cut as HF does, whatever the merges were trained on.
+_GPT2_BYTES = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+PRE = {"exaone": {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, _GPT2_BYTES]},
+       "exaone4": _GPT2_BYTES, "exaone4_hybrid": _GPT2_BYTES}
+# Phi-3's tokenizer: Llama 2's vocabulary and its chat tokens at 32000-32010, each eating the whitespace after it
+# (rstrip) but <|endoftext|>; </s> too, and not special (Phi-3-mini's tokenizer_config.json)
+PHI3_ADDED = [("<|endoftext|>", False)] + [(t, True) for t in (
+    "<|assistant|>", "<|placeholder1|>", "<|placeholder2|>", "<|placeholder3|>", "<|placeholder4|>", "<|system|>",
+    "<|end|>", "<|placeholder5|>", "<|placeholder6|>", "<|user|>")]
+PRE_NAME = {"llama": "llama-bpe", "qwen2": "qwen2", "qwen3": "qwen2", "exaone": "exaone", "exaone4": "gpt-2",
+            "exaone4_hybrid": "gpt-2"}
 
 
 def _checkpoint(tmp_path, shared_data, case: str, dtype=torch.float32):
@@ -52,7 +93,10 @@ def _checkpoint(tmp_path, shared_data, case: str, dtype=torch.float32):
     real = {"llama": shared_data / "tokenizer_llama3" / "config_llama-3.2-1b.json",
             "qwen2": shared_data / "tokenizer_qwen2.5" / "config.json"}.get(case)
     kwargs = {**SMALL, **extra}
-    cfg = AutoConfig.from_pretrained(real, **kwargs) if real else AutoConfig.for_model(model_type, **kwargs)
+    try:
+        cfg = AutoConfig.from_pretrained(real, **kwargs) if real else AutoConfig.for_model(model_type, **kwargs)
+    except ValueError:  # EXAONE 3 is native from transformers 5.24
+        pytest.skip(f"transformers {transformers.__version__} has no {model_type}")
     tok = load_tokenizer(shared_data / tokenizer)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg).to(dtype).eval()
@@ -60,10 +104,31 @@ def _checkpoint(tmp_path, shared_data, case: str, dtype=torch.float32):
         for name, p in model.named_parameters():
             if name.endswith("norm.weight") or name.endswith("proj.bias"):
                 p.add_(torch.randn_like(p) * 0.3)
-    folder = tmp_path / case
+    folder = tmp_path / "merged"  # not the case's name: llama.cpp reads Phi-3's token rule off the model's name
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
+    if case in PRE:
+        spec = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+        (folder / "tokenizer.json").write_text(json.dumps({**spec, "pre_tokenizer": PRE[case]}), encoding="utf-8")
+        config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"  # Qwen2Tokenizer would rebuild Qwen's own split
+        (folder / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+        tok = load_tokenizer(folder)
+    if case.startswith("phi3"):
+        _phi3_tokens(folder)
+        tok = load_tokenizer(folder)
     return folder, model, tok
+
+
+def _phi3_tokens(folder) -> None:
+    spec = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    added = [{**a, "rstrip": True, "special": False} if a["content"] == "</s>" else a for a in spec["added_tokens"]]
+    added += [{"id": 32000 + i, "content": text, "single_word": False, "lstrip": False, "rstrip": rstrip,
+               "normalized": False, "special": True} for i, (text, rstrip) in enumerate(PHI3_ADDED)]
+    (folder / "tokenizer.json").write_text(json.dumps({**spec, "added_tokens": added}), encoding="utf-8")
+    config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    config.pop("added_tokens_decoder", None)  # tokenizer.json's list is the one read
+    (folder / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
 
 
 def llama_cpp_reads(folder, model, tok, outtype: str):
@@ -119,7 +184,7 @@ def test_f32_file_holds_the_checkpoint_and_its_tokenizer(tmp_path, shared_data, 
     sentencepiece = CASES[case][1] == "tokenizer_llama2"
     assert meta["tokenizer.ggml.model"] == ("llama" if sentencepiece else "gpt2")
     if not sentencepiece:
-        assert meta["tokenizer.ggml.pre"] == ("llama-bpe" if case == "llama" else "qwen2")
+        assert meta["tokenizer.ggml.pre"] == PRE_NAME[case]
     assert meta["tokenizer.ggml.add_bos_token"] == (tok.bos_token_id is not None)
     assert meta["tokenizer.ggml.eos_token_id"] == tok.eos_token_id
     assert meta.get("tokenizer.chat_template") == tok.chat_template
@@ -196,14 +261,28 @@ def test_16_and_8_bit_files_round_each_weight_once(tmp_path, shared_data, outtyp
 def test_other_families_and_settings_are_refused_with_the_way_out(tmp_path, shared_data, monkeypatch):
     folder, _, _ = _checkpoint(tmp_path, shared_data, "llama")
     cfg = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**cfg, "model_type": "phi3"}))
-    with pytest.raises(ModelError, match="config.json: GGUF export covers llama, .* not 'phi3'.*convert_hf_to_gguf"):
+    (folder / "config.json").write_text(json.dumps({**cfg, "model_type": "olmo2"}))
+    with pytest.raises(ModelError, match="config.json: GGUF export covers llama, .* not 'olmo2'.*convert_hf_to_gguf"):
         export_gguf(folder)
     (folder / "config.json").write_text(json.dumps({**cfg, "rope_parameters": {"rope_type": "yarn", "factor": 4.0}}))
     with pytest.raises(ModelError, match="RoPE scaling 'yarn'"):
         export_gguf(folder)
     with pytest.raises(ModelError, match="not one of"):
         export_gguf(folder, outtype="q4_k")
+    (folder / "config.json").write_text(json.dumps({**cfg, "model_type": "exaone4", "sliding_window": 8,
+                                                    "layer_types": ["sliding_attention", "full_attention"]}))
+    with pytest.raises(ModelError, match="EXAONE 4 with sliding-window layers exports to GGUF at 64 layers"):
+        export_gguf(folder)
+    remote = {k: v for k, v in cfg.items() if k != "num_hidden_layers"}
+    (folder / "config.json").write_text(json.dumps({**remote, "model_type": "exaone", "num_layers": 2}))
+    with pytest.raises(ModelError, match="without num_hidden_layers .*transformers >= 5.24"):
+        export_gguf(folder)
+    longrope = {"rope_type": "longrope", "rope_theta": 1e4, "original_max_position_embeddings": 4096,
+                "short_factor": [1.0] * 3, "long_factor": [2.0] * 3}
+    (folder / "config.json").write_text(json.dumps({**cfg, "model_type": "phi3", "rope_parameters": longrope}))
+    with pytest.raises(ModelError, match=r"long_factor \(3\) and short_factor \(3\) need one entry per rotated pair "
+                                         r"\(8\)"):
+        export_gguf(folder)
     (folder / "config.json").write_text(json.dumps(cfg))
     from ppalli.export import gguf as module
 
@@ -224,15 +303,38 @@ def test_llama_cpp_reads_the_tokens_and_logits_hf_computes(tmp_path, shared_data
     q8_0's logits near (its rounding)."""
     pytest.importorskip("llama_cpp")
     folder, model, tok = _checkpoint(tmp_path, shared_data, case)
-    # measured (benchmarks/results/2026-12-04-cpu-gguf-llama-cpp.txt): f32 <= 8.8e-7, Gemma 2/3 <= 6.9e-4 (their
-    # tensors equal HF's: the gap is llama.cpp's Gemma graph); q8_0 <= 4.4e-2, Gemma <= 7.1e-2. A wrong export
+    # measured (benchmarks/results/2026-12-05-cpu-gguf-llama-cpp.txt): f32 <= 3.9e-6, Gemma 2/3 <= 1.7e-3 (their
+    # tensors equal HF's: the gap is llama.cpp's Gemma graph); q8_0 <= 5.0e-2, Gemma <= 1.2e-1. A wrong export
     # misses by far more: Llama without the q/k reordering 5.5e-1, Gemma 3 with a wrong local RoPE base 4.8e-1,
-    # without its global RoPE scaling 1.4e-1 (f32).
+    # without its global RoPE scaling 1.4e-1; Phi-3's LongRoPE without its cos/sin scale 1.7e-1, long and short
+    # divisors swapped 5.9e-1; the hybrid EXAONE 4's layer pattern inverted 1.35 (f32). EXAONE's tokenizers cut as
+    # Qwen2's (or EXAONE 3's as GPT-2's) give other ids for digits and the chat text.
     gemma = case.startswith("gemma")
-    for outtype, tol in (("f32", 2e-3 if gemma else 1e-5), ("q8_0", 1.2e-1 if gemma else 8e-2)):
+    # 64 random layers (the hybrid EXAONE 4) compound q8_0's rounding to 1.6e-1; its f32 file checks the graph.
+    # Gemma 3 on the 49-token chat text: one position at 1.7e-3 (f32) / 1.2e-1 (q8_0), the rest <= 7.8e-4, and
+    # <= 6.7e-4 over 101 tokens (2026-12-05-cpu-gguf-llama-cpp.json): an outlier, not drift along positions.
+    q8 = 1.8e-1 if gemma else 2.5e-1 if case == "exaone4_hybrid" else 8e-2
+    for outtype, tol in (("f32", 4e-3 if gemma else 1e-5), ("q8_0", q8)):
         for text, _, same, err in llama_cpp_reads(folder, model, tok, outtype):
             assert same, text
             assert err < tol, f"{case} {outtype}: max logit error {err:.2e} of the largest logit"
+
+
+def test_phi3_name_carries_llama_cpps_token_rule_only_with_phi3s_tokens(tmp_path, shared_data):
+    """llama.cpp strips the whitespace after Phi-3's chat tokens (HF's rstrip) only in a model whose name says
+    phi3, and then requires <|endoftext|> and the rest: the name says phi3 for Phi-3's tokenizer in a folder of any
+    name (without it, "<|end|>\n<|assistant|>" tokenizes otherwise), and never for another tokenizer, even in a
+    folder called phi3 (llama.cpp would fail to load it)."""
+    folder, model, tok = _checkpoint(tmp_path, shared_data, "phi3")
+    assert "phi3" in _fields(gguf.GGUFReader(export_gguf(folder, outtype="f32")))["general.name"]
+    plain = tmp_path / "phi3-ko"
+    folder.rename(plain)
+    llama2 = load_tokenizer(shared_data / "tokenizer_llama2")
+    llama2.save_pretrained(plain)
+    assert _fields(gguf.GGUFReader(export_gguf(plain, outtype="f32")))["general.name"] == "phi-ko"
+    pytest.importorskip("llama_cpp")
+    for text, _, same, err in llama_cpp_reads(plain, model, llama2, "f32"):
+        assert same and err < 1e-5, text
 
 
 def test_cli_export_writes_the_merged_folder_and_its_gguf(make_cfg, quiet, capsys):
