@@ -46,6 +46,23 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("doctor", help="check this machine: GPU, versions, optional packages, known-bad combinations")
 
+    for verb, helptext in (("bench", "time a config's training steps here: step ms, tokens/s, peak memory, beside "
+                                     "the plan's predictions"),
+                           ("sweep", "bench every combination of some settings, each in its own process, ranked")):
+        p = sub.add_parser(verb, help=helptext)
+        _add_config_args(p)
+        p.add_argument("--steps", type=int, default=20, help="timed optimizer steps (default 20)")
+        p.add_argument("--warmup", type=int, default=5, help="untimed steps first: compiles, autotuning, "
+                       "allocator (default 5)")
+        if verb == "bench":
+            p.add_argument("--out", help="also write the result as JSON here")
+            p.add_argument("--json", action="store_true", help="print the result as JSON")
+        else:
+            p.add_argument("--over", action="append", default=[], required=True, metavar="KEY=V1,V2",
+                           help="a setting and its values, e.g. --over plan.checkpointing=none,selective "
+                                "(repeatable: every combination runs)")
+            p.add_argument("--out", help="also write each setting's result as a JSON line here")
+
     p = sub.add_parser("data", help="data tools")
     dsub = p.add_subparsers(dest="data_verb", required=True)
     pv = dsub.add_parser("preview", help="rendered samples with trained tokens highlighted, lengths, packing")
@@ -91,7 +108,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--gguf", choices=["bf16", "f16", "q8_0", "f32"],
                    help="also write the merged model as one GGUF file of this type (llama.cpp, Ollama, LM Studio; "
-                        "Llama, Mistral, Qwen2/3, Gemma 2/3 families)")
+                        "Llama, Mistral, Qwen2/3, Gemma 2/3, EXAONE 3/4, Phi-3 families)")
     return ap
 
 
@@ -290,8 +307,32 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from ppalli.train.bench import bench, format_bench
+
+    result = bench(_load_config(args), steps=args.steps, warmup=args.warmup,
+                   print_fn=_quiet if args.json else print)
+    if args.out:
+        Path(args.out).write_text(json.dumps(result.to_dict(), ensure_ascii=False, indent=1), encoding="utf-8")
+    print(json.dumps(result.to_dict(), ensure_ascii=False, indent=1) if args.json else "\n".join(format_bench(result)))
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from ppalli.train.bench import format_sweep, sweep
+
+    rows = sweep(args.config, args.overrides, args.over, steps=args.steps, warmup=args.warmup,
+                 out=Path(args.out) if args.out else None)
+    print("\n".join(format_sweep(rows)))
+    return 1 if any("error" in r for r in rows) else 0
+
+
+def _quiet(*args, **kwargs) -> None:
+    return None
+
+
 VERBS = {"train": cmd_train, "plan": cmd_plan, "doctor": cmd_doctor, "data": cmd_data, "chat": cmd_chat,
-         "generate": cmd_generate, "eval": cmd_eval, "export": cmd_export}
+         "generate": cmd_generate, "eval": cmd_eval, "export": cmd_export, "bench": cmd_bench, "sweep": cmd_sweep}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,7 +13,7 @@ import logging
 import os
 import random
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 
@@ -42,6 +42,8 @@ class RunResult:
     final_loss: float
     eval_loss: float | None
     model: object = None  # the trained PeftModel (fast path reverted), for callers that go on using it
+    plan: object = None  # the plan the last step ran (after any out-of-memory step-down)
+    events: list[str] = field(default_factory=list)  # OOM step-downs and interruptions, as the report lists them
 
 
 # --------------------------------------------------------------------------- setup stages
@@ -449,7 +451,8 @@ def _train_planned(cfg: C.Config, plan, resume: Path | None, print_fn, world, ru
         hooks.save(state)
     if not world.main:
         dist.finish(world)
-        return RunResult(run_dir, adapter_dir, run_dir / "report.md", None, float("nan"), eval_loss, model)
+        return RunResult(run_dir, adapter_dir, run_dir / "report.md", None, float("nan"), eval_loss, model, plan,
+                         state.events)
     model.save_pretrained(adapter_dir, safe_serialization=True)
     tokenizer.save_pretrained(run_dir / "tokenizer")
     samples_after = answer_samples(model, tokenizer, prompts, stop_ids, n_new)
@@ -459,7 +462,7 @@ def _train_planned(cfg: C.Config, plan, resume: Path | None, print_fn, world, ru
                            samples_after, prepared)
     dist.finish(world)
     return RunResult(run_dir, adapter_dir, report, samples_after[0] if samples_after else None,
-                     _last_loss(run_dir), eval_loss, model)
+                     _last_loss(run_dir), eval_loss, model, plan, state.events)
 
 
 def _silent(*args, **kwargs) -> None:
