@@ -88,6 +88,16 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--file", help="a text file with one prompt per line")
             p.add_argument("--out", help="write answers as JSONL here (default: print)")
 
+    p = sub.add_parser("serve", help="serve a trained run over an OpenAI-compatible HTTP API "
+                       "(/v1/chat/completions, streaming)")
+    p.add_argument("run_dir", help="a run directory written by `ppalli train`")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-new-tokens", type=int, default=512, help="the most tokens an answer may take (requests "
+                   "ask for fewer with max_tokens)")
+    p.add_argument("--no-merge", action="store_true", help="decode with the adapter kept apart (see chat --no-merge)")
+    p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
+
     p = sub.add_parser("eval", help="loss, perplexity and scored greedy answers (exact match, Korean-aware ROUGE)")
     p.add_argument("run_dir", help="a run directory written by `ppalli train`")
     p.add_argument("--data", help="evaluate on every row of this file (default: the run's held-out rows)")
@@ -269,6 +279,31 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from ppalli.infer.serve import ChatServer
+    from ppalli.models.load import load_run
+
+    if args.max_new_tokens < 1:
+        raise PpalliError("serve: --max-new-tokens must be 1 or more")
+    run = load_run(args.run_dir, merge=not args.no_merge)
+    name = Path(args.run_dir).resolve().name
+    try:
+        server = ChatServer((args.host, args.port), run, name, max_new_tokens=args.max_new_tokens,
+                            compile=args.compile)
+    except OSError as e:
+        raise PpalliError(f"serve: cannot listen on {args.host}:{args.port} ({e.strerror}); pick another "
+                          "--port") from None
+    host, port = server.server_address[:2]
+    print(f"ppalli serve: {name} ({run.note}) on http://{host}:{port}/v1  (POST /v1/chat/completions; Ctrl-C stops)")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print("\nstopped")
+    finally:
+        server.server_close()
+    return 0
+
+
 def cmd_eval(args) -> int:
     from ppalli.eval.runner import EvalSettings, evaluate_run
 
@@ -332,7 +367,8 @@ def _quiet(*args, **kwargs) -> None:
 
 
 VERBS = {"train": cmd_train, "plan": cmd_plan, "doctor": cmd_doctor, "data": cmd_data, "chat": cmd_chat,
-         "generate": cmd_generate, "eval": cmd_eval, "export": cmd_export, "bench": cmd_bench, "sweep": cmd_sweep}
+         "generate": cmd_generate, "eval": cmd_eval, "export": cmd_export, "bench": cmd_bench, "sweep": cmd_sweep,
+         "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:

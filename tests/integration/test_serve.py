@@ -1,0 +1,123 @@
+"""`ppalli serve`: a tiny trained Qwen2 run behind the OpenAI-compatible API, spoken to over HTTP (urllib, and the
+openai client when installed): answers equal `generate`'s, streamed text equals the whole answer, bad requests
+get a 400 naming the field."""
+
+import json
+import threading
+import urllib.error
+import urllib.request
+
+import pytest
+import torch
+from tiny import tiny_config
+
+from ppalli import config as C
+from ppalli.infer.generate import generate
+from ppalli.infer.serve import ChatServer
+from ppalli.models.load import load_run
+from ppalli.train import recipe
+
+QUESTION = [{"role": "user", "content": "오늘 뭐 먹지?"}]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, shared_data):
+    tmp = tmp_path_factory.mktemp("serve")  # one trained run for the module (make_cfg is per test)
+    (tmp / "qwen2.json").write_text(json.dumps(tiny_config("qwen2")))
+    cfg = C.from_dict({
+        "name": "served", "output_dir": str(tmp / "runs" / "{name}"),
+        "model": {"name_or_path": str(tmp / "qwen2.json"), "tokenizer": str(shared_data / "tokenizer_qwen2.5")},
+        "lora": {"r": 8, "alpha": 16},
+        "data": {"path": str(shared_data / "ko_chatbot_qa" / "ChatbotData.csv"),
+                 "columns": {"question": "Q", "answer": "A"}, "template": "chatml", "limit": 8, "eval_split": 0,
+                 "max_seq_len": 64, "num_proc": 1, "cache_dir": str(tmp / "cache")},
+        "train": {"max_steps": 2, "batch_size": 8, "lr": 5e-3, "warmup_steps": 1, "seed": 7},
+        "plan": {"device": "cpu", "fast_path": "off"},
+        "logging": {"progress": "none", "sample_max_new_tokens": 1}})
+    run_dir = recipe.train(cfg, print_fn=lambda *a, **k: None).run_dir
+    run = load_run(run_dir, merge=True)
+    srv = ChatServer(("127.0.0.1", 0), run, "served", max_new_tokens=16)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield srv, f"http://127.0.0.1:{srv.server_address[1]}"
+    srv.shutdown()
+    srv.server_close()
+
+
+def _post(url: str, payload) -> tuple[int, bytes]:
+    body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+    req = urllib.request.Request(url + "/v1/chat/completions", data=body,
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def test_greedy_answer_is_generates_and_stream_is_the_same_text(server):
+    srv, url = server
+    run = srv.run
+    ids = run.tokenizer(run.render_prompt(QUESTION), add_special_tokens=False)["input_ids"]
+    want = generate(run.model, run.tokenizer, torch.tensor([ids]), max_new_tokens=10, greedy=True,
+                    stop_ids=run.stop_ids)
+    status, body = _post(url, {"model": "served", "messages": QUESTION, "max_tokens": 10, "temperature": 0})
+    reply = json.loads(body)
+    assert status == 200 and reply["object"] == "chat.completion"
+    assert reply["choices"][0]["message"]["content"] == run.tokenizer.decode(want, skip_special_tokens=True)
+    assert reply["usage"] == {"prompt_tokens": len(ids), "completion_tokens": len(want),
+                              "total_tokens": len(ids) + len(want)}
+    assert reply["choices"][0]["finish_reason"] == ("length" if len(want) == 10 else "stop")
+    status, body = _post(url, {"messages": QUESTION, "max_tokens": 10, "temperature": 0, "stream": True})
+    events = [line.removeprefix("data: ") for line in body.decode().split("\n\n") if line.strip()]
+    assert status == 200 and events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == \
+        reply["choices"][0]["message"]["content"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == reply["choices"][0]["finish_reason"]
+
+
+def test_seeded_sampling_repeats_and_the_server_caps_max_tokens(server):
+    _, url = server
+    ask = {"messages": QUESTION, "max_tokens": 999, "temperature": 1.0, "top_p": 0.95, "seed": 3}
+    first, second = (json.loads(_post(url, ask)[1]) for _ in range(2))
+    assert first["choices"][0]["message"] == second["choices"][0]["message"]
+    assert first["usage"]["completion_tokens"] <= 16  # the server's --max-new-tokens
+
+
+@pytest.mark.parametrize("payload,field", [
+    (b"{not json", "not JSON"), ({"messages": []}, "'messages'"), ({"messages": [{"role": "bot", "content": "x"}]},
+                                                                   "messages[0]"),
+    ({"messages": QUESTION, "temperature": 3}, "'temperature' must be in [0.0, 2.0]"),
+    ({"messages": QUESTION, "max_tokens": 0}, "'max_tokens' must be >= 1"),
+    ({"messages": QUESTION, "n": 2}, "'n'"), ({"messages": QUESTION, "stop": ["\n"]}, "'stop'"),
+    ({"messages": [{"role": "user", "content": "가" * 5000}]}, "positions")])
+def test_bad_requests_get_a_400_that_names_the_field(server, payload, field):
+    status, body = _post(server[1], payload)
+    error = json.loads(body)["error"]
+    assert status == 400 and field in error["message"] and error["type"] == "invalid_request_error"
+
+
+def test_models_health_and_unknown_routes(server):
+    _, url = server
+    with urllib.request.urlopen(url + "/v1/models") as r:
+        assert json.loads(r.read())["data"][0]["id"] == "served"
+    with urllib.request.urlopen(url + "/health") as r:
+        assert json.loads(r.read()) == {"status": "ok"}
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(url + "/v1/embeddings")
+    assert e.value.code == 404
+
+
+def test_the_openai_client_reads_answers_and_streams(server):
+    openai = pytest.importorskip("openai")
+    _, url = server
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused")
+    whole = client.chat.completions.create(model="served", messages=QUESTION, max_tokens=8, temperature=0)
+    streamed = client.chat.completions.create(model="served", messages=QUESTION, max_tokens=8, temperature=0,
+                                              stream=True)
+    text = "".join(c.choices[0].delta.content or "" for c in streamed)
+    assert text == whole.choices[0].message.content and whole.usage.completion_tokens > 0
+    with pytest.raises(openai.BadRequestError, match="'n'"):
+        client.chat.completions.create(model="served", messages=QUESTION, n=2)
