@@ -42,7 +42,12 @@ from ppalli.errors import ModelError
 
 log = logging.getLogger("ppalli")
 
-OUTTYPES = ("bf16", "f16", "q8_0", "f32")
+OUTTYPES = ("bf16", "f16", "q8_0", "f32", "q4_k_m", "q5_k_m", "q6_k")
+# K-quants come from llama.cpp's own quantizer (through llama-cpp-python), run on a 16-bit file this module writes:
+# its per-tensor choices (Q4_K_M keeps half of attn_v and ffn_down, and the output, in Q6_K) are the ones llama.cpp
+# users get from llama-quantize.
+LLAMA_QUANTS = {"q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
+                "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K"}
 # HF model_type -> llama.cpp architecture, and whether that graph rotates adjacent pairs (q/k rows reordered).
 # EXAONE's and Phi-3's graphs rotate halves as HF does (NEOX in llama.cpp's terms); Phi-3's fused qkv_proj and
 # gate_up_proj are what llama.cpp's phi3 reads (attn_qkv, ffn_up of 2 x n_ff split gate-first, as HF's chunk).
@@ -73,16 +78,54 @@ def _gguf():
 
 def export_gguf(model_dir: str | Path, out_file: str | Path | None = None, outtype: str = "bf16") -> Path:
     """Write the HF checkpoint in `model_dir` (config.json, *.safetensors, the tokenizer) as one GGUF file.
-    outtype: bf16 / f16 / f32 weights, or q8_0 (8-bit blocks of 32; matrices whose rows are not a multiple of
-    32 stay f16). Norms and biases are f32 as llama.cpp keeps them. Returns the file's path (default
-    model_dir/model-<outtype>.gguf)."""
-    gguf = _gguf()
+    outtype: bf16 / f16 / f32 weights, q8_0 (8-bit blocks of 32; matrices whose rows are not a multiple of
+    32 stay f16), or q4_k_m / q5_k_m / q6_k by llama.cpp's quantizer (llama-cpp-python needed). Norms and biases
+    are f32 as llama.cpp keeps them. Returns the file's path (default model_dir/model-<outtype>.gguf)."""
     if outtype not in OUTTYPES:
         raise ModelError(f"GGUF type {outtype!r} is not one of {', '.join(OUTTYPES)}")
     model_dir = Path(model_dir)
+    out = Path(out_file) if out_file else model_dir / f"model-{outtype}.gguf"
+    if outtype in LLAMA_QUANTS:
+        return _llama_quantize(model_dir, out, outtype)
+    return _write(model_dir, out, outtype)
+
+
+def _llama_quantize(model_dir: Path, out: Path, outtype: str) -> Path:
+    """The checkpoint written at its own 16/32-bit precision beside `out`, then quantized by llama.cpp into
+    `out` (disk: the 16-bit file too, until it is deleted at the end)."""
+    try:
+        import llama_cpp
+    except ImportError:
+        raise ModelError(f"GGUF {outtype} is made by llama.cpp's quantizer: pip install 'llama-cpp-python>=0.3.36' "
+                         "(builds llama.cpp, ~5 min), or export f16 and run llama.cpp's llama-quantize on it") from None
+    import ctypes
+
+    cfg = _config(model_dir)
+    source = {"float32": "f32", "float16": "f16"}.get(cfg.get("dtype", cfg.get("torch_dtype")), "bf16")
+    src, tmp = out.with_name(out.name + f".partial-{source}"), out.with_name(out.name + ".partial")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.nthread = os.cpu_count() or 1
+    params.ftype = getattr(llama_cpp, LLAMA_QUANTS[outtype])
+    quiet, level = logging.getLogger("llama-cpp-python"), logging.getLogger("llama-cpp-python").level
+    try:
+        _write(model_dir, src, source)
+        quiet.setLevel(logging.ERROR)  # llama.cpp's line per tensor
+        status = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
+        if status != 0:
+            raise ModelError(f"{model_dir}: llama.cpp's quantizer failed on {src.name} (status {status}) making "
+                             f"{outtype}; the {source} file it read is written by `--gguf {source}`")
+        os.replace(tmp, out)
+    finally:
+        quiet.setLevel(level)
+        src.unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+def _write(model_dir: Path, out: Path, outtype: str) -> Path:
+    gguf = _gguf()
     cfg = _config(model_dir)
     arch, _ = _ARCHS[cfg["model_type"]]
-    out = Path(out_file) if out_file else model_dir / f"model-{outtype}.gguf"
     plan = list(_tensor_plan(model_dir, cfg, outtype))
     tmp = out.with_name(out.name + ".partial")
     writer = gguf.GGUFWriter(tmp, arch)
