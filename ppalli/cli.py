@@ -336,10 +336,15 @@ def cmd_export(args) -> int:
     out = merge_adapter(run.model, out_dir=args.out, dtype=getattr(torch, args.dtype), tokenizer=run.tokenizer)
     print(f"merged model: {out}")
     if args.gguf:
-        from ppalli.export.gguf import export_gguf
+        from ppalli.export.gguf import adds_bos, export_gguf
+        from ppalli.export.modelfile import write_modelfile
 
+        tokenizer, system = run.tokenizer, run.config.data.system_prompt
         del run  # the merged weights are read back from the folder, a tensor at a time
-        print(f"GGUF: {export_gguf(out, outtype=args.gguf)}")
+        path = export_gguf(out, outtype=args.gguf)
+        print(f"GGUF: {path}")
+        modelfile = write_modelfile(out, path, template, adds_bos(tokenizer), system)
+        print(f"Ollama: ollama create NAME -f {modelfile}")
     return 0
 
 

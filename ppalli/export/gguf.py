@@ -426,10 +426,9 @@ def _add_vocab(writer, model_dir: Path, n_vocab: int) -> list[dict]:
         writer.add_add_space_prefix(_prepends_space(spec))
         if tok.unk_token_id is not None:
             writer.add_unk_token_id(tok.unk_token_id)
-    adds_bos = tok.bos_token_id is not None and tok("a")["input_ids"][:1] == [tok.bos_token_id]
     if tok.bos_token_id is not None:
         writer.add_bos_token_id(tok.bos_token_id)
-    writer.add_add_bos_token(adds_bos)
+    writer.add_add_bos_token(adds_bos(tok))
     if tok.eos_token_id is not None:
         writer.add_eos_token_id(tok.eos_token_id)
     if tok.pad_token_id is not None:
@@ -437,6 +436,11 @@ def _add_vocab(writer, model_dir: Path, n_vocab: int) -> list[dict]:
     if isinstance(tok.chat_template, str):
         writer.add_chat_template(tok.chat_template)
     return spec.get("added_tokens", [])
+
+
+def adds_bos(tok) -> bool:
+    """Whether the tokenizer puts BOS before a text by itself: llama.cpp and Ollama then add it to every prompt."""
+    return tok.bos_token_id is not None and tok("a")["input_ids"][:1] == [tok.bos_token_id]
 
 
 def _tokens(spec: dict, n_vocab: int, byte_pieces: bool) -> tuple[list[str], list]:

@@ -380,7 +380,9 @@ def test_cli_export_writes_the_merged_folder_and_its_gguf(make_cfg, quiet, capsy
     out = run.parent / "merged"
     assert main(["export", str(run), "--out", str(out), "--dtype", "float32", "--gguf", "q8_0"]) == 0
     printed = capsys.readouterr().out
-    assert f"GGUF: {out / 'model-q8_0.gguf'}" in printed
+    assert f"GGUF: {out / 'model-q8_0.gguf'}" in printed and f"ollama create NAME -f {out / 'Modelfile'}" in printed
+    modelfile = (out / "Modelfile").read_text().splitlines()  # its TEMPLATE: test_export_modelfile.py
+    assert modelfile[1] == "FROM ./model-q8_0.gguf" and modelfile[2].startswith('TEMPLATE """{{- range .Messages')
     messages = [{"role": "user", "content": "오늘 뭐 먹지?"}]  # no system turn: Qwen2.5's own would add one
     trained, tok = load_run(run), load_tokenizer(out)
     prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
