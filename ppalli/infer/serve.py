@@ -77,7 +77,7 @@ def _number(value, name: str, kind, low, high):
 
 
 class ChatServer(ThreadingHTTPServer):
-    """The HTTP server holding the loaded run; `handle_chat` answers one request under the model's lock."""
+    """The HTTP server holding the loaded run; `answer` decodes one request at a time, under the model's lock."""
 
     daemon_threads = True
 
@@ -111,7 +111,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     server: ChatServer
 
-    def log_message(self, format, *args):  # one line a request, through the server's own stream
+    def log_message(self, format, *args):  # silent: http.server would print a stderr line per request
         return None
 
     def do_GET(self):
@@ -158,11 +158,14 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n".encode())
             self.wfile.flush()
 
-        event({"role": "assistant", "content": ""})
-        _, finish = self.server.answer(req, ids, on_text=lambda text: event({"content": text}))
-        event({}, finish)
-        self.wfile.write(b"data: [DONE]\n\n")
-        self.wfile.flush()
+        try:
+            event({"role": "assistant", "content": ""})
+            _, finish = self.server.answer(req, ids, on_text=lambda text: event({"content": text}))
+            event({}, finish)
+            self.wfile.write(b"data: [DONE]\n\n")
+            self.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError):
+            return  # the client left: the failed write stopped the decoding too, and the lock is free again
 
     def _json(self, status: int, payload: dict) -> None:
         data = json.dumps(payload, ensure_ascii=False).encode()

@@ -56,8 +56,7 @@ def bench_config(cfg: C.Config, steps: int, warmup: int, run_root: Path) -> C.Co
     return replace(cfg, train=train, data=data, logging=logging, output_dir=str(run_root / "{name}"), name="bench")
 
 
-def bench(cfg: C.Config, *, steps: int = 20, warmup: int = 5, print_fn=print, keep: Path | None = None
-          ) -> BenchResult:
+def bench(cfg: C.Config, *, steps: int = 20, warmup: int = 5, print_fn=print) -> BenchResult:
     """Train `cfg` for warmup + steps optimizer steps and time the last `steps` of them."""
     from ppalli.train.recipe import train
 
@@ -66,8 +65,6 @@ def bench(cfg: C.Config, *, steps: int = 20, warmup: int = 5, print_fn=print, ke
         result = train(bench_config(cfg, steps, warmup, root), print_fn=print_fn)
         rows = _step_rows(result.run_dir / "metrics.jsonl")
         env = json.loads((result.run_dir / "env.json").read_text(encoding="utf-8"))
-        if keep is not None:
-            shutil.copytree(result.run_dir, keep, dirs_exist_ok=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     timed = rows[warmup:]

@@ -121,3 +121,19 @@ def test_the_openai_client_reads_answers_and_streams(server):
     assert text == whole.choices[0].message.content and whole.usage.completion_tokens > 0
     with pytest.raises(openai.BadRequestError, match="'n'"):
         client.chat.completions.create(model="served", messages=QUESTION, n=2)
+
+
+def test_a_client_leaving_mid_stream_frees_the_model(server):
+    """The failed write stops that decoding and releases the lock: the next request is answered."""
+    import socket
+
+    srv, url = server
+    body = json.dumps({"messages": QUESTION, "stream": True, "max_tokens": 16}).encode()
+    s = socket.create_connection(srv.server_address[:2])
+    s.sendall(b"POST /v1/chat/completions HTTP/1.0\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    s.recv(64)
+    s.close()
+    assert srv.lock.acquire(timeout=30)  # the abandoned stream let go of the model
+    srv.lock.release()
+    status, reply = _post(url, {"messages": QUESTION, "max_tokens": 2})
+    assert status == 200 and json.loads(reply)["usage"]["completion_tokens"] <= 2
