@@ -117,7 +117,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--gguf", choices=["bf16", "f16", "q8_0", "f32", "q4_k_m", "q5_k_m", "q6_k"],
-                   help="also write the merged model as one GGUF file of this type (llama.cpp, Ollama, LM Studio; "
+                   help="also write the merged model as one GGUF file of this type, and an Ollama Modelfile for it "
+                        "(llama.cpp, Ollama, LM Studio; "
                         "Llama, Mistral, Qwen2/3, Gemma 2/3, EXAONE 3/4, Phi-3 families); the k-quants are made by "
                         "llama.cpp's quantizer and need llama-cpp-python")
     return ap
