@@ -90,8 +90,9 @@ def modelfile_text(gguf_name: str, tpl: Template, adds_bos: bool, system_prompt:
              f"FROM ./{gguf_name}"]
     go = go_template(tpl, adds_bos)
     if go is None:
-        lines.append(f"# no TEMPLATE: {tpl.name} is a Jinja template ppalli does not translate; Ollama uses the one it "
-                     "knows for this model family, if any, else write TEMPLATE yourself")
+        which = "the model's own" if tpl.name == "model" else "custom"
+        lines.append(f"# no TEMPLATE: {which} Jinja template, not translated; Ollama uses the one it knows for this "
+                     "model family, if any, else write TEMPLATE yourself")
     else:
         lines.append(f'TEMPLATE """{go}"""')
     if system_prompt:
