@@ -60,11 +60,13 @@ _GEMMAS = ("gemma2", "gemma3_text")
 # them by a hash of a test string's tokens; the regex is what decides those tokens).
 _SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|NUMBERS"
           r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_PRE_TOKENIZERS = {_SPLIT.replace("NUMBERS", r"\p{N}{1,3}"): "llama-bpe",  # digits in runs of up to 3
-                   _SPLIT.replace("NUMBERS", r"\p{N}"): "qwen2"}  # one digit a piece
 # GPT-2's split (what a ByteLevel pre-tokenizer with use_regex applies): EXAONE 4 splits so, and llama.cpp reads
 # it as "gpt-2"; EXAONE 3 first cuts every digit apart (a Digits pre-tokenizer), llama.cpp's "exaone".
 _GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+# A pre-tokenizer's steps (_pre_tokenizer) -> llama.cpp's name for them
+_PRE_TOKENIZERS = {(_SPLIT.replace("NUMBERS", r"\p{N}{1,3}"),): "llama-bpe",  # digits in runs of up to 3
+                   (_SPLIT.replace("NUMBERS", r"\p{N}"),): "qwen2",  # one digit a piece
+                   (_GPT2_SPLIT,): "gpt-2", ("digits", _GPT2_SPLIT): "exaone"}
 
 
 def _gguf():
@@ -167,8 +169,7 @@ def _config(model_dir: Path) -> dict:
                          "convert_hf_to_gguf.py on the folder")
     window = cfg.get("sliding_window") if cfg.get("use_sliding_window", kind in ("mistral", "phi3")) else None
     if kind == "exaone4" and cfg.get("sliding_window") is not None:
-        _exaone4_layers(cfg, path)
-        window = None  # applied: llama.cpp reads the layer pattern
+        window = None  # applied: llama.cpp reads the layer pattern (_exaone4_layers, checked below)
     if kind in _GEMMAS:  # llama.cpp's Gemma graphs apply the window on HF's layers (every 2nd; 5 of 6)
         window = None
         scale, head_dim = cfg.get("query_pre_attn_scalar"), _head_dim(cfg)
@@ -182,18 +183,20 @@ def _config(model_dir: Path) -> dict:
     try:
         if _rope(cfg)[1].get("rope_type") == "longrope":
             longrope_factors(cfg)
+        if kind == "exaone4" and cfg.get("sliding_window") is not None:
+            _exaone4_layers(cfg)
     except ModelError as e:
         raise ModelError(f"{path}: {e}") from None
     return cfg
 
 
-def _exaone4_layers(cfg: dict, path: Path) -> list[bool]:
+def _exaone4_layers(cfg: dict) -> list[bool]:
     """Which of a hybrid EXAONE 4's layers slide. Its full-attention layers use no RoPE at all; llama.cpp's
     exaone4 graph knows that only when it runs the layers as hybrid, which it does for 64 layers (EXAONE 4.0
     32B): at any other depth it would rotate every layer, so such a model is refused."""
     kinds = cfg.get("layer_types") or []
     if cfg["num_hidden_layers"] != 64 or len(kinds) != 64:
-        raise ModelError(f"{path}: EXAONE 4 with sliding-window layers exports to GGUF at 64 layers (32B) only: "
+        raise ModelError("EXAONE 4 with sliding-window layers exports to GGUF at 64 layers (32B) only: "
                          f"llama.cpp's exaone4 graph runs {cfg['num_hidden_layers']} layers as all-global with "
                          "RoPE, which this model's global (no-RoPE) layers are not")
     return [k == "sliding_attention" for k in kinds]
@@ -273,7 +276,7 @@ def _add_hparams(writer, cfg: dict, outtype: str) -> None:
             writer.add_rope_scaling_attn_factors(longrope_factors(cfg)[0])
     if cfg["model_type"] == "exaone4" and cfg.get("sliding_window") is not None:
         writer.add_sliding_window(cfg["sliding_window"])
-        writer.add_sliding_window_pattern(_exaone4_layers(cfg, Path("config.json")))
+        writer.add_sliding_window_pattern(_exaone4_layers(cfg))
     if cfg["model_type"] == "gemma3_text":  # its sliding layers' own RoPE base (10,000 in Google's configs)
         local = (cfg.get("rope_parameters") or {}).get("sliding_attention", {}).get("rope_theta")
         writer.add_rope_freq_base_swa(float(local or cfg.get("rope_local_base_freq", 10000.0)))
@@ -500,10 +503,8 @@ def _pre_tokenizer(spec: dict, model_dir: Path) -> str:
             steps.append("digits")
         elif kind != "ByteLevel":
             steps.append(str(kind))
-    names = {(regex,): name for regex, name in _PRE_TOKENIZERS.items()}
-    names.update({(_GPT2_SPLIT,): "gpt-2", ("digits", _GPT2_SPLIT): "exaone"})
-    if tuple(steps) not in names:
+    if tuple(steps) not in _PRE_TOKENIZERS:
         raise ModelError(f"{model_dir}: the tokenizer's pre-tokenizer ({steps}) is not one ppalli names for "
                          "llama.cpp (Llama 3's, Qwen2's, GPT-2's, EXAONE's); use llama.cpp's convert_hf_to_gguf.py "
                          "on the folder")
-    return names[tuple(steps)]
+    return _PRE_TOKENIZERS[tuple(steps)]

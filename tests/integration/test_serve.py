@@ -9,9 +9,8 @@ import urllib.request
 
 import pytest
 import torch
-from tiny import tiny_config
+from tiny import tiny_run_config
 
-from ppalli import config as C
 from ppalli.infer.generate import generate
 from ppalli.infer.serve import ChatServer
 from ppalli.models.load import load_run
@@ -23,17 +22,8 @@ QUESTION = [{"role": "user", "content": "오늘 뭐 먹지?"}]
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, shared_data):
     tmp = tmp_path_factory.mktemp("serve")  # one trained run for the module (make_cfg is per test)
-    (tmp / "qwen2.json").write_text(json.dumps(tiny_config("qwen2")))
-    cfg = C.from_dict({
-        "name": "served", "output_dir": str(tmp / "runs" / "{name}"),
-        "model": {"name_or_path": str(tmp / "qwen2.json"), "tokenizer": str(shared_data / "tokenizer_qwen2.5")},
-        "lora": {"r": 8, "alpha": 16},
-        "data": {"path": str(shared_data / "ko_chatbot_qa" / "ChatbotData.csv"),
-                 "columns": {"question": "Q", "answer": "A"}, "template": "chatml", "limit": 8, "eval_split": 0,
-                 "max_seq_len": 64, "num_proc": 1, "cache_dir": str(tmp / "cache")},
-        "train": {"max_steps": 2, "batch_size": 8, "lr": 5e-3, "warmup_steps": 1, "seed": 7},
-        "plan": {"device": "cpu", "fast_path": "off"},
-        "logging": {"progress": "none", "sample_max_new_tokens": 1}})
+    cfg = tiny_run_config(tmp, shared_data, "qwen2", name="served", train__max_steps=2,
+                          logging__sample_max_new_tokens=1)
     run_dir = recipe.train(cfg, print_fn=lambda *a, **k: None).run_dir
     run = load_run(run_dir, merge=True)
     srv = ChatServer(("127.0.0.1", 0), run, "served", max_new_tokens=16)
