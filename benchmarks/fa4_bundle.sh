@@ -4,9 +4,10 @@
 # (nvidia-cutlass-dsl-libs-cu13 4.8.1, a 92 MB wheel): xz takes it to 50 MB, so the bundle goes in two carries.
 #   here:   bash benchmarks/fa4_bundle.sh pack        -> .fa4/a (50 MB), .fa4/b (23 MB); both git-ignored
 #   device: . benchmarks/fa4_bundle.sh install        (in each call; idempotent)
-# Call 1 carries .fa4/a: install stages its library in .fa4stage/. A later call on the same warm machine
-# carries .fa4/b (and not .fa4/a: a carried path absent here is removed there): install then lays out
-# .fa4site/ and puts it on PYTHONPATH. Ignored paths stay on the machine between its calls.
+# Call 1 carries .fa4/a: install stages its library in /tmp/fa4stage. A later call on the same warm machine
+# carries .fa4/b: install then lays out /tmp/fa4site and puts it on PYTHONPATH. Both live in /tmp because the
+# machine's /tmp outlives a call while an ignored folder of the repo did not (2026-12-05: .fa4stage/, staged in
+# one call, was gone in the next on the same warm machine).
 # cp312: the device's python3 (KINDS.md). The device already has cuda-bindings, cuda-pathfinder, protobuf.
 CUTLASS=4.8.1
 WHEELS=("nvidia-cutlass-dsl==$CUTLASS" "nvidia-cutlass-dsl-libs-base==$CUTLASS" "nvidia-cutlass-dsl-libs-core==$CUTLASS"
@@ -14,6 +15,7 @@ WHEELS=("nvidia-cutlass-dsl==$CUTLASS" "nvidia-cutlass-dsl-libs-base==$CUTLASS" 
         torch-c-dlpack-ext==0.1.5 einops==0.8.2 flash-attn-4==4.0.0b40)
 IR=nvidia_cutlass_dsl/dsl_packages/cutlass/_mlir/_mlir_libs/_cutlass_ir.cu13.cpython-312-x86_64-linux-gnu.so
 RT=nvidia_cutlass_dsl/cu13/lib/libcute_dsl_runtime.so
+STAGE=/tmp/fa4stage SITE=/tmp/fa4site
 
 unxz_to() {  # python's lzma: the machine may lack xz
   python3 -c "import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], 'wb'), 1 << 24)" "$1" "$2"
@@ -40,19 +42,19 @@ pack() (  # a subshell: its settings stay its own
 )
 
 install() {
-  if [ -f .fa4/a/ir.so.xz ] && [ ! -f .fa4stage/ir.so ]; then
-    mkdir -p .fa4stage && unxz_to .fa4/a/ir.so.xz .fa4stage/ir.so && echo "fa4: staged $(stat -c %s .fa4stage/ir.so) bytes"
+  if [ -f .fa4/a/ir.so.xz ] && [ ! -f $STAGE/ir.so ]; then
+    mkdir -p $STAGE && unxz_to .fa4/a/ir.so.xz $STAGE/ir.so && echo "fa4: staged $(stat -c %s $STAGE/ir.so) bytes"
   fi
-  if [ -d .fa4/b ] && [ -f .fa4stage/ir.so ] && [ ! -f .fa4site/.done ]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target .fa4site .fa4/b/*.whl &&
-      tar xzf .fa4/b/cu13-rest.tgz -C .fa4site && mkdir -p "$(dirname .fa4site/$RT)" &&
-      cp .fa4stage/ir.so ".fa4site/$IR" && unxz_to .fa4/b/rt.so.xz ".fa4site/$RT" &&
-      touch .fa4site/.done && echo "fa4: installed in .fa4site"
+  if [ -d .fa4/b ] && [ -f $STAGE/ir.so ] && [ ! -f $SITE/.done ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $SITE .fa4/b/*.whl &&
+      tar xzf .fa4/b/cu13-rest.tgz -C $SITE && mkdir -p "$(dirname $SITE/$RT)" &&
+      cp $STAGE/ir.so "$SITE/$IR" && unxz_to .fa4/b/rt.so.xz "$SITE/$RT" &&
+      touch $SITE/.done && echo "fa4: installed in $SITE"
   fi
-  if [ -f .fa4site/.done ]; then  # the dsl_packages entry is what the wheel's .pth file would add
-    export PYTHONPATH=$PWD/.fa4site:$PWD/.fa4site/nvidia_cutlass_dsl/dsl_packages${PYTHONPATH:+:$PYTHONPATH}
+  if [ -f $SITE/.done ]; then  # the dsl_packages entry is what the wheel's .pth file would add
+    export PYTHONPATH=$SITE:$SITE/nvidia_cutlass_dsl/dsl_packages${PYTHONPATH:+:$PYTHONPATH}
   else
-    echo "fa4: not installed yet (.fa4/a staged: $([ -f .fa4stage/ir.so ] && echo yes || echo no))"
+    echo "fa4: not installed yet (.fa4/a staged: $([ -f $STAGE/ir.so ] && echo yes || echo no))"
   fi
 }
 
