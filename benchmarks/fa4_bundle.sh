@@ -5,9 +5,10 @@
 #   here:   bash benchmarks/fa4_bundle.sh pack        -> .fa4/a (50 MB), .fa4/b (23 MB); both git-ignored
 #   device: . benchmarks/fa4_bundle.sh install        (in each call; idempotent)
 # Call 1 carries .fa4/a: install stages its library in /tmp/fa4stage. A later call on the same warm machine
-# carries .fa4/b: install then lays out /tmp/fa4site and puts it on PYTHONPATH. Both live in /tmp because the
-# machine's /tmp outlives a call while an ignored folder of the repo did not (2026-12-05: .fa4stage/, staged in
-# one call, was gone in the next on the same warm machine).
+# carries .fa4/b: install then lays out /tmp/fa4site and puts it on PYTHONPATH. Both live in /tmp, outside the
+# tree each call re-sends: an ignored folder of the repo did not last (2026-12-05: .fa4stage/, staged in one call,
+# was gone in the next on the same warm machine). /tmp lasting between calls is not yet seen either (both tries
+# lost the machine before their second call finished).
 # cp312: the device's python3 (KINDS.md). The device already has cuda-bindings, cuda-pathfinder, protobuf.
 CUTLASS=4.8.1
 WHEELS=("nvidia-cutlass-dsl==$CUTLASS" "nvidia-cutlass-dsl-libs-base==$CUTLASS" "nvidia-cutlass-dsl-libs-core==$CUTLASS"
