@@ -97,6 +97,9 @@ def _parser() -> argparse.ArgumentParser:
                    "ask for fewer with max_tokens)")
     p.add_argument("--no-merge", action="store_true", help="decode with the adapter kept apart (see chat --no-merge)")
     p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
+    p.add_argument("--batch-size", type=int, default=8, help="the most requests decoded together: those waiting "
+                   "when a batch starts share it (each with its own sampling and limit; a batch out of GPU memory "
+                   "halves this)")
 
     p = sub.add_parser("eval", help="loss, perplexity and scored greedy answers (exact match, Korean-aware ROUGE)")
     p.add_argument("run_dir", help="a run directory written by `ppalli train`")
@@ -285,13 +288,13 @@ def cmd_serve(args) -> int:
     from ppalli.infer.serve import ChatServer
     from ppalli.models.load import load_run
 
-    if args.max_new_tokens < 1:
-        raise PpalliError("serve: --max-new-tokens must be 1 or more")
+    if args.max_new_tokens < 1 or args.batch_size < 1:
+        raise PpalliError("serve: --max-new-tokens and --batch-size must be 1 or more")
     run = load_run(args.run_dir, merge=not args.no_merge)
     name = Path(args.run_dir).resolve().name
     try:
         server = ChatServer((args.host, args.port), run, name, max_new_tokens=args.max_new_tokens,
-                            compile=args.compile)
+                            compile=args.compile, batch_size=args.batch_size)
     except OSError as e:
         raise PpalliError(f"serve: cannot listen on {args.host}:{args.port} ({e.strerror}); pick another "
                           "--port") from None

@@ -74,9 +74,10 @@ class _Decoder:
         self.model = model
 
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Unpadded rows' next ids (B, t), the prompts' in one forward first -> the last position's logits (B, V)."""
         return self.model(input_ids=input_ids, **self.kwargs).logits[:, -1].float()
 
-    prefill = __call__  # the prompt (1, T) in one forward, as StaticDecoder.prefill
+    prefill = __call__  # as StaticDecoder.prefill, for unpadded prompts
 
     def rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """The step for a batch of rows (B, t): the last position's logits (B, V) float32."""
@@ -131,19 +132,15 @@ def _sampling_probs(logits: torch.Tensor, s: Sampling) -> torch.Tensor:
     return _top_p(_top_k(logits / s.temperature, s.top_k), s.top_p).softmax(-1)
 
 
-def pick_token(logits: torch.Tensor, seen: torch.Tensor, s: Sampling, generator: torch.Generator | None) -> int:
-    """Next token from (V,) logits; `seen` (n,) holds prompt and generated ids for the repetition penalty."""
-    logits = _penalize(logits, seen, s.repetition_penalty)
-    if s.greedy or s.temperature <= 0:  # temperature 0 means "no randomness", not a division by zero
-        return int(logits.argmax())
-    return int(torch.multinomial(_sampling_probs(logits, s), 1, generator=generator))
-
-
 def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-@torch.inference_mode()
+class RowCancelled(Exception):
+    """Raised by a row's on_text callback (generate_rows) to end that row where it is, e.g. its client left; the
+    other rows go on."""
+
+
 def generate(model, tokenizer, input_ids: torch.Tensor, *, max_new_tokens: int = 256, temperature: float = 0.7,
              top_p: float = 0.9, top_k: int = 0, greedy: bool = False, repetition_penalty: float = 1.0,
              stop_ids: Iterable[int] | None = None, seed: int | None = None,
@@ -159,24 +156,11 @@ def generate(model, tokenizer, input_ids: torch.Tensor, *, max_new_tokens: int =
 
     `on_token` receives text pieces as they are decoded (whole characters only); their concatenation
     equals ``tokenizer.decode(result, skip_special_tokens=True)``. The model runs in eval mode and gets
-    its previous mode back.
+    its previous mode back. One row of generate_rows: the same loop, so a batch's row and this agree.
     """
-    device = _device(model)
     sampling = Sampling(temperature, top_p, top_k, greedy, repetition_penalty)
-    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    stops = stop_token_ids(model, tokenizer, stop_ids)
-    stream = TextStream(tokenizer, on_token) if on_token else None
-    was_training = model.training
-    model.eval()
-    try:
-        step = _decoder(model, device, input_ids.shape[1] + max(max_new_tokens, 0), graph, compile=compile)
-        with _layers(model, step):
-            out = _decode_loop(step, input_ids.to(device), max_new_tokens, sampling, generator, stops, stream)
-    finally:
-        model.train(was_training)
-    if stream:
-        stream.flush()
-    return out
+    return generate_rows(model, tokenizer, [input_ids[0].tolist()], max_new_tokens=max_new_tokens, sampling=sampling,
+                         seeds=[seed], stop_ids=stop_ids, graph=graph, compile=compile, on_text=[on_token])[0]
 
 
 def generate_greedy_rows(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int = 256,
@@ -188,23 +172,32 @@ def generate_greedy_rows(model, tokenizer, prompts: list[list[int]], *, max_new_
 
 
 @torch.inference_mode()
-def generate_rows(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int = 256,
-                  sampling: Sampling = Sampling(greedy=True), seeds: list[int | None] | None = None,
-                  stop_ids: Iterable[int] | None = None, graph: bool | None = None,
-                  compile: bool = False, fill_rows: int = 0) -> list[list[int]]:
+def generate_rows(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int | list[int] = 256,
+                  sampling: Sampling | list[Sampling] = Sampling(greedy=True), seeds: list[int | None] | None = None,
+                  stop_ids: Iterable[int] | None = None, graph: bool | None = None, compile: bool = False,
+                  fill_rows: int = 0, on_text: list[Callable[[str], None] | None] | None = None,
+                  on_end: Callable[[int, list[int]], None] | None = None) -> list[list[int]]:
     """Answers to several prompts in one batch: each row's new ids, without its stop token.
 
     Prompts are left-padded (positions count from each row's first real token, padding masked), so a row gets
     the answer `generate(...)` gives it alone with the same sampling and seed (seeds[i] for row i), up to the float
     noise of the batched kernels (a near-tie can flip). One sequence's decoding is bound by the launches
-    (benchmarks/bench_generate.py), so B rows cost little more than one. Sampled rows take pick_token's steps
-    together, each drawing from its own generator. graph, compile: as generate's. fill_rows: decode at least
-    this many rows, the extra ones copies of the last prompt, finished from the start and dropped: a short last
-    batch then runs the full batches' compiled step instead of compiling its own (20-40 s).
+    (benchmarks/bench_generate.py), so B rows cost little more than one. Sampled rows take the penalty,
+    temperature, top-k and top-p steps together, each drawing from its own generator. graph, compile: as
+    generate's. fill_rows: decode at least this many rows, the extra ones copies of the last prompt, finished
+    from the start and dropped: a short last batch then runs the full batches' compiled step instead of
+    compiling its own (20-40 s).
+
+    Per row where a list is given (`ppalli serve` batches requests that ask differently): max_new_tokens, sampling
+    (rows that share one are picked together). on_text[i] streams row i's text as generate's on_token does; one
+    that raises RowCancelled ends its row there. on_end(i, ids) is called once as row i ends (its stop token, its
+    limit, or cancelled), with its text flushed, so a short answer need not wait for the batch's longest.
     """
     device = _device(model)
     stops = stop_token_ids(model, tokenizer, stop_ids)
     asked = len(prompts)
+    limits = _per_row(max_new_tokens, asked, "max_new_tokens")
+    samplings = _per_row(sampling, asked, "sampling")
     prompts = list(prompts) + [prompts[-1]] * max(fill_rows - asked, 0)
     width = max(len(p) for p in prompts)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -215,77 +208,145 @@ def generate_rows(model, tokenizer, prompts: list[list[int]], *, max_new_tokens:
         mask[row, width - len(prompt):] = 1
     ids, mask = ids.to(device), mask.to(device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
-    pick = _RowPicker(prompts, sampling, seeds, device)
-    step = _decoder(model, device, width + max(max_new_tokens, 0), graph, rows=len(prompts), compile=compile)
+    seeds = list(seeds or [None] * asked) + [None] * (len(prompts) - asked)
+    pick = _RowPicker(prompts, samplings + samplings[-1:] * (len(prompts) - asked), seeds, device)
+    rows = _Rows(asked, len(prompts), limits, stops, tokenizer, on_text, on_end)
+    step = _decoder(model, device, width + max(max(limits), 0), graph, rows=len(prompts), compile=compile)
     was_training = model.training
     model.eval()
     try:
         with _layers(model, step):
-            out = _rows_loop(step, ids, mask, positions, pick, stops, max_new_tokens, asked)
+            _rows_loop(step, ids, mask, positions, pick, rows)
     finally:
         model.train(was_training)
-    return out[:asked]
+    return rows.out[:asked]
+
+
+def _per_row(value, rows: int, name: str) -> list:
+    """One value for every row, or the list of each row's (its length checked)."""
+    if not isinstance(value, list):
+        return [value] * rows
+    if len(value) != rows:
+        raise ValueError(f"{name}: {len(value)} values for {rows} prompts (give one, or one a prompt)")
+    return value
+
+
+class _Rows:
+    """Each row's answer so far and whether it is over: its stop token, its own limit, or its stream cancelled.
+    Rows past `asked` (fill rows) are over from the start: never read, never waited for."""
+
+    def __init__(self, asked: int, total: int, limits: list[int], stops: set[int], tokenizer,
+                 on_text: list[Callable[[str], None] | None] | None, on_end: Callable[[int, list[int]], None] | None):
+        self.limits, self.stops, self.on_end = limits, stops, on_end
+        self.out: list[list[int]] = [[] for _ in range(total)]
+        self.done = [row >= asked for row in range(total)]
+        fns = list(on_text or []) + [None] * (total - len(on_text or []))
+        self.streams = [TextStream(tokenizer, fn) if fn else None for fn in fns]
+        for row in range(asked):
+            if limits[row] <= 0:
+                self._end(row)
+
+    def take(self, tokens: list[int]) -> None:
+        """One step's token of every row: appended where the row is open, ending the rows it ends."""
+        for row, token in enumerate(tokens):
+            if self.done[row]:
+                continue
+            if token in self.stops:
+                self._end(row)
+                continue
+            self.out[row].append(token)
+            cancelled = False
+            if self.streams[row]:
+                try:
+                    self.streams[row].push(token)
+                except RowCancelled:
+                    self.streams[row], cancelled = None, True  # nothing more goes to it, not even held-back text
+            if cancelled or len(self.out[row]) >= self.limits[row]:
+                self._end(row)
+
+    def _end(self, row: int) -> None:
+        self.done[row] = True
+        if self.streams[row]:
+            try:
+                self.streams[row].flush()
+            except RowCancelled:
+                pass  # it ends either way
+        if self.on_end:
+            self.on_end(row, self.out[row])
 
 
 def _rows_loop(step, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, pick: _RowPicker,
-               stops: set[int], max_new_tokens: int, asked: int) -> list[list[int]]:
-    """generate_rows' decoding: ids, mask, positions (B, T) of the left-padded prompts -> each row's new ids."""
+               rows: _Rows) -> None:
+    """generate_rows' decoding: ids, mask, positions (B, T) of the left-padded prompts -> each row's new ids, in
+    rows.out."""
+    if all(rows.done):
+        return
+    # The static decoder keeps its own mask and positions. Eager rows of one width (one prompt: `generate`) need
+    # neither: the cache's positions and a causal mask are theirs, as in HF's own decoding.
     static = not isinstance(step, _Decoder)
-    rows = ids.shape[0]
-    out: list[list[int]] = [[] for _ in range(rows)]
-    if max_new_tokens <= 0:
-        return out
-    logits = step.prefill(ids, mask) if static else step.rows(ids, mask, positions)
-    done = [row >= asked for row in range(rows)]  # fill rows: never read, never waited for
-    for n in range(max_new_tokens):
-        tokens = pick(logits, out, done)  # (B,) on the device
-        for row, token in enumerate(tokens.tolist()):
-            if not done[row]:
-                done[row] = token in stops
-                if not done[row]:
-                    out[row].append(token)
-        if all(done) or n + 1 == max_new_tokens:
+    own = static or bool(mask[:, 0].all())
+    if static:
+        logits = step.prefill(ids, mask)
+    else:
+        logits = step(ids) if own else step.rows(ids, mask, positions)
+    for _ in range(max(rows.limits)):  # each open row takes a token a step: the longest limit ends them all
+        tokens = pick(logits, rows.out, rows.done)  # (B,) on the device
+        rows.take(tokens.tolist())
+        if all(rows.done):
             break
-        if static:  # the decoder keeps its own mask and positions
+        if own:
             logits = step(tokens[:, None])
             continue
-        mask = torch.cat([mask, mask.new_ones(rows, 1)], dim=1)  # (B, T + n)
+        mask = torch.cat([mask, mask.new_ones(ids.shape[0], 1)], dim=1)  # (B, T + n)
         positions = positions[:, -1:] + 1  # (B, 1)
         logits = step.rows(tokens[:, None], mask, positions)
-    return out
 
 
 class _RowPicker:
-    """The next token of every row from (B, V) logits: one argmax for greedy rows without a repetition penalty,
-    else pick_token's steps with each row's own seen tokens and generator (finished rows get 0, never read)."""
+    """The next token of every row from (B, V) logits. Rows sharing a Sampling are picked together: one argmax for
+    greedy rows without a repetition penalty, else the repetition penalty on each row's own seen tokens, the
+    sampling filters, and a draw from each row's generator
+    (finished rows get 0, never read)."""
 
-    def __init__(self, prompts: list[list[int]], sampling: Sampling, seeds: list[int | None] | None,
+    def __init__(self, prompts: list[list[int]], samplings: list[Sampling], seeds: list[int | None],
                  device: torch.device):
-        self.sampling, self.device = sampling, device
-        self.argmax = (sampling.greedy or sampling.temperature <= 0) and sampling.repetition_penalty == 1.0
-        seeds = seeds or [None] * len(prompts)
+        self.device = device
         self.generators = [torch.Generator(device=device).manual_seed(s) if s is not None else None for s in seeds]
         self.prompts = [torch.tensor(p, dtype=torch.long, device=device) for p in prompts]
+        groups: dict[Sampling, list[int]] = {}
+        for row, s in enumerate(samplings):
+            groups.setdefault(s, []).append(row)
+        self.groups = [(s, rows, torch.tensor(rows, device=device)) for s, rows in groups.items()]
 
     def __call__(self, logits: torch.Tensor, out: list[list[int]], done: list[bool]) -> torch.Tensor:
-        """(B, V) logits -> (B,) tokens on the device: pick_token's steps on all rows at once, then one draw per
-        row from its own generator, and no read of the device until the caller's (one a step, not one a row)."""
-        s = self.sampling
-        if self.argmax:
-            return logits.argmax(-1)
+        """(B, V) logits -> (B,) tokens on the device, with no read of the device until the caller's (one a step,
+        not one a row)."""
+        if len(self.groups) == 1:
+            s, rows, _ = self.groups[0]
+            return self._pick(logits, s, rows, out, done)
+        tokens = torch.zeros(logits.shape[0], dtype=torch.long, device=self.device)  # (B,)
+        for s, rows, index in self.groups:
+            tokens[index] = self._pick(logits[index], s, rows, out, done)
+        return tokens
+
+    def _pick(self, logits: torch.Tensor, s: Sampling, rows: list[int], out: list[list[int]],
+              done: list[bool]) -> torch.Tensor:
+        """(b, V) logits of `rows`, all sampled by s -> their (b,) tokens."""
         if s.repetition_penalty != 1.0:
-            logits = torch.stack([_penalize(logits[row], self._seen(row, out[row]), s.repetition_penalty)
-                                  for row in range(logits.shape[0])])
+            logits = torch.stack([_penalize(logits[i], self._seen(row, out[row]), s.repetition_penalty)
+                                  for i, row in enumerate(rows)])
         if s.greedy or s.temperature <= 0:
             return logits.argmax(-1)
-        probs = _sampling_probs(logits, s)  # (B, V)
+        probs = _sampling_probs(logits, s)  # (b, V)
+        if len(rows) == 1:  # one sequence (generate): no concatenation, one launch fewer a token
+            return torch.multinomial(probs[0], 1, generator=self.generators[rows[0]])
         skip = torch.zeros(1, dtype=torch.long, device=self.device)  # a finished row's token, never read
-        return torch.cat([skip if done[row] else torch.multinomial(probs[row], 1, generator=self.generators[row])
-                          for row in range(probs.shape[0])])
+        return torch.cat([skip if done[row] else torch.multinomial(probs[i], 1, generator=self.generators[row])
+                          for i, row in enumerate(rows)])
 
     def _seen(self, row: int, new: list[int]) -> torch.Tensor:
         """Row's prompt and answer so far (n,), for the repetition penalty (only read when it is not 1)."""
-        if self.sampling.repetition_penalty == 1.0 or not new:
+        if not new:
             return self.prompts[row]
         return torch.cat([self.prompts[row], torch.tensor(new, dtype=torch.long, device=self.device)])
 
@@ -340,26 +401,3 @@ def _layers(model, step):
     """ppalli's decode layers around the decoding (decode_layers.py), except under a compiled step: torch.compile
     fuses HF's layers itself and was not run over the swapped forward."""
     return decode_layers(model, enabled=not getattr(step, "compiled", False), log=lambda m: _say_once(True, m))
-
-
-def _decode_loop(step: _Decoder, input_ids: torch.Tensor, max_new_tokens: int, sampling: Sampling,
-                 generator: torch.Generator | None, stops: set[int], stream: TextStream | None) -> list[int]:
-    prompt_len = input_ids.shape[1]
-    seen = torch.empty(prompt_len + max(max_new_tokens, 0), dtype=torch.long, device=input_ids.device)  # (n,)
-    seen[:prompt_len] = input_ids[0]
-    out: list[int] = []
-    if max_new_tokens <= 0:
-        return out
-    logits = step.prefill(input_ids)[0]  # the whole prompt in one forward
-    while True:
-        token = pick_token(logits, seen[:prompt_len + len(out)], sampling, generator)
-        if token in stops:
-            break
-        seen[prompt_len + len(out)] = token
-        out.append(token)
-        if stream:
-            stream.push(token)
-        if len(out) >= max_new_tokens:
-            break
-        logits = step(seen[prompt_len + len(out) - 1:prompt_len + len(out)].unsqueeze(0))[0]  # (1, 1) -> (V,)
-    return out

@@ -11,9 +11,10 @@ import torch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
+from decode_reference import decode_one  # noqa: E402
 from fast.fast_reference import tiny_config, tiny_lora_model, wrap_lora  # noqa: E402
 
-from ppalli.infer.generate import Sampling, _decode_loop, _Decoder, generate  # noqa: E402
+from ppalli.infer.generate import Sampling, _Decoder, generate  # noqa: E402
 from ppalli.infer.graph import StaticDecoder, graph_problem  # noqa: E402
 
 CUDA = torch.device("cuda")
@@ -63,8 +64,7 @@ def test_sampling_from_the_graph_matches_eager_sampling_with_a_seed():
     with torch.inference_mode():
         runs = []
         for step in (_Decoder(model), StaticDecoder(model, max_len=ids.shape[1] + 20, device=CUDA, graph=True)):
-            gen = torch.Generator(device=CUDA).manual_seed(3)
-            runs.append(_decode_loop(step, ids, 20, s, gen, set(), None))
+            runs.append(decode_one(step, ids, 20, s, seed=3))
     assert runs[0] == runs[1]
 
 

@@ -303,3 +303,17 @@ def test_eval_answers_fill_only_for_a_compiled_step(monkeypatch):
         monkeypatch.setattr(gen, "step_compiles", lambda model, compile, compiles=compiles: compiles)
         assert runner.answers(run, [[5]], 4, compile=True, rows=8) == ["x"]
     assert fills == [8, 0]
+
+
+def test_rows_end_each_at_its_own_limit_and_report_as_they_end(model, tok):
+    from ppalli.infer.generate import Sampling, generate_rows
+
+    prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in (PROMPT, "안녕", "네")]
+    ended = []
+    rows = generate_rows(model, tok, prompts, max_new_tokens=[6, 2, 0], sampling=[Sampling(greedy=True)] * 3,
+                         on_end=lambda row, ids: ended.append((row, list(ids))))
+    assert [len(r) for r in rows] == [6, 2, 0]
+    assert ended == [(2, []), (1, rows[1]), (0, rows[0])]  # the empty one at once, then as each reaches its limit
+    assert rows[0] == generate(model, tok, torch.tensor([prompts[0]]), max_new_tokens=6, greedy=True)
+    with pytest.raises(ValueError, match="max_new_tokens: 2 values for 3 prompts"):
+        generate_rows(model, tok, prompts, max_new_tokens=[1, 2])

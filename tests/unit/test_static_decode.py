@@ -9,9 +9,10 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from decode_reference import decode_one  # noqa: E402
 from fast.fast_reference import tiny_config, tiny_lora_model  # noqa: E402
 
-from ppalli.infer.generate import Sampling, _decode_loop, _Decoder  # noqa: E402
+from ppalli.infer.generate import Sampling, _Decoder  # noqa: E402
 from ppalli.infer.graph import StaticDecoder, graph_problem  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -43,9 +44,8 @@ def test_greedy_answer_is_the_same_through_the_decode_loop():
         p.data.normal_(0, 0.2)
     ids, greedy = _prompt(), Sampling(greedy=True)
     with torch.inference_mode():
-        want = _decode_loop(_Decoder(model), ids, 12, greedy, None, set(), None)
-        got = _decode_loop(StaticDecoder(model, max_len=ids.shape[1] + 12, device=CPU, graph=False), ids, 12,
-                           greedy, None, set(), None)
+        want = decode_one(_Decoder(model), ids, 12, greedy)
+        got = decode_one(StaticDecoder(model, max_len=ids.shape[1] + 12, device=CPU, graph=False), ids, 12, greedy)
     assert got == want and len(got) == 12
 
 

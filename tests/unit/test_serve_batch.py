@@ -1,0 +1,113 @@
+"""`ppalli serve`'s batching (infer/serve.py Batcher) on a tiny fp32 Llama: requests waiting together are decoded as
+one batch, each answer as it is alone (its own limit, sampling, seed, stream); a batch out of memory steps down and
+answers every request that had sent nothing yet."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from ppalli.demo.tokenizer import build_demo_tokenizer
+from ppalli.infer import serve
+from ppalli.infer.generate import generate
+from ppalli.infer.serve import Batcher, Job
+
+TEXTS = ["한국의 수도는 어디인가요?", "안녕", "What is 2 plus 3? Answer in one word please"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    tok = build_demo_tokenizer(tmp_path_factory.mktemp("tok"))
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None)
+    return SimpleNamespace(model=LlamaForCausalLM(config).eval(), tokenizer=tok, stop_ids=[])
+
+
+def _req(max_new_tokens: int, stream: bool = False, temperature: float = 0.0, seed: int | None = None) -> dict:
+    return {"messages": [], "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": 0.9,
+            "greedy": temperature == 0.0, "seed": seed, "stream": stream}
+
+
+def _alone(run, ids: list[int], req: dict) -> list[int]:
+    return generate(run.model, run.tokenizer, torch.tensor([ids]), max_new_tokens=req["max_new_tokens"],
+                    temperature=req["temperature"] or 1.0, top_p=req["top_p"], greedy=req["greedy"],
+                    seed=req["seed"], stop_ids=run.stop_ids)
+
+
+def _texts(job: Job) -> list[str]:
+    pieces = []
+    while (piece := job.texts.get_nowait()) is not None:
+        pieces.append(piece)
+    return pieces
+
+
+def test_waiting_requests_share_one_batch_and_answer_as_alone(run):
+    ids = [run.tokenizer(t, add_special_tokens=False)["input_ids"] for t in TEXTS]
+    reqs = [_req(4), _req(12, stream=True), _req(9, temperature=0.9, seed=5)]
+    batcher = Batcher(run, rows=8, start=False)
+    jobs = [batcher.submit(Job(r, i)) for r, i in zip(reqs, ids)]
+    assert batcher.run_once() == 3 and batcher.sizes == [3]
+    assert batcher.run_once() == 0  # nothing left waiting
+    for job, req, prompt in zip(jobs, reqs, ids):
+        assert job.finished.is_set() and job.error is None
+        assert job.new == _alone(run, prompt, req) and len(job.new) == req["max_new_tokens"]
+        assert job.finish_reason == "length"
+    assert "".join(_texts(jobs[1])) == run.tokenizer.decode(jobs[1].new, skip_special_tokens=True)
+
+
+def test_rows_beyond_the_batch_size_wait_for_the_next_batch(run):
+    ids = run.tokenizer(TEXTS[1], add_special_tokens=False)["input_ids"]
+    batcher = Batcher(run, rows=2, start=False)
+    jobs = [batcher.submit(Job(_req(3), ids)) for _ in range(3)]
+    assert [batcher.run_once(), batcher.run_once()] == [2, 1]
+    assert jobs[0].new == jobs[1].new == jobs[2].new == _alone(run, ids, _req(3))
+
+
+def test_a_streaming_client_that_left_ends_its_row_and_the_others_go_on(run):
+    ids = [run.tokenizer(t, add_special_tokens=False)["input_ids"] for t in TEXTS[:2]]
+    batcher = Batcher(run, start=False)
+    gone, stays = batcher.submit(Job(_req(12, stream=True), ids[0])), batcher.submit(Job(_req(12), ids[1]))
+    gone.left = True  # as the handler marks it when a write fails
+    batcher.run_once()
+    assert gone.finished.is_set() and len(gone.new) == 1  # its first token went nowhere and ended the row
+    assert stays.new == _alone(run, ids[1], _req(12))
+
+
+def test_a_batch_out_of_memory_halves_and_retries_the_requests_that_sent_nothing(run, monkeypatch, caplog):
+    real = serve.generate_rows
+    calls = []
+
+    def tight(model, tokenizer, prompts, **kw):  # memory for one row only, as a GPU that is nearly full
+        calls.append(len(prompts))
+        if len(prompts) > 1:
+            kw["on_text"][0] and kw["on_text"][0]("x")  # the streaming row had sent text before the OOM
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(model, tokenizer, prompts, **kw)
+
+    monkeypatch.setattr(serve, "generate_rows", tight)
+    ids = [run.tokenizer(t, add_special_tokens=False)["input_ids"] for t in TEXTS]
+    batcher = Batcher(run, rows=4, start=False)
+    streamed = batcher.submit(Job(_req(5, stream=True), ids[0]))
+    quiet = [batcher.submit(Job(_req(5), i)) for i in ids[1:]]
+    batcher.run_once()
+    assert batcher.rows == 1 and "batches of at most 1" in caplog.text
+    assert streamed.finished.is_set() and "out of GPU memory" in streamed.error  # it had begun: no retry
+    while batcher.run_once():
+        pass
+    assert calls == [3, 1, 1]
+    for job, prompt in zip(quiet, ids[1:]):
+        assert job.error is None and job.new == _alone(run, prompt, _req(5))
+
+
+def test_other_failures_reach_every_open_request(run, monkeypatch):
+    def broken(*a, **k):
+        raise RuntimeError("device-side assert triggered")
+
+    monkeypatch.setattr(serve, "generate_rows", broken)
+    batcher = Batcher(run, start=False)
+    jobs = [batcher.submit(Job(_req(3), [5, 6])) for _ in range(2)]
+    batcher.run_once()
+    assert all(j.finished.is_set() and "device-side assert" in j.error for j in jobs) and batcher.rows == 8
