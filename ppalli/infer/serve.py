@@ -66,7 +66,7 @@ def parse_request(body: bytes, max_new_tokens: int) -> dict:
     limit = max_new_tokens if wanted is None else _number(wanted, "max_tokens", int, 1, None)
     temperature = _number(req.get("temperature", 0.7), "temperature", float, 0.0, 2.0)
     return {"messages": [{"role": m["role"], "content": m["content"]} for m in messages],
-            "max_new_tokens": min(limit, max_new_tokens), "temperature": temperature,
+            "max_new_tokens": min(limit, max_new_tokens), "max_asked": wanted is not None, "temperature": temperature,
             "top_p": _number(req.get("top_p", 0.9), "top_p", float, 0.0, 1.0), "greedy": temperature == 0.0,
             "seed": None if req.get("seed") is None else _number(req["seed"], "seed", int, 0, None),
             "stream": bool(req.get("stream", False))}
@@ -202,10 +202,16 @@ class ChatServer(ThreadingHTTPServer):
         self.context = getattr(run.model.config, "max_position_embeddings", None)
 
     def prompt_ids(self, req: dict) -> list[int]:
+        """The rendered messages' ids. An answer fits the model's positions: a request that set max_tokens past
+        them is refused (as OpenAI's API does), one that did not gets what room is left."""
         ids = self.run.tokenizer(self.run.render_prompt(req["messages"]), add_special_tokens=False)["input_ids"]
-        if self.context is not None and len(ids) + req["max_new_tokens"] > self.context:
-            raise BadRequest(f"the messages take {len(ids)} tokens and max_tokens {req['max_new_tokens']}: more "
-                             f"than the model's {self.context} positions; send fewer or shorter messages")
+        room = None if self.context is None else self.context - len(ids)
+        if room is not None and (room < 1 or (req["max_asked"] and req["max_new_tokens"] > room)):
+            asked = f" and max_tokens {req['max_new_tokens']}" if req["max_asked"] else ""
+            raise BadRequest(f"the messages take {len(ids)} tokens{asked}: more than the model's {self.context} "
+                             f"positions; send fewer or shorter messages{', or a smaller max_tokens' if asked else ''}")
+        if room is not None:
+            req["max_new_tokens"] = min(req["max_new_tokens"], room)
         return ids
 
 

@@ -2,6 +2,7 @@
 one batch, each answer as it is alone (its own limit, sampling, seed, stream); a batch out of memory steps down and
 answers every request that had sent nothing yet."""
 
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -27,8 +28,8 @@ def run(tmp_path_factory):
 
 
 def _req(max_new_tokens: int, stream: bool = False, temperature: float = 0.0, seed: int | None = None) -> dict:
-    return {"messages": [], "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": 0.9,
-            "greedy": temperature == 0.0, "seed": seed, "stream": stream}
+    return {"messages": [], "max_new_tokens": max_new_tokens, "max_asked": True, "temperature": temperature,
+            "top_p": 0.9, "greedy": temperature == 0.0, "seed": seed, "stream": stream}
 
 
 def _alone(run, ids: list[int], req: dict) -> list[int]:
@@ -111,3 +112,20 @@ def test_other_failures_reach_every_open_request(run, monkeypatch):
     jobs = [batcher.submit(Job(_req(3), [5, 6])) for _ in range(2)]
     batcher.run_once()
     assert all(j.finished.is_set() and "device-side assert" in j.error for j in jobs) and batcher.rows == 8
+
+
+def test_an_answer_without_max_tokens_gets_the_room_left_and_one_asking_past_it_is_refused(run):
+    from ppalli.infer.serve import BadRequest, ChatServer, parse_request
+
+    served = SimpleNamespace(run=SimpleNamespace(tokenizer=run.tokenizer, render_prompt=lambda m: m[-1]["content"]),
+                             context=20)
+    ids = run.tokenizer(TEXTS[0], add_special_tokens=False)["input_ids"]
+    ask = {"messages": [{"role": "user", "content": TEXTS[0]}]}
+    req = parse_request(json.dumps(ask).encode(), max_new_tokens=512)
+    assert ChatServer.prompt_ids(served, req) == ids and req["max_new_tokens"] == 20 - len(ids)
+    req = parse_request(json.dumps({**ask, "max_tokens": 21 - len(ids)}).encode(), max_new_tokens=512)
+    with pytest.raises(BadRequest, match=f"{len(ids)} tokens and max_tokens {21 - len(ids)}.*smaller max_tokens"):
+        ChatServer.prompt_ids(served, req)
+    served.context = len(ids)  # no room at all: refused even without max_tokens
+    with pytest.raises(BadRequest, match="shorter messages$"):
+        ChatServer.prompt_ids(served, parse_request(json.dumps(ask).encode(), max_new_tokens=512))
