@@ -81,7 +81,9 @@ def test_seeded_sampling_repeats_and_the_server_caps_max_tokens(server):
                                                                    "messages[0]"),
     ({"messages": QUESTION, "temperature": 3}, "'temperature' must be in [0.0, 2.0]"),
     ({"messages": QUESTION, "max_tokens": 0}, "'max_tokens' must be >= 1"),
-    ({"messages": QUESTION, "n": 2}, "'n'"), ({"messages": QUESTION, "stop": ["\n"]}, "'stop'"),
+    ({"messages": QUESTION, "n": 17}, "'n' must be in [1, 16]"), ({"messages": QUESTION, "tools": [{}]}, "'tools'"),
+    ({"messages": QUESTION, "stop": ["a", "b", "c", "d", "e"]}, "'stop'"),
+    ({"messages": QUESTION, "stop": [""]}, "'stop'"),
     ({"messages": [{"role": "user", "content": "가" * 5000}]}, "positions")])
 def test_bad_requests_get_a_400_that_names_the_field(server, payload, field):
     status, body = _post(server[1], payload)
@@ -110,7 +112,10 @@ def test_the_openai_client_reads_answers_and_streams(server):
     text = "".join(c.choices[0].delta.content or "" for c in streamed)
     assert text == whole.choices[0].message.content and whole.usage.completion_tokens > 0
     with pytest.raises(openai.BadRequestError, match="'n'"):
-        client.chat.completions.create(model="served", messages=QUESTION, n=2)
+        client.chat.completions.create(model="served", messages=QUESTION, n=20)
+    several = client.chat.completions.create(model="served", messages=QUESTION, max_tokens=6, temperature=0, n=3)
+    assert [c.message.content for c in several.choices] == [whole.choices[0].message.content[:len(
+        several.choices[0].message.content)]] * 3  # greedy: three times the same answer (6 of its 8 tokens)
 
 
 def test_a_client_leaving_mid_stream_frees_the_model(server):
@@ -155,3 +160,37 @@ def test_concurrent_clients_each_get_the_answer_they_get_alone(server):
     text = "".join(json.loads(e)["choices"][0]["delta"].get("content", "") for e in events[:-1])
     assert text == json.loads(replies[0][1])["choices"][0]["message"]["content"]
     assert sum(srv.batcher.sizes) >= 5
+
+
+def test_n_answers_count_seeds_up_and_stream_interleaved(server):
+    srv, url = server
+    run = srv.run
+    ask = {"messages": QUESTION, "max_tokens": 8, "temperature": 1.0, "top_p": 0.95, "seed": 11, "n": 3}
+    status, body = _post(url, ask)
+    reply = json.loads(body)
+    ids = run.tokenizer(run.render_prompt(QUESTION), add_special_tokens=False)["input_ids"]
+    alone = [generate(run.model, run.tokenizer, torch.tensor([ids]), max_new_tokens=8, temperature=1.0, top_p=0.95,
+                      seed=11 + i, stop_ids=run.stop_ids) for i in range(3)]
+    assert status == 200 and [c["index"] for c in reply["choices"]] == [0, 1, 2]
+    assert [c["message"]["content"] for c in reply["choices"]] == [
+        run.tokenizer.decode(a, skip_special_tokens=True) for a in alone]
+    assert reply["usage"]["completion_tokens"] == sum(len(a) for a in alone)
+    status, body = _post(url, {**ask, "stream": True})
+    events = [json.loads(e.removeprefix("data: ")) for e in body.decode().split("\n\n")[:-2]]  # [DONE] last
+    for i, choice in enumerate(reply["choices"]):
+        mine = [e["choices"][0] for e in events if e["choices"][0]["index"] == i]
+        assert "".join(c["delta"].get("content", "") for c in mine) == choice["message"]["content"]
+        assert mine[-1]["finish_reason"] == choice["finish_reason"]
+
+
+def test_a_stop_string_ends_the_answer_before_it_streamed_or_not(server):
+    _, url = server
+    ask = {"messages": QUESTION, "max_tokens": 16, "temperature": 0}
+    free = json.loads(_post(url, ask)[1])["choices"][0]["message"]["content"]
+    assert len(free) >= 4
+    stop = free[len(free) // 2:len(free) // 2 + 2]
+    reply = json.loads(_post(url, {**ask, "stop": stop})[1])["choices"][0]
+    assert reply["message"]["content"] == free[:free.index(stop)] and reply["finish_reason"] == "stop"
+    body = _post(url, {**ask, "stop": [stop, "never there"], "stream": True})[1]
+    events = [json.loads(e.removeprefix("data: ")) for e in body.decode().split("\n\n")[:-2]]  # [DONE] last
+    assert "".join(e["choices"][0]["delta"].get("content", "") for e in events) == reply["message"]["content"]

@@ -1,8 +1,9 @@
-"""`ppalli serve`'s batching (infer/serve.py Batcher) on a tiny fp32 Llama: requests waiting together are decoded as
+"""`ppalli serve`'s batching (infer/batcher.py) on a tiny fp32 Llama: requests waiting together are decoded as
 one batch, each answer as it is alone (its own limit, sampling, seed, stream); a batch out of memory steps down and
 answers every request that had sent nothing yet."""
 
 import json
+import queue
 from types import SimpleNamespace
 
 import pytest
@@ -10,9 +11,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from ppalli.demo.tokenizer import build_demo_tokenizer
-from ppalli.infer import serve
-from ppalli.infer.generate import generate
-from ppalli.infer.serve import Batcher, Job
+from ppalli.infer import batcher as batching
+from ppalli.infer.batcher import Batcher, Job
+from ppalli.infer.generate import RowCancelled, generate
 
 TEXTS = ["한국의 수도는 어디인가요?", "안녕", "What is 2 plus 3? Answer in one word please"]
 
@@ -27,9 +28,13 @@ def run(tmp_path_factory):
     return SimpleNamespace(model=LlamaForCausalLM(config).eval(), tokenizer=tok, stop_ids=[])
 
 
-def _req(max_new_tokens: int, stream: bool = False, temperature: float = 0.0, seed: int | None = None) -> dict:
+def _req(max_new_tokens: int, temperature: float = 0.0, seed: int | None = None, stop=()) -> dict:
     return {"messages": [], "max_new_tokens": max_new_tokens, "max_asked": True, "temperature": temperature,
-            "top_p": 0.9, "greedy": temperature == 0.0, "seed": seed, "stream": stream}
+            "top_p": 0.9, "greedy": temperature == 0.0, "seed": seed, "stop": list(stop)}
+
+
+def _streamed(req: dict, ids: list[int]) -> Job:
+    return Job(req, ids, 0, queue.SimpleQueue())
 
 
 def _alone(run, ids: list[int], req: dict) -> list[int]:
@@ -40,16 +45,16 @@ def _alone(run, ids: list[int], req: dict) -> list[int]:
 
 def _texts(job: Job) -> list[str]:
     pieces = []
-    while (piece := job.texts.get_nowait()) is not None:
-        pieces.append(piece)
+    while (item := job.texts.get_nowait())[1] is not None:
+        pieces.append(item[1])
     return pieces
 
 
 def test_waiting_requests_share_one_batch_and_answer_as_alone(run):
     ids = [run.tokenizer(t, add_special_tokens=False)["input_ids"] for t in TEXTS]
-    reqs = [_req(4), _req(12, stream=True), _req(9, temperature=0.9, seed=5)]
+    reqs = [_req(4), _req(12), _req(9, temperature=0.9, seed=5)]
     batcher = Batcher(run, rows=8, start=False)
-    jobs = [batcher.submit(Job(r, i)) for r, i in zip(reqs, ids)]
+    jobs = [batcher.submit(_streamed(r, i) if k == 1 else Job(r, i)) for k, (r, i) in enumerate(zip(reqs, ids))]
     assert batcher.run_once() == 3 and batcher.sizes == [3]
     assert batcher.run_once() == 0  # nothing left waiting
     for job, req, prompt in zip(jobs, reqs, ids):
@@ -70,7 +75,7 @@ def test_rows_beyond_the_batch_size_wait_for_the_next_batch(run):
 def test_a_streaming_client_that_left_ends_its_row_and_the_others_go_on(run):
     ids = [run.tokenizer(t, add_special_tokens=False)["input_ids"] for t in TEXTS[:2]]
     batcher = Batcher(run, start=False)
-    gone, stays = batcher.submit(Job(_req(12, stream=True), ids[0])), batcher.submit(Job(_req(12), ids[1]))
+    gone, stays = batcher.submit(_streamed(_req(12), ids[0])), batcher.submit(Job(_req(12), ids[1]))
     gone.left = True  # as the handler marks it when a write fails
     batcher.run_once()
     assert gone.finished.is_set() and len(gone.new) == 1  # its first token went nowhere and ended the row
@@ -78,7 +83,7 @@ def test_a_streaming_client_that_left_ends_its_row_and_the_others_go_on(run):
 
 
 def test_a_batch_out_of_memory_halves_and_retries_the_requests_that_sent_nothing(run, monkeypatch, caplog):
-    real = serve.generate_rows
+    real = batching.generate_rows
     calls = []
 
     def tight(model, tokenizer, prompts, **kw):  # memory for one row only, as a GPU that is nearly full
@@ -88,10 +93,10 @@ def test_a_batch_out_of_memory_halves_and_retries_the_requests_that_sent_nothing
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real(model, tokenizer, prompts, **kw)
 
-    monkeypatch.setattr(serve, "generate_rows", tight)
+    monkeypatch.setattr(batching, "generate_rows", tight)
     ids = [run.tokenizer(t, add_special_tokens=False)["input_ids"] for t in TEXTS]
     batcher = Batcher(run, rows=4, start=False)
-    streamed = batcher.submit(Job(_req(5, stream=True), ids[0]))
+    streamed = batcher.submit(_streamed(_req(5), ids[0]))
     quiet = [batcher.submit(Job(_req(5), i)) for i in ids[1:]]
     batcher.run_once()
     assert batcher.rows == 1 and "batches of at most 1" in caplog.text
@@ -107,7 +112,7 @@ def test_other_failures_reach_every_open_request(run, monkeypatch):
     def broken(*a, **k):
         raise RuntimeError("device-side assert triggered")
 
-    monkeypatch.setattr(serve, "generate_rows", broken)
+    monkeypatch.setattr(batching, "generate_rows", broken)
     batcher = Batcher(run, start=False)
     jobs = [batcher.submit(Job(_req(3), [5, 6])) for _ in range(2)]
     batcher.run_once()
@@ -129,3 +134,38 @@ def test_an_answer_without_max_tokens_gets_the_room_left_and_one_asking_past_it_
     served.context = len(ids)  # no room at all: refused even without max_tokens
     with pytest.raises(BadRequest, match="shorter messages$"):
         ChatServer.prompt_ids(served, parse_request(json.dumps(ask).encode(), max_new_tokens=512))
+
+
+def _feed(job: Job, pieces: list[str]) -> bool:
+    """Text pieces into the job as a row's stream gives them; whether a stop string ended the row."""
+    for piece in pieces:
+        try:
+            job.on_text(piece)
+        except RowCancelled:
+            return True
+    return False
+
+
+@pytest.mark.parametrize("pieces,stops,sent,answer", [
+    (["안녕", "하세요 ", "Obs", "erv", "ation: x"], ["Observation:"], ["안녕", "하세요 "], "안녕하세요 "),
+    (["a\n", "\nb"], ["\n\n", "b"], ["a"], "a"),  # the earliest stop string wins, even across pieces
+    (["ab", "c", "d"], ["bcx", "cd"], ["a", "b"], "ab"),  # "bc" held back, ruled out by "d", then "cd" ends it
+    (["Obs", "erved it"], ["Observation:"], ["Observed it"], "Observed it"),  # held back, then released at the end
+])
+def test_stop_strings_cut_the_answer_and_hold_back_what_may_begin_one(pieces, stops, sent, answer):
+    job = Job(_req(50, stop=stops), [1], 0, queue.SimpleQueue())
+    hit = _feed(job, pieces)
+    job.end([7] * len(pieces))
+    assert _texts(job) == sent and job.answer == answer
+    assert job.hit == hit and job.finish_reason == "stop"
+
+
+def test_a_stop_string_ends_its_row_in_the_batch_and_the_answer_before_it_is_returned(run):
+    ids = run.tokenizer(TEXTS[0], add_special_tokens=False)["input_ids"]
+    free = run.tokenizer.decode(_alone(run, ids, _req(12)), skip_special_tokens=True)
+    stop = free[len(free) // 2:len(free) // 2 + 2]  # two characters from the answer's middle
+    batcher = Batcher(run, start=False)
+    cut, whole = batcher.submit(Job(_req(12, stop=[stop]), ids)), batcher.submit(Job(_req(12), ids))
+    batcher.run_once()
+    assert cut.answer == free[:free.index(stop)] and cut.finish_reason == "stop" and len(cut.new) < 12
+    assert run.tokenizer.decode(whole.new, skip_special_tokens=True) == free
