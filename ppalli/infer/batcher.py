@@ -130,8 +130,9 @@ class Batcher:
 
     def _decode(self, batch: list[Job]) -> None:
         run = self.run
-        samplings = [Sampling(temperature=j.req["temperature"] or 1.0, top_p=j.req["top_p"], greedy=j.req["greedy"])
-                     for j in batch]
+        samplings = [Sampling(temperature=j.req["temperature"] or 1.0, top_p=j.req["top_p"], greedy=j.req["greedy"],
+                              presence_penalty=j.req.get("presence_penalty", 0.0),
+                              frequency_penalty=j.req.get("frequency_penalty", 0.0)) for j in batch]
         try:
             generate_rows(run.model, run.tokenizer, [j.ids for j in batch],
                           max_new_tokens=[j.req["max_new_tokens"] for j in batch], sampling=samplings,

@@ -26,7 +26,9 @@ class Sampling:
     top_p: float = 0.9
     top_k: int = 0
     greedy: bool = False
-    repetition_penalty: float = 1.0
+    repetition_penalty: float = 1.0  # CTRL's, as HF's: seen tokens (prompt too) move toward zero, x or / this
+    presence_penalty: float = 0.0  # OpenAI's: subtracted once from each token the answer already holds
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted once per time the answer holds the token
 
 
 class TextStream:
@@ -105,6 +107,15 @@ def _penalize(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch
     scores = logits.gather(0, seen)
     scores = torch.where(scores < 0, scores * penalty, scores / penalty)
     return logits.scatter(0, seen, scores)
+
+
+def _penalize_answer(logits: torch.Tensor, answer: list[int], presence: float, frequency: float) -> torch.Tensor:
+    """OpenAI's presence and frequency penalties on (V,) logits: each token of the answer so far (not the prompt)
+    loses `presence` once and `frequency` per occurrence."""
+    if not answer or (presence == 0.0 and frequency == 0.0):
+        return logits
+    counts = torch.bincount(torch.tensor(answer, device=logits.device), minlength=logits.shape[-1])  # (V,)
+    return logits - frequency * counts - presence * (counts > 0)
 
 
 def _top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -334,6 +345,9 @@ class _RowPicker:
         """(b, V) logits of `rows`, all sampled by s -> their (b,) tokens."""
         if s.repetition_penalty != 1.0:
             logits = torch.stack([_penalize(logits[i], self._seen(row, out[row]), s.repetition_penalty)
+                                  for i, row in enumerate(rows)])
+        if s.presence_penalty != 0.0 or s.frequency_penalty != 0.0:
+            logits = torch.stack([_penalize_answer(logits[i], out[row], s.presence_penalty, s.frequency_penalty)
                                   for i, row in enumerate(rows)])
         if s.greedy or s.temperature <= 0:
             return logits.argmax(-1)

@@ -1,7 +1,8 @@
 """`ppalli serve RUN`: a trained run behind an OpenAI-compatible HTTP API, so the clients and tools that speak it
 (the openai package, LangChain, curl) use the fine-tuned model as it is.
 
-    POST /v1/chat/completions   {"messages": [...], "max_tokens", "temperature", "top_p", "seed", "stream"}
+    POST /v1/chat/completions   {"messages": [...], "max_tokens", "temperature", "top_p", "seed", "stream", "n",
+                                 "stop", "presence_penalty", "frequency_penalty"}
     GET  /v1/models             the run, as the one model served
     GET  /health                {"status": "ok"}
 
@@ -15,8 +16,8 @@ seed, seed + 1, ... when a seed is given); stop strings (up to 4) end an answer 
 until they are ruled out. Built on the standard library's http.server: nothing to install.
 
 A bad request gets a 400 whose message names the field and what it takes; fields of the API that change nothing
-here (presence_penalty, user, ...) are accepted and ignored, those that would (n > 1, stop strings, tools) are
-refused rather than silently dropped.
+here (user, stream_options, ...) are accepted and ignored, those that would (tools, logprobs, logit_bias, a JSON
+response_format) are refused rather than silently dropped.
 """
 
 from __future__ import annotations
@@ -29,7 +30,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from ppalli.infer.batcher import Batcher, Job
 
-REFUSED = {"tools": "tool calls are not served", "functions": "function calls are not served"}
+REFUSED = {"tools": "tool calls are not served", "functions": "function calls are not served",
+           "logprobs": "log-probabilities are not served", "top_logprobs": "log-probabilities are not served",
+           "logit_bias": "logit_bias is not served", "response_format": "only free text is served (no JSON mode)"}
+ALLOWED = {"logprobs": (False,), "top_logprobs": (0,), "response_format": ({"type": "text"},)}  # refused keys' no-ops
 MOST_CHOICES, MOST_STOPS = 16, 4  # n and stop strings a request may ask for (OpenAI's API takes 4 stop strings)
 ROLES = ("system", "user", "assistant")
 
@@ -40,7 +44,7 @@ class BadRequest(ValueError):
 
 def parse_request(body: bytes, max_new_tokens: int) -> dict:
     """A chat completion request's JSON -> {messages, max_new_tokens, max_asked, temperature, top_p, greedy, seed,
-    stream, n, stop}."""
+    stream, n, stop, presence_penalty, frequency_penalty}."""
     try:
         req = json.loads(body or b"{}")
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -49,7 +53,7 @@ def parse_request(body: bytes, max_new_tokens: int) -> dict:
         raise BadRequest("the body must be a JSON object with a 'messages' list")
     for key, why in REFUSED.items():
         value = req.get(key)
-        if value not in (None, [], ""):
+        if value not in (None, [], "", {}) and value not in ALLOWED.get(key, ()):
             raise BadRequest(f"'{key}': {why}")
     messages = req.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -65,7 +69,8 @@ def parse_request(body: bytes, max_new_tokens: int) -> dict:
             "top_p": _number(req.get("top_p", 0.9), "top_p", float, 0.0, 1.0), "greedy": temperature == 0.0,
             "seed": None if req.get("seed") is None else _number(req["seed"], "seed", int, 0, None),
             "stream": bool(req.get("stream", False)), "n": _number(req.get("n", 1), "n", int, 1, MOST_CHOICES),
-            "stop": _stops(req.get("stop"))}
+            "stop": _stops(req.get("stop")),
+            **{k: _number(req.get(k, 0.0), k, float, -2.0, 2.0) for k in ("presence_penalty", "frequency_penalty")}}
 
 
 def _stops(value) -> list[str]:

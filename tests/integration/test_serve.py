@@ -83,7 +83,9 @@ def test_seeded_sampling_repeats_and_the_server_caps_max_tokens(server):
     ({"messages": QUESTION, "max_tokens": 0}, "'max_tokens' must be >= 1"),
     ({"messages": QUESTION, "n": 17}, "'n' must be in [1, 16]"), ({"messages": QUESTION, "tools": [{}]}, "'tools'"),
     ({"messages": QUESTION, "stop": ["a", "b", "c", "d", "e"]}, "'stop'"),
-    ({"messages": QUESTION, "stop": [""]}, "'stop'"),
+    ({"messages": QUESTION, "stop": [""]}, "'stop'"), ({"messages": QUESTION, "logprobs": True}, "'logprobs'"),
+    ({"messages": QUESTION, "response_format": {"type": "json_object"}}, "'response_format'"),
+    ({"messages": QUESTION, "frequency_penalty": 2.5}, "'frequency_penalty' must be in [-2.0, 2.0]"),
     ({"messages": [{"role": "user", "content": "가" * 5000}]}, "positions")])
 def test_bad_requests_get_a_400_that_names_the_field(server, payload, field):
     status, body = _post(server[1], payload)

@@ -317,3 +317,22 @@ def test_rows_end_each_at_its_own_limit_and_report_as_they_end(model, tok):
     assert rows[0] == generate(model, tok, torch.tensor([prompts[0]]), max_new_tokens=6, greedy=True)
     with pytest.raises(ValueError, match="max_new_tokens: 2 values for 3 prompts"):
         generate_rows(model, tok, prompts, max_new_tokens=[1, 2])
+
+
+def test_presence_and_frequency_penalties_follow_openai_on_the_answer_only(model, tok):
+    from ppalli.infer.generate import Sampling, _penalize_answer, generate_rows
+
+    got = _penalize_answer(torch.zeros(5), [1, 1, 3], presence=0.5, frequency=0.25)
+    assert got.tolist() == [0.0, -1.0, 0.0, -0.75, 0.0]  # the prompt's tokens are not counted: none passed
+    prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in (PROMPT, "안녕")]
+    s = Sampling(greedy=True, presence_penalty=0.7, frequency_penalty=0.4)
+    rows = generate_rows(model, tok, prompts, max_new_tokens=30, sampling=[s, Sampling(greedy=True)])
+    want = []  # the penalised row by hand: the whole sequence's forward each step, no cache
+    with torch.no_grad():
+        for _ in range(30):
+            logits = model(torch.tensor([prompts[0] + want])).logits[0, -1]
+            want.append(int(_penalize_answer(logits, want, 0.7, 0.4).argmax()))
+    assert rows[0] == want and rows[1] == generate(model, tok, torch.tensor([prompts[1]]), max_new_tokens=30,
+                                                   greedy=True)
+    loops = generate(model, tok, torch.tensor([prompts[0]]), max_new_tokens=30, greedy=True)
+    assert rows[0] != loops and len(set(loops)) < 30  # unpenalised, it loops (511, 1050, 511, 1050, ...)
