@@ -8,6 +8,7 @@ import logging
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 from ppalli.errors import PpalliError
@@ -388,6 +389,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not args.verbose:  # bitsandbytes 0.50 warns at import (PEFT imports it) on a CPU with AVX512-BF16 that its
+        # hub CPU gemm kernel did not load; ppalli runs no 4-bit CPU GEMM, and every chat/serve/eval printed it
+        logging.getLogger("bitsandbytes.backends.cpu").setLevel(logging.ERROR)
+        # PEFT's PeftModel reads transformers' deprecated is_gradient_checkpointing (transformers 5.25): a
+        # FutureWarning at every run loaded, about neither ppalli's code nor the user's
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     try:
         return VERBS[args.verb](args)
     except PpalliError as e:
