@@ -92,6 +92,25 @@ def test_batched_greedy_rows_from_the_graph_equal_the_eager_rows():
     assert graphed == eager and all(len(r) == 20 for r in graphed)
 
 
+def test_rows_with_their_own_limits_and_sampling_from_the_graph_equal_eager():
+    """What `ppalli serve` batches: rows with their own limits, greedy and seeded sampled rows mixed, one ending at
+    once; the graph's rows equal the eager ones, each ended at its limit and reported once."""
+    from ppalli.infer.generate import generate_rows
+
+    model = _model("qwen2")
+    gen = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(0, 256, (n,), generator=gen).tolist() for n in (9, 4, 13, 6)]
+    samplings = [Sampling(greedy=True), Sampling(temperature=0.8, top_p=0.9), Sampling(greedy=True),
+                 Sampling(temperature=0.8, top_p=0.9, frequency_penalty=0.5)]
+    runs = []
+    for graph in (False, True):
+        ended = []
+        runs.append(generate_rows(model, _NoStop(), prompts, max_new_tokens=[12, 20, 0, 7], sampling=samplings,
+                                  seeds=[None, 5, None, 6], graph=graph, on_end=lambda r, ids, e=ended: e.append(r)))
+        assert sorted(ended) == [0, 1, 2, 3]
+    assert runs[0] == runs[1] and runs[1][2] == [] and all(len(r) <= n for r, n in zip(runs[1], [12, 20, 0, 7]))
+
+
 def _nf4_model():
     """A tiny Llama in bf16 with its projections quantized by ppalli (bitsandbytes NF4, double quant) and PEFT
     LoRA on them: a QLoRA model as `ppalli chat` decodes it (a 4-bit base keeps the adapter unmerged)."""
