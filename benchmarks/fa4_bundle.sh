@@ -4,11 +4,12 @@
 # (nvidia-cutlass-dsl-libs-cu13 4.8.1, a 92 MB wheel): xz takes it to 50 MB, so the bundle goes in two carries.
 #   here:   bash benchmarks/fa4_bundle.sh pack        -> .fa4/a (50 MB), .fa4/b (23 MB); both git-ignored
 #   device: . benchmarks/fa4_bundle.sh install        (in each call; idempotent)
-# Call 1 carries .fa4/a: install stages its library in /tmp/fa4stage. A later call on the same warm machine
-# carries .fa4/b: install then lays out /tmp/fa4site and puts it on PYTHONPATH. Both live in /tmp, outside the
-# tree each call re-sends: an ignored folder of the repo did not last (2026-12-05: .fa4stage/, staged in one call,
-# was gone in the next on the same warm machine). /tmp lasting between calls is not yet seen either (both tries
-# lost the machine before their second call finished).
+# Call 1 carries .fa4/a: install stages its library in every folder of STAGES. A later call on the same warm
+# machine carries .fa4/b: install finds a staged copy, lays out /tmp/fa4site and puts it on PYTHONPATH, and says
+# which stages lasted. They lie outside the tree each call re-sends: an ignored folder of the repo did not last
+# (2026-12-05: .fa4stage/, staged in one call, was gone in the next on the same warm machine). Which of these
+# folders lasts between calls is not yet seen (both tries lost the machine before their second call finished), so
+# the library goes to four kinds of place at once (193 MB each; the machine has 64 GiB of disk, 128 GiB of memory).
 # cp312: the device's python3 (KINDS.md). The device already has cuda-bindings, cuda-pathfinder, protobuf.
 CUTLASS=4.8.1
 WHEELS=("nvidia-cutlass-dsl==$CUTLASS" "nvidia-cutlass-dsl-libs-base==$CUTLASS" "nvidia-cutlass-dsl-libs-core==$CUTLASS"
@@ -16,7 +17,8 @@ WHEELS=("nvidia-cutlass-dsl==$CUTLASS" "nvidia-cutlass-dsl-libs-base==$CUTLASS" 
         torch-c-dlpack-ext==0.1.5 einops==0.8.2 flash-attn-4==4.0.0b40)
 IR=nvidia_cutlass_dsl/dsl_packages/cutlass/_mlir/_mlir_libs/_cutlass_ir.cu13.cpython-312-x86_64-linux-gnu.so
 RT=nvidia_cutlass_dsl/cu13/lib/libcute_dsl_runtime.so
-STAGE=/tmp/fa4stage SITE=/tmp/fa4site
+STAGES=(/tmp/fa4stage /var/tmp/fa4stage "$HOME/.cache/fa4stage" /dev/shm/fa4stage)
+SITE=/tmp/fa4site
 
 unxz_to() {  # python's lzma: the machine may lack xz
   python3 -c "import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], 'wb'), 1 << 24)" "$1" "$2"
@@ -42,20 +44,36 @@ pack() (  # a subshell: its settings stay its own
   du -sh .fa4/a .fa4/b
 )
 
+staged() {  # the first stage holding the library, or nothing
+  local d
+  for d in "${STAGES[@]}"; do [ -f "$d/ir.so" ] && { echo "$d/ir.so"; return; }; done
+}
+
 install() {
-  if [ -f .fa4/a/ir.so.xz ] && [ ! -f $STAGE/ir.so ]; then
-    mkdir -p $STAGE && unxz_to .fa4/a/ir.so.xz $STAGE/ir.so && echo "fa4: staged $(stat -c %s $STAGE/ir.so) bytes"
+  local d ir
+  if [ -f .fa4/a/ir.so.xz ]; then
+    for d in "${STAGES[@]}"; do
+      if [ ! -f "$d/ir.so" ] && mkdir -p "$d" 2>/dev/null; then
+        ir=$(staged)
+        if [ -n "$ir" ]; then cp "$ir" "$d/ir.so"; else unxz_to .fa4/a/ir.so.xz "$d/ir.so"; fi
+      fi
+    done
+    echo "fa4: staged $(stat -c %s "$(staged)") bytes in: $(for d in "${STAGES[@]}"; do [ -f "$d/ir.so" ] && printf '%s ' "$d"; done)"
   fi
-  if [ -d .fa4/b ] && [ -f $STAGE/ir.so ] && [ ! -f $SITE/.done ]; then
+  ir=$(staged)
+  if [ -d .fa4/b ]; then
+    echo "fa4: stages lasting from an earlier call: $(for d in "${STAGES[@]}"; do [ -f "$d/ir.so" ] && printf '%s ' "$d"; done)"
+  fi
+  if [ -d .fa4/b ] && [ -n "$ir" ] && [ ! -f $SITE/.done ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $SITE .fa4/b/*.whl &&
       tar xzf .fa4/b/cu13-rest.tgz -C $SITE && mkdir -p "$(dirname $SITE/$RT)" &&
-      cp $STAGE/ir.so "$SITE/$IR" && unxz_to .fa4/b/rt.so.xz "$SITE/$RT" &&
+      cp "$ir" "$SITE/$IR" && unxz_to .fa4/b/rt.so.xz "$SITE/$RT" &&
       touch $SITE/.done && echo "fa4: installed in $SITE"
   fi
   if [ -f $SITE/.done ]; then  # the dsl_packages entry is what the wheel's .pth file would add
     export PYTHONPATH=$SITE:$SITE/nvidia_cutlass_dsl/dsl_packages${PYTHONPATH:+:$PYTHONPATH}
   else
-    echo "fa4: not installed yet (.fa4/a staged: $([ -f $STAGE/ir.so ] && echo yes || echo no))"
+    echo "fa4: not installed yet (.fa4/a staged: $([ -n "$ir" ] && echo yes || echo no))"
   fi
 }
 
