@@ -101,29 +101,45 @@ class Batcher:
         self.run, self.rows, self.compile = run, max(rows, 1), compile
         self.waiting: queue.SimpleQueue[Job] = queue.SimpleQueue()
         self.sizes: list[int] = []  # each batch's rows, in order
-        if start:
-            threading.Thread(target=self._serve, name="ppalli-decode", daemon=True).start()
+        self.thread = threading.Thread(target=self._serve, name="ppalli-decode", daemon=True) if start else None
+        if self.thread:
+            self.thread.start()
 
     def submit(self, job: Job) -> Job:
         self.waiting.put(job)
         return job
 
+    def close(self, timeout: float | None = None) -> None:
+        """End the decoding thread once the batch in hand is done. A thread that ran the model and is still alive at
+        interpreter exit aborts the process (`terminate called without an active exception`, exit 134: seen here
+        with the thread blocked on an empty queue), so the server ends it before exiting."""
+        if self.thread and self.thread.is_alive():
+            self.waiting.put(None)
+            self.thread.join(timeout)
+
     def _serve(self) -> None:
-        while True:
-            self.run_once(block=True)
+        while self.run_once(block=True) >= 0:
+            pass
 
     def run_once(self, block: bool = False) -> int:
-        """Decode one batch of the waiting jobs (waiting for the first when `block`); its rows."""
+        """Decode one batch of the waiting jobs (waiting for the first when `block`); its rows, -1 once closed."""
         try:
-            batch = [self.waiting.get(block=block)]
+            first = self.waiting.get(block=block)
         except queue.Empty:
             return 0
+        if first is None:
+            return -1
+        batch = [first]
         deadline = time.monotonic() + GATHER_S
         while len(batch) < self.rows:
             try:
-                batch.append(self.waiting.get(timeout=max(deadline - time.monotonic(), 0)))
+                job = self.waiting.get(timeout=max(deadline - time.monotonic(), 0))
             except queue.Empty:
                 break
+            if job is None:  # closed while gathering: this batch still decodes, then the loop ends
+                self.waiting.put(None)
+                break
+            batch.append(job)
         self.sizes.append(len(batch))
         self._decode(batch)
         return len(batch)

@@ -102,6 +102,10 @@ class ChatServer(ThreadingHTTPServer):
         self.batcher = Batcher(run, batch_size, compile)
         self.context = getattr(run.model.config, "max_position_embeddings", None)
 
+    def server_close(self) -> None:
+        super().server_close()
+        self.batcher.close()
+
     def prompt_ids(self, req: dict) -> list[int]:
         """The rendered messages' ids. An answer fits the model's positions: a request that set max_tokens past
         them is refused (as OpenAI's API does), one that did not gets what room is left."""

@@ -169,3 +169,12 @@ def test_a_stop_string_ends_its_row_in_the_batch_and_the_answer_before_it_is_ret
     batcher.run_once()
     assert cut.answer == free[:free.index(stop)] and cut.finish_reason == "stop" and len(cut.new) < 12
     assert run.tokenizer.decode(whole.new, skip_special_tokens=True) == free
+
+
+def test_close_ends_the_decoding_thread_after_its_batch(run):
+    """A thread that ran the model and is alive at interpreter exit can abort the process (exit 134)."""
+    batcher = Batcher(run)
+    job = batcher.submit(Job(_req(3), [5, 6, 7]))
+    assert job.finished.wait(60) and batcher.thread.is_alive()
+    batcher.close(timeout=60)
+    assert not batcher.thread.is_alive() and batcher.run_once() == 0
