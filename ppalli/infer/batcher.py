@@ -101,6 +101,7 @@ class Batcher:
         self.run, self.rows, self.compile = run, max(rows, 1), compile
         self.waiting: queue.SimpleQueue[Job] = queue.SimpleQueue()
         self.sizes: list[int] = []  # each batch's rows, in order
+        self.closing = threading.Event()  # set by close(): the batch in hand ends at its next step
         self.thread = threading.Thread(target=self._serve, name="ppalli-decode", daemon=True) if start else None
         if self.thread:
             self.thread.start()
@@ -110,9 +111,11 @@ class Batcher:
         return job
 
     def close(self, timeout: float | None = None) -> None:
-        """End the decoding thread once the batch in hand is done. A thread that ran the model and is still alive at
-        interpreter exit aborts the process (`terminate called without an active exception`, exit 134: seen here
-        with the thread blocked on an empty queue), so the server ends it before exiting."""
+        """End the decoding thread: the batch in hand stops at its next step (its answers go back as they are),
+        then the thread ends. A thread that ran the model and is still alive at interpreter exit could abort the
+        process (`terminate called without an active exception`, exit 134, seen once here: the answers had gone
+        back while the thread was still inside generate_rows), so the server ends it before exiting."""
+        self.closing.set()
         if self.thread and self.thread.is_alive():
             self.waiting.put(None)
             self.thread.join(timeout)
@@ -155,7 +158,7 @@ class Batcher:
                           seeds=[j.req["seed"] for j in batch], stop_ids=run.stop_ids, compile=self.compile,
                           fill_rows=self.rows if step_compiles(run.model, compile=self.compile) else 0,
                           on_text=[j.on_text if j.watch else None for j in batch],
-                          on_end=lambda row, ids: batch[row].end(ids))
+                          on_end=lambda row, ids: batch[row].end(ids), cancel=self.closing.is_set)
         except Exception as e:  # whatever stopped the model goes back to its clients: none waits forever
             self._failed(batch, e)
 

@@ -187,7 +187,8 @@ def generate_rows(model, tokenizer, prompts: list[list[int]], *, max_new_tokens:
                   sampling: Sampling | list[Sampling] = Sampling(greedy=True), seeds: list[int | None] | None = None,
                   stop_ids: Iterable[int] | None = None, graph: bool | None = None, compile: bool = False,
                   fill_rows: int = 0, on_text: list[Callable[[str], None] | None] | None = None,
-                  on_end: Callable[[int, list[int]], None] | None = None) -> list[list[int]]:
+                  on_end: Callable[[int, list[int]], None] | None = None,
+                  cancel: Callable[[], bool] | None = None) -> list[list[int]]:
     """Answers to several prompts in one batch: each row's new ids, without its stop token.
 
     Prompts are left-padded (positions count from each row's first real token, padding masked), so a row gets
@@ -203,6 +204,7 @@ def generate_rows(model, tokenizer, prompts: list[list[int]], *, max_new_tokens:
     (rows that share one are picked together). on_text[i] streams row i's text as generate's on_token does; one
     that raises RowCancelled ends its row there. on_end(i, ids) is called once as row i ends (its stop token, its
     limit, or cancelled), with its text flushed, so a short answer need not wait for the batch's longest.
+    cancel() is asked once a step: True ends every open row where it is (a server shutting down).
     """
     device = _device(model)
     stops = stop_token_ids(model, tokenizer, stop_ids)
@@ -221,7 +223,7 @@ def generate_rows(model, tokenizer, prompts: list[list[int]], *, max_new_tokens:
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
     seeds = list(seeds or [None] * asked) + [None] * (len(prompts) - asked)
     pick = _RowPicker(prompts, samplings + samplings[-1:] * (len(prompts) - asked), seeds, device)
-    rows = _Rows(asked, len(prompts), limits, stops, tokenizer, on_text, on_end)
+    rows = _Rows(asked, len(prompts), limits, stops, tokenizer, on_text, on_end, cancel)
     step = _decoder(model, device, width + max(max(limits), 0), graph, rows=len(prompts), compile=compile)
     was_training = model.training
     model.eval()
@@ -247,8 +249,9 @@ class _Rows:
     Rows past `asked` (fill rows) are over from the start: never read, never waited for."""
 
     def __init__(self, asked: int, total: int, limits: list[int], stops: set[int], tokenizer,
-                 on_text: list[Callable[[str], None] | None] | None, on_end: Callable[[int, list[int]], None] | None):
-        self.limits, self.stops, self.on_end = limits, stops, on_end
+                 on_text: list[Callable[[str], None] | None] | None, on_end: Callable[[int, list[int]], None] | None,
+                 cancel: Callable[[], bool] | None = None):
+        self.limits, self.stops, self.on_end, self.cancel = limits, stops, on_end, cancel
         self.out: list[list[int]] = [[] for _ in range(total)]
         self.done = [row >= asked for row in range(total)]
         fns = list(on_text or []) + [None] * (total - len(on_text or []))
@@ -274,6 +277,10 @@ class _Rows:
                     self.streams[row], cancelled = None, True  # nothing more goes to it, not even held-back text
             if cancelled or len(self.out[row]) >= self.limits[row]:
                 self._end(row)
+        if self.cancel is not None and self.cancel():
+            for row in range(len(self.done)):
+                if not self.done[row]:
+                    self._end(row)
 
     def _end(self, row: int) -> None:
         self.done[row] = True

@@ -171,10 +171,11 @@ def test_a_stop_string_ends_its_row_in_the_batch_and_the_answer_before_it_is_ret
     assert run.tokenizer.decode(whole.new, skip_special_tokens=True) == free
 
 
-def test_close_ends_the_decoding_thread_after_its_batch(run):
+def test_close_stops_the_batch_in_hand_and_ends_the_decoding_thread(run):
     """A thread that ran the model and is alive at interpreter exit can abort the process (exit 134)."""
     batcher = Batcher(run)
-    job = batcher.submit(Job(_req(3), [5, 6, 7]))
-    assert job.finished.wait(60) and batcher.thread.is_alive()
+    job = batcher.submit(Job(_req(200), [5, 6, 7], 0, queue.SimpleQueue()))
+    assert job.texts.get(timeout=60)[1] is not None  # decoding has begun
     batcher.close(timeout=60)
     assert not batcher.thread.is_alive() and batcher.run_once() == 0
+    assert job.finished.is_set() and 0 < len(job.new) < 200 and job.error is None
