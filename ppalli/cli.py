@@ -90,7 +90,7 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--out", help="write answers as JSONL here (default: print)")
 
     p = sub.add_parser("serve", help="serve a trained run over an OpenAI-compatible HTTP API "
-                       "(/v1/chat/completions, streaming)")
+                       "(/v1/chat/completions, /v1/completions, streaming)")
     p.add_argument("run_dir", help="a run directory written by `ppalli train`")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000)

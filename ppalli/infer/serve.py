@@ -3,6 +3,8 @@
 
     POST /v1/chat/completions   {"messages": [...], "max_tokens", "temperature", "top_p", "seed", "stream", "n",
                                  "stop", "presence_penalty", "frequency_penalty"}
+    POST /v1/completions        {"prompt": a string or a list of them, the same fields}: text continued as the
+                                 tokenizer takes it (no template; OpenAI's defaults: 16 tokens, temperature 1)
     GET  /v1/models             the run, as the one model served
     GET  /health                {"status": "ok"}
 
@@ -33,44 +35,67 @@ from ppalli.infer.batcher import Batcher, Job
 REFUSED = {"tools": "tool calls are not served", "functions": "function calls are not served",
            "logprobs": "log-probabilities are not served", "top_logprobs": "log-probabilities are not served",
            "logit_bias": "logit_bias is not served", "response_format": "only free text is served (no JSON mode)"}
-ALLOWED = {"logprobs": (False,), "top_logprobs": (0,), "response_format": ({"type": "text"},)}  # refused keys' no-ops
+ALLOWED = {"logprobs": (False, 0), "top_logprobs": (0,), "response_format": ({"type": "text"},)}  # refused keys' no-ops
+TEXT_REFUSED = {"echo": "echo is not served", "suffix": "suffix (insertion) is not served",
+                "best_of": "best_of is not served: ask for n answers"}
+ALLOWED.update({"echo": (False,), "best_of": (1,)})
 MOST_CHOICES, MOST_STOPS = 16, 4  # n and stop strings a request may ask for (OpenAI's API takes 4 stop strings)
+TEXT_MAX_TOKENS = 16  # OpenAI's text completions' default max_tokens, where a request sets none
 ROLES = ("system", "user", "assistant")
+ROUTES = ("/v1/chat/completions", "/v1/completions")
 
 
 class BadRequest(ValueError):
     """A request the API cannot take; the message goes back to the client as a 400."""
 
 
-def parse_request(body: bytes, max_new_tokens: int) -> dict:
-    """A chat completion request's JSON -> {messages, max_new_tokens, max_asked, temperature, top_p, greedy, seed,
-    stream, n, stop, presence_penalty, frequency_penalty}."""
+def parse_request(body: bytes, max_new_tokens: int, chat: bool = True) -> dict:
+    """A chat completion request's JSON (or, chat False, a text completion's) -> {prompts (chat: one list of
+    messages; text: the prompt strings), max_new_tokens, max_asked, temperature, top_p, greedy, seed, stream, n, stop,
+    presence_penalty, frequency_penalty}."""
     try:
         req = json.loads(body or b"{}")
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BadRequest(f"the body is not JSON ({e})") from None
     if not isinstance(req, dict):
-        raise BadRequest("the body must be a JSON object with a 'messages' list")
-    for key, why in REFUSED.items():
+        raise BadRequest(f"the body must be a JSON object with {'a messages list' if chat else 'a prompt'}")
+    for key, why in (REFUSED if chat else {**REFUSED, **TEXT_REFUSED}).items():
         value = req.get(key)
         if value not in (None, [], "", {}) and value not in ALLOWED.get(key, ()):
             raise BadRequest(f"'{key}': {why}")
+    wanted = req.get("max_completion_tokens", req.get("max_tokens"))
+    limit = (max_new_tokens if chat else TEXT_MAX_TOKENS) if wanted is None else \
+        _number(wanted, "max_tokens", int, 1, None)
+    temperature = _number(req.get("temperature", 0.7 if chat else 1.0), "temperature", float, 0.0, 2.0)
+    return {"prompts": [_messages(req)] if chat else _prompts(req),
+            "max_new_tokens": min(limit, max_new_tokens), "max_asked": wanted is not None, "temperature": temperature,
+            "top_p": _number(req.get("top_p", 0.9 if chat else 1.0), "top_p", float, 0.0, 1.0),
+            "greedy": temperature == 0.0,
+            "seed": None if req.get("seed") is None else _number(req["seed"], "seed", int, 0, None),
+            "stream": bool(req.get("stream", False)), "n": _number(req.get("n", 1), "n", int, 1, MOST_CHOICES),
+            "stop": _stops(req.get("stop")),
+            **{k: _number(req.get(k, 0.0), k, float, -2.0, 2.0) for k in ("presence_penalty", "frequency_penalty")}}
+
+
+def _messages(req: dict) -> list[dict]:
     messages = req.get("messages")
     if not isinstance(messages, list) or not messages:
         raise BadRequest("'messages' must be a non-empty list of {\"role\", \"content\"} objects")
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
             raise BadRequest(f"messages[{i}] must be {{\"role\": one of {', '.join(ROLES)}, \"content\": a string}}")
-    wanted = req.get("max_completion_tokens", req.get("max_tokens"))
-    limit = max_new_tokens if wanted is None else _number(wanted, "max_tokens", int, 1, None)
-    temperature = _number(req.get("temperature", 0.7), "temperature", float, 0.0, 2.0)
-    return {"messages": [{"role": m["role"], "content": m["content"]} for m in messages],
-            "max_new_tokens": min(limit, max_new_tokens), "max_asked": wanted is not None, "temperature": temperature,
-            "top_p": _number(req.get("top_p", 0.9), "top_p", float, 0.0, 1.0), "greedy": temperature == 0.0,
-            "seed": None if req.get("seed") is None else _number(req["seed"], "seed", int, 0, None),
-            "stream": bool(req.get("stream", False)), "n": _number(req.get("n", 1), "n", int, 1, MOST_CHOICES),
-            "stop": _stops(req.get("stop")),
-            **{k: _number(req.get(k, 0.0), k, float, -2.0, 2.0) for k in ("presence_penalty", "frequency_penalty")}}
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def _prompts(req: dict) -> list[str]:
+    """A text completion's prompt: one string or a list of up to MOST_CHOICES (token ids are not taken)."""
+    value = req.get("prompt")
+    prompts = [value] if isinstance(value, str) else value
+    if not isinstance(prompts, list) or not 0 < len(prompts) <= MOST_CHOICES or \
+            not all(isinstance(p, str) and p for p in prompts):
+        raise BadRequest(f"'prompt' must be a non-empty string or a list of up to {MOST_CHOICES} of them "
+                         "(token-id prompts are not taken)")
+    return prompts
 
 
 def _stops(value) -> list[str]:
@@ -106,18 +131,20 @@ class ChatServer(ThreadingHTTPServer):
         super().server_close()
         self.batcher.close()
 
-    def prompt_ids(self, req: dict) -> list[int]:
-        """The rendered messages' ids. An answer fits the model's positions: a request that set max_tokens past
-        them is refused (as OpenAI's API does), one that did not gets what room is left."""
-        ids = self.run.tokenizer(self.run.render_prompt(req["messages"]), add_special_tokens=False)["input_ids"]
+    def prompt_ids(self, req: dict, prompt) -> tuple[list[int], int]:
+        """(ids, the most new tokens) of one prompt: a chat's messages rendered by the run's template, or a text
+        completion's string as the tokenizer takes it (BOS and all). An answer fits the model's positions: a request
+        that set max_tokens past them is refused (as OpenAI's API does), one that did not gets what room is left."""
+        chat = isinstance(prompt, list)
+        text = self.run.render_prompt(prompt) if chat else prompt
+        ids = self.run.tokenizer(text, add_special_tokens=not chat)["input_ids"]
         room = None if self.context is None else self.context - len(ids)
         if room is not None and (room < 1 or (req["max_asked"] and req["max_new_tokens"] > room)):
             asked = f" and max_tokens {req['max_new_tokens']}" if req["max_asked"] else ""
-            raise BadRequest(f"the messages take {len(ids)} tokens{asked}: more than the model's {self.context} "
-                             f"positions; send fewer or shorter messages{', or a smaller max_tokens' if asked else ''}")
-        if room is not None:
-            req["max_new_tokens"] = min(req["max_new_tokens"], room)
-        return ids
+            what, fix = ("messages take", "fewer or shorter messages") if chat else ("prompt takes", "a shorter prompt")
+            raise BadRequest(f"the {what} {len(ids)} tokens{asked}: more than the model's {self.context} positions; "
+                             f"send {fix}{', or a smaller max_tokens' if asked else ''}")
+        return ids, req["max_new_tokens"] if room is None else min(req["max_new_tokens"], room)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -140,21 +167,26 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(404, _error(f"no route GET {self.path}; try POST /v1/chat/completions", "not_found"))
 
     def do_POST(self):
-        if self.path.rstrip("/") != "/v1/chat/completions":
-            self._json(404, _error(f"no route POST {self.path}; try POST /v1/chat/completions", "not_found"))
+        route = self.path.rstrip("/")
+        if route not in ROUTES:
+            self._json(404, _error(f"no route POST {self.path}; try POST /v1/chat/completions or /v1/completions",
+                                   "not_found"))
             return
+        chat = route == "/v1/chat/completions"
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         try:
-            req = parse_request(body, self.server.max_new_tokens)
-            ids = self.server.prompt_ids(req)
+            req = parse_request(body, self.server.max_new_tokens, chat=chat)
+            prompts = [self.server.prompt_ids(req, prompt) for prompt in req["prompts"]]
         except BadRequest as e:
             self._json(400, _error(str(e), "invalid_request_error"))
             return
-        head = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": self.server.name}
+        head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", "created": int(time.time()),
+                "model": self.server.name}
         texts = queue.SimpleQueue() if req["stream"] else None
-        jobs = [self.server.batcher.submit(Job(choice, ids, i, texts)) for i, choice in enumerate(_choices(req))]
+        choices = [(ids, choice) for ids, limit in prompts for choice in _choices({**req, "max_new_tokens": limit})]
+        jobs = [self.server.batcher.submit(Job(choice, ids, k, texts)) for k, (ids, choice) in enumerate(choices)]
         if req["stream"]:
-            self._stream(jobs, texts, head)
+            self._stream(jobs, texts, head, chat)
             return
         for job in jobs:
             job.finished.wait()
@@ -163,15 +195,14 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(500, _error(failed, "server_error"))
             return
         decode = self.server.run.tokenizer.decode
-        texts = [job.answer if job.watch else decode(job.new, skip_special_tokens=True) for job in jobs]
-        new = sum(len(job.new) for job in jobs)
-        self._json(200, {**head, "object": "chat.completion",
-                         "choices": [{"index": job.index, "message": {"role": "assistant", "content": text},
-                                      "finish_reason": job.finish_reason} for job, text in zip(jobs, texts)],
-                         "usage": {"prompt_tokens": len(ids), "completion_tokens": new,
-                                   "total_tokens": len(ids) + new}})
+        answers = [job.answer if job.watch else decode(job.new, skip_special_tokens=True) for job in jobs]
+        used, new = sum(len(ids) for ids, _ in prompts), sum(len(job.new) for job in jobs)
+        self._json(200, {**head, "object": "chat.completion" if chat else "text_completion",
+                         "choices": [{"index": job.index, **_content(chat, text, message=True),
+                                      "finish_reason": job.finish_reason} for job, text in zip(jobs, answers)],
+                         "usage": {"prompt_tokens": used, "completion_tokens": new, "total_tokens": used + new}})
 
-    def _stream(self, jobs: list[Job], texts: queue.SimpleQueue, head: dict) -> None:
+    def _stream(self, jobs: list[Job], texts: queue.SimpleQueue, head: dict, chat: bool) -> None:
         """Server-sent events of the answers' text as their rows decode (chunks of several choices interleave); a
         client that leaves ends its rows (the batch's other rows go on)."""
         self.send_response(200)
@@ -183,25 +214,26 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(f"data: {json.dumps(payload, ensure_ascii=False)}\n\n".encode())
             self.wfile.flush()
 
-        def chunk(index: int, delta: dict, finish: str | None = None) -> dict:
-            return {**head, "object": "chat.completion.chunk",
-                    "choices": [{"index": index, "delta": delta, "finish_reason": finish}]}
+        def chunk(index: int, text: str | None, finish: str | None = None) -> dict:
+            return {**head, "object": "chat.completion.chunk" if chat else "text_completion",
+                    "choices": [{"index": index, **_content(chat, text), "finish_reason": finish}]}
 
         try:
-            for job in jobs:
-                event(chunk(job.index, {"role": "assistant", "content": ""}))
+            if chat:
+                for job in jobs:
+                    event(chunk(job.index, ""))  # the role comes first, as OpenAI's API sends it
             open_jobs = len(jobs)
             while open_jobs:
                 index, text = texts.get()
                 if text is not None:
-                    event(chunk(index, {"content": text}))
+                    event(chunk(index, text))
                     continue
                 open_jobs -= 1
                 job = jobs[index]
                 if job.error:  # the stream has begun, so the error goes as an event (as OpenAI's API sends them)
                     event(_error(job.error, "server_error"))
                 else:
-                    event(chunk(index, {}, job.finish_reason))
+                    event(chunk(index, None, job.finish_reason))
             self.wfile.write(b"data: [DONE]\n\n")
             self.wfile.flush()
         except (BrokenPipeError, ConnectionResetError):
@@ -215,6 +247,16 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
+
+
+def _content(chat: bool, text: str | None, message: bool = False) -> dict:
+    """A choice's text as each API shapes it: chat {"message": ...} whole, {"delta": ...} streamed (the first with
+    the role, the last empty); text completions {"text": ...} both ways."""
+    if not chat:
+        return {"text": text or ""}
+    if message:
+        return {"message": {"role": "assistant", "content": text}}
+    return {"delta": {} if text is None else {"role": "assistant", "content": ""} if text == "" else {"content": text}}
 
 
 def _choices(req: dict) -> list[dict]:

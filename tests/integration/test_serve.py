@@ -115,6 +115,8 @@ def test_the_openai_client_reads_answers_and_streams(server):
     assert text == whole.choices[0].message.content and whole.usage.completion_tokens > 0
     with pytest.raises(openai.BadRequestError, match="'n'"):
         client.chat.completions.create(model="served", messages=QUESTION, n=20)
+    text = client.completions.create(model="served", prompt="서울은 한국의", max_tokens=4, temperature=0)
+    assert text.object == "text_completion" and 0 < text.usage.completion_tokens <= 4
     several = client.chat.completions.create(model="served", messages=QUESTION, max_tokens=6, temperature=0, n=3)
     assert [c.message.content for c in several.choices] == [whole.choices[0].message.content[:len(
         several.choices[0].message.content)]] * 3  # greedy: three times the same answer (6 of its 8 tokens)
@@ -196,3 +198,46 @@ def test_a_stop_string_ends_the_answer_before_it_streamed_or_not(server):
     body = _post(url, {**ask, "stop": [stop, "never there"], "stream": True})[1]
     events = [json.loads(e.removeprefix("data: ")) for e in body.decode().split("\n\n")[:-2]]  # [DONE] last
     assert "".join(e["choices"][0]["delta"].get("content", "") for e in events) == reply["message"]["content"]
+
+
+def _post_to(url: str, route: str, payload: dict) -> tuple[int, bytes]:
+    req = urllib.request.Request(url + route, data=json.dumps(payload).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def test_text_completions_continue_the_prompt_as_the_tokenizer_takes_it(server):
+    """/v1/completions: no template; several prompts x n choices, indexed prompt-major; a stream's text whole."""
+    srv, url = server
+    run = srv.run
+    prompts = ["서울은 한국의", "The capital of Korea is"]
+    status, body = _post_to(url, "/v1/completions", {"prompt": prompts, "max_tokens": 6, "temperature": 0, "n": 2})
+    reply = json.loads(body)
+    assert status == 200 and reply["object"] == "text_completion" and len(reply["choices"]) == 4
+    for k, choice in enumerate(reply["choices"]):
+        ids = run.tokenizer(prompts[k // 2])["input_ids"]
+        want = generate(run.model, run.tokenizer, torch.tensor([ids]), max_new_tokens=6, greedy=True,
+                        stop_ids=run.stop_ids)
+        assert choice["index"] == k and choice["text"] == run.tokenizer.decode(want, skip_special_tokens=True)
+    assert reply["usage"]["prompt_tokens"] == sum(len(run.tokenizer(p)["input_ids"]) for p in prompts)
+    status, body = _post_to(url, "/v1/completions", {"prompt": prompts[0], "max_tokens": 6, "temperature": 0,
+                                                     "stream": True})
+    events = [json.loads(e.removeprefix("data: ")) for e in body.decode().split("\n\n")[:-2]]
+    assert all(e["object"] == "text_completion" for e in events)
+    assert "".join(e["choices"][0]["text"] for e in events) == reply["choices"][0]["text"]
+    assert events[-1]["choices"][0]["finish_reason"] == reply["choices"][0]["finish_reason"]
+    status, body = _post_to(url, "/v1/completions", {"prompt": prompts[0]})
+    assert status == 200 and json.loads(body)["usage"]["completion_tokens"] <= 16  # OpenAI's default max_tokens
+
+
+@pytest.mark.parametrize("payload,field", [({"prompt": "x", "echo": True}, "'echo'"),
+                                           ({"prompt": [1, 2, 3]}, "'prompt'"), ({"prompt": ""}, "'prompt'"),
+                                           ({"prompt": "x", "logprobs": 5}, "'logprobs'"),
+                                           ({"prompt": "x", "best_of": 3}, "'best_of'")])
+def test_bad_text_completion_requests_name_the_field(server, payload, field):
+    status, body = _post_to(server[1], "/v1/completions", payload)
+    assert status == 400 and field in json.loads(body)["error"]["message"]
