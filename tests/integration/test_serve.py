@@ -17,6 +17,7 @@ from ppalli.models.load import load_run
 from ppalli.train import recipe
 
 QUESTION = [{"role": "user", "content": "오늘 뭐 먹지?"}]
+TEXT = "/v1/completions"
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +35,9 @@ def server(tmp_path_factory, shared_data):
     srv.server_close()
 
 
-def _post(url: str, payload) -> tuple[int, bytes]:
+def _post(url: str, payload, route: str = "/v1/chat/completions") -> tuple[int, bytes]:
     body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-    req = urllib.request.Request(url + "/v1/chat/completions", data=body,
+    req = urllib.request.Request(url + route, data=body,
                                  headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(req, timeout=60) as r:
@@ -200,22 +201,13 @@ def test_a_stop_string_ends_the_answer_before_it_streamed_or_not(server):
     assert "".join(e["choices"][0]["delta"].get("content", "") for e in events) == reply["message"]["content"]
 
 
-def _post_to(url: str, route: str, payload: dict) -> tuple[int, bytes]:
-    req = urllib.request.Request(url + route, data=json.dumps(payload).encode(),
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=60) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
-
-
 def test_text_completions_continue_the_prompt_as_the_tokenizer_takes_it(server):
     """/v1/completions: no template; several prompts x n choices, indexed prompt-major; a stream's text whole."""
     srv, url = server
     run = srv.run
     prompts = ["서울은 한국의", "The capital of Korea is"]
-    status, body = _post_to(url, "/v1/completions", {"prompt": prompts, "max_tokens": 6, "temperature": 0, "n": 2})
+    ask = {"prompt": prompts, "max_tokens": 6, "temperature": 0}
+    status, body = _post(url, {**ask, "n": 2}, TEXT)
     reply = json.loads(body)
     assert status == 200 and reply["object"] == "text_completion" and len(reply["choices"]) == 4
     for k, choice in enumerate(reply["choices"]):
@@ -224,13 +216,12 @@ def test_text_completions_continue_the_prompt_as_the_tokenizer_takes_it(server):
                         stop_ids=run.stop_ids)
         assert choice["index"] == k and choice["text"] == run.tokenizer.decode(want, skip_special_tokens=True)
     assert reply["usage"]["prompt_tokens"] == sum(len(run.tokenizer(p)["input_ids"]) for p in prompts)
-    status, body = _post_to(url, "/v1/completions", {"prompt": prompts[0], "max_tokens": 6, "temperature": 0,
-                                                     "stream": True})
+    status, body = _post(url, {**ask, "prompt": prompts[0], "stream": True}, TEXT)
     events = [json.loads(e.removeprefix("data: ")) for e in body.decode().split("\n\n")[:-2]]
     assert all(e["object"] == "text_completion" for e in events)
     assert "".join(e["choices"][0]["text"] for e in events) == reply["choices"][0]["text"]
     assert events[-1]["choices"][0]["finish_reason"] == reply["choices"][0]["finish_reason"]
-    status, body = _post_to(url, "/v1/completions", {"prompt": prompts[0]})
+    status, body = _post(url, {"prompt": prompts[0]}, TEXT)
     assert status == 200 and json.loads(body)["usage"]["completion_tokens"] <= 16  # OpenAI's default max_tokens
 
 
@@ -239,5 +230,5 @@ def test_text_completions_continue_the_prompt_as_the_tokenizer_takes_it(server):
                                            ({"prompt": "x", "logprobs": 5}, "'logprobs'"),
                                            ({"prompt": "x", "best_of": 3}, "'best_of'")])
 def test_bad_text_completion_requests_name_the_field(server, payload, field):
-    status, body = _post_to(server[1], "/v1/completions", payload)
+    status, body = _post(server[1], payload, TEXT)
     assert status == 400 and field in json.loads(body)["error"]["message"]
