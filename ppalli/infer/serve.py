@@ -35,10 +35,10 @@ from ppalli.infer.batcher import Batcher, Job
 REFUSED = {"tools": "tool calls are not served", "functions": "function calls are not served",
            "logprobs": "log-probabilities are not served", "top_logprobs": "log-probabilities are not served",
            "logit_bias": "logit_bias is not served", "response_format": "only free text is served (no JSON mode)"}
-ALLOWED = {"logprobs": (False, 0), "top_logprobs": (0,), "response_format": ({"type": "text"},)}  # refused keys' no-ops
 TEXT_REFUSED = {"echo": "echo is not served", "suffix": "suffix (insertion) is not served",
-                "best_of": "best_of is not served: ask for n answers"}
-ALLOWED.update({"echo": (False,), "best_of": (1,)})
+                "best_of": "best_of is not served: ask for n answers"}  # text completions' own fields
+ALLOWED = {"logprobs": (False, 0), "top_logprobs": (0,), "response_format": ({"type": "text"},), "echo": (False,),
+           "best_of": (1,)}  # what a refused field may say and still be served: the no-op values
 MOST_CHOICES, MOST_STOPS = 16, 4  # n and stop strings a request may ask for (OpenAI's API takes 4 stop strings)
 TEXT_MAX_TOKENS = 16  # OpenAI's text completions' default max_tokens, where a request sets none
 ROLES = ("system", "user", "assistant")
