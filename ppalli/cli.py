@@ -98,6 +98,9 @@ def _parser() -> argparse.ArgumentParser:
                    "ask for fewer with max_tokens)")
     p.add_argument("--no-merge", action="store_true", help="decode with the adapter kept apart (see chat --no-merge)")
     p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
+    p.add_argument("--api-key", default=os.environ.get("PPALLI_API_KEY"), help="answer only requests that send "
+                   "'Authorization: Bearer KEY' (the openai client's api_key); default $PPALLI_API_KEY, else none "
+                   "(set one before --host 0.0.0.0)")
     p.add_argument("--batch-size", type=int, default=8, help="the most requests decoded together: those waiting "
                    "when a batch starts share it (each with its own sampling and limit; a batch out of GPU memory "
                    "halves this)")
@@ -295,12 +298,17 @@ def cmd_serve(args) -> int:
     name = Path(args.run_dir).resolve().name
     try:
         server = ChatServer((args.host, args.port), run, name, max_new_tokens=args.max_new_tokens,
-                            compile=args.compile, batch_size=args.batch_size)
+                            compile=args.compile, batch_size=args.batch_size, api_key=args.api_key)
     except OSError as e:
         raise PpalliError(f"serve: cannot listen on {args.host}:{args.port} ({e.strerror}); pick another "
                           "--port") from None
     host, port = server.server_address[:2]
     print(f"ppalli serve: {name} ({run.note}) on http://{host}:{port}/v1  (POST /v1/chat/completions; Ctrl-C stops)")
+    if args.api_key:
+        print("requests must send 'Authorization: Bearer <the --api-key>'")
+    elif host not in ("127.0.0.1", "::1", "localhost"):
+        print(f"note: {host} is reachable from other machines and no --api-key is set: anyone who reaches port "
+              f"{port} can use the model")
     try:
         server.serve_forever()
     except KeyboardInterrupt:

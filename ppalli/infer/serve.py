@@ -8,6 +8,8 @@
     GET  /v1/models             the run, as the one model served
     GET  /health                {"status": "ok"}
 
+With --api-key KEY, the /v1/ routes answer only requests that send "Authorization: Bearer KEY".
+
 Messages are rendered by the run's own template (the one training used) and answers end at its stop tokens, as in
 `ppalli chat`; decoding is `generate` (merged 16-bit weights, the CUDA-graph step where exact). Unset, temperature
 and top_p are ppalli chat's 0.7 and 0.9; temperature 0 decodes greedily. With "stream": true
@@ -24,6 +26,7 @@ response_format) are refused rather than silently dropped.
 
 from __future__ import annotations
 
+import hmac
 import json
 import queue
 import time
@@ -121,9 +124,9 @@ class ChatServer(ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, address, run, name: str, max_new_tokens: int = 512, compile: bool = False,
-                 batch_size: int = 8):
+                 batch_size: int = 8, api_key: str | None = None):
         super().__init__(address, _Handler)
-        self.run, self.name, self.max_new_tokens = run, name, max_new_tokens
+        self.run, self.name, self.max_new_tokens, self.api_key = run, name, max_new_tokens, api_key
         self.batcher = Batcher(run, batch_size, compile)
         self.context = getattr(run.model.config, "max_position_embeddings", None)
 
@@ -157,7 +160,23 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format, *args):  # silent: http.server would print a stderr line per request
         return None
 
+    def _refused_key(self) -> bool:
+        """With --api-key, /v1/ routes answer only "Authorization: Bearer KEY" (as OpenAI's clients send api_key);
+        a 401 otherwise. /health stays open for load balancers."""
+        key = self.server.api_key
+        if not key or not self.path.startswith("/v1/"):
+            return False
+        sent = self.headers.get("Authorization", "")
+        if hmac.compare_digest(sent.encode(), f"Bearer {key}".encode()):
+            return False
+        self._json(401, _error("missing or wrong API key: send the header 'Authorization: Bearer KEY' (the openai "
+                               "client's api_key) with the key `ppalli serve --api-key` was started with",
+                               "invalid_api_key"))
+        return True
+
     def do_GET(self):
+        if self._refused_key():
+            return
         if self.path.rstrip("/") == "/v1/models":
             self._json(200, {"object": "list", "data": [{"id": self.server.name, "object": "model",
                                                          "owned_by": "ppalli"}]})
@@ -167,6 +186,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(404, _error(f"no route GET {self.path}; try POST /v1/chat/completions", "not_found"))
 
     def do_POST(self):
+        if self._refused_key():
+            return
         route = self.path.rstrip("/")
         if route not in ROUTES:
             self._json(404, _error(f"no route POST {self.path}; try POST /v1/chat/completions or /v1/completions",

@@ -232,3 +232,26 @@ def test_text_completions_continue_the_prompt_as_the_tokenizer_takes_it(server):
 def test_bad_text_completion_requests_name_the_field(server, payload, field):
     status, body = _post(server[1], payload, TEXT)
     assert status == 400 and field in json.loads(body)["error"]["message"]
+
+
+def test_an_api_key_is_asked_on_the_v1_routes_only(server):
+    srv, url = server
+    srv.api_key = "s3cret"
+    try:
+        status, body = _post(url, {"messages": QUESTION, "max_tokens": 2})
+        assert status == 401 and "--api-key" in json.loads(body)["error"]["message"]
+        req = urllib.request.Request(url + "/v1/chat/completions", headers={
+            "Content-Type": "application/json", "Authorization": "Bearer s3cret"},
+            data=json.dumps({"messages": QUESTION, "max_tokens": 2}).encode())
+        with urllib.request.urlopen(req, timeout=60) as r:
+            assert r.status == 200
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(url + "/v1/models")
+        assert e.value.code == 401
+        with urllib.request.urlopen(url + "/health") as r:
+            assert json.loads(r.read()) == {"status": "ok"}
+        openai = pytest.importorskip("openai")
+        client = openai.OpenAI(base_url=url + "/v1", api_key="s3cret")
+        assert client.chat.completions.create(model="served", messages=QUESTION, max_tokens=2).choices
+    finally:
+        srv.api_key = None
