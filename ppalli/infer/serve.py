@@ -43,6 +43,7 @@ TEXT_REFUSED = {"echo": "echo is not served", "suffix": "suffix (insertion) is n
 ALLOWED = {"logprobs": (False, 0), "top_logprobs": (0,), "response_format": ({"type": "text"},), "echo": (False,),
            "best_of": (1,)}  # what a refused field may say and still be served: the no-op values
 MOST_CHOICES, MOST_STOPS = 16, 4  # n and stop strings a request may ask for (OpenAI's API takes 4 stop strings)
+MOST_BODY_BYTES = 16 << 20  # a request's JSON: 16 MiB holds any prompt a model's positions can take
 TEXT_MAX_TOKENS = 16  # OpenAI's text completions' default max_tokens, where a request sets none
 ROLES = ("system", "user", "assistant")
 ROUTES = ("/v1/chat/completions", "/v1/completions")
@@ -194,8 +195,8 @@ class _Handler(BaseHTTPRequestHandler):
                                    "not_found"))
             return
         chat = route == "/v1/chat/completions"
-        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         try:
+            body = self._body()
             req = parse_request(body, self.server.max_new_tokens, chat=chat)
             prompts = [self.server.prompt_ids(req, prompt) for prompt in req["prompts"]]
         except BadRequest as e:
@@ -222,6 +223,14 @@ class _Handler(BaseHTTPRequestHandler):
                          "choices": [{"index": job.index, **_content(chat, text, message=True),
                                       "finish_reason": job.finish_reason} for job, text in zip(jobs, answers)],
                          "usage": {"prompt_tokens": used, "completion_tokens": new, "total_tokens": used + new}})
+
+    def _body(self) -> bytes:
+        """The request's body, read only when its Content-Length is a number up to MOST_BODY_BYTES."""
+        length = self.headers.get("Content-Length") or "0"
+        if not length.isdigit() or int(length) > MOST_BODY_BYTES:
+            self.close_connection = True  # the unread body must not be taken for a next request
+            raise BadRequest(f"Content-Length must be a byte count up to {MOST_BODY_BYTES}, got {length[:32]!r}")
+        return self.rfile.read(int(length))
 
     def _stream(self, jobs: list[Job], texts: queue.SimpleQueue, head: dict, chat: bool) -> None:
         """Server-sent events of the answers' text as their rows decode (chunks of several choices interleave); a

@@ -94,6 +94,21 @@ def test_bad_requests_get_a_400_that_names_the_field(server, payload, field):
     assert status == 400 and field in error["message"] and error["type"] == "invalid_request_error"
 
 
+def test_a_body_too_large_or_without_a_byte_count_gets_a_400_unread(server):
+    import socket
+
+    srv, _ = server
+    for length in (b"99999999999", b"abc"):
+        s = socket.create_connection(srv.server_address[:2])
+        s.sendall(b"POST /v1/chat/completions HTTP/1.0\r\nContent-Length: " + length + b"\r\n\r\n{}")
+        reply = b""
+        while chunk := s.recv(4096):  # HTTP/1.0: the server closes the connection after its answer
+            reply += chunk
+        s.close()
+        reply = reply.decode()
+        assert reply.startswith("HTTP/1.0 400") and "Content-Length must be a byte count" in reply
+
+
 def test_models_health_and_unknown_routes(server):
     _, url = server
     with urllib.request.urlopen(url + "/v1/models") as r:
