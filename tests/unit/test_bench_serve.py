@@ -13,4 +13,4 @@ def test_a_round_counts_every_clients_tokens_and_the_server_batches():
     one, four = (bench_serve.bench(run, batch_size=b, clients=4, new=3, rounds=2) for b in (1, 4))
     assert one["tokens"] == four["tokens"] == 4 * 3  # no EOS: every answer takes its 3 tokens
     assert one["batches"] == [1] * 8 and sum(four["batches"]) == 8 and max(four["batches"]) <= 4
-    assert abs(four["tokens_per_s"] * four["seconds"] - four["tokens"]) < 0.01 * four["tokens"]  # the same round
+    assert abs(four["tokens_per_s"] * four["seconds"] - four["tokens"]) < 0.05 * four["tokens"]  # one round
