@@ -322,9 +322,8 @@ def _rows_loop(step, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Ten
 
 class _RowPicker:
     """The next token of every row from (B, V) logits. Rows sharing a Sampling are picked together: one argmax for
-    greedy rows without a repetition penalty, else the repetition penalty on each row's own seen tokens, the
-    sampling filters, and a draw from each row's generator
-    (finished rows get 0, never read)."""
+    greedy rows without penalties, else the penalties on each row's own tokens, the sampling filters, and a draw
+    from each row's generator (finished rows get 0, never read)."""
 
     def __init__(self, prompts: list[list[int]], samplings: list[Sampling], seeds: list[int | None],
                  device: torch.device):
@@ -334,7 +333,8 @@ class _RowPicker:
         groups: dict[Sampling, list[int]] = {}
         for row, s in enumerate(samplings):
             groups.setdefault(s, []).append(row)
-        self.groups = [(s, rows, torch.tensor(rows, device=device)) for s, rows in groups.items()]
+        one = len(groups) == 1  # the usual case (generate, eval, a batch asking alike): no row index needed
+        self.groups = [(s, rows, None if one else torch.tensor(rows, device=device)) for s, rows in groups.items()]
 
     def __call__(self, logits: torch.Tensor, out: list[list[int]], done: list[bool]) -> torch.Tensor:
         """(B, V) logits -> (B,) tokens on the device, with no read of the device until the caller's (one a step,
