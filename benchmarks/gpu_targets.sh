@@ -7,8 +7,8 @@
 #   bash benchmarks/gpu_targets.sh OUT_DIR [tests] [gemm] [T1|T2|T3|T3-8.8|T4[-steady[-rev]] ...]
 # gemm: benchmarks/bench_gemm.py, the step's base GEMMs shape by shape (~1 min).
 # fa4: flash-attn 4 (benchmarks/fa4_bundle.sh: .fa4/a carried in an earlier call, .fa4/b in this one):
-# bench_attention.py with it, then the flash-attn GPU tests; T4-fa4: T4 steady, Unsloth (GC off) first without
-# it on the path, then ppalli's own plan and ppalli with plan.attention=flash_attention_4 appended.
+# bench_attention.py with it, then the flash-attn GPU tests; T4-fa4 (T1-fa4): T4 (T1) steady, Unsloth (GC off)
+# first without it on the path, then ppalli's own plan and ppalli with plan.attention=flash_attention_4 appended.
 # T3-8.8 is T3 with ppalli planned to an 8.8 GiB budget (peak under Unsloth QLoRA's 8.06 GiB).
 # CASE-steady: the warm-up held to 15 s after its first round and ~17-20 s of timed steps, the clock a long
 # run settles at (a capped H200 fell from 1864 to ~1600 MHz over the default 3 + 8 steps); -rev runs Unsloth
@@ -23,8 +23,8 @@ export PYTHONPATH=/tmp/peer-site${PYTHONPATH:+:$PYTHONPATH}
 [ -d /tmp/peer-site ] || tar xzf .peers/site.tgz -C /tmp
 [ $# -gt 0 ] || set -- tests T3-8.8 T2
 for what in "$@"; do
-  case $what in tests|gemm|fa4|T4-fa4|T1|T2|T3|T3-8.8|T4|T1-steady*|T2-steady*|T4-steady*) ;;
-    *) echo "unknown: $what (tests, gemm, fa4, T4-fa4, T1, T2, T3, T3-8.8, T4, T1/T2/T4-steady[-rev])" >&2; exit 2 ;; esac
+  case $what in tests|gemm|fa4|T4-fa4|T1-fa4|T1|T2|T3|T3-8.8|T4|T1-steady*|T2-steady*|T4-steady*) ;;
+    *) echo "unknown: $what (tests, gemm, fa4, T4-fa4, T1-fa4, T1, T2, T3, T3-8.8, T4, T1/T2/T4-steady[-rev])" >&2; exit 2 ;; esac
 done
 for what in "$@"; do
   t0=$SECONDS
@@ -38,11 +38,11 @@ for what in "$@"; do
            python3 -m pytest -q -rs tests/gpu/test_fast_gpu.py -k "flash_attn or attention_backends" -p no:cacheprovider \
              >> "$out/attention.txt" 2>&1 )
          grep -E "^[0-9a-z]+:|^  |passed|failed|SKIP" "$out/attention.txt" ;;
-    T4-fa4)
-      long="--warmup-s 15 --steps 90 --timeout 260"
-      python3 benchmarks/peers.py --case T4 --gc off --stacks unsloth --out "$scratch/$what" $long
+    T4-fa4|T1-fa4)
+      c=${what%%-*}; long="--warmup-s 15 --steps $([ "$c" = T1 ] && echo 40 || echo 90) --timeout 260"
+      python3 benchmarks/peers.py --case "$c" --gc off --stacks unsloth --out "$scratch/$what" $long
       ( . benchmarks/fa4_bundle.sh install
-        python3 benchmarks/peers.py --case T4 --gc off --stacks ppalli --ppalli-setting auto \
+        python3 benchmarks/peers.py --case "$c" --gc off --stacks ppalli --ppalli-setting auto \
           --ppalli-setting attention=flash_attention_4 --out "$scratch/$what" --append $long ) ;;
     T1) python3 benchmarks/peers.py --case T1 --gc off --stacks ppalli,unsloth --out "$scratch/$what" --timeout 200 ;;
     T3-8.8) python3 benchmarks/peers.py --case T3 --ppalli-setting budget=8.8 --stacks ppalli,unsloth \
