@@ -156,6 +156,13 @@ def build_unsloth(spec: dict, device: str) -> Built:
         bias="none", use_gradient_checkpointing=gc, random_state=spec["seed"])
     FastLanguageModel.for_training(model)
     setting = f"use_gradient_checkpointing={gc!r}" + (", load_in_4bit (nf4, double quant)" if nf4 else "")
+    impl = os.environ.get("PPALLI_PEERS_FLASH_IMPL")
+    if impl:  # what Unsloth's padding-free trainer activates on sm90/sm100 (unsloth/utils/flash_impl.py); this
+        # harness calls the model without a trainer, so it is set here: torch's SDPA flash kernels run as `impl`
+        from torch.nn.attention import activate_flash_attention_impl
+
+        activate_flash_attention_impl(impl)
+        setting += f", torch flash attention impl {impl}"
     return Built(model, lambda ids, labels, norm: model(input_ids=ids, labels=labels).loss, setting, spec["batch"])
 
 

@@ -8,7 +8,8 @@
 # gemm: benchmarks/bench_gemm.py, the step's base GEMMs shape by shape (~1 min).
 # fa4: flash-attn 4 (benchmarks/fa4_bundle.sh: .fa4/a carried in an earlier call, .fa4/b in this one):
 # bench_attention.py with it, then the flash-attn GPU tests; T4-fa4 (T1-fa4): T4 (T1) steady, Unsloth (GC off)
-# first without it on the path, then ppalli's own plan and ppalli with plan.attention=flash_attention_4 appended.
+# first without it on the path, then ppalli's own plan and ppalli with plan.attention=flash_attention_4, then
+# Unsloth with torch's SDPA flash kernels run as FA4 (what its padding-free trainer activates), all appended.
 # T3-8.8 is T3 with ppalli planned to an 8.8 GiB budget (peak under Unsloth QLoRA's 8.06 GiB).
 # CASE-steady: the warm-up held to 15 s after its first round and ~17-20 s of timed steps, the clock a long
 # run settles at (a capped H200 fell from 1864 to ~1600 MHz over the default 3 + 8 steps); -rev runs Unsloth
@@ -26,6 +27,9 @@ for what in "$@"; do
   case $what in tests|gemm|fa4|T4-fa4|T1-fa4|T1|T2|T3|T3-8.8|T4|T1-steady*|T2-steady*|T4-steady*) ;;
     *) echo "unknown: $what (tests, gemm, fa4, T4-fa4, T1-fa4, T1, T2, T3, T3-8.8, T4, T1/T2/T4-steady[-rev])" >&2; exit 2 ;; esac
 done
+keep() {  # a case's results so far into OUT (a call stopped at its limit still brings back what was kept)
+  for f in "$scratch/$1"/*.json "$scratch/$1"/*.md; do [ -f "$f" ] && cp "$f" "$out/$1-$(basename "$f")"; done
+}
 for what in "$@"; do
   t0=$SECONDS
   case $what in
@@ -40,10 +44,12 @@ for what in "$@"; do
          grep -E "^[0-9a-z]+:|^  |passed|failed|SKIP" "$out/attention.txt" ;;
     T4-fa4|T1-fa4)
       c=${what%%-*}; long="--warmup-s 15 --steps $([ "$c" = T1 ] && echo 40 || echo 90) --timeout 260"
-      python3 benchmarks/peers.py --case "$c" --gc off --stacks unsloth --out "$scratch/$what" $long
+      python3 benchmarks/peers.py --case "$c" --gc off --stacks unsloth --out "$scratch/$what" $long; keep "$what"
       ( . benchmarks/fa4_bundle.sh install
         python3 benchmarks/peers.py --case "$c" --gc off --stacks ppalli --ppalli-setting auto \
-          --ppalli-setting attention=flash_attention_4 --out "$scratch/$what" --append $long ) ;;
+          --ppalli-setting attention=flash_attention_4 --out "$scratch/$what" --append $long; keep "$what"
+        PPALLI_PEERS_FLASH_IMPL=FA4 python3 benchmarks/peers.py --case "$c" --gc off --stacks unsloth \
+          --out "$scratch/$what" --append $long ) ;;
     T1) python3 benchmarks/peers.py --case T1 --gc off --stacks ppalli,unsloth --out "$scratch/$what" --timeout 200 ;;
     T3-8.8) python3 benchmarks/peers.py --case T3 --ppalli-setting budget=8.8 --stacks ppalli,unsloth \
               --out "$scratch/$what" --timeout 200 ;;
@@ -58,6 +64,6 @@ for what in "$@"; do
         python3 benchmarks/peers.py --case "$c" $gc --stacks ppalli --out "$scratch/$what" --append $long
       fi ;;
   esac 2>&1 | grep -E "^\[T|^Target|passed|failed|error|TFLOP"
-  for f in "$scratch/$what"/*.json "$scratch/$what"/*.md; do [ -f "$f" ] && cp "$f" "$out/$what-$(basename "$f")"; done
+  keep "$what"
   echo "$what: $((SECONDS - t0)) s"
 done
