@@ -17,6 +17,7 @@ import time
 import torch
 
 from ppalli.infer.generate import RowCancelled, Sampling, generate_rows, step_compiles
+from ppalli.infer.logprobs import TokenLogprob, prompt_logprobs
 from ppalli.train.oom import explain_cuda_error, is_oom
 
 _log = logging.getLogger("ppalli.serve")
@@ -29,13 +30,17 @@ class Job:
     """One answer (one choice of a request) on its way through a batch: its prompt ids, its new ids once its row
     ends, or the error that stopped its batch. Its text is watched as it decodes when it streams or has stop
     strings: text that may begin a stop string is held back, a stop string ends the row before it, and released
-    text goes to `texts` as (index, text), then (index, None) at the end (several choices may share one queue)."""
+    text goes to `texts` as (index, text), then (index, None) at the end (several choices may share one queue).
+    req["logprobs"] (None: not asked) is how many alternatives each new token's log-prob comes with (`scores`);
+    req["echo"] asks the prompt's too (`prompt_scores`, from one forward before the batch decodes)."""
 
     def __init__(self, req: dict, ids: list[int], index: int = 0, texts: queue.SimpleQueue | None = None):
         self.req, self.ids, self.index, self.texts = req, ids, index, texts
         self.stops: list[str] = req.get("stop", [])
         self.watch = texts is not None or bool(self.stops)
         self.new: list[int] = []
+        self.scores: list[TokenLogprob] = []  # one a new token, where log-probs are asked
+        self.prompt_scores: list[TokenLogprob] = []  # one a prompt token (the first: none), where echo asks
         self.text, self.sent = "", 0  # the text decoded so far; how much of it is released
         self.hit = False  # a stop string ended the answer
         self.error: str | None = None
@@ -153,14 +158,26 @@ class Batcher:
                               presence_penalty=j.req.get("presence_penalty", 0.0),
                               frequency_penalty=j.req.get("frequency_penalty", 0.0)) for j in batch]
         try:
+            self._score_prompts(batch)
             generate_rows(run.model, run.tokenizer, [j.ids for j in batch],
                           max_new_tokens=[j.req["max_new_tokens"] for j in batch], sampling=samplings,
                           seeds=[j.req["seed"] for j in batch], stop_ids=run.stop_ids, compile=self.compile,
                           fill_rows=self.rows if step_compiles(run.model, compile=self.compile) else 0,
                           on_text=[j.on_text if j.watch else None for j in batch],
-                          on_end=lambda row, ids: batch[row].end(ids), cancel=self.closing.is_set)
+                          on_end=lambda row, ids: batch[row].end(ids), cancel=self.closing.is_set,
+                          top_logprobs=[j.req.get("logprobs") for j in batch],
+                          on_logprobs=lambda row, score: batch[row].scores.append(score))
         except Exception as e:  # whatever stopped the model goes back to its clients: none waits forever
             self._failed(batch, e)
+
+    def _score_prompts(self, batch: list[Job]) -> None:
+        """The prompt log-probs of the jobs that echo, one forward a prompt (choices of one prompt share it)."""
+        done: dict[int, list[TokenLogprob]] = {}
+        for job in batch:
+            if job.req.get("echo") and job.req.get("logprobs") is not None and not job.prompt_scores:
+                if id(job.ids) not in done:
+                    done[id(job.ids)] = prompt_logprobs(self.run.model, job.ids, job.req.get("logprobs") or 0)
+                job.prompt_scores = done[id(job.ids)]
 
     def _failed(self, batch: list[Job], e: Exception) -> None:
         """A batch that ran out of memory steps down: half the rows from now on, and its jobs that have sent
@@ -176,7 +193,7 @@ class Batcher:
                 if job.started:
                     job.end(job.new, "out of GPU memory mid-answer; ask again (batches are smaller now)")
                 else:
-                    job.text, job.sent = "", 0
+                    job.text, job.sent, job.scores = "", 0, []
                     self.submit(job)
             return
         why = explain_cuda_error(e) if torch.cuda.is_available() else f"{type(e).__name__}: {e}"

@@ -16,6 +16,7 @@ from transformers import DynamicCache
 
 from ppalli.infer.decode_layers import decode_layers, decode_problem
 from ppalli.infer.graph import StaticDecoder, base_model, compile_problem, graph_problem, step_kwargs
+from ppalli.infer.logprobs import TokenLogprob, logprobs_of
 
 _BROKEN = "\ufffd"  # what a decoder writes for an incomplete UTF-8 sequence, e.g. half a Hangul syllable
 
@@ -188,7 +189,8 @@ def generate_rows(model, tokenizer, prompts: list[list[int]], *, max_new_tokens:
                   stop_ids: Iterable[int] | None = None, graph: bool | None = None, compile: bool = False,
                   fill_rows: int = 0, on_text: list[Callable[[str], None] | None] | None = None,
                   on_end: Callable[[int, list[int]], None] | None = None,
-                  cancel: Callable[[], bool] | None = None) -> list[list[int]]:
+                  cancel: Callable[[], bool] | None = None, top_logprobs: list[int | None] | None = None,
+                  on_logprobs: Callable[[int, TokenLogprob], None] | None = None) -> list[list[int]]:
     """Answers to several prompts in one batch: each row's new ids, without its stop token.
 
     Prompts are left-padded (positions count from each row's first real token, padding masked), so a row gets
@@ -205,6 +207,8 @@ def generate_rows(model, tokenizer, prompts: list[list[int]], *, max_new_tokens:
     that raises RowCancelled ends its row there. on_end(i, ids) is called once as row i ends (its stop token, its
     limit, or cancelled), with its text flushed, so a short answer need not wait for the batch's longest.
     cancel() is asked once a step: True ends every open row where it is (a server shutting down).
+    top_logprobs[i] (None: none) asks row i's log-probs: on_logprobs(i, (log-prob, top (id, log-prob) pairs)) for
+    each token the row takes, before its text goes out (infer/logprobs.py: the model's distribution, unsampled).
     """
     device = _device(model)
     stops = stop_token_ids(model, tokenizer, stop_ids)
@@ -224,6 +228,7 @@ def generate_rows(model, tokenizer, prompts: list[list[int]], *, max_new_tokens:
     seeds = list(seeds or [None] * asked) + [None] * (len(prompts) - asked)
     pick = _RowPicker(prompts, samplings + samplings[-1:] * (len(prompts) - asked), seeds, device)
     rows = _Rows(asked, len(prompts), limits, stops, tokenizer, on_text, on_end, cancel)
+    rows.logprobs(top_logprobs, on_logprobs)
     step = _decoder(model, device, width + max(max(limits), 0), graph, rows=len(prompts), compile=compile)
     was_training = model.training
     model.eval()
@@ -256,11 +261,30 @@ class _Rows:
         self.done = [row >= asked for row in range(total)]
         fns = list(on_text or []) + [None] * (total - len(on_text or []))
         self.streams = [TextStream(tokenizer, fn) if fn else None for fn in fns]
+        self.tops: list[int | None] = [None] * total
+        self.on_logprobs: Callable[[int, TokenLogprob], None] | None = None
         for row in range(asked):
             if limits[row] <= 0:
                 self._end(row)
 
-    def take(self, tokens: list[int]) -> None:
+    def logprobs(self, tops: list[int | None] | None, on_logprobs) -> None:
+        """Which rows report their tokens' log-probs (tops[row]: how many alternatives), and to whom."""
+        if tops is not None and on_logprobs is not None:
+            self.tops[:len(tops)], self.on_logprobs = list(tops), on_logprobs
+
+    def scores(self, logits: torch.Tensor, tokens: torch.Tensor) -> list[TokenLogprob | None]:
+        """(B, V) logits and the (B,) tokens picked from them -> each open reporting row's log-probs (else None),
+        read off the device once."""
+        want = [row for row, top in enumerate(self.tops) if top is not None and not self.done[row]]
+        found: list[TokenLogprob | None] = [None] * len(self.tops)
+        if want:
+            index = torch.tensor(want, device=logits.device)
+            top = max(self.tops[row] for row in want)
+            for row, score in zip(want, logprobs_of(logits[index], tokens[index], top)):
+                found[row] = (score[0], score[1][:self.tops[row]])
+        return found
+
+    def take(self, tokens: list[int], scores: list[TokenLogprob | None] | None = None) -> None:
         """One step's token of every row: appended where the row is open, ending the rows it ends."""
         for row, token in enumerate(tokens):
             if self.done[row]:
@@ -269,6 +293,8 @@ class _Rows:
                 self._end(row)
                 continue
             self.out[row].append(token)
+            if scores and scores[row] is not None:
+                self.on_logprobs(row, scores[row])
             cancelled = False
             if self.streams[row]:
                 try:
@@ -309,7 +335,7 @@ def _rows_loop(step, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Ten
         logits = step(ids) if own else step.rows(ids, mask, positions)
     for _ in range(max(rows.limits)):  # each open row takes a token a step: the longest limit ends them all
         tokens = pick(logits, rows.out, rows.done)  # (B,) on the device
-        rows.take(tokens.tolist())
+        rows.take(tokens.tolist(), rows.scores(logits, tokens) if rows.on_logprobs else None)
         if all(rows.done):
             break
         if own:

@@ -2,9 +2,10 @@
 (the openai package, LangChain, curl) use the fine-tuned model as it is.
 
     POST /v1/chat/completions   {"messages": [...], "max_tokens", "temperature", "top_p", "seed", "stream", "n",
-                                 "stop", "presence_penalty", "frequency_penalty"}
-    POST /v1/completions        {"prompt": a string or a list of them, the same fields}: text continued as the
-                                 tokenizer takes it (no template; OpenAI's defaults: 16 tokens, temperature 1)
+                                 "stop", "presence_penalty", "frequency_penalty", "logprobs", "top_logprobs"}
+    POST /v1/completions        {"prompt": a string, token ids, or a list of either, the same fields, "logprobs": 0-20
+                                 alternatives, "echo"}: text continued as the tokenizer takes it (no template;
+                                 OpenAI's defaults: 16 tokens, temperature 1)
     GET  /v1/models             the run, as the one model served
     GET  /health                {"status": "ok"}
 
@@ -19,8 +20,12 @@ limit and stream, each answer back as its row ends); n > 1 asks for several answ
 seed, seed + 1, ... when a seed is given); stop strings (up to 4) end an answer before them, held back from a stream
 until they are ruled out. Built on the standard library's http.server: nothing to install.
 
+Log-probabilities (infer/logprobs.py) are the model's own distribution, before sampling's penalties, temperature and
+top-p, as vLLM gives them by default; `echo` with `logprobs` (and max_tokens 0) scores a prompt's own tokens, what
+lm-evaluation-harness' local-completions asks to score a continuation. They come with whole answers, not streams.
+
 A bad request gets a 400 whose message names the field and what it takes; fields of the API that change nothing
-here (user, stream_options, ...) are accepted and ignored, those that would (tools, logprobs, logit_bias, a JSON
+here (user, stream_options, ...) are accepted and ignored, those that would (tools, logit_bias, a JSON
 response_format) are refused rather than silently dropped.
 """
 
@@ -34,14 +39,13 @@ import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from ppalli.infer.batcher import Batcher, Job
+from ppalli.infer.logprobs import MOST_TOP, TokenPieces, chat_logprobs, covering, text_logprobs
 
 REFUSED = {"tools": "tool calls are not served", "functions": "function calls are not served",
-           "logprobs": "log-probabilities are not served", "top_logprobs": "log-probabilities are not served",
            "logit_bias": "logit_bias is not served", "response_format": "only free text is served (no JSON mode)"}
-TEXT_REFUSED = {"echo": "echo is not served", "suffix": "suffix (insertion) is not served",
+TEXT_REFUSED = {"suffix": "suffix (insertion) is not served",
                 "best_of": "best_of is not served: ask for n answers"}  # text completions' own fields
-ALLOWED = {"logprobs": (False, 0), "top_logprobs": (0,), "response_format": ({"type": "text"},), "echo": (False,),
-           "best_of": (1,)}  # what a refused field may say and still be served: the no-op values
+ALLOWED = {"response_format": ({"type": "text"},), "best_of": (1,)}  # the no-op values a refused field may say
 MOST_CHOICES, MOST_STOPS = 16, 4  # n and stop strings a request may ask for (OpenAI's API takes 4 stop strings)
 MOST_BODY_BYTES = 16 << 20  # a request's JSON: 16 MiB holds any prompt a model's positions can take
 TEXT_MAX_TOKENS = 16  # OpenAI's text completions' default max_tokens, where a request sets none
@@ -55,8 +59,9 @@ class BadRequest(ValueError):
 
 def parse_request(body: bytes, max_new_tokens: int, chat: bool = True) -> dict:
     """A chat completion request's JSON (or, chat False, a text completion's) -> {prompts (chat: one list of
-    messages; text: the prompt strings), max_new_tokens, max_asked, temperature, top_p, greedy, seed, stream, n, stop,
-    presence_penalty, frequency_penalty}."""
+    messages; text: the prompt strings or token-id lists), max_new_tokens, max_asked, temperature, top_p, greedy,
+    seed, stream, n, stop, presence_penalty, frequency_penalty, logprobs (alternatives a token, None: not asked),
+    echo}."""
     try:
         req = json.loads(body or b"{}")
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -67,9 +72,12 @@ def parse_request(body: bytes, max_new_tokens: int, chat: bool = True) -> dict:
         value = req.get(key)
         if value not in (None, [], "", {}) and value not in ALLOWED.get(key, ()):
             raise BadRequest(f"'{key}': {why}")
+    logprobs, echo = _logprobs(req, chat), bool(req.get("echo", False)) and not chat
+    if (logprobs is not None or echo) and req.get("stream"):
+        raise BadRequest(f"'{'echo' if echo else 'logprobs'}' is served with whole answers: ask with stream false")
     wanted = req.get("max_completion_tokens", req.get("max_tokens"))
     limit = (max_new_tokens if chat else TEXT_MAX_TOKENS) if wanted is None else \
-        _number(wanted, "max_tokens", int, 1, None)
+        _number(wanted, "max_tokens", int, 0 if echo else 1, None)  # 0 with echo: the prompt scored, no answer
     temperature = _number(req.get("temperature", 0.7 if chat else 1.0), "temperature", float, 0.0, 2.0)
     return {"prompts": [_messages(req)] if chat else _prompts(req),
             "max_new_tokens": min(limit, max_new_tokens), "max_asked": wanted is not None, "temperature": temperature,
@@ -78,7 +86,21 @@ def parse_request(body: bytes, max_new_tokens: int, chat: bool = True) -> dict:
             "seed": None if req.get("seed") is None else _number(req["seed"], "seed", int, 0, None),
             "stream": bool(req.get("stream", False)), "n": _number(req.get("n", 1), "n", int, 1, MOST_CHOICES),
             "stop": _stops(req.get("stop")),
-            **{k: _number(req.get(k, 0.0), k, float, -2.0, 2.0) for k in ("presence_penalty", "frequency_penalty")}}
+            **{k: _number(req.get(k, 0.0), k, float, -2.0, 2.0) for k in ("presence_penalty", "frequency_penalty")},
+            "logprobs": logprobs, "echo": echo}
+
+
+def _logprobs(req: dict, chat: bool) -> int | None:
+    """How many alternatives each token's log-prob comes with, or None where none are asked: chat's "logprobs"
+    (true/false) with "top_logprobs" (0-20); a text completion's "logprobs" (0-20)."""
+    value, top = req.get("logprobs"), req.get("top_logprobs")
+    if not chat:
+        return None if value is None else _number(value, "logprobs", int, 0, MOST_TOP)
+    if value is not None and not isinstance(value, bool):
+        raise BadRequest(f"'logprobs' must be true or false, got {value!r} (top_logprobs says how many alternatives)")
+    if top is not None and not value:
+        raise BadRequest("'top_logprobs' needs 'logprobs': true")
+    return (0 if top is None else _number(top, "top_logprobs", int, 0, MOST_TOP)) if value else None
 
 
 def _messages(req: dict) -> list[dict]:
@@ -91,15 +113,20 @@ def _messages(req: dict) -> list[dict]:
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
-def _prompts(req: dict) -> list[str]:
-    """A text completion's prompt: one string or a list of up to MOST_CHOICES (token ids are not taken)."""
+def _prompts(req: dict) -> list[str | list[int]]:
+    """A text completion's prompt: a string or a list of token ids, or a list of up to MOST_CHOICES of either."""
     value = req.get("prompt")
-    prompts = [value] if isinstance(value, str) else value
-    if not isinstance(prompts, list) or not 0 < len(prompts) <= MOST_CHOICES or \
-            not all(isinstance(p, str) and p for p in prompts):
-        raise BadRequest(f"'prompt' must be a non-empty string or a list of up to {MOST_CHOICES} of them "
-                         "(token-id prompts are not taken)")
+    one = isinstance(value, str) or (isinstance(value, list) and value and all(_is_id(t) for t in value))
+    prompts = [value] if one else value
+    if not isinstance(prompts, list) or not 0 < len(prompts) <= MOST_CHOICES or not all(
+            (isinstance(p, str) or (isinstance(p, list) and all(_is_id(t) for t in p))) and p for p in prompts):
+        raise BadRequest(f"'prompt' must be a non-empty string or list of token ids, or a list of up to "
+                         f"{MOST_CHOICES} of them")
     return prompts
+
+
+def _is_id(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _stops(value) -> list[str]:
@@ -130,20 +157,29 @@ class ChatServer(ThreadingHTTPServer):
         self.run, self.name, self.max_new_tokens, self.api_key = run, name, max_new_tokens, api_key
         self.batcher = Batcher(run, batch_size, compile)
         self.context = getattr(run.model.config, "max_position_embeddings", None)
+        self.vocab = run.model.get_input_embeddings().num_embeddings
+        self.pieces = TokenPieces(run.tokenizer)  # token id -> (text, bytes), for log-probs
 
     def server_close(self) -> None:
         super().server_close()
         self.batcher.close()
 
-    def prompt_ids(self, req: dict, prompt) -> tuple[list[int], int]:
-        """(ids, the most new tokens) of one prompt: a chat's messages rendered by the run's template, or a text
-        completion's string as the tokenizer takes it (BOS and all). An answer fits the model's positions: a request
-        that set max_tokens past them is refused (as OpenAI's API does), one that did not gets what room is left."""
-        chat = isinstance(prompt, list)
-        text = self.run.render_prompt(prompt) if chat else prompt
-        ids = self.run.tokenizer(text, add_special_tokens=not chat)["input_ids"]
+    def prompt_ids(self, req: dict, prompt, chat: bool) -> tuple[list[int], int]:
+        """(ids, the most new tokens) of one prompt: a chat's messages rendered by the run's template, a text
+        completion's string as the tokenizer takes it (BOS and all), or its token ids as they are. An answer fits
+        the model's positions: a request that set max_tokens past them is refused (as OpenAI's API does), one that
+        did not gets what room is left."""
+        if isinstance(prompt, list) and not chat:
+            ids = prompt
+            bad = next((t for t in ids if not 0 <= t < self.vocab), None)
+            if bad is not None:
+                raise BadRequest(f"'prompt': token id {bad} is outside the model's vocabulary (0 to {self.vocab - 1})")
+        else:
+            text = self.run.render_prompt(prompt) if chat else prompt
+            ids = self.run.tokenizer(text, add_special_tokens=not chat)["input_ids"]
         room = None if self.context is None else self.context - len(ids)
-        if room is not None and (room < 1 or (req["max_asked"] and req["max_new_tokens"] > room)):
+        if room is not None and (room < (0 if req["echo"] else 1) or
+                                 (req["max_asked"] and req["max_new_tokens"] > room)):
             asked = f" and max_tokens {req['max_new_tokens']}" if req["max_asked"] else ""
             what, fix = ("messages take", "fewer or shorter messages") if chat else ("prompt takes", "a shorter prompt")
             raise BadRequest(f"the {what} {len(ids)} tokens{asked}: more than the model's {self.context} positions; "
@@ -198,15 +234,16 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             body = self._body()
             req = parse_request(body, self.server.max_new_tokens, chat=chat)
-            prompts = [self.server.prompt_ids(req, prompt) for prompt in req["prompts"]]
+            prompts = [self.server.prompt_ids(req, prompt, chat) for prompt in req["prompts"]]
         except BadRequest as e:
             self._json(400, _error(str(e), "invalid_request_error"))
             return
         head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", "created": int(time.time()),
                 "model": self.server.name}
         texts = queue.SimpleQueue() if req["stream"] else None
-        choices = [(ids, choice) for ids, limit in prompts for choice in _choices({**req, "max_new_tokens": limit})]
-        jobs = [self.server.batcher.submit(Job(choice, ids, k, texts)) for k, (ids, choice) in enumerate(choices)]
+        choices = [(ids, choice, text) for (ids, limit), text in zip(prompts, req["prompts"])
+                   for choice in _choices({**req, "max_new_tokens": limit})]
+        jobs = [self.server.batcher.submit(Job(choice, ids, k, texts)) for k, (ids, choice, _) in enumerate(choices)]
         if req["stream"]:
             self._stream(jobs, texts, head, chat)
             return
@@ -218,11 +255,27 @@ class _Handler(BaseHTTPRequestHandler):
             return
         decode = self.server.run.tokenizer.decode
         answers = [job.answer if job.watch else decode(job.new, skip_special_tokens=True) for job in jobs]
+        if req["echo"]:  # the prompt comes back ahead of its answer: as sent, or its token ids decoded
+            answers = [(p if isinstance(p, str) else decode(p)) + a for (_, _, p), a in zip(choices, answers)]
         used, new = sum(len(ids) for ids, _ in prompts), sum(len(job.new) for job in jobs)
         self._json(200, {**head, "object": "chat.completion" if chat else "text_completion",
                          "choices": [{"index": job.index, **_content(chat, text, message=True),
-                                      "finish_reason": job.finish_reason} for job, text in zip(jobs, answers)],
+                                      "logprobs": self._logprobs(job, req, chat), "finish_reason": job.finish_reason}
+                                     for job, text in zip(jobs, answers)],
                          "usage": {"prompt_tokens": used, "completion_tokens": new, "total_tokens": used + new}})
+
+    def _logprobs(self, job: Job, req: dict, chat: bool) -> dict | None:
+        """A choice's log-probs in its API's shape (None where not asked): the answer's tokens (those an answer cut
+        by a stop string keeps), after the prompt's where echo asks."""
+        if req["logprobs"] is None:
+            return None
+        kept = covering(self.server.run.tokenizer, job.new, job.answer) if job.hit else len(job.new)
+        ids, scores = job.new[:kept], job.scores[:kept]
+        if chat:
+            return chat_logprobs(self.server.pieces, ids, scores)
+        if req["echo"]:
+            ids, scores = job.ids + ids, job.prompt_scores + scores
+        return text_logprobs(self.server.pieces, ids, scores, req["logprobs"])
 
     def _body(self) -> bytes:
         """The request's body, read only when its Content-Length is a number up to MOST_BODY_BYTES."""

@@ -84,7 +84,10 @@ def test_seeded_sampling_repeats_and_the_server_caps_max_tokens(server):
     ({"messages": QUESTION, "max_tokens": 0}, "'max_tokens' must be >= 1"),
     ({"messages": QUESTION, "n": 17}, "'n' must be in [1, 16]"), ({"messages": QUESTION, "tools": [{}]}, "'tools'"),
     ({"messages": QUESTION, "stop": ["a", "b", "c", "d", "e"]}, "'stop'"),
-    ({"messages": QUESTION, "stop": [""]}, "'stop'"), ({"messages": QUESTION, "logprobs": True}, "'logprobs'"),
+    ({"messages": QUESTION, "stop": [""]}, "'stop'"), ({"messages": QUESTION, "logprobs": 3}, "'logprobs'"),
+    ({"messages": QUESTION, "top_logprobs": 2}, "'top_logprobs' needs 'logprobs'"),
+    ({"messages": QUESTION, "logprobs": True, "top_logprobs": 21}, "'top_logprobs' must be in [0, 20]"),
+    ({"messages": QUESTION, "logprobs": True, "stream": True}, "'logprobs' is served with whole answers"),
     ({"messages": QUESTION, "response_format": {"type": "json_object"}}, "'response_format'"),
     ({"messages": QUESTION, "frequency_penalty": 2.5}, "'frequency_penalty' must be in [-2.0, 2.0]"),
     ({"messages": [{"role": "user", "content": "가" * 5000}]}, "positions")])
@@ -240,9 +243,11 @@ def test_text_completions_continue_the_prompt_as_the_tokenizer_takes_it(server):
     assert status == 200 and json.loads(body)["usage"]["completion_tokens"] <= 16  # OpenAI's default max_tokens
 
 
-@pytest.mark.parametrize("payload,field", [({"prompt": "x", "echo": True}, "'echo'"),
-                                           ({"prompt": [1, 2, 3]}, "'prompt'"), ({"prompt": ""}, "'prompt'"),
-                                           ({"prompt": "x", "logprobs": 5}, "'logprobs'"),
+@pytest.mark.parametrize("payload,field", [({"prompt": "x", "echo": True, "stream": True}, "'echo'"),
+                                           ({"prompt": [1, "a"]}, "'prompt'"), ({"prompt": ""}, "'prompt'"),
+                                           ({"prompt": [[]]}, "'prompt'"), ({"prompt": [10 ** 9]}, "vocabulary"),
+                                           ({"prompt": "x", "logprobs": 21}, "'logprobs'"),
+                                           ({"prompt": "x", "max_tokens": 0}, "'max_tokens' must be >= 1"),
                                            ({"prompt": "x", "best_of": 3}, "'best_of'")])
 def test_bad_text_completion_requests_name_the_field(server, payload, field):
     status, body = _post(server[1], payload, TEXT)
@@ -270,3 +275,38 @@ def test_an_api_key_is_asked_on_the_v1_routes_only(server):
         assert client.chat.completions.create(model="served", messages=QUESTION, max_tokens=2).choices
     finally:
         srv.api_key = None
+
+
+def test_echo_scores_the_prompt_and_logprobs_score_the_answer(server):
+    """What lm-evaluation-harness' local-completions asks (token-id prompt, echo, logprobs, max_tokens 0 or 1, greedy):
+    the prompt's own tokens scored as one forward scores them, then the answer's, each greedy token the top one."""
+    from ppalli.infer.logprobs import prompt_logprobs
+
+    srv, url = server
+    run = srv.run
+    ids = run.tokenizer("서울은 한국의 수도이고")["input_ids"]
+    want = prompt_logprobs(run.model, ids, top=2)
+    status, body = _post(url, {"prompt": ids, "echo": True, "logprobs": 2, "max_tokens": 0, "temperature": 0}, TEXT)
+    choice = json.loads(body)["choices"][0]
+    assert status == 200 and choice["text"] == run.tokenizer.decode(ids) and choice["finish_reason"] == "length"
+    lp = choice["logprobs"]
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None and len(lp["tokens"]) == len(ids)
+    assert lp["token_logprobs"][1:] == pytest.approx([c for c, _ in want[1:]], abs=1e-5)
+    assert all(len(top) <= 2 for top in lp["top_logprobs"][1:])
+    status, body = _post(url, {"prompt": ids, "echo": True, "logprobs": 1, "max_tokens": 3, "temperature": 0}, TEXT)
+    lp = json.loads(body)["choices"][0]["logprobs"]
+    new = len(lp["tokens"]) - len(ids)
+    assert status == 200 and 0 < new <= 3 and lp["token_logprobs"][1:len(ids)] == pytest.approx(
+        [c for c, _ in want[1:]], abs=1e-4)
+    for k in range(len(ids), len(lp["tokens"])):  # greedy: each new token is its position's likeliest
+        assert list(lp["top_logprobs"][k].values())[0] == pytest.approx(lp["token_logprobs"][k], abs=1e-6)
+    status, body = _post(url, {"messages": QUESTION, "max_tokens": 6, "temperature": 0, "logprobs": True,
+                               "top_logprobs": 3})
+    reply = json.loads(body)
+    content = reply["choices"][0]["logprobs"]["content"]
+    assert status == 200 and len(content) == reply["usage"]["completion_tokens"]
+    assert bytes(b for c in content for b in c["bytes"]).decode() == reply["choices"][0]["message"]["content"]
+    assert all(c["top_logprobs"][0]["logprob"] == pytest.approx(c["logprob"], abs=1e-6) and
+               len(c["top_logprobs"]) == 3 for c in content)
+    status, body = _post(url, {"messages": QUESTION, "max_tokens": 2})
+    assert json.loads(body)["choices"][0]["logprobs"] is None

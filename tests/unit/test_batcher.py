@@ -127,18 +127,18 @@ def test_an_answer_without_max_tokens_gets_the_room_left_and_one_asking_past_it_
     ids = run.tokenizer(TEXTS[0], add_special_tokens=False)["input_ids"]
     ask = {"messages": [{"role": "user", "content": TEXTS[0]}]}
     req = parse_request(json.dumps(ask).encode(), max_new_tokens=512)
-    assert ChatServer.prompt_ids(served, req, req["prompts"][0]) == (ids, 20 - len(ids))
+    assert ChatServer.prompt_ids(served, req, req["prompts"][0], True) == (ids, 20 - len(ids))
     req = parse_request(json.dumps({**ask, "max_tokens": 21 - len(ids)}).encode(), max_new_tokens=512)
     with pytest.raises(BadRequest, match=f"{len(ids)} tokens and max_tokens {21 - len(ids)}.*smaller max_tokens"):
-        ChatServer.prompt_ids(served, req, req["prompts"][0])
+        ChatServer.prompt_ids(served, req, req["prompts"][0], True)
     served.context = len(ids)  # no room at all: refused even without max_tokens
     req = parse_request(json.dumps(ask).encode(), max_new_tokens=512)
     with pytest.raises(BadRequest, match="shorter messages$"):
-        ChatServer.prompt_ids(served, req, req["prompts"][0])
+        ChatServer.prompt_ids(served, req, req["prompts"][0], True)
     text = parse_request(json.dumps({"prompt": TEXTS[0]}).encode(), max_new_tokens=512, chat=False)
     assert text["max_new_tokens"] == 16 and text["temperature"] == 1.0  # OpenAI's text completion defaults
     with pytest.raises(BadRequest, match="shorter prompt$"):
-        ChatServer.prompt_ids(served, text, TEXTS[0])
+        ChatServer.prompt_ids(served, text, TEXTS[0], False)
 
 
 def _feed(job: Job, pieces: list[str]) -> bool:
