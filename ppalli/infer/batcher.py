@@ -31,7 +31,8 @@ class Job:
     ends, or the error that stopped its batch. Its text is watched as it decodes when it streams or has stop
     strings: text that may begin a stop string is held back, a stop string ends the row before it, and released
     text goes to `texts` as (index, text), then (index, None) at the end (several choices may share one queue).
-    req["logprobs"] (None: not asked) is how many alternatives each new token's log-prob comes with (`scores`);
+    req["logprobs"] (None: not asked) is how many alternatives each new token's log-prob comes with (`scored`: the
+    ids of `new`, then the stop token where one ended the row, each with its log-probs);
     req["echo"] asks the prompt's too (`prompt_scores`, from one forward before the batch decodes)."""
 
     def __init__(self, req: dict, ids: list[int], index: int = 0, texts: queue.SimpleQueue | None = None):
@@ -39,7 +40,7 @@ class Job:
         self.stops: list[str] = req.get("stop", [])
         self.watch = texts is not None or bool(self.stops)
         self.new: list[int] = []
-        self.scores: list[TokenLogprob] = []  # one a new token, where log-probs are asked
+        self.scored: list[tuple[int, TokenLogprob]] = []  # (token, its log-probs) a new token, where asked
         self.prompt_scores: list[TokenLogprob] = []  # one a prompt token (the first: none), where echo asks
         self.text, self.sent = "", 0  # the text decoded so far; how much of it is released
         self.hit = False  # a stop string ended the answer
@@ -166,7 +167,7 @@ class Batcher:
                           on_text=[j.on_text if j.watch else None for j in batch],
                           on_end=lambda row, ids: batch[row].end(ids), cancel=self.closing.is_set,
                           top_logprobs=[j.req.get("logprobs") for j in batch],
-                          on_logprobs=lambda row, score: batch[row].scores.append(score))
+                          on_logprobs=lambda row, token, score: batch[row].scored.append((token, score)))
         except Exception as e:  # whatever stopped the model goes back to its clients: none waits forever
             self._failed(batch, e)
 
@@ -193,7 +194,7 @@ class Batcher:
                 if job.started:
                     job.end(job.new, "out of GPU memory mid-answer; ask again (batches are smaller now)")
                 else:
-                    job.text, job.sent, job.scores = "", 0, []
+                    job.text, job.sent, job.scored = "", 0, []
                     self.submit(job)
             return
         why = explain_cuda_error(e) if torch.cuda.is_available() else f"{type(e).__name__}: {e}"

@@ -190,7 +190,7 @@ def generate_rows(model, tokenizer, prompts: list[list[int]], *, max_new_tokens:
                   fill_rows: int = 0, on_text: list[Callable[[str], None] | None] | None = None,
                   on_end: Callable[[int, list[int]], None] | None = None,
                   cancel: Callable[[], bool] | None = None, top_logprobs: list[int | None] | None = None,
-                  on_logprobs: Callable[[int, TokenLogprob], None] | None = None) -> list[list[int]]:
+                  on_logprobs: Callable[[int, int, TokenLogprob], None] | None = None) -> list[list[int]]:
     """Answers to several prompts in one batch: each row's new ids, without its stop token.
 
     Prompts are left-padded (positions count from each row's first real token, padding masked), so a row gets
@@ -207,8 +207,9 @@ def generate_rows(model, tokenizer, prompts: list[list[int]], *, max_new_tokens:
     that raises RowCancelled ends its row there. on_end(i, ids) is called once as row i ends (its stop token, its
     limit, or cancelled), with its text flushed, so a short answer need not wait for the batch's longest.
     cancel() is asked once a step: True ends every open row where it is (a server shutting down).
-    top_logprobs[i] (None: none) asks row i's log-probs: on_logprobs(i, (log-prob, top (id, log-prob) pairs)) for
-    each token the row takes, before its text goes out (infer/logprobs.py: the model's distribution, unsampled).
+    top_logprobs[i] (None: none) asks row i's log-probs: on_logprobs(i, token, (log-prob, top (id, log-prob) pairs))
+    for each token the row takes, its stop token too, before its text goes out (infer/logprobs.py: the model's
+    distribution, unsampled).
     """
     device = _device(model)
     stops = stop_token_ids(model, tokenizer, stop_ids)
@@ -262,7 +263,7 @@ class _Rows:
         fns = list(on_text or []) + [None] * (total - len(on_text or []))
         self.streams = [TextStream(tokenizer, fn) if fn else None for fn in fns]
         self.tops: list[int | None] = [None] * total
-        self.on_logprobs: Callable[[int, TokenLogprob], None] | None = None
+        self.on_logprobs: Callable[[int, int, TokenLogprob], None] | None = None
         for row in range(asked):
             if limits[row] <= 0:
                 self._end(row)
@@ -289,12 +290,12 @@ class _Rows:
         for row, token in enumerate(tokens):
             if self.done[row]:
                 continue
+            if scores and scores[row] is not None:
+                self.on_logprobs(row, token, scores[row])
             if token in self.stops:
                 self._end(row)
                 continue
             self.out[row].append(token)
-            if scores and scores[row] is not None:
-                self.on_logprobs(row, scores[row])
             cancelled = False
             if self.streams[row]:
                 try:

@@ -17,7 +17,7 @@ and top_p are ppalli chat's 0.7 and 0.9; temperature 0 decodes greedily. With "s
 the answer comes as server-sent events of chat.completion.chunk objects, text as it is decoded, then
 `data: [DONE]`. Concurrent requests are decoded together (infer/batcher.py: each row with its own sampling, seed,
 limit and stream, each answer back as its row ends); n > 1 asks for several answers at once (rows of the batch, seeds
-seed, seed + 1, ... when a seed is given); stop strings (up to 4) end an answer before them, held back from a stream
+seed, seed + 1, ... when a seed is given); stop strings (up to 16) end an answer before them, held back from a stream
 until they are ruled out. Built on the standard library's http.server: nothing to install.
 
 Log-probabilities (infer/logprobs.py) are the model's own distribution, before sampling's penalties, temperature and
@@ -46,7 +46,9 @@ REFUSED = {"tools": "tool calls are not served", "functions": "function calls ar
 TEXT_REFUSED = {"suffix": "suffix (insertion) is not served",
                 "best_of": "best_of is not served: ask for n answers"}  # text completions' own fields
 ALLOWED = {"response_format": ({"type": "text"},), "best_of": (1,)}  # the no-op values a refused field may say
-MOST_CHOICES, MOST_STOPS = 16, 4  # n and stop strings a request may ask for (OpenAI's API takes 4 stop strings)
+# n, a text completion's prompts, and stop strings a request may ask for. OpenAI's API takes 4 stop strings; more are
+# taken here, as vLLM does: lm-evaluation-harness' local-completions sends a task's whole `until` list.
+MOST_CHOICES, MOST_PROMPTS, MOST_STOPS = 16, 64, 16
 MOST_BODY_BYTES = 16 << 20  # a request's JSON: 16 MiB holds any prompt a model's positions can take
 TEXT_MAX_TOKENS = 16  # OpenAI's text completions' default max_tokens, where a request sets none
 ROLES = ("system", "user", "assistant")
@@ -114,14 +116,14 @@ def _messages(req: dict) -> list[dict]:
 
 
 def _prompts(req: dict) -> list[str | list[int]]:
-    """A text completion's prompt: a string or a list of token ids, or a list of up to MOST_CHOICES of either."""
+    """A text completion's prompt: a string or a list of token ids, or a list of up to MOST_PROMPTS of either."""
     value = req.get("prompt")
     one = isinstance(value, str) or (isinstance(value, list) and value and all(_is_id(t) for t in value))
     prompts = [value] if one else value
-    if not isinstance(prompts, list) or not 0 < len(prompts) <= MOST_CHOICES or not all(
+    if not isinstance(prompts, list) or not 0 < len(prompts) <= MOST_PROMPTS or not all(
             (isinstance(p, str) or (isinstance(p, list) and all(_is_id(t) for t in p))) and p for p in prompts):
         raise BadRequest(f"'prompt' must be a non-empty string or list of token ids, or a list of up to "
-                         f"{MOST_CHOICES} of them")
+                         f"{MOST_PROMPTS} of them")
     return prompts
 
 
@@ -266,11 +268,14 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _logprobs(self, job: Job, req: dict, chat: bool) -> dict | None:
         """A choice's log-probs in its API's shape (None where not asked): the answer's tokens (those an answer cut
-        by a stop string keeps), after the prompt's where echo asks."""
+        by a stop string keeps), after the prompt's where echo asks. A text completion's end with the stop token
+        that ended them, as vLLM's do: lm-evaluation-harness drops the last token after `echo` with max_tokens 1,
+        taking it for the one token asked, so a stop token left out would cost it a token of the continuation."""
         if req["logprobs"] is None:
             return None
-        kept = covering(self.server.run.tokenizer, job.new, job.answer) if job.hit else len(job.new)
-        ids, scores = job.new[:kept], job.scores[:kept]
+        kept = covering(self.server.run.tokenizer, job.new, job.answer) if job.hit else \
+            len(job.new) if chat else len(job.scored)
+        ids, scores = [t for t, _ in job.scored[:kept]], [s for _, s in job.scored[:kept]]
         if chat:
             return chat_logprobs(self.server.pieces, ids, scores)
         if req["echo"]:

@@ -83,7 +83,7 @@ def test_seeded_sampling_repeats_and_the_server_caps_max_tokens(server):
     ({"messages": QUESTION, "temperature": 3}, "'temperature' must be in [0.0, 2.0]"),
     ({"messages": QUESTION, "max_tokens": 0}, "'max_tokens' must be >= 1"),
     ({"messages": QUESTION, "n": 17}, "'n' must be in [1, 16]"), ({"messages": QUESTION, "tools": [{}]}, "'tools'"),
-    ({"messages": QUESTION, "stop": ["a", "b", "c", "d", "e"]}, "'stop'"),
+    ({"messages": QUESTION, "stop": [str(k) for k in range(17)]}, "'stop'"),
     ({"messages": QUESTION, "stop": [""]}, "'stop'"), ({"messages": QUESTION, "logprobs": 3}, "'logprobs'"),
     ({"messages": QUESTION, "top_logprobs": 2}, "'top_logprobs' needs 'logprobs'"),
     ({"messages": QUESTION, "logprobs": True, "top_logprobs": 21}, "'top_logprobs' must be in [0, 20]"),
@@ -310,3 +310,28 @@ def test_echo_scores_the_prompt_and_logprobs_score_the_answer(server):
                len(c["top_logprobs"]) == 3 for c in content)
     status, body = _post(url, {"messages": QUESTION, "max_tokens": 2})
     assert json.loads(body)["choices"][0]["logprobs"] is None
+
+
+def test_lm_eval_harness_loglikelihood_requests_read_as_it_reads_them(server):
+    """local-completions' loglikelihood payload as lm-evaluation-harness 0.4 sends it (a batch of token-id prompts,
+    context + continuation, max_tokens 1, logprobs 1, echo), read as its parse_logprobs reads it: the sum of the
+    continuation's log-probs, and whether each continuation token is its position's top one (exact float match)."""
+    from ppalli.infer.logprobs import prompt_logprobs
+
+    srv, url = server
+    run = srv.run
+    context = run.tokenizer("질문: 한국의 수도는? 답:")["input_ids"]
+    pairs = [(context, run.tokenizer(" 서울", add_special_tokens=False)["input_ids"]),
+             (context, run.tokenizer(" 부산", add_special_tokens=False)["input_ids"])]
+    payload = {"model": "served", "prompt": [c + x for c, x in pairs], "temperature": 0, "max_tokens": 1,
+               "logprobs": 1, "seed": 1234, "echo": True}
+    status, body = _post(url, payload, TEXT)
+    assert status == 200
+    for choice, (c, x) in zip(sorted(json.loads(body)["choices"], key=lambda ch: ch["index"]), pairs):
+        lp = choice["logprobs"]
+        got = sum(lp["token_logprobs"][len(c):-1])
+        greedy = all(t == max(top.values()) for t, top in zip(lp["token_logprobs"][len(c):-1],
+                                                                lp["top_logprobs"][len(c):-1]))
+        want = prompt_logprobs(run.model, c + x, top=1)[len(c):]
+        assert got == pytest.approx(sum(s for s, _ in want), abs=1e-4)
+        assert greedy == all(alts[0][0] == t for (_, alts), t in zip(want, x))

@@ -66,7 +66,7 @@ def test_decoded_rows_report_the_logprobs_of_their_own_sequence(tok):
     seen: dict[int, list] = {0: [], 1: [], 2: []}
     out = generate_rows(model, tok, prompts, max_new_tokens=[6, 9, 5], seeds=[None, 7, None],
                         sampling=[Sampling(greedy=True), Sampling(temperature=1.5, top_p=0.8), Sampling(greedy=True)],
-                        top_logprobs=[2, 0, None], on_logprobs=lambda row, score: seen[row].append(score))
+                        top_logprobs=[2, 0, None], on_logprobs=lambda row, token, score: seen[row].append(score))
     assert seen[2] == [] and [len(seen[0]), len(seen[1])] == [len(out[0]), len(out[1])] == [6, 9]
     for row in (0, 1):
         whole = _whole(model, prompts[row] + out[row])[len(prompts[row]) - 1:]  # (new, V)
@@ -74,6 +74,19 @@ def test_decoded_rows_report_the_logprobs_of_their_own_sequence(tok):
             assert chosen == pytest.approx(whole[t, out[row][t]].item(), abs=1e-4)
             assert len(alts) == (2 if row == 0 else 0)
     assert all(alts[0][0] == token for (_, alts), token in zip(seen[0], out[0]))  # greedy: the top one is taken
+
+
+def test_a_row_ended_by_its_stop_token_reports_that_token_last(tok):
+    """The stop token is not in the answer, but its log-prob is reported (serve's text completions end with it, as
+    vLLM's do)."""
+    model = _model(tok)
+    prompt = tok("안녕하세요", add_special_tokens=False)["input_ids"]
+    free = generate_rows(model, tok, [prompt], max_new_tokens=8)[0]
+    stop = free[3]
+    seen: list = []
+    out = generate_rows(model, tok, [prompt], max_new_tokens=8, stop_ids=[stop], top_logprobs=[0],
+                        on_logprobs=lambda row, token, score: seen.append(token))[0]
+    assert out == free[:free.index(stop)] and seen == out + [stop]
 
 
 @pytest.mark.parametrize("name", ["tokenizer_llama3", "tokenizer_qwen2.5", "tokenizer_llama2"])
