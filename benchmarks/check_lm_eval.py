@@ -1,7 +1,8 @@
 """lm-evaluation-harness against `ppalli serve`, on the CPU: its `local-completions` model (token-id prompts, echo,
 logprobs) scores a multiple-choice task and answers a generation task over HTTP, and each figure it reads is set
 beside ppalli's own: every choice's log-likelihood from one forward (infer/logprobs.py), every answer from `generate`
-cut at the task's first stop string.
+cut at the task's first stop string. Run twice: with the tokenizer's folder on the harness' side, and with its
+default "auto", which finds serve's /tokenizer_info and /tokenize and tokenizes on the server.
 
     pip install "lm-eval[api]"
     python benchmarks/check_lm_eval.py --out benchmarks/results/DATE-cpu-lm-eval.json
@@ -83,6 +84,11 @@ def _own_answer(run, context: str) -> str:
     return text[:min(cuts)] if cuts else text
 
 
+def _same(a: dict, b: dict) -> bool:
+    """Whether two harness runs read the same responses, document by document, in both tasks."""
+    return all([s["resps"] for s in a["samples"][t]] == [s["resps"] for s in b["samples"][t]] for t in b["samples"])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
@@ -92,6 +98,7 @@ def main() -> None:
     args = ap.parse_args()
     import lm_eval
     from lm_eval.tasks import TaskManager
+    from lm_eval.utils import check_remote_tokenizer_support
     from tiny import tiny_run_config
 
     from ppalli.models.load import load_run
@@ -106,14 +113,19 @@ def main() -> None:
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}/v1/completions"
     tasks = _tasks(tmp, _rows(args.shared, args.docs), args.generations)
+    found = {}
     try:
-        result = lm_eval.simple_evaluate(
-            model="local-completions", tasks=tasks, task_manager=TaskManager(include_path=str(tmp)), log_samples=True,
-            model_args={"model": "served", "base_url": url, "tokenizer_backend": "huggingface",
-                        "tokenizer": str(tmp / "tokenizer"), "tokenized_requests": True, "num_concurrent": 1})
+        for backend in ("huggingface", "auto"):  # a tokenizer folder on the harness' side; the server's routes
+            args_ = {"model": "served", "base_url": url, "tokenizer_backend": backend, "tokenized_requests": True,
+                     "num_concurrent": 1, **({"tokenizer": str(tmp / "tokenizer")} if backend == "huggingface" else {})}
+            found[backend] = lm_eval.simple_evaluate(
+                model="local-completions", tasks=tasks, task_manager=TaskManager(include_path=str(tmp)),
+                log_samples=True, model_args=args_)
+        remote = check_remote_tokenizer_support(url)  # what "auto" asked before it chose the server's tokenizer
     finally:
         server.shutdown()
         server.server_close()
+    result = found["huggingface"]
     worst, picks_agree, choices = 0.0, 0, 0
     for sample in result["samples"]["ko_qa_choice"]:
         theirs = [resp[0][0] for resp in sample["resps"]]
@@ -127,6 +139,7 @@ def main() -> None:
             "choices": choices, "max_abs_loglikelihood_diff": worst, "argmax_agree": picks_agree,
             "acc": result["results"]["ko_qa_choice"].get("acc,none"),
             "generations": len(gens), "generations_equal": sum(a == b for a, b in gens),
+            "remote_tokenizer_detected": remote, "remote_tokenizer_same_results": _same(found["auto"], result),
             "generation_pairs": gens}
     print(json.dumps({k: v for k, v in rows.items() if k != "generation_pairs"}, ensure_ascii=False))
     for theirs, ours in gens:

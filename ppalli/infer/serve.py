@@ -8,8 +8,11 @@
                                  OpenAI's defaults: 16 tokens, temperature 1)
     GET  /v1/models             the run, as the one model served
     GET  /health                {"status": "ok"}
+    GET  /tokenizer_info, POST /tokenize {"prompt" | "messages", "add_special_tokens"}, POST /detokenize {"tokens"}:
+                                 vLLM's tokenizer routes, with which lm-evaluation-harness tokenizes on the server
+                                 (no tokenizer folder on its side)
 
-With --api-key KEY, the /v1/ routes answer only requests that send "Authorization: Bearer KEY".
+With --api-key KEY, every route but /health answers only requests that send "Authorization: Bearer KEY".
 
 Messages are rendered by the run's own template (the one training used) and answers end at its stop tokens, as in
 `ppalli chat`; decoding is `generate` (merged 16-bit weights, the CUDA-graph step where exact). Unset, temperature
@@ -53,6 +56,7 @@ MOST_BODY_BYTES = 16 << 20  # a request's JSON: 16 MiB holds any prompt a model'
 TEXT_MAX_TOKENS = 16  # OpenAI's text completions' default max_tokens, where a request sets none
 ROLES = ("system", "user", "assistant")
 ROUTES = ("/v1/chat/completions", "/v1/completions")
+TOKENIZER_ROUTES = ("/tokenize", "/detokenize")
 
 
 class BadRequest(ValueError):
@@ -162,6 +166,13 @@ class ChatServer(ThreadingHTTPServer):
         self.vocab = run.model.get_input_embeddings().num_embeddings
         self.pieces = TokenPieces(run.tokenizer)  # token id -> (text, bytes), for log-probs
 
+    def tokenizer_info(self) -> dict:
+        """GET /tokenizer_info as vLLM answers it: the special tokens, the chat template, the model's positions."""
+        tok = self.run.tokenizer
+        return {"tokenizer_class": type(tok).__name__, "eos_token": tok.eos_token, "bos_token": tok.bos_token,
+                "pad_token": tok.pad_token, "chat_template": getattr(tok, "chat_template", None),
+                "model_max_length": self.context}
+
     def server_close(self) -> None:
         super().server_close()
         self.batcher.close()
@@ -200,10 +211,10 @@ class _Handler(BaseHTTPRequestHandler):
         return None
 
     def _refused_key(self) -> bool:
-        """With --api-key, /v1/ routes answer only "Authorization: Bearer KEY" (as OpenAI's clients send api_key);
-        a 401 otherwise. /health stays open for load balancers."""
+        """With --api-key, every route but /health answers only "Authorization: Bearer KEY" (as OpenAI's clients
+        send api_key); a 401 otherwise. /health stays open for load balancers."""
         key = self.server.api_key
-        if not key or not self.path.startswith("/v1/"):
+        if not key or self.path.rstrip("/") == "/health":
             return False
         sent = self.headers.get("Authorization", "")
         if hmac.compare_digest(sent.encode(), f"Bearer {key}".encode()):
@@ -221,6 +232,8 @@ class _Handler(BaseHTTPRequestHandler):
                                                          "owned_by": "ppalli"}]})
         elif self.path.rstrip("/") == "/health":
             self._json(200, {"status": "ok"})
+        elif self.path.rstrip("/") == "/tokenizer_info":
+            self._json(200, self.server.tokenizer_info())
         else:
             self._json(404, _error(f"no route GET {self.path}; try POST /v1/chat/completions", "not_found"))
 
@@ -228,6 +241,9 @@ class _Handler(BaseHTTPRequestHandler):
         if self._refused_key():
             return
         route = self.path.rstrip("/")
+        if route in TOKENIZER_ROUTES:
+            self._tokenizer_route(route)
+            return
         if route not in ROUTES:
             self._json(404, _error(f"no route POST {self.path}; try POST /v1/chat/completions or /v1/completions",
                                    "not_found"))
@@ -281,6 +297,30 @@ class _Handler(BaseHTTPRequestHandler):
         if req["echo"]:
             ids, scores = job.ids + ids, job.prompt_scores + scores
         return text_logprobs(self.server.pieces, ids, scores, req["logprobs"])
+
+    def _tokenizer_route(self, route: str) -> None:
+        """POST /tokenize {"prompt": text (or "messages", rendered by the run's template), "add_special_tokens"
+        (default true)} -> {"count", "max_model_len", "tokens"}; POST /detokenize {"tokens"} -> {"prompt"}: as vLLM
+        answers them."""
+        try:
+            req = json.loads(self._body() or b"{}")
+            if not isinstance(req, dict):
+                raise BadRequest("the body must be a JSON object")
+            if route == "/detokenize":
+                tokens = req.get("tokens")
+                if not isinstance(tokens, list) or not all(_is_id(t) and 0 <= t < self.server.vocab for t in tokens):
+                    raise BadRequest(f"'tokens' must be a list of token ids (0 to {self.server.vocab - 1})")
+                self._json(200, {"prompt": self.server.run.tokenizer.decode(tokens)})
+                return
+            chat = "messages" in req
+            text = self.server.run.render_prompt(_messages(req)) if chat else req.get("prompt")
+            if not isinstance(text, str):
+                raise BadRequest("'prompt' must be a string (or send 'messages')")
+            special = req.get("add_special_tokens", not chat)
+            ids = self.server.run.tokenizer(text, add_special_tokens=bool(special))["input_ids"]
+            self._json(200, {"count": len(ids), "max_model_len": self.server.context, "tokens": ids})
+        except (BadRequest, json.JSONDecodeError, UnicodeDecodeError) as e:
+            self._json(400, _error(str(e), "invalid_request_error"))
 
     def _body(self) -> bytes:
         """The request's body, read only when its Content-Length is a number up to MOST_BODY_BYTES."""

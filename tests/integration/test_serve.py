@@ -254,7 +254,7 @@ def test_bad_text_completion_requests_name_the_field(server, payload, field):
     assert status == 400 and field in json.loads(body)["error"]["message"]
 
 
-def test_an_api_key_is_asked_on_the_v1_routes_only(server):
+def test_an_api_key_is_asked_on_every_route_but_health(server):
     srv, url = server
     srv.api_key = "s3cret"
     try:
@@ -335,3 +335,21 @@ def test_lm_eval_harness_loglikelihood_requests_read_as_it_reads_them(server):
         want = prompt_logprobs(run.model, c + x, top=1)[len(c):]
         assert got == pytest.approx(sum(s for s, _ in want), abs=1e-4)
         assert greedy == all(alts[0][0] == t for (_, alts), t in zip(want, x))
+
+
+def test_tokenizer_routes_answer_as_vllms_do(server):
+    """/tokenizer_info, /tokenize and /detokenize: what lm-evaluation-harness' remote tokenizer reads."""
+    srv, url = server
+    tok = srv.run.tokenizer
+    with urllib.request.urlopen(url + "/tokenizer_info", timeout=60) as r:
+        info = json.loads(r.read())
+    assert info["eos_token"] == tok.eos_token and info["model_max_length"] == srv.context
+    status, body = _post(url, {"prompt": "서울은 한국의", "add_special_tokens": False}, "/tokenize")
+    ids = tok("서울은 한국의", add_special_tokens=False)["input_ids"]
+    assert status == 200 and json.loads(body) == {"count": len(ids), "max_model_len": srv.context, "tokens": ids}
+    status, body = _post(url, {"messages": QUESTION}, "/tokenize")
+    want = tok(srv.run.render_prompt(QUESTION), add_special_tokens=False)["input_ids"]
+    assert status == 200 and json.loads(body)["tokens"] == want
+    status, body = _post(url, {"tokens": ids}, "/detokenize")
+    assert status == 200 and json.loads(body) == {"prompt": "서울은 한국의"}
+    assert _post(url, {"tokens": [-1]}, "/detokenize")[0] == 400 and _post(url, {"prompt": 3}, "/tokenize")[0] == 400
