@@ -16,8 +16,8 @@ import time
 
 import torch
 
-from ppalli.infer.generate import RowCancelled, Sampling, generate_rows, step_compiles
-from ppalli.infer.logprobs import TokenLogprob, prompt_logprobs
+from ppalli.infer.generate import RowCancelled, Sampling, generate_rows, step_compiles, stop_token_ids
+from ppalli.infer.logprobs import TokenLogprob, logprobs_of, score_prompt
 from ppalli.train.oom import explain_cuda_error, is_oom
 
 _log = logging.getLogger("ppalli.serve")
@@ -155,11 +155,13 @@ class Batcher:
 
     def _decode(self, batch: list[Job]) -> None:
         run = self.run
-        samplings = [Sampling(temperature=j.req["temperature"] or 1.0, top_p=j.req["top_p"], greedy=j.req["greedy"],
-                              presence_penalty=j.req.get("presence_penalty", 0.0),
-                              frequency_penalty=j.req.get("frequency_penalty", 0.0)) for j in batch]
         try:
-            self._score_prompts(batch)
+            batch = self._score_prompts(batch)
+            if not batch:
+                return
+            samplings = [Sampling(temperature=j.req["temperature"] or 1.0, top_p=j.req["top_p"],
+                                  greedy=j.req["greedy"], presence_penalty=j.req.get("presence_penalty", 0.0),
+                                  frequency_penalty=j.req.get("frequency_penalty", 0.0)) for j in batch]
             generate_rows(run.model, run.tokenizer, [j.ids for j in batch],
                           max_new_tokens=[j.req["max_new_tokens"] for j in batch], sampling=samplings,
                           seeds=[j.req["seed"] for j in batch], stop_ids=run.stop_ids, compile=self.compile,
@@ -171,14 +173,27 @@ class Batcher:
         except Exception as e:  # whatever stopped the model goes back to its clients: none waits forever
             self._failed(batch, e)
 
-    def _score_prompts(self, batch: list[Job]) -> None:
-        """The prompt log-probs of the jobs that echo, one forward a prompt (choices of one prompt share it)."""
-        done: dict[int, list[TokenLogprob]] = {}
+    def _score_prompts(self, batch: list[Job]) -> list[Job]:
+        """The prompt log-probs of the jobs that echo, one forward a prompt (choices of one prompt share it); the
+        jobs left to decode. One asking a single greedy token and no stop string (lm-evaluation-harness'
+        log-likelihood requests: echo, logprobs, max_tokens 1, temperature 0) takes it from that same forward,
+        instead of the prompt's second pass a batch of generate_rows would cost."""
+        done: dict[int, tuple[list[TokenLogprob], torch.Tensor]] = {}
+        stops = stop_token_ids(self.run.model, self.run.tokenizer, self.run.stop_ids)
+        rest = []
         for job in batch:
-            if job.req.get("echo") and job.req.get("logprobs") is not None and not job.prompt_scores:
+            top = job.req.get("logprobs")
+            if job.req.get("echo") and top is not None and not job.prompt_scores:
                 if id(job.ids) not in done:
-                    done[id(job.ids)] = prompt_logprobs(self.run.model, job.ids, job.req.get("logprobs") or 0)
-                job.prompt_scores = done[id(job.ids)]
+                    done[id(job.ids)] = score_prompt(self.run.model, job.ids, top)
+                job.prompt_scores, last = done[id(job.ids)]
+                if job.req["greedy"] and job.req["max_new_tokens"] == 1 and not job.watch:
+                    token = int(last.argmax())
+                    job.scored = [(token, logprobs_of(last[None], torch.tensor([token]), top)[0])]
+                    job.end([] if token in stops else [token])
+                    continue
+            rest.append(job)
+        return rest
 
     def _failed(self, batch: list[Job], e: Exception) -> None:
         """A batch that ran out of memory steps down: half the rows from now on, and its jobs that have sent

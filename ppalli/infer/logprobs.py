@@ -31,12 +31,18 @@ def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor, top: int) -> list[To
     return [(c, list(zip(i, v))) for c, i, v in zip(chosen, ids.tolist(), values.tolist())]
 
 
-@torch.inference_mode()
 def prompt_logprobs(model, ids: list[int], top: int, rows: int = 1024) -> list[TokenLogprob]:
     """Each prompt token's log-prob given the tokens before it, and the `top` likeliest there; the first token
-    has none (None, []). Where ppalli knows the model's head (a fast-path family: the lm_head, and Gemma's final
-    softcap), the decoder runs once and the head `rows` positions at a time: Llama 3's 128,256-token vocabulary
-    makes a 4,096-token prompt's fp32 logits 2.1 GB at once, 0.5 GB in chunks of 1,024. Else the model's logits."""
+    has none (None, []). One forward: score_prompt."""
+    return score_prompt(model, ids, top, rows)[0]
+
+
+@torch.inference_mode()
+def score_prompt(model, ids: list[int], top: int, rows: int = 1024) -> tuple[list[TokenLogprob], torch.Tensor]:
+    """(prompt_logprobs' figures, the (V,) logits after the prompt's last token: what its first answer token is
+    picked from). Where ppalli knows the model's head (a fast-path family: the lm_head, and Gemma's final softcap),
+    the decoder runs once and the head `rows` positions at a time: Llama 3's 128,256-token vocabulary makes a
+    4,096-token prompt's fp32 logits 2.1 GB at once, 0.5 GB in chunks of 1,024. Else the model's logits."""
     from ppalli.models.fast import backbone_of, causal_lm
     from ppalli.train.objectives import _known_family
 
@@ -48,17 +54,18 @@ def prompt_logprobs(model, ids: list[int], top: int, rows: int = 1024) -> list[T
     try:
         out: list[TokenLogprob] = [(None, [])]
         if not _known_family(model):
-            logits = model(input_ids=x, use_cache=False).logits[0, :-1]  # (T-1, V)
-            return out + logprobs_of(logits, targets, top)
+            logits = model(input_ids=x, use_cache=False).logits[0]  # (T, V)
+            return out + logprobs_of(logits[:-1], targets, top), logits[-1].float()
         lm = causal_lm(model)
         head, cap = lm.get_output_embeddings(), getattr(lm.config, "final_logit_softcapping", None)
-        hidden = backbone_of(model)(input_ids=x, use_cache=False).last_hidden_state[0, :-1]  # (T-1, d)
+        hidden = backbone_of(model)(input_ids=x, use_cache=False).last_hidden_state[0]  # (T, d)
         for start in range(0, hidden.shape[0], rows):
             logits = head(hidden[start:start + rows])  # (rows, V)
             if cap:
                 logits = torch.tanh(logits / cap) * cap
-            out += logprobs_of(logits, targets[start:start + rows], top)
-        return out
+            scored = targets[start:start + rows]  # the last chunk holds one position more: the answer's first
+            out += logprobs_of(logits[:scored.shape[0]], scored, top)
+        return out, logits[-1].float()
     finally:
         model.train(was_training)
 

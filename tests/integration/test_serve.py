@@ -335,6 +335,12 @@ def test_lm_eval_harness_loglikelihood_requests_read_as_it_reads_them(server):
         want = prompt_logprobs(run.model, c + x, top=1)[len(c):]
         assert got == pytest.approx(sum(s for s, _ in want), abs=1e-4)
         assert greedy == all(alts[0][0] == t for (_, alts), t in zip(want, x))
+        # the one token asked, taken from the scoring forward (no second pass): greedy decoding's first token
+        first = generate(run.model, run.tokenizer, torch.tensor([c + x]), max_new_tokens=1, greedy=True,
+                         stop_ids=run.stop_ids) or [None]
+        stop = choice["finish_reason"] == "stop"
+        assert stop == (first[0] is None) and len(lp["tokens"]) == len(c + x) + 1
+        assert stop or lp["tokens"][-1] == srv.pieces(first[0])[0]
 
 
 def test_tokenizer_routes_answer_as_vllms_do(server):
