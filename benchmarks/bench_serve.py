@@ -44,6 +44,9 @@ class _NoEos:
     def decode(self, ids, **kw):
         return self.tok.decode(ids, **kw)
 
+    def __getattr__(self, name):  # the rest (convert_ids_to_tokens, ... for log-probs) is the tokenizer's
+        return getattr(self.tok, name)
+
 
 def served_run(config_path: str | None, device: str):
     from transformers import AutoConfig, AutoModelForCausalLM

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import logging
 import queue
 import time
 import uuid
@@ -55,6 +56,7 @@ MOST_CHOICES, MOST_PROMPTS, MOST_STOPS = 16, 64, 16
 MOST_BODY_BYTES = 16 << 20  # a request's JSON: 16 MiB holds any prompt a model's positions can take
 TEXT_MAX_TOKENS = 16  # OpenAI's text completions' default max_tokens, where a request sets none
 ROLES = ("system", "user", "assistant")
+_log = logging.getLogger("ppalli.serve")
 ROUTES = ("/v1/chat/completions", "/v1/completions")
 TOKENIZER_ROUTES = ("/tokenize", "/detokenize")
 
@@ -271,16 +273,25 @@ class _Handler(BaseHTTPRequestHandler):
         if failed:
             self._json(500, _error(failed, "server_error"))
             return
+        try:
+            self._json(200, {**head, **self._answers(jobs, choices, req, chat)})
+        except Exception as e:  # the client gets a 500 that says what broke, not a closed connection
+            _log.exception("building the answer failed")
+            self._json(500, _error(f"building the answer failed: {type(e).__name__}: {e}", "server_error"))
+
+    def _answers(self, jobs: list[Job], choices: list[tuple], req: dict, chat: bool) -> dict:
+        """A whole (not streamed) reply's object, choices and usage."""
         decode = self.server.run.tokenizer.decode
         answers = [job.answer if job.watch else decode(job.new, skip_special_tokens=True) for job in jobs]
         if req["echo"]:  # the prompt comes back ahead of its answer: as sent, or its token ids decoded
             answers = [(p if isinstance(p, str) else decode(p)) + a for (_, _, p), a in zip(choices, answers)]
-        used, new = sum(len(ids) for ids, _ in prompts), sum(len(job.new) for job in jobs)
-        self._json(200, {**head, "object": "chat.completion" if chat else "text_completion",
-                         "choices": [{"index": job.index, **_content(chat, text, message=True),
-                                      "logprobs": self._logprobs(job, req, chat), "finish_reason": job.finish_reason}
-                                     for job, text in zip(jobs, answers)],
-                         "usage": {"prompt_tokens": used, "completion_tokens": new, "total_tokens": used + new}})
+        used = sum(len(ids) for ids, _, _ in choices[::req["n"]])
+        new = sum(len(job.new) for job in jobs)
+        return {"object": "chat.completion" if chat else "text_completion",
+                "choices": [{"index": job.index, **_content(chat, text, message=True),
+                             "logprobs": self._logprobs(job, req, chat), "finish_reason": job.finish_reason}
+                            for job, text in zip(jobs, answers)],
+                "usage": {"prompt_tokens": used, "completion_tokens": new, "total_tokens": used + new}}
 
     def _logprobs(self, job: Job, req: dict, chat: bool) -> dict | None:
         """A choice's log-probs in its API's shape (None where not asked): the answer's tokens (those an answer cut
