@@ -111,6 +111,28 @@ def test_rows_with_their_own_limits_and_sampling_from_the_graph_equal_eager():
     assert runs[0] == runs[1] and runs[1][2] == [] and all(len(r) <= n for r, n in zip(runs[1], [12, 20, 0, 7]))
 
 
+def test_logprobs_reported_from_the_graph_are_those_of_one_forward_over_the_sequence():
+    """`ppalli serve`'s log-probs from the CUDA graph's rows (left-padded, mixed sampling): each token's equals the
+    log-softmax of one forward over prompt + answer, as on the CPU (tests/unit/test_logprobs.py)."""
+    from ppalli.infer.generate import generate_rows
+
+    model = _model("qwen2")
+    gen = torch.Generator().manual_seed(6)
+    prompts = [torch.randint(0, 256, (n,), generator=gen).tolist() for n in (9, 4, 13)]
+    seen = {0: [], 1: [], 2: []}
+    out = generate_rows(model, _NoStop(), prompts, max_new_tokens=[10, 14, 6], graph=True, seeds=[None, 3, None],
+                        sampling=[Sampling(greedy=True), Sampling(temperature=0.9, top_p=0.9), Sampling(greedy=True)],
+                        top_logprobs=[3, 0, None], on_logprobs=lambda row, token, score: seen[row].append(score))
+    assert seen[2] == [] and [len(seen[0]), len(seen[1])] == [len(out[0]), len(out[1])]
+    for row in (0, 1):
+        with torch.inference_mode():
+            whole = model(input_ids=torch.tensor([prompts[row] + out[row]], device=CUDA)).logits[0, :-1]
+        whole = whole.float().log_softmax(-1)[len(prompts[row]) - 1:]  # (new, V)
+        got = torch.tensor([lp for lp, _ in seen[row]], device=CUDA)
+        torch.testing.assert_close(got, whole.gather(1, torch.tensor(out[row], device=CUDA)[:, None])[:, 0],
+                                   rtol=1e-4, atol=1e-4)
+
+
 def _nf4_model():
     """A tiny Llama in bf16 with its projections quantized by ppalli (bitsandbytes NF4, double quant) and PEFT
     LoRA on them: a QLoRA model as `ppalli chat` decodes it (a 4-bit base keeps the adapter unmerged)."""
