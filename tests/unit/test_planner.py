@@ -145,12 +145,22 @@ def test_attention_pins_that_cannot_run_are_errors(pin, gpu, packages, spec_1b):
     ("a100 80gb", {"flash_attn": "2.7.4"}, "flash_attention_2"),
     ("a100 80gb", {}, "sdpa"),
     ("t4", {"flash_attn": "2.7.4"}, "sdpa"),
-    ("h100", {"flash_attn_4": "4.0.0b40"}, "sdpa"),  # not picked until timed against cuDNN: said, runs when pinned
+    ("h100", {"flash_attn_4": "4.0.0b40"}, "flash_attention_4"),  # timed against cuDNN on an H200: faster
+    ("a100 80gb", {"flash_attn_4": "4.0.0b40"}, "sdpa"),  # not timed there
 ])
 def test_one_attention_backend_with_a_reason(gpu, packages, attention, spec_1b):
     plan = whatif(cfg(), spec_1b, gpu=gpu, packages={**ASSUMED_PACKAGES, **packages})
     assert plan.attention == attention and plan.reasons["attention"]
-    assert ("flash_attention_4" in plan.reasons["attention"]) == ("flash_attn_4" in packages)
+    assert ("flash-attn 4" in plan.reasons["attention"]) == ("flash_attn_4" in packages and gpu == "h100")
+
+
+@pytest.mark.parametrize("change,why", [({"plan": {"fast_path": "off"}}, "plan.fast_path=off"),
+                                        ({"lora": {"dropout": 0.05}}, "lora.dropout"),
+                                        ({"plan": {"deterministic": True}}, "plan.deterministic")])
+def test_flash_attention_4_is_not_chosen_where_it_would_not_run_or_was_not_measured(change, why, spec_1b):
+    plan = whatif(cfg(**change), spec_1b, gpu="h100", packages={**ASSUMED_PACKAGES, "flash_attn_4": "4.0.0b40"})
+    assert plan.attention == "sdpa" and "runs when pinned" in plan.reasons["attention"]
+    assert why in plan.reasons["attention"]
 
 
 @pytest.mark.parametrize("fast_path", ["auto", "off"])
