@@ -7,9 +7,9 @@
 # Call 1 carries .fa4/a: install stages its library in every folder of STAGES. A later call on the same warm
 # machine carries .fa4/b: install finds a staged copy, lays out /tmp/fa4site and puts it on PYTHONPATH, and says
 # which stages lasted. They lie outside the tree each call re-sends: an ignored folder of the repo did not last
-# (2026-12-05: .fa4stage/, staged in one call, was gone in the next on the same warm machine). Which of these
-# folders lasts between calls is not yet seen (both tries lost the machine before their second call finished), so
-# the library goes to four kinds of place at once (193 MB each; the machine has 64 GiB of disk, 128 GiB of memory).
+# (2026-12-05: .fa4stage/, staged in one call, was gone in the next on the same warm machine). All four of these
+# lasted from one call to the next three on one warm H200 (2026-12-05, 11:11-11:24 UTC); the library still goes to
+# each (193 MB apiece; the machine has 64 GiB of disk, 128 GiB of memory) until one is seen to fail.
 # cp312: the device's python3 (KINDS.md). The device already has cuda-bindings, cuda-pathfinder, protobuf.
 CUTLASS=4.8.1
 WHEELS=("nvidia-cutlass-dsl==$CUTLASS" "nvidia-cutlass-dsl-libs-base==$CUTLASS" "nvidia-cutlass-dsl-libs-core==$CUTLASS"
