@@ -269,8 +269,9 @@ class _Rows:
                 self._end(row)
 
     def logprobs(self, tops: list[int | None] | None, on_logprobs) -> None:
-        """Which rows report their tokens' log-probs (tops[row]: how many alternatives), and to whom."""
-        if tops is not None and on_logprobs is not None:
+        """Which rows report their tokens' log-probs (tops[row]: how many alternatives), and to whom. With no row
+        asking (serve passes every batch's list), the loop does no log-prob work at all."""
+        if tops is not None and on_logprobs is not None and any(top is not None for top in tops):
             self.tops[:len(tops)], self.on_logprobs = list(tops), on_logprobs
 
     def scores(self, logits: torch.Tensor, tokens: torch.Tensor) -> list[TokenLogprob | None]:
