@@ -8,7 +8,7 @@
 # gemm: benchmarks/bench_gemm.py, the step's base GEMMs shape by shape (~1 min).
 # fa4: flash-attn 4 (benchmarks/fa4_bundle.sh: .fa4/a carried in an earlier call, .fa4/b in this one):
 # bench_attention.py with it, then the flash-attn GPU tests; T4-fa4 (T1-fa4): T4 (T1) steady, Unsloth (GC off)
-# first without it on the path, then ppalli's own plan and ppalli with plan.attention=flash_attention_4, then
+# first without it on the path, then ppalli's own plan (flash-attn 4 on Hopper once installed), then
 # Unsloth with torch's SDPA flash kernels run as FA4 (what its padding-free trainer activates), all appended.
 # T3-8.8 is T3 with ppalli planned to an 8.8 GiB budget (peak under Unsloth QLoRA's 8.06 GiB).
 # CASE-steady: the warm-up held to 15 s after its first round and ~17-20 s of timed steps, the clock a long
@@ -47,7 +47,7 @@ for what in "$@"; do
       python3 benchmarks/peers.py --case "$c" --gc off --stacks unsloth --out "$scratch/$what" $long; keep "$what"
       ( . benchmarks/fa4_bundle.sh install
         python3 benchmarks/peers.py --case "$c" --gc off --stacks ppalli --ppalli-setting auto \
-          --ppalli-setting attention=flash_attention_4 --out "$scratch/$what" --append $long; keep "$what"
+          --out "$scratch/$what" --append $long; keep "$what"
         PPALLI_PEERS_FLASH_IMPL=FA4 python3 benchmarks/peers.py --case "$c" --gc off --stacks unsloth \
           --out "$scratch/$what" --append $long ) ;;
     T1) python3 benchmarks/peers.py --case T1 --gc off --stacks ppalli,unsloth --out "$scratch/$what" --timeout 200 ;;

@@ -44,7 +44,7 @@ def score_prompt(model, ids: list[int], top: int, rows: int = 1024) -> tuple[lis
     the decoder runs once and the head `rows` positions at a time: Llama 3's 128,256-token vocabulary makes a
     4,096-token prompt's fp32 logits 2.1 GB at once, 0.5 GB in chunks of 1,024. Else the model's logits."""
     from ppalli.models.fast import backbone_of, causal_lm
-    from ppalli.train.objectives import _known_family
+    from ppalli.train.objectives import _known_family, head_chunks
 
     device = next(model.parameters()).device
     x = torch.tensor([ids], dtype=torch.long, device=device)  # (1, T)
@@ -56,13 +56,8 @@ def score_prompt(model, ids: list[int], top: int, rows: int = 1024) -> tuple[lis
         if not _known_family(model):
             logits = model(input_ids=x, use_cache=False).logits[0]  # (T, V)
             return out + logprobs_of(logits[:-1], targets, top), logits[-1].float()
-        lm = causal_lm(model)
-        head, cap = lm.get_output_embeddings(), getattr(lm.config, "final_logit_softcapping", None)
         hidden = backbone_of(model)(input_ids=x, use_cache=False).last_hidden_state[0]  # (T, d)
-        for start in range(0, hidden.shape[0], rows):
-            logits = head(hidden[start:start + rows])  # (rows, V)
-            if cap:
-                logits = torch.tanh(logits / cap) * cap
+        for start, logits in head_chunks(causal_lm(model), hidden, rows):  # (rows, V)
             scored = targets[start:start + rows]  # the last chunk holds one position more: the answer's first
             out += logprobs_of(logits[:scored.shape[0]], scored, top)
         return out, logits[-1].float()

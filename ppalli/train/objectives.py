@@ -12,7 +12,7 @@ torchtune's per-micro-batch means drifted from it).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -73,15 +73,20 @@ def chunked_lm_loss(model, batch: dict, rows: int = 2048) -> tuple[torch.Tensor,
     Why: with Llama 3's 128,256-token vocabulary a 4 x 2048 micro-batch's fp32 logits alone take 4.2 GB
     (and log-softmax another copy); 2048 rows take 1.05 GB."""
     lm, h, y = _trained_hidden(model, batch, batch["labels"])
-    head = lm.get_output_embeddings()
-    cap = getattr(lm.config, "final_logit_softcapping", None)
     total = torch.zeros((), dtype=torch.float32, device=h.device)
-    for start in range(0, y.numel(), rows):
-        logits = head(h[start:start + rows])  # (rows, V)
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
+    for start, logits in head_chunks(lm, h, rows):
         total += F.cross_entropy(logits.float(), y[start:start + rows], reduction="sum")
     return total, batch_trained_tokens(batch)
+
+
+def head_chunks(lm, hidden: torch.Tensor, rows: int) -> Iterator[tuple[int, torch.Tensor]]:
+    """(start, logits (<= rows, V)) of hidden (n, d) through the causal LM lm's head `rows` positions at a time,
+    Gemma 2/3's final logit softcap applied as HF applies it (in the logits' dtype)."""
+    head = lm.get_output_embeddings()
+    cap = getattr(lm.config, "final_logit_softcapping", None)
+    for start in range(0, hidden.shape[0], rows):
+        logits = head(hidden[start:start + rows])  # (rows, V)
+        yield start, torch.tanh(logits / cap) * cap if cap else logits
 
 
 def eval_lm_loss(model) -> Callable:
