@@ -135,14 +135,34 @@ def _phi3_tokens(folder) -> None:
     (folder / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
 
 
+def llama_cpp_model(path, **kwargs):
+    """llama_cpp.Llama(path, n_ctx=128, logits_all=True, f32 KV cache, ...) without llama.cpp's extra CPU buffer
+    types (model_params.use_extra_bufts, which llama-cpp-python's constructor does not take): on a CPU with AMX
+    (AMX_INT8 = 1 in llama_cpp.llama_print_system_info(), this machine 2026-12-05) a native build moves the
+    weights into AMX buffers and its AMX matmul segfaults in the first decode (the same crash as
+    ggml-org/llama.cpp#20824; every case of the tokens-and-logits test here, f32 and q8_0). The plain CPU
+    kernels are what is read then, on every machine alike."""
+    from unittest import mock
+
+    import llama_cpp
+
+    defaults = llama_cpp.llama_cpp.llama_model_default_params
+
+    def params():
+        p = defaults()
+        p.use_extra_bufts = False
+        return p
+
+    with mock.patch.object(llama_cpp.llama_cpp, "llama_model_default_params", params):
+        return llama_cpp.Llama(str(path), n_ctx=128, logits_all=True, verbose=False, n_threads=2, type_k=0,
+                               type_v=0, **kwargs)
+
+
 def llama_cpp_reads(folder, model, tok, outtype: str):
     """Export `folder` as `outtype` and load it in llama.cpp (its KV cache in f32, 0 = GGML_TYPE_F32); for each of
     TEXTS: (text, HF's token ids, whether llama.cpp's equal them, llama.cpp's largest logit error against HF's
     fp32 forward on them, relative to the largest logit)."""
-    import llama_cpp
-
-    llm = llama_cpp.Llama(str(export_gguf(folder, outtype=outtype)), n_ctx=128, logits_all=True, verbose=False,
-                          n_threads=2, type_k=0, type_v=0)
+    llm = llama_cpp_model(export_gguf(folder, outtype=outtype))
     rows = []
     for text in TEXTS:
         ids = tok(text)["input_ids"]
@@ -392,10 +412,10 @@ def test_cli_export_writes_the_merged_folder_and_its_gguf(make_cfg, quiet, capsy
     assert tok.convert_tokens_to_ids("<|im_end|>") in trained.stop_ids
     meta = _fields(gguf.GGUFReader(out / "model-q8_0.gguf"))
     assert meta["general.architecture"] == "qwen2" and meta["tokenizer.chat_template"] == tok.chat_template
-    llama_cpp = pytest.importorskip("llama_cpp")
+    pytest.importorskip("llama_cpp")
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     ids = tok(prompt)["input_ids"]
-    llm = llama_cpp.Llama(str(out / "model-q8_0.gguf"), n_ctx=128, logits_all=True, verbose=False, n_threads=2)
+    llm = llama_cpp_model(out / "model-q8_0.gguf")
     llm.eval(ids)
     got = np.asarray(llm.scores[: len(ids)], dtype=np.float32)
     with torch.no_grad():
