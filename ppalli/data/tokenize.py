@@ -1,8 +1,8 @@
 """Render, tokenize and label normalized examples, in chunks, over several processes.
 
 Each chunk is rendered to (text, trained) segments, tokenized in one batch call with offsets, and labeled by
-`masking.label_tokens`. Chunks go to a process pool (fork where the OS has it, so workers inherit the tokenizer
-instead of unpickling it) in windows of a few chunks per worker, so a streamed source is never read far ahead.
+`masking.label_tokens`. Chunks go to a process pool (forkserver where the OS has it, else spawn; each worker
+unpickles the tokenizer once) in windows of a few chunks per worker, so a streamed source is never read far ahead.
 """
 
 from __future__ import annotations
@@ -164,9 +164,14 @@ def resolve_num_proc(num_proc: int) -> int:
 
 
 def _context():
-    # fork shares the loaded tokenizer for free; macOS forks are unsafe with system frameworks, Windows has none.
+    # Not fork: a worker forked from this process inherits whatever locks its other threads held at that moment
+    # (a server's, torch's, a tokenizer's) and may wait on one forever. CI 2026-12-05: in the full test suite,
+    # after the serve and llama.cpp tests had run in-process, a forked pool never answered (the pool test timed
+    # out at 60 s; alone it takes 1 s). forkserver forks workers from a clean server process (Python 3.14's
+    # default on Linux); macOS and Windows spawn.
     methods = multiprocessing.get_all_start_methods()
-    return multiprocessing.get_context("fork" if "fork" in methods and sys.platform != "darwin" else "spawn")
+    return multiprocessing.get_context("forkserver" if "forkserver" in methods and sys.platform != "darwin"
+                                       else "spawn")
 
 
 def encode_stream(tagged: Iterable[tuple[bool, dict]], tokenizer, tpl: Template,  # noqa: ANN001
