@@ -18,19 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from ppalli.kernels._utils import device_name
 from ppalli.kernels.lora_linear import base_weight
-
-# GPUs where benchmarks/bench_dgrad_ext.py found the two wide GEMMs faster than the two base GEMMs and the two
-# skinny ones, at T4's and T1's shapes: the fast path widens gate and up there only. The risk it checks: cuBLAS
-# may cover the 2r extra output columns with a whole column of tiles more (2048 -> 2080 wide: 8 -> 9 tiles of
-# 256), which would cost more than the reads of dg and du it saves.
-WIDE_PAYS: set[str] = set()
-
-
-def wide_pays(device: torch.device) -> bool:
-    """Whether the fast path gives gate and up spare columns on this device (WIDE_PAYS)."""
-    return device.type == "cuda" and device_name(device) in WIDE_PAYS
 
 
 def _spare(w: torch.Tensor, extra: int) -> torch.Tensor | None:

@@ -56,7 +56,7 @@ from ppalli.kernels.lora_linear import (
 )
 from ppalli.kernels.lora_mlp import lora_mlp
 from ppalli.kernels.lora_qkv import lora_qkv
-from ppalli.kernels.lora_wide import narrow_base_weights, wide_pays, widen_base_weights
+from ppalli.kernels.lora_wide import narrow_base_weights, widen_base_weights
 from ppalli.kernels.rms_norm import rms_norm, rms_norm_residual
 from ppalli.kernels.rope import apply_rope
 from ppalli.kernels.swiglu import swiglu
@@ -488,8 +488,7 @@ def apply_fast_path(model: nn.Module, *, attention_backend: str = "auto",
         layer.forward = fused.forward
         log(f"fast path: {prefix}.layers.{i} ({type(layer).__name__}).forward -> fused ({fused.describe()})")
         handle.stacked += _stack_bases(layer, spec, fused)
-        if not fp8 and wide_pays(device):  # fp8 runs its own input-gradient GEMMs
-            handle.widened += _widen_bases(layer, spec)
+        handle.widened += [] if fp8 else _widen_bases(layer, spec)  # fp8 runs its own input-gradient GEMMs
     if handle.stacked:
         log(f"fast path: q/k/v base weights of {len(handle.stacked)} layers laid out as one (out, in) block each "
             "(same parameters and values), so the input gradient's base term is one GEMM")

@@ -187,8 +187,7 @@ def test_revert_restores_the_original_layers_exactly():
     _apply(model).revert()  # and it can be applied again
 
 
-def test_each_swap_is_logged_and_a_second_apply_is_refused(monkeypatch):
-    monkeypatch.setattr("ppalli.models.fast.wide_pays", lambda device: True)  # as on a GPU listed in WIDE_PAYS
+def test_each_swap_is_logged_and_a_second_apply_is_refused():
     model = tiny_lora_model("qwen2")
     lines = []
     handle = _apply(model, lines)
