@@ -32,7 +32,6 @@ from torch import nn
 from ppalli.errors import PpalliError
 from ppalli.kernels._utils import current_stash, is_recomputing
 from ppalli.kernels.factor_cache import factor_cast
-from ppalli.kernels.fp8 import fp8_weights
 from ppalli.kernels.lora_add_rms_norm import lora_add_fwd
 from ppalli.kernels.lora_glu import ACTS, lora_glu_bwd, lora_glu_fwd, lora_glu_fwd_had
 from ppalli.kernels.lora_linear import (
@@ -48,7 +47,6 @@ from ppalli.kernels.lora_linear import (
     stacked_lora_a,
     stacked_lora_a_grads,
 )
-from ppalli.kernels.lora_wide import wide_input_grad, wide_weights
 
 
 class LoRAMLPFunction(torch.autograd.Function):
@@ -111,21 +109,14 @@ class LoRAMLPFunction(torch.autograd.Function):
         dgate, dup, g_dB, u_dB, d_da = lora_glu_bwd(dh0, gate0, up0, xag, gB, gs, xau, uB, us, dxad, da, ctx.act,
                                                     sums)
         del dh0
-        dx = dxa_all = None
-        wides = (wide_weights((gb, ub), (gB, uB), dgate.dtype) if need[0] and None not in (g_rank, u_rank)
-                 and fp8_weights(gb) is None and fp8_weights(ub) is None else None)
-        if wides is not None:  # dx and both (N, r) products from the two base GEMMs (lora_wide.py)
-            dx, dxa_all = wide_input_grad((dgate, dup), wides, (gB, uB), (gs, us))
-            dxag, dxau = dxa_all[:, :g_rank], dxa_all[:, g_rank:]
-        else:
-            dxag = scaled_mm(dgate, gB, gs) if g_rank is not None else None  # (N, r)
-            dxau = scaled_mm(dup, uB, us) if u_rank is not None else None
+        dxag = scaled_mm(dgate, gB, gs) if g_rank is not None else None  # (N, r)
+        dxau = scaled_mm(dup, uB, us) if u_rank is not None else None
         (g_da, u_da), dxa_all = stacked_lora_a_grads((dxag, dxau), x, a_stack, ctx.ranks, (need[3], need[7]),
-                                                     dtypes[0::2], stacked=dxa_all)
+                                                     dtypes[0::2])
+        dx = None
         if need[0]:
-            if dx is None:
-                dx = add_input_grad(None, dgate, gb, None, None)  # (N, d)
-                dx = add_input_grad(dx, dup, ub, None, None)
+            dx = add_input_grad(None, dgate, gb, None, None)  # (N, d)
+            dx = add_input_grad(dx, dup, ub, None, None)
             if dxa_all is not None:  # both rank-r terms in one GEMM, last (see add_input_grad)
                 dx.addmm_(dxa_all, a_stack)
         g_dB, u_dB, d_da, d_dB = (cast(t, dt) for t, dt in ((g_dB, dtypes[1]), (u_dB, dtypes[3]), (d_da, dtypes[4]),

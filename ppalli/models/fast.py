@@ -56,7 +56,6 @@ from ppalli.kernels.lora_linear import (
 )
 from ppalli.kernels.lora_mlp import lora_mlp
 from ppalli.kernels.lora_qkv import lora_qkv
-from ppalli.kernels.lora_wide import narrow_base_weights, widen_base_weights
 from ppalli.kernels.rms_norm import rms_norm, rms_norm_residual
 from ppalli.kernels.rope import apply_rope
 from ppalli.kernels.swiglu import swiglu
@@ -389,7 +388,6 @@ class FastPathHandle:
     factors: FactorCache = field(default_factory=FactorCache)  # the fused layers' bf16 LoRA factors
     stacked: list[tuple[nn.Module, ...]] = field(default_factory=list)  # q/k/v base layers laid out as one block
     fp8: list[nn.Module] = field(default_factory=list)  # base layers given e4m3 copies (plan.fp8)
-    widened: list[tuple[tuple[nn.Module, ...], int]] = field(default_factory=list)  # (gate, up bases), rank
 
     @property
     def active(self) -> bool:
@@ -412,10 +410,6 @@ class FastPathHandle:
             unstack_base_weights(bases)
         if self.stacked:
             self.log(f"fast path: q/k/v base weights of {len(self.stacked)} layers back in their own storage")
-        for bases, rank in self.widened:
-            narrow_base_weights(bases, rank)
-        if self.widened:
-            self.log(f"fast path: gate/up base weights of {len(self.widened)} layers back in compact storage")
         wrapped = sum(not _swapped_directly(layer) for layer, _ in self.swaps)
         if wrapped:
             self.log(f"fast path: {wrapped} layers had wrappers over the fused forward (e.g. recompute); "
@@ -429,7 +423,6 @@ class FastPathHandle:
             self.log(f"fast path: reverted {len(self.swaps)} layers to their original forward")
         self.swaps.clear()
         self.stacked.clear()
-        self.widened.clear()
         self.fp8.clear()
         self.factors.clear()
 
@@ -488,13 +481,9 @@ def apply_fast_path(model: nn.Module, *, attention_backend: str = "auto",
         layer.forward = fused.forward
         log(f"fast path: {prefix}.layers.{i} ({type(layer).__name__}).forward -> fused ({fused.describe()})")
         handle.stacked += _stack_bases(layer, spec, fused)
-        handle.widened += [] if fp8 else _widen_bases(layer, spec)  # fp8 runs its own input-gradient GEMMs
     if handle.stacked:
         log(f"fast path: q/k/v base weights of {len(handle.stacked)} layers laid out as one (out, in) block each "
             "(same parameters and values), so the input gradient's base term is one GEMM")
-    if handle.widened:
-        log(f"fast path: gate/up base weights of {len(handle.widened)} layers given 2r spare columns each (same "
-            "parameters and values), so the input-gradient GEMMs also give the adapters' rank-r terms")
     if fp8:
         _attach_fp8(handle, backbone.layers, spec)
     return handle
@@ -529,21 +518,6 @@ def _stack_bases(layer: nn.Module, spec: FamilySpec, fused: FusedDecoderLayer) -
         return []
     bases = tuple(_layer_targets(layer, spec)[n].get_base_layer() for n in spec.qkv)
     return [bases] if stack_base_weights(bases) else []
-
-
-def _widen_bases(layer: nn.Module, spec: FamilySpec) -> list[tuple[tuple[nn.Module, ...], int]]:
-    """Give the gate and up base weights spare columns for their adapters' B (lora_wide.py) where lora_mlp runs
-    them with adapters of one rank; -> [((gate base, up base), rank)] or []."""
-    if spec.fused_gate_up:
-        return []
-    targets = [_layer_targets(layer, spec)[n] for n in spec.mlp[:2]]
-    if any(m is None or lora_problem(m) is not None for m in targets):  # such a layer falls back at run time
-        return []
-    parts = [lora_parts(m, checked=True) for m in targets]
-    if any(p.a is None for p in parts) or parts[0].a.shape[0] != parts[1].a.shape[0]:
-        return []
-    bases, rank = tuple(p.base for p in parts), parts[0].a.shape[0]
-    return [(bases, rank)] if widen_base_weights(bases, rank) else []
 
 
 # --------------------------------------------------------------------------- the loss

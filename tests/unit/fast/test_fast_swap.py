@@ -203,17 +203,9 @@ def test_each_swap_is_logged_and_a_second_apply_is_refused():
         return {getattr(attn, n).get_base_layer().weight.untyped_storage().data_ptr() for n in ("q_proj", "k_proj",
                                                                                               "v_proj")}
     assert len(storages()) == 1
-    # gate and up get spare columns for their adapters' B (lora_wide.py), and compact storage back on revert
-    assert any("gate/up base weights of 2 layers given 2r spare columns" in line for line in lines)
-    mlp = model.base_model.model.model.layers[0].mlp
-    gate_up = [getattr(mlp, n).get_base_layer().weight for n in ("gate_proj", "up_proj")]
-    values = [w.detach().clone() for w in gate_up]
-    assert not any(w.is_contiguous() for w in gate_up)
     handle.revert()
-    assert "reverted 2 layers" in lines[-1] and "gate/up base weights of 2 layers back in compact" in lines[-2]
-    assert "q/k/v base weights of 2 layers back in their own storage" in lines[-3]
+    assert "reverted 2 layers" in lines[-1] and "back in their own storage" in lines[-2]
     assert len(storages()) == 3
-    assert all(w.is_contiguous() and torch.equal(w, v) for w, v in zip(gate_up, values))
 
 
 def test_runtime_fallbacks_run_the_original_forward():

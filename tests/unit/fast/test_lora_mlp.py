@@ -12,12 +12,6 @@ from ppalli.errors import PpalliError  # noqa: E402
 from ppalli.kernels._utils import recomputing  # noqa: E402
 from ppalli.kernels.lora_linear import base_weight  # noqa: E402
 from ppalli.kernels.lora_mlp import lora_mlp  # noqa: E402
-from ppalli.kernels.lora_wide import (  # noqa: E402
-    narrow_base_weights,
-    wide_input_grad,
-    wide_weights,
-    widen_base_weights,
-)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ACTS = {"silu": F.silu, "gelu_tanh": lambda g: F.gelu(g, approximate="tanh")}
@@ -185,56 +179,3 @@ def test_qlora_4bit_base_matches_lora_on_the_dequantized_weight():
     assert_close("output", y, y_ref, "block")
     for name, ref in g_ref.items():
         assert_close(f"grad {name}", g[name], ref, "block")
-
-
-def _gate_up_bases(model):
-    m = model.base_model.model
-    return m.gate_proj.get_base_layer(), m.up_proj.get_base_layer()
-
-
-@pytest.mark.parametrize("act", sorted(ACTS))
-@pytest.mark.parametrize("shape", SHAPES, ids=["aligned", "odd"])
-def test_widened_gate_up_weights_give_every_gradient(shape, act, monkeypatch):
-    """Gate and up bases with spare columns (lora_wide): dx and the adapters' rank-r terms come out of the two
-    input-gradient GEMMs; every gradient still matches PEFT's, whose forward reads the weights as views."""
-    import ppalli.kernels.lora_mlp as block
-
-    b, t, d, i, r = shape
-    model = _model(d, i, r, act)
-    assert widen_base_weights(_gate_up_bases(model), r)
-    calls = []
-    monkeypatch.setattr(block, "wide_input_grad", lambda *a: calls.append(1) or wide_input_grad(*a))
-    _compare(model, act, (b, t, d))
-    assert calls == [1]
-
-
-def test_widened_weights_keep_parameters_and_values_and_narrow_back():
-    model = _model(32, 64, 8, "silu")
-    bases = _gate_up_bases(model)
-    params = [b.weight for b in bases]
-    before = [p.detach().clone() for p in params]
-    assert wide_weights(bases, (torch.zeros(64, 8), torch.zeros(64, 8)), torch.float32) is None  # compact
-    assert widen_base_weights(bases, 8) and widen_base_weights(bases, 8)  # twice: already wide, nothing to do
-    assert [b.weight for b in bases] == params and all(torch.equal(p, q) for p, q in zip(params, before))
-    wides = wide_weights(bases, (torch.zeros(64, 8), torch.zeros(64, 8)), torch.float32)
-    assert [tuple(w.shape) for w in wides] == [(64, 48), (64, 48)] and not any(w[:, 32:].any() for w in wides)
-    assert wide_weights(bases, (torch.zeros(64, 4), torch.zeros(64, 4)), torch.float32) is None  # other rank
-    assert wide_weights(bases, (torch.zeros(64, 8), torch.zeros(64, 8)), torch.float16) is None  # other dtype
-    narrow_base_weights(bases, 8)
-    assert all(p.is_contiguous() and torch.equal(p, q) for p, q in zip(params, before))
-    assert wide_weights(bases, (torch.zeros(64, 8), torch.zeros(64, 8)), torch.float32) is None
-    assert not widen_base_weights([nn.Linear(8, 4), nn.Linear(6, 4)], 2)  # another width
-    assert not widen_base_weights([nn.Linear(8, 4), nn.Linear(8, 4).half()], 2)
-
-
-def test_a_weight_given_new_storage_falls_back_to_the_separate_products(monkeypatch):
-    """A merge or a load may give a widened weight compact storage again: the block then runs the separate
-    rank-r GEMMs (checked at each use), with the same gradients."""
-    import ppalli.kernels.lora_mlp as block
-
-    model = _model(37, 53, 3, "silu")
-    bases = _gate_up_bases(model)
-    widen_base_weights(bases, 3)
-    bases[1].weight.data = bases[1].weight.data.contiguous()
-    monkeypatch.setattr(block, "wide_input_grad", lambda *a: pytest.fail("the wide GEMMs ran"))
-    _compare(model, "silu", (2, 5, 37))
