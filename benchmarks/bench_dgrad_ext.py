@@ -12,6 +12,12 @@ two GEMMs write (N, d + 2r): dx and both products, dg and du read once. Timed he
 and the forward GEMM x Wg^T with Wg contiguous against Wg a view of the wide buffer (its rows strided).
 
     python benchmarks/bench_dgrad_ext.py --out benchmarks/results/dgrad-ext.json
+
+H100 80GB HBM3, 2026-12-05 (results/2026-12-05-h100-dgrad-ext.txt): the backward side pays at 1B (1.542 -> 1.459
+ms) and, padded to 64 columns, at 8B (2.802 -> 2.625; 2r alone 2.810), but the forward GEMM through the strided
+view costs more (1B 0.778 -> 0.806 ms, 8B 1.231 -> 1.381 / 1.428, twice a layer): a net loss at 8B, ~0.02 ms a
+layer at 1B. The fast path's version (ppalli/kernels/lora_wide.py, 4348ee9) was reverted; this stays to time it
+again (e.g. with a forward that does not read the weight through the view).
 """
 
 import sys
