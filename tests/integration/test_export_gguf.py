@@ -135,8 +135,8 @@ def _phi3_tokens(folder) -> None:
     (folder / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
 
 
-def llama_cpp_model(path, **kwargs):
-    """llama_cpp.Llama(path, n_ctx=128, logits_all=True, f32 KV cache, ...) without llama.cpp's extra CPU buffer
+def llama_cpp_model(path):
+    """llama_cpp.Llama(path, n_ctx=128, logits_all=True, f32 KV cache, 2 threads) without llama.cpp's extra CPU buffer
     types (model_params.use_extra_bufts, which llama-cpp-python's constructor does not take): on a CPU with AMX
     (AMX_INT8 = 1 in llama_cpp.llama_print_system_info(), this machine 2026-12-05) a native build moves the
     weights into AMX buffers and its AMX matmul segfaults in the first decode (the same crash as
@@ -155,7 +155,7 @@ def llama_cpp_model(path, **kwargs):
 
     with mock.patch.object(llama_cpp.llama_cpp, "llama_model_default_params", params):
         return llama_cpp.Llama(str(path), n_ctx=128, logits_all=True, verbose=False, n_threads=2, type_k=0,
-                               type_v=0, **kwargs)
+                               type_v=0)
 
 
 def llama_cpp_reads(folder, model, tok, outtype: str):
