@@ -73,11 +73,15 @@ FWD_TILES = Tiles(32, 128, 4)
 FWD_HAD_TILES = Tiles(32, 64, 4, 16)
 # On an H200 (2026-12-02, results/2026-12-02-h200-lora-glu-tiles.json) the same 32 x 64 tiles on 2 warps ran
 # at 3236 / 2948 GB/s (0.218 / 0.273 ms, 8B / 1B shapes) against 2042 / 2121 GB/s (0.345 / 0.380 ms) on 4; a
-# copy runs at ~4100. The H100 sweeps had no 2-warp setting, so the H100 keeps FWD_HAD_TILES until one runs.
+# copy runs at ~4100.
 # The column runs fixed at 3 (2026-12-03, results/2026-12-03-h200-lora-glu-runs.txt): 8B 0.210 ms, 1B 0.244,
 # against 0.216 / 0.272 for the 9 / 5 runs that 16 programs a SM gave. Run counts that are multiples of 3 ran
 # fastest at both shapes (3, 6, 9, 12: 0.210-0.215 / 0.243-0.251 ms; 4, 5, 7, 8, 10: 0.231-0.292 / 0.255-0.274).
-FWD_HAD_TILES_BY_GPU = {"NVIDIA H200": Tiles(32, 64, 2, 16, 3, runs=3)}
+# The H100's sweep with 2-warp settings (2026-12-05, results/2026-12-05-h100-s31-lora-glu-tiles.txt): 32 x 128
+# tiles on 2 warps, 16 programs per SM, 0.284 / 0.322 ms (8B / 1B, 2481 / 2504 GB/s) against 0.341 / 0.379 for
+# FWD_HAD_TILES; the H200's fixed 3 runs of 32 x 64 took 0.291 / 0.330 there (a copy: ~2930 GB/s).
+FWD_HAD_TILES_BY_GPU = {"NVIDIA H200": Tiles(32, 64, 2, 16, 3, runs=3),
+                        "NVIDIA H100 80GB HBM3": Tiles(32, 128, 2, 16)}
 # Pipeline stages and 16-row tiles (results/2026-11-25-h100-lora-glu-stages.json): Triton's default 3 stages
 # stay best for both kernels (1 or 2: 12-40% slower); the backward on 16 x 64 tiles took 0.536 / 0.602 ms
 # against 0.554 / 0.615 for 32 x 64 (8B / 1B), the forward lost on them (0.59-0.68 against 0.35-0.39).
@@ -86,7 +90,9 @@ BWD_TILES = Tiles(16, 64, 4, 8)
 # rows in 5 runs, which programs per SM give only shape by shape: 8B (224 column blocks) 8 per SM = 5 runs,
 # 0.472 ms (4 per SM = 3 runs: 0.596; 16 = 10 runs: 0.482); 1B (128 column blocks) 4 per SM = 5 runs, 0.487 ms
 # (8 per SM = 9 runs: 0.529). So the H200 fixes the run count: 8B as before, 1B 0.04 ms a layer faster.
-BWD_TILES_BY_GPU = {"NVIDIA H200": Tiles(16, 64, 4, 8, 3, runs=5)}
+# The same H100 sweep: 32 x 64 tiles 0.503 / 0.560 ms against BWD_TILES' 0.523 / 0.591 (8B / 1B); the H200's 5
+# row runs gave 0.523 / 0.540, so 1B's best there, but 8B's (T1's) is the 32-row tile.
+BWD_TILES_BY_GPU = {"NVIDIA H200": Tiles(16, 64, 4, 8, 3, runs=5), "NVIDIA H100 80GB HBM3": Tiles(32, 64, 4, 8)}
 # ncu on the H200 (2026-12-03, results/2026-12-03-h200-ncu-lora-glu.txt, 1B shape): the backward 464 us at 2.86
 # TB/s, 96 registers, 5 programs an SM (31% occupancy), 45% of its stalls on loads into registers; fwd_had 233
 # us at 3.42 TB/s. The (N, I) tiles moved through TMA descriptors instead, pipelined in shared memory (05afb50,

@@ -90,6 +90,19 @@ def test_fwd_had_with_fixed_column_runs():
         assert_close_norm("had", had, h_ref @ t["ad"].t(), DTYPE)
 
 
+def test_fwd_had_settings_swept_per_gpu_give_the_same_results():
+    """Each GPU's own launch setting (the H100's 128-column tiles on 2 warps) against the plain forward."""
+    from ppalli.kernels.lora_glu import FWD_HAD_TILES_BY_GPU
+
+    t = _inputs(70, 300, 16)
+    args = (t["g0"], t["u0"], t["xag"], t["bg"], 0.5, t["xau"], t["bu"], 2.0, t["ad"])
+    h_ref = lora_glu_fwd(*args[:8])
+    for tiles in FWD_HAD_TILES_BY_GPU.values():
+        h, had = lora_glu_fwd_had(*args, tiles=tiles)
+        assert_close("h", h, h_ref, DTYPE)
+        assert_close_norm("had", had, h_ref @ t["ad"].t(), DTYPE)
+
+
 def test_default_tiles_give_the_same_gradients():
     """The launch setting the fast path uses (BWD_TILES: runs over the rows) against small tiles."""
     t = _inputs(300, 260, 16)
@@ -172,7 +185,7 @@ def test_bf16_matches_fp32_within_rounding():
 
 
 def test_fwd_had_takes_the_setting_swept_for_this_gpu(monkeypatch):
-    # The launch setting is looked up by the device's name: the H200's own sweep, else the H100's setting.
+    # The launch setting is looked up by the device's name: the H200's and the H100's own sweeps, else the default.
     from ppalli.kernels import lora_glu as mod
 
     seen = []
@@ -183,21 +196,23 @@ def test_fwd_had_takes_the_setting_swept_for_this_gpu(monkeypatch):
         monkeypatch.setattr(mod, "device_name", lambda device, name=name: name)
         lora_glu_fwd_had(*call)
     lora_glu_fwd_had(*call, tiles=Tiles(16, 64, 4))  # a setting asked for wins
-    assert seen == [Tiles(32, 64, 2, 16, 3, 3), mod.FWD_HAD_TILES, mod.FWD_HAD_TILES, Tiles(16, 64, 4)]
+    assert seen == [Tiles(32, 64, 2, 16, 3, 3), Tiles(32, 128, 2, 16), mod.FWD_HAD_TILES, Tiles(16, 64, 4)]
 
 
 def test_bwd_takes_the_setting_swept_for_this_gpu(monkeypatch):
-    # The H200 fixes the backward's row runs at 5 whatever the shape; other GPUs keep runs per SM.
+    # The H200 fixes the backward's row runs at 5 whatever the shape, the H100 takes 32-row tiles; others the default.
     from ppalli.kernels import lora_glu as mod
 
     t = _inputs(300, 260, 16)
     args = (t["xag"], t["bg"], 0.5, t["xau"], t["bu"], 2.0, t["dxad"], t["ad"], "silu", (True, True, True))
     outs = {}
-    for name in ("NVIDIA H200", ""):
+    for name in ("NVIDIA H200", "NVIDIA H100 80GB HBM3", ""):
         monkeypatch.setattr(mod, "device_name", lambda device, name=name: name)
         outs[name] = mod.lora_glu_bwd(t["dh0"], t["g0"].clone(), t["u0"].clone(), *args)
-    for a, b in zip(outs["NVIDIA H200"], outs[""]):
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
+    for gpu in ("NVIDIA H200", "NVIDIA H100 80GB HBM3"):
+        for a, b in zip(outs[gpu], outs[""]):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
+    assert mod.BWD_TILES_BY_GPU["NVIDIA H100 80GB HBM3"] == Tiles(32, 64, 4, 8)
     h200 = mod.BWD_TILES_BY_GPU["NVIDIA H200"]
     cpu = torch.device("cpu")
     assert mod._runs(16384, 16, 128, h200, cpu)[1] == 5 == mod._runs(8192, 16, 224, h200, cpu)[1]
