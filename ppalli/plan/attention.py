@@ -77,11 +77,14 @@ def _auto_attention(ctx: _Ctx, fast_path_blockers: list[str]) -> tuple[str, str]
 
 
 # Measured on an H200 (2026-12-05, benchmarks/results/2026-12-05-h200-fa4-*): flash-attn 4.0.0b40 against SDPA's
-# cuDNN kernel, causal GQA forward + backward, and T4's whole step (ppalli's fused path, two calls).
+# cuDNN kernel, causal GQA forward + backward, and T4's whole step (ppalli's fused path, two calls). A packed SFT
+# run (benchmarks/check_fa4_packed.py, H100, 2026-12-05, results/2026-12-05-h100-fa4-packed.json: Llama-3.2-1B,
+# ko_chatbot_qa, 60 steps of varlen batches) compiled 2 forward and 1 backward kernels: step 1 took 18.8 s (the
+# Triton kernels' compiles too), step 11 3.8 s, the other 58 steps 79-207 ms (median 91.7).
 FA4_WHY = ("flash-attn 4 is installed and this is a Hopper GPU: its forward + backward took 1.26 ms against SDPA "
            "cuDNN's 1.44 at Llama-3.2-1B's shapes (8 x 32 heads x 2048 x 64) and 1.06 against 1.17 at 8B's (4 x 32 x "
            "2048 x 128), H200; a Llama-3.2-1B 8 x 2048 LoRA step 173.4 -> 169.8 ms. Its first call per kernel "
-           "configuration compiles (5-8 s)")
+           "configuration compiles (5-8 s; a 60-step packed run compiled 3 kernels, H100)")
 
 
 def _fa4_kept_out(ctx: _Ctx, blockers: list[str]) -> str | None:
