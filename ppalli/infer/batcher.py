@@ -30,9 +30,11 @@ class Job:
     """One answer (one choice of a request) on its way through a batch: its prompt ids, its new ids once its row
     ends, or the error that stopped its batch. Its text is watched as it decodes when it streams or has stop
     strings: text that may begin a stop string is held back, a stop string ends the row before it, and released
-    text goes to `texts` as (index, text), then (index, None) at the end (several choices may share one queue).
-    req["logprobs"] (None: not asked) is how many alternatives each new token's log-prob comes with (`scored`: the
-    ids of `new`, then the stop token where one ended the row, each with its log-probs);
+    text goes to `texts` as (index, text, scored), then (index, None, []) at the end (several choices may share one
+    queue). req["logprobs"] (None: not asked) is how many alternatives each new token's log-prob comes with
+    (`scored`: the ids of `new`, then the stop token where one ended the row, each with its log-probs); a streamed
+    text goes with the scored tokens whose text it completes (`scored_out` of them have gone so far), so a token
+    whose text is held back (it may begin a stop string) goes with the text that releases it.
     req["echo"] asks the prompt's too (`prompt_scores`, from one forward before the batch decodes)."""
 
     def __init__(self, req: dict, ids: list[int], index: int = 0, texts: queue.SimpleQueue | None = None):
@@ -43,6 +45,8 @@ class Job:
         self.scored: list[tuple[int, TokenLogprob]] = []  # (token, its log-probs) a new token, where asked
         self.prompt_scores: list[TokenLogprob] = []  # one a prompt token (the first: none), where echo asks
         self.text, self.sent = "", 0  # the text decoded so far; how much of it is released
+        self.scored_out = 0  # the scored tokens that went out with released text (streams)
+        self.marks: list[tuple[int, int]] = []  # (len(text), len(scored)) after each text: where tokens' text ends
         self.hit = False  # a stop string ended the answer
         self.error: str | None = None
         self.left = False  # a streaming client went away: its row ends at its next text
@@ -66,6 +70,7 @@ class Job:
         if self.left:
             raise RowCancelled
         self.text += piece
+        self.marks.append((len(self.text), len(self.scored)))  # on_logprobs comes before the token's text
         cut = _stop_at(self.text, self.stops, self.sent)
         if cut is not None:
             self._release(cut)
@@ -76,7 +81,9 @@ class Job:
     def _release(self, upto: int) -> None:
         if upto > self.sent:
             if self.texts is not None:
-                self.texts.put((self.index, self.text[self.sent:upto]))
+                done = max((n for end, n in self.marks if end <= upto), default=self.scored_out)
+                self.texts.put((self.index, self.text[self.sent:upto], self.scored[self.scored_out:done]))
+                self.scored_out = max(done, self.scored_out)
             self.sent = upto
 
     def end(self, ids: list[int] | None = None, error: str | None = None) -> None:
@@ -85,7 +92,7 @@ class Job:
             self._release(len(self.text))  # no stop string came: what was held back is answer
         self.finished.set()
         if self.texts is not None:
-            self.texts.put((self.index, None))
+            self.texts.put((self.index, None, []))
 
 
 def _stop_at(text: str, stops: list[str], sent: int) -> int | None:
@@ -209,7 +216,7 @@ class Batcher:
                 if job.started:
                     job.end(job.new, "out of GPU memory mid-answer; ask again (batches are smaller now)")
                 else:
-                    job.text, job.sent, job.scored = "", 0, []
+                    job.text, job.sent, job.scored, job.scored_out, job.marks = "", 0, [], 0, []
                     self.submit(job)
             return
         why = explain_cuda_error(e) if torch.cuda.is_available() else f"{type(e).__name__}: {e}"

@@ -25,7 +25,9 @@ until they are ruled out. Built on the standard library's http.server: nothing t
 
 Log-probabilities (infer/logprobs.py) are the model's own distribution, before sampling's penalties, temperature and
 top-p, as vLLM gives them by default; `echo` with `logprobs` (and max_tokens 0) scores a prompt's own tokens, what
-lm-evaluation-harness' local-completions asks to score a continuation. They come with whole answers, not streams.
+lm-evaluation-harness' local-completions asks to score a continuation (whole answers only). A stream's chunks carry
+the log-probs of the tokens whose text they complete; its last chunk those of the tokens left (a stop token that
+ended a text completion, a token cut by a stop string), so a stream's log-probs add up to the whole answer's.
 
 A bad request gets a 400 whose message names the field and what it takes; fields of the API that change nothing
 here (user, stream_options, ...) are accepted and ignored, those that would (tools, logit_bias, a JSON
@@ -81,8 +83,8 @@ def parse_request(body: bytes, max_new_tokens: int, chat: bool = True) -> dict:
         if value not in (None, [], "", {}) and value not in ALLOWED.get(key, ()):
             raise BadRequest(f"'{key}': {why}")
     logprobs, echo = _logprobs(req, chat), bool(req.get("echo", False)) and not chat
-    if (logprobs is not None or echo) and req.get("stream"):
-        raise BadRequest(f"'{'echo' if echo else 'logprobs'}' is served with whole answers: ask with stream false")
+    if echo and req.get("stream"):
+        raise BadRequest("'echo' is served with whole answers: ask with stream false")
     wanted = req.get("max_completion_tokens", req.get("max_tokens"))
     limit = (max_new_tokens if chat else TEXT_MAX_TOKENS) if wanted is None else \
         _number(wanted, "max_tokens", int, 0 if echo else 1, None)  # 0 with echo: the prompt scored, no answer
@@ -265,7 +267,7 @@ class _Handler(BaseHTTPRequestHandler):
                    for choice in _choices({**req, "max_new_tokens": limit})]
         jobs = [self.server.batcher.submit(Job(choice, ids, k, texts)) for k, (ids, choice, _) in enumerate(choices)]
         if req["stream"]:
-            self._stream(jobs, texts, head, chat)
+            self._stream(jobs, texts, head, req, chat)
             return
         for job in jobs:
             job.finished.wait()
@@ -295,19 +297,25 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _logprobs(self, job: Job, req: dict, chat: bool) -> dict | None:
         """A choice's log-probs in its API's shape (None where not asked): the answer's tokens (those an answer cut
-        by a stop string keeps), after the prompt's where echo asks. A text completion's end with the stop token
-        that ended them, as vLLM's do: lm-evaluation-harness drops the last token after `echo` with max_tokens 1,
-        taking it for the one token asked, so a stop token left out would cost it a token of the continuation."""
+        by a stop string keeps), after the prompt's where echo asks."""
         if req["logprobs"] is None:
             return None
-        kept = covering(self.server.run.tokenizer, job.new, job.answer) if job.hit else \
-            len(job.new) if chat else len(job.scored)
-        ids, scores = [t for t, _ in job.scored[:kept]], [s for _, s in job.scored[:kept]]
+        scored = self._kept(job, chat)
+        ids, scores = [t for t, _ in scored], [s for _, s in scored]
         if chat:
             return chat_logprobs(self.server.pieces, ids, scores)
         if req["echo"]:
             ids, scores = job.ids + ids, job.prompt_scores + scores
         return text_logprobs(self.server.pieces, ids, scores, req["logprobs"])
+
+    def _kept(self, job: Job, chat: bool) -> list:
+        """The (token, log-probs) pairs of a finished answer that its log-probs show: those an answer cut by a stop
+        string keeps, else every new token; a text completion's end with the stop token that ended them, as vLLM's
+        do: lm-evaluation-harness drops the last token after `echo` with max_tokens 1, taking it for the one token
+        asked, so a stop token left out would cost it a token of the continuation."""
+        kept = covering(self.server.run.tokenizer, job.new, job.answer) if job.hit else \
+            len(job.new) if chat else len(job.scored)
+        return job.scored[:kept]
 
     def _tokenizer_route(self, route: str) -> None:
         """POST /tokenize {"prompt": text (or "messages", rendered by the run's template), "add_special_tokens"
@@ -341,9 +349,10 @@ class _Handler(BaseHTTPRequestHandler):
             raise BadRequest(f"Content-Length must be a byte count up to {MOST_BODY_BYTES}, got {length[:32]!r}")
         return self.rfile.read(int(length))
 
-    def _stream(self, jobs: list[Job], texts: queue.SimpleQueue, head: dict, chat: bool) -> None:
-        """Server-sent events of the answers' text as their rows decode (chunks of several choices interleave); a
-        client that leaves ends its rows (the batch's other rows go on)."""
+    def _stream(self, jobs: list[Job], texts: queue.SimpleQueue, head: dict, req: dict, chat: bool) -> None:
+        """Server-sent events of the answers' text as their rows decode (chunks of several choices interleave), with
+        the log-probs of the tokens each completes where asked; a client that leaves ends its rows (the batch's
+        other rows go on)."""
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream; charset=utf-8")
         self.send_header("Cache-Control", "no-cache")
@@ -353,9 +362,22 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(f"data: {json.dumps(payload, ensure_ascii=False)}\n\n".encode())
             self.wfile.flush()
 
-        def chunk(index: int, text: str | None, finish: str | None = None) -> dict:
+        offsets = [0] * len(jobs)  # a text completion's text_offset: where its next token's text starts
+
+        def scores(index: int, scored: list) -> dict | None:
+            if req["logprobs"] is None or not scored:  # none asked, or no token completed by this chunk
+                return None
+            ids, lps = [t for t, _ in scored], [s for _, s in scored]
+            if chat:
+                return chat_logprobs(self.server.pieces, ids, lps)
+            out = text_logprobs(self.server.pieces, ids, lps, req["logprobs"], offsets[index])
+            offsets[index] += sum(len(token) for token in out["tokens"])
+            return out
+
+        def chunk(index: int, text: str | None, finish: str | None = None, scored: list = ()) -> dict:
             return {**head, "object": "chat.completion.chunk" if chat else "text_completion",
-                    "choices": [{"index": index, **_content(chat, text), "finish_reason": finish}]}
+                    "choices": [{"index": index, **_content(chat, text), "logprobs": scores(index, list(scored)),
+                                 "finish_reason": finish}]}
 
         try:
             if chat:
@@ -363,16 +385,16 @@ class _Handler(BaseHTTPRequestHandler):
                     event(chunk(job.index, ""))  # the role comes first, as OpenAI's API sends it
             open_jobs = len(jobs)
             while open_jobs:
-                index, text = texts.get()
+                index, text, scored = texts.get()
                 if text is not None:
-                    event(chunk(index, text))
+                    event(chunk(index, text, scored=scored))
                     continue
                 open_jobs -= 1
                 job = jobs[index]
                 if job.error:  # the stream has begun, so the error goes as an event (as OpenAI's API sends them)
                     event(_error(job.error, "server_error"))
                 else:
-                    event(chunk(index, None, job.finish_reason))
+                    event(chunk(index, None, job.finish_reason, self._kept(job, chat)[job.scored_out:]))
             self.wfile.write(b"data: [DONE]\n\n")
             self.wfile.flush()
         except (BrokenPipeError, ConnectionResetError):

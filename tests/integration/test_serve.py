@@ -87,7 +87,6 @@ def test_seeded_sampling_repeats_and_the_server_caps_max_tokens(server):
     ({"messages": QUESTION, "stop": [""]}, "'stop'"), ({"messages": QUESTION, "logprobs": 3}, "'logprobs'"),
     ({"messages": QUESTION, "top_logprobs": 2}, "'top_logprobs' needs 'logprobs'"),
     ({"messages": QUESTION, "logprobs": True, "top_logprobs": 21}, "'top_logprobs' must be in [0, 20]"),
-    ({"messages": QUESTION, "logprobs": True, "stream": True}, "'logprobs' is served with whole answers"),
     ({"messages": QUESTION, "response_format": {"type": "json_object"}}, "'response_format'"),
     ({"messages": QUESTION, "frequency_penalty": 2.5}, "'frequency_penalty' must be in [-2.0, 2.0]"),
     ({"messages": [{"role": "user", "content": "가" * 5000}]}, "positions")])
@@ -310,6 +309,36 @@ def test_echo_scores_the_prompt_and_logprobs_score_the_answer(server):
                len(c["top_logprobs"]) == 3 for c in content)
     status, body = _post(url, {"messages": QUESTION, "max_tokens": 2})
     assert json.loads(body)["choices"][0]["logprobs"] is None
+
+
+def _events(body: bytes) -> list[dict]:
+    return [json.loads(e.removeprefix("data: ")) for e in body.decode().split("\n\n")[:-2]]  # [DONE] last
+
+
+@pytest.mark.parametrize("stop", [None, "cut"], ids=["no-stop", "stop-string"])
+def test_a_streams_logprobs_add_up_to_the_whole_answers(server, stop):
+    """Each chunk carries the log-probs of the tokens whose text it completes, the last chunk those left: chat's
+    content entries and a text completion's tokens, log-probs, alternatives and text offsets, joined over the
+    stream, equal the whole answer's, with a stop string (tokens held back, then one cut) or without."""
+    _, url = server
+    ask = {"messages": QUESTION, "max_tokens": 12, "temperature": 0, "logprobs": True, "top_logprobs": 2}
+    free = json.loads(_post(url, ask)[1])["choices"][0]["message"]["content"]
+    if stop:
+        assert len(free) >= 4
+        ask["stop"] = free[len(free) // 2:len(free) // 2 + 2]
+    whole = json.loads(_post(url, ask)[1])["choices"][0]
+    events = _events(_post(url, {**ask, "stream": True})[1])
+    assert events[0]["choices"][0]["logprobs"] is None  # the role's chunk completes no token
+    streamed = [c for e in events if (lp := e["choices"][0]["logprobs"]) for c in lp["content"]]
+    assert streamed == whole["logprobs"]["content"] and streamed
+    assert "".join(e["choices"][0]["delta"].get("content", "") for e in events) == whole["message"]["content"]
+    text = {"prompt": "서울은 한국의", "max_tokens": 8, "temperature": 0, "logprobs": 2, **(
+        {"stop": whole["message"]["content"][:1] or "x"} if stop else {})}
+    whole = json.loads(_post(url, text, TEXT)[1])["choices"][0]
+    events = _events(_post(url, {**text, "stream": True}, TEXT)[1])
+    joined = {k: [x for e in events if (lp := e["choices"][0]["logprobs"]) for x in lp[k]]
+              for k in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
+    assert joined == whole["logprobs"] and "".join(e["choices"][0]["text"] for e in events) == whole["text"]
 
 
 def test_lm_eval_harness_loglikelihood_requests_read_as_it_reads_them(server):

@@ -184,3 +184,23 @@ def test_close_stops_the_batch_in_hand_and_ends_the_decoding_thread(run):
     batcher.close(timeout=60)
     assert not batcher.thread.is_alive() and batcher.run_once() == 0
     assert job.finished.is_set() and 0 < len(job.new) < 200 and job.error is None
+
+
+def test_streamed_text_goes_with_the_tokens_it_completes():
+    """A token whose text may begin a stop string is held back with it, and goes with the text that releases it;
+    the tokens of a stop string that ends the answer never go out (the server's last chunk sends what the whole
+    answer keeps of them)."""
+    job = Job({**_req(10), "logprobs": 0}, [1], 0, queue.SimpleQueue())
+    job.stops = ["ab"]
+    with pytest.raises(RowCancelled):
+        for token, piece in enumerate(["x", "ca", "d", "a", "b"]):
+            job.scored.append((token, (-1.0, [])))  # as generate_rows does: a token's log-probs, then its text
+            job.on_text(piece)
+    sent = []
+    while not job.texts.empty():
+        _, text, scored = job.texts.get_nowait()
+        sent.append((text, [t for t, _ in scored]))
+    assert job.hit and job.answer == "xcad"
+    # "ca"'s "a" might begin "ab": "c" went alone, token 1 with "ad" (its text whole); "a" and "b" went nowhere
+    assert sent == [("x", [0]), ("c", []), ("ad", [1, 2])]
+    assert job.scored_out == 3
