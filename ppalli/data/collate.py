@@ -32,6 +32,14 @@ def pad_collate(samples: list[dict], pad_id: int) -> dict:
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
+def right_padded(mask) -> bool:
+    """Whether every row of a (B, T) attention mask is ones, then zeros. Causal attention then keeps every real
+    token off the padding (its keys j <= i are all real), so the mask changes nothing a loss reads. Read on the
+    host (the collate's CPU tensor): on a GPU tensor the answer is a device sync."""
+    m = mask.bool()
+    return bool((m[:, 1:] <= m[:, :-1]).all())
+
+
 def pack_collate(samples: list[dict]) -> dict:
     """Samples end to end in one row: {"input_ids", "labels", "position_ids"} (1, T), "cu_seqlens" (n+1,) int32,
     "max_seqlen" int. position_ids restart at 0 per sample; each sample's first label is -100, so the last token

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ppalli.data.collate import right_padded
 from ppalli.errors import PpalliError
 from ppalli.kernels._utils import interpreting, is_recomputing, is_triton_available
 from ppalli.kernels.factor_cache import FactorCache, using_factor_cache
@@ -527,12 +528,12 @@ def _padding_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
     """None when every row is right-padded (or not padded), else the (B, T) mask for the attention.
 
     With right padding, causal attention lets no real token see a padding token (all keys j <= i of a real
-    query i are real), so the mask changes nothing the loss reads and the unmasked kernels run. One sync.
+    query i are real), so the mask changes nothing the loss reads and the unmasked kernels run. One sync (the
+    training collate drops the masks of right-padded batches on the host, so its batches never get here).
     """
     if attention_mask is None:
         return None
-    m = attention_mask.bool()
-    return None if bool((m[:, 1:] <= m[:, :-1]).all()) else m
+    return None if right_padded(attention_mask) else attention_mask.bool()
 
 
 def decoder_hidden_states(model, input_ids, position_ids=None, cu_seqlens=None, max_seqlen=None,

@@ -249,7 +249,7 @@ def _compile_layers(model, print_fn) -> None:
 
 
 def make_collate(tokenizer, device, objective: str):
-    from ppalli.data.collate import pack_collate, pad_collate, preference_collate, preference_pack_collate
+    from ppalli.data.collate import pack_collate, pad_collate, preference_collate, preference_pack_collate, right_padded
     from ppalli.train.objectives import loss_rows
 
     pad_id = tokenizer.pad_token_id
@@ -262,6 +262,10 @@ def make_collate(tokenizer, device, objective: str):
         else:
             batch = pad_collate(samples, pad_id)
         counts = _host_counts(batch)  # before the copy: counting on the device would sync
+        if "attention_mask" in batch and right_padded(batch["attention_mask"]):
+            # Causal attention keeps real tokens off right padding, so the mask changes no loss; given one, HF's
+            # mask builder and the fast path's check would each read it on the device: a sync every forward.
+            del batch["attention_mask"]
         if objective == "sft" and (rows := loss_rows(batch["labels"])) is not None:
             batch["loss_rows"] = rows  # the fast path's lm_head skips the rest (objectives.loss_rows)
         batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) and k != "cu_seqlens_cpu" else v

@@ -132,3 +132,24 @@ def test_sft_collate_sends_loss_rows_and_preference_collate_does_not():
     pairs = [{"chosen_input_ids": [1, 2], "chosen_labels": [-100, 2], "rejected_input_ids": [1, 3],
               "rejected_labels": [-100, 3]}]
     assert "loss_rows" not in make_collate(Tok(), "cpu", "dpo")(pairs, False)
+
+
+def test_collate_drops_the_mask_of_right_padded_rows_after_counting_them():
+    """The collate's batches are right-padded: their attention mask changes no loss under causal attention, and
+    given one, HF's mask builder and the fast path would each read it on the device (a sync a forward). The real
+    tokens are counted from it first; a mask that is not right padding is kept."""
+    from ppalli.data.collate import right_padded
+    from ppalli.train.recipe import make_collate
+
+    class Tok:
+        pad_token_id = 0
+
+    samples = [{"input_ids": [1, 2, 3, 4], "labels": [-100, -100, 3, 4]}, {"input_ids": [5, 6], "labels": [-100, 6]}]
+    batch = make_collate(Tok(), "cpu", "sft")(samples, False)
+    assert "attention_mask" not in batch and batch["real_tokens"] == 6 and batch["input_ids"].shape == (2, 4)
+    pairs = [{"chosen_input_ids": [1, 2, 3], "chosen_labels": [-100, 2, 3], "rejected_input_ids": [1, 3],
+              "rejected_labels": [-100, 3]}]
+    batch = make_collate(Tok(), "cpu", "dpo")(pairs, False)
+    assert "attention_mask" not in batch and batch["real_tokens"] == 5
+    assert right_padded(torch.tensor([[1, 1, 0], [1, 1, 1]])) and right_padded(torch.ones(2, 3))
+    assert not right_padded(torch.tensor([[0, 1, 1], [1, 1, 1]])) and not right_padded(torch.tensor([[1, 0, 1]]))
