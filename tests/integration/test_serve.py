@@ -131,6 +131,10 @@ def test_the_openai_client_reads_answers_and_streams(server):
                                               stream=True)
     text = "".join(c.choices[0].delta.content or "" for c in streamed)
     assert text == whole.choices[0].message.content and whole.usage.completion_tokens > 0
+    streamed = client.chat.completions.create(model="served", messages=QUESTION, max_tokens=8, temperature=0,
+                                              stream=True, logprobs=True, top_logprobs=2)
+    tokens = [t for c in streamed if c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert len(tokens) == whole.usage.completion_tokens and all(len(t.top_logprobs) == 2 for t in tokens)
     with pytest.raises(openai.BadRequestError, match="'n'"):
         client.chat.completions.create(model="served", messages=QUESTION, n=20)
     text = client.completions.create(model="served", prompt="서울은 한국의", max_tokens=4, temperature=0)
