@@ -13,6 +13,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 
 import torch
 
@@ -46,7 +47,7 @@ class Job:
         self.prompt_scores: list[TokenLogprob] = []  # one a prompt token (the first: none), where echo asks
         self.text, self.sent = "", 0  # the text decoded so far; how much of it is released
         self.scored_out = 0  # the scored tokens that went out with released text (streams)
-        self.marks: list[tuple[int, int]] = []  # (len(text), len(scored)) after each text: where tokens' text ends
+        self.marks: deque[tuple[int, int]] = deque()  # (len(text), len(scored)) after each text not yet released
         self.hit = False  # a stop string ended the answer
         self.error: str | None = None
         self.left = False  # a streaming client went away: its row ends at its next text
@@ -81,9 +82,11 @@ class Job:
     def _release(self, upto: int) -> None:
         if upto > self.sent:
             if self.texts is not None:
-                done = max((n for end, n in self.marks if end <= upto), default=self.scored_out)
+                done = self.scored_out
+                while self.marks and self.marks[0][0] <= upto:  # the tokens whose text ends in what goes out
+                    done = self.marks.popleft()[1]
                 self.texts.put((self.index, self.text[self.sent:upto], self.scored[self.scored_out:done]))
-                self.scored_out = max(done, self.scored_out)
+                self.scored_out = done
             self.sent = upto
 
     def end(self, ids: list[int] | None = None, error: str | None = None) -> None:
@@ -216,7 +219,7 @@ class Batcher:
                 if job.started:
                     job.end(job.new, "out of GPU memory mid-answer; ask again (batches are smaller now)")
                 else:
-                    job.text, job.sent, job.scored, job.scored_out, job.marks = "", 0, [], 0, []
+                    job.text, job.sent, job.scored, job.scored_out, job.marks = "", 0, [], 0, deque()
                     self.submit(job)
             return
         why = explain_cuda_error(e) if torch.cuda.is_available() else f"{type(e).__name__}: {e}"

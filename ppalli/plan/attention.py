@@ -84,7 +84,7 @@ def _auto_attention(ctx: _Ctx, fast_path_blockers: list[str]) -> tuple[str, str]
 FA4_WHY = ("flash-attn 4 is installed and this is a Hopper GPU: its forward + backward took 1.26 ms against SDPA "
            "cuDNN's 1.44 at Llama-3.2-1B's shapes (8 x 32 heads x 2048 x 64) and 1.06 against 1.17 at 8B's (4 x 32 x "
            "2048 x 128), H200; a Llama-3.2-1B 8 x 2048 LoRA step 173.4 -> 169.8 ms. Its first call per kernel "
-           "configuration compiles (5-8 s; a 60-step packed run compiled 3 kernels, H100)")
+           "configuration compiles (5-8 s; a 60-step packed run compiled 2 forward and 1 backward kernels, H100)")
 
 
 def _fa4_kept_out(ctx: _Ctx, blockers: list[str]) -> str | None:
