@@ -464,9 +464,27 @@ def profile_steps(step: Callable, batches: list, device: str, path: Path, title:
             f"aten ops by input shape, top 40 by self_{key}:",
             by_shape.table(sort_by=f"self_{key}", row_limit=40, max_name_column_width=40, max_shapes_column_width=80)]
     if device == "cuda":
-        text += ["", _idle_report(prof.events())]
+        text += ["", _idle_report(prof.events()), "", _kernel_census(prof.events(), PROFILED_STEPS)]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(text) + "\n", encoding="utf-8")
+
+
+def _kernel_census(events, steps: int) -> str:
+    """Every device kernel (and memset/memcpy) by name: launches and time a step, longest first. The small
+    ones each cost a launch gap besides their own time, which the top-25 tables do not show."""
+    from torch.autograd import DeviceType
+
+    total: dict[str, list] = {}
+    for e in events:
+        if e.device_type == DeviceType.CUDA and e.time_range.end > e.time_range.start:
+            row = total.setdefault(e.name[:110], [0, 0.0])
+            row[0] += 1
+            row[1] += e.time_range.end - e.time_range.start
+    rows = sorted(total.items(), key=lambda kv: -kv[1][1])
+    lines = [f"device kernels a step ({steps} steps profiled): launches, ms, name; "
+             f"{sum(r[0] for _, r in rows) / steps:.0f} launches a step in all"]
+    lines += [f"  {n / steps:7.1f}  {us / 1e3 / steps:8.3f}  {name}" for name, (n, us) in rows]
+    return "\n".join(lines)
 
 
 def _idle_report(events, top: int = 15) -> str:

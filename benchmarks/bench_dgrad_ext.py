@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _sweep import main, median_ms  # noqa: E402
+from _sweep import main, median_ms, rel_err  # noqa: E402
 
 SHAPES = {"1b": (16384, 2048, 8192), "8b": (8192, 4096, 14336)}  # (N tokens, d, I): T4's and T1's MLP
 RANK = 16
@@ -73,6 +73,31 @@ def bench_shape(name: str, n: int, d: int, i: int) -> dict:
         out[f"{label}_fwd_view_ms"] = round(median_ms(lambda wg_w=wg_w: torch.mm(x, wg_w[:, :d].t())), 4)
         out[f"{label}_dx_copy_ms"] = round(median_ms(lambda got=got: got[:, :d].contiguous()), 4)
     out["fwd_contiguous_ms"] = round(median_ms(lambda: torch.mm(x, wg.t())), 4)
+    a_stack = t(2 * RANK, d, scale=0.02)
+    dx_c = ref[0].clone()
+    out["rank_r_into_dx_ms"] = round(median_ms(lambda: dx_c.addmm_(torch.cat(ref[1:], 1), a_stack)), 4)
+    for extra in (64, 128):  # transposed buffers (d + extra, I): the forward reads a compact (d, I) row block
+        label = f"wideT{extra}"
+        tg, tu = _wide_t(wg, bg, 0, extra), _wide_t(wu, bu, 1, extra)
+
+        def wide_t(tg=tg, tu=tu):
+            return torch.mm(dg, tg.t()).addmm_(du, tu.t())
+
+        got = wide_t()
+        out[f"{label}_ms"] = round(median_ms(wide_t), 4)
+        out[f"{label}_rel_err"] = rel_err((got[:, :d], got[:, d:d + RANK], got[:, d + RANK:d + 2 * RANK]), ref)
+        out[f"{label}_fwd_ms"] = round(median_ms(lambda tg=tg: torch.mm(x, tg[:d])), 4)
+        dxs, dxa = got[:, :d], got[:, d:d + 2 * RANK].clone()
+        out[f"{label}_rank_r_into_dx_ms"] = round(median_ms(lambda dxs=dxs, dxa=dxa: dxs.addmm_(dxa, a_stack)), 4)
+    return out
+
+
+def _wide_t(w: torch.Tensor, b: torch.Tensor, slot: int, extra: int) -> torch.Tensor:
+    """(d + extra, I) buffer holding w^T (d, I) and b^T (r, I) at rows d + slot * r; zeros elsewhere."""
+    i, d = w.shape
+    out = torch.zeros(d + extra, i, device=w.device, dtype=w.dtype)
+    out[:d] = w.t()
+    out[d + slot * RANK:d + (slot + 1) * RANK] = b.t()
     return out
 
 
@@ -82,6 +107,10 @@ def report(r: dict) -> None:
     for label in ("wide", "wide64"):
         print(f"  {label}: {r[label + '_ms']} ms (rel err {r[label + '_rel_err']}), forward through the view "
               f"{r[label + '_fwd_view_ms']} ms, dx made contiguous {r[label + '_dx_copy_ms']} ms")
+    print(f"  rank-r addmm_ into a compact dx {r['rank_r_into_dx_ms']} ms")
+    for label in ("wideT64", "wideT128"):
+        print(f"  {label}: {r[label + '_ms']} ms (rel err {r[label + '_rel_err']}), forward x (d, I) rows "
+              f"{r[label + '_fwd_ms']} ms, rank-r addmm_ into the strided dx {r[label + '_rank_r_into_dx_ms']} ms")
 
 
 if __name__ == "__main__":
