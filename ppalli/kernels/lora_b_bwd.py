@@ -28,14 +28,16 @@ from ppalli.kernels._utils import cdiv, check_tensors, dot, dot_upcast, jit, nex
 def launch_blocks(n: int, m: int, programs: int) -> tuple[int, int, int]:
     """(rows a program, columns a step, warps) for dy (n, m) on a GPU of `programs` SMs: about one program per SM
     (rows = the power of two nearest n / SMs, 32 to 128), 128 columns a step where that still leaves 8 blocks
-    for the staggered starts to spread the atomic adds over, else 64; 8 warps for 128 x 128 tiles.
+    for the staggered starts to spread the atomic adds over, else 64; 8 warps for tiles of 128 x 128 or more.
     benchmarks/bench_lora_b_bwd.py on the H200 (132 SMs, 2026-12-03, results/2026-12-03-h200-lora-b-bwd.json),
     the best setting of 7 for each shape and what this rule picks: 1B q/o/down (16384 x 2048) 128 x 128 x 8,
     0.0310 ms (the cuBLAS pair 0.0481); 1B k (16384 x 512) 128 x 64 x 4, 0.0186 (0.0226; 64 x 128 took 0.0454:
     256 programs adding into 4 column blocks); 8B q (8192 x 4096) 64 x 128 x 4, 0.0374 (0.0500); 8B k (8192 x
-    1024) 64 x 128 x 4, 0.0149 (0.0320)."""
+    1024) 64 x 128 x 4, 0.0149 (0.0320). 64-row programs over 4096 columns or more take 256 a step: on the H100
+    (2026-12-05, results/2026-12-05-h100-s31-lora_b_bwd.txt) 8B q/o/down 0.0397 ms against 0.0431 for 64 x 128 x 4
+    (three calls a T1 layer), on the H200 0.0375 against 0.0374."""
     bm = min(128, max(32, next_power_of_2(max(1, round(n / programs * 2 / 3)))))
-    bn = 128 if m >= 8 * 128 else 64
+    bn = 256 if bm <= 64 and m >= 16 * 256 else 128 if m >= 8 * 128 else 64
     return bm, bn, 8 if bm * bn >= 128 * 128 else 4
 
 

@@ -10,7 +10,7 @@ from reference import assert_close, assert_close_norm
 pytest.importorskip("triton")
 from ppalli.errors import PpalliError  # noqa: E402
 from ppalli.kernels import lora_linear  # noqa: E402
-from ppalli.kernels.lora_b_bwd import lora_b_bwd  # noqa: E402
+from ppalli.kernels.lora_b_bwd import launch_blocks, lora_b_bwd  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -35,6 +35,21 @@ def test_matches_the_two_matmuls_fp32(n, m, r):
     dxa, db = lora_b_bwd(dy, xa, b, 0.5)
     dxa_ref, db_ref = _reference(dy, xa, b, 0.5)
     assert dxa.dtype == db.dtype == torch.float32 and db.is_contiguous()
+    assert_close("dxa", dxa, dxa_ref, torch.float32)
+    assert_close("dB", db, db_ref, torch.float32)
+
+
+@pytest.mark.parametrize("blocks", [(64, 256, 8), (32, 64, 4)])
+def test_every_launch_setting_the_rule_picks_matches(blocks):
+    """The rule's settings on a GPU of 132 SMs: 64 x 256 for T1's 8192 x 4096, 128 x 128 for T4's 16384 x 2048,
+    64 x 128 for a 1024-wide k; each setting (here on few rows and a width of 1.2 column steps) gives the sums."""
+    assert launch_blocks(8192, 4096, 132) == (64, 256, 8)
+    assert launch_blocks(16384, 2048, 132) == (128, 128, 8)
+    assert launch_blocks(8192, 1024, 132) == (64, 128, 4)
+    n, m, r = 70, blocks[1] + blocks[1] // 5, 16
+    dy, xa, b = _inputs(n, m, r, torch.float32)
+    dxa, db = lora_b_bwd(dy, xa, b, 0.5, blocks=blocks)
+    dxa_ref, db_ref = _reference(dy, xa, b, 0.5)
     assert_close("dxa", dxa, dxa_ref, torch.float32)
     assert_close("dB", db, db_ref, torch.float32)
 
