@@ -37,12 +37,10 @@ BLOCKS = (16, 512, 8)
 
 
 @jit
-def _lora_add_rms_norm_fwd_kernel(X, NRM, n_stride, pad, H, Y0, XA, xa_stride, B, W, RSTD, n_rows, d, R, s, eps,
-                                  offset, HAS_LORA: tl.constexpr, NORM: tl.constexpr, IEEE: tl.constexpr,
-                                  UPCAST: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, RP: tl.constexpr,
-                                  PADB: tl.constexpr):
+def _lora_add_rms_norm_fwd_kernel(X, NRM, H, Y0, XA, xa_stride, B, W, RSTD, n_rows, d, R, s, eps, offset,
+                                  HAS_LORA: tl.constexpr, NORM: tl.constexpr, IEEE: tl.constexpr,
+                                  UPCAST: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, RP: tl.constexpr):
     # NORM=False: x alone (lora_add_fwd), which may be written over Y0: each tile is read before it is stored.
-    # NRM's rows are n_stride apart; with PADB > 0 the pad columns after each row's d are written as zeros.
     rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
     row_ok = rows < n_rows
     k = tl.arange(0, RP)
@@ -66,15 +64,11 @@ def _lora_add_rms_norm_fwd_kernel(X, NRM, n_stride, pad, H, Y0, XA, xa_stride, B
             xf = x.to(tl.float32)  # the norm reads the rounded residual, as the next op would
             sq += tl.sum(xf * xf, axis=1)
     if NORM:
-        _norm_pass(X, NRM, n_stride, W, RSTD, rows, row_ok, sq, d, eps, offset, BD)
-        if PADB > 0:  # lora_wide.py: the MLP's GEMMs multiply these zeros with the weights' spare columns
-            p = tl.arange(0, PADB)
-            tl.store(NRM + rows[:, None] * n_stride + d + p[None, :], tl.zeros((BM, PADB), NRM.dtype.element_ty),
-                     mask=row_ok[:, None] & (p[None, :] < pad))
+        _norm_pass(X, NRM, W, RSTD, rows, row_ok, sq, d, eps, offset, BD)
 
 
 @jit
-def _norm_pass(X, NRM, n_stride, W, RSTD, rows, row_ok, sq, d, eps, offset, BD: tl.constexpr):
+def _norm_pass(X, NRM, W, RSTD, rows, row_ok, sq, d, eps, offset, BD: tl.constexpr):
     rstd = tl.rsqrt(sq / d + eps)
     tl.store(RSTD + rows, rstd, mask=row_ok)
     tl.debug_barrier()  # x written above by other threads of this program is read back below
@@ -84,22 +78,18 @@ def _norm_pass(X, NRM, n_stride, W, RSTD, rows, row_ok, sq, d, eps, offset, BD: 
         mask = row_ok[:, None] & (cols[None, :] < d)
         x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
         w = tl.load(W + cols, mask=cols < d, other=0.0).to(tl.float32) + offset
-        tl.store(NRM + rows[:, None] * n_stride + cols[None, :], (x * rstd[:, None] * w[None, :]).to(
-            NRM.dtype.element_ty), mask=mask)
+        tl.store(NRM + offs, (x * rstd[:, None] * w[None, :]).to(NRM.dtype.element_ty), mask=mask)
 
 
-def lora_add_rms_norm_fwd(h, y0, xa, b, s: float, weight, eps: float, offset: float = 0.0, blocks=BLOCKS,
-                          pad: int = 0):
+def lora_add_rms_norm_fwd(h, y0, xa, b, s: float, weight, eps: float, offset: float = 0.0, blocks=BLOCKS):
     """h, y0 (M, d); xa (M, r) and b (d, r) or None; weight (d,) -> (x = h + y0 + s xa b^T, n = RMSNorm(x)
-    * (offset + weight), rstd (M,) fp32); x and n in h's dtype. pad > 0: n is the leading d columns of an
-    (M, d + pad) buffer whose other columns are zeros (row stride d + pad; lora_wide.padded_rows)."""
+    * (offset + weight), rstd (M,) fp32); x and n in h's dtype."""
     check_tensors(weight)
     if weight.shape != h.shape[-1:]:
         raise PpalliError(f"lora_add_rms_norm needs weight of shape ({h.shape[-1]},), got {tuple(weight.shape)}")
     h, y0 = h.contiguous(), y0.contiguous()
     x = torch.empty_like(h)
-    n = torch.empty(h.shape[0], h.shape[1] + pad, dtype=h.dtype, device=h.device)[:, :h.shape[1]]
-    rstd = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+    n, rstd = torch.empty_like(h), torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
     _launch(x, h, y0, xa, b, s, (n, weight, rstd, eps, offset), blocks)
     return x, n, rstd
 
@@ -129,24 +119,21 @@ def _launch(x, h, y0, xa, b, s, norm, blocks):
         xa = xa if xa.stride(-1) == 1 else xa.contiguous()
         b = b.to(h.dtype).contiguous()
     nrm, weight, rstd, eps, offset = norm if norm is not None else (x, x, x, 0.0, 0.0)
-    pad = nrm.stride(0) - d if norm is not None else 0
     bm, bd, warps = blocks
     _lora_add_rms_norm_fwd_kernel[(cdiv(n_rows, bm),)](
-        x, nrm, nrm.stride(0), pad, h, y0, xa if has_lora else h, xa.stride(0) if has_lora else 0,
-        b if has_lora else h, weight, rstd,
+        x, nrm, h, y0, xa if has_lora else h, xa.stride(0) if has_lora else 0, b if has_lora else h, weight, rstd,
         n_rows, d, rank, float(s), float(eps), float(offset), HAS_LORA=has_lora, NORM=norm is not None,
         IEEE=h.dtype == torch.float32, UPCAST=dot_upcast(h.dtype),
-        BM=bm, BD=min(bd, next_power_of_2(d)), RP=max(16, next_power_of_2(rank)),
-        PADB=next_power_of_2(pad) if pad > 0 else 0, num_warps=warps)
+        BM=bm, BD=min(bd, next_power_of_2(d)), RP=max(16, next_power_of_2(rank)), num_warps=warps)
 
 
 class LoRAAddRMSNormFunction(torch.autograd.Function):
     """(x, n) = (h + y0 + s xa b^T, RMSNorm(x) * (offset + w)); gradients for h, y0, xa, b (and w if it trains)."""
 
     @staticmethod
-    def forward(ctx, h, y0, xa, b, s, weight, eps, offset, pad):
+    def forward(ctx, h, y0, xa, b, s, weight, eps, offset):
         b_cast = factor_cast(b, h.dtype)
-        x, n, rstd = lora_add_rms_norm_fwd(h, y0, xa, b_cast, s, weight, eps, offset, pad=pad)
+        x, n, rstd = lora_add_rms_norm_fwd(h, y0, xa, b_cast, s, weight, eps, offset)
         ctx.save_for_backward(x, rstd, xa, b_cast, weight)
         ctx.s, ctx.offset, ctx.b_dtype = s, offset, b.dtype if b is not None else None
         return x, n
@@ -164,15 +151,14 @@ class LoRAAddRMSNormFunction(torch.autograd.Function):
             dxa, _, db = lora_bwd(dxt, None, xa.to(dxt.dtype), None, b, ctx.s, False, need[3],
                                   (None, ctx.b_dtype))  # (M, r), (d, r)
             dxa = dxa.to(xa.dtype) if need[2] else None  # db is in b's dtype already
-        return dxt, dxt, dxa, db, None, dw, None, None, None
+        return dxt, dxt, dxa, db, None, dw, None, None
 
 
 def lora_add_rms_norm(h: torch.Tensor, y0: torch.Tensor, xa: torch.Tensor | None, b: torch.Tensor | None,
-                      s: float, weight: torch.Tensor, eps: float, offset: float = 0.0, pad: int = 0):
+                      s: float, weight: torch.Tensor, eps: float, offset: float = 0.0):
     """h, y0 (..., d) -> (x = h + y0 + s xa b^T, RMSNorm(x) * (offset + weight)), both (..., d); xa (M, r)
-    over the flattened rows and b (d, r) the LoRA term, or None. pad > 0: the norm's rows are followed by pad
-    zero columns in its storage (row stride d + pad), for an MLP whose weights have spare columns (lora_wide)."""
+    over the flattened rows and b (d, r) the LoRA term, or None."""
     lead = h.shape
     x, n = LoRAAddRMSNormFunction.apply(h.reshape(-1, lead[-1]), y0.reshape(-1, lead[-1]), xa, b, float(s),
-                                        weight, float(eps), float(offset), int(pad))
+                                        weight, float(eps), float(offset))
     return x.view(lead), n.view(lead)

@@ -32,7 +32,6 @@ from torch import nn
 from ppalli.errors import PpalliError
 from ppalli.kernels._utils import current_stash, is_recomputing
 from ppalli.kernels.factor_cache import factor_cast
-from ppalli.kernels.fp8 import fp8_weights
 from ppalli.kernels.lora_add_rms_norm import lora_add_fwd
 from ppalli.kernels.lora_glu import ACTS, lora_glu_bwd, lora_glu_fwd, lora_glu_fwd_had
 from ppalli.kernels.lora_linear import (
@@ -48,25 +47,19 @@ from ppalli.kernels.lora_linear import (
     stacked_lora_a,
     stacked_lora_a_grads,
 )
-from ppalli.kernels.lora_wide import padded_rows, wide_forward, wide_input_grad, wide_weights
 
 
 class LoRAMLPFunction(torch.autograd.Function):
     """act(x Wg'^T) * (x Wu'^T) -> down projection, W' = W + s B A; the LoRA weights of all three train."""
 
     @staticmethod
-    def forward(ctx, x, act, gb, ga, gB, gs, ub, ua, uB, us, db, da, dB, ds, res, pad):
+    def forward(ctx, x, act, gb, ga, gB, gs, ub, ua, uB, us, db, da, dB, ds, res):
         ctx.ranks = [None if a is None else a.shape[0] for a in (ga, ua)]
         ctx.dtypes = factor_dtypes(ga, gB, ua, uB, da, dB)
         gB, uB, da, dB = (factor_cast(t, x.dtype) for t in (gB, uB, da, dB))  # once; the backward reuses them
-        wides, x_pad = _wide(x, gb, ub, gB, uB, pad)
-        ctx.wide = wides is not None
-        if wides is not None:  # lora_wide.py: the buffers whole, x's zero columns against the spare ones
-            gate0, up0 = wide_forward(x_pad, wides[0]), wide_forward(x_pad, wides[1])  # (N, I) each
-        else:
-            xq = quantized_input(x, gb, ub)  # plan.fp8: x quantized once for both GEMMs
-            gate0, up0 = base_mm(x, gb, xq), base_mm(x, ub, xq)  # (N, I) each, without the adapters' terms
-            del xq
+        xq = quantized_input(x, gb, ub)  # plan.fp8: x quantized once for both GEMMs
+        gate0, up0 = base_mm(x, gb, xq), base_mm(x, ub, xq)  # (N, I) each, without the adapters' terms
+        del xq
         (xag, xau), a_stack = stacked_lora_a(x, (ga, ua))  # (N, r) views of one GEMM: x read once
         kept = current_stash()
         kept = kept.setdefault("lora_mlp.had", []) if kept is not None and da is not None else None
@@ -92,7 +85,7 @@ class LoRAMLPFunction(torch.autograd.Function):
             if kept is not None:  # inside a recompute wrapper: its recompute reads this back
                 kept.append(had.detach())
         ctx.save_for_backward(x, gate0, up0, xag, xau, had, a_stack, gB, uB, da, dB)
-        ctx.act, ctx.bases, ctx.scales, ctx.pad = act, (gb, ub, db), (gs, us, ds), pad
+        ctx.act, ctx.bases, ctx.scales = act, (gb, ub, db), (gs, us, ds)
         ctx.used = False
         return y
 
@@ -116,46 +109,28 @@ class LoRAMLPFunction(torch.autograd.Function):
         dgate, dup, g_dB, u_dB, d_da = lora_glu_bwd(dh0, gate0, up0, xag, gB, gs, xau, uB, us, dxad, da, ctx.act,
                                                     sums)
         del dh0
-        dx = dxa_all = None
-        wides = _wide(x, gb, ub, gB, uB, ctx.pad)[0] if ctx.wide and need[0] else None
-        if wides is not None:  # dx (row stride d + p) and both (N, r) products from the two base GEMMs
-            dx, dxa_all = wide_input_grad((dgate, dup), wides, (gB, uB), (gs, us), x.shape[1])
-            dxag, dxau = dxa_all[:, :g_rank], dxa_all[:, g_rank:]
-        else:
-            dxag = scaled_mm(dgate, gB, gs) if g_rank is not None else None  # (N, r)
-            dxau = scaled_mm(dup, uB, us) if u_rank is not None else None
+        dxag = scaled_mm(dgate, gB, gs) if g_rank is not None else None  # (N, r)
+        dxau = scaled_mm(dup, uB, us) if u_rank is not None else None
         (g_da, u_da), dxa_all = stacked_lora_a_grads((dxag, dxau), x, a_stack, ctx.ranks, (need[3], need[7]),
-                                                     dtypes[0::2], stacked=dxa_all)
+                                                     dtypes[0::2])
+        dx = None
         if need[0]:
-            if dx is None:
-                dx = add_input_grad(None, dgate, gb, None, None)  # (N, d)
-                dx = add_input_grad(dx, dup, ub, None, None)
+            dx = add_input_grad(None, dgate, gb, None, None)  # (N, d)
+            dx = add_input_grad(dx, dup, ub, None, None)
             if dxa_all is not None:  # both rank-r terms in one GEMM, last (see add_input_grad)
                 dx.addmm_(dxa_all, a_stack)
         g_dB, u_dB, d_da, d_dB = (cast(t, dt) for t, dt in ((g_dB, dtypes[1]), (u_dB, dtypes[3]), (d_da, dtypes[4]),
                                                             (d_dB, dtypes[5])))
         d_res = dy if need[14] else None  # the residual's gradient passes through
-        return dx, None, None, g_da, g_dB, None, None, u_da, u_dB, None, None, d_da, d_dB, None, d_res, None
-
-
-def _wide(x, gb, ub, gB, uB, pad: int):
-    """(gate's and up's (I, d + p) buffers, x's (N, d + p) padded rows) where the weights have p = pad spare
-    columns, x's rows are followed by as many zeros and both adapters are there; else (None, None)."""
-    if not pad or gB is None or uB is None or fp8_weights(gb) is not None or fp8_weights(ub) is not None:
-        return None, None
-    x_pad = padded_rows(x, pad)
-    wides = wide_weights((gb, ub), (gB, uB), x.dtype, pad) if x_pad is not None else None
-    return (wides, x_pad) if wides is not None else (None, None)
+        return dx, None, None, g_da, g_dB, None, None, u_da, u_dB, None, None, d_da, d_dB, None, d_res
 
 
 def lora_mlp(x: torch.Tensor, gate: nn.Module, up: nn.Module, down: nn.Module, act: str = "silu",
-             residual: torch.Tensor | None = None, pad: int = 0) -> torch.Tensor:
+             residual: torch.Tensor | None = None) -> torch.Tensor:
     """x (..., d) through the gated MLP whose projections are PEFT LoRA Linears -> (..., d), plus residual
     (..., d) when given (added in the pass that adds down's LoRA term).
 
-    act: "silu" (Llama, Qwen, Mistral: SwiGLU) or "gelu_tanh" (Gemma: GeGLU). pad: x's rows are followed by
-    pad zero columns in its storage (lora_add_rms_norm's `pad`), as many as the gate and up weights' spare
-    columns (lora_wide.widen_base_weights); the GEMMs then give the adapters' rank-r input-gradient terms too.
+    act: "silu" (Llama, Qwen, Mistral: SwiGLU) or "gelu_tanh" (Gemma: GeGLU).
     """
     if act not in ACTS:
         raise PpalliError(f"lora_mlp act must be one of {sorted(ACTS)}, got {act!r}")
@@ -164,5 +139,5 @@ def lora_mlp(x: torch.Tensor, gate: nn.Module, up: nn.Module, down: nn.Module, a
     g, u, d = lora_parts(gate), lora_parts(up), lora_parts(down)
     x2 = x.reshape(-1, x.shape[-1])  # (N, d)
     res = residual.reshape(x2.shape[0], -1) if residual is not None else None
-    y = LoRAMLPFunction.apply(x2, act, *g, *u, *d, res, int(pad))
+    y = LoRAMLPFunction.apply(x2, act, *g, *u, *d, res)
     return y.view(*x.shape[:-1], y.shape[-1])

@@ -57,7 +57,6 @@ from ppalli.kernels.lora_linear import (
 )
 from ppalli.kernels.lora_mlp import lora_mlp
 from ppalli.kernels.lora_qkv import lora_qkv
-from ppalli.kernels.lora_wide import narrow_base_weights, widen_base_weights
 from ppalli.kernels.rms_norm import rms_norm, rms_norm_residual
 from ppalli.kernels.rope import apply_rope
 from ppalli.kernels.swiglu import swiglu
@@ -227,7 +226,6 @@ class FusedDecoderLayer:
         self.add_norm = spec.post_attn_norm is None and None not in (spec.pre_attn_norm, spec.pre_mlp_norm)
         # q and k straight from their projections into RoPE: lora_qkv applies it and owns the backward
         self.qkv_rope = self.rope and not spec.qk_norm and not spec.fused_qkv
-        self.mlp_pad = 0  # the gate/up weights' spare columns, which the MLP's norm then pads with zeros (lora_wide)
         self.original = layer.forward  # the class's forward (bound) or an instance attribute already there
 
     def describe(self) -> str:
@@ -320,8 +318,7 @@ class FusedDecoderLayer:
             act = swiglu if self.act == "silu" else geglu
             out = lora_linear(act(gate, up), parts[self.spec.mlp[1]])
         elif self.spec.post_mlp_norm is None:  # the residual add joins the pass that adds down's LoRA term
-            return lora_mlp(h, *(parts[n] for n in self.spec.mlp), act=self.act, residual=residual,
-                            pad=self.mlp_pad)
+            return lora_mlp(h, *(parts[n] for n in self.spec.mlp), act=self.act, residual=residual)
         else:
             out = lora_mlp(h, *(parts[n] for n in self.spec.mlp), act=self.act)
         return residual + self._norm(self.spec.post_mlp_norm, out)
@@ -336,7 +333,7 @@ class FusedDecoderLayer:
         else:
             y0, xa = lora_linear_split(o, op)  # (N, d), (N, r)
         return lora_add_rms_norm(hidden, y0.view(hidden.shape), xa, op.b, op.scaling, norm.weight,
-                                 norm_eps(norm), self.spec.norm_offset, pad=self.mlp_pad)
+                                 norm_eps(norm), self.spec.norm_offset)
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """Drop-in for the HF layer's forward(hidden_states, attention_mask=, position_embeddings=, ...)."""
@@ -392,7 +389,6 @@ class FastPathHandle:
     factors: FactorCache = field(default_factory=FactorCache)  # the fused layers' bf16 LoRA factors
     stacked: list[tuple[nn.Module, ...]] = field(default_factory=list)  # q/k/v base layers laid out as one block
     fp8: list[nn.Module] = field(default_factory=list)  # base layers given e4m3 copies (plan.fp8)
-    widened: list[tuple[tuple[nn.Module, ...], int]] = field(default_factory=list)  # (gate, up bases), spare cols
 
     @property
     def active(self) -> bool:
@@ -415,10 +411,6 @@ class FastPathHandle:
             unstack_base_weights(bases)
         if self.stacked:
             self.log(f"fast path: q/k/v base weights of {len(self.stacked)} layers back in their own storage")
-        for bases, extra in self.widened:
-            narrow_base_weights(bases, extra)
-        if self.widened:
-            self.log(f"fast path: gate/up base weights of {len(self.widened)} layers back in compact storage")
         wrapped = sum(not _swapped_directly(layer) for layer, _ in self.swaps)
         if wrapped:
             self.log(f"fast path: {wrapped} layers had wrappers over the fused forward (e.g. recompute); "
@@ -432,7 +424,6 @@ class FastPathHandle:
             self.log(f"fast path: reverted {len(self.swaps)} layers to their original forward")
         self.swaps.clear()
         self.stacked.clear()
-        self.widened.clear()
         self.fp8.clear()
         self.factors.clear()
 
@@ -491,14 +482,9 @@ def apply_fast_path(model: nn.Module, *, attention_backend: str = "auto",
         layer.forward = fused.forward
         log(f"fast path: {prefix}.layers.{i} ({type(layer).__name__}).forward -> fused ({fused.describe()})")
         handle.stacked += _stack_bases(layer, spec, fused)
-        handle.widened += [] if fp8 else _widen_bases(layer, spec, fused)  # fp8 runs its own GEMMs
     if handle.stacked:
         log(f"fast path: q/k/v base weights of {len(handle.stacked)} layers laid out as one (out, in) block each "
             "(same parameters and values), so the input gradient's base term is one GEMM")
-    if handle.widened:
-        log(f"fast path: gate/up base weights of {len(handle.widened)} layers given {handle.widened[0][1]} spare "
-            "columns each (same parameters and values) and the MLP's norm as many zero columns, so the input-"
-            "gradient GEMMs also give the adapters' rank-r terms")
     if fp8:
         _attach_fp8(handle, backbone.layers, spec)
     return handle
@@ -533,23 +519,6 @@ def _stack_bases(layer: nn.Module, spec: FamilySpec, fused: FusedDecoderLayer) -
         return []
     bases = tuple(_layer_targets(layer, spec)[n].get_base_layer() for n in spec.qkv)
     return [bases] if stack_base_weights(bases) else []
-
-
-def _widen_bases(layer: nn.Module, spec: FamilySpec, fused: FusedDecoderLayer) -> list[tuple[tuple, int]]:
-    """Give the gate and up base weights spare columns for their adapters' B (lora_wide.py) where the layer's
-    own norm kernel feeds lora_mlp (it writes the matching zero columns) and both adapters share one rank;
-    -> [((gate base, up base), spare columns)] or []."""
-    if spec.fused_gate_up or not fused.add_norm or spec.post_mlp_norm is not None:
-        return []
-    targets = [_layer_targets(layer, spec)[n] for n in spec.mlp[:2]]
-    if any(m is None or lora_problem(m) is not None for m in targets):  # such a layer falls back at run time
-        return []
-    parts = [lora_parts(m, checked=True) for m in targets]
-    if any(p.a is None for p in parts) or parts[0].a.shape[0] != parts[1].a.shape[0]:
-        return []
-    bases = tuple(p.base for p in parts)
-    fused.mlp_pad = widen_base_weights(bases, parts[0].a.shape[0])
-    return [(bases, fused.mlp_pad)] if fused.mlp_pad else []
 
 
 # --------------------------------------------------------------------------- the loss

@@ -12,13 +12,6 @@ from ppalli.errors import PpalliError  # noqa: E402
 from ppalli.kernels._utils import recomputing  # noqa: E402
 from ppalli.kernels.lora_linear import base_weight  # noqa: E402
 from ppalli.kernels.lora_mlp import lora_mlp  # noqa: E402
-from ppalli.kernels.lora_wide import (  # noqa: E402
-    narrow_base_weights,
-    spare_columns,
-    wide_input_grad,
-    wide_weights,
-    widen_base_weights,
-)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ACTS = {"silu": F.silu, "gelu_tanh": lambda g: F.gelu(g, approximate="tanh")}
@@ -52,23 +45,16 @@ def _run(fn, model, x, dy):
     return y, dict(zip(["x", *params], grads))
 
 
-def _fused(model, act, pad=0):
-    """The fused block; pad > 0: x handed over as the leading columns of a buffer with pad zero columns after
-    each row, as lora_add_rms_norm's `pad` writes it."""
+def _fused(model, act):
     m = model.base_model.model
-
-    def run(x):
-        if pad:
-            x = torch.cat([x, x.new_zeros(*x.shape[:-1], pad)], dim=-1)[..., :x.shape[-1]]
-        return lora_mlp(x, m.gate_proj, m.up_proj, m.down_proj, act=act, pad=pad)
-    return run
+    return lambda x: lora_mlp(x, m.gate_proj, m.up_proj, m.down_proj, act=act)
 
 
-def _compare(model, act, shape, pad=0):
+def _compare(model, act, shape):
     b, t, d = shape
     torch.manual_seed(2)
     x, dy = torch.randn(b, t, d, device=DEVICE), torch.randn(b, t, d, device=DEVICE)
-    y, g = _run(_fused(model, act, pad), model, x, dy)
+    y, g = _run(_fused(model, act), model, x, dy)
     y_ref, g_ref = _run(model, model, x, dy)
     assert_close("output", y, y_ref, "block")
     assert len(g) == 7  # x and A, B of gate, up and down
@@ -193,76 +179,3 @@ def test_qlora_4bit_base_matches_lora_on_the_dequantized_weight():
     assert_close("output", y, y_ref, "block")
     for name, ref in g_ref.items():
         assert_close(f"grad {name}", g[name], ref, "block")
-
-
-def _gate_up_bases(model):
-    m = model.base_model.model
-    return m.gate_proj.get_base_layer(), m.up_proj.get_base_layer()
-
-
-def _count_wide(monkeypatch) -> list:
-    import ppalli.kernels.lora_mlp as block
-
-    calls = []
-    monkeypatch.setattr(block, "wide_input_grad", lambda *a: calls.append(1) or wide_input_grad(*a))
-    return calls
-
-
-@pytest.mark.parametrize("act", sorted(ACTS))
-@pytest.mark.parametrize("shape", SHAPES, ids=["aligned", "odd"])
-def test_widened_gate_up_weights_give_every_gradient(shape, act, monkeypatch):
-    """Gate and up bases with spare columns and x with as many zero columns (lora_wide): the forward multiplies
-    the whole buffers, dx and the adapters' rank-r terms come out of the two input-gradient GEMMs; every
-    gradient matches PEFT's, whose forward reads the weights as views."""
-    b, t, d, i, r = shape
-    model = _model(d, i, r, act)
-    pad = widen_base_weights(_gate_up_bases(model), r)
-    assert pad == spare_columns(r) == 64
-    calls = _count_wide(monkeypatch)
-    _compare(model, act, (b, t, d), pad)
-    assert calls == [1]
-
-
-def test_widened_weights_without_a_padded_input_run_the_separate_products(monkeypatch):
-    """x not laid out with the zero columns (pad=0, or another row stride): the compact path, same gradients."""
-    model = _model(32, 64, 8, "silu")
-    pad = widen_base_weights(_gate_up_bases(model), 8)
-    calls = _count_wide(monkeypatch)
-    _compare(model, "silu", (2, 8, 32))
-    _compare(model, "silu", (2, 8, 32), pad=pad + 64)  # rows further apart than the weights' spare columns
-    assert calls == []
-
-
-def test_widened_weights_keep_parameters_and_values_and_narrow_back():
-    model = _model(32, 64, 8, "silu")
-    bases = _gate_up_bases(model)
-    params = [b.weight for b in bases]
-    before = [p.detach().clone() for p in params]
-    factors = (torch.zeros(64, 8, device=DEVICE), torch.zeros(64, 8, device=DEVICE))
-    assert wide_weights(bases, factors, torch.float32, 64) is None  # compact
-    assert widen_base_weights(bases, 8) == widen_base_weights(bases, 8) == 64  # twice: already wide
-    assert [b.weight for b in bases] == params and all(torch.equal(p, q) for p, q in zip(params, before))
-    wides = wide_weights(bases, factors, torch.float32, 64)
-    assert [tuple(w.shape) for w in wides] == [(64, 96), (64, 96)] and not any(w[:, 32:].any() for w in wides)
-    assert wide_weights(bases, factors, torch.float32, 128) is None  # other spare width
-    assert wide_weights(bases, [f[:, :4] for f in factors], torch.float32, 64) is not None  # a smaller rank fits
-    assert wide_weights(bases, factors, torch.float16, 64) is None  # other dtype
-    narrow_base_weights(bases, 64)
-    assert all(p.is_contiguous() and torch.equal(p, q) for p, q in zip(params, before))
-    assert wide_weights(bases, factors, torch.float32, 64) is None
-    assert not widen_base_weights([nn.Linear(8, 4), nn.Linear(6, 4)], 2)  # another width
-    assert not widen_base_weights([nn.Linear(8, 4), nn.Linear(8, 4).half()], 2)
-    assert spare_columns(16) == 64 and spare_columns(48) == 128
-
-
-def test_a_weight_given_new_storage_falls_back_to_the_separate_products(monkeypatch):
-    """A merge or a load may give a widened weight compact storage again: the block then runs the separate
-    rank-r GEMMs (checked at each use), with the same gradients."""
-    import ppalli.kernels.lora_mlp as block
-
-    model = _model(37, 53, 3, "silu")
-    bases = _gate_up_bases(model)
-    pad = widen_base_weights(bases, 3)
-    bases[1].weight.data = bases[1].weight.data.contiguous()
-    monkeypatch.setattr(block, "wide_input_grad", lambda *a: pytest.fail("the wide GEMMs ran"))
-    _compare(model, "silu", (2, 5, 37), pad)
