@@ -19,9 +19,12 @@ view costs more (1B 0.778 -> 0.806 ms, 8B 1.231 -> 1.381 / 1.428, twice a layer)
 layer at 1B. The fast path's version (ppalli/kernels/lora_wide.py, 4348ee9) was reverted; this stays to time it
 again (e.g. with a forward that does not read the weight through the view).
 
-"block" rows time the fused LoRA MLP (kernels/lora_mlp.py, SwiGLU, residual added) forward + backward as the fast
-path runs it: compact weights, against the weights with spare columns read whole through an input padded with as
-many zero columns (kernels/lora_wide.py, the forward a compact GEMM over K = d + p).
+The same weights read whole in the forward (182ff90, reverted): x handed over as the leading columns of
+an (N, d + 64) buffer whose last columns the RMSNorm before the MLP wrote as zeros, so x_pad [Wg | sg Bg | 0]^T is
+a compact GEMM over K = d + 64; every gradient matched PEFT's (CPU, and the H100's GPU tests). The fused MLP
+block's forward + backward on the H100 (2026-12-05, results/2026-12-05-h100-dgrad-block.json): 8B 9.139 ms
+against 9.113 compact, 1B 5.672 against 5.635. No gain: not kept. Stored transposed instead ("wideT" rows,
+(d + p, I)), the forward becomes an NN GEMM: 1.32-1.43 ms against 1.27-1.29 (results/2026-12-05-h100-dgrad-ext-t.json).
 """
 
 import sys
@@ -30,11 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without `pip install -e .`
 from _sweep import main, median_ms, rel_err  # noqa: E402
-
-from ppalli.kernels.lora_mlp import LoRAMLPFunction  # noqa: E402
-from ppalli.kernels.lora_wide import spare_columns, widen_base_weights  # noqa: E402
 
 SHAPES = {"1b": (16384, 2048, 8192), "8b": (8192, 4096, 14336)}  # (N tokens, d, I): T4's and T1's MLP
 RANK = 16
@@ -97,34 +96,7 @@ def bench_shape(name: str, n: int, d: int, i: int) -> dict:
         out[f"{label}_fwd_ms"] = round(median_ms(lambda tg=tg: torch.mm(x, tg[:d])), 4)
         dxs, dxa = got[:, :d], got[:, d:d + 2 * RANK].clone()
         out[f"{label}_rank_r_into_dx_ms"] = round(median_ms(lambda dxs=dxs, dxa=dxa: dxs.addmm_(dxa, a_stack)), 4)
-    for label, pad in (("block_compact", 0), ("block_wide", spare_columns(RANK))):
-        out[f"{label}_ms"], y = _block(n, d, i, pad)
-        out.setdefault("block_ref", y)
-    out["block_wide_rel_err"] = rel_err(y, out.pop("block_ref"))
     return out
-
-
-def _block(n: int, d: int, i: int, pad: int) -> tuple[float, tuple]:
-    """lora_mlp's Function forward + backward (x, the six factors' gradients), weights widened when pad."""
-    torch.manual_seed(0)
-    lins = [torch.nn.Linear(k, o, bias=False, device="cuda", dtype=torch.bfloat16).requires_grad_(False)
-            for o, k in ((i, d), (i, d), (d, i))]
-    if pad:
-        assert widen_base_weights(lins[:2], RANK) == pad
-    factors = [(torch.randn(RANK, k, device="cuda") * 0.02).requires_grad_() for k in (d, d, i)]
-    factors = [(a, (torch.randn(o, RANK, device="cuda") * 0.02).requires_grad_()) for a, o in zip(factors, (i, i, d))]
-    x = torch.zeros(n, d + pad, device="cuda", dtype=torch.bfloat16)
-    x[:, :d] = torch.randn(n, d, device="cuda", dtype=torch.bfloat16)
-    x = x[:, :d].detach().requires_grad_()  # rows followed by pad zeros, as lora_add_rms_norm's `pad` writes
-    res, dy = (torch.randn(n, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    leaves = [x] + [t for pair in factors for t in pair]
-
-    def step():
-        args = [t for lin, (a, b) in zip(lins, factors) for t in (lin, a, b, 2.0)]
-        y = LoRAMLPFunction.apply(x, "silu", *args, res, pad)
-        return torch.autograd.grad(y, leaves, dy)
-
-    return round(median_ms(step), 4), step()
 
 
 def _wide_t(w: torch.Tensor, b: torch.Tensor, slot: int, extra: int) -> torch.Tensor:
@@ -143,8 +115,6 @@ def report(r: dict) -> None:
         print(f"  {label}: {r[label + '_ms']} ms (rel err {r[label + '_rel_err']}), forward through the view "
               f"{r[label + '_fwd_view_ms']} ms, dx made contiguous {r[label + '_dx_copy_ms']} ms")
     print(f"  rank-r addmm_ into a compact dx {r['rank_r_into_dx_ms']} ms")
-    print(f"  block (lora_mlp fwd + bwd): compact {r['block_compact_ms']} ms, spare columns {r['block_wide_ms']} ms "
-          f"(rel err {r['block_wide_rel_err']})")
     for label in ("wideT64", "wideT128"):
         print(f"  {label}: {r[label + '_ms']} ms (rel err {r[label + '_rel_err']}), forward x (d, I) rows "
               f"{r[label + '_fwd_ms']} ms, rank-r addmm_ into the strided dx {r[label + '_rank_r_into_dx_ms']} ms")
