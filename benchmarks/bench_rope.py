@@ -5,8 +5,7 @@
 Before, q and k each took an addmm_ of the LoRA term s (x A^T) B^T into the base output (reading and writing it)
 and then RoPE's pass; rope_lora_fwd adds the term inside RoPE's pass. Shapes: Llama-3.2-1B at 8x2048 tokens
 (q: 32 heads, k: 8, head dim 64) and Llama-3.1-8B at 4x2048 (32 and 8 heads of 128), bf16, rank 16, x A^T a
-column block of the stacked (N, 3r) product. Settings (tokens a program, heads a step, warps[, heads a program:
-all when absent]) are swept (until
+column block of the stacked (N, 3r) product. Settings (tokens a program, heads a step, warps) are swept (until
 2026-12-03 a program took a block of heads, not all: results/2026-12-03-h200-rope-lora.json, compared in
 *-rope-best.txt); times are medians of triton.testing.do_bench, ms; GB/s counts y read and the output written.
 Also lora_qkv's backward RoPE (dq and dk here both of the row's shape, so twice its work) with dv copied apart
@@ -25,9 +24,7 @@ from ppalli.kernels.rope import LORA_BLOCKS, rope_fwd, rope_lora_fwd  # noqa: E4
 
 # name: (batch, T, heads, head dim)
 SHAPES = {"1b q": (8, 2048, 32, 64), "1b k": (8, 2048, 8, 64), "8b q": (4, 2048, 32, 128), "8b k": (4, 2048, 8, 128)}
-SWEEP = [(16, 1, 4), (16, 2, 4), (16, 4, 4), (16, 4, 8), (32, 2, 4), (32, 4, 8), (64, 1, 4), (64, 2, 8),
-         # a 4th number: heads a program (a second grid axis), rather than all of them
-         (16, 2, 4, 2), (16, 2, 4, 4), (16, 2, 4, 8), (16, 2, 4, 16), (16, 1, 4, 4), (16, 4, 8, 8), (32, 2, 4, 8)]
+SWEEP = [(16, 1, 4), (16, 2, 4), (16, 4, 4), (16, 4, 8), (32, 2, 4), (32, 4, 8), (64, 1, 4), (64, 2, 8)]
 RANK, S, DTYPE = 16, 2.0, torch.bfloat16
 
 

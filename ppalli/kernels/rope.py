@@ -82,12 +82,11 @@ def _rope_lora_fwd_kernel(
     OUT, Y, XA, B, COS, SIN,  # OUT, Y: (N, H*D) rows of unit stride; XA (N, R); B (H*D, R); COS, SIN: (B or 1, T, D)
     o_sn, y_sn, xa_sn, c_sb, c_st, n_rows, n_t, n_heads, half, R, s,
     HEAD_D: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr, BLOCK_D: tl.constexpr, RP: tl.constexpr,
-    HG: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    IEEE: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    # Program (i, g): BT tokens across HG heads from g * HG (all heads when HG covers them), BH heads a step as
-    # (BT, BH * BLOCK_D) tiles whose column j is head j // BLOCK_D, dim j % BLOCK_D (the first half; the second
-    # is `half` further). x A^T and cos/sin are read once a program, cos/sin as (BT, BLOCK_D) broadcast over the
-    # step's heads.
+    # Program: BT tokens across all heads, BH heads a step as (BT, BH * BLOCK_D) tiles whose column j is head
+    # j // BLOCK_D, dim j % BLOCK_D (the first half; the second is `half` further). x A^T and cos/sin are read
+    # once for the tokens, cos/sin as (BT, BLOCK_D) broadcast over the step's heads.
     rows = tl.program_id(0).to(tl.int64) * BT + tl.arange(0, BT)
     row_ok = rows < n_rows
     k = tl.arange(0, RP)
@@ -99,13 +98,11 @@ def _rope_lora_fwd_kernel(
     cos1, cos2 = _over_heads(cos1, BT, BH, BLOCK_D), _over_heads(cos2, BT, BH, BLOCK_D)  # (BT, BH * BLOCK_D)
     sin1, sin2 = _over_heads(sin1, BT, BH, BLOCK_D), _over_heads(sin2, BT, BH, BLOCK_D)
     j = tl.arange(0, BH * BLOCK_D)
-    h_start = tl.program_id(1) * HG
-    h_end = tl.minimum(h_start + HG, n_heads)
-    for h0 in range(h_start, h_end, BH):
+    for h0 in range(0, n_heads, BH):
         heads = h0 + j // BLOCK_D
         d = j % BLOCK_D
         col = (heads * HEAD_D + d).to(tl.int64)
-        col_ok = (heads < h_end) & (d < half)
+        col_ok = (heads < n_heads) & (d < half)
         mask = row_ok[:, None] & col_ok[None, :]
         b_mask = (k[:, None] < R) & col_ok[None, :]
         b1 = tl.load(B + col[None, :] * R + k[:, None], mask=b_mask, other=0.0)  # (RP, BH * BLOCK_D) of B^T
@@ -230,7 +227,7 @@ LORA_BLOCKS = {64: (16, 2, 4), 128: (16, 2, 4)}
 
 
 def rope_lora_fwd(y: torch.Tensor, xa: torch.Tensor, b: torch.Tensor, s: float, cos: torch.Tensor,
-                  sin: torch.Tensor, batch: int, head_dim: int, blocks: tuple[int, ...] | None = None):
+                  sin: torch.Tensor, batch: int, head_dim: int, blocks: tuple[int, int, int] | None = None):
     """RoPE of y + s xa b^T, the LoRA term added in the same pass instead of by an addmm_ that reads and writes y
     first. y (N, H*D) a projection's base output (rows of unit stride), xa (N, r) = x A^T, b (H*D, r) in y's
     dtype, cos/sin as rope_fwd takes them, N = batch * T -> rotated (B, H, T, D) in new (B, T, H, D) memory.
@@ -245,13 +242,11 @@ def rope_lora_fwd(y: torch.Tensor, xa: torch.Tensor, b: torch.Tensor, s: float, 
     heads, n_t = width // head_dim, n // batch
     view = y.view(batch, n_t, heads, head_dim).transpose(1, 2)  # (B, H, T, D), to check cos/sin against
     cos, sin = _prepare_cos_sin(view, cos, sin)
-    bt, bh, warps, *rest = blocks or LORA_BLOCKS[64 if head_dim <= 64 else 128]
-    hg = min(rest[0] if rest and rest[0] else heads, heads)  # heads a program: all by default
+    bt, bh, warps = blocks or LORA_BLOCKS[64 if head_dim <= 64 else 128]
     block_d = next_power_of_2(head_dim // 2)
     out = torch.empty_like(y)
-    _rope_lora_fwd_kernel[((n + bt - 1) // bt, (heads + hg - 1) // hg)](
+    _rope_lora_fwd_kernel[((n + bt - 1) // bt,)](
         out, y, xa, b.contiguous(), cos, sin, out.stride(0), y.stride(0), xa.stride(0), cos.stride(0),
         cos.stride(1), n, n_t, heads, head_dim // 2, r, float(s), HEAD_D=head_dim, BT=bt, BH=bh, BLOCK_D=block_d,
-        RP=max(16, next_power_of_2(r)), HG=hg, IEEE=y.dtype == torch.float32, UPCAST=dot_upcast(y.dtype),
-        num_warps=warps)
+        RP=max(16, next_power_of_2(r)), IEEE=y.dtype == torch.float32, UPCAST=dot_upcast(y.dtype), num_warps=warps)
     return out.view(batch, n_t, heads, head_dim).transpose(1, 2)
