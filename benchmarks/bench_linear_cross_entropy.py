@@ -4,10 +4,6 @@ adds on top of its inputs. The chunk height sets the GEMMs' M, and cuBLAS's 192-
 last row tile of a 1024-row chunk part-empty (bench_gemm.py's "rows:" rows time the GEMMs alone).
 
     python benchmarks/bench_linear_cross_entropy.py --out benchmarks/results/linear-cross-entropy.json
-
-"ce kernel" rows time the CE kernel alone on one 1024-row chunk of bf16 logits (read twice, written once: 768 KB
-a row), one program a row against fewer programs that each walk rows (a few per SM: fewer rows in flight, so
-that a row's second read may still find it in L2).
 """
 
 import sys
@@ -18,8 +14,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without `pip install -e .`
 from _sweep import main, median_ms  # noqa: E402
 
-from ppalli.kernels._utils import program_count  # noqa: E402
-from ppalli.kernels.linear_cross_entropy import _cross_entropy_rows, linear_cross_entropy  # noqa: E402
+from ppalli.kernels.linear_cross_entropy import linear_cross_entropy  # noqa: E402
 
 # (tokens, hidden, vocab): T4's Llama-3.2-1B at 8 x 2048, T1's Llama-3.1-8B at 4 x 2048.
 SHAPES = {"1b": (16384, 2048, 128256), "8b": (8192, 4096, 128256)}
@@ -49,19 +44,6 @@ def bench_shape(name: str, n: int, d: int, vocab: int) -> dict:
         ms = median_ms(step)
         out["chunks"].append({"rows": rows, "ms": round(ms, 3), "tflops": round(4 * n * d * vocab / ms / 1e9, 1),
                               "extra_peak_mib": round(peak / 2**20), "loss_diff": abs(loss.item() - ref)})
-    out["ce_kernel"] = _ce_kernel_rows(vocab)
-    return out
-
-
-def _ce_kernel_rows(vocab: int, rows: int = 1024) -> list[dict]:
-    sms = program_count(torch.device("cuda"))
-    logits = torch.randn(rows, vocab, device="cuda", dtype=torch.bfloat16) * 2
-    labels = torch.randint(0, vocab, (rows,), device="cuda")
-    loss = torch.empty(rows, device="cuda")
-    out = []
-    for programs in (rows, 2 * sms, sms, sms * 3 // 4, sms // 2, sms // 4):
-        ms = median_ms(lambda p=programs: _cross_entropy_rows(logits, labels, loss, -100, None, programs=p))
-        out.append({"programs": programs, "ms": round(ms, 4), "gbps": round(3 * logits.numel() * 2 / ms / 1e6, 1)})
     return out
 
 
@@ -70,8 +52,6 @@ def report(r: dict) -> None:
     for c in r["chunks"]:
         print(f"  chunk {c['rows']:>4} rows: {c['ms']:7.3f} ms {c['tflops']:6.1f} TFLOP/s (GEMM work), "
               f"+{c['extra_peak_mib']} MiB peak, loss diff {c['loss_diff']:.1e}")
-    for c in r["ce_kernel"]:
-        print(f"  ce kernel, {c['programs']:>4} programs: {c['ms']:.4f} ms, {c['gbps']} GB/s (3 passes of the logits)")
 
 
 if __name__ == "__main__":

@@ -48,50 +48,40 @@ def _cross_entropy_fwd_kernel(
     LOGITS,  # (n, V) in the matmul dtype, overwritten with d(row loss)/d(logits)
     LABELS,  # (n,) integer
     LOSS,  # (n,) fp32 row losses, 0 on ignored rows
-    stride, n_rows, n_cols, ignore_index, softcap,
+    stride, n_cols, ignore_index, softcap,
     BLOCK: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
-    # Program p takes rows p, p + programs, ... (one row each when there are as many programs as rows).
-    pid = tl.program_id(0)
-    programs = tl.num_programs(0)
-    for i in range(0, tl.cdiv(n_rows - pid, programs)):
-        row = pid.to(tl.int64) + i * programs
-        _cross_entropy_row(LOGITS + row * stride, LABELS + row, LOSS + row, n_cols, ignore_index, softcap, BLOCK,
-                           SOFTCAP)
-
-
-@jit
-def _cross_entropy_row(LOGITS, LABEL, LOSS, n_cols, ignore_index, softcap, BLOCK: tl.constexpr,
-                       SOFTCAP: tl.constexpr):
-    label = tl.load(LABEL).to(tl.int64)
+    row = tl.program_id(0).to(tl.int64)
+    LOGITS += row * stride
+    label = tl.load(LABELS + row).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     if label == ignore_index:  # no loss, zero gradient: the buffer still holds logits, so write the zeros
         for start in range(0, n_cols, BLOCK):
             tl.store(LOGITS + start + cols, 0.0, mask=start + cols < n_cols)
-        tl.store(LOSS, 0.0)
-    else:
-        # Pass 1: online max and sum of exp over the vocab blocks (Milakov & Gimelshein 2018).
-        m = float("-inf")
-        s = 0.0
-        for start in range(0, n_cols, BLOCK):
-            z = _softcapped_logits(LOGITS + start + cols, start + cols < n_cols, softcap, SOFTCAP)
-            m_new = tl.maximum(m, tl.max(z, axis=0))
-            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
-            m = m_new
-        lse = m + tl.log(s)
-        z_label = tl.load(LOGITS + label).to(tl.float32)
+        tl.store(LOSS + row, 0.0)
+        return
+    # Pass 1: online max and sum of exp over the vocab blocks (Milakov & Gimelshein 2018).
+    m = float("-inf")
+    s = 0.0
+    for start in range(0, n_cols, BLOCK):
+        z = _softcapped_logits(LOGITS + start + cols, start + cols < n_cols, softcap, SOFTCAP)
+        m_new = tl.maximum(m, tl.max(z, axis=0))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
+        m = m_new
+    lse = m + tl.log(s)
+    z_label = tl.load(LOGITS + label).to(tl.float32)
+    if SOFTCAP:
+        z_label = softcap * tanh(z_label / softcap)
+    tl.store(LOSS + row, lse - z_label)
+    # Pass 2: dloss/dz = softmax(z) - onehot(label), times dz/dx = 1 - (z / c)^2 under the softcap.
+    for start in range(0, n_cols, BLOCK):
+        mask = start + cols < n_cols
+        z = _softcapped_logits(LOGITS + start + cols, mask, softcap, SOFTCAP)
+        grad = tl.exp(z - lse) - tl.where(start + cols == label, 1.0, 0.0)
         if SOFTCAP:
-            z_label = softcap * tanh(z_label / softcap)
-        tl.store(LOSS, lse - z_label)
-        # Pass 2: dloss/dz = softmax(z) - onehot(label), times dz/dx = 1 - (z / c)^2 under the softcap.
-        for start in range(0, n_cols, BLOCK):
-            mask = start + cols < n_cols
-            z = _softcapped_logits(LOGITS + start + cols, mask, softcap, SOFTCAP)
-            grad = tl.exp(z - lse) - tl.where(start + cols == label, 1.0, 0.0)
-            if SOFTCAP:
-                t = tl.where(mask, z / softcap, 0.0)  # tanh of the raw logit; 0 past the vocab, where z is -inf
-                grad = grad * (1.0 - t * t)
-            tl.store(LOGITS + start + cols, grad.to(LOGITS.dtype.element_ty), mask=mask)
+            t = tl.where(mask, z / softcap, 0.0)  # tanh of the raw logit; 0 past the vocab, where z is -inf
+            grad = grad * (1.0 - t * t)
+        tl.store(LOGITS + start + cols, grad.to(LOGITS.dtype.element_ty), mask=mask)
 
 
 @jit
@@ -118,13 +108,11 @@ def _chunk_rows(n_rows: int, vocab: int, elem_size: int) -> int:
     return max(1, min(1 << (rows.bit_length() - 1), n_rows))  # 1 for no rows: an empty range, not a 0 step
 
 
-def _cross_entropy_rows(logits: torch.Tensor, labels: torch.Tensor, loss: torch.Tensor, ignore_index, softcap,
-                        programs: int | None = None):
-    """logits (n, V) -> row losses into loss (n,) fp32; logits overwritten with their gradient. programs: how
-    many programs share the rows (default one a row)."""
+def _cross_entropy_rows(logits: torch.Tensor, labels: torch.Tensor, loss: torch.Tensor, ignore_index, softcap):
+    """logits (n, V) -> row losses into loss (n,) fp32; logits overwritten with their gradient."""
     block = min(next_power_of_2(logits.shape[1]), MAX_BLOCK_V)
-    _cross_entropy_fwd_kernel[(min(programs or logits.shape[0], logits.shape[0]),)](
-        logits, labels, loss, logits.stride(0), logits.shape[0], logits.shape[1], ignore_index, softcap or 1.0,
+    _cross_entropy_fwd_kernel[(logits.shape[0],)](
+        logits, labels, loss, logits.stride(0), logits.shape[1], ignore_index, softcap or 1.0,
         BLOCK=block, SOFTCAP=softcap is not None, num_warps=num_warps_for(block),
     )
 

@@ -92,17 +92,3 @@ def test_rejects_bad_arguments():
         lce.linear_cross_entropy(hidden, weight, labels, reduction="none")
     with pytest.raises(PpalliError, match="hidden \\(N, d\\)"):
         lce.linear_cross_entropy(hidden, weight.t(), labels)
-
-
-@pytest.mark.parametrize("programs", [1, 5, 36, 37, 64])
-@pytest.mark.parametrize("softcap", [None, 5.0], ids=["plain", "softcap"])
-def test_programs_that_each_take_several_rows_give_the_same_rows(programs, softcap):
-    """The CE kernel with fewer programs than rows (each walks rows p, p + programs, ...; 37 rows, every 4th
-    ignored): every row loss and logit gradient equals the one-program-a-row launch's, bit for bit."""
-    hidden, weight, labels = _inputs()
-    logits = hidden @ weight.detach().t()  # (N, V)
-    want, want_loss = logits.clone(), torch.empty(N, device=DEVICE)
-    lce._cross_entropy_rows(want, labels, want_loss, -100, softcap)
-    got, got_loss = logits.clone(), torch.empty(N, device=DEVICE)
-    lce._cross_entropy_rows(got, labels, got_loss, -100, softcap, programs=programs)
-    assert torch.equal(got, want) and torch.equal(got_loss, want_loss)
