@@ -52,8 +52,7 @@ class Tiles(NamedTuple):
     rows (backward) or columns (fwd_had) into runs (more runs: shorter tail, more partial sums to fold),
     Triton's software-pipeline stages for the tile loop (3 is its default on CUDA), and `runs`, when above 0,
     the row runs (backward) or column runs (fwd_had) whatever the shape and SM count (runs_per_sm is then
-    unused). `groups`: with the backward's dxa products, the column groups (programs along the columns, each
-    walking its group's column blocks); 0 picks them from the shape."""
+    unused)."""
 
     bm: int
     bn: int
@@ -61,7 +60,6 @@ class Tiles(NamedTuple):
     runs_per_sm: int = 4
     stages: int = 3
     runs: int = 0
-    groups: int = 0
 
 
 # From benchmarks/bench_lora_glu.py on an H100 (2026-11-25, results/2026-11-25-h100-lora-glu-tiles.json), N x I
@@ -95,10 +93,6 @@ BWD_TILES = Tiles(16, 64, 4, 8)
 # The same H100 sweep: 32 x 64 tiles 0.503 / 0.560 ms against BWD_TILES' 0.523 / 0.591 (8B / 1B); the H200's 5
 # row runs gave 0.523 / 0.540, so 1B's best there, but 8B's (T1's) is the 32-row tile.
 BWD_TILES_BY_GPU = {"NVIDIA H200": Tiles(16, 64, 4, 8, 3, runs=5), "NVIDIA H100 80GB HBM3": Tiles(32, 64, 4, 8)}
-# The backward with the gate's and up's rank-r products (lora_glu_bwd's dxa): BWD_TILES' tile, about 8 programs
-# an SM split into row runs and column groups by _dxa_grid. Not yet swept on a GPU.
-DXA_TILES = Tiles(32, 64, 4, 8)
-DXA_TILES_BY_GPU: dict[str, Tiles] = {}
 # ncu on the H200 (2026-12-03, results/2026-12-03-h200-ncu-lora-glu.txt, 1B shape): the backward 464 us at 2.86
 # TB/s, 96 registers, 5 programs an SM (31% occupancy), 45% of its stalls on loads into registers; fwd_had 233
 # us at 3.42 TB/s. The (N, I) tiles moved through TMA descriptors instead, pipelined in shared memory (05afb50,
@@ -221,40 +215,14 @@ def _lora_glu_fwd_kernel(H, P, G0, U0, XAG, xag_stride, BG, XAU, xau_stride, BU,
 
 @jit
 def _lora_glu_bwd_kernel(DG, DU, DH0, G0, U0, XAG, xag_stride, BG, XAU, xau_stride, BU, XAD, AD,
-                         PBG, PBU, PAD, PX, N, M, R, run_rows, group_cols, sg, su,
+                         PBG, PBU, PAD, N, M, R, run_rows, sg, su,
                          ACT: tl.constexpr, HAS_G: tl.constexpr, HAS_U: tl.constexpr, HAS_D: tl.constexpr,
-                         SUM_BG: tl.constexpr, SUM_BU: tl.constexpr, SUM_AD: tl.constexpr, DXA: tl.constexpr,
-                         IEEE: tl.constexpr, UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                         RP: tl.constexpr):
-    # Program (run, group): column blocks group*group_cols.. (one when group_cols is 1) of rows run*run_rows..,
-    # each walked down the run in (BM, BN) tiles; DG, DU may be G0, U0 (each tile is read before it is written,
-    # by the same program). DXA: the (BM, RP) products sg dg Bg and su du Bu of each tile, summed over the
-    # group's column blocks into PX[group, rows, :2 RP] (fp32; the first block stores, the next add to it).
+                         SUM_BG: tl.constexpr, SUM_BU: tl.constexpr, SUM_AD: tl.constexpr, IEEE: tl.constexpr,
+                         UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, RP: tl.constexpr):
+    # Program (run, c): columns c*BN.. of rows run*run_rows.. in (BM, BN) tiles; DG, DU may be G0, U0 (each
+    # tile is read before it is written, by the same program).
     run = tl.program_id(0)
-    group = tl.program_id(1)
-    if DXA:
-        c_start = group * group_cols
-        c_end = tl.minimum(c_start + group_cols, tl.cdiv(M, BN))
-        for c in range(c_start, c_end):
-            _bwd_column_block(DG, DU, DH0, G0, U0, XAG, xag_stride, BG, XAU, xau_stride, BU, XAD, AD, PBG, PBU,
-                              PAD, PX, N, M, R, run, group, c, c > c_start, run_rows, sg, su, ACT, HAS_G, HAS_U,
-                              HAS_D, SUM_BG, SUM_BU, SUM_AD, DXA, IEEE, UPCAST, BM, BN, RP)
-    else:  # a program a column block, no loop around it (the kernel as tuned before DXA)
-        _bwd_column_block(DG, DU, DH0, G0, U0, XAG, xag_stride, BG, XAU, xau_stride, BU, XAD, AD, PBG, PBU, PAD,
-                          PX, N, M, R, run, group, group, False, run_rows, sg, su, ACT, HAS_G, HAS_U, HAS_D,
-                          SUM_BG, SUM_BU, SUM_AD, DXA, IEEE, UPCAST, BM, BN, RP)
-
-
-@jit
-def _bwd_column_block(DG, DU, DH0, G0, U0, XAG, xag_stride, BG, XAU, xau_stride, BU, XAD, AD, PBG, PBU, PAD, PX,
-                      N, M, R, run, group, c, add_px, run_rows, sg, su, ACT: tl.constexpr, HAS_G: tl.constexpr,
-                      HAS_U: tl.constexpr, HAS_D: tl.constexpr, SUM_BG: tl.constexpr, SUM_BU: tl.constexpr,
-                      SUM_AD: tl.constexpr, DXA: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-                      BM: tl.constexpr, BN: tl.constexpr, RP: tl.constexpr):
-    """Column block c down the rows of `run`: dg, du written, the three weight-gradient sums of the block
-    stored for the run, and with DXA the tiles' rank-r products added into PX (see _lora_glu_bwd_kernel)."""
-    cols = c * BN + tl.arange(0, BN)
-    k = tl.arange(0, RP)
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)
     bg = _b_tile(BG, cols, M, R, True, RP) if HAS_G else None  # (RP, BN), loaded once for the whole run
     bu = _b_tile(BU, cols, M, R, True, RP) if HAS_U else None
     ad = _b_tile(AD, cols, M, R, False, RP) if HAS_D else None
@@ -285,16 +253,6 @@ def _bwd_column_block(DG, DU, DH0, G0, U0, XAG, xag_stride, BG, XAU, xau_stride,
             sum_bu += dot(tl.trans(du), xau, IEEE, UPCAST)
         if SUM_AD:
             sum_ad += dot(tl.trans((a * u).to(DG.dtype.element_ty)), xad, IEEE, UPCAST)
-        if DXA:  # (BM, RP) each, from the rounded dg, du as stored: what cuBLAS's dg Bg would read
-            px = PX + (group * N + rows[:, None]) * (2 * RP) + k[None, :]
-            px_mask = rows[:, None] < end
-            xg = dot(dg, tl.trans(bg), IEEE, UPCAST) * sg
-            xu = dot(du, tl.trans(bu), IEEE, UPCAST) * su
-            if add_px:
-                xg += tl.load(px, mask=px_mask, other=0.0)
-                xu += tl.load(px + RP, mask=px_mask, other=0.0)
-            tl.store(px, xg, mask=px_mask)
-            tl.store(px + RP, xu, mask=px_mask)
     if SUM_BG:
         _store_sums(PBG, sum_bg * sg, run, cols, M, RP)  # the scales here, not in a launch after the fold
     if SUM_BU:
@@ -381,83 +339,50 @@ def _runs(n: int, block: int, other_blocks: int, tiles: Tiles, device: torch.dev
 
 class GLUGrads(NamedTuple):
     """What lora_glu_bwd returns: dgate, dup (N, I), written over g0 and u0, and the adapters' weight
-    gradients that were asked for (else None): dbg, dbu (I, r) and dad (r, I), in fp32; with `dxa`, the
-    rank-r products [sg dgate Bg, su dup Bu] (N, 2r) in dgate's dtype (else None)."""
+    gradients that were asked for (else None): dbg, dbu (I, r) and dad (r, I), in fp32."""
 
     dgate: torch.Tensor
     dup: torch.Tensor
     dbg: torch.Tensor | None
     dbu: torch.Tensor | None
     dad: torch.Tensor | None
-    dxa: torch.Tensor | None = None
 
 
 def lora_glu_bwd(dh0: torch.Tensor, g0: torch.Tensor, up0: torch.Tensor, xag, bg, sg: float, xau, bu, su: float,
                  dxad=None, ad=None, act: str = "silu", sums: tuple[bool, bool, bool] = (False, False, False),
-                 tiles: Tiles | None = None, dxa: bool = False) -> GLUGrads:
+                 tiles: Tiles | None = None) -> GLUGrads:
     """The backward of lora_glu_fwd, written over g0 and up0.
 
     dh0 (N, I) = dy Wd, the down projection's base input gradient; dxad (N, r) = sd dy Bd and ad (r, I), its
     lora_A weight, add the adapter's term. sums = which of dBg = sg dg^T xag, dBu = su du^T xau and
-    dAd = dxad^T h to form (each needs its adapter present). dxa: also form sg dg Bg and su du Bu (both
-    adapters present), the (N, r) products that carry the gradient on to Ag, Au and x, from the tiles the
-    kernel holds instead of by two GEMMs that read dg and du back. tiles: the launch setting swept for this GPU
-    (BWD_TILES_BY_GPU, DXA_TILES_BY_GPU with dxa), else BWD_TILES (DXA_TILES)."""
-    if dxa:
-        tiles = tiles or DXA_TILES_BY_GPU.get(device_name(g0.device), DXA_TILES)
+    dAd = dxad^T h to form (each needs its adapter present). tiles: the launch setting swept for this GPU
+    (BWD_TILES_BY_GPU), else BWD_TILES."""
     tiles = tiles or BWD_TILES_BY_GPU.get(device_name(g0.device), BWD_TILES)
     n, i, rank, meta = _launch_args(g0, up0, act, [(xag, bg), (xau, bu), (dxad, ad)])
     if dh0.shape != g0.shape or not dh0.is_contiguous():
         raise PpalliError(f"lora_glu_bwd: dh0 must be contiguous {tuple(g0.shape)}, got {tuple(dh0.shape)}")
     has = (xag is not None, xau is not None, dxad is not None)
-    if any(s and not h for s, h in zip(sums, has)) or (dxa and not (has[0] and has[1])):
-        raise PpalliError(f"lora_glu_bwd: weight-gradient sums {sums} (dxa {dxa}) asked for adapters that are "
-                          f"absent {has}")
+    if any(s and not h for s, h in zip(sums, has)):
+        raise PpalliError(f"lora_glu_bwd: weight-gradient sums {sums} asked for adapters that are absent {has}")
     xag, xag_stride, bg = _factors(g0, xag, bg, rank)
     xau, xau_stride, bu = _factors(g0, xau, bu, rank)
     dxad = dxad.to(g0.dtype).contiguous() if has[2] else g0
     ad = ad.to(g0.dtype).contiguous() if has[2] else g0
     n_cols = cdiv(i, tiles.bn)
-    if dxa:  # programs along the columns each walk a group of column blocks, summing the products over it
-        run_rows, runs, group_cols, groups = _dxa_grid(n, n_cols, tiles, g0.device)
-    else:
-        (run_rows, runs), group_cols, groups = _runs(n, tiles.bm, n_cols, tiles, g0.device), 1, n_cols
+    run_rows, runs = _runs(n, tiles.bm, n_cols, tiles, g0.device)
     # one (sums, runs, I, RP) buffer: each sum's (runs, I, RP) slice is contiguous, and one torch.sum folds all
     wanted = sum(sums)
     buffer = torch.empty(wanted, runs, i, meta["RP"], dtype=torch.float32, device=g0.device) if wanted else None
     slots = iter(range(wanted))
     partials = [buffer[next(slots)] if s else g0 for s in sums]
-    px = torch.empty(groups, n, 2 * meta["RP"], dtype=torch.float32, device=g0.device) if dxa else g0
-    _lora_glu_bwd_kernel[(runs, groups)](
-        g0, up0, dh0, g0, up0, xag, xag_stride, bg, xau, xau_stride, bu, dxad, ad, *partials, px, n, i, rank,
-        run_rows, group_cols, float(sg), float(su), ACT=ACTS[act], HAS_G=has[0], HAS_U=has[1], HAS_D=has[2],
-        SUM_BG=sums[0], SUM_BU=sums[1], SUM_AD=sums[2], DXA=dxa, BM=tiles.bm, BN=tiles.bn, **meta,
+    _lora_glu_bwd_kernel[(runs, n_cols)](
+        g0, up0, dh0, g0, up0, xag, xag_stride, bg, xau, xau_stride, bu, dxad, ad, *partials, n, i, rank,
+        run_rows, float(sg), float(su), ACT=ACTS[act], HAS_G=has[0], HAS_U=has[1], HAS_D=has[2],
+        SUM_BG=sums[0], SUM_BU=sums[1], SUM_AD=sums[2], BM=tiles.bm, BN=tiles.bn, **meta,
         num_warps=tiles.warps, num_stages=tiles.stages)
     folded = iter(buffer.sum(1)[..., :rank] if wanted else ())  # (sums, I, r)
     dbg, dbu, dad = (next(folded) if s else None for s in sums)  # (I, r) each
-    products = None
-    if dxa:
-        products = px.sum(0).to(g0.dtype)  # (N, 2 RP)
-        rp = meta["RP"]
-        products = products if rank == rp else torch.cat([products[:, :rank], products[:, rp:rp + rank]], dim=1)
-    return GLUGrads(g0, up0, dbg, dbu, dad.t() if sums[2] else None, products)
-
-
-def _dxa_grid(n: int, n_cols: int, tiles: Tiles, device: torch.device) -> tuple[int, int, int, int]:
-    """(rows a run, runs, column blocks a group, groups) for the backward with dxa. Its partial sums cost
-    3 x runs x I x RP fp32 (the weight gradients, per row run) and 2 x groups x N x RP (the products, per column
-    group): with about runs_per_sm programs per SM in all, runs ~ sqrt(programs x 2N / 3I) balances the two
-    (Llama-3.1-8B at N = 8192: ~20 runs, ~45 groups, ~100 MB a layer against the 470 MB that the two GEMMs
-    read). tiles.runs and tiles.groups, when set, fix them."""
-    row_blocks = cdiv(n, tiles.bm)
-    programs = tiles.runs_per_sm * program_count(device)
-    runs = tiles.runs or round((programs * 2 * n / (3 * n_cols * tiles.bn)) ** 0.5)
-    runs = min(row_blocks, max(1, runs))
-    run_rows = cdiv(row_blocks, runs) * tiles.bm
-    runs = cdiv(n, run_rows)
-    groups = min(n_cols, max(1, tiles.groups or cdiv(programs, runs)))
-    group_cols = cdiv(n_cols, groups)
-    return run_rows, runs, group_cols, cdiv(n_cols, group_cols)
+    return GLUGrads(g0, up0, dbg, dbu, dad.t() if sums[2] else None)
 
 
 class LoRAGLUFunction(torch.autograd.Function):
@@ -476,8 +401,8 @@ class LoRAGLUFunction(torch.autograd.Function):
         g0, u0, xag, bg, xau, bu = ctx.saved_tensors
         need = ctx.needs_input_grad
         sums = (xag is not None and need[3], xau is not None and need[6], False)
-        dg, du, dbg, dbu, *_ = lora_glu_bwd(dh.contiguous(), g0.clone(), u0.clone(), xag, bg, ctx.sg, xau, bu,
-                                            ctx.su, act=ctx.act, sums=sums)
+        dg, du, dbg, dbu, _ = lora_glu_bwd(dh.contiguous(), g0.clone(), u0.clone(), xag, bg, ctx.sg, xau, bu,
+                                           ctx.su, act=ctx.act, sums=sums)
         grads = [dg if need[0] else None, du if need[1] else None]
         for d, xa, b, s, db in ((dg, xag, bg, ctx.sg, dbg), (du, xau, bu, ctx.su, dbu)):
             dxa = scaled_mm(d, b.to(d.dtype), s).to(xa.dtype) if xa is not None else None  # (N, r)
