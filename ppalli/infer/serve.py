@@ -25,7 +25,8 @@ until they are ruled out. Built on the standard library's http.server: nothing t
 
 Log-probabilities (infer/logprobs.py) are the model's own distribution, before sampling's penalties, temperature and
 top-p, as vLLM gives them by default; `echo` with `logprobs` (and max_tokens 0) scores a prompt's own tokens, what
-lm-evaluation-harness' local-completions asks to score a continuation (whole answers only). A stream's chunks carry
+lm-evaluation-harness' local-completions asks to score a continuation (streamed, the prompt and its log-probs come as
+each choice's first chunk). A stream's chunks carry
 the log-probs of the tokens whose text they complete; its last chunk those of the tokens left (a stop token that
 ended a text completion, a token cut by a stop string), so a stream's log-probs add up to the whole answer's.
 
@@ -83,8 +84,6 @@ def parse_request(body: bytes, max_new_tokens: int, chat: bool = True) -> dict:
         if value not in (None, [], "", {}) and value not in ALLOWED.get(key, ()):
             raise BadRequest(f"'{key}': {why}")
     logprobs, echo = _logprobs(req, chat), bool(req.get("echo", False)) and not chat
-    if echo and req.get("stream"):
-        raise BadRequest("'echo' is served with whole answers: ask with stream false")
     wanted = req.get("max_completion_tokens", req.get("max_tokens"))
     limit = (max_new_tokens if chat else TEXT_MAX_TOKENS) if wanted is None else \
         _number(wanted, "max_tokens", int, 0 if echo else 1, None)  # 0 with echo: the prompt scored, no answer
@@ -267,7 +266,8 @@ class _Handler(BaseHTTPRequestHandler):
                    for choice in _choices({**req, "max_new_tokens": limit})]
         jobs = [self.server.batcher.submit(Job(choice, ids, k, texts)) for k, (ids, choice, _) in enumerate(choices)]
         if req["stream"]:
-            self._stream(jobs, texts, head, req, chat)
+            echoes = [self._echo_text(p) for _, _, p in choices] if req["echo"] else []
+            self._stream(jobs, texts, head, req, chat, echoes)
             return
         for job in jobs:
             job.finished.wait()
@@ -286,7 +286,7 @@ class _Handler(BaseHTTPRequestHandler):
         decode = self.server.run.tokenizer.decode
         answers = [job.answer if job.watch else decode(job.new, skip_special_tokens=True) for job in jobs]
         if req["echo"]:  # the prompt comes back ahead of its answer: as sent, or its token ids decoded
-            answers = [(p if isinstance(p, str) else decode(p)) + a for (_, _, p), a in zip(choices, answers)]
+            answers = [self._echo_text(p) + a for (_, _, p), a in zip(choices, answers)]
         used = sum(len(ids) for ids, _, _ in choices[::req["n"]])
         new = sum(len(job.new) for job in jobs)
         return {"object": "chat.completion" if chat else "text_completion",
@@ -294,6 +294,10 @@ class _Handler(BaseHTTPRequestHandler):
                              "logprobs": self._logprobs(job, req, chat), "finish_reason": job.finish_reason}
                             for job, text in zip(jobs, answers)],
                 "usage": {"prompt_tokens": used, "completion_tokens": new, "total_tokens": used + new}}
+
+    def _echo_text(self, prompt) -> str:
+        """A text completion's prompt as echo gives it back: the string as sent, or its token ids decoded."""
+        return prompt if isinstance(prompt, str) else self.server.run.tokenizer.decode(prompt)
 
     def _logprobs(self, job: Job, req: dict, chat: bool) -> dict | None:
         """A choice's log-probs in its API's shape (None where not asked): the answer's tokens (those an answer cut
@@ -349,10 +353,12 @@ class _Handler(BaseHTTPRequestHandler):
             raise BadRequest(f"Content-Length must be a byte count up to {MOST_BODY_BYTES}, got {length[:32]!r}")
         return self.rfile.read(int(length))
 
-    def _stream(self, jobs: list[Job], texts: queue.SimpleQueue, head: dict, req: dict, chat: bool) -> None:
+    def _stream(self, jobs: list[Job], texts: queue.SimpleQueue, head: dict, req: dict, chat: bool,
+                prompts: list[str]) -> None:
         """Server-sent events of the answers' text as their rows decode (chunks of several choices interleave), with
-        the log-probs of the tokens each completes where asked; a client that leaves ends its rows (the batch's
-        other rows go on)."""
+        the log-probs of the tokens each completes where asked; with echo, a choice's first chunk is its prompt
+        (prompts[index]) and the prompt's log-probs, sent once its row has scored it (before its first text or its
+        end). A client that leaves ends its rows (the batch's other rows go on)."""
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream; charset=utf-8")
         self.send_header("Cache-Control", "no-cache")
@@ -383,14 +389,17 @@ class _Handler(BaseHTTPRequestHandler):
             if chat:
                 for job in jobs:
                     event(chunk(job.index, ""))  # the role comes first, as OpenAI's API sends it
-            open_jobs = len(jobs)
+            open_jobs, echoed = len(jobs), [not req["echo"]] * len(jobs)
             while open_jobs:
                 index, text, scored = texts.get()
+                job = jobs[index]
+                if not echoed[index] and not job.error:  # the prompt scores come before the row's first text
+                    event(chunk(index, prompts[index], scored=list(zip(job.ids, job.prompt_scores))))
+                    echoed[index] = True
                 if text is not None:
                     event(chunk(index, text, scored=scored))
                     continue
                 open_jobs -= 1
-                job = jobs[index]
                 if job.error:  # the stream has begun, so the error goes as an event (as OpenAI's API sends them)
                     event(_error(job.error, "server_error"))
                 else:

@@ -246,8 +246,7 @@ def test_text_completions_continue_the_prompt_as_the_tokenizer_takes_it(server):
     assert status == 200 and json.loads(body)["usage"]["completion_tokens"] <= 16  # OpenAI's default max_tokens
 
 
-@pytest.mark.parametrize("payload,field", [({"prompt": "x", "echo": True, "stream": True}, "'echo'"),
-                                           ({"prompt": [1, "a"]}, "'prompt'"), ({"prompt": ""}, "'prompt'"),
+@pytest.mark.parametrize("payload,field", [({"prompt": [1, "a"]}, "'prompt'"), ({"prompt": ""}, "'prompt'"),
                                            ({"prompt": [[]]}, "'prompt'"), ({"prompt": [10 ** 9]}, "vocabulary"),
                                            ({"prompt": "x", "logprobs": 21}, "'logprobs'"),
                                            ({"prompt": "x", "max_tokens": 0}, "'max_tokens' must be >= 1"),
@@ -343,6 +342,33 @@ def test_a_streams_logprobs_add_up_to_the_whole_answers(server, stop):
     joined = {k: [x for e in events if (lp := e["choices"][0]["logprobs"]) for x in lp[k]]
               for k in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
     assert joined == whole["logprobs"] and "".join(e["choices"][0]["text"] for e in events) == whole["text"]
+
+
+@pytest.mark.parametrize("max_tokens", [0, 4])
+def test_an_echoed_stream_starts_with_the_prompt_and_adds_up_to_the_whole_answer(server, max_tokens):
+    """echo with stream: each choice's first chunk is its prompt (as sent, or its token ids decoded) with the
+    prompt's log-probs, then the answer as it decodes; joined, text and log-probs equal the whole answer's, for
+    a string prompt and a token-id one, n 2 (choices interleaved), with and without log-probs."""
+    srv, url = server
+    ids = srv.run.tokenizer("서울은 한국의")["input_ids"]
+    for prompt in ("서울은 한국의", ids):
+        for logprobs in (None, 2):
+            ask = {"prompt": prompt, "echo": True, "max_tokens": max_tokens, "temperature": 0, "n": 2,
+                   **({"logprobs": logprobs} if logprobs is not None else {})}
+            whole = sorted(json.loads(_post(url, ask, TEXT)[1])["choices"], key=lambda c: c["index"])
+            events = _events(_post(url, {**ask, "stream": True}, TEXT)[1])
+            for k, choice in enumerate(whole):
+                mine = [e["choices"][0] for e in events if e["choices"][0]["index"] == k]
+                assert mine[0]["text"] == (prompt if isinstance(prompt, str) else srv.run.tokenizer.decode(ids))
+                assert "".join(c["text"] for c in mine) == choice["text"] and choice["text"].startswith(mine[0]["text"])
+                assert mine[-1]["finish_reason"] == choice["finish_reason"]
+                if logprobs is None:
+                    assert all(c["logprobs"] is None for c in mine) and choice["logprobs"] is None
+                    continue
+                assert mine[0]["logprobs"]["token_logprobs"][0] is None  # the prompt's first token: no score
+                joined = {key: [x for c in mine if c["logprobs"] for x in c["logprobs"][key]]
+                          for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
+                assert joined == choice["logprobs"]
 
 
 def test_lm_eval_harness_loglikelihood_requests_read_as_it_reads_them(server):
