@@ -204,6 +204,26 @@ def glu_stacked(kernel, gu: torch.Tensor) -> torch.Tensor:
     return h.view(*gu.shape[:-1], cols)
 
 
+def glu_fwd(kernel, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """Launch a GLU forward kernel (swiglu.py, geglu.py): gate, up (..., I) -> h (..., I) in gate's dtype."""
+    g, u = flat_same_shape(gate, up)
+    h = torch.empty_like(g)
+    kernel[(cdiv(g.numel(), ELEMENTWISE_BLOCK),)](h, g, u, g.numel(), g.numel(), g.numel(), BLOCK=ELEMENTWISE_BLOCK,
+                                                  num_warps=4)
+    return h.view(gate.shape)
+
+
+def glu_bwd(kernel, name: str, dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, inplace: bool):
+    """Launch a GLU backward kernel: dh, gate, up (..., I) -> (dgate, dup) (..., I); inplace=True writes them over
+    gate and up, which must then be contiguous (`name` says whose launcher refused)."""
+    if inplace and not (gate.is_contiguous() and up.is_contiguous()):
+        raise PpalliError(f"{name}(inplace=True) needs contiguous gate and up: it writes the gradients into them")
+    d, g, u = flat_same_shape(dh, gate, up)
+    dgate, dup = (g, u) if inplace else (torch.empty_like(g), torch.empty_like(u))
+    kernel[(cdiv(g.numel(), ELEMENTWISE_BLOCK),)](dgate, dup, d, g, u, g.numel(), BLOCK=ELEMENTWISE_BLOCK, num_warps=4)
+    return dgate.view(gate.shape), dup.view(up.shape)
+
+
 def contiguous_rows(x: torch.Tensor) -> torch.Tensor:
     """`x` as a (rows, last dim) matrix with unit stride along the row, copying only when needed."""
     x2d = x.reshape(-1, x.shape[-1])

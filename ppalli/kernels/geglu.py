@@ -8,8 +8,7 @@ writes dgate over gate and dup over up, as in swiglu.py, for the LoRA MLP block'
 
 import torch
 
-from ppalli.errors import PpalliError
-from ppalli.kernels._utils import ELEMENTWISE_BLOCK, cdiv, flat_same_shape, glu_stacked, jit, tanh, tl
+from ppalli.kernels._utils import glu_bwd, glu_fwd, glu_stacked, jit, tanh, tl
 
 SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
 GELU_COEF = tl.constexpr(0.044715)
@@ -43,11 +42,7 @@ def _geglu_bwd_kernel(DGATE, DUP, DH, GATE, UP, n, BLOCK: tl.constexpr):  # all 
 
 def geglu_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """gate, up (..., I) -> h = gelu_tanh(gate) * up (..., I) in gate's dtype."""
-    g, u = flat_same_shape(gate, up)
-    h = torch.empty_like(g)
-    grid = (cdiv(g.numel(), ELEMENTWISE_BLOCK),)
-    _geglu_fwd_kernel[grid](h, g, u, g.numel(), g.numel(), g.numel(), BLOCK=ELEMENTWISE_BLOCK, num_warps=4)
-    return h.view(gate.shape)
+    return glu_fwd(_geglu_fwd_kernel, gate, up)
 
 
 def geglu_fwd_stacked(gu: torch.Tensor) -> torch.Tensor:
@@ -57,13 +52,7 @@ def geglu_fwd_stacked(gu: torch.Tensor) -> torch.Tensor:
 
 def geglu_bwd(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, *, inplace: bool = False):
     """dh, gate, up (..., I) -> (dgate, dup) (..., I); inplace=True overwrites gate and up (must be contiguous)."""
-    if inplace and not (gate.is_contiguous() and up.is_contiguous()):
-        raise PpalliError("geglu_bwd(inplace=True) needs contiguous gate and up: it writes the gradients into them")
-    d, g, u = flat_same_shape(dh, gate, up)
-    dgate, dup = (g, u) if inplace else (torch.empty_like(g), torch.empty_like(u))
-    grid = (cdiv(g.numel(), ELEMENTWISE_BLOCK),)
-    _geglu_bwd_kernel[grid](dgate, dup, d, g, u, g.numel(), BLOCK=ELEMENTWISE_BLOCK, num_warps=4)
-    return dgate.view(gate.shape), dup.view(up.shape)
+    return glu_bwd(_geglu_bwd_kernel, "geglu_bwd", dh, gate, up, inplace)
 
 
 class GeGLUFunction(torch.autograd.Function):

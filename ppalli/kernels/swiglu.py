@@ -8,8 +8,7 @@ dup over up, which that block no longer needs, so its backward allocates nothing
 
 import torch
 
-from ppalli.errors import PpalliError
-from ppalli.kernels._utils import ELEMENTWISE_BLOCK, cdiv, flat_same_shape, glu_stacked, jit, tl
+from ppalli.kernels._utils import glu_bwd, glu_fwd, glu_stacked, jit, tl
 
 
 @jit
@@ -40,11 +39,7 @@ def _swiglu_bwd_kernel(DGATE, DUP, DH, GATE, UP, n, BLOCK: tl.constexpr):  # all
 
 def swiglu_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """gate, up (..., I) -> h = silu(gate) * up (..., I) in gate's dtype."""
-    g, u = flat_same_shape(gate, up)
-    h = torch.empty_like(g)
-    grid = (cdiv(g.numel(), ELEMENTWISE_BLOCK),)
-    _swiglu_fwd_kernel[grid](h, g, u, g.numel(), g.numel(), g.numel(), BLOCK=ELEMENTWISE_BLOCK, num_warps=4)
-    return h.view(gate.shape)
+    return glu_fwd(_swiglu_fwd_kernel, gate, up)
 
 
 def swiglu_fwd_stacked(gu: torch.Tensor) -> torch.Tensor:
@@ -54,13 +49,7 @@ def swiglu_fwd_stacked(gu: torch.Tensor) -> torch.Tensor:
 
 def swiglu_bwd(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, *, inplace: bool = False):
     """dh, gate, up (..., I) -> (dgate, dup) (..., I); inplace=True overwrites gate and up (must be contiguous)."""
-    if inplace and not (gate.is_contiguous() and up.is_contiguous()):
-        raise PpalliError("swiglu_bwd(inplace=True) needs contiguous gate and up: it writes the gradients into them")
-    d, g, u = flat_same_shape(dh, gate, up)
-    dgate, dup = (g, u) if inplace else (torch.empty_like(g), torch.empty_like(u))
-    grid = (cdiv(g.numel(), ELEMENTWISE_BLOCK),)
-    _swiglu_bwd_kernel[grid](dgate, dup, d, g, u, g.numel(), BLOCK=ELEMENTWISE_BLOCK, num_warps=4)
-    return dgate.view(gate.shape), dup.view(up.shape)
+    return glu_bwd(_swiglu_bwd_kernel, "swiglu_bwd", dh, gate, up, inplace)
 
 
 class SwiGLUFunction(torch.autograd.Function):
