@@ -7,6 +7,7 @@ import torch
 from reference import assert_close, geglu_ref, swiglu_ref
 
 pytest.importorskip("triton")
+from ppalli.errors import PpalliError  # noqa: E402
 from ppalli.kernels.geglu import geglu, geglu_bwd, geglu_fwd, geglu_fwd_stacked  # noqa: E402
 from ppalli.kernels.swiglu import swiglu, swiglu_bwd, swiglu_fwd, swiglu_fwd_stacked  # noqa: E402
 
@@ -63,6 +64,8 @@ def test_launchers_and_inplace_backward(op):
     assert dgate.data_ptr() == gate_buf.data_ptr() and dup.data_ptr() == up_buf.data_ptr()
     assert_close("dgate in place", dgate, dgate_ref, DTYPE)
     assert_close("dup in place", dup, dup_ref, DTYPE)
+    with pytest.raises(PpalliError, match=f"{op}_bwd\\(inplace=True\\) needs contiguous"):
+        bwd(dh, torch.cat([gate, gate], dim=-1)[:, ::2], up.clone(), inplace=True)  # no room to write in place
 
 
 @pytest.mark.parametrize("name, stacked", [("swiglu", swiglu_fwd_stacked), ("geglu", geglu_fwd_stacked)])
