@@ -9,9 +9,6 @@ dBg, dBu and down's dA. fwd_had also sums down's h Ad^T (runs of columns per pro
 swept), against the forward followed by cuBLAS's GEMM reading h back. GB/s counts those passes only,
 against a plain device copy's rate. "before" is the backward as it ran until the sums moved into the
 kernel: the activation backward writing h as well, then three cuBLAS GEMMs reading dg, du and h again.
-"dxa" rows: the backward that also sums sg dg Bg and su du Bu from its tiles (lora_glu_bwd's dxa, atomic adds)
-against the backward then the two cuBLAS GEMMs and the cat the fast path ran before it
-(BENCH_GLU_DXA=only times those alone).
 Times: medians of triton.testing.do_bench, ms.
 """
 
@@ -52,11 +49,6 @@ BWD = [Tiles(16, 64, 4, 8), Tiles(16, 64, 4, 16), Tiles(16, 64, 4, 4), Tiles(32,
 FWD_HAD += [Tiles(32, 64, 2, 16, 3, r) for r in (2, 3, 4, 5, 6, 7, 8, 9, 10, 12)]
 if os.environ.get("BENCH_GLU_VARIANTS") == "only":  # the variants below without the sweeps
     FWD, FWD_HAD, BWD = [], [], [BWD_TILES]
-# the dxa backward's settings: the H100's default and row-run counts around it
-DXA = [Tiles(32, 64, 4, 8), Tiles(32, 64, 4, 8, 3, 3), Tiles(32, 64, 4, 8, 3, 10), Tiles(16, 64, 4, 8),
-       Tiles(32, 64, 4, 16), Tiles(32, 64, 8, 8)]
-if os.environ.get("BENCH_GLU_DXA") == "only":
-    FWD, FWD_HAD, BWD = [], [], []
 
 
 def _gbps(passes: int, n: int, i: int, ms: float) -> float:
@@ -115,25 +107,6 @@ def bench_shape(name: str, n: int, i: int) -> dict:
             "lora_b_bwd dg (dxa, dBg)": median_ms(lambda: lora_b_bwd(g0, xag, bg, S, torch.float32)),
         }
 
-    from ppalli.kernels.lora_linear import scaled_mm
-
-    def now():  # the backward, then the two rank-r GEMMs over dg and du and the cat (lora_mlp until dxa)
-        grads = lora_glu_bwd(dh0, g0, u0, xag, bg, S, xau, bu, S, dxad, ad, sums=sums)
-        return torch.cat([scaled_mm(grads.dgate, bg, S), scaled_mm(grads.dup, bu, S)], dim=1)
-
-    out["dxa_now_ms"] = round(median_ms(now), 4)
-    out["dxa"] = []
-    fresh = (t(n, i), t(n, i))  # g0 and u0 above drift over the repeats (written over): compare on these
-    for tiles in DXA:
-        ref = lora_glu_bwd(dh0, *(x.clone() for x in fresh), xag, bg, S, xau, bu, S, dxad, ad, sums=sums)
-        want = torch.cat([scaled_mm(ref.dgate, bg, S), scaled_mm(ref.dup, bu, S)], dim=1).float()
-        got = lora_glu_bwd(dh0, *(x.clone() for x in fresh), xag, bg, S, xau, bu, S, dxad, ad, sums=sums,
-                           tiles=tiles, dxa=True).dxa.float()
-        row = _row(tiles, lambda tiles=tiles: lora_glu_bwd(dh0, g0, u0, xag, bg, S, xau, bu, S, dxad, ad, sums=sums,
-                                                           tiles=tiles, dxa=True), 5, n, i)
-        row["rel_err"] = float(f"{((got - want).norm() / want.norm()).item():.2e}")
-        out["dxa"].append(row)
-
     def before():
         lora_glu_bwd(dh0, g0, u0, xag, bg, S, xau, bu, S, dxad, ad)  # no sums
         h = lora_glu_fwd(g0, u0, xag, bg, S, xau, bu, S)  # stands for the h the old backward wrote
@@ -150,11 +123,9 @@ def report(r: dict) -> None:
         print(f"  variant {k}: {ms:.4f} ms")
     print(f"{r['shape']} (N {r['n']}, I {r['i']}): copy {r['copy_gbps']} GB/s; old backward + 3 GEMMs "
           f"{r['before_ms']} ms; forward then h Ad^T by cuBLAS {r['fwd_then_mm_ms']} ms")
-    print(f"  dxa: backward + two GEMMs + cat {r['dxa_now_ms']} ms")
-    for kind in ("fwd", "fwd_had", "bwd", "dxa"):
+    for kind in ("fwd", "fwd_had", "bwd"):
         for x in sorted(r[kind], key=lambda x: x["ms"]):
-            print(f"  {kind} tiles {x['tiles']}: {x['ms']:.3f} ms, {x['gbps']} GB/s {x.get('rel_err', '')} "
-                  f"{x.get('error', '')}")
+            print(f"  {kind} tiles {x['tiles']}: {x['ms']:.3f} ms, {x['gbps']} GB/s {x.get('error', '')}")
 
 
 if __name__ == "__main__":

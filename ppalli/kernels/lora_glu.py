@@ -215,19 +215,14 @@ def _lora_glu_fwd_kernel(H, P, G0, U0, XAG, xag_stride, BG, XAU, xau_stride, BU,
 
 @jit
 def _lora_glu_bwd_kernel(DG, DU, DH0, G0, U0, XAG, xag_stride, BG, XAU, xau_stride, BU, XAD, AD,
-                         PBG, PBU, PAD, PX, N, M, R, run_rows, sg, su,
+                         PBG, PBU, PAD, N, M, R, run_rows, sg, su,
                          ACT: tl.constexpr, HAS_G: tl.constexpr, HAS_U: tl.constexpr, HAS_D: tl.constexpr,
-                         SUM_BG: tl.constexpr, SUM_BU: tl.constexpr, SUM_AD: tl.constexpr, DXA: tl.constexpr,
-                         IEEE: tl.constexpr, UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                         RP: tl.constexpr):
+                         SUM_BG: tl.constexpr, SUM_BU: tl.constexpr, SUM_AD: tl.constexpr, IEEE: tl.constexpr,
+                         UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, RP: tl.constexpr):
     # Program (run, c): columns c*BN.. of rows run*run_rows.. in (BM, BN) tiles; DG, DU may be G0, U0 (each
-    # tile is read before it is written, by the same program). DXA: each tile's (BM, RP) products sg dg Bg and
-    # su du Bu are added into PX (N, 2 RP) fp32, zeroed, with atomic adds; the programs of one run start their
-    # walk at row tiles staggered by column block, so that few add into the same rows at once.
+    # tile is read before it is written, by the same program).
     run = tl.program_id(0)
-    c = tl.program_id(1)
-    cols = c * BN + tl.arange(0, BN)
-    k = tl.arange(0, RP)
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)
     bg = _b_tile(BG, cols, M, R, True, RP) if HAS_G else None  # (RP, BN), loaded once for the whole run
     bu = _b_tile(BU, cols, M, R, True, RP) if HAS_U else None
     ad = _b_tile(AD, cols, M, R, False, RP) if HAS_D else None
@@ -236,14 +231,10 @@ def _lora_glu_bwd_kernel(DG, DU, DH0, G0, U0, XAG, xag_stride, BG, XAU, xau_stri
     sum_ad = tl.zeros((BN, RP), dtype=tl.float32)
     start = run.to(tl.int64) * run_rows
     end = tl.minimum(start + run_rows, N)
-    n_tiles = tl.cdiv(end - start, BM)
     # The next tile's loads issued one step early by hand (2026-12-03) ran 10-40% slower on the H200, in this
     # kernel and the forward (results/2026-12-03-h200-lora-glu-prefetch.txt): Triton's pipelining covers it.
-    for t in range(0, n_tiles):
-        if DXA:
-            rows = start + ((t + c) % n_tiles) * BM + tl.arange(0, BM)
-        else:
-            rows = start + t * BM + tl.arange(0, BM)
+    for r0 in range(start, end, BM):
+        rows = r0 + tl.arange(0, BM)
         offs, mask = _offsets(rows, cols, M, end, M)
         g0, u0, dh0, xag, xau, xad = _bwd_loads(G0, U0, DH0, XAG, xag_stride, XAU, xau_stride, XAD, offs, mask,
                                                 rows, end, R, HAS_G, HAS_U, HAS_D, RP)
@@ -262,11 +253,6 @@ def _lora_glu_bwd_kernel(DG, DU, DH0, G0, U0, XAG, xag_stride, BG, XAU, xau_stri
             sum_bu += dot(tl.trans(du), xau, IEEE, UPCAST)
         if SUM_AD:
             sum_ad += dot(tl.trans((a * u).to(DG.dtype.element_ty)), xad, IEEE, UPCAST)
-        if DXA:  # (BM, RP) each, from the rounded dg, du as stored: what cuBLAS's dg Bg would read
-            px = PX + rows[:, None] * (2 * RP) + k[None, :]
-            px_mask = rows[:, None] < end
-            tl.atomic_add(px, dot(dg, tl.trans(bg), IEEE, UPCAST) * sg, mask=px_mask, sem="relaxed")
-            tl.atomic_add(px + RP, dot(du, tl.trans(bu), IEEE, UPCAST) * su, mask=px_mask, sem="relaxed")
     if SUM_BG:
         _store_sums(PBG, sum_bg * sg, run, cols, M, RP)  # the scales here, not in a launch after the fold
     if SUM_BU:
@@ -353,36 +339,31 @@ def _runs(n: int, block: int, other_blocks: int, tiles: Tiles, device: torch.dev
 
 class GLUGrads(NamedTuple):
     """What lora_glu_bwd returns: dgate, dup (N, I), written over g0 and u0, and the adapters' weight
-    gradients that were asked for (else None): dbg, dbu (I, r) and dad (r, I), in fp32; with `dxa`, the
-    rank-r products [sg dgate Bg, su dup Bu] (N, 2r) in dgate's dtype (else None)."""
+    gradients that were asked for (else None): dbg, dbu (I, r) and dad (r, I), in fp32."""
 
     dgate: torch.Tensor
     dup: torch.Tensor
     dbg: torch.Tensor | None
     dbu: torch.Tensor | None
     dad: torch.Tensor | None
-    dxa: torch.Tensor | None = None
 
 
 def lora_glu_bwd(dh0: torch.Tensor, g0: torch.Tensor, up0: torch.Tensor, xag, bg, sg: float, xau, bu, su: float,
                  dxad=None, ad=None, act: str = "silu", sums: tuple[bool, bool, bool] = (False, False, False),
-                 tiles: Tiles | None = None, dxa: bool = False) -> GLUGrads:
+                 tiles: Tiles | None = None) -> GLUGrads:
     """The backward of lora_glu_fwd, written over g0 and up0.
 
     dh0 (N, I) = dy Wd, the down projection's base input gradient; dxad (N, r) = sd dy Bd and ad (r, I), its
     lora_A weight, add the adapter's term. sums = which of dBg = sg dg^T xag, dBu = su du^T xau and
-    dAd = dxad^T h to form (each needs its adapter present). dxa: also form sg dg Bg and su du Bu (both
-    adapters present), the (N, r) products that carry the gradient on to Ag, Au and x, from the tiles the
-    kernel holds (atomic adds across the column blocks) instead of by two GEMMs that read dg and du back.
-    tiles: the launch setting swept for this GPU (BWD_TILES_BY_GPU), else BWD_TILES."""
+    dAd = dxad^T h to form (each needs its adapter present). tiles: the launch setting swept for this GPU
+    (BWD_TILES_BY_GPU), else BWD_TILES."""
     tiles = tiles or BWD_TILES_BY_GPU.get(device_name(g0.device), BWD_TILES)
     n, i, rank, meta = _launch_args(g0, up0, act, [(xag, bg), (xau, bu), (dxad, ad)])
     if dh0.shape != g0.shape or not dh0.is_contiguous():
         raise PpalliError(f"lora_glu_bwd: dh0 must be contiguous {tuple(g0.shape)}, got {tuple(dh0.shape)}")
     has = (xag is not None, xau is not None, dxad is not None)
-    if any(s and not h for s, h in zip(sums, has)) or (dxa and not (has[0] and has[1])):
-        raise PpalliError(f"lora_glu_bwd: weight-gradient sums {sums} (dxa {dxa}) asked for adapters that are "
-                          f"absent {has}")
+    if any(s and not h for s, h in zip(sums, has)):
+        raise PpalliError(f"lora_glu_bwd: weight-gradient sums {sums} asked for adapters that are absent {has}")
     xag, xag_stride, bg = _factors(g0, xag, bg, rank)
     xau, xau_stride, bu = _factors(g0, xau, bu, rank)
     dxad = dxad.to(g0.dtype).contiguous() if has[2] else g0
@@ -394,19 +375,14 @@ def lora_glu_bwd(dh0: torch.Tensor, g0: torch.Tensor, up0: torch.Tensor, xag, bg
     buffer = torch.empty(wanted, runs, i, meta["RP"], dtype=torch.float32, device=g0.device) if wanted else None
     slots = iter(range(wanted))
     partials = [buffer[next(slots)] if s else g0 for s in sums]
-    px = torch.zeros(n, 2 * meta["RP"], dtype=torch.float32, device=g0.device) if dxa else g0  # (N, 2 RP)
     _lora_glu_bwd_kernel[(runs, n_cols)](
-        g0, up0, dh0, g0, up0, xag, xag_stride, bg, xau, xau_stride, bu, dxad, ad, *partials, px, n, i, rank,
+        g0, up0, dh0, g0, up0, xag, xag_stride, bg, xau, xau_stride, bu, dxad, ad, *partials, n, i, rank,
         run_rows, float(sg), float(su), ACT=ACTS[act], HAS_G=has[0], HAS_U=has[1], HAS_D=has[2],
-        SUM_BG=sums[0], SUM_BU=sums[1], SUM_AD=sums[2], DXA=dxa, BM=tiles.bm, BN=tiles.bn, **meta,
+        SUM_BG=sums[0], SUM_BU=sums[1], SUM_AD=sums[2], BM=tiles.bm, BN=tiles.bn, **meta,
         num_warps=tiles.warps, num_stages=tiles.stages)
     folded = iter(buffer.sum(1)[..., :rank] if wanted else ())  # (sums, I, r)
     dbg, dbu, dad = (next(folded) if s else None for s in sums)  # (I, r) each
-    products = None
-    if dxa:
-        rp = meta["RP"]
-        products = (px if rank == rp else torch.cat([px[:, :rank], px[:, rp:rp + rank]], dim=1)).to(g0.dtype)
-    return GLUGrads(g0, up0, dbg, dbu, dad.t() if sums[2] else None, products)
+    return GLUGrads(g0, up0, dbg, dbu, dad.t() if sums[2] else None)
 
 
 class LoRAGLUFunction(torch.autograd.Function):
@@ -425,8 +401,8 @@ class LoRAGLUFunction(torch.autograd.Function):
         g0, u0, xag, bg, xau, bu = ctx.saved_tensors
         need = ctx.needs_input_grad
         sums = (xag is not None and need[3], xau is not None and need[6], False)
-        dg, du, dbg, dbu, *_ = lora_glu_bwd(dh.contiguous(), g0.clone(), u0.clone(), xag, bg, ctx.sg, xau, bu,
-                                            ctx.su, act=ctx.act, sums=sums)
+        dg, du, dbg, dbu, _ = lora_glu_bwd(dh.contiguous(), g0.clone(), u0.clone(), xag, bg, ctx.sg, xau, bu,
+                                           ctx.su, act=ctx.act, sums=sums)
         grads = [dg if need[0] else None, du if need[1] else None]
         for d, xa, b, s, db in ((dg, xag, bg, ctx.sg, dbg), (du, xau, bu, ctx.su, dbu)):
             dxa = scaled_mm(d, b.to(d.dtype), s).to(xa.dtype) if xa is not None else None  # (N, r)

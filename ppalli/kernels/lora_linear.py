@@ -192,15 +192,14 @@ def stacked_lora_a(x, factors):
     return views, a_stack
 
 
-def stacked_lora_a_grads(dxas, x, a_stack, ranks, needs, dtypes, stacked=None):
+def stacked_lora_a_grads(dxas, x, a_stack, ranks, needs, dtypes):
     """dA_i = dxa_i^T x for adapters over one input x (N, in), in one GEMM; dxas (N, r_i) or None where
-    ranks[i] is None; a_stack (sum r, in) from stacked_lora_a; stacked: the (N, sum r) dxa when the caller has
-    it as one tensor already (lora_glu_bwd's dxa), else it is put together from dxas.
+    ranks[i] is None; a_stack (sum r, in) from stacked_lora_a.
     -> (list of dA_i in dtypes[i] or None, the (N, sum r) stacked dxa or None)."""
     idx = [i for i, r in enumerate(ranks) if r is not None]
     if not idx:
         return [None] * len(ranks), None
-    dxa = stacked if stacked is not None else torch.cat([dxas[i] for i in idx], dim=1)  # (N, sum r)
+    dxa = torch.cat([dxas[i] for i in idx], dim=1)  # (N, sum r)
     grads = [None] * len(ranks)
     if any(needs[i] for i in idx):
         wide = {dtypes[i] for i in idx if needs[i]}

@@ -106,17 +106,13 @@ class LoRAMLPFunction(torch.autograd.Function):
         dh0 = add_input_grad(None, dy, db, None, None)  # (N, I)
         # dBg, dBu and down's dA are summed inside the activation kernel, from the tiles it holds
         sums = (g_rank is not None and need[4], u_rank is not None and need[8], da is not None and need[11])
-        both = g_rank is not None and u_rank is not None
-        dgate, dup, g_dB, u_dB, d_da, dxa_all = lora_glu_bwd(dh0, gate0, up0, xag, gB, gs, xau, uB, us, dxad, da,
-                                                             ctx.act, sums, dxa=both)
+        dgate, dup, g_dB, u_dB, d_da = lora_glu_bwd(dh0, gate0, up0, xag, gB, gs, xau, uB, us, dxad, da, ctx.act,
+                                                    sums)
         del dh0
-        if both:  # [sg dg Bg, su du Bu] (N, 2r), summed from the activation backward's tiles
-            dxag, dxau = dxa_all[:, :g_rank], dxa_all[:, g_rank:]
-        else:
-            dxag = scaled_mm(dgate, gB, gs) if g_rank is not None else None  # (N, r)
-            dxau = scaled_mm(dup, uB, us) if u_rank is not None else None
+        dxag = scaled_mm(dgate, gB, gs) if g_rank is not None else None  # (N, r)
+        dxau = scaled_mm(dup, uB, us) if u_rank is not None else None
         (g_da, u_da), dxa_all = stacked_lora_a_grads((dxag, dxau), x, a_stack, ctx.ranks, (need[3], need[7]),
-                                                     dtypes[0::2], stacked=dxa_all)
+                                                     dtypes[0::2])
         dx = None
         if need[0]:
             dx = add_input_grad(None, dgate, gb, None, None)  # (N, d)
