@@ -1,6 +1,6 @@
 """nf4_linear: decode rows through a bitsandbytes 4-bit weight (Triton, interpreted on the CPU) against the
 weight dequantized bit for bit (kernels/nf4.py) and one F.linear, with bias and a LoRA branch; the prompt path
-(more rows than a launch takes) and the weights it refuses."""
+(more rows than a launch takes) and the weights it refuses. On a CUDA machine the same checks run on the GPU."""
 
 import pytest
 import torch
@@ -12,10 +12,13 @@ from ppalli.errors import ModelError  # noqa: E402
 from ppalli.kernels.nf4 import dequantize_nf4_reference  # noqa: E402
 from ppalli.kernels.nf4_linear import MAX_ROWS, nf4_linear, nf4_linear_fwd, nf4_linear_problem  # noqa: E402
 
+# Triton launches only on CUDA tensors there (no interpreter: tests/conftest.py sets it only without CUDA).
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
 
 def _weight(n, k, dtype, double_quant=True, quant_type="nf4", blocksize=64, seed=0):
     g = torch.Generator().manual_seed(seed)
-    w = (torch.randn(n, k, generator=g) * 0.05).to(dtype)
+    w = (torch.randn(n, k, generator=g) * 0.05).to(dtype).to(DEVICE)
     return bnb.functional.quantize_4bit(w, blocksize=blocksize, quant_type=quant_type,
                                         compress_statistics=double_quant)
 
@@ -26,7 +29,7 @@ def _inputs(m, k, n, r, dtype, seed=1):
     xa = torch.randn(m, r, generator=g).to(dtype)
     b = (torch.randn(n, r, generator=g) * 0.1).to(dtype)
     bias = torch.randn(n, generator=g).to(dtype)
-    return x, xa, b, bias
+    return tuple(t.to(DEVICE) for t in (x, xa, b, bias))
 
 
 def _want(x, packed, qs, bias=None, xa=None, b=None):
@@ -61,7 +64,7 @@ def test_bf16_weights_round_as_bitsandbytes_dequantizes_them():
 def test_out_writes_a_column_slice_of_a_wider_buffer():
     packed, qs = _weight(32, 128, torch.float32)
     x, *_ = _inputs(2, 128, 32, 4, torch.float32)
-    buf = torch.full((2, 96), 7.0)
+    buf = torch.full((2, 96), 7.0, device=DEVICE)
     nf4_linear_fwd(x, packed, qs, out=buf[:, 32:64])
     torch.testing.assert_close(buf[:, 32:64], _want(x, packed, qs), rtol=1e-5, atol=1e-5)
     assert (buf[:, :32] == 7).all() and (buf[:, 64:] == 7).all()
@@ -80,4 +83,4 @@ def test_weights_it_cannot_read_are_named():
     packed, qs = _weight(8, 96, torch.float32)  # 96 features: the second block crosses into the next row
     assert "whole number" in nf4_linear_problem(packed, qs)
     with pytest.raises(ModelError, match="whole number"):
-        nf4_linear_fwd(torch.randn(1, 96), packed, qs)
+        nf4_linear_fwd(torch.randn(1, 96, device=DEVICE), packed, qs)
