@@ -224,13 +224,14 @@ class FusedDecoderLayer:
         self.rope = spec.uses_rope(layer)
         # attention's residual add, o's LoRA term and the MLP's norm in one kernel (not under sandwich norms)
         self.add_norm = spec.post_attn_norm is None and None not in (spec.pre_attn_norm, spec.pre_mlp_norm)
-        # q and k straight from their projections into RoPE: lora_qkv applies it and owns the backward
-        self.qkv_rope = self.rope and not spec.qk_norm and not spec.fused_qkv
+        # q and k straight from their projections (through their frozen per-head norms where the family has
+        # them) into RoPE: lora_qkv applies it and owns the backward
+        self.qkv_rope = self.rope and not spec.fused_qkv
         self.original = layer.forward  # the class's forward (bound) or an instance attribute already there
 
     def describe(self) -> str:
         if self.qkv_rope:
-            parts = ["rms_norm", "lora_qkv+rope"]
+            parts = ["rms_norm", "lora_qkv+qk_norm+rope" if self.spec.qk_norm else "lora_qkv+rope"]
         else:
             parts = ["rms_norm", "lora_qkv" if not self.spec.fused_qkv else "lora_linear (fused qkv)"]
             parts += ["qk_norm"] * self.spec.qk_norm + ["rope" if self.rope else "no rope"]
@@ -297,8 +298,11 @@ class FusedDecoderLayer:
     def _attend(self, h, cos_sin, mask, cu, max_len, parts: dict) -> torch.Tensor:
         """h (B, T, d), the normed input -> the attention heads' output (B, T, Hq*D), before the o projection."""
         attn, (b, t, _) = self.layer.self_attn, h.shape
-        if self.qkv_rope:  # RoPE inside the q/k/v block: its backward forms dx in one GEMM (lora_qkv.py)
-            q, k, v = lora_qkv(h, *(parts[n] for n in self.spec.qkv), rope=cos_sin, head_dim=self.head_dim)
+        norms = self._qk_norms(attn)
+        if self.qkv_rope and (norms is not None or not self.spec.qk_norm):
+            # RoPE (and q/k's norms) inside the q/k/v block: its backward forms dx in one GEMM (lora_qkv.py)
+            q, k, v = lora_qkv(h, *(parts[n] for n in self.spec.qkv), rope=cos_sin, head_dim=self.head_dim,
+                               qk_norms=norms)
         else:
             q, k, v = (z.view(b, t, -1, self.head_dim) for z in self._qkv(h, parts))
             if self.spec.qk_norm:  # per head, over D
@@ -310,6 +314,14 @@ class FusedDecoderLayer:
         o = attend(q, k, v, backend=self.backend, cu_seqlens=cu, max_seqlen=max_len, attention_mask=mask,
                    scale=self.scale, window=self.window, softcap=self.softcap)  # (B, T, Hq, D)
         return o.reshape(b, t, -1)
+
+    def _qk_norms(self, attn: nn.Module):
+        """((q_norm weight, eps), (k_norm weight, eps), offset) for lora_qkv, or None: no such norms, or they
+        train (the fused pass gives them no gradient, so the norms then run one by one)."""
+        if not self.spec.qk_norm or attn.q_norm.weight.requires_grad or attn.k_norm.weight.requires_grad:
+            return None
+        return ((attn.q_norm.weight, norm_eps(attn.q_norm)), (attn.k_norm.weight, norm_eps(attn.k_norm)),
+                self.spec.norm_offset)
 
     def _mlp(self, h: torch.Tensor, parts: dict, residual: torch.Tensor) -> torch.Tensor:
         """h (B, T, d), already normed -> residual + the MLP block's output (B, T, d)."""

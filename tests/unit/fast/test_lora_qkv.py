@@ -29,10 +29,10 @@ class Attn(nn.Module):
         self.v_proj, self.o_proj = nn.Linear(d, kv_out, bias=bias), nn.Linear(q_out, d, bias=False)
 
 
-def _model(d, q_out, kv_out, r, bias):
+def _model(d, q_out, kv_out, r, bias, targets=("q_proj", "k_proj", "v_proj", "o_proj")):
     torch.manual_seed(0)
     base = Attn(d, q_out, kv_out, bias).requires_grad_(False)
-    return wrap_lora(base, ["q_proj", "k_proj", "v_proj", "o_proj"], r=r, lora_alpha=3 * r).to(DEVICE)
+    return wrap_lora(base, list(targets), r=r, lora_alpha=3 * r).to(DEVICE)
 
 
 def _grads(outs, douts, x, model):
@@ -117,7 +117,8 @@ def _cos_sin(position_ids, d):
 
 
 def _bases(m):
-    return [getattr(m, n).get_base_layer() for n in ("q_proj", "k_proj", "v_proj")]
+    mods = [getattr(m, n) for n in ("q_proj", "k_proj", "v_proj")]
+    return [p.get_base_layer() if hasattr(p, "get_base_layer") else p for p in mods]  # a projection without LoRA
 
 
 # (batch, tokens, hidden, q out, kv out, rank, head dim): RoPE needs an even head dim; odd: 3 heads x 6, 1 kv.
@@ -153,6 +154,50 @@ def test_qkv_with_rope_matches_peft_then_hf_rope(shape, stacked, monkeypatch):
         assert_close(name, o, ref, "block")
     _check_grads(_grads(outs, douts, x, model), _grads(refs, douts, x, model), expect_none=("o_proj",))
     assert len(found) == 1 and (found[0] is not None) == stacked
+
+
+@pytest.mark.parametrize("offset, k_adapter", [(0.0, True), (1.0, False)], ids=["qwen3_norm", "gemma3_norm_plain_k"])
+@pytest.mark.parametrize("stacked", [True, False], ids=["stacked_weights", "own_weights"])
+@pytest.mark.parametrize("shape", ROPE_SHAPES, ids=["aligned", "odd"])
+def test_qkv_with_qk_norms_and_rope_matches_peft_then_hf_norms_then_rope(shape, stacked, offset, k_adapter):
+    """Qwen3 / Gemma 3: q and k RMSNormed per head (frozen weights, offset + w) before RoPE, inside the block,
+    against PEFT's projections, the norm in fp32 and HF's apply_rotary_pos_emb; every gradient. Without an
+    adapter on k, k's norm runs without a LoRA term while q's has one."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    b, t, d, q_out, kv_out, r, hd = shape
+    targets = ("q_proj", "k_proj", "v_proj", "o_proj") if k_adapter else ("q_proj", "v_proj", "o_proj")
+    model = _model(d, q_out, kv_out, r, bias=False, targets=targets)
+    m = model.base_model.model
+    if stacked:
+        assert stack_base_weights(_bases(m))
+    torch.manual_seed(3)
+    wq, wk = (torch.randn(hd, device=DEVICE) * 0.3 + 1.0 - offset for _ in range(2))
+    x = torch.randn(b, t, d, device=DEVICE, requires_grad=True)
+    pos = torch.stack([torch.randperm(t, device=DEVICE) for _ in range(b)])
+    cos, sin = _cos_sin(pos, hd)
+    outs = lora_qkv(x, m.q_proj, m.k_proj, m.v_proj, rope=(cos, sin), head_dim=hd,
+                    qk_norms=((wq, 1e-6), (wk, 1e-5), offset))
+
+    def normed(z, w, eps):
+        return z * torch.rsqrt(z.pow(2).mean(-1, keepdim=True) + eps) * (offset + w)
+
+    q, k, v = (p(x).view(b, t, -1, hd) for p in (m.q_proj, m.k_proj, m.v_proj))
+    q, k, v = normed(q, wq, 1e-6).transpose(1, 2), normed(k, wk, 1e-5).transpose(1, 2), v.transpose(1, 2)
+    refs = (*apply_rotary_pos_emb(q, k, cos, sin), v)
+    douts = [torch.randn_like(ref) for ref in refs]
+    for name, o, ref in zip("QKV", outs, refs):
+        assert o.shape == ref.shape
+        assert_close(name, o, ref, "block")
+    _check_grads(_grads(outs, douts, x, model), _grads(refs, douts, x, model), expect_none=("o_proj",))
+
+
+def test_qk_norms_come_with_rope():
+    model = _model(32, 32, 16, 8, bias=False)
+    m = model.base_model.model
+    w, x = torch.ones(8, device=DEVICE), torch.randn(2, 4, 32, device=DEVICE)
+    with pytest.raises(PpalliError, match="qk_norms come with rope"):
+        lora_qkv(x, m.q_proj, m.k_proj, m.v_proj, qk_norms=((w, 1e-6), (w, 1e-6), 0.0))
 
 
 def test_stacked_base_weights_keep_parameters_and_values_and_revert():
