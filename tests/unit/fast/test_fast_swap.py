@@ -60,6 +60,25 @@ def test_loss_and_lora_gradients_match_reference(family):
         assert_close(name, g, g_ref[name], "grad")
 
 
+def test_trained_qk_norms_run_one_by_one_and_get_their_gradients():
+    """Qwen3 with its q/k norm weights training: the fused norm + RoPE pass gives them no gradient, so the layers
+    norm q and k op by op instead; the loss and every gradient, the norms' too, as the reference's."""
+    model = tiny_lora_model("qwen3")
+    norms = [p.requires_grad_() for n, p in model.named_parameters() if "q_norm" in n or "k_norm" in n]
+    assert norms
+    ids, labels = _batch(t=11)
+    ref, _ = reference_loss(model, ids, labels)
+    ref.backward()
+    g_ref = grads_of(model)
+    handle = _apply(model)
+    loss, _ = fast_causal_lm_loss(model, ids, labels)
+    loss.backward()
+    handle.revert()
+    assert_close("loss", loss, ref, "loss")
+    assert any("q_norm" in name for name in g_ref)
+    for name, g in grads_of(model).items():
+        assert_close(name, g, g_ref[name], "grad")
+
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_packed_row_equals_samples_one_by_one(family):
     """A packed row (position_ids restart, cu_seqlens, first label of each sample -100) gives the sum of
