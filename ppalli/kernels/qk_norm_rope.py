@@ -27,6 +27,26 @@ BT, WARPS = 16, 4  # tokens a program, warps: rope_lora_fwd's setting (kernels/r
 
 
 @jit
+def _setup(XA, W, COS, SIN, xa_sn, c_sb, c_st, n_rows, n_t, half, R, offset, BT: tl.constexpr,
+           BLOCK_D: tl.constexpr, RP: tl.constexpr):
+    """What a program reads once for its BT tokens: rows (BT,) and their batch and position indices, the head
+    dim's half d, its mask and the (BT, BLOCK_D) tile mask, cos/sin's halves (BT, BLOCK_D), the norm weight's
+    halves (offset added), k = arange(RP), and the tokens' xa rows (BT, RP) (zeros without a LoRA term: R = 0)."""
+    rows = tl.program_id(0).to(tl.int64) * BT + tl.arange(0, BT)
+    row_ok = rows < n_rows
+    bb, tt = rows // n_t, rows % n_t
+    dd = tl.arange(0, BLOCK_D)
+    d_ok = dd < half
+    mask = row_ok[:, None] & d_ok[None, :]
+    cos1, cos2, sin1, sin2 = _cos_sin(COS, SIN, (bb * c_sb + tt * c_st)[:, None] + dd[None, :], half, mask)
+    w1 = tl.load(W + dd, mask=d_ok, other=0.0).to(tl.float32) + offset
+    w2 = tl.load(W + half + dd, mask=d_ok, other=0.0).to(tl.float32) + offset
+    k = tl.arange(0, RP)
+    xa = tl.load(XA + rows[:, None] * xa_sn + k[None, :], mask=row_ok[:, None] & (k[None, :] < R), other=0.0)
+    return rows, bb, tt, dd, d_ok, mask, cos1, cos2, sin1, sin2, w1, w2, k, xa
+
+
+@jit
 def _normed(Y, XA, B, rows, ys, mask, col, k, xa, d_ok, R, s, half, eps, HAS_LORA: tl.constexpr,
             HEAD_D: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
     """One head's halves of x = y + s xa B^T in fp32, and its rstd (BT,)."""
@@ -49,18 +69,8 @@ def _qk_norm_rope_fwd_kernel(
     HEAD_D: tl.constexpr, BT: tl.constexpr, BLOCK_D: tl.constexpr, RP: tl.constexpr, HAS_LORA: tl.constexpr,
     IEEE: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    rows = tl.program_id(0).to(tl.int64) * BT + tl.arange(0, BT)
-    row_ok = rows < n_rows
-    dd = tl.arange(0, BLOCK_D)
-    d_ok = dd < half
-    mask = row_ok[:, None] & d_ok[None, :]
-    cs = (rows // n_t * c_sb + rows % n_t * c_st)[:, None] + dd[None, :]
-    cos1, cos2, sin1, sin2 = _cos_sin(COS, SIN, cs, half, mask)  # (BT, BLOCK_D) each
-    w1 = tl.load(W + dd, mask=d_ok, other=0.0).to(tl.float32) + offset
-    w2 = tl.load(W + half + dd, mask=d_ok, other=0.0).to(tl.float32) + offset
-    k = tl.arange(0, RP)
-    xa = tl.load(XA + rows[:, None] * xa_sn + k[None, :], mask=row_ok[:, None] & (k[None, :] < R), other=0.0) \
-        if HAS_LORA else None
+    rows, _, _, dd, d_ok, mask, cos1, cos2, sin1, sin2, w1, w2, k, xa = _setup(
+        XA, W, COS, SIN, xa_sn, c_sb, c_st, n_rows, n_t, half, R, offset, BT, BLOCK_D, RP)
     for h in range(0, n_heads):
         col = (h * HEAD_D + dd).to(tl.int64)
         x1, x2, rstd = _normed(Y, XA, B, rows, rows[:, None] * y_sn + col[None, :], mask, col, k, xa, d_ok, R, s,
@@ -82,19 +92,8 @@ def _qk_norm_rope_bwd_kernel(
     HAS_V: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
 ):
     # HAS_V: V copied unrotated into VOUT in the same launch (dv into its column block of lora_qkv's buffer).
-    rows = tl.program_id(0).to(tl.int64) * BT + tl.arange(0, BT)
-    row_ok = rows < n_rows
-    bb, tt = rows // n_t, rows % n_t
-    dd = tl.arange(0, BLOCK_D)
-    d_ok = dd < half
-    mask = row_ok[:, None] & d_ok[None, :]
-    cs = (bb * c_sb + tt * c_st)[:, None] + dd[None, :]
-    cos1, cos2, sin1, sin2 = _cos_sin(COS, SIN, cs, half, mask)
-    w1 = tl.load(W + dd, mask=d_ok, other=0.0).to(tl.float32) + offset
-    w2 = tl.load(W + half + dd, mask=d_ok, other=0.0).to(tl.float32) + offset
-    k = tl.arange(0, RP)
-    xa = tl.load(XA + rows[:, None] * xa_sn + k[None, :], mask=row_ok[:, None] & (k[None, :] < R), other=0.0) \
-        if HAS_LORA else None
+    rows, bb, tt, dd, d_ok, mask, cos1, cos2, sin1, sin2, w1, w2, k, xa = _setup(
+        XA, W, COS, SIN, xa_sn, c_sb, c_st, n_rows, n_t, half, R, offset, BT, BLOCK_D, RP)
     for h in range(0, n_heads):
         col = (h * HEAD_D + dd).to(tl.int64)
         gs = (bb * do_sb + tt * do_st + h * do_sh)[:, None] + dd[None, :]
@@ -119,7 +118,7 @@ def _qk_norm_rope_bwd_kernel(
 def _check(y, xa, b, weight, batch: int, head_dim: int) -> tuple[int, int, int]:
     """(heads, tokens a row, rank) of y (N, H*D), xa (N, r) / b (H*D, r) or None, weight (D,)."""
     n, width = y.shape
-    r = b.shape[1] if b is not None else 1
+    r = b.shape[1] if b is not None else 0
     lora_ok = xa is None or (b.shape[0] == width and xa.shape == (n, r) and xa.stride(1) == 1)
     if width % head_dim or head_dim % 2 or n % batch or y.stride(1) != 1 or not lora_ok \
             or weight.shape != (head_dim,):
@@ -134,7 +133,7 @@ def _check(y, xa, b, weight, batch: int, head_dim: int) -> tuple[int, int, int]:
 
 
 def _meta(y, xa, r: int, head_dim: int) -> dict:
-    return dict(HEAD_D=head_dim, BT=BT, BLOCK_D=next_power_of_2(head_dim // 2), RP=max(16, next_power_of_2(r)),
+    return dict(HEAD_D=head_dim, BT=BT, BLOCK_D=next_power_of_2(head_dim // 2), RP=max(16, next_power_of_2(max(r, 1))),
                 HAS_LORA=xa is not None, IEEE=y.dtype == torch.float32, UPCAST=dot_upcast(y.dtype))
 
 
