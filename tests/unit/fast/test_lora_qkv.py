@@ -121,6 +121,15 @@ def _bases(m):
     return [p.get_base_layer() if hasattr(p, "get_base_layer") else p for p in mods]  # a projection without LoRA
 
 
+def _check_qkv(outs, refs, x, model):
+    """The block's (q, k, v) against the reference's, then every gradient for one random output gradient."""
+    douts = [torch.randn_like(ref) for ref in refs]
+    for name, o, ref in zip("QKV", outs, refs):
+        assert o.shape == ref.shape
+        assert_close(name, o, ref, "block")
+    _check_grads(_grads(outs, douts, x, model), _grads(refs, douts, x, model), expect_none=("o_proj",))
+
+
 # (batch, tokens, hidden, q out, kv out, rank, head dim): RoPE needs an even head dim; odd: 3 heads x 6, 1 kv.
 ROPE_SHAPES = [(2, 8, 32, 32, 16, 8, 8), (3, 5, 37, 18, 6, 3, 6)]
 
@@ -148,11 +157,7 @@ def test_qkv_with_rope_matches_peft_then_hf_rope(shape, stacked, monkeypatch):
     outs = mod.lora_qkv(x, m.q_proj, m.k_proj, m.v_proj, rope=(cos, sin), head_dim=hd)
     q, k, v = (p(x).view(b, t, -1, hd).transpose(1, 2) for p in (m.q_proj, m.k_proj, m.v_proj))
     refs = (*apply_rotary_pos_emb(q, k, cos, sin), v)
-    douts = [torch.randn_like(ref) for ref in refs]
-    for name, o, ref in zip("QKV", outs, refs):
-        assert o.shape == ref.shape
-        assert_close(name, o, ref, "block")
-    _check_grads(_grads(outs, douts, x, model), _grads(refs, douts, x, model), expect_none=("o_proj",))
+    _check_qkv(outs, refs, x, model)
     assert len(found) == 1 and (found[0] is not None) == stacked
 
 
@@ -185,11 +190,7 @@ def test_qkv_with_qk_norms_and_rope_matches_peft_then_hf_norms_then_rope(shape, 
     q, k, v = (p(x).view(b, t, -1, hd) for p in (m.q_proj, m.k_proj, m.v_proj))
     q, k, v = normed(q, wq, 1e-6).transpose(1, 2), normed(k, wk, 1e-5).transpose(1, 2), v.transpose(1, 2)
     refs = (*apply_rotary_pos_emb(q, k, cos, sin), v)
-    douts = [torch.randn_like(ref) for ref in refs]
-    for name, o, ref in zip("QKV", outs, refs):
-        assert o.shape == ref.shape
-        assert_close(name, o, ref, "block")
-    _check_grads(_grads(outs, douts, x, model), _grads(refs, douts, x, model), expect_none=("o_proj",))
+    _check_qkv(outs, refs, x, model)
 
 
 def test_qk_norms_come_with_rope():
