@@ -21,9 +21,19 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
-from ppalli.kernels import geglu, linear_cross_entropy, lora_add_rms_norm, lora_glu, nf4, rms_norm, rope, swiglu
+from ppalli.kernels import (
+    geglu,
+    linear_cross_entropy,
+    lora_add_rms_norm,
+    lora_glu,
+    nf4,
+    qk_norm_rope,
+    rms_norm,
+    rope,
+    swiglu,
+)
 
-MODULES = (geglu, linear_cross_entropy, lora_add_rms_norm, lora_glu, nf4, rms_norm, rope, swiglu)
+MODULES = (geglu, linear_cross_entropy, lora_add_rms_norm, lora_glu, nf4, qk_norm_rope, rms_norm, rope, swiglu)
 TARGETS = (GPUTarget("cuda", 90, 32), GPUTarget("cuda", 80, 32))
 # Shared memory a block may use (cudaDevAttrMaxSharedMemoryPerBlockOptin): H100 227 KiB, A100 163 KiB. A
 # kernel over it compiles but fails at launch (a 64 x 128 fp32 lora_glu backward asked 242 KiB on an H100).
@@ -68,6 +78,14 @@ def _launch_everything(dtype: torch.dtype) -> None:
     y, xa, lora_b = t(12, 64), t(12, 16), t(64, 16)  # 2 x 6 tokens, 4 heads of 16
     for head_dim in (64, 128):
         rope.rope_lora_fwd(y, xa, lora_b, 0.5, cos, sin, 2, 16, blocks=rope.LORA_BLOCKS[head_dim])
+    for head_dim in (64, 128, 256):  # Qwen3 / Gemma 3 head dims; 2 x 6 tokens, 2 heads
+        y, w, d_out = t(12, 2 * head_dim), t(head_dim), t(2, 2, 6, head_dim)
+        cs, sn = t(2, 6, head_dim), t(2, 6, head_dim)
+        for xa, lb in ((t(12, 16), t(2 * head_dim, 16)), (None, None)):
+            qk_norm_rope.qk_norm_rope_fwd(y, xa, lb, 0.5, w, 1e-6, 0.0, cs, sn, 2, head_dim)
+            qk_norm_rope.qk_norm_rope_bwd(d_out, y, xa, lb, 0.5, w, 1e-6, 1.0, cs, sn, 2, head_dim)
+            qk_norm_rope.qk_norm_rope_bwd(d_out, y, xa, lb, 0.5, w, 1e-6, 0.0, cs, sn, 2, head_dim,
+                                          v=(d_out, torch.empty_like(y)))
     for fwd, bwd in ((swiglu.swiglu_fwd, swiglu.swiglu_bwd), (geglu.geglu_fwd, geglu.geglu_bwd)):
         fwd(t(6, 64), t(6, 64))
         bwd(t(6, 64), t(6, 64), t(6, 64), inplace=True)
