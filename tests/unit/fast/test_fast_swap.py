@@ -76,7 +76,7 @@ def test_trained_qk_norms_run_one_by_one_and_get_their_gradients():
     g_ref = _check_against_reference(model)
     assert any("q_norm" in name for name in g_ref) and any("k_norm" in name for name in g_ref)
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
 def test_packed_row_equals_samples_one_by_one(family):
     """A packed row (position_ids restart, cu_seqlens, first label of each sample -100) gives the sum of
     the per-sample losses and their summed gradients."""

@@ -24,8 +24,8 @@ def _batch():
     return ids, labels
 
 
-def _loss_and_grads(mode, layers=None, counter=None):
-    model = tiny_lora_model("llama").train()
+def _loss_and_grads(mode, layers=None, counter=None, family="llama"):
+    model = tiny_lora_model(family).train()
     handle = apply_fast_path(model, attention_backend="auto")
     recompute.apply_recompute(model, mode, layers)
     ids, labels = _batch()
@@ -39,6 +39,16 @@ def _loss_and_grads(mode, layers=None, counter=None):
 def test_every_mode_gives_the_gradients_of_no_recompute(mode, layers):
     ref_loss, ref = _loss_and_grads("none")
     loss, grads = _loss_and_grads(mode, layers)
+    assert_close("loss", loss, ref_loss, "loss")
+    assert ref.keys() == grads.keys() and len(ref) > 0
+    for name, g in grads.items():
+        assert_close(name, g, ref[name], "grad")
+
+
+def test_qk_norm_family_recomputes_to_the_same_gradients():
+    """Qwen3's q/k norms inside lora_qkv's RoPE pass, its saved base outputs packed and unpacked by the recompute."""
+    ref_loss, ref = _loss_and_grads("none", family="qwen3")
+    loss, grads = _loss_and_grads("full", family="qwen3")
     assert_close("loss", loss, ref_loss, "loss")
     assert ref.keys() == grads.keys() and len(ref) > 0
     for name, g in grads.items():
