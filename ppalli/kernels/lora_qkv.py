@@ -141,7 +141,7 @@ class LoRAQKVFunction(torch.autograd.Function):
             outs.append(y)
         ctx.heads = heads if cos is not None else None
         lora = [(xas[i], bs[i], s) if inside[i] else (None, None, 0.0) for i, s in enumerate((qs, ks))]
-        ctx.norms = None if norms is None else ((None, norms[0][1]), (None, norms[1][1]), norms[2])
+        ctx.norm_eps = None if norms is None else (norms[0][1], norms[1][1], norms[2])  # q's eps, k's, offset
         ctx.inside = inside
         # q0, k0 and the norm weights: what the norm's backward re-forms its input from
         kept = (outs[0], outs[1], norms[0][0], norms[1][0]) if norms is not None else ()
@@ -158,11 +158,11 @@ class LoRAQKVFunction(torch.autograd.Function):
         dqkv = w = None
         if ctx.heads is not None:
             w = stacked_base_weight(ctx.bases, dq.dtype) if ctx.needs_input_grad[0] else None
-            if ctx.norms is None:
+            if ctx.norm_eps is None:
                 dqkv, (dq, dk, dv) = _rotate_grads(dq, dk, dv, cos, sin, ctx.heads, one_buffer=w is not None)
             else:
                 q0, k0, wq, wk = saved[10:]
-                (_, eps_q), (_, eps_k), offset = ctx.norms
+                eps_q, eps_k, offset = ctx.norm_eps
                 lora = [(xas[i], bs[i], ctx.scales[i]) if ctx.inside[i] else (None, None, 0.0) for i in range(2)]
                 dqkv, (dq, dk, dv) = _norm_rope_grads(dq, dk, dv, (q0, k0), lora, ((wq, eps_q), (wk, eps_k), offset),
                                                       cos, sin, ctx.heads, one_buffer=w is not None)
