@@ -3,11 +3,10 @@
 `apply_fast_path(model, ...)` replaces each decoder layer's `forward` on that layer object only (an instance
 attribute shadowing the class method; no class, module or function of transformers or peft is touched,
 and nothing happens at import time). The fused forward computes what the HF layer computes, with:
-RMSNorm kernel -> lora_qkv (one saved input for q, k, v) -> q/k-norm (Qwen3, Gemma-3, EXAONE-4) -> RoPE
-kernel -> `attend` (the planner's backend; varlen for packed batches) -> lora_linear (o) -> RMSNorm ->
-lora_mlp (SwiGLU/GeGLU with a recomputing backward). Without a q/k-norm, lora_qkv applies RoPE itself.
-`handle.revert()` deletes the instance attributes, so the layers run their class's forward again, exactly
-as before.
+RMSNorm kernel -> lora_qkv (one saved input for q, k, v; RoPE, and Qwen3's / Gemma-3's / EXAONE-4's frozen
+q/k-norms, applied inside) -> `attend` (the planner's backend; varlen for packed batches) -> lora_linear (o) ->
+RMSNorm -> lora_mlp (SwiGLU/GeGLU with a recomputing backward). `handle.revert()` deletes the instance
+attributes, so the layers run their class's forward again, exactly as before.
 
 The frozen base weights of q, k, v (where lora_qkv applies RoPE) are laid out as one (out, in) block per layer:
 each parameter keeps its identity and values, its .data becomes a row block of the layer's tensor, so the
@@ -224,8 +223,7 @@ class FusedDecoderLayer:
         self.rope = spec.uses_rope(layer)
         # attention's residual add, o's LoRA term and the MLP's norm in one kernel (not under sandwich norms)
         self.add_norm = spec.post_attn_norm is None and None not in (spec.pre_attn_norm, spec.pre_mlp_norm)
-        # q and k straight from their projections (through their frozen per-head norms where the family has
-        # them) into RoPE: lora_qkv applies it and owns the backward
+        # q, k from their projections (and frozen per-head norms) into RoPE: lora_qkv applies it, owns the backward
         self.qkv_rope = self.rope and not spec.fused_qkv
         self.original = layer.forward  # the class's forward (bound) or an instance attribute already there
 
