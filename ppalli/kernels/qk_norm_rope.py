@@ -47,9 +47,9 @@ def _setup(XA, W, COS, SIN, xa_sn, c_sb, c_st, n_rows, n_t, half, R, offset, BT:
 
 
 @jit
-def _normed(Y, XA, B, rows, ys, mask, col, k, xa, d_ok, R, s, half, eps, HAS_LORA: tl.constexpr,
-            HEAD_D: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
-    """One head's halves of x = y + s xa B^T in fp32, and its rstd (BT,)."""
+def _normed(Y, B, ys, mask, col, k, xa, d_ok, R, s, half, eps, HAS_LORA: tl.constexpr, HEAD_D: tl.constexpr,
+            IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """One head's halves of x = y + s xa B^T in fp32 (ys: their first half's offsets in Y), and its rstd (BT,)."""
     x1 = tl.load(Y + ys, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(Y + ys + half, mask=mask, other=0.0).to(tl.float32)
     if HAS_LORA:
@@ -73,8 +73,8 @@ def _qk_norm_rope_fwd_kernel(
         XA, W, COS, SIN, xa_sn, c_sb, c_st, n_rows, n_t, half, R, offset, BT, BLOCK_D, RP)
     for h in range(0, n_heads):
         col = (h * HEAD_D + dd).to(tl.int64)
-        x1, x2, rstd = _normed(Y, XA, B, rows, rows[:, None] * y_sn + col[None, :], mask, col, k, xa, d_ok, R, s,
-                               half, eps, HAS_LORA, HEAD_D, IEEE, UPCAST)
+        x1, x2, rstd = _normed(Y, B, rows[:, None] * y_sn + col[None, :], mask, col, k, xa, d_ok, R, s, half, eps,
+                               HAS_LORA, HEAD_D, IEEE, UPCAST)
         n1 = x1 * rstd[:, None] * w1[None, :]
         n2 = x2 * rstd[:, None] * w2[None, :]
         o1, o2 = _rotated(n1, n2, cos1, cos2, sin1, sin2, False)
@@ -100,8 +100,8 @@ def _qk_norm_rope_bwd_kernel(
         g1, g2 = _rotated(tl.load(DO + gs, mask=mask, other=0.0).to(tl.float32),
                           tl.load(DO + gs + half, mask=mask, other=0.0).to(tl.float32),
                           cos1, cos2, sin1, sin2, True)
-        x1, x2, rstd = _normed(Y, XA, B, rows, rows[:, None] * y_sn + col[None, :], mask, col, k, xa, d_ok, R, s,
-                               half, eps, HAS_LORA, HEAD_D, IEEE, UPCAST)
+        x1, x2, rstd = _normed(Y, B, rows[:, None] * y_sn + col[None, :], mask, col, k, xa, d_ok, R, s, half, eps,
+                               HAS_LORA, HEAD_D, IEEE, UPCAST)
         xh1, xh2 = x1 * rstd[:, None], x2 * rstd[:, None]
         dn1, dn2 = g1 * w1[None, :], g2 * w2[None, :]
         c = (tl.sum(dn1 * xh1, axis=1) + tl.sum(dn2 * xh2, axis=1)) / HEAD_D
