@@ -81,6 +81,14 @@ def _rotate(outs, cos, sin, heads, lora=None, norms=None):
     return (*rope_fwd(*(_heads(o, b, d) for o in outs[:2]), cos, sin), v)
 
 
+def _grad_buffer(dq, dk, dv, b: int, d: int):
+    """One (N, Hq*D + 2 Hk*D) buffer for dq, dk, dv (B, H, T, D) and its three column blocks, which the stacked
+    q/k/v weight turns into one dx GEMM."""
+    widths = [g.shape[1] * d for g in (dq, dk, dv)]
+    buf = dq.new_empty(b * dq.shape[2], sum(widths))
+    return buf, buf.split(widths, dim=1)
+
+
 def _rotate_grads(dq, dk, dv, cos, sin, heads, one_buffer: bool):
     """dq, dk, dv (B, H, T, D) -> (buffer, (dq, dk, dv) (N, H*D) each) with RoPE's transpose applied to dq and
     dk. one_buffer: the three are the column blocks of one (N, Hq*D + 2 Hk*D) buffer (dv copied in by dk's
@@ -89,9 +97,7 @@ def _rotate_grads(dq, dk, dv, cos, sin, heads, one_buffer: bool):
     if not one_buffer:
         dq, dk = rope_fwd(dq, dk, cos, sin, backward=True)
         return None, tuple(g.transpose(1, 2).reshape(b * g.shape[2], -1) for g in (dq, dk, dv))
-    widths = [g.shape[1] * d for g in (dq, dk, dv)]
-    buf = dq.new_empty(b * dq.shape[2], sum(widths))  # (N, Hq*D + 2 Hk*D)
-    cols = buf.split(widths, dim=1)
+    buf, cols = _grad_buffer(dq, dk, dv, b, d)
     # dv goes into its column block in dk's launch: a copy_ of its own took 24.5 us a T4 layer (H200, 2026-12-03)
     rope_fwd(dq, dk, cos, sin, backward=True, out=(_heads(cols[0], b, d), _heads(cols[1], b, d)),
              v=(dv, _heads(cols[2], b, d)))
@@ -105,9 +111,7 @@ def _norm_rope_grads(dq, dk, dv, bases0, lora, norms, cos, sin, heads, one_buffe
     dq, dk, dv = (g if g.stride(-1) == 1 else g.contiguous() for g in (dq, dk, dv))
     buf, outs, v = None, (None, None), None
     if one_buffer:
-        widths = [g.shape[1] * d for g in (dq, dk, dv)]
-        buf = dq.new_empty(b * dq.shape[2], sum(widths))  # (N, Hq*D + 2 Hk*D)
-        *outs, dv_block = buf.split(widths, dim=1)
+        buf, (*outs, dv_block) = _grad_buffer(dq, dk, dv, b, d)
         v = (dv, dv_block)
     grads = [qk_norm_rope_bwd(g, y, *term, w, eps, norms[2], cos, sin, b, d, out=out, v=vv)
              for g, y, term, (w, eps), out, vv in zip((dq, dk), bases0, lora, norms[:2], outs, (None, v))]
