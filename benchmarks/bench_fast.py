@@ -85,6 +85,7 @@ def layer_step(model, spec: dict):
     """A closure running layer 0 forward + backward on fixed random inputs; returns the output's mean."""
     import torch
 
+    from ppalli.models.families import family_for_layer
     from ppalli.models.fast import backbone_of
 
     backbone = backbone_of(model)
@@ -95,7 +96,7 @@ def layer_step(model, spec: dict):
     hidden = torch.randn(b, t, d, device=dev, dtype=dtype, generator=g).requires_grad_()
     dout = torch.randn(b, t, d, device=dev, dtype=dtype, generator=g)
     pos = torch.arange(t, device=dev)[None]
-    cos_sin = backbone.rotary_emb(hidden, pos)
+    cos_sin = family_for_layer(layer).rope_tables(backbone, hidden, pos)(0)  # Gemma-3: layer 0's (local) tables
 
     def step():
         out = layer(hidden, attention_mask=None, position_ids=pos, position_embeddings=cos_sin)

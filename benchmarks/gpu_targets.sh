@@ -13,7 +13,9 @@
 # T3-8.8 is T3 with ppalli planned to an 8.8 GiB budget (peak under Unsloth QLoRA's 8.06 GiB).
 # qk-norm: the GPU tests of q/k norms inside RoPE's pass (kernels/qk_norm_rope.py), then bench_fast.py on Qwen3-8B's
 # shapes (benchmarks/configs/config_qwen3-8b.json: 2 layers, then 6 with the loss), this tree against the one in
-# .base/ (carried; e.g. `git archive e713e4c ppalli benchmarks/*.py pyproject.toml | tar -x -C .base`, before it).
+# .base/ (carried; e.g. `git archive e713e4c ppalli pyproject.toml | tar -x -C .base`, then this tree's
+# benchmarks/*.py copied over it, so both sides time with one script). post-norm: the same for Gemma-2/3's
+# post-norms in one pass (kernels/rms_norm_add.py) on Gemma-3-4B's shapes (config_gemma3-4b.json), against .base2/.
 # CASE-steady: the warm-up held to 15 s after its first round and ~17-20 s of timed steps, the clock a long
 # run settles at (a capped H200 fell from 1864 to ~1600 MHz over the default 3 + 8 steps); -rev runs Unsloth
 # first, then ppalli (--append), to see what the order does. ~1 min a stack more.
@@ -27,12 +29,28 @@ export PYTHONPATH=/tmp/peer-site${PYTHONPATH:+:$PYTHONPATH}
 [ -d /tmp/peer-site ] || tar xzf .peers/site.tgz -C /tmp
 [ $# -gt 0 ] || set -- tests T3-8.8 T2
 for what in "$@"; do
-  case $what in tests|gemm|fa4|qk-norm|T4-fa4|T1-fa4|T1|T2|T3|T3-8.8|T4|T1-steady*|T2-steady*|T4-steady*) ;;
-    *) echo "unknown: $what (tests, gemm, fa4, qk-norm, T4-fa4, T1-fa4, T1, T2, T3, T3-8.8, T4, T1/T2/T4-steady[-rev])" >&2
+  case $what in tests|gemm|fa4|qk-norm|post-norm|T4-fa4|T1-fa4|T1|T2|T3|T3-8.8|T4|T1-steady*|T2-steady*|T4-steady*) ;;
+    *) echo "unknown: $what (tests, gemm, fa4, qk-norm, post-norm, T4-fa4, T1-fa4, T1, T2, T3, T3-8.8, T4, T1/T2/T4-steady[-rev])" >&2
        exit 2 ;; esac
 done
 keep() {  # a case's results so far into OUT (a call stopped at its limit still brings back what was kept)
   for f in "$scratch/$1"/*.json "$scratch/$1"/*.md; do [ -f "$f" ] && cp "$f" "$out/$1-$(basename "$f")"; done
+}
+ab_fast() {  # NAME CONFIG BASE_DIR TEST_FILES...: the tests, then bench_fast.py layer + model, this tree and BASE_DIR
+  local name=$1 cfg=$PWD/benchmarks/configs/$2 base=$3; shift 3
+  python3 -m pytest -q -p no:cacheprovider "$@" tests/gpu/test_fast_gpu.py > "$out/$name-tests.log" 2>&1
+  tail -1 "$out/$name-tests.log"
+  for side in new base; do
+    dir=$([ $side = base ] && echo "$base" || echo .)
+    [ -d "$dir/ppalli" ] || { echo "$name: no $dir/ppalli to time"; continue; }
+    (cd "$dir" && python3 benchmarks/bench_fast.py --config "$cfg" --what layer --layers 2 --batch 4 --seq 2048 \
+       --steps 20 --warmup 10 --out "$scratch/$name-$side" \
+     && python3 benchmarks/bench_fast.py --config "$cfg" --what model --layers 6 --batch 4 --seq 2048 \
+       --steps 10 --warmup 5 --out "$scratch/$name-$side-model")
+    for f in "$scratch/$name-$side"*/*.md; do [ -f "$f" ] && { echo "## $side: $(basename "$f")"; cat "$f"; }; done \
+      >> "$out/$name.md"  # one file a kind: the device tool brings back 8 files a call
+    for f in "$scratch/$name-$side"*/*.json; do [ -f "$f" ] && { cat "$f"; echo; }; done >> "$out/$name.json"
+  done
 }
 for what in "$@"; do
   t0=$SECONDS
@@ -46,20 +64,9 @@ for what in "$@"; do
            python3 -m pytest -q -rs tests/gpu/test_fast_gpu.py -k "flash_attn or attention_backends" -p no:cacheprovider \
              >> "$out/attention.txt" 2>&1 )
          grep -E "^[0-9a-z]+:|^  |passed|failed|SKIP" "$out/attention.txt" ;;
-    qk-norm)
-      python3 -m pytest -q -p no:cacheprovider tests/unit/kernels/test_qk_norm_rope.py tests/unit/fast/test_lora_qkv.py \
-        tests/gpu/test_fast_gpu.py > "$out/qk-norm-tests.log" 2>&1; tail -1 "$out/qk-norm-tests.log"
-      cfg=$PWD/benchmarks/configs/config_qwen3-8b.json
-      for side in new base; do
-        dir=$([ $side = base ] && echo .base || echo .)
-        [ -d "$dir/ppalli" ] || { echo "qk-norm: no $dir/ppalli to time"; continue; }
-        (cd "$dir" && python3 benchmarks/bench_fast.py --config "$cfg" --what layer --layers 2 --batch 4 --seq 2048 \
-           --steps 20 --warmup 10 --out "$scratch/qk-norm-$side" \
-         && python3 benchmarks/bench_fast.py --config "$cfg" --what model --layers 6 --batch 4 --seq 2048 \
-           --steps 10 --warmup 5 --out "$scratch/qk-norm-$side-model")
-        for f in "$scratch/qk-norm-$side"*/*.md "$scratch/qk-norm-$side"*/*.json; do
-          [ -f "$f" ] && cp "$f" "$out/$(basename "$(dirname "$f")")-$(basename "$f")"; done
-      done ;;
+    qk-norm) ab_fast qk-norm config_qwen3-8b.json .base tests/unit/kernels/test_qk_norm_rope.py \
+               tests/unit/fast/test_lora_qkv.py ;;
+    post-norm) ab_fast post-norm config_gemma3-4b.json .base2 tests/unit/kernels/test_rms_norm_add.py ;;
     T4-fa4|T1-fa4)
       c=${what%%-*}; long="--warmup-s 15 --steps $([ "$c" = T1 ] && echo 40 || echo 90) --timeout 260"
       python3 benchmarks/peers.py --case "$c" --gc off --stacks unsloth --out "$scratch/$what" $long; keep "$what"

@@ -57,6 +57,7 @@ from ppalli.kernels.lora_linear import (
 from ppalli.kernels.lora_mlp import lora_mlp
 from ppalli.kernels.lora_qkv import lora_qkv
 from ppalli.kernels.rms_norm import rms_norm, rms_norm_residual
+from ppalli.kernels.rms_norm_add import rms_norm_add
 from ppalli.kernels.rope import apply_rope
 from ppalli.kernels.swiglu import swiglu
 from ppalli.models.attention import attend, resolve_backend
@@ -236,6 +237,7 @@ class FusedDecoderLayer:
         parts += [f"attend[{self.backend}]"] + [f"window {self.window}"] * (self.window is not None)
         parts += [f"softcap {self.softcap}"] * bool(self.softcap)
         parts += ["lora_add_rms_norm (o, residual, norm)" if self.add_norm else "lora_linear (o)"]
+        parts += ["rms_norm_add (post-norms, residual, next norm)"] * bool(self.spec.post_attn_norm)
         parts += [f"lora_mlp[{self.act}]"]
         return ", ".join(parts)
 
@@ -331,7 +333,18 @@ class FusedDecoderLayer:
             return lora_mlp(h, *(parts[n] for n in self.spec.mlp), act=self.act, residual=residual)
         else:
             out = lora_mlp(h, *(parts[n] for n in self.spec.mlp), act=self.act)
-        return residual + self._norm(self.spec.post_mlp_norm, out)
+        return self._post_norm_add(residual, out, self.spec.post_mlp_norm, None)[0]
+
+    def _post_norm_add(self, residual, y, post: str | None, pre: str | None):
+        """(x = residual + post-norm(y), the next pre-norm of x or x): Gemma-2/3's sandwich and EXAONE-4's
+        post-norms in one pass over (N, d) (rms_norm_add.py), op by op where a norm's weight trains."""
+        post_n, pre_n = (getattr(self.layer, n) if n else None for n in (post, pre))
+        if post_n is None or any(n is not None and n.weight.requires_grad for n in (post_n, pre_n)):
+            x = residual + self._norm(post, y)
+            return x, self._norm(pre, x)
+        out = rms_norm_add(residual, y, post_n.weight, norm_eps(post_n), self.spec.norm_offset,
+                           None if pre_n is None else (pre_n.weight, norm_eps(pre_n)))
+        return out if pre_n is not None else (out, out)
 
     def _add_norm(self, hidden: torch.Tensor, o: torch.Tensor, parts: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(x, n): x = hidden + o projection of o (B, T, Hq*D), n = the MLP's RMSNorm of x, in one pass over
@@ -362,16 +375,17 @@ class FusedDecoderLayer:
 
     def _fused(self, hidden_states: torch.Tensor, parts: dict, kwargs: dict) -> torch.Tensor:
         mask, cu, max_len = self._attention_inputs(kwargs)
-        attend_args = (kwargs["position_embeddings"], mask, cu, max_len, parts)
-        if self.add_norm:  # the residual read through the norm's view: its gradient is added in the norm's backward
-            norm = getattr(self.layer, self.spec.pre_attn_norm)
+        # the residual read through the input norm's view: its gradient is added in the norm's backward
+        res, h = hidden_states, hidden_states  # EXAONE 4: no input norm
+        if (norm := self.spec.pre_attn_norm) is not None:
+            norm = getattr(self.layer, norm)
             res, h = rms_norm_residual(hidden_states, norm.weight, norm_eps(norm), self.spec.norm_offset)
-            x, h = self._add_norm(res, self._attend(h, *attend_args), parts)
+        o = self._attend(h, kwargs["position_embeddings"], mask, cu, max_len, parts)  # (B, T, Hq*D)
+        if self.add_norm:
+            x, h = self._add_norm(res, o, parts)
         else:
-            o = self._attend(self._norm(self.spec.pre_attn_norm, hidden_states), *attend_args)  # (B, T, Hq*D)
-            o = self._norm(self.spec.post_attn_norm, lora_linear(o, parts[self.spec.o]))  # (B, T, d)
-            x = hidden_states + o
-            h = self._norm(self.spec.pre_mlp_norm, x)
+            o = lora_linear(o, parts[self.spec.o])  # (B, T, d)
+            x, h = self._post_norm_add(res, o, self.spec.post_attn_norm, self.spec.pre_mlp_norm)
         return self._mlp(h, parts, x)
 
 

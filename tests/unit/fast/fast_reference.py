@@ -110,6 +110,9 @@ def tiny_lora_model(family: str, attn: str = "sdpa", **lora_kwargs) -> nn.Module
     config._attn_implementation = attn
     model = AutoModelForCausalLM.from_config(config)
     model.requires_grad_(False)
+    for name, p in model.named_parameters():  # HF starts norms at 1 (Gemma's at 0): a swapped weight would pass
+        if "norm" in name:
+            p.data.add_(torch.randn_like(p) * 0.2)
     targets = PHI3_TARGETS if family == "phi3" else TARGETS
     return wrap_lora(model, targets, **lora_kwargs).eval()
 

@@ -76,6 +76,18 @@ def test_trained_qk_norms_run_one_by_one_and_get_their_gradients():
     g_ref = _check_against_reference(model)
     assert any("q_norm" in name for name in g_ref) and any("k_norm" in name for name in g_ref)
 
+def test_trained_post_norms_run_one_by_one_and_get_their_gradients():
+    """Gemma-2 with its sandwich norms training: rms_norm_add gives norm weights no gradient, so those layers
+    add and norm op by op; the loss and every gradient, the norms' too, as the reference's."""
+    model = tiny_lora_model("gemma2", attn="eager")
+    for name, p in model.named_parameters():
+        if "feedforward_layernorm" in name or "post_attention_layernorm" in name:
+            p.requires_grad_()
+    g_ref = _check_against_reference(model)
+    assert any("post_feedforward_layernorm" in name for name in g_ref)
+    assert any("pre_feedforward_layernorm" in name for name in g_ref)
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
 def test_packed_row_equals_samples_one_by_one(family):
     """A packed row (position_ids restart, cu_seqlens, first label of each sample -100) gives the sum of

@@ -29,11 +29,13 @@ from ppalli.kernels import (
     nf4,
     qk_norm_rope,
     rms_norm,
+    rms_norm_add,
     rope,
     swiglu,
 )
 
-MODULES = (geglu, linear_cross_entropy, lora_add_rms_norm, lora_glu, nf4, qk_norm_rope, rms_norm, rope, swiglu)
+MODULES = (geglu, linear_cross_entropy, lora_add_rms_norm, lora_glu, nf4, qk_norm_rope, rms_norm, rms_norm_add,
+           rope, swiglu)
 TARGETS = (GPUTarget("cuda", 90, 32), GPUTarget("cuda", 80, 32))
 # Shared memory a block may use (cudaDevAttrMaxSharedMemoryPerBlockOptin): H100 227 KiB, A100 163 KiB. A
 # kernel over it compiles but fails at launch (a 64 x 128 fp32 lora_glu backward asked 242 KiB on an H100).
@@ -68,6 +70,13 @@ def _launch_everything(dtype: torch.dtype) -> None:
     rms_norm.rms_norm_bwd(t(6, 64), x, w, torch.ones(6), compute_dw=True)
     rms_norm.rms_norm_bwd(t(6, 64), x, w, torch.ones(6), compute_dw=False)
     rms_norm.rms_norm_bwd(t(6, 64), x, w, torch.ones(6), compute_dw=False, dres=t(6, 64))
+    for d in (64, 3840):  # Gemma-3 12B's d: the row's 4096-wide block in registers
+        r2, y2, w2, rs = t(6, d), t(6, d), t(d), torch.ones(6)
+        for nxt in ((w2, 1e-6), None):
+            rms_norm_add.rms_norm_add_fwd(r2, y2, w2, 1e-6, 1.0, nxt)
+        rms_norm_add.rms_norm_add_bwd(t(6, d), t(6, d), r2, y2, w2, w2, rs, rs, 1.0)
+        rms_norm_add.rms_norm_add_bwd(t(6, d), None, None, y2, w2, None, rs, None, 0.0)
+        rms_norm_add.rms_norm_add_bwd(None, t(6, d), r2, y2, w2, w2, rs, rs, 1.0)
     lora_add_rms_norm.lora_add_rms_norm_fwd(x, t(6, 64), t(6, 16), t(64, 16), 0.5, w, 1e-6)
     lora_add_rms_norm.lora_add_rms_norm_fwd(x, t(6, 64), None, None, 0.5, w, 1e-6, 1.0)
     lora_add_rms_norm.lora_add_fwd(x, t(6, 64), t(6, 16), t(64, 16), 0.5)
