@@ -38,7 +38,7 @@ keep() {  # a case's results so far into OUT (a call stopped at its limit still 
 }
 ab_fast() {  # NAME CONFIG BASE_DIR TEST_FILES...: the tests, then bench_fast.py layer + model, this tree and BASE_DIR
   local name=$1 cfg=$PWD/benchmarks/configs/$2 base=$3; shift 3
-  python3 -m pytest -q -p no:cacheprovider "$@" tests/gpu/test_fast_gpu.py > "$out/$name-tests.log" 2>&1
+  python3 -m pytest -q -p no:cacheprovider "$@" > "$out/$name-tests.log" 2>&1
   tail -1 "$out/$name-tests.log"
   for side in new base; do
     dir=$([ $side = base ] && echo "$base" || echo .)
@@ -65,8 +65,10 @@ for what in "$@"; do
              >> "$out/attention.txt" 2>&1 )
          grep -E "^[0-9a-z]+:|^  |passed|failed|SKIP" "$out/attention.txt" ;;
     qk-norm) ab_fast qk-norm config_qwen3-8b.json .base tests/unit/kernels/test_qk_norm_rope.py \
-               tests/unit/fast/test_lora_qkv.py ;;
-    post-norm) ab_fast post-norm config_gemma3-4b.json .base2 tests/unit/kernels/test_rms_norm_add.py ;;
+               tests/unit/fast/test_lora_qkv.py tests/gpu/test_fast_gpu.py ;;
+    post-norm) { echo "## bench_rms_norm_add.py"; python3 benchmarks/bench_rms_norm_add.py --out /tmp/post-norm-op.json \
+                 2>&1; } > "$out/post-norm.md"; cat "$out/post-norm.md"
+               ab_fast post-norm config_gemma3-4b.json .base2 tests/unit/kernels/test_rms_norm_add.py ;;
     T4-fa4|T1-fa4)
       c=${what%%-*}; long="--warmup-s 15 --steps $([ "$c" = T1 ] && echo 40 || echo 90) --timeout 260"
       python3 benchmarks/peers.py --case "$c" --gc off --stacks unsloth --out "$scratch/$what" $long; keep "$what"

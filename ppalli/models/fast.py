@@ -4,8 +4,9 @@
 attribute shadowing the class method; no class, module or function of transformers or peft is touched,
 and nothing happens at import time). The fused forward computes what the HF layer computes, with:
 RMSNorm kernel -> lora_qkv (one saved input for q, k, v; RoPE, and Qwen3's / Gemma-3's / EXAONE-4's frozen
-q/k-norms, applied inside) -> `attend` (the planner's backend; varlen for packed batches) -> lora_linear (o) ->
-RMSNorm -> lora_mlp (SwiGLU/GeGLU with a recomputing backward). `handle.revert()` deletes the instance
+q/k-norms, applied inside) -> `attend` (the planner's backend; varlen for packed batches) -> lora_add_rms_norm
+(o's LoRA term, the residual add, the MLP's norm; post-norm families: lora_linear (o) -> rms_norm_add) ->
+lora_mlp (SwiGLU/GeGLU with a recomputing backward). `handle.revert()` deletes the instance
 attributes, so the layers run their class's forward again, exactly as before.
 
 The frozen base weights of q, k, v (where lora_qkv applies RoPE) are laid out as one (out, in) block per layer:
