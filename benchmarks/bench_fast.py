@@ -111,7 +111,7 @@ def model_step(model, spec: dict, fast: bool):
     """A closure running one training step (forward, backward, AdamW) on seeded random tokens."""
     import torch
 
-    from ppalli.models.fast import fast_causal_lm_loss
+    from ppalli.models.fast_loss import fast_causal_lm_loss
 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=LR, fused=spec["device"] == "cuda")

@@ -36,7 +36,8 @@ def count_step(layers: int, device: str) -> collections.Counter:
     sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # this tree's ppalli, not an installed one (another checkout)
     from train_alike import lora_llama
 
-    from ppalli.models.fast import apply_fast_path, fast_causal_lm_loss
+    from ppalli.models.fast import apply_fast_path
+    from ppalli.models.fast_loss import fast_causal_lm_loss
 
     model = lora_llama(300, torch.bfloat16, device=device, layers=layers, rank=16)
     handle = apply_fast_path(model, log=lambda line: None)

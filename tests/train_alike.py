@@ -13,7 +13,8 @@ import csv
 
 import torch
 
-from ppalli.models.fast import apply_fast_path, fast_causal_lm_loss
+from ppalli.models.fast import apply_fast_path
+from ppalli.models.fast_loss import fast_causal_lm_loss
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

@@ -140,7 +140,8 @@ def _trained_hidden(model, batch: dict, labels):
     over `batch` without its head, for the chunked losses above. A packed row (cu_seqlens) on a fully fused
     model goes through ppalli's decoder, whose attention takes the boundaries (varlen); else HF's decoder (its
     masks find packed samples from position_ids)."""
-    from ppalli.models.fast import backbone_of, causal_lm, decoder_hidden_states, fully_swapped
+    from ppalli.models.fast import backbone_of, causal_lm, fully_swapped
+    from ppalli.models.fast_loss import decoder_hidden_states
 
     if batch.get("cu_seqlens") is not None and fully_swapped(model):
         hidden = decoder_hidden_states(model, batch["input_ids"], batch.get("position_ids"), batch["cu_seqlens"],

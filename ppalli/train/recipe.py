@@ -225,7 +225,8 @@ def build_loss(model, plan, tokenizer_log):
     """The LM loss function: the fused fast path where the plan says so, else the reference."""
     if not plan.fast_path:
         return _reference_loss(), None
-    from ppalli.models.fast import apply_fast_path, fast_causal_lm_loss
+    from ppalli.models.fast import apply_fast_path
+    from ppalli.models.fast_loss import fast_causal_lm_loss
 
     handle = apply_fast_path(model, attention_backend=plan.attention, log=tokenizer_log, fp8=plan.fp8)
 

@@ -15,7 +15,8 @@ pytest.importorskip("triton")
 from train_alike import fast_step, lora_llama, reference_step, samples, train  # noqa: E402
 
 from ppalli.models.attention import resolve_backend  # noqa: E402
-from ppalli.models.fast import apply_fast_path, fast_causal_lm_loss  # noqa: E402
+from ppalli.models.fast import apply_fast_path  # noqa: E402
+from ppalli.models.fast_loss import fast_causal_lm_loss  # noqa: E402
 from ppalli.train.determinism import deterministic  # noqa: E402
 
 DEVICE = "cuda"

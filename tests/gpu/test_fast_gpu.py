@@ -21,7 +21,8 @@ pytest.importorskip("triton")
 from ppalli.kernels.lora_mlp import lora_mlp  # noqa: E402
 from ppalli.kernels.lora_qkv import lora_linear, lora_qkv  # noqa: E402
 from ppalli.models.attention import _torch_varlen, attend, resolve_backend  # noqa: E402
-from ppalli.models.fast import apply_fast_path, fast_causal_lm_loss  # noqa: E402
+from ppalli.models.fast import apply_fast_path  # noqa: E402
+from ppalli.models.fast_loss import fast_causal_lm_loss  # noqa: E402
 
 DEVICE = "cuda"
 BF16 = torch.bfloat16

@@ -11,7 +11,8 @@ from test_fast_gpu import TARGETS, TOKENS, _llama_1b_like, _lora, _loss_and_grad
 pytest.importorskip("triton")
 from ppalli.kernels import fp8  # noqa: E402
 from ppalli.kernels.fp8 import FP8_ATTR, _fp8_rows_torch, fp8_rows  # noqa: E402
-from ppalli.models.fast import apply_fast_path, backbone_of, fast_causal_lm_loss  # noqa: E402
+from ppalli.models.fast import apply_fast_path, backbone_of  # noqa: E402
+from ppalli.models.fast_loss import fast_causal_lm_loss  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
                                 reason="row-wise fp8 GEMMs need a CUDA GPU of compute capability 9.0+")

@@ -14,7 +14,8 @@ pytest.importorskip("triton")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
 from fast.fast_reference import tiny_lora_model  # noqa: E402
 
-from ppalli.models.fast import apply_fast_path, fast_causal_lm_loss, fully_swapped  # noqa: E402
+from ppalli.models.fast import apply_fast_path, fully_swapped  # noqa: E402
+from ppalli.models.fast_loss import fast_causal_lm_loss  # noqa: E402
 from ppalli.plan.planner import Plan  # noqa: E402
 from ppalli.train.loop import Hooks, LoopSettings, LoopState, Readout, run_step, train_loop  # noqa: E402
 from ppalli.train.objectives import SFT  # noqa: E402

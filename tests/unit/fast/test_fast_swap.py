@@ -12,7 +12,8 @@ from fast_reference import CPU_TIER, assert_close, grads_of, reference_loss, tin
 
 pytest.importorskip("triton")
 from ppalli.errors import PpalliError  # noqa: E402
-from ppalli.models.fast import apply_fast_path, backbone_of, fast_causal_lm_loss, supports  # noqa: E402
+from ppalli.models.fast import apply_fast_path, backbone_of, supports  # noqa: E402
+from ppalli.models.fast_loss import fast_causal_lm_loss  # noqa: E402
 
 pytestmark = CPU_TIER
 

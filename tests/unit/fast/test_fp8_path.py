@@ -10,7 +10,8 @@ from fast_reference import CPU_TIER, grads_of, reference_loss, tiny_lora_model
 pytest.importorskip("triton")
 from ppalli.kernels import fp8  # noqa: E402
 from ppalli.kernels.fp8 import FP8_ATTR  # noqa: E402
-from ppalli.models.fast import apply_fast_path, backbone_of, fast_causal_lm_loss  # noqa: E402
+from ppalli.models.fast import apply_fast_path, backbone_of  # noqa: E402
+from ppalli.models.fast_loss import fast_causal_lm_loss  # noqa: E402
 
 pytestmark = CPU_TIER
 

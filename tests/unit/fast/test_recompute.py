@@ -10,7 +10,8 @@ from fast_reference import CPU_TIER, assert_close, grads_of, tiny_lora_model
 pytest.importorskip("triton")
 import ppalli.kernels.lora_mlp as lora_mlp  # noqa: E402
 from ppalli.kernels._utils import current_stash, is_recomputing, recompute_stash, recomputing  # noqa: E402
-from ppalli.models.fast import apply_fast_path, backbone_of, fast_causal_lm_loss  # noqa: E402
+from ppalli.models.fast import apply_fast_path, backbone_of  # noqa: E402
+from ppalli.models.fast_loss import fast_causal_lm_loss  # noqa: E402
 from ppalli.train import recompute  # noqa: E402
 
 pytestmark = CPU_TIER
