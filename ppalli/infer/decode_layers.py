@@ -8,8 +8,8 @@ card's bandwidth: a third of the step was small kernels. The swapped forward com
 
     h = rms_norm(x)                                 1 kernel (ppalli/kernels/rms_norm.py)
     q, k, v = h [Wq; Wk; Wv]^T (+ bias)             1 GEMM over the stacked weights
-    (q, k = q_norm(q), k_norm(k))                   Qwen3's per-head norms
-    q, k = rope(q, k); k, v into the cache          2 (kernels/rope.py; a growing cache: rope, its own update)
+    q, k = rope(norm(q), norm(k)); k, v to cache    2 (kernels/rope.py, Qwen3's per-head norms inside; a growing
+                                                    cache: rope, then the cache's own update)
     a = attention(q, k, v, mask)                    one new token: kernels/decode_attention.py; a prompt: SDPA
     x, h = x + a Wo^T, rms_norm(.)                  GEMM + 1 (kernels/lora_add_rms_norm.py without LoRA)
     x + act(h Wg^T) * (h Wu^T) Wd^T                 1 GEMM over [Wg; Wu], 1 (swiglu/geglu), GEMM, add
@@ -117,9 +117,6 @@ class DecodeLayer:
         qkv = self.qkv(h)  # (M, (Hq + 2 Hk) D)
         sizes = [self.n_heads * self.head_dim, self.n_kv * self.head_dim, self.n_kv * self.head_dim]
         q, k, v = (z.view(b, t, -1, self.head_dim) for z in qkv.split(sizes, dim=-1))  # (B, T, H, D)
-        if self.q_norm is not None:  # per head, over D, before RoPE
-            q = rms_norm_fwd(q, self.q_norm.weight, norm_eps(self.q_norm), self.spec.norm_offset)[0]
-            k = rms_norm_fwd(k, self.k_norm.weight, norm_eps(self.k_norm), self.spec.norm_offset)[0]
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
     def _rope_cache(self, q, k, v, cos_sin, cache):
@@ -128,11 +125,14 @@ class DecodeLayer:
         add instead of rope's k launch and the layer's arange, two adds and two index_copy_); otherwise rope, then
         the cache's own update."""
         layer = cache.layers[self.layer_idx] if q.shape[2] == 1 and hasattr(cache, "layers") else None
+        norms = None if self.q_norm is None else (  # Qwen3's per-head norms, inside rope's launches
+            (self.q_norm.weight, norm_eps(self.q_norm)), (self.k_norm.weight, norm_eps(self.k_norm)),
+            self.spec.norm_offset)
         if type(layer) is StaticLayer and layer.is_initialized:
-            q = rope_into_cache(q, k, v, *cos_sin, layer.keys, layer.values, layer.cumulative_length)
+            q = rope_into_cache(q, k, v, *cos_sin, layer.keys, layer.values, layer.cumulative_length, norms)
             layer.cumulative_length.add_(1)
             return q, layer.keys, layer.values
-        q, k = rope_fwd(q, k, *cos_sin)
+        q, k = rope_fwd(q, k, *cos_sin, qk_norms=norms)
         return (q, *cache.update(k, v, self.layer_idx))
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:

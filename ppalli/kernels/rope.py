@@ -40,9 +40,10 @@ def _rope_fwd_kernel(
     OUT, X, COS, SIN,  # OUT, X: (B, H, T, D) any strides with unit stride on D; COS, SIN: (B or 1, T, D)
     VOUT, V,  # with HAS_V, a (B, H, T, D) tensor copied unrotated: lora_qkv's dv beside dk
     SLOT, n_out_t,  # with AT_SLOT, a device scalar added to t where OUT and VOUT (n_out_t long) are written
+    W, eps, offset,  # with NORM, each head RMSNormed over D with weight (offset + W) (D,) before the rotation
     o_sb, o_sh, o_st, x_sb, x_sh, x_st, vo_sb, vo_sh, vo_st, v_sb, v_sh, v_st, c_sb, c_st, n_t, n_heads, half,
     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BACKWARD: tl.constexpr, HAS_V: tl.constexpr,
-    AT_SLOT: tl.constexpr,
+    AT_SLOT: tl.constexpr, NORM: tl.constexpr,
 ):
     pid = tl.program_id(0)  # one program per token (b, t) and block of heads
     b = (pid // n_t).to(tl.int64)
@@ -60,6 +61,12 @@ def _rope_fwd_kernel(
     xs = b * x_sb + t * x_st + heads[:, None] * x_sh + d[None, :]
     x1 = tl.load(X + xs, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(X + xs + half, mask=mask, other=0.0).to(tl.float32)
+    if NORM:  # Qwen3's q_norm / k_norm; rounded to x's dtype as the norm's own output would be
+        rstd = tl.rsqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / (2 * half) + eps)[:, None]
+        w1 = tl.load(W + d, mask=d_mask, other=0.0).to(tl.float32)[None, :] + offset
+        w2 = tl.load(W + d + half, mask=d_mask, other=0.0).to(tl.float32)[None, :] + offset
+        x1 = (x1 * rstd * w1).to(X.dtype.element_ty).to(tl.float32)
+        x2 = (x2 * rstd * w2).to(X.dtype.element_ty).to(tl.float32)
     o1, o2 = _rotated(x1, x2, cos1[None, :], cos2[None, :], sin1[None, :], sin2[None, :], BACKWARD)
     offs_out = b * o_sb + t_out * o_st + heads[:, None] * o_sh + d[None, :]
     tl.store(OUT + offs_out, o1.to(OUT.dtype.element_ty), mask=mask)
@@ -124,12 +131,13 @@ def _check_out(out: torch.Tensor, x: torch.Tensor) -> None:
 
 def _rope_one(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool,
               out: torch.Tensor | None = None, copy: tuple | None = None,
-              slot: torch.Tensor | None = None) -> torch.Tensor:
+              slot: torch.Tensor | None = None, norm: tuple | None = None) -> torch.Tensor:
     """x (B, H, T, D), cos/sin (B, T, D) with unit last stride -> rotated x in (B, T, H, D) memory, or into
     `out` (B, H, T, D), any strides with a unit one on D (lora_qkv writes q's and k's gradients into the
     column blocks of one (N, Hq*D + 2 Hk*D) buffer this way). copy: (v, v_out) of x's shape, v written into
     v_out unrotated in the same launch (dv into that buffer: no launch of its own). slot: a device scalar; x's
-    token t is then written at t + slot of out and v_out, which are a KV cache (B, H, L, D) (rope_into_cache)."""
+    token t is then written at t + slot of out and v_out, which are a KV cache (B, H, L, D) (rope_into_cache).
+    norm: (weight (D,), eps, offset): each head RMSNormed before the rotation (forward only: decoding)."""
     if x.stride(-1) != 1:
         x = x.contiguous()
     n_b, n_h, n_t, n_d = x.shape
@@ -148,12 +156,16 @@ def _rope_one(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: b
     grid = (n_b * n_t, (n_h + block_h - 1) // block_h)
     # q and k go through two launches of one kernel rather than one launch with two sets of strides:
     # cos/sin are read twice, about 1/H of the q traffic, for a kernel half as long.
+    weight, eps, offset = norm or (cos, 0.0, 0.0)
+    if norm is not None and (backward or weight.shape != (n_d,)):
+        raise PpalliError(f"rope's per-head norm runs forward only, with a weight of shape ({n_d},), got "
+                          f"{tuple(weight.shape)}{' backward' if backward else ''}")
     _rope_fwd_kernel[grid](
-        out, x, cos, sin, v_out, v, slot if slot is not None else cos, out.shape[2],
-        *out.stride()[:3], *x.stride()[:3], *v_out.stride()[:3], *v.stride()[:3],
+        out, x, cos, sin, v_out, v, slot if slot is not None else cos, out.shape[2], weight, float(eps),
+        float(offset), *out.stride()[:3], *x.stride()[:3], *v_out.stride()[:3], *v.stride()[:3],
         cos.stride(0), cos.stride(1), n_t, n_h, n_d // 2,
         BLOCK_H=block_h, BLOCK_D=block_d, BACKWARD=backward, HAS_V=copy is not None, AT_SLOT=slot is not None,
-        num_warps=4,
+        NORM=norm is not None, num_warps=4,
     )
     return out
 
@@ -171,31 +183,47 @@ def _prepare_cos_sin(q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     return cos.expand(n_b, n_t, n_d), sin.expand(n_b, n_t, n_d)
 
 
-def rope_fwd(q, k, cos, sin, backward: bool = False, out: tuple | None = None, v: tuple | None = None):
+def _norm_pair(qk_norms) -> tuple:
+    """((wq, eps), (wk, eps), offset) or None -> q's and k's (weight, eps, offset) or (None, None)."""
+    if qk_norms is None:
+        return None, None
+    (wq, eq), (wk, ek), offset = qk_norms
+    check_tensors(wq, wk)
+    return (wq, eq, offset), (wk, ek, offset)
+
+
+def rope_fwd(q, k, cos, sin, backward: bool = False, out: tuple | None = None, v: tuple | None = None,
+             qk_norms: tuple | None = None):
     """q (B, Hq, T, D), k (B, Hk, T, D), cos/sin (B, T, D) -> rotated (q, k); backward=True applies the transpose.
     out: (q_out, k_out) to write into (see _rope_one), else new tensors. v: (v, v_out) of k's shape, v copied
-    into v_out unrotated by k's launch."""
+    into v_out unrotated by k's launch. qk_norms: ((wq, eps), (wk, eps), offset), q's and k's per-head RMSNorm
+    applied first in the same launches (Qwen3's decoding; forward only)."""
     check_tensors(q, k, cos, sin, *(v or ()))
     if k.shape[0] != q.shape[0] or k.shape[2:] != q.shape[2:]:
         raise PpalliError(f"rope needs q and k to share B, T and D, got {tuple(q.shape)} and {tuple(k.shape)}")
     cos, sin = _prepare_cos_sin(q, cos, sin)
     q_out, k_out = out or (None, None)
-    return _rope_one(q, cos, sin, backward, q_out), _rope_one(k, cos, sin, backward, k_out, v)
+    q_norm, k_norm = _norm_pair(qk_norms)
+    return (_rope_one(q, cos, sin, backward, q_out, norm=q_norm),
+            _rope_one(k, cos, sin, backward, k_out, v, norm=k_norm))
 
 
-def rope_into_cache(q, k, v, cos, sin, keys: torch.Tensor, values: torch.Tensor, slot: torch.Tensor):
+def rope_into_cache(q, k, v, cos, sin, keys: torch.Tensor, values: torch.Tensor, slot: torch.Tensor,
+                    qk_norms: tuple | None = None):
     """Decoding's RoPE with the cache write folded in: q (B, Hq, T, D) rotated into new memory as rope_fwd does; k
     rotated and v copied straight into keys, values (B, Hk, L, D) at slots slot.. slot + T - 1, slot a device
     scalar (a static cache's length, so a CUDA graph replays it at every step) -> rotated q. The caller moves
-    slot on. Replaces the cache's own update (arange, two adds, two index_copy_) and rope's k output."""
+    slot on. Replaces the cache's own update (arange, two adds, two index_copy_) and rope's k output. qk_norms
+    as rope_fwd takes them."""
     check_tensors(q, k, v, cos, sin, keys, values, slot)
     if keys.shape[:2] != k.shape[:2] or keys.shape[3] != k.shape[3] or values.shape != keys.shape \
             or v.shape != k.shape:
         raise PpalliError(f"rope_into_cache needs k, v (B, Hk, T, D) and a cache (B, Hk, L, D), got "
                           f"{tuple(k.shape)}, {tuple(v.shape)}, {tuple(keys.shape)}, {tuple(values.shape)}")
     cos, sin = _prepare_cos_sin(q, cos, sin)
-    _rope_one(k, cos, sin, False, keys, (v, values), slot=slot)
-    return _rope_one(q, cos, sin, False)
+    q_norm, k_norm = _norm_pair(qk_norms)
+    _rope_one(k, cos, sin, False, keys, (v, values), slot=slot, norm=k_norm)
+    return _rope_one(q, cos, sin, False, norm=q_norm)
 
 
 class RoPEFunction(torch.autograd.Function):

@@ -84,6 +84,7 @@ def _launch_everything(dtype: torch.dtype) -> None:
     rope.rope_fwd(q, k, cos, sin)
     rope.rope_fwd(q, k, cos, sin, backward=True)
     rope.rope_fwd(q, k, cos, sin, backward=True, v=(k, torch.empty_like(k)))
+    rope.rope_fwd(q, k, cos, sin, qk_norms=((t(16), 1e-6), (t(16), 1e-6), 0.0))
     y, xa, lora_b = t(12, 64), t(12, 16), t(64, 16)  # 2 x 6 tokens, 4 heads of 16
     for head_dim in (64, 128):
         rope.rope_lora_fwd(y, xa, lora_b, 0.5, cos, sin, 2, 16, blocks=rope.LORA_BLOCKS[head_dim])

@@ -4,7 +4,7 @@ a projection's base output plus its LoRA term (rope_lora_fwd) against the sum th
 
 import pytest
 import torch
-from reference import assert_close, hf_cos_sin, rope_ref
+from reference import assert_close, hf_cos_sin, rms_norm_ref, rope_ref
 
 pytest.importorskip("triton")
 from ppalli.errors import PpalliError  # noqa: E402
@@ -161,3 +161,33 @@ def test_rope_into_a_full_cache_writes_nothing():
     keys, values = torch.zeros(1, 2, 4, d, device=DEVICE), torch.zeros(1, 2, 4, d, device=DEVICE)
     rope_into_cache(q, k, v, cos, sin, keys, values, torch.tensor(4, device=DEVICE))
     assert not keys.any() and not values.any()
+
+
+@pytest.mark.parametrize("offset", [0.0, 1.0], ids=["qwen3", "offset_one"])
+def test_rope_with_qk_norms_is_the_norm_then_rope(offset):
+    """Decoding Qwen3 (qk_norms): each head of q and k RMSNormed over D with its own weight, then rotated."""
+    torch.manual_seed(0)
+    q, k = _qk(2, 4, 2, 3, 16)
+    cos, sin = torch.randn(2, 3, 16, device=DEVICE), torch.randn(2, 3, 16, device=DEVICE)
+    wq, wk = torch.randn(16, device=DEVICE), torch.randn(16, device=DEVICE)
+    q_out, k_out = rope_fwd(q * 3, k, cos, sin, qk_norms=((wq, 1e-6), (wk, 1e-5), offset))
+    q_ref, k_ref = rope_ref(rms_norm_ref(q * 3, wq, 1e-6, offset), rms_norm_ref(k, wk, 1e-5, offset), cos, sin)
+    assert_close("q", q_out, q_ref, DTYPE)
+    assert_close("k", k_out, k_ref, DTYPE)
+    with pytest.raises(PpalliError, match="forward only"):
+        rope_fwd(q, k, cos, sin, backward=True, qk_norms=((wq, 1e-6), (wk, 1e-5), offset))
+
+
+def test_rope_into_cache_with_qk_norms():
+    torch.manual_seed(0)
+    b, hq, hk, d = 2, 4, 2, 16
+    q, k, v = (torch.randn(b, h, 1, d, device=DEVICE) for h in (hq, hk, hk))
+    cos, sin = hf_cos_sin(torch.full((b, 1), 5, device=DEVICE), d)
+    wq, wk = torch.randn(d, device=DEVICE), torch.randn(d, device=DEVICE)
+    keys, values = torch.zeros(b, hk, 4, d, device=DEVICE), torch.zeros(b, hk, 4, d, device=DEVICE)
+    q_out = rope_into_cache(q, k, v, cos, sin, keys, values, torch.tensor(2, device=DEVICE),
+                            ((wq, 1e-6), (wk, 1e-6), 0.0))
+    q_ref, k_ref = rope_ref(rms_norm_ref(q, wq, 1e-6, 0.0), rms_norm_ref(k, wk, 1e-6, 0.0), cos, sin)
+    assert_close("q", q_out, q_ref, torch.float32)
+    assert_close("k", keys[:, :, 2:3], k_ref, torch.float32)
+    torch.testing.assert_close(values[:, :, 2:3], v, rtol=0, atol=0)
