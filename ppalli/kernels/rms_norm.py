@@ -23,6 +23,21 @@ from ppalli.kernels._utils import (
 
 
 @jit
+def row_rms_norm(x, w, n_cols, eps):
+    """(x * rstd * w, rstd) of one row x held in registers (fp32; w already offset; masked lanes 0)."""
+    rstd = tl.rsqrt(tl.sum(x * x, axis=0) / n_cols + eps)
+    return x * rstd * w, rstd
+
+
+@jit
+def row_rms_norm_bwd(x, dy, w, rstd, n_cols):
+    """The input gradient of row_rms_norm: rstd * (w dy - x_hat mean(w dy x_hat)), fp32."""
+    x_hat = x * rstd
+    wdy = w * dy
+    return rstd * (wdy - x_hat * (tl.sum(wdy * x_hat, axis=0) / n_cols))
+
+
+@jit
 def _rms_norm_fwd_kernel(
     Y, X, W, RSTD,  # Y, X: (M, N); W: (N,); RSTD: (M,) fp32
     stride_y, stride_x, n_cols, eps, offset,
@@ -33,9 +48,9 @@ def _rms_norm_fwd_kernel(
     mask = cols < n_cols
     x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) + offset
-    rstd = tl.rsqrt(tl.sum(x * x, axis=0) / n_cols + eps)
+    y, rstd = row_rms_norm(x, w, n_cols, eps)
     tl.store(RSTD + row, rstd)
-    tl.store(Y + row * stride_y + cols, (x * rstd * w).to(Y.dtype.element_ty), mask=mask)
+    tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
 
 
 @jit
@@ -64,14 +79,12 @@ def _rms_norm_bwd_kernel(
         x = tl.load(X + cols, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(DY + cols, mask=mask, other=0.0).to(tl.float32)
         rstd = tl.load(RSTD)
-        x_hat = x * rstd
-        wdy = w * dy
-        dx = rstd * (wdy - x_hat * (tl.sum(wdy * x_hat, axis=0) / n_cols))
+        dx = row_rms_norm_bwd(x, dy, w, rstd, n_cols)
         if HAS_DRES:
             dx += tl.load(DRES + cols, mask=mask, other=0.0).to(tl.float32)
         tl.store(DX + cols, dx.to(DX.dtype.element_ty), mask=mask)
         if COMPUTE_DW:
-            dw += dy * x_hat
+            dw += dy * x * rstd
         X += stride_x
         DY += stride_dy
         DX += stride_dx

@@ -28,6 +28,7 @@ import torch
 
 from ppalli.errors import PpalliError
 from ppalli.kernels._utils import check_tensors, contiguous_rows, jit, num_warps_for, row_block, tl
+from ppalli.kernels.rms_norm import row_rms_norm, row_rms_norm_bwd
 
 
 @jit
@@ -41,18 +42,17 @@ def _rms_norm_add_fwd_kernel(
     mask = cols < n_cols
     y = tl.load(Y + row * stride_y + cols, mask=mask, other=0.0).to(tl.float32)
     w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) + offset
-    rstd = tl.rsqrt(tl.sum(y * y, axis=0) / n_cols + eps)
+    normed, rstd = row_rms_norm(y, w, n_cols, eps)
     tl.store(RSTD + row, rstd)
-    normed = (y * rstd * w).to(X.dtype.element_ty).to(tl.float32)  # the norm's output, as the op rounds it
+    normed = normed.to(X.dtype.element_ty).to(tl.float32)  # the norm's output, as the op rounds it
     r = tl.load(R + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
     x = (r + normed).to(X.dtype.element_ty)
     tl.store(X + row * stride_x + cols, x, mask=mask)
     if NEXT:
-        xf = x.to(tl.float32)
         w2 = tl.load(W2 + cols, mask=mask, other=0.0).to(tl.float32) + offset
-        rstd2 = tl.rsqrt(tl.sum(xf * xf, axis=0) / n_cols + eps2)
+        h, rstd2 = row_rms_norm(x.to(tl.float32), w2, n_cols, eps2)
         tl.store(RSTD2 + row, rstd2)
-        tl.store(H + row * stride_h + cols, (xf * rstd2 * w2).to(H.dtype.element_ty), mask=mask)
+        tl.store(H + row * stride_h + cols, h.to(H.dtype.element_ty), mask=mask)
 
 
 @jit
@@ -71,17 +71,11 @@ def _rms_norm_add_bwd_kernel(
         x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
         dh = tl.load(DH + row * stride_dh + cols, mask=mask, other=0.0).to(tl.float32)
         w2 = tl.load(W2 + cols, mask=mask, other=0.0).to(tl.float32) + offset
-        rstd2 = tl.load(RSTD2 + row)
-        x_hat = x * rstd2
-        wdh = w2 * dh
-        g += rstd2 * (wdh - x_hat * (tl.sum(wdh * x_hat, axis=0) / n_cols))
+        g += row_rms_norm_bwd(x, dh, w2, tl.load(RSTD2 + row), n_cols)
     tl.store(DR + row * stride_dr + cols, g.to(DR.dtype.element_ty), mask=mask)
     y = tl.load(Y + row * stride_y + cols, mask=mask, other=0.0).to(tl.float32)
     w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) + offset
-    rstd = tl.load(RSTD + row)
-    y_hat = y * rstd
-    wg = w * g
-    dy = rstd * (wg - y_hat * (tl.sum(wg * y_hat, axis=0) / n_cols))
+    dy = row_rms_norm_bwd(y, g, w, tl.load(RSTD + row), n_cols)
     tl.store(DY + row * stride_dy + cols, dy.to(DY.dtype.element_ty), mask=mask)
 
 
