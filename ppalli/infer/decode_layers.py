@@ -21,7 +21,10 @@ they are stored, one nf4_linear launch a projection, and an adapter left unmerge
 adds its branch inside those launches or as one addmm_ a group (infer/decode_proj.py). The swap is per instance
 (an instance `forward` shadowing the class's), logged, and reverted when decoding ends; any call it does not
 cover (no cache, attention weights asked for, a partial rotary table, another dtype) runs the original forward.
-Pre-norm families (Llama, Qwen2/3, Mistral, Phi-3, Gemma 1) with SDPA attention and no sliding window; 8-bit,
+Llama, Qwen2/3, Mistral, Phi-3, Gemma 1 and 3, EXAONE 4 with SDPA attention: Gemma-3's sandwich norms and
+EXAONE-4's post-norms as x + norm(o) and the next norm in one kernel (kernels/rms_norm_add.py), EXAONE-4's global
+layers without RoPE (their q/k norms alone), sliding-window layers through HF's masks and its cache's own window
+(the growing cache: graph.py keeps ring caches off the static decoder). Gemma 2 (attention softcap), 8-bit,
 sharded or offloaded bases, DoRA, several active adapters and the rest decode through HF's layers, the reason
 logged.
 """
@@ -44,6 +47,7 @@ from ppalli.kernels.geglu import geglu_fwd_stacked
 from ppalli.kernels.lora_add_rms_norm import lora_add_rms_norm_fwd
 from ppalli.kernels.lora_linear import stack_base_weights, unstack_base_weights
 from ppalli.kernels.rms_norm import rms_norm_fwd
+from ppalli.kernels.rms_norm_add import rms_norm_add_fwd
 from ppalli.kernels.rope import rope_fwd, rope_into_cache
 from ppalli.kernels.swiglu import swiglu_fwd_stacked
 from ppalli.models.families import family_for_layer
@@ -71,7 +75,11 @@ class DecodeLayer:
         self.o = ProjGroup([getattr(attn, spec.o)], dtype)
         self.gate_up = ProjGroup([getattr(mlp, n) for n in spec.mlp[:-1]], dtype)  # (gate, up) or (gate_up_proj,)
         self.down = ProjGroup([getattr(mlp, spec.mlp[-1])], dtype)
-        self.norm1, self.norm2 = getattr(layer, spec.pre_attn_norm), getattr(layer, spec.pre_mlp_norm)
+        # pre-norms (None: EXAONE 4 has none) and Gemma-2/3's / EXAONE-4's post-norms (None: pre-norm families)
+        self.norm1, self.norm2, self.post_attn, self.post_mlp = (
+            getattr(layer, n) if n else None
+            for n in (spec.pre_attn_norm, spec.pre_mlp_norm, spec.post_attn_norm, spec.post_mlp_norm))
+        self.rope = spec.uses_rope(layer)  # EXAONE 4's global layers: no position embedding at all
         self.q_norm, self.k_norm = (attn.q_norm, attn.k_norm) if spec.qk_norm else (None, None)
         self.head_dim, self.scale, self.layer_idx = attn.head_dim, attn.scaling, attn.layer_idx
         self.n_heads = config.num_attention_heads
@@ -100,17 +108,29 @@ class DecodeLayer:
         if not self._covers(hidden_states, args, kwargs):
             return self.original(hidden_states, *args, **kwargs)
         b, t, d = hidden_states.shape
-        offset = self.spec.norm_offset
         x = hidden_states.reshape(b * t, d)  # (M, d)
-        h = rms_norm_fwd(x, self.norm1.weight, norm_eps(self.norm1), offset)[0]
+        h = self._norm(self.norm1, x)
         q, k, v = self._qkv(h, b, t)  # (B, H, T, D) each
         q, k, v = self._rope_cache(q, k, v, kwargs["position_embeddings"], kwargs.get("cache",
                                                                                    kwargs.get("past_key_values")))
         a = self._attend(q, k, v, kwargs.get("attention_mask"))  # (M, Hq*D)
-        x, h, _ = lora_add_rms_norm_fwd(x, self.o(a), None, None, 0.0, self.norm2.weight, norm_eps(self.norm2),
-                                        offset, blocks=_row_blocks(d))
+        if self.post_attn is None:
+            x, h, _ = lora_add_rms_norm_fwd(x, self.o(a), None, None, 0.0, self.norm2.weight, norm_eps(self.norm2),
+                                            self.spec.norm_offset, blocks=_row_blocks(d))
+        else:  # x + post-norm(o), then the MLP's pre-norm of that sum (Gemma-2/3), in one pass
+            x, h = self._post_norm_add(x, self.o(a), self.post_attn, self.norm2)
         y = self.down(self.glu(self.gate_up(h)))  # (M, 2I) -> (M, I) -> (M, d)
-        return (x + y).view(b, t, d)
+        out = x + y if self.post_mlp is None else self._post_norm_add(x, y, self.post_mlp, None)[0]
+        return out.view(b, t, d)
+
+    def _norm(self, norm: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
+        return x if norm is None else rms_norm_fwd(x, norm.weight, norm_eps(norm), self.spec.norm_offset)[0]
+
+    def _post_norm_add(self, x, y, post: nn.Module, pre: nn.Module | None):
+        """(x + RMSNorm(y) with post's weight, pre's RMSNorm of that sum or the sum itself): rms_norm_add.py."""
+        nxt = None if pre is None else (pre.weight, norm_eps(pre))
+        x, h, _, _ = rms_norm_add_fwd(x, y, post.weight, norm_eps(post), self.spec.norm_offset, nxt)
+        return x, (x if h is None else h)
 
     def _qkv(self, h: torch.Tensor, b: int, t: int):
         """h (M, d) -> q (B, Hq, T, D), k, v (B, Hk, T, D): views of one (M, (Hq + 2 Hk) D) output."""
@@ -124,6 +144,11 @@ class DecodeLayer:
         layer HF has set up: rope writes k and v into their slot itself (rope_into_cache: 1 launch and the length's
         add instead of rope's k launch and the layer's arange, two adds and two index_copy_); otherwise rope, then
         the cache's own update."""
+        if not self.rope:  # EXAONE 4's global layers: the q/k norms alone
+            if self.q_norm is not None:
+                q, k = (rms_norm_fwd(z, n.weight, norm_eps(n), self.spec.norm_offset)[0]
+                        for z, n in ((q, self.q_norm), (k, self.k_norm)))
+            return (q, *cache.update(k, v, self.layer_idx))
         layer = cache.layers[self.layer_idx] if q.shape[2] == 1 and hasattr(cache, "layers") else None
         norms = None if self.q_norm is None else (  # Qwen3's per-head norms, inside rope's launches
             (self.q_norm.weight, norm_eps(self.q_norm)), (self.k_norm.weight, norm_eps(self.k_norm)),
@@ -169,13 +194,9 @@ def _layer_problem(layer: nn.Module, config, index: int) -> str | None:
     spec, where = family_for_layer(layer), f"layer {index}"
     if spec is None:
         return f"no decode layer for {type(layer).__name__}"
-    if spec.post_attn_norm or spec.post_mlp_norm:
-        return f"{spec.name}: sandwich norms"
     if (why := spec.problem(config)) is not None:
         return f"{spec.name}: {why}"
-    if not spec.uses_rope(layer) or spec.window(layer, config) is not None:
-        return f"{where}: no RoPE or a sliding window"
-    if getattr(layer.self_attn, "attn_logit_softcapping", None):
+    if getattr(layer.self_attn, "attn_logit_softcapping", None):  # HF's SDPA path drops it as well
         return f"{where}: attention logit softcapping"
     if activation(spec, config) is None:
         return f"{spec.name}: no fused GLU for its activation"
