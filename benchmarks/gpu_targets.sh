@@ -16,6 +16,7 @@
 # .base/ (carried; e.g. `git archive e713e4c ppalli pyproject.toml | tar -x -C .base`, then this tree's
 # benchmarks/*.py copied over it, so both sides time with one script). post-norm: the same for Gemma-2/3's
 # post-norms in one pass (kernels/rms_norm_add.py) on Gemma-3-4B's shapes (config_gemma3-4b.json), against .base2/.
+# decode-qwen3: bench_decode_layers.py on Qwen3-8B's config (q/k norms inside rope's launches), this tree and .base2/.
 # CASE-steady: the warm-up held to 15 s after its first round and ~17-20 s of timed steps, the clock a long
 # run settles at (a capped H200 fell from 1864 to ~1600 MHz over the default 3 + 8 steps); -rev runs Unsloth
 # first, then ppalli (--append), to see what the order does. ~1 min a stack more.
@@ -29,8 +30,8 @@ export PYTHONPATH=/tmp/peer-site${PYTHONPATH:+:$PYTHONPATH}
 [ -d /tmp/peer-site ] || tar xzf .peers/site.tgz -C /tmp
 [ $# -gt 0 ] || set -- tests T3-8.8 T2
 for what in "$@"; do
-  case $what in tests|gemm|fa4|qk-norm|post-norm|T4-fa4|T1-fa4|T1|T2|T3|T3-8.8|T4|T1-steady*|T2-steady*|T4-steady*) ;;
-    *) echo "unknown: $what (tests, gemm, fa4, qk-norm, post-norm, T4-fa4, T1-fa4, T1, T2, T3, T3-8.8, T4, T1/T2/T4-steady[-rev])" >&2
+  case $what in tests|gemm|fa4|qk-norm|post-norm|decode-qwen3|T4-fa4|T1-fa4|T1|T2|T3|T3-8.8|T4|T1-steady*|T2-steady*|T4-steady*) ;;
+    *) echo "unknown: $what (tests, gemm, fa4, qk-norm, post-norm, decode-qwen3, T4-fa4, T1-fa4, T1, T2, T3, T3-8.8, T4, T1/T2/T4-steady[-rev])" >&2
        exit 2 ;; esac
 done
 keep() {  # a case's results so far into OUT (a call stopped at its limit still brings back what was kept)
@@ -66,6 +67,10 @@ for what in "$@"; do
          grep -E "^[0-9a-z]+:|^  |passed|failed|SKIP" "$out/attention.txt" ;;
     qk-norm) ab_fast qk-norm config_qwen3-8b.json .base tests/unit/kernels/test_qk_norm_rope.py \
                tests/unit/fast/test_lora_qkv.py tests/gpu/test_fast_gpu.py ;;
+    decode-qwen3) for dir in . .base2; do  # q/k norms inside rope's launches (this tree) against 9d6157b's
+        (cd "$dir" && timeout 200 python3 benchmarks/bench_decode_layers.py \
+           --model "$OLDPWD/benchmarks/configs/config_qwen3-8b.json" --out "/tmp/decode-$(basename "$dir").txt") \
+          2>&1 | tail -4; done > "$out/decode-qwen3.txt"; cat "$out/decode-qwen3.txt" ;;
     post-norm) { echo "## bench_rms_norm_add.py"; python3 benchmarks/bench_rms_norm_add.py --out /tmp/post-norm-op.json \
                  2>&1; } > "$out/post-norm.md"; cat "$out/post-norm.md"
                ab_fast post-norm config_gemma3-4b.json .base2 tests/unit/kernels/test_rms_norm_add.py ;;

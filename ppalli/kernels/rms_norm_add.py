@@ -17,9 +17,9 @@ The backward takes dx (the residual stream's gradient of x, from the layer after
     dr  = dx',   dy = rstd * (w dx' - y_hat mean(w dx' y_hat))   (the post-norm's backward)
 
 reading x, dh, dx and y and writing dr and dy (6 passes against 9: two norm backwards and autograd's sum of
-x's two gradients). dx' stays fp32 between the two. Saved: y, x (when there is a next norm), both rstd (N,)
-fp32. The norm weights get no gradient (LoRA freezes them): the fast path runs these ops one by one when
-they train.
+x's two gradients; without a next norm dr is dx itself, 3 passes). dx' stays fp32 between the two. Saved: y,
+x (when there is a next norm), both rstd (N,) fp32. The norm weights get no gradient (LoRA freezes them): the
+fast path runs these ops one by one when they train.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def _rms_norm_add_bwd_kernel(
         dh = tl.load(DH + row * stride_dh + cols, mask=mask, other=0.0).to(tl.float32)
         w2 = tl.load(W2 + cols, mask=mask, other=0.0).to(tl.float32) + offset
         g += row_rms_norm_bwd(x, dh, w2, tl.load(RSTD2 + row), n_cols)
-    tl.store(DR + row * stride_dr + cols, g.to(DR.dtype.element_ty), mask=mask)
+        tl.store(DR + row * stride_dr + cols, g.to(DR.dtype.element_ty), mask=mask)  # else dr is dx itself
     y = tl.load(Y + row * stride_y + cols, mask=mask, other=0.0).to(tl.float32)
     w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) + offset
     dy = row_rms_norm_bwd(y, g, w, tl.load(RSTD + row), n_cols)
@@ -110,15 +110,15 @@ def rms_norm_add_bwd(dx, dh, x2d, y2d, weight, weight2, rstd, rstd2, offset: flo
     dx = contiguous_rows(dx) if dx is not None else None
     dh = contiguous_rows(dh) if dh is not None and x2d is not None else None
     n_rows, n_cols = y2d.shape
-    dr = torch.empty_like(y2d, memory_format=torch.contiguous_format)
-    dy = torch.empty_like(dr)
+    dy = torch.empty_like(y2d, memory_format=torch.contiguous_format)
+    dr = torch.empty_like(dy) if dh is not None else dx  # without dh, x's whole gradient is dx: not copied
     block = row_block(n_cols)
+    rows = [t if t is not None else dy for t in (dr, dx, dh, x2d)]  # absent ones: any tensor, never read
     _rms_norm_add_bwd_kernel[(n_rows,)](
-        dr, dy, dx if dx is not None else dr, dh if dh is not None else dr, x2d if x2d is not None else y2d, y2d,
-        weight, weight2 if weight2 is not None else weight, rstd, rstd2 if rstd2 is not None else rstd,
-        dr.stride(0), dy.stride(0), dx.stride(0) if dx is not None else 0, dh.stride(0) if dh is not None else 0,
-        x2d.stride(0) if x2d is not None else 0, y2d.stride(0), n_cols, float(offset),
-        BLOCK=block, HAS_DX=dx is not None, HAS_DH=dh is not None, num_warps=num_warps_for(block),
+        rows[0], dy, rows[1], rows[2], rows[3], y2d, weight, weight2 if weight2 is not None else weight, rstd,
+        rstd2 if rstd2 is not None else rstd, *(t.stride(0) for t in (rows[0], dy, rows[1], rows[2], rows[3], y2d)),
+        n_cols, float(offset), BLOCK=block, HAS_DX=dx is not None, HAS_DH=dh is not None,
+        num_warps=num_warps_for(block),
     )
     return dr, dy
 
