@@ -65,7 +65,7 @@ def _row_blocks(d: int) -> tuple[int, int, int]:
 
 
 class DecodeLayer:
-    """The swapped forward of one pre-norm decoder layer (see the module docstring); not an nn.Module, so the
+    """The swapped forward of one decoder layer (see the module docstring); not an nn.Module, so the
     model's parameters and state_dict stay as they are."""
 
     def __init__(self, layer: nn.Module, spec, config, dtype: torch.dtype):
@@ -117,7 +117,7 @@ class DecodeLayer:
         if self.post_attn is None:
             x, h, _ = lora_add_rms_norm_fwd(x, self.o(a), None, None, 0.0, self.norm2.weight, norm_eps(self.norm2),
                                             self.spec.norm_offset, blocks=_row_blocks(d))
-        else:  # x + post-norm(o), then the MLP's pre-norm of that sum (Gemma-2/3), in one pass
+        else:  # x + post-norm(o) and the MLP's pre-norm of it in one pass (Gemma 3; EXAONE 4: h is that sum)
             x, h = self._post_norm_add(x, self.o(a), self.post_attn, self.norm2)
         y = self.down(self.glu(self.gate_up(h)))  # (M, 2I) -> (M, I) -> (M, d)
         out = x + y if self.post_mlp is None else self._post_norm_add(x, y, self.post_mlp, None)[0]
