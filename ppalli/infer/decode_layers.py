@@ -21,12 +21,12 @@ they are stored, one nf4_linear launch a projection, and an adapter left unmerge
 adds its branch inside those launches or as one addmm_ a group (infer/decode_proj.py). The swap is per instance
 (an instance `forward` shadowing the class's), logged, and reverted when decoding ends; any call it does not
 cover (no cache, attention weights asked for, a partial rotary table, another dtype) runs the original forward.
-Llama, Qwen2/3, Mistral, Phi-3, Gemma 1 and 3, EXAONE 4 with SDPA attention: Gemma-3's sandwich norms and
-EXAONE-4's post-norms as x + norm(o) and the next norm in one kernel (kernels/rms_norm_add.py), EXAONE-4's global
-layers without RoPE (their q/k norms alone), sliding-window layers through HF's masks and its cache's own window
-(the growing cache: graph.py keeps ring caches off the static decoder). Gemma 2 (attention softcap), 8-bit,
-sharded or offloaded bases, DoRA, several active adapters and the rest decode through HF's layers, the reason
-logged.
+Llama, Qwen2/3, Mistral, Phi-3, Gemma 1, 2 and 3, EXAONE 4 with SDPA or eager attention: Gemma-2/3's sandwich
+norms and EXAONE-4's post-norms as x + norm(o) and the next norm in one kernel (kernels/rms_norm_add.py), Gemma-2's
+attention logit softcapping inside decode_attention (the prompt: `_softcapped_attention`, as HF's eager path),
+EXAONE-4's global layers without RoPE (their q/k norms alone), sliding-window layers through HF's masks and its
+cache's own window (the growing cache: graph.py keeps ring caches off the static decoder). 8-bit, sharded or
+offloaded bases, DoRA, several active adapters and the rest decode through HF's layers, the reason logged.
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ from ppalli.kernels.rms_norm import rms_norm_fwd
 from ppalli.kernels.rms_norm_add import rms_norm_add_fwd
 from ppalli.kernels.rope import rope_fwd, rope_into_cache
 from ppalli.kernels.swiglu import swiglu_fwd_stacked
+from ppalli.models.attention import eager_attention
 from ppalli.models.families import family_for_layer
 from ppalli.models.fast import activation, backbone_of, causal_lm, norm_eps
 
@@ -82,6 +83,7 @@ class DecodeLayer:
         self.rope = spec.uses_rope(layer)  # EXAONE 4's global layers: no position embedding at all
         self.q_norm, self.k_norm = (attn.q_norm, attn.k_norm) if spec.qk_norm else (None, None)
         self.head_dim, self.scale, self.layer_idx = attn.head_dim, attn.scaling, attn.layer_idx
+        self.softcap = getattr(attn, "attn_logit_softcapping", None) or None  # Gemma 2
         self.n_heads = config.num_attention_heads
         self.n_kv = getattr(config, "num_key_value_heads", None) or self.n_heads
         self.glu: Callable = _GLU[activation(spec, config)]
@@ -161,16 +163,42 @@ class DecodeLayer:
         return (q, *cache.update(k, v, self.layer_idx))
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
-        """q (B, Hq, T, D), the cache's k, v (B, Hk, L, D), mask (B, 1, T, L') (bool or additive, L' >= L) or
-        None -> (B*T, Hq*D). One new token a row against a bool or no mask: decode_attention (the cache split
-        across the SMs, query heads read against their kv head, no repeated copy of the cache as HF makes
-        whenever a mask is passed); otherwise (the prompt, additive masks) SDPA as HF's path calls it."""
+        """q (B, Hq, T, D), the cache's k, v (B, Hk, L, D), mask (B, 1, T, L') (bool, additive or None, L' >= L)
+        -> (B*T, Hq*D). One new token a row: decode_attention (the cache split across the SMs, query heads read
+        against their kv head, no repeated copy of the cache as HF makes whenever a mask is passed); otherwise
+        (the prompt) SDPA as HF's path calls it, or with a softcap, `_softcapped_attention`."""
         b, hq, t, dim = q.shape
-        if t == 1 and (mask is None or mask.dtype == torch.bool):
-            valid = None if mask is None else mask[:, 0, 0, :k.shape[2]]  # (B, L), as HF slices it for SDPA
-            return decode_attention(q.reshape(b, hq, dim), k, v, valid, self.scale)
+        if t == 1:
+            valid = None if mask is None else _seen(mask[:, 0, 0, :k.shape[2]])  # (B, L), as HF slices it for SDPA
+            return decode_attention(q.reshape(b, hq, dim), k, v, valid, self.scale, softcap=self.softcap)
+        if self.softcap:
+            return _softcapped_attention(q, k, v, mask, self.scale, self.softcap).reshape(b * t, hq * dim)
         o, _ = sdpa_attention_forward(self.layer.self_attn, q, k, v, mask, dropout=0.0, scaling=self.scale)
         return o.reshape(b * t, hq * dim)  # HF returns (B, T, Hq, D)
+
+
+def _seen(mask: torch.Tensor) -> torch.Tensor:
+    """A bool mask, or HF's additive one for eager attention (0 where a key is seen, the dtype's least value
+    where not), as the bool mask of the keys each row sees."""
+    return mask if mask.dtype == torch.bool else mask == 0
+
+
+# Query rows a step of the prompt's softcapped attention: its (B, Hq, rows, L) scores stay ~0.5 GiB for a row of
+# 16 heads (Gemma-2-9B) at 16k keys in bf16, where HF's eager path holds the whole (B, Hq, T, L) at once.
+PROMPT_ROWS = 1024
+
+
+def _softcapped_attention(q, k, v, mask, scale: float, softcap: float) -> torch.Tensor:
+    """Gemma 2's attention of a prompt as HF's eager path computes it (models/attention.py's eager_attention), in
+    steps of PROMPT_ROWS queries. q (B, Hq, T, D), k, v (B, Hk, L, D), mask (B, 1, T, L') bool, additive or None
+    (causal: the T queries are the last of the L keys) -> (B, T, Hq, D) in q's dtype."""
+    t, n_keys = q.shape[2], k.shape[2]
+    if mask is None:
+        pos = torch.arange(t, device=q.device)[:, None] + (n_keys - t)
+        mask = (torch.arange(n_keys, device=q.device)[None, :] <= pos)[None, None]  # (1, 1, T, L)
+    k, v = (z.repeat_interleave(q.shape[1] // z.shape[1], dim=1) for z in (k, v))  # once, not per step
+    return torch.cat([eager_attention(q[:, :, r0:r0 + PROMPT_ROWS], k, v, mask[:, :, r0:r0 + PROMPT_ROWS, :n_keys],
+                                      scale, None, softcap) for r0 in range(0, t, PROMPT_ROWS)], dim=1)
 
 
 def decode_problem(model) -> str | None:
@@ -185,8 +213,8 @@ def decode_problem(model) -> str | None:
     except AttributeError:
         return f"{type(causal_lm(model)).__name__} has no decoder stack with .layers"
     config = causal_lm(model).config
-    if getattr(config, "_attn_implementation", None) != "sdpa":
-        return f"attention implementation {getattr(config, '_attn_implementation', None)!r} (they use sdpa)"
+    if getattr(config, "_attn_implementation", None) not in ("sdpa", "eager"):
+        return f"attention implementation {getattr(config, '_attn_implementation', None)!r} (they take sdpa or eager)"
     return next((why for i, layer in enumerate(layers) if (why := _layer_problem(layer, config, i))), None)
 
 
@@ -196,8 +224,6 @@ def _layer_problem(layer: nn.Module, config, index: int) -> str | None:
         return f"no decode layer for {type(layer).__name__}"
     if (why := spec.problem(config)) is not None:
         return f"{spec.name}: {why}"
-    if getattr(layer.self_attn, "attn_logit_softcapping", None):  # HF's SDPA path drops it as well
-        return f"{where}: attention logit softcapping"
     if activation(spec, config) is None:
         return f"{spec.name}: no fused GLU for its activation"
     if "forward" in layer.__dict__:

@@ -9,7 +9,8 @@ splits that run side by side and a second launch folds them:
     split s of kv head j:  m_s = max_l score,  l_s = sum_l exp(score - m_s),  acc_s = sum_l exp(score - m_s) v_l
     fold:                  out = sum_s exp(m_s - M) acc_s / sum_s exp(m_s - M) l_s,   M = max_s m_s
 
-with score = scale q . k_l over the slots l that `valid` keeps. The G = Hq / Hk query heads of a kv head are the rows
+with score = scale q . k_l over the slots l that `valid` keeps (Gemma 2: softcap tanh(score / softcap), the logit
+softcapping HF's eager attention applies before its mask). The G = Hq / Hk query heads of a kv head are the rows
 of one (G, D) tile against that head's keys, so the cache is read once per kv head (no repeated copy). fp32
 inside; q, k, v in the model's dtype, k and v any strides with a unit one on D (a StaticCache's tensors in place).
 """
@@ -19,7 +20,17 @@ from __future__ import annotations
 import torch
 
 from ppalli.errors import PpalliError
-from ppalli.kernels._utils import cdiv, check_tensors, dot, dot_upcast, jit, next_power_of_2, program_count, tl
+from ppalli.kernels._utils import (
+    cdiv,
+    check_tensors,
+    dot,
+    dot_upcast,
+    jit,
+    next_power_of_2,
+    program_count,
+    tanh,
+    tl,
+)
 
 # Cache slots a program takes at least (and a step of its loop): fewer would make the fold's reads outweigh the
 # split's. At most MAX_SPLITS splits: the fold holds a head's partials in one (splits, D) register tile. The first
@@ -31,9 +42,9 @@ MAX_SPLITS = 64
 
 @jit
 def _decode_attention_fwd_kernel(ACC, ML, Q, K, V, VALID, q_sb, q_sh, k_sb, k_sh, k_sl, v_sb, v_sh, v_sl, n_kv,
-                                 group, n_slots, split_len, dim, scale, HAS_VALID: tl.constexpr,
-                                 IEEE: tl.constexpr, UPCAST: tl.constexpr, BG: tl.constexpr, BL: tl.constexpr,
-                                 BD: tl.constexpr):
+                                 group, n_slots, split_len, dim, scale, softcap, HAS_VALID: tl.constexpr,
+                                 SOFTCAP: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, BG: tl.constexpr,
+                                 BL: tl.constexpr, BD: tl.constexpr):
     # Program (b * n_kv + j, s): query heads j*group.. of row b against slots s*split_len.. of kv head j.
     bj, split = tl.program_id(0), tl.program_id(1)
     b, j = (bj // n_kv).to(tl.int64), bj % n_kv
@@ -54,6 +65,8 @@ def _decode_attention_fwd_kernel(ACC, ML, Q, K, V, VALID, q_sb, q_sh, k_sb, k_sh
         k = tl.load(K + b * k_sb + j * k_sh + slots[:, None] * k_sl + d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(V + b * v_sb + j * v_sh + slots[:, None] * v_sl + d[None, :], mask=kv_mask, other=0.0)
         s = dot(q, tl.trans(k), IEEE, UPCAST) * scale  # (BG, BL)
+        if SOFTCAP:
+            s = softcap * tanh(s / softcap)
         s = tl.where(keep[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no slot kept yet: exp(-inf) = 0, not nan
@@ -88,9 +101,11 @@ def _decode_attention_fold_kernel(OUT, ACC, ML, n_kv, group, n_splits, dim, o_sb
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None = None,
-                     scale: float | None = None, splits: int | None = None) -> torch.Tensor:
+                     scale: float | None = None, splits: int | None = None,
+                     softcap: float | None = None) -> torch.Tensor:
     """q (B, Hq, D) one new token a row; k, v (B, Hk, L, D) the cache; valid (B, L) bool, the slots each row
     attends to (None: all L) -> (B, Hq * D) in q's dtype. Every row needs at least one valid slot.
+    softcap: scores become softcap * tanh(score / softcap) (Gemma 2's attn_logit_softcapping); None or 0: off.
     splits: cache splits (default: enough programs for ~4 a SM, each at least MIN_SPLIT slots, at most
     MAX_SPLITS)."""
     check_tensors(q, k, v, *([valid] if valid is not None else []))
@@ -115,9 +130,9 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: t
     valid_arg = valid.contiguous().view(torch.uint8) if valid is not None else q
     _decode_attention_fwd_kernel[(n_b * n_kv, splits)](
         acc, ml, q, k, v, valid_arg, q.stride(0), q.stride(1), *k.stride()[:3], *v.stride()[:3], n_kv, group,
-        n_slots, split_len, dim, float(scale if scale is not None else dim ** -0.5), HAS_VALID=valid is not None,
-        IEEE=q.dtype == torch.float32, UPCAST=dot_upcast(q.dtype), BG=bg, BL=MIN_SPLIT, BD=bd,
-        num_warps=4)
+        n_slots, split_len, dim, float(scale if scale is not None else dim ** -0.5), float(softcap or 1.0),
+        HAS_VALID=valid is not None, SOFTCAP=bool(softcap), IEEE=q.dtype == torch.float32, UPCAST=dot_upcast(q.dtype),
+        BG=bg, BL=MIN_SPLIT, BD=bd, num_warps=4)
     out = torch.empty(n_b, n_q * dim, dtype=q.dtype, device=q.device)
     _decode_attention_fold_kernel[(n_b * n_q,)](out, acc, ml, n_kv, group, splits, dim, out.stride(0), BG=bg,
                                                 BS=next_power_of_2(splits), BD=bd, num_warps=4)

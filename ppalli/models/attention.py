@@ -197,8 +197,11 @@ def _sdpa(q, k, v, mask, scale, window, backend):
     return out.transpose(1, 2)
 
 
-def _eager(q, k, v, mask, scale, window, softcap):
-    """Explicit scores in the input dtype, softcap c*tanh(s/c), softmax in fp32 (HF's eager order) -> (B, T, Hq, D)."""
+def eager_attention(q, k, v, mask, scale, window, softcap):
+    """Explicit scores in the input dtype, softcap c*tanh(s/c), softmax in fp32 (HF's eager order) -> (B, T, Hq, D).
+    q (B, Hq, T, D), k, v (B, Hk or Hq, L, D); mask (B or 1, 1, T, L) bool or HF's additive one, None: causal (T = L).
+    A bool mask fills with the dtype's least value, not -inf: a query that sees no key (a padding row of a
+    decoder's prompt) gets even weights, as HF's additive mask gives, not NaN."""
     if q.shape[1] != k.shape[1]:
         k, v = _repeat_kv(k, v, q.shape[1])
     scores = torch.matmul(q, k.transpose(-1, -2)) * (scale if scale is not None else q.shape[-1] ** -0.5)
@@ -207,7 +210,7 @@ def _eager(q, k, v, mask, scale, window, softcap):
     if mask is None:
         mask = causal_mask(q.shape[2], q.device, window)
     if mask.dtype == torch.bool:
-        scores = scores.masked_fill(~mask, float("-inf"))
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
     else:
         scores = scores + mask  # HF's additive float mask
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
@@ -409,7 +412,7 @@ def _packed(q, k, v, backend, scale, window, softcap, cu_seqlens, max_seqlen):
         return _flex(q, k, v, scale, window, softcap, _doc_ids(cu_seqlens, b * t)).reshape(b, t, -1, d)
     mask = packed_mask(cu_seqlens, b * t, window)
     if softcap is not None or backend == "eager":
-        out = _eager(q, k, v, mask, scale, window, softcap)
+        out = eager_attention(q, k, v, mask, scale, window, softcap)
     else:
         out = _sdpa(q, k, v, mask, scale, window, backend)
     return out.reshape(b, t, -1, d)
@@ -448,5 +451,5 @@ def attend(
     if attention_mask is None and _window_skips(q, backend, window, softcap):
         return _windowed(q, k, v, scale, window)
     if softcap is not None or backend == "eager":
-        return _eager(q, k, v, attention_mask, scale, window, softcap)
+        return eager_attention(q, k, v, attention_mask, scale, window, softcap)
     return _sdpa(q, k, v, attention_mask, scale, window, backend)

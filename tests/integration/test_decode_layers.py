@@ -83,12 +83,13 @@ def test_padded_rows_on_both_caches(family):
     torch.testing.assert_close(got_growing, want_growing, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("family", ["mistral", "gemma3", "exaone4"])
+@pytest.mark.parametrize("family", ["mistral", "gemma2", "gemma3", "exaone4"])
 def test_windows_and_post_norms_on_the_growing_cache(family):
-    """Sliding-window layers (window 6, rows of 7 + 8 tokens: the window slides), Gemma-3's sandwich norms and
+    """Sliding-window layers (window 6, rows of 7 + 8 tokens: the window slides), Gemma-2/3's sandwich norms,
+    Gemma-2's attention logit softcapping (cap 5, HF's eager attention: it has no SDPA path), Gemma-3's
     local/global RoPE, EXAONE-4's post-norms without input norms and its global layers without RoPE, on the cache
     HF grows (its sliding layers keep the window, its masks say which keys a row sees): HF's logits."""
-    model = _merged(family)
+    model = _merged(family, "eager" if family == "gemma2" else "sdpa")
     assert decode_problem(model) is None
     ids, mask = _padded_rows()
     with torch.inference_mode():
@@ -205,9 +206,9 @@ def test_generate_rows_runs_through_them(caplog, monkeypatch):
     assert all("forward" not in layer.__dict__ for layer in model.model.layers)
 
 
-@pytest.mark.parametrize("family, words", [("llama", "DoRA"), ("gemma2", "'eager'")])
+@pytest.mark.parametrize("family, words", [("llama", "DoRA"), ("qwen2", "'flex_attention'")])
 def test_models_they_do_not_cover_keep_their_layers_with_the_reason(family, words):
-    model = tiny_lora_model(family, use_dora=True) if family == "llama" else _merged(family, "eager")
+    model = tiny_lora_model(family, use_dora=True) if family == "llama" else _merged(family, "flex_attention")
     why = decode_problem(model)
     assert why is not None and words in why
     lines = []

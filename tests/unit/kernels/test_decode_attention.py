@@ -1,6 +1,7 @@
 """decode_attention (ppalli/kernels/decode_attention.py) against SDPA with the cache's kv heads repeated: one new
 token a row, GQA, masked slots (left padding, unused static-cache slots), head dims that are not powers of two, the
-cache cut into 1 to several splits, fp32 and bf16; strided (B, Hk, L, D) views as a StaticCache hands them over."""
+cache cut into 1 to several splits, fp32 and bf16; strided (B, Hk, L, D) views as a StaticCache hands them over;
+Gemma 2's logit softcapping against HF's eager arithmetic."""
 
 import pytest
 import torch
@@ -57,6 +58,21 @@ def test_a_split_with_no_kept_slot_adds_nothing():
     got = decode_attention(q, k, v, valid, splits=3)
     torch.testing.assert_close(got, _reference(q, k, v, valid, 16 ** -0.5), rtol=1e-5, atol=1e-5)
     assert torch.isfinite(got).all()
+
+
+def test_softcap_matches_eager_attention_with_tanh_capped_scores():
+    """Gemma 2's eager attention: scores * scale, / softcap, tanh, * softcap, then the mask and softmax. Scores
+    large against the cap (scale 2, cap 3) so that capping changes the result."""
+    q, k, v, valid = _inputs(2, 8, 2, 150, 16, torch.float32, seed=3)
+    g = 4
+    kk, vv = (t.repeat_interleave(g, dim=1) for t in (k, v))  # (B, Hq, L, D)
+    scores = torch.einsum("bhd,bhld->bhl", q, kk) * 2.0
+    scores = 3.0 * torch.tanh(scores / 3.0)
+    scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
+    want = torch.einsum("bhl,bhld->bhd", scores.softmax(-1), vv).reshape(2, -1)
+    got = decode_attention(q, k, v, valid, scale=2.0, splits=3, softcap=3.0)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert (got - decode_attention(q, k, v, valid, scale=2.0, splits=3)).abs().max() > 1e-2
 
 
 def test_bad_shapes_are_named():
