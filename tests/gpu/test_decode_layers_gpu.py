@@ -1,7 +1,8 @@
 """ppalli's decode layers (ppalli/infer/decode_layers.py) replayed from the CUDA graph: the logits of the models' own
 layers stepped eagerly, in fp32 for tiny models of each covered family and in bf16 at Llama-3.2-1B's layer shape
-(GQA 32/8, head dim 64, two layers); left-padded rows likewise; and generate's answer through them from the graph
-equals its answer without the graph."""
+(GQA 32/8, head dim 64, two layers); left-padded rows likewise; the families that decode on the growing cache
+(sliding windows, Gemma-2/3's sandwich norms and Gemma 2's softcap, EXAONE 4's post-norms) stepped eagerly; and
+generate's answer through them from the graph equals its answer without the graph."""
 
 import sys
 from pathlib import Path
@@ -26,8 +27,8 @@ class _NoStop:
     pad_token_id = 0
 
 
-def _merged(family: str):
-    model = tiny_lora_model(family)
+def _merged(family: str, attn: str = "sdpa"):
+    model = tiny_lora_model(family, attn=attn)
     for p in model.parameters():
         p.data.normal_(0, 0.2)
     return merge_for_inference(model.to(CUDA))[0]
@@ -88,6 +89,35 @@ def _padded_rows_alike(model):
 
 def test_padded_rows_from_the_graph_give_the_models_logits():
     _padded_rows_alike(_merged("qwen2"))
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma2", "gemma3", "exaone4"])
+def test_the_growing_cache_families_give_the_models_logits(family):
+    """Left-padded rows of 12 + 8 tokens past windows of 6, on the cache HF grows (the graph takes full-length
+    caches only): the compiled kernels (rms_norm_add, decode_attention with Gemma 2's softcap, rope with q/k norms)
+    against the models' own layers, fp32. Gemma 2 on HF's eager attention, as it loads."""
+    from ppalli.infer.generate import _Decoder
+
+    model = _merged(family, "eager" if family == "gemma2" else "sdpa")
+    assert decode_problem(model) is None
+
+    def steps():
+        ids, mask = _rows(256)
+        decoder, positions = _Decoder(model), (mask.cumsum(-1) - 1).clamp(min=0)
+        tokens = torch.randint(0, 256, (8, 4, 1), generator=torch.Generator().manual_seed(5)).to(CUDA)
+        logits = [decoder.rows(ids, mask, positions).clone()]
+        for token in tokens:
+            mask = torch.cat([mask, mask.new_ones(4, 1)], dim=1)
+            positions = positions[:, -1:] + 1
+            logits.append(decoder.rows(token, mask, positions).clone())
+        return torch.stack(logits)
+
+    with torch.inference_mode():
+        want = steps()
+        with decode_layers(model) as swapped:
+            assert swapped
+            got = steps()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 def test_bf16_at_the_1b_layer_shape_no_further_from_fp32_than_the_models_layers():
