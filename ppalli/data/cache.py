@@ -23,7 +23,7 @@ import numpy as np
 
 log = logging.getLogger("ppalli.data")
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: rows with tool calls and tool turns (they were refused)
 _BLOCK = 1 << 22  # 4 MiB reads when hashing files
 SFT_FIELDS = ("input_ids", "labels")
 PREFERENCE_FIELDS = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")

@@ -1,7 +1,9 @@
 """Detect a row format from its columns and normalize every format to messages.
 
 Normalized examples are plain dicts (they cross process boundaries):
-- SFT:        {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...], "where": str}
+- SFT:        {"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": str}, ...], "where": str}
+              (+ "tools": [function schemas] where the row has them; an assistant turn that calls tools has
+              "tool_calls": [{"type": "function", "function": {"name": str, "arguments": dict}}])
 - preference: {"prompt": [messages], "chosen": str, "rejected": str, "where": str}
 - raw text:   {"text": str, "where": str}
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import json
 import re
 from collections.abc import Iterator
 
@@ -37,10 +40,14 @@ ALIASES: dict[str, tuple[str, ...]] = {
     "dialogue": ("dialogue", "dialog", "conversation"),
     "document": ("document", "article", "text", "content"),
     "summary": ("summary", "summarization", "abstract"),
+    "tools": ("tools", "functions"),
 }
 
 ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
-         "bot": "assistant", "model": "assistant", "chatgpt": "assistant"}
+         "bot": "assistant", "model": "assistant", "chatgpt": "assistant",
+         # tool use: a tool's result (OpenAI's "tool" and older "function", Llama 3.1's "ipython", LLaMA-Factory's
+         # "observation"), and LLaMA-Factory's "function_call" turn, an assistant's call written as JSON text
+         "tool": "tool", "function": "tool", "ipython": "tool", "observation": "tool", "function_call": "assistant"}
 
 # Summarization prompts. Korean when the source text has Hangul, so a Korean model is asked in Korean.
 SUMMARIZE = {
@@ -214,15 +221,75 @@ def _turns(value, where: str, column: str) -> list[dict]:
 def _turn(turn, where: str, column: str, i: int) -> dict:
     if not isinstance(turn, dict):
         raise RowError(f"{where}: {column} turn {i} should be an object with role and content; {_SKIP_HINT}")
-    role = turn.get("role", turn.get("from"))
+    name = str(turn.get("role", turn.get("from"))).lower()
     content = turn.get("content", turn.get("value"))
-    if str(role).lower() not in ROLES:
-        raise RowError(f"{where}: {column} turn {i} has role '{role}'; ppalli trains on system, user (human) and "
-                       f"assistant (gpt) turns; {_SKIP_HINT}")
+    if name not in ROLES:
+        raise RowError(f"{where}: {column} turn {i} has role '{name}'; ppalli trains on system, user (human), "
+                       f"assistant (gpt) and tool turns; {_SKIP_HINT}")
+    calls = turn.get("tool_calls")
+    if name == "function_call":  # the call is the turn's text: JSON of one call or a list of them
+        calls, content = _json(content, f"{column} turn {i}", where), ""
+    if calls is not None and ROLES[name] == "assistant":
+        return {"role": "assistant", "content": content or "", "tool_calls": _tool_calls(calls, where, column, i)}
     if not isinstance(content, str):
         raise RowError(f"{where}: {column} turn {i} content should be text, got {type(content).__name__}; "
                        f"{_SKIP_HINT}")
-    return {"role": ROLES[str(role).lower()], "content": content}
+    out = {"role": ROLES[name], "content": content}
+    if out["role"] == "tool":  # which call it answers, for the templates that say so
+        out.update({k: turn[k] for k in ("name", "tool_call_id") if isinstance(turn.get(k), str)})
+    return out
+
+
+def _json(value, what: str, where: str):
+    """Text that holds JSON, parsed (anything else as it is)."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as e:
+        raise RowError(f"{where}: {what} is not valid JSON ({e.msg} at character {e.pos}); {_SKIP_HINT}") from None
+
+
+def _tool_calls(calls, where: str, column: str, i: int) -> list[dict]:
+    """An assistant turn's calls in OpenAI's form, {"type": "function", "function": {"name", "arguments"}}, from
+    that form or a bare {"name", "arguments" (or Llama's "parameters")}; arguments given as JSON text (OpenAI's
+    API sends them so) become the object chat templates expect, which they write out with tojson."""
+    calls = [calls] if isinstance(calls, dict) else calls
+    if not isinstance(calls, list) or not calls:
+        raise RowError(f"{where}: {column} turn {i} tool_calls should be a non-empty list of calls; {_SKIP_HINT}")
+    out = []
+    for k, call in enumerate(calls, start=1):
+        what = f"{column} turn {i} tool call {k}"
+        fn = call.get("function", call) if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise RowError(f"{where}: {what} should be an object with a function name; {_SKIP_HINT}")
+        args = _json(fn.get("arguments", fn.get("parameters")), f"{what}'s arguments", where)
+        if not isinstance(args, dict | None):
+            raise RowError(f"{where}: {what}'s arguments should be a JSON object, got {type(args).__name__}; "
+                           f"{_SKIP_HINT}")
+        entry = {"type": "function", "function": {"name": fn["name"], "arguments": args or {}}}
+        if isinstance(call.get("id"), str):
+            entry["id"] = call["id"]
+        out.append(entry)
+    return out
+
+
+def _tools(f: Fields, where: str) -> list[dict] | None:
+    """The row's tool (function) schemas, a list or its JSON text, each as given (OpenAI's {"type": "function",
+    "function": {...}} or a bare schema): chat templates write them out as they are. None when the row has none."""
+    value = _json(f.get("tools"), f"column '{f.name('tools')}'", where)
+    if value in (None, "", []):
+        return None
+    value = [value] if isinstance(value, dict) else value
+    if not isinstance(value, list) or not all(isinstance(t, dict) and tool_name(t) for t in value):
+        raise RowError(f"{where}: column '{f.name('tools')}' should be a list of function schemas, each with a "
+                       f"name; {_SKIP_HINT}")
+    return value
+
+
+def tool_name(tool: dict) -> str | None:
+    fn = tool.get("function", tool)
+    return fn.get("name") if isinstance(fn, dict) and isinstance(fn.get("name"), str) else None
 
 
 def _conversation(f: Fields, where: str) -> dict:
@@ -232,7 +299,8 @@ def _conversation(f: Fields, where: str) -> dict:
         raise RowError(f"{where}: the conversation should start with a user turn; {_SKIP_HINT}")
     if not any(m["role"] == "assistant" for m in messages):
         raise RowError(f"{where}: the conversation has no assistant turn to learn from; {_SKIP_HINT}")
-    return {"messages": messages}
+    tools = _tools(f, where)
+    return {"messages": messages, **({"tools": tools} if tools else {})}
 
 
 def _response(value, where: str, column: str) -> str | list[dict]:

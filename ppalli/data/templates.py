@@ -23,6 +23,7 @@ import logging
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from ppalli.data.formats import tool_name
 from ppalli.data.sources import RowError
 from ppalli.errors import DataError
 from ppalli.models.tokenizer import LLAMA3_CHAT_TEMPLATE
@@ -40,8 +41,26 @@ ALPACA = (
     "{% if add_generation_prompt %}{{ '\\n\\n' + response_header + '\\n' }}{% endif %}"
 )
 
+# With tools (function schemas), chatml opens with a system turn that lists them, as JSON a line inside <tools>,
+# and says how to call one; an assistant's calls are JSON objects inside <tool_call> tags, a tool's result a
+# "tool" turn inside <tool_response> tags (the Hermes convention Qwen2.5 and Qwen3 were trained on).
 CHATML = (
-    "{% for m in messages %}{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{% endfor %}"
+    "{% if tools %}{{ '<|im_start|>system\\n' }}"
+    "{% if messages and messages[0].role == 'system' %}{{ messages[0].content + '\\n\\n' }}{% endif %}"
+    "{{ '# Tools\\n\\nYou can call these functions; their signatures are inside <tools></tools>:\\n<tools>' }}"
+    "{% for t in tools %}{{ '\\n' + (t | tojson) }}{% endfor %}"
+    "{{ '\\n</tools>\\n\\nTo call one, answer with a JSON object with the keys name and arguments inside '"
+    " + '<tool_call></tool_call> tags.<|im_end|>\\n' }}"
+    "{% endif %}"
+    "{% for m in messages %}"
+    "{% if tools and loop.first and m.role == 'system' %}"
+    "{% elif m.tool_calls %}{{ '<|im_start|>assistant\\n' + (m.content + '\\n' if m.content else '') }}"
+    "{% for c in m.tool_calls %}{{ '<tool_call>\\n' + ({'name': c.function.name, 'arguments': c.function.arguments}"
+    " | tojson) + '\\n</tool_call>' + ('\\n' if not loop.last else '') }}{% endfor %}{{ '<|im_end|>\\n' }}"
+    "{% elif m.role == 'tool' %}{{ '<|im_start|>tool\\n<tool_response>\\n' + m.content"
+    " + '\\n</tool_response><|im_end|>\\n' }}"
+    "{% else %}{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{% endif %}"
+    "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 
@@ -133,9 +152,12 @@ class Template:
     variables: tuple[tuple[str, str], ...] = field(default=())
     appends_eos: bool = False  # the template's responses carry no stop string: EOS is appended
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    def render(self, messages: list[dict], add_generation_prompt: bool = False, tools: list[dict] | None = None) -> str:
+        """tools: function schemas, passed as chat templates take them (`tools`, as transformers' apply_chat_template
+        passes them); left undefined without."""
+        extra = {"tools": tools} if tools else {}
         return _compile(self.source).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                            **dict(self.variables))
+                                            **dict(self.variables), **extra)
 
 
 def resolve_template(spec: str, tokenizer) -> Template:  # noqa: ANN001 - any HF tokenizer
@@ -188,9 +210,10 @@ def _probe_appends_eos(tpl: Template) -> bool:
     return _answer_end(post, len(pre), tpl.stops) is None
 
 
-def _render(tpl: Template, messages: list[dict], where: str, add_generation_prompt: bool = False) -> str:
+def _render(tpl: Template, messages: list[dict], where: str, add_generation_prompt: bool = False,
+            tools: list[dict] | None = None) -> str:
     try:
-        return tpl.render(messages, add_generation_prompt)
+        return tpl.render(messages, add_generation_prompt, tools)
     except _TemplateRaised as e:
         raise RowError(f"{where}: template {tpl.name} refused the conversation ({e}); fix the row or pick "
                        "another data.template") from None
@@ -199,9 +222,10 @@ def _render(tpl: Template, messages: list[dict], where: str, add_generation_prom
                        f"a built-in one: {', '.join(BUILTIN)}") from None
 
 
-def _render_pair(tpl: Template, messages: list[dict], i: int, where: str) -> tuple[str, str]:
-    pre = _render(tpl, messages[:i], where, add_generation_prompt=True)
-    post = _render(tpl, messages[: i + 1], where)
+def _render_pair(tpl: Template, messages: list[dict], i: int, where: str,
+                 tools: list[dict] | None = None) -> tuple[str, str]:
+    pre = _render(tpl, messages[:i], where, add_generation_prompt=True, tools=tools)
+    post = _render(tpl, messages[: i + 1], where, tools=tools)
     if not post.startswith(pre):
         raise RowError(f"{where}: template {tpl.name} does not render turn {i + 1} as an extension of the turns "
                        f"before it, so the response cannot be located; use a built-in data.template "
@@ -215,24 +239,29 @@ def _answer_end(text: str, start: int, stops: tuple[str, ...]) -> int | None:
     return max(ends) if ends else None
 
 
-def render_segments(tpl: Template, messages: list[dict], train: str, where: str) -> list[tuple[str, bool]]:
+def render_segments(tpl: Template, messages: list[dict], train: str, where: str,
+                    tools: list[dict] | None = None) -> list[tuple[str, bool]]:
     """The conversation as (text, trained) segments whose concatenation is the text to tokenize.
 
-    train: 'responses' (every assistant turn), 'last' (only the final assistant turn: preference answers) or
-    'all' (every character, responses still closed by a stop string).
+    train: 'responses' (every assistant turn, tool calls included), 'last' (only the final assistant turn:
+    preference answers) or 'all' (every character, responses still closed by a stop string). tools: the row's
+    function schemas; a template that leaves them, a tool's result or a call out of the text is refused
+    (`_check_tools`): the model would learn calls it was never shown how to make.
     """
-    full = _render(tpl, messages, where)
+    full = _render(tpl, messages, where, tools=tools)
     targets = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     if train == "last":
         targets = targets[-1:]
     segments, cursor = [], 0
     for i in targets:
-        pre, post = _render_pair(tpl, messages, i, where)
+        pre, post = _render_pair(tpl, messages, i, where, tools)
         if not full.startswith(post) or len(pre) < cursor:
             raise RowError(f"{where}: template {tpl.name} renders the whole conversation differently from its "
                            f"turns, so responses cannot be located; use a built-in data.template "
                            f"({', '.join(BUILTIN)})")
         segments.append((full[cursor:len(pre)], False))
+        _check_tools(tpl, post[len(pre):], [c["function"]["name"] for c in messages[i].get("tool_calls", ())],
+                     f"turn {i + 1}'s tool call", where)
         end = _answer_end(post, len(pre), tpl.stops)
         if end is None:
             segments.append((post[len(pre):] + tpl.eos, True))
@@ -241,9 +270,20 @@ def render_segments(tpl: Template, messages: list[dict], train: str, where: str)
             segments.append((post[len(pre):end], True))
         cursor = end
     segments.append((full[cursor:], False))
+    _check_tools(tpl, full, [tool_name(t) for t in tools or ()], "the tools' schemas", where)
+    _check_tools(tpl, full, [m["content"] for m in messages if m["role"] == "tool"], "a tool's result", where)
     if train == "all":
         segments = [(text, True) for text, _ in segments]
     return [s for s in segments if s[0]]
+
+
+def _check_tools(tpl: Template, text: str, needles: list[str], what: str, where: str) -> None:
+    """RowError when one of `needles` (a call's or a tool's name, a tool's result) is not in the rendered text."""
+    missing = next((n for n in needles if n not in text), None)
+    if missing is not None:
+        raise RowError(f"{where}: template {tpl.name} leaves {what} out of the text ('{missing[:40]}'), so this "
+                       "row cannot teach tool use; use data.template=auto with a model whose chat template takes "
+                       "tools (Qwen2.5 / Qwen3, Llama 3.1 and later, ...) or data.template=chatml")
 
 
 def text_segments(tpl: Template, text: str) -> list[tuple[str, bool]]:

@@ -76,7 +76,7 @@ def example_texts(example: dict, tpl: Template, settings: EncodeSettings) -> lis
         return [join_segments(render_segments(tpl, prompt + [{"role": "assistant", "content": example[a]}],
                                               train, example["where"])) for a in answers]
     messages = _with_system(example["messages"], settings.system_prompt)
-    return [join_segments(render_segments(tpl, messages, settings.train_on, example["where"]))]
+    return [join_segments(render_segments(tpl, messages, settings.train_on, example["where"], example.get("tools")))]
 
 
 def _with_system(messages: list[dict], system_prompt: str | None) -> list[dict]:

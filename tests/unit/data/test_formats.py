@@ -100,9 +100,9 @@ def test_messages_multi_turn_and_roles():
                                  {"from": "gpt", "value": "d"}]}, "f", "line", 1)
     roles = [m["role"] for m in normalize(row, "sharegpt", {})["messages"]]
     assert roles == ["system", "user", "assistant", "user", "assistant"]
-    tool = Row({"messages": [{"role": "user", "content": "a"}, {"role": "tool", "content": "b"}]}, "f", "line", 2)
-    with pytest.raises(RowError, match="f line 2: messages turn 2 has role 'tool'"):
-        normalize(tool, "messages", {})
+    other = Row({"messages": [{"role": "user", "content": "a"}, {"role": "narrator", "content": "b"}]}, "f", "line", 2)
+    with pytest.raises(RowError, match="f line 2: messages turn 2 has role 'narrator'"):
+        normalize(other, "messages", {})
     no_answer = Row({"messages": [{"role": "user", "content": "a"}]}, "f", "line", 3)
     with pytest.raises(RowError, match="no assistant turn"):
         normalize(no_answer, "messages", {})
