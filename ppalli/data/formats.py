@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import collections
 import itertools
-import json
 import re
 from collections.abc import Iterator
 
 from ppalli.data.sources import Row, RowError
+from ppalli.data.tools import ToolError, tool_calls, tool_schemas
 from ppalli.errors import DataError
 
 FORMATS = ("alpaca", "qa", "messages", "sharegpt", "text", "preference", "summarization")
@@ -228,7 +228,7 @@ def _turn(turn, where: str, column: str, i: int) -> dict:
                        f"assistant (gpt) and tool turns; {_SKIP_HINT}")
     calls = turn.get("tool_calls")
     if name == "function_call":  # the call is the turn's text: JSON of one call or a list of them
-        calls, content = _json(content, f"{column} turn {i}", where), ""
+        calls, content = content, ""
     if calls is not None and ROLES[name] == "assistant":
         return {"role": "assistant", "content": content or "", "tool_calls": _tool_calls(calls, where, column, i)}
     if not isinstance(content, str):
@@ -240,56 +240,18 @@ def _turn(turn, where: str, column: str, i: int) -> dict:
     return out
 
 
-def _json(value, what: str, where: str):
-    """Text that holds JSON, parsed (anything else as it is)."""
-    if not isinstance(value, str):
-        return value
-    try:
-        return json.loads(value)
-    except json.JSONDecodeError as e:
-        raise RowError(f"{where}: {what} is not valid JSON ({e.msg} at character {e.pos}); {_SKIP_HINT}") from None
-
-
 def _tool_calls(calls, where: str, column: str, i: int) -> list[dict]:
-    """An assistant turn's calls in OpenAI's form, {"type": "function", "function": {"name", "arguments"}}, from
-    that form or a bare {"name", "arguments" (or Llama's "parameters")}; arguments given as JSON text (OpenAI's
-    API sends them so) become the object chat templates expect, which they write out with tojson."""
-    calls = [calls] if isinstance(calls, dict) else calls
-    if not isinstance(calls, list) or not calls:
-        raise RowError(f"{where}: {column} turn {i} tool_calls should be a non-empty list of calls; {_SKIP_HINT}")
-    out = []
-    for k, call in enumerate(calls, start=1):
-        what = f"{column} turn {i} tool call {k}"
-        fn = call.get("function", call) if isinstance(call, dict) else None
-        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
-            raise RowError(f"{where}: {what} should be an object with a function name; {_SKIP_HINT}")
-        args = _json(fn.get("arguments", fn.get("parameters")), f"{what}'s arguments", where)
-        if not isinstance(args, dict | None):
-            raise RowError(f"{where}: {what}'s arguments should be a JSON object, got {type(args).__name__}; "
-                           f"{_SKIP_HINT}")
-        entry = {"type": "function", "function": {"name": fn["name"], "arguments": args or {}}}
-        if isinstance(call.get("id"), str):
-            entry["id"] = call["id"]
-        out.append(entry)
-    return out
+    try:
+        return tool_calls(calls, f"{column} turn {i}")
+    except ToolError as e:
+        raise RowError(f"{where}: {e}; {_SKIP_HINT}") from None
 
 
 def _tools(f: Fields, where: str) -> list[dict] | None:
-    """The row's tool (function) schemas, a list or its JSON text, each as given (OpenAI's {"type": "function",
-    "function": {...}} or a bare schema): chat templates write them out as they are. None when the row has none."""
-    value = _json(f.get("tools"), f"column '{f.name('tools')}'", where)
-    if value in (None, "", []):
-        return None
-    value = [value] if isinstance(value, dict) else value
-    if not isinstance(value, list) or not all(isinstance(t, dict) and tool_name(t) for t in value):
-        raise RowError(f"{where}: column '{f.name('tools')}' should be a list of function schemas, each with a "
-                       f"name; {_SKIP_HINT}")
-    return value
-
-
-def tool_name(tool: dict) -> str | None:
-    fn = tool.get("function", tool)
-    return fn.get("name") if isinstance(fn, dict) and isinstance(fn.get("name"), str) else None
+    try:
+        return tool_schemas(f.get("tools"), f"column '{f.name('tools')}'")
+    except ToolError as e:
+        raise RowError(f"{where}: {e}; {_SKIP_HINT}") from None
 
 
 def _conversation(f: Fields, where: str) -> dict:

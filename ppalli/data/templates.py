@@ -23,8 +23,8 @@ import logging
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from ppalli.data.formats import tool_name
 from ppalli.data.sources import RowError
+from ppalli.data.tools import tool_name
 from ppalli.errors import DataError
 from ppalli.models.tokenizer import LLAMA3_CHAT_TEMPLATE
 
