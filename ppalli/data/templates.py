@@ -292,9 +292,12 @@ def text_segments(tpl: Template, text: str) -> list[tuple[str, bool]]:
     return [s for s in ((bos, False), (text + tpl.eos, True)) if s[0]]
 
 
-def render_prompt(tpl: Template, messages: list[dict]) -> str:
-    """The text a model continues to answer `messages` (generation prompt on), as training rendered it."""
-    return _render(tpl, messages, "prompt", add_generation_prompt=True)
+def render_prompt(tpl: Template, messages: list[dict], tools: list[dict] | None = None) -> str:
+    """The text a model continues to answer `messages` (generation prompt on), as training rendered it; with
+    `tools`, RowError when the template leaves their schemas out."""
+    text = _render(tpl, messages, "prompt", add_generation_prompt=True, tools=tools)
+    _check_tools(tpl, text, [tool_name(t) for t in tools or ()], "the tools' schemas", "prompt")
+    return text
 
 
 def standalone_source(tpl: Template) -> str:

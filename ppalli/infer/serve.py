@@ -2,7 +2,8 @@
 (the openai package, LangChain, curl) use the fine-tuned model as it is.
 
     POST /v1/chat/completions   {"messages": [...], "max_tokens", "temperature", "top_p", "seed", "stream", "n",
-                                 "stop", "presence_penalty", "frequency_penalty", "logprobs", "top_logprobs"}
+                                 "stop", "presence_penalty", "frequency_penalty", "logprobs", "top_logprobs",
+                                 "tools", "tool_choice": "auto" | "none"}
     POST /v1/completions        {"prompt": a string, token ids, or a list of either, the same fields, "logprobs": 0-20
                                  alternatives, "echo"}: text continued as the tokenizer takes it (no template;
                                  OpenAI's defaults: 16 tokens, temperature 1)
@@ -30,9 +31,18 @@ each choice's first chunk). A stream's chunks carry
 the log-probs of the tokens whose text they complete; its last chunk those of the tokens left (a stop token that
 ended a text completion, a token cut by a stop string), so a stream's log-probs add up to the whole answer's.
 
+Tools (function calling, for a run trained on tool-use data): the request's tools go into the prompt through the run's
+template (a template that leaves them out is a 400), and its messages may hold assistant turns with tool_calls and
+"tool" turns with results. The calls a model writes (`<tool_call>{json}</tool_call>` blocks, as Qwen2.5 / Qwen3 and
+the chatml built-in have them, or one JSON object, as Llama 3.1 answers) come back as the message's tool_calls, each
+naming one of the request's tools, with finish_reason "tool_calls". A streamed answer with tools comes whole, in the
+chunks OpenAI's API sends (the content, the calls, the end), once it is decoded: text is not sent before it is known
+not to be a call. tool_choice "auto" (the default) or "none" (the tools left out of the prompt); forcing a call
+("required", a named function) would need constrained decoding and is refused.
+
 A bad request gets a 400 whose message names the field and what it takes; fields of the API that change nothing
-here (user, stream_options, ...) are accepted and ignored, those that would (tools, logit_bias, a JSON
-response_format) are refused rather than silently dropped.
+here (user, stream_options, parallel_tool_calls, ...) are accepted and ignored, those that would (functions,
+logit_bias, a JSON response_format) are refused rather than silently dropped.
 """
 
 from __future__ import annotations
@@ -45,10 +55,12 @@ import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from ppalli.data.tools import ToolError, calls_in_answer, tool_calls, tool_name, tool_schemas
+from ppalli.errors import DataError
 from ppalli.infer.batcher import Batcher, Job
 from ppalli.infer.logprobs import MOST_TOP, TokenPieces, chat_logprobs, covering, text_logprobs
 
-REFUSED = {"tools": "tool calls are not served", "functions": "function calls are not served",
+REFUSED = {"functions": "the legacy functions field is not served: send them as tools",
            "logit_bias": "logit_bias is not served", "response_format": "only free text is served (no JSON mode)"}
 TEXT_REFUSED = {"suffix": "suffix (insertion) is not served",
                 "best_of": "best_of is not served: ask for n answers"}  # text completions' own fields
@@ -58,7 +70,7 @@ ALLOWED = {"response_format": ({"type": "text"},), "best_of": (1,)}  # the no-op
 MOST_CHOICES, MOST_PROMPTS, MOST_STOPS = 16, 64, 16
 MOST_BODY_BYTES = 16 << 20  # a request's JSON: 16 MiB holds any prompt a model's positions can take
 TEXT_MAX_TOKENS = 16  # OpenAI's text completions' default max_tokens, where a request sets none
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 _log = logging.getLogger("ppalli.serve")
 ROUTES = ("/v1/chat/completions", "/v1/completions")
 TOKENIZER_ROUTES = ("/tokenize", "/detokenize")
@@ -72,7 +84,7 @@ def parse_request(body: bytes, max_new_tokens: int, chat: bool = True) -> dict:
     """A chat completion request's JSON (or, chat False, a text completion's) -> {prompts (chat: one list of
     messages; text: the prompt strings or token-id lists), max_new_tokens, max_asked, temperature, top_p, greedy,
     seed, stream, n, stop, presence_penalty, frequency_penalty, logprobs (alternatives a token, None: not asked),
-    echo}."""
+    echo, tools (chat: the function schemas the prompt offers, or None)}."""
     try:
         req = json.loads(body or b"{}")
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -96,7 +108,20 @@ def parse_request(body: bytes, max_new_tokens: int, chat: bool = True) -> dict:
             "stream": bool(req.get("stream", False)), "n": _number(req.get("n", 1), "n", int, 1, MOST_CHOICES),
             "stop": _stops(req.get("stop")),
             **{k: _number(req.get(k, 0.0), k, float, -2.0, 2.0) for k in ("presence_penalty", "frequency_penalty")},
-            "logprobs": logprobs, "echo": echo}
+            "logprobs": logprobs, "echo": echo, "tools": _tools(req) if chat else None}
+
+
+def _tools(req: dict) -> list[dict] | None:
+    """The function schemas to offer (None: none), as tool_choice allows: "auto" (the default) or "none"."""
+    choice = req.get("tool_choice")
+    if choice not in (None, "auto", "none"):
+        raise BadRequest(f"'tool_choice': {choice!r} is not served, only \"auto\" and \"none\" (forcing a call "
+                         "would need constrained decoding)")
+    try:
+        tools = tool_schemas(req.get("tools"), "'tools'")
+    except ToolError as e:
+        raise BadRequest(str(e)) from None
+    return None if choice == "none" else tools
 
 
 def _logprobs(req: dict, chat: bool) -> int | None:
@@ -113,13 +138,28 @@ def _logprobs(req: dict, chat: bool) -> int | None:
 
 
 def _messages(req: dict) -> list[dict]:
+    """The request's messages as the templates take them: {"role", "content"}, an assistant's tool_calls (arguments
+    parsed from their JSON text) and a tool result's tool_call_id / name kept."""
     messages = req.get("messages")
     if not isinstance(messages, list) or not messages:
         raise BadRequest("'messages' must be a non-empty list of {\"role\", \"content\"} objects")
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise BadRequest(f"messages[{i}] must be {{\"role\": one of {', '.join(ROLES)}, \"content\": a string}}")
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
+    return [_message(m, i) for i, m in enumerate(messages)]
+
+
+def _message(m, i: int) -> dict:
+    calls = m.get("tool_calls") if isinstance(m, dict) and m.get("role") == "assistant" else None
+    content = m.get("content") if isinstance(m, dict) else None
+    if not isinstance(m, dict) or m.get("role") not in ROLES or not (
+            isinstance(content, str) or (calls and content is None)):
+        raise BadRequest(f"messages[{i}] must be {{\"role\": one of {', '.join(ROLES)}, \"content\": a string}} "
+                         "(an assistant's content may be null beside its tool_calls)")
+    if calls:
+        try:
+            return {"role": "assistant", "content": content or "", "tool_calls": tool_calls(calls, f"messages[{i}]")}
+        except ToolError as e:
+            raise BadRequest(str(e)) from None
+    extra = {k: m[k] for k in ("tool_call_id", "name") if m["role"] == "tool" and isinstance(m.get(k), str)}
+    return {"role": m["role"], "content": content, **extra}
 
 
 def _prompts(req: dict) -> list[str | list[int]]:
@@ -191,7 +231,10 @@ class ChatServer(ThreadingHTTPServer):
             if bad is not None:
                 raise BadRequest(f"'prompt': token id {bad} is outside the model's vocabulary (0 to {self.vocab - 1})")
         else:
-            text = self.run.render_prompt(prompt) if chat else prompt
+            try:
+                text = self.run.render_prompt(prompt, tools=req["tools"]) if chat else prompt
+            except DataError as e:  # the run's template refused the messages, or left the tools out
+                raise BadRequest(f"the run's chat template: {e}") from None
             ids = self.run.tokenizer(text, add_special_tokens=not chat)["input_ids"]
         room = None if self.context is None else self.context - len(ids)
         if room is not None and (room < (0 if req["echo"] else 1) or
@@ -261,11 +304,12 @@ class _Handler(BaseHTTPRequestHandler):
             return
         head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", "created": int(time.time()),
                 "model": self.server.name}
-        texts = queue.SimpleQueue() if req["stream"] else None
+        streamed = req["stream"] and not req["tools"]  # with tools an answer goes whole: its text may be a call
+        texts = queue.SimpleQueue() if streamed else None
         choices = [(ids, choice, text) for (ids, limit), text in zip(prompts, req["prompts"])
                    for choice in _choices({**req, "max_new_tokens": limit})]
         jobs = [self.server.batcher.submit(Job(choice, ids, k, texts)) for k, (ids, choice, _) in enumerate(choices)]
-        if req["stream"]:
+        if streamed:
             echoes = [self._echo_text(p) for _, _, p in choices] if req["echo"] else []
             self._stream(jobs, texts, head, req, chat, echoes)
             return
@@ -276,7 +320,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(500, _error(failed, "server_error"))
             return
         try:
-            self._json(200, {**head, **self._answers(jobs, choices, req, chat)})
+            answer = {**head, **self._answers(jobs, choices, req, chat)}
+            self._stream_whole(answer) if req["stream"] else self._json(200, answer)
         except Exception as e:  # the client gets a 500 that says what broke, not a closed connection
             _log.exception("building the answer failed")
             self._json(500, _error(f"building the answer failed: {type(e).__name__}: {e}", "server_error"))
@@ -289,10 +334,10 @@ class _Handler(BaseHTTPRequestHandler):
             answers = [self._echo_text(p) + a for (_, _, p), a in zip(choices, answers)]
         used = sum(len(ids) for ids, _, _ in choices[::req["n"]])
         new = sum(len(job.new) for job in jobs)
+        out = [{"index": job.index, **_content(chat, text, message=True), "logprobs": self._logprobs(job, req, chat),
+                "finish_reason": job.finish_reason} for job, text in zip(jobs, answers)]
         return {"object": "chat.completion" if chat else "text_completion",
-                "choices": [{"index": job.index, **_content(chat, text, message=True),
-                             "logprobs": self._logprobs(job, req, chat), "finish_reason": job.finish_reason}
-                            for job, text in zip(jobs, answers)],
+                "choices": [_with_calls(c, text, req["tools"]) for c, text in zip(out, answers)],
                 "usage": {"prompt_tokens": used, "completion_tokens": new, "total_tokens": used + new}}
 
     def _echo_text(self, prompt) -> str:
@@ -353,20 +398,43 @@ class _Handler(BaseHTTPRequestHandler):
             raise BadRequest(f"Content-Length must be a byte count up to {MOST_BODY_BYTES}, got {length[:32]!r}")
         return self.rfile.read(int(length))
 
+    def _stream_whole(self, answer: dict) -> None:
+        """A decoded chat answer (a request with tools) as the chunks OpenAI's API streams: each choice's role, its
+        content, its tool_calls (each with its index), then its end with the log-probs; then [DONE]."""
+        self._sse_headers()
+        head = {k: answer[k] for k in ("id", "created", "model")}
+        for choice in answer["choices"]:
+            message, index = choice["message"], choice["index"]
+            deltas = [{"role": "assistant", "content": ""}] + ([{"content": message["content"]}] if message["content"]
+                                                               else [])
+            if message.get("tool_calls"):
+                deltas.append({"tool_calls": [{"index": k, **call} for k, call in enumerate(message["tool_calls"])]})
+            for delta in deltas + [{}]:
+                last = not delta
+                self._event({**head, "object": "chat.completion.chunk", "choices": [
+                    {"index": index, "delta": delta, "logprobs": choice["logprobs"] if last else None,
+                     "finish_reason": choice["finish_reason"] if last else None}]})
+        self.wfile.write(b"data: [DONE]\n\n")
+        self.wfile.flush()
+
+    def _sse_headers(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+        self.send_header("Cache-Control", "no-cache")
+        self.end_headers()  # no length: the stream ends when the answers do and the connection closes
+
+    def _event(self, payload: dict) -> None:
+        self.wfile.write(f"data: {json.dumps(payload, ensure_ascii=False)}\n\n".encode())
+        self.wfile.flush()
+
     def _stream(self, jobs: list[Job], texts: queue.SimpleQueue, head: dict, req: dict, chat: bool,
                 prompts: list[str]) -> None:
         """Server-sent events of the answers' text as their rows decode (chunks of several choices interleave), with
         the log-probs of the tokens each completes where asked; with echo, a choice's first chunk is its prompt
         (prompts[index]) and the prompt's log-probs, sent once its row has scored it (before its first text or its
         end). A client that leaves ends its rows (the batch's other rows go on)."""
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream; charset=utf-8")
-        self.send_header("Cache-Control", "no-cache")
-        self.end_headers()  # no length: the stream ends when the answers do and the connection closes
-
-        def event(payload: dict) -> None:
-            self.wfile.write(f"data: {json.dumps(payload, ensure_ascii=False)}\n\n".encode())
-            self.wfile.flush()
+        self._sse_headers()
+        event = self._event
 
         offsets = [0] * len(jobs)  # a text completion's text_offset: where its next token's text starts
 
@@ -427,6 +495,20 @@ def _content(chat: bool, text: str | None, message: bool = False) -> dict:
     if message:
         return {"message": {"role": "assistant", "content": text}}
     return {"delta": {} if text is None else {"role": "assistant", "content": ""} if text == "" else {"content": text}}
+
+
+def _with_calls(choice: dict, text: str, tools: list[dict] | None) -> dict:
+    """A chat choice whose answer calls the request's tools: the calls as the message's tool_calls (arguments as
+    JSON text, as OpenAI's API gives them), the rest of the text as its content (null when none is left), and
+    finish_reason "tool_calls". Anything else, and every answer of a request without tools, as it is."""
+    content, calls = calls_in_answer(text, {tool_name(t) for t in tools}) if tools else (text, [])
+    if calls:
+        choice["message"] = {"role": "assistant", "content": content, "tool_calls": [
+            {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+             "function": {"name": c["function"]["name"],
+                          "arguments": json.dumps(c["function"]["arguments"], ensure_ascii=False)}} for c in calls]}
+        choice["finish_reason"] = "tool_calls"
+    return choice
 
 
 def _choices(req: dict) -> list[dict]:

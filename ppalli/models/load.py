@@ -252,7 +252,7 @@ def count_parameters(model) -> tuple[int, int]:
 class LoadedRun:
     model: object  # PeftModel in eval mode, KV cache on; the plain merged model after load_run(merge=True)
     tokenizer: object
-    render_prompt: Callable[[list[dict]], str]
+    render_prompt: Callable[..., str]  # (messages, tools=None) -> the prompt text, as training rendered it
     config: object
     stop_ids: list[int]  # the template's EOS and end-of-turn tokens
     note: str = ""  # how the adapter runs (load_run's merge)
@@ -288,5 +288,5 @@ def load_run(run_dir: str | Path, *, device: str | None = None, merge: bool = Fa
         from ppalli.export.merge import merge_for_inference
 
         model, note = merge_for_inference(model)
-    return LoadedRun(model, tokenizer, lambda messages: render_prompt(template, messages), cfg,
+    return LoadedRun(model, tokenizer, lambda messages, tools=None: render_prompt(template, messages, tools), cfg,
                      stop_token_ids(template, tokenizer), note)

@@ -418,3 +418,63 @@ def test_tokenizer_routes_answer_as_vllms_do(server):
     status, body = _post(url, {"tokens": ids}, "/detokenize")
     assert status == 200 and json.loads(body) == {"prompt": "서울은 한국의"}
     assert _post(url, {"tokens": [-1]}, "/detokenize")[0] == 400 and _post(url, {"prompt": 3}, "/tokenize")[0] == 400
+
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}}}}
+CALLED = QUESTION + [  # a history with a call (OpenAI's form: content null, arguments as JSON text) and its result
+    {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "서울"}'}}]},
+    {"role": "tool", "tool_call_id": "c1", "content": '{"sky": "맑음"}'}]
+
+
+def _prompt_tokens(url: str, payload: dict) -> int:
+    status, body = _post(url, {**payload, "max_tokens": 2, "temperature": 0})
+    assert status == 200, body
+    return json.loads(body)["usage"]["prompt_tokens"]
+
+
+def test_tools_and_a_called_history_go_into_the_prompt_through_the_runs_template(server):
+    srv, url = server
+    tok = srv.run.tokenizer
+
+    def tokens(messages, tools=None) -> int:
+        return len(tok(srv.run.render_prompt(messages, tools=tools), add_special_tokens=False)["input_ids"])
+
+    assert _prompt_tokens(url, {"messages": QUESTION, "tools": [WEATHER]}) == tokens(QUESTION, [WEATHER]) > \
+        tokens(QUESTION)
+    assert _prompt_tokens(url, {"messages": QUESTION, "tools": [WEATHER], "tool_choice": "none"}) == tokens(QUESTION)
+    called = [QUESTION[0], {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "서울"}}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": '{"sky": "맑음"}'}]
+    assert _prompt_tokens(url, {"messages": CALLED, "tools": [WEATHER]}) == tokens(called, [WEATHER])
+    text = srv.run.render_prompt(called, tools=[WEATHER])
+    assert '{"name": "get_weather", "arguments": {"city": "서울"}}' in text and "<tool_response>" in text
+
+
+@pytest.mark.parametrize("payload, field", [
+    ({"messages": QUESTION, "tools": [WEATHER], "tool_choice": "required"}, "'tool_choice'"),
+    ({"messages": QUESTION, "tools": "[{\"name\": 3}]"}, "'tools' should be a list of function schemas"),
+    ({"messages": QUESTION[:1] + [{"role": "assistant", "content": None, "tool_calls": [
+        {"function": {"name": "get_weather", "arguments": "{city"}}]}]}, "messages[1] tool call 1's arguments"),
+    ({"messages": QUESTION + [{"role": "tool", "content": None}]}, "messages[1]"),
+    ({"messages": QUESTION, "functions": [WEATHER["function"]]}, "'functions'")])
+def test_bad_tool_requests_name_the_field(server, payload, field):
+    status, body = _post(server[1], payload)
+    assert status == 400 and field in json.loads(body)["error"]["message"]
+
+
+def test_a_streamed_answer_with_tools_comes_whole_in_openais_chunks(server):
+    _, url = server
+    ask = {"messages": QUESTION, "tools": [WEATHER], "max_tokens": 8, "temperature": 0}
+    whole = json.loads(_post(url, ask)[1])["choices"][0]
+    status, body = _post(url, {**ask, "stream": True})
+    events = [line.removeprefix("data: ") for line in body.decode().split("\n\n") if line.strip()]
+    assert status == 200 and events[-1] == "[DONE]"
+    deltas = [json.loads(e)["choices"][0] for e in events[:-1]]
+    assert deltas[0]["delta"] == {"role": "assistant", "content": ""} and deltas[-1]["delta"] == {}
+    assert deltas[-1]["finish_reason"] == whole["finish_reason"]
+    content = "".join(d["delta"].get("content") or "" for d in deltas)
+    assert content == (whole["message"]["content"] or "")
+    calls = [c for d in deltas for c in d["delta"].get("tool_calls", [])]
+    assert [c["function"] for c in calls] == [c["function"] for c in whole["message"].get("tool_calls", [])]

@@ -136,3 +136,28 @@ def test_a_jsonl_file_of_tool_conversations_trains_through_prepare(tmp_path, mak
     text = qwen_tok.decode(trained)
     assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "서울"}}\n</tool_call>' in text
     assert "서울은 맑고 3도예요." in text and "tool_response" not in text and "get_weather\", \"description" not in text
+
+
+# --------------------------------------------------------------------------- the calls in a model's answer
+
+NAMES = {"get_weather", "search"}
+
+
+@pytest.mark.parametrize("text, content, calls", [
+    ('날씨를 볼게요.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "서울"}}\n</tool_call>',
+     "날씨를 볼게요.", [("get_weather", {"city": "서울"})]),
+    ('<tool_call>\n{"name": "get_weather", "arguments": "{\\"city\\": \\"부산\\"}"}\n</tool_call>\n'
+     '<tool_call>{"name": "search", "arguments": {}}</tool_call>', None,
+     [("get_weather", {"city": "부산"}), ("search", {})]),
+    ('{"name": "get_weather", "parameters": {"city": "서울"}}', None, [("get_weather", {"city": "서울"})]),  # Llama 3.1
+    ('<tool_call>{"name": "launch", "arguments": {}}</tool_call>', None, []),  # not one of the request's tools
+    ("<tool_call>{not json}</tool_call>", None, []),
+    ('{"name": "get_weather"} 다음 말', None, []),  # JSON with more text after it: prose
+    ("맑아요.", None, []),
+])
+def test_calls_in_an_answer_name_the_requests_tools(text, content, calls):
+    from ppalli.data.tools import calls_in_answer
+
+    got_content, got = calls_in_answer(text, NAMES)
+    assert [(c["function"]["name"], c["function"]["arguments"]) for c in got] == calls
+    assert got_content == (content if calls else text)
