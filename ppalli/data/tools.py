@@ -72,10 +72,10 @@ def tool_name(tool: dict) -> str | None:
 _HERMES = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 
 
-def calls_in_answer(text: str, names: set[str]) -> tuple[str | None, list[dict]]:
+def calls_in_answer(text: str, names: set[str] | None = None) -> tuple[str | None, list[dict]]:
     """(the answer's text without its calls, or None when nothing else is left; the calls) from a model's answer:
     `<tool_call>{json}</tool_call>` blocks, else a whole answer that is one JSON call. A call must name one of
-    `names` (the request's tools) and carry its arguments as an object; anything else stays text."""
+    `names` (a request's tools; None: any name) and carry its arguments as an object; anything else stays text."""
     found = [(block, call) for block in _HERMES.finditer(text) if (call := _call(block.group(1), names))]
     if found:
         rest = text
@@ -86,10 +86,10 @@ def calls_in_answer(text: str, names: set[str]) -> tuple[str | None, list[dict]]
     return (None, [call]) if call else (text, [])
 
 
-def _call(text: str, names: set[str]) -> dict | None:
+def _call(text: str, names: set[str] | None) -> dict | None:
     try:
         value = json.loads(text)
         calls = tool_calls(value, "answer") if isinstance(value, dict) else None
     except (json.JSONDecodeError, ToolError):
         return None
-    return calls[0] if calls and calls[0]["function"]["name"] in names else None
+    return calls[0] if calls and (names is None or calls[0]["function"]["name"] in names) else None

@@ -73,7 +73,8 @@ def exact_match(prediction: str, reference: str) -> float:
 
 
 def score_pairs(pairs: Sequence[tuple[str, str]], units: Iterable[str] = UNITS) -> list[dict[str, float]]:
-    """Per-pair scores for (prediction, reference) pairs: exact_match and `<unit>.<rouge type>` for each unit."""
+    """Per-pair scores for (prediction, reference) pairs: exact_match and `<unit>.<rouge type>` for each unit, and
+    where the reference calls tools, `tool_call.*` (tool_call_scores)."""
     scorers = {u: rouge_scorer(u) for u in units}
     rows = []
     for prediction, reference in pairs:
@@ -81,12 +82,28 @@ def score_pairs(pairs: Sequence[tuple[str, str]], units: Iterable[str] = UNITS) 
         for unit, scorer in scorers.items():
             for name, value in rouge(prediction, reference, unit, scorer).items():
                 row[f"{unit}.{name}"] = value
-        rows.append(row)
+        rows.append(row | tool_call_scores(prediction, reference))
     return rows
 
 
 def mean_scores(rows: Sequence[dict[str, float]]) -> dict[str, float]:
-    """Each metric's mean over the rows (the corpus figure papers report for ROUGE F-measures)."""
-    if not rows:
+    """Each metric's mean over the rows that have it (the corpus figure papers report for ROUGE F-measures; the
+    tool-call scores over the rows whose reference calls a tool)."""
+    names = dict.fromkeys(k for r in rows for k in r)
+    return {k: sum(r[k] for r in rows if k in r) / sum(k in r for r in rows) for k in names}
+
+
+def tool_call_scores(prediction: str, reference: str) -> dict[str, float]:
+    """For a reference that calls tools (data/tools.py reads `<tool_call>` blocks or one JSON call):
+    tool_call.name_match, 1.0 when the prediction calls the same functions in the same order, and
+    tool_call.exact_match, when their arguments are equal too (as JSON objects: key order and spacing aside).
+    Empty for a reference without calls."""
+    from ppalli.data.tools import calls_in_answer
+
+    want = calls_in_answer(reference)[1]
+    if not want:
         return {}
-    return {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
+    got = calls_in_answer(prediction)[1]
+    names = [c["function"]["name"] for c in got] == [c["function"]["name"] for c in want]
+    return {"tool_call.name_match": float(names),
+            "tool_call.exact_match": float(names and [c["function"] for c in got] == [c["function"] for c in want])}

@@ -83,3 +83,16 @@ def test_score_pairs_and_means():
 def test_unknown_unit_is_named():
     with pytest.raises(ValueError, match="unknown ROUGE unit 'morpheme'.*word, syllable"):
         M.rouge_scorer("morpheme")
+
+
+def test_tool_call_scores_count_only_rows_whose_reference_calls():
+    ref = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "서울", "unit": "c"}}\n</tool_call>'
+    same = '<tool_call>{"arguments": {"unit": "c", "city": "서울"}, "name": "get_weather"}</tool_call>'  # reordered
+    other_args = '<tool_call>{"name": "get_weather", "arguments": {"city": "부산"}}</tool_call>'
+    llama = '{"name": "get_weather", "parameters": {"city": "서울", "unit": "c"}}'  # Llama 3.1's form
+    rows = M.score_pairs([(same, ref), (other_args, ref), ("맑아요", ref), (llama, ref), ("맑아요", "맑아요")])
+    assert [(r.get("tool_call.name_match"), r.get("tool_call.exact_match")) for r in rows] == [
+        (1.0, 1.0), (1.0, 0.0), (0.0, 0.0), (1.0, 1.0), (None, None)]
+    means = M.mean_scores(rows)
+    assert means["tool_call.name_match"] == 0.75 and means["tool_call.exact_match"] == 0.5  # over the 4 calling rows
+    assert means["exact_match"] == 0.2  # over all 5
