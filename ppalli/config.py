@@ -69,7 +69,9 @@ class DataConfig:
     columns: dict[str, str] = _f({}, "Column mapping from the format's names to the file's, e.g. "
                                      "{question: Q, answer: A}.")
     template: str = _f("auto", "auto (the model's chat template, else alpaca_en), alpaca_en, alpaca_ko, "
-                               "chatml, llama3, gemma, exaone, or a Jinja string.")
+                               "chatml, llama3, gemma, exaone, or a Jinja string. Rows with tools (function "
+                               "calling) need one that renders them: the model's own (Qwen2.5, Llama 3.1, ...) "
+                               "or chatml.")
     system_prompt: str | None = _f(None, "System prompt for templates that take one.")
     max_seq_len: int = _f(1024, "Longest tokenized sample; longer ones are truncated (counted, never silent).")
     train_on: Literal["responses", "all"] = _f("responses", "Compute the loss on assistant responses only, "
