@@ -171,7 +171,8 @@ class Batcher:
                 return
             samplings = [Sampling(temperature=j.req["temperature"] or 1.0, top_p=j.req["top_p"],
                                   greedy=j.req["greedy"], presence_penalty=j.req.get("presence_penalty", 0.0),
-                                  frequency_penalty=j.req.get("frequency_penalty", 0.0)) for j in batch]
+                                  frequency_penalty=j.req.get("frequency_penalty", 0.0),
+                                  logit_bias=j.req.get("logit_bias", ())) for j in batch]
             generate_rows(run.model, run.tokenizer, [j.ids for j in batch],
                           max_new_tokens=[j.req["max_new_tokens"] for j in batch], sampling=samplings,
                           seeds=[j.req["seed"] for j in batch], stop_ids=run.stop_ids, compile=self.compile,

@@ -30,6 +30,7 @@ class Sampling:
     repetition_penalty: float = 1.0  # CTRL's, as HF's: seen tokens (prompt too) move toward zero, x or / this
     presence_penalty: float = 0.0  # OpenAI's: subtracted once from each token the answer already holds
     frequency_penalty: float = 0.0  # OpenAI's: subtracted once per time the answer holds the token
+    logit_bias: tuple[tuple[int, float], ...] = ()  # OpenAI's: (token, bias) added to its logit, greedy or sampled
 
 
 class TextStream:
@@ -384,6 +385,11 @@ class _RowPicker:
         if s.presence_penalty != 0.0 or s.frequency_penalty != 0.0:
             logits = torch.stack([_penalize_answer(logits[i], out[row], s.presence_penalty, s.frequency_penalty)
                                   for i, row in enumerate(rows)])
+        if s.logit_bias:  # out of place: the caller's log-probs read the model's own logits
+            ids, bias = zip(*s.logit_bias)
+            logits = logits.index_add(1, torch.tensor(ids, device=logits.device),
+                                      torch.tensor(bias, dtype=logits.dtype, device=logits.device).expand(
+                                          logits.shape[0], -1))
         if s.greedy or s.temperature <= 0:
             return logits.argmax(-1)
         probs = _sampling_probs(logits, s)  # (b, V)

@@ -2,8 +2,8 @@
 (the openai package, LangChain, curl) use the fine-tuned model as it is.
 
     POST /v1/chat/completions   {"messages": [...], "max_tokens", "temperature", "top_p", "seed", "stream", "n",
-                                 "stop", "presence_penalty", "frequency_penalty", "logprobs", "top_logprobs",
-                                 "tools", "tool_choice": "auto" | "none"}
+                                 "stop", "presence_penalty", "frequency_penalty", "logit_bias", "logprobs",
+                                 "top_logprobs", "tools", "tool_choice": "auto" | "none"}
     POST /v1/completions        {"prompt": a string, token ids, or a list of either, the same fields, "logprobs": 0-20
                                  alternatives, "echo"}: text continued as the tokenizer takes it (no template;
                                  OpenAI's defaults: 16 tokens, temperature 1)
@@ -41,8 +41,9 @@ not to be a call. tool_choice "auto" (the default) or "none" (the tools left out
 ("required", a named function) would need constrained decoding and is refused.
 
 A bad request gets a 400 whose message names the field and what it takes; fields of the API that change nothing
-here (user, stream_options, parallel_tool_calls, ...) are accepted and ignored, those that would (functions,
-logit_bias, a JSON response_format) are refused rather than silently dropped.
+here (user, stream_options, parallel_tool_calls, ...) are accepted and ignored, those that would (functions, a JSON
+response_format) are refused rather than silently dropped. logit_bias is added to the logits before greedy
+decoding or sampling (not to the log-probs reported, the model's own).
 """
 
 from __future__ import annotations
@@ -61,10 +62,11 @@ from ppalli.infer.batcher import Batcher, Job
 from ppalli.infer.logprobs import MOST_TOP, TokenPieces, chat_logprobs, covering, text_logprobs
 
 REFUSED = {"functions": "the legacy functions field is not served: send them as tools",
-           "logit_bias": "logit_bias is not served", "response_format": "only free text is served (no JSON mode)"}
+           "response_format": "only free text is served (no JSON mode)"}
 TEXT_REFUSED = {"suffix": "suffix (insertion) is not served",
                 "best_of": "best_of is not served: ask for n answers"}  # text completions' own fields
 ALLOWED = {"response_format": ({"type": "text"},), "best_of": (1,)}  # the no-op values a refused field may say
+MOST_BIASES = 300  # logit_bias entries, as OpenAI's API takes
 # n, a text completion's prompts, and stop strings a request may ask for. OpenAI's API takes 4 stop strings; more are
 # taken here, as vLLM does: lm-evaluation-harness' local-completions sends a task's whole `until` list.
 MOST_CHOICES, MOST_PROMPTS, MOST_STOPS = 16, 64, 16
@@ -108,7 +110,21 @@ def parse_request(body: bytes, max_new_tokens: int, chat: bool = True) -> dict:
             "stream": bool(req.get("stream", False)), "n": _number(req.get("n", 1), "n", int, 1, MOST_CHOICES),
             "stop": _stops(req.get("stop")),
             **{k: _number(req.get(k, 0.0), k, float, -2.0, 2.0) for k in ("presence_penalty", "frequency_penalty")},
-            "logprobs": logprobs, "echo": echo, "tools": _tools(req) if chat else None}
+            "logprobs": logprobs, "echo": echo, "tools": _tools(req) if chat else None,
+            "logit_bias": _logit_bias(req.get("logit_bias"))}
+
+
+def _logit_bias(value) -> tuple[tuple[int, float], ...]:
+    """OpenAI's logit_bias, {token id (a JSON key, so text): bias in [-100, 100]}, as sorted (token, bias) pairs
+    (the server checks the ids against the vocabulary). -100 bans a token, 100 all but forces it."""
+    if value is None:
+        return ()
+    if not isinstance(value, dict) or len(value) > MOST_BIASES or not all(
+            str(k).isdigit() and not isinstance(v, bool) and isinstance(v, int | float) and -100 <= v <= 100
+            for k, v in value.items()):
+        raise BadRequest(f"'logit_bias' must map up to {MOST_BIASES} token ids to numbers in [-100, 100], "
+                         f"e.g. {{\"1234\": -100}}")
+    return tuple(sorted((int(k), float(v)) for k, v in value.items()))
 
 
 def _tools(req: dict) -> list[dict] | None:
@@ -225,6 +241,10 @@ class ChatServer(ThreadingHTTPServer):
         completion's string as the tokenizer takes it (BOS and all), or its token ids as they are. An answer fits
         the model's positions: a request that set max_tokens past them is refused (as OpenAI's API does), one that
         did not gets what room is left."""
+        biased = next((t for t, _ in req["logit_bias"] if t >= self.vocab), None)
+        if biased is not None:
+            raise BadRequest(f"'logit_bias': token id {biased} is outside the model's vocabulary "
+                             f"(0 to {self.vocab - 1})")
         if isinstance(prompt, list) and not chat:
             ids = prompt
             bad = next((t for t in ids if not 0 <= t < self.vocab), None)

@@ -478,3 +478,21 @@ def test_a_streamed_answer_with_tools_comes_whole_in_openais_chunks(server):
     assert content == (whole["message"]["content"] or "")
     calls = [c for d in deltas for c in d["delta"].get("tool_calls", [])]
     assert [c["function"] for c in calls] == [c["function"] for c in whole["message"].get("tool_calls", [])]
+
+
+def test_logit_bias_bans_and_forces_tokens(server):
+    srv, url = server
+    ask = {"messages": QUESTION, "max_tokens": 3, "temperature": 0, "logprobs": True}
+    plain = json.loads(_post(url, ask)[1])["choices"][0]
+    ids = srv.run.tokenizer(plain["message"]["content"], add_special_tokens=False)["input_ids"]
+    banned = json.loads(_post(url, {**ask, "logit_bias": {str(ids[0]): -100}})[1])["choices"][0]
+    assert banned["message"]["content"] != plain["message"]["content"]
+    forced = json.loads(_post(url, {**ask, "temperature": 1.0, "seed": 1, "logit_bias": {"1234": 100}})[1])
+    assert forced["usage"]["completion_tokens"] == 3
+    assert forced["choices"][0]["message"]["content"] == srv.run.tokenizer.decode([1234] * 3)
+
+
+@pytest.mark.parametrize("bias", [{"12": 101}, {"x": 1}, [1, 2], {str(k): 1 for k in range(301)}, {"999999": 1}])
+def test_bad_logit_bias_gets_a_400(server, bias):
+    status, body = _post(server[1], {"messages": QUESTION, "logit_bias": bias})
+    assert status == 400 and "'logit_bias'" in json.loads(body)["error"]["message"]

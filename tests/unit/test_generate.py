@@ -319,6 +319,26 @@ def test_rows_end_each_at_its_own_limit_and_report_as_they_end(model, tok):
         generate_rows(model, tok, prompts, max_new_tokens=[1, 2])
 
 
+def test_logit_bias_steers_greedy_and_sampled_rows_and_leaves_the_scores(model, tok):
+    """A -100 bias on the token greedy decoding picks first bans it; +100 on another makes every step pick it (greedy
+    or sampled); the log-probs reported stay the model's own."""
+    from ppalli.infer.generate import Sampling, generate_rows
+
+    prompt = tok(PROMPT, add_special_tokens=False)["input_ids"]
+    plain = generate(model, tok, torch.tensor([prompt]), max_new_tokens=4, greedy=True)
+    banned = Sampling(greedy=True, logit_bias=((plain[0], -100.0),))
+    forced = Sampling(temperature=1.0, top_p=1.0, logit_bias=((7, 100.0),))
+    scores = []
+    rows = generate_rows(model, tok, [prompt] * 3, max_new_tokens=4, sampling=[banned, forced, Sampling(greedy=True)],
+                         seeds=[0, 0, 0], top_logprobs=[0, 0, 0],
+                         on_logprobs=lambda row, token, score: scores.append((row, token, score)))
+    assert rows[0][0] != plain[0] and rows[1] == [7] * 4 and rows[2] == plain
+    with torch.no_grad():
+        first = torch.log_softmax(model(torch.tensor([prompt])).logits[0, -1].float(), -1)
+    row1 = next(score for row, token, score in scores if row == 1)
+    assert row1[0] == pytest.approx(float(first[7]), abs=1e-4)  # the model's own, not the biased one
+
+
 def test_presence_and_frequency_penalties_follow_openai_on_the_answer_only(model, tok):
     from ppalli.infer.generate import Sampling, _penalize_answer, generate_rows
 
