@@ -84,6 +84,9 @@ def _parser() -> argparse.ArgumentParser:
                        "trained, instead of merged into the 16-bit weights (its branch runs inside ppalli's decode "
                        "layers where they cover the model, else through PEFT's, ~2x slower)")
         p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
+        if verb == "chat":
+            p.add_argument("--tools", default=None, help="a JSON file of function schemas (a list) offered to a run "
+                           "trained on tool use: its calls are shown and you type each result")
         if verb == "generate":
             p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
             p.add_argument("--file", help="a text file with one prompt per line")
@@ -262,13 +265,15 @@ def cmd_data(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    from ppalli.infer.chat import chat_loop
+    from ppalli.infer.chat import chat_loop, read_tools
     from ppalli.models.load import load_run
 
+    tools = read_tools(args.tools) if args.tools else None
     run = load_run(args.run_dir, merge=not args.no_merge)
     print(f"ppalli chat: {args.run_dir}  (sampling {'off' if args.greedy else 'on'}; {run.note}; /reset, /exit)")
     chat_loop(run.model, run.tokenizer, run.render_prompt, temperature=args.temperature, top_p=args.top_p,
-              max_new_tokens=args.max_new_tokens, greedy=args.greedy, stop_ids=run.stop_ids, compile=args.compile)
+              max_new_tokens=args.max_new_tokens, greedy=args.greedy, stop_ids=run.stop_ids, compile=args.compile,
+              tools=tools)
     return 0
 
 

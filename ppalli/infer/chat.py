@@ -1,7 +1,9 @@
 """Talking to a fine-tuned model: an interactive chat (`ppalli chat`) and a prompt file (`ppalli generate`).
 
 The prompt text comes from the caller's `render_prompt(messages) -> str` (the run's template), so chat
-renders turns exactly as training did.
+renders turns exactly as training did. With tools (`ppalli chat RUN --tools FILE`, a run trained on tool use) the
+schemas go into every prompt; an answer that calls them is shown as its calls, and the next lines typed are their
+results, one a call, after which the model answers again.
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ from pathlib import Path
 
 import torch
 
+from ppalli.data.tools import ToolError, calls_in_answer, tool_name, tool_schemas
 from ppalli.errors import DataError
 from ppalli.infer.generate import Sampling, generate, generate_rows, step_compiles
 
-Messages = list[dict[str, str]]
+Messages = list[dict]
 RenderPrompt = Callable[[Messages], str]
 
 HELP = "Type a message. /reset clears the history, /exit quits."
@@ -66,18 +69,24 @@ def _answer(model, tokenizer, render_prompt: RenderPrompt, messages: Messages, p
 def chat_loop(model, tokenizer, render_prompt: RenderPrompt, *, temperature: float = 0.7, top_p: float = 0.9,
               max_new_tokens: int = 256, greedy: bool = False, stop_ids: Iterable[int] | None = None,
               add_special_tokens: bool = False, input_fn: Callable[[str], str] = input,
-              print_fn: Callable[..., None] = print, compile: bool = False) -> Messages:
+              print_fn: Callable[..., None] = print, compile: bool = False,
+              tools: list[dict] | None = None) -> Messages:
     """Read messages, stream answers, keep the history; returns it when the user leaves.
 
     `add_special_tokens` must match how training tokenized rendered text (BOS or not). compile: as generate's.
+    tools: function schemas for every prompt (render_prompt must take `tools=`); the calls an answer makes wait for
+    their results, typed one a line.
     """
     gen_kwargs = dict(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, greedy=greedy,
                       stop_ids=stop_ids, compile=compile)
+    render = (lambda m: render_prompt(m, tools=tools)) if tools else render_prompt
+    names = {tool_name(t) for t in tools or ()}
     messages: Messages = []
+    pending: list[dict] = []  # the calls of the last answer still waiting for a result
     print_fn(HELP)
     while True:
         try:
-            line = input_fn(">>> ").strip()
+            line = input_fn(f"{pending[0]['function']['name']} result> " if pending else ">>> ").strip()
         except (EOFError, KeyboardInterrupt):  # Ctrl-D / Ctrl-C leave like /exit
             print_fn("")
             return messages
@@ -85,13 +94,44 @@ def chat_loop(model, tokenizer, render_prompt: RenderPrompt, *, temperature: flo
             return messages
         if line == "/reset":
             messages.clear()
+            pending.clear()
             print_fn("(history cleared)")
         elif line.startswith("/"):
             print_fn(f"unknown command {line.split()[0]}. {HELP}")
         elif line:
-            messages.append({"role": "user", "content": line})
-            reply = _answer(model, tokenizer, render_prompt, messages, print_fn, gen_kwargs, add_special_tokens)
-            messages.append({"role": "assistant", "content": reply})
+            if pending:
+                call = pending.pop(0)
+                messages.append({"role": "tool", "content": line, **({"tool_call_id": call["id"]} if "id" in call
+                                                                     else {})})
+                if pending:
+                    continue
+            else:
+                messages.append({"role": "user", "content": line})
+            reply = _answer(model, tokenizer, render, messages, print_fn, gen_kwargs, add_special_tokens)
+            content, calls = calls_in_answer(reply, names) if tools else (reply, [])
+            if not calls:
+                messages.append({"role": "assistant", "content": reply})
+                continue
+            messages.append({"role": "assistant", "content": content or "", "tool_calls": calls})
+            pending = list(calls)
+            for call in calls:
+                fn = call["function"]
+                print_fn(f"(calls {fn['name']}({json.dumps(fn['arguments'], ensure_ascii=False)}))")
+            print_fn("(type each call's result, one a line)")
+
+
+def read_tools(path: str | Path) -> list[dict]:
+    """Function schemas from a JSON file: a list of them (OpenAI's {"type": "function", "function": {...}} or bare)."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"tools file not found: {p} (give a JSON file with a list of function schemas)")
+    try:
+        tools = tool_schemas(p.read_text(encoding="utf-8"), str(p))
+    except ToolError as e:
+        raise DataError(str(e)) from None
+    if not tools:
+        raise DataError(f"{p}: no function schemas (give a JSON list of them)")
+    return tools
 
 
 def read_prompts(path: str | Path) -> list[str]:

@@ -150,6 +150,37 @@ def test_chat_loop_keeps_history_resets_and_exits(model, tok):
     assert next(inputs) == "never read"
 
 
+def test_chat_loop_with_tools_shows_calls_and_takes_their_results(model, tok, monkeypatch, tmp_path):
+    """The answers scripted (a random model calls no tool): the first calls two tools, whose results are the next
+    two lines; the model answers once both are in, and every prompt is rendered with the tools."""
+    import json
+
+    import ppalli.infer.chat as chat
+    from ppalli.errors import DataError
+
+    path = tmp_path / "tools.json"
+    path.write_text(json.dumps([{"type": "function", "function": {"name": "get_weather"}}, {"name": "get_time"}]))
+    tools = chat.read_tools(path)
+    replies = iter(['<tool_call>{"name": "get_weather", "arguments": {"city": "서울"}}</tool_call>\n'
+                    '<tool_call>{"name": "get_time", "arguments": {}}</tool_call>', "맑고 3시예요."])
+    asked = []
+    monkeypatch.setattr(chat, "_answer", lambda model, tok, render, messages, *a: asked.append(
+        (render(messages), len(messages))) or next(replies))
+    prompts, printed = [], []
+    inputs = iter(["서울 날씨랑 시간?", "맑음", "15:00", "/exit"])
+    history = chat_loop(model, tok, lambda m, tools=None: prompts.append(tools) or "p", input_fn=lambda p: (
+        printed.append(p), next(inputs))[1], print_fn=lambda *a, **k: printed.append("".join(map(str, a))),
+        tools=tools)
+    assert [m["role"] for m in history] == ["user", "assistant", "tool", "tool", "assistant"]
+    assert [c["function"]["name"] for c in history[1]["tool_calls"]] == ["get_weather", "get_time"]
+    assert [m["content"] for m in history[2:]] == ["맑음", "15:00", "맑고 3시예요."]
+    assert [n for _, n in asked] == [1, 4] and prompts == [tools, tools]  # answered after both results
+    assert '(calls get_weather({"city": "서울"}))' in printed and "get_time result> " in printed
+    path.write_text("[]")
+    with pytest.raises(DataError, match="no function schemas"):
+        chat.read_tools(path)
+
+
 def test_chat_loop_leaves_on_end_of_input(model, tok):
     def eof(_):
         raise EOFError
