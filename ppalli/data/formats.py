@@ -4,7 +4,8 @@ Normalized examples are plain dicts (they cross process boundaries):
 - SFT:        {"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": str}, ...], "where": str}
               (+ "tools": [function schemas] where the row has them; an assistant turn that calls tools has
               "tool_calls": [{"type": "function", "function": {"name": str, "arguments": dict}}])
-- preference: {"prompt": [messages], "chosen": str, "rejected": str, "where": str}
+- preference: {"prompt": [messages], "chosen": str, "rejected": str, "where": str} (an answer that calls tools
+              is its assistant turn, {"role": "assistant", "content", "tool_calls"}; "tools" as for SFT)
 - raw text:   {"text": str, "where": str}
 
 Column names match case-insensitively and through aliases (Q/A, question/answer, prompt/response, ...);
@@ -290,8 +291,9 @@ def _preference(f: Fields, where: str) -> dict:
         prompt = _common_prefix(chosen, rejected)  # chosen/rejected hold whole conversations
     else:
         raise RowError(f"{where}: missing column '{f.name('prompt')}'; {_SKIP_HINT}")
+    tools = _tools(f, where)
     return {"prompt": prompt, "chosen": _final_answer(chosen, prompt, where, "chosen"),
-            "rejected": _final_answer(rejected, prompt, where, "rejected")}
+            "rejected": _final_answer(rejected, prompt, where, "rejected"), **({"tools": tools} if tools else {})}
 
 
 def _common_prefix(a: list[dict], b: list[dict]) -> list[dict]:
@@ -301,14 +303,15 @@ def _common_prefix(a: list[dict], b: list[dict]) -> list[dict]:
     return a[:n]
 
 
-def _final_answer(value: str | list[dict], prompt: list[dict], where: str, column: str) -> str:
+def _final_answer(value: str | list[dict], prompt: list[dict], where: str, column: str) -> str | dict:
+    """The answer's text, or its assistant turn where it calls tools (a preference between calls)."""
     if isinstance(value, str):
         return value
     tail = value[len(prompt):] if value[:len(prompt)] == prompt else value
-    if len(tail) != 1 or tail[0]["role"] != "assistant" or not tail[0]["content"].strip():
+    if len(tail) != 1 or tail[0]["role"] != "assistant" or not (tail[0]["content"].strip() or "tool_calls" in tail[0]):
         raise RowError(f"{where}: '{column}' should end in exactly one assistant answer after the prompt; "
                        f"{_SKIP_HINT}")
-    return tail[0]["content"]
+    return tail[0] if "tool_calls" in tail[0] else tail[0]["content"]
 
 
 _NORMALIZERS = {"alpaca": _alpaca, "qa": _qa, "summarization": _summarization, "text": _raw_text,

@@ -73,8 +73,10 @@ def example_texts(example: dict, tpl: Template, settings: EncodeSettings) -> lis
         prompt = _with_system(example["prompt"], settings.system_prompt)
         answers = ("chosen", "rejected") if preference else ("chosen",)
         train = "last" if preference else settings.train_on
-        return [join_segments(render_segments(tpl, prompt + [{"role": "assistant", "content": example[a]}],
-                                              train, example["where"])) for a in answers]
+        turns = [example[a] if isinstance(example[a], dict) else {"role": "assistant", "content": example[a]}
+                 for a in answers]  # an answer that calls tools is already its assistant turn
+        return [join_segments(render_segments(tpl, prompt + [turn], train, example["where"], example.get("tools")))
+                for turn in turns]
     messages = _with_system(example["messages"], settings.system_prompt)
     return [join_segments(render_segments(tpl, messages, settings.train_on, example["where"], example.get("tools")))]
 

@@ -161,3 +161,26 @@ def test_calls_in_an_answer_name_the_requests_tools(text, content, calls):
     got_content, got = calls_in_answer(text, NAMES)
     assert [(c["function"]["name"], c["function"]["arguments"]) for c in got] == calls
     assert got_content == (content if calls else text)
+
+
+def test_a_preference_between_calls_trains_dpo_pairs_on_the_calls(tmp_path, make_cfg, qwen_tok):
+    """chosen / rejected as whole conversations ending in a call each (the right city, the wrong one): the pair's
+    texts share the prompt with the tools, and each trains its own call."""
+    user = {"role": "user", "content": "서울 날씨 어때?"}
+
+    def called(city: str) -> list[dict]:
+        return [user, {"role": "assistant", "content": None, "tool_calls": [
+            {"type": "function", "function": {"name": "get_weather", "arguments": json.dumps({"city": city})}}]}]
+
+    row = {"chosen": called("서울"), "rejected": called("부산"), "tools": [WEATHER]}
+    example = _example(row)
+    assert example["prompt"] == [user] and example["chosen"]["tool_calls"][0]["function"]["arguments"] == \
+        {"city": "서울"}
+    path = tmp_path / "pref.jsonl"
+    path.write_text(json.dumps(row, ensure_ascii=False) + "\n", encoding="utf-8")
+    (pair,) = prepare(make_cfg(path), qwen_tok, seed=0, objective="dpo").train
+    texts = [qwen_tok.decode([t for t, label in zip(pair[f"{side}_input_ids"], pair[f"{side}_labels"])
+                              if label != IGNORE]) for side in ("chosen", "rejected")]
+    assert texts == ['<tool_call>\n{"name": "get_weather", "arguments": {"city": "서울"}}\n</tool_call><|im_end|>',
+                     '<tool_call>\n{"name": "get_weather", "arguments": {"city": "부산"}}\n</tool_call><|im_end|>']
+    assert "get_weather" in qwen_tok.decode(pair["chosen_input_ids"][:-20])  # the schemas are in the prompt
