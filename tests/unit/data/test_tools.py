@@ -184,3 +184,20 @@ def test_a_preference_between_calls_trains_dpo_pairs_on_the_calls(tmp_path, make
     assert texts == ['<tool_call>\n{"name": "get_weather", "arguments": {"city": "서울"}}\n</tool_call><|im_end|>',
                      '<tool_call>\n{"name": "get_weather", "arguments": {"city": "부산"}}\n</tool_call><|im_end|>']
     assert "get_weather" in qwen_tok.decode(pair["chosen_input_ids"][:-20])  # the schemas are in the prompt
+
+
+def test_the_example_file_and_its_config_train_with_qwens_template(make_cfg, qwen_tok):
+    """configs/qwen2.5-7b-tools-lora.yaml and examples/tools_ko.jsonl (the form shown to users) load and prepare:
+    every row trains its calls and answers, never a tool's result."""
+    from pathlib import Path
+
+    from ppalli import config as C
+
+    root = Path(__file__).resolve().parents[3]
+    cfg = C.load(root / "configs" / "qwen2.5-7b-tools-lora.yaml")
+    data = make_cfg(root / cfg.data.path, template=cfg.data.template, max_seq_len=cfg.data.max_seq_len)
+    prepared = prepare(data, qwen_tok, seed=0)
+    assert len(prepared.train) == 4 and prepared.stats["truncated"] == 0
+    trained = [qwen_tok.decode([t for t, label in zip(s["input_ids"], s["labels"]) if label != IGNORE])
+               for s in prepared.train]
+    assert sum("<tool_call>" in t for t in trained) == 3 and not any("tool_response" in t for t in trained)
