@@ -15,7 +15,14 @@ import torch
 from transformers import DynamicCache
 
 from ppalli.infer.decode_layers import decode_layers, decode_problem
-from ppalli.infer.graph import StaticDecoder, base_model, compile_problem, graph_problem, step_kwargs
+from ppalli.infer.graph import (
+    StaticDecoder,
+    base_model,
+    compile_problem,
+    compiled_slots,
+    graph_problem,
+    step_kwargs,
+)
 from ppalli.infer.logprobs import TokenLogprob, logprobs_of
 
 _BROKEN = "\ufffd"  # what a decoder writes for an incomplete UTF-8 sequence, e.g. half a Hangul syllable
@@ -430,9 +437,11 @@ def _decoder(model, device: torch.device, max_len: int, graph: bool | None, rows
     if graph is False:
         _say_once(compile, "decoding without torch.compile: it compiles the graph's step, and the graph is off")
         return _Decoder(model)
-    why = graph_problem(model, device)
+    why = graph_problem(model, device, max_len)
     if why is None:
         problem = compile_problem(model) if compile else None
+        if problem is None and compile:  # a compiled step's cache rounds up, which may pass a sliding window
+            problem = graph_problem(model, device, compiled_slots(max_len))
         _say_once(problem, f"decoding without torch.compile: {problem}")
         decoder = StaticDecoder(model, max_len, device, graph=True, rows=rows, compile=compile and problem is None)
         _say_once(compile and problem is None, f"compiling the decode step for {rows} row(s) and {decoder.max_len} "

@@ -9,9 +9,13 @@ and the attention mask as device buffers this module updates inside the graph: t
 as a ready 4D mask, which transformers passes to SDPA as it is (no host-side mask building).
 
 The prompt runs eagerly (prefill); the first decode step too (it warms the kernels, as capture requires); the
-second is captured and every later one replays it. Only where that is exact: SDPA attention and every layer
-on a full-length cache (a sliding-window layer keeps a shorter ring, which one mask cannot describe);
-`graph_problem` says why not otherwise, and generate() then decodes eagerly.
+second is captured and every later one replays it. Only where that is exact: SDPA attention (or eager attention
+where ppalli's decode layers take every layer: they read the 4D mask themselves; Gemma 2 loads so), and a cache
+whose every layer is full-length. A sliding-window layer past its window keeps a ring one mask cannot describe
+(and HF counts its length in a Python int, which a replay cannot advance), but an answer whose prompt and new
+tokens fit the window never needs one: there sliding attention is full attention, so the cache gets a plain
+full-length layer in its place (`full_length_cache`). `graph_problem` says why not otherwise, and generate() then
+decodes eagerly.
 """
 
 from __future__ import annotations
@@ -68,10 +72,33 @@ def _has_layers(model, kinds: tuple[str, ...]) -> bool:
     return any(type(m).__name__.endswith(kinds) for m in model.modules())
 
 
-def _full_length_only(cache: StaticCache) -> bool:
-    from transformers.cache_utils import StaticLayer
+def _window_problem(config, max_len: int | None) -> str | None:
+    """Why a StaticCache of max_len slots for `config` would not be all full-length layers, or None: layers of
+    another kind, or sliding windows shorter than max_len (None: unknown length). A sliding layer's slots are
+    min(window, max_len), so one built for 2^30 slots (allocated lazily: no memory) says its window."""
+    from transformers.cache_utils import StaticLayer, StaticSlidingWindowLayer
 
-    return all(type(layer) is StaticLayer for layer in cache.layers)
+    layers = StaticCache(config=config, max_cache_len=1 << 30).layers
+    other = next((type(layer).__name__ for layer in layers if type(layer) not in (StaticLayer,
+                                                                                 StaticSlidingWindowLayer)), None)
+    if other is not None:
+        return f"cache layers of kind {other} (not a full-length StaticLayer)"
+    windows = [layer.max_cache_len for layer in layers if type(layer) is StaticSlidingWindowLayer]
+    if windows and (max_len is None or max_len > min(windows)):
+        return (f"sliding-window layers of {min(windows)} keys and {max_len or 'an unknown number of'} cache slots "
+                "(past its window a layer's cache is a ring one mask cannot describe)")
+    return None
+
+
+def full_length_cache(config, max_len: int) -> StaticCache:
+    """transformers' StaticCache of max_len slots with every sliding-window layer replaced by a full-length one (for
+    max_len within the windows, which _window_problem checks: there the two attend to the same keys)."""
+    from transformers.cache_utils import StaticLayer, StaticSlidingWindowLayer
+
+    cache = StaticCache(config=config, max_cache_len=max_len)
+    cache.layers = [StaticLayer(max_cache_len=max_len) if type(layer) is StaticSlidingWindowLayer else layer
+                    for layer in cache.layers]
+    return cache
 
 
 def _quantization_problem(model) -> str | None:
@@ -89,8 +116,9 @@ def _quantization_problem(model) -> str | None:
     return None
 
 
-def graph_problem(model, device: torch.device) -> str | None:
-    """Why decoding `model` from a CUDA graph would not be exact or possible here, or None."""
+def graph_problem(model, device: torch.device, max_len: int | None = None) -> str | None:
+    """Why decoding `model` from a CUDA graph over max_len cache slots (None: any) would not be exact or possible
+    here, or None."""
     if device.type != "cuda":
         return f"the model is on {device.type}"
     config = getattr(base_model(model), "config", None)
@@ -99,11 +127,16 @@ def graph_problem(model, device: torch.device) -> str | None:
     quant = _quantization_problem(model)
     if quant is not None:
         return quant
-    if getattr(config, "_attn_implementation", None) != "sdpa":
-        return f"attention implementation {getattr(config, '_attn_implementation', None)!r} (the graph needs sdpa)"
-    if not _full_length_only(StaticCache(config=config, max_cache_len=8)):
-        return "sliding-window layers (their cache is a ring one mask cannot describe)"
-    return None
+    attn = getattr(config, "_attn_implementation", None)
+    if attn != "sdpa" and not (attn == "eager" and _decode_layers_take(model)):
+        return f"attention implementation {attn!r} (the graph needs sdpa, or eager under ppalli's decode layers)"
+    return _window_problem(config, max_len)
+
+
+def _decode_layers_take(model) -> bool:
+    from ppalli.infer.decode_layers import decode_problem
+
+    return decode_problem(model) is None
 
 
 class StaticDecoder:
@@ -120,7 +153,7 @@ class StaticDecoder:
             max_len = compiled_slots(max_len)
         self.model, self.max_len, self.use_graph, self.compiled = model, max_len, graph, compile
         self.step_forward = torch.compile(model, dynamic=False) if compile else model
-        self.kwargs = step_kwargs(model, StaticCache(config=base_model(model).config, max_cache_len=max_len))
+        self.kwargs = step_kwargs(model, full_length_cache(base_model(model).config, max_len))
         self.keys = torch.arange(max_len, device=device)  # (L,) the cache's slots
         self.valid = torch.ones((rows, max_len), dtype=torch.bool, device=device)  # (B, L) False: left padding
         self.slot = torch.zeros((), dtype=torch.long, device=device)  # the slot the next step writes

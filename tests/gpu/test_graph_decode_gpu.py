@@ -201,3 +201,30 @@ def test_the_compiled_step_in_the_graph_answers_as_eager_decoding():
             a, b = plain(token), graphed(token).clone()
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
     assert graphed.graph is not None
+
+
+@pytest.mark.parametrize("family, attn", [("mistral", "sdpa"), ("gemma3", "sdpa"), ("gemma2", "eager")])
+def test_window_models_within_their_window_replay_from_the_graph(family, attn):
+    """Sliding window 6, prompt 3 + 2 steps: full-length layers in the cache (graph.full_length_cache), replayed
+    from the graph under ppalli's decode layers, give the growing cache's logits (Gemma 2 on eager attention)."""
+    from ppalli.export.merge import merge_for_inference
+    from ppalli.infer.decode_layers import decode_layers
+
+    model = tiny_lora_model(family, attn=attn).to(CUDA)
+    for p in model.parameters():
+        p.data.normal_(0, 0.2)
+    model = merge_for_inference(model)[0]
+    ids = _prompt(3)
+    with torch.inference_mode():
+        dynamic = _Decoder(model)
+        want = [dynamic.prefill(ids).clone()]
+        with decode_layers(model) as swapped:
+            assert swapped and graph_problem(model, CUDA, 6) is None
+            graphed = StaticDecoder(model, max_len=6, device=CUDA, graph=True)
+            got = [graphed.prefill(ids).clone()]
+            for _ in range(2):
+                token = want[-1].argmax(-1).view(1, 1)
+                got.append(graphed(token).clone())
+                want.append(dynamic(token).clone())
+        assert graphed.graph is not None
+    torch.testing.assert_close(torch.stack(got), torch.stack(want), rtol=1e-4, atol=1e-4)

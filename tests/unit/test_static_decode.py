@@ -61,8 +61,45 @@ def test_graph_problem_names_what_rules_the_graph_out():
     assert "cpu" in graph_problem(tiny_lora_model("llama"), CPU)
     cuda = torch.device("cuda")  # only the config is read: no CUDA needed for these answers
     assert graph_problem(tiny_lora_model("llama"), cuda) is None
-    assert "sliding" in graph_problem(AutoModelForCausalLM.from_config(tiny_config("mistral")), cuda)
-    assert "eager" in graph_problem(tiny_lora_model("llama", attn="eager"), cuda)
+    mistral = AutoModelForCausalLM.from_config(tiny_config("mistral"))  # sliding window 6
+    assert "sliding" in graph_problem(mistral, cuda) and "7 cache slots" in graph_problem(mistral, cuda, 7)
+    assert graph_problem(mistral, cuda, 6) is None  # prompt and answer within the window: full attention
+    # eager attention: only where ppalli's decode layers take every layer (they read the 4D mask themselves)
+    assert graph_problem(tiny_lora_model("llama", attn="eager"), cuda) is None
+    assert "eager" in graph_problem(tiny_lora_model("llama", attn="eager", use_dora=True), cuda)
+
+
+def _greedy_logits(step, ids: torch.Tensor, n: int) -> torch.Tensor:
+    """(n, V) logits of the prompt and n - 1 greedy steps."""
+    logits = [step.prefill(ids).clone()]
+    for _ in range(n - 1):
+        logits.append(step(logits[-1].argmax(-1).view(1, 1)).clone())
+    return torch.cat(logits)
+
+
+@pytest.mark.parametrize("family, attn", [("mistral", "sdpa"), ("gemma3", "sdpa"), ("gemma2", "eager")])
+def test_window_models_within_their_window_decode_on_the_static_cache(family, attn):
+    """Prompt and answer within the sliding window (6): the static cache's full-length layers (full_length_cache)
+    give the growing cache's logits, through HF's layers and through ppalli's decode layers (Gemma 2 on eager
+    attention only through them: HF's eager path would add the bool mask)."""
+    from ppalli.export.merge import merge_for_inference
+    from ppalli.infer.decode_layers import decode_layers
+
+    model = tiny_lora_model(family, attn=attn)
+    for p in model.parameters():
+        p.data.normal_(0, 0.2)
+    model = merge_for_inference(model)[0]
+    ids = _prompt(3)
+    with torch.inference_mode():
+        want = _greedy_logits(_Decoder(model), ids, 3)
+        for swapped in ((True,) if attn == "eager" else (False, True)):
+            with decode_layers(model, enabled=swapped) as on:
+                assert on == swapped
+                static = StaticDecoder(model, max_len=6, device=CPU, graph=False)
+                cache = static.kwargs.get("cache", static.kwargs.get("past_key_values"))
+                assert {type(layer).__name__ for layer in cache.layers} == {"StaticLayer"}  # a replay advances all
+                got = _greedy_logits(static, ids, 3)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 def test_graph_problem_lets_bitsandbytes_4bit_bases_through_and_nothing_else_quantized():
