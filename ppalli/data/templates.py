@@ -255,19 +255,20 @@ def render_segments(tpl: Template, messages: list[dict], train: str, where: str,
     segments, cursor = [], 0
     for i in targets:
         pre, post = _render_pair(tpl, messages, i, where, tools)
-        if not full.startswith(post) or len(pre) < cursor:
+        if not full.startswith(pre) or len(pre) < cursor:
             raise RowError(f"{where}: template {tpl.name} renders the whole conversation differently from its "
                            f"turns, so responses cannot be located; use a built-in data.template "
                            f"({', '.join(BUILTIN)})")
         segments.append((full[cursor:len(pre)], False))
-        _check_tools(tpl, post[len(pre):], [c["function"]["name"] for c in messages[i].get("tool_calls", ())],
+        if full.startswith(post):
+            end = _answer_end(post, len(pre), tpl.stops)
+            response = post[len(pre):] + tpl.eos if end is None else post[len(pre):end]
+            end = len(post) if end is None else end
+        else:  # the turn reads otherwise once later turns follow it: the whole conversation's text is the truth
+            response, end = _rewritten_response(tpl, full, len(pre), messages[i], i, where)
+        _check_tools(tpl, response, [c["function"]["name"] for c in messages[i].get("tool_calls", ())],
                      f"turn {i + 1}'s tool call", where)
-        end = _answer_end(post, len(pre), tpl.stops)
-        if end is None:
-            segments.append((post[len(pre):] + tpl.eos, True))
-            end = len(post)
-        else:
-            segments.append((post[len(pre):end], True))
+        segments.append((response, True))
         cursor = end
     segments.append((full[cursor:], False))
     _check_tools(tpl, full, [tool_name(t) for t in tools or ()], "the tools' schemas", where)
@@ -275,6 +276,21 @@ def render_segments(tpl: Template, messages: list[dict], train: str, where: str,
     if train == "all":
         segments = [(text, True) for text, _ in segments]
     return [s for s in segments if s[0]]
+
+
+def _rewritten_response(tpl: Template, full: str, start: int, turn: dict, i: int, where: str) -> tuple[str, int]:
+    """(response, its end in `full`) of assistant turn i where the template writes the turn one way as the last and
+    another once later turns follow: Qwen3's drops an earlier answer's thinking (`<think>` block) from the history.
+    What the model is trained on is what the whole conversation shows, from the generation prompt to the first stop
+    string after it; the turn's text after any thinking must be inside it."""
+    ends = [full.find(stop, start) + len(stop) for stop in tpl.stops if full.find(stop, start) >= 0]
+    end = min(ends) if ends else None
+    answer = turn["content"].split("</think>")[-1].strip()
+    if end is None or answer not in full[start:end]:
+        raise RowError(f"{where}: template {tpl.name} writes assistant turn {i + 1} differently once later turns "
+                       "follow, and its answer cannot be found in the whole conversation's text; use a built-in "
+                       f"data.template ({', '.join(BUILTIN)})")
+    return full[start:end], end
 
 
 def _check_tools(tpl: Template, text: str, needles: list[str], what: str, where: str) -> None:

@@ -126,6 +126,35 @@ def test_non_incremental_template_is_refused(qwen_tok):
         resolve_template(rewrites, qwen_tok)
 
 
+# As Qwen3's template does: the answer after the last user turn opens with its thinking (an empty <think> block when
+# it has none); an earlier answer shows only its text after any thinking. So rendered alone as the last turn, an
+# earlier answer reads otherwise than inside the whole conversation.
+THINKING = (
+    "{% set ns = namespace(last=0) %}{% for m in messages %}{% if m.role == 'user' %}{% set ns.last = loop.index0 %}"
+    "{% endif %}{% endfor %}"
+    "{% for m in messages %}{% if m.role == 'assistant' %}"
+    "{% set answer = m.content.split('</think>')[-1].strip() %}"
+    "{% set thought = m.content.split('</think>')[0].split('<think>')[-1].strip() if '</think>' in m.content else '' %}"
+    "{{ '<|im_start|>assistant\\n' }}{% if loop.index0 > ns.last %}{{ '<think>\\n' + thought + '\\n</think>\\n\\n' }}"
+    "{% endif %}{{ answer + '<|im_end|>\\n' }}"
+    "{% else %}{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def test_a_template_that_drops_earlier_thinking_trains_what_the_conversation_shows(qwen_tok):
+    """Qwen3-style: every answer is located in the whole conversation's text; the earlier one trains without its
+    thinking (as the history shows it), the last one with its <think> block."""
+    tpl = resolve_template(THINKING, qwen_tok)
+    messages = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "<think>hm</think>b"},
+                {"role": "user", "content": "c"}, {"role": "assistant", "content": "<think>ok</think>d"}]
+    segments = render_segments(tpl, messages, "responses", "x")
+    assert _trained(segments) == ["b<|im_end|>", "<think>\nok\n</think>\n\nd<|im_end|>"]
+    assert "".join(t for t, _ in segments) == tpl.render(messages)
+    broken = THINKING.replace("answer + '<|im_end|>", "'<|im_end|>")  # a template that loses the answers
+    with pytest.raises(RowError, match="writes assistant turn 2 differently"):
+        render_segments(resolve_template(broken, qwen_tok), messages, "responses", "x")
+
+
 def test_raise_exception_becomes_a_row_error(qwen_tok):
     picky = ("{% for m in messages %}{% if m.content == 'bad' %}{{ raise_exception('no bad words') }}{% endif %}"
              "{{ m.content + eos_token }}{% endfor %}")
