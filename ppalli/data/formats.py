@@ -3,7 +3,8 @@
 Normalized examples are plain dicts (they cross process boundaries):
 - SFT:        {"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": str}, ...], "where": str}
               (+ "tools": [function schemas] where the row has them; an assistant turn that calls tools has
-              "tool_calls": [{"type": "function", "function": {"name": str, "arguments": dict}}])
+              "tool_calls": [{"type": "function", "function": {"name": str, "arguments": dict}}], one that came
+              with its reasoning apart, "reasoning_content": str, as Qwen3's and DeepSeek-R1's data keep it)
 - preference: {"prompt": [messages], "chosen": str, "rejected": str, "where": str} (an answer that calls tools
               is its assistant turn, {"role": "assistant", "content", "tool_calls"}; "tools" as for SFT)
 - raw text:   {"text": str, "where": str}
@@ -230,12 +231,15 @@ def _turn(turn, where: str, column: str, i: int) -> dict:
     calls = turn.get("tool_calls")
     if name == "function_call":  # the call is the turn's text: JSON of one call or a list of them
         calls, content = content, ""
+    thought = turn.get("reasoning_content", turn.get("reasoning")) if ROLES[name] == "assistant" else None
+    thought = {"reasoning_content": thought} if isinstance(thought, str) and thought.strip() else {}
     if calls is not None and ROLES[name] == "assistant":
-        return {"role": "assistant", "content": content or "", "tool_calls": _tool_calls(calls, where, column, i)}
+        return {"role": "assistant", "content": content or "", **thought,
+                "tool_calls": _tool_calls(calls, where, column, i)}
     if not isinstance(content, str):
         raise RowError(f"{where}: {column} turn {i} content should be text, got {type(content).__name__}; "
                        f"{_SKIP_HINT}")
-    out = {"role": ROLES[name], "content": content}
+    out = {"role": ROLES[name], "content": content, **thought}
     if out["role"] == "tool":  # which call it answers, for the templates that say so
         out.update({k: turn[k] for k in ("name", "tool_call_id") if isinstance(turn.get(k), str)})
     return out
@@ -304,14 +308,14 @@ def _common_prefix(a: list[dict], b: list[dict]) -> list[dict]:
 
 
 def _final_answer(value: str | list[dict], prompt: list[dict], where: str, column: str) -> str | dict:
-    """The answer's text, or its assistant turn where it calls tools (a preference between calls)."""
+    """The answer's text, or its assistant turn where it calls tools or carries its reasoning apart."""
     if isinstance(value, str):
         return value
     tail = value[len(prompt):] if value[:len(prompt)] == prompt else value
     if len(tail) != 1 or tail[0]["role"] != "assistant" or not (tail[0]["content"].strip() or "tool_calls" in tail[0]):
         raise RowError(f"{where}: '{column}' should end in exactly one assistant answer after the prompt; "
                        f"{_SKIP_HINT}")
-    return tail[0] if "tool_calls" in tail[0] else tail[0]["content"]
+    return tail[0] if "tool_calls" in tail[0] or "reasoning_content" in tail[0] else tail[0]["content"]
 
 
 _NORMALIZERS = {"alpaca": _alpaca, "qa": _qa, "summarization": _summarization, "text": _raw_text,

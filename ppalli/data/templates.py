@@ -248,6 +248,7 @@ def render_segments(tpl: Template, messages: list[dict], train: str, where: str,
     function schemas; a template that leaves them, a tool's result or a call out of the text is refused
     (`_check_tools`): the model would learn calls it was never shown how to make.
     """
+    messages = _with_thinking(tpl, messages)
     full = _render(tpl, messages, where, tools=tools)
     targets = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     if train == "last":
@@ -276,6 +277,17 @@ def render_segments(tpl: Template, messages: list[dict], train: str, where: str,
     if train == "all":
         segments = [(text, True) for text, _ in segments]
     return [s for s in segments if s[0]]
+
+
+def _with_thinking(tpl: Template, messages: list[dict]) -> list[dict]:
+    """Messages whose answers carry their reasoning apart ("reasoning_content"), for a template that does not read
+    that field (Qwen3's does): the reasoning goes in front of the answer as a <think> block, as reasoning models
+    write it, so it is trained rather than dropped."""
+    if "reasoning_content" in tpl.source or not any("reasoning_content" in m for m in messages):
+        return messages
+    return [m if "reasoning_content" not in m else
+            {**{k: v for k, v in m.items() if k != "reasoning_content"},
+             "content": f"<think>\n{m['reasoning_content'].strip()}\n</think>\n\n{m['content']}"} for m in messages]
 
 
 def _rewritten_response(tpl: Template, full: str, start: int, turn: dict, i: int, where: str) -> tuple[str, int]:

@@ -155,6 +155,25 @@ def test_a_template_that_drops_earlier_thinking_trains_what_the_conversation_sho
         render_segments(resolve_template(broken, qwen_tok), messages, "responses", "x")
 
 
+def test_reasoning_apart_goes_to_a_template_that_reads_it_else_in_front_as_a_think_block(qwen_tok):
+    """An answer with "reasoning_content" (Qwen3's / DeepSeek-R1's data): a template that reads the field renders it
+    itself; chatml, which does not, gets it as a <think> block in front of the answer. Both train it."""
+    from ppalli.data.formats import normalize
+    from ppalli.data.sources import Row
+
+    answer = {"role": "assistant", "content": "4", "reasoning_content": "둘 더하기 둘"}
+    row = Row({"messages": [{"role": "user", "content": "2+2?"}, answer]}, "f", "line", 1)
+    messages = normalize(row, "messages", {})["messages"]
+    assert messages[1] == {"role": "assistant", "content": "4", "reasoning_content": "둘 더하기 둘"}
+    chatml = resolve_template("chatml", qwen_tok)
+    assert _trained(render_segments(chatml, messages, "responses", "x")) == [
+        "<think>\n둘 더하기 둘\n</think>\n\n4<|im_end|>"]
+    reads = resolve_template(THINKING.replace("m.content.split('</think>')[0].split('<think>')[-1].strip() if "
+                                              "'</think>' in m.content else ''", "m.reasoning_content or ''"), qwen_tok)
+    assert _trained(render_segments(reads, messages, "responses", "x")) == [
+        "<think>\n둘 더하기 둘\n</think>\n\n4<|im_end|>"]
+
+
 def test_raise_exception_becomes_a_row_error(qwen_tok):
     picky = ("{% for m in messages %}{% if m.content == 'bad' %}{{ raise_exception('no bad words') }}{% endif %}"
              "{{ m.content + eos_token }}{% endfor %}")
