@@ -62,6 +62,7 @@ def test_modelfile_names_the_gguf_template_system_and_stops(shared_data):
     lines = text.splitlines()
     assert lines[1] == "FROM ./model-q4_k_m.gguf"
     assert 'TEMPLATE """' in text and "### 질문:" in text and "### 답변:" in text and "<BOS>" not in text
+    assert "tools are not translated" in text
     assert 'SYSTEM """너는 한국어 비서야."""' in lines
     assert 'PARAMETER stop "<|im_end|>"' in lines and 'PARAMETER stop "<|endoftext|>"' in lines
     custom = resolve_template("{% for m in messages %}{{ m.content }}{{ eos_token }}{% endfor %}", tok)
