@@ -252,7 +252,8 @@ class ChatServer(ThreadingHTTPServer):
                 raise BadRequest(f"'prompt': token id {bad} is outside the model's vocabulary (0 to {self.vocab - 1})")
         else:
             try:
-                text = self.run.render_prompt(prompt, tools=req["tools"]) if chat else prompt
+                tools = {"tools": req["tools"]} if req["tools"] else {}  # a run's render_prompt takes tools=
+                text = self.run.render_prompt(prompt, **tools) if chat else prompt
             except DataError as e:  # the run's template refused the messages, or left the tools out
                 raise BadRequest(f"the run's chat template: {e}") from None
             ids = self.run.tokenizer(text, add_special_tokens=not chat)["input_ids"]
