@@ -55,7 +55,7 @@ class LoraConfig:
 class SourceConfig:
     path: str = _f("", "A file (.json, .jsonl, .csv, .tsv, .parquet), a `datasets` folder, or a hub id.")
     weight: float = _f(1.0, "Mixing weight among several sources.")
-    format: str = _f("auto", "auto, alpaca, qa, messages, sharegpt, text, preference or summarization.")
+    format: str = _f("auto", "auto, alpaca, qa, messages, sharegpt, text, preference, summarization or calls.")
     columns: dict[str, str] = _f({}, "Column mapping, e.g. {question: Q, answer: A}.")
     split: str = _f("train", "Split of a `datasets` folder or hub id.")
 
@@ -65,7 +65,8 @@ class DataConfig:
     path: str = _f("demo", "Training data file; 'demo' writes and uses the built-in Korean/English pairs.")
     sources: list[SourceConfig] = _f([], "Several sources mixed by weight (instead of `path`).")
     format: str = _f("auto", "auto (from the columns), alpaca, qa, messages, sharegpt, text, preference, "
-                             "summarization.")
+                             "summarization, calls (a question, tools and the calls answering it, as xLAM's "
+                             "function-calling data).")
     columns: dict[str, str] = _f({}, "Column mapping from the format's names to the file's, e.g. "
                                      "{question: Q, answer: A}.")
     template: str = _f("auto", "auto (the model's chat template, else alpaca_en), alpaca_en, alpaca_ko, "

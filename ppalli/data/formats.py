@@ -24,7 +24,7 @@ from ppalli.data.sources import Row, RowError
 from ppalli.data.tools import ToolError, tool_calls, tool_schemas
 from ppalli.errors import DataError
 
-FORMATS = ("alpaca", "qa", "messages", "sharegpt", "text", "preference", "summarization")
+FORMATS = ("alpaca", "qa", "messages", "sharegpt", "text", "preference", "summarization", "calls")
 
 # Canonical field -> names accepted in files (lower case), in order of preference.
 ALIASES: dict[str, tuple[str, ...]] = {
@@ -43,6 +43,7 @@ ALIASES: dict[str, tuple[str, ...]] = {
     "document": ("document", "article", "text", "content"),
     "summary": ("summary", "summarization", "abstract"),
     "tools": ("tools", "functions"),
+    "calls": ("answers", "calls", "tool_calls"),  # the calls that answer a question (xLAM's `answers`)
 }
 
 ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
@@ -103,8 +104,8 @@ def detect_format(data: dict, columns: dict[str, str], where: str) -> str:
             return "sharegpt"
         if turns and "role" in turns[0]:
             return "messages"
-    checks = (("alpaca", ("instruction", "output")), ("summarization", ("summary",)),
-              ("qa", ("question", "answer")), ("text", ("text",)))
+    checks = (("calls", ("question", "tools", "calls")), ("alpaca", ("instruction", "output")),
+              ("summarization", ("summary",)), ("qa", ("question", "answer")), ("text", ("text",)))
     for fmt, needed in checks:
         if all(f.has(n) for n in needed):
             return fmt
@@ -280,6 +281,20 @@ def _response(value, where: str, column: str) -> str | list[dict]:
     raise RowError(f"{where}: column '{column}' should be text, a turn or a list of turns; {_SKIP_HINT}")
 
 
+def _calls(f: Fields, where: str) -> dict:
+    """A question, the tools offered and the calls that answer it (JSON text or lists), as one user turn and one
+    assistant turn that calls them: single-turn function-calling data such as Salesforce's xLAM."""
+    tools = _tools(f, where)
+    if not tools:
+        raise RowError(f"{where}: empty column '{f.name('tools')}': a call needs the tools it may call; {_SKIP_HINT}")
+    try:
+        calls = tool_calls(f.get("calls"), f"column '{f.key('calls') or f.name('calls')}'")
+    except ToolError as e:
+        raise RowError(f"{where}: {e}; {_SKIP_HINT}") from None
+    return {"messages": [{"role": "user", "content": _text(f, "question", where)},
+                         {"role": "assistant", "content": "", "tool_calls": calls}], "tools": tools}
+
+
 def _preference(f: Fields, where: str) -> dict:
     if not f.has("chosen") or not f.has("rejected"):
         missing = "chosen" if not f.has("chosen") else "rejected"
@@ -319,4 +334,4 @@ def _final_answer(value: str | list[dict], prompt: list[dict], where: str, colum
 
 
 _NORMALIZERS = {"alpaca": _alpaca, "qa": _qa, "summarization": _summarization, "text": _raw_text,
-                "messages": _conversation, "sharegpt": _conversation, "preference": _preference}
+                "messages": _conversation, "sharegpt": _conversation, "preference": _preference, "calls": _calls}

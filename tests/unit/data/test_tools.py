@@ -201,3 +201,17 @@ def test_the_example_file_and_its_config_train_with_qwens_template(make_cfg, qwe
     trained = [qwen_tok.decode([t for t, label in zip(s["input_ids"], s["labels"]) if label != IGNORE])
                for s in prepared.train]
     assert sum("<tool_call>" in t for t in trained) == 3 and not any("tool_response" in t for t in trained)
+
+
+def test_xlam_style_rows_become_a_question_and_its_calls():
+    """Salesforce xLAM's function-calling rows: query, tools and answers, each list as JSON text."""
+    row = {"query": "서울과 부산 날씨 알려줘", "tools": json.dumps([WEATHER["function"]], ensure_ascii=False),
+           "answers": json.dumps([{"name": "get_weather", "arguments": {"city": "서울"}},
+                                  {"name": "get_weather", "arguments": {"city": "부산"}}], ensure_ascii=False)}
+    assert detect_format(row, {}, "x") == "calls"
+    example = _example(row)
+    assert example["messages"][0] == {"role": "user", "content": "서울과 부산 날씨 알려줘"}
+    assert [c["function"]["arguments"]["city"] for c in example["messages"][1]["tool_calls"]] == ["서울", "부산"]
+    assert example["tools"] == [WEATHER["function"]]
+    with pytest.raises(RowError, match="column 'answers' tool call 1's arguments is not valid JSON"):
+        _example({**row, "answers": '[{"name": "get_weather", "arguments": "{city"}]'})
