@@ -94,9 +94,9 @@ def modelfile_text(gguf_name: str, tpl: Template, adds_bos: bool, system_prompt:
         lines.append(f"# no TEMPLATE: {which} Jinja template, not translated; Ollama uses the one it knows for this "
                      "model family, if any, else write TEMPLATE yourself")
     else:
-        lines.append("# TEMPLATE renders system, user and assistant turns only: tools are not translated (the GGUF "
-                     "carries the run's Jinja chat template, which llama.cpp's llama-server --jinja renders)")
         lines.append(f'TEMPLATE """{go}"""')
+        lines.append("# the TEMPLATE renders system, user and assistant turns only: tools are not translated (the "
+                     "GGUF carries the run's Jinja chat template, which llama.cpp's llama-server --jinja renders)")
     if system_prompt:
         if '"""' in system_prompt:
             raise ModelError('data.system_prompt holds """, which a Modelfile SYSTEM cannot carry')
