@@ -306,8 +306,9 @@ def _rewritten_response(tpl: Template, full: str, start: int, turn: dict, i: int
 
 
 def _check_tools(tpl: Template, text: str, needles: list[str], what: str, where: str) -> None:
-    """RowError when one of `needles` (a call's or a tool's name, a tool's result) is not in the rendered text."""
-    missing = next((n for n in needles if n not in text), None)
+    """RowError when one of `needles` (a call's or a tool's name, a tool's result) is not in the rendered text, as it
+    is or as a JSON string (Llama 3.1's template writes a tool's result through tojson: quotes escaped)."""
+    missing = next((n for n in needles if n not in text and json.dumps(n, ensure_ascii=False) not in text), None)
     if missing is not None:
         raise RowError(f"{where}: template {tpl.name} leaves {what} out of the text ('{missing[:40]}'), so this "
                        "row cannot teach tool use; use data.template=auto with a model whose chat template takes "

@@ -215,3 +215,19 @@ def test_xlam_style_rows_become_a_question_and_its_calls():
     assert example["tools"] == [WEATHER["function"]]
     with pytest.raises(RowError, match="column 'answers' tool call 1's arguments is not valid JSON"):
         _example({**row, "answers": '[{"name": "get_weather", "arguments": "{city"}]'})
+
+
+def test_a_template_that_writes_results_through_tojson_is_taken(qwen_tok):
+    """Llama 3.1's template writes a tool's result with tojson (a string is iterable in Jinja): the result is in the
+    text as a JSON string, quotes escaped, and the row still trains."""
+    source = ("{% for m in messages %}{{ '<|im_start|>' + m.role + '\\n' }}"
+              "{% if m.tool_calls %}{{ m.tool_calls[0].function | tojson }}"
+              "{% elif m.role == 'tool' %}{{ m.content | tojson }}{% else %}{{ m.content }}{% endif %}"
+              "{{ '<|im_end|>\\n' }}{% endfor %}"
+              "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+    example = _example(OPENAI_ROW)
+    tpl = resolve_template(source, qwen_tok)
+    segments = render_segments(tpl, example["messages"], "responses", example["where"])
+    assert _trained(segments) == ['{"name": "get_weather", "arguments": {"city": "서울"}}<|im_end|>',
+                                  "서울은 맑고 3도예요.<|im_end|>"]
+    assert '"{\\"temp_c\\": 3, \\"sky\\": \\"맑음\\"}"' in "".join(t for t, _ in segments)
