@@ -104,6 +104,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=os.environ.get("PPALLI_API_KEY"), help="answer only requests that send "
                    "'Authorization: Bearer KEY' (the openai client's api_key); default $PPALLI_API_KEY, else none "
                    "(set one before --host 0.0.0.0)")
+    p.add_argument("--reasoning", action="store_true", help="a chat answer's opening <think> block comes back as "
+                   "reasoning_content, apart from the content (a run trained on reasoning answers)")
     p.add_argument("--batch-size", type=int, default=8, help="the most requests decoded together: those waiting "
                    "when a batch starts share it (each with its own sampling and limit; a batch out of GPU memory "
                    "halves this)")
@@ -303,7 +305,8 @@ def cmd_serve(args) -> int:
     name = Path(args.run_dir).resolve().name
     try:
         server = ChatServer((args.host, args.port), run, name, max_new_tokens=args.max_new_tokens,
-                            compile=args.compile, batch_size=args.batch_size, api_key=args.api_key)
+                            compile=args.compile, batch_size=args.batch_size, api_key=args.api_key,
+                            reasoning=args.reasoning)
     except OSError as e:
         raise PpalliError(f"serve: cannot listen on {args.host}:{args.port} ({e.strerror}); pick another "
                           "--port") from None

@@ -31,6 +31,10 @@ each choice's first chunk). A stream's chunks carry
 the log-probs of the tokens whose text they complete; its last chunk those of the tokens left (a stop token that
 ended a text completion, a token cut by a stop string), so a stream's log-probs add up to the whole answer's.
 
+With --reasoning (a run trained on answers that open with a <think> block: Qwen3's template, reasoning_content data),
+a chat answer's thinking comes back as the message's reasoning_content and the rest as its content, streamed as
+reasoning_content deltas, then content ones (infer/thinking.py), as vLLM's reasoning parsers give them.
+
 Tools (function calling, for a run trained on tool-use data): the request's tools go into the prompt through the run's
 template (a template that leaves them out is a 400), and its messages may hold assistant turns with tool_calls and
 "tool" turns with results. The calls a model writes (`<tool_call>{json}</tool_call>` blocks, as Qwen2.5 / Qwen3 and
@@ -60,6 +64,7 @@ from ppalli.data.tools import ToolError, calls_in_answer, tool_calls, tool_name,
 from ppalli.errors import DataError
 from ppalli.infer.batcher import Batcher, Job
 from ppalli.infer.logprobs import MOST_TOP, TokenPieces, chat_logprobs, covering, text_logprobs
+from ppalli.infer.thinking import StreamSplit, split_thinking
 
 REFUSED = {"functions": "the legacy functions field is not served: send them as tools",
            "response_format": "only free text is served (no JSON mode)"}
@@ -217,9 +222,10 @@ class ChatServer(ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, address, run, name: str, max_new_tokens: int = 512, compile: bool = False,
-                 batch_size: int = 8, api_key: str | None = None):
+                 batch_size: int = 8, api_key: str | None = None, reasoning: bool = False):
         super().__init__(address, _Handler)
         self.run, self.name, self.max_new_tokens, self.api_key = run, name, max_new_tokens, api_key
+        self.reasoning = reasoning  # a chat answer's <think> block as reasoning_content (infer/thinking.py)
         self.batcher = Batcher(run, batch_size, compile)
         self.context = getattr(run.model.config, "max_position_embeddings", None)
         self.vocab = run.model.get_input_embeddings().num_embeddings
@@ -355,8 +361,14 @@ class _Handler(BaseHTTPRequestHandler):
             answers = [self._echo_text(p) + a for (_, _, p), a in zip(choices, answers)]
         used = sum(len(ids) for ids, _, _ in choices[::req["n"]])
         new = sum(len(job.new) for job in jobs)
+        thoughts = [None] * len(answers)
+        if chat and self.server.reasoning:
+            thoughts, answers = map(list, zip(*map(split_thinking, answers)))
         out = [{"index": job.index, **_content(chat, text, message=True), "logprobs": self._logprobs(job, req, chat),
                 "finish_reason": job.finish_reason} for job, text in zip(jobs, answers)]
+        for choice, thought in zip(out, thoughts):
+            if thought is not None:
+                choice["message"]["reasoning_content"] = thought
         return {"object": "chat.completion" if chat else "text_completion",
                 "choices": [_with_calls(c, text, req["tools"]) for c, text in zip(out, answers)],
                 "usage": {"prompt_tokens": used, "completion_tokens": new, "total_tokens": used + new}}
@@ -426,8 +438,8 @@ class _Handler(BaseHTTPRequestHandler):
         head = {k: answer[k] for k in ("id", "created", "model")}
         for choice in answer["choices"]:
             message, index = choice["message"], choice["index"]
-            deltas = [{"role": "assistant", "content": ""}] + ([{"content": message["content"]}] if message["content"]
-                                                               else [])
+            deltas = [{"role": "assistant", "content": ""}] + [
+                {key: message[key]} for key in ("reasoning_content", "content") if message.get(key)]
             if message.get("tool_calls"):
                 deltas.append({"tool_calls": [{"index": k, **call} for k, call in enumerate(message["tool_calls"])]})
             for delta in deltas + [{}]:
@@ -474,6 +486,8 @@ class _Handler(BaseHTTPRequestHandler):
                     "choices": [{"index": index, **_content(chat, text), "logprobs": scores(index, list(scored)),
                                  "finish_reason": finish}]}
 
+        split = StreamSplit(len(jobs), on=chat and self.server.reasoning)
+
         try:
             if chat:
                 for job in jobs:
@@ -486,13 +500,17 @@ class _Handler(BaseHTTPRequestHandler):
                     event(chunk(index, prompts[index], scored=list(zip(job.ids, job.prompt_scores))))
                     echoed[index] = True
                 if text is not None:
-                    event(chunk(index, text, scored=scored))
+                    for kind, piece, done in split.parts(index, text, scored):
+                        event(_as(kind, chunk(index, piece, scored=done)))
                     continue
                 open_jobs -= 1
                 if job.error:  # the stream has begun, so the error goes as an event (as OpenAI's API sends them)
                     event(_error(job.error, "server_error"))
                 else:
-                    event(chunk(index, None, job.finish_reason, self._kept(job, chat)[job.scored_out:]))
+                    for kind, piece, done in split.parts(index, None, []):
+                        event(_as(kind, chunk(index, piece, scored=done)))
+                    rest = split.left(index) + self._kept(job, chat)[job.scored_out:]
+                    event(chunk(index, None, job.finish_reason, rest))
             self.wfile.write(b"data: [DONE]\n\n")
             self.wfile.flush()
         except (BrokenPipeError, ConnectionResetError):
@@ -516,6 +534,14 @@ def _content(chat: bool, text: str | None, message: bool = False) -> dict:
     if message:
         return {"message": {"role": "assistant", "content": text}}
     return {"delta": {} if text is None else {"role": "assistant", "content": ""} if text == "" else {"content": text}}
+
+
+def _as(kind: str, payload: dict) -> dict:
+    """A streamed chat chunk's delta as `kind` says: thinking goes as reasoning_content (ppalli serve --reasoning)."""
+    if kind == "reasoning":
+        delta = payload["choices"][0]["delta"]
+        payload["choices"][0]["delta"] = {"reasoning_content": delta.get("content", "")}
+    return payload
 
 
 def _with_calls(choice: dict, text: str, tools: list[dict] | None) -> dict:

@@ -496,3 +496,23 @@ def test_logit_bias_bans_and_forces_tokens(server):
 def test_bad_logit_bias_gets_a_400(server, bias):
     status, body = _post(server[1], {"messages": QUESTION, "logit_bias": bias})
     assert status == 400 and "'logit_bias'" in json.loads(body)["error"]["message"]
+
+
+def test_reasoning_servers_leave_answers_without_thinking_as_they_are(server):
+    """--reasoning splits only an answer that opens with <think> (tests/unit/test_thinking.py); this run's answers
+    do not, so they come back as the plain server gives them, whole and streamed."""
+    srv, url = server
+    reasoning = ChatServer(("127.0.0.1", 0), srv.run, "served", max_new_tokens=16, reasoning=True)
+    threading.Thread(target=reasoning.serve_forever, daemon=True).start()
+    other = f"http://127.0.0.1:{reasoning.server_address[1]}"
+    try:
+        ask = {"messages": QUESTION, "max_tokens": 6, "temperature": 0}
+        plain = json.loads(_post(url, ask)[1])["choices"][0]["message"]
+        split = json.loads(_post(other, ask)[1])["choices"][0]["message"]
+        assert split == plain and "reasoning_content" not in split
+        events = _post(other, {**ask, "stream": True})[1].decode().split("\n\n")
+        deltas = [json.loads(e.removeprefix("data: "))["choices"][0]["delta"] for e in events[:-2] if e]
+        assert "".join(d.get("content", "") for d in deltas) == plain["content"]
+    finally:
+        reasoning.shutdown()
+        reasoning.server_close()
