@@ -77,7 +77,7 @@ class Job:
             self._release(cut)
             self.hit = True
             raise RowCancelled  # the row ends here; what follows the stop string is never sent
-        self._release(len(self.text) - _held(self.text, self.stops))
+        self._release(len(self.text) - held_back(self.text, self.stops))
 
     def _release(self, upto: int) -> None:
         if upto > self.sent:
@@ -105,9 +105,10 @@ def _stop_at(text: str, stops: list[str], sent: int) -> int | None:
     return min(found) if found else None
 
 
-def _held(text: str, stops: list[str]) -> int:
-    """How many of text's last characters may begin a stop string (held back until the next text decides)."""
-    return max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+def held_back(text: str, marks: list[str]) -> int:
+    """How many of text's last characters may begin one of `marks` (a stop string, a closing tag): held back until
+    the next text decides."""
+    return max((k for s in marks for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
 
 
 class Batcher:

@@ -8,6 +8,8 @@ next piece decides, so no tag is ever sent half as reasoning and half as content
 
 from __future__ import annotations
 
+from ppalli.infer.batcher import held_back
+
 OPEN, CLOSE = "<think>", "</think>"
 
 
@@ -37,7 +39,7 @@ class ThinkSplitter:
                     self.held = self.held.lstrip("\n")
                 end = self.held.find(CLOSE)
                 if end < 0:  # a tail that may begin "</think>", and the newlines before it, wait
-                    body = self.held[:len(self.held) - _tag_start(self.held, CLOSE)].rstrip("\n")
+                    body = self.held[:len(self.held) - held_back(self.held, [CLOSE])].rstrip("\n")
                     out += _part("reasoning", body)
                     self.held, self.said = self.held[len(body):], self.said or bool(body)
                     return out
@@ -93,11 +95,6 @@ def split_thinking(text: str) -> tuple[str | None, str]:
     parts = splitter.push(text) + splitter.flush()
     reasoning = "".join(t for kind, t in parts if kind == "reasoning")
     return (reasoning if splitter.opened else None), "".join(t for kind, t in parts if kind == "content")
-
-
-def _tag_start(text: str, tag: str) -> int:
-    """The length of text's longest tail that is a proper prefix of tag."""
-    return max((k for k in range(1, len(tag)) if text.endswith(tag[:k])), default=0)
 
 
 def _part(kind: str, text: str) -> list[tuple[str, str]]:
