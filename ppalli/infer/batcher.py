@@ -181,7 +181,8 @@ class Batcher:
                           on_text=[j.on_text if j.watch else None for j in batch],
                           on_end=lambda row, ids: batch[row].end(ids), cancel=self.closing.is_set,
                           top_logprobs=[j.req.get("logprobs") for j in batch],
-                          on_logprobs=lambda row, token, score: batch[row].scored.append((token, score)))
+                          on_logprobs=lambda row, token, score: batch[row].scored.append((token, score)),
+                          grammars=[j.req.get("grammar") for j in batch])
         except Exception as e:  # whatever stopped the model goes back to its clients: none waits forever
             self._failed(batch, e)
 

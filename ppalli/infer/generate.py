@@ -198,7 +198,8 @@ def generate_rows(model, tokenizer, prompts: list[list[int]], *, max_new_tokens:
                   fill_rows: int = 0, on_text: list[Callable[[str], None] | None] | None = None,
                   on_end: Callable[[int, list[int]], None] | None = None,
                   cancel: Callable[[], bool] | None = None, top_logprobs: list[int | None] | None = None,
-                  on_logprobs: Callable[[int, int, TokenLogprob], None] | None = None) -> list[list[int]]:
+                  on_logprobs: Callable[[int, int, TokenLogprob], None] | None = None,
+                  grammars: list | None = None) -> list[list[int]]:
     """Answers to several prompts in one batch: each row's new ids, without its stop token.
 
     Prompts are left-padded (positions count from each row's first real token, padding masked), so a row gets
@@ -218,6 +219,8 @@ def generate_rows(model, tokenizer, prompts: list[list[int]], *, max_new_tokens:
     top_logprobs[i] (None: none) asks row i's log-probs: on_logprobs(i, token, (log-prob, top (id, log-prob) pairs))
     for each token the row takes, its stop token too, before its text goes out (infer/logprobs.py: the model's
     distribution, unsampled).
+    grammars[i] (None: free text) holds row i to a compiled grammar (infer/structured.py: a JSON schema, a forced
+    tool call): each step it picks only among the tokens the grammar allows next, and ends once the grammar does.
     """
     device = _device(model)
     stops = stop_token_ids(model, tokenizer, stop_ids)
@@ -238,6 +241,10 @@ def generate_rows(model, tokenizer, prompts: list[list[int]], *, max_new_tokens:
     pick = _RowPicker(prompts, samplings + samplings[-1:] * (len(prompts) - asked), seeds, device)
     rows = _Rows(asked, len(prompts), limits, stops, tokenizer, on_text, on_end, cancel)
     rows.logprobs(top_logprobs, on_logprobs)
+    if grammars and any(g is not None for g in grammars):
+        from ppalli.infer.structured import RowGrammars
+
+        rows.grammars = RowGrammars(grammars, stops, len(prompts))
     step = _decoder(model, device, width + max(max(limits), 0), graph, rows=len(prompts), compile=compile)
     was_training = model.training
     model.eval()
@@ -272,6 +279,7 @@ class _Rows:
         self.streams = [TextStream(tokenizer, fn) if fn else None for fn in fns]
         self.tops: list[int | None] = [None] * total
         self.on_logprobs: Callable[[int, int, TokenLogprob], None] | None = None
+        self.grammars = None  # infer.structured.RowGrammars where a row is held to a grammar
         for row in range(asked):
             if limits[row] <= 0:
                 self._end(row)
@@ -344,8 +352,15 @@ def _rows_loop(step, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Ten
     else:
         logits = step(ids) if own else step.rows(ids, mask, positions)
     for _ in range(max(rows.limits)):  # each open row takes a token a step: the longest limit ends them all
-        tokens = pick(logits, rows.out, rows.done)  # (B,) on the device
-        rows.take(tokens.tolist(), rows.scores(logits, tokens) if rows.on_logprobs else None)
+        if rows.grammars is None:
+            tokens = pick(logits, rows.out, rows.done)  # (B,) on the device
+            rows.take(tokens.tolist(), rows.scores(logits, tokens) if rows.on_logprobs else None)
+        else:
+            was_open = [not d for d in rows.done]
+            tokens = pick(rows.grammars.mask(logits, rows.done), rows.out, rows.done)
+            picked = tokens.tolist()
+            rows.take(picked, rows.scores(logits, tokens) if rows.on_logprobs else None)
+            rows.grammars.accept(picked, was_open)
         if all(rows.done):
             break
         if own:

@@ -3,7 +3,7 @@
 
     POST /v1/chat/completions   {"messages": [...], "max_tokens", "temperature", "top_p", "seed", "stream", "n",
                                  "stop", "presence_penalty", "frequency_penalty", "logit_bias", "logprobs",
-                                 "top_logprobs", "tools", "tool_choice": "auto" | "none"}
+                                 "top_logprobs", "tools", "tool_choice", "response_format"}
     POST /v1/completions        {"prompt": a string, token ids, or a list of either, the same fields, "logprobs": 0-20
                                  alternatives, "echo"}: text continued as the tokenizer takes it (no template;
                                  OpenAI's defaults: 16 tokens, temperature 1)
@@ -41,12 +41,14 @@ template (a template that leaves them out is a 400), and its messages may hold a
 the chatml built-in have them, or one JSON object, as Llama 3.1 answers) come back as the message's tool_calls, each
 naming one of the request's tools, with finish_reason "tool_calls". A streamed answer with tools comes whole, in the
 chunks OpenAI's API sends (the content, the calls, the end), once it is decoded: text is not sent before it is known
-not to be a call. tool_choice "auto" (the default) or "none" (the tools left out of the prompt); forcing a call
-("required", a named function) would need constrained decoding and is refused.
+not to be a call. tool_choice "auto" (the default), "none" (the tools left out of the prompt), "required" (one call
+or more) or a named function (one call of it): a forced call is decoded under a grammar, in the layout the run's
+template writes calls in, its arguments held to the tool's parameters (infer/structured.py, with xgrammar).
+response_format json_object / json_schema holds an answer to JSON / to the schema the same way.
 
 A bad request gets a 400 whose message names the field and what it takes; fields of the API that change nothing
-here (user, stream_options, parallel_tool_calls, ...) are accepted and ignored, those that would (functions, a JSON
-response_format) are refused rather than silently dropped. logit_bias is added to the logits before greedy
+here (user, stream_options, parallel_tool_calls, ...) are accepted and ignored, those that would (functions, suffix)
+are refused rather than silently dropped. logit_bias is added to the logits before greedy
 decoding or sampling (not to the log-probs reported, the model's own).
 """
 
@@ -60,17 +62,17 @@ import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from ppalli.data.tools import ToolError, calls_in_answer, tool_calls, tool_name, tool_schemas
+from ppalli.data.tools import ToolError, calls_in_answer, tool_calls, tool_name
 from ppalli.errors import DataError
 from ppalli.infer.batcher import Batcher, Job
 from ppalli.infer.logprobs import MOST_TOP, TokenPieces, chat_logprobs, covering, text_logprobs
+from ppalli.infer.structured import ConstraintError, Grammars, response_format, tools_and_choice
 from ppalli.infer.thinking import StreamSplit, split_thinking
 
-REFUSED = {"functions": "the legacy functions field is not served: send them as tools",
-           "response_format": "only free text is served (no JSON mode)"}
+REFUSED = {"functions": "the legacy functions field is not served: send them as tools"}
 TEXT_REFUSED = {"suffix": "suffix (insertion) is not served",
                 "best_of": "best_of is not served: ask for n answers"}  # text completions' own fields
-ALLOWED = {"response_format": ({"type": "text"},), "best_of": (1,)}  # the no-op values a refused field may say
+ALLOWED = {"best_of": (1,)}  # the no-op values a refused field may say
 MOST_BIASES = 300  # logit_bias entries, as OpenAI's API takes
 # n, a text completion's prompts, and stop strings a request may ask for. OpenAI's API takes 4 stop strings; more are
 # taken here, as vLLM does: lm-evaluation-harness' local-completions sends a task's whole `until` list.
@@ -91,7 +93,8 @@ def parse_request(body: bytes, max_new_tokens: int, chat: bool = True) -> dict:
     """A chat completion request's JSON (or, chat False, a text completion's) -> {prompts (chat: one list of
     messages; text: the prompt strings or token-id lists), max_new_tokens, max_asked, temperature, top_p, greedy,
     seed, stream, n, stop, presence_penalty, frequency_penalty, logprobs (alternatives a token, None: not asked),
-    echo, tools (chat: the function schemas the prompt offers, or None)}."""
+    echo, tools (chat: the function schemas the prompt offers, or None), tool_choice (the call forced: None,
+    "required" or a tool's name), schema (the JSON schema of response_format, or None)}."""
     try:
         req = json.loads(body or b"{}")
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -107,6 +110,11 @@ def parse_request(body: bytes, max_new_tokens: int, chat: bool = True) -> dict:
     limit = (max_new_tokens if chat else TEXT_MAX_TOKENS) if wanted is None else \
         _number(wanted, "max_tokens", int, 0 if echo else 1, None)  # 0 with echo: the prompt scored, no answer
     temperature = _number(req.get("temperature", 0.7 if chat else 1.0), "temperature", float, 0.0, 2.0)
+    try:
+        tools, forced = tools_and_choice(req) if chat else (None, None)
+        schema = response_format(req.get("response_format"))
+    except ConstraintError as e:
+        raise BadRequest(str(e)) from None
     return {"prompts": [_messages(req)] if chat else _prompts(req),
             "max_new_tokens": min(limit, max_new_tokens), "max_asked": wanted is not None, "temperature": temperature,
             "top_p": _number(req.get("top_p", 0.9 if chat else 1.0), "top_p", float, 0.0, 1.0),
@@ -115,7 +123,7 @@ def parse_request(body: bytes, max_new_tokens: int, chat: bool = True) -> dict:
             "stream": bool(req.get("stream", False)), "n": _number(req.get("n", 1), "n", int, 1, MOST_CHOICES),
             "stop": _stops(req.get("stop")),
             **{k: _number(req.get(k, 0.0), k, float, -2.0, 2.0) for k in ("presence_penalty", "frequency_penalty")},
-            "logprobs": logprobs, "echo": echo, "tools": _tools(req) if chat else None,
+            "logprobs": logprobs, "echo": echo, "tools": tools, "tool_choice": forced, "schema": schema,
             "logit_bias": _logit_bias(req.get("logit_bias"))}
 
 
@@ -130,19 +138,6 @@ def _logit_bias(value) -> tuple[tuple[int, float], ...]:
         raise BadRequest(f"'logit_bias' must map up to {MOST_BIASES} token ids to numbers in [-100, 100], "
                          f"e.g. {{\"1234\": -100}}")
     return tuple(sorted((int(k), float(v)) for k, v in value.items()))
-
-
-def _tools(req: dict) -> list[dict] | None:
-    """The function schemas to offer (None: none), as tool_choice allows: "auto" (the default) or "none"."""
-    choice = req.get("tool_choice")
-    if choice not in (None, "auto", "none"):
-        raise BadRequest(f"'tool_choice': {choice!r} is not served, only \"auto\" and \"none\" (forcing a call "
-                         "would need constrained decoding)")
-    try:
-        tools = tool_schemas(req.get("tools"), "'tools'")
-    except ToolError as e:
-        raise BadRequest(str(e)) from None
-    return None if choice == "none" else tools
 
 
 def _logprobs(req: dict, chat: bool) -> int | None:
@@ -230,6 +225,7 @@ class ChatServer(ThreadingHTTPServer):
         self.context = getattr(run.model.config, "max_position_embeddings", None)
         self.vocab = run.model.get_input_embeddings().num_embeddings
         self.pieces = TokenPieces(run.tokenizer)  # token id -> (text, bytes), for log-probs
+        self.grammars = Grammars(run.tokenizer, self.vocab, getattr(run, "template", None))  # infer/structured.py
 
     def tokenizer_info(self) -> dict:
         """GET /tokenizer_info as vLLM answers it: the special tokens, the chat template, the model's positions."""
@@ -326,7 +322,8 @@ class _Handler(BaseHTTPRequestHandler):
             body = self._body()
             req = parse_request(body, self.server.max_new_tokens, chat=chat)
             prompts = [self.server.prompt_ids(req, prompt, chat) for prompt in req["prompts"]]
-        except BadRequest as e:
+            req["grammar"] = self.server.grammars.for_request(req["schema"], req["tools"], req["tool_choice"])
+        except (BadRequest, ConstraintError) as e:
             self._json(400, _error(str(e), "invalid_request_error"))
             return
         head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", "created": int(time.time()),

@@ -256,6 +256,7 @@ class LoadedRun:
     config: object
     stop_ids: list[int]  # the template's EOS and end-of-turn tokens
     note: str = ""  # how the adapter runs (load_run's merge)
+    template: object = None  # the run's data.templates.Template (serve reads its call layout off it)
 
 
 def load_run(run_dir: str | Path, *, device: str | None = None, merge: bool = False) -> LoadedRun:
@@ -289,4 +290,4 @@ def load_run(run_dir: str | Path, *, device: str | None = None, merge: bool = Fa
 
         model, note = merge_for_inference(model)
     return LoadedRun(model, tokenizer, lambda messages, tools=None: render_prompt(template, messages, tools), cfg,
-                     stop_token_ids(template, tokenizer), note)
+                     stop_token_ids(template, tokenizer), note, template)

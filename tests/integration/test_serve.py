@@ -9,6 +9,7 @@ import urllib.request
 
 import pytest
 import torch
+import xgrammar
 from tiny import tiny_run_config
 
 from ppalli.infer.generate import generate
@@ -87,7 +88,7 @@ def test_seeded_sampling_repeats_and_the_server_caps_max_tokens(server):
     ({"messages": QUESTION, "stop": [""]}, "'stop'"), ({"messages": QUESTION, "logprobs": 3}, "'logprobs'"),
     ({"messages": QUESTION, "top_logprobs": 2}, "'top_logprobs' needs 'logprobs'"),
     ({"messages": QUESTION, "logprobs": True, "top_logprobs": 21}, "'top_logprobs' must be in [0, 20]"),
-    ({"messages": QUESTION, "response_format": {"type": "json_object"}}, "'response_format'"),
+    ({"messages": QUESTION, "response_format": {"type": "json_schema"}}, "'response_format'"),
     ({"messages": QUESTION, "frequency_penalty": 2.5}, "'frequency_penalty' must be in [-2.0, 2.0]"),
     ({"messages": [{"role": "user", "content": "가" * 5000}]}, "positions")])
 def test_bad_requests_get_a_400_that_names_the_field(server, payload, field):
@@ -453,7 +454,11 @@ def test_tools_and_a_called_history_go_into_the_prompt_through_the_runs_template
 
 
 @pytest.mark.parametrize("payload, field", [
-    ({"messages": QUESTION, "tools": [WEATHER], "tool_choice": "required"}, "'tool_choice'"),
+    ({"messages": QUESTION, "tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "x"}}},
+     "'tool_choice'"),
+    ({"messages": QUESTION, "tool_choice": "required"}, "'tool_choice'"),
+    ({"messages": QUESTION, "tools": [WEATHER], "tool_choice": "required",
+      "response_format": {"type": "json_object"}}, "send one of them"),
     ({"messages": QUESTION, "tools": "[{\"name\": 3}]"}, "'tools' should be a list of function schemas"),
     ({"messages": QUESTION[:1] + [{"role": "assistant", "content": None, "tool_calls": [
         {"function": {"name": "get_weather", "arguments": "{city"}}]}]}, "messages[1] tool call 1's arguments"),
@@ -516,3 +521,46 @@ def test_reasoning_servers_leave_answers_without_thinking_as_they_are(server):
     finally:
         reasoning.shutdown()
         reasoning.server_close()
+
+
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
+    "type": "object", "properties": {"tz": {"enum": ["KST", "UTC"]}}, "required": ["tz"]}}}
+DATE = {"type": "function", "function": {"name": "get_date", "parameters": {"type": "object", "properties": {}}}}
+SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}, "level": {"enum": ["low", "high"]}},
+          "required": ["ok", "level"]}
+
+
+def test_structured_answers_parse_whole_streamed_and_as_forced_calls(server):
+    """response_format and a forced tool_choice hold the tiny random run's answers to JSON and to calls
+    (infer/structured.py); its free answers are neither (tests/unit/test_structured.py)."""
+    srv, _ = server
+    roomy = ChatServer(("127.0.0.1", 0), srv.run, "served", max_new_tokens=48)  # room for a whole call
+    threading.Thread(target=roomy.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{roomy.server_address[1]}"
+    try:
+        ask = {"messages": QUESTION, "temperature": 0,
+               "response_format": {"type": "json_schema", "json_schema": {"name": "level", "schema": SCHEMA}}}
+        whole = json.loads(_post(url, ask)[1])["choices"][0]
+        value = json.loads(whole["message"]["content"])
+        assert set(value) == {"ok", "level"} and value["level"] in ("low", "high") and whole["finish_reason"] == "stop"
+        events = _post(url, {**ask, "stream": True})[1].decode().split("\n\n")
+        deltas = [json.loads(e.removeprefix("data: "))["choices"][0]["delta"] for e in events[:-2] if e]
+        assert "".join(d.get("content", "") for d in deltas) == whole["message"]["content"]
+        sampled = json.loads(_post(url, {**ask, "temperature": 1.5, "n": 3, "seed": 1})[1])["choices"]
+        assert all(set(json.loads(c["message"]["content"])) == {"ok", "level"} for c in sampled)
+        anything = json.loads(_post(url, {**ask, "response_format": {"type": "json_object"}})[1])["choices"][0]
+        # any object: this run writes a key without end, cut by max_tokens, but every token of it inside the grammar
+        matcher = xgrammar.GrammarMatcher(roomy.grammars.for_request({"type": "object"}, None, None))
+        assert anything["message"]["content"].startswith("{") and matcher.accept_string(anything["message"]["content"])
+        assert matcher.is_completed() == (anything["finish_reason"] == "stop")
+        for choice, names in (({"type": "function", "function": {"name": "get_time"}}, {"get_time"}),
+                              ("required", {"get_time", "get_date"})):
+            answer = json.loads(_post(url, {"messages": QUESTION, "temperature": 0, "tools": [TIME, DATE],
+                                            "tool_choice": choice})[1])["choices"][0]
+            assert answer["finish_reason"] == "tool_calls" and answer["message"]["content"] is None
+            calls = answer["message"]["tool_calls"]
+            assert calls and {c["function"]["name"] for c in calls} <= names
+            assert all(json.loads(c["function"]["arguments"]).get("tz", "KST") in ("KST", "UTC") for c in calls)
+    finally:
+        roomy.shutdown()
+        roomy.server_close()

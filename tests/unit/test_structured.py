@@ -1,0 +1,147 @@
+"""Structured output (infer/structured.py): the call layout read off real templates, grammars that take the text a
+template writes for a call and refuse other calls, and generate_rows holding a tiny random model's rows to them
+(free decoding of the same prompt is not JSON: the grammar is what makes it so)."""
+
+import json
+
+import pytest
+import torch
+import xgrammar as xg
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from ppalli.data.templates import _render_pair, resolve_template
+from ppalli.data.tools import calls_in_answer
+from ppalli.infer.generate import Sampling, generate_rows
+from ppalli.infer.structured import ConstraintError, Grammars, call_layout, response_format, tools_and_choice
+from ppalli.models.tokenizer import load_tokenizer
+
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
+    "type": "object", "properties": {"tz": {"enum": ["KST", "UTC"]}}, "required": ["tz"]}}}
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}, "required": ["city"]}}}
+# Llama 3.1's way: a bare {"name", "parameters"} object after the header, one call a turn (it raises on more)
+LLAMA31 = ("{% for m in messages %}{{ '<|im_start|>' + m.role + '\\n' }}"
+           "{% if m.tool_calls %}{% if m.tool_calls | length != 1 %}"
+           "{{ raise_exception('This model only supports single tool-calls at once!') }}{% endif %}"
+           "{{ '{\"name\": \"' + m.tool_calls[0].function.name + '\", \"parameters\": ' }}"
+           "{{ m.tool_calls[0].function.arguments | tojson }}{{ '}' }}"
+           "{% else %}{{ m.content }}{% endif %}{{ '<|im_end|>\\n' }}{% endfor %}"
+           "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+QUESTION = [{"role": "user", "content": "지금 서울은 몇 시야?"}]
+
+
+@pytest.fixture(scope="module")
+def tok(shared_data):
+    return load_tokenizer(shared_data / "tokenizer_qwen2.5")
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=151936, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+                         tie_word_embeddings=True)
+    return LlamaForCausalLM(config).eval()
+
+
+def test_the_call_layout_is_read_off_the_templates(tok):
+    qwen = call_layout(resolve_template("auto", tok))  # Qwen2.5's own template, from the tokenizer
+    assert (qwen.opening, qwen.between, qwen.closing) == ("<tool_call>\n", "\n</tool_call>\n<tool_call>\n",
+                                                          "\n</tool_call>")
+    assert qwen.keys == ("name", "arguments")
+    assert call_layout(resolve_template("chatml", tok)) == qwen
+    llama = call_layout(resolve_template(LLAMA31, tok))
+    assert (llama.opening, llama.between, llama.closing, llama.keys) == ("", None, "", ("name", "parameters"))
+    with pytest.raises(ConstraintError, match="does not write a call as a JSON object"):
+        call_layout(resolve_template("{% for m in messages %}{{ m.content }}{{ '<|im_end|>' }}{% endfor %}", tok))
+
+
+@pytest.mark.parametrize("spec", ["auto", LLAMA31])
+def test_a_forced_call_grammar_takes_the_templates_own_call_and_no_other(tok, spec):
+    template = resolve_template(spec, tok)
+    grammars = Grammars(tok, 151936, template)
+    call = {"type": "function", "function": {"name": "get_time", "arguments": {"tz": "KST"}}}
+
+    def written_calls(*calls) -> str:  # the calls as the template writes them, up to the turn's end
+        turn = {"role": "assistant", "content": "", "tool_calls": list(calls)}
+        pre, post = _render_pair(template, QUESTION + [turn], 1, "test", [TIME, WEATHER])
+        return post[len(pre):].split("<|im_end|>")[0]
+
+    written = written_calls(call)
+
+    def takes(text: str, forced: str) -> bool:
+        matcher = xg.GrammarMatcher(grammars.for_request(None, [TIME, WEATHER], forced))
+        return matcher.accept_string(text) and matcher.is_completed()
+
+    assert takes(written, "get_time") and takes(written, "required")
+    assert not takes(written, "get_weather")  # a named choice takes only its tool
+    assert not takes(written.replace("KST", "PST"), "required")  # arguments outside the tool's schema
+    assert not takes(written.replace('"tz"', '"zone"'), "get_time")
+    if spec == "auto":  # parallel calls, where the template writes them
+        weather = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "서울", "days": 2}}}
+        two = written_calls(call, weather)
+        assert takes(two, "required") and not takes(two, "get_time")  # a named choice is one call
+
+
+def test_requests_name_the_field_that_cannot_be_served():
+    assert tools_and_choice({"tools": [TIME]}) == ([TIME], None)
+    assert tools_and_choice({"tools": [TIME], "tool_choice": "none"}) == (None, None)
+    assert tools_and_choice({"tools": [TIME], "tool_choice": "required"}) == ([TIME], "required")
+    named = {"type": "function", "function": {"name": "get_time"}}
+    assert tools_and_choice({"tools": [TIME], "tool_choice": named}) == ([TIME], "get_time")
+    for bad, says in ((named, "offers 'get_weather'"), ("any", "must be"),
+                      ({"type": "function"}, "a named choice")):
+        tools = [WEATHER] if says.startswith("offers") else [TIME]
+        with pytest.raises(ConstraintError, match=says):
+            tools_and_choice({"tools": tools, "tool_choice": bad})
+    with pytest.raises(ConstraintError, match="offers none"):
+        tools_and_choice({"tool_choice": "required"})
+    assert response_format({"type": "text"}) is None and response_format(None) is None
+    assert response_format({"type": "json_object"}) == {"type": "object"}
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    assert response_format({"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}) == schema
+    for bad in ({"type": "json_schema"}, {"type": "yaml"}, "json"):
+        with pytest.raises(ConstraintError, match="'response_format'"):
+            response_format(bad)
+
+
+def test_a_schema_that_does_not_compile_and_two_constraints_at_once_are_refused(tok):
+    grammars = Grammars(tok, 151936, resolve_template("chatml", tok))
+    with pytest.raises(ConstraintError, match="does not compile"):
+        grammars.for_request({"type": "object", "properties": {"a": {"type": "integer", "minimum": "x"}}}, None, None)
+    with pytest.raises(ConstraintError, match="send one of them"):
+        grammars.for_request({"type": "object"}, [TIME], "required")
+    assert grammars.for_request(None, [TIME], None) is None
+
+
+GREEDY = Sampling(greedy=True)
+
+
+def _decode(model, tok, prompts, grammars, sampling=GREEDY, n=40) -> list[str]:
+    new = generate_rows(model, tok, prompts, max_new_tokens=n, sampling=sampling, grammars=grammars,
+                        stop_ids=[tok.convert_tokens_to_ids("<|im_end|>")], graph=False)
+    return [tok.decode(ids) for ids in new]
+
+
+def test_generate_rows_holds_each_row_to_its_own_grammar(model, tok):
+    template = resolve_template("chatml", tok)
+    grammars = Grammars(tok, 151936, template)
+    prompt = tok(template.render(QUESTION, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "level": {"enum": ["low", "high"]}},
+              "required": ["ok", "level"]}
+    json_schema = grammars.for_request(schema, None, None)
+    json_object = grammars.for_request({"type": "object"}, None, None)
+    forced = grammars.for_request(None, [TIME, WEATHER], "get_time")
+    free, held, anything, called = _decode(model, tok, [prompt] * 4, [None, json_schema, json_object, forced])
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(free)  # the random model's own answer: no JSON
+    assert _decode(model, tok, [prompt], None) == [free]  # a free row beside held ones decodes as it does alone
+    value = json.loads(held)
+    assert set(value) == {"ok", "level"} and isinstance(value["ok"], bool) and value["level"] in ("low", "high")
+    assert isinstance(json.loads(anything), dict)
+    content, calls = calls_in_answer(called, {"get_time", "get_weather"})
+    assert content is None and [c["function"]["name"] for c in calls] == ["get_time"]
+    assert calls[0]["function"]["arguments"]["tz"] in ("KST", "UTC")
+    sampled = _decode(model, tok, [prompt] * 3, [json_schema] * 3, Sampling(temperature=1.5, top_p=1.0))
+    for text in sampled:  # sampling at a high temperature stays inside the grammar too
+        assert set(json.loads(text)) == {"ok", "level"}
