@@ -116,6 +116,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override the run's data config, e.g. --set data.columns.question=Q (repeatable)")
     p.add_argument("--n", type=int, default=100, help="rows to answer and score (0: all); the loss covers all")
+    p.add_argument("--turns", choices=("all", "first"), default="all", help="the answers of a multi-turn row to "
+                   "score: each, after the conversation before it (all), or the first only")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--batch-size", type=int, help="rows per loss forward (default: 16, or 4 for a model whose "
                    "loss needs full logits)")
@@ -332,7 +334,7 @@ def cmd_eval(args) -> int:
     if args.n < 0 or args.max_new_tokens < 1 or (args.batch_size is not None and args.batch_size < 1):
         raise PpalliError("eval: --n must be 0 or more, --max-new-tokens and --batch-size 1 or more")
     settings = EvalSettings(n=args.n or None, max_new_tokens=args.max_new_tokens, micro_batch_size=args.batch_size,
-                            merge=not args.no_merge, compile=args.compile)
+                            merge=not args.no_merge, compile=args.compile, turns=args.turns)
     summary = evaluate_run(args.run_dir, settings=settings, data_path=args.data, overrides=args.overrides,
                            out_dir=args.out)
     print(f"written: {Path(args.out or args.run_dir) / 'eval.json'} ({summary['answered']} answers scored)")

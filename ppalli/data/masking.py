@@ -82,13 +82,21 @@ def label_tokens(ids: list[int], offsets: list[tuple[int, int]], ranges: list[tu
     return Labeled(list(ids[:n]), labels, trained, first, len(ids), len(ids) > max_len)
 
 
-def prompt_and_reference(sample: dict) -> tuple[list[int], list[int]] | None:
-    """(prompt ids, reference ids): the tokens before the first trained label, and the first run of trained
-    labels after it. None when the sample trains no token."""
+def answer_spans(sample: dict) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, reference ids) for each run of trained labels, in order: the tokens before it (the conversation
+    up to that answer, earlier answers as the sample holds them) and the run. A preference sample's are its chosen
+    answer's."""
     prefix = "chosen_" if "chosen_input_ids" in sample else ""
     ids, labels = sample[f"{prefix}input_ids"], sample[f"{prefix}labels"]
-    first = next((i for i, lab in enumerate(labels) if lab != IGNORE), None)
-    if first is None:
-        return None
-    end = next((i for i in range(first, len(labels)) if labels[i] == IGNORE), len(labels))
-    return list(ids[:first]), list(labels[first:end])
+    spans, at = [], 0
+    while (start := next((i for i in range(at, len(labels)) if labels[i] != IGNORE), None)) is not None:
+        at = next((i for i in range(start, len(labels)) if labels[i] == IGNORE), len(labels))
+        spans.append((list(ids[:start]), list(labels[start:at])))
+    return spans
+
+
+def prompt_and_reference(sample: dict) -> tuple[list[int], list[int]] | None:
+    """The first of answer_spans (the prompt training conditioned the first answer on), or None when the sample
+    trains no token."""
+    spans = answer_spans(sample)
+    return spans[0] if spans else None

@@ -5,10 +5,11 @@ loss equals the one training wrote at its end); with `data_path`, every row of t
 
 - Loss: the run's objective, normalized like training (sum over trained tokens / their count); for SFT also
   the perplexity exp(loss).
-- Answers: greedy (a metric should not depend on sampling luck), after the prompt the model was trained on
-  (a sample's tokens before its first trained label); the reference is the first run of trained labels
-  (for preference data, the chosen answer). Scored by exact match and ROUGE-1/2/L in words and in
-  syllables (`ppalli.eval.metrics`).
+- Answers: greedy (a metric should not depend on sampling luck), one for each answer a row trains (each run of
+  trained labels; `turns="first"`: the first only), after the prompt the model was trained on for it (the
+  sample's tokens before it: in a multi-turn row, the conversation so far with earlier answers as the data has
+  them); the reference is that run of labels (for preference data, the chosen answer). Scored by exact match and
+  ROUGE-1/2/L in words and in syllables, and tool calls by name and arguments (`ppalli.eval.metrics`).
 
 Writes `eval.json` (the means and the settings) and `eval_samples.jsonl` (one row per answer, written as
 each finishes, so a stopped eval keeps what it has) in the run directory or `out_dir`.
@@ -23,7 +24,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from ppalli.data.masking import prompt_and_reference
+from ppalli.data.masking import answer_spans
 from ppalli.data.templates import prompt_text
 from ppalli.errors import DataError
 from ppalli.eval.metrics import UNITS, mean_scores, score_pairs
@@ -32,6 +33,8 @@ from ppalli.eval.metrics import UNITS, mean_scores, score_pairs
 @dataclass(frozen=True)
 class EvalSettings:
     n: int | None = 100  # rows answered and scored (None: all); the loss always covers every row
+    # which answers of a multi-turn row are scored: "all" (each with the conversation before it) or "first"
+    turns: str = "all"
     max_new_tokens: int = 256
     # rows per loss forward; None: 16 with the chunked loss (H200, 1B, 591 short rows: 1.6 s against 4.9 at 4,
     # results/2026-12-04-h200-s18-eval-loss-1b*.json), 4 where eval_lm_loss builds full (rows, T, V) logits
@@ -146,7 +149,8 @@ def evaluate_run(run_dir: str | Path, *, settings: EvalSettings = EvalSettings()
         "run": str(run_dir), "rows": source, "objective": run.config.train.objective,
         "loss": loss, "perplexity": math.exp(loss) if sft and loss < 700 else None, "loss_rows": len(rows),
         **pair_means,
-        "answered": len(pairs), "metrics": means, "settings": asdict(settings) | {"micro_batch_size": micro},
+        "answered": len(pairs), "answered_rows": len({p["row"] for p in pairs}), "metrics": means,
+        "settings": asdict(settings) | {"micro_batch_size": micro},
         "decoding": "greedy", "answers_model": run.note,
         "seconds": {"loss": round(loss_seconds, 2), "answers": round(time.perf_counter() - start, 2)},
     }
@@ -158,24 +162,29 @@ def evaluate_run(run_dir: str | Path, *, settings: EvalSettings = EvalSettings()
 
 
 def _answer_rows(run, rows: list[dict], settings: EvalSettings, path: Path, print_fn) -> list[dict]:
-    """Greedy answers for the first `settings.n` rows that train a token, written as they finish."""
+    """Greedy answers for the first `settings.n` rows that train a token (each answer of a row, or its first, as
+    settings.turns says), written as they finish."""
+    if settings.turns not in ("all", "first"):
+        raise ValueError(f"eval turns: {settings.turns!r}; choose all or first")
     start = time.perf_counter()
     limit = len(rows) if settings.n is None else settings.n
     pairs: list[dict] = []
-    splits = [s for s in map(prompt_and_reference, rows) if s is not None][:limit]
+    spans = [s for s in map(answer_spans, rows) if s][:limit]
+    splits = [(row, turn, *span) for row, found in enumerate(spans)
+              for turn, span in enumerate(found[:1] if settings.turns == "first" else found)]
     with path.open("w", encoding="utf-8") as f:
         for first in range(0, len(splits), settings.answer_rows):
             chunk = splits[first:first + settings.answer_rows]
-            outputs = answers(run, [prompt_ids for prompt_ids, _ in chunk], settings.max_new_tokens, settings.compile,
-                              settings.answer_rows)
-            for (prompt_ids, ref_ids), output in zip(chunk, outputs):
-                pair = {"prompt": prompt_text(run.tokenizer, prompt_ids),
+            outputs = answers(run, [prompt_ids for _, _, prompt_ids, _ in chunk], settings.max_new_tokens,
+                              settings.compile, settings.answer_rows)
+            for (row, turn, prompt_ids, ref_ids), output in zip(chunk, outputs):
+                pair = {"row": row, "turn": turn, "prompt": prompt_text(run.tokenizer, prompt_ids),
                         "reference": run.tokenizer.decode(ref_ids, skip_special_tokens=True).strip(),
                         "output": output}
                 pairs.append(pair)
                 f.write(json.dumps(pair, ensure_ascii=False) + "\n")
             f.flush()  # a stopped eval keeps every finished batch of answers
-    print_fn(f"answered {len(pairs)} rows ({time.perf_counter() - start:.1f} s, greedy, "
+    print_fn(f"answered {len(pairs)} answers of {len(spans)} rows ({time.perf_counter() - start:.1f} s, greedy, "
              f"at most {settings.max_new_tokens} new tokens, {settings.answer_rows} rows at a time)")
     return pairs
 

@@ -8,7 +8,7 @@ import pytest
 pytest.importorskip("rouge_score")
 
 from ppalli.cli import main  # noqa: E402
-from ppalli.data.masking import prompt_and_reference  # noqa: E402
+from ppalli.data.masking import answer_spans, prompt_and_reference  # noqa: E402
 from ppalli.train import recipe  # noqa: E402
 
 
@@ -73,6 +73,26 @@ def test_eval_on_a_file_takes_every_row(run_dir, shared_data, tmp_path):
     assert not (run_dir / "eval.json").exists()
 
 
+def test_eval_scores_each_answer_of_a_multi_turn_row_after_the_conversation_before_it(run_dir, tmp_path):
+    turns = [("서울 날씨 어때?", "맑아요."), ("내일은?", "비가 온대요."), ("우산 챙길까?", "네, 챙기세요.")]
+    rows = [{"messages": [m for q, a in turns[k:k + 2] for m in ({"role": "user", "content": q},
+                                                                   {"role": "assistant", "content": a})]}
+            for k in range(2)]
+    data = tmp_path / "multi.jsonl"
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    for flag, answered in (("all", 4), ("first", 2)):
+        out = tmp_path / flag
+        assert main(["eval", str(run_dir), "--data", str(data), "--set", "data.columns={}", "--turns", flag,
+                     "--max-new-tokens", "3", "--out", str(out)]) == 0
+        summary = json.loads((out / "eval.json").read_text(encoding="utf-8"))
+        assert summary["answered"] == answered and summary["answered_rows"] == 2
+    samples = [json.loads(x) for x in (tmp_path / "all" / "eval_samples.jsonl").read_text().splitlines()]
+    assert [(s["row"], s["turn"], s["reference"]) for s in samples] == [
+        (0, 0, "맑아요."), (0, 1, "비가 온대요."), (1, 0, "비가 온대요."), (1, 1, "네, 챙기세요.")]
+    assert "맑아요." in samples[1]["prompt"] and "내일은?" in samples[1]["prompt"]  # the conversation so far
+    assert "맑아요." not in samples[0]["prompt"]
+
+
 def test_eval_without_held_out_rows_says_what_to_give(make_cfg, quiet, capsys):
     run_dir = recipe.train(make_cfg(name="no-split", train__max_steps=1), print_fn=quiet).run_dir
     assert main(["eval", str(run_dir), "--n", "1"]) == 2
@@ -83,6 +103,7 @@ def test_eval_without_held_out_rows_says_what_to_give(make_cfg, quiet, capsys):
 def test_prompt_and_reference_of_sft_and_preference_samples():
     sft = {"input_ids": [1, 2, 3, 4, 5, 6, 7], "labels": [-100, -100, -100, 4, 5, -100, 7]}
     assert prompt_and_reference(sft) == ([1, 2, 3], [4, 5])  # the first trained run only
+    assert answer_spans(sft) == [([1, 2, 3], [4, 5]), ([1, 2, 3, 4, 5, 6], [7])]  # each, after all before it
     pair = {"chosen_input_ids": [1, 2, 8], "chosen_labels": [-100, -100, 8],
             "rejected_input_ids": [1, 2, 9], "rejected_labels": [-100, -100, 9]}
     assert prompt_and_reference(pair) == ([1, 2], [8])
