@@ -218,6 +218,16 @@ def decode_problem(model) -> str | None:
     return next((why for i, layer in enumerate(layers) if (why := _layer_problem(layer, config, i))), None)
 
 
+def swapped_in(model) -> bool:
+    """Every layer runs a decode layer's forward (inside decode_layers)."""
+    try:
+        layers = list(backbone_of(model).layers)
+    except AttributeError:
+        return False
+    return bool(layers) and all(isinstance(getattr(layer.__dict__.get("forward"), "__self__", None), DecodeLayer)
+                                for layer in layers)
+
+
 def _layer_problem(layer: nn.Module, config, index: int) -> str | None:
     spec, where = family_for_layer(layer), f"layer {index}"
     if spec is None:

@@ -134,9 +134,10 @@ def graph_problem(model, device: torch.device, max_len: int | None = None) -> st
 
 
 def _decode_layers_take(model) -> bool:
-    from ppalli.infer.decode_layers import decode_problem
+    """The decode layers run `model`: in place already (graph_problem asked inside decode_layers), or they can."""
+    from ppalli.infer.decode_layers import decode_problem, swapped_in
 
-    return decode_problem(model) is None
+    return swapped_in(model) or decode_problem(model) is None
 
 
 class StaticDecoder:

@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
 from fast.fast_reference import tiny_config, tiny_lora_model, wrap_lora  # noqa: E402
 
 from ppalli.export.merge import merge_for_inference  # noqa: E402
-from ppalli.infer.decode_layers import decode_layers, decode_problem  # noqa: E402
+from ppalli.infer.decode_layers import decode_layers, decode_problem, swapped_in  # noqa: E402
 from ppalli.infer.generate import _Decoder, generate_rows  # noqa: E402
 from ppalli.infer.graph import StaticDecoder  # noqa: E402
 from ppalli.kernels.lora_linear import stacked_base_weight  # noqa: E402
@@ -90,12 +90,13 @@ def test_windows_and_post_norms_on_the_growing_cache(family):
     local/global RoPE, EXAONE-4's post-norms without input norms and its global layers without RoPE, on the cache
     HF grows (its sliding layers keep the window, its masks say which keys a row sees): HF's logits."""
     model = _merged(family, "eager" if family == "gemma2" else "sdpa")
-    assert decode_problem(model) is None
+    assert decode_problem(model) is None and not swapped_in(model)
     ids, mask = _padded_rows()
     with torch.inference_mode():
         want = _growing_steps(model, ids, mask, n=8)
         with decode_layers(model) as swapped:
-            assert swapped
+            # in place, the layers' own check fails (an instance forward); swapped_in is what graph_problem asks then
+            assert swapped and swapped_in(model) and decode_problem(model) is not None
             got = _growing_steps(model, ids, mask, n=8)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
