@@ -91,6 +91,9 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
             p.add_argument("--file", help="a text file with one prompt per line")
             p.add_argument("--out", help="write answers as JSONL here (default: print)")
+            p.add_argument("--json-schema", help="a JSON schema file: every answer is JSON that it accepts, decoded "
+                           "under its grammar (needs xgrammar: pip install 'ppalli[structured]')")
+            p.add_argument("--json", action="store_true", help="every answer is a JSON object (any keys)")
 
     p = sub.add_parser("serve", help="serve a trained run over an OpenAI-compatible HTTP API "
                        "(/v1/chat/completions, /v1/completions, streaming)")
@@ -288,13 +291,41 @@ def cmd_generate(args) -> int:
     prompts = list(args.prompt) + (read_prompts(args.file) if args.file else [])
     if not prompts:
         raise PpalliError("generate: give --prompt TEXT or --file PROMPTS.txt")
+    schema = _json_schema(args.json_schema, args.json)
     run = load_run(args.run_dir, merge=not args.no_merge)
     print(run.note, file=sys.stderr)
+    grammar = None
+    if schema is not None:
+        from ppalli.infer.structured import ConstraintError, Grammars
+
+        vocab = run.model.get_input_embeddings().num_embeddings
+        try:
+            grammar = Grammars(run.tokenizer, vocab, run.template).for_request(schema, None, None)
+        except ConstraintError as e:
+            raise PpalliError(f"generate: {args.json_schema or '--json'}: {e}") from None
     out = args.out or "-"
     generate_batch(run.model, run.tokenizer, run.render_prompt, prompts, out, temperature=args.temperature,
                    top_p=args.top_p, max_new_tokens=args.max_new_tokens, greedy=args.greedy, seed=args.seed,
-                   stop_ids=run.stop_ids, compile=args.compile)
+                   stop_ids=run.stop_ids, compile=args.compile, grammar=grammar)
     return 0
+
+
+def _json_schema(path: str | None, any_object: bool) -> dict | None:
+    """generate's --json-schema FILE (read and checked before the model loads) or --json (any object)."""
+    if path and any_object:
+        raise PpalliError("generate: give --json-schema FILE or --json, not both")
+    if not path:
+        return {"type": "object"} if any_object else None
+    try:
+        schema = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise PpalliError(f"generate: --json-schema {path}: {e.strerror}") from None
+    except json.JSONDecodeError as e:
+        raise PpalliError(f"generate: --json-schema {path}: not JSON ({e.msg}, line {e.lineno}); give a JSON "
+                          "schema file") from None
+    if not isinstance(schema, dict):
+        raise PpalliError(f"generate: --json-schema {path}: a schema is a JSON object, e.g. {{\"type\": \"object\"}}")
+    return schema
 
 
 def cmd_serve(args) -> int:

@@ -62,6 +62,23 @@ def test_merged_answers_equal_the_adapters_in_fp32(run_dir, tmp_path, capsys):
     assert "adapter merged into" in capsys.readouterr().err  # generate says how it decodes
 
 
+def test_generate_holds_answers_to_a_json_schema(run_dir, tmp_path, capsys):
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "level": {"enum": ["low", "high"]}},
+              "required": ["ok", "level"]}
+    (tmp_path / "schema.json").write_text(json.dumps(schema))
+    out = tmp_path / "answers.jsonl"
+    assert main(["generate", str(run_dir), "--prompt", "서울 날씨 어때?", "--prompt", "배고파", "--greedy",
+                 "--max-new-tokens", "48", "--json-schema", str(tmp_path / "schema.json"), "--out", str(out)]) == 0
+    rows = [json.loads(x) for x in out.read_text(encoding="utf-8").splitlines()]
+    assert len(rows) == 2
+    for row in rows:
+        assert row["json"] == json.loads(row["output"]) and set(row["json"]) == {"ok", "level"}
+    (tmp_path / "bad.json").write_text("{type: object}")
+    capsys.readouterr()
+    assert main(["generate", str(run_dir), "--prompt", "x", "--json-schema", str(tmp_path / "bad.json")]) == 2
+    assert "bad.json: not JSON" in capsys.readouterr().err
+
+
 def test_eval_on_a_file_takes_every_row(run_dir, shared_data, tmp_path):
     data = shared_data / "ko_chatbot_qa" / "ChatbotData.csv"
     out = tmp_path / "eval-file"
