@@ -42,12 +42,13 @@ the chatml built-in have them, or one JSON object, as Llama 3.1 answers) come ba
 naming one of the request's tools, with finish_reason "tool_calls". A streamed answer with tools comes whole, in the
 chunks OpenAI's API sends (the content, the calls, the end), once it is decoded: text is not sent before it is known
 not to be a call. tool_choice "auto" (the default), "none" (the tools left out of the prompt), "required" (one call
-or more) or a named function (one call of it): a forced call is decoded under a grammar, in the layout the run's
-template writes calls in, its arguments held to the tool's parameters (infer/structured.py, with xgrammar).
-response_format json_object / json_schema holds an answer to JSON / to the schema the same way.
+or more; one with parallel_tool_calls false) or a named function (one call of it): a forced call is decoded under a
+grammar, in the layout the run's template writes calls in, its arguments held to the tool's parameters
+(infer/structured.py, with xgrammar). response_format json_object / json_schema holds an answer to JSON / to the
+schema the same way.
 
 A bad request gets a 400 whose message names the field and what it takes; fields of the API that change nothing
-here (user, stream_options, parallel_tool_calls, ...) are accepted and ignored, those that would (functions, suffix)
+here (user, stream_options, ...) are accepted and ignored, those that would (functions, suffix)
 are refused rather than silently dropped. logit_bias is added to the logits before greedy
 decoding or sampling (not to the log-probs reported, the model's own).
 """
@@ -124,6 +125,7 @@ def parse_request(body: bytes, max_new_tokens: int, chat: bool = True) -> dict:
             "stop": _stops(req.get("stop")),
             **{k: _number(req.get(k, 0.0), k, float, -2.0, 2.0) for k in ("presence_penalty", "frequency_penalty")},
             "logprobs": logprobs, "echo": echo, "tools": tools, "tool_choice": forced, "schema": schema,
+            "parallel": req.get("parallel_tool_calls") is not False,
             "logit_bias": _logit_bias(req.get("logit_bias"))}
 
 
@@ -322,7 +324,8 @@ class _Handler(BaseHTTPRequestHandler):
             body = self._body()
             req = parse_request(body, self.server.max_new_tokens, chat=chat)
             prompts = [self.server.prompt_ids(req, prompt, chat) for prompt in req["prompts"]]
-            req["grammar"] = self.server.grammars.for_request(req["schema"], req["tools"], req["tool_choice"])
+            req["grammar"] = self.server.grammars.for_request(req["schema"], req["tools"], req["tool_choice"],
+                                                              req["parallel"])
         except (BadRequest, ConstraintError) as e:
             self._json(400, _error(str(e), "invalid_request_error"))
             return

@@ -168,9 +168,9 @@ def _open_object(schema) -> dict:
     return schema
 
 
-def calls_tag(layout: CallLayout, tools: list[dict], forced: str) -> dict:
+def calls_tag(layout: CallLayout, tools: list[dict], forced: str, parallel: bool = True) -> dict:
     """The structural tag (xgrammar's JSON form) of the calls `forced` asks: one call or more of any tool
-    ("required"), or one of the tool named."""
+    ("required"; one only where not `parallel`), or one of the tool named."""
     import xgrammar as xg
 
     def call(tool: dict) -> dict:
@@ -185,7 +185,7 @@ def calls_tag(layout: CallLayout, tools: list[dict], forced: str) -> dict:
     chosen = [t for t in tools if forced == "required" or tool_name(t) == forced]
     one = call(chosen[0]) if len(chosen) == 1 else {"type": "or", "elements": [call(t) for t in chosen]}
     elements = [_const(layout.opening), one]
-    if forced == "required" and layout.between is not None:
+    if forced == "required" and parallel and layout.between is not None:
         elements.append({"type": "star", "content": {"type": "sequence", "elements": [_const(layout.between), one]}})
     elements.append(_const(layout.closing))
     return {"type": "structural_tag", "format": {"type": "sequence", "elements": [e for e in elements if e]}}
@@ -217,8 +217,9 @@ class Grammars:
                 self._compiler = xg.GrammarCompiler(info, max_threads=2)
             return self._compiler
 
-    def for_request(self, schema: dict | None, tools: list[dict] | None, forced: str | None):
-        """The compiled grammar a request's answers are held to, or None for free text."""
+    def for_request(self, schema: dict | None, tools: list[dict] | None, forced: str | None, parallel: bool = True):
+        """The compiled grammar a request's answers are held to, or None for free text. parallel: OpenAI's
+        parallel_tool_calls (False: a "required" answer makes one call)."""
         if schema is not None and forced is not None:
             raise ConstraintError("'response_format' and a forced 'tool_choice' ask two shapes of one answer: send "
                                   "one of them")
@@ -234,7 +235,7 @@ class Grammars:
             raise ConstraintError("'tool_choice': this run has no chat template to read its call layout from")
         if self._layout is None:
             self._layout = call_layout(self.template)
-        tag = calls_tag(self._layout, tools or [], forced)
+        tag = calls_tag(self._layout, tools or [], forced, parallel)
         try:
             return self.compiler().compile_structural_tag(json.dumps(tag, ensure_ascii=False))
         except (RuntimeError, ValueError, TypeError) as e:

@@ -81,6 +81,8 @@ def test_a_forced_call_grammar_takes_the_templates_own_call_and_no_other(tok, sp
         weather = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "서울", "days": 2}}}
         two = written_calls(call, weather)
         assert takes(two, "required") and not takes(two, "get_time")  # a named choice is one call
+        one = xg.GrammarMatcher(grammars.for_request(None, [TIME, WEATHER], "required", parallel=False))
+        assert not (one.accept_string(two) and one.is_completed())  # parallel_tool_calls false: one call
 
 
 def test_requests_name_the_field_that_cannot_be_served():
