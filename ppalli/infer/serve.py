@@ -41,11 +41,11 @@ template (a template that leaves them out is a 400), and its messages may hold a
 the chatml built-in have them, or one JSON object, as Llama 3.1 answers) come back as the message's tool_calls, each
 naming one of the request's tools, with finish_reason "tool_calls". A streamed answer with tools comes whole, in the
 chunks OpenAI's API sends (the content, the calls, the end), once it is decoded: text is not sent before it is known
-not to be a call. tool_choice "auto" (the default), "none" (the tools left out of the prompt), "required" (one call
-or more; one with parallel_tool_calls false) or a named function (one call of it): a forced call is decoded under a
-grammar, in the layout the run's template writes calls in, its arguments held to the tool's parameters
-(infer/structured.py, with xgrammar). response_format json_object / json_schema holds an answer to JSON / to the
-schema the same way.
+not to be a call. tool_choice "auto" (the default: a call the model opens is held to the tools' schemas), "none"
+(the tools left out of the prompt), "required" (one call or more; one with parallel_tool_calls false) or a named
+function (one call of it): a forced call is decoded under a grammar, in the layout the run's template writes calls
+in, its arguments held to the tool's parameters (infer/structured.py, with xgrammar). response_format json_object /
+json_schema holds an answer to JSON / to the schema the same way.
 
 A bad request gets a 400 whose message names the field and what it takes; fields of the API that change nothing
 here (user, stream_options, ...) are accepted and ignored, those that would (functions, suffix)

@@ -3,10 +3,12 @@
 - response_format {"type": "json_object"}: any JSON object; {"type": "json_schema", "json_schema": {"schema": ...}}:
   JSON that the schema accepts (OpenAI's structured outputs).
 - tool_choice "required": one call or more of the request's tools; {"type": "function", "function": {"name": X}}:
-  one call of X. A call is written the way the run's chat template writes an assistant's calls (the layout is read
-  off the template by rendering a probe call: `<tool_call>\\n{"name": ..., "arguments": ...}\\n</tool_call>` for
-  Qwen2.5 / Qwen3 and chatml, a bare `{"name": ..., "parameters": ...}` for Llama 3.1), so a forced call is the text
-  the model was trained to write, its arguments held to the tool's parameter schema.
+  one call of X; "auto" (with tools): free text, but a call the model opens is held to one of the tools (where
+  xgrammar is installed and the template opens calls with a marker such as `<tool_call>`). A call is written the
+  way the run's chat template writes an assistant's calls (the layout is read off the template by rendering a
+  probe call: `<tool_call>\\n{"name": ..., "arguments": ...}\\n</tool_call>` for Qwen2.5 / Qwen3 and chatml, a
+  bare `{"name": ..., "parameters": ...}` for Llama 3.1), so a call is the text the model was trained to write,
+  its arguments held to the tool's parameter schema.
 
 xgrammar (the grammar engine of vLLM, SGLang and TensorRT-LLM) compiles the grammars against the run's vocabulary
 and says, each step, which tokens may come next; those are the only ones greedy decoding or sampling may pick
@@ -17,6 +19,7 @@ answer ends there. It is an optional dependency: `pip install 'ppalli[structured
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from dataclasses import dataclass
 
@@ -27,6 +30,7 @@ from ppalli.data.tools import ToolError, tool_name, tool_schemas
 _PROBE_NAMES = ("ppalli_probe_a", "ppalli_probe_b")  # a probe call's function names: text no template writes itself
 _PROBE_KEY = "ppalli_probe_arg"
 INSTALL = "pip install 'ppalli[structured]' (xgrammar)"
+_log = logging.getLogger("ppalli.serve")
 
 
 class ConstraintError(ValueError):
@@ -168,9 +172,11 @@ def _open_object(schema) -> dict:
     return schema
 
 
-def calls_tag(layout: CallLayout, tools: list[dict], forced: str, parallel: bool = True) -> dict:
+def calls_tag(layout: CallLayout, tools: list[dict], forced: str, parallel: bool = True) -> dict | None:
     """The structural tag (xgrammar's JSON form) of the calls `forced` asks: one call or more of any tool
-    ("required"; one only where not `parallel`), or one of the tool named."""
+    ("required"; one only where not `parallel`), one of the tool named, or ("auto") free text in which each call
+    the model opens (the template's opening marker, `<tool_call>`) is held to a call of a tool, None where the
+    template opens calls with no marker (Llama 3.1's bare JSON: nothing tells text from a call's start)."""
     import xgrammar as xg
 
     def call(tool: dict) -> dict:
@@ -182,8 +188,13 @@ def calls_tag(layout: CallLayout, tools: list[dict], forced: str, parallel: bool
         # writes calls with (free whitespace: a tiny random model wrote '{\n"name":\r"get_weather"\r,...')
         return {"type": "grammar", "grammar": str(xg.Grammar.from_json_schema(schema, any_whitespace=False))}
 
-    chosen = [t for t in tools if forced == "required" or tool_name(t) == forced]
+    chosen = [t for t in tools if forced in ("required", "auto") or tool_name(t) == forced]
     one = call(chosen[0]) if len(chosen) == 1 else {"type": "or", "elements": [call(t) for t in chosen]}
+    if forced == "auto":
+        trigger = layout.opening.strip()
+        tag = {"type": "tag", "begin": layout.opening, "content": one, "end": layout.closing}
+        return {"type": "structural_tag", "format": {"type": "triggered_tags", "triggers": [trigger], "tags": [tag],
+                                                     "stop_after_first": not parallel}} if trigger else None
     elements = [_const(layout.opening), one]
     if forced == "required" and parallel and layout.between is not None:
         elements.append({"type": "star", "content": {"type": "sequence", "elements": [_const(layout.between), one]}})
@@ -204,6 +215,7 @@ class Grammars:
         self._compiler = None
         self._layout: CallLayout | None = None
         self._lock = threading.Lock()
+        self._said_auto = False  # warned once that "auto" calls decode unchecked
 
     def compiler(self):
         with self._lock:
@@ -229,13 +241,24 @@ class Grammars:
                                                            strict_mode=schema != {"type": "object"})
             except (RuntimeError, ValueError, TypeError) as e:
                 raise ConstraintError(f"'response_format': the JSON schema does not compile ({e})") from None
-        if forced is None:
-            return None
+        if forced is None and tools:
+            try:  # calls held to the tools where the model makes them; text stays free
+                return self._calls(tools, "auto", parallel)
+            except ConstraintError as e:
+                if not self._said_auto:
+                    _log.warning("tool calls decode free, unchecked: %s", e)
+                    self._said_auto = True
+                return None
+        return None if forced is None else self._calls(tools or [], forced, parallel)
+
+    def _calls(self, tools: list[dict], forced: str, parallel: bool):
         if self.template is None:
             raise ConstraintError("'tool_choice': this run has no chat template to read its call layout from")
         if self._layout is None:
             self._layout = call_layout(self.template)
-        tag = calls_tag(self._layout, tools or [], forced, parallel)
+        tag = calls_tag(self._layout, tools, forced, parallel)
+        if tag is None:
+            return None
         try:
             return self.compiler().compile_structural_tag(json.dumps(tag, ensure_ascii=False))
         except (RuntimeError, ValueError, TypeError) as e:

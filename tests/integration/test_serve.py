@@ -561,6 +561,12 @@ def test_structured_answers_parse_whole_streamed_and_as_forced_calls(server):
             calls = answer["message"]["tool_calls"]
             assert calls and {c["function"]["name"] for c in calls} <= names
             assert all(json.loads(c["function"]["arguments"]).get("tz", "KST") in ("KST", "UTC") for c in calls)
+        # auto: the answer is free, but a call it opens (the <tool_call> token forced by logit_bias) is a valid one
+        opening = srv.run.tokenizer.convert_tokens_to_ids("<tool_call>")
+        auto = json.loads(_post(url, {"messages": QUESTION, "temperature": 0, "tools": [TIME, DATE],
+                                      "logit_bias": {str(opening): 100}})[1])["choices"][0]
+        assert auto["message"].get("tool_calls"), auto
+        assert {c["function"]["name"] for c in auto["message"]["tool_calls"]} <= {"get_time", "get_date"}
     finally:
         roomy.shutdown()
         roomy.server_close()

@@ -85,6 +85,24 @@ def test_a_forced_call_grammar_takes_the_templates_own_call_and_no_other(tok, sp
         assert not (one.accept_string(two) and one.is_completed())  # parallel_tool_calls false: one call
 
 
+def test_auto_calls_are_held_to_the_tools_and_text_stays_free(tok):
+    grammars = Grammars(tok, 151936, resolve_template("auto", tok))
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    call = '<tool_call>\n{"name": "get_time", "arguments": {"tz": "KST"}}\n</tool_call>'
+
+    def takes(text: str, parallel: bool = True) -> bool:  # the text, then the end of the turn
+        matcher = xg.GrammarMatcher(grammars.for_request(None, [TIME, WEATHER], None, parallel),
+                                    override_stop_tokens=[end])
+        return all(matcher.accept_token(t) for t in tok(text, add_special_tokens=False)["input_ids"] + [end])
+
+    assert takes("지금은 오후 3시예요.") and takes("확인해 볼게요.\n" + call) and takes(call + "\n" + call)
+    assert not takes(call.replace("KST", "PST")) and not takes(call.replace("get_time", "get_date"))
+    assert not takes(call[:-len("\n</tool_call>")])  # a call left open cannot end the turn
+    assert not takes(call + "\n" + call, parallel=False) and takes(call, parallel=False)
+    # Llama 3.1's calls open with no marker: nothing tells a call's start from text, so auto stays free
+    assert Grammars(tok, 151936, resolve_template(LLAMA31, tok)).for_request(None, [TIME], None) is None
+
+
 def test_requests_name_the_field_that_cannot_be_served():
     assert tools_and_choice({"tools": [TIME]}) == ([TIME], None)
     assert tools_and_choice({"tools": [TIME], "tool_choice": "none"}) == (None, None)
@@ -113,7 +131,7 @@ def test_a_schema_that_does_not_compile_and_two_constraints_at_once_are_refused(
         grammars.for_request({"type": "object", "properties": {"a": {"type": "integer", "minimum": "x"}}}, None, None)
     with pytest.raises(ConstraintError, match="send one of them"):
         grammars.for_request({"type": "object"}, [TIME], "required")
-    assert grammars.for_request(None, [TIME], None) is None
+    assert grammars.for_request(None, None, None) is None  # no tools, no format: free text, no grammar
 
 
 GREEDY = Sampling(greedy=True)
