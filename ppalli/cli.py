@@ -278,9 +278,15 @@ def cmd_chat(args) -> int:
     tools = read_tools(args.tools) if args.tools else None
     run = load_run(args.run_dir, merge=not args.no_merge)
     print(f"ppalli chat: {args.run_dir}  (sampling {'off' if args.greedy else 'on'}; {run.note}; /reset, /exit)")
+    grammar = None
+    if tools:  # a call the model opens is held to the tools' schemas (None, free, without xgrammar)
+        from ppalli.infer.structured import Grammars
+
+        vocab = run.model.get_input_embeddings().num_embeddings
+        grammar = Grammars(run.tokenizer, vocab, run.template).for_request(None, tools, None)
     chat_loop(run.model, run.tokenizer, run.render_prompt, temperature=args.temperature, top_p=args.top_p,
               max_new_tokens=args.max_new_tokens, greedy=args.greedy, stop_ids=run.stop_ids, compile=args.compile,
-              tools=tools)
+              tools=tools, grammar=grammar)
     return 0
 
 

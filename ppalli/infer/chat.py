@@ -70,15 +70,16 @@ def chat_loop(model, tokenizer, render_prompt: RenderPrompt, *, temperature: flo
               max_new_tokens: int = 256, greedy: bool = False, stop_ids: Iterable[int] | None = None,
               add_special_tokens: bool = False, input_fn: Callable[[str], str] = input,
               print_fn: Callable[..., None] = print, compile: bool = False,
-              tools: list[dict] | None = None) -> Messages:
+              tools: list[dict] | None = None, grammar=None) -> Messages:
     """Read messages, stream answers, keep the history; returns it when the user leaves.
 
     `add_special_tokens` must match how training tokenized rendered text (BOS or not). compile: as generate's.
     tools: function schemas for every prompt (render_prompt must take `tools=`); the calls an answer makes wait for
-    their results, typed one a line.
+    their results, typed one a line. grammar: every answer decoded under it (infer/structured.py: with tools, the
+    calls the model opens held to their schemas).
     """
     gen_kwargs = dict(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, greedy=greedy,
-                      stop_ids=stop_ids, compile=compile)
+                      stop_ids=stop_ids, compile=compile, grammar=grammar)
     render = (lambda m: render_prompt(m, tools=tools)) if tools else render_prompt
     names = {tool_name(t) for t in tools or ()}
     messages: Messages = []

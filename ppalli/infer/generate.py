@@ -165,7 +165,7 @@ def generate(model, tokenizer, input_ids: torch.Tensor, *, max_new_tokens: int =
              top_p: float = 0.9, top_k: int = 0, greedy: bool = False, repetition_penalty: float = 1.0,
              stop_ids: Iterable[int] | None = None, seed: int | None = None,
              on_token: Callable[[str], None] | None = None, graph: bool | None = None,
-             compile: bool = False) -> list[int]:
+             compile: bool = False, grammar=None) -> list[int]:
     """Generate after `input_ids` (1, T); returns the new token ids without the stop token.
 
     graph: decode steps replayed from a CUDA graph over a static KV cache (ppalli/infer/graph.py); None uses
@@ -176,11 +176,13 @@ def generate(model, tokenizer, input_ids: torch.Tensor, *, max_new_tokens: int =
 
     `on_token` receives text pieces as they are decoded (whole characters only); their concatenation
     equals ``tokenizer.decode(result, skip_special_tokens=True)``. The model runs in eval mode and gets
-    its previous mode back. One row of generate_rows: the same loop, so a batch's row and this agree.
+    its previous mode back. One row of generate_rows: the same loop, so a batch's row and this agree. grammar: a
+    compiled grammar the answer is held to (generate_rows' grammars).
     """
     sampling = Sampling(temperature, top_p, top_k, greedy, repetition_penalty)
     return generate_rows(model, tokenizer, [input_ids[0].tolist()], max_new_tokens=max_new_tokens, sampling=sampling,
-                         seeds=[seed], stop_ids=stop_ids, graph=graph, compile=compile, on_text=[on_token])[0]
+                         seeds=[seed], stop_ids=stop_ids, graph=graph, compile=compile, on_text=[on_token],
+                         grammars=None if grammar is None else [grammar])[0]
 
 
 def generate_greedy_rows(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int = 256,

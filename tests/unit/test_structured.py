@@ -11,7 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from ppalli.data.templates import _render_pair, resolve_template
 from ppalli.data.tools import calls_in_answer
-from ppalli.infer.generate import Sampling, generate_rows
+from ppalli.infer.generate import Sampling, generate, generate_rows
 from ppalli.infer.structured import ConstraintError, Grammars, call_layout, response_format, tools_and_choice
 from ppalli.models.tokenizer import load_tokenizer
 
@@ -157,6 +157,9 @@ def test_generate_rows_holds_each_row_to_its_own_grammar(model, tok):
         json.loads(free)  # the random model's own answer: no JSON
     assert _decode(model, tok, [prompt], None) == [free]  # a free row beside held ones decodes as it does alone
     value = json.loads(held)
+    alone = generate(model, tok, torch.tensor([prompt]), greedy=True, max_new_tokens=40, grammar=json_schema,
+                     stop_ids=[tok.convert_tokens_to_ids("<|im_end|>")], graph=False)
+    assert tok.decode(alone) == held  # generate (chat's) holds its one row as generate_rows does
     assert set(value) == {"ok", "level"} and isinstance(value["ok"], bool) and value["level"] in ("low", "high")
     assert isinstance(json.loads(anything), dict)
     content, calls = calls_in_answer(called, {"get_time", "get_weather"})
