@@ -548,6 +548,9 @@ def test_structured_answers_parse_whole_streamed_and_as_forced_calls(server):
         assert "".join(d.get("content", "") for d in deltas) == whole["message"]["content"]
         sampled = json.loads(_post(url, {**ask, "temperature": 1.5, "n": 3, "seed": 1})[1])["choices"]
         assert all(set(json.loads(c["message"]["content"])) == {"ok", "level"} for c in sampled)
+        text = json.loads(_post(url, {"prompt": "날씨:", "temperature": 0, "max_tokens": 48,
+                                      "response_format": ask["response_format"]}, TEXT)[1])["choices"][0]["text"]
+        assert set(json.loads(text)) == {"ok", "level"}  # text completions take response_format too (as vLLM's)
         anything = json.loads(_post(url, {**ask, "response_format": {"type": "json_object"}})[1])["choices"][0]
         # any object: this run writes a key without end, cut by max_tokens, but every token of it inside the grammar
         matcher = xgrammar.GrammarMatcher(roomy.grammars.for_request({"type": "object"}, None, None))
