@@ -354,15 +354,13 @@ def _rows_loop(step, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Ten
     else:
         logits = step(ids) if own else step.rows(ids, mask, positions)
     for _ in range(max(rows.limits)):  # each open row takes a token a step: the longest limit ends them all
-        if rows.grammars is None:
-            tokens = pick(logits, rows.out, rows.done)  # (B,) on the device
-            rows.take(tokens.tolist(), rows.scores(logits, tokens) if rows.on_logprobs else None)
-        else:
-            was_open = [not d for d in rows.done]
-            tokens = pick(rows.grammars.mask(logits, rows.done), rows.out, rows.done)
-            picked = tokens.tolist()
-            rows.take(picked, rows.scores(logits, tokens) if rows.on_logprobs else None)
-            rows.grammars.accept(picked, was_open)
+        held = rows.grammars  # rows held to grammars pick among the tokens theirs allows; log-probs stay the model's
+        was_open = [not d for d in rows.done]
+        tokens = pick(held.mask(logits, rows.done) if held else logits, rows.out, rows.done)  # (B,) on the device
+        picked = tokens.tolist()
+        rows.take(picked, rows.scores(logits, tokens) if rows.on_logprobs else None)
+        if held:
+            held.accept(picked, was_open)
         if all(rows.done):
             break
         if own:
