@@ -70,18 +70,20 @@ def example_texts(example: dict, tpl: Template, settings: EncodeSettings) -> lis
     if "text" in example:
         return [join_segments(text_segments(tpl, example["text"]))]
     if "prompt" in example:
-        prompt = _with_system(example["prompt"], settings.system_prompt)
+        prompt = with_system(example["prompt"], settings.system_prompt)
         answers = ("chosen", "rejected") if preference else ("chosen",)
         train = "last" if preference else settings.train_on
         turns = [example[a] if isinstance(example[a], dict) else {"role": "assistant", "content": example[a]}
                  for a in answers]  # an answer that calls tools is already its assistant turn
         return [join_segments(render_segments(tpl, prompt + [turn], train, example["where"], example.get("tools")))
                 for turn in turns]
-    messages = _with_system(example["messages"], settings.system_prompt)
+    messages = with_system(example["messages"], settings.system_prompt)
     return [join_segments(render_segments(tpl, messages, settings.train_on, example["where"], example.get("tools")))]
 
 
-def _with_system(messages: list[dict], system_prompt: str | None) -> list[dict]:
+def with_system(messages: list[dict], system_prompt: str | None) -> list[dict]:
+    """The conversation with data.system_prompt in front where it has no system turn of its own: as training
+    rendered every row, and so as chat, generate and serve must prompt the trained run."""
     if system_prompt and (not messages or messages[0]["role"] != "system"):
         return [{"role": "system", "content": system_prompt}] + messages
     return messages

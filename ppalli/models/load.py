@@ -266,7 +266,7 @@ def load_run(run_dir: str | Path, *, device: str | None = None, merge: bool = Fa
     from peft import PeftModel
 
     from ppalli import config as C
-    from ppalli.data.templates import render_prompt, resolve_template, stop_token_ids
+    from ppalli.data.templates import resolve_template, stop_token_ids
     from ppalli.models.tokenizer import load_tokenizer
 
     run = Path(run_dir)
@@ -289,5 +289,14 @@ def load_run(run_dir: str | Path, *, device: str | None = None, merge: bool = Fa
         from ppalli.export.merge import merge_for_inference
 
         model, note = merge_for_inference(model)
-    return LoadedRun(model, tokenizer, lambda messages, tools=None: render_prompt(template, messages, tools), cfg,
+    return LoadedRun(model, tokenizer, prompt_renderer(template, cfg.data.system_prompt), cfg,
                      stop_token_ids(template, tokenizer), note, template)
+
+
+def prompt_renderer(template, system_prompt: str | None) -> Callable[..., str]:
+    """(messages, tools=None) -> the prompt text as training rendered its rows: the run's template, and its
+    data.system_prompt in front of a conversation that brings no system turn of its own."""
+    from ppalli.data.templates import render_prompt
+    from ppalli.data.tokenize import with_system
+
+    return lambda messages, tools=None: render_prompt(template, with_system(messages, system_prompt), tools)

@@ -299,11 +299,12 @@ def sample_prompts(cfg: C.Config, template, tokenizer, samples: list[dict], n: i
     """
     from ppalli.data.masking import prompt_and_reference
     from ppalli.data.templates import prompt_text, render_prompt
+    from ppalli.data.tokenize import with_system
 
     if cfg.logging.sample_prompts:
         out = []
         for p in cfg.logging.sample_prompts:
-            text = render_prompt(template, [{"role": "user", "content": p}])
+            text = render_prompt(template, with_system([{"role": "user", "content": p}], cfg.data.system_prompt))
             out.append({"prompt": p, "ids": tokenizer(text, add_special_tokens=False)["input_ids"]})
         return out
     out = []

@@ -74,6 +74,28 @@ def test_saved_adapter_gives_same_logits_in_plain_peft(make_cfg, quiet):
     torch.testing.assert_close(plain(input_ids=ids).logits, ours, rtol=1e-5, atol=1e-5)
 
 
+def test_a_loaded_run_prompts_as_training_did_its_system_prompt_included(make_cfg, quiet, shared_data):
+    """chat, generate and serve render prompts through load_run's render_prompt: the tokens before a trained row's
+    answer, data.system_prompt in front (a conversation's own system turn kept instead)."""
+    import csv
+
+    from ppalli.data.masking import prompt_and_reference
+    from ppalli.data.pipeline import prepare
+    from ppalli.models.load import load_run
+
+    system = "너는 친절한 한국어 상담원이야."
+    cfg = make_cfg(name="system", train__max_steps=1, data__system_prompt=system, data__limit=2)
+    run = load_run(recipe.train(cfg, print_fn=quiet).run_dir)
+    with (shared_data / "ko_chatbot_qa" / "ChatbotData.csv").open(encoding="utf-8") as f:
+        question = next(csv.DictReader(f))["Q"]
+    trained = prepare(cfg.data, run.tokenizer, seed=cfg.train.seed).train
+    prompts = [prompt_and_reference(s)[0] for s in trained]
+    asked = run.tokenizer(run.render_prompt([{"role": "user", "content": question}]), add_special_tokens=False)
+    assert asked["input_ids"] in prompts and system in run.render_prompt([{"role": "user", "content": question}])
+    own = run.render_prompt([{"role": "system", "content": "짧게 답해."}, {"role": "user", "content": question}])
+    assert "짧게 답해." in own and system not in own
+
+
 @pytest.mark.parametrize("packing", ["off", "on"])
 def test_micro_batch_split_gives_the_same_update(make_cfg, quiet, packing):
     """1 x 8 and 8 x 1 over rows of unequal length: the loss is normalized over the whole step's tokens."""
