@@ -381,7 +381,7 @@ def cmd_eval(args) -> int:
 def cmd_export(args) -> int:
     import torch
 
-    from ppalli.data.templates import resolve_template, standalone_source
+    from ppalli.data.templates import standalone_source
     from ppalli.export.merge import merge_adapter
     from ppalli.models.load import load_run
 
@@ -389,9 +389,9 @@ def cmd_export(args) -> int:
     # What the run trained on goes with the model: its chat template (a built-in or custom one replaces the
     # tokenizer's own) and its stop tokens as generation_config's EOS, so HF, vLLM, llama.cpp and Ollama prompt
     # and stop as training did.
-    template = resolve_template(run.config.data.template, run.tokenizer)
-    if template.name != "model":
-        run.tokenizer.chat_template = standalone_source(template)
+    template, system = run.template, run.config.data.system_prompt
+    if template.name != "model" or system:
+        run.tokenizer.chat_template = standalone_source(template, system)
     run.model.get_base_model().generation_config.eos_token_id = run.stop_ids
     out = merge_adapter(run.model, out_dir=args.out, dtype=getattr(torch, args.dtype), tokenizer=run.tokenizer)
     print(f"merged model: {out}")
@@ -399,7 +399,7 @@ def cmd_export(args) -> int:
         from ppalli.export.gguf import adds_bos, export_gguf
         from ppalli.export.modelfile import write_modelfile
 
-        tokenizer, system = run.tokenizer, run.config.data.system_prompt
+        tokenizer = run.tokenizer
         del run  # the merged weights are read back from the folder, a tensor at a time
         path = export_gguf(out, outtype=args.gguf)
         print(f"GGUF: {path}")

@@ -329,11 +329,16 @@ def render_prompt(tpl: Template, messages: list[dict], tools: list[dict] | None 
     return text
 
 
-def standalone_source(tpl: Template) -> str:
+def standalone_source(tpl: Template, system_prompt: str | None = None) -> str:
     """The template as a chat_template that renders alone, as transformers, llama.cpp and Ollama render one: its
     variables (Alpaca's headers and preamble, the special tokens) set at the top, since those renderers pass only
-    messages, add_generation_prompt and the tokenizer's special tokens."""
+    messages, add_generation_prompt and the tokenizer's special tokens; with the run's data.system_prompt put in
+    front of a conversation that has no system turn, as training rendered every row (tokenize.with_system)."""
     sets = [f"{{% set {name} = {json.dumps(value, ensure_ascii=False)} %}}" for name, value in tpl.variables]
+    if system_prompt:
+        system = json.dumps({"role": "system", "content": system_prompt}, ensure_ascii=False)
+        sets.append(f"{{% if not messages or messages[0].role != 'system' %}}"
+                    f"{{% set messages = [{system}] + messages %}}{{% endif %}}")
     return "".join(sets) + tpl.source
 
 

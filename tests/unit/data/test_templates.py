@@ -198,6 +198,7 @@ def test_exported_template_renders_in_transformers_as_training_did(spec, tok_nam
     import copy
 
     from ppalli.data.templates import render_prompt, standalone_source
+    from ppalli.data.tokenize import with_system
 
     tok = copy.deepcopy(request.getfixturevalue(tok_name))
     tpl = resolve_template(spec, tok)
@@ -207,3 +208,9 @@ def test_exported_template_renders_in_transformers_as_training_did(spec, tok_nam
                       {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]):
         assert tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) == \
             render_prompt(tpl, messages)
+    system = "너는 \"친절한\" 상담원이야. {{ x }}"  # a run's data.system_prompt goes in front where none is sent
+    tok.chat_template = standalone_source(tpl, system)
+    for messages in ([{"role": "user", "content": "a"}], [{"role": "system", "content": "짧게."},
+                                                          {"role": "user", "content": "a"}]):
+        assert tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) == \
+            render_prompt(tpl, with_system(messages, system))
