@@ -70,7 +70,8 @@ for what in "$@"; do
     decode-qwen3) for dir in . .base2; do  # q/k norms inside rope's launches (this tree) against 9d6157b's
         (cd "$dir" && timeout 200 python3 benchmarks/bench_decode_layers.py \
            --model "$OLDPWD/benchmarks/configs/config_qwen3-8b.json" --out "/tmp/decode-$(basename "$dir").txt") \
-          2>&1 | tail -4; done > "$out/decode-qwen3.txt"; cat "$out/decode-qwen3.txt" ;;
+          2>&1 | grep -E "slots|decode layers=|kernels:|Error"; done > "$out/decode-qwen3.txt"  # not the tables
+        cat "$out/decode-qwen3.txt" ;;
     post-norm) { echo "## bench_rms_norm_add.py"; python3 benchmarks/bench_rms_norm_add.py --out /tmp/post-norm-op.json \
                  2>&1; } > "$out/post-norm.md"; cat "$out/post-norm.md"
                ab_fast post-norm config_gemma3-4b.json .base2 tests/unit/kernels/test_rms_norm_add.py ;;
