@@ -206,7 +206,7 @@ def _is_token(tokenizer, token: str) -> bool:  # noqa: ANN001
 
 def _probe_appends_eos(tpl: Template) -> bool:
     """Render a two-turn probe: checks the template works incrementally and whether it drops EOS."""
-    pre, post = _render_pair(tpl, _PROBE, 1, "data.template")
+    pre, post = render_pair(tpl, _PROBE, 1, "data.template")
     return _answer_end(post, len(pre), tpl.stops) is None
 
 
@@ -222,8 +222,10 @@ def _render(tpl: Template, messages: list[dict], where: str, add_generation_prom
                        f"a built-in one: {', '.join(BUILTIN)}") from None
 
 
-def _render_pair(tpl: Template, messages: list[dict], i: int, where: str,
-                 tools: list[dict] | None = None) -> tuple[str, str]:
+def render_pair(tpl: Template, messages: list[dict], i: int, where: str,
+                tools: list[dict] | None = None) -> tuple[str, str]:
+    """(the conversation before turn i with the generation prompt, the same through turn i): turn i's text is what
+    the second adds; RowError where the template does not render it as an extension of the first."""
     pre = _render(tpl, messages[:i], where, add_generation_prompt=True, tools=tools)
     post = _render(tpl, messages[: i + 1], where, tools=tools)
     if not post.startswith(pre):
@@ -255,7 +257,7 @@ def render_segments(tpl: Template, messages: list[dict], train: str, where: str,
         targets = targets[-1:]
     segments, cursor = [], 0
     for i in targets:
-        pre, post = _render_pair(tpl, messages, i, where, tools)
+        pre, post = render_pair(tpl, messages, i, where, tools)
         if not full.startswith(pre) or len(pre) < cursor:
             raise RowError(f"{where}: template {tpl.name} renders the whole conversation differently from its "
                            f"turns, so responses cannot be located; use a built-in data.template "

@@ -106,7 +106,7 @@ class CallLayout:
 def call_layout(template) -> CallLayout:
     """Read a template's call layout off its rendering of a probe turn with two calls (one, where it takes one)."""
     from ppalli.data.sources import RowError
-    from ppalli.data.templates import _render_pair
+    from ppalli.data.templates import render_pair
 
     tools = [{"type": "function", "function": {"name": n, "description": "", "parameters": {
         "type": "object", "properties": {_PROBE_KEY: {"type": "integer"}}}}} for n in _PROBE_NAMES]
@@ -115,7 +115,7 @@ def call_layout(template) -> CallLayout:
                  for k, n in enumerate(_PROBE_NAMES[:count])]
         messages = [{"role": "user", "content": "?"}, {"role": "assistant", "content": "", "tool_calls": calls}]
         try:
-            pre, post = _render_pair(template, messages, 1, "tool_choice", tools)
+            pre, post = render_pair(template, messages, 1, "tool_choice", tools)
         except RowError as e:
             if count == 1:
                 raise ConstraintError(f"'tool_choice': the run's template cannot write a call ({e})") from None

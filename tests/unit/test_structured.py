@@ -9,7 +9,7 @@ import torch
 import xgrammar as xg
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from ppalli.data.templates import _render_pair, resolve_template
+from ppalli.data.templates import render_pair, resolve_template
 from ppalli.data.tools import calls_in_answer
 from ppalli.infer.generate import Sampling, generate, generate_rows
 from ppalli.infer.structured import ConstraintError, Grammars, call_layout, response_format, tools_and_choice
@@ -64,7 +64,7 @@ def test_a_forced_call_grammar_takes_the_templates_own_call_and_no_other(tok, sp
 
     def written_calls(*calls) -> str:  # the calls as the template writes them, up to the turn's end
         turn = {"role": "assistant", "content": "", "tool_calls": list(calls)}
-        pre, post = _render_pair(template, QUESTION + [turn], 1, "test", [TIME, WEATHER])
+        pre, post = render_pair(template, QUESTION + [turn], 1, "test", [TIME, WEATHER])
         return post[len(pre):].split("<|im_end|>")[0]
 
     written = written_calls(call)
