@@ -87,9 +87,14 @@ class DataConfig:
     cache_dir: str | None = _f(None, "Where tokenized data is cached by content hash; default ~/.cache/ppalli.")
 
 
+PREFERENCE_OBJECTIVES = ("orpo", "dpo", "simpo")  # a sample is a chosen and a rejected answer to one prompt
+
+
 @dataclass
 class TrainConfig:
-    objective: Literal["sft", "orpo", "dpo"] = _f("sft", "Training objective.")
+    objective: Literal["sft", "orpo", "dpo", "simpo"] = _f(
+        "sft", "Training objective: sft, or on preference pairs orpo, dpo (the base model as reference), simpo "
+        "(length-normalized, no reference).")
     epochs: float = _f(1.0, "Passes over the data (ignored when max_steps is set).")
     max_steps: int | None = _f(None, "Optimizer steps to run; overrides epochs.")
     lr: float = _f(2e-4, "Peak learning rate.")
@@ -103,7 +108,9 @@ class TrainConfig:
     weight_decay: float = _f(0.0, "AdamW weight decay.")
     betas: list[float] = _f([0.9, 0.999], "AdamW betas.")
     max_grad_norm: float = _f(1.0, "Gradient clipping norm; 0 disables.")
-    beta: float = _f(0.1, "ORPO lambda / DPO beta.")
+    beta: float | None = _f(None, "ORPO lambda / DPO beta / SimPO beta; None: 0.1 for ORPO and DPO, 2.0 for SimPO "
+                                  "(the SimPO paper's 2-2.5).")
+    simpo_gamma: float = _f(1.0, "SimPO's target reward margin gamma (the paper: gamma / beta about 0.5).")
     seed: int = _f(42, "Seed for weights, data order and dropout.")
     eval_every: int = _f(0, "Eval loss every N steps (0: only at the end).")
     save_every: int = _f(0, "Checkpoint every N steps (0: only at the end).")

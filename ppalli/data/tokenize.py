@@ -15,6 +15,7 @@ import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
+from ppalli.config import PREFERENCE_OBJECTIVES
 from ppalli.data.masking import join_segments, label_tokens
 from ppalli.data.sources import RowError
 from ppalli.data.templates import Template, render_segments, text_segments
@@ -22,7 +23,6 @@ from ppalli.errors import DataError
 
 CHUNK = 256  # examples per task: large enough that a batch tokenizer call and IPC amortize, small for balance
 WINDOW = 4  # chunks in flight per worker: keeps workers fed, bounds read-ahead of streamed data
-PREFERENCE_OBJECTIVES = ("dpo", "orpo")
 BAD_KEPT = 5  # bad-row messages kept for the report; the rest are counted
 
 

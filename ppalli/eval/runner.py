@@ -87,7 +87,8 @@ def eval_loss(run, rows: list[dict], settings: EvalSettings) -> tuple[dict, int]
 
     cfg = run.config
     lm_loss = eval_lm_loss(run.model)
-    objective = make_objective(cfg.train.objective, beta=cfg.train.beta, lm_loss=lm_loss)
+    objective = make_objective(cfg.train.objective, beta=cfg.train.beta, gamma=cfg.train.simpo_gamma,
+                               lm_loss=lm_loss)
     collate = make_collate(run.tokenizer, run.model.device, cfg.train.objective)
     micro = settings.micro_batch_size or (16 if lm_loss is chunked_lm_loss else 4)
     # preference pairs packed, as training packs them by default (no compute on padding, the same log-probs)

@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from ppalli.config import Config
+from ppalli.config import PREFERENCE_OBJECTIVES, Config
 from ppalli.env import GPU, Environment
 from ppalli.errors import ConfigError, PpalliError
 from ppalli.plan.attention import attention_choice
@@ -34,7 +34,6 @@ from ppalli.plan.switches import NO_SDPA_FAMILIES, deterministic_choice, fp8_cho
 FAST_FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3", "exaone", "exaone4")
 MARGIN_SHARE, MARGIN_MIN_GIB = 0.05, 0.5  # kept free on the GPU: other processes, display, driver growth
 RAM_SHARE = {"cpu": 0.8, "mps": 0.65}  # macOS lets the GPU wire roughly 2/3 of unified memory
-PAIRED_OBJECTIVES = ("orpo", "dpo")  # a sample is a chosen and a rejected sequence
 CHOICES = ("device", "precision", "attention", "quantization", "checkpointing", "micro_batch_size", "packing",
            "fast_path", "compile", "fp8", "deterministic")
 NOTES = ("rows", "world", "sharding", "memory", "speed")  # reasons shown after the choices, when present
@@ -211,7 +210,7 @@ def _packing(ctx: _Ctx) -> bool:
     if want != "auto":
         ctx.reasons["packing"] = ctx.pin("packing", "data.packing", want)
         return want == "on"
-    if ctx.cfg.train.objective in PAIRED_OBJECTIVES:
+    if ctx.cfg.train.objective in PREFERENCE_OBJECTIVES:
         ctx.reasons["packing"] = (f"{ctx.cfg.train.objective}: chosen and rejected answers end to end in one row, "
                                   "no compute spent on padding (8 padded pairs of ko_preference_rlhf hold 48% "
                                   "real tokens), same per-sequence log-probs")
@@ -222,7 +221,7 @@ def _packing(ctx: _Ctx) -> bool:
 
 def _sequences(ctx: _Ctx) -> int:
     """Sequences a sample holds: a chosen and a rejected answer for the paired objectives."""
-    return 2 if ctx.cfg.train.objective in PAIRED_OBJECTIVES else 1
+    return 2 if ctx.cfg.train.objective in PREFERENCE_OBJECTIVES else 1
 
 
 def _step_rows(ctx: _Ctx, micro: int) -> None:
@@ -300,7 +299,7 @@ def _logps_rows(ctx: _Ctx) -> int:
     whose head they score from full logits (train/objectives.py sequence_logps: the fast-path families only)."""
     from ppalli.train.linear_logps import CHUNK_ROWS
 
-    paired = ctx.cfg.train.objective in PAIRED_OBJECTIVES
+    paired = ctx.cfg.train.objective in PREFERENCE_OBJECTIVES
     return CHUNK_ROWS if paired and ctx.spec.family in FAST_FAMILIES else 0
 
 

@@ -7,7 +7,9 @@ torchtune's per-micro-batch means drifted from it).
 - SFT: sum of token cross-entropies over trained tokens; count = trained tokens.
 - ORPO (Hong et al. 2024): SFT on the chosen response + lambda * -log sigmoid(log odds ratio);
   count = chosen trained tokens for the NLL part, pairs for the odds part (folded per pair, see below).
-- DPO (Rafailov et al. 2023), reference-free variant against the base model with the adapter off.
+- DPO (Rafailov et al. 2023), against the base model (the adapter off) as the reference.
+- SimPO (Meng et al. 2024): DPO's sigmoid loss on length-normalized log-likelihoods, less a target margin gamma,
+  with no reference model (one forward a pair, as ORPO).
 """
 
 from __future__ import annotations
@@ -240,6 +242,25 @@ class DPO:
         return loss, _pair_stats(self.beta * margin)  # implicit rewards beta (log pi - log ref), as TRL logs them
 
 
+class SimPO:
+    """-log sigmoid(beta * (mean log p(chosen) - mean log p(rejected)) - gamma), a mean over each answer's trained
+    tokens: the reward is the policy's own length-normalized log-likelihood, so no reference pass."""
+
+    name = "simpo"
+
+    def __init__(self, beta: float = 2.0, gamma: float = 1.0):
+        self.beta, self.gamma = beta, gamma
+
+    def normalizer(self, batch: dict) -> int:
+        return int(batch["num_pairs"])
+
+    def __call__(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
+        lp_c, lp_r, n_c, n_r = _pair_logps(model, batch)
+        margin = self.beta * (lp_c / n_c.clamp(min=1) - lp_r / n_r.clamp(min=1))  # (B,) reward margins
+        loss = -F.logsigmoid(margin - self.gamma).sum()
+        return loss, _pair_stats(margin)  # TRL's CPO/SimPO rewards: beta x mean log p
+
+
 PAIR_STATS = ("pairs", "margin_sum", "wins")  # what _pair_stats counts, summed over micro-batches and ranks
 
 
@@ -262,11 +283,14 @@ def pair_metrics(stats: dict) -> dict:
     return {"reward_margin": stats["margin_sum"] / pairs, "reward_accuracy": stats["wins"] / pairs}
 
 
-def make_objective(name: str, *, beta: float, lm_loss: Callable = reference_lm_loss):
+def make_objective(name: str, *, beta: float | None, gamma: float = 1.0, lm_loss: Callable = reference_lm_loss):
+    """The objective train.objective names; beta None takes its default (ORPO, DPO 0.1; SimPO 2.0)."""
     if name == "sft":
         return SFT(lm_loss)
     if name == "orpo":
-        return ORPO(beta)
+        return ORPO(0.1 if beta is None else beta)
     if name == "dpo":
-        return DPO(beta)
+        return DPO(0.1 if beta is None else beta)
+    if name == "simpo":
+        return SimPO(2.0 if beta is None else beta, gamma)
     raise ValueError(f"unknown objective {name!r}")

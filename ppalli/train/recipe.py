@@ -394,7 +394,8 @@ def _train_planned(cfg: C.Config, plan, resume: Path | None, print_fn, world, ru
     sharded = plan.sharding == "fsdp"
     model, lm_loss, fast_handle = (_sharded_model(cfg, plan, device, dtype, world, print_fn) if sharded
                                    else _model(cfg, plan, device, dtype, print_fn))
-    objective = make_objective(cfg.train.objective, beta=cfg.train.beta, lm_loss=lm_loss)
+    objective = make_objective(cfg.train.objective, beta=cfg.train.beta, gamma=cfg.train.simpo_gamma,
+                               lm_loss=lm_loss)
 
     # 4. optimizer, schedule, state (fresh or resumed)
     t = cfg.train

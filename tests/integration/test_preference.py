@@ -1,4 +1,4 @@
-"""ORPO and DPO through the real recipe on Korean preference pairs (ko_preference_rlhf), tiny model, CPU."""
+"""ORPO, DPO and SimPO through the real recipe on Korean preference pairs (ko_preference_rlhf), tiny model, CPU."""
 
 import json
 import math
@@ -13,7 +13,7 @@ def _losses(run_dir):
     return [r["loss"] for r in rows if "loss" in r]
 
 
-@pytest.mark.parametrize("objective", ["dpo", "orpo"])
+@pytest.mark.parametrize("objective", ["dpo", "orpo", "simpo"])
 def test_preference_objectives_train(make_cfg, shared_data, objective):
     cfg = make_cfg(name=objective, train__objective=objective, train__max_steps=4, train__batch_size=4,
                    data__path=str(shared_data / "ko_preference_rlhf" / "step2_yitingxie_ko.jsonl"),
@@ -29,6 +29,8 @@ def test_preference_objectives_train(make_cfg, shared_data, objective):
         assert rows[0]["reward_margin"] == 0 and rows[0]["reward_accuracy"] == 0  # no pair is won yet
         assert losses[-1] < losses[0]  # the policy moves towards the chosen answers
         assert rows[-1]["reward_margin"] > 0
+    if objective == "simpo":  # the policy's own length-normalized margin moves towards the chosen answers
+        assert rows[-1]["reward_margin"] > rows[0]["reward_margin"] and losses[-1] < losses[0]
 
 
 @pytest.mark.parametrize("objective", ["dpo", "orpo"])

@@ -1,6 +1,8 @@
 """linear_logps (ppalli/train/linear_logps.py) and the preference objectives' sequence_logps through it: the
 values and gradients of log softmax(h W^T)[target] from full fp32 logits, chunked or not, softcapped or not."""
 
+import math
+
 import pytest
 import torch
 from fast.fast_reference import CPU_TIER, tiny_lora_model
@@ -10,7 +12,7 @@ from ppalli.data.collate import preference_collate, preference_pack_collate
 from ppalli.kernels._utils import interpreting
 from ppalli.models.fast import apply_fast_path, fully_swapped
 from ppalli.train.linear_logps import linear_logps
-from ppalli.train.objectives import DPO, ORPO, sequence_logps
+from ppalli.train.objectives import DPO, ORPO, SimPO, make_objective, sequence_logps
 
 
 def _full_logps(h, w, t, softcap=None):
@@ -79,7 +81,7 @@ def _full_sequence_logps(model, batch):
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma2"])
-@pytest.mark.parametrize("objective", [DPO(0.1), ORPO(0.1)])
+@pytest.mark.parametrize("objective", [DPO(0.1), ORPO(0.1), SimPO(2.0, 1.0)])
 @pytest.mark.parametrize("kernel", [False, True])
 def test_preference_losses_and_lora_gradients_match_full_logits(family, objective, kernel, monkeypatch):
     import ppalli.train.objectives as objectives
@@ -133,7 +135,7 @@ def _pair_samples():
     return pairs
 
 
-@pytest.mark.parametrize("objective", [DPO(0.1), ORPO(0.1)])
+@pytest.mark.parametrize("objective", [DPO(0.1), ORPO(0.1), SimPO(2.0, 1.0)])
 # HF's layers (masks from position_ids) / ppalli's (varlen; tests/gpu/test_preference_gpu.py on CUDA)
 @pytest.mark.parametrize("fast", [False, pytest.param(True, marks=CPU_TIER)])
 def test_packed_pairs_give_the_padded_batchs_logps_losses_and_gradients(objective, fast):
@@ -156,3 +158,20 @@ def test_packed_pairs_give_the_padded_batchs_logps_losses_and_gradients(objectiv
     loss, grads = _loss_and_grads(model, objective, packed)
     ref_loss, ref_grads = _loss_and_grads(model, objective, padded)
     _assert_same(loss, grads, ref_loss, ref_grads)
+
+
+def test_simpo_is_the_papers_loss_on_length_normalized_log_likelihoods(monkeypatch):
+    """SimPO (Meng et al. 2024, eq. 6): -log sigmoid(beta / |y_w| log p(y_w) - beta / |y_l| log p(y_l) - gamma),
+    by hand for two pairs; no reference pass; beta None takes 2.0."""
+    import ppalli.train.objectives as objectives
+
+    lp_c, lp_r = torch.tensor([-6.0, -2.0]), torch.tensor([-4.0, -9.0])
+    n_c, n_r = torch.tensor([3, 2]), torch.tensor([1, 3])
+    monkeypatch.setattr(objectives, "_pair_logps", lambda model, batch: (lp_c, lp_r, n_c, n_r))
+    loss, stats = SimPO(2.5, 1.25)(None, {"num_pairs": 2})
+    margins = [2.5 * (-6 / 3 - -4 / 1), 2.5 * (-2 / 2 - -9 / 3)]  # 5.0, 5.0
+    want = sum(math.log1p(math.exp(-(m - 1.25))) for m in margins)
+    assert loss.item() == pytest.approx(want, rel=1e-6)
+    assert stats["pairs"] == 2 and stats["margin_sum"].item() == pytest.approx(sum(margins))
+    simpo = make_objective("simpo", beta=None, gamma=0.5)
+    assert (simpo.beta, simpo.gamma) == (2.0, 0.5) and make_objective("dpo", beta=None).beta == 0.1
