@@ -19,7 +19,8 @@ Messages are rendered by the run's own template (the one training used) and answ
 `ppalli chat`; decoding is `generate` (merged 16-bit weights, the CUDA-graph step where exact). Unset, temperature
 and top_p are ppalli chat's 0.7 and 0.9; temperature 0 decodes greedily. With "stream": true
 the answer comes as server-sent events of chat.completion.chunk objects, text as it is decoded, then
-`data: [DONE]`. Concurrent requests are decoded together (infer/batcher.py: each row with its own sampling, seed,
+`data: [DONE]` (before it, with stream_options {"include_usage": true}, a chunk with the usage and no choices).
+Concurrent requests are decoded together (infer/batcher.py: each row with its own sampling, seed,
 limit and stream, each answer back as its row ends); n > 1 asks for several answers at once (rows of the batch, seeds
 seed, seed + 1, ... when a seed is given); stop strings (up to 16) end an answer before them, held back from a stream
 until they are ruled out. Built on the standard library's http.server: nothing to install.
@@ -48,7 +49,7 @@ in, its arguments held to the tool's parameters (infer/structured.py, with xgram
 json_schema holds an answer to JSON / to the schema the same way.
 
 A bad request gets a 400 whose message names the field and what it takes; fields of the API that change nothing
-here (user, stream_options, ...) are accepted and ignored, those that would (functions, suffix)
+here (user, ...) are accepted and ignored, those that would (functions, suffix)
 are refused rather than silently dropped. logit_bias is added to the logits before greedy
 decoding or sampling (not to the log-probs reported, the model's own).
 """
@@ -126,6 +127,7 @@ def parse_request(body: bytes, max_new_tokens: int, chat: bool = True) -> dict:
             **{k: _number(req.get(k, 0.0), k, float, -2.0, 2.0) for k in ("presence_penalty", "frequency_penalty")},
             "logprobs": logprobs, "echo": echo, "tools": tools, "tool_choice": forced, "schema": schema,
             "parallel": req.get("parallel_tool_calls") is not False,
+            "usage": isinstance(req.get("stream_options"), dict) and req["stream_options"].get("include_usage") is True,
             "logit_bias": _logit_bias(req.get("logit_bias"))}
 
 
@@ -348,7 +350,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         try:
             answer = {**head, **self._answers(jobs, choices, req, chat)}
-            self._stream_whole(answer) if req["stream"] else self._json(200, answer)
+            self._stream_whole(answer, req["usage"]) if req["stream"] else self._json(200, answer)
         except Exception as e:  # the client gets a 500 that says what broke, not a closed connection
             _log.exception("building the answer failed")
             self._json(500, _error(f"building the answer failed: {type(e).__name__}: {e}", "server_error"))
@@ -359,8 +361,6 @@ class _Handler(BaseHTTPRequestHandler):
         answers = [job.answer if job.watch else decode(job.new, skip_special_tokens=True) for job in jobs]
         if req["echo"]:  # the prompt comes back ahead of its answer: as sent, or its token ids decoded
             answers = [self._echo_text(p) + a for (_, _, p), a in zip(choices, answers)]
-        used = sum(len(ids) for ids, _, _ in choices[::req["n"]])
-        new = sum(len(job.new) for job in jobs)
         thoughts = [None] * len(answers)
         if chat and self.server.reasoning:
             thoughts, answers = map(list, zip(*map(split_thinking, answers)))
@@ -371,7 +371,7 @@ class _Handler(BaseHTTPRequestHandler):
                 choice["message"]["reasoning_content"] = thought
         return {"object": "chat.completion" if chat else "text_completion",
                 "choices": [_with_calls(c, text, req["tools"]) for c, text in zip(out, answers)],
-                "usage": {"prompt_tokens": used, "completion_tokens": new, "total_tokens": used + new}}
+                "usage": _usage(jobs, req["n"])}
 
     def _echo_text(self, prompt) -> str:
         """A text completion's prompt as echo gives it back: the string as sent, or its token ids decoded."""
@@ -431,9 +431,10 @@ class _Handler(BaseHTTPRequestHandler):
             raise BadRequest(f"Content-Length must be a byte count up to {MOST_BODY_BYTES}, got {length[:32]!r}")
         return self.rfile.read(int(length))
 
-    def _stream_whole(self, answer: dict) -> None:
+    def _stream_whole(self, answer: dict, usage: bool = False) -> None:
         """A decoded chat answer (a request with tools) as the chunks OpenAI's API streams: each choice's role, its
-        content, its tool_calls (each with its index), then its end with the log-probs; then [DONE]."""
+        content, its tool_calls (each with its index), then its end with the log-probs; the usage where asked; then
+        [DONE]."""
         self._sse_headers()
         head = {k: answer[k] for k in ("id", "created", "model")}
         for choice in answer["choices"]:
@@ -447,6 +448,14 @@ class _Handler(BaseHTTPRequestHandler):
                 self._event({**head, "object": "chat.completion.chunk", "choices": [
                     {"index": index, "delta": delta, "logprobs": choice["logprobs"] if last else None,
                      "finish_reason": choice["finish_reason"] if last else None}]})
+        self._done(head, True, answer["usage"] if usage else None)
+
+    def _done(self, head: dict, chat: bool, usage: dict | None) -> None:
+        """A stream's end: the usage chunk where stream_options asked for it (no choices, as OpenAI's), then
+        [DONE]."""
+        if usage:
+            self._event({**head, "object": "chat.completion.chunk" if chat else "text_completion", "choices": [],
+                         "usage": usage})
         self.wfile.write(b"data: [DONE]\n\n")
         self.wfile.flush()
 
@@ -511,8 +520,7 @@ class _Handler(BaseHTTPRequestHandler):
                         event(_as(kind, chunk(index, piece, scored=done)))
                     rest = split.left(index) + self._kept(job, chat)[job.scored_out:]
                     event(chunk(index, None, job.finish_reason, rest))
-            self.wfile.write(b"data: [DONE]\n\n")
-            self.wfile.flush()
+            self._done(head, chat, _usage(jobs, req["n"]) if req["usage"] and not any(j.error for j in jobs) else None)
         except (BrokenPipeError, ConnectionResetError):
             for job in jobs:
                 job.left = True  # the client left: its rows end at their next text
@@ -556,6 +564,12 @@ def _with_calls(choice: dict, text: str, tools: list[dict] | None) -> dict:
                           "arguments": json.dumps(c["function"]["arguments"], ensure_ascii=False)}} for c in calls]}
         choice["finish_reason"] = "tool_calls"
     return choice
+
+
+def _usage(jobs: list[Job], n: int) -> dict:
+    """Token counts of a reply: each prompt once (its n choices are consecutive jobs), every answer's new tokens."""
+    used, new = sum(len(job.ids) for job in jobs[::n]), sum(len(job.new) for job in jobs)
+    return {"prompt_tokens": used, "completion_tokens": new, "total_tokens": used + new}
 
 
 def _choices(req: dict) -> list[dict]:

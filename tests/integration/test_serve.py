@@ -573,3 +573,20 @@ def test_structured_answers_parse_whole_streamed_and_as_forced_calls(server):
     finally:
         roomy.shutdown()
         roomy.server_close()
+
+
+@pytest.mark.parametrize("route, tools", [("/v1/chat/completions", False), (TEXT, False),
+                                          ("/v1/chat/completions", True)])
+def test_a_stream_ends_with_its_usage_where_stream_options_ask(server, route, tools):
+    """stream_options {"include_usage": true}: a last chunk with no choices and the usage the whole answer reports
+    (OpenAI's; LangChain's streaming token counts read it); without it, no such chunk."""
+    _, url = server
+    ask = {"messages": QUESTION} if route != TEXT else {"prompt": "안녕"}
+    ask = {**ask, "max_tokens": 5, "temperature": 0, "n": 2, **({"tools": [WEATHER]} if tools else {})}
+    whole = json.loads(_post(url, ask, route)[1])
+    for asked in (True, False):
+        body = _post(url, {**ask, "stream": True, "stream_options": {"include_usage": asked}}, route)[1].decode()
+        events = [e.removeprefix("data: ") for e in body.split("\n\n") if e.strip()]
+        assert events[-1] == "[DONE]"
+        last = json.loads(events[-2])
+        assert (last["choices"] == [] and last["usage"] == whole["usage"]) if asked else last["choices"]
