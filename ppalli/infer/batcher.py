@@ -171,6 +171,8 @@ class Batcher:
             if not batch:
                 return
             samplings = [Sampling(temperature=j.req["temperature"] or 1.0, top_p=j.req["top_p"],
+                                  top_k=j.req.get("top_k", 0), min_p=j.req.get("min_p", 0.0),
+                                  repetition_penalty=j.req.get("repetition_penalty", 1.0),
                                   greedy=j.req["greedy"], presence_penalty=j.req.get("presence_penalty", 0.0),
                                   frequency_penalty=j.req.get("frequency_penalty", 0.0),
                                   logit_bias=j.req.get("logit_bias", ())) for j in batch]

@@ -8,6 +8,7 @@ template's end-of-turn ids, and samples unless greedy decoding is asked for.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -38,6 +39,7 @@ class Sampling:
     presence_penalty: float = 0.0  # OpenAI's: subtracted once from each token the answer already holds
     frequency_penalty: float = 0.0  # OpenAI's: subtracted once per time the answer holds the token
     logit_bias: tuple[tuple[int, float], ...] = ()  # OpenAI's: (token, bias) added to its logit, greedy or sampled
+    min_p: float = 0.0  # drop tokens less likely than min_p x the likeliest (after temperature), as vLLM's min_p
 
 
 class TextStream:
@@ -147,9 +149,18 @@ def _top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
+def _min_p(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Keep the tokens of each row, (..., V), at least p times as likely as its likeliest."""
+    if p <= 0.0:
+        return logits
+    floor = logits.max(-1, keepdim=True).values + math.log(p)  # log(p x max prob), in logits (softmax's shift)
+    return logits.masked_fill(logits < floor, float("-inf"))
+
+
 def _sampling_probs(logits: torch.Tensor, s: Sampling) -> torch.Tensor:
-    """(..., V) logits after the repetition penalty -> the probabilities sampled from: temperature, top-k, top-p."""
-    return _top_p(_top_k(logits / s.temperature, s.top_k), s.top_p).softmax(-1)
+    """(..., V) logits after the repetition penalty -> the probabilities sampled from: temperature, top-k, min-p,
+    top-p."""
+    return _top_p(_min_p(_top_k(logits / s.temperature, s.top_k), s.min_p), s.top_p).softmax(-1)
 
 
 def _device(model) -> torch.device:

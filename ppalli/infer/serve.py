@@ -3,7 +3,8 @@
 
     POST /v1/chat/completions   {"messages": [...], "max_tokens", "temperature", "top_p", "seed", "stream", "n",
                                  "stop", "presence_penalty", "frequency_penalty", "logit_bias", "logprobs",
-                                 "top_logprobs", "tools", "tool_choice", "response_format"}
+                                 "top_logprobs", "tools", "tool_choice", "response_format", and vLLM's "top_k",
+                                 "min_p", "repetition_penalty"}
     POST /v1/completions        {"prompt": a string, token ids, or a list of either, the same fields, "logprobs": 0-20
                                  alternatives, "echo"}: text continued as the tokenizer takes it (no template;
                                  OpenAI's defaults: 16 tokens, temperature 1)
@@ -120,6 +121,10 @@ def parse_request(body: bytes, max_new_tokens: int, chat: bool = True) -> dict:
     return {"prompts": [_messages(req)] if chat else _prompts(req),
             "max_new_tokens": min(limit, max_new_tokens), "max_asked": wanted is not None, "temperature": temperature,
             "top_p": _number(req.get("top_p", 0.9 if chat else 1.0), "top_p", float, 0.0, 1.0),
+            # vLLM's extra sampling fields (what its clients send beside OpenAI's): -1 or 0 is no top-k
+            "top_k": max(_number(req.get("top_k", 0), "top_k", int, -1, None), 0),
+            "min_p": _number(req.get("min_p", 0.0), "min_p", float, 0.0, 1.0),
+            "repetition_penalty": _number(req.get("repetition_penalty", 1.0), "repetition_penalty", float, 0.01, 10.0),
             "greedy": temperature == 0.0,
             "seed": None if req.get("seed") is None else _number(req["seed"], "seed", int, 0, None),
             "stream": bool(req.get("stream", False)), "n": _number(req.get("n", 1), "n", int, 1, MOST_CHOICES),

@@ -90,6 +90,8 @@ def test_seeded_sampling_repeats_and_the_server_caps_max_tokens(server):
     ({"messages": QUESTION, "logprobs": True, "top_logprobs": 21}, "'top_logprobs' must be in [0, 20]"),
     ({"messages": QUESTION, "response_format": {"type": "json_schema"}}, "'response_format'"),
     ({"messages": QUESTION, "frequency_penalty": 2.5}, "'frequency_penalty' must be in [-2.0, 2.0]"),
+    ({"messages": QUESTION, "top_k": -2}, "'top_k' must be >= -1"), ({"messages": QUESTION, "min_p": 1.5}, "'min_p'"),
+    ({"messages": QUESTION, "repetition_penalty": 0}, "'repetition_penalty'"),
     ({"messages": [{"role": "user", "content": "가" * 5000}]}, "positions")])
 def test_bad_requests_get_a_400_that_names_the_field(server, payload, field):
     status, body = _post(server[1], payload)
@@ -590,3 +592,16 @@ def test_a_stream_ends_with_its_usage_where_stream_options_ask(server, route, to
         assert events[-1] == "[DONE]"
         last = json.loads(events[-2])
         assert (last["choices"] == [] and last["usage"] == whole["usage"]) if asked else last["choices"]
+
+
+def test_vllms_sampling_fields_are_taken(server):
+    """top_k 1 leaves one token to sample: any temperature and seed give the greedy answer; min_p 1 the same (only
+    the likeliest is as likely as itself); repetition_penalty and top_k -1 (vLLM's "off") are taken."""
+    _, url = server
+    ask = {"messages": QUESTION, "max_tokens": 8}
+    greedy = json.loads(_post(url, {**ask, "temperature": 0})[1])["choices"][0]["message"]["content"]
+    for extra in ({"top_k": 1}, {"min_p": 1.0}):
+        sampled = json.loads(_post(url, {**ask, "temperature": 1.5, "seed": 5, **extra})[1])
+        assert sampled["choices"][0]["message"]["content"] == greedy, extra
+    status, body = _post(url, {**ask, "temperature": 0, "repetition_penalty": 1.3, "top_k": -1})
+    assert status == 200 and json.loads(body)["usage"]["completion_tokens"] <= 8

@@ -387,3 +387,16 @@ def test_presence_and_frequency_penalties_follow_openai_on_the_answer_only(model
                                                    greedy=True)
     loops = generate(model, tok, torch.tensor([prompts[0]]), max_new_tokens=30, greedy=True)
     assert rows[0] != loops and len(set(loops)) < 30  # unpenalised, it loops (511, 1050, 511, 1050, ...)
+
+
+def test_min_p_keeps_the_tokens_at_least_p_times_as_likely_as_the_top_one():
+    import math
+
+    from ppalli.infer.generate import Sampling, _min_p, _sampling_probs
+
+    logits = torch.tensor([[0.0, math.log(0.5), math.log(0.1)], [math.log(0.3), 0.0, math.log(0.25)]])
+    kept = torch.isfinite(_min_p(logits, 0.2))
+    assert kept.tolist() == [[True, True, False], [True, True, True]]
+    assert _min_p(logits, 0.0) is logits
+    probs = _sampling_probs(logits, Sampling(temperature=1.0, top_p=1.0, min_p=0.4))
+    assert probs[0].tolist() == pytest.approx([2 / 3, 1 / 3, 0.0]) and probs[1, 2] == 0 and probs[1, 0] == 0
