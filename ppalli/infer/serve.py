@@ -35,7 +35,8 @@ ended a text completion, a token cut by a stop string), so a stream's log-probs 
 
 With --reasoning (a run trained on answers that open with a <think> block: Qwen3's template, reasoning_content data),
 a chat answer's thinking comes back as the message's reasoning_content and the rest as its content, streamed as
-reasoning_content deltas, then content ones (infer/thinking.py), as vLLM's reasoning parsers give them.
+reasoning_content deltas, then content ones (infer/thinking.py), as vLLM's reasoning parsers give them; a
+response_format or a forced call holds the reply after the thinking, which stays free.
 
 Tools (function calling, for a run trained on tool-use data): the request's tools go into the prompt through the run's
 template (a template that leaves them out is a 400), and its messages may hold assistant turns with tool_calls and
@@ -332,7 +333,7 @@ class _Handler(BaseHTTPRequestHandler):
             req = parse_request(body, self.server.max_new_tokens, chat=chat)
             prompts = [self.server.prompt_ids(req, prompt, chat) for prompt in req["prompts"]]
             req["grammar"] = self.server.grammars.for_request(req["schema"], req["tools"], req["tool_choice"],
-                                                              req["parallel"])
+                                                              req["parallel"], chat and self.server.reasoning)
         except (BadRequest, ConstraintError) as e:
             self._json(400, _error(str(e), "invalid_request_error"))
             return

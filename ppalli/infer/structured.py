@@ -177,16 +177,11 @@ def calls_tag(layout: CallLayout, tools: list[dict], forced: str, parallel: bool
     ("required"; one only where not `parallel`), one of the tool named, or ("auto") free text in which each call
     the model opens (the template's opening marker, `<tool_call>`) is held to a call of a tool, None where the
     template opens calls with no marker (Llama 3.1's bare JSON: nothing tells text from a call's start)."""
-    import xgrammar as xg
-
     def call(tool: dict) -> dict:
         fn = tool.get("function", tool)
         props = {layout.name_key: {"const": fn["name"]}, layout.args_key: _open_object(fn.get("parameters"))}
-        schema = {"type": "object", "properties": {k: props[k] for k in layout.keys}, "required": list(layout.keys),
-                  "additionalProperties": False}
-        # as EBNF: a json_schema element takes any whitespace; this one the ", " and ": " of the tojson the template
-        # writes calls with (free whitespace: a tiny random model wrote '{\n"name":\r"get_weather"\r,...')
-        return {"type": "grammar", "grammar": str(xg.Grammar.from_json_schema(schema, any_whitespace=False))}
+        return json_grammar({"type": "object", "properties": {k: props[k] for k in layout.keys},
+                             "required": list(layout.keys), "additionalProperties": False})
 
     chosen = [t for t in tools if forced in ("required", "auto") or tool_name(t) == forced]
     one = call(chosen[0]) if len(chosen) == 1 else {"type": "or", "elements": [call(t) for t in chosen]}
@@ -200,6 +195,25 @@ def calls_tag(layout: CallLayout, tools: list[dict], forced: str, parallel: bool
         elements.append({"type": "star", "content": {"type": "sequence", "elements": [_const(layout.between), one]}})
     elements.append(_const(layout.closing))
     return {"type": "structural_tag", "format": {"type": "sequence", "elements": [e for e in elements if e]}}
+
+
+def json_grammar(schema: dict) -> dict:
+    """A structural tag element holding JSON to `schema`, as EBNF: a json_schema element takes any whitespace, this
+    one the ", " and ": " json.dumps and the templates' tojson write (with free whitespace a tiny random model wrote
+    a newline after the brace and carriage returns around the name). Strict (no property the schema does not name),
+    but for a bare object."""
+    import xgrammar as xg
+
+    grammar = xg.Grammar.from_json_schema(schema, any_whitespace=False, strict_mode=schema != {"type": "object"})
+    return {"type": "grammar", "grammar": str(grammar)}
+
+
+def thinking_first(element: dict) -> dict:
+    """`element`, or a <think>...</think> block of free text, a few blanks, then `element`: what a reasoning run
+    (serve --reasoning) writes, its thinking left free and only its reply held."""
+    think = {"type": "tag", "begin": "<think>", "content": {"type": "any_text"}, "end": "</think>"}
+    return {"type": "or", "elements": [
+        {"type": "sequence", "elements": [think, {"type": "regex", "pattern": "[ \\n]{0,4}"}, element]}, element]}
 
 
 def _const(text: str) -> dict | None:
@@ -229,18 +243,21 @@ class Grammars:
                 self._compiler = xg.GrammarCompiler(info, max_threads=2)
             return self._compiler
 
-    def for_request(self, schema: dict | None, tools: list[dict] | None, forced: str | None, parallel: bool = True):
+    def for_request(self, schema: dict | None, tools: list[dict] | None, forced: str | None, parallel: bool = True,
+                    thinking: bool = False):
         """The compiled grammar a request's answers are held to, or None for free text. parallel: OpenAI's
-        parallel_tool_calls (False: a "required" answer makes one call)."""
+        parallel_tool_calls (False: a "required" answer makes one call). thinking: the answer may open with a free
+        <think> block before the shape asked (thinking_first)."""
         if schema is not None and forced is not None:
             raise ConstraintError("'response_format' and a forced 'tool_choice' ask two shapes of one answer: send "
                                   "one of them")
         if schema is not None:
-            try:  # whitespace as json.dumps writes it: free whitespace lets a weak model loop on blanks
-                return self.compiler().compile_json_schema(schema, any_whitespace=False,
-                                                           strict_mode=schema != {"type": "object"})
+            self.compiler()  # xgrammar is there
+            try:
+                element = json_grammar(schema)
             except (RuntimeError, ValueError, TypeError) as e:
                 raise ConstraintError(f"'response_format': the JSON schema does not compile ({e})") from None
+            return self._compile(thinking_first(element) if thinking else element, "'response_format'")
         if forced is None and tools:
             try:  # calls held to the tools where the model makes them; text stays free
                 return self._calls(tools, "auto", parallel)
@@ -249,20 +266,28 @@ class Grammars:
                     _log.warning("tool calls decode free, unchecked: %s", e)
                     self._said_auto = True
                 return None
-        return None if forced is None else self._calls(tools or [], forced, parallel)
+        return None if forced is None else self._calls(tools or [], forced, parallel, thinking)
 
-    def _calls(self, tools: list[dict], forced: str, parallel: bool):
+    def _calls(self, tools: list[dict], forced: str, parallel: bool, thinking: bool = False):
         if self.template is None:
             raise ConstraintError("'tool_choice': this run has no chat template to read its call layout from")
         if self._layout is None:
             self._layout = call_layout(self.template)
-        tag = calls_tag(self._layout, tools, forced, parallel)
-        if tag is None:
-            return None
+        self.compiler()  # xgrammar is there
         try:
-            return self.compiler().compile_structural_tag(json.dumps(tag, ensure_ascii=False))
+            tag = calls_tag(self._layout, tools, forced, parallel)
         except (RuntimeError, ValueError, TypeError) as e:
             raise ConstraintError(f"'tools': a parameter schema does not compile ({e})") from None
+        if tag is None:
+            return None
+        return self._compile(thinking_first(tag["format"]) if thinking else tag["format"], "'tools'")
+
+    def _compile(self, element: dict, what: str):
+        try:
+            return self.compiler().compile_structural_tag(
+                json.dumps({"type": "structural_tag", "format": element}, ensure_ascii=False))
+        except (RuntimeError, ValueError, TypeError) as e:
+            raise ConstraintError(f"{what}: the grammar does not compile ({e})") from None
 
 
 class RowGrammars:

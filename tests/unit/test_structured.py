@@ -28,6 +28,8 @@ LLAMA31 = ("{% for m in messages %}{{ '<|im_start|>' + m.role + '\\n' }}"
            "{% else %}{{ m.content }}{% endif %}{{ '<|im_end|>\\n' }}{% endfor %}"
            "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 QUESTION = [{"role": "user", "content": "지금 서울은 몇 시야?"}]
+SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}, "level": {"enum": ["low", "high"]}},
+          "required": ["ok", "level"]}
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +105,23 @@ def test_auto_calls_are_held_to_the_tools_and_text_stays_free(tok):
     assert Grammars(tok, 151936, resolve_template(LLAMA31, tok)).for_request(None, [TIME], None) is None
 
 
+def test_a_reasoning_runs_thinking_stays_free_and_its_reply_is_held(tok):
+    """serve --reasoning: the answer may open with a <think> block (free text), then the shape asked."""
+    grammars = Grammars(tok, 151936, resolve_template("auto", tok))
+    think = "<think>\n서울 시간은 KST로 답하자. {아직 JSON 아님}\n</think>\n\n"
+    call = '<tool_call>\n{"name": "get_time", "arguments": {"tz": "KST"}}\n</tool_call>'
+
+    def takes(request: tuple, text: str, thinking: bool = True) -> bool:
+        matcher = xg.GrammarMatcher(grammars.for_request(*request, thinking=thinking))
+        return matcher.accept_string(text) and matcher.is_completed()
+
+    for request, reply in (((SCHEMA, None, None), '{"ok": true, "level": "low"}'),
+                           ((None, [TIME, WEATHER], "get_time"), call)):
+        assert takes(request, think + reply) and takes(request, reply)
+        assert not takes(request, think + reply, thinking=False)
+        assert not takes(request, "생각: " + reply) and not takes(request, think + "그냥 답할게요.")
+
+
 def test_requests_name_the_field_that_cannot_be_served():
     assert tools_and_choice({"tools": [TIME]}) == ([TIME], None)
     assert tools_and_choice({"tools": [TIME], "tool_choice": "none"}) == (None, None)
@@ -147,9 +166,7 @@ def test_generate_rows_holds_each_row_to_its_own_grammar(model, tok):
     template = resolve_template("chatml", tok)
     grammars = Grammars(tok, 151936, template)
     prompt = tok(template.render(QUESTION, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
-    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "level": {"enum": ["low", "high"]}},
-              "required": ["ok", "level"]}
-    json_schema = grammars.for_request(schema, None, None)
+    json_schema = grammars.for_request(SCHEMA, None, None)
     json_object = grammars.for_request({"type": "object"}, None, None)
     forced = grammars.for_request(None, [TIME, WEATHER], "get_time")
     free, held, anything, called = _decode(model, tok, [prompt] * 4, [None, json_schema, json_object, forced])
