@@ -526,7 +526,8 @@ class _Handler(BaseHTTPRequestHandler):
                         event(_as(kind, chunk(index, piece, scored=done)))
                     rest = split.left(index) + self._kept(job, chat)[job.scored_out:]
                     event(chunk(index, None, job.finish_reason, rest))
-            self._done(head, chat, _usage(jobs, req["n"]) if req["usage"] and not any(j.error for j in jobs) else None)
+            usage = req.get("usage") and not any(job.error for job in jobs)  # asked by stream_options, all went well
+            self._done(head, chat, _usage(jobs, req["n"]) if usage else None)
         except (BrokenPipeError, ConnectionResetError):
             for job in jobs:
                 job.left = True  # the client left: its rows end at their next text
