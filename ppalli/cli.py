@@ -282,8 +282,7 @@ def cmd_chat(args) -> int:
     if tools:  # a call the model opens is held to the tools' schemas (None, free, without xgrammar)
         from ppalli.infer.structured import Grammars
 
-        vocab = run.model.get_input_embeddings().num_embeddings
-        grammar = Grammars(run.tokenizer, vocab, run.template).for_request(None, tools, None)
+        grammar = Grammars.for_run(run).for_request(None, tools, None)
     chat_loop(run.model, run.tokenizer, run.render_prompt, temperature=args.temperature, top_p=args.top_p,
               max_new_tokens=args.max_new_tokens, greedy=args.greedy, stop_ids=run.stop_ids, compile=args.compile,
               tools=tools, grammar=grammar)
@@ -304,9 +303,8 @@ def cmd_generate(args) -> int:
     if schema is not None:
         from ppalli.infer.structured import ConstraintError, Grammars
 
-        vocab = run.model.get_input_embeddings().num_embeddings
         try:
-            grammar = Grammars(run.tokenizer, vocab, run.template).for_request(schema, None, None)
+            grammar = Grammars.for_run(run).for_request(schema, None, None)
         except ConstraintError as e:
             raise PpalliError(f"generate: {args.json_schema or '--json'}: {e}") from None
     out = args.out or "-"

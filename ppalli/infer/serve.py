@@ -51,9 +51,9 @@ in, its arguments held to the tool's parameters (infer/structured.py, with xgram
 json_schema holds an answer to JSON / to the schema the same way.
 
 A bad request gets a 400 whose message names the field and what it takes; fields of the API that change nothing
-here (user, ...) are accepted and ignored, those that would (functions, suffix)
-are refused rather than silently dropped. logit_bias is added to the logits before greedy
-decoding or sampling (not to the log-probs reported, the model's own).
+here (user, ...) are accepted and ignored, those that would (functions, suffix) are refused rather than silently
+dropped. logit_bias is added to the logits before greedy decoding or sampling (not to the log-probs reported, the
+model's own).
 """
 
 from __future__ import annotations
@@ -235,7 +235,7 @@ class ChatServer(ThreadingHTTPServer):
         self.context = getattr(run.model.config, "max_position_embeddings", None)
         self.vocab = run.model.get_input_embeddings().num_embeddings
         self.pieces = TokenPieces(run.tokenizer)  # token id -> (text, bytes), for log-probs
-        self.grammars = Grammars(run.tokenizer, self.vocab, getattr(run, "template", None))  # infer/structured.py
+        self.grammars = Grammars.for_run(run)  # infer/structured.py
 
     def tokenizer_info(self) -> dict:
         """GET /tokenizer_info as vLLM answers it: the special tokens, the chat template, the model's positions."""

@@ -231,6 +231,12 @@ class Grammars:
         self._lock = threading.Lock()
         self._said_auto = False  # warned once that "auto" calls decode unchecked
 
+    @classmethod
+    def for_run(cls, run) -> Grammars:
+        """A loaded run's grammars: its tokenizer, its embedding rows as the vocabulary, its template's call layout."""
+        vocab = run.model.get_input_embeddings().num_embeddings
+        return cls(run.tokenizer, vocab, getattr(run, "template", None))
+
     def compiler(self):
         with self._lock:
             if self._compiler is None:
