@@ -117,8 +117,8 @@ class DecodeLayer:
                                                                                    kwargs.get("past_key_values")))
         a = self._attend(q, k, v, kwargs.get("attention_mask"))  # (M, Hq*D)
         if self.post_attn is None:
-            x, h, _, _ = lora_add_rms_norm_fwd(x, self.o(a), None, None, 0.0, self.norm2.weight,
-                                               norm_eps(self.norm2), self.spec.norm_offset, blocks=_row_blocks(d))
+            x, h, _ = lora_add_rms_norm_fwd(x, self.o(a), None, None, 0.0, self.norm2.weight, norm_eps(self.norm2),
+                                            self.spec.norm_offset, blocks=_row_blocks(d))
         else:  # x + post-norm(o) and the MLP's pre-norm of it in one pass (Gemma 3; EXAONE 4: h is that sum)
             x, h = self._post_norm_add(x, self.o(a), self.post_attn, self.norm2)
         y = self.down(self.glu(self.gate_up(h)))  # (M, 2I) -> (M, I) -> (M, d)

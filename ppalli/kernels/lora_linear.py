@@ -184,19 +184,12 @@ def stacked_lora_a(x, factors):
     if not present:
         return [None] * len(factors), None
     a_stack = factor_stack(present, x.dtype)  # (sum r, in): the fast path's cached copy, else cat and cast
-    return stacked_views(torch.mm(x, a_stack.t()), factors), a_stack  # (N, sum r) read as views
-
-
-def stacked_views(xa, factors):
-    """xa (N, sum r) = x [A_1; A_2; ...]^T over the present factors -> a list of (N, r_i) column views, None
-    where an adapter is absent."""
+    xa = torch.mm(x, a_stack.t())  # (N, sum r)
     views, col = [], 0
     for a in factors:
         views.append(None if a is None else xa[:, col:col + a.shape[0]])
         col += 0 if a is None else a.shape[0]
-    if col != xa.shape[1]:
-        raise PpalliError(f"a stacked x A^T of {xa.shape[1]} columns for adapters of total rank {col}")
-    return views
+    return views, a_stack
 
 
 def stacked_lora_a_grads(dxas, x, a_stack, ranks, needs, dtypes):

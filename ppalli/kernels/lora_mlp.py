@@ -16,10 +16,7 @@ backward writes dg over g0 and du over u0 in place, so the backward's peak adds 
 tensors; down's rank-r input-gradient term (sd dy Bd) Ad is added inside that kernel too, instead of a
 read-modify-write pass over dh. In the forward, the activation kernel also sums h Ad^T from its tiles
 (lora_glu_fwd_had), so nothing reads h back for down's rank-r product; with `residual`, down's rank-r term
-and the residual add are one pass over (N, d) (lora_add_fwd) instead of addmm_ and an add. Given xa = x [Ag; Au]^T
-from the norm that made x (lora_add_rms_norm's a_next), the block runs no GEMM for it and hands dxa back as xa's
-gradient, which that norm's backward adds into dx as dxa [Ag; Au] (no addmm_ over dx here); dAg, dAu are still
-formed here, from x and dxa.
+and the residual add are one pass over (N, d) (lora_add_fwd) instead of addmm_ and an add.
 
 The GEMMs are cuBLAS. When a layer is recomputed for its backward (`_utils.recomputing`), y is thrown away:
 the down projection's base GEMM is skipped, and (h Ad^T), the one thing the backward needs from h, comes
@@ -49,7 +46,6 @@ from ppalli.kernels.lora_linear import (
     scaled_mm,
     stacked_lora_a,
     stacked_lora_a_grads,
-    stacked_views,
 )
 
 
@@ -57,18 +53,14 @@ class LoRAMLPFunction(torch.autograd.Function):
     """act(x Wg'^T) * (x Wu'^T) -> down projection, W' = W + s B A; the LoRA weights of all three train."""
 
     @staticmethod
-    def forward(ctx, x, act, gb, ga, gB, gs, ub, ua, uB, us, db, da, dB, ds, res, xa):
+    def forward(ctx, x, act, gb, ga, gB, gs, ub, ua, uB, us, db, da, dB, ds, res):
         ctx.ranks = [None if a is None else a.shape[0] for a in (ga, ua)]
         ctx.dtypes = factor_dtypes(ga, gB, ua, uB, da, dB)
         gB, uB, da, dB = (factor_cast(t, x.dtype) for t in (gB, uB, da, dB))  # once; the backward reuses them
         xq = quantized_input(x, gb, ub)  # plan.fp8: x quantized once for both GEMMs
         gate0, up0 = base_mm(x, gb, xq), base_mm(x, ub, xq)  # (N, I) each, without the adapters' terms
         del xq
-        if xa is None:
-            (xag, xau), a_stack = stacked_lora_a(x, (ga, ua))  # (N, r) views of one GEMM: x read once
-        else:  # x [Ag; Au]^T made by the norm before (lora_add_rms_norm's a_next): its dxa goes back there
-            (xag, xau), a_stack = stacked_views(xa, (ga, ua)), None
-        ctx.xa_given = xa is not None
+        (xag, xau), a_stack = stacked_lora_a(x, (ga, ua))  # (N, r) views of one GEMM: x read once
         kept = current_stash()
         kept = kept.setdefault("lora_mlp.had", []) if kept is not None and da is not None else None
         glu = (gate0, up0, xag, gB, gs, xau, uB, us)
@@ -125,29 +117,27 @@ class LoRAMLPFunction(torch.autograd.Function):
         if need[0]:
             dx = add_input_grad(None, dgate, gb, None, None)  # (N, d)
             dx = add_input_grad(dx, dup, ub, None, None)
-            if dxa_all is not None and not ctx.xa_given:  # both rank-r terms in one GEMM, last (add_input_grad)
+            if dxa_all is not None:  # both rank-r terms in one GEMM, last (see add_input_grad)
                 dx.addmm_(dxa_all, a_stack)
         g_dB, u_dB, d_da, d_dB = (cast(t, dt) for t, dt in ((g_dB, dtypes[1]), (u_dB, dtypes[3]), (d_da, dtypes[4]),
                                                             (d_dB, dtypes[5])))
         d_res = dy if need[14] else None  # the residual's gradient passes through
-        d_xa = dxa_all if ctx.xa_given and need[15] else None  # the norm that made xa adds dxa [Ag; Au] to dx
-        return dx, None, None, g_da, g_dB, None, None, u_da, u_dB, None, None, d_da, d_dB, None, d_res, d_xa
+        return dx, None, None, g_da, g_dB, None, None, u_da, u_dB, None, None, d_da, d_dB, None, d_res
 
 
 def lora_mlp(x: torch.Tensor, gate: nn.Module, up: nn.Module, down: nn.Module, act: str = "silu",
-             residual: torch.Tensor | None = None, xa: torch.Tensor | None = None) -> torch.Tensor:
+             residual: torch.Tensor | None = None) -> torch.Tensor:
     """x (..., d) through the gated MLP whose projections are PEFT LoRA Linears -> (..., d), plus residual
-    (..., d) when given (added in the pass that adds down's LoRA term). xa: x [Ag; Au]^T (M, rg + ru) over the
-    flattened rows when the norm that made x made it too (lora_add_rms_norm's a_next), else None.
+    (..., d) when given (added in the pass that adds down's LoRA term).
 
     act: "silu" (Llama, Qwen, Mistral: SwiGLU) or "gelu_tanh" (Gemma: GeGLU).
     """
     if act not in ACTS:
         raise PpalliError(f"lora_mlp act must be one of {sorted(ACTS)}, got {act!r}")
     if residual is not None and residual.dtype != x.dtype:  # the fused add writes x's dtype: promote outside
-        return residual + lora_mlp(x, gate, up, down, act, xa=xa)
+        return residual + lora_mlp(x, gate, up, down, act)
     g, u, d = lora_parts(gate), lora_parts(up), lora_parts(down)
     x2 = x.reshape(-1, x.shape[-1])  # (N, d)
     res = residual.reshape(x2.shape[0], -1) if residual is not None else None
-    y = LoRAMLPFunction.apply(x2, act, *g, *u, *d, res, xa)
+    y = LoRAMLPFunction.apply(x2, act, *g, *u, *d, res)
     return y.view(*x.shape[:-1], y.shape[-1])

@@ -10,10 +10,8 @@ is the LoRA intermediates and the separate dx sums). The three A factors are sta
 and dA = dxa^T x are one GEMM each, x read once (rank-16 GEMMs are bound by reading x: 64 MB for
 Llama-3.1-8B at N = 8192). The backward accumulates the input gradient into one dx buffer:
     dx = [sq dQ Bq, sk dK Bk, sv dV Bv] [Aq; Ak; Av] + [dQ dK dV] [Wq; Wk; Wv]   (rank-r term first)
-Given xa = x [Aq; Ak; Av]^T from the norm that made x (lora_add_rms_norm.py's rms_norm_a), the block runs no GEMM
-for it and hands dxa back as xa's gradient: that norm's backward adds the rank-r term into dx, and the base term
-is then a GEMM that writes dx (beta = 0). Biases (Qwen2's q/k/v) are frozen and added by the base GEMM's addmm.
-The o projection is a plain `lora_linear` (re-exported here).
+Biases (Qwen2's q/k/v) are frozen and added by the base GEMM's addmm. The o projection is a plain
+`lora_linear` (re-exported here).
 
 With rope=(cos, sin) (layers whose q and k go from the projections straight into RoPE) the block returns
 rotated q, k and v as (B, H, T, D) views; q's and k's LoRA terms are then added inside RoPE's pass over them
@@ -51,7 +49,6 @@ from ppalli.kernels.lora_linear import (
     stacked_base_weight,
     stacked_lora_a,
     stacked_lora_a_grads,
-    stacked_views,
 )
 from ppalli.kernels.qk_norm_rope import qk_norm_rope_bwd, qk_norm_rope_fwd
 from ppalli.kernels.rope import rope_fwd, rope_lora_fwd
@@ -130,14 +127,10 @@ class LoRAQKVFunction(torch.autograd.Function):
     RoPE on q and k and (B, H, T, D) outputs."""
 
     @staticmethod
-    def forward(ctx, x, cos, sin, heads, norms, qb, qa, qB, qs, kb, ka, kB, ks, vb, va, vB, vs, xa):
+    def forward(ctx, x, cos, sin, heads, norms, qb, qa, qB, qs, kb, ka, kB, ks, vb, va, vB, vs):
         ctx.ranks = [None if a is None else a.shape[0] for a in (qa, ka, va)]
         ctx.dtypes = factor_dtypes(qa, qB, ka, kB, va, vB)
-        if xa is None:
-            xas, a_stack = stacked_lora_a(x, (qa, ka, va))  # three (N, r) views of one GEMM: x read once
-        else:  # x [Aq; Ak; Av]^T made by the norm before (rms_norm_a): its dxa goes back there
-            xas, a_stack = stacked_views(xa, (qa, ka, va)), None
-        ctx.xa_given = xa is not None
+        xas, a_stack = stacked_lora_a(x, (qa, ka, va))  # three (N, r) views of one GEMM: x read once
         bs = [factor_cast(b, x.dtype) for b in (qB, kB, vB)]  # once; the backward reuses them
         # With RoPE and adapters on q and k, their LoRA terms are added inside RoPE's pass (rope_lora_fwd)
         # rather than by an addmm_ that reads and writes q and k once more before it; with norms, inside
@@ -190,11 +183,8 @@ class LoRAQKVFunction(torch.autograd.Function):
                                             ctx.dtypes[0::2])
         for i in range(3):
             grads[4 * i + 1] = das[i]
-        dx = None
-        if ctx.needs_input_grad[0]:  # with xa given, the norm adds dxa [Aq; Ak; Av] to dx
-            dx = _input_grad(ctx.bases, (dq, dk, dv), dqkv, w, *((None, None) if ctx.xa_given else (dxa_all, a_stack)))
-        d_xa = dxa_all if ctx.xa_given and ctx.needs_input_grad[-1] else None
-        return (dx, None, None, None, None, *grads, d_xa)
+        dx = _input_grad(ctx.bases, (dq, dk, dv), dqkv, w, dxa_all, a_stack) if ctx.needs_input_grad[0] else None
+        return (dx, None, None, None, None, *grads)
 
 
 def _input_grad(bases, dys, dqkv, w, dxa_all, a_stack):
@@ -209,14 +199,13 @@ def _input_grad(bases, dys, dqkv, w, dxa_all, a_stack):
 
 
 def lora_qkv(x: torch.Tensor, q: nn.Module, k: nn.Module, v: nn.Module, rope=None, head_dim: int | None = None,
-             qk_norms=None, xa: torch.Tensor | None = None):
+             qk_norms=None):
     """x (..., d) through the q, k, v PEFT LoRA Linears -> (Q (..., Hq*D), K (..., Hk*D), V (..., Hk*D)).
 
     rope=(cos, sin), HF's (B or 1, T, D) tables, with head_dim D: x is (B, T, d) and the block returns
     (RoPE'd Q (B, Hq, T, D), RoPE'd K (B, Hk, T, D), V (B, Hk, T, D)), the layouts attention reads.
     qk_norms=((q_weight, eps), (k_weight, eps), offset), with rope: q and k each RMSNormed per head (weight (D,),
-    frozen, times offset + weight) before they are rotated. xa: x [Aq; Ak; Av]^T (M, sum r) over the flattened
-    rows when the norm that made x made it too (rms_norm_a), else None."""
+    frozen, times offset + weight) before they are rotated."""
     x2 = x.reshape(-1, x.shape[-1])  # (N, d)
     modules = [lora_parts(m) for m in (q, k, v)]
     parts = [t for p in modules for t in p]
@@ -224,9 +213,9 @@ def lora_qkv(x: torch.Tensor, q: nn.Module, k: nn.Module, v: nn.Module, rope=Non
         if x.dim() != 3 or head_dim is None or any(out_features(p.base) % head_dim for p in modules):
             raise PpalliError(f"lora_qkv with rope needs x (B, T, d) and a head_dim dividing each output, got "
                              f"{tuple(x.shape)} and head_dim {head_dim}")
-        return LoRAQKVFunction.apply(x2, *rope, (x.shape[0], head_dim), qk_norms, *parts, xa)
+        return LoRAQKVFunction.apply(x2, *rope, (x.shape[0], head_dim), qk_norms, *parts)
     if qk_norms is not None:
         raise PpalliError("lora_qkv: qk_norms come with rope (the norm runs in RoPE's pass)")
-    outs = LoRAQKVFunction.apply(x2, None, None, None, None, *parts, xa)
+    outs = LoRAQKVFunction.apply(x2, None, None, None, None, *parts)
     lead = x.shape[:-1]
     return tuple(o.view(*lead, o.shape[-1]) for o in outs)

@@ -14,24 +14,12 @@ from ppalli.kernels._utils import (
     cdiv,
     check_tensors,
     contiguous_rows,
-    dot,
-    dot_upcast,
     jit,
-    next_power_of_2,
     num_warps_for,
     program_count,
     row_block,
     tl,
 )
-
-# rms_norm_a_bwd's (rows, columns a step, warps): lora_add_rms_norm's forward setting, (16, 512, 8) on the H100.
-A_BLOCKS = (16, 512, 8)
-
-
-def a_column_step(bd: int, d: int, dtype: torch.dtype) -> int:
-    """The column step of a kernel that multiplies by a stacked A (R, d): fp32 tiles of 512 columns with R up
-    to 64 ask 264-356 KB of shared memory for tl.dot (compile_cuda.py), over the H100's 227: 128 for fp32."""
-    return min(bd if dtype != torch.float32 else min(bd, 128), next_power_of_2(d))
 
 
 @jit
@@ -143,80 +131,6 @@ def rms_norm_bwd(dy, x2d, weight, rstd, offset: float = 0.0, compute_dw: bool = 
     )
     dw = dw_partial.sum(0).to(weight.dtype) if compute_dw else None
     return dx, dw
-
-
-# --------------------------------------------------------------------------- with the next adapters' A
-
-
-@jit
-def _rms_norm_a_bwd_kernel(DX, DN, X, W, RSTD, DRES, DXA, A, n_rows, d, R, offset,
-                           HAS_DN: tl.constexpr, HAS_DRES: tl.constexpr, HAS_A: tl.constexpr, IEEE: tl.constexpr,
-                           UPCAST: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, RP: tl.constexpr):
-    rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
-    row_ok = rows < n_rows
-    k = tl.arange(0, RP)
-    rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
-    if HAS_A:  # (BM, RP): this program's rows of dxa
-        dxa = tl.load(DXA + rows[:, None] * R + k[None, :], mask=row_ok[:, None] & (k[None, :] < R), other=0.0)
-    acc = tl.zeros((BM,), dtype=tl.float32)
-    for d0 in range(0, d, BD):  # sum(w g x) a row
-        g, x, w, offs, mask = _tile(DN, X, W, A, dxa if HAS_A else rstd, rows, row_ok, d0, d, R, offset, HAS_DN,
-                                    HAS_A, IEEE, UPCAST, BD, RP)
-        acc += tl.sum(w[None, :] * g * x, axis=1)
-    c = acc * rstd * rstd / d  # mean(w g x_hat) * rstd
-    for d0 in range(0, d, BD):
-        g, x, w, offs, mask = _tile(DN, X, W, A, dxa if HAS_A else rstd, rows, row_ok, d0, d, R, offset, HAS_DN,
-                                    HAS_A, IEEE, UPCAST, BD, RP)
-        dx = rstd[:, None] * (w[None, :] * g - x * c[:, None])
-        if HAS_DRES:
-            dx += tl.load(DRES + offs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
-
-
-@jit
-def _tile(DN, X, W, A, dxa, rows, row_ok, d0, d, R, offset, HAS_DN: tl.constexpr, HAS_A: tl.constexpr,
-          IEEE: tl.constexpr, UPCAST: tl.constexpr, BD: tl.constexpr, RP: tl.constexpr):
-    """(g = dn + dxa A, x, offset + w, offsets, mask) of the (BM, BD) tile at column d0, fp32."""
-    cols = d0 + tl.arange(0, BD)
-    offs = rows[:, None] * d + cols[None, :]
-    mask = row_ok[:, None] & (cols[None, :] < d)
-    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-    w = tl.load(W + cols, mask=cols < d, other=0.0).to(tl.float32) + offset
-    if HAS_DN:
-        g = tl.load(DN + offs, mask=mask, other=0.0).to(tl.float32)
-    else:
-        g = x * 0.0
-    if HAS_A:
-        k = tl.arange(0, RP)
-        a = tl.load(A + k[:, None] * d + cols[None, :], mask=(k[:, None] < R) & (cols[None, :] < d), other=0.0)
-        g += dot(dxa, a, IEEE, UPCAST)  # (BM, RP) @ (RP, BD)
-    return g, x, w, offs, mask
-
-
-def rms_norm_a_bwd(dn, x, weight, rstd, offset: float = 0.0, dres=None, dxa=None, a=None, blocks=A_BLOCKS):
-    """rms_norm's backward with the rank-r term of the adapters that read n (lora_add_rms_norm.py, rms_norm_a):
-    dn (M, d) or None, x (M, d) the norm's input, rstd (M,) fp32, dres (M, d) or None, dxa (M, R) with a (R, d)
-    or None -> dx (M, d) in x's dtype: the input gradient of n = RMSNorm(x) * (offset + w) given dn and the
-    gradient dxa of xa = n a^T, plus dres. The weight's own gradient is not formed (it must be frozen)."""
-    check_tensors(x, weight, rstd, *[t for t in (dn, dres, dxa, a) if t is not None])
-    n_rows, d = x.shape
-    if (dxa is None) != (a is None) or (a is not None and (a.shape[1] != d or dxa.shape != (n_rows, a.shape[0]))):
-        raise PpalliError(f"rms_norm_a's backward needs dxa (M, R) with a (R, d) for x {tuple(x.shape)}, got "
-                          f"{None if dxa is None else tuple(dxa.shape)} and {None if a is None else tuple(a.shape)}")
-    dn = contiguous_rows(dn) if dn is not None else None
-    dres = dres.contiguous() if dres is not None else None
-    dx = torch.empty_like(x, memory_format=torch.contiguous_format)
-    rank = a.shape[0] if a is not None else 1
-    if a is not None:
-        dxa, a = dxa.to(x.dtype).contiguous(), a.to(x.dtype).contiguous()
-    bm, bd, warps = blocks
-    _rms_norm_a_bwd_kernel[(cdiv(n_rows, bm),)](
-        dx, dn if dn is not None else x, x, weight, rstd, dres if dres is not None else x,
-        dxa if a is not None else x, a if a is not None else x, n_rows, d, rank, float(offset),
-        HAS_DN=dn is not None, HAS_DRES=dres is not None, HAS_A=a is not None, IEEE=x.dtype == torch.float32,
-        UPCAST=dot_upcast(x.dtype), BM=bm, BD=a_column_step(bd, d, x.dtype), RP=max(16, next_power_of_2(rank)),
-        num_warps=warps)
-    return dx
 
 
 class RMSNormFunction(torch.autograd.Function):

@@ -6,9 +6,7 @@ and nothing happens at import time). The fused forward computes what the HF laye
 RMSNorm kernel -> lora_qkv (one saved input for q, k, v; RoPE, and Qwen3's / Gemma-3's / EXAONE-4's frozen
 q/k-norms, applied inside) -> `attend` (the planner's backend; varlen for packed batches) -> lora_add_rms_norm
 (o's LoRA term, the residual add, the MLP's norm; post-norm families: lora_linear (o) -> rms_norm_add) ->
-lora_mlp (SwiGLU/GeGLU with a recomputing backward). Where a norm's weight is frozen, the norm also makes
-x A^T for the adapters that read its output and adds their dxa A in its backward (rms_norm_a, lora_add_rms_norm's
-a_next), so q/k/v and gate/up run no rank-r GEMM over x of their own. `handle.revert()` deletes the instance
+lora_mlp (SwiGLU/GeGLU with a recomputing backward). `handle.revert()` deletes the instance
 attributes, so the layers run their class's forward again, exactly as before.
 
 The frozen base weights of q, k, v (where lora_qkv applies RoPE) are laid out as one (out, in) block per layer:
@@ -38,10 +36,10 @@ from torch import nn
 
 from ppalli.errors import PpalliError
 from ppalli.kernels._utils import interpreting, is_recomputing, is_triton_available
-from ppalli.kernels.factor_cache import FactorCache, factor_stack, using_factor_cache
+from ppalli.kernels.factor_cache import FactorCache, using_factor_cache
 from ppalli.kernels.fp8 import FP8_ATTR, Fp8Weights, fp8_shapes_ok, fp8_supported
 from ppalli.kernels.geglu import geglu
-from ppalli.kernels.lora_add_rms_norm import lora_add_rms_norm, rms_norm_a
+from ppalli.kernels.lora_add_rms_norm import lora_add_rms_norm
 from ppalli.kernels.lora_linear import (
     LoRAParts,
     lora_linear,
@@ -284,34 +282,24 @@ class FusedDecoderLayer:
         norm = getattr(self.layer, name)
         return rms_norm(x, norm.weight, norm_eps(norm), self.spec.norm_offset)
 
-    def _qkv(self, h: torch.Tensor, parts: dict, xa: torch.Tensor | None):
+    def _qkv(self, h: torch.Tensor, parts: dict):
         """h (B, T, d) -> q (B, T, Hq*D), k, v (B, T, Hk*D)."""
         if self.spec.fused_qkv:  # Phi-3: one LoRA over [q | k | v]
             qkv = lora_linear(h, parts[self.spec.qkv[0]])
             q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
             return qkv.split([q_size, kv_size, kv_size], dim=-1)
-        return lora_qkv(h, *(parts[n] for n in self.spec.qkv), xa=xa)
+        return lora_qkv(h, *(parts[n] for n in self.spec.qkv))
 
-    def _next_a(self, norm: nn.Module | None, parts: dict, names: tuple, fused: bool, dtype: torch.dtype):
-        """The stacked A factors (R, d) of the adapters that read this norm's output, for the norm to multiply
-        in its own pass (rms_norm_a, lora_add_rms_norm's a_next); None where the norm's weight trains, the
-        projections are one fused LoRA (fused), or no adapter reads it."""
-        if norm is None or fused or norm.weight.requires_grad:
-            return None
-        factors = [parts[n].a for n in names if parts[n].a is not None]
-        return factor_stack(factors, dtype) if factors else None
-
-    def _attend(self, h, cos_sin, mask, cu, max_len, parts: dict, xa: torch.Tensor | None) -> torch.Tensor:
-        """h (B, T, d), the normed input -> the attention heads' output (B, T, Hq*D), before the o projection;
-        xa: h [Aq; Ak; Av]^T made by the norm, or None."""
+    def _attend(self, h, cos_sin, mask, cu, max_len, parts: dict) -> torch.Tensor:
+        """h (B, T, d), the normed input -> the attention heads' output (B, T, Hq*D), before the o projection."""
         attn, (b, t, _) = self.layer.self_attn, h.shape
         norms = self._qk_norms(attn)
         if self.qkv_rope and (norms is not None or not self.spec.qk_norm):
             # RoPE (and q/k's norms) inside the q/k/v block: its backward forms dx in one GEMM (lora_qkv.py)
             q, k, v = lora_qkv(h, *(parts[n] for n in self.spec.qkv), rope=cos_sin, head_dim=self.head_dim,
-                               qk_norms=norms, xa=xa)
+                               qk_norms=norms)
         else:
-            q, k, v = (z.view(b, t, -1, self.head_dim) for z in self._qkv(h, parts, xa))
+            q, k, v = (z.view(b, t, -1, self.head_dim) for z in self._qkv(h, parts))
             if self.spec.qk_norm:  # per head, over D
                 q = rms_norm(q, attn.q_norm.weight, norm_eps(attn.q_norm), self.spec.norm_offset)
                 k = rms_norm(k, attn.k_norm.weight, norm_eps(attn.k_norm), self.spec.norm_offset)
@@ -330,17 +318,16 @@ class FusedDecoderLayer:
         return ((attn.q_norm.weight, norm_eps(attn.q_norm)), (attn.k_norm.weight, norm_eps(attn.k_norm)),
                 self.spec.norm_offset)
 
-    def _mlp(self, h: torch.Tensor, parts: dict, residual: torch.Tensor, xa: torch.Tensor | None) -> torch.Tensor:
-        """h (B, T, d), already normed -> residual + the MLP block's output (B, T, d); xa: h [Ag; Au]^T made by
-        the norm (lora_add_rms_norm's a_next), or None."""
+    def _mlp(self, h: torch.Tensor, parts: dict, residual: torch.Tensor) -> torch.Tensor:
+        """h (B, T, d), already normed -> residual + the MLP block's output (B, T, d)."""
         if self.spec.fused_gate_up:  # Phi-3: one LoRA over [gate | up]; h is kept by the autograd activation
             gate, up = lora_linear(h, parts[self.spec.mlp[0]]).chunk(2, dim=-1)
             act = swiglu if self.act == "silu" else geglu
             out = lora_linear(act(gate, up), parts[self.spec.mlp[1]])
         elif self.spec.post_mlp_norm is None:  # the residual add joins the pass that adds down's LoRA term
-            return lora_mlp(h, *(parts[n] for n in self.spec.mlp), act=self.act, residual=residual, xa=xa)
+            return lora_mlp(h, *(parts[n] for n in self.spec.mlp), act=self.act, residual=residual)
         else:
-            out = lora_mlp(h, *(parts[n] for n in self.spec.mlp), act=self.act, xa=xa)
+            out = lora_mlp(h, *(parts[n] for n in self.spec.mlp), act=self.act)
         return self._post_norm_add(residual, out, self.spec.post_mlp_norm, None)[0]
 
     def _post_norm_add(self, residual, y, post: str | None, pre: str | None):
@@ -354,20 +341,17 @@ class FusedDecoderLayer:
                            None if pre_n is None else (pre_n.weight, norm_eps(pre_n)))
         return out if pre_n is not None else (out, out)
 
-    def _add_norm(self, hidden: torch.Tensor, o: torch.Tensor, parts: dict):
-        """(x, n, xn): x = hidden + o projection of o (B, T, Hq*D), n = the MLP's RMSNorm of x, in one pass over
-        (N, d) with the o projection's LoRA term inside (lora_add_rms_norm.py), xn = n [Ag; Au]^T from the same
-        pass or None. Layers whose attention output is normed before the residual add (Gemma's sandwich norms)
-        run the ops one by one."""
+    def _add_norm(self, hidden: torch.Tensor, o: torch.Tensor, parts: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, n): x = hidden + o projection of o (B, T, Hq*D), n = the MLP's RMSNorm of x, in one pass over
+        (N, d) with the o projection's LoRA term inside (lora_add_rms_norm.py). Layers whose attention output
+        is normed before the residual add (Gemma's sandwich norms) run the ops one by one."""
         norm, op = getattr(self.layer, self.spec.pre_mlp_norm), parts[self.spec.o]
         if op.a is None:
             y0, xa = lora_linear(o, op), None
         else:
             y0, xa = lora_linear_split(o, op)  # (N, d), (N, r)
-        a_next = self._next_a(norm, parts, self.spec.mlp[:2], self.spec.fused_gate_up, hidden.dtype)
-        out = lora_add_rms_norm(hidden, y0.view(hidden.shape), xa, op.b, op.scaling, norm.weight,
-                                norm_eps(norm), self.spec.norm_offset, a_next=a_next)
-        return out if a_next is not None else (*out, None)
+        return lora_add_rms_norm(hidden, y0.view(hidden.shape), xa, op.b, op.scaling, norm.weight,
+                                 norm_eps(norm), self.spec.norm_offset)
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """Drop-in for the HF layer's forward(hidden_states, attention_mask=, position_embeddings=, ...)."""
@@ -387,23 +371,17 @@ class FusedDecoderLayer:
     def _fused(self, hidden_states: torch.Tensor, parts: dict, kwargs: dict) -> torch.Tensor:
         mask, cu, max_len = self._attention_inputs(kwargs)
         # the residual read through the input norm's view: its gradient is added in the norm's backward
-        res, h, xa = hidden_states, hidden_states, None  # EXAONE 4: no input norm
+        res, h = hidden_states, hidden_states  # EXAONE 4: no input norm
         if (norm := self.spec.pre_attn_norm) is not None:
             norm = getattr(self.layer, norm)
-            # q/k/v's x A^T from the norm's own pass, their dxa A added in its backward (lora_add_rms_norm.py)
-            a = self._next_a(norm, parts, self.spec.qkv, self.spec.fused_qkv, hidden_states.dtype)
-            if a is None:
-                res, h = rms_norm_residual(hidden_states, norm.weight, norm_eps(norm), self.spec.norm_offset)
-            else:
-                res, h, xa = rms_norm_a(hidden_states, norm.weight, norm_eps(norm), self.spec.norm_offset, a)
-        o = self._attend(h, kwargs["position_embeddings"], mask, cu, max_len, parts, xa)  # (B, T, Hq*D)
-        xa = None
+            res, h = rms_norm_residual(hidden_states, norm.weight, norm_eps(norm), self.spec.norm_offset)
+        o = self._attend(h, kwargs["position_embeddings"], mask, cu, max_len, parts)  # (B, T, Hq*D)
         if self.add_norm:
-            x, h, xa = self._add_norm(res, o, parts)
+            x, h = self._add_norm(res, o, parts)
         else:
             o = lora_linear(o, parts[self.spec.o])  # (B, T, d)
             x, h = self._post_norm_add(res, o, self.spec.post_attn_norm, self.spec.pre_mlp_norm)
-        return self._mlp(h, parts, x, xa)
+        return self._mlp(h, parts, x)
 
 
 # --------------------------------------------------------------------------- applying and reverting

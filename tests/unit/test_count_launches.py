@@ -16,13 +16,9 @@ def test_a_layers_launches():
     one, two = count_launches.count_step(1, "cpu"), count_launches.count_step(2, "cpu")
     layer = {name: two[name] - one.get(name, 0) for name in two}
     assert 40 <= sum(layer.values()) <= 70, layer  # 65 seen on 2026-12-02
-    # lora_add_rms_norm's kernel 3 times: the input norm with q/k/v's x A^T, o's term + residual + the MLP's norm
-    # with gate/up's x A^T, down's term + residual; both norms' backwards add the adapters' dxa A (rms_norm_a)
-    for kernel, n in (("_lora_glu_fwd_kernel", 1), ("_lora_glu_bwd_kernel", 1), ("_lora_add_rms_norm_fwd_kernel", 3),
-                      ("_rms_norm_a_bwd_kernel", 2)):
-        assert layer.get("triton:" + kernel) == n, (kernel, layer)
-    assert not any(k.startswith("triton:_rms_norm_") and "_a_" not in k for k, n in layer.items() if n), layer
-    assert layer.get("mm.default", 0) + layer.get("addmm.default", 0) + layer.get("addmm_.default", 0) <= 30, layer
+    # lora_add_rms_norm's kernel twice: o's term + residual + the MLP's norm, and down's term + residual
+    for kernel, n in (("_lora_glu_fwd_kernel", 1), ("_lora_glu_bwd_kernel", 1), ("_lora_add_rms_norm_fwd_kernel", 2)):
+        assert layer["triton:" + kernel] == n, kernel
     assert layer.get("cat.default", 0) <= 2, "only the backward's (N, sum r) dxa cats: the A-stacks are cached"
     assert layer.get("_to_copy.default", 0) <= 9, "only the CPU's factor-gradient casts: the forward's are cached"
     assert two["_foreach_copy_.default"] == 1, "one multi-tensor copy of the factors a pass"

@@ -80,16 +80,6 @@ def _launch_everything(dtype: torch.dtype) -> None:
     lora_add_rms_norm.lora_add_rms_norm_fwd(x, t(6, 64), t(6, 16), t(64, 16), 0.5, w, 1e-6)
     lora_add_rms_norm.lora_add_rms_norm_fwd(x, t(6, 64), None, None, 0.5, w, 1e-6, 1.0)
     lora_add_rms_norm.lora_add_fwd(x, t(6, 64), t(6, 16), t(64, 16), 0.5)
-    for rank in (32, 48):  # the next adapters' stacked A: gate + up, q + k + v at r = 16
-        a = t(rank, 64)
-        lora_add_rms_norm.lora_add_rms_norm_fwd(x, t(6, 64), t(6, 16), t(64, 16), 0.5, w, 1e-6, a_next=a)
-        lora_add_rms_norm.rms_norm_a_fwd(x, w, 1e-6, 0.0, a)
-        rms_norm.rms_norm_a_bwd(t(6, 64), x, w, torch.ones(6), 0.0, t(6, 64), t(6, rank), a)
-        rms_norm.rms_norm_a_bwd(None, x, w, torch.ones(6), 1.0, None, t(6, rank), a)
-    rms_norm.rms_norm_a_bwd(t(6, 64), x, w, torch.ones(6), 0.0, t(6, 64))
-    x4, w4, a4 = t(6, 4096), t(4096), t(48, 4096)  # Llama-3.1-8B's d: the (16, 512, 8) setting's own tiles
-    lora_add_rms_norm.rms_norm_a_fwd(x4, w4, 1e-6, 0.0, a4)
-    rms_norm.rms_norm_a_bwd(t(6, 4096), x4, w4, torch.ones(6), 0.0, t(6, 4096), t(6, 48), a4)
     q, k, cos, sin = t(1, 4, 6, 16), t(1, 2, 6, 16), t(1, 6, 16), t(1, 6, 16)  # (B, H, T, D), (B, T, D)
     rope.rope_fwd(q, k, cos, sin)
     rope.rope_fwd(q, k, cos, sin, backward=True)
