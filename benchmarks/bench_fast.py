@@ -235,6 +235,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--backend", default="auto", help="ppalli's attention backend (resolve_backend names)")
     p.add_argument("--gc", choices=("none", "full"), default="none")
+    p.add_argument("--stacks", default="hf,ppalli", help="hf, ppalli or both (comma separated)")
     p.add_argument("--timeout", type=int, default=420, help="seconds per run")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                    help="cpu: a plumbing check (--config tiny, Triton interpreted, wall-clock time), not a benchmark")
@@ -261,7 +262,7 @@ def main(argv=None) -> None:
              "layer": layer_flops_per_token(cfg, args.seq)}
     runs = []
     for what in args.what.split(","):
-        for stack in ("hf", "ppalli"):
+        for stack in args.stacks.split(","):
             spec = dict(what=what, stack=stack, model_config=cfg, layers=args.layers, batch=args.batch,
                         seq=args.seq, steps=args.steps, warmup=args.warmup, backend=args.backend, gc=args.gc,
                         device=args.device)

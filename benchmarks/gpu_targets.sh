@@ -16,6 +16,8 @@
 # .base/ (carried; e.g. `git archive e713e4c ppalli pyproject.toml | tar -x -C .base`, then this tree's
 # benchmarks/*.py copied over it, so both sides time with one script). post-norm: the same for Gemma-2/3's
 # post-norms in one pass (kernels/rms_norm_add.py) on Gemma-3-4B's shapes (config_gemma3-4b.json), against .base2/.
+# T1-ab: T1 with flash-attn 4 (installed as in T1-fa4), Unsloth GC off first, then ppalli's own plan from this
+# tree and from .base/ (peers.py --baseline) in the same call.
 # decode-qwen3: bench_decode_layers.py on Qwen3-8B's config (q/k norms inside rope's launches), this tree and .base2/.
 # CASE-steady: the warm-up held to 15 s after its first round and ~17-20 s of timed steps, the clock a long
 # run settles at (a capped H200 fell from 1864 to ~1600 MHz over the default 3 + 8 steps); -rev runs Unsloth
@@ -30,24 +32,26 @@ export PYTHONPATH=/tmp/peer-site${PYTHONPATH:+:$PYTHONPATH}
 [ -d /tmp/peer-site ] || tar xzf .peers/site.tgz -C /tmp
 [ $# -gt 0 ] || set -- tests T3-8.8 T2
 for what in "$@"; do
-  case $what in tests|gemm|fa4|qk-norm|post-norm|decode-qwen3|T4-fa4|T1-fa4|T1|T2|T3|T3-8.8|T4|T1-steady*|T2-steady*|T4-steady*) ;;
-    *) echo "unknown: $what (tests, gemm, fa4, qk-norm, post-norm, decode-qwen3, T4-fa4, T1-fa4, T1, T2, T3, T3-8.8, T4, T1/T2/T4-steady[-rev])" >&2
+  case $what in tests|gemm|fa4|qk-norm|post-norm|decode-qwen3|T4-fa4|T1-fa4|T1-ab|T1|T2|T3|T3-8.8|T4|T1-steady*|T2-steady*|T4-steady*) ;;
+    *) echo "unknown: $what (tests, gemm, fa4, qk-norm, post-norm, decode-qwen3, T4-fa4, T1-fa4, T1-ab, T1, T2, T3, T3-8.8, T4, T1/T2/T4-steady[-rev])" >&2
        exit 2 ;; esac
 done
 keep() {  # a case's results so far into OUT (a call stopped at its limit still brings back what was kept)
   for f in "$scratch/$1"/*.json "$scratch/$1"/*.md; do [ -f "$f" ] && cp "$f" "$out/$1-$(basename "$f")"; done
 }
 ab_fast() {  # NAME CONFIG BASE_DIR TEST_FILES...: the tests, then bench_fast.py layer + model, this tree and BASE_DIR
-  local name=$1 cfg=$PWD/benchmarks/configs/$2 base=$3; shift 3
+  # CONFIG: a file in benchmarks/configs or a name bench_fast.py knows (8b); AB_STACKS: bench_fast.py's --stacks
+  local name=$1 cfg=$2 base=$3; shift 3
+  [ -f "benchmarks/configs/$cfg" ] && cfg=$PWD/benchmarks/configs/$cfg
   python3 -m pytest -q -p no:cacheprovider "$@" > "$out/$name-tests.log" 2>&1
   tail -1 "$out/$name-tests.log"
   for side in new base; do
     dir=$([ $side = base ] && echo "$base" || echo .)
     [ -d "$dir/ppalli" ] || { echo "$name: no $dir/ppalli to time"; continue; }
     (cd "$dir" && python3 benchmarks/bench_fast.py --config "$cfg" --what layer --layers 2 --batch 4 --seq 2048 \
-       --steps 20 --warmup 10 --out "$scratch/$name-$side" \
+       --steps 20 --warmup 10 --stacks "${AB_STACKS:-hf,ppalli}" --out "$scratch/$name-$side" \
      && python3 benchmarks/bench_fast.py --config "$cfg" --what model --layers 6 --batch 4 --seq 2048 \
-       --steps 10 --warmup 5 --out "$scratch/$name-$side-model")
+       --steps 10 --warmup 5 --stacks "${AB_STACKS:-hf,ppalli}" --out "$scratch/$name-$side-model")
     for f in "$scratch/$name-$side"*/*.md; do [ -f "$f" ] && { echo "## $side: $(basename "$f")"; cat "$f"; }; done \
       >> "$out/$name.md"  # one file a kind: the device tool brings back 8 files a call
     for f in "$scratch/$name-$side"*/*.json; do [ -f "$f" ] && { cat "$f"; echo; }; done >> "$out/$name.json"
@@ -82,6 +86,11 @@ for what in "$@"; do
         python3 benchmarks/peers.py --case "$c" --gc off --stacks ppalli --ppalli-setting auto \
           --out "$scratch/$what" --append $long; keep "$what"
         PPALLI_PEERS_FLASH_IMPL=FA4 python3 benchmarks/peers.py --case "$c" --gc off --stacks unsloth \
+          --out "$scratch/$what" --append $long ) ;;
+    T1-ab) long="--warmup-s 15 --steps 40 --timeout 260"
+      python3 benchmarks/peers.py --case T1 --gc off --stacks unsloth --out "$scratch/$what" $long; keep "$what"
+      ( . benchmarks/fa4_bundle.sh install
+        python3 benchmarks/peers.py --case T1 --gc off --stacks ppalli --ppalli-setting auto --baseline .base \
           --out "$scratch/$what" --append $long ) ;;
     T1) python3 benchmarks/peers.py --case T1 --gc off --stacks ppalli,unsloth --out "$scratch/$what" --timeout 200 ;;
     T3-8.8) python3 benchmarks/peers.py --case T3 --ppalli-setting budget=8.8 --stacks ppalli,unsloth \
