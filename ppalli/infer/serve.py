@@ -48,7 +48,7 @@ not to be a call. tool_choice "auto" (the default: a call the model opens is hel
 (the tools left out of the prompt), "required" (one call or more; one with parallel_tool_calls false) or a named
 function (one call of it): a forced call is decoded under a grammar, in the layout the run's template writes calls
 in, its arguments held to the tool's parameters (infer/structured.py, with xgrammar). response_format json_object /
-json_schema holds an answer to JSON / to the schema the same way.
+json_schema holds an answer to JSON / to the schema the same way; beside tools on "auto", to that JSON or calls.
 
 A bad request gets a 400 whose message names the field and what it takes; fields of the API that change nothing
 here (user, ...) are accepted and ignored, those that would (functions, suffix) are refused rather than silently

@@ -1,7 +1,8 @@
 """Structured output for `ppalli serve`: answers held to a grammar as they decode, so that they parse.
 
 - response_format {"type": "json_object"}: any JSON object; {"type": "json_schema", "json_schema": {"schema": ...}}:
-  JSON that the schema accepts (OpenAI's structured outputs).
+  JSON that the schema accepts (OpenAI's structured outputs). With tools on "auto" beside it, the reply is that JSON
+  or calls of the tools (one or more, as "required" takes them).
 - tool_choice "required": one call or more of the request's tools; {"type": "function", "function": {"name": X}}:
   one call of X; "auto" (with tools): free text, but a call the model opens is held to one of the tools (where
   xgrammar is installed and the template opens calls with a marker such as `<tool_call>`). A call is written the
@@ -263,6 +264,9 @@ class Grammars:
                 element = json_grammar(schema)
             except (RuntimeError, ValueError, TypeError) as e:
                 raise ConstraintError(f"'response_format': the JSON schema does not compile ({e})") from None
+            if tools:  # tool_choice "auto": the reply is the schema's JSON, or calls of the tools
+                calls = self._calls_or_none(tools, parallel)
+                element = element if calls is None else {"type": "or", "elements": [element, calls]}
             return self._compile(thinking_first(element) if thinking else element, "'response_format'")
         if forced is None and tools:
             try:  # calls held to the tools where the model makes them; text stays free
@@ -275,6 +279,13 @@ class Grammars:
         return None if forced is None else self._calls(tools or [], forced, parallel, thinking)
 
     def _calls(self, tools: list[dict], forced: str, parallel: bool, thinking: bool = False):
+        element = self._calls_element(tools, forced, parallel)
+        if element is None:
+            return None
+        return self._compile(thinking_first(element) if thinking else element, "'tools'")
+
+    def _calls_element(self, tools: list[dict], forced: str, parallel: bool) -> dict | None:
+        """calls_tag's format for this run's call layout (None: "auto" with no marker to open a call)."""
         if self.template is None:
             raise ConstraintError("'tool_choice': this run has no chat template to read its call layout from")
         if self._layout is None:
@@ -284,9 +295,18 @@ class Grammars:
             tag = calls_tag(self._layout, tools, forced, parallel)
         except (RuntimeError, ValueError, TypeError) as e:
             raise ConstraintError(f"'tools': a parameter schema does not compile ({e})") from None
-        if tag is None:
+        return None if tag is None else tag["format"]
+
+    def _calls_or_none(self, tools: list[dict], parallel: bool) -> dict | None:
+        """The element of one call or more ("required"'s), beside a response_format with tools on "auto"; None
+        (the schema alone, warned once) where the run's template writes no call this can hold."""
+        try:
+            return self._calls_element(tools, "required", parallel)
+        except ConstraintError as e:
+            if not self._said_auto:
+                _log.warning("response_format with tools: the reply is held to the schema, calls left out: %s", e)
+                self._said_auto = True
             return None
-        return self._compile(thinking_first(tag["format"]) if thinking else tag["format"], "'tools'")
 
     def _compile(self, element: dict, what: str):
         try:

@@ -572,6 +572,15 @@ def test_structured_answers_parse_whole_streamed_and_as_forced_calls(server):
                                       "logit_bias": {str(opening): 100}})[1])["choices"][0]
         assert auto["message"].get("tool_calls"), auto
         assert {c["function"]["name"] for c in auto["message"]["tool_calls"]} <= {"get_time", "get_date"}
+        # response_format beside tools on auto: the schema's JSON or calls; the opening forced, a valid call
+        both = {"messages": QUESTION, "temperature": 0, "tools": [TIME, DATE],
+                "response_format": ask["response_format"]}
+        reply = json.loads(_post(url, both)[1])["choices"][0]["message"]
+        assert ({c["function"]["name"] for c in reply["tool_calls"]} <= {"get_time", "get_date"}
+                if reply.get("tool_calls") else set(json.loads(reply["content"])) == {"ok", "level"}), reply
+        called = json.loads(_post(url, {**both, "logit_bias": {str(opening): 100}})[1])["choices"][0]
+        assert called["finish_reason"] == "tool_calls", called
+        assert {c["function"]["name"] for c in called["message"]["tool_calls"]} <= {"get_time", "get_date"}
     finally:
         roomy.shutdown()
         roomy.server_close()

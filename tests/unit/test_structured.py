@@ -105,6 +105,26 @@ def test_auto_calls_are_held_to_the_tools_and_text_stays_free(tok):
     assert Grammars(tok, 151936, resolve_template(LLAMA31, tok)).for_request(None, [TIME], None) is None
 
 
+@pytest.mark.parametrize("spec", ["auto", LLAMA31])
+def test_a_schema_beside_tools_on_auto_takes_its_json_or_calls(tok, spec):
+    """response_format with tools and tool_choice "auto": the reply is the schema's JSON, or the tools' calls in the
+    template's layout (Qwen2.5's <tool_call> blocks; Llama 3.1's bare object); free text and other JSON are not."""
+    grammars = Grammars(tok, 151936, resolve_template(spec, tok))
+    call = ('<tool_call>\n{"name": "get_time", "arguments": {"tz": "KST"}}\n</tool_call>' if spec == "auto"
+            else '{"name": "get_time", "parameters": {"tz": "KST"}}')
+
+    def takes(text: str, tools=(TIME, WEATHER)) -> bool:
+        matcher = xg.GrammarMatcher(grammars.for_request(SCHEMA, list(tools) or None, None))
+        return matcher.accept_string(text) and matcher.is_completed()
+
+    assert takes('{"ok": true, "level": "low"}') and takes(call)
+    assert not takes(call.replace("KST", "PST")) and not takes('{"ok": "yes", "level": "low"}')
+    assert not takes("지금은 오후 3시예요.")
+    assert not takes(call, tools=())  # without tools, the schema alone
+    if spec == "auto":
+        assert takes(call + "\n" + call)  # parallel calls, as the template writes them
+
+
 def test_a_reasoning_runs_thinking_stays_free_and_its_reply_is_held(tok):
     """serve --reasoning: the answer may open with a <think> block (free text), then the shape asked."""
     grammars = Grammars(tok, 151936, resolve_template("auto", tok))
