@@ -18,6 +18,9 @@ of triton.testing.do_bench; TFLOP/s = 2 M N K / time; the share is of the best r
 "pad:" rows: gate and up weights stored in (I, d + 2r) buffers, [Wg | Bg | 0] and [Wu | 0 | Bu] (r = 16), so
 the dgrad GEMMs also give the rank-r products dg Bg and du Bu as 2r more output columns (no second read of
 dg and du, 2 x N x I x 2 bytes a layer), at the price of leading dimensions d + 2r instead of d.
+"kext:" rows: gate's weight as the head rows of an (I + 2r, d) buffer [Wg; Ag; Au] and its output as the head
+columns of an (N, I + 2r) one, so the forward's GEMM also gives x [Ag; Au]^T and the dgrad takes the MLP's rank-r
+term as 2r more of K ([dg | dxag | dxau], the skinny dg Bg, du Bu written into the buffer's last columns).
 "order:" rows: a block's input gradient with the rank-r term last (the base GEMMs, then dxa [A_1; A_2; ...]
 accumulated by a skinny GEMM that reads and writes dx, memory-bound) against the rank-r term first (it only
 writes dx; the base GEMMs then accumulate with beta = 1, reading dx in their epilogue). The fast path sums
@@ -70,6 +73,7 @@ def _rows(n, d, q, kv, inter, vocab, device="cuda"):
     dxa2, a2, dxa3, a3 = t(n, 2 * RANK), t(2 * RANK, d), t(n, 3 * RANK), t(3 * RANK, d)
     dxa1, a_o = t(n, RANK), t(RANK, q)
     gu_out = t(n, 2 * inter)
+    g_ext, w_ext = t(n, inter + 2 * RANK), t(inter + 2 * RANK, d)  # [dg | dxag | dxau], [Wg; Ag; Au]
 
     def mlp_dx(rank_first: bool):
         out = torch.mm(dxa2, a2) if rank_first else torch.mm(dy["gate"], w["gate"])
@@ -101,6 +105,12 @@ def _rows(n, d, q, kv, inter, vocab, device="cuda"):
         out = torch.mm(dxa1, a_o) if rank_first else torch.mm(dy["d"], w["o"])  # (N, q)
         out.addmm_(*((dy["d"], w["o"]) if rank_first else (dxa1, a_o)))
         return out
+
+    def mlp_dx_kext():  # the rank-r term as 2r more K of gate's dgrad: no pass of its own over dx
+        return torch.mm(g_ext, w_ext).addmm_(dy["gate"], w["gate"])
+
+    def gate_fwd_now():  # gate's base GEMM and the stacked x [Ag; Au]^T, two GEMMs
+        return torch.mm(x, w["gate"].t()), torch.mm(x, a2.t())
 
     mlp_flops = 4 * n * inter * d + 2 * n * 2 * RANK * d
     qkv_flops = 2 * n * (q + 2 * kv) * d + 2 * n * 3 * RANK * d
@@ -156,6 +166,11 @@ def _rows(n, d, q, kv, inter, vocab, device="cuda"):
         ("fwd gate, up as two GEMMs", 4 * n * d * inter,
          lambda: (torch.mm(x, w["gate"].t()), torch.mm(x, w["gate"].t()))),
         ("alt: fwd q+k stacked  x [Wq;Wk]^T", 2 * n * d * (q + kv), lambda: torch.mm(x, w_qkv[:q + kv].t())),
+        ("kext: MLP dx  [dg|dxa] [Wg;Ag;Au], += du Wu", mlp_flops, mlp_dx_kext),
+        ("kext: fwd gate as now  x Wg^T, x [Ag;Au]^T", 2 * n * d * (inter + 2 * RANK), gate_fwd_now),
+        ("kext: fwd gate  x [Wg;Ag;Au]^T", 2 * n * d * (inter + 2 * RANK), lambda: torch.mm(x, w_ext.t())),
+        ("kext: dg Bg into the buffer's columns", 2 * n * inter * RANK,
+         lambda: torch.mm(g_ext[:, :inter], b_g, out=g_ext[:, inter:inter + RANK])),
         ("order: o dx rank-r last  do Wo, += dxa Ao", o_flops, lambda: o_dx(False)),
         ("order: o dx rank-r first", o_flops, lambda: o_dx(True)),
     ]
