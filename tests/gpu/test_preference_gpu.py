@@ -1,6 +1,6 @@
 """The preference objectives on CUDA: log p of target tokens through the fused cross entropy's Triton kernel
 (bf16, Llama 3's vocabulary) against fp32 full logits, and packed pairs against padded ones on the fast path
-(ppalli's varlen decoder against HF's padded batch), DPO's loss and LoRA gradients included.
+(ppalli's varlen decoder against HF's padded batch), DPO's, SimPO's and ORPO's losses and LoRA gradients included.
 
 Errors are relative norms ||a - t|| / ||t|| (tests/gpu/test_fast_gpu.py says why): bf16 logits round at
 ~4e-3 of their size, so a token's log p moves by ~1e-2 of a logit of ~2 and the sums over a sequence keep that.
@@ -20,7 +20,7 @@ import ppalli.train.linear_logps as linear_logps_module  # noqa: E402
 from ppalli.data.collate import preference_collate, preference_pack_collate  # noqa: E402
 from ppalli.models.fast import apply_fast_path, fully_swapped  # noqa: E402
 from ppalli.train.linear_logps import linear_logps  # noqa: E402
-from ppalli.train.objectives import DPO, sequence_logps  # noqa: E402
+from ppalli.train.objectives import DPO, ORPO, SimPO, sequence_logps  # noqa: E402
 
 BF16 = torch.bfloat16
 
@@ -74,7 +74,8 @@ def _on_cuda(batch: dict) -> dict:
     return {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def test_packed_pairs_match_padded_on_the_fast_path():
+@pytest.mark.parametrize("objective", [DPO(0.1), SimPO(2.0, 1.0), ORPO(0.1)], ids=["dpo", "simpo", "orpo"])
+def test_packed_pairs_match_padded_on_the_fast_path(objective):
     model = tiny_lora_model("llama").to("cuda")
     for name, p in model.named_parameters():
         if "lora_" not in name:
@@ -94,7 +95,7 @@ def test_packed_pairs_match_padded_on_the_fast_path():
 
     def loss_and_grads(batch):
         model.zero_grad(set_to_none=True)
-        loss, _ = DPO(0.1)(model, batch)
+        loss, _ = objective(model, batch)
         loss.backward()
         return loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
 
