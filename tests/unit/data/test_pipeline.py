@@ -6,6 +6,7 @@ import json
 import threading
 
 from ppalli.config import SourceConfig
+from ppalli.data import tokenize
 from ppalli.data.masking import IGNORE
 from ppalli.data.pipeline import prepare
 from ppalli.data.templates import resolve_template
@@ -52,8 +53,9 @@ def test_cache_hit_equals_a_fresh_build_and_content_changes_miss(tmp_path, make_
     assert not prepare(make_cfg(path, eval_split=0.2, max_seq_len=512), qwen_tok, seed=3).stats["cached"]
 
 
-def test_process_pool_gives_the_same_samples(shared_data, make_cfg, qwen_tok, tmp_path):
+def test_process_pool_gives_the_same_samples(shared_data, make_cfg, qwen_tok, tmp_path, monkeypatch):
     one = prepare(make_cfg(shared_data / CHATBOT, limit=1200, num_proc=1), qwen_tok, seed=0)
+    monkeypatch.setattr(tokenize, "SERIAL_S", 0.0)  # the pool after the first chunk, however fast this machine is
     # a second cache folder, so the pool really runs instead of reading the first result back
     two = prepare(make_cfg(shared_data / CHATBOT, limit=1200, num_proc=2, cache_dir=str(tmp_path / "other")),
                   qwen_tok, seed=0)
@@ -111,10 +113,23 @@ def test_system_prompt_and_template_choice(shared_data, make_cfg, qwen_tok):
     assert prepared.template == "chatml" and "<|im_end|>" in prepared.stop_strings
 
 
-def test_a_worker_error_shuts_the_pool_down_without_hanging(qwen_tok):
-    """20 chunks, so the pool's feeder thread is waiting for room when the first chunk fails in a worker."""
-    rows = [(False, {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
-                     "where": f"f line {i}"}) for i in range(CHUNK * 20)]
+def test_small_data_never_starts_a_pool(shared_data, make_cfg, qwen_tok, tmp_path, monkeypatch):
+    """Under SERIAL_S of work: encoded here, whatever num_proc says (a pool's start cost more than the work)."""
+    def no_pool():
+        raise AssertionError("a pool was started for data this small")
+
+    monkeypatch.setattr(tokenize, "_context", no_pool)
+    prepared = prepare(make_cfg(shared_data / CHATBOT, limit=600, num_proc=4), qwen_tok, seed=0)
+    assert prepared.stats["samples_train"] == 600
+
+
+def test_a_worker_error_shuts_the_pool_down_without_hanging(qwen_tok, monkeypatch):
+    """20 chunks, so the pool's feeder thread is waiting for room when a chunk fails in a worker; the first chunk
+    (encoded here before the pool) is good."""
+    monkeypatch.setattr(tokenize, "SERIAL_S", 0.0)
+    pair = {"prompt": [{"role": "user", "content": "q"}], "chosen": "a", "rejected": "b"}
+    sft = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    rows = [(False, {**(pair if i < CHUNK else sft), "where": f"f line {i}"}) for i in range(CHUNK * 20)]
     tpl = resolve_template("chatml", qwen_tok)
     outcome = {}
 
@@ -128,4 +143,4 @@ def test_a_worker_error_shuts_the_pool_down_without_hanging(qwen_tok):
     worker.start()
     worker.join(timeout=60)
     assert not worker.is_alive(), "encode_stream hung after a worker error"
-    assert "f line 0: train.objective 'dpo' needs preference data" in outcome["error"]
+    assert f"f line {CHUNK}: train.objective 'dpo' needs preference data" in outcome["error"]
