@@ -42,9 +42,10 @@ Tools (function calling, for a run trained on tool-use data): the request's tool
 template (a template that leaves them out is a 400), and its messages may hold assistant turns with tool_calls and
 "tool" turns with results. The calls a model writes (`<tool_call>{json}</tool_call>` blocks, as Qwen2.5 / Qwen3 and
 the chatml built-in have them, or one JSON object, as Llama 3.1 answers) come back as the message's tool_calls, each
-naming one of the request's tools, with finish_reason "tool_calls". A streamed answer with tools comes whole, in the
-chunks OpenAI's API sends (the content, the calls, the end), once it is decoded: text is not sent before it is known
-not to be a call. tool_choice "auto" (the default: a call the model opens is held to the tools' schemas), "none"
+naming one of the request's tools, with finish_reason "tool_calls". Streamed, where a grammar holds the calls (below),
+the content goes out as it decodes and each call as OpenAI's API streams one: its id and name, then its arguments
+piece by piece (infer/call_stream.py); without one, the answer comes whole once decoded, in those chunks, since its
+text may turn out to be a call. tool_choice "auto" (the default: a call the model opens is held to the tools' schemas), "none"
 (the tools left out of the prompt), "required" (one call or more; one with parallel_tool_calls false) or a named
 function (one call of it): a forced call is decoded under a grammar, in the layout the run's template writes calls
 in, its arguments held to the tool's parameters (infer/structured.py, with xgrammar). response_format json_object /
@@ -66,9 +67,10 @@ import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from ppalli.data.tools import ToolError, calls_in_answer, tool_calls, tool_name
+from ppalli.data.tools import ToolError, tool_calls
 from ppalli.errors import DataError
 from ppalli.infer.batcher import Batcher, Job
+from ppalli.infer.call_stream import CallParts, CallStream, with_calls
 from ppalli.infer.logprobs import MOST_TOP, TokenPieces, chat_logprobs, covering, text_logprobs
 from ppalli.infer.structured import ConstraintError, Grammars, response_format, tools_and_choice
 from ppalli.infer.thinking import StreamSplit, split_thinking
@@ -339,7 +341,10 @@ class _Handler(BaseHTTPRequestHandler):
             return
         head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", "created": int(time.time()),
                 "model": self.server.name}
-        streamed = req["stream"] and not req["tools"]  # with tools an answer goes whole: its text may be a call
+        # with tools, an answer streams where a grammar holds its calls (call_stream.py), else it goes whole
+        layout = self.server.grammars.layout_or_none() if req["tools"] and req["grammar"] is not None else None
+        req["calls"] = layout if CallStream.of(layout, req["tool_choice"] is not None) else None
+        streamed = req["stream"] and (not req["tools"] or req["calls"] is not None)
         texts = queue.SimpleQueue() if streamed else None
         choices = [(ids, choice, text) for (ids, limit), text in zip(prompts, req["prompts"])
                    for choice in _choices({**req, "max_new_tokens": limit})]
@@ -376,7 +381,7 @@ class _Handler(BaseHTTPRequestHandler):
             if thought is not None:
                 choice["message"]["reasoning_content"] = thought
         return {"object": "chat.completion" if chat else "text_completion",
-                "choices": [_with_calls(c, text, req["tools"]) for c, text in zip(out, answers)],
+                "choices": [with_calls(c, text, req["tools"]) for c, text in zip(out, answers)],
                 "usage": _usage(jobs, req["n"])}
 
     def _echo_text(self, prompt) -> str:
@@ -502,6 +507,7 @@ class _Handler(BaseHTTPRequestHandler):
                                  "finish_reason": finish}]}
 
         split = StreamSplit(len(jobs), on=chat and self.server.reasoning)
+        calls = CallParts(len(jobs), req.get("calls"), req.get("tool_choice") is not None)
 
         try:
             if chat:
@@ -515,17 +521,19 @@ class _Handler(BaseHTTPRequestHandler):
                     event(chunk(index, prompts[index], scored=list(zip(job.ids, job.prompt_scores))))
                     echoed[index] = True
                 if text is not None:
-                    for kind, piece, done in split.parts(index, text, scored):
+                    for kind, piece, done in calls.parts(index, split.parts(index, text, scored)):
                         event(_as(kind, chunk(index, piece, scored=done)))
                     continue
                 open_jobs -= 1
                 if job.error:  # the stream has begun, so the error goes as an event (as OpenAI's API sends them)
                     event(_error(job.error, "server_error"))
                 else:
-                    for kind, piece, done in split.parts(index, None, []):
+                    parts = calls.parts(index, split.parts(index, None, []))
+                    tail, held = calls.end(index)
+                    for kind, piece, done in parts + tail:
                         event(_as(kind, chunk(index, piece, scored=done)))
-                    rest = split.left(index) + self._kept(job, chat)[job.scored_out:]
-                    event(chunk(index, None, job.finish_reason, rest))
+                    rest = held + split.left(index) + self._kept(job, chat)[job.scored_out:]
+                    event(chunk(index, None, calls.finish_reason(index, job.finish_reason), rest))
             usage = req.get("usage") and not any(job.error for job in jobs)  # asked by stream_options, all went well
             self._done(head, chat, _usage(jobs, req["n"]) if usage else None)
         except (BrokenPipeError, ConnectionResetError):
@@ -552,25 +560,14 @@ def _content(chat: bool, text: str | None, message: bool = False) -> dict:
 
 
 def _as(kind: str, payload: dict) -> dict:
-    """A streamed chat chunk's delta as `kind` says: thinking goes as reasoning_content (ppalli serve --reasoning)."""
+    """A streamed chat chunk's delta as `kind` says: thinking goes as reasoning_content (ppalli serve --reasoning),
+    a call's part (call_stream.py) as its tool_calls entry."""
+    delta = payload["choices"][0]["delta"] if kind != "content" else None
     if kind == "reasoning":
-        delta = payload["choices"][0]["delta"]
         payload["choices"][0]["delta"] = {"reasoning_content": delta.get("content", "")}
+    elif kind == "call":
+        payload["choices"][0]["delta"] = {"tool_calls": [delta["content"]]}
     return payload
-
-
-def _with_calls(choice: dict, text: str, tools: list[dict] | None) -> dict:
-    """A chat choice whose answer calls the request's tools: the calls as the message's tool_calls (arguments as
-    JSON text, as OpenAI's API gives them), the rest of the text as its content (null when none is left), and
-    finish_reason "tool_calls". Anything else, and every answer of a request without tools, as it is."""
-    content, calls = calls_in_answer(text, {tool_name(t) for t in tools}) if tools else (text, [])
-    if calls:
-        choice["message"] = {"role": "assistant", "content": content, "tool_calls": [
-            {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-             "function": {"name": c["function"]["name"],
-                          "arguments": json.dumps(c["function"]["arguments"], ensure_ascii=False)}} for c in calls]}
-        choice["finish_reason"] = "tool_calls"
-    return choice
 
 
 def _usage(jobs: list[Job], n: int) -> dict:

@@ -278,6 +278,15 @@ class Grammars:
                 return None
         return None if forced is None else self._calls(tools or [], forced, parallel, thinking)
 
+    def layout_or_none(self) -> CallLayout | None:
+        """The run's call layout (read off its template once), or None where it has none to read."""
+        if self._layout is None and self.template is not None:
+            try:
+                self._layout = call_layout(self.template)
+            except ConstraintError:
+                return None
+        return self._layout
+
     def _calls(self, tools: list[dict], forced: str, parallel: bool, thinking: bool = False):
         element = self._calls_element(tools, forced, parallel)
         if element is None:

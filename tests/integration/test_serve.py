@@ -566,6 +566,21 @@ def test_structured_answers_parse_whole_streamed_and_as_forced_calls(server):
             calls = answer["message"]["tool_calls"]
             assert calls and {c["function"]["name"] for c in calls} <= names
             assert all(json.loads(c["function"]["arguments"]).get("tz", "KST") in ("KST", "UTC") for c in calls)
+        # a forced call streamed: its id and name first, then its arguments piece by piece as they decode, adding
+        # up to the whole answer's call (call_stream.py)
+        forced = {"messages": QUESTION, "temperature": 0, "tools": [TIME, DATE], "tool_choice": "required"}
+        whole_calls = json.loads(_post(url, forced)[1])["choices"][0]["message"]["tool_calls"]
+        events = _post(url, {**forced, "stream": True})[1].decode().split("\n\n")
+        streamed = [json.loads(e.removeprefix("data: "))["choices"][0] for e in events if e.strip()
+                    and e != "data: [DONE]"]
+        parts = [tc for c in streamed for tc in c["delta"].get("tool_calls", [])]
+        heads = [p for p in parts if "id" in p]
+        assert [(h["index"], h["function"]["name"]) for h in heads] == [
+            (k, c["function"]["name"]) for k, c in enumerate(whole_calls)]
+        for k, call in enumerate(whole_calls):
+            args = "".join(p["function"]["arguments"] for p in parts if p["index"] == k)
+            assert json.loads(args) == json.loads(call["function"]["arguments"])
+        assert len(parts) > len(heads) + 1 and streamed[-1]["finish_reason"] == "tool_calls"
         # auto: the answer is free, but a call it opens (the <tool_call> token forced by logit_bias) is a valid one
         opening = srv.run.tokenizer.convert_tokens_to_ids("<tool_call>")
         auto = json.loads(_post(url, {"messages": QUESTION, "temperature": 0, "tools": [TIME, DATE],

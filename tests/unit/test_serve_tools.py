@@ -4,7 +4,8 @@ OpenAI's tool_calls message, and a streamed one comes as OpenAI's chunks (role, 
 import io
 import json
 
-from ppalli.infer.serve import _Handler, _with_calls
+from ppalli.infer.call_stream import with_calls
+from ppalli.infer.serve import _Handler
 
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
 TEXT = '확인해 볼게요.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "서울"}}\n</tool_call>'
@@ -15,22 +16,22 @@ def _choice(text: str) -> dict:
 
 
 def test_a_call_becomes_tool_calls_with_its_arguments_as_json_text():
-    choice = _with_calls(_choice(TEXT), TEXT, TOOLS)
+    choice = with_calls(_choice(TEXT), TEXT, TOOLS)
     assert choice["finish_reason"] == "tool_calls"
     message = choice["message"]
     assert message["content"] == "확인해 볼게요."
     (call,) = message["tool_calls"]
     assert call["id"].startswith("call_") and call["type"] == "function"
     assert call["function"] == {"name": "get_weather", "arguments": '{"city": "서울"}'}
-    assert _with_calls(_choice(TEXT), TEXT, None) == _choice(TEXT)  # a request without tools: text as it is
-    assert _with_calls(_choice("맑아요."), "맑아요.", TOOLS) == _choice("맑아요.")
+    assert with_calls(_choice(TEXT), TEXT, None) == _choice(TEXT)  # a request without tools: text as it is
+    assert with_calls(_choice("맑아요."), "맑아요.", TOOLS) == _choice("맑아요.")
 
 
 def test_a_streamed_answer_with_calls_comes_in_openais_chunks():
     handler = object.__new__(_Handler)  # no socket: what it writes goes to a buffer
     handler.wfile = io.BytesIO()
     handler.send_response = handler.send_header = handler.end_headers = lambda *a: None
-    choice = _with_calls(_choice(TEXT), TEXT, TOOLS)
+    choice = with_calls(_choice(TEXT), TEXT, TOOLS)
     handler._stream_whole({"id": "chatcmpl-1", "created": 1, "model": "m", "choices": [choice]})
     events = [e.removeprefix("data: ") for e in handler.wfile.getvalue().decode().split("\n\n") if e]
     assert events[-1] == "[DONE]"
