@@ -45,11 +45,12 @@ the chatml built-in have them, or one JSON object, as Llama 3.1 answers) come ba
 naming one of the request's tools, with finish_reason "tool_calls". Streamed, where a grammar holds the calls (below),
 the content goes out as it decodes and each call as OpenAI's API streams one: its id and name, then its arguments
 piece by piece (infer/call_stream.py); without one, the answer comes whole once decoded, in those chunks, since its
-text may turn out to be a call. tool_choice "auto" (the default: a call the model opens is held to the tools' schemas), "none"
-(the tools left out of the prompt), "required" (one call or more; one with parallel_tool_calls false) or a named
-function (one call of it): a forced call is decoded under a grammar, in the layout the run's template writes calls
-in, its arguments held to the tool's parameters (infer/structured.py, with xgrammar). response_format json_object /
-json_schema holds an answer to JSON / to the schema the same way; beside tools on "auto", to that JSON or calls.
+text may turn out to be a call. tool_choice "auto" (the default: a call the model opens is held to the tools'
+schemas), "none" (the tools left out of the prompt), "required" (one call or more; one with parallel_tool_calls false)
+or a named function (one call of it): a forced call is decoded under a grammar, in the layout the run's template
+writes calls in, its arguments held to the tool's parameters (infer/structured.py, with xgrammar). response_format
+json_object / json_schema holds an answer to JSON / to the schema the same way; beside tools on "auto", to that JSON
+or calls.
 
 A bad request gets a 400 whose message names the field and what it takes; fields of the API that change nothing
 here (user, ...) are accepted and ignored, those that would (functions, suffix) are refused rather than silently

@@ -62,7 +62,7 @@ def _round_e4m3(v):
     return (v + c) - c
 
 
-@jit
+@jit(rows=("n_rows",))
 def _fp8_rows_fwd_kernel(
     Q, S, X,  # Q: (M, K) e4m3; S: (M,) fp32; X: (M, K), unit stride along rows
     stride_q, stride_x, n_rows, n_cols,

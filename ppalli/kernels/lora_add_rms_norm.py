@@ -36,7 +36,7 @@ from ppalli.kernels.rms_norm import rms_norm_bwd
 BLOCKS = (16, 512, 8)
 
 
-@jit
+@jit(rows=("n_rows",))
 def _lora_add_rms_norm_fwd_kernel(X, NRM, H, Y0, XA, xa_stride, B, W, RSTD, n_rows, d, R, s, eps, offset,
                                   HAS_LORA: tl.constexpr, NORM: tl.constexpr, IEEE: tl.constexpr,
                                   UPCAST: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, RP: tl.constexpr):

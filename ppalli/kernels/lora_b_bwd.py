@@ -41,7 +41,7 @@ def launch_blocks(n: int, m: int, programs: int) -> tuple[int, int, int]:
     return bm, bn, 8 if bm * bn >= 128 * 128 else 4
 
 
-@jit
+@jit(rows=("N",))
 def _lora_b_bwd_kernel(DXA, DB, DY, dy_stride, XA, xa_stride, B, N, M, R, s,
                        IEEE: tl.constexpr, UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                        RP: tl.constexpr):

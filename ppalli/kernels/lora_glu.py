@@ -183,7 +183,7 @@ def _store_sums(P, acc, run, idx, M, RP: tl.constexpr):
     tl.store(P + (run * M + idx[:, None]) * RP + k[None, :], acc, mask=idx[:, None] < M)
 
 
-@jit
+@jit(rows=("N",))
 def _lora_glu_fwd_kernel(H, P, G0, U0, XAG, xag_stride, BG, XAU, xau_stride, BU, AD, N, M, R, run_cols, sg, su,
                          ACT: tl.constexpr, HAS_G: tl.constexpr, HAS_U: tl.constexpr, HAS_AD: tl.constexpr,
                          STORE_H: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, BM: tl.constexpr,
@@ -213,7 +213,7 @@ def _lora_glu_fwd_kernel(H, P, G0, U0, XAG, xag_stride, BG, XAU, xau_stride, BU,
         _store_sums(P, had, run, rows, N, RP)
 
 
-@jit
+@jit(rows=("N",))
 def _lora_glu_bwd_kernel(DG, DU, DH0, G0, U0, XAG, xag_stride, BG, XAU, xau_stride, BU, XAD, AD,
                          PBG, PBU, PAD, N, M, R, run_rows, sg, su,
                          ACT: tl.constexpr, HAS_G: tl.constexpr, HAS_U: tl.constexpr, HAS_D: tl.constexpr,

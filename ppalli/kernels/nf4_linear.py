@@ -32,7 +32,7 @@ MAX_ROWS = 4  # rows one launch takes (each row its own pass of CUDA-core produc
 # more rows (16 batched answers, a prompt) dequantize the weight once and run one GEMM
 
 
-@jit
+@jit(rows=("M",))
 def _nf4_linear_fwd_kernel(
     Y, X, PACKED, CODE, ABSMAX, CODE2, ABSMAX2, OFFSET, BIAS, XA, B,
     M, N, K, R, stride_y, stride_x, stride_xa, stride_b,

@@ -62,7 +62,7 @@ def _normed(Y, B, ys, mask, col, k, xa, d_ok, R, s, half, eps, HAS_LORA: tl.cons
     return x1, x2, rstd
 
 
-@jit
+@jit(rows=("n_rows", "n_t"))
 def _qk_norm_rope_fwd_kernel(
     OUT, Y, XA, B, W, COS, SIN,  # OUT, Y (N, H*D) rows of unit stride; XA (N, R); B (H*D, R); W (D,); COS/SIN (B, T, D)
     o_sn, y_sn, xa_sn, c_sb, c_st, n_rows, n_t, n_heads, half, R, s, eps, offset,
@@ -83,7 +83,7 @@ def _qk_norm_rope_fwd_kernel(
         tl.store(OUT + os + half, o2.to(OUT.dtype.element_ty), mask=mask)
 
 
-@jit
+@jit(rows=("n_rows", "n_t"))
 def _qk_norm_rope_bwd_kernel(
     DX, DO, Y, XA, B, W, COS, SIN, VOUT, V,  # DX, Y, VOUT (N, H*D) rows; DO, V (B, H, T, D) any strides, unit on D
     dx_sn, do_sb, do_sh, do_st, y_sn, xa_sn, c_sb, c_st, vo_sn, v_sb, v_sh, v_st, n_rows, n_t, n_heads, half, R, s,

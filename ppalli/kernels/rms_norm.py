@@ -53,7 +53,7 @@ def _rms_norm_fwd_kernel(
     tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
 
 
-@jit
+@jit(rows=("n_rows", "rows_per_program"))
 def _rms_norm_bwd_kernel(
     DX, DY, X, W, RSTD, DW_PARTIAL, DRES,  # DX, DY, X, DRES: (M, N); W: (N,); RSTD: (M,); DW_PARTIAL: (programs, N)
     stride_dx, stride_dy, stride_x, stride_dres, n_rows, n_cols, rows_per_program, offset,

@@ -35,7 +35,7 @@ def _rotated(x1, x2, cos1, cos2, sin1, sin2, BACKWARD: tl.constexpr):
     return x1 * cos1 - x2 * sin1, x2 * cos2 + x1 * sin2
 
 
-@jit
+@jit(rows=("n_t",))
 def _rope_fwd_kernel(
     OUT, X, COS, SIN,  # OUT, X: (B, H, T, D) any strides with unit stride on D; COS, SIN: (B or 1, T, D)
     VOUT, V,  # with HAS_V, a (B, H, T, D) tensor copied unrotated: lora_qkv's dv beside dk
@@ -84,7 +84,7 @@ def _over_heads(t, BT: tl.constexpr, BH: tl.constexpr, BLOCK_D: tl.constexpr):
     return tl.reshape(tl.broadcast_to(t[:, None, :], (BT, BH, BLOCK_D)), (BT, BH * BLOCK_D))
 
 
-@jit
+@jit(rows=("n_rows", "n_t"))
 def _rope_lora_fwd_kernel(
     OUT, Y, XA, B, COS, SIN,  # OUT, Y: (N, H*D) rows of unit stride; XA (N, R); B (H*D, R); COS, SIN: (B or 1, T, D)
     o_sn, y_sn, xa_sn, c_sb, c_st, n_rows, n_t, n_heads, half, R, s,
