@@ -26,7 +26,8 @@ CHUNK = 256  # examples per task: large enough that a batch tokenizer call and I
 WINDOW = 4  # chunks in flight per worker: keeps workers fed, bounds read-ahead of streamed data
 # Seconds of encoding in this process before a pool takes the rest. Starting workers costs more than small data
 # takes to encode: 500 preference pairs took 0.17 s here in one process and 1.6 s with a pool of 2; on a 16-core
-# H100 host a pool of 15 made ko_preference_rlhf's 500 rows take 65 s (7.7 rows/s, 2026-12-06).
+# H100 host a pool of 15 made ko_preference_rlhf's 500 rows take 65 s (7.7 rows/s, 2026-12-06), most of it each
+# worker importing transformers and torch to unpickle the tokenizer, which workers no longer do (_worker_tokenizer).
 SERIAL_S = 2.0
 BAD_KEPT = 5  # bad-row messages kept for the report; the rest are counted
 
@@ -98,7 +99,11 @@ def with_system(messages: list[dict], system_prompt: str | None) -> list[dict]:
 
 
 def encode_texts(tokenizer, texts: list[str]) -> tuple[list[list[int]], list[list[tuple[int, int]]]]:  # noqa: ANN001
-    """Token ids and character offsets, one batch call (the fast tokenizer runs it in Rust)."""
+    """Token ids and character offsets, one batch call (the fast tokenizer runs it in Rust). tokenizer: a
+    transformers tokenizer, or a pool worker's bare `tokenizers.Tokenizer` (_init_worker)."""
+    if not callable(tokenizer):  # tokenizers.Tokenizer: what the fast wrapper's call runs, without the wrapper
+        encodings = tokenizer.encode_batch(texts, add_special_tokens=False)
+        return [e.ids for e in encodings], [e.offsets for e in encodings]
     enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True, return_attention_mask=False,
                     return_token_type_ids=False)
     return enc["input_ids"], enc["offset_mapping"]
@@ -150,10 +155,26 @@ def _sample(labeled: list, stats: EncodeStats) -> dict | None:
 _WORKER: dict = {}
 
 
+def _worker_tokenizer(tokenizer):  # noqa: ANN001, ANN202
+    """What a pool worker gets of the tokenizer: a fast tokenizer's Rust core as its JSON, which the worker loads
+    with `tokenizers` alone. Unpickling the transformers wrapper imports transformers and torch in every worker: 15
+    workers took 97 s to start on a 16-core H100 host (2 took 13.6 s), for a tokenizer that unpickles in 0.8 s
+    (2026-12-06). A slow (Python) tokenizer goes as it is."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return ("json", backend.to_str()) if backend is not None else ("object", tokenizer)
+
+
 def _init_worker(tokenizer, tpl: Template, settings: EncodeSettings) -> None:  # noqa: ANN001
     # Each worker tokenizes one chunk at a time; Rust-side threads on top of the processes would oversubscribe.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _WORKER.update(tokenizer=tokenizer, tpl=tpl, settings=settings)
+    kind, value = tokenizer
+    if kind == "json":
+        from tokenizers import Tokenizer
+
+        value = Tokenizer.from_str(value)
+        value.no_truncation()  # as the wrapper's call leaves it: no truncation, no padding asked
+        value.no_padding()
+    _WORKER.update(tokenizer=value, tpl=tpl, settings=settings)
 
 
 def _work(chunk: list[tuple[bool, dict]]):
@@ -204,7 +225,8 @@ def encode_stream(tagged: Iterable[tuple[bool, dict]], tokenizer, tpl: Template,
     # imap keeps every worker busy while results come back; the semaphore stops its feeder thread from reading
     # a streamed source further than WINDOW chunks per worker ahead of the results taken.
     ahead, stop = threading.BoundedSemaphore(procs * WINDOW), threading.Event()
-    with _context().Pool(procs, initializer=_init_worker, initargs=(tokenizer, tpl, settings)) as pool:
+    worker_args = (_worker_tokenizer(tokenizer), tpl, settings)
+    with _context().Pool(procs, initializer=_init_worker, initargs=worker_args) as pool:
         try:
             for result in pool.imap(_work, _bounded(chunks, ahead, stop)):
                 ahead.release()

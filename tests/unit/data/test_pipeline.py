@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import threading
 
+import pytest
+
 from ppalli.config import SourceConfig
 from ppalli.data import tokenize
 from ppalli.data.masking import IGNORE
 from ppalli.data.pipeline import prepare
 from ppalli.data.templates import resolve_template
-from ppalli.data.tokenize import CHUNK, EncodeSettings, encode_stream
+from ppalli.data.tokenize import CHUNK, EncodeSettings, encode_stream, encode_texts, example_texts
 from ppalli.errors import DataError
 
 CHATBOT = "ko_chatbot_qa/ChatbotData.csv"
@@ -111,6 +113,28 @@ def test_system_prompt_and_template_choice(shared_data, make_cfg, qwen_tok):
     text = qwen_tok.decode(prepared.train[0]["input_ids"])
     assert text.startswith("<|im_start|>system\n반말 금지<|im_end|>\n<|im_start|>user\n12시 땡!")
     assert prepared.template == "chatml" and "<|im_end|>" in prepared.stop_strings
+
+
+@pytest.mark.parametrize("which", ["qwen_tok", "llama3_tok", "llama2_tok"])
+def test_a_pool_worker_tokenizes_as_the_wrapper_does(which, request):
+    """Workers get the fast tokenizer's Rust core (no transformers import in each worker): the same ids and
+    character offsets as the wrapper's call, on texts the real templates render (special tokens, Korean, blanks)."""
+    tok = request.getfixturevalue(which)
+    tpl = resolve_template("chatml" if which == "llama2_tok" else "auto", tok)
+    example = {"messages": [{"role": "system", "content": "반말 금지"},
+                            {"role": "user", "content": "오늘 날씨 어때? 😀"},
+                            {"role": "assistant", "content": " 맑아요.\n\n  끝\t"}], "where": "t line 1"}
+    texts = [text for text, _ in example_texts(example, tpl, EncodeSettings(max_seq_len=512))] + ["", "  a  b "]
+    kind, _ = tokenize._worker_tokenizer(tok)
+    tokenize._init_worker(tokenize._worker_tokenizer(tok), tpl, EncodeSettings(max_seq_len=512))
+    try:
+        worker = tokenize._WORKER["tokenizer"]
+        ids, offsets = encode_texts(worker, texts)
+    finally:
+        tokenize._WORKER.clear()
+    want_ids, want_offsets = encode_texts(tok, texts)
+    assert kind == "json" and ids == want_ids
+    assert [list(map(tuple, o)) for o in offsets] == [list(map(tuple, o)) for o in want_offsets]
 
 
 def test_small_data_never_starts_a_pool(shared_data, make_cfg, qwen_tok, tmp_path, monkeypatch):
