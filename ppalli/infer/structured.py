@@ -272,10 +272,7 @@ class Grammars:
             try:  # calls held to the tools where the model makes them; text stays free
                 return self._calls(tools, "auto", parallel)
             except ConstraintError as e:
-                if not self._said_auto:
-                    _log.warning("tool calls decode free, unchecked: %s", e)
-                    self._said_auto = True
-                return None
+                return self._warn_once("tool calls decode free, unchecked", e)
         return None if forced is None else self._calls(tools or [], forced, parallel, thinking)
 
     def layout_or_none(self) -> CallLayout | None:
@@ -297,8 +294,7 @@ class Grammars:
         """calls_tag's format for this run's call layout (None: "auto" with no marker to open a call)."""
         if self.template is None:
             raise ConstraintError("'tool_choice': this run has no chat template to read its call layout from")
-        if self._layout is None:
-            self._layout = call_layout(self.template)
+        self._layout = self._layout or call_layout(self.template)  # raises what the template lacks
         self.compiler()  # xgrammar is there
         try:
             tag = calls_tag(self._layout, tools, forced, parallel)
@@ -312,10 +308,13 @@ class Grammars:
         try:
             return self._calls_element(tools, "required", parallel)
         except ConstraintError as e:
-            if not self._said_auto:
-                _log.warning("response_format with tools: the reply is held to the schema, calls left out: %s", e)
-                self._said_auto = True
-            return None
+            return self._warn_once("response_format with tools: the reply is held to the schema, calls left out", e)
+
+    def _warn_once(self, what: str, e: ConstraintError) -> None:
+        """None, the tools' grammar left out, said once a server."""
+        if not self._said_auto:
+            _log.warning("%s: %s", what, e)
+            self._said_auto = True
 
     def _compile(self, element: dict, what: str):
         try:
