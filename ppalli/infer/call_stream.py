@@ -9,8 +9,9 @@ decode: `<tool_call>\\n{"name": "get_time", "arguments": {"tz": "KST"}}\\n</tool
                                                                                      "arguments": ""}}]}
     {"tool_calls": [{"index": 0, "function": {"arguments": "{\\"tz\\": "}}]}   ... as its tokens come
 
-Text that may begin the opening marker is held back until it is known not to. Without a grammar a call the model
-opens could be malformed halfway, so such answers still go whole once decoded.
+Text that may begin the opening marker is held back until it is known not to, and blanks until text follows them,
+so the content streamed adds up to the whole answer's (its text around the calls, stripped). Without a grammar a
+call the model opens could be malformed halfway, so such answers still go whole once decoded.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class CallStream:
         self.buf = ""
         self.state = "head" if not layout.opening else "text"  # Llama 3.1's bare JSON: a call from the first token
         self.calls = 0  # calls opened so far
+        self.blanks, self.said = "", False  # blanks held until text follows them; whether content went out
         self.depth, self.in_str, self.esc = 0, False, False
         # the object's head up to its arguments' value: {"name": "<name>", "arguments":
         self.head = re.compile(r'\s*\{\s*"' + re.escape(layout.name_key) + r'"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"'
@@ -58,11 +60,21 @@ class CallStream:
             out += step
 
     def end(self) -> list[tuple[str, object]]:
-        """What is still held when the answer ends: text (a partial marker that never completed) as content."""
+        """What is still held when the answer ends: text (a partial marker that never completed) as content; the
+        blanks at its end are dropped, as the whole answer's content is stripped."""
         rest, self.buf = self.buf, ""
-        if self.state == "text" and rest:
-            return [("content", rest)]
-        return []
+        return self._content(rest) if self.state == "text" else []
+
+    def _content(self, text: str) -> list[tuple[str, object]]:
+        """text as content, less the blanks at its end (held for the text that may follow) and, before any content
+        went out, at its start."""
+        text = self.blanks + text
+        kept = text.rstrip()
+        self.blanks = text[len(kept):]
+        if not self.said:
+            kept = kept.lstrip()
+        self.said = self.said or bool(kept)
+        return [("content", kept)] if kept else []
 
     # ---- states: each returns the parts it made (maybe none) and moves on, or None to wait for more text
 
@@ -71,10 +83,10 @@ class CallStream:
         at = self.buf.find(opening)
         if at >= 0:
             before, self.buf, self.state = self.buf[:at], self.buf[at + len(opening):], "head"
-            return [("content", before)] if before else []
+            return self._content(before)
         keep = _partial_suffix(self.buf, opening)  # may be the marker's start: held back
         emit, self.buf = self.buf[:len(self.buf) - keep], self.buf[len(self.buf) - keep:]
-        return [("content", emit)] if emit else None
+        return self._content(emit) if emit else None
 
     def _head(self):
         m = self.head.match(self.buf)

@@ -65,10 +65,11 @@ def _whole(text: str) -> tuple[str | None, list[dict]]:
 def test_qwens_calls_stream_as_the_whole_answer_parses(qwen, tok, how):
     one = '<tool_call>\n{"name": "get_time", "arguments": {"tz": "KST"}}\n</tool_call>'
     odd = '<tool_call>\n{"name": "search", "arguments": {"q": "a}b\\"c{ [x]", "n": [1, {"k": 2}]}}\n</tool_call>'
-    for text in (one, "확인해 볼게요.\n" + one, one + "\n" + odd, "<tool 태그를 쓰면 됩니다. <tool_ 끝"):
+    for text in (one, "확인해 볼게요.\n" + one, one + "\n" + odd, "<tool 태그를 쓰면 됩니다. <tool_ 끝",
+                 "  앞\n" + one + "\n뒤  ", "\n\n" + one + "\n\n"):
         content, calls, called = _run(qwen, text, how, tok)
         whole_content, whole_calls = _whole(text)
-        assert (content.strip() or None) == whole_content and called == bool(whole_calls)
+        assert (content or None) == whole_content and called == bool(whole_calls), (content, whole_content)
         assert [(c["name"], json.loads(c["arguments"])) for c in calls] == [
             (c["name"], json.loads(c["arguments"])) for c in whole_calls]
     _, calls, _ = _run(qwen, one + "\n" + odd, how, tok)
@@ -86,7 +87,7 @@ def test_a_bare_json_call_streams_only_where_it_is_forced(tok):
 
 def test_scored_tokens_of_held_text_go_with_the_next_part(qwen):
     parts = CallParts(1, qwen, forced=False)
-    assert parts.parts(0, [("content", "답: <tool", [1])]) == [("content", "답: ", [1])]
+    assert parts.parts(0, [("content", "답: <tool", [1])]) == [("content", "답:", [1])]  # the blank waits too
     assert parts.parts(0, [("content", "_c", [2])]) == []  # "<tool_c" may still open a call: held, its token too
     out = parts.parts(0, [("content", "all>\n", [3])])
     assert out == []  # the opening, whole: nothing to send until the call's head is known
