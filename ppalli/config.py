@@ -84,7 +84,7 @@ class DataConfig:
     streaming: bool = _f(False, "Read the file lazily; memory stays flat as the file grows.")
     packing: Literal["auto", "on", "off"] = _f("auto", "Padding-free packing; auto lets the plan decide.")
     num_proc: int = _f(0, "Tokenizer processes for what is left after 2 s of tokenizing in the main one (small "
-                          "data never starts them); 0 = one per core but one (the reader's).")
+                          "data never starts them); 0 = one per core but one (the reader's), at most 8.")
     cache_dir: str | None = _f(None, "Where tokenized data is cached by content hash; default ~/.cache/ppalli.")
 
 

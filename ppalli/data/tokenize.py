@@ -29,6 +29,10 @@ WINDOW = 4  # chunks in flight per worker: keeps workers fed, bounds read-ahead 
 # H100 host a pool of 15 made ko_preference_rlhf's 500 rows take 65 s (7.7 rows/s, 2026-12-06), most of it each
 # worker importing transformers and torch to unpickle the tokenizer, which workers no longer do (_worker_tokenizer).
 SERIAL_S = 2.0
+# The default pool's most workers: the parent reads, normalizes and collects for all of them, so more stop paying.
+# H100 host, 16 cores, 94.6k ChatbotData rows, Llama 3 tokenizer (benchmarks/bench_tokenize.py, 2026-12-06): one
+# process 10.5 s, pools of 2 / 4 / 8 / 15 workers 7.7 / 5.3 / 5.2 / 6.7 s.
+MAX_PROCS = 8
 BAD_KEPT = 5  # bad-row messages kept for the report; the rest are counted
 
 
@@ -183,14 +187,15 @@ def _work(chunk: list[tuple[bool, dict]]):
 
 def resolve_num_proc(num_proc: int) -> int:
     """Processes to tokenize with. 0: one per core but one, left to the parent, which reads, normalizes and
-    collects results (on 2 cores a pool measured slower than one process: 4.8k vs 6.6k rows/s, ChatbotData)."""
+    collects results (on 2 cores a pool measured slower than one process: 4.8k vs 6.6k rows/s, ChatbotData), and
+    at most MAX_PROCS."""
     if num_proc > 0:
         return num_proc
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         cores = os.cpu_count() or 1
-    return max(1, cores - 1)
+    return max(1, min(cores - 1, MAX_PROCS))
 
 
 def _context():

@@ -50,6 +50,11 @@ class CallStream:
     def called(self) -> bool:
         return self.calls > 0
 
+    @property
+    def inside(self) -> bool:
+        """Whether the text so far ends inside a call's arguments (a call out, not yet whole)."""
+        return self.state == "args"
+
     def feed(self, text: str) -> list[tuple[str, object]]:
         self.buf += text
         out: list[tuple[str, object]] = []
@@ -185,14 +190,26 @@ class CallParts:
         return out, held
 
     def finish_reason(self, index: int, reason: str) -> str:
+        """"tool_calls" where the choice called, unless max_tokens cut it inside a call ("length")."""
         stream = self.streams[index]
-        return "tool_calls" if stream is not None and stream.called else reason
+        return _called_reason(stream.called, stream.inside, reason) if stream is not None else reason
 
 
-def with_calls(choice: dict, text: str, tools: list[dict] | None) -> dict:
+def _called_reason(called: bool, inside: bool, reason: str) -> str:
+    """An answer's finish_reason: "tool_calls" where it called and the calls that went out are whole, "length"
+    where max_tokens cut the last one's arguments (as OpenAI's API gives a cut call). Text or a next call's opening
+    cut after whole calls still says "tool_calls", as vLLM's server does."""
+    return "tool_calls" if called and not (inside and reason == "length") else reason
+
+
+def with_calls(choice: dict, text: str, tools: list[dict] | None, layout: CallLayout | None = None) -> dict:
     """A chat choice whose answer calls the request's tools: the calls as the message's tool_calls (arguments as
     JSON text, as OpenAI's API gives them), the rest of the text as its content (null when none is left), and
-    finish_reason "tool_calls". Anything else, and every answer of a request without tools, as it is."""
+    finish_reason "tool_calls". Anything else, and every answer of a request without tools, as it is. layout: the
+    grammar's, where one held the answer (so it streams its calls): an answer max_tokens cut goes as its stream
+    went (`cut_calls`)."""
+    if layout is not None and choice["finish_reason"] == "length":
+        return cut_calls(choice, text, layout)
     content, calls = calls_in_answer(text, {tool_name(t) for t in tools}) if tools else (text, [])
     if calls:
         choice["message"] = {"role": "assistant", "content": content, "tool_calls": [
@@ -200,4 +217,28 @@ def with_calls(choice: dict, text: str, tools: list[dict] | None) -> dict:
              "function": {"name": c["function"]["name"],
                           "arguments": json.dumps(c["function"]["arguments"], ensure_ascii=False)}} for c in calls]}
         choice["finish_reason"] = "tool_calls"
+    return choice
+
+
+def cut_calls(choice: dict, text: str, layout: CallLayout) -> dict:
+    """A choice that max_tokens cut inside a grammar-held answer, as its stream sent it: the calls opened (the last
+    one's arguments as far as they got, not valid JSON then, as OpenAI's API gives a cut call) and the content
+    around them (a call's opening cut before its name is known is neither); finish_reason "length" where the cut
+    fell inside a call's arguments, else "tool_calls" where calls came whole before it (as the stream ends)."""
+    stream = CallStream(layout)
+    parts = stream.feed(text) + stream.end()
+    calls: dict[int, dict] = {}
+    for kind, delta in parts:
+        if kind != "call":
+            continue
+        if "id" in delta:
+            calls[delta["index"]] = {"id": delta["id"], "type": "function",
+                                     "function": {"name": delta["function"]["name"], "arguments": ""}}
+        else:
+            calls[delta["index"]]["function"]["arguments"] += delta["function"]["arguments"]
+    content = "".join(piece for kind, piece in parts if kind == "content") or None
+    choice["message"] = {"role": "assistant", "content": content}
+    if calls:
+        choice["message"]["tool_calls"] = [calls[i] for i in sorted(calls)]
+    choice["finish_reason"] = _called_reason(bool(calls), stream.inside, choice["finish_reason"])
     return choice

@@ -45,7 +45,8 @@ the chatml built-in have them, or one JSON object, as Llama 3.1 answers) come ba
 naming one of the request's tools, with finish_reason "tool_calls". Streamed, where a grammar holds the calls (below),
 the content goes out as it decodes and each call as OpenAI's API streams one: its id and name, then its arguments
 piece by piece (infer/call_stream.py); without one, the answer comes whole once decoded, in those chunks, since its
-text may turn out to be a call. tool_choice "auto" (the default: a call the model opens is held to the tools'
+text may turn out to be a call. max_tokens cutting a call's arguments gives the call as far as it got, finish_reason
+"length", whole or streamed alike. tool_choice "auto" (the default: a call the model opens is held to the tools'
 schemas), "none" (the tools left out of the prompt), "required" (one call or more; one with parallel_tool_calls false)
 or a named function (one call of it): a forced call is decoded under a grammar, in the layout the run's template
 writes calls in, its arguments held to the tool's parameters (infer/structured.py, with xgrammar). response_format
@@ -382,7 +383,7 @@ class _Handler(BaseHTTPRequestHandler):
             if thought is not None:
                 choice["message"]["reasoning_content"] = thought
         return {"object": "chat.completion" if chat else "text_completion",
-                "choices": [with_calls(c, text, req["tools"]) for c, text in zip(out, answers)],
+                "choices": [with_calls(c, text, req["tools"], req.get("calls")) for c, text in zip(out, answers)],
                 "usage": _usage(jobs, req["n"])}
 
     def _echo_text(self, prompt) -> str:

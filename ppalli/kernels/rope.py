@@ -35,7 +35,7 @@ def _rotated(x1, x2, cos1, cos2, sin1, sin2, BACKWARD: tl.constexpr):
     return x1 * cos1 - x2 * sin1, x2 * cos2 + x1 * sin2
 
 
-@jit(rows=("n_t",))
+@jit(rows=("n_out_t", "n_t"))  # n_out_t: OUT's token count, n_t unless AT_SLOT (a step's packed total when training)
 def _rope_fwd_kernel(
     OUT, X, COS, SIN,  # OUT, X: (B, H, T, D) any strides with unit stride on D; COS, SIN: (B or 1, T, D)
     VOUT, V,  # with HAS_V, a (B, H, T, D) tensor copied unrotated: lora_qkv's dv beside dk

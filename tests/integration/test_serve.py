@@ -581,6 +581,25 @@ def test_structured_answers_parse_whole_streamed_and_as_forced_calls(server):
             args = "".join(p["function"]["arguments"] for p in parts if p["index"] == k)
             assert json.loads(args) == json.loads(call["function"]["arguments"])
         assert len(parts) > len(heads) + 1 and streamed[-1]["finish_reason"] == "tool_calls"
+        # the same call cut by max_tokens inside its arguments: whole and streamed alike, the call as far as it got
+        # and finish_reason "length" (as OpenAI's API gives a cut call)
+        used = json.loads(_post(url, forced)[1])["usage"]["completion_tokens"]
+        for limit in range(used - 1, 0, -1):  # greedy: each limit cuts the same answer; the first inside arguments
+            cut = {**forced, "max_tokens": limit}
+            whole_cut = json.loads(_post(url, cut)[1])["choices"][0]
+            if whole_cut["message"].get("tool_calls") and whole_cut["message"]["tool_calls"][-1]["function"][
+                    "arguments"] not in ("", whole_calls[-1]["function"]["arguments"]):
+                break
+        events = _post(url, {**cut, "stream": True})[1].decode().split("\n\n")
+        streamed = [json.loads(e.removeprefix("data: "))["choices"][0] for e in events if e.strip()
+                    and e != "data: [DONE]"]
+        parts = [tc for c in streamed for tc in c["delta"].get("tool_calls", [])]
+        assert whole_cut["finish_reason"] == streamed[-1]["finish_reason"] == "length", (whole_cut, streamed[-1])
+        cut_calls = whole_cut["message"]["tool_calls"]
+        assert [c["function"]["name"] for c in cut_calls] == [p["function"]["name"] for p in parts if "id" in p]
+        assert cut_calls[-1]["function"]["arguments"] == "".join(
+            p["function"]["arguments"] for p in parts if p["index"] == len(cut_calls) - 1)
+        assert cut_calls[-1]["function"]["arguments"] != whole_calls[-1]["function"]["arguments"]  # cut short
         # auto: the answer is free, but a call it opens (the <tool_call> token forced by logit_bias) is a valid one
         opening = srv.run.tokenizer.convert_tokens_to_ids("<tool_call>")
         auto = json.loads(_post(url, {"messages": QUESTION, "temperature": 0, "tools": [TIME, DATE],

@@ -98,3 +98,29 @@ def test_scored_tokens_of_held_text_go_with_the_next_part(qwen):
     plain = CallParts(1)  # no tools: parts pass as they are
     assert plain.parts(0, [("content", "<tool_call>", [5])]) == [("content", "<tool_call>", [5])]
     assert plain.finish_reason(0, "length") == "length"
+
+
+def test_a_call_cut_by_max_tokens_goes_whole_as_it_streamed(qwen, tok):
+    """max_tokens ends a grammar-held answer inside a call's arguments: the whole reply gives the calls as the stream
+    sent them (the cut one's arguments as far as they got) with finish_reason "length", as the stream ends."""
+    text = '앞\n<tool_call>\n{"name": "get_time", "arguments": {"tz": "KST"}}\n</tool_call>\n<tool_call>\n' \
+           '{"name": "search", "arguments": {"q": "서울 날'
+    content, calls, called = _run(qwen, text, "tokens", tok)
+    choice = with_calls({"message": {"content": text}, "finish_reason": "length"}, text, TOOLS, qwen)
+    assert choice["finish_reason"] == "length" and choice["message"]["content"] == content == "앞"
+    got = [c["function"] for c in choice["message"]["tool_calls"]]
+    assert [{"name": c["name"], "arguments": c["arguments"]} for c in got] == calls
+    assert got[1]["arguments"] == '{"q": "서울 날' and json.loads(got[0]["arguments"]) == {"tz": "KST"}
+    parts = CallParts(1, qwen, forced=True)
+    parts.parts(0, [("content", text, [])])
+    assert called and parts.finish_reason(0, "length") == "length" and parts.finish_reason(0, "stop") == "tool_calls"
+    plain = with_calls({"message": {"content": "답"}, "finish_reason": "length"}, "답", TOOLS, qwen)
+    assert plain == {"message": {"role": "assistant", "content": "답"}, "finish_reason": "length"}
+    opened = with_calls({"message": {}, "finish_reason": "length"}, '<tool_call>\n{"na', TOOLS, qwen)
+    assert opened["message"] == {"role": "assistant", "content": None}  # nor is an opening cut before its name
+    whole_then_text = text.split("\n<tool_call>\n{\"name\": \"search\"")[0] + "\n그리고 더"  # cut after a whole call
+    choice = with_calls({"message": {}, "finish_reason": "length"}, whole_then_text, TOOLS, qwen)
+    assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] == "앞\n\n그리고 더"
+    parts = CallParts(1, qwen, forced=False)
+    parts.parts(0, [("content", whole_then_text, [])])
+    assert parts.finish_reason(0, "length") == "tool_calls"  # the stream ends alike

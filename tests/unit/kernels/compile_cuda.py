@@ -49,7 +49,7 @@ CALLS: list[tuple[str, JITFunction, tuple, dict]] = []
 ROWS = {"lora_add_rms_norm._lora_add_rms_norm_fwd_kernel": {"n_rows"}, "lora_b_bwd._lora_b_bwd_kernel": {"N"},
         "lora_glu._lora_glu_fwd_kernel": {"N"}, "lora_glu._lora_glu_bwd_kernel": {"N"},
         "qk_norm_rope._qk_norm_rope_fwd_kernel": {"n_rows", "n_t"},
-        "qk_norm_rope._qk_norm_rope_bwd_kernel": {"n_rows", "n_t"}, "rope._rope_fwd_kernel": {"n_t"},
+        "qk_norm_rope._qk_norm_rope_bwd_kernel": {"n_rows", "n_t"}, "rope._rope_fwd_kernel": {"n_out_t", "n_t"},
         "rope._rope_lora_fwd_kernel": {"n_rows", "n_t"},
         "rms_norm._rms_norm_bwd_kernel": {"n_rows", "rows_per_program"}}
 
