@@ -83,19 +83,26 @@ class _MissingKernel:
         require_triton()
 
 
+SPECIALIZE_ROWS = True  # see jit
+
+
 def jit(fn=None, *, rows: tuple[str, ...] = ()):
     """`triton.jit` when triton is installed, else a placeholder that raises a clear error on launch.
 
     rows: the kernel's integer arguments that count a batch's rows or tokens (n_rows, N, T), which change from
-    step to step. Triton compiles a variant of a kernel for each pattern of its integer arguments (== 1, divisible
-    by 16), so a packed batch whose token count first came out a multiple of 16 at step 18 compiled every fused
-    kernel again mid-run: 4.6 s that step (H100, SimPO on ko_preference_rlhf, 2026-12-06). Rows only bound masks
-    across the contiguous columns, which that knowledge does not speed up, so they are not specialized on."""
+    step to step; kept on the kernel as `row_args`. Triton compiles a variant of a kernel for each pattern of its
+    integer arguments (== 1, divisible by 16), so a packed batch whose token count first comes out a multiple of 16
+    compiles the fused kernels again mid-run: 4.6 s at step 18 of a SimPO run on a fresh H100 (2026-12-06), a disk
+    cache load on later runs. Left unspecialized they never do, but T1 ran slower: 472.5 against 469.4 ms and 463.7
+    against 461.7 ms a step in two A/Bs on two H100s (2026-12-06, `*-h100-s38-t1-ab-rows-*`), so they are specialized
+    (SPECIALIZE_ROWS): a one-time compile beats a slower step for the rest of the run."""
     if fn is None:
         return functools.partial(jit, rows=rows)
     if triton is None:
         return _MissingKernel(fn.__name__)
-    return triton.jit(fn, do_not_specialize=list(rows)) if rows else triton.jit(fn)
+    kernel = triton.jit(fn) if SPECIALIZE_ROWS or not rows else triton.jit(fn, do_not_specialize=list(rows))
+    kernel.row_args = tuple(rows)
+    return kernel
 
 
 def is_triton_available() -> bool:
