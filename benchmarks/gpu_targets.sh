@@ -18,6 +18,9 @@
 # post-norms in one pass (kernels/rms_norm_add.py) on Gemma-3-4B's shapes (config_gemma3-4b.json), against .base2/.
 # T1-ab: T1 with flash-attn 4 (installed as in T1-fa4), Unsloth GC off first, then ppalli's own plan from this
 # tree and from .base/ (peers.py --baseline) in the same call.
+# T1-bisect: ppalli only (whatever attention is installed), this tree against .base/, then again against .base2/:
+# two older trees and this one twice (its own spread) in ~4.5 min. A/Bs on 2026-12-06 moved 0.4-1% between trees,
+# about one run's spread, so a bisect step wants both readings of this tree beside it.
 # decode-qwen3: bench_decode_layers.py on Qwen3-8B's config (q/k norms inside rope's launches), this tree and .base2/.
 # CASE-steady: the warm-up held to 15 s after its first round and ~17-20 s of timed steps, the clock a long
 # run settles at (a capped H200 fell from 1864 to ~1600 MHz over the default 3 + 8 steps); -rev runs Unsloth
@@ -32,8 +35,8 @@ export PYTHONPATH=/tmp/peer-site${PYTHONPATH:+:$PYTHONPATH}
 [ -d /tmp/peer-site ] || tar xzf .peers/site.tgz -C /tmp
 [ $# -gt 0 ] || set -- tests T3-8.8 T2
 for what in "$@"; do
-  case $what in tests|gemm|fa4|qk-norm|post-norm|decode-qwen3|T4-fa4|T1-fa4|T1-ab|T1|T2|T3|T3-8.8|T4|T1-steady*|T2-steady*|T4-steady*) ;;
-    *) echo "unknown: $what (tests, gemm, fa4, qk-norm, post-norm, decode-qwen3, T4-fa4, T1-fa4, T1-ab, T1, T2, T3, T3-8.8, T4, T1/T2/T4-steady[-rev])" >&2
+  case $what in tests|gemm|fa4|qk-norm|post-norm|decode-qwen3|T4-fa4|T1-fa4|T1-ab|T1-bisect|T1|T2|T3|T3-8.8|T4|T1-steady*|T2-steady*|T4-steady*) ;;
+    *) echo "unknown: $what (tests, gemm, fa4, qk-norm, post-norm, decode-qwen3, T4-fa4, T1-fa4, T1-ab, T1-bisect, T1, T2, T3, T3-8.8, T4, T1/T2/T4-steady[-rev])" >&2
        exit 2 ;; esac
 done
 keep() {  # a case's results so far into OUT (a call stopped at its limit still brings back what was kept)
@@ -92,6 +95,12 @@ for what in "$@"; do
       ( . benchmarks/fa4_bundle.sh install
         python3 benchmarks/peers.py --case T1 --gc off --stacks ppalli --ppalli-setting auto --baseline .base \
           --out "$scratch/$what" --append $long ) ;;
+    T1-bisect) long="--warmup-s 15 --steps 40 --timeout 200"
+      for base in .base .base2; do
+        [ -d "$base/ppalli" ] || { echo "T1-bisect: no $base/ppalli"; continue; }
+        python3 benchmarks/peers.py --case T1 --gc off --stacks ppalli --ppalli-setting auto --baseline "$base" \
+          --out "$scratch/$what" --append $long; keep "$what"
+      done ;;
     T1) python3 benchmarks/peers.py --case T1 --gc off --stacks ppalli,unsloth --out "$scratch/$what" --timeout 200 ;;
     T3-8.8) python3 benchmarks/peers.py --case T3 --ppalli-setting budget=8.8 --stacks ppalli,unsloth \
               --out "$scratch/$what" --timeout 200 ;;
