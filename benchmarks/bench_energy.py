@@ -92,6 +92,7 @@ def rows() -> list[tuple[str, str, float, Callable]]:
     g0, u0, dh0 = t(N, INTER), t(N, INTER), t(N, INTER)
     xag, xau, dxad = t(N, RANK), t(N, RANK), t(N, RANK)
     bg, bu, ad = t(INTER, RANK, scale=0.1), t(INTER, RANK, scale=0.1), t(RANK, INTER, scale=0.1)
+    g1, u1 = g0.clone(), u0.clone()  # lora_glu_bwd writes dg, du over these: its own, so g0's values stay randn
     dst, big = torch.empty_like(g0), torch.empty_like(g0)
     q = t(4, HQ, 2048, HD).requires_grad_()
     k, v = t(4, HK, 2048, HD).requires_grad_(), t(4, HK, 2048, HD).requires_grad_()
@@ -113,7 +114,7 @@ def rows() -> list[tuple[str, str, float, Callable]]:
         ("lora_glu_fwd_had (3 passes of (N, I))", "memory", 3 * N * INTER * 2 / 1e9,
          lambda: lora_glu_fwd_had(g0, u0, xag, bg, S, xau, bu, S, ad)),
         ("lora_glu_bwd with sums (5 passes of (N, I))", "memory", 5 * N * INTER * 2 / 1e9,
-         lambda: lora_glu_bwd(dh0, g0, u0, xag, bg, S, xau, bu, S, dxad, ad, sums=sums)),
+         lambda: lora_glu_bwd(dh0, g1, u1, xag, bg, S, xau, bu, S, dxad, ad, sums=sums)),
         ("skinny dg Bg (8192x14336 @ 14336x16)", "memory", N * INTER * 2 / 1e9, lambda: torch.mm(g0, bg)),
         ("sdpa causal fwd+bwd (4, 32/8 heads, 2048, 128)", "attention", 3.5 * attn_tf, attention),
     ]
