@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without `pip install -e .`
-from ppalli.kernels.lora_glu import lora_glu_bwd, lora_glu_fwd_had  # noqa: E402
+from ppalli.kernels.lora_glu import lora_glu_bwd, lora_glu_fwd, lora_glu_fwd_had  # noqa: E402
 
 N, D, INTER, HQ, HK, HD, RANK, S = 8192, 4096, 14336, 32, 8, 128, 16, 2.0
 SECONDS = 2.0
@@ -84,7 +84,8 @@ def idle(energy: Energy, seconds: float = SECONDS) -> dict:
 
 
 def rows() -> list[tuple[str, str, float, Callable]]:
-    """(name, kind, units a call, fn): units are TFLOP for kind gemm/attention, GB moved for kind memory."""
+    """(name, kind, units a call, fn): units are TFLOP for kind gemm/attention, GB moved for kind memory and
+    variant (a pass the step does not run as such: left out of the watts that --profile prices with)."""
     def t(*shape, scale=1.0):
         return torch.randn(*shape, device="cuda", dtype=torch.bfloat16) * scale
 
@@ -115,6 +116,12 @@ def rows() -> list[tuple[str, str, float, Callable]]:
          lambda: lora_glu_fwd_had(g0, u0, xag, bg, S, xau, bu, S, ad)),
         ("lora_glu_bwd with sums (5 passes of (N, I))", "memory", 5 * N * INTER * 2 / 1e9,
          lambda: lora_glu_bwd(dh0, g1, u1, xag, bg, S, xau, bu, S, dxad, ad, sums=sums)),
+        # The same passes without the rank-r sums inside (the fast path runs the ones above): what the sums'
+        # tl.dot tiles and their layout changes cost in joules, beside what they save in bytes.
+        ("lora_glu_fwd, no h Ad^T sum (3 passes)", "variant", 3 * N * INTER * 2 / 1e9,
+         lambda: lora_glu_fwd(g0, u0, xag, bg, S, xau, bu, S)),
+        ("lora_glu_bwd, no sums (5 passes)", "variant", 5 * N * INTER * 2 / 1e9,
+         lambda: lora_glu_bwd(dh0, g1, u1, xag, bg, S, xau, bu, S, dxad, ad)),
         ("skinny dg Bg (8192x14336 @ 14336x16)", "memory", N * INTER * 2 / 1e9, lambda: torch.mm(g0, bg)),
         ("sdpa causal fwd+bwd (4, 32/8 heads, 2048, 128)", "attention", 3.5 * attn_tf, attention),
     ]
@@ -155,7 +162,7 @@ def main() -> None:
     print(f"idle: {result['idle']['watts']} W")
     for name, kind, units, fn in rows():
         r = measure(energy, fn)
-        unit = "TFLOP" if kind != "memory" else "GB"
+        unit = "GB" if kind in ("memory", "variant") else "TFLOP"
         r.update(name=name, kind=kind, units=units, per_unit=round(r["mj"] / 1e3 / units, 4),
                  rate=round(units / r["ms"] * 1e3, 1))
         result["rows"].append(r)
