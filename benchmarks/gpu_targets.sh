@@ -6,6 +6,7 @@
 # tests, 2.5-4 per case (T1 with all its peers ~4; `--stacks ppalli,unsloth --gc off` halves it).
 #   bash benchmarks/gpu_targets.sh OUT_DIR [tests] [gemm] [T1|T2|T3|T3-8.8|T4[-steady[-rev]] ...]
 # gemm: benchmarks/bench_gemm.py, the step's base GEMMs shape by shape (~1 min).
+# energy: benchmarks/bench_energy.py (~1 min): mJ a call of T1's kernel kinds, the newest H100 T1 profile priced.
 # fa4: flash-attn 4 (benchmarks/fa4_bundle.sh: .fa4/a carried in an earlier call, .fa4/b in this one):
 # bench_attention.py with it, then the flash-attn GPU tests; T4-fa4 (T1-fa4): T4 (T1) steady, Unsloth (GC off)
 # first without it on the path, then ppalli's own plan (flash-attn 4 on Hopper once installed), then
@@ -35,8 +36,8 @@ export PYTHONPATH=/tmp/peer-site${PYTHONPATH:+:$PYTHONPATH}
 [ -d /tmp/peer-site ] || tar xzf .peers/site.tgz -C /tmp
 [ $# -gt 0 ] || set -- tests T3-8.8 T2
 for what in "$@"; do
-  case $what in tests|gemm|fa4|qk-norm|post-norm|decode-qwen3|T4-fa4|T1-fa4|T1-ab|T1-bisect|T1|T2|T3|T3-8.8|T4|T1-steady*|T2-steady*|T4-steady*) ;;
-    *) echo "unknown: $what (tests, gemm, fa4, qk-norm, post-norm, decode-qwen3, T4-fa4, T1-fa4, T1-ab, T1-bisect, T1, T2, T3, T3-8.8, T4, T1/T2/T4-steady[-rev])" >&2
+  case $what in tests|energy|gemm|fa4|qk-norm|post-norm|decode-qwen3|T4-fa4|T1-fa4|T1-ab|T1-bisect|T1|T2|T3|T3-8.8|T4|T1-steady*|T2-steady*|T4-steady*) ;;
+    *) echo "unknown: $what (tests, energy, gemm, fa4, qk-norm, post-norm, decode-qwen3, T4-fa4, T1-fa4, T1-ab, T1-bisect, T1, T2, T3, T3-8.8, T4, T1/T2/T4-steady[-rev])" >&2
        exit 2 ;; esac
 done
 keep() {  # a case's results so far into OUT (a call stopped at its limit still brings back what was kept)
@@ -66,6 +67,9 @@ for what in "$@"; do
     tests) python3 -m pytest -q -rP --durations=15 tests/gpu tests/unit/kernels -k "not compiles_for" -p no:cacheprovider \
              > "$out/gpu-tests.log" 2>&1
            tail -1 "$out/gpu-tests.log" ;;
+    energy) python3 benchmarks/bench_energy.py --out "$out/energy.json" \
+              --profile "$(ls benchmarks/results/*-h100-*t1-profile-head.txt | tail -1)" > "$out/energy.txt" 2>&1
+            cat "$out/energy.txt" ;;
     gemm) python3 benchmarks/bench_gemm.py --out "$out/gemm.json" > "$out/gemm.txt" 2>&1; tail -40 "$out/gemm.txt" ;;
     fa4) ( . benchmarks/fa4_bundle.sh install
            python3 benchmarks/bench_attention.py --out "$out/attention.json" > "$out/attention.txt" 2>&1
