@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without `pip install -e .`
+from ppalli.kernels import lora_glu as lora_glu_module  # noqa: E402
 from ppalli.kernels.lora_glu import lora_glu_bwd, lora_glu_fwd, lora_glu_fwd_had  # noqa: E402
 
 N, D, INTER, HQ, HK, HD, RANK, S = 8192, 4096, 14336, 32, 8, 128, 16, 2.0
@@ -83,6 +84,18 @@ def idle(energy: Energy, seconds: float = SECONDS) -> dict:
     return {"watts": round((energy.mj() - e0) / 1e3 / (time.perf_counter() - t0), 1)}
 
 
+def exact_math(fn: Callable) -> Callable:
+    """fn with lora_glu's kernels on tl.sigmoid / exp-and-divide tanh instead of the PTX approximations
+    (_utils.fast_math): what those approximations save in joules."""
+    def run():
+        fast, lora_glu_module.fast_math = lora_glu_module.fast_math, lambda: False
+        try:
+            fn()
+        finally:
+            lora_glu_module.fast_math = fast
+    return run
+
+
 def rows() -> list[tuple[str, str, float, Callable]]:
     """(name, kind, units a call, fn): units are TFLOP for kind gemm/attention, GB moved for kind memory and
     variant (a pass the step does not run as such: left out of the watts that --profile prices with)."""
@@ -122,6 +135,10 @@ def rows() -> list[tuple[str, str, float, Callable]]:
          lambda: lora_glu_fwd(g0, u0, xag, bg, S, xau, bu, S)),
         ("lora_glu_bwd, no sums (5 passes)", "variant", 5 * N * INTER * 2 / 1e9,
          lambda: lora_glu_bwd(dh0, g1, u1, xag, bg, S, xau, bu, S, dxad, ad)),
+        ("lora_glu_fwd_had, exact sigmoid (3 passes)", "variant", 3 * N * INTER * 2 / 1e9,
+         exact_math(lambda: lora_glu_fwd_had(g0, u0, xag, bg, S, xau, bu, S, ad))),
+        ("lora_glu_bwd with sums, exact sigmoid (5 passes)", "variant", 5 * N * INTER * 2 / 1e9,
+         exact_math(lambda: lora_glu_bwd(dh0, g1, u1, xag, bg, S, xau, bu, S, dxad, ad, sums=sums))),
         ("skinny dg Bg (8192x14336 @ 14336x16)", "memory", N * INTER * 2 / 1e9, lambda: torch.mm(g0, bg)),
         ("sdpa causal fwd+bwd (4, 32/8 heads, 2048, 128)", "attention", 3.5 * attn_tf, attention),
     ]

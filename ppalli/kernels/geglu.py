@@ -8,32 +8,32 @@ writes dgate over gate and dup over up, as in swiglu.py, for the LoRA MLP block'
 
 import torch
 
-from ppalli.kernels._utils import glu_bwd, glu_fwd, glu_stacked, jit, tanh, tl
+from ppalli.kernels._utils import glu_bwd, glu_fwd, glu_stacked, jit, tanh_fast, tl
 
 SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
 GELU_COEF = tl.constexpr(0.044715)
 
 
 @jit
-def _geglu_fwd_kernel(H, GATE, UP, n, cols, in_stride, BLOCK: tl.constexpr):
+def _geglu_fwd_kernel(H, GATE, UP, n, cols, in_stride, BLOCK: tl.constexpr, FAST: tl.constexpr):
     # H flat (n,); GATE, UP rows of `cols` at a row stride in_stride (flat when cols == in_stride == n)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     src = (offs // cols) * in_stride + offs % cols
     g = tl.load(GATE + src, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(UP + src, mask=mask, other=0.0).to(tl.float32)
-    t = tanh(SQRT_2_OVER_PI * (g + GELU_COEF * g * g * g))
+    t = tanh_fast(SQRT_2_OVER_PI * (g + GELU_COEF * g * g * g), FAST)
     tl.store(H + offs, (0.5 * g * (1.0 + t) * u).to(H.dtype.element_ty), mask=mask)
 
 
 @jit
-def _geglu_bwd_kernel(DGATE, DUP, DH, GATE, UP, n, BLOCK: tl.constexpr):  # all flat (n,)
+def _geglu_bwd_kernel(DGATE, DUP, DH, GATE, UP, n, BLOCK: tl.constexpr, FAST: tl.constexpr):  # all flat (n,)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     dh = tl.load(DH + offs, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(GATE + offs, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(UP + offs, mask=mask, other=0.0).to(tl.float32)
-    t = tanh(SQRT_2_OVER_PI * (g + GELU_COEF * g * g * g))
+    t = tanh_fast(SQRT_2_OVER_PI * (g + GELU_COEF * g * g * g), FAST)
     gelu = 0.5 * g * (1.0 + t)
     dgelu = 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_COEF * g * g)
     tl.store(DUP + offs, (dh * gelu).to(DUP.dtype.element_ty), mask=mask)

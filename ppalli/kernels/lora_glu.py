@@ -34,10 +34,12 @@ from ppalli.kernels._utils import (
     device_name,
     dot,
     dot_upcast,
+    fast_math,
     jit,
     next_power_of_2,
     program_count,
-    tanh,
+    sigmoid,
+    tanh_fast,
     tl,
 )
 from ppalli.kernels.lora_linear import scaled_mm
@@ -121,12 +123,12 @@ def _b_tile(B, cols, M, R, B_ROWS_ARE_COLS: tl.constexpr, RP: tl.constexpr):
 
 
 @jit
-def _act(g, ACT: tl.constexpr):
-    """(act(g), act'(g)) in fp32."""
+def _act(g, ACT: tl.constexpr, FAST: tl.constexpr):
+    """(act(g), act'(g)) in fp32; FAST: sigmoid's and tanh's PTX approximations (_utils.fast_math)."""
     if ACT == 0:
-        sig = tl.sigmoid(g)
+        sig = sigmoid(g, FAST)
         return g * sig, sig * (1.0 + g * (1.0 - sig))
-    t = tanh(SQRT_2_OVER_PI * (g + GELU_COEF * g * g * g))
+    t = tanh_fast(SQRT_2_OVER_PI * (g + GELU_COEF * g * g * g), FAST)
     da = 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_COEF * g * g)
     return 0.5 * g * (1.0 + t), da
 
@@ -186,8 +188,8 @@ def _store_sums(P, acc, run, idx, M, RP: tl.constexpr):
 @jit(rows=("N",))
 def _lora_glu_fwd_kernel(H, P, G0, U0, XAG, xag_stride, BG, XAU, xau_stride, BU, AD, N, M, R, run_cols, sg, su,
                          ACT: tl.constexpr, HAS_G: tl.constexpr, HAS_U: tl.constexpr, HAS_AD: tl.constexpr,
-                         STORE_H: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, BM: tl.constexpr,
-                         BN: tl.constexpr, RP: tl.constexpr):
+                         STORE_H: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, FAST: tl.constexpr,
+                         BM: tl.constexpr, BN: tl.constexpr, RP: tl.constexpr):
     # Program (i, run): rows i*BM.. across the columns run*run_cols.. in (BM, BN) tiles (one tile when
     # run_cols == BN). With AD (down's lora_A, (R, M)), the run's share of h Ad^T, (BM, RP) fp32, goes to
     # P[run, rows, :] and one torch.sum over the runs finishes it.
@@ -203,7 +205,7 @@ def _lora_glu_fwd_kernel(H, P, G0, U0, XAG, xag_stride, BG, XAU, xau_stride, BU,
         offs, mask = _offsets(rows, cols, M, N, end)
         g0, u0, bg, bu, ad = _fwd_loads(G0, U0, BG, BU, AD, offs, mask, cols, M, R, HAS_G, HAS_U, HAS_AD, RP)
         g, u = _gate_up(g0, u0, xag, bg, xau, bu, sg, su, HAS_G, HAS_U, IEEE, UPCAST)
-        a, _ = _act(g, ACT)
+        a, _ = _act(g, ACT, FAST)
         h = (a * u).to(H.dtype.element_ty)  # rounded as stored: the product cuBLAS would read back
         if STORE_H:
             tl.store(H + offs, h, mask=mask)
@@ -218,7 +220,8 @@ def _lora_glu_bwd_kernel(DG, DU, DH0, G0, U0, XAG, xag_stride, BG, XAU, xau_stri
                          PBG, PBU, PAD, N, M, R, run_rows, sg, su,
                          ACT: tl.constexpr, HAS_G: tl.constexpr, HAS_U: tl.constexpr, HAS_D: tl.constexpr,
                          SUM_BG: tl.constexpr, SUM_BU: tl.constexpr, SUM_AD: tl.constexpr, IEEE: tl.constexpr,
-                         UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, RP: tl.constexpr):
+                         UPCAST: tl.constexpr, FAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                         RP: tl.constexpr):
     # Program (run, c): columns c*BN.. of rows run*run_rows.. in (BM, BN) tiles; DG, DU may be G0, U0 (each
     # tile is read before it is written, by the same program).
     run = tl.program_id(0)
@@ -242,7 +245,7 @@ def _lora_glu_bwd_kernel(DG, DU, DH0, G0, U0, XAG, xag_stride, BG, XAU, xau_stri
         dh = dh0.to(tl.float32)
         if HAS_D:  # XAD is already s_d * dy Bd, (N, R) contiguous
             dh += dot(xad, ad, IEEE, UPCAST)
-        a, da = _act(g, ACT)
+        a, da = _act(g, ACT, FAST)
         du = (dh * a).to(DU.dtype.element_ty)
         dg = (dh * u * da).to(DG.dtype.element_ty)
         tl.store(DU + offs, du, mask=mask)
@@ -285,7 +288,8 @@ def _launch_args(g0: torch.Tensor, up0: torch.Tensor, act: str, pairs) -> tuple:
     if ranks:
         raise PpalliError("lora_glu: the gate, up and down adapters must share one rank")
     check_tensors(g0, up0, *[t for pair in pairs for t in pair if t is not None])
-    meta = dict(IEEE=g0.dtype == torch.float32, UPCAST=dot_upcast(g0.dtype), RP=max(16, next_power_of_2(rank)))
+    meta = dict(IEEE=g0.dtype == torch.float32, UPCAST=dot_upcast(g0.dtype), FAST=fast_math(),
+                RP=max(16, next_power_of_2(rank)))
     return *g0.shape, rank, meta
 
 

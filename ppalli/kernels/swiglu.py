@@ -8,29 +8,29 @@ dup over up, which that block no longer needs, so its backward allocates nothing
 
 import torch
 
-from ppalli.kernels._utils import glu_bwd, glu_fwd, glu_stacked, jit, tl
+from ppalli.kernels._utils import glu_bwd, glu_fwd, glu_stacked, jit, sigmoid, tl
 
 
 @jit
-def _swiglu_fwd_kernel(H, GATE, UP, n, cols, in_stride, BLOCK: tl.constexpr):
+def _swiglu_fwd_kernel(H, GATE, UP, n, cols, in_stride, BLOCK: tl.constexpr, FAST: tl.constexpr):
     # H flat (n,); GATE, UP rows of `cols` at a row stride in_stride (flat when cols == in_stride == n)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     src = (offs // cols) * in_stride + offs % cols
     g = tl.load(GATE + src, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(UP + src, mask=mask, other=0.0).to(tl.float32)
-    h = g * tl.sigmoid(g) * u
+    h = g * sigmoid(g, FAST) * u
     tl.store(H + offs, h.to(H.dtype.element_ty), mask=mask)
 
 
 @jit
-def _swiglu_bwd_kernel(DGATE, DUP, DH, GATE, UP, n, BLOCK: tl.constexpr):  # all flat (n,)
+def _swiglu_bwd_kernel(DGATE, DUP, DH, GATE, UP, n, BLOCK: tl.constexpr, FAST: tl.constexpr):  # all flat (n,)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     dh = tl.load(DH + offs, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(GATE + offs, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(UP + offs, mask=mask, other=0.0).to(tl.float32)
-    s = tl.sigmoid(g)
+    s = sigmoid(g, FAST)
     silu = g * s
     dgate = dh * u * s * (1.0 + g * (1.0 - s))
     tl.store(DUP + offs, (dh * silu).to(DUP.dtype.element_ty), mask=mask)
