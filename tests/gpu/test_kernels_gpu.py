@@ -23,6 +23,7 @@ from reference import (  # noqa: E402
     swiglu_ref,
 )
 
+from ppalli.kernels._utils import jit, sigmoid, tanh_fast, tl  # noqa: E402
 from ppalli.kernels.geglu import geglu  # noqa: E402
 from ppalli.kernels.linear_cross_entropy import linear_cross_entropy  # noqa: E402
 from ppalli.kernels.rms_norm import rms_norm  # noqa: E402
@@ -144,3 +145,26 @@ def test_linear_cross_entropy_never_holds_the_logits():
     torch.cuda.synchronize()
     extra_mib = (torch.cuda.max_memory_allocated() - base) / 2**20
     assert extra_mib < 768, f"fused CE peaked {extra_mib:.0f} MiB above its inputs"
+
+
+@jit
+def _act_kernel(X, S, T, n, FAST: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(X + offs, mask=offs < n)
+    tl.store(S + offs, sigmoid(x, FAST), mask=offs < n)
+    tl.store(T + offs, tanh_fast(x, FAST), mask=offs < n)
+
+
+def test_fast_sigmoid_and_tanh_match_torch():
+    """_utils.sigmoid / tanh_fast with FAST (ex2 / rcp.approx.ftz PTX) against torch's fp32 sigmoid and tanh,
+    over the range where a bf16 activation lives and far past it (exp overflows and flushes at |x| > 88)."""
+    x = torch.cat([torch.linspace(-120, 120, 200_001, device="cuda"), torch.randn(100_000, device="cuda"),
+                   torch.tensor([0.0, -0.0, 1e-30, -1e-30, 88.7, -88.7, 1e4, -1e4], device="cuda")])
+    for fast in (True, False):
+        s, t = torch.empty_like(x), torch.empty_like(x)
+        _act_kernel[(-(-x.numel() // 1024),)](x, s, t, x.numel(), FAST=fast, BLOCK=1024)
+        # exp as 2^(x log2 e): the product's rounding, |x| 2^-24, becomes relative error (5e-6 at |x| = 120, in
+        # tl.exp as here); the flush to 0 only where torch's sigmoid is below 2^-126
+        torch.testing.assert_close(s, torch.sigmoid(x), rtol=1e-5, atol=1.2e-38)
+        # tanh from exp(-2|x|) cancels near 0 (1 - e), as the exact path does: an absolute floor there
+        torch.testing.assert_close(t, torch.tanh(x), rtol=2e-6, atol=2e-7)
