@@ -18,6 +18,8 @@ from ppalli.kernels._utils import (
     ELEMENTWISE_BLOCK,
     cdiv,
     check_tensors,
+    exp,
+    fast_math,
     jit,
     next_power_of_2,
     num_warps_for,
@@ -49,7 +51,7 @@ def _cross_entropy_fwd_kernel(
     LABELS,  # (n,) integer
     LOSS,  # (n,) fp32 row losses, 0 on ignored rows
     stride, n_cols, ignore_index, softcap,
-    BLOCK: tl.constexpr, SOFTCAP: tl.constexpr,
+    BLOCK: tl.constexpr, SOFTCAP: tl.constexpr, FAST: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     LOGITS += row * stride
@@ -66,7 +68,7 @@ def _cross_entropy_fwd_kernel(
     for start in range(0, n_cols, BLOCK):
         z = _softcapped_logits(LOGITS + start + cols, start + cols < n_cols, softcap, SOFTCAP)
         m_new = tl.maximum(m, tl.max(z, axis=0))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
+        s = s * exp(m - m_new, FAST) + tl.sum(exp(z - m_new, FAST), axis=0)
         m = m_new
     lse = m + tl.log(s)
     z_label = tl.load(LOGITS + label).to(tl.float32)
@@ -77,7 +79,7 @@ def _cross_entropy_fwd_kernel(
     for start in range(0, n_cols, BLOCK):
         mask = start + cols < n_cols
         z = _softcapped_logits(LOGITS + start + cols, mask, softcap, SOFTCAP)
-        grad = tl.exp(z - lse) - tl.where(start + cols == label, 1.0, 0.0)
+        grad = exp(z - lse, FAST) - tl.where(start + cols == label, 1.0, 0.0)
         if SOFTCAP:
             t = tl.where(mask, z / softcap, 0.0)  # tanh of the raw logit; 0 past the vocab, where z is -inf
             grad = grad * (1.0 - t * t)
@@ -113,7 +115,7 @@ def _cross_entropy_rows(logits: torch.Tensor, labels: torch.Tensor, loss: torch.
     block = min(next_power_of_2(logits.shape[1]), MAX_BLOCK_V)
     _cross_entropy_fwd_kernel[(logits.shape[0],)](
         logits, labels, loss, logits.stride(0), logits.shape[1], ignore_index, softcap or 1.0,
-        BLOCK=block, SOFTCAP=softcap is not None, num_warps=num_warps_for(block),
+        BLOCK=block, SOFTCAP=softcap is not None, FAST=fast_math(), num_warps=num_warps_for(block),
     )
 
 
