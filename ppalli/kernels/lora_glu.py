@@ -72,7 +72,12 @@ FWD_TILES = Tiles(32, 128, 4)
 # With down's h Ad^T summed in (lora_glu_fwd_had), programs walk runs of columns, runs_per_sm sets how many
 # (results/2026-11-25-h100-lora-glu-fwd-had.json): 32 x 64 tiles with 16 programs per SM took 0.348 and
 # 0.379 ms against 0.386 and 0.438 for the forward then cuBLAS's h Ad^T; 32 x 128 tiles lost (0.386-0.475).
-FWD_HAD_TILES = Tiles(32, 64, 4, 16)
+FWD_HAD_TILES = Tiles(32, 64, 2, 16)
+# Why 2 warps (the H100's and H200's sweeps below found them fastest, and other GPUs now take them too): with
+# h Ad^T summed in, Triton lays the whole tile out for that dot, whose (BM, RP) output splits across at most
+# BM / 16 warps, so more warps than that hold and compute the same elements again. sm_90 SASS of the loop
+# (triton 3.6, 2026-12-06): 3.0 FMULs an element on 32 x 64 or 32 x 128 tiles with 2 warps, 6.0 with 4,
+# 12.0 on 16 x 128 with 4 (tests/unit/kernels/test_lora_glu.py holds warps * 16 <= bm).
 # On an H200 (2026-12-02, results/2026-12-02-h200-lora-glu-tiles.json) the same 32 x 64 tiles on 2 warps ran
 # at 3236 / 2948 GB/s (0.218 / 0.273 ms, 8B / 1B shapes) against 2042 / 2121 GB/s (0.345 / 0.380 ms) on 4; a
 # copy runs at ~4100.

@@ -220,3 +220,11 @@ def test_bwd_takes_the_setting_swept_for_this_gpu(monkeypatch):
     assert mod._runs(16384, 16, 128, mod.BWD_TILES, cpu)[1] == 1  # 8 per SM x the interpreter's 4 "SMs" / 128
     fwd = mod.FWD_HAD_TILES_BY_GPU["NVIDIA H200"]  # fwd_had's column runs: 3 at T4's and T1's MLP shapes
     assert mod._runs(8192, 64, 512, fwd, cpu) == (2752, 3) and mod._runs(14336, 64, 256, fwd, cpu) == (4800, 3)
+
+
+def test_fwd_had_settings_give_no_warp_the_same_rows():
+    # The summed h Ad^T lays the tile out for its (bm, r) output: more than bm / 16 warps compute rows twice.
+    from ppalli.kernels import lora_glu as mod
+
+    for tiles in (mod.FWD_HAD_TILES, *mod.FWD_HAD_TILES_BY_GPU.values()):
+        assert tiles.warps * 16 <= tiles.bm, tiles
