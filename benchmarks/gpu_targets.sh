@@ -11,6 +11,7 @@
 # bench_attention.py with it, then the flash-attn GPU tests; T4-fa4 (T1-fa4): T4 (T1) steady, Unsloth (GC off)
 # first without it on the path, then ppalli's own plan (flash-attn 4 on Hopper once installed), then
 # Unsloth with torch's SDPA flash kernels run as FA4 (what its padding-free trainer activates), all appended.
+# T1-fa4-lean: ppalli's own plan with flash-attn 4, then Unsloth (GC off): T1-fa4 in ~1.5 min less.
 # T3-8.8 is T3 with ppalli planned to an 8.8 GiB budget (peak under Unsloth QLoRA's 8.06 GiB).
 # qk-norm: the GPU tests of q/k norms inside RoPE's pass (kernels/qk_norm_rope.py), then bench_fast.py on Qwen3-8B's
 # shapes (benchmarks/configs/config_qwen3-8b.json: 2 layers, then 6 with the loss), this tree against the one in
@@ -36,8 +37,8 @@ export PYTHONPATH=/tmp/peer-site${PYTHONPATH:+:$PYTHONPATH}
 [ -d /tmp/peer-site ] || tar xzf .peers/site.tgz -C /tmp
 [ $# -gt 0 ] || set -- tests T3-8.8 T2
 for what in "$@"; do
-  case $what in tests|energy|gemm|fa4|qk-norm|post-norm|decode-qwen3|T4-fa4|T1-fa4|T1-ab|T1-bisect|T1|T2|T3|T3-8.8|T4|T1-steady*|T2-steady*|T4-steady*) ;;
-    *) echo "unknown: $what (tests, energy, gemm, fa4, qk-norm, post-norm, decode-qwen3, T4-fa4, T1-fa4, T1-ab, T1-bisect, T1, T2, T3, T3-8.8, T4, T1/T2/T4-steady[-rev])" >&2
+  case $what in tests|energy|gemm|fa4|qk-norm|post-norm|decode-qwen3|T4-fa4|T1-fa4|T1-fa4-lean|T1-ab|T1-bisect|T1|T2|T3|T3-8.8|T4|T1-steady*|T2-steady*|T4-steady*) ;;
+    *) echo "unknown: $what (tests, energy, gemm, fa4, qk-norm, post-norm, decode-qwen3, T4-fa4, T1-fa4[-lean], T1-ab, T1-bisect, T1, T2, T3, T3-8.8, T4, T1/T2/T4-steady[-rev])" >&2
        exit 2 ;; esac
 done
 keep() {  # a case's results so far into OUT (a call stopped at its limit still brings back what was kept)
@@ -94,6 +95,12 @@ for what in "$@"; do
           --out "$scratch/$what" --append $long; keep "$what"
         PPALLI_PEERS_FLASH_IMPL=FA4 python3 benchmarks/peers.py --case "$c" --gc off --stacks unsloth \
           --out "$scratch/$what" --append $long ) ;;
+    T1-fa4-lean)  # T1-fa4 without its third run: ppalli's own plan with flash-attn 4, then Unsloth (GC off)
+      long="--warmup-s 15 --steps 40 --timeout 260"
+      ( . benchmarks/fa4_bundle.sh install
+        python3 benchmarks/peers.py --case T1 --gc off --stacks ppalli --ppalli-setting auto \
+          --out "$scratch/$what" $long; keep "$what" )
+      python3 benchmarks/peers.py --case T1 --gc off --stacks unsloth --out "$scratch/$what" --append $long ;;
     T1-ab) long="--warmup-s 15 --steps 40 --timeout 260"
       python3 benchmarks/peers.py --case T1 --gc off --stacks unsloth --out "$scratch/$what" $long; keep "$what"
       ( . benchmarks/fa4_bundle.sh install
