@@ -159,6 +159,13 @@ def _signature(fn: JITFunction, args: tuple, kwargs: dict) -> tuple[dict, dict]:
     return sig, const
 
 
+def gpu_variant(const: dict) -> dict:
+    """The launchers ran under the interpreter: the constexprs a GPU gets instead, in place. FAST: the PTX
+    approximations (_utils.fast_math); UPCAST: off, bf16 tensor-core dots (fp32 copies only for the interpreter)."""
+    const.update({key: value for key, value in (("FAST", True), ("UPCAST", False)) if key in const})
+    return const
+
+
 def main() -> int:
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("start without TRITON_INTERPRET=1", file=sys.stderr)
@@ -174,9 +181,7 @@ def main() -> int:
     seen, failed = set(), 0
     for name, fn, args, kwargs in CALLS:
         sig, const = _signature(fn, args, kwargs)
-        # the launchers ran under the interpreter: compile what a GPU runs instead, the PTX approximations (FAST)
-        # and bf16 tensor-core dots (UPCAST multiplies fp32 copies only where the interpreter needs them)
-        const.update({key: value for key, value in (("FAST", True), ("UPCAST", False)) if key in const})
+        gpu_variant(const)
         key = (name, tuple(sorted(sig.items())), tuple(sorted((k, repr(v)) for k, v in const.items())))
         if key in seen:
             continue

@@ -37,3 +37,18 @@ def test_every_kernel_compiles_for_sm90_and_sm80():
     tail = "\n".join(done.stdout.splitlines()[-30:]) + done.stderr[-3000:]
     assert done.returncode == 0, tail
     assert " 0 failed" in done.stdout, tail
+
+
+@pytest.mark.skipif(not _has_ptxas(), reason="this Triton build has no CUDA backend / ptxas")
+def test_sass_census_reads_the_glu_loops_at_t1_shapes():
+    # benchmarks/sass_census.py: lora_glu's loops on sm_90 use the PTX sigmoid (2 MUFU an element, none of
+    # tl.sigmoid's compares: FSETP) and spill nothing.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parents[3]
+    done = subprocess.run([sys.executable, str(root / "benchmarks" / "sass_census.py"), "--only", "lora_glu"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    kernels = [block for block in done.stdout.split("\n\n") if "lora_glu" in block]
+    assert len(kernels) == 2, done.stdout  # the forward with h Ad^T and the backward with its sums
+    for block in kernels:
+        assert " 0 B stack" in block and "MUFU" in block and "FSETP" not in block, block
