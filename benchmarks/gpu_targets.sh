@@ -12,6 +12,8 @@
 # first without it on the path, then ppalli's own plan (flash-attn 4 on Hopper once installed), then
 # Unsloth with torch's SDPA flash kernels run as FA4 (what its padding-free trainer activates), all appended.
 # T1-fa4-lean: ppalli's own plan with flash-attn 4, then Unsloth (GC off): T1-fa4 in ~1.5 min less.
+# T1-fa4-pairs: the same two runs twice, in the order ppalli, Unsloth, Unsloth, ppalli (~6.5 min): two readings of
+# the ratio in one call, each stack once first and once last (the 12-06 T1 ratios moved 1.147-1.170 between calls).
 # T3-8.8 is T3 with ppalli planned to an 8.8 GiB budget (peak under Unsloth QLoRA's 8.06 GiB).
 # qk-norm: the GPU tests of q/k norms inside RoPE's pass (kernels/qk_norm_rope.py), then bench_fast.py on Qwen3-8B's
 # shapes (benchmarks/configs/config_qwen3-8b.json: 2 layers, then 6 with the loss), this tree against the one in
@@ -37,8 +39,8 @@ export PYTHONPATH=/tmp/peer-site${PYTHONPATH:+:$PYTHONPATH}
 [ -d /tmp/peer-site ] || tar xzf .peers/site.tgz -C /tmp
 [ $# -gt 0 ] || set -- tests T3-8.8 T2
 for what in "$@"; do
-  case $what in tests|energy|gemm|fa4|qk-norm|post-norm|decode-qwen3|T4-fa4|T1-fa4|T1-fa4-lean|T1-ab|T1-bisect|T1|T2|T3|T3-8.8|T4|T1-steady*|T2-steady*|T4-steady*) ;;
-    *) echo "unknown: $what (tests, energy, gemm, fa4, qk-norm, post-norm, decode-qwen3, T4-fa4, T1-fa4[-lean], T1-ab, T1-bisect, T1, T2, T3, T3-8.8, T4, T1/T2/T4-steady[-rev])" >&2
+  case $what in tests|energy|gemm|fa4|qk-norm|post-norm|decode-qwen3|T4-fa4|T1-fa4|T1-fa4-lean|T1-fa4-pairs|T1-ab|T1-bisect|T1|T2|T3|T3-8.8|T4|T1-steady*|T2-steady*|T4-steady*) ;;
+    *) echo "unknown: $what (tests, energy, gemm, fa4, qk-norm, post-norm, decode-qwen3, T4-fa4, T1-fa4[-lean|-pairs], T1-ab, T1-bisect, T1, T2, T3, T3-8.8, T4, T1/T2/T4-steady[-rev])" >&2
        exit 2 ;; esac
 done
 keep() {  # a case's results so far into OUT (a call stopped at its limit still brings back what was kept)
@@ -101,6 +103,12 @@ for what in "$@"; do
         python3 benchmarks/peers.py --case T1 --gc off --stacks ppalli --ppalli-setting auto \
           --out "$scratch/$what" $long; keep "$what" )
       python3 benchmarks/peers.py --case T1 --gc off --stacks unsloth --out "$scratch/$what" --append $long ;;
+    T1-fa4-pairs) long="--warmup-s 15 --steps 40 --timeout 260"
+      ( . benchmarks/fa4_bundle.sh install
+        for stack in ppalli unsloth unsloth ppalli; do
+          python3 benchmarks/peers.py --case T1 --gc off --stacks $stack --ppalli-setting auto --out "$scratch/$what" \
+            --append $long; keep "$what"
+        done ) ;;
     T1-ab) long="--warmup-s 15 --steps 40 --timeout 260"
       python3 benchmarks/peers.py --case T1 --gc off --stacks unsloth --out "$scratch/$what" $long; keep "$what"
       ( . benchmarks/fa4_bundle.sh install
