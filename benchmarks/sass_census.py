@@ -99,13 +99,13 @@ def main() -> None:
     p.add_argument("--only", default="", help="kernels whose name contains this (e.g. lora_glu)")
     p.add_argument("--arch", type=int, default=90)
     args = p.parse_args()
-    compile_cuda._record_all()
+    compile_cuda.record_all()
     os.environ["TRITON_INTERPRET"] = "1"  # the launchers' device checks accept CPU tensors; kernels are recorded
     launch_t1()
     print(f"triton {triton.__version__}, sm_{args.arch}, T1 shapes (N {N}, d {D}, I {INTER}, r {RANK})")
     seen = set()
     for name, fn, call_args, kwargs in compile_cuda.CALLS:
-        sig, const = compile_cuda._signature(fn, call_args, kwargs)
+        sig, const = compile_cuda.signature(fn, call_args, kwargs)
         compile_cuda.gpu_variant(const)
         key = (name, repr(sorted(const.items())), kwargs.get("num_warps"))
         if args.only not in name or key in seen:

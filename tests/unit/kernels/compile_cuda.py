@@ -62,7 +62,9 @@ class _Recorder:
         return lambda *args, **kwargs: CALLS.append((self.name, self.fn, args, kwargs))
 
 
-def _record_all() -> None:
+def record_all() -> None:
+    """Swap every `*_kernel` of MODULES for a recorder of its launches (in this process only): the launchers then
+    run on CPU tensors and CALLS holds what each would have compiled. Also used by benchmarks/sass_census.py."""
     for module in MODULES:
         for name, obj in list(vars(module).items()):
             if isinstance(obj, JITFunction) and name.endswith("_kernel"):
@@ -140,7 +142,8 @@ def _launch_nf4() -> None:
                 pass
 
 
-def _signature(fn: JITFunction, args: tuple, kwargs: dict) -> tuple[dict, dict]:
+def signature(fn: JITFunction, args: tuple, kwargs: dict) -> tuple[dict, dict]:
+    """(signature, constexprs) of one recorded launch, as triton.compile's ASTSource takes them."""
     sig, const = {}, {}
     for i, p in enumerate(fn.params):
         value = args[i] if i < len(args) else kwargs.get(p.name, p.default)
@@ -170,7 +173,7 @@ def main() -> int:
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("start without TRITON_INTERPRET=1", file=sys.stderr)
         return 2
-    _record_all()
+    record_all()
     os.environ["TRITON_INTERPRET"] = "1"  # only for ppalli's device checks; the kernels are JITFunctions
     for dtype in (torch.bfloat16, torch.float32):
         _launch_everything(dtype)
@@ -180,7 +183,7 @@ def main() -> int:
         print("skip nf4: bitsandbytes missing")
     seen, failed = set(), 0
     for name, fn, args, kwargs in CALLS:
-        sig, const = _signature(fn, args, kwargs)
+        sig, const = signature(fn, args, kwargs)
         gpu_variant(const)
         key = (name, tuple(sorted(sig.items())), tuple(sorted((k, repr(v)) for k, v in const.items())))
         if key in seen:
