@@ -125,7 +125,7 @@ class PlanConfig:
     precision: Literal["auto", "bf16", "fp16", "fp32"] = _f("auto", "Pin the compute precision.")
     attention: Literal["auto", "sdpa", "eager", "flash_attention_2", "flash_attention_3", "flash_attention_4",
                        "flex_attention"] = _f(
-        "auto", "Pin the attention backend. flash_attention_4 (pip install --pre flash-attn-4: CuTe DSL kernels "
+        "auto", "Pin the attention backend. flash_attention_4 (pip install 'ppalli[fa4]': CuTe DSL kernels "
                 "for compute capability 8.0+, compiled at their first call) runs on the fused path only; the "
                 "reference path runs SDPA then.")
     quantization: Literal["auto", "none", "nf4", "fp4"] = _f(

@@ -211,7 +211,7 @@ FLASH_BACKENDS = ["flash_attention_2", "flash_attention_3", "flash_attention_4"]
 @pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
 @pytest.mark.parametrize("kw", [{}, {"window": 256}, {"softcap": 2.0}], ids=["causal", "window", "softcap"])
 def test_flash_attn_backends_bf16(backend, packed, kw):
-    """Whichever flash-attn packages are installed (flash-attn 4: `pip install --pre flash-attn-4`), through
+    """Whichever flash-attn packages are installed (flash-attn 4: `pip install 'ppalli[fa4]'`), through
     attend: a dense batch laid out as the fast path's lora_qkv hands it over ((B, T, H, D) memory seen as
     (B, H, T, D)), and a packed row of uneven samples through the varlen kernel; output and q/k/v gradients
     against fp32 written out."""

@@ -151,7 +151,9 @@ def test_attention_pins_that_cannot_run_are_errors(pin, gpu, packages, spec_1b):
 def test_one_attention_backend_with_a_reason(gpu, packages, attention, spec_1b):
     plan = whatif(cfg(), spec_1b, gpu=gpu, packages={**ASSUMED_PACKAGES, **packages})
     assert plan.attention == attention and plan.reasons["attention"]
-    assert ("flash-attn 4" in plan.reasons["attention"]) == ("flash_attn_4" in packages and gpu == "h100")
+    hopper_without_fa3 = gpu == "h100" and "flash_attn_3" not in packages
+    assert ("flash-attn 4" in plan.reasons["attention"]) == hopper_without_fa3
+    assert ("ppalli[fa4]" in plan.reasons["attention"]) == (hopper_without_fa3 and "flash_attn_4" not in packages)
 
 
 @pytest.mark.parametrize("change,why", [({"plan": {"fast_path": "off"}}, "plan.fast_path=off"),
@@ -161,6 +163,8 @@ def test_flash_attention_4_is_not_chosen_where_it_would_not_run_or_was_not_measu
     plan = whatif(cfg(**change), spec_1b, gpu="h100", packages={**ASSUMED_PACKAGES, "flash_attn_4": "4.0.0b40"})
     assert plan.attention == "sdpa" and "runs when pinned" in plan.reasons["attention"]
     assert why in plan.reasons["attention"]
+    without = whatif(cfg(**change), spec_1b, gpu="h100")  # not installed: no install hint where it would not run
+    assert "ppalli[fa4]" not in without.reasons["attention"]
 
 
 @pytest.mark.parametrize("fast_path", ["auto", "off"])
