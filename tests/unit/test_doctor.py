@@ -16,8 +16,8 @@ def problems(e, cfg=None):
 
 
 def test_a_good_machine_has_no_problems():
-    assert problems(env()) == []
-    statuses = [status for _, _, status in doctor_report(env())]
+    assert problems(env(flash_attn_4="4.0.0b40")) == []
+    statuses = [status for _, _, status in doctor_report(env(flash_attn_4="4.0.0b40"))]
     assert set(statuses) == {"ok"}
 
 
@@ -43,10 +43,17 @@ def test_versions_outside_the_tested_ranges():
 def test_flash_attn_below_capability_8_is_bad_and_fine_above():
     assert ("bad", "flash-attn is installed but FlashAttention 2 needs compute capability 8.0+") in problems(
         env(gpus=(T4,), flash_attn="2.7.4"))
-    assert problems(env(flash_attn="2.7.4")) == []
+    assert problems(env(flash_attn="2.7.4", flash_attn_4="4.0.0b40")) == []
     assert ("warn", "flash-attn 4 is installed but needs compute capability 8.0+") in problems(
         env(gpus=(T4,), flash_attn_4="4.0.0b40"))
     assert problems(env(flash_attn_4="4.0.0b40")) == []
+
+
+def test_hopper_without_flash_attn_4_is_told_how_to_install_it():
+    (severity, fix), = [(f.severity, f.fix) for f in known_bad_combinations(env()) if "flash-attn 4" in f.problem]
+    assert severity == "warn" and "pip install 'ppalli[fa4]'" in fix
+    assert not [p for _, p in problems(env(flash_attn_3="3.0.0")) if "flash-attn 4" in p]  # FA3 runs first there
+    assert not [p for _, p in problems(env(gpus=(T4,))) if "flash-attn 4" in p]
 
 
 def test_missing_triton_matters_only_with_a_gpu():
@@ -72,7 +79,7 @@ def test_fp8_needs_hopper():
     fp8 = from_dict({"plan": {"fp8": True}})
     found = problems(env(gpus=(T4,)), fp8)
     assert ("bad", "plan.fp8=true needs a GPU of compute capability 9.0+ (row-wise fp8 GEMMs); best here: 7.5") in found
-    assert problems(env(), fp8) == []
+    assert problems(env(flash_attn_4="4.0.0b40"), fp8) == []
 
 
 def test_report_rows_are_checks_values_and_statuses():
