@@ -290,16 +290,30 @@ def fast_layer_bytes_per_token(spec: ModelSpec, *, r: int, dtype_bytes: int) -> 
     """Bytes one decoder layer saves per token on the fused path (ppalli/kernels), by design:
     - fused RMSNorm: its input at dtype + an fp32 rstd, twice (the fp32 upcast is never stored);
     - fused LoRA blocks (lora_qkv, lora_mlp): the normed input once per block at dtype, the adapter's
-      (r,) intermediate per projection; h = silu(gate) * up is recomputed in backward, so the MLP keeps
-      only gate and up;
-    - attention as SDPA (q, k, v at kv width, output, logsumexp) and o_proj's input.
-    Llama-3.1-8B: 14d + 4kv + 4I = 119 KB per token per layer, 0.40x the reference. Unsloth, which saves a
-    similar set, measured 45.9 GiB at 4x2048 without checkpointing (BENCHMARKS.md); this set predicts 45.3."""
+      (r,) intermediate per projection at dtype; h = silu(gate) * up is recomputed in backward, so the MLP
+      keeps only gate and up;
+    - attention (q, k, v at kv width, output, fp32 logsumexp); o_proj's input is the attention output itself
+      (one storage, saved once).
+    Llama-3.1-8B: 12d + 4kv + 4I = 111 KB per token per layer. Counted tensor by tensor on a tiny Llama
+    (tests/unit/fast/test_fast_memory.py), and on an H100 (T1, 4 x 2048, no checkpointing, 2026-12-06): 43.03 GiB
+    allocated at the peak against 43.31 predicted (45.37 when o_proj's input and the fp32 intermediates were
+    counted apart); T4 (Llama-3.2-1B, 8 x 2048): 17.49 against 17.76. Preference objectives add
+    fast_paired_surplus_per_token."""
     dt, d = dtype_bytes, spec.hidden
     norms = 2 * (dt * d + 4) + 2 * dt * d
-    attention = dt * (2 * spec.q_dim + 2 * spec.kv_dim) + 4 * spec.heads + dt * spec.q_dim
+    attention = dt * (2 * spec.q_dim + 2 * spec.kv_dim) + 4 * spec.heads
     mlp = 2 * dt * spec.intermediate * spec.experts_per_token
-    return norms + attention + mlp + len(PROJECTIONS) * r * 4
+    return norms + attention + mlp + len(PROJECTIONS) * r * dt
+
+
+def fast_paired_surplus_per_token(spec: ModelSpec, *, r: int, dtype_bytes: int) -> int:
+    """What the preference objectives' fused runs still add to fast_layer_bytes_per_token: the count's earlier
+    surplus (o_proj's input apart from the attention output, the (r,) products in fp32). Their peaks (H200,
+    2026-12-04, results/2026-12-04-h200-s19-dpo-*.json: DPO 8B 8 packed pairs 41.01 GiB allocated, 1B 9.54) sit
+    0.8-2.6 GiB above the exact count plus their modeled loss terms: a term of the paired passes not yet measured
+    part by part (DPO's reference pass runs while the policy's activations are held). The surplus kept their
+    plans as they were, above every one of those peaks, until that term is counted."""
+    return dtype_bytes * spec.q_dim + len(PROJECTIONS) * r * max(0, 4 - dtype_bytes)
 
 
 def backward_work_bytes_per_token(spec: ModelSpec, dtype_bytes: int, fast_path: bool) -> int:
@@ -407,18 +421,19 @@ def estimate_peak_bytes(spec: ModelSpec, *, lora_r: int = 16, lora_targets: Any 
                         lora_dropout: float = 0.0, attention: str = "sdpa", attn_mask: bool = False,
                         fast_saved_per_token: int | None = None, logits_held: bool = True,
                         device: str = "cuda", fp8_copies: bool = False, shards: int = 1,
-                        logps_rows: int = 0, logps_kernel: bool = False) -> MemoryEstimate:
+                        logps_rows: int = 0, logps_kernel: bool = False, paired: bool = False) -> MemoryEstimate:
     """Predicted peak of a training step. `micro_batch` counts sequences (a preference pair is two);
     `fast_saved_per_token` overrides the fused path's per-layer saved bytes per token; `logits_held`: the
     caller keeps the model output (and its dtype logits) alive through backward, as HF's own loss does;
     `fp8_copies`: plan.fp8's two e4m3 copies of each decoder linear weight (ppalli/kernels/fp8.py); `shards`:
     FSDP2 ranks the 16-bit base weights are spread over (`sharded_weight_bytes`); `logps_rows`: a preference
     objective scoring tokens through train/linear_logps.py in chunks of that many rows, `logps_kernel` by its
-    Triton route (see loss_bytes)."""
+    Triton route (see loss_bytes); `paired`: a preference objective (fast_paired_surplus_per_token)."""
     targets = lora_projections(lora_targets)
     tokens, dt = micro_batch * seq_len, dtype_bytes
     if fast_path:
         per_token = fast_saved_per_token or fast_layer_bytes_per_token(spec, r=lora_r, dtype_bytes=dt)
+        per_token += fast_paired_surplus_per_token(spec, r=lora_r, dtype_bytes=dt) if paired else 0
     else:
         per_token = reference_layer_bytes_per_token(spec, targets=targets, r=lora_r, dtype_bytes=dt,
                                                     lora_dropout=lora_dropout, seq_len=seq_len,

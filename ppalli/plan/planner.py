@@ -291,7 +291,8 @@ def _estimate(ctx: _Ctx, quant: str, checkpointing: str, micro: int, seq_len: in
         lora_dropout=cfg.lora.dropout, attention="eager" if _eager_attention(ctx) else "sdpa",
         attn_mask=_has_mask(ctx), logits_held=False, device=ctx.device,  # train/objectives.py drops them
         fp8_copies=ctx.cfg.plan.fp8, shards=ctx.shards, logps_rows=_logps_rows(ctx),
-        logps_kernel=ctx.device == "cuda" and ctx.env.has("triton"))  # train/linear_logps.py _use_kernel
+        logps_kernel=ctx.device == "cuda" and ctx.env.has("triton"),  # train/linear_logps.py _use_kernel
+        paired=cfg.train.objective in PREFERENCE_OBJECTIVES)
 
 
 def _logps_rows(ctx: _Ctx) -> int:

@@ -76,13 +76,17 @@ def test_reference_path_matches_measured_h100_peaks(model, shape, measured_gib, 
     assert est.allocated_gib == pytest.approx(measured_gib, rel=0.03), est.breakdown_gib()
 
 
-def test_fused_path_is_close_to_a_peer_that_saves_the_same_tensors(spec_8b):
-    # Unsloth without checkpointing, 8B 4x2048: 45.9 GiB (BENCHMARKS.md). Its saved set is similar to the
-    # fused path's design, not identical, hence 5%.
-    est = estimate_peak_bytes(spec_8b, micro_batch=4, seq_len=2048, fast_path=True, fused_ce=True)
-    assert est.allocated_gib == pytest.approx(45.9, rel=0.05)
+def test_fused_path_matches_its_measured_peaks(spec_8b, spec_1b):
+    # ppalli's fused path without checkpointing on an H100, max_memory_allocated over the timed steps:
+    # T1 8B 4x2048 43.03 GiB (results/2026-12-06-h100-s41-t1-fa4-*.json), T4 1B 8x2048 17.49
+    # (results/2026-12-05-h100-fa4-t4.json). Counting o_proj's input apart from the attention output (its one
+    # storage) and the (r,) products in fp32 predicted 45.37 and 18.81.
+    t1 = estimate_peak_bytes(spec_8b, micro_batch=4, seq_len=2048, fast_path=True, fused_ce=True)
+    assert t1.allocated_gib == pytest.approx(43.03, rel=0.02), t1.breakdown_gib()
+    t4 = estimate_peak_bytes(spec_1b, micro_batch=8, seq_len=2048, fast_path=True, fused_ce=True)
+    assert t4.allocated_gib == pytest.approx(17.49, rel=0.02), t4.breakdown_gib()
     ref = reference_layer_bytes_per_token(spec_8b, targets=PROJECTIONS, r=16, dtype_bytes=2)
-    assert fast_layer_bytes_per_token(spec_8b, r=16, dtype_bytes=2) < 0.45 * ref
+    assert fast_layer_bytes_per_token(spec_8b, r=16, dtype_bytes=2) < 0.4 * ref
 
 
 def test_more_recompute_never_needs_more_memory(spec_8b):

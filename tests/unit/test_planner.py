@@ -226,8 +226,9 @@ def test_memory_budget_pin_caps_the_plan(spec_8b):
 
 def test_a_tight_budget_recomputes_the_fewest_layers_that_fit(spec_8b):
     """8B 4x2048 at 24 GiB: the fewest recomputed layers at each micro-batch, ranked by estimated step time.
-    Micro-batch 1 needs only 4 recomputed layers but runs 4 x 32 layers a step from the host (measured on
-    the H100 machine: median 870 ms a step against 617 ms for micro-batch 2 with 20 layers)."""
+    Micro-batch 1 fits with the fewest (none, by the fused path's count of 2026-12-06) but runs 4 x 32 layers
+    a step from the host (measured on the H100 machine: median 870 ms a step against 617 ms for micro-batch 2
+    with 20 layers)."""
     plan = whatif(cfg(plan={"memory_budget_gib": 24}), spec_8b, gpu="h100")
     assert (plan.quantization, plan.checkpointing, plan.micro_batch_size) == ("none", "selective", 2)
     assert 1 <= plan.recompute_layers < spec_8b.layers
@@ -235,7 +236,7 @@ def test_a_tight_budget_recomputes_the_fewest_layers_that_fit(spec_8b):
     assert f"selective on {plan.recompute_layers - 1} layers needs" in plan.reasons["checkpointing"]
     assert "ranked by estimated step time" in plan.reasons["micro_batch_size"]
     one = whatif(cfg(plan={"memory_budget_gib": 24}, train={"micro_batch_size": 1}), spec_8b, gpu="h100")
-    assert one.checkpointing == "selective" and one.recompute_layers < plan.recompute_layers
+    assert (one.recompute_layers or 0) < plan.recompute_layers
 
 
 def test_4bit_prefers_one_large_micro_batch_with_offload(spec_8b):
@@ -446,6 +447,18 @@ def test_packed_plans_are_sized_for_the_datas_longest_step(spec_8b):
     assert make_plan(env, dpo, spec_8b, step_tokens=20000).predicted_peak_gib == whole.predicted_peak_gib
     off = cfg(data={"max_seq_len": 1024, "packing": "off"}, train={"objective": "dpo", "batch_size": 8})
     assert make_plan(env, off, spec_8b, step_tokens=6462).pass_tokens is None
+
+
+def test_preference_plans_keep_the_surplus_their_peaks_need(spec_8b):
+    # H200, 2026-12-04 (results/2026-12-04-h200-s19-dpo-8b-longest8-packed.json): DPO 8B, every step the 8 longest
+    # pairs (6,710 tokens, packed), 41.01 GiB allocated at the peak, where the fused layers' exact count puts the
+    # allocated bytes at 38.4 GiB: the paired passes hold a term not counted yet (fast_paired_surplus_per_token)
+    env = whatif_env("h200")
+    dpo = make_plan(env, cfg(data={"max_seq_len": 1024}, train={"objective": "dpo", "batch_size": 8}), spec_8b,
+                    step_tokens=6710)
+    sft = make_plan(env, cfg(data={"max_seq_len": 1024}, train={"batch_size": 8}), spec_8b, step_tokens=6710)
+    assert dpo.pass_tokens == sft.pass_tokens == 6710
+    assert sft.predicted_peak_gib < 41.01 < dpo.predicted_peak_gib
 
 
 def test_dpo_speed_counts_its_reference_forward_and_both_answers(spec_8b):
